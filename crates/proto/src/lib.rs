@@ -1,0 +1,32 @@
+//! Generated gRPC code for the tenantmesh contracts in `proto/`, plus the
+//! encoded descriptor set that the services serve through gRPC reflection.
+#![forbid(unsafe_code)]
+#![allow(clippy::all, missing_docs)]
+
+pub mod auth {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.auth.v1");
+    }
+}
+
+pub mod registry {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.registry.v1");
+    }
+}
+
+pub mod onboarding {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.onboarding.v1");
+    }
+}
+
+pub mod data {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.data.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every tenantmesh contract, for
+/// `tonic_reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tenantmesh_descriptor");

@@ -1,0 +1,150 @@
+//! A DynamoDB-shaped table API (partition key, sort key, conditional writes,
+//! prefix queries with pagination, transactions) and its durable embedded
+//! backend on redb. Every service keeps its state behind [`Table`], so the
+//! same service code runs on the embedded store and, later, on DynamoDB.
+#![forbid(unsafe_code)]
+
+mod embedded;
+
+#[cfg(any(test, feature = "testsuite"))]
+pub mod contract;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use embedded::EmbeddedTable;
+
+/// One stored item: `(pk, sk)` is its key, `version` counts its writes
+/// (1 on creation) and `data` is the caller's encoded payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub pk: String,
+    pub sk: String,
+    pub version: u64,
+    pub data: Vec<u8>,
+}
+
+/// A precondition on the current state of one item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Always holds.
+    None,
+    /// The item must not exist.
+    NotExists,
+    /// The item must exist.
+    Exists,
+    /// The item must exist with exactly this version; `Version(0)` means
+    /// it must not exist.
+    Version(u64),
+}
+
+impl Condition {
+    fn holds(self, current: Option<u64>) -> bool {
+        match (self, current) {
+            (Condition::None, _) => true,
+            (Condition::NotExists, c) => c.is_none(),
+            (Condition::Exists, c) => c.is_some(),
+            (Condition::Version(0), c) => c.is_none(),
+            (Condition::Version(v), c) => c == Some(v),
+        }
+    }
+}
+
+/// One write inside [`Table::transact_write`].
+#[derive(Debug, Clone)]
+pub enum Write {
+    Put {
+        pk: String,
+        sk: String,
+        data: Vec<u8>,
+        condition: Condition,
+    },
+    Delete {
+        pk: String,
+        sk: String,
+        condition: Condition,
+    },
+    /// Writes nothing; fails the transaction if the condition does not hold.
+    Check {
+        pk: String,
+        sk: String,
+        condition: Condition,
+    },
+}
+
+impl Write {
+    fn key(&self) -> (&str, &str) {
+        match self {
+            Write::Put { pk, sk, .. } | Write::Delete { pk, sk, .. } | Write::Check { pk, sk, .. } => {
+                (pk, sk)
+            }
+        }
+    }
+}
+
+/// A query over one partition: items whose sort key starts with
+/// `sk_prefix`, in sort-key order, strictly after `start_after` if set.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub pk: String,
+    pub sk_prefix: String,
+    pub start_after: Option<String>,
+    /// At most this many items (at least 1).
+    pub limit: usize,
+}
+
+/// One page of a [`Query`].
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub items: Vec<Item>,
+    /// The sort key to continue after when more items may follow.
+    pub last_evaluated: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A write's condition did not hold; nothing was written.
+    #[error("condition failed (current version: {current:?})")]
+    ConditionFailed {
+        /// Which write of a transaction failed (0 for single writes).
+        index: usize,
+        current: Option<u64>,
+    },
+    /// Invalid use of the API (empty key, duplicate key in a transaction).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The backend failed (I/O, corruption); the operation may not have applied.
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A table of items addressed by partition key and sort key.
+#[async_trait]
+pub trait Table: Send + Sync + 'static {
+    async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>>;
+
+    /// Writes `data` under `(pk, sk)` if `condition` holds and returns the
+    /// stored item with its new version.
+    async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item>;
+
+    /// Deletes `(pk, sk)` if `condition` holds; returns the deleted item's
+    /// version, or `None` if there was none.
+    async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>>;
+
+    async fn query(&self, query: Query) -> Result<Page>;
+
+    /// Applies all writes atomically, or none if any condition fails.
+    async fn transact_write(&self, writes: Vec<Write>) -> Result<()>;
+}
+
+pub type DynTable = Arc<dyn Table>;
+
+fn check_key(pk: &str, sk: &str) -> Result<()> {
+    if pk.is_empty() || sk.is_empty() {
+        return Err(StorageError::Invalid("pk and sk must not be empty".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! The JSON log format: one object per line with `timestamp`, `level`,
+//! `service`, `target`, `message`, the event's fields, and the request
+//! context captured from enclosing spans (`tenant_id`, `tenant_tier`,
+//! `trace_id`) at the top level, so log queries can filter on them directly.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+/// Span field name -> log key, for the fields copied onto every log line.
+const CONTEXT_FIELDS: &[(&str, &str)] = &[
+    ("tenant.id", "tenant_id"),
+    ("tenant.tier", "tenant_tier"),
+    ("trace_id", "trace_id"),
+];
+
+/// The context fields recorded on one span.
+#[derive(Default, Debug)]
+struct Captured(Vec<(&'static str, String)>);
+
+impl Visit for Captured {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.set(field, value.to_owned());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.set(field, format!("{value:?}"));
+    }
+}
+
+impl Captured {
+    fn set(&mut self, field: &Field, value: String) {
+        if let Some((_, key)) = CONTEXT_FIELDS.iter().find(|(name, _)| *name == field.name()) {
+            self.0.retain(|(k, _)| k != key);
+            self.0.push((key, value));
+        }
+    }
+}
+
+/// A layer that remembers the context fields of every span, for [`JsonFormat`].
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureContextFields;
+
+impl<S> tracing_subscriber::Layer<S> for CaptureContextFields
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut captured = Captured::default();
+        attrs.record(&mut captured);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(captured);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            let mut ext = span.extensions_mut();
+            if let Some(captured) = ext.get_mut::<Captured>() {
+                values.record(captured);
+            }
+        }
+    }
+}
+
+/// Collects an event's fields into a JSON object.
+struct FieldsToJson<'a>(&'a mut Map<String, Value>);
+
+impl Visit for FieldsToJson<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.insert(field.name().to_owned(), Value::from(value.to_string()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().to_owned(), Value::from(format!("{value:?}")));
+    }
+}
+
+/// The event formatter (see the module docs).
+#[derive(Debug, Clone)]
+pub struct JsonFormat {
+    service: String,
+}
+
+impl JsonFormat {
+    pub fn new(service: impl Into<String>) -> Self {
+        Self { service: service.into() }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let mut obj = Map::new();
+        let mut ts = String::new();
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut ts))?;
+        obj.insert("timestamp".into(), Value::from(ts));
+        obj.insert("level".into(), Value::from(event.metadata().level().as_str()));
+        obj.insert("service".into(), Value::from(self.service.as_str()));
+        obj.insert("target".into(), Value::from(event.metadata().target()));
+        event.record(&mut FieldsToJson(&mut obj));
+        if let Some(scope) = ctx.event_scope() {
+            let mut innermost = true;
+            for span in scope {
+                if innermost {
+                    obj.insert("span".into(), Value::from(span.name()));
+                    innermost = false;
+                }
+                if let Some(captured) = span.extensions().get::<Captured>() {
+                    for (key, value) in &captured.0 {
+                        obj.entry(*key).or_insert_with(|| Value::from(value.as_str()));
+                    }
+                }
+            }
+        }
+        let line = serde_json::to_string(&Value::Object(obj)).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{line}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Every line logged inside a request span carries the tenant recorded
+    /// on that span (even when recorded after the span was created), and a
+    /// line outside any span carries none.
+    #[test]
+    fn log_lines_inside_a_span_carry_its_tenant() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(CaptureContextFields).with(
+            tracing_subscriber::fmt::layer()
+                .event_format(JsonFormat::new("test-svc"))
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("req", tenant.id = tracing::field::Empty, trace_id = "abc");
+            span.record("tenant.id", "acme");
+            let _g = span.enter();
+            let inner = tracing::info_span!("inner");
+            let _g2 = inner.enter();
+            tracing::warn!(item = 7, "inside");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["message"], "outside");
+        assert!(lines[0].get("tenant_id").is_none());
+        assert_eq!(lines[1]["tenant_id"], "acme");
+        assert_eq!(lines[1]["trace_id"], "abc");
+        assert_eq!(lines[1]["item"], 7);
+        assert_eq!(lines[1]["level"], "WARN");
+        assert_eq!(lines[1]["service"], "test-svc");
+        assert_eq!(lines[1]["span"], "inner");
+    }
+}

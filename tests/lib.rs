@@ -1,0 +1,1 @@
+//! Cross-service tests live in the `[[test]]` targets beside this file.
