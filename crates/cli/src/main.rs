@@ -1,1 +1,130 @@
-fn main() {}
+//! `tenantmesh`: run the whole tenantmesh mesh in one process.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tenantmesh_cli::{Mesh, MeshOptions};
+use tenantmesh_tenant_context::config::{
+    AUTH_PORT, DATA_PORT, ONBOARDING_PORT, REGISTRY_PORT, process_env,
+};
+
+/// tenantmesh: a tenant-aware gRPC mesh (tenant registry, auth, onboarding,
+/// data) with tenant isolation enforced on every call.
+#[derive(Parser, Debug)]
+#[command(name = "tenantmesh", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run all four services in this process on the embedded store, until Ctrl-C.
+    ///
+    /// On first start it creates the `platform` operator tenant and its admin
+    /// (email admin@platform.local, or TENANTMESH_BOOTSTRAP_EMAIL). The admin
+    /// password is TENANTMESH_BOOTSTRAP_PASSWORD, or is generated, printed
+    /// once and written (mode 0600) to DATA_DIR/bootstrap-password. Data
+    /// survives restarts on the same data dir. Logs are JSON on stderr
+    /// (RUST_LOG sets the level; OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP
+    /// trace export).
+    Up {
+        /// Where the services keep their durable stores.
+        #[arg(long, default_value = ".tenantmesh", env = "TENANTMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Address to listen on (use 0.0.0.0 to accept remote clients).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Tenant registry port (0: any free port).
+        #[arg(long, default_value_t = REGISTRY_PORT)]
+        registry_port: u16,
+        /// Auth port (0: any free port).
+        #[arg(long, default_value_t = AUTH_PORT)]
+        auth_port: u16,
+        /// Onboarding port (0: any free port).
+        #[arg(long, default_value_t = ONBOARDING_PORT)]
+        onboarding_port: u16,
+        /// Data port (0: any free port).
+        #[arg(long, default_value_t = DATA_PORT)]
+        data_port: u16,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = process_env();
+    let mut telemetry_config = tenantmesh_telemetry::Config::from_env("tenantmesh", &env);
+    telemetry_config.log_target = tenantmesh_telemetry::LogTarget::Stderr;
+    let _telemetry = match tenantmesh_telemetry::init(telemetry_config) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("tenantmesh: telemetry: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Up {
+            data_dir,
+            host,
+            registry_port,
+            auth_port,
+            onboarding_port,
+            data_port,
+        } => {
+            let options = MeshOptions {
+                data_dir,
+                host,
+                ports: [registry_port, auth_port, onboarding_port, data_port],
+                env,
+            };
+            up(options).await
+        }
+    }
+}
+
+async fn up(options: MeshOptions) -> ExitCode {
+    let mut mesh = match Mesh::start(options).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("tenantmesh: cannot start the mesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let a = mesh.addrs;
+    let pw_file = mesh.data_dir.join(tenantmesh_auth::BOOTSTRAP_PASSWORD_FILE);
+    let password_hint = if pw_file.exists() {
+        format!("the password in {}", pw_file.display())
+    } else {
+        "the password from TENANTMESH_BOOTSTRAP_PASSWORD".to_owned()
+    };
+    println!("tenantmesh is up (data dir {})", mesh.data_dir.display());
+    println!("  tenant-registry  {}", a.registry);
+    println!("  auth             {}", a.auth);
+    println!("  onboarding       {}", a.onboarding);
+    println!("  data             {}", a.data);
+    println!("Log in as the platform operator (tenant 'platform') with {password_hint}:");
+    println!(
+        "  grpcurl -plaintext -d '{{\"tenant_id\":\"platform\",\"email\":\"admin@platform.local\",\"password\":\"...\"}}' {} tenantmesh.auth.v1.Auth/Login",
+        a.auth
+    );
+    println!("Press Ctrl-C to stop.");
+    tokio::select! {
+        () = tenantmesh_tenant_context::runtime::shutdown_signal() => {
+            eprintln!("tenantmesh: shutting down");
+            match mesh.shutdown().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tenantmesh: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        e = mesh.wait_for_failure() => {
+            eprintln!("tenantmesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -38,7 +38,9 @@ fn encode(version: u64, data: &[u8]) -> Vec<u8> {
 
 fn decode(pk: &str, sk: &str, raw: &[u8]) -> Result<Item> {
     if raw.len() < 8 {
-        return Err(StorageError::Backend(format!("corrupt value for ({pk}, {sk})")));
+        return Err(StorageError::Backend(format!(
+            "corrupt value for ({pk}, {sk})"
+        )));
     }
     let (v, data) = raw.split_at(8);
     Ok(Item {
@@ -50,7 +52,8 @@ fn decode(pk: &str, sk: &str, raw: &[u8]) -> Result<Item> {
 }
 
 fn version_of(raw: &[u8]) -> Option<u64> {
-    raw.get(..8).map(|v| u64::from_be_bytes(v.try_into().expect("8 bytes")))
+    raw.get(..8)
+        .map(|v| u64::from_be_bytes(v.try_into().expect("8 bytes")))
 }
 
 impl EmbeddedTable {
@@ -60,9 +63,8 @@ impl EmbeddedTable {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(backend)?;
         }
-        let db = Database::create(path).map_err(|e| {
-            StorageError::Backend(format!("cannot open {}: {e}", path.display()))
-        })?;
+        let db = Database::create(path)
+            .map_err(|e| StorageError::Backend(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(ITEMS).map_err(backend)?;
         txn.commit().map_err(backend)?;
@@ -113,12 +115,20 @@ impl Table for EmbeddedTable {
                 }
                 let version = current.unwrap_or(0) + 1;
                 table
-                    .insert((pk.as_str(), sk.as_str()), encode(version, &data).as_slice())
+                    .insert(
+                        (pk.as_str(), sk.as_str()),
+                        encode(version, &data).as_slice(),
+                    )
                     .map_err(backend)?;
                 version
             };
             txn.commit().map_err(backend)?;
-            Ok(Item { pk, sk, version, data })
+            Ok(Item {
+                pk,
+                sk,
+                version,
+                data,
+            })
         })
         .await
     }
@@ -165,7 +175,10 @@ impl Table for EmbeddedTable {
             };
             let mut items = Vec::new();
             let mut more = false;
-            for entry in table.range::<(&str, &str)>((start, Bound::Unbounded)).map_err(backend)? {
+            for entry in table
+                .range::<(&str, &str)>((start, Bound::Unbounded))
+                .map_err(backend)?
+            {
                 let (k, v) = entry.map_err(backend)?;
                 let (kpk, ksk) = k.value();
                 if kpk != pk || !ksk.starts_with(query.sk_prefix.as_str()) {
@@ -177,8 +190,15 @@ impl Table for EmbeddedTable {
                 }
                 items.push(decode(kpk, ksk, v.value())?);
             }
-            let last_evaluated = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
-            Ok(Page { items, last_evaluated })
+            let last_evaluated = if more {
+                items.last().map(|i: &Item| i.sk.clone())
+            } else {
+                None
+            };
+            Ok(Page {
+                items,
+                last_evaluated,
+            })
         })
         .await
     }
@@ -253,8 +273,14 @@ mod tests {
         let path = dir.path().join("t.redb");
         {
             let table = EmbeddedTable::open(&path).unwrap();
-            table.put("a", "x", b"1".to_vec(), Condition::None).await.unwrap();
-            table.put("a", "x", b"2".to_vec(), Condition::Version(1)).await.unwrap();
+            table
+                .put("a", "x", b"1".to_vec(), Condition::None)
+                .await
+                .unwrap();
+            table
+                .put("a", "x", b"2".to_vec(), Condition::Version(1))
+                .await
+                .unwrap();
         }
         let table = EmbeddedTable::open(&path).unwrap();
         let item = table.get("a", "x").await.unwrap().unwrap();

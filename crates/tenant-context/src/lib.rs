@@ -1,1 +1,228 @@
-//! placeholder
+//! The tenant context: the one cross-cutting concern every tenantmesh service
+//! shares.
+//!
+//! - [`server::layer`] validates the bearer JWT (signature against the auth
+//!   service's JWKS, `exp`, `nbf`, `iss`, `aud`, algorithm allow-list), refuses
+//!   a mismatching `x-tenant-id`, checks the caller's roles against the one
+//!   [`access`] table, loads the tenant's tier and status from the registry
+//!   (cached) and refuses suspended tenants. It puts a [`TenantContext`] in
+//!   the request extensions and runs the handler inside a task-local scope
+//!   holding it.
+//! - [`client::layer`] wraps every outgoing channel: it injects the current
+//!   context's token and tenant id (or a service token) and the W3C
+//!   `traceparent`, and fails closed when it has neither.
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod client;
+pub mod config;
+pub mod directory;
+pub mod errors;
+pub mod runtime;
+pub mod server;
+pub mod tiers;
+pub mod verify;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+/// Metadata keys used on the wire.
+pub mod metadata {
+    pub const AUTHORIZATION: &str = "authorization";
+    pub const TENANT_ID: &str = "x-tenant-id";
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// The tenant id of the platform operator (and of service identities).
+pub const PLATFORM_TENANT: &str = "platform";
+
+/// Default `iss` of tokens minted by the auth service.
+pub const DEFAULT_ISSUER: &str = "tenantmesh-auth";
+/// Default `aud` of tokens minted by the auth service.
+pub const DEFAULT_AUDIENCE: &str = "tenantmesh";
+
+/// A caller's role, as carried in the token's `roles` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    PlatformAdmin,
+    TenantAdmin,
+    TenantUser,
+    Service,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::PlatformAdmin,
+        Role::TenantAdmin,
+        Role::TenantUser,
+        Role::Service,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::PlatformAdmin => "platform_admin",
+            Role::TenantAdmin => "tenant_admin",
+            Role::TenantUser => "tenant_user",
+            Role::Service => "service",
+        }
+    }
+}
+
+/// The claims of a tenantmesh access token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub tenant_id: String,
+    pub roles: Vec<Role>,
+    pub exp: u64,
+    pub nbf: u64,
+    pub iat: u64,
+    pub jti: String,
+}
+
+/// Who is calling, established from a verified token and nothing else.
+#[derive(Debug, Clone)]
+pub struct TenantContext {
+    pub tenant_id: String,
+    /// The tenant's tier as recorded in the registry.
+    pub tier: String,
+    /// The token's subject (a user id, or `service:<client>`).
+    pub subject: String,
+    pub roles: Vec<Role>,
+    /// The verified bearer token, forwarded on downstream calls.
+    pub token: Arc<str>,
+}
+
+tokio::task_local! {
+    static CURRENT: TenantContext;
+}
+
+impl TenantContext {
+    /// The context the server layer attached to `request`.
+    pub fn from_request<T>(request: &tonic::Request<T>) -> Result<&TenantContext, Status> {
+        request
+            .extensions()
+            .get::<TenantContext>()
+            .ok_or_else(|| Status::unauthenticated("no verified tenant context"))
+    }
+
+    /// The context of the request the current task is serving, if any.
+    pub fn current() -> Option<TenantContext> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `fut` with this context as the current one (for work spawned
+    /// onto other tasks).
+    pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(self, fut)
+    }
+
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// Platform admins and services act across tenants.
+    pub fn is_platform(&self) -> bool {
+        self.has_role(Role::PlatformAdmin) || self.has_role(Role::Service)
+    }
+
+    /// Refuses (PERMISSION_DENIED) unless the caller may act on `tenant_id`:
+    /// its own tenant, or any tenant for platform callers.
+    pub fn authorize_tenant(&self, tenant_id: &str) -> Result<(), Status> {
+        if self.is_platform() || self.tenant_id == tenant_id {
+            Ok(())
+        } else {
+            tracing::warn!(
+                security_event = "cross_tenant_request",
+                caller_tenant = %self.tenant_id,
+                requested_tenant = %tenant_id,
+                "refused a request naming another tenant"
+            );
+            Err(Status::permission_denied(
+                "caller may not act on another tenant",
+            ))
+        }
+    }
+}
+
+/// Checks a tenant id against `^[a-z0-9][a-z0-9-]{2,62}$`, so it is safe in
+/// keys, table names, tags and policy documents.
+pub fn validate_tenant_id(id: &str) -> Result<(), &'static str> {
+    let bytes = id.as_bytes();
+    if !(3..=63).contains(&bytes.len()) {
+        return Err("must be 3 to 63 characters");
+    }
+    if !bytes[0].is_ascii_lowercase() && !bytes[0].is_ascii_digit() {
+        return Err("must start with a lowercase letter or digit");
+    }
+    if !bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+    {
+        return Err("may contain only lowercase letters, digits and '-'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_id_pattern() {
+        for ok in ["acme", "abc", "a-1", "0ab", &"a".repeat(63)] {
+            assert!(validate_tenant_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "ab",
+            "-ab",
+            "Acme",
+            "ac me",
+            "a*b",
+            "a\"b",
+            "a#b",
+            "acme_1",
+            &"a".repeat(64),
+            "ümlaut",
+        ] {
+            assert!(validate_tenant_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn authorize_tenant_allows_own_and_platform_only() {
+        let ctx = |t: &str, roles: Vec<Role>| TenantContext {
+            tenant_id: t.into(),
+            tier: "basic".into(),
+            subject: "u".into(),
+            roles,
+            token: "t".into(),
+        };
+        assert!(
+            ctx("acme", vec![Role::TenantAdmin])
+                .authorize_tenant("acme")
+                .is_ok()
+        );
+        let denied = ctx("acme", vec![Role::TenantAdmin])
+            .authorize_tenant("globex")
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            ctx("platform", vec![Role::PlatformAdmin])
+                .authorize_tenant("globex")
+                .is_ok()
+        );
+        assert!(
+            ctx("platform", vec![Role::Service])
+                .authorize_tenant("globex")
+                .is_ok()
+        );
+    }
+}

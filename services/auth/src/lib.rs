@@ -1,1 +1,639 @@
-//! placeholder
+//! The auth service: users of every tenant with argon2id password hashes,
+//! persisted Ed25519 signing keys published as a JWKS, login, service
+//! tokens for platform services, and the bootstrap platform admin.
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod keys;
+pub mod password;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use tenantmesh_proto::auth::v1::auth_server::{Auth, AuthServer};
+use tenantmesh_proto::auth::v1::*;
+use tenantmesh_storage::{Condition, DynTable, EmbeddedTable};
+use tenantmesh_tenant_context::config::{AUTH_PORT, CommonConfig, ConfigError, parse_var, var};
+use tenantmesh_tenant_context::directory::{RemoteDirectory, TenantDirectory};
+use tenantmesh_tenant_context::errors::Violations;
+use tenantmesh_tenant_context::server::Authenticator;
+use tenantmesh_tenant_context::verify::TokenVerifier;
+use tenantmesh_tenant_context::{Claims, PLATFORM_TENANT, Role, TenantContext};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+pub use error::AuthError;
+pub use keys::SigningKeys;
+pub use password::HashParams;
+
+/// Default bootstrap admin email.
+pub const DEFAULT_BOOTSTRAP_EMAIL: &str = "admin@platform.local";
+/// File (in the data dir) holding a generated bootstrap password.
+pub const BOOTSTRAP_PASSWORD_FILE: &str = "bootstrap-password";
+const MAX_EMAIL_LEN: usize = 254;
+const MIN_SECRET_LEN: usize = 16;
+
+/// Auth settings.
+#[derive(Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    /// `TENANTMESH_BOOTSTRAP_EMAIL`.
+    pub bootstrap_email: String,
+    /// `TENANTMESH_BOOTSTRAP_PASSWORD`; generated when unset.
+    pub bootstrap_password: Option<String>,
+    /// `TENANTMESH_SERVICE_CLIENTS`: `id:secret[,id:secret...]`.
+    pub service_clients: HashMap<String, String>,
+    /// `TENANTMESH_ACCESS_TOKEN_TTL_SECS` (default 900).
+    pub access_token_ttl: Duration,
+    /// `TENANTMESH_ARGON2_M_KIB`, `_T`, `_P`.
+    pub hash_params: HashParams,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("common", &self.common)
+            .field("bootstrap_email", &self.bootstrap_email)
+            .field(
+                "service_clients",
+                &self.service_clients.keys().collect::<Vec<_>>(),
+            )
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("hash_params", &self.hash_params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut service_clients = HashMap::new();
+        if let Some(list) = var(env, "TENANTMESH_SERVICE_CLIENTS") {
+            for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let (id, secret) = entry.split_once(':').ok_or(ConfigError {
+                    var: "TENANTMESH_SERVICE_CLIENTS",
+                    message: "entries must be id:secret".into(),
+                })?;
+                if id.is_empty() || secret.len() < MIN_SECRET_LEN {
+                    return Err(ConfigError {
+                        var: "TENANTMESH_SERVICE_CLIENTS",
+                        message: format!(
+                            "client {id:?} needs an id and a secret of at least {MIN_SECRET_LEN} characters"
+                        ),
+                    });
+                }
+                service_clients.insert(id.to_owned(), secret.to_owned());
+            }
+        }
+        let ttl: u64 = parse_var(env, "TENANTMESH_ACCESS_TOKEN_TTL_SECS", 900)?;
+        if !(60..=86_400).contains(&ttl) {
+            return Err(ConfigError {
+                var: "TENANTMESH_ACCESS_TOKEN_TTL_SECS",
+                message: "must be 60..=86400".into(),
+            });
+        }
+        let hash_params = HashParams::from_env(env)?;
+        let bootstrap_password = var(env, "TENANTMESH_BOOTSTRAP_PASSWORD").map(str::to_owned);
+        if let Some(p) = &bootstrap_password
+            && p.chars().count() < password::MIN_PASSWORD_LEN
+        {
+            return Err(ConfigError {
+                var: "TENANTMESH_BOOTSTRAP_PASSWORD",
+                message: format!("must be at least {} characters", password::MIN_PASSWORD_LEN),
+            });
+        }
+        Ok(Self {
+            common: CommonConfig::from_env(env, AUTH_PORT)?,
+            bootstrap_email: normalize_email(
+                var(env, "TENANTMESH_BOOTSTRAP_EMAIL").unwrap_or(DEFAULT_BOOTSTRAP_EMAIL),
+            ),
+            bootstrap_password,
+            service_clients,
+            access_token_ttl: Duration::from_secs(ttl),
+            hash_params,
+        })
+    }
+}
+
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// `bytes` random bytes, base64url.
+pub(crate) fn random_token(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    aws_lc_rs::rand::fill(&mut buf).expect("system randomness");
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn normalize_email(email: &str) -> String {
+    email.trim().to_ascii_lowercase()
+}
+
+fn check_email(v: &mut Violations, field: &str, email: &str) {
+    if email.is_empty() {
+        v.add(field, "is required");
+    } else if email.len() > MAX_EMAIL_LEN
+        || email
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+        || !email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+    {
+        v.add(field, "must be an email address such as user@example.com");
+    }
+}
+
+/// Checks a clear-text password against the length policy.
+pub fn check_password(v: &mut Violations, field: &str, password: &str) {
+    let n = password.chars().count();
+    if n < password::MIN_PASSWORD_LEN {
+        v.add(
+            field,
+            format!("must be at least {} characters", password::MIN_PASSWORD_LEN),
+        );
+    } else if password.len() > password::MAX_PASSWORD_LEN {
+        v.add(
+            field,
+            format!("must be at most {} bytes", password::MAX_PASSWORD_LEN),
+        );
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct UserRecord {
+    user_id: String,
+    tenant_id: String,
+    email: String,
+    password_hash: String,
+    roles: Vec<Role>,
+    disabled: bool,
+    create_time: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RefreshRecord {
+    user_id: String,
+    email: String,
+    expire_time: i64,
+}
+
+fn user_sk(email: &str) -> String {
+    format!("user#{email}")
+}
+
+fn role_to_proto(r: Role) -> tenantmesh_proto::auth::v1::Role {
+    use tenantmesh_proto::auth::v1::Role as P;
+    match r {
+        Role::PlatformAdmin => P::PlatformAdmin,
+        Role::TenantAdmin => P::TenantAdmin,
+        Role::TenantUser => P::TenantUser,
+        Role::Service => P::Service,
+    }
+}
+
+/// The auth service's state.
+#[derive(Clone)]
+pub struct AuthService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: DynTable,
+    keys: Arc<SigningKeys>,
+    config: Config,
+    directory: Arc<dyn TenantDirectory>,
+    /// A real hash to verify against when the user does not exist, so an
+    /// unknown user costs the same time as a wrong password.
+    dummy_hash: String,
+}
+
+impl AuthService {
+    pub async fn new(
+        config: Config,
+        store: DynTable,
+        directory: Arc<dyn TenantDirectory>,
+    ) -> Result<Self, AuthError> {
+        let keys = Arc::new(SigningKeys::load_or_create(&store).await?);
+        let params = config.hash_params;
+        let dummy_hash =
+            tokio::task::spawn_blocking(move || password::hash(&random_token(16), params))
+                .await
+                .map_err(|e| AuthError::Internal(e.to_string()))?
+                .map_err(|e| AuthError::Internal(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                keys,
+                config,
+                directory,
+                dummy_hash,
+            }),
+        })
+    }
+
+    pub fn keys(&self) -> Arc<SigningKeys> {
+        self.inner.keys.clone()
+    }
+
+    fn sign(
+        &self,
+        sub: String,
+        tenant_id: String,
+        roles: Vec<Role>,
+    ) -> Result<(String, i64), AuthError> {
+        let ttl = self.inner.config.access_token_ttl.as_secs();
+        let now = now_secs().max(0) as u64;
+        let claims = Claims {
+            iss: self.inner.config.common.issuer.clone(),
+            aud: self.inner.config.common.audience.clone(),
+            sub,
+            tenant_id,
+            roles,
+            exp: now + ttl,
+            nbf: now,
+            iat: now,
+            jti: random_token(12),
+        };
+        let (kid, key) = self.inner.keys.signer();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(kid);
+        let token = jsonwebtoken::encode(&header, &claims, &key)
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        Ok((token, ttl as i64))
+    }
+
+    async fn hash_password(&self, password: String) -> Result<String, AuthError> {
+        let params = self.inner.config.hash_params;
+        tokio::task::spawn_blocking(move || password::hash(&password, params))
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?
+            .map_err(|e| AuthError::Internal(e.to_string()))
+    }
+
+    async fn get_user(
+        &self,
+        tenant_id: &str,
+        email: &str,
+    ) -> Result<Option<UserRecord>, AuthError> {
+        match self.inner.store.get(tenant_id, &user_sk(email)).await? {
+            Some(item) => Ok(Some(
+                serde_json::from_slice(&item.data)
+                    .map_err(|e| AuthError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    async fn insert_user(&self, user: &UserRecord) -> Result<(), AuthError> {
+        let data = serde_json::to_vec(user).map_err(|e| AuthError::Internal(e.to_string()))?;
+        match self
+            .inner
+            .store
+            .put(
+                &user.tenant_id,
+                &user_sk(&user.email),
+                data,
+                Condition::NotExists,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
+                Err(AuthError::UserExists(user.email.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates the platform admin on first start. Returns the password when
+    /// it was generated (it is also written, mode 0600, to the data dir).
+    pub async fn bootstrap_admin(&self) -> Result<Option<String>, AuthError> {
+        let email = self.inner.config.bootstrap_email.clone();
+        if self.get_user(PLATFORM_TENANT, &email).await?.is_some() {
+            return Ok(None);
+        }
+        let (password, generated) = match &self.inner.config.bootstrap_password {
+            Some(p) => (p.clone(), false),
+            None => (random_token(18), true),
+        };
+        if generated {
+            write_private_file(&self.bootstrap_password_path(), &password).map_err(|e| {
+                AuthError::Internal(format!("cannot write bootstrap password: {e}"))
+            })?;
+        }
+        let user = UserRecord {
+            user_id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: PLATFORM_TENANT.into(),
+            email: email.clone(),
+            password_hash: self.hash_password(password.clone()).await?,
+            roles: vec![Role::PlatformAdmin],
+            disabled: false,
+            create_time: now_secs(),
+        };
+        match self.insert_user(&user).await {
+            Ok(()) => {
+                tracing::info!(email = %email, generated_password = generated, "bootstrap: created the platform admin");
+                Ok(generated.then_some(password))
+            }
+            // Another replica won the race; its password stands.
+            Err(AuthError::UserExists(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where a generated bootstrap password is written.
+    pub fn bootstrap_password_path(&self) -> PathBuf {
+        self.inner
+            .config
+            .common
+            .data_dir
+            .join(BOOTSTRAP_PASSWORD_FILE)
+    }
+}
+
+fn write_private_file(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        tenantmesh_tenant_context::config::ensure_private_dir(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{contents}")?;
+    f.sync_all()
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    // Compare digests so neither length nor content leaks through timing.
+    let (da, db) = (sha256_hex(a.as_bytes()), sha256_hex(b.as_bytes()));
+    da.bytes()
+        .zip(db.bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+#[tonic::async_trait]
+impl Auth for AuthService {
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.require("email", &req.email)
+            .require("password", &req.password);
+        if req.password.len() > password::MAX_PASSWORD_LEN {
+            v.add("password", "is too long");
+        }
+        v.check()?;
+        tracing::Span::current().record("tenant.id", req.tenant_id.as_str());
+        let email = normalize_email(&req.email);
+        let user = self.get_user(&req.tenant_id, &email).await?;
+        let hash = match &user {
+            Some(u) if !u.disabled => u.password_hash.clone(),
+            _ => self.inner.dummy_hash.clone(),
+        };
+        let password = req.password;
+        let matches = tokio::task::spawn_blocking(move || password::verify(&password, &hash))
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let user = match user {
+            Some(u) if matches && !u.disabled => u,
+            _ => {
+                tracing::info!(security_event = "login_failed", email = %email, "login refused");
+                return Err(AuthError::InvalidCredentials.into());
+            }
+        };
+        let (access_token, expires_in) = self.sign(
+            user.user_id.clone(),
+            user.tenant_id.clone(),
+            user.roles.clone(),
+        )?;
+        let refresh_token = random_token(32);
+        let record = RefreshRecord {
+            user_id: user.user_id.clone(),
+            email: user.email.clone(),
+            expire_time: now_secs() + 30 * 24 * 3600,
+        };
+        self.inner
+            .store
+            .put(
+                &user.tenant_id,
+                &format!("refresh#{}", sha256_hex(refresh_token.as_bytes())),
+                serde_json::to_vec(&record).map_err(|e| AuthError::Internal(e.to_string()))?,
+                Condition::NotExists,
+            )
+            .await
+            .map_err(AuthError::from)?;
+        tracing::info!(user_id = %user.user_id, "login succeeded");
+        Ok(Response::new(LoginResponse {
+            access_token,
+            refresh_token,
+            expires_in,
+            token_type: "Bearer".into(),
+        }))
+    }
+
+    async fn create_user(
+        &self,
+        request: Request<CreateUserRequest>,
+    ) -> Result<Response<CreateUserResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        let email = normalize_email(&req.email);
+        check_email(&mut v, "email", &email);
+        match (req.password.is_empty(), req.password_hash.is_empty()) {
+            (false, true) => check_password(&mut v, "password", &req.password),
+            (true, false) => {
+                if !password::is_argon2id_phc(&req.password_hash) {
+                    v.add("password_hash", "must be an argon2id PHC string");
+                }
+            }
+            (true, true) => {
+                v.add("password", "is required");
+            }
+            (false, false) => {
+                v.add("password_hash", "must not be set together with password");
+            }
+        }
+        let mut roles = Vec::new();
+        for (i, r) in req.roles.iter().enumerate() {
+            use tenantmesh_proto::auth::v1::Role as P;
+            match P::try_from(*r) {
+                Ok(P::TenantAdmin) => roles.push(Role::TenantAdmin),
+                Ok(P::TenantUser) => roles.push(Role::TenantUser),
+                _ => {
+                    v.add(
+                        &format!("roles[{i}]"),
+                        "must be ROLE_TENANT_ADMIN or ROLE_TENANT_USER",
+                    );
+                }
+            }
+        }
+        v.check()?;
+        if !req.password_hash.is_empty() && !ctx.has_role(Role::Service) {
+            return Err(Status::permission_denied(
+                "only platform services may set password_hash",
+            ));
+        }
+        ctx.authorize_tenant(&req.tenant_id)?;
+        if ctx.tenant_id != req.tenant_id {
+            // Platform callers: the target tenant must exist.
+            match self
+                .inner
+                .directory
+                .lookup(&req.tenant_id, &ctx.token)
+                .await?
+            {
+                None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
+                Some(info)
+                    if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted =>
+                {
+                    return Err(Status::failed_precondition("tenant is deleted"));
+                }
+                Some(_) => {}
+            }
+        }
+        roles.sort_by_key(|r| *r as u8);
+        roles.dedup();
+        if roles.is_empty() {
+            roles.push(Role::TenantUser);
+        }
+        let password_hash = if req.password_hash.is_empty() {
+            self.hash_password(req.password).await?
+        } else {
+            req.password_hash
+        };
+        let user = UserRecord {
+            user_id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: req.tenant_id,
+            email,
+            password_hash,
+            roles,
+            disabled: false,
+            create_time: now_secs(),
+        };
+        self.insert_user(&user).await?;
+        tracing::info!(user_id = %user.user_id, target_tenant = %user.tenant_id, "user created");
+        Ok(Response::new(CreateUserResponse {
+            user: Some(User {
+                user_id: user.user_id,
+                tenant_id: user.tenant_id,
+                email: user.email,
+                roles: user
+                    .roles
+                    .into_iter()
+                    .map(|r| role_to_proto(r) as i32)
+                    .collect(),
+                create_time: user.create_time,
+            }),
+        }))
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<GetJwksRequest>,
+    ) -> Result<Response<GetJwksResponse>, Status> {
+        let keys = self.inner.keys.jwks();
+        let doc = serde_json::json!({
+            "keys": keys.iter().map(|k| serde_json::json!({
+                "kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid, "alg": k.alg, "use": k.r#use,
+            })).collect::<Vec<_>>()
+        });
+        Ok(Response::new(GetJwksResponse {
+            keys,
+            jwks_json: doc.to_string(),
+        }))
+    }
+
+    async fn issue_service_token(
+        &self,
+        request: Request<IssueServiceTokenRequest>,
+    ) -> Result<Response<IssueServiceTokenResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.require("client_id", &req.client_id)
+            .require("client_secret", &req.client_secret);
+        v.check()?;
+        tracing::Span::current().record("tenant.id", PLATFORM_TENANT);
+        let known = self.inner.config.service_clients.get(&req.client_id);
+        let ok = match known {
+            Some(secret) => constant_time_eq(secret, &req.client_secret),
+            None => {
+                constant_time_eq(&req.client_secret, &self.inner.dummy_hash);
+                false
+            }
+        };
+        if !ok {
+            tracing::warn!(security_event = "service_login_failed", client_id = %req.client_id, "bad client credentials");
+            return Err(AuthError::InvalidCredentials.into());
+        }
+        let (access_token, expires_in) = self.sign(
+            format!("service:{}", req.client_id),
+            PLATFORM_TENANT.into(),
+            vec![Role::Service],
+        )?;
+        Ok(Response::new(IssueServiceTokenResponse {
+            access_token,
+            expires_in,
+        }))
+    }
+}
+
+/// Opens the auth service's store under the data directory.
+pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
+    let path = config.common.store_path("auth")?;
+    Ok(Arc::new(EmbeddedTable::open(path)?))
+}
+
+/// Runs the auth service on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    store: DynTable,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
+    let directory: Arc<dyn TenantDirectory> =
+        Arc::new(RemoteDirectory::new(registry, Duration::from_secs(5)));
+    let (issuer, audience) = (config.common.issuer.clone(), config.common.audience.clone());
+    let service = AuthService::new(config, store, directory.clone()).await?;
+    if let Some(password) = service.bootstrap_admin().await? {
+        // Printed once, on the terminal only: never into the JSON logs.
+        eprintln!(
+            "tenantmesh: generated the platform admin password: {password}\n\
+             tenantmesh: (also written to {}; set TENANTMESH_BOOTSTRAP_PASSWORD to choose it)",
+            service.bootstrap_password_path().display()
+        );
+    }
+    let verifier = TokenVerifier::new(service.keys(), &issuer, &audience);
+    let authn = Authenticator::new(Arc::new(verifier), directory);
+    tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,1 +1,355 @@
-//! placeholder
+//! The data service: a tenant's items, keyed `pk = <tenant id>`,
+//! `sk = <collection>#<id>`. The tenant always comes from the verified
+//! [`TenantContext`], never from the request, so no request can name
+//! another tenant's items.
+#![forbid(unsafe_code)]
+
+mod error;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use prost::Message as _;
+use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
+use tenantmesh_proto::data::v1::*;
+use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError};
+use tenantmesh_tenant_context::TenantContext;
+use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, DATA_PORT};
+use tenantmesh_tenant_context::directory::RemoteDirectory;
+use tenantmesh_tenant_context::errors::{Violations, invalid_field};
+use tenantmesh_tenant_context::server::Authenticator;
+use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+pub use error::DataError;
+
+/// Largest encoded item accepted (DynamoDB's item limit).
+pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+const MAX_COLLECTION_LEN: usize = 64;
+const MAX_ID_LEN: usize = 256;
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: i32 = 1000;
+
+/// Data service settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+}
+
+impl Config {
+    pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(env, DATA_PORT)?,
+        })
+    }
+}
+
+/// The data service's state.
+#[derive(Clone)]
+pub struct DataService {
+    store: DynTable,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn check_name(
+    v: &mut Violations,
+    field: &str,
+    value: &str,
+    max: usize,
+    extra: &[char],
+    required: bool,
+) {
+    if value.is_empty() {
+        if required {
+            v.add(field, "is required");
+        }
+        return;
+    }
+    if value.len() > max {
+        v.add(field, format!("must be at most {max} characters"));
+    } else if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(&c))
+    {
+        let allowed: String = extra.iter().collect();
+        v.add(
+            field,
+            format!("may contain only letters, digits and _.-{allowed}"),
+        );
+    }
+}
+
+const ID_EXTRA: &[char] = &[':', '@'];
+
+fn sort_key(collection: &str, id: &str) -> String {
+    format!("{collection}#{id}")
+}
+
+fn decode_item(raw: &tenantmesh_storage::Item) -> Result<Item, DataError> {
+    let mut item =
+        Item::decode(raw.data.as_slice()).map_err(|e| DataError::Corrupt(e.to_string()))?;
+    item.version = raw.version;
+    Ok(item)
+}
+
+fn page_token(last_sk: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("i1:{last_sk}"))
+}
+
+/// The sort key to resume after; it must lie within the query's range, so a
+/// token cannot widen a query.
+fn parse_page_token(token: &str, sk_prefix: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("i1:").map(str::to_owned))
+        .filter(|sk| sk.starts_with(sk_prefix))
+        .map(Some)
+        .ok_or_else(|| {
+            invalid_field(
+                "page_token",
+                "is not a token from a previous response to this query",
+            )
+        })
+}
+
+impl DataService {
+    pub fn new(store: DynTable) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn put_item(
+        &self,
+        request: Request<PutItemRequest>,
+    ) -> Result<Response<PutItemResponse>, Status> {
+        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        check_name(
+            &mut v,
+            "collection",
+            &req.collection,
+            MAX_COLLECTION_LEN,
+            &[],
+            true,
+        );
+        check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
+        let mut item = Item {
+            collection: req.collection,
+            id: req.id,
+            attributes: Some(req.attributes.unwrap_or_default()),
+            version: 0,
+            update_time_ms: now_ms(),
+        };
+        let size = item.encoded_len();
+        if size > MAX_ITEM_BYTES {
+            v.add(
+                "attributes",
+                format!("item is {size} bytes; the limit is {MAX_ITEM_BYTES}"),
+            );
+        }
+        v.check()?;
+        let condition = match req.expected_version {
+            Some(expected) => Condition::Version(expected),
+            None => Condition::None,
+        };
+        let sk = sort_key(&item.collection, &item.id);
+        let stored = self
+            .store
+            .put(&tenant, &sk, item.encode_to_vec(), condition)
+            .await
+            .map_err(|e| match e {
+                StorageError::ConditionFailed { current, .. } => DataError::VersionMismatch {
+                    expected: req.expected_version.unwrap_or_default(),
+                    current,
+                },
+                e => e.into(),
+            })?;
+        item.version = stored.version;
+        tracing::debug!(collection = %item.collection, version = item.version, "item written");
+        Ok(Response::new(PutItemResponse { item: Some(item) }))
+    }
+
+    async fn get_item(
+        &self,
+        request: Request<GetItemRequest>,
+    ) -> Result<Response<GetItemResponse>, Status> {
+        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        check_name(
+            &mut v,
+            "collection",
+            &req.collection,
+            MAX_COLLECTION_LEN,
+            &[],
+            true,
+        );
+        check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
+        v.check()?;
+        let raw = self
+            .store
+            .get(&tenant, &sort_key(&req.collection, &req.id))
+            .await
+            .map_err(DataError::from)?
+            .ok_or(DataError::NotFound)?;
+        Ok(Response::new(GetItemResponse {
+            item: Some(decode_item(&raw)?),
+        }))
+    }
+
+    async fn delete_item(
+        &self,
+        request: Request<DeleteItemRequest>,
+    ) -> Result<Response<DeleteItemResponse>, Status> {
+        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        check_name(
+            &mut v,
+            "collection",
+            &req.collection,
+            MAX_COLLECTION_LEN,
+            &[],
+            true,
+        );
+        check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
+        v.check()?;
+        let condition = match req.expected_version {
+            Some(0) => {
+                return Err(invalid_field(
+                    "expected_version",
+                    "must be at least 1 to delete",
+                ));
+            }
+            Some(expected) => Condition::Version(expected),
+            None => Condition::Exists,
+        };
+        let sk = sort_key(&req.collection, &req.id);
+        match self.store.delete(&tenant, &sk, condition).await {
+            Ok(_) => Ok(Response::new(DeleteItemResponse {})),
+            Err(StorageError::ConditionFailed { current: None, .. }) => {
+                Err(DataError::NotFound.into())
+            }
+            Err(StorageError::ConditionFailed { current, .. }) => Err(DataError::VersionMismatch {
+                expected: req.expected_version.unwrap_or_default(),
+                current,
+            }
+            .into()),
+            Err(e) => Err(DataError::from(e).into()),
+        }
+    }
+
+    async fn query_items(
+        &self,
+        request: Request<QueryItemsRequest>,
+    ) -> Result<Response<QueryItemsResponse>, Status> {
+        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        check_name(
+            &mut v,
+            "collection",
+            &req.collection,
+            MAX_COLLECTION_LEN,
+            &[],
+            true,
+        );
+        check_name(
+            &mut v,
+            "id_prefix",
+            &req.id_prefix,
+            MAX_ID_LEN,
+            ID_EXTRA,
+            false,
+        );
+        let limit = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n @ 1..=MAX_PAGE_SIZE => n as usize,
+            _ => {
+                v.add(
+                    "page_size",
+                    format!("must be between 0 and {MAX_PAGE_SIZE}"),
+                );
+                0
+            }
+        };
+        v.check()?;
+        let sk_prefix = sort_key(&req.collection, &req.id_prefix);
+        let start_after = parse_page_token(&req.page_token, &sk_prefix)?;
+        let page = self
+            .store
+            .query(Query {
+                pk: tenant,
+                sk_prefix,
+                start_after,
+                limit,
+            })
+            .await
+            .map_err(DataError::from)?;
+        let items = page
+            .items
+            .iter()
+            .map(decode_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_page_token = page
+            .last_evaluated
+            .as_deref()
+            .map(page_token)
+            .unwrap_or_default();
+        Ok(Response::new(QueryItemsResponse {
+            items,
+            next_page_token,
+        }))
+    }
+}
+
+/// Opens the data service's store under the data directory.
+pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
+    let path = config.common.store_path("data")?;
+    Ok(Arc::new(EmbeddedTable::open(path)?))
+}
+
+/// Runs the data service on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    store: DynTable,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let auth = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
+    let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
+    let verifier = TokenVerifier::new(
+        Arc::new(JwksCache::new(auth)),
+        &config.common.issuer,
+        &config.common.audience,
+    );
+    let directory = Arc::new(RemoteDirectory::new(registry, Duration::from_secs(5)));
+    let authn = Authenticator::new(Arc::new(verifier), directory);
+    tenantmesh_tenant_context::runtime::serve(
+        listener,
+        DataServer::new(DataService::new(store)),
+        authn,
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}

@@ -1,1 +1,431 @@
-//! placeholder
+//! The tenant registry: the system of record for tenants (id, name, tier,
+//! isolation model, lifecycle status). It also answers the tenant-context
+//! layer's lookups for its own requests straight from its store.
+#![forbid(unsafe_code)]
+
+mod error;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use prost::Message as _;
+use tenantmesh_proto::registry::v1::tenant_registry_server::{
+    TenantRegistry, TenantRegistryServer,
+};
+use tenantmesh_proto::registry::v1::*;
+use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query};
+use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, REGISTRY_PORT};
+use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
+use tenantmesh_tenant_context::errors::{Violations, invalid_field};
+use tenantmesh_tenant_context::server::Authenticator;
+use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
+use tenantmesh_tenant_context::{PLATFORM_TENANT, TenantContext, tiers};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+pub use error::RegistryError;
+
+/// Partition holding every tenant record (sort key: tenant id).
+const TENANTS_PK: &str = "_tenants";
+const MAX_NAME_LEN: usize = 200;
+const DEFAULT_PAGE_SIZE: i32 = 100;
+const MAX_PAGE_SIZE: i32 = 1000;
+
+/// Registry settings (see [`CommonConfig`]).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+}
+
+impl Config {
+    pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(env, REGISTRY_PORT)?,
+        })
+    }
+}
+
+/// The registry's state: its table of tenants.
+#[derive(Clone)]
+pub struct Registry {
+    store: DynTable,
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+impl Registry {
+    pub fn new(store: DynTable) -> Self {
+        Self { store }
+    }
+
+    /// Reads one tenant (its `version` is the stored item's version).
+    pub async fn get(&self, tenant_id: &str) -> Result<Option<Tenant>, RegistryError> {
+        let Some(item) = self.store.get(TENANTS_PK, tenant_id).await? else {
+            return Ok(None);
+        };
+        let mut tenant = Tenant::decode(item.data.as_slice())
+            .map_err(|e| RegistryError::Corrupt(e.to_string()))?;
+        tenant.version = item.version;
+        Ok(Some(tenant))
+    }
+
+    async fn insert(&self, mut tenant: Tenant) -> Result<Tenant, RegistryError> {
+        let item = self
+            .store
+            .put(
+                TENANTS_PK,
+                &tenant.tenant_id,
+                tenant.encode_to_vec(),
+                Condition::NotExists,
+            )
+            .await
+            .map_err(|e| RegistryError::from_write(e, &tenant.tenant_id))?;
+        tenant.version = item.version;
+        Ok(tenant)
+    }
+
+    /// Applies `change` to the stored tenant; with `expected` the write
+    /// applies only at that version, otherwise it retries on a concurrent
+    /// write.
+    async fn modify(
+        &self,
+        tenant_id: &str,
+        expected: Option<u64>,
+        change: impl Fn(&mut Tenant) -> Result<(), RegistryError>,
+    ) -> Result<Tenant, RegistryError> {
+        loop {
+            let mut tenant = self
+                .get(tenant_id)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(tenant_id.into()))?;
+            if let Some(v) = expected
+                && v != tenant.version
+            {
+                return Err(RegistryError::VersionMismatch {
+                    expected: v,
+                    current: tenant.version,
+                });
+            }
+            change(&mut tenant)?;
+            tenant.update_time = now_secs();
+            let version = tenant.version;
+            match self
+                .store
+                .put(
+                    TENANTS_PK,
+                    tenant_id,
+                    tenant.encode_to_vec(),
+                    Condition::Version(version),
+                )
+                .await
+            {
+                Ok(item) => {
+                    tenant.version = item.version;
+                    return Ok(tenant);
+                }
+                Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. })
+                    if expected.is_none() =>
+                {
+                    tracing::debug!(tenant_id, ?current, "concurrent tenant update; retrying");
+                }
+                Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. }) => {
+                    return Err(RegistryError::VersionMismatch {
+                        expected: version,
+                        current: current.unwrap_or_default(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Creates the `platform` operator tenant on first start.
+    pub async fn bootstrap(&self) -> Result<(), RegistryError> {
+        if self.get(PLATFORM_TENANT).await?.is_some() {
+            return Ok(());
+        }
+        let now = now_secs();
+        let tenant = Tenant {
+            tenant_id: PLATFORM_TENANT.into(),
+            name: "Platform operator".into(),
+            tier: "enterprise".into(),
+            isolation_model: IsolationModel::Pool as i32,
+            status: TenantStatus::Active as i32,
+            create_time: now,
+            update_time: now,
+            version: 0,
+        };
+        match self.insert(tenant).await {
+            Ok(_) => tracing::info!(
+                tenant_id = PLATFORM_TENANT,
+                "bootstrap: created the platform tenant"
+            ),
+            Err(RegistryError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
+/// Lookups for the registry's own tenant-context layer: straight from the
+/// store (asking itself over gRPC would recurse).
+#[async_trait]
+impl TenantDirectory for Registry {
+    async fn lookup(&self, tenant_id: &str, _token: &str) -> Result<Option<TenantInfo>, Status> {
+        let tenant = self.get(tenant_id).await.map_err(Status::from)?;
+        Ok(tenant.map(|t| TenantInfo {
+            tier: t.tier,
+            status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
+        }))
+    }
+}
+
+fn encode_page_token(last: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("t1:{last}"))
+}
+
+fn decode_page_token(token: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("t1:").map(str::to_owned))
+        .filter(|id| tenantmesh_tenant_context::validate_tenant_id(id).is_ok())
+        .map(Some)
+        .ok_or_else(|| invalid_field("page_token", "is not a token from a previous response"))
+}
+
+fn page_size(field: &str, size: i32) -> Result<usize, Status> {
+    match size {
+        0 => Ok(DEFAULT_PAGE_SIZE as usize),
+        1..=MAX_PAGE_SIZE => Ok(size as usize),
+        _ => Err(invalid_field(
+            field,
+            format!("must be between 0 and {MAX_PAGE_SIZE}"),
+        )),
+    }
+}
+
+fn check_name(v: &mut Violations, name: &str, required: bool) {
+    if required {
+        v.require("name", name);
+    }
+    if name.chars().count() > MAX_NAME_LEN {
+        v.add("name", format!("must be at most {MAX_NAME_LEN} characters"));
+    }
+}
+
+fn check_tier(v: &mut Violations, tier: &str) {
+    if tiers::isolation_model(tier).is_none() {
+        v.add("tier", tiers::unknown_tier_message());
+    }
+}
+
+#[tonic::async_trait]
+impl TenantRegistry for Registry {
+    async fn create_tenant(
+        &self,
+        request: Request<CreateTenantRequest>,
+    ) -> Result<Response<CreateTenantResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        check_name(&mut v, &req.name, true);
+        check_tier(&mut v, &req.tier);
+        let status = match TenantStatus::try_from(req.status) {
+            Ok(TenantStatus::Unspecified) => TenantStatus::Provisioning,
+            Ok(TenantStatus::Deleted) | Err(_) => {
+                v.add("status", "must be PROVISIONING, ACTIVE or SUSPENDED");
+                TenantStatus::Unspecified
+            }
+            Ok(s) => s,
+        };
+        v.check()?;
+        let model = tiers::isolation_model(&req.tier).expect("tier validated");
+        let now = now_secs();
+        let tenant = self
+            .insert(Tenant {
+                tenant_id: req.tenant_id,
+                name: req.name,
+                tier: req.tier,
+                isolation_model: model as i32,
+                status: status as i32,
+                create_time: now,
+                update_time: now,
+                version: 0,
+            })
+            .await?;
+        tracing::info!(created_tenant = %tenant.tenant_id, tier = %tenant.tier, "tenant created");
+        Ok(Response::new(CreateTenantResponse {
+            tenant: Some(tenant),
+        }))
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<GetTenantRequest>,
+    ) -> Result<Response<GetTenantResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let tenant = self
+            .get(&req.tenant_id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(req.tenant_id))?;
+        Ok(Response::new(GetTenantResponse {
+            tenant: Some(tenant),
+        }))
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<ListTenantsRequest>,
+    ) -> Result<Response<ListTenantsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = page_size("page_size", req.page_size)?;
+        let start_after = decode_page_token(&req.page_token)?;
+        let page = self
+            .store
+            .query(Query {
+                pk: TENANTS_PK.into(),
+                sk_prefix: String::new(),
+                start_after,
+                limit,
+            })
+            .await
+            .map_err(RegistryError::from)?;
+        let mut tenants = Vec::with_capacity(page.items.len());
+        for item in page.items {
+            let mut t = Tenant::decode(item.data.as_slice())
+                .map_err(|e| RegistryError::Corrupt(e.to_string()))?;
+            t.version = item.version;
+            tenants.push(t);
+        }
+        let next_page_token = page
+            .last_evaluated
+            .as_deref()
+            .map(encode_page_token)
+            .unwrap_or_default();
+        Ok(Response::new(ListTenantsResponse {
+            tenants,
+            next_page_token,
+        }))
+    }
+
+    async fn update_tenant(
+        &self,
+        request: Request<UpdateTenantRequest>,
+    ) -> Result<Response<UpdateTenantResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        check_name(&mut v, &req.name, false);
+        if !req.tier.is_empty() {
+            check_tier(&mut v, &req.tier);
+        }
+        if req.name.is_empty() && req.tier.is_empty() {
+            v.add("name", "name or tier must be set");
+        }
+        v.check()?;
+        let tenant = self
+            .modify(&req.tenant_id, req.expected_version, |t| {
+                if !req.name.is_empty() {
+                    t.name = req.name.clone();
+                }
+                if !req.tier.is_empty() && req.tier != t.tier {
+                    let model = tiers::isolation_model(&req.tier).expect("tier validated");
+                    if model as i32 != t.isolation_model {
+                        return Err(RegistryError::ModelChange {
+                            from: t.tier.clone(),
+                            to: req.tier.clone(),
+                        });
+                    }
+                    t.tier = req.tier.clone();
+                }
+                Ok(())
+            })
+            .await?;
+        tracing::info!(updated_tenant = %tenant.tenant_id, version = tenant.version, "tenant updated");
+        Ok(Response::new(UpdateTenantResponse {
+            tenant: Some(tenant),
+        }))
+    }
+
+    async fn set_tenant_status(
+        &self,
+        request: Request<SetTenantStatusRequest>,
+    ) -> Result<Response<SetTenantStatusResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        let status = match TenantStatus::try_from(req.status) {
+            Ok(TenantStatus::Unspecified) | Err(_) => {
+                v.add("status", "must be a TenantStatus other than UNSPECIFIED");
+                TenantStatus::Unspecified
+            }
+            Ok(s) => s,
+        };
+        v.check()?;
+        if req.tenant_id == PLATFORM_TENANT && status != TenantStatus::Active {
+            return Err(Status::failed_precondition(
+                "the platform tenant cannot be deactivated",
+            ));
+        }
+        let tenant = self
+            .modify(&req.tenant_id, None, |t| {
+                t.status = status as i32;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(target_tenant = %tenant.tenant_id, status = ?status, "tenant status changed");
+        Ok(Response::new(SetTenantStatusResponse {
+            tenant: Some(tenant),
+        }))
+    }
+}
+
+/// Opens the registry's store under the data directory.
+pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
+    let path = config.common.store_path("registry")?;
+    Ok(Arc::new(EmbeddedTable::open(path)?))
+}
+
+/// Runs the registry on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    store: DynTable,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let registry = Registry::new(store);
+    registry.bootstrap().await?;
+    let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
+    let verifier = TokenVerifier::new(
+        Arc::new(JwksCache::new(auth_channel)),
+        &config.common.issuer,
+        &config.common.audience,
+    );
+    let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone()));
+    tenantmesh_tenant_context::runtime::serve(
+        listener,
+        TenantRegistryServer::new(registry),
+        authn,
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! The whole tenantmesh mesh in one process: the four services on their own
+//! listeners, wired to each other over gRPC exactly as separate processes
+//! would be. Used by `tenantmesh up` and by the test harness.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where and how to run the mesh.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub data_dir: PathBuf,
+    pub host: IpAddr,
+    /// Ports of registry, auth, onboarding and data (0: any free port).
+    pub ports: [u16; 4],
+    /// Extra settings, as the services read them from the environment
+    /// (e.g. `TENANTMESH_BOOTSTRAP_PASSWORD`); addresses and the data dir
+    /// are set from the fields above.
+    pub env: HashMap<String, String>,
+}
+
+impl MeshOptions {
+    /// Loopback, ephemeral ports, the given data dir, no extra settings.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            host: IpAddr::from([127, 0, 0, 1]),
+            ports: [0; 4],
+            env: HashMap::new(),
+        }
+    }
+}
+
+/// The addresses a running mesh listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct MeshAddrs {
+    pub registry: SocketAddr,
+    pub auth: SocketAddr,
+    pub onboarding: SocketAddr,
+    pub data: SocketAddr,
+}
+
+/// A running mesh; [`Mesh::shutdown`] stops it gracefully.
+pub struct Mesh {
+    pub addrs: MeshAddrs,
+    pub data_dir: PathBuf,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<(&'static str, Result<(), BoxError>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("cannot listen on {addr} for {service}: {source}")]
+    Bind {
+        service: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("configuration: {0}")]
+    Config(#[from] tenantmesh_tenant_context::config::ConfigError),
+    #[error("{service}: {message}")]
+    Service {
+        service: &'static str,
+        message: String,
+    },
+    #[error("{service} did not become ready: {message}")]
+    NotReady {
+        service: &'static str,
+        message: String,
+    },
+}
+
+fn random_secret() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+async fn bind(service: &'static str, addr: SocketAddr) -> Result<TcpListener, MeshError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MeshError::Bind {
+            service,
+            addr,
+            source,
+        })
+}
+
+fn addr_of(service: &'static str, l: &TcpListener) -> Result<SocketAddr, MeshError> {
+    l.local_addr().map_err(|e| MeshError::Service {
+        service,
+        message: e.to_string(),
+    })
+}
+
+impl Mesh {
+    /// Starts the four services and waits until each reports SERVING.
+    pub async fn start(options: MeshOptions) -> Result<Mesh, MeshError> {
+        let [rp, ap, op, dp] = options.ports;
+        let host = options.host;
+        let registry_l = bind("tenant-registry", SocketAddr::new(host, rp)).await?;
+        let auth_l = bind("auth", SocketAddr::new(host, ap)).await?;
+        let onboarding_l = bind("onboarding", SocketAddr::new(host, op)).await?;
+        let data_l = bind("data", SocketAddr::new(host, dp)).await?;
+        let addrs = MeshAddrs {
+            registry: addr_of("tenant-registry", &registry_l)?,
+            auth: addr_of("auth", &auth_l)?,
+            onboarding: addr_of("onboarding", &onboarding_l)?,
+            data: addr_of("data", &data_l)?,
+        };
+
+        let mut env = options.env.clone();
+        env.insert(
+            "TENANTMESH_DATA_DIR".into(),
+            options.data_dir.display().to_string(),
+        );
+        env.insert(
+            "TENANTMESH_REGISTRY_URL".into(),
+            format!("http://{}", addrs.registry),
+        );
+        env.insert(
+            "TENANTMESH_AUTH_URL".into(),
+            format!("http://{}", addrs.auth),
+        );
+        // The onboarding service's client credentials live only in this process.
+        let client_id = env
+            .get("TENANTMESH_SERVICE_CLIENT_ID")
+            .cloned()
+            .unwrap_or_else(|| "onboarding".into());
+        let secret = env
+            .get("TENANTMESH_SERVICE_CLIENT_SECRET")
+            .cloned()
+            .unwrap_or_else(random_secret);
+        env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), client_id.clone());
+        env.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), secret.clone());
+        let clients = match env.get("TENANTMESH_SERVICE_CLIENTS") {
+            Some(existing) if !existing.is_empty() => format!("{existing},{client_id}:{secret}"),
+            _ => format!("{client_id}:{secret}"),
+        };
+        env.insert("TENANTMESH_SERVICE_CLIENTS".into(), clients);
+        let with_listen = |addr: SocketAddr| {
+            let mut e = env.clone();
+            e.insert("TENANTMESH_LISTEN_ADDR".into(), addr.to_string());
+            e
+        };
+
+        let registry_cfg = tenantmesh_registry::Config::from_env(&with_listen(addrs.registry))?;
+        let auth_cfg = tenantmesh_auth::Config::from_env(&with_listen(addrs.auth))?;
+        let onboarding_cfg =
+            tenantmesh_onboarding::Config::from_env(&with_listen(addrs.onboarding))?;
+        let data_cfg = tenantmesh_data::Config::from_env(&with_listen(addrs.data))?;
+        let open_err = |service| {
+            move |e: BoxError| MeshError::Service {
+                service,
+                message: e.to_string(),
+            }
+        };
+        let registry_store =
+            tenantmesh_registry::open_store(&registry_cfg).map_err(open_err("tenant-registry"))?;
+        let auth_store = tenantmesh_auth::open_store(&auth_cfg).map_err(open_err("auth"))?;
+        let onboarding_store =
+            tenantmesh_onboarding::open_store(&onboarding_cfg).map_err(open_err("onboarding"))?;
+        let data_store = tenantmesh_data::open_store(&data_cfg).map_err(open_err("data"))?;
+
+        let (stop, stopped) = watch::channel(false);
+        let signal = move || {
+            let mut rx = stopped.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mut tasks = JoinSet::new();
+        let sig = signal();
+        tasks.spawn(async move {
+            (
+                "tenant-registry",
+                tenantmesh_registry::serve(registry_cfg, registry_store, registry_l, sig).await,
+            )
+        });
+        let sig = signal();
+        tasks.spawn(async move {
+            (
+                "auth",
+                tenantmesh_auth::serve(auth_cfg, auth_store, auth_l, sig).await,
+            )
+        });
+        let sig = signal();
+        tasks.spawn(async move {
+            (
+                "onboarding",
+                tenantmesh_onboarding::serve(onboarding_cfg, onboarding_store, onboarding_l, sig)
+                    .await,
+            )
+        });
+        let sig = signal();
+        tasks.spawn(async move {
+            (
+                "data",
+                tenantmesh_data::serve(data_cfg, data_store, data_l, sig).await,
+            )
+        });
+
+        let mut mesh = Mesh {
+            addrs,
+            data_dir: options.data_dir,
+            stop,
+            tasks,
+        };
+        let ready = async {
+            for (service, addr) in [
+                ("tenant-registry", addrs.registry),
+                ("auth", addrs.auth),
+                ("onboarding", addrs.onboarding),
+                ("data", addrs.data),
+            ] {
+                wait_serving(service, addr).await?;
+            }
+            Ok::<(), MeshError>(())
+        };
+        tokio::select! {
+            r = ready => match r {
+                Ok(()) => Ok(mesh),
+                Err(e) => {
+                    let _ = mesh.shutdown().await;
+                    Err(e)
+                }
+            },
+            Some(Ok((service, result))) = mesh.tasks.join_next() => {
+                let message = match result {
+                    Ok(()) => "exited during start-up".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                let _ = mesh.shutdown().await;
+                Err(MeshError::Service { service, message })
+            }
+        }
+    }
+
+    /// Completes when any service stops on its own (which is a failure).
+    pub async fn wait_for_failure(&mut self) -> MeshError {
+        match self.tasks.join_next().await {
+            Some(Ok((service, Ok(())))) => MeshError::Service {
+                service,
+                message: "stopped unexpectedly".into(),
+            },
+            Some(Ok((service, Err(e)))) => MeshError::Service {
+                service,
+                message: e.to_string(),
+            },
+            Some(Err(e)) => MeshError::Service {
+                service: "mesh",
+                message: e.to_string(),
+            },
+            None => MeshError::Service {
+                service: "mesh",
+                message: "no services running".into(),
+            },
+        }
+    }
+
+    /// Stops every service (health NOT_SERVING, in-flight calls drained).
+    pub async fn shutdown(mut self) -> Result<(), MeshError> {
+        let _ = self.stop.send(true);
+        let mut first_error = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let err = match joined {
+                Ok((_, Ok(()))) => None,
+                Ok((service, Err(e))) => Some(MeshError::Service {
+                    service,
+                    message: e.to_string(),
+                }),
+                Err(e) => Some(MeshError::Service {
+                    service: "mesh",
+                    message: e.to_string(),
+                }),
+            };
+            if first_error.is_none() {
+                first_error = err;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Polls the gRPC health check of `addr` until it answers SERVING.
+pub async fn wait_serving(service: &'static str, addr: SocketAddr) -> Result<(), MeshError> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = String::from("no answer");
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            && let Ok(channel) = endpoint.connect().await
+        {
+            match HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                Ok(r) => last = format!("status {}", r.get_ref().status),
+                Err(s) => last = s.message().to_owned(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(MeshError::NotReady {
+        service,
+        message: last,
+    })
+}

@@ -1,0 +1,131 @@
+//! The one table that says which roles may call each RPC of every service.
+//! The server layer consults it before any handler runs; an RPC missing
+//! from the table is refused (fail closed).
+
+use crate::Role;
+
+/// Who may call an RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No token needed (health, reflection, login, JWKS, service login).
+    Public,
+    /// A verified token with one of these roles.
+    Roles(&'static [Role]),
+}
+
+use Role::{PlatformAdmin as PA, Service as SVC, TenantAdmin as TA, TenantUser as TU};
+
+const PLATFORM: &[Role] = &[PA, SVC];
+const ANY: &[Role] = &[PA, TA, TU, SVC];
+/// Tenant items are for the tenant's own users; a service identity never
+/// reads them.
+const TENANT_DATA: &[Role] = &[PA, TA, TU];
+
+/// `(gRPC path, access)` for every RPC of every tenantmesh service.
+pub const TABLE: &[(&str, Access)] = &[
+    ("/tenantmesh.auth.v1.Auth/Login", Access::Public),
+    ("/tenantmesh.auth.v1.Auth/GetJwks", Access::Public),
+    ("/tenantmesh.auth.v1.Auth/IssueServiceToken", Access::Public),
+    (
+        "/tenantmesh.auth.v1.Auth/CreateUser",
+        Access::Roles(&[PA, TA, SVC]),
+    ),
+    (
+        "/tenantmesh.registry.v1.TenantRegistry/CreateTenant",
+        Access::Roles(PLATFORM),
+    ),
+    (
+        "/tenantmesh.registry.v1.TenantRegistry/GetTenant",
+        Access::Roles(ANY),
+    ),
+    (
+        "/tenantmesh.registry.v1.TenantRegistry/ListTenants",
+        Access::Roles(PLATFORM),
+    ),
+    (
+        "/tenantmesh.registry.v1.TenantRegistry/UpdateTenant",
+        Access::Roles(PLATFORM),
+    ),
+    (
+        "/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus",
+        Access::Roles(PLATFORM),
+    ),
+    (
+        "/tenantmesh.onboarding.v1.Onboarding/RegisterTenant",
+        Access::Roles(&[PA]),
+    ),
+    (
+        "/tenantmesh.onboarding.v1.Onboarding/GetOnboardingStatus",
+        Access::Roles(&[PA, TA, SVC]),
+    ),
+    (
+        "/tenantmesh.data.v1.Data/PutItem",
+        Access::Roles(TENANT_DATA),
+    ),
+    (
+        "/tenantmesh.data.v1.Data/GetItem",
+        Access::Roles(TENANT_DATA),
+    ),
+    (
+        "/tenantmesh.data.v1.Data/DeleteItem",
+        Access::Roles(TENANT_DATA),
+    ),
+    (
+        "/tenantmesh.data.v1.Data/QueryItems",
+        Access::Roles(TENANT_DATA),
+    ),
+];
+
+/// Infrastructure services reachable without a token.
+const PUBLIC_PREFIXES: &[&str] = &[
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// The access rule for a gRPC path; `None` for paths not in the table.
+pub fn access_for(path: &str) -> Option<Access> {
+    if PUBLIC_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return Some(Access::Public);
+    }
+    TABLE.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
+}
+
+/// Whether a caller holding `roles` may call `path`.
+pub fn allows(path: &str, roles: &[Role]) -> bool {
+    match access_for(path) {
+        Some(Access::Public) => true,
+        Some(Access::Roles(allowed)) => roles.iter().any(|r| allowed.contains(r)),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_paths_fail_closed_and_infrastructure_is_public() {
+        assert_eq!(access_for("/tenantmesh.data.v1.Data/Scan"), None);
+        assert!(!allows("/tenantmesh.data.v1.Data/Scan", &Role::ALL));
+        assert_eq!(
+            access_for("/grpc.health.v1.Health/Check"),
+            Some(Access::Public)
+        );
+        assert!(allows(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            &[]
+        ));
+    }
+
+    #[test]
+    fn services_never_read_tenant_items() {
+        for (path, _) in TABLE
+            .iter()
+            .filter(|(p, _)| p.starts_with("/tenantmesh.data."))
+        {
+            assert!(!allows(path, &[Role::Service]), "{path}");
+            assert!(allows(path, &[Role::TenantUser]), "{path}");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The client layer: every outgoing call carries an identity and the trace.
+//!
+//! With [`Identity::Caller`] the layer forwards the current request's
+//! [`TenantContext`] (token and tenant id); with [`Identity::Service`] it
+//! sends a service token from `Auth.IssueServiceToken`. A call with no
+//! identity to send fails closed with UNAUTHENTICATED before it leaves the
+//! process. Either way a client span is opened and its W3C `traceparent`
+//! injected, so one trace spans the whole call chain.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response};
+use tenantmesh_proto::auth::v1::{IssueServiceTokenRequest, auth_client::AuthClient};
+use tokio::sync::Mutex;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::{PLATFORM_TENANT, TenantContext, metadata};
+
+/// A lazily connecting channel to `url` (e.g. `http://127.0.0.1:50051`).
+pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// Client credentials of a platform service.
+#[derive(Clone)]
+pub struct ServiceCredentials {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+impl std::fmt::Debug for ServiceCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceCredentials")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Fetches and caches a service token, renewing it a minute before expiry;
+/// concurrent callers share one fetch.
+pub struct ServiceTokenSource {
+    auth: AuthClient<Channel>,
+    credentials: ServiceCredentials,
+    cached: Mutex<Option<(Arc<str>, Instant)>>,
+}
+
+impl std::fmt::Debug for ServiceTokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceTokenSource")
+            .field("credentials", &self.credentials)
+            .finish()
+    }
+}
+
+impl ServiceTokenSource {
+    /// `auth` must be a plain channel to the auth service (not one wrapped
+    /// in this layer).
+    pub fn new(auth: Channel, credentials: ServiceCredentials) -> Self {
+        Self {
+            auth: AuthClient::new(auth),
+            credentials,
+            cached: Mutex::new(None),
+        }
+    }
+
+    pub async fn token(&self) -> Result<Arc<str>, Status> {
+        let mut cached = self.cached.lock().await;
+        if let Some((token, renew_at)) = cached.as_ref()
+            && Instant::now() < *renew_at
+        {
+            return Ok(token.clone());
+        }
+        let resp = self
+            .auth
+            .clone()
+            .issue_service_token(IssueServiceTokenRequest {
+                client_id: self.credentials.client_id.clone(),
+                client_secret: self.credentials.client_secret.clone(),
+            })
+            .await
+            .map_err(|s| {
+                tracing::warn!(code = ?s.code(), error = %s.message(), "service token request failed");
+                Status::unavailable(format!("cannot obtain a service token: {}", s.message()))
+            })?
+            .into_inner();
+        let lifetime = Duration::from_secs(resp.expires_in.max(0) as u64);
+        let renew_at = Instant::now() + lifetime.saturating_sub(Duration::from_secs(60));
+        let token: Arc<str> = Arc::from(resp.access_token);
+        *cached = Some((token.clone(), renew_at));
+        Ok(token)
+    }
+}
+
+/// Which identity outgoing calls carry.
+#[derive(Clone, Debug)]
+pub enum Identity {
+    /// The current request's tenant context (fails closed outside one).
+    Caller,
+    /// A platform service identity acting for no tenant.
+    Service(Arc<ServiceTokenSource>),
+}
+
+/// Wraps a channel so every call carries `identity` and the trace context.
+pub fn layer(identity: Identity) -> PropagationLayer {
+    PropagationLayer { identity }
+}
+
+#[derive(Clone, Debug)]
+pub struct PropagationLayer {
+    identity: Identity,
+}
+
+impl<S> Layer<S> for PropagationLayer {
+    type Service = Propagation<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Propagation {
+            inner,
+            identity: self.identity.clone(),
+        }
+    }
+}
+
+/// A channel wrapped by [`layer`].
+#[derive(Clone, Debug)]
+pub struct Propagation<S> {
+    inner: S,
+    identity: Identity,
+}
+
+/// A channel that propagates identity and trace.
+pub type PropagatedChannel = Propagation<Channel>;
+
+/// Wraps `channel` with [`layer`].
+pub fn wrap(channel: Channel, identity: Identity) -> PropagatedChannel {
+    layer(identity).layer(channel)
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, ResBody> Service<Request<B>> for Propagation<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let identity = self.identity.clone();
+        // Read the task-local now: the returned future may be polled elsewhere.
+        let current = TenantContext::current();
+        Box::pin(async move {
+            let (token, tenant_id): (Arc<str>, String) = match (&identity, current) {
+                (Identity::Service(source), _) => match source.token().await {
+                    Ok(t) => (t, PLATFORM_TENANT.to_owned()),
+                    Err(status) => return Ok(status.into_http()),
+                },
+                (Identity::Caller, Some(ctx)) => (ctx.token.clone(), ctx.tenant_id.clone()),
+                (Identity::Caller, None) => {
+                    tracing::error!(rpc = %req.uri().path(), "outgoing call without a tenant context refused");
+                    return Ok(
+                        Status::unauthenticated("no tenant context for outgoing call").into_http(),
+                    );
+                }
+            };
+            let span = tenantmesh_telemetry::client_span(req.uri().path(), &tenant_id);
+            let headers = req.headers_mut();
+            match HeaderValue::from_str(&format!("Bearer {token}")) {
+                Ok(v) => headers.insert(metadata::AUTHORIZATION, v),
+                Err(_) => return Ok(Status::unauthenticated("malformed token").into_http()),
+            };
+            match HeaderValue::from_str(&tenant_id) {
+                Ok(v) => headers.insert(metadata::TENANT_ID, v),
+                Err(_) => return Ok(Status::unauthenticated("malformed tenant id").into_http()),
+            };
+            tenantmesh_telemetry::inject_span_context(&span, headers);
+            let response = inner.call(req).instrument(span.clone()).await;
+            if let Ok(resp) = &response {
+                let code = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                tenantmesh_telemetry::record_status(&span, code);
+            }
+            response
+        })
+    }
+}

@@ -1,0 +1,145 @@
+//! Settings every service shares, parsed from an injected environment map
+//! so tests never touch the process environment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// A configuration error names the variable and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+/// Settings shared by all four services.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    /// `TENANTMESH_LISTEN_ADDR` (default `127.0.0.1:<service port>`).
+    pub listen_addr: SocketAddr,
+    /// `TENANTMESH_DATA_DIR` (default `./.tenantmesh`).
+    pub data_dir: PathBuf,
+    /// `TENANTMESH_AUTH_URL` (default `http://127.0.0.1:50052`).
+    pub auth_url: String,
+    /// `TENANTMESH_REGISTRY_URL` (default `http://127.0.0.1:50051`).
+    pub registry_url: String,
+    /// `TENANTMESH_TOKEN_ISSUER` (default `tenantmesh-auth`).
+    pub issuer: String,
+    /// `TENANTMESH_TOKEN_AUDIENCE` (default `tenantmesh`).
+    pub audience: String,
+}
+
+pub const REGISTRY_PORT: u16 = 50051;
+pub const AUTH_PORT: u16 = 50052;
+pub const ONBOARDING_PORT: u16 = 50053;
+pub const DATA_PORT: u16 = 50054;
+
+/// The process environment as a map (for `main`).
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+/// A non-empty variable's value.
+pub fn var<'a>(env: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    env.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+/// Parses a variable with `FromStr`, naming it in the error.
+pub fn parse_var<T: std::str::FromStr>(
+    env: &HashMap<String, String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(env, name) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|e: T::Err| ConfigError {
+            var: name,
+            message: format!("{v:?}: {e}"),
+        }),
+    }
+}
+
+fn url_var(
+    env: &HashMap<String, String>,
+    name: &'static str,
+    default_port: u16,
+) -> Result<String, ConfigError> {
+    let url = var(env, name)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("http://127.0.0.1:{default_port}"));
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ConfigError {
+            var: name,
+            message: format!("{url:?} must start with http:// or https://"),
+        });
+    }
+    Ok(url)
+}
+
+impl CommonConfig {
+    pub fn from_env(env: &HashMap<String, String>, default_port: u16) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen_addr: parse_var(
+                env,
+                "TENANTMESH_LISTEN_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], default_port)),
+            )?,
+            data_dir: var(env, "TENANTMESH_DATA_DIR")
+                .unwrap_or(".tenantmesh")
+                .into(),
+            auth_url: url_var(env, "TENANTMESH_AUTH_URL", AUTH_PORT)?,
+            registry_url: url_var(env, "TENANTMESH_REGISTRY_URL", REGISTRY_PORT)?,
+            issuer: var(env, "TENANTMESH_TOKEN_ISSUER")
+                .unwrap_or(crate::DEFAULT_ISSUER)
+                .into(),
+            audience: var(env, "TENANTMESH_TOKEN_AUDIENCE")
+                .unwrap_or(crate::DEFAULT_AUDIENCE)
+                .into(),
+        })
+    }
+
+    /// The redb file of `service` under the data directory, creating the
+    /// directory (mode 0700) if needed.
+    pub fn store_path(&self, service: &str) -> std::io::Result<PathBuf> {
+        ensure_private_dir(&self.data_dir)?;
+        Ok(self.data_dir.join(format!("{service}.redb")))
+    }
+}
+
+/// Creates `dir` (and parents) readable by the owner only.
+pub fn ensure_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    // An existing folder keeps the permissions its owner gave it.
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors_name_the_variable() {
+        let env = HashMap::new();
+        let c = CommonConfig::from_env(&env, DATA_PORT).unwrap();
+        assert_eq!(c.listen_addr.port(), DATA_PORT);
+        assert_eq!(c.auth_url, "http://127.0.0.1:50052");
+        let bad: HashMap<_, _> = [("TENANTMESH_LISTEN_ADDR".to_owned(), "nope".to_owned())].into();
+        let err = CommonConfig::from_env(&bad, DATA_PORT).unwrap_err();
+        assert_eq!(err.var, "TENANTMESH_LISTEN_ADDR");
+        let bad: HashMap<_, _> = [("TENANTMESH_AUTH_URL".to_owned(), "ftp://x".to_owned())].into();
+        assert_eq!(
+            CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var,
+            "TENANTMESH_AUTH_URL"
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! Where the server layer learns a tenant's tier and status: the registry's
+//! own store inside the registry, and a cached gRPC lookup (made with the
+//! caller's own verified token) everywhere else.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tenantmesh_proto::registry::v1::{
+    GetTenantRequest, TenantStatus, tenant_registry_client::TenantRegistryClient,
+};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// What the layer needs to know about a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantInfo {
+    pub tier: String,
+    pub status: TenantStatus,
+}
+
+#[async_trait]
+pub trait TenantDirectory: Send + Sync + 'static {
+    /// Looks up `tenant_id`; `token` is the caller's verified token.
+    /// `Ok(None)` when the tenant does not exist.
+    async fn lookup(&self, tenant_id: &str, token: &str) -> Result<Option<TenantInfo>, Status>;
+}
+
+/// Registry lookups over gRPC with a short-lived cache, so a tenant's
+/// requests cost one registry call per `ttl`.
+pub struct RemoteDirectory {
+    client: TenantRegistryClient<Channel>,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Instant, Option<TenantInfo>)>>,
+}
+
+impl RemoteDirectory {
+    pub fn new(registry: Channel, ttl: Duration) -> Self {
+        Self {
+            client: TenantRegistryClient::new(registry),
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+const CACHE_CAPACITY: usize = 10_000;
+
+#[async_trait]
+impl TenantDirectory for RemoteDirectory {
+    async fn lookup(&self, tenant_id: &str, token: &str) -> Result<Option<TenantInfo>, Status> {
+        if let Some((at, info)) = self.cache.lock().expect("cache lock").get(tenant_id)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(info.clone());
+        }
+        let mut req = tonic::Request::new(GetTenantRequest {
+            tenant_id: tenant_id.to_owned(),
+        });
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::unauthenticated("malformed token"))?;
+        req.metadata_mut()
+            .insert(crate::metadata::AUTHORIZATION, bearer);
+        let mut headers = http::HeaderMap::new();
+        tenantmesh_telemetry::inject_span_context(&tracing::Span::current(), &mut headers);
+        if let Some(tp) = headers
+            .get(crate::metadata::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            && let Ok(v) = tp.parse()
+        {
+            req.metadata_mut().insert(crate::metadata::TRACEPARENT, v);
+        }
+        let info = match self.client.clone().get_tenant(req).await {
+            Ok(resp) => resp.into_inner().tenant.map(|t| TenantInfo {
+                tier: t.tier,
+                status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
+            }),
+            Err(s) if s.code() == Code::NotFound => None,
+            Err(s) => {
+                tracing::warn!(tenant_id, code = ?s.code(), error = %s.message(), "tenant lookup failed");
+                return Err(match s.code() {
+                    Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition => s,
+                    _ => Status::unavailable("tenant registry unavailable"),
+                });
+            }
+        };
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(tenant_id.to_owned(), (Instant::now(), info.clone()));
+        Ok(info)
+    }
+}

@@ -1,0 +1,91 @@
+//! Rich gRPC errors shared by the services: INVALID_ARGUMENT with
+//! `google.rpc.BadRequest` field violations.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// Collects field violations of one request.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, field: &str, description: impl Into<String>) -> &mut Self {
+        self.0.push(FieldViolation::new(field, description));
+        self
+    }
+
+    /// Adds a violation if `value` is empty.
+    pub fn require(&mut self, field: &str, value: &str) -> &mut Self {
+        if value.is_empty() {
+            self.add(field, "is required");
+        }
+        self
+    }
+
+    /// Adds a violation if `value` is not a valid tenant id.
+    pub fn tenant_id(&mut self, field: &str, value: &str) -> &mut Self {
+        if let Err(why) = crate::validate_tenant_id(value) {
+            self.add(
+                field,
+                format!("{why} (pattern ^[a-z0-9][a-z0-9-]{{2,62}}$)"),
+            );
+        }
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `Ok` if nothing was violated, else INVALID_ARGUMENT naming every field.
+    pub fn check(self) -> Result<(), Status> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<String> = self
+            .0
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect();
+        Err(Status::with_error_details(
+            Code::InvalidArgument,
+            format!("invalid request: {}", fields.join("; ")),
+            ErrorDetails::with_bad_request(self.0),
+        ))
+    }
+}
+
+/// INVALID_ARGUMENT for one field.
+pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
+    let mut v = Violations::new();
+    v.add(field, description);
+    v.check().expect_err("one violation was added")
+}
+
+/// The field names in a status's BadRequest details (for tests and clients).
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violations_become_invalid_argument_with_fields() {
+        let mut v = Violations::new();
+        v.require("name", "").tenant_id("tenant_id", "Bad!");
+        let status = v.check().unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&status), vec!["name", "tenant_id"]);
+        assert!(status.message().contains("tenant_id"));
+        assert!(Violations::new().check().is_ok());
+    }
+}

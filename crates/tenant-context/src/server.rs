@@ -1,0 +1,223 @@
+//! The server layer: every request either carries a verified tenant context
+//! into its handler or is refused before the handler runs.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tenantmesh_proto::registry::v1::TenantStatus;
+use tonic::Status;
+use tower::{Layer, Service};
+use tracing::{Instrument, Span};
+
+use crate::access::{self, Access};
+use crate::directory::TenantDirectory;
+use crate::verify::{TokenVerifier, VerifyError};
+use crate::{TenantContext, metadata};
+
+/// Longest `authorization` value accepted; longer is refused unparsed.
+const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
+
+/// What the layer needs: a token verifier and a tenant directory.
+#[derive(Clone)]
+pub struct Authenticator {
+    verifier: Arc<TokenVerifier>,
+    directory: Arc<dyn TenantDirectory>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    pub fn new(verifier: Arc<TokenVerifier>, directory: Arc<dyn TenantDirectory>) -> Self {
+        Self {
+            verifier,
+            directory,
+        }
+    }
+
+    /// Establishes the caller's context from request headers, or the status
+    /// to refuse the request with.
+    pub async fn authenticate(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<TenantContext, Status> {
+        let token = bearer_token(headers)?;
+        let claims = self.verifier.verify(token).await.map_err(|e| match e {
+            VerifyError::KeysUnavailable(_) => Status::unavailable("token keys unavailable"),
+            e => {
+                tracing::info!(security_event = "token_rejected", reason = %e, "refused a token");
+                Status::unauthenticated(e.to_string())
+            }
+        })?;
+        if let Some(value) = headers.get(metadata::TENANT_ID) {
+            let claimed = value
+                .to_str()
+                .map_err(|_| Status::invalid_argument("x-tenant-id is not valid ASCII"))?;
+            if claimed != claims.tenant_id {
+                tracing::warn!(
+                    security_event = "tenant_header_mismatch",
+                    token_tenant = %claims.tenant_id,
+                    header_tenant = %claimed,
+                    subject = %claims.sub,
+                    rpc = path,
+                    "refused x-tenant-id that differs from the token's tenant"
+                );
+                return Err(Status::permission_denied(
+                    "x-tenant-id does not match the token's tenant",
+                ));
+            }
+        }
+        if !access::allows(path, &claims.roles) {
+            tracing::warn!(
+                security_event = "role_denied",
+                tenant_id = %claims.tenant_id,
+                subject = %claims.sub,
+                rpc = path,
+                "caller's roles do not allow this rpc"
+            );
+            return Err(Status::permission_denied(
+                "caller's role may not call this rpc",
+            ));
+        }
+        let info = self
+            .directory
+            .lookup(&claims.tenant_id, token)
+            .await?
+            .ok_or_else(|| Status::permission_denied("tenant does not exist"))?;
+        match info.status {
+            TenantStatus::Active => {}
+            TenantStatus::Provisioning => {
+                return Err(Status::failed_precondition(
+                    "tenant is still being onboarded",
+                ));
+            }
+            TenantStatus::Suspended | TenantStatus::Deleted | TenantStatus::Unspecified => {
+                tracing::warn!(
+                    security_event = "inactive_tenant",
+                    tenant_id = %claims.tenant_id,
+                    status = ?info.status,
+                    "refused a token of an inactive tenant"
+                );
+                return Err(Status::permission_denied("tenant is not active"));
+            }
+        }
+        Ok(TenantContext {
+            tenant_id: claims.tenant_id,
+            tier: info.tier,
+            subject: claims.sub,
+            roles: claims.roles,
+            token: Arc::from(token),
+        })
+    }
+}
+
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
+    let value = headers
+        .get(metadata::AUTHORIZATION)
+        .ok_or_else(|| Status::unauthenticated("missing authorization bearer token"))?;
+    if value.len() > MAX_AUTHORIZATION_LEN {
+        return Err(Status::unauthenticated("authorization header too large"));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("authorization header is not valid ASCII"))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))
+}
+
+/// The tower layer that authenticates every request (see the crate docs).
+pub fn layer(auth: Authenticator) -> TenantContextLayer {
+    TenantContextLayer { auth }
+}
+
+#[derive(Clone, Debug)]
+pub struct TenantContextLayer {
+    auth: Authenticator,
+}
+
+impl<S> Layer<S> for TenantContextLayer {
+    type Service = TenantContextService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TenantContextService {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TenantContextService<S> {
+    inner: S,
+    auth: Authenticator,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, ResBody> Service<Request<B>> for TenantContextService<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Take the service that was driven to readiness; leave a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        let path = req.uri().path().to_owned();
+        let span = tenantmesh_telemetry::server_span(&path);
+        tenantmesh_telemetry::adopt_remote_parent(&span, req.headers());
+        let fut = async move {
+            let response = match access::access_for(&path) {
+                Some(Access::Public) => {
+                    // Identity headers on an unauthenticated call prove nothing.
+                    req.headers_mut().remove(metadata::TENANT_ID);
+                    inner.call(req).await
+                }
+                _ => match auth.authenticate(&path, req.headers()).await {
+                    Ok(ctx) => {
+                        let span = Span::current();
+                        span.record("tenant.id", ctx.tenant_id.as_str());
+                        span.record("tenant.tier", ctx.tier.as_str());
+                        req.extensions_mut().insert(ctx.clone());
+                        ctx.scope(inner.call(req)).await
+                    }
+                    Err(status) => {
+                        tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %path, "request refused");
+                        Ok(status.into_http())
+                    }
+                },
+            };
+            if let Ok(resp) = &response {
+                let code = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                tenantmesh_telemetry::record_status(&Span::current(), code);
+            }
+            response
+        };
+        Box::pin(fut.instrument(span))
+    }
+}

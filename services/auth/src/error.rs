@@ -1,0 +1,66 @@
+//! The auth service's errors and their gRPC status.
+
+use tenantmesh_storage::StorageError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Wrong password, unknown or disabled user: one error for all three.
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    #[error("user {0} already exists in this tenant")]
+    UserExists(String),
+    #[error("tenant {0} not found")]
+    TenantNotFound(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::InvalidCredentials => Status::unauthenticated("invalid credentials"),
+            e @ AuthError::UserExists(_) => Status::already_exists(e.to_string()),
+            e @ AuthError::TenantNotFound(_) => Status::not_found(e.to_string()),
+            AuthError::Corrupt(cause) | AuthError::Internal(cause) => {
+                tracing::error!(cause, "auth internal error");
+                Status::internal("internal error")
+            }
+            AuthError::Storage(StorageError::Invalid(cause)) => {
+                tracing::error!(cause, "invalid storage request");
+                Status::internal("internal error")
+            }
+            AuthError::Storage(e) => {
+                tracing::error!(error = %e, "auth storage failed");
+                Status::unavailable("auth storage unavailable")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn errors_map_to_codes() {
+        let cases = [
+            (AuthError::InvalidCredentials, Code::Unauthenticated),
+            (AuthError::UserExists("a".into()), Code::AlreadyExists),
+            (AuthError::TenantNotFound("a".into()), Code::NotFound),
+            (AuthError::Corrupt("x".into()), Code::Internal),
+            (
+                AuthError::Storage(StorageError::Backend("io".into())),
+                Code::Unavailable,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The onboarding service's errors and their gRPC status.
+
+use tenantmesh_storage::StorageError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnboardingError {
+    #[error("no onboarding workflow for tenant {0}")]
+    NotFound(String),
+    #[error("tenant {0} is already registered")]
+    TenantTaken(String),
+    #[error("onboarding step {step} failed: {reason}")]
+    StepFailed {
+        step: &'static str,
+        reason: String,
+        retryable: bool,
+    },
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<OnboardingError> for Status {
+    fn from(e: OnboardingError) -> Self {
+        match e {
+            e @ OnboardingError::NotFound(_) => Status::not_found(e.to_string()),
+            e @ OnboardingError::TenantTaken(_) => Status::already_exists(e.to_string()),
+            OnboardingError::StepFailed {
+                step,
+                reason,
+                retryable,
+            } => {
+                let msg = format!(
+                    "onboarding step {step} failed: {reason}; retry with the same idempotency_key to resume"
+                );
+                if retryable {
+                    Status::unavailable(msg)
+                } else {
+                    Status::failed_precondition(msg)
+                }
+            }
+            OnboardingError::Corrupt(cause) | OnboardingError::Internal(cause) => {
+                tracing::error!(cause, "onboarding internal error");
+                Status::internal("internal error")
+            }
+            OnboardingError::Storage(e) => {
+                tracing::error!(error = %e, "onboarding storage failed");
+                Status::unavailable("onboarding storage unavailable")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn errors_map_to_codes() {
+        let step = |retryable| OnboardingError::StepFailed {
+            step: "create_tenant",
+            reason: "x".into(),
+            retryable,
+        };
+        let cases = [
+            (OnboardingError::NotFound("a".into()), Code::NotFound),
+            (
+                OnboardingError::TenantTaken("a".into()),
+                Code::AlreadyExists,
+            ),
+            (step(true), Code::Unavailable),
+            (step(false), Code::FailedPrecondition),
+            (OnboardingError::Internal("x".into()), Code::Internal),
+            (
+                OnboardingError::Storage(StorageError::Backend("io".into())),
+                Code::Unavailable,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
+    }
+}
