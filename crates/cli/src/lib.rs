@@ -30,12 +30,7 @@ pub struct MeshOptions {
 impl MeshOptions {
     /// Loopback, ephemeral ports, the given data dir, no extra settings.
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            data_dir: data_dir.into(),
-            host: IpAddr::from([127, 0, 0, 1]),
-            ports: [0; 4],
-            env: HashMap::new(),
-        }
+        Self { data_dir: data_dir.into(), host: IpAddr::from([127, 0, 0, 1]), ports: [0; 4], env: HashMap::new() }
     }
 }
 
@@ -59,48 +54,25 @@ pub struct Mesh {
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
     #[error("cannot listen on {addr} for {service}: {source}")]
-    Bind {
-        service: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { service: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("configuration: {0}")]
     Config(#[from] tenantmesh_tenant_context::config::ConfigError),
     #[error("{service}: {message}")]
-    Service {
-        service: &'static str,
-        message: String,
-    },
+    Service { service: &'static str, message: String },
     #[error("{service} did not become ready: {message}")]
-    NotReady {
-        service: &'static str,
-        message: String,
-    },
+    NotReady { service: &'static str, message: String },
 }
 
 fn random_secret() -> String {
-    format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 async fn bind(service: &'static str, addr: SocketAddr) -> Result<TcpListener, MeshError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| MeshError::Bind {
-            service,
-            addr,
-            source,
-        })
+    TcpListener::bind(addr).await.map_err(|source| MeshError::Bind { service, addr, source })
 }
 
 fn addr_of(service: &'static str, l: &TcpListener) -> Result<SocketAddr, MeshError> {
-    l.local_addr().map_err(|e| MeshError::Service {
-        service,
-        message: e.to_string(),
-    })
+    l.local_addr().map_err(|e| MeshError::Service { service, message: e.to_string() })
 }
 
 impl Mesh {
@@ -120,27 +92,12 @@ impl Mesh {
         };
 
         let mut env = options.env.clone();
-        env.insert(
-            "TENANTMESH_DATA_DIR".into(),
-            options.data_dir.display().to_string(),
-        );
-        env.insert(
-            "TENANTMESH_REGISTRY_URL".into(),
-            format!("http://{}", addrs.registry),
-        );
-        env.insert(
-            "TENANTMESH_AUTH_URL".into(),
-            format!("http://{}", addrs.auth),
-        );
+        env.insert("TENANTMESH_DATA_DIR".into(), options.data_dir.display().to_string());
+        env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://{}", addrs.registry));
+        env.insert("TENANTMESH_AUTH_URL".into(), format!("http://{}", addrs.auth));
         // The onboarding service's client credentials live only in this process.
-        let client_id = env
-            .get("TENANTMESH_SERVICE_CLIENT_ID")
-            .cloned()
-            .unwrap_or_else(|| "onboarding".into());
-        let secret = env
-            .get("TENANTMESH_SERVICE_CLIENT_SECRET")
-            .cloned()
-            .unwrap_or_else(random_secret);
+        let client_id = env.get("TENANTMESH_SERVICE_CLIENT_ID").cloned().unwrap_or_else(|| "onboarding".into());
+        let secret = env.get("TENANTMESH_SERVICE_CLIENT_SECRET").cloned().unwrap_or_else(random_secret);
         env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), client_id.clone());
         env.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), secret.clone());
         let clients = match env.get("TENANTMESH_SERVICE_CLIENTS") {
@@ -156,20 +113,12 @@ impl Mesh {
 
         let registry_cfg = tenantmesh_registry::Config::from_env(&with_listen(addrs.registry))?;
         let auth_cfg = tenantmesh_auth::Config::from_env(&with_listen(addrs.auth))?;
-        let onboarding_cfg =
-            tenantmesh_onboarding::Config::from_env(&with_listen(addrs.onboarding))?;
+        let onboarding_cfg = tenantmesh_onboarding::Config::from_env(&with_listen(addrs.onboarding))?;
         let data_cfg = tenantmesh_data::Config::from_env(&with_listen(addrs.data))?;
-        let open_err = |service| {
-            move |e: BoxError| MeshError::Service {
-                service,
-                message: e.to_string(),
-            }
-        };
-        let registry_store =
-            tenantmesh_registry::open_store(&registry_cfg).map_err(open_err("tenant-registry"))?;
+        let open_err = |service| move |e: BoxError| MeshError::Service { service, message: e.to_string() };
+        let registry_store = tenantmesh_registry::open_store(&registry_cfg).map_err(open_err("tenant-registry"))?;
         let auth_store = tenantmesh_auth::open_store(&auth_cfg).map_err(open_err("auth"))?;
-        let onboarding_store =
-            tenantmesh_onboarding::open_store(&onboarding_cfg).map_err(open_err("onboarding"))?;
+        let onboarding_store = tenantmesh_onboarding::open_store(&onboarding_cfg).map_err(open_err("onboarding"))?;
         let data_store = tenantmesh_data::open_store(&data_cfg).map_err(open_err("data"))?;
 
         let (stop, stopped) = watch::channel(false);
@@ -182,40 +131,18 @@ impl Mesh {
         let mut tasks = JoinSet::new();
         let sig = signal();
         tasks.spawn(async move {
-            (
-                "tenant-registry",
-                tenantmesh_registry::serve(registry_cfg, registry_store, registry_l, sig).await,
-            )
+            ("tenant-registry", tenantmesh_registry::serve(registry_cfg, registry_store, registry_l, sig).await)
         });
         let sig = signal();
-        tasks.spawn(async move {
-            (
-                "auth",
-                tenantmesh_auth::serve(auth_cfg, auth_store, auth_l, sig).await,
-            )
-        });
+        tasks.spawn(async move { ("auth", tenantmesh_auth::serve(auth_cfg, auth_store, auth_l, sig).await) });
         let sig = signal();
         tasks.spawn(async move {
-            (
-                "onboarding",
-                tenantmesh_onboarding::serve(onboarding_cfg, onboarding_store, onboarding_l, sig)
-                    .await,
-            )
+            ("onboarding", tenantmesh_onboarding::serve(onboarding_cfg, onboarding_store, onboarding_l, sig).await)
         });
         let sig = signal();
-        tasks.spawn(async move {
-            (
-                "data",
-                tenantmesh_data::serve(data_cfg, data_store, data_l, sig).await,
-            )
-        });
+        tasks.spawn(async move { ("data", tenantmesh_data::serve(data_cfg, data_store, data_l, sig).await) });
 
-        let mut mesh = Mesh {
-            addrs,
-            data_dir: options.data_dir,
-            stop,
-            tasks,
-        };
+        let mut mesh = Mesh { addrs, data_dir: options.data_dir, stop, tasks };
         let ready = async {
             for (service, addr) in [
                 ("tenant-registry", addrs.registry),
@@ -249,22 +176,10 @@ impl Mesh {
     /// Completes when any service stops on its own (which is a failure).
     pub async fn wait_for_failure(&mut self) -> MeshError {
         match self.tasks.join_next().await {
-            Some(Ok((service, Ok(())))) => MeshError::Service {
-                service,
-                message: "stopped unexpectedly".into(),
-            },
-            Some(Ok((service, Err(e)))) => MeshError::Service {
-                service,
-                message: e.to_string(),
-            },
-            Some(Err(e)) => MeshError::Service {
-                service: "mesh",
-                message: e.to_string(),
-            },
-            None => MeshError::Service {
-                service: "mesh",
-                message: "no services running".into(),
-            },
+            Some(Ok((service, Ok(())))) => MeshError::Service { service, message: "stopped unexpectedly".into() },
+            Some(Ok((service, Err(e)))) => MeshError::Service { service, message: e.to_string() },
+            Some(Err(e)) => MeshError::Service { service: "mesh", message: e.to_string() },
+            None => MeshError::Service { service: "mesh", message: "no services running".into() },
         }
     }
 
@@ -275,14 +190,8 @@ impl Mesh {
         while let Some(joined) = self.tasks.join_next().await {
             let err = match joined {
                 Ok((_, Ok(()))) => None,
-                Ok((service, Err(e))) => Some(MeshError::Service {
-                    service,
-                    message: e.to_string(),
-                }),
-                Err(e) => Some(MeshError::Service {
-                    service: "mesh",
-                    message: e.to_string(),
-                }),
+                Ok((service, Err(e))) => Some(MeshError::Service { service, message: e.to_string() }),
+                Err(e) => Some(MeshError::Service { service: "mesh", message: e.to_string() }),
             };
             if first_error.is_none() {
                 first_error = err;
@@ -294,21 +203,14 @@ impl Mesh {
 
 /// Polls the gRPC health check of `addr` until it answers SERVING.
 pub async fn wait_serving(service: &'static str, addr: SocketAddr) -> Result<(), MeshError> {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last = String::from("no answer");
     while tokio::time::Instant::now() < deadline {
         if let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             && let Ok(channel) = endpoint.connect().await
         {
-            match HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            {
+            match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
                 Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
                 Ok(r) => last = format!("status {}", r.get_ref().status),
                 Err(s) => last = s.message().to_owned(),
@@ -316,8 +218,5 @@ pub async fn wait_serving(service: &'static str, addr: SocketAddr) -> Result<(),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(MeshError::NotReady {
-        service,
-        message: last,
-    })
+    Err(MeshError::NotReady { service, message: last })
 }

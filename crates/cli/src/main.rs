@@ -6,9 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tenantmesh_cli::{Mesh, MeshOptions};
-use tenantmesh_tenant_context::config::{
-    AUTH_PORT, DATA_PORT, ONBOARDING_PORT, REGISTRY_PORT, process_env,
-};
+use tenantmesh_tenant_context::config::{AUTH_PORT, DATA_PORT, ONBOARDING_PORT, REGISTRY_PORT, process_env};
 
 /// tenantmesh: a tenant-aware gRPC mesh (tenant registry, auth, onboarding,
 /// data) with tenant isolation enforced on every call.
@@ -66,20 +64,9 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Up {
-            data_dir,
-            host,
-            registry_port,
-            auth_port,
-            onboarding_port,
-            data_port,
-        } => {
-            let options = MeshOptions {
-                data_dir,
-                host,
-                ports: [registry_port, auth_port, onboarding_port, data_port],
-                env,
-            };
+        Command::Up { data_dir, host, registry_port, auth_port, onboarding_port, data_port } => {
+            let options =
+                MeshOptions { data_dir, host, ports: [registry_port, auth_port, onboarding_port, data_port], env };
             up(options).await
         }
     }

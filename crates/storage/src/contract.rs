@@ -16,114 +16,48 @@ pub async fn run_all(table: &dyn Table) {
 
 pub async fn put_get_and_versions(t: &dyn Table) {
     assert!(t.get("c-put", "k").await.unwrap().is_none());
-    let a = t
-        .put("c-put", "k", b"one".to_vec(), Condition::None)
-        .await
-        .unwrap();
+    let a = t.put("c-put", "k", b"one".to_vec(), Condition::None).await.unwrap();
     assert_eq!(a.version, 1);
-    let b = t
-        .put("c-put", "k", b"two".to_vec(), Condition::None)
-        .await
-        .unwrap();
+    let b = t.put("c-put", "k", b"two".to_vec(), Condition::None).await.unwrap();
     assert_eq!(b.version, 2);
     let got = t.get("c-put", "k").await.unwrap().unwrap();
     assert_eq!((got.version, got.data), (2, b"two".to_vec()));
 }
 
 pub async fn conditions_refuse_without_writing(t: &dyn Table) {
-    t.put("c-cond", "k", b"v1".to_vec(), Condition::NotExists)
-        .await
-        .unwrap();
-    let err = t
-        .put("c-cond", "k", b"x".to_vec(), Condition::NotExists)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StorageError::ConditionFailed {
-                current: Some(1),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    let err = t
-        .put("c-cond", "k", b"x".to_vec(), Condition::Version(7))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StorageError::ConditionFailed {
-                current: Some(1),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    let err = t
-        .put("c-cond", "new", b"x".to_vec(), Condition::Exists)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, StorageError::ConditionFailed { current: None, .. }),
-        "{err:?}"
-    );
+    t.put("c-cond", "k", b"v1".to_vec(), Condition::NotExists).await.unwrap();
+    let err = t.put("c-cond", "k", b"x".to_vec(), Condition::NotExists).await.unwrap_err();
+    assert!(matches!(err, StorageError::ConditionFailed { current: Some(1), .. }), "{err:?}");
+    let err = t.put("c-cond", "k", b"x".to_vec(), Condition::Version(7)).await.unwrap_err();
+    assert!(matches!(err, StorageError::ConditionFailed { current: Some(1), .. }), "{err:?}");
+    let err = t.put("c-cond", "new", b"x".to_vec(), Condition::Exists).await.unwrap_err();
+    assert!(matches!(err, StorageError::ConditionFailed { current: None, .. }), "{err:?}");
     assert!(t.get("c-cond", "new").await.unwrap().is_none());
-    let ok = t
-        .put("c-cond", "k", b"v2".to_vec(), Condition::Version(1))
-        .await
-        .unwrap();
+    let ok = t.put("c-cond", "k", b"v2".to_vec(), Condition::Version(1)).await.unwrap();
     assert_eq!(ok.version, 2);
     assert_eq!(t.get("c-cond", "k").await.unwrap().unwrap().data, b"v2");
 }
 
 pub async fn delete_semantics(t: &dyn Table) {
     assert_eq!(t.delete("c-del", "k", Condition::None).await.unwrap(), None);
-    t.put("c-del", "k", b"v".to_vec(), Condition::None)
-        .await
-        .unwrap();
-    let err = t
-        .delete("c-del", "k", Condition::Version(5))
-        .await
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        StorageError::ConditionFailed {
-            current: Some(1),
-            ..
-        }
-    ));
-    assert_eq!(
-        t.delete("c-del", "k", Condition::Version(1)).await.unwrap(),
-        Some(1)
-    );
+    t.put("c-del", "k", b"v".to_vec(), Condition::None).await.unwrap();
+    let err = t.delete("c-del", "k", Condition::Version(5)).await.unwrap_err();
+    assert!(matches!(err, StorageError::ConditionFailed { current: Some(1), .. }));
+    assert_eq!(t.delete("c-del", "k", Condition::Version(1)).await.unwrap(), Some(1));
     assert!(t.get("c-del", "k").await.unwrap().is_none());
 }
 
 pub async fn query_prefix_and_pagination(t: &dyn Table) {
     for i in 0..7 {
-        t.put("c-q", &format!("notes#{i:02}"), vec![i], Condition::None)
-            .await
-            .unwrap();
+        t.put("c-q", &format!("notes#{i:02}"), vec![i], Condition::None).await.unwrap();
     }
-    t.put("c-q", "notesx#00", vec![], Condition::None)
-        .await
-        .unwrap();
+    t.put("c-q", "notesx#00", vec![], Condition::None).await.unwrap();
     t.put("c-q", "a#00", vec![], Condition::None).await.unwrap();
     let mut seen = Vec::new();
     let mut start_after = None;
     loop {
-        let page = t
-            .query(Query {
-                pk: "c-q".into(),
-                sk_prefix: "notes#".into(),
-                start_after,
-                limit: 3,
-            })
-            .await
-            .unwrap();
+        let page =
+            t.query(Query { pk: "c-q".into(), sk_prefix: "notes#".into(), start_after, limit: 3 }).await.unwrap();
         assert!(page.items.len() <= 3);
         seen.extend(page.items.iter().map(|i| i.sk.clone()));
         match page.last_evaluated {
@@ -133,95 +67,38 @@ pub async fn query_prefix_and_pagination(t: &dyn Table) {
     }
     let want: Vec<String> = (0..7).map(|i| format!("notes#{i:02}")).collect();
     assert_eq!(seen, want);
-    let all = t
-        .query(Query {
-            pk: "c-q".into(),
-            sk_prefix: String::new(),
-            start_after: None,
-            limit: 100,
-        })
-        .await
-        .unwrap();
+    let all =
+        t.query(Query { pk: "c-q".into(), sk_prefix: String::new(), start_after: None, limit: 100 }).await.unwrap();
     assert_eq!(all.items.len(), 9);
     assert!(all.last_evaluated.is_none());
 }
 
 pub async fn partitions_do_not_leak(t: &dyn Table) {
-    t.put("c-p1", "x#1", b"a".to_vec(), Condition::None)
-        .await
-        .unwrap();
-    t.put("c-p2", "x#1", b"b".to_vec(), Condition::None)
-        .await
-        .unwrap();
-    t.put("c-p11", "x#1", b"c".to_vec(), Condition::None)
-        .await
-        .unwrap();
-    let page = t
-        .query(Query {
-            pk: "c-p1".into(),
-            sk_prefix: String::new(),
-            start_after: None,
-            limit: 100,
-        })
-        .await
-        .unwrap();
+    t.put("c-p1", "x#1", b"a".to_vec(), Condition::None).await.unwrap();
+    t.put("c-p2", "x#1", b"b".to_vec(), Condition::None).await.unwrap();
+    t.put("c-p11", "x#1", b"c".to_vec(), Condition::None).await.unwrap();
+    let page =
+        t.query(Query { pk: "c-p1".into(), sk_prefix: String::new(), start_after: None, limit: 100 }).await.unwrap();
     assert_eq!(page.items.len(), 1);
     assert_eq!(page.items[0].data, b"a");
     assert_eq!(t.get("c-p2", "x#1").await.unwrap().unwrap().data, b"b");
 }
 
 pub async fn transactions_are_all_or_nothing(t: &dyn Table) {
-    t.put("c-tx", "exists", b"e".to_vec(), Condition::None)
-        .await
-        .unwrap();
+    t.put("c-tx", "exists", b"e".to_vec(), Condition::None).await.unwrap();
     let err = t
         .transact_write(vec![
-            Write::Put {
-                pk: "c-tx".into(),
-                sk: "a".into(),
-                data: b"a".to_vec(),
-                condition: Condition::NotExists,
-            },
-            Write::Put {
-                pk: "c-tx".into(),
-                sk: "exists".into(),
-                data: b"x".to_vec(),
-                condition: Condition::NotExists,
-            },
+            Write::Put { pk: "c-tx".into(), sk: "a".into(), data: b"a".to_vec(), condition: Condition::NotExists },
+            Write::Put { pk: "c-tx".into(), sk: "exists".into(), data: b"x".to_vec(), condition: Condition::NotExists },
         ])
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StorageError::ConditionFailed {
-                index: 1,
-                current: Some(1)
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(
-        t.get("c-tx", "a").await.unwrap().is_none(),
-        "first write of a failed transaction applied"
-    );
+    assert!(matches!(err, StorageError::ConditionFailed { index: 1, current: Some(1) }), "{err:?}");
+    assert!(t.get("c-tx", "a").await.unwrap().is_none(), "first write of a failed transaction applied");
     t.transact_write(vec![
-        Write::Put {
-            pk: "c-tx".into(),
-            sk: "a".into(),
-            data: b"a".to_vec(),
-            condition: Condition::NotExists,
-        },
-        Write::Delete {
-            pk: "c-tx".into(),
-            sk: "exists".into(),
-            condition: Condition::Version(1),
-        },
-        Write::Check {
-            pk: "c-tx".into(),
-            sk: "zzz".into(),
-            condition: Condition::NotExists,
-        },
+        Write::Put { pk: "c-tx".into(), sk: "a".into(), data: b"a".to_vec(), condition: Condition::NotExists },
+        Write::Delete { pk: "c-tx".into(), sk: "exists".into(), condition: Condition::Version(1) },
+        Write::Check { pk: "c-tx".into(), sk: "zzz".into(), condition: Condition::NotExists },
     ])
     .await
     .unwrap();
@@ -229,16 +106,8 @@ pub async fn transactions_are_all_or_nothing(t: &dyn Table) {
     assert!(t.get("c-tx", "exists").await.unwrap().is_none());
     let err = t
         .transact_write(vec![
-            Write::Check {
-                pk: "c-tx".into(),
-                sk: "a".into(),
-                condition: Condition::Exists,
-            },
-            Write::Delete {
-                pk: "c-tx".into(),
-                sk: "a".into(),
-                condition: Condition::None,
-            },
+            Write::Check { pk: "c-tx".into(), sk: "a".into(), condition: Condition::Exists },
+            Write::Delete { pk: "c-tx".into(), sk: "a".into(), condition: Condition::None },
         ])
         .await
         .unwrap_err();
@@ -246,12 +115,6 @@ pub async fn transactions_are_all_or_nothing(t: &dyn Table) {
 }
 
 pub async fn empty_keys_are_invalid(t: &dyn Table) {
-    assert!(matches!(
-        t.get("", "x").await,
-        Err(StorageError::Invalid(_))
-    ));
-    assert!(matches!(
-        t.put("p", "", vec![], Condition::None).await,
-        Err(StorageError::Invalid(_))
-    ));
+    assert!(matches!(t.get("", "x").await, Err(StorageError::Invalid(_))));
+    assert!(matches!(t.put("p", "", vec![], Condition::None).await, Err(StorageError::Invalid(_))));
 }

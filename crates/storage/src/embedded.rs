@@ -38,9 +38,7 @@ fn encode(version: u64, data: &[u8]) -> Vec<u8> {
 
 fn decode(pk: &str, sk: &str, raw: &[u8]) -> Result<Item> {
     if raw.len() < 8 {
-        return Err(StorageError::Backend(format!(
-            "corrupt value for ({pk}, {sk})"
-        )));
+        return Err(StorageError::Backend(format!("corrupt value for ({pk}, {sk})")));
     }
     let (v, data) = raw.split_at(8);
     Ok(Item {
@@ -52,8 +50,7 @@ fn decode(pk: &str, sk: &str, raw: &[u8]) -> Result<Item> {
 }
 
 fn version_of(raw: &[u8]) -> Option<u64> {
-    raw.get(..8)
-        .map(|v| u64::from_be_bytes(v.try_into().expect("8 bytes")))
+    raw.get(..8).map(|v| u64::from_be_bytes(v.try_into().expect("8 bytes")))
 }
 
 impl EmbeddedTable {
@@ -106,29 +103,17 @@ impl Table for EmbeddedTable {
             let txn = db.begin_write().map_err(backend)?;
             let version = {
                 let mut table = txn.open_table(ITEMS).map_err(backend)?;
-                let current = table
-                    .get((pk.as_str(), sk.as_str()))
-                    .map_err(backend)?
-                    .and_then(|v| version_of(v.value()));
+                let current =
+                    table.get((pk.as_str(), sk.as_str())).map_err(backend)?.and_then(|v| version_of(v.value()));
                 if !condition.holds(current) {
                     return Err(StorageError::ConditionFailed { index: 0, current });
                 }
                 let version = current.unwrap_or(0) + 1;
-                table
-                    .insert(
-                        (pk.as_str(), sk.as_str()),
-                        encode(version, &data).as_slice(),
-                    )
-                    .map_err(backend)?;
+                table.insert((pk.as_str(), sk.as_str()), encode(version, &data).as_slice()).map_err(backend)?;
                 version
             };
             txn.commit().map_err(backend)?;
-            Ok(Item {
-                pk,
-                sk,
-                version,
-                data,
-            })
+            Ok(Item { pk, sk, version, data })
         })
         .await
     }
@@ -140,10 +125,8 @@ impl Table for EmbeddedTable {
             let txn = db.begin_write().map_err(backend)?;
             let current = {
                 let mut table = txn.open_table(ITEMS).map_err(backend)?;
-                let current = table
-                    .get((pk.as_str(), sk.as_str()))
-                    .map_err(backend)?
-                    .and_then(|v| version_of(v.value()));
+                let current =
+                    table.get((pk.as_str(), sk.as_str())).map_err(backend)?.and_then(|v| version_of(v.value()));
                 if !condition.holds(current) {
                     return Err(StorageError::ConditionFailed { index: 0, current });
                 }
@@ -168,17 +151,12 @@ impl Table for EmbeddedTable {
             let table = txn.open_table(ITEMS).map_err(backend)?;
             let pk = query.pk.as_str();
             let start = match &query.start_after {
-                Some(after) if after.as_str() >= query.sk_prefix.as_str() => {
-                    Bound::Excluded((pk, after.as_str()))
-                }
+                Some(after) if after.as_str() >= query.sk_prefix.as_str() => Bound::Excluded((pk, after.as_str())),
                 _ => Bound::Included((pk, query.sk_prefix.as_str())),
             };
             let mut items = Vec::new();
             let mut more = false;
-            for entry in table
-                .range::<(&str, &str)>((start, Bound::Unbounded))
-                .map_err(backend)?
-            {
+            for entry in table.range::<(&str, &str)>((start, Bound::Unbounded)).map_err(backend)? {
                 let (k, v) = entry.map_err(backend)?;
                 let (kpk, ksk) = k.value();
                 if kpk != pk || !ksk.starts_with(query.sk_prefix.as_str()) {
@@ -190,15 +168,8 @@ impl Table for EmbeddedTable {
                 }
                 items.push(decode(kpk, ksk, v.value())?);
             }
-            let last_evaluated = if more {
-                items.last().map(|i: &Item| i.sk.clone())
-            } else {
-                None
-            };
-            Ok(Page {
-                items,
-                last_evaluated,
-            })
+            let last_evaluated = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
+            Ok(Page { items, last_evaluated })
         })
         .await
     }
@@ -209,9 +180,7 @@ impl Table for EmbeddedTable {
             let (pk, sk) = w.key();
             check_key(pk, sk)?;
             if !seen.insert((pk.to_owned(), sk.to_owned())) {
-                return Err(StorageError::Invalid(format!(
-                    "transaction touches ({pk}, {sk}) twice"
-                )));
+                return Err(StorageError::Invalid(format!("transaction touches ({pk}, {sk}) twice")));
             }
         }
         self.blocking(move |db| {
@@ -220,10 +189,7 @@ impl Table for EmbeddedTable {
                 let mut table = txn.open_table(ITEMS).map_err(backend)?;
                 for (index, w) in writes.iter().enumerate() {
                     let (pk, sk) = w.key();
-                    let current = table
-                        .get((pk, sk))
-                        .map_err(backend)?
-                        .and_then(|v| version_of(v.value()));
+                    let current = table.get((pk, sk)).map_err(backend)?.and_then(|v| version_of(v.value()));
                     let condition = match w {
                         Write::Put { condition, .. }
                         | Write::Delete { condition, .. }
@@ -236,9 +202,7 @@ impl Table for EmbeddedTable {
                     match w {
                         Write::Put { data, .. } => {
                             let version = current.unwrap_or(0) + 1;
-                            table
-                                .insert((pk, sk), encode(version, data).as_slice())
-                                .map_err(backend)?;
+                            table.insert((pk, sk), encode(version, data).as_slice()).map_err(backend)?;
                         }
                         Write::Delete { .. } => {
                             table.remove((pk, sk)).map_err(backend)?;
@@ -273,14 +237,8 @@ mod tests {
         let path = dir.path().join("t.redb");
         {
             let table = EmbeddedTable::open(&path).unwrap();
-            table
-                .put("a", "x", b"1".to_vec(), Condition::None)
-                .await
-                .unwrap();
-            table
-                .put("a", "x", b"2".to_vec(), Condition::Version(1))
-                .await
-                .unwrap();
+            table.put("a", "x", b"1".to_vec(), Condition::None).await.unwrap();
+            table.put("a", "x", b"2".to_vec(), Condition::Version(1)).await.unwrap();
         }
         let table = EmbeddedTable::open(&path).unwrap();
         let item = table.get("a", "x").await.unwrap().unwrap();

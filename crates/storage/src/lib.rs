@@ -76,9 +76,7 @@ pub enum Write {
 impl Write {
     fn key(&self) -> (&str, &str) {
         match self {
-            Write::Put { pk, sk, .. }
-            | Write::Delete { pk, sk, .. }
-            | Write::Check { pk, sk, .. } => (pk, sk),
+            Write::Put { pk, sk, .. } | Write::Delete { pk, sk, .. } | Write::Check { pk, sk, .. } => (pk, sk),
         }
     }
 }

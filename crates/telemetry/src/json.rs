@@ -16,11 +16,8 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 /// Span field name -> log key, for the fields copied onto every log line.
-const CONTEXT_FIELDS: &[(&str, &str)] = &[
-    ("tenant.id", "tenant_id"),
-    ("tenant.tier", "tenant_tier"),
-    ("trace_id", "trace_id"),
-];
+const CONTEXT_FIELDS: &[(&str, &str)] =
+    &[("tenant.id", "tenant_id"), ("tenant.tier", "tenant_tier"), ("trace_id", "trace_id")];
 
 /// The context fields recorded on one span.
 #[derive(Default, Debug)]
@@ -37,10 +34,7 @@ impl Visit for Captured {
 
 impl Captured {
     fn set(&mut self, field: &Field, value: String) {
-        if let Some((_, key)) = CONTEXT_FIELDS
-            .iter()
-            .find(|(name, _)| *name == field.name())
-        {
+        if let Some((_, key)) = CONTEXT_FIELDS.iter().find(|(name, _)| *name == field.name()) {
             self.0.retain(|(k, _)| k != key);
             self.0.push((key, value));
         }
@@ -93,12 +87,10 @@ impl Visit for FieldsToJson<'_> {
         self.0.insert(field.name().to_owned(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().to_owned(), Value::from(value.to_string()));
+        self.0.insert(field.name().to_owned(), Value::from(value.to_string()));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::from(format!("{value:?}")));
+        self.0.insert(field.name().to_owned(), Value::from(format!("{value:?}")));
     }
 }
 
@@ -110,9 +102,7 @@ pub struct JsonFormat {
 
 impl JsonFormat {
     pub fn new(service: impl Into<String>) -> Self {
-        Self {
-            service: service.into(),
-        }
+        Self { service: service.into() }
     }
 }
 
@@ -121,20 +111,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let mut obj = Map::new();
         let mut ts = String::new();
         tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut ts))?;
         obj.insert("timestamp".into(), Value::from(ts));
-        obj.insert(
-            "level".into(),
-            Value::from(event.metadata().level().as_str()),
-        );
+        obj.insert("level".into(), Value::from(event.metadata().level().as_str()));
         obj.insert("service".into(), Value::from(self.service.as_str()));
         obj.insert("target".into(), Value::from(event.metadata().target()));
         event.record(&mut FieldsToJson(&mut obj));
@@ -147,8 +129,7 @@ where
                 }
                 if let Some(captured) = span.extensions().get::<Captured>() {
                     for (key, value) in &captured.0 {
-                        obj.entry(*key)
-                            .or_insert_with(|| Value::from(value.as_str()));
+                        obj.entry(*key).or_insert_with(|| Value::from(value.as_str()));
                     }
                 }
             }
@@ -184,17 +165,14 @@ mod tests {
     fn log_lines_inside_a_span_carry_its_tenant() {
         let buf = Buf::default();
         let writer = buf.clone();
-        let subscriber = tracing_subscriber::registry()
-            .with(CaptureContextFields)
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .event_format(JsonFormat::new("test-svc"))
-                    .with_writer(move || writer.clone()),
-            );
+        let subscriber = tracing_subscriber::registry().with(CaptureContextFields).with(
+            tracing_subscriber::fmt::layer()
+                .event_format(JsonFormat::new("test-svc"))
+                .with_writer(move || writer.clone()),
+        );
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("outside");
-            let span =
-                tracing::info_span!("req", tenant.id = tracing::field::Empty, trace_id = "abc");
+            let span = tracing::info_span!("req", tenant.id = tracing::field::Empty, trace_id = "abc");
             span.record("tenant.id", "acme");
             let _g = span.enter();
             let inner = tracing::info_span!("inner");
@@ -202,10 +180,7 @@ mod tests {
             tracing::warn!(item = 7, "inside");
         });
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["message"], "outside");
         assert!(lines[0].get("tenant_id").is_none());

@@ -39,8 +39,7 @@ pub struct Config {
 }
 
 /// Noisy transport crates are kept at `warn` unless `RUST_LOG` says otherwise.
-const DEFAULT_FILTER: &str =
-    "info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,opentelemetry_sdk=warn";
+const DEFAULT_FILTER: &str = "info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,opentelemetry_sdk=warn";
 
 impl Config {
     pub fn new(service: impl Into<String>) -> Self {
@@ -53,18 +52,12 @@ impl Config {
     }
 
     /// Reads `RUST_LOG` and `OTEL_EXPORTER_OTLP_ENDPOINT` from `env`.
-    pub fn from_env(
-        service: impl Into<String>,
-        env: &std::collections::HashMap<String, String>,
-    ) -> Self {
+    pub fn from_env(service: impl Into<String>, env: &std::collections::HashMap<String, String>) -> Self {
         let mut c = Self::new(service);
         if let Some(f) = env.get("RUST_LOG").filter(|f| !f.is_empty()) {
             c.filter = f.clone();
         }
-        c.otlp_endpoint = env
-            .get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .filter(|e| !e.is_empty())
-            .cloned();
+        c.otlp_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|e| !e.is_empty()).cloned();
         c
     }
 }
@@ -115,11 +108,9 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
     config: Config,
     extra: Option<E>,
 ) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(&config.filter)
-        .map_err(|e| TelemetryError::Filter(config.filter.clone(), e.to_string()))?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(config.service.clone())
-        .build();
+    let filter =
+        EnvFilter::try_new(&config.filter).map_err(|e| TelemetryError::Filter(config.filter.clone(), e.to_string()))?;
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service.clone()).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if let Some(endpoint) = &config.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig;
@@ -145,8 +136,7 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
 
-    let fmt =
-        tracing_subscriber::fmt::layer().event_format(JsonFormat::new(config.service.clone()));
+    let fmt = tracing_subscriber::fmt::layer().event_format(JsonFormat::new(config.service.clone()));
     let registry = tracing_subscriber::registry()
         .with(filter)
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
@@ -164,10 +154,7 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
 pub struct NoExporter;
 
 impl SpanExporter for NoExporter {
-    async fn export(
-        &self,
-        _batch: Vec<opentelemetry_sdk::trace::SpanData>,
-    ) -> opentelemetry_sdk::error::OTelSdkResult {
+    async fn export(&self, _batch: Vec<opentelemetry_sdk::trace::SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
         Ok(())
     }
 }
@@ -216,9 +203,7 @@ pub fn record_status(span: &Span, code: i32) {
 }
 
 fn split_path(path: &str) -> (&str, &str) {
-    path.trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""))
+    path.trim_start_matches('/').split_once('/').unwrap_or((path, ""))
 }
 
 /// Makes `span` a child of the W3C trace context in `headers` (if any) and
@@ -256,10 +241,9 @@ struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::header::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
+        if let (Ok(name), Ok(value)) =
+            (http::header::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
+        {
             self.0.insert(name, value);
         }
     }

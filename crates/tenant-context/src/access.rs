@@ -26,62 +26,23 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.auth.v1.Auth/Login", Access::Public),
     ("/tenantmesh.auth.v1.Auth/GetJwks", Access::Public),
     ("/tenantmesh.auth.v1.Auth/IssueServiceToken", Access::Public),
-    (
-        "/tenantmesh.auth.v1.Auth/CreateUser",
-        Access::Roles(&[PA, TA, SVC]),
-    ),
-    (
-        "/tenantmesh.registry.v1.TenantRegistry/CreateTenant",
-        Access::Roles(PLATFORM),
-    ),
-    (
-        "/tenantmesh.registry.v1.TenantRegistry/GetTenant",
-        Access::Roles(ANY),
-    ),
-    (
-        "/tenantmesh.registry.v1.TenantRegistry/ListTenants",
-        Access::Roles(PLATFORM),
-    ),
-    (
-        "/tenantmesh.registry.v1.TenantRegistry/UpdateTenant",
-        Access::Roles(PLATFORM),
-    ),
-    (
-        "/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus",
-        Access::Roles(PLATFORM),
-    ),
-    (
-        "/tenantmesh.onboarding.v1.Onboarding/RegisterTenant",
-        Access::Roles(&[PA]),
-    ),
-    (
-        "/tenantmesh.onboarding.v1.Onboarding/GetOnboardingStatus",
-        Access::Roles(&[PA, TA, SVC]),
-    ),
-    (
-        "/tenantmesh.data.v1.Data/PutItem",
-        Access::Roles(TENANT_DATA),
-    ),
-    (
-        "/tenantmesh.data.v1.Data/GetItem",
-        Access::Roles(TENANT_DATA),
-    ),
-    (
-        "/tenantmesh.data.v1.Data/DeleteItem",
-        Access::Roles(TENANT_DATA),
-    ),
-    (
-        "/tenantmesh.data.v1.Data/QueryItems",
-        Access::Roles(TENANT_DATA),
-    ),
+    ("/tenantmesh.auth.v1.Auth/CreateUser", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.registry.v1.TenantRegistry/CreateTenant", Access::Roles(PLATFORM)),
+    ("/tenantmesh.registry.v1.TenantRegistry/GetTenant", Access::Roles(ANY)),
+    ("/tenantmesh.registry.v1.TenantRegistry/ListTenants", Access::Roles(PLATFORM)),
+    ("/tenantmesh.registry.v1.TenantRegistry/UpdateTenant", Access::Roles(PLATFORM)),
+    ("/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus", Access::Roles(PLATFORM)),
+    ("/tenantmesh.onboarding.v1.Onboarding/RegisterTenant", Access::Roles(&[PA])),
+    ("/tenantmesh.onboarding.v1.Onboarding/GetOnboardingStatus", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.data.v1.Data/PutItem", Access::Roles(TENANT_DATA)),
+    ("/tenantmesh.data.v1.Data/GetItem", Access::Roles(TENANT_DATA)),
+    ("/tenantmesh.data.v1.Data/DeleteItem", Access::Roles(TENANT_DATA)),
+    ("/tenantmesh.data.v1.Data/QueryItems", Access::Roles(TENANT_DATA)),
 ];
 
 /// Infrastructure services reachable without a token.
-const PUBLIC_PREFIXES: &[&str] = &[
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-];
+const PUBLIC_PREFIXES: &[&str] =
+    &["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
 
 /// The access rule for a gRPC path; `None` for paths not in the table.
 pub fn access_for(path: &str) -> Option<Access> {
@@ -108,22 +69,13 @@ mod tests {
     fn unknown_paths_fail_closed_and_infrastructure_is_public() {
         assert_eq!(access_for("/tenantmesh.data.v1.Data/Scan"), None);
         assert!(!allows("/tenantmesh.data.v1.Data/Scan", &Role::ALL));
-        assert_eq!(
-            access_for("/grpc.health.v1.Health/Check"),
-            Some(Access::Public)
-        );
-        assert!(allows(
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            &[]
-        ));
+        assert_eq!(access_for("/grpc.health.v1.Health/Check"), Some(Access::Public));
+        assert!(allows("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", &[]));
     }
 
     #[test]
     fn services_never_read_tenant_items() {
-        for (path, _) in TABLE
-            .iter()
-            .filter(|(p, _)| p.starts_with("/tenantmesh.data."))
-        {
+        for (path, _) in TABLE.iter().filter(|(p, _)| p.starts_with("/tenantmesh.data.")) {
             assert!(!allows(path, &[Role::Service]), "{path}");
             assert!(allows(path, &[Role::TenantUser]), "{path}");
         }

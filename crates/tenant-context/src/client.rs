@@ -55,9 +55,7 @@ pub struct ServiceTokenSource {
 
 impl std::fmt::Debug for ServiceTokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceTokenSource")
-            .field("credentials", &self.credentials)
-            .finish()
+        f.debug_struct("ServiceTokenSource").field("credentials", &self.credentials).finish()
     }
 }
 
@@ -65,11 +63,7 @@ impl ServiceTokenSource {
     /// `auth` must be a plain channel to the auth service (not one wrapped
     /// in this layer).
     pub fn new(auth: Channel, credentials: ServiceCredentials) -> Self {
-        Self {
-            auth: AuthClient::new(auth),
-            credentials,
-            cached: Mutex::new(None),
-        }
+        Self { auth: AuthClient::new(auth), credentials, cached: Mutex::new(None) }
     }
 
     pub async fn token(&self) -> Result<Arc<str>, Status> {
@@ -123,10 +117,7 @@ impl<S> Layer<S> for PropagationLayer {
     type Service = Propagation<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Propagation {
-            inner,
-            identity: self.identity.clone(),
-        }
+        Propagation { inner, identity: self.identity.clone() }
     }
 }
 
@@ -177,9 +168,7 @@ where
                 (Identity::Caller, Some(ctx)) => (ctx.token.clone(), ctx.tenant_id.clone()),
                 (Identity::Caller, None) => {
                     tracing::error!(rpc = %req.uri().path(), "outgoing call without a tenant context refused");
-                    return Ok(
-                        Status::unauthenticated("no tenant context for outgoing call").into_http(),
-                    );
+                    return Ok(Status::unauthenticated("no tenant context for outgoing call").into_http());
                 }
             };
             let span = tenantmesh_telemetry::client_span(req.uri().path(), &tenant_id);

@@ -28,6 +28,10 @@ pub struct CommonConfig {
     pub issuer: String,
     /// `TENANTMESH_TOKEN_AUDIENCE` (default `tenantmesh`).
     pub audience: String,
+    /// `TENANTMESH_TENANT_CACHE_TTL_MS` (default 5000): how long a tenant's
+    /// tier and status are cached by the tenant-context layer, i.e. how
+    /// soon a suspension takes effect everywhere.
+    pub tenant_cache_ttl: std::time::Duration,
 }
 
 pub const REGISTRY_PORT: u16 = 50051;
@@ -56,26 +60,14 @@ where
 {
     match var(env, name) {
         None => Ok(default),
-        Some(v) => v.parse().map_err(|e: T::Err| ConfigError {
-            var: name,
-            message: format!("{v:?}: {e}"),
-        }),
+        Some(v) => v.parse().map_err(|e: T::Err| ConfigError { var: name, message: format!("{v:?}: {e}") }),
     }
 }
 
-fn url_var(
-    env: &HashMap<String, String>,
-    name: &'static str,
-    default_port: u16,
-) -> Result<String, ConfigError> {
-    let url = var(env, name)
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("http://127.0.0.1:{default_port}"));
+fn url_var(env: &HashMap<String, String>, name: &'static str, default_port: u16) -> Result<String, ConfigError> {
+    let url = var(env, name).map(str::to_owned).unwrap_or_else(|| format!("http://127.0.0.1:{default_port}"));
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(ConfigError {
-            var: name,
-            message: format!("{url:?} must start with http:// or https://"),
-        });
+        return Err(ConfigError { var: name, message: format!("{url:?} must start with http:// or https://") });
     }
     Ok(url)
 }
@@ -83,22 +75,13 @@ fn url_var(
 impl CommonConfig {
     pub fn from_env(env: &HashMap<String, String>, default_port: u16) -> Result<Self, ConfigError> {
         Ok(Self {
-            listen_addr: parse_var(
-                env,
-                "TENANTMESH_LISTEN_ADDR",
-                SocketAddr::from(([127, 0, 0, 1], default_port)),
-            )?,
-            data_dir: var(env, "TENANTMESH_DATA_DIR")
-                .unwrap_or(".tenantmesh")
-                .into(),
+            listen_addr: parse_var(env, "TENANTMESH_LISTEN_ADDR", SocketAddr::from(([127, 0, 0, 1], default_port)))?,
+            data_dir: var(env, "TENANTMESH_DATA_DIR").unwrap_or(".tenantmesh").into(),
             auth_url: url_var(env, "TENANTMESH_AUTH_URL", AUTH_PORT)?,
             registry_url: url_var(env, "TENANTMESH_REGISTRY_URL", REGISTRY_PORT)?,
-            issuer: var(env, "TENANTMESH_TOKEN_ISSUER")
-                .unwrap_or(crate::DEFAULT_ISSUER)
-                .into(),
-            audience: var(env, "TENANTMESH_TOKEN_AUDIENCE")
-                .unwrap_or(crate::DEFAULT_AUDIENCE)
-                .into(),
+            issuer: var(env, "TENANTMESH_TOKEN_ISSUER").unwrap_or(crate::DEFAULT_ISSUER).into(),
+            audience: var(env, "TENANTMESH_TOKEN_AUDIENCE").unwrap_or(crate::DEFAULT_AUDIENCE).into(),
+            tenant_cache_ttl: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_TENANT_CACHE_TTL_MS", 5000)?),
         })
     }
 
@@ -115,10 +98,7 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     // An existing folder keeps the permissions its owner gave it.
     if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     Ok(())
 }
@@ -137,9 +117,6 @@ mod tests {
         let err = CommonConfig::from_env(&bad, DATA_PORT).unwrap_err();
         assert_eq!(err.var, "TENANTMESH_LISTEN_ADDR");
         let bad: HashMap<_, _> = [("TENANTMESH_AUTH_URL".to_owned(), "ftp://x".to_owned())].into();
-        assert_eq!(
-            CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var,
-            "TENANTMESH_AUTH_URL"
-        );
+        assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, "TENANTMESH_AUTH_URL");
     }
 }

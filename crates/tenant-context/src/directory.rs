@@ -7,9 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tenantmesh_proto::registry::v1::{
-    GetTenantRequest, TenantStatus, tenant_registry_client::TenantRegistryClient,
-};
+use tenantmesh_proto::registry::v1::{GetTenantRequest, TenantStatus, tenant_registry_client::TenantRegistryClient};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -37,11 +35,7 @@ pub struct RemoteDirectory {
 
 impl RemoteDirectory {
     pub fn new(registry: Channel, ttl: Duration) -> Self {
-        Self {
-            client: TenantRegistryClient::new(registry),
-            ttl,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { client: TenantRegistryClient::new(registry), ttl, cache: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -55,19 +49,12 @@ impl TenantDirectory for RemoteDirectory {
         {
             return Ok(info.clone());
         }
-        let mut req = tonic::Request::new(GetTenantRequest {
-            tenant_id: tenant_id.to_owned(),
-        });
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Status::unauthenticated("malformed token"))?;
-        req.metadata_mut()
-            .insert(crate::metadata::AUTHORIZATION, bearer);
+        let mut req = tonic::Request::new(GetTenantRequest { tenant_id: tenant_id.to_owned() });
+        let bearer = format!("Bearer {token}").parse().map_err(|_| Status::unauthenticated("malformed token"))?;
+        req.metadata_mut().insert(crate::metadata::AUTHORIZATION, bearer);
         let mut headers = http::HeaderMap::new();
         tenantmesh_telemetry::inject_span_context(&tracing::Span::current(), &mut headers);
-        if let Some(tp) = headers
-            .get(crate::metadata::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
+        if let Some(tp) = headers.get(crate::metadata::TRACEPARENT).and_then(|v| v.to_str().ok())
             && let Ok(v) = tp.parse()
         {
             req.metadata_mut().insert(crate::metadata::TRACEPARENT, v);

@@ -29,10 +29,7 @@ impl Violations {
     /// Adds a violation if `value` is not a valid tenant id.
     pub fn tenant_id(&mut self, field: &str, value: &str) -> &mut Self {
         if let Err(why) = crate::validate_tenant_id(value) {
-            self.add(
-                field,
-                format!("{why} (pattern ^[a-z0-9][a-z0-9-]{{2,62}}$)"),
-            );
+            self.add(field, format!("{why} (pattern ^[a-z0-9][a-z0-9-]{{2,62}}$)"));
         }
         self
     }
@@ -46,11 +43,7 @@ impl Violations {
         if self.0.is_empty() {
             return Ok(());
         }
-        let fields: Vec<String> = self
-            .0
-            .iter()
-            .map(|v| format!("{}: {}", v.field, v.description))
-            .collect();
+        let fields: Vec<String> = self.0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect();
         Err(Status::with_error_details(
             Code::InvalidArgument,
             format!("invalid request: {}", fields.join("; ")),

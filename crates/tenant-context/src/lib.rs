@@ -55,12 +55,7 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [
-        Role::PlatformAdmin,
-        Role::TenantAdmin,
-        Role::TenantUser,
-        Role::Service,
-    ];
+    pub const ALL: [Role; 4] = [Role::PlatformAdmin, Role::TenantAdmin, Role::TenantUser, Role::Service];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,10 +101,7 @@ tokio::task_local! {
 impl TenantContext {
     /// The context the server layer attached to `request`.
     pub fn from_request<T>(request: &tonic::Request<T>) -> Result<&TenantContext, Status> {
-        request
-            .extensions()
-            .get::<TenantContext>()
-            .ok_or_else(|| Status::unauthenticated("no verified tenant context"))
+        request.extensions().get::<TenantContext>().ok_or_else(|| Status::unauthenticated("no verified tenant context"))
     }
 
     /// The context of the request the current task is serving, if any.
@@ -144,9 +136,7 @@ impl TenantContext {
                 requested_tenant = %tenant_id,
                 "refused a request naming another tenant"
             );
-            Err(Status::permission_denied(
-                "caller may not act on another tenant",
-            ))
+            Err(Status::permission_denied("caller may not act on another tenant"))
         }
     }
 }
@@ -161,10 +151,7 @@ pub fn validate_tenant_id(id: &str) -> Result<(), &'static str> {
     if !bytes[0].is_ascii_lowercase() && !bytes[0].is_ascii_digit() {
         return Err("must start with a lowercase letter or digit");
     }
-    if !bytes
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-    {
+    if !bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-') {
         return Err("may contain only lowercase letters, digits and '-'");
     }
     Ok(())
@@ -179,19 +166,7 @@ mod tests {
         for ok in ["acme", "abc", "a-1", "0ab", &"a".repeat(63)] {
             assert!(validate_tenant_id(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "ab",
-            "-ab",
-            "Acme",
-            "ac me",
-            "a*b",
-            "a\"b",
-            "a#b",
-            "acme_1",
-            &"a".repeat(64),
-            "ümlaut",
-        ] {
+        for bad in ["", "ab", "-ab", "Acme", "ac me", "a*b", "a\"b", "a#b", "acme_1", &"a".repeat(64), "ümlaut"] {
             assert!(validate_tenant_id(bad).is_err(), "{bad}");
         }
     }
@@ -205,24 +180,10 @@ mod tests {
             roles,
             token: "t".into(),
         };
-        assert!(
-            ctx("acme", vec![Role::TenantAdmin])
-                .authorize_tenant("acme")
-                .is_ok()
-        );
-        let denied = ctx("acme", vec![Role::TenantAdmin])
-            .authorize_tenant("globex")
-            .unwrap_err();
+        assert!(ctx("acme", vec![Role::TenantAdmin]).authorize_tenant("acme").is_ok());
+        let denied = ctx("acme", vec![Role::TenantAdmin]).authorize_tenant("globex").unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-        assert!(
-            ctx("platform", vec![Role::PlatformAdmin])
-                .authorize_tenant("globex")
-                .is_ok()
-        );
-        assert!(
-            ctx("platform", vec![Role::Service])
-                .authorize_tenant("globex")
-                .is_ok()
-        );
+        assert!(ctx("platform", vec![Role::PlatformAdmin]).authorize_tenant("globex").is_ok());
+        assert!(ctx("platform", vec![Role::Service]).authorize_tenant("globex").is_ok());
     }
 }

@@ -33,11 +33,8 @@ pub async fn serve<S>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
 where
-    S: tower::Service<
-            http::Request<Body>,
-            Response = http::Response<Body>,
-            Error = std::convert::Infallible,
-        > + NamedService
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = std::convert::Infallible>
+        + NamedService
         + Clone
         + Send
         + Sync
@@ -45,9 +42,7 @@ where
     S::Future: Send + 'static,
 {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status(S::NAME, ServingStatus::Serving)
-        .await;
+    reporter.set_service_status(S::NAME, ServingStatus::Serving).await;
     // Reflection lists only what this server serves, not every contract.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -77,12 +72,8 @@ where
         () = shutdown => {}
     }
     tracing::info!(service = S::NAME, "shutting down: draining in-flight calls");
-    reporter
-        .set_service_status(S::NAME, ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    reporter.set_service_status(S::NAME, ServingStatus::NotServing).await;
+    reporter.set_service_status("", ServingStatus::NotServing).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(result) => result.map_err(Into::into),

@@ -33,19 +33,12 @@ impl std::fmt::Debug for Authenticator {
 
 impl Authenticator {
     pub fn new(verifier: Arc<TokenVerifier>, directory: Arc<dyn TenantDirectory>) -> Self {
-        Self {
-            verifier,
-            directory,
-        }
+        Self { verifier, directory }
     }
 
     /// Establishes the caller's context from request headers, or the status
     /// to refuse the request with.
-    pub async fn authenticate(
-        &self,
-        path: &str,
-        headers: &http::HeaderMap,
-    ) -> Result<TenantContext, Status> {
+    pub async fn authenticate(&self, path: &str, headers: &http::HeaderMap) -> Result<TenantContext, Status> {
         let token = bearer_token(headers)?;
         let claims = self.verifier.verify(token).await.map_err(|e| match e {
             VerifyError::KeysUnavailable(_) => Status::unavailable("token keys unavailable"),
@@ -55,9 +48,7 @@ impl Authenticator {
             }
         })?;
         if let Some(value) = headers.get(metadata::TENANT_ID) {
-            let claimed = value
-                .to_str()
-                .map_err(|_| Status::invalid_argument("x-tenant-id is not valid ASCII"))?;
+            let claimed = value.to_str().map_err(|_| Status::invalid_argument("x-tenant-id is not valid ASCII"))?;
             if claimed != claims.tenant_id {
                 tracing::warn!(
                     security_event = "tenant_header_mismatch",
@@ -67,9 +58,7 @@ impl Authenticator {
                     rpc = path,
                     "refused x-tenant-id that differs from the token's tenant"
                 );
-                return Err(Status::permission_denied(
-                    "x-tenant-id does not match the token's tenant",
-                ));
+                return Err(Status::permission_denied("x-tenant-id does not match the token's tenant"));
             }
         }
         if !access::allows(path, &claims.roles) {
@@ -80,9 +69,7 @@ impl Authenticator {
                 rpc = path,
                 "caller's roles do not allow this rpc"
             );
-            return Err(Status::permission_denied(
-                "caller's role may not call this rpc",
-            ));
+            return Err(Status::permission_denied("caller's role may not call this rpc"));
         }
         let info = self
             .directory
@@ -92,9 +79,7 @@ impl Authenticator {
         match info.status {
             TenantStatus::Active => {}
             TenantStatus::Provisioning => {
-                return Err(Status::failed_precondition(
-                    "tenant is still being onboarded",
-                ));
+                return Err(Status::failed_precondition("tenant is still being onboarded"));
             }
             TenantStatus::Suspended | TenantStatus::Deleted | TenantStatus::Unspecified => {
                 tracing::warn!(
@@ -123,9 +108,7 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
     if value.len() > MAX_AUTHORIZATION_LEN {
         return Err(Status::unauthenticated("authorization header too large"));
     }
-    let value = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("authorization header is not valid ASCII"))?;
+    let value = value.to_str().map_err(|_| Status::unauthenticated("authorization header is not valid ASCII"))?;
     value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
@@ -148,10 +131,7 @@ impl<S> Layer<S> for TenantContextLayer {
     type Service = TenantContextService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TenantContextService {
-            inner,
-            auth: self.auth.clone(),
-        }
+        TenantContextService { inner, auth: self.auth.clone() }
     }
 }
 

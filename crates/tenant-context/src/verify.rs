@@ -143,10 +143,7 @@ impl KeySource for JwksCache {
         if let Some(k) = state.keys.get(kid) {
             return Ok(Some(k.clone()));
         }
-        if state
-            .last_refresh
-            .is_some_and(|t| t.elapsed() < self.min_refresh_interval)
-        {
+        if state.last_refresh.is_some_and(|t| t.elapsed() < self.min_refresh_interval) {
             return Ok(None);
         }
         let resp = self
@@ -159,11 +156,7 @@ impl KeySource for JwksCache {
                 VerifyError::KeysUnavailable(e.message().to_owned())
             })?
             .into_inner();
-        state.keys = resp
-            .keys
-            .iter()
-            .filter_map(|jwk| Some((jwk.kid.clone(), decoding_key(jwk)?)))
-            .collect();
+        state.keys = resp.keys.iter().filter_map(|jwk| Some((jwk.kid.clone(), decoding_key(jwk)?))).collect();
         state.last_refresh = Some(Instant::now());
         tracing::debug!(keys = state.keys.len(), "jwks refreshed");
         Ok(state.keys.get(kid).cloned())

@@ -1,1 +1,288 @@
-//! placeholder
+//! Test support for tenantmesh: an in-process mesh on ephemeral ports with
+//! typed clients, tenant onboarding and token helpers, status assertions,
+//! and the paths of the tools `cargo xtask setup` installs.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tenantmesh_cli::{Mesh, MeshAddrs, MeshOptions};
+use tenantmesh_proto::auth::v1::auth_client::AuthClient;
+use tenantmesh_proto::auth::v1::{CreateUserRequest, IssueServiceTokenRequest, LoginRequest, Role};
+use tenantmesh_proto::data::v1::data_client::DataClient;
+use tenantmesh_proto::onboarding::v1::RegisterTenantRequest;
+use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
+use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+pub use tenantmesh_tenant_context::errors::violated_fields;
+
+/// The bootstrap admin password every test mesh uses.
+pub const ADMIN_PASSWORD: &str = "platform-admin-password";
+pub const ADMIN_EMAIL: &str = "admin@platform.local";
+/// A service client registered with every test mesh.
+pub const TEST_CLIENT_ID: &str = "tests";
+pub const TEST_CLIENT_SECRET: &str = "tests-client-secret-0123456789";
+
+/// A tenant id no other test uses: `<prefix>-<8 random hex>`.
+pub fn unique_tenant(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Settings of a test mesh: cheap argon2 (tests measure behaviour, not
+/// hashing cost), a known admin password and test client, and a short
+/// tenant cache so status changes show within a poll.
+pub fn test_env() -> HashMap<String, String> {
+    [
+        ("TENANTMESH_BOOTSTRAP_PASSWORD", ADMIN_PASSWORD),
+        ("TENANTMESH_ARGON2_M_KIB", "1024"),
+        ("TENANTMESH_ARGON2_T", "1"),
+        ("TENANTMESH_SERVICE_CLIENTS", &format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET}")),
+        ("TENANTMESH_TENANT_CACHE_TTL_MS", "100"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// A tenant onboarded for a test, with its admin's token.
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    pub tenant_id: String,
+    pub admin_email: String,
+    pub admin_password: String,
+    pub token: String,
+}
+
+/// The whole mesh, in-process, on ephemeral loopback ports, in a temp dir.
+pub struct TestMesh {
+    mesh: Option<Mesh>,
+    pub addrs: MeshAddrs,
+    dir: tempfile::TempDir,
+}
+
+impl TestMesh {
+    /// Starts a mesh in a fresh temp dir.
+    pub async fn start() -> TestMesh {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mesh = Self::start_in(dir.path()).await;
+        TestMesh { addrs: mesh.addrs, mesh: Some(mesh), dir }
+    }
+
+    async fn start_in(dir: &Path) -> Mesh {
+        let mut options = MeshOptions::ephemeral(dir.join("data"));
+        options.env = test_env();
+        Mesh::start(options).await.expect("mesh starts")
+    }
+
+    /// Stops the mesh gracefully and starts it again on the same data dir
+    /// (new ports).
+    pub async fn restart(&mut self) {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+        let mesh = Self::start_in(self.dir.path()).await;
+        self.addrs = mesh.addrs;
+        self.mesh = Some(mesh);
+    }
+
+    /// Stops the mesh; panics if any service failed.
+    pub async fn shutdown(mut self) {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+    }
+
+    /// The data directory of the services.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Stops the mesh and returns its temp dir, to inspect or to restart on.
+    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// Starts a mesh on a directory left by [`TestMesh::stop_keep_dir`].
+    pub async fn start_on(dir: tempfile::TempDir) -> TestMesh {
+        let mesh = Self::start_in(dir.path()).await;
+        TestMesh { addrs: mesh.addrs, mesh: Some(mesh), dir }
+    }
+
+    fn channel(addr: std::net::SocketAddr) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy()
+    }
+
+    pub fn registry(&self) -> TenantRegistryClient<Channel> {
+        TenantRegistryClient::new(Self::channel(self.addrs.registry))
+    }
+    pub fn auth(&self) -> AuthClient<Channel> {
+        AuthClient::new(Self::channel(self.addrs.auth))
+    }
+    pub fn onboarding(&self) -> OnboardingClient<Channel> {
+        OnboardingClient::new(Self::channel(self.addrs.onboarding))
+    }
+    pub fn data(&self) -> DataClient<Channel> {
+        DataClient::new(Self::channel(self.addrs.data))
+    }
+
+    /// Logs in and returns the access token.
+    pub async fn login(&self, tenant_id: &str, email: &str, password: &str) -> Result<String, Status> {
+        let resp = self
+            .auth()
+            .login(LoginRequest { tenant_id: tenant_id.into(), email: email.into(), password: password.into() })
+            .await?;
+        Ok(resp.into_inner().access_token)
+    }
+
+    /// The platform admin's token.
+    pub async fn admin_token(&self) -> String {
+        self.login("platform", ADMIN_EMAIL, ADMIN_PASSWORD).await.expect("platform admin logs in")
+    }
+
+    /// A `service` token of the test client.
+    pub async fn service_token(&self) -> String {
+        self.auth()
+            .issue_service_token(IssueServiceTokenRequest {
+                client_id: TEST_CLIENT_ID.into(),
+                client_secret: TEST_CLIENT_SECRET.into(),
+            })
+            .await
+            .expect("service token")
+            .into_inner()
+            .access_token
+    }
+
+    /// Onboards a tenant (tier `standard`) through the onboarding service
+    /// and logs its admin in.
+    pub async fn onboard(&self, tenant_id: &str) -> TestTenant {
+        let admin = self.admin_token().await;
+        let admin_email = format!("admin@{tenant_id}.example");
+        let admin_password = format!("{tenant_id}-password");
+        self.onboarding()
+            .register_tenant(authed(
+                RegisterTenantRequest {
+                    tenant_id: tenant_id.into(),
+                    name: format!("Tenant {tenant_id}"),
+                    tier: "standard".into(),
+                    admin_email: admin_email.clone(),
+                    admin_password: admin_password.clone(),
+                    idempotency_key: format!("onboard-{tenant_id}"),
+                },
+                &admin,
+            ))
+            .await
+            .expect("onboarding succeeds");
+        let token = self.login(tenant_id, &admin_email, &admin_password).await.expect("tenant admin logs in");
+        TestTenant { tenant_id: tenant_id.into(), admin_email, admin_password, token }
+    }
+
+    /// Creates a user with `roles` in `tenant` (as its admin) and returns
+    /// the user's token.
+    pub async fn user_token(&self, tenant: &TestTenant, roles: &[Role]) -> String {
+        let email = format!("{}@{}.example", uuid::Uuid::new_v4().simple(), tenant.tenant_id);
+        let password = "user-password-123".to_owned();
+        self.auth()
+            .create_user(authed(
+                CreateUserRequest {
+                    tenant_id: tenant.tenant_id.clone(),
+                    email: email.clone(),
+                    password: password.clone(),
+                    roles: roles.iter().map(|r| *r as i32).collect(),
+                    password_hash: String::new(),
+                },
+                &tenant.token,
+            ))
+            .await
+            .expect("user created");
+        self.login(&tenant.tenant_id, &email, &password).await.expect("user logs in")
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
+    req
+}
+
+/// Asserts that `result` failed with `code`; returns the status.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "unexpected status: {s:?}");
+            s
+        }
+    }
+}
+
+/// Asserts INVALID_ARGUMENT naming `field` among its BadRequest violations.
+#[track_caller]
+pub fn expect_invalid<T: std::fmt::Debug>(result: Result<T, Status>, field: &str) -> Status {
+    let s = expect_code(result, Code::InvalidArgument);
+    let fields = violated_fields(&s);
+    assert!(fields.iter().any(|f| f == field), "expected a violation of {field:?}, got {fields:?} ({s:?})");
+    s
+}
+
+/// Polls `check` until it returns true, failing after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A `google.protobuf.Struct` from string pairs.
+pub fn attrs(pairs: &[(&str, &str)]) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    prost_types::Value { kind: Some(prost_types::value::Kind::StringValue((*v).to_owned())) },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// A tool installed by `cargo xtask setup` into `.tools/bin`.
+pub fn tool(name: &str) -> PathBuf {
+    let path = workspace_root().join(".tools/bin").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo xtask setup` (or `cargo xtask test`)", path.display());
+    path
+}
+
+/// In-memory span capture for telemetry tests.
+pub mod spans {
+    pub use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
+
+    /// Installs the global telemetry with an in-memory exporter; one per
+    /// test process.
+    pub fn install() -> (InMemorySpanExporter, tenantmesh_telemetry::TelemetryGuard) {
+        let exporter = InMemorySpanExporter::default();
+        let mut config = tenantmesh_telemetry::Config::new("tests");
+        config.log_target = tenantmesh_telemetry::LogTarget::Stderr;
+        let guard = tenantmesh_telemetry::init_with_exporter(config, Some(exporter.clone())).expect("telemetry");
+        (exporter, guard)
+    }
+
+    /// The value of attribute `key` on `span`, as a string.
+    pub fn attr(span: &SpanData, key: &str) -> Option<String> {
+        span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str().into_owned())
+    }
+}

@@ -54,10 +54,7 @@ mod tests {
             (AuthError::UserExists("a".into()), Code::AlreadyExists),
             (AuthError::TenantNotFound("a".into()), Code::NotFound),
             (AuthError::Corrupt("x".into()), Code::Internal),
-            (
-                AuthError::Storage(StorageError::Backend("io".into())),
-                Code::Unavailable,
-            ),
+            (AuthError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);

@@ -54,23 +54,15 @@ impl SigningKeys {
             keys = Self::load(store).await?;
         }
         keys.sort_by(|a, b| (a.create_time, &a.kid).cmp(&(b.create_time, &b.kid)));
-        Ok(Self {
-            keys: RwLock::new(keys),
-        })
+        Ok(Self { keys: RwLock::new(keys) })
     }
 
     async fn load(store: &DynTable) -> Result<Vec<KeyEntry>, AuthError> {
         let mut out = Vec::new();
         let mut start_after = None;
         loop {
-            let page = store
-                .query(Query {
-                    pk: KEYS_PK.into(),
-                    sk_prefix: String::new(),
-                    start_after,
-                    limit: 100,
-                })
-                .await?;
+            let page =
+                store.query(Query { pk: KEYS_PK.into(), sk_prefix: String::new(), start_after, limit: 100 }).await?;
             for item in page.items {
                 let k: StoredKey = serde_json::from_slice(&item.data).map_err(corrupt)?;
                 let der = URL_SAFE_NO_PAD.decode(&k.pkcs8).map_err(corrupt)?;
@@ -135,12 +127,6 @@ impl SigningKeys {
 #[async_trait]
 impl KeySource for SigningKeys {
     async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError> {
-        Ok(self
-            .keys
-            .read()
-            .expect("keys lock")
-            .iter()
-            .find(|k| k.kid == kid)
-            .map(|k| k.decoding.clone()))
+        Ok(self.keys.read().expect("keys lock").iter().find(|k| k.kid == kid).map(|k| k.decoding.clone()))
     }
 }

@@ -60,10 +60,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("common", &self.common)
             .field("bootstrap_email", &self.bootstrap_email)
-            .field(
-                "service_clients",
-                &self.service_clients.keys().collect::<Vec<_>>(),
-            )
+            .field("service_clients", &self.service_clients.keys().collect::<Vec<_>>())
             .field("access_token_ttl", &self.access_token_ttl)
             .field("hash_params", &self.hash_params)
             .finish_non_exhaustive()
@@ -92,10 +89,7 @@ impl Config {
         }
         let ttl: u64 = parse_var(env, "TENANTMESH_ACCESS_TOKEN_TTL_SECS", 900)?;
         if !(60..=86_400).contains(&ttl) {
-            return Err(ConfigError {
-                var: "TENANTMESH_ACCESS_TOKEN_TTL_SECS",
-                message: "must be 60..=86400".into(),
-            });
+            return Err(ConfigError { var: "TENANTMESH_ACCESS_TOKEN_TTL_SECS", message: "must be 60..=86400".into() });
         }
         let hash_params = HashParams::from_env(env)?;
         let bootstrap_password = var(env, "TENANTMESH_BOOTSTRAP_PASSWORD").map(str::to_owned);
@@ -109,9 +103,7 @@ impl Config {
         }
         Ok(Self {
             common: CommonConfig::from_env(env, AUTH_PORT)?,
-            bootstrap_email: normalize_email(
-                var(env, "TENANTMESH_BOOTSTRAP_EMAIL").unwrap_or(DEFAULT_BOOTSTRAP_EMAIL),
-            ),
+            bootstrap_email: normalize_email(var(env, "TENANTMESH_BOOTSTRAP_EMAIL").unwrap_or(DEFAULT_BOOTSTRAP_EMAIL)),
             bootstrap_password,
             service_clients,
             access_token_ttl: Duration::from_secs(ttl),
@@ -121,10 +113,7 @@ impl Config {
 }
 
 pub(crate) fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
 /// `bytes` random bytes, base64url.
@@ -135,11 +124,7 @@ pub(crate) fn random_token(bytes: usize) -> String {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn normalize_email(email: &str) -> String {
@@ -150,12 +135,8 @@ fn check_email(v: &mut Violations, field: &str, email: &str) {
     if email.is_empty() {
         v.add(field, "is required");
     } else if email.len() > MAX_EMAIL_LEN
-        || email
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '#')
-        || !email
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        || email.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#')
+        || !email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
     {
         v.add(field, "must be an email address such as user@example.com");
     }
@@ -165,15 +146,9 @@ fn check_email(v: &mut Violations, field: &str, email: &str) {
 pub fn check_password(v: &mut Violations, field: &str, password: &str) {
     let n = password.chars().count();
     if n < password::MIN_PASSWORD_LEN {
-        v.add(
-            field,
-            format!("must be at least {} characters", password::MIN_PASSWORD_LEN),
-        );
+        v.add(field, format!("must be at least {} characters", password::MIN_PASSWORD_LEN));
     } else if password.len() > password::MAX_PASSWORD_LEN {
-        v.add(
-            field,
-            format!("must be at most {} bytes", password::MAX_PASSWORD_LEN),
-        );
+        v.add(field, format!("must be at most {} bytes", password::MAX_PASSWORD_LEN));
     }
 }
 
@@ -226,39 +201,21 @@ struct Inner {
 }
 
 impl AuthService {
-    pub async fn new(
-        config: Config,
-        store: DynTable,
-        directory: Arc<dyn TenantDirectory>,
-    ) -> Result<Self, AuthError> {
+    pub async fn new(config: Config, store: DynTable, directory: Arc<dyn TenantDirectory>) -> Result<Self, AuthError> {
         let keys = Arc::new(SigningKeys::load_or_create(&store).await?);
         let params = config.hash_params;
-        let dummy_hash =
-            tokio::task::spawn_blocking(move || password::hash(&random_token(16), params))
-                .await
-                .map_err(|e| AuthError::Internal(e.to_string()))?
-                .map_err(|e| AuthError::Internal(e.to_string()))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                store,
-                keys,
-                config,
-                directory,
-                dummy_hash,
-            }),
-        })
+        let dummy_hash = tokio::task::spawn_blocking(move || password::hash(&random_token(16), params))
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))?
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        Ok(Self { inner: Arc::new(Inner { store, keys, config, directory, dummy_hash }) })
     }
 
     pub fn keys(&self) -> Arc<SigningKeys> {
         self.inner.keys.clone()
     }
 
-    fn sign(
-        &self,
-        sub: String,
-        tenant_id: String,
-        roles: Vec<Role>,
-    ) -> Result<(String, i64), AuthError> {
+    fn sign(&self, sub: String, tenant_id: String, roles: Vec<Role>) -> Result<(String, i64), AuthError> {
         let ttl = self.inner.config.access_token_ttl.as_secs();
         let now = now_secs().max(0) as u64;
         let claims = Claims {
@@ -275,8 +232,7 @@ impl AuthService {
         let (kid, key) = self.inner.keys.signer();
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
         header.kid = Some(kid);
-        let token = jsonwebtoken::encode(&header, &claims, &key)
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let token = jsonwebtoken::encode(&header, &claims, &key).map_err(|e| AuthError::Internal(e.to_string()))?;
         Ok((token, ttl as i64))
     }
 
@@ -288,33 +244,16 @@ impl AuthService {
             .map_err(|e| AuthError::Internal(e.to_string()))
     }
 
-    async fn get_user(
-        &self,
-        tenant_id: &str,
-        email: &str,
-    ) -> Result<Option<UserRecord>, AuthError> {
+    async fn get_user(&self, tenant_id: &str, email: &str) -> Result<Option<UserRecord>, AuthError> {
         match self.inner.store.get(tenant_id, &user_sk(email)).await? {
-            Some(item) => Ok(Some(
-                serde_json::from_slice(&item.data)
-                    .map_err(|e| AuthError::Corrupt(e.to_string()))?,
-            )),
+            Some(item) => Ok(Some(serde_json::from_slice(&item.data).map_err(|e| AuthError::Corrupt(e.to_string()))?)),
             None => Ok(None),
         }
     }
 
     async fn insert_user(&self, user: &UserRecord) -> Result<(), AuthError> {
         let data = serde_json::to_vec(user).map_err(|e| AuthError::Internal(e.to_string()))?;
-        match self
-            .inner
-            .store
-            .put(
-                &user.tenant_id,
-                &user_sk(&user.email),
-                data,
-                Condition::NotExists,
-            )
-            .await
-        {
+        match self.inner.store.put(&user.tenant_id, &user_sk(&user.email), data, Condition::NotExists).await {
             Ok(_) => Ok(()),
             Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
                 Err(AuthError::UserExists(user.email.clone()))
@@ -335,9 +274,8 @@ impl AuthService {
             None => (random_token(18), true),
         };
         if generated {
-            write_private_file(&self.bootstrap_password_path(), &password).map_err(|e| {
-                AuthError::Internal(format!("cannot write bootstrap password: {e}"))
-            })?;
+            write_private_file(&self.bootstrap_password_path(), &password)
+                .map_err(|e| AuthError::Internal(format!("cannot write bootstrap password: {e}")))?;
         }
         let user = UserRecord {
             user_id: uuid::Uuid::new_v4().to_string(),
@@ -361,11 +299,7 @@ impl AuthService {
 
     /// Where a generated bootstrap password is written.
     pub fn bootstrap_password_path(&self) -> PathBuf {
-        self.inner
-            .config
-            .common
-            .data_dir
-            .join(BOOTSTRAP_PASSWORD_FILE)
+        self.inner.config.common.data_dir.join(BOOTSTRAP_PASSWORD_FILE)
     }
 }
 
@@ -375,12 +309,7 @@ fn write_private_file(path: &std::path::Path, contents: &str) -> std::io::Result
     if let Some(dir) = path.parent() {
         tenantmesh_tenant_context::config::ensure_private_dir(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     writeln!(f, "{contents}")?;
     f.sync_all()
 }
@@ -388,23 +317,16 @@ fn write_private_file(path: &std::path::Path, contents: &str) -> std::io::Result
 fn constant_time_eq(a: &str, b: &str) -> bool {
     // Compare digests so neither length nor content leaks through timing.
     let (da, db) = (sha256_hex(a.as_bytes()), sha256_hex(b.as_bytes()));
-    da.bytes()
-        .zip(db.bytes())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    da.bytes().zip(db.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[tonic::async_trait]
 impl Auth for AuthService {
-    async fn login(
-        &self,
-        request: Request<LoginRequest>,
-    ) -> Result<Response<LoginResponse>, Status> {
+    async fn login(&self, request: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
-        v.require("email", &req.email)
-            .require("password", &req.password);
+        v.require("email", &req.email).require("password", &req.password);
         if req.password.len() > password::MAX_PASSWORD_LEN {
             v.add("password", "is too long");
         }
@@ -427,11 +349,7 @@ impl Auth for AuthService {
                 return Err(AuthError::InvalidCredentials.into());
             }
         };
-        let (access_token, expires_in) = self.sign(
-            user.user_id.clone(),
-            user.tenant_id.clone(),
-            user.roles.clone(),
-        )?;
+        let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
         let refresh_token = random_token(32);
         let record = RefreshRecord {
             user_id: user.user_id.clone(),
@@ -449,18 +367,10 @@ impl Auth for AuthService {
             .await
             .map_err(AuthError::from)?;
         tracing::info!(user_id = %user.user_id, "login succeeded");
-        Ok(Response::new(LoginResponse {
-            access_token,
-            refresh_token,
-            expires_in,
-            token_type: "Bearer".into(),
-        }))
+        Ok(Response::new(LoginResponse { access_token, refresh_token, expires_in, token_type: "Bearer".into() }))
     }
 
-    async fn create_user(
-        &self,
-        request: Request<CreateUserRequest>,
-    ) -> Result<Response<CreateUserResponse>, Status> {
+    async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
@@ -488,32 +398,20 @@ impl Auth for AuthService {
                 Ok(P::TenantAdmin) => roles.push(Role::TenantAdmin),
                 Ok(P::TenantUser) => roles.push(Role::TenantUser),
                 _ => {
-                    v.add(
-                        &format!("roles[{i}]"),
-                        "must be ROLE_TENANT_ADMIN or ROLE_TENANT_USER",
-                    );
+                    v.add(&format!("roles[{i}]"), "must be ROLE_TENANT_ADMIN or ROLE_TENANT_USER");
                 }
             }
         }
         v.check()?;
         if !req.password_hash.is_empty() && !ctx.has_role(Role::Service) {
-            return Err(Status::permission_denied(
-                "only platform services may set password_hash",
-            ));
+            return Err(Status::permission_denied("only platform services may set password_hash"));
         }
         ctx.authorize_tenant(&req.tenant_id)?;
         if ctx.tenant_id != req.tenant_id {
             // Platform callers: the target tenant must exist.
-            match self
-                .inner
-                .directory
-                .lookup(&req.tenant_id, &ctx.token)
-                .await?
-            {
+            match self.inner.directory.lookup(&req.tenant_id, &ctx.token).await? {
                 None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
-                Some(info)
-                    if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted =>
-                {
+                Some(info) if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted => {
                     return Err(Status::failed_precondition("tenant is deleted"));
                 }
                 Some(_) => {}
@@ -524,11 +422,8 @@ impl Auth for AuthService {
         if roles.is_empty() {
             roles.push(Role::TenantUser);
         }
-        let password_hash = if req.password_hash.is_empty() {
-            self.hash_password(req.password).await?
-        } else {
-            req.password_hash
-        };
+        let password_hash =
+            if req.password_hash.is_empty() { self.hash_password(req.password).await? } else { req.password_hash };
         let user = UserRecord {
             user_id: uuid::Uuid::new_v4().to_string(),
             tenant_id: req.tenant_id,
@@ -545,30 +440,20 @@ impl Auth for AuthService {
                 user_id: user.user_id,
                 tenant_id: user.tenant_id,
                 email: user.email,
-                roles: user
-                    .roles
-                    .into_iter()
-                    .map(|r| role_to_proto(r) as i32)
-                    .collect(),
+                roles: user.roles.into_iter().map(|r| role_to_proto(r) as i32).collect(),
                 create_time: user.create_time,
             }),
         }))
     }
 
-    async fn get_jwks(
-        &self,
-        _request: Request<GetJwksRequest>,
-    ) -> Result<Response<GetJwksResponse>, Status> {
+    async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
         let keys = self.inner.keys.jwks();
         let doc = serde_json::json!({
             "keys": keys.iter().map(|k| serde_json::json!({
                 "kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid, "alg": k.alg, "use": k.r#use,
             })).collect::<Vec<_>>()
         });
-        Ok(Response::new(GetJwksResponse {
-            keys,
-            jwks_json: doc.to_string(),
-        }))
+        Ok(Response::new(GetJwksResponse { keys, jwks_json: doc.to_string() }))
     }
 
     async fn issue_service_token(
@@ -577,8 +462,7 @@ impl Auth for AuthService {
     ) -> Result<Response<IssueServiceTokenResponse>, Status> {
         let req = request.into_inner();
         let mut v = Violations::new();
-        v.require("client_id", &req.client_id)
-            .require("client_secret", &req.client_secret);
+        v.require("client_id", &req.client_id).require("client_secret", &req.client_secret);
         v.check()?;
         tracing::Span::current().record("tenant.id", PLATFORM_TENANT);
         let known = self.inner.config.service_clients.get(&req.client_id);
@@ -593,15 +477,9 @@ impl Auth for AuthService {
             tracing::warn!(security_event = "service_login_failed", client_id = %req.client_id, "bad client credentials");
             return Err(AuthError::InvalidCredentials.into());
         }
-        let (access_token, expires_in) = self.sign(
-            format!("service:{}", req.client_id),
-            PLATFORM_TENANT.into(),
-            vec![Role::Service],
-        )?;
-        Ok(Response::new(IssueServiceTokenResponse {
-            access_token,
-            expires_in,
-        }))
+        let (access_token, expires_in) =
+            self.sign(format!("service:{}", req.client_id), PLATFORM_TENANT.into(), vec![Role::Service])?;
+        Ok(Response::new(IssueServiceTokenResponse { access_token, expires_in }))
     }
 }
 
@@ -619,8 +497,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
-    let directory: Arc<dyn TenantDirectory> =
-        Arc::new(RemoteDirectory::new(registry, Duration::from_secs(5)));
+    let directory: Arc<dyn TenantDirectory> = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
     let (issuer, audience) = (config.common.issuer.clone(), config.common.audience.clone());
     let service = AuthService::new(config, store, directory.clone()).await?;
     if let Some(password) = service.bootstrap_admin().await? {
@@ -633,7 +510,6 @@ pub async fn serve(
     }
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience);
     let authn = Authenticator::new(Arc::new(verifier), directory);
-    tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, shutdown)
-        .await?;
+    tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, shutdown).await?;
     Ok(())
 }

@@ -18,11 +18,7 @@ pub struct HashParams {
 impl Default for HashParams {
     /// The OWASP baseline for argon2id: 19 MiB, 2 passes, 1 lane.
     fn default() -> Self {
-        Self {
-            m_cost_kib: 19 * 1024,
-            t_cost: 2,
-            p_cost: 1,
-        }
+        Self { m_cost_kib: 19 * 1024, t_cost: 2, p_cost: 1 }
     }
 }
 
@@ -39,10 +35,7 @@ impl HashParams {
             t_cost: parse_var(env, "TENANTMESH_ARGON2_T", d.t_cost)?,
             p_cost: parse_var(env, "TENANTMESH_ARGON2_P", d.p_cost)?,
         };
-        hasher(params).map_err(|e| ConfigError {
-            var: "TENANTMESH_ARGON2_M_KIB",
-            message: e.to_string(),
-        })?;
+        hasher(params).map_err(|e| ConfigError { var: "TENANTMESH_ARGON2_M_KIB", message: e.to_string() })?;
         Ok(params)
     }
 }
@@ -63,17 +56,14 @@ fn hasher(params: HashParams) -> Result<Argon2<'static>, PasswordError> {
 
 /// Hashes `password` into an argon2id PHC string.
 pub fn hash(password: &str, params: HashParams) -> Result<String, PasswordError> {
-    let hash: argon2::password_hash::phc::PasswordHash = hasher(params)?
-        .hash_password(password.as_bytes())
-        .map_err(|e| PasswordError::Hash(e.to_string()))?;
+    let hash: argon2::password_hash::phc::PasswordHash =
+        hasher(params)?.hash_password(password.as_bytes()).map_err(|e| PasswordError::Hash(e.to_string()))?;
     Ok(hash.to_string())
 }
 
 /// Whether `password` matches `phc` (parameters are read from the string).
 pub fn verify(password: &str, phc: &str) -> bool {
-    Argon2::default()
-        .verify_password(password.as_bytes(), phc)
-        .is_ok()
+    Argon2::default().verify_password(password.as_bytes(), phc).is_ok()
 }
 
 /// Whether `phc` is a well-formed argon2id PHC string.
@@ -87,19 +77,13 @@ mod tests {
 
     #[test]
     fn hash_verify_roundtrip() {
-        let params = HashParams {
-            m_cost_kib: 1024,
-            t_cost: 1,
-            p_cost: 1,
-        };
+        let params = HashParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 };
         let h = hash("correct horse battery", params).unwrap();
         assert!(is_argon2id_phc(&h), "{h}");
         assert!(h.contains("m=1024,t=1,p=1"), "{h}");
         assert!(verify("correct horse battery", &h));
         assert!(!verify("wrong horse battery", &h));
         assert!(!is_argon2id_phc("plaintext"));
-        assert!(!is_argon2id_phc(
-            "$argon2i$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaA"
-        ));
+        assert!(!is_argon2id_phc("$argon2i$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaA"));
     }
 }

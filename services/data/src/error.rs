@@ -49,22 +49,10 @@ mod tests {
     fn errors_map_to_codes() {
         let cases = [
             (DataError::NotFound, Code::NotFound),
-            (
-                DataError::VersionMismatch {
-                    expected: 1,
-                    current: Some(2),
-                },
-                Code::Aborted,
-            ),
+            (DataError::VersionMismatch { expected: 1, current: Some(2) }, Code::Aborted),
             (DataError::Corrupt("x".into()), Code::Internal),
-            (
-                DataError::Storage(StorageError::Backend("io".into())),
-                Code::Unavailable,
-            ),
-            (
-                DataError::Storage(StorageError::Invalid("x".into())),
-                Code::Internal,
-            ),
+            (DataError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
+            (DataError::Storage(StorageError::Invalid("x".into())), Code::Internal),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);

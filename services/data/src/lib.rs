@@ -9,7 +9,6 @@ mod error;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -43,9 +42,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Ok(Self {
-            common: CommonConfig::from_env(env, DATA_PORT)?,
-        })
+        Ok(Self { common: CommonConfig::from_env(env, DATA_PORT)? })
     }
 }
 
@@ -56,20 +53,10 @@ pub struct DataService {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
-fn check_name(
-    v: &mut Violations,
-    field: &str,
-    value: &str,
-    max: usize,
-    extra: &[char],
-    required: bool,
-) {
+fn check_name(v: &mut Violations, field: &str, value: &str, max: usize, extra: &[char], required: bool) {
     if value.is_empty() {
         if required {
             v.add(field, "is required");
@@ -78,15 +65,9 @@ fn check_name(
     }
     if value.len() > max {
         v.add(field, format!("must be at most {max} characters"));
-    } else if !value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(&c))
-    {
+    } else if !value.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(&c)) {
         let allowed: String = extra.iter().collect();
-        v.add(
-            field,
-            format!("may contain only letters, digits and _.-{allowed}"),
-        );
+        v.add(field, format!("may contain only letters, digits and _.-{allowed}"));
     }
 }
 
@@ -97,8 +78,7 @@ fn sort_key(collection: &str, id: &str) -> String {
 }
 
 fn decode_item(raw: &tenantmesh_storage::Item) -> Result<Item, DataError> {
-    let mut item =
-        Item::decode(raw.data.as_slice()).map_err(|e| DataError::Corrupt(e.to_string()))?;
+    let mut item = Item::decode(raw.data.as_slice()).map_err(|e| DataError::Corrupt(e.to_string()))?;
     item.version = raw.version;
     Ok(item)
 }
@@ -120,12 +100,7 @@ fn parse_page_token(token: &str, sk_prefix: &str) -> Result<Option<String>, Stat
         .and_then(|s| s.strip_prefix("i1:").map(str::to_owned))
         .filter(|sk| sk.starts_with(sk_prefix))
         .map(Some)
-        .ok_or_else(|| {
-            invalid_field(
-                "page_token",
-                "is not a token from a previous response to this query",
-            )
-        })
+        .ok_or_else(|| invalid_field("page_token", "is not a token from a previous response to this query"))
 }
 
 impl DataService {
@@ -136,21 +111,11 @@ impl DataService {
 
 #[tonic::async_trait]
 impl Data for DataService {
-    async fn put_item(
-        &self,
-        request: Request<PutItemRequest>,
-    ) -> Result<Response<PutItemResponse>, Status> {
+    async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
         let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
-        check_name(
-            &mut v,
-            "collection",
-            &req.collection,
-            MAX_COLLECTION_LEN,
-            &[],
-            true,
-        );
+        check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
         check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
         let mut item = Item {
             collection: req.collection,
@@ -161,10 +126,7 @@ impl Data for DataService {
         };
         let size = item.encoded_len();
         if size > MAX_ITEM_BYTES {
-            v.add(
-                "attributes",
-                format!("item is {size} bytes; the limit is {MAX_ITEM_BYTES}"),
-            );
+            v.add("attributes", format!("item is {size} bytes; the limit is {MAX_ITEM_BYTES}"));
         }
         v.check()?;
         let condition = match req.expected_version {
@@ -172,37 +134,22 @@ impl Data for DataService {
             None => Condition::None,
         };
         let sk = sort_key(&item.collection, &item.id);
-        let stored = self
-            .store
-            .put(&tenant, &sk, item.encode_to_vec(), condition)
-            .await
-            .map_err(|e| match e {
-                StorageError::ConditionFailed { current, .. } => DataError::VersionMismatch {
-                    expected: req.expected_version.unwrap_or_default(),
-                    current,
-                },
-                e => e.into(),
-            })?;
+        let stored = self.store.put(&tenant, &sk, item.encode_to_vec(), condition).await.map_err(|e| match e {
+            StorageError::ConditionFailed { current, .. } => {
+                DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }
+            }
+            e => e.into(),
+        })?;
         item.version = stored.version;
         tracing::debug!(collection = %item.collection, version = item.version, "item written");
         Ok(Response::new(PutItemResponse { item: Some(item) }))
     }
 
-    async fn get_item(
-        &self,
-        request: Request<GetItemRequest>,
-    ) -> Result<Response<GetItemResponse>, Status> {
+    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
         let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
-        check_name(
-            &mut v,
-            "collection",
-            &req.collection,
-            MAX_COLLECTION_LEN,
-            &[],
-            true,
-        );
+        check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
         check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
         v.check()?;
         let raw = self
@@ -211,34 +158,19 @@ impl Data for DataService {
             .await
             .map_err(DataError::from)?
             .ok_or(DataError::NotFound)?;
-        Ok(Response::new(GetItemResponse {
-            item: Some(decode_item(&raw)?),
-        }))
+        Ok(Response::new(GetItemResponse { item: Some(decode_item(&raw)?) }))
     }
 
-    async fn delete_item(
-        &self,
-        request: Request<DeleteItemRequest>,
-    ) -> Result<Response<DeleteItemResponse>, Status> {
+    async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
         let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
-        check_name(
-            &mut v,
-            "collection",
-            &req.collection,
-            MAX_COLLECTION_LEN,
-            &[],
-            true,
-        );
+        check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
         check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
         v.check()?;
         let condition = match req.expected_version {
             Some(0) => {
-                return Err(invalid_field(
-                    "expected_version",
-                    "must be at least 1 to delete",
-                ));
+                return Err(invalid_field("expected_version", "must be at least 1 to delete"));
             }
             Some(expected) => Condition::Version(expected),
             None => Condition::Exists,
@@ -246,79 +178,36 @@ impl Data for DataService {
         let sk = sort_key(&req.collection, &req.id);
         match self.store.delete(&tenant, &sk, condition).await {
             Ok(_) => Ok(Response::new(DeleteItemResponse {})),
-            Err(StorageError::ConditionFailed { current: None, .. }) => {
-                Err(DataError::NotFound.into())
+            Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
+            Err(StorageError::ConditionFailed { current, .. }) => {
+                Err(DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }.into())
             }
-            Err(StorageError::ConditionFailed { current, .. }) => Err(DataError::VersionMismatch {
-                expected: req.expected_version.unwrap_or_default(),
-                current,
-            }
-            .into()),
             Err(e) => Err(DataError::from(e).into()),
         }
     }
 
-    async fn query_items(
-        &self,
-        request: Request<QueryItemsRequest>,
-    ) -> Result<Response<QueryItemsResponse>, Status> {
+    async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
         let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
-        check_name(
-            &mut v,
-            "collection",
-            &req.collection,
-            MAX_COLLECTION_LEN,
-            &[],
-            true,
-        );
-        check_name(
-            &mut v,
-            "id_prefix",
-            &req.id_prefix,
-            MAX_ID_LEN,
-            ID_EXTRA,
-            false,
-        );
+        check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
+        check_name(&mut v, "id_prefix", &req.id_prefix, MAX_ID_LEN, ID_EXTRA, false);
         let limit = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n @ 1..=MAX_PAGE_SIZE => n as usize,
             _ => {
-                v.add(
-                    "page_size",
-                    format!("must be between 0 and {MAX_PAGE_SIZE}"),
-                );
+                v.add("page_size", format!("must be between 0 and {MAX_PAGE_SIZE}"));
                 0
             }
         };
         v.check()?;
         let sk_prefix = sort_key(&req.collection, &req.id_prefix);
         let start_after = parse_page_token(&req.page_token, &sk_prefix)?;
-        let page = self
-            .store
-            .query(Query {
-                pk: tenant,
-                sk_prefix,
-                start_after,
-                limit,
-            })
-            .await
-            .map_err(DataError::from)?;
-        let items = page
-            .items
-            .iter()
-            .map(decode_item)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next_page_token = page
-            .last_evaluated
-            .as_deref()
-            .map(page_token)
-            .unwrap_or_default();
-        Ok(Response::new(QueryItemsResponse {
-            items,
-            next_page_token,
-        }))
+        let page =
+            self.store.query(Query { pk: tenant, sk_prefix, start_after, limit }).await.map_err(DataError::from)?;
+        let items = page.items.iter().map(decode_item).collect::<Result<Vec<_>, _>>()?;
+        let next_page_token = page.last_evaluated.as_deref().map(page_token).unwrap_or_default();
+        Ok(Response::new(QueryItemsResponse { items, next_page_token }))
     }
 }
 
@@ -337,19 +226,10 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let auth = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
     let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
-    let verifier = TokenVerifier::new(
-        Arc::new(JwksCache::new(auth)),
-        &config.common.issuer,
-        &config.common.audience,
-    );
-    let directory = Arc::new(RemoteDirectory::new(registry, Duration::from_secs(5)));
+    let verifier = TokenVerifier::new(Arc::new(JwksCache::new(auth)), &config.common.issuer, &config.common.audience);
+    let directory = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
     let authn = Authenticator::new(Arc::new(verifier), directory);
-    tenantmesh_tenant_context::runtime::serve(
-        listener,
-        DataServer::new(DataService::new(store)),
-        authn,
-        shutdown,
-    )
-    .await?;
+    tenantmesh_tenant_context::runtime::serve(listener, DataServer::new(DataService::new(store)), authn, shutdown)
+        .await?;
     Ok(())
 }

@@ -10,11 +10,7 @@ pub enum OnboardingError {
     #[error("tenant {0} is already registered")]
     TenantTaken(String),
     #[error("onboarding step {step} failed: {reason}")]
-    StepFailed {
-        step: &'static str,
-        reason: String,
-        retryable: bool,
-    },
+    StepFailed { step: &'static str, reason: String, retryable: bool },
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("internal: {0}")]
@@ -28,19 +24,10 @@ impl From<OnboardingError> for Status {
         match e {
             e @ OnboardingError::NotFound(_) => Status::not_found(e.to_string()),
             e @ OnboardingError::TenantTaken(_) => Status::already_exists(e.to_string()),
-            OnboardingError::StepFailed {
-                step,
-                reason,
-                retryable,
-            } => {
-                let msg = format!(
-                    "onboarding step {step} failed: {reason}; retry with the same idempotency_key to resume"
-                );
-                if retryable {
-                    Status::unavailable(msg)
-                } else {
-                    Status::failed_precondition(msg)
-                }
+            OnboardingError::StepFailed { step, reason, retryable } => {
+                let msg =
+                    format!("onboarding step {step} failed: {reason}; retry with the same idempotency_key to resume");
+                if retryable { Status::unavailable(msg) } else { Status::failed_precondition(msg) }
             }
             OnboardingError::Corrupt(cause) | OnboardingError::Internal(cause) => {
                 tracing::error!(cause, "onboarding internal error");
@@ -61,24 +48,14 @@ mod tests {
 
     #[test]
     fn errors_map_to_codes() {
-        let step = |retryable| OnboardingError::StepFailed {
-            step: "create_tenant",
-            reason: "x".into(),
-            retryable,
-        };
+        let step = |retryable| OnboardingError::StepFailed { step: "create_tenant", reason: "x".into(), retryable };
         let cases = [
             (OnboardingError::NotFound("a".into()), Code::NotFound),
-            (
-                OnboardingError::TenantTaken("a".into()),
-                Code::AlreadyExists,
-            ),
+            (OnboardingError::TenantTaken("a".into()), Code::AlreadyExists),
             (step(true), Code::Unavailable),
             (step(false), Code::FailedPrecondition),
             (OnboardingError::Internal("x".into()), Code::Internal),
-            (
-                OnboardingError::Storage(StorageError::Backend("io".into())),
-                Code::Unavailable,
-            ),
+            (OnboardingError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);

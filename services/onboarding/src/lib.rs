@@ -22,9 +22,7 @@ use tenantmesh_proto::registry::v1::{
     CreateTenantRequest, GetTenantRequest, IsolationModel, SetTenantStatusRequest, TenantStatus,
 };
 use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError, Write};
-use tenantmesh_tenant_context::client::{
-    self, Identity, PropagatedChannel, ServiceCredentials, ServiceTokenSource,
-};
+use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel, ServiceCredentials, ServiceTokenSource};
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, ONBOARDING_PORT, var};
 use tenantmesh_tenant_context::directory::RemoteDirectory;
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
@@ -60,25 +58,18 @@ pub struct Config {
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("common", &self.common)
-            .field("credentials", &self.credentials)
-            .finish()
+        f.debug_struct("Config").field("common", &self.common).field("credentials", &self.credentials).finish()
     }
 }
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let client_secret = var(env, "TENANTMESH_SERVICE_CLIENT_SECRET").ok_or(ConfigError {
-            var: "TENANTMESH_SERVICE_CLIENT_SECRET",
-            message: "is required".into(),
-        })?;
+        let client_secret = var(env, "TENANTMESH_SERVICE_CLIENT_SECRET")
+            .ok_or(ConfigError { var: "TENANTMESH_SERVICE_CLIENT_SECRET", message: "is required".into() })?;
         Ok(Self {
             common: CommonConfig::from_env(env, ONBOARDING_PORT)?,
             credentials: ServiceCredentials {
-                client_id: var(env, "TENANTMESH_SERVICE_CLIENT_ID")
-                    .unwrap_or("onboarding")
-                    .to_owned(),
+                client_id: var(env, "TENANTMESH_SERVICE_CLIENT_ID").unwrap_or("onboarding").to_owned(),
                 client_secret: client_secret.to_owned(),
             },
             hash_params: tenantmesh_auth::HashParams::from_env(env)?,
@@ -87,10 +78,7 @@ impl Config {
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
 /// The onboarding service's state.
@@ -116,14 +104,9 @@ struct StepError {
 
 impl From<Status> for StepError {
     fn from(s: Status) -> Self {
-        let retryable = matches!(
-            s.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
-        );
-        StepError {
-            reason: format!("{:?}: {}", s.code(), s.message()),
-            retryable,
-        }
+        let retryable =
+            matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted);
+        StepError { reason: format!("{:?}: {}", s.code(), s.message()), retryable }
     }
 }
 
@@ -149,8 +132,7 @@ impl OnboardingService {
     async fn load(&self, tenant_id: &str) -> Result<Option<(Workflow, u64)>, OnboardingError> {
         match self.inner.store.get(WORKFLOWS_PK, tenant_id).await? {
             Some(item) => {
-                let wf = serde_json::from_slice(&item.data)
-                    .map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
+                let wf = serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
                 Ok(Some((wf, item.version)))
             }
             None => Ok(None),
@@ -160,35 +142,17 @@ impl OnboardingService {
     async fn save(&self, wf: &mut Workflow, version: &mut u64) -> Result<(), OnboardingError> {
         wf.update_time = now_secs();
         let data = serde_json::to_vec(wf).map_err(|e| OnboardingError::Internal(e.to_string()))?;
-        let item = self
-            .inner
-            .store
-            .put(
-                WORKFLOWS_PK,
-                &wf.params.tenant_id,
-                data,
-                Condition::Version(*version),
-            )
-            .await?;
+        let item = self.inner.store.put(WORKFLOWS_PK, &wf.params.tenant_id, data, Condition::Version(*version)).await?;
         *version = item.version;
         Ok(())
     }
 
     /// Runs the tenant's workflow from its first unfinished step to the end.
     pub async fn run(&self, tenant_id: &str) -> Result<Workflow, OnboardingError> {
-        let lock = self
-            .inner
-            .running
-            .lock()
-            .await
-            .entry(tenant_id.to_owned())
-            .or_default()
-            .clone();
+        let lock = self.inner.running.lock().await.entry(tenant_id.to_owned()).or_default().clone();
         let _guard = lock.lock().await;
-        let (mut wf, mut version) = self
-            .load(tenant_id)
-            .await?
-            .ok_or_else(|| OnboardingError::NotFound(tenant_id.into()))?;
+        let (mut wf, mut version) =
+            self.load(tenant_id).await?.ok_or_else(|| OnboardingError::NotFound(tenant_id.into()))?;
         if wf.state == WorkflowState::Succeeded {
             return Ok(wf);
         }
@@ -224,11 +188,7 @@ impl OnboardingService {
                         wf.state = WorkflowState::Succeeded;
                     }
                     self.save(&mut wf, &mut version).await?;
-                    tracing::info!(
-                        step = name,
-                        onboarded_tenant = tenant_id,
-                        "onboarding step done"
-                    );
+                    tracing::info!(step = name, onboarded_tenant = tenant_id, "onboarding step done");
                 }
                 Err(e) => {
                     wf.steps[i].state = StepState::Failed;
@@ -236,11 +196,7 @@ impl OnboardingService {
                     wf.state = WorkflowState::Failed;
                     self.save(&mut wf, &mut version).await?;
                     tracing::warn!(step = name, onboarded_tenant = tenant_id, reason = %e.reason, "onboarding failed");
-                    return Err(OnboardingError::StepFailed {
-                        step: name,
-                        reason: e.reason,
-                        retryable: e.retryable,
-                    });
+                    return Err(OnboardingError::StepFailed { step: name, reason: e.reason, retryable: e.retryable });
                 }
             }
         }
@@ -273,9 +229,7 @@ impl OnboardingService {
                             .inner
                             .registry
                             .clone()
-                            .get_tenant(GetTenantRequest {
-                                tenant_id: p.tenant_id.clone(),
-                            })
+                            .get_tenant(GetTenantRequest { tenant_id: p.tenant_id.clone() })
                             .await?
                             .into_inner()
                             .tenant
@@ -287,10 +241,7 @@ impl OnboardingService {
                             Ok(())
                         } else {
                             Err(StepError {
-                                reason: format!(
-                                    "tenant {} already exists outside this onboarding",
-                                    p.tenant_id
-                                ),
+                                reason: format!("tenant {} already exists outside this onboarding", p.tenant_id),
                                 retryable: false,
                             })
                         }
@@ -328,10 +279,7 @@ impl OnboardingService {
                     .await?;
                 Ok(())
             }
-            other => Err(StepError {
-                reason: format!("unknown step {other}"),
-                retryable: false,
-            }),
+            other => Err(StepError { reason: format!("unknown step {other}"), retryable: false }),
         }
     }
 
@@ -343,16 +291,11 @@ impl OnboardingService {
             let page = self
                 .inner
                 .store
-                .query(Query {
-                    pk: WORKFLOWS_PK.into(),
-                    sk_prefix: String::new(),
-                    start_after,
-                    limit: 100,
-                })
+                .query(Query { pk: WORKFLOWS_PK.into(), sk_prefix: String::new(), start_after, limit: 100 })
                 .await?;
             for item in &page.items {
-                let wf: Workflow = serde_json::from_slice(&item.data)
-                    .map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
+                let wf: Workflow =
+                    serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
                 if wf.state == WorkflowState::Running {
                     pending.push(wf.params.tenant_id);
                 }
@@ -399,22 +342,12 @@ impl Onboarding for OnboardingService {
             v.add("tier", tiers::unknown_tier_message());
         }
         let email = req.admin_email.trim().to_ascii_lowercase();
-        if !email
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
-            || email.len() > 254
-        {
-            v.add(
-                "admin_email",
-                "must be an email address such as admin@example.com",
-            );
+        if !email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty()) || email.len() > 254 {
+            v.add("admin_email", "must be an email address such as admin@example.com");
         }
         tenantmesh_auth::check_password(&mut v, "admin_password", &req.admin_password);
         if req.idempotency_key.is_empty() || req.idempotency_key.len() > MAX_KEY_LEN {
-            v.add(
-                "idempotency_key",
-                format!("must be 1 to {MAX_KEY_LEN} bytes"),
-            );
+            v.add("idempotency_key", format!("must be 1 to {MAX_KEY_LEN} bytes"));
         } else if req.idempotency_key.chars().any(char::is_control) {
             v.add("idempotency_key", "must not contain control characters");
         }
@@ -429,25 +362,16 @@ impl Onboarding for OnboardingService {
                 model.expect("validated")
             )));
         }
-        let params = Params {
-            tenant_id: req.tenant_id.clone(),
-            name: req.name,
-            tier: req.tier,
-            admin_email: email,
-        };
+        let params = Params { tenant_id: req.tenant_id.clone(), name: req.name, tier: req.tier, admin_email: email };
 
         // Idempotency: the key's record and the workflow are created together.
         let mut hash = None;
         loop {
-            if let Some(item) = self
-                .inner
-                .store
-                .get(IDEMPOTENCY_PK, &req.idempotency_key)
-                .await
-                .map_err(OnboardingError::from)?
+            if let Some(item) =
+                self.inner.store.get(IDEMPOTENCY_PK, &req.idempotency_key).await.map_err(OnboardingError::from)?
             {
-                let recorded: Params = serde_json::from_slice(&item.data)
-                    .map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
+                let recorded: Params =
+                    serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
                 if recorded != params {
                     return Err(invalid_field(
                         "idempotency_key",
@@ -460,34 +384,25 @@ impl Onboarding for OnboardingService {
                 Some(h) => h,
                 None => {
                     let (pw, hp) = (req.admin_password.clone(), self.inner.hash_params);
-                    let h = tokio::task::spawn_blocking(move || {
-                        tenantmesh_auth::password::hash(&pw, hp)
-                    })
-                    .await
-                    .map_err(|e| OnboardingError::Internal(e.to_string()))?
-                    .map_err(|e| OnboardingError::Internal(e.to_string()))?;
+                    let h = tokio::task::spawn_blocking(move || tenantmesh_auth::password::hash(&pw, hp))
+                        .await
+                        .map_err(|e| OnboardingError::Internal(e.to_string()))?
+                        .map_err(|e| OnboardingError::Internal(e.to_string()))?;
                     hash.insert(h)
                 }
             };
-            let wf = Workflow::new(
-                params.clone(),
-                password_hash.clone(),
-                req.idempotency_key.clone(),
-                now_secs(),
-            );
+            let wf = Workflow::new(params.clone(), password_hash.clone(), req.idempotency_key.clone(), now_secs());
             let writes = vec![
                 Write::Put {
                     pk: IDEMPOTENCY_PK.into(),
                     sk: req.idempotency_key.clone(),
-                    data: serde_json::to_vec(&params)
-                        .map_err(|e| OnboardingError::Internal(e.to_string()))?,
+                    data: serde_json::to_vec(&params).map_err(|e| OnboardingError::Internal(e.to_string()))?,
                     condition: Condition::NotExists,
                 },
                 Write::Put {
                     pk: WORKFLOWS_PK.into(),
                     sk: params.tenant_id.clone(),
-                    data: serde_json::to_vec(&wf)
-                        .map_err(|e| OnboardingError::Internal(e.to_string()))?,
+                    data: serde_json::to_vec(&wf).map_err(|e| OnboardingError::Internal(e.to_string()))?,
                     condition: Condition::NotExists,
                 },
             ];
@@ -505,10 +420,7 @@ impl Onboarding for OnboardingService {
             }
         }
         let wf = self.run(&params.tenant_id).await?;
-        Ok(Response::new(RegisterTenantResponse {
-            tenant_id: params.tenant_id,
-            status: to_proto_status(&wf) as i32,
-        }))
+        Ok(Response::new(RegisterTenantResponse { tenant_id: params.tenant_id, status: to_proto_status(&wf) as i32 }))
     }
 
     async fn get_onboarding_status(
@@ -521,10 +433,8 @@ impl Onboarding for OnboardingService {
         v.tenant_id("tenant_id", &req.tenant_id);
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
-        let (wf, _) = self
-            .load(&req.tenant_id)
-            .await?
-            .ok_or_else(|| OnboardingError::NotFound(req.tenant_id.clone()))?;
+        let (wf, _) =
+            self.load(&req.tenant_id).await?.ok_or_else(|| OnboardingError::NotFound(req.tenant_id.clone()))?;
         let steps = wf
             .steps
             .iter()
@@ -563,10 +473,7 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let auth = client::channel(&config.common.auth_url)?;
     let registry = client::channel(&config.common.registry_url)?;
-    let tokens = Arc::new(ServiceTokenSource::new(
-        auth.clone(),
-        config.credentials.clone(),
-    ));
+    let tokens = Arc::new(ServiceTokenSource::new(auth.clone(), config.credentials.clone()));
     let service = OnboardingService::new(
         store,
         client::wrap(registry.clone(), Identity::Service(tokens.clone())),
@@ -579,19 +486,9 @@ pub async fn serve(
             tracing::error!(error = %e, "could not resume unfinished onboardings");
         }
     });
-    let verifier = TokenVerifier::new(
-        Arc::new(JwksCache::new(auth)),
-        &config.common.issuer,
-        &config.common.audience,
-    );
-    let directory = Arc::new(RemoteDirectory::new(registry, Duration::from_secs(5)));
+    let verifier = TokenVerifier::new(Arc::new(JwksCache::new(auth)), &config.common.issuer, &config.common.audience);
+    let directory = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
     let authn = Authenticator::new(Arc::new(verifier), directory);
-    tenantmesh_tenant_context::runtime::serve(
-        listener,
-        OnboardingServer::new(service),
-        authn,
-        shutdown,
-    )
-    .await?;
+    tenantmesh_tenant_context::runtime::serve(listener, OnboardingServer::new(service), authn, shutdown).await?;
     Ok(())
 }

@@ -6,8 +6,7 @@ use tenantmesh_tenant_context::runtime::shutdown_signal;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let env = process_env();
-    let _telemetry =
-        tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env("onboarding", &env))?;
+    let _telemetry = tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env("onboarding", &env))?;
     let config = tenantmesh_onboarding::Config::from_env(&env)?;
     let store = tenantmesh_onboarding::open_store(&config)?;
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr).await?;

@@ -52,12 +52,7 @@ pub struct Workflow {
 }
 
 impl Workflow {
-    pub fn new(
-        params: Params,
-        admin_password_hash: String,
-        idempotency_key: String,
-        now: i64,
-    ) -> Self {
+    pub fn new(params: Params, admin_password_hash: String, idempotency_key: String, now: i64) -> Self {
         Self {
             params,
             admin_password_hash,

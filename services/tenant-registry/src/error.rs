@@ -33,9 +33,7 @@ impl From<RegistryError> for Status {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::NotFound(id) => Status::not_found(format!("tenant {id} not found")),
-            RegistryError::AlreadyExists(id) => {
-                Status::already_exists(format!("tenant {id} already exists"))
-            }
+            RegistryError::AlreadyExists(id) => Status::already_exists(format!("tenant {id} already exists")),
             e @ RegistryError::VersionMismatch { .. } => Status::aborted(e.to_string()),
             e @ RegistryError::ModelChange { .. } => Status::failed_precondition(format!(
                 "{e}: moving between isolation models needs a tier-change workflow, which is not available yet"
@@ -65,29 +63,11 @@ mod tests {
     fn errors_map_to_codes() {
         let cases = [
             (RegistryError::NotFound("a".into()), Code::NotFound),
-            (
-                RegistryError::AlreadyExists("a".into()),
-                Code::AlreadyExists,
-            ),
-            (
-                RegistryError::VersionMismatch {
-                    expected: 1,
-                    current: 2,
-                },
-                Code::Aborted,
-            ),
-            (
-                RegistryError::ModelChange {
-                    from: "a".into(),
-                    to: "b".into(),
-                },
-                Code::FailedPrecondition,
-            ),
+            (RegistryError::AlreadyExists("a".into()), Code::AlreadyExists),
+            (RegistryError::VersionMismatch { expected: 1, current: 2 }, Code::Aborted),
+            (RegistryError::ModelChange { from: "a".into(), to: "b".into() }, Code::FailedPrecondition),
             (RegistryError::Corrupt("x".into()), Code::Internal),
-            (
-                RegistryError::Storage(StorageError::Backend("io".into())),
-                Code::Unavailable,
-            ),
+            (RegistryError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use base64::Engine as _;
 use prost::Message as _;
-use tenantmesh_proto::registry::v1::tenant_registry_server::{
-    TenantRegistry, TenantRegistryServer,
-};
+use tenantmesh_proto::registry::v1::tenant_registry_server::{TenantRegistry, TenantRegistryServer};
 use tenantmesh_proto::registry::v1::*;
 use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query};
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, REGISTRY_PORT};
@@ -42,9 +40,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Ok(Self {
-            common: CommonConfig::from_env(env, REGISTRY_PORT)?,
-        })
+        Ok(Self { common: CommonConfig::from_env(env, REGISTRY_PORT)? })
     }
 }
 
@@ -55,10 +51,7 @@ pub struct Registry {
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
 impl Registry {
@@ -71,8 +64,7 @@ impl Registry {
         let Some(item) = self.store.get(TENANTS_PK, tenant_id).await? else {
             return Ok(None);
         };
-        let mut tenant = Tenant::decode(item.data.as_slice())
-            .map_err(|e| RegistryError::Corrupt(e.to_string()))?;
+        let mut tenant = Tenant::decode(item.data.as_slice()).map_err(|e| RegistryError::Corrupt(e.to_string()))?;
         tenant.version = item.version;
         Ok(Some(tenant))
     }
@@ -80,12 +72,7 @@ impl Registry {
     async fn insert(&self, mut tenant: Tenant) -> Result<Tenant, RegistryError> {
         let item = self
             .store
-            .put(
-                TENANTS_PK,
-                &tenant.tenant_id,
-                tenant.encode_to_vec(),
-                Condition::NotExists,
-            )
+            .put(TENANTS_PK, &tenant.tenant_id, tenant.encode_to_vec(), Condition::NotExists)
             .await
             .map_err(|e| RegistryError::from_write(e, &tenant.tenant_id))?;
         tenant.version = item.version;
@@ -102,38 +89,21 @@ impl Registry {
         change: impl Fn(&mut Tenant) -> Result<(), RegistryError>,
     ) -> Result<Tenant, RegistryError> {
         loop {
-            let mut tenant = self
-                .get(tenant_id)
-                .await?
-                .ok_or_else(|| RegistryError::NotFound(tenant_id.into()))?;
+            let mut tenant = self.get(tenant_id).await?.ok_or_else(|| RegistryError::NotFound(tenant_id.into()))?;
             if let Some(v) = expected
                 && v != tenant.version
             {
-                return Err(RegistryError::VersionMismatch {
-                    expected: v,
-                    current: tenant.version,
-                });
+                return Err(RegistryError::VersionMismatch { expected: v, current: tenant.version });
             }
             change(&mut tenant)?;
             tenant.update_time = now_secs();
             let version = tenant.version;
-            match self
-                .store
-                .put(
-                    TENANTS_PK,
-                    tenant_id,
-                    tenant.encode_to_vec(),
-                    Condition::Version(version),
-                )
-                .await
-            {
+            match self.store.put(TENANTS_PK, tenant_id, tenant.encode_to_vec(), Condition::Version(version)).await {
                 Ok(item) => {
                     tenant.version = item.version;
                     return Ok(tenant);
                 }
-                Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. })
-                    if expected.is_none() =>
-                {
+                Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. }) if expected.is_none() => {
                     tracing::debug!(tenant_id, ?current, "concurrent tenant update; retrying");
                 }
                 Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. }) => {
@@ -164,10 +134,7 @@ impl Registry {
             version: 0,
         };
         match self.insert(tenant).await {
-            Ok(_) => tracing::info!(
-                tenant_id = PLATFORM_TENANT,
-                "bootstrap: created the platform tenant"
-            ),
+            Ok(_) => tracing::info!(tenant_id = PLATFORM_TENANT, "bootstrap: created the platform tenant"),
             Err(RegistryError::AlreadyExists(_)) => {}
             Err(e) => return Err(e),
         }
@@ -210,10 +177,7 @@ fn page_size(field: &str, size: i32) -> Result<usize, Status> {
     match size {
         0 => Ok(DEFAULT_PAGE_SIZE as usize),
         1..=MAX_PAGE_SIZE => Ok(size as usize),
-        _ => Err(invalid_field(
-            field,
-            format!("must be between 0 and {MAX_PAGE_SIZE}"),
-        )),
+        _ => Err(invalid_field(field, format!("must be between 0 and {MAX_PAGE_SIZE}"))),
     }
 }
 
@@ -267,28 +231,18 @@ impl TenantRegistry for Registry {
             })
             .await?;
         tracing::info!(created_tenant = %tenant.tenant_id, tier = %tenant.tier, "tenant created");
-        Ok(Response::new(CreateTenantResponse {
-            tenant: Some(tenant),
-        }))
+        Ok(Response::new(CreateTenantResponse { tenant: Some(tenant) }))
     }
 
-    async fn get_tenant(
-        &self,
-        request: Request<GetTenantRequest>,
-    ) -> Result<Response<GetTenantResponse>, Status> {
+    async fn get_tenant(&self, request: Request<GetTenantRequest>) -> Result<Response<GetTenantResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
-        let tenant = self
-            .get(&req.tenant_id)
-            .await?
-            .ok_or_else(|| RegistryError::NotFound(req.tenant_id))?;
-        Ok(Response::new(GetTenantResponse {
-            tenant: Some(tenant),
-        }))
+        let tenant = self.get(&req.tenant_id).await?.ok_or_else(|| RegistryError::NotFound(req.tenant_id))?;
+        Ok(Response::new(GetTenantResponse { tenant: Some(tenant) }))
     }
 
     async fn list_tenants(
@@ -300,30 +254,17 @@ impl TenantRegistry for Registry {
         let start_after = decode_page_token(&req.page_token)?;
         let page = self
             .store
-            .query(Query {
-                pk: TENANTS_PK.into(),
-                sk_prefix: String::new(),
-                start_after,
-                limit,
-            })
+            .query(Query { pk: TENANTS_PK.into(), sk_prefix: String::new(), start_after, limit })
             .await
             .map_err(RegistryError::from)?;
         let mut tenants = Vec::with_capacity(page.items.len());
         for item in page.items {
-            let mut t = Tenant::decode(item.data.as_slice())
-                .map_err(|e| RegistryError::Corrupt(e.to_string()))?;
+            let mut t = Tenant::decode(item.data.as_slice()).map_err(|e| RegistryError::Corrupt(e.to_string()))?;
             t.version = item.version;
             tenants.push(t);
         }
-        let next_page_token = page
-            .last_evaluated
-            .as_deref()
-            .map(encode_page_token)
-            .unwrap_or_default();
-        Ok(Response::new(ListTenantsResponse {
-            tenants,
-            next_page_token,
-        }))
+        let next_page_token = page.last_evaluated.as_deref().map(encode_page_token).unwrap_or_default();
+        Ok(Response::new(ListTenantsResponse { tenants, next_page_token }))
     }
 
     async fn update_tenant(
@@ -349,10 +290,7 @@ impl TenantRegistry for Registry {
                 if !req.tier.is_empty() && req.tier != t.tier {
                     let model = tiers::isolation_model(&req.tier).expect("tier validated");
                     if model as i32 != t.isolation_model {
-                        return Err(RegistryError::ModelChange {
-                            from: t.tier.clone(),
-                            to: req.tier.clone(),
-                        });
+                        return Err(RegistryError::ModelChange { from: t.tier.clone(), to: req.tier.clone() });
                     }
                     t.tier = req.tier.clone();
                 }
@@ -360,9 +298,7 @@ impl TenantRegistry for Registry {
             })
             .await?;
         tracing::info!(updated_tenant = %tenant.tenant_id, version = tenant.version, "tenant updated");
-        Ok(Response::new(UpdateTenantResponse {
-            tenant: Some(tenant),
-        }))
+        Ok(Response::new(UpdateTenantResponse { tenant: Some(tenant) }))
     }
 
     async fn set_tenant_status(
@@ -381,9 +317,7 @@ impl TenantRegistry for Registry {
         };
         v.check()?;
         if req.tenant_id == PLATFORM_TENANT && status != TenantStatus::Active {
-            return Err(Status::failed_precondition(
-                "the platform tenant cannot be deactivated",
-            ));
+            return Err(Status::failed_precondition("the platform tenant cannot be deactivated"));
         }
         let tenant = self
             .modify(&req.tenant_id, None, |t| {
@@ -392,9 +326,7 @@ impl TenantRegistry for Registry {
             })
             .await?;
         tracing::info!(target_tenant = %tenant.tenant_id, status = ?status, "tenant status changed");
-        Ok(Response::new(SetTenantStatusResponse {
-            tenant: Some(tenant),
-        }))
+        Ok(Response::new(SetTenantStatusResponse { tenant: Some(tenant) }))
     }
 }
 
@@ -414,18 +346,9 @@ pub async fn serve(
     let registry = Registry::new(store);
     registry.bootstrap().await?;
     let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
-    let verifier = TokenVerifier::new(
-        Arc::new(JwksCache::new(auth_channel)),
-        &config.common.issuer,
-        &config.common.audience,
-    );
+    let verifier =
+        TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience);
     let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone()));
-    tenantmesh_tenant_context::runtime::serve(
-        listener,
-        TenantRegistryServer::new(registry),
-        authn,
-        shutdown,
-    )
-    .await?;
+    tenantmesh_tenant_context::runtime::serve(listener, TenantRegistryServer::new(registry), authn, shutdown).await?;
     Ok(())
 }

@@ -6,10 +6,7 @@ use tenantmesh_tenant_context::runtime::shutdown_signal;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let env = process_env();
-    let _telemetry = tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env(
-        "tenant-registry",
-        &env,
-    ))?;
+    let _telemetry = tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env("tenant-registry", &env))?;
     let config = tenantmesh_registry::Config::from_env(&env)?;
     let store = tenantmesh_registry::open_store(&config)?;
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr).await?;

@@ -1,0 +1,150 @@
+//! Contract tests of `tenantmesh.auth.v1.Auth`: login, users, JWKS and
+//! service tokens, with their error paths.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use tenantmesh_proto::auth::v1::*;
+use tenantmesh_tenant_context::Claims;
+use tenantmesh_test_support::*;
+use tonic::Code;
+
+fn login(tenant: &str, email: &str, password: &str) -> LoginRequest {
+    LoginRequest { tenant_id: tenant.into(), email: email.into(), password: password.into() }
+}
+
+fn new_user(tenant: &str, email: &str, roles: &[Role]) -> CreateUserRequest {
+    CreateUserRequest {
+        tenant_id: tenant.into(),
+        email: email.into(),
+        password: "a-long-password".into(),
+        roles: roles.iter().map(|r| *r as i32).collect(),
+        password_hash: String::new(),
+    }
+}
+
+/// Login returns an EdDSA token that verifies against the published JWKS
+/// and carries the tenant, subject and roles.
+#[tokio::test]
+async fn login_token_verifies_against_jwks() {
+    let mesh = TestMesh::start().await;
+    let mut auth = mesh.auth();
+    let resp = auth.login(login("platform", ADMIN_EMAIL, ADMIN_PASSWORD)).await.unwrap().into_inner();
+    assert_eq!((resp.expires_in, resp.token_type.as_str()), (900, "Bearer"));
+    assert!(resp.refresh_token.len() >= 32);
+
+    let jwks = auth.get_jwks(GetJwksRequest {}).await.unwrap().into_inner();
+    assert_eq!(jwks.keys.len(), 1);
+    let jwk = &jwks.keys[0];
+    assert_eq!(
+        (jwk.kty.as_str(), jwk.crv.as_str(), jwk.alg.as_str(), jwk.r#use.as_str()),
+        ("OKP", "Ed25519", "EdDSA", "sig")
+    );
+    let doc: serde_json::Value = serde_json::from_str(&jwks.jwks_json).unwrap();
+    assert_eq!(doc["keys"][0]["kid"], jwk.kid.as_str());
+
+    let header = jsonwebtoken::decode_header(&resp.access_token).unwrap();
+    assert_eq!((header.alg, header.kid.as_deref()), (Algorithm::EdDSA, Some(jwk.kid.as_str())));
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_audience(&["tenantmesh"]);
+    v.set_issuer(&["tenantmesh-auth"]);
+    let key = DecodingKey::from_ed_components(&jwk.x).unwrap();
+    let claims = jsonwebtoken::decode::<Claims>(&resp.access_token, &key, &v).unwrap().claims;
+    assert_eq!(claims.tenant_id, "platform");
+    assert_eq!(claims.roles, vec![tenantmesh_tenant_context::Role::PlatformAdmin]);
+    assert_eq!(claims.exp - claims.iat, 900);
+    mesh.shutdown().await;
+}
+
+/// A wrong password, an unknown user and a user of another tenant all get
+/// the same UNAUTHENTICATED answer; malformed input is INVALID_ARGUMENT.
+#[tokio::test]
+async fn login_failures_look_alike() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("acme")).await;
+    let mut auth = mesh.auth();
+    let wrong = expect_code(auth.login(login("platform", ADMIN_EMAIL, "wrong-password")).await, Code::Unauthenticated);
+    let unknown =
+        expect_code(auth.login(login("platform", "nobody@x.io", ADMIN_PASSWORD)).await, Code::Unauthenticated);
+    let other_tenant =
+        expect_code(auth.login(login(&t.tenant_id, ADMIN_EMAIL, ADMIN_PASSWORD)).await, Code::Unauthenticated);
+    assert_eq!(wrong.message(), unknown.message());
+    assert_eq!(wrong.message(), other_tenant.message());
+    // Emails are case-insensitive.
+    auth.login(login(&t.tenant_id, &t.admin_email.to_uppercase(), &t.admin_password)).await.unwrap();
+    expect_invalid(auth.login(login("Bad Tenant", "a@b.c", "x")).await, "tenant_id");
+    expect_invalid(auth.login(login("platform", "", "x")).await, "email");
+    expect_invalid(auth.login(login("platform", "a@b.c", "")).await, "password");
+    mesh.shutdown().await;
+}
+
+/// Users are created by platform admins anywhere and by tenant admins in
+/// their own tenant only; new users can log in with their roles.
+#[tokio::test]
+async fn create_user_rules() {
+    let mesh = TestMesh::start().await;
+    let a = mesh.onboard(&unique_tenant("acme")).await;
+    let b = mesh.onboard(&unique_tenant("globex")).await;
+    let admin = mesh.admin_token().await;
+    let mut auth = mesh.auth();
+
+    let u = auth.create_user(authed(new_user(&a.tenant_id, "Bob@Acme.example", &[]), &a.token)).await.unwrap();
+    let u = u.into_inner().user.unwrap();
+    assert_eq!((u.email.as_str(), u.roles.as_slice()), ("bob@acme.example", &[Role::TenantUser as i32][..]));
+    mesh.login(&a.tenant_id, "bob@acme.example", "a-long-password").await.unwrap();
+    expect_code(
+        auth.create_user(authed(new_user(&a.tenant_id, "bob@acme.example", &[]), &a.token)).await,
+        Code::AlreadyExists,
+    );
+
+    auth.create_user(authed(new_user(&b.tenant_id, "carol@globex.example", &[Role::TenantAdmin]), &admin))
+        .await
+        .unwrap();
+    expect_code(
+        auth.create_user(authed(new_user(&b.tenant_id, "eve@x.io", &[]), &a.token)).await,
+        Code::PermissionDenied,
+    );
+    let user = mesh.user_token(&a, &[Role::TenantUser]).await;
+    expect_code(auth.create_user(authed(new_user(&a.tenant_id, "x@x.io", &[]), &user)).await, Code::PermissionDenied);
+    expect_code(auth.create_user(new_user(&a.tenant_id, "x@x.io", &[])).await, Code::Unauthenticated);
+    expect_code(
+        auth.create_user(authed(new_user(&unique_tenant("ghost"), "x@x.io", &[]), &admin)).await,
+        Code::NotFound,
+    );
+
+    let mut short = new_user(&a.tenant_id, "s@x.io", &[]);
+    short.password = "short".into();
+    expect_invalid(auth.create_user(authed(short, &a.token)).await, "password");
+    expect_invalid(auth.create_user(authed(new_user(&a.tenant_id, "not-an-email", &[]), &a.token)).await, "email");
+    expect_invalid(
+        auth.create_user(authed(new_user(&a.tenant_id, "p@x.io", &[Role::PlatformAdmin]), &a.token)).await,
+        "roles[0]",
+    );
+    expect_invalid(
+        auth.create_user(authed(new_user(&a.tenant_id, "p@x.io", &[Role::Service]), &admin)).await,
+        "roles[0]",
+    );
+    let mut hashed = new_user(&a.tenant_id, "h@x.io", &[]);
+    hashed.password.clear();
+    hashed.password_hash =
+        tenantmesh_auth::password::hash("a-long-password", tenantmesh_auth::HashParams::default()).unwrap();
+    expect_code(auth.create_user(authed(hashed.clone(), &admin)).await, Code::PermissionDenied);
+    let service = mesh.service_token().await;
+    auth.create_user(authed(hashed, &service)).await.unwrap();
+    mesh.login(&a.tenant_id, "h@x.io", "a-long-password").await.unwrap();
+    mesh.shutdown().await;
+}
+
+/// Service tokens need the configured client credentials.
+#[tokio::test]
+async fn service_tokens_need_credentials() {
+    let mesh = TestMesh::start().await;
+    let mut auth = mesh.auth();
+    let req = |id: &str, secret: &str| IssueServiceTokenRequest { client_id: id.into(), client_secret: secret.into() };
+    expect_code(auth.issue_service_token(req(TEST_CLIENT_ID, "wrong-secret-0123456789")).await, Code::Unauthenticated);
+    expect_code(auth.issue_service_token(req("nobody", TEST_CLIENT_SECRET)).await, Code::Unauthenticated);
+    expect_invalid(auth.issue_service_token(req("", "")).await, "client_id");
+    let token = auth.issue_service_token(req(TEST_CLIENT_ID, TEST_CLIENT_SECRET)).await.unwrap().into_inner();
+    let claims = jsonwebtoken::dangerous::insecure_decode::<Claims>(&token.access_token).unwrap().claims;
+    assert_eq!(claims.roles, vec![tenantmesh_tenant_context::Role::Service]);
+    assert_eq!(claims.sub, format!("service:{TEST_CLIENT_ID}"));
+    mesh.shutdown().await;
+}

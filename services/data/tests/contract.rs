@@ -1,0 +1,222 @@
+//! Contract tests of `tenantmesh.data.v1.Data`, through the whole mesh
+//! in-process: every RPC, happy and error paths, and tenant isolation.
+
+use tenantmesh_proto::auth::v1::Role;
+use tenantmesh_proto::data::v1::*;
+use tenantmesh_proto::registry::v1::{SetTenantStatusRequest, TenantStatus};
+use tenantmesh_test_support::*;
+use tonic::Code;
+
+fn put(collection: &str, id: &str, pairs: &[(&str, &str)], expected_version: Option<u64>) -> PutItemRequest {
+    PutItemRequest { collection: collection.into(), id: id.into(), attributes: Some(attrs(pairs)), expected_version }
+}
+
+fn get(collection: &str, id: &str) -> GetItemRequest {
+    GetItemRequest { collection: collection.into(), id: id.into() }
+}
+
+fn query(collection: &str, id_prefix: &str, page_size: i32, page_token: &str) -> QueryItemsRequest {
+    QueryItemsRequest {
+        collection: collection.into(),
+        id_prefix: id_prefix.into(),
+        page_size,
+        page_token: page_token.into(),
+    }
+}
+
+fn title(item: &Item) -> String {
+    match item.attributes.as_ref().and_then(|a| a.fields.get("title")).and_then(|v| v.kind.clone()) {
+        Some(prost_types::value::Kind::StringValue(s)) => s,
+        other => panic!("no title: {other:?}"),
+    }
+}
+
+/// Put, get, optimistic versions and delete behave as the proto documents.
+#[tokio::test]
+async fn put_get_versions_and_delete() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("acme")).await;
+    let mut data = mesh.data();
+
+    let created = data.put_item(authed(put("notes", "n1", &[("title", "one")], Some(0)), &t.token)).await.unwrap();
+    let item = created.into_inner().item.unwrap();
+    assert_eq!((item.version, title(&item)), (1, "one".to_owned()));
+    assert!(item.update_time_ms > 0);
+
+    // expected_version 0 means "must not exist": refused now that it does.
+    let s = expect_code(
+        data.put_item(authed(put("notes", "n1", &[("title", "x")], Some(0)), &t.token)).await,
+        Code::Aborted,
+    );
+    assert!(s.message().contains("version mismatch"), "{s:?}");
+    expect_code(data.put_item(authed(put("notes", "n1", &[("title", "x")], Some(7)), &t.token)).await, Code::Aborted);
+    let got = data.get_item(authed(get("notes", "n1"), &t.token)).await.unwrap().into_inner().item.unwrap();
+    assert_eq!((got.version, title(&got)), (1, "one".to_owned()), "a refused write changed the item");
+
+    let v2 = data.put_item(authed(put("notes", "n1", &[("title", "two")], Some(1)), &t.token)).await.unwrap();
+    assert_eq!(v2.into_inner().item.unwrap().version, 2);
+    let v3 = data.put_item(authed(put("notes", "n1", &[("title", "three")], None), &t.token)).await.unwrap();
+    assert_eq!(v3.into_inner().item.unwrap().version, 3, "an unconditional put still bumps the version");
+
+    let del = |v| DeleteItemRequest { collection: "notes".into(), id: "n1".into(), expected_version: v };
+    expect_code(data.delete_item(authed(del(Some(2)), &t.token)).await, Code::Aborted);
+    data.delete_item(authed(del(Some(3)), &t.token)).await.unwrap();
+    expect_code(data.get_item(authed(get("notes", "n1"), &t.token)).await, Code::NotFound);
+    expect_code(data.delete_item(authed(del(None), &t.token)).await, Code::NotFound);
+    mesh.shutdown().await;
+}
+
+/// Queries page through a collection in id order and honour id_prefix.
+#[tokio::test]
+async fn query_pages_and_prefix() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("pager")).await;
+    let mut data = mesh.data();
+    for i in 0..25 {
+        let id = format!("item-{i:02}");
+        data.put_item(authed(put("things", &id, &[("title", &id)], None), &t.token)).await.unwrap();
+    }
+    data.put_item(authed(put("things", "other-1", &[("title", "o")], None), &t.token)).await.unwrap();
+    data.put_item(authed(put("elsewhere", "item-00", &[("title", "e")], None), &t.token)).await.unwrap();
+
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = data.query_items(authed(query("things", "item-", 10, &token), &t.token)).await.unwrap().into_inner();
+        pages += 1;
+        assert!(page.items.len() <= 10);
+        ids.extend(page.items.iter().map(|i| i.id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(ids, (0..25).map(|i| format!("item-{i:02}")).collect::<Vec<_>>());
+
+    let all = data.query_items(authed(query("things", "", 0, ""), &t.token)).await.unwrap().into_inner();
+    assert_eq!(all.items.len(), 26, "default page size covers the whole collection");
+    assert!(all.next_page_token.is_empty());
+    mesh.shutdown().await;
+}
+
+/// Tenant B can neither read, list, overwrite nor delete tenant A's items,
+/// even naming the same collection and id, or replaying A's page token.
+#[tokio::test]
+async fn tenants_cannot_see_each_others_items() {
+    let mesh = TestMesh::start().await;
+    let a = mesh.onboard(&unique_tenant("acme")).await;
+    let b = mesh.onboard(&unique_tenant("globex")).await;
+    let mut data = mesh.data();
+
+    for id in ["n1", "n2", "n3"] {
+        data.put_item(authed(put("notes", id, &[("title", "secret of a")], None), &a.token)).await.unwrap();
+    }
+    expect_code(data.get_item(authed(get("notes", "n1"), &b.token)).await, Code::NotFound);
+    let listed = data.query_items(authed(query("notes", "", 0, ""), &b.token)).await.unwrap().into_inner();
+    assert!(listed.items.is_empty(), "b listed a's items: {:?}", listed.items);
+
+    // B writing the same key creates B's own item; A's is untouched.
+    let bs = data.put_item(authed(put("notes", "n1", &[("title", "b's")], Some(0)), &b.token)).await.unwrap();
+    assert_eq!(bs.into_inner().item.unwrap().version, 1);
+    let a1 = data.get_item(authed(get("notes", "n1"), &a.token)).await.unwrap().into_inner().item.unwrap();
+    assert_eq!((a1.version, title(&a1)), (1, "secret of a".to_owned()));
+
+    expect_code(
+        data.delete_item(authed(
+            DeleteItemRequest { collection: "notes".into(), id: "n2".into(), expected_version: None },
+            &b.token,
+        ))
+        .await,
+        Code::NotFound,
+    );
+    assert!(data.get_item(authed(get("notes", "n2"), &a.token)).await.is_ok());
+
+    // A's page token replayed by B still only reaches B's partition.
+    let a_page = data.query_items(authed(query("notes", "", 1, ""), &a.token)).await.unwrap().into_inner();
+    assert!(!a_page.next_page_token.is_empty());
+    let b_page =
+        data.query_items(authed(query("notes", "", 10, &a_page.next_page_token), &b.token)).await.unwrap().into_inner();
+    assert!(b_page.items.iter().all(|i| title(i) == "b's"), "{:?}", b_page.items);
+    mesh.shutdown().await;
+}
+
+/// Bad input is INVALID_ARGUMENT naming the field, never INTERNAL.
+#[tokio::test]
+async fn bad_input_names_the_field() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("valid")).await;
+    let mut data = mesh.data();
+    expect_invalid(data.put_item(authed(put("", "x", &[], None), &t.token)).await, "collection");
+    expect_invalid(data.put_item(authed(put("bad collection", "x", &[], None), &t.token)).await, "collection");
+    expect_invalid(data.put_item(authed(put("c#1", "x", &[], None), &t.token)).await, "collection");
+    expect_invalid(data.put_item(authed(put("c", "", &[], None), &t.token)).await, "id");
+    expect_invalid(data.put_item(authed(put("c", &"x".repeat(257), &[], None), &t.token)).await, "id");
+    let big = "x".repeat(401 * 1024);
+    expect_invalid(data.put_item(authed(put("c", "big", &[("blob", &big)], None), &t.token)).await, "attributes");
+    expect_invalid(data.get_item(authed(get("c", "a/b"), &t.token)).await, "id");
+    expect_invalid(data.query_items(authed(query("c", "", 1001, ""), &t.token)).await, "page_size");
+    expect_invalid(data.query_items(authed(query("c", "", -1, ""), &t.token)).await, "page_size");
+    expect_invalid(data.query_items(authed(query("c", "", 10, "not-a-token"), &t.token)).await, "page_token");
+    expect_invalid(
+        data.delete_item(authed(
+            DeleteItemRequest { collection: "c".into(), id: "x".into(), expected_version: Some(0) },
+            &t.token,
+        ))
+        .await,
+        "expected_version",
+    );
+    // A token from another collection's query cannot widen this one.
+    for id in ["a", "b"] {
+        data.put_item(authed(put("one", id, &[], None), &t.token)).await.unwrap();
+    }
+    let page = data.query_items(authed(query("one", "", 1, ""), &t.token)).await.unwrap().into_inner();
+    expect_invalid(data.query_items(authed(query("two", "", 1, &page.next_page_token), &t.token)).await, "page_token");
+    mesh.shutdown().await;
+}
+
+/// Identity is enforced before any handler: no token, a spoofed
+/// x-tenant-id, a service identity and a suspended tenant are all refused.
+#[tokio::test]
+async fn callers_without_a_valid_tenant_identity_are_refused() {
+    let mesh = TestMesh::start().await;
+    let a = mesh.onboard(&unique_tenant("acme")).await;
+    let b = mesh.onboard(&unique_tenant("globex")).await;
+    let mut data = mesh.data();
+
+    expect_code(data.get_item(get("notes", "n1")).await, Code::Unauthenticated);
+    expect_code(data.get_item(authed(get("notes", "n1"), "not-a-jwt")).await, Code::Unauthenticated);
+
+    let mut spoofed = authed(get("notes", "n1"), &a.token);
+    spoofed.metadata_mut().insert("x-tenant-id", b.tenant_id.parse().unwrap());
+    expect_code(data.get_item(spoofed).await, Code::PermissionDenied);
+    let mut matching = authed(get("notes", "n1"), &a.token);
+    matching.metadata_mut().insert("x-tenant-id", a.tenant_id.parse().unwrap());
+    expect_code(data.get_item(matching).await, Code::NotFound);
+
+    let service = mesh.service_token().await;
+    expect_code(data.get_item(authed(get("notes", "n1"), &service)).await, Code::PermissionDenied);
+
+    // A plain tenant user may use data.
+    let user = mesh.user_token(&a, &[Role::TenantUser]).await;
+    data.put_item(authed(put("notes", "u1", &[("title", "by user")], None), &user)).await.unwrap();
+
+    let admin = mesh.admin_token().await;
+    mesh.registry()
+        .set_tenant_status(authed(
+            SetTenantStatusRequest { tenant_id: a.tenant_id.clone(), status: TenantStatus::Suspended as i32 },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(5), || {
+        let mut data = mesh.data();
+        let token = a.token.clone();
+        async move {
+            matches!(data.get_item(authed(get("notes", "u1"), &token)).await, Err(s) if s.code() == Code::PermissionDenied)
+        }
+    })
+    .await;
+    mesh.shutdown().await;
+}

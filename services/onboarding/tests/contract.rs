@@ -1,0 +1,187 @@
+//! Contract tests of `tenantmesh.onboarding.v1.Onboarding`: onboarding,
+//! idempotency, crash recovery, validation and access.
+
+use tenantmesh_proto::auth::v1::Role;
+use tenantmesh_proto::onboarding::v1::*;
+use tenantmesh_proto::registry::v1::{CreateTenantRequest, GetTenantRequest, ListTenantsRequest, TenantStatus};
+use tenantmesh_test_support::*;
+use tonic::Code;
+
+fn register(id: &str, key: &str) -> RegisterTenantRequest {
+    RegisterTenantRequest {
+        tenant_id: id.into(),
+        name: format!("Tenant {id}"),
+        tier: "basic".into(),
+        admin_email: format!("admin@{id}.example"),
+        admin_password: "admin-password-123".into(),
+        idempotency_key: key.into(),
+    }
+}
+
+async fn count_tenants(mesh: &TestMesh, admin: &str, id: &str) -> usize {
+    let req = authed(ListTenantsRequest { page_size: 1000, page_token: String::new() }, admin);
+    let list = mesh.registry().list_tenants(req).await.unwrap().into_inner();
+    list.tenants.iter().filter(|t| t.tenant_id == id).count()
+}
+
+/// RegisterTenant creates an active tenant and a working admin; repeating
+/// it with the same key returns the same tenant and creates nothing twice.
+#[tokio::test]
+async fn register_is_idempotent() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let id = unique_tenant("acme");
+    let mut onb = mesh.onboarding();
+    for _ in 0..3 {
+        let r = onb.register_tenant(authed(register(&id, "key-1"), &admin)).await.unwrap().into_inner();
+        assert_eq!((r.tenant_id.as_str(), r.status), (id.as_str(), WorkflowStatus::Succeeded as i32));
+    }
+    assert_eq!(count_tenants(&mesh, &admin, &id).await, 1);
+    let t = mesh.registry().get_tenant(authed(GetTenantRequest { tenant_id: id.clone() }, &admin)).await.unwrap();
+    assert_eq!(t.into_inner().tenant.unwrap().status, TenantStatus::Active as i32);
+    let token = mesh.login(&id, &format!("admin@{id}.example"), "admin-password-123").await.unwrap();
+
+    let status = onb
+        .get_onboarding_status(authed(GetOnboardingStatusRequest { tenant_id: id.clone() }, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status, WorkflowStatus::Succeeded as i32);
+    let steps: Vec<(&str, i32, u32)> = status.steps.iter().map(|s| (s.name.as_str(), s.state, s.attempts)).collect();
+    let done = StepState::Done as i32;
+    assert_eq!(steps, vec![("create_tenant", done, 1), ("create_admin_user", done, 1), ("activate_tenant", done, 1)]);
+
+    // Same key, different request: refused. Another key for the same tenant: taken.
+    let mut changed = register(&id, "key-1");
+    changed.name = "Other".into();
+    expect_invalid(onb.register_tenant(authed(changed, &admin)).await, "idempotency_key");
+    expect_code(onb.register_tenant(authed(register(&id, "key-2"), &admin)).await, Code::AlreadyExists);
+    expect_code(onb.register_tenant(authed(register("platform", "key-3"), &admin)).await, Code::AlreadyExists);
+    mesh.shutdown().await;
+}
+
+/// A crash after the tenant record was created (but before the step was
+/// recorded) is repaired: the rerun adopts that record, creates one tenant
+/// and one admin.
+#[tokio::test]
+async fn rerun_after_partial_progress_adopts_its_own_record() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let id = unique_tenant("crash");
+    let req = register(&id, "k");
+    mesh.registry()
+        .create_tenant(authed(
+            CreateTenantRequest { tenant_id: id.clone(), name: req.name.clone(), tier: req.tier.clone(), status: 0 },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let r = mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap().into_inner();
+    assert_eq!(r.status, WorkflowStatus::Succeeded as i32);
+    assert_eq!(count_tenants(&mesh, &admin, &id).await, 1);
+    mesh.login(&id, &format!("admin@{id}.example"), "admin-password-123").await.unwrap();
+    mesh.shutdown().await;
+}
+
+/// A tenant id taken outside onboarding fails the workflow with the reason
+/// visible in GetOnboardingStatus, and nothing is hijacked.
+#[tokio::test]
+async fn foreign_tenant_fails_with_a_visible_reason() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let id = unique_tenant("taken");
+    mesh.registry()
+        .create_tenant(authed(
+            CreateTenantRequest { tenant_id: id.clone(), name: "Someone else".into(), tier: "basic".into(), status: 0 },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let mut onb = mesh.onboarding();
+    expect_code(onb.register_tenant(authed(register(&id, "k"), &admin)).await, Code::FailedPrecondition);
+    let status = onb
+        .get_onboarding_status(authed(GetOnboardingStatusRequest { tenant_id: id.clone() }, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status, WorkflowStatus::Failed as i32);
+    assert_eq!(status.steps[0].state, StepState::Failed as i32);
+    assert!(status.steps[0].last_error.contains("already exists"), "{:?}", status.steps[0]);
+    assert_eq!(status.steps[1].state, StepState::Pending as i32);
+    expect_code(mesh.login(&id, &format!("admin@{id}.example"), "admin-password-123").await, Code::Unauthenticated);
+    mesh.shutdown().await;
+}
+
+/// A workflow left RUNNING by a crash is resumed when the service starts.
+#[tokio::test]
+async fn unfinished_workflows_resume_on_start() {
+    use tenantmesh_onboarding::workflow::{Params, Workflow};
+    use tenantmesh_storage::{Condition, EmbeddedTable, Table};
+
+    let mesh = TestMesh::start().await;
+    let id = unique_tenant("resume");
+    let dir = mesh.stop_keep_dir().await;
+    {
+        // What a crash right after the idempotency record was written leaves.
+        let store = EmbeddedTable::open(dir.path().join("data/onboarding.redb")).unwrap();
+        let params = Params {
+            tenant_id: id.clone(),
+            name: "Resumed".into(),
+            tier: "standard".into(),
+            admin_email: "admin@resumed.example".into(),
+        };
+        let hash = tenantmesh_auth::password::hash("resumed-password", tenantmesh_auth::HashParams::default()).unwrap();
+        let wf = Workflow::new(params, hash, "k".into(), 0);
+        store.put("_workflows", &id, serde_json::to_vec(&wf).unwrap(), Condition::NotExists).await.unwrap();
+    }
+    let mesh = TestMesh::start_on(dir).await;
+    let admin = mesh.admin_token().await;
+    eventually(std::time::Duration::from_secs(10), || {
+        let mut onb = mesh.onboarding();
+        let req = authed(GetOnboardingStatusRequest { tenant_id: id.clone() }, &admin);
+        async move { onb.get_onboarding_status(req).await.unwrap().into_inner().status == WorkflowStatus::Succeeded as i32 }
+    })
+    .await;
+    mesh.login(&id, "admin@resumed.example", "resumed-password").await.unwrap();
+    mesh.shutdown().await;
+}
+
+/// Bad requests name the field; non-pool tiers are UNIMPLEMENTED for now;
+/// only platform admins onboard, and tenant admins see only their own status.
+#[tokio::test]
+async fn validation_and_access() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let a = mesh.onboard(&unique_tenant("acme")).await;
+    let b = mesh.onboard(&unique_tenant("globex")).await;
+    let mut onb = mesh.onboarding();
+    let id = unique_tenant("v");
+    let cases: Vec<(&str, Box<dyn Fn(&mut RegisterTenantRequest)>)> = vec![
+        ("tenant_id", Box::new(|r| r.tenant_id = "Bad_Id".into())),
+        ("name", Box::new(|r| r.name.clear())),
+        ("tier", Box::new(|r| r.tier = "gold".into())),
+        ("admin_email", Box::new(|r| r.admin_email = "nope".into())),
+        ("admin_password", Box::new(|r| r.admin_password = "short".into())),
+        ("idempotency_key", Box::new(|r| r.idempotency_key.clear())),
+        ("idempotency_key", Box::new(|r| r.idempotency_key = "k".repeat(129))),
+    ];
+    for (field, mutate) in cases {
+        let mut req = register(&id, "k");
+        mutate(&mut req);
+        expect_invalid(onb.register_tenant(authed(req, &admin)).await, field);
+    }
+    let mut premium = register(&id, "k");
+    premium.tier = "premium".into();
+    expect_code(onb.register_tenant(authed(premium, &admin)).await, Code::Unimplemented);
+
+    expect_code(onb.register_tenant(authed(register(&id, "k"), &a.token)).await, Code::PermissionDenied);
+    expect_code(onb.register_tenant(register(&id, "k")).await, Code::Unauthenticated);
+    let status = |t: &str| GetOnboardingStatusRequest { tenant_id: t.into() };
+    onb.get_onboarding_status(authed(status(&a.tenant_id), &a.token)).await.unwrap();
+    expect_code(onb.get_onboarding_status(authed(status(&b.tenant_id), &a.token)).await, Code::PermissionDenied);
+    let user = mesh.user_token(&a, &[Role::TenantUser]).await;
+    expect_code(onb.get_onboarding_status(authed(status(&a.tenant_id), &user)).await, Code::PermissionDenied);
+    expect_code(onb.get_onboarding_status(authed(status(&unique_tenant("none")), &admin)).await, Code::NotFound);
+    expect_invalid(onb.get_onboarding_status(authed(status("X"), &admin)).await, "tenant_id");
+    mesh.shutdown().await;
+}

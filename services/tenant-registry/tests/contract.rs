@@ -1,0 +1,168 @@
+//! Contract tests of `tenantmesh.registry.v1.TenantRegistry`: every RPC,
+//! happy and error paths, and who may call what.
+
+use tenantmesh_proto::registry::v1::*;
+use tenantmesh_test_support::*;
+use tonic::Code;
+
+fn create(id: &str, tier: &str) -> CreateTenantRequest {
+    CreateTenantRequest { tenant_id: id.into(), name: format!("Tenant {id}"), tier: tier.into(), status: 0 }
+}
+
+/// A platform admin creates, reads, lists, updates and suspends tenants;
+/// versions count the writes.
+#[tokio::test]
+async fn tenant_lifecycle() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let mut reg = mesh.registry();
+    let id = unique_tenant("life");
+
+    let t = reg.create_tenant(authed(create(&id, "basic"), &admin)).await.unwrap().into_inner().tenant.unwrap();
+    assert_eq!(t.status, TenantStatus::Provisioning as i32, "new tenants start provisioning");
+    assert_eq!(t.isolation_model, IsolationModel::Pool as i32);
+    assert_eq!(t.version, 1);
+    assert!(t.create_time > 0);
+
+    let got = reg.get_tenant(authed(GetTenantRequest { tenant_id: id.clone() }, &admin)).await.unwrap();
+    assert_eq!(got.into_inner().tenant.unwrap(), t);
+
+    let upd = |name: &str, tier: &str, v: Option<u64>| UpdateTenantRequest {
+        tenant_id: id.clone(),
+        name: name.into(),
+        tier: tier.into(),
+        expected_version: v,
+    };
+    let u = reg.update_tenant(authed(upd("Renamed", "standard", Some(1)), &admin)).await.unwrap().into_inner();
+    let u = u.tenant.unwrap();
+    assert_eq!((u.name.as_str(), u.tier.as_str(), u.version), ("Renamed", "standard", 2));
+    expect_code(reg.update_tenant(authed(upd("Again", "", Some(1)), &admin)).await, Code::Aborted);
+    let s = expect_code(reg.update_tenant(authed(upd("", "premium", None), &admin)).await, Code::FailedPrecondition);
+    assert!(s.message().contains("isolation model"), "{s:?}");
+    expect_invalid(reg.update_tenant(authed(upd("", "", None), &admin)).await, "name");
+    expect_invalid(reg.update_tenant(authed(upd("", "gold", None), &admin)).await, "tier");
+    expect_code(
+        reg.update_tenant(authed(
+            UpdateTenantRequest {
+                tenant_id: unique_tenant("nope"),
+                name: "x".into(),
+                tier: String::new(),
+                expected_version: None,
+            },
+            &admin,
+        ))
+        .await,
+        Code::NotFound,
+    );
+
+    let status = |s: TenantStatus| SetTenantStatusRequest { tenant_id: id.clone(), status: s as i32 };
+    let s = reg.set_tenant_status(authed(status(TenantStatus::Suspended), &admin)).await.unwrap().into_inner();
+    assert_eq!(s.tenant.unwrap().status, TenantStatus::Suspended as i32);
+    expect_invalid(reg.set_tenant_status(authed(status(TenantStatus::Unspecified), &admin)).await, "status");
+    expect_code(
+        reg.set_tenant_status(authed(
+            SetTenantStatusRequest { tenant_id: "platform".into(), status: TenantStatus::Suspended as i32 },
+            &admin,
+        ))
+        .await,
+        Code::FailedPrecondition,
+    );
+    mesh.shutdown().await;
+}
+
+/// ListTenants pages through every tenant once, in id order.
+#[tokio::test]
+async fn list_tenants_pages() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let mut reg = mesh.registry();
+    let mut created: Vec<String> = (0..5).map(|i| format!("{}-{i}", unique_tenant("list"))).collect();
+    for id in &created {
+        reg.create_tenant(authed(create(id, "basic"), &admin)).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = reg
+            .list_tenants(authed(ListTenantsRequest { page_size: 2, page_token: token.clone() }, &admin))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.tenants.len() <= 2);
+        seen.extend(page.tenants.into_iter().map(|t| t.tenant_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    created.push("platform".into());
+    created.sort();
+    assert_eq!(seen, created);
+    expect_invalid(
+        reg.list_tenants(authed(ListTenantsRequest { page_size: 1001, page_token: String::new() }, &admin)).await,
+        "page_size",
+    );
+    expect_invalid(
+        reg.list_tenants(authed(ListTenantsRequest { page_size: 1, page_token: "junk".into() }, &admin)).await,
+        "page_token",
+    );
+    mesh.shutdown().await;
+}
+
+/// CreateTenant refuses bad ids, names, tiers and statuses by field, and
+/// a taken id with ALREADY_EXISTS.
+#[tokio::test]
+async fn create_tenant_validation() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let mut reg = mesh.registry();
+    for bad in ["ab", "Acme", "-acme", "acme_1", "a*b", &"a".repeat(64)] {
+        expect_invalid(reg.create_tenant(authed(create(bad, "basic"), &admin)).await, "tenant_id");
+    }
+    expect_invalid(reg.create_tenant(authed(create(&unique_tenant("t"), "gold"), &admin)).await, "tier");
+    let mut no_name = create(&unique_tenant("t"), "basic");
+    no_name.name.clear();
+    expect_invalid(reg.create_tenant(authed(no_name, &admin)).await, "name");
+    let mut deleted = create(&unique_tenant("t"), "basic");
+    deleted.status = TenantStatus::Deleted as i32;
+    expect_invalid(reg.create_tenant(authed(deleted, &admin)).await, "status");
+    expect_code(reg.create_tenant(authed(create("platform", "basic"), &admin)).await, Code::AlreadyExists);
+    expect_code(
+        reg.get_tenant(authed(GetTenantRequest { tenant_id: unique_tenant("missing") }, &admin)).await,
+        Code::NotFound,
+    );
+    mesh.shutdown().await;
+}
+
+/// Tenant admins read only their own tenant and cannot manage tenants.
+#[tokio::test]
+async fn tenant_roles_are_confined() {
+    let mesh = TestMesh::start().await;
+    let a = mesh.onboard(&unique_tenant("acme")).await;
+    let b = mesh.onboard(&unique_tenant("globex")).await;
+    let mut reg = mesh.registry();
+    let own = reg.get_tenant(authed(GetTenantRequest { tenant_id: a.tenant_id.clone() }, &a.token)).await.unwrap();
+    assert_eq!(own.into_inner().tenant.unwrap().status, TenantStatus::Active as i32);
+    expect_code(
+        reg.get_tenant(authed(GetTenantRequest { tenant_id: b.tenant_id.clone() }, &a.token)).await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        reg.create_tenant(authed(create(&unique_tenant("x"), "basic"), &a.token)).await,
+        Code::PermissionDenied,
+    );
+    expect_code(reg.list_tenants(authed(ListTenantsRequest::default(), &a.token)).await, Code::PermissionDenied);
+    expect_code(
+        reg.set_tenant_status(authed(
+            SetTenantStatusRequest { tenant_id: a.tenant_id.clone(), status: TenantStatus::Active as i32 },
+            &a.token,
+        ))
+        .await,
+        Code::PermissionDenied,
+    );
+    expect_code(reg.get_tenant(GetTenantRequest { tenant_id: a.tenant_id.clone() }).await, Code::Unauthenticated);
+    // A service identity may read any tenant (the platform's own lookups).
+    let service = mesh.service_token().await;
+    reg.get_tenant(authed(GetTenantRequest { tenant_id: b.tenant_id.clone() }, &service)).await.unwrap();
+    mesh.shutdown().await;
+}
