@@ -1,1 +1,67 @@
+//! One trace follows a request across services, and every span of it
+//! carries the tenant.
 
+use std::collections::HashSet;
+
+use tenantmesh_proto::onboarding::v1::RegisterTenantRequest;
+use tenantmesh_test_support::spans::{self, attr};
+use tenantmesh_test_support::*;
+
+/// RegisterTenant on onboarding calls registry and auth: all their server
+/// spans share the onboarding span's trace id, and every span in that trace
+/// has `tenant.id` and the OTel RPC attributes on server spans.
+#[tokio::test]
+async fn one_trace_across_onboarding_registry_and_auth() {
+    let (exporter, _guard) = spans::install();
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let id = unique_tenant("traced");
+    let req = RegisterTenantRequest {
+        tenant_id: id.clone(),
+        name: "Traced".into(),
+        tier: "basic".into(),
+        admin_email: "admin@traced.example".into(),
+        admin_password: "traced-password".into(),
+        idempotency_key: id.clone(),
+    };
+    mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap();
+    mesh.shutdown().await;
+
+    let all = exporter.get_finished_spans().unwrap();
+    let root = all
+        .iter()
+        .find(|s| {
+            attr(s, "rpc.method").as_deref() == Some("RegisterTenant")
+                && attr(s, "otel.kind").is_none_or(|k| k == "server")
+                && s.name == "tenantmesh.onboarding.v1.Onboarding/RegisterTenant"
+        })
+        .expect("onboarding server span");
+    let trace_id = root.span_context.trace_id();
+    let trace: Vec<_> = all.iter().filter(|s| s.span_context.trace_id() == trace_id).collect();
+
+    let server_rpcs: HashSet<String> = trace
+        .iter()
+        .filter(|s| s.span_kind == opentelemetry::trace::SpanKind::Server)
+        .map(|s| s.name.to_string())
+        .collect();
+    for rpc in [
+        "tenantmesh.onboarding.v1.Onboarding/RegisterTenant",
+        "tenantmesh.registry.v1.TenantRegistry/CreateTenant",
+        "tenantmesh.auth.v1.Auth/CreateUser",
+        "tenantmesh.registry.v1.TenantRegistry/SetTenantStatus",
+    ] {
+        assert!(server_rpcs.contains(rpc), "{rpc} not in the trace: {server_rpcs:?}");
+    }
+    for span in &trace {
+        let tenant = attr(span, "tenant.id");
+        assert!(tenant.as_deref().is_some_and(|t| !t.is_empty()), "span {} has no tenant.id", span.name);
+        if span.span_kind == opentelemetry::trace::SpanKind::Server {
+            assert_eq!(attr(span, "rpc.system").as_deref(), Some("grpc"), "{}", span.name);
+            assert!(attr(span, "rpc.service").is_some() && attr(span, "rpc.method").is_some(), "{}", span.name);
+            assert_eq!(attr(span, "rpc.grpc.status_code").as_deref(), Some("0"), "{}", span.name);
+        }
+    }
+    let steps: Vec<_> = trace.iter().filter(|s| s.name == "onboarding.step").collect();
+    assert_eq!(steps.len(), 3);
+    assert!(steps.iter().all(|s| attr(s, "tenant.id").as_deref() == Some(id.as_str())));
+}

@@ -1,0 +1,150 @@
+//! Runs the README's grpcurl walk-through verbatim, with the real grpcurl,
+//! against the real `tenantmesh up` binary (only the ports are swapped for
+//! free ones), and checks that Ctrl-C stops the mesh cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+const START: &str = "<!-- walkthrough:start -->";
+const END: &str = "<!-- walkthrough:end -->";
+
+/// One command of the walk-through with what its output must (not) contain.
+struct Step {
+    command: String,
+    expect: Vec<String>,
+    expect_not: Vec<String>,
+}
+
+fn walkthrough_steps(readme: &str) -> Vec<Step> {
+    let block = readme.split(START).nth(1).and_then(|rest| rest.split(END).next()).expect("walkthrough markers");
+    let mut steps: Vec<Step> = Vec::new();
+    let mut pending = String::new();
+    for line in block.lines() {
+        let line = line.trim_end();
+        if line.starts_with("```") || line.is_empty() {
+            continue;
+        }
+        if let Some(e) = line.strip_prefix("# expect: ") {
+            steps.last_mut().expect("expect after a command").expect.push(e.to_owned());
+        } else if let Some(e) = line.strip_prefix("# expect-not: ") {
+            steps.last_mut().expect("expect-not after a command").expect_not.push(e.to_owned());
+        } else if line.starts_with('#') {
+            continue;
+        } else if let Some(cont) = line.strip_suffix('\\') {
+            pending.push_str(cont);
+        } else {
+            pending.push_str(line);
+            steps.push(Step { command: std::mem::take(&mut pending), expect: vec![], expect_not: vec![] });
+        }
+    }
+    assert!(pending.is_empty(), "unterminated command in the walkthrough");
+    steps
+}
+
+fn single_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A bash script that runs each step and checks its output.
+fn script(steps: &[Step], ports: &[(u16, u16)]) -> String {
+    let mut out = String::from("set -euo pipefail\n");
+    for step in steps {
+        let mut cmd = step.command.clone();
+        for (from, to) in ports {
+            cmd = cmd.replace(&format!("localhost:{from}"), &format!("127.0.0.1:{to}"));
+        }
+        out.push_str(&format!("echo {}\n", single_quote(&format!("$ {}", step.command))));
+        if step.expect.is_empty() && step.expect_not.is_empty() {
+            out.push_str(&format!("{cmd}\n"));
+            continue;
+        }
+        // Expected failures (grpcurl exits non-zero on an error status) are
+        // judged by their output, not their exit code.
+        out.push_str(&format!("out=$( {{ {cmd} ; }} 2>&1 ) || true\necho \"$out\"\n"));
+        for e in &step.expect {
+            out.push_str(&format!(
+                "grep -qF -- {q} <<<\"$out\" || {{ echo 'EXPECTED:' {q}; exit 1; }}\n",
+                q = single_quote(e)
+            ));
+        }
+        for e in &step.expect_not {
+            out.push_str(&format!(
+                "if grep -qF -- {q} <<<\"$out\"; then echo 'NOT EXPECTED:' {q}; exit 1; fi\n",
+                q = single_quote(e)
+            ));
+        }
+    }
+    out.push_str("echo WALKTHROUGH-OK\n");
+    out
+}
+
+/// The README walk-through passes end to end against `tenantmesh up`.
+#[test]
+fn readme_walkthrough_passes_against_tenantmesh_up() {
+    let root = tenantmesh_test_support::workspace_root();
+    let grpcurl = tenantmesh_test_support::tool("grpcurl");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let steps = walkthrough_steps(&readme);
+    assert!(steps.len() >= 15, "walkthrough too short: {} steps", steps.len());
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_tenantmesh"))
+        .args(["up", "--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
+        .current_dir(dir.path())
+        .env_remove("TENANTMESH_BOOTSTRAP_PASSWORD")
+        .env_remove("TENANTMESH_DATA_DIR")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(up.stdout.take().unwrap());
+    let mut banner = String::new();
+    let mut ports = Vec::new();
+    for (name, default) in [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054)] {
+        loop {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "tenantmesh up exited early; printed:\n{banner}");
+            banner.push_str(&line);
+            if let Some(addr) = line.trim().strip_prefix(name) {
+                let port: u16 = addr.trim().rsplit(':').next().unwrap().parse().unwrap();
+                ports.push((default, port));
+                break;
+            }
+        }
+    }
+    let mut stderr = up.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    assert!(banner.starts_with("tenantmesh is up"), "{banner}");
+    let password_file = dir.path().join(".tenantmesh/bootstrap-password");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&password_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "bootstrap password file must be private");
+    }
+
+    let path = format!("{}:{}", grpcurl.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(script(&steps, &ports))
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let transcript = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+
+    // Ctrl-C: the mesh drains and exits 0.
+    Command::new("kill").args(["-INT", &up.id().to_string()]).status().unwrap();
+    let status = up.wait().unwrap();
+    let logs = stderr_reader.join().unwrap();
+    assert!(
+        output.status.success() && transcript.contains("WALKTHROUGH-OK"),
+        "walkthrough failed:\n{transcript}\n--- tenantmesh up stderr:\n{logs}"
+    );
+    assert!(status.success(), "tenantmesh up did not exit cleanly on SIGINT: {status:?}\n{logs}");
+    assert!(logs.contains("generated the platform admin password"), "{logs}");
+}
