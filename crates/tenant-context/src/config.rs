@@ -32,6 +32,9 @@ pub struct CommonConfig {
     /// tier and status are cached by the tenant-context layer, i.e. how
     /// soon a suspension takes effect everywhere.
     pub tenant_cache_ttl: std::time::Duration,
+    /// `TENANTMESH_SHUTDOWN_GRACE_MS` (default 10000): how long in-flight
+    /// calls may run on after SIGTERM before the server stops anyway.
+    pub shutdown_grace: std::time::Duration,
 }
 
 pub const REGISTRY_PORT: u16 = 50051;
@@ -82,6 +85,7 @@ impl CommonConfig {
             issuer: var(env, "TENANTMESH_TOKEN_ISSUER").unwrap_or(crate::DEFAULT_ISSUER).into(),
             audience: var(env, "TENANTMESH_TOKEN_AUDIENCE").unwrap_or(crate::DEFAULT_AUDIENCE).into(),
             tenant_cache_ttl: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_TENANT_CACHE_TTL_MS", 5000)?),
+            shutdown_grace: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_SHUTDOWN_GRACE_MS", 10_000)?),
         })
     }
 

@@ -14,9 +14,6 @@ use tonic_health::ServingStatus;
 
 use crate::server::Authenticator;
 
-/// How long in-flight calls may run on after shutdown starts.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("reflection: {0}")]
@@ -25,11 +22,15 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `service` on `listener` until `shutdown` completes.
+/// Serves `service` on `listener` until `shutdown` completes, then drains
+/// in-flight calls for at most `grace`. (An idle HTTP/2 client connection
+/// can hold hyper's graceful shutdown open, hyperium/hyper#4170: the grace
+/// period bounds it.)
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     auth: Authenticator,
+    grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
 where
@@ -75,10 +76,10 @@ where
     reporter.set_service_status(S::NAME, ServingStatus::NotServing).await;
     reporter.set_service_status("", ServingStatus::NotServing).await;
     let _ = stop_tx.send(());
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+    match tokio::time::timeout(grace, server).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => {
-            tracing::warn!(service = S::NAME, grace = ?SHUTDOWN_GRACE, "in-flight calls outlived the grace period");
+            tracing::warn!(service = S::NAME, grace = ?grace, "in-flight calls outlived the grace period");
             Ok(())
         }
     }

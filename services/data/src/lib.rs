@@ -229,7 +229,13 @@ pub async fn serve(
     let verifier = TokenVerifier::new(Arc::new(JwksCache::new(auth)), &config.common.issuer, &config.common.audience);
     let directory = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
     let authn = Authenticator::new(Arc::new(verifier), directory);
-    tenantmesh_tenant_context::runtime::serve(listener, DataServer::new(DataService::new(store)), authn, shutdown)
-        .await?;
+    tenantmesh_tenant_context::runtime::serve(
+        listener,
+        DataServer::new(DataService::new(store)),
+        authn,
+        config.common.shutdown_grace,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -349,6 +349,13 @@ pub async fn serve(
     let verifier =
         TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience);
     let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone()));
-    tenantmesh_tenant_context::runtime::serve(listener, TenantRegistryServer::new(registry), authn, shutdown).await?;
+    tenantmesh_tenant_context::runtime::serve(
+        listener,
+        TenantRegistryServer::new(registry),
+        authn,
+        config.common.shutdown_grace,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
