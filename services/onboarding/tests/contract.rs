@@ -156,7 +156,8 @@ async fn validation_and_access() {
     let b = mesh.onboard(&unique_tenant("globex")).await;
     let mut onb = mesh.onboarding();
     let id = unique_tenant("v");
-    let cases: Vec<(&str, Box<dyn Fn(&mut RegisterTenantRequest)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut RegisterTenantRequest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("tenant_id", Box::new(|r| r.tenant_id = "Bad_Id".into())),
         ("name", Box::new(|r| r.name.clear())),
         ("tier", Box::new(|r| r.tier = "gold".into())),

@@ -241,7 +241,7 @@ impl TenantRegistry for Registry {
         v.tenant_id("tenant_id", &req.tenant_id);
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
-        let tenant = self.get(&req.tenant_id).await?.ok_or_else(|| RegistryError::NotFound(req.tenant_id))?;
+        let tenant = self.get(&req.tenant_id).await?.ok_or(RegistryError::NotFound(req.tenant_id))?;
         Ok(Response::new(GetTenantResponse { tenant: Some(tenant) }))
     }
 
