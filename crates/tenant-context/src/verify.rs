@@ -99,6 +99,11 @@ impl TokenVerifier {
         if crate::validate_tenant_id(&claims.tenant_id).is_err() || claims.roles.is_empty() {
             return Err(VerifyError::Claims);
         }
+        // Cross-tenant roles exist only in the platform tenant.
+        let platform_role = claims.roles.iter().any(|r| matches!(r, crate::Role::PlatformAdmin | crate::Role::Service));
+        if platform_role && claims.tenant_id != crate::PLATFORM_TENANT {
+            return Err(VerifyError::Claims);
+        }
         Ok(claims)
     }
 }
@@ -160,5 +165,123 @@ impl KeySource for JwksCache {
         state.last_refresh = Some(Instant::now());
         tracing::debug!(keys = state.keys.len(), "jwks refreshed");
         Ok(state.keys.get(kid).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Role;
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+    use base64::Engine as _;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    struct OneKey {
+        kid: String,
+        key: DecodingKey,
+    }
+
+    #[async_trait]
+    impl KeySource for OneKey {
+        async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError> {
+            Ok((kid == self.kid).then(|| self.key.clone()))
+        }
+    }
+
+    fn keypair() -> (EncodingKey, DecodingKey) {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+        (EncodingKey::from_ed_der(pkcs8.as_ref()), DecodingKey::from_ed_components(&x).unwrap())
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn claims(tenant: &str, roles: Vec<Role>) -> Claims {
+        Claims {
+            iss: "iss".into(),
+            aud: "aud".into(),
+            sub: "user-1".into(),
+            tenant_id: tenant.into(),
+            roles,
+            exp: now() + 600,
+            nbf: now(),
+            iat: now(),
+            jti: "j".into(),
+        }
+    }
+
+    fn sign(claims: &Claims, key: &EncodingKey, kid: Option<&str>) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, key).unwrap()
+    }
+
+    fn setup() -> (TokenVerifier, EncodingKey) {
+        let (enc, dec) = keypair();
+        let verifier = TokenVerifier::new(Arc::new(OneKey { kid: "k1".into(), key: dec }), "iss", "aud");
+        (verifier, enc)
+    }
+
+    #[tokio::test]
+    async fn a_valid_token_verifies() {
+        let (v, key) = setup();
+        let c = claims("acme", vec![Role::TenantAdmin]);
+        assert_eq!(v.verify(&sign(&c, &key, Some("k1"))).await.unwrap(), c);
+    }
+
+    #[tokio::test]
+    async fn claim_checks_refuse() {
+        let (v, key) = setup();
+        type Case = (fn(&mut Claims), fn(&VerifyError) -> bool);
+        let cases: Vec<Case> = vec![
+            (|c| c.exp = now() - 3600, |e| matches!(e, VerifyError::Expired)),
+            (|c| c.nbf = now() + 3600, |e| matches!(e, VerifyError::NotYetValid)),
+            (|c| c.iss = "other".into(), |e| matches!(e, VerifyError::Issuer)),
+            (|c| c.aud = "other".into(), |e| matches!(e, VerifyError::Audience)),
+            (|c| c.tenant_id = "Bad Tenant".into(), |e| matches!(e, VerifyError::Claims)),
+            (|c| c.roles.clear(), |e| matches!(e, VerifyError::Claims)),
+            (|c| c.roles = vec![Role::PlatformAdmin], |e| matches!(e, VerifyError::Claims)),
+            (|c| c.roles = vec![Role::Service], |e| matches!(e, VerifyError::Claims)),
+        ];
+        for (i, (mutate, expected)) in cases.into_iter().enumerate() {
+            let mut c = claims("acme", vec![Role::TenantUser]);
+            mutate(&mut c);
+            let err = v.verify(&sign(&c, &key, Some("k1"))).await.unwrap_err();
+            assert!(expected(&err), "case {i}: {err:?}");
+        }
+        // The platform tenant may hold platform roles.
+        v.verify(&sign(&claims("platform", vec![Role::PlatformAdmin]), &key, Some("k1"))).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn keys_algorithms_and_signatures_are_enforced() {
+        let (v, key) = setup();
+        let c = claims("acme", vec![Role::TenantUser]);
+        assert!(matches!(v.verify(&sign(&c, &key, None)).await, Err(VerifyError::MissingKid)));
+        assert!(matches!(v.verify(&sign(&c, &key, Some("k2"))).await, Err(VerifyError::UnknownKey)));
+        let (other, _) = keypair();
+        assert!(matches!(v.verify(&sign(&c, &other, Some("k1"))).await, Err(VerifyError::Signature)));
+
+        // A tampered payload under the original signature.
+        let token = sign(&c, &key, Some("k1"));
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged = claims("globex", vec![Role::TenantUser]);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
+        let tampered = format!("{}.{payload}.{}", parts[0], parts[2]);
+        assert!(matches!(v.verify(&tampered).await, Err(VerifyError::Signature)));
+
+        // HS256 and `none` are refused by the allow-list before any key is used.
+        let mut hs = Header::new(Algorithm::HS256);
+        hs.kid = Some("k1".into());
+        let hs_token = jsonwebtoken::encode(&hs, &c, &EncodingKey::from_secret(b"public key bytes")).unwrap();
+        assert!(matches!(v.verify(&hs_token).await, Err(VerifyError::Algorithm)));
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT","kid":"k1"}"#), parts[1]);
+        assert!(v.verify(&none).await.is_err());
+        assert!(matches!(v.verify("garbage").await, Err(VerifyError::Malformed)));
     }
 }
