@@ -68,6 +68,11 @@ impl EmbeddedTable {
         Ok(Self { db: Arc::new(db) })
     }
 
+    /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::DynTable).
+    pub fn open_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
+        Ok(Arc::new(Self::open(path)?))
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,

@@ -194,8 +194,11 @@ pub fn client_span(path: &str, tenant_id: &str) -> Span {
     )
 }
 
-/// Records the outcome of an RPC on its span (`0` is OK).
-pub fn record_status(span: &Span, code: i32) {
+/// Records the outcome of an RPC on its span from the response headers: a
+/// `grpc-status` there is a trailers-only (immediate) answer; otherwise the
+/// status follows in the trailers and the call is counted as OK (0).
+pub fn record_response_status(span: &Span, headers: &http::HeaderMap) {
+    let code: i32 = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
     span.record("rpc.grpc.status_code", code);
     if code != 0 {
         span.record("otel.status_code", "ERROR");

@@ -184,13 +184,7 @@ where
             tenantmesh_telemetry::inject_span_context(&span, headers);
             let response = inner.call(req).instrument(span.clone()).await;
             if let Ok(resp) = &response {
-                let code = resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                tenantmesh_telemetry::record_status(&span, code);
+                tenantmesh_telemetry::record_response_status(&span, resp.headers());
             }
             response
         })

@@ -36,6 +36,16 @@ impl Authenticator {
         Self { verifier, directory }
     }
 
+    /// The authenticator of a service that is neither auth nor registry:
+    /// keys from the auth service's JWKS, tenants from the registry.
+    pub fn remote(config: &crate::config::CommonConfig) -> Result<Self, tonic::transport::Error> {
+        let keys = crate::verify::JwksCache::new(crate::client::channel(&config.auth_url)?);
+        let verifier = TokenVerifier::new(Arc::new(keys), &config.issuer, &config.audience);
+        let registry = crate::client::channel(&config.registry_url)?;
+        let directory = crate::directory::RemoteDirectory::new(registry, config.tenant_cache_ttl);
+        Ok(Self::new(Arc::new(verifier), Arc::new(directory)))
+    }
+
     /// Establishes the caller's context from request headers, or the status
     /// to refuse the request with.
     pub async fn authenticate(&self, path: &str, headers: &http::HeaderMap) -> Result<TenantContext, Status> {
@@ -188,13 +198,7 @@ where
                 },
             };
             if let Ok(resp) = &response {
-                let code = resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                tenantmesh_telemetry::record_status(&Span::current(), code);
+                tenantmesh_telemetry::record_response_status(&Span::current(), resp.headers());
             }
             response
         };

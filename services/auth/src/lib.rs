@@ -485,8 +485,7 @@ impl Auth for AuthService {
 
 /// Opens the auth service's store under the data directory.
 pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    let path = config.common.store_path("auth")?;
-    Ok(Arc::new(EmbeddedTable::open(path)?))
+    Ok(EmbeddedTable::open_shared(config.common.store_path("auth")?)?)
 }
 
 /// Runs the auth service on `listener` until `shutdown` completes.

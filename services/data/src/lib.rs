@@ -8,7 +8,6 @@ mod error;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,10 +17,8 @@ use tenantmesh_proto::data::v1::*;
 use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, DATA_PORT};
-use tenantmesh_tenant_context::directory::RemoteDirectory;
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
 use tenantmesh_tenant_context::server::Authenticator;
-use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -213,8 +210,7 @@ impl Data for DataService {
 
 /// Opens the data service's store under the data directory.
 pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    let path = config.common.store_path("data")?;
-    Ok(Arc::new(EmbeddedTable::open(path)?))
+    Ok(EmbeddedTable::open_shared(config.common.store_path("data")?)?)
 }
 
 /// Runs the data service on `listener` until `shutdown` completes.
@@ -224,11 +220,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let auth = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
-    let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
-    let verifier = TokenVerifier::new(Arc::new(JwksCache::new(auth)), &config.common.issuer, &config.common.audience);
-    let directory = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
-    let authn = Authenticator::new(Arc::new(verifier), directory);
+    let authn = Authenticator::remote(&config.common)?;
     tenantmesh_tenant_context::runtime::serve(
         listener,
         DataServer::new(DataService::new(store)),

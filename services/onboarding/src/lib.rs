@@ -24,10 +24,8 @@ use tenantmesh_proto::registry::v1::{
 use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError, Write};
 use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel, ServiceCredentials, ServiceTokenSource};
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, ONBOARDING_PORT, var};
-use tenantmesh_tenant_context::directory::RemoteDirectory;
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
 use tenantmesh_tenant_context::server::Authenticator;
-use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
 use tenantmesh_tenant_context::{PLATFORM_TENANT, TenantContext, tiers};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -459,8 +457,7 @@ impl Onboarding for OnboardingService {
 
 /// Opens the onboarding service's store under the data directory.
 pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    let path = config.common.store_path("onboarding")?;
-    Ok(Arc::new(EmbeddedTable::open(path)?))
+    Ok(EmbeddedTable::open_shared(config.common.store_path("onboarding")?)?)
 }
 
 /// Runs the onboarding service on `listener` until `shutdown` completes,
@@ -486,9 +483,7 @@ pub async fn serve(
             tracing::error!(error = %e, "could not resume unfinished onboardings");
         }
     });
-    let verifier = TokenVerifier::new(Arc::new(JwksCache::new(auth)), &config.common.issuer, &config.common.audience);
-    let directory = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
-    let authn = Authenticator::new(Arc::new(verifier), directory);
+    let authn = Authenticator::remote(&config.common)?;
     tenantmesh_tenant_context::runtime::serve(
         listener,
         OnboardingServer::new(service),

@@ -332,8 +332,7 @@ impl TenantRegistry for Registry {
 
 /// Opens the registry's store under the data directory.
 pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    let path = config.common.store_path("registry")?;
-    Ok(Arc::new(EmbeddedTable::open(path)?))
+    Ok(EmbeddedTable::open_shared(config.common.store_path("registry")?)?)
 }
 
 /// Runs the registry on `listener` until `shutdown` completes.
