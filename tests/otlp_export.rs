@@ -1,0 +1,71 @@
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans reach an OTLP/gRPC
+//! collector, tagged with the service name and the tenant.
+
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use tenantmesh_test_support::*;
+
+/// A collector that keeps what it receives.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+fn string_attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -> Option<String> {
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// A login through the mesh is exported over OTLP with `service.name` and
+/// `tenant.id` once the provider flushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(collector.clone()))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::spawn(server);
+
+    let mut config = tenantmesh_telemetry::Config::new("otlp-test");
+    config.otlp_endpoint = Some(format!("http://{addr}"));
+    config.log_target = tenantmesh_telemetry::LogTarget::Stderr;
+    let guard = tenantmesh_telemetry::init(config).unwrap();
+
+    let mesh = TestMesh::start().await;
+    mesh.admin_token().await;
+    mesh.shutdown().await;
+    let provider = guard.provider().clone();
+    tokio::task::spawn_blocking(move || provider.force_flush()).await.unwrap().unwrap();
+
+    let received = collector.0.lock().unwrap().clone();
+    let resources: Vec<_> = received.iter().flat_map(|r| r.resource_spans.iter()).collect();
+    assert!(!resources.is_empty(), "nothing exported");
+    for rs in &resources {
+        let attrs = &rs.resource.as_ref().unwrap().attributes;
+        assert_eq!(string_attr(attrs, "service.name").as_deref(), Some("otlp-test"));
+    }
+    let login = resources
+        .iter()
+        .flat_map(|rs| rs.scope_spans.iter().flat_map(|s| s.spans.iter()))
+        .find(|s| s.name == "tenantmesh.auth.v1.Auth/Login")
+        .expect("the login span was exported");
+    assert_eq!(string_attr(&login.attributes, "tenant.id").as_deref(), Some("platform"));
+    assert_eq!(string_attr(&login.attributes, "rpc.method").as_deref(), Some("Login"));
+    drop(guard);
+}
