@@ -148,3 +148,31 @@ fn readme_walkthrough_passes_against_tenantmesh_up() {
     assert!(status.success(), "tenantmesh up did not exit cleanly on SIGINT: {status:?}\n{logs}");
     assert!(logs.contains("generated the platform admin password"), "{logs}");
 }
+
+/// `tenantmesh --help` and `tenantmesh up --help` explain the command, its
+/// options and the variables the README points to.
+#[test]
+fn help_explains_the_command() {
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tenantmesh")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    assert!(top.contains("up") && top.contains("Run all four services"), "{top}");
+    let up = help(&["up", "--help"]);
+    for needle in [
+        "--data-dir",
+        "--host",
+        "--registry-port",
+        "--data-port",
+        "TENANTMESH_BOOTSTRAP_PASSWORD",
+        "bootstrap-password",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        assert!(up.contains(needle), "`tenantmesh up --help` does not mention {needle}:\n{up}");
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_tenantmesh")).args(["up", "--registry-port", "nope"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--registry-port"), "{bad:?}");
+}

@@ -49,6 +49,8 @@ where
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tenantmesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so clients can decode BadRequest & co.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(S::NAME)
             .with_service_name("grpc.health.v1.Health")
     };

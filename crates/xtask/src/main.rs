@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup().map(|_| ()),
         Some("test") => test(&args[1..]),
-        Some("proto-baseline") => setup().and_then(|t| proto_baseline(&t)),
+        Some("proto-baseline") => setup().and_then(|t| proto_baseline(&t, &root().join("proto").join(BASELINE))),
         Some("-h" | "--help" | "help") => {
             println!("{}", usage());
             Ok(())
@@ -153,14 +153,15 @@ fn cargo() -> Command {
     c
 }
 
-fn proto_baseline(tools: &Tools) -> Result {
-    std::fs::create_dir_all(root().join("proto/breaking")).map_err(|e| e.to_string())?;
-    run(Command::new(tools.buf()).current_dir(root().join("proto")).args([
-        "build",
-        "--exclude-source-info",
-        "-o",
-        BASELINE,
-    ]))
+/// Writes the descriptor image of `proto/` to `out`.
+fn proto_baseline(tools: &Tools, out: &Path) -> Result {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    run(Command::new(tools.buf())
+        .current_dir(root().join("proto"))
+        .args(["build", "--exclude-source-info", "-o"])
+        .arg(out))
 }
 
 fn test(extra: &[String]) -> Result {
@@ -171,6 +172,8 @@ fn test(extra: &[String]) -> Result {
     let proto = root.join("proto");
     run(Command::new(tools.buf()).current_dir(&proto).arg("lint"))?;
     run(Command::new(tools.buf()).current_dir(&proto).args(["breaking", "--against", BASELINE]))?;
+    // The `proto-baseline` command works (into target/, not over the baseline).
+    proto_baseline(&tools, &root.join("target/xtask-baseline/v1.image.json"))?;
     if have("docker-compose") {
         run(Command::new("docker-compose").current_dir(&root).args(["-f", "docker-compose.yml", "config", "--quiet"]))?;
     } else {
