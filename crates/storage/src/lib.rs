@@ -109,6 +109,9 @@ pub enum StorageError {
         index: usize,
         current: Option<u64>,
     },
+    /// The caller's isolation policy refuses this call (another tenant's key).
+    #[error("access denied: {action} on partition {key:?}")]
+    AccessDenied { action: String, key: String },
     /// Invalid use of the API (empty key, duplicate key in a transaction).
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -30,6 +30,7 @@ impl From<AuthError> for Status {
                 tracing::error!(cause, "auth internal error");
                 Status::internal("internal error")
             }
+            AuthError::Storage(StorageError::AccessDenied { .. }) => Status::permission_denied("access denied"),
             AuthError::Storage(StorageError::Invalid(cause)) => {
                 tracing::error!(cause, "invalid storage request");
                 Status::internal("internal error")

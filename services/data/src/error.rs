@@ -25,6 +25,10 @@ impl From<DataError> for Status {
                 tracing::error!(cause, "corrupt item");
                 Status::internal("internal error")
             }
+            DataError::Storage(StorageError::AccessDenied { .. }) => {
+                // Logged as a security event where it was refused.
+                Status::permission_denied("access denied by the tenant's isolation policy")
+            }
             DataError::Storage(StorageError::Invalid(cause)) => {
                 tracing::error!(cause, "invalid storage request");
                 Status::internal("internal error")
@@ -53,6 +57,10 @@ mod tests {
             (DataError::Corrupt("x".into()), Code::Internal),
             (DataError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
             (DataError::Storage(StorageError::Invalid("x".into())), Code::Internal),
+            (
+                DataError::Storage(StorageError::AccessDenied { action: "a".into(), key: "k".into() }),
+                Code::PermissionDenied,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);

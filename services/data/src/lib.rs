@@ -1,7 +1,9 @@
 //! The data service: a tenant's items, keyed `pk = <tenant id>`,
 //! `sk = <collection>#<id>`. The tenant always comes from the verified
 //! [`TenantContext`], never from the request, so no request can name
-//! another tenant's items.
+//! another tenant's items; and every storage call goes through the tenant's
+//! [`ScopedTable`], which checks it against the tenant's session policy, so
+//! even a bug here cannot reach another tenant's partition.
 #![forbid(unsafe_code)]
 
 mod error;
@@ -12,9 +14,10 @@ use std::future::Future;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost::Message as _;
+use tenantmesh_isolation::{Placement, ScopedTable};
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
 use tenantmesh_proto::data::v1::*;
-use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError};
+use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError, Table};
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
@@ -47,6 +50,7 @@ impl Config {
 #[derive(Clone)]
 pub struct DataService {
     store: DynTable,
+    placement: Placement,
 }
 
 fn now_ms() -> i64 {
@@ -100,16 +104,31 @@ fn parse_page_token(token: &str, sk_prefix: &str) -> Result<Option<String>, Stat
         .ok_or_else(|| invalid_field("page_token", "is not a token from a previous response to this query"))
 }
 
+/// Where the embedded backend keeps pooled items, as a policy resource.
+pub fn embedded_placement() -> Placement {
+    Placement::new("local", "000000000000", "tenantmesh-data")
+}
+
 impl DataService {
-    pub fn new(store: DynTable) -> Self {
-        Self { store }
+    pub fn new(store: DynTable, placement: Placement) -> Self {
+        Self { store, placement }
+    }
+
+    /// The store as the calling tenant may see it.
+    fn scoped<T>(&self, request: &Request<T>) -> Result<(String, ScopedTable), Status> {
+        let tenant = TenantContext::from_request(request)?.tenant_id.clone();
+        let table = ScopedTable::new(self.store.clone(), &tenant, &self.placement).map_err(|e| {
+            tracing::error!(error = %e, "cannot build the tenant's session policy");
+            Status::internal("internal error")
+        })?;
+        Ok((tenant, table))
     }
 }
 
 #[tonic::async_trait]
 impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
-        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let (tenant, store) = self.scoped(&request)?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -131,7 +150,7 @@ impl Data for DataService {
             None => Condition::None,
         };
         let sk = sort_key(&item.collection, &item.id);
-        let stored = self.store.put(&tenant, &sk, item.encode_to_vec(), condition).await.map_err(|e| match e {
+        let stored = store.put(&tenant, &sk, item.encode_to_vec(), condition).await.map_err(|e| match e {
             StorageError::ConditionFailed { current, .. } => {
                 DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }
             }
@@ -143,14 +162,13 @@ impl Data for DataService {
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
-        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let (tenant, store) = self.scoped(&request)?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
         check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
         v.check()?;
-        let raw = self
-            .store
+        let raw = store
             .get(&tenant, &sort_key(&req.collection, &req.id))
             .await
             .map_err(DataError::from)?
@@ -159,7 +177,7 @@ impl Data for DataService {
     }
 
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
-        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let (tenant, store) = self.scoped(&request)?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -173,7 +191,7 @@ impl Data for DataService {
             None => Condition::Exists,
         };
         let sk = sort_key(&req.collection, &req.id);
-        match self.store.delete(&tenant, &sk, condition).await {
+        match store.delete(&tenant, &sk, condition).await {
             Ok(_) => Ok(Response::new(DeleteItemResponse {})),
             Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
             Err(StorageError::ConditionFailed { current, .. }) => {
@@ -184,7 +202,7 @@ impl Data for DataService {
     }
 
     async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
-        let tenant = TenantContext::from_request(&request)?.tenant_id.clone();
+        let (tenant, store) = self.scoped(&request)?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -200,8 +218,7 @@ impl Data for DataService {
         v.check()?;
         let sk_prefix = sort_key(&req.collection, &req.id_prefix);
         let start_after = parse_page_token(&req.page_token, &sk_prefix)?;
-        let page =
-            self.store.query(Query { pk: tenant, sk_prefix, start_after, limit }).await.map_err(DataError::from)?;
+        let page = store.query(Query { pk: tenant, sk_prefix, start_after, limit }).await.map_err(DataError::from)?;
         let items = page.items.iter().map(decode_item).collect::<Result<Vec<_>, _>>()?;
         let next_page_token = page.last_evaluated.as_deref().map(page_token).unwrap_or_default();
         Ok(Response::new(QueryItemsResponse { items, next_page_token }))
@@ -223,7 +240,7 @@ pub async fn serve(
     let authn = Authenticator::remote(&config.common)?;
     tenantmesh_tenant_context::runtime::serve(
         listener,
-        DataServer::new(DataService::new(store)),
+        DataServer::new(DataService::new(store, embedded_placement())),
         authn,
         config.common.shutdown_grace,
         shutdown,

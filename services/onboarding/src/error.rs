@@ -33,6 +33,7 @@ impl From<OnboardingError> for Status {
                 tracing::error!(cause, "onboarding internal error");
                 Status::internal("internal error")
             }
+            OnboardingError::Storage(StorageError::AccessDenied { .. }) => Status::permission_denied("access denied"),
             OnboardingError::Storage(e) => {
                 tracing::error!(error = %e, "onboarding storage failed");
                 Status::unavailable("onboarding storage unavailable")

@@ -42,6 +42,7 @@ impl From<RegistryError> for Status {
                 tracing::error!(cause, "corrupt tenant record");
                 Status::internal("internal error")
             }
+            RegistryError::Storage(StorageError::AccessDenied { .. }) => Status::permission_denied("access denied"),
             RegistryError::Storage(StorageError::Invalid(cause)) => {
                 tracing::error!(cause, "invalid storage request");
                 Status::internal("internal error")

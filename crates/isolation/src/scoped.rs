@@ -1,0 +1,162 @@
+//! A [`Table`] confined to one tenant by that tenant's session policy:
+//! every call is evaluated (action, table, partition keys) before it
+//! reaches the store, so a bug above it cannot read or write another
+//! tenant's items.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tenantmesh_storage::{Condition, DynTable, Item, Page, Query, Result, StorageError, Table, Write};
+
+use crate::eval::{RequestContext, evaluate};
+use crate::policy::{Placement, PolicyDocument, PolicyError, tenant_policy};
+
+/// A tenant's view of a table (see the module docs).
+pub struct ScopedTable {
+    inner: DynTable,
+    tenant_id: String,
+    table_arn: String,
+    policy: Arc<PolicyDocument>,
+}
+
+impl std::fmt::Debug for ScopedTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopedTable").field("tenant_id", &self.tenant_id).field("table", &self.table_arn).finish()
+    }
+}
+
+impl ScopedTable {
+    /// Confines `inner` (the table of `placement`) to `tenant_id`.
+    pub fn new(inner: DynTable, tenant_id: &str, placement: &Placement) -> Result<Self, PolicyError> {
+        Ok(Self {
+            inner,
+            tenant_id: tenant_id.to_owned(),
+            table_arn: placement.table_arn(),
+            policy: Arc::new(tenant_policy(tenant_id, placement)?),
+        })
+    }
+
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant_id
+    }
+
+    fn check<'a>(&self, action: &str, keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        let keys: Vec<String> = keys.into_iter().map(str::to_owned).collect();
+        let ctx = RequestContext::dynamodb(action, &self.table_arn, keys.iter().cloned());
+        let decision = evaluate(&self.policy, &ctx);
+        if decision.is_allowed() {
+            return Ok(());
+        }
+        let refused = keys.iter().find(|k| **k != self.tenant_id).cloned().unwrap_or_default();
+        tracing::warn!(
+            security_event = "isolation_denied",
+            tenant_id = %self.tenant_id,
+            action,
+            refused_key = %refused,
+            decision = ?decision,
+            "storage call refused by the tenant's session policy"
+        );
+        Err(StorageError::AccessDenied { action: action.to_owned(), key: refused })
+    }
+}
+
+#[async_trait]
+impl Table for ScopedTable {
+    async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
+        self.check("dynamodb:GetItem", [pk])?;
+        self.inner.get(pk, sk).await
+    }
+
+    async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
+        self.check("dynamodb:PutItem", [pk])?;
+        self.inner.put(pk, sk, data, condition).await
+    }
+
+    async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>> {
+        self.check("dynamodb:DeleteItem", [pk])?;
+        self.inner.delete(pk, sk, condition).await
+    }
+
+    async fn query(&self, query: Query) -> Result<Page> {
+        self.check("dynamodb:Query", [query.pk.as_str()])?;
+        self.inner.query(query).await
+    }
+
+    async fn transact_write(&self, writes: Vec<Write>) -> Result<()> {
+        for w in &writes {
+            let (action, pk) = match w {
+                Write::Put { pk, .. } => ("dynamodb:PutItem", pk),
+                Write::Delete { pk, .. } => ("dynamodb:DeleteItem", pk),
+                Write::Check { pk, .. } => ("dynamodb:ConditionCheckItem", pk),
+            };
+            self.check(action, [pk.as_str()])?;
+        }
+        self.inner.transact_write(writes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenantmesh_storage::EmbeddedTable;
+
+    fn setup() -> (tempfile::TempDir, DynTable, ScopedTable) {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = EmbeddedTable::open_shared(dir.path().join("t.redb")).unwrap();
+        let placement = Placement::new("local", "000000000000", "tenantmesh-data");
+        let acme = ScopedTable::new(raw.clone(), "acme", &placement).unwrap();
+        (dir, raw, acme)
+    }
+
+    fn denied<T: std::fmt::Debug>(r: Result<T>) {
+        assert!(matches!(r, Err(StorageError::AccessDenied { ref key, .. }) if key == "globex"), "{r:?}");
+    }
+
+    /// Asked directly for another tenant's key — as buggy application code
+    /// would — the scoped store refuses every kind of call, and nothing of
+    /// the other tenant is read or written.
+    #[tokio::test]
+    async fn another_tenants_key_is_refused_for_every_call() {
+        let (_dir, raw, acme) = setup();
+        raw.put("globex", "notes#1", b"secret".to_vec(), Condition::None).await.unwrap();
+
+        denied(acme.get("globex", "notes#1").await);
+        denied(acme.put("globex", "notes#1", b"overwrite".to_vec(), Condition::None).await);
+        denied(acme.delete("globex", "notes#1", Condition::None).await);
+        denied(acme.query(Query { pk: "globex".into(), sk_prefix: String::new(), start_after: None, limit: 10 }).await);
+        let mixed = vec![
+            Write::Put { pk: "acme".into(), sk: "a".into(), data: vec![], condition: Condition::None },
+            Write::Delete { pk: "globex".into(), sk: "notes#1".into(), condition: Condition::None },
+        ];
+        denied(acme.transact_write(mixed).await);
+        denied(
+            acme.transact_write(vec![Write::Check { pk: "globex".into(), sk: "x".into(), condition: Condition::None }])
+                .await,
+        );
+
+        let kept = raw.get("globex", "notes#1").await.unwrap().unwrap();
+        assert_eq!((kept.version, kept.data.as_slice()), (1, b"secret".as_slice()));
+        assert!(raw.get("acme", "a").await.unwrap().is_none(), "a refused transaction applied a write");
+    }
+
+    /// The tenant's own partition works normally through the scoped store.
+    #[tokio::test]
+    async fn own_partition_is_served() {
+        let (_dir, _raw, acme) = setup();
+        acme.put("acme", "notes#1", b"v".to_vec(), Condition::NotExists).await.unwrap();
+        assert_eq!(acme.get("acme", "notes#1").await.unwrap().unwrap().data, b"v");
+        let page = acme
+            .query(Query { pk: "acme".into(), sk_prefix: "notes#".into(), start_after: None, limit: 10 })
+            .await
+            .unwrap();
+        assert_eq!(page.items.len(), 1);
+        acme.transact_write(vec![Write::Delete {
+            pk: "acme".into(),
+            sk: "notes#1".into(),
+            condition: Condition::Exists,
+        }])
+        .await
+        .unwrap();
+        assert!(acme.get("acme", "notes#1").await.unwrap().is_none());
+    }
+}
