@@ -1,9 +1,10 @@
 //! A DynamoDB-shaped table API (partition key, sort key, conditional writes,
-//! prefix queries with pagination, transactions) and its durable embedded
-//! backend on redb. Every service keeps its state behind [`Table`], so the
+//! prefix queries with pagination, transactions) with two backends: a
+//! durable embedded one on redb, and DynamoDB. Every service keeps its state behind [`Table`], so the
 //! same service code runs on the embedded store and, later, on DynamoDB.
 #![forbid(unsafe_code)]
 
+mod dynamodb;
 mod embedded;
 
 #[cfg(any(test, feature = "testsuite"))]
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use dynamodb::{ACCESS_DENIED_MARKER, DynamoTable};
 pub use embedded::EmbeddedTable;
 
 /// One stored item: `(pk, sk)` is its key, `version` counts its writes

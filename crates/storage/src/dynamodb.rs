@@ -1,0 +1,363 @@
+//! The DynamoDB backend: one table per service (or per tenant, later),
+//! items `{pk: S, sk: S, v: N, d: B}`. Versions and conditions are enforced
+//! by DynamoDB condition expressions, transactions by TransactWriteItems.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType, ReturnValue,
+    ScalarAttributeType, TableStatus, TransactWriteItem, Update,
+};
+
+use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key};
+
+type Attrs = HashMap<String, AttributeValue>;
+
+/// How the backend recognises a refusal raised inside the SDK pipeline
+/// (the isolation guard): any error in the chain whose message starts with
+/// this marker.
+pub const ACCESS_DENIED_MARKER: &str = "tenantmesh access denied:";
+
+/// A [`Table`] in DynamoDB.
+#[derive(Clone, Debug)]
+pub struct DynamoTable {
+    client: Client,
+    table: String,
+}
+
+fn key(pk: &str, sk: &str) -> Attrs {
+    HashMap::from([
+        ("pk".to_owned(), AttributeValue::S(pk.to_owned())),
+        ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
+    ])
+}
+
+fn version_of(attrs: &Attrs) -> Option<u64> {
+    match attrs.get("v") {
+        Some(AttributeValue::N(n)) => n.parse().ok(),
+        _ => None,
+    }
+}
+
+fn to_item(attrs: &Attrs) -> Result<Item> {
+    let s = |name: &str| match attrs.get(name) {
+        Some(AttributeValue::S(s)) => Ok(s.clone()),
+        _ => Err(StorageError::Backend(format!("item without a string {name}"))),
+    };
+    let data = match attrs.get("d") {
+        Some(AttributeValue::B(b)) => b.clone().into_inner(),
+        None => Vec::new(),
+        _ => return Err(StorageError::Backend("item data is not binary".into())),
+    };
+    Ok(Item {
+        pk: s("pk")?,
+        sk: s("sk")?,
+        version: version_of(attrs).ok_or_else(|| StorageError::Backend("item without a version".into()))?,
+        data,
+    })
+}
+
+/// The condition expression (and its values) for a [`Condition`].
+fn condition_expr(c: Condition) -> Option<(&'static str, Option<AttributeValue>)> {
+    match c {
+        Condition::None => None,
+        Condition::NotExists | Condition::Version(0) => Some(("attribute_not_exists(pk)", None)),
+        Condition::Exists => Some(("attribute_exists(pk)", None)),
+        Condition::Version(v) => Some(("v = :expected", Some(AttributeValue::N(v.to_string())))),
+    }
+}
+
+const UPSERT: &str = "SET d = :d, v = if_not_exists(v, :zero) + :one";
+
+fn upsert_values(data: &[u8]) -> Attrs {
+    HashMap::from([
+        (":d".to_owned(), AttributeValue::B(Blob::new(data.to_vec()))),
+        (":zero".to_owned(), AttributeValue::N("0".into())),
+        (":one".to_owned(), AttributeValue::N("1".into())),
+    ])
+}
+
+/// Maps an SDK error; `conditional` is the result for a failed condition.
+fn map_err<E, R>(e: SdkError<E, R>, conditional: impl FnOnce() -> StorageError) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    if let Some(denied) = denial_in_chain(&e) {
+        return StorageError::AccessDenied { action: String::new(), key: denied };
+    }
+    match e.code() {
+        Some("ConditionalCheckFailedException") => conditional(),
+        Some("AccessDeniedException") | Some("UnrecognizedClientException") => {
+            StorageError::AccessDenied { action: String::new(), key: String::new() }
+        }
+        Some("ValidationException") => StorageError::Invalid(e.message().unwrap_or("validation error").to_owned()),
+        _ => StorageError::Backend(format!("dynamodb: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))),
+    }
+}
+
+/// The refused key, if the chain holds an isolation refusal.
+fn denial_in_chain(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let msg = err.to_string();
+        if let Some(rest) = msg.strip_prefix(ACCESS_DENIED_MARKER) {
+            return Some(rest.trim().to_owned());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+impl DynamoTable {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self { client, table: table.into() }
+    }
+
+    pub fn table_name(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates the table (pk/sk strings, on-demand) if it does not exist,
+    /// and waits until it is ACTIVE.
+    pub async fn ensure_table(client: &Client, table: &str) -> Result<()> {
+        let created = client
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(
+                KeySchemaElement::builder().attribute_name("pk").key_type(KeyType::Hash).build().map_err(backend)?,
+            )
+            .key_schema(
+                KeySchemaElement::builder().attribute_name("sk").key_type(KeyType::Range).build().map_err(backend)?,
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("pk")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .map_err(backend)?,
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("sk")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .map_err(backend)?,
+            )
+            .send()
+            .await;
+        match created {
+            Ok(_) => tracing::info!(table, "created dynamodb table"),
+            Err(e) if e.code() == Some("ResourceInUseException") => {}
+            Err(e) => return Err(map_err(e, || StorageError::Backend("create table".into()))),
+        }
+        for _ in 0..120 {
+            let d = client
+                .describe_table()
+                .table_name(table)
+                .send()
+                .await
+                .map_err(|e| map_err(e, || backend("describe")))?;
+            if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        Err(StorageError::Backend(format!("table {table} did not become ACTIVE")))
+    }
+
+    async fn current_version(&self, pk: &str, sk: &str) -> Option<u64> {
+        self.get(pk, sk).await.ok().flatten().map(|i| i.version)
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend(e.to_string())
+}
+
+#[async_trait]
+impl Table for DynamoTable {
+    async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
+        check_key(pk, sk)?;
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| map_err(e, || backend("unexpected condition failure")))?;
+        out.item().map(to_item).transpose()
+    }
+
+    async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
+        check_key(pk, sk)?;
+        let mut values = upsert_values(&data);
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, sk)))
+            .update_expression(UPSERT)
+            .return_values(ReturnValue::AllNew);
+        if let Some((expr, value)) = condition_expr(condition) {
+            req = req.condition_expression(expr);
+            if let Some(v) = value {
+                values.insert(":expected".into(), v);
+            }
+        }
+        match req.set_expression_attribute_values(Some(values)).send().await {
+            Ok(out) => {
+                let version =
+                    out.attributes().and_then(version_of).ok_or_else(|| backend("update returned no version"))?;
+                Ok(Item { pk: pk.into(), sk: sk.into(), version, data })
+            }
+            Err(e) => {
+                let conditional = e.code() == Some("ConditionalCheckFailedException");
+                let err = map_err(e, || StorageError::ConditionFailed { index: 0, current: None });
+                if conditional {
+                    return Err(StorageError::ConditionFailed {
+                        index: 0,
+                        current: self.current_version(pk, sk).await,
+                    });
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>> {
+        check_key(pk, sk)?;
+        let mut req = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, sk)))
+            .return_values(ReturnValue::AllOld);
+        if let Some((expr, value)) = condition_expr(condition) {
+            req = req.condition_expression(expr);
+            if let Some(v) = value {
+                req = req.expression_attribute_values(":expected", v);
+            }
+        }
+        match req.send().await {
+            Ok(out) => Ok(out.attributes().and_then(version_of)),
+            Err(e) => {
+                let conditional = e.code() == Some("ConditionalCheckFailedException");
+                let err = map_err(e, || StorageError::ConditionFailed { index: 0, current: None });
+                if conditional {
+                    return Err(StorageError::ConditionFailed {
+                        index: 0,
+                        current: self.current_version(pk, sk).await,
+                    });
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn query(&self, query: Query) -> Result<Page> {
+        if query.pk.is_empty() {
+            return Err(StorageError::Invalid("pk must not be empty".into()));
+        }
+        let mut req = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .limit(query.limit.clamp(1, i32::MAX as usize) as i32)
+            .expression_attribute_values(":pk", AttributeValue::S(query.pk.clone()));
+        req = if query.sk_prefix.is_empty() {
+            req.key_condition_expression("pk = :pk")
+        } else {
+            req.key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":prefix", AttributeValue::S(query.sk_prefix.clone()))
+        };
+        if let Some(after) = &query.start_after {
+            req = req.set_exclusive_start_key(Some(key(&query.pk, after)));
+        }
+        let out = req.send().await.map_err(|e| map_err(e, || backend("unexpected condition failure")))?;
+        let items = out.items().iter().map(to_item).collect::<Result<Vec<_>>>()?;
+        let last_evaluated = match out.last_evaluated_key().and_then(|k| k.get("sk")) {
+            Some(AttributeValue::S(sk)) => Some(sk.clone()),
+            _ => None,
+        };
+        Ok(Page { items, last_evaluated })
+    }
+
+    async fn transact_write(&self, writes: Vec<Write>) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for w in &writes {
+            let (pk, sk) = w.key();
+            check_key(pk, sk)?;
+            if !seen.insert((pk.to_owned(), sk.to_owned())) {
+                return Err(StorageError::Invalid(format!("transaction touches ({pk}, {sk}) twice")));
+            }
+        }
+        let mut items = Vec::with_capacity(writes.len());
+        for w in &writes {
+            let item = match w {
+                Write::Put { pk, sk, data, condition } => {
+                    let mut values = upsert_values(data);
+                    let mut u =
+                        Update::builder().table_name(&self.table).set_key(Some(key(pk, sk))).update_expression(UPSERT);
+                    if let Some((expr, value)) = condition_expr(*condition) {
+                        u = u.condition_expression(expr);
+                        if let Some(v) = value {
+                            values.insert(":expected".into(), v);
+                        }
+                    }
+                    TransactWriteItem::builder()
+                        .update(u.set_expression_attribute_values(Some(values)).build().map_err(backend)?)
+                        .build()
+                }
+                Write::Delete { pk, sk, condition } => {
+                    let mut d = Delete::builder().table_name(&self.table).set_key(Some(key(pk, sk)));
+                    if let Some((expr, value)) = condition_expr(*condition) {
+                        d = d.condition_expression(expr);
+                        if let Some(v) = value {
+                            d = d.expression_attribute_values(":expected", v);
+                        }
+                    }
+                    TransactWriteItem::builder().delete(d.build().map_err(backend)?).build()
+                }
+                Write::Check { pk, sk, condition } => {
+                    // DynamoDB needs an expression; `None` always holds.
+                    let (expr, value) = condition_expr(*condition)
+                        .unwrap_or(("attribute_exists(pk) OR attribute_not_exists(pk)", None));
+                    let mut c = ConditionCheck::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(key(pk, sk)))
+                        .condition_expression(expr);
+                    if let Some(v) = value {
+                        c = c.expression_attribute_values(":expected", v);
+                    }
+                    TransactWriteItem::builder().condition_check(c.build().map_err(backend)?).build()
+                }
+            };
+            items.push(item);
+        }
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let reasons: Vec<Option<String>> = match e.as_service_error() {
+                    Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(t)) => {
+                        t.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                if let Some(index) = reasons.iter().position(|c| c.as_deref() == Some("ConditionalCheckFailed")) {
+                    let (pk, sk) = writes[index].key();
+                    return Err(StorageError::ConditionFailed { index, current: self.current_version(pk, sk).await });
+                }
+                Err(map_err(e, || backend("transaction cancelled")))
+            }
+        }
+    }
+}
