@@ -83,3 +83,28 @@ async fn client_layer_propagates_or_fails_closed() {
     expect_code(ctx.scope(data.get_item(get())).await, Code::NotFound);
     mesh.shutdown().await;
 }
+
+/// The mesh runs on the backend the suite asked for: the four redb stores
+/// exist on the embedded backend and none on DynamoDB, where the tenant's
+/// item is found in the pooled DynamoDB table instead.
+#[tokio::test]
+async fn mesh_runs_on_the_requested_backend() {
+    let mesh = TestMesh::start().await;
+    assert_eq!(mesh.backend(), TestBackend::from_env());
+    let acme = mesh.onboard(&unique_tenant("acme")).await;
+    let put = PutItemRequest { collection: "c".into(), id: "1".into(), attributes: None, expected_version: None };
+    mesh.data().put_item(authed(put, &acme.token)).await.unwrap();
+    let backend = mesh.backend();
+    let state = mesh.stop().await;
+    let redb = std::fs::read_dir(state.data_dir())
+        .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "redb")).count())
+        .unwrap_or(0);
+    match backend {
+        TestBackend::Embedded => assert_eq!(redb, 4),
+        TestBackend::DynamoDb => {
+            assert_eq!(redb, 0);
+            let item = state.table("data").await.get(&acme.tenant_id, "c#1").await.unwrap();
+            assert_eq!(item.expect("item in the DynamoDB table").version, 1);
+        }
+    }
+}

@@ -116,10 +116,12 @@ impl Mesh {
         let onboarding_cfg = tenantmesh_onboarding::Config::from_env(&with_listen(addrs.onboarding))?;
         let data_cfg = tenantmesh_data::Config::from_env(&with_listen(addrs.data))?;
         let open_err = |service| move |e: BoxError| MeshError::Service { service, message: e.to_string() };
-        let registry_store = tenantmesh_registry::open_store(&registry_cfg).map_err(open_err("tenant-registry"))?;
-        let auth_store = tenantmesh_auth::open_store(&auth_cfg).map_err(open_err("auth"))?;
-        let onboarding_store = tenantmesh_onboarding::open_store(&onboarding_cfg).map_err(open_err("onboarding"))?;
-        let data_store = tenantmesh_data::open_store(&data_cfg).map_err(open_err("data"))?;
+        let registry_store =
+            tenantmesh_registry::open_store(&registry_cfg).await.map_err(open_err("tenant-registry"))?;
+        let auth_store = tenantmesh_auth::open_store(&auth_cfg).await.map_err(open_err("auth"))?;
+        let onboarding_store =
+            tenantmesh_onboarding::open_store(&onboarding_cfg).await.map_err(open_err("onboarding"))?;
+        let data_store = tenantmesh_data::open_store(&data_cfg).await.map_err(open_err("data"))?;
 
         let (stop, stopped) = watch::channel(false);
         let signal = move || {

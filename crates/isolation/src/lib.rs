@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aws;
+pub mod backend;
 pub mod eval;
 pub mod guard;
 pub mod policy;

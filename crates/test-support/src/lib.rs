@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
 use tenantmesh_cli::{Mesh, MeshAddrs, MeshOptions};
@@ -56,32 +57,101 @@ pub struct TestTenant {
     pub token: String,
 }
 
-/// The whole mesh, in-process, on ephemeral loopback ports, in a temp dir.
+/// The storage backend a test mesh runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    Embedded,
+    /// DynamoDB and STS on a moto emulator owned by the mesh.
+    DynamoDb,
+}
+
+impl TestBackend {
+    /// `TENANTMESH_TEST_STORAGE` (`embedded`, the default, or `dynamodb`):
+    /// `cargo xtask test` runs the mesh suites once with each.
+    pub fn from_env() -> Self {
+        match std::env::var("TENANTMESH_TEST_STORAGE").as_deref() {
+            Ok("dynamodb") => TestBackend::DynamoDb,
+            Ok("embedded") | Ok("") | Err(_) => TestBackend::Embedded,
+            Ok(other) => panic!("TENANTMESH_TEST_STORAGE={other:?}: use embedded or dynamodb"),
+        }
+    }
+}
+
+/// What outlives a mesh between a stop and a start: its data directory and,
+/// on DynamoDB, its emulator.
+pub struct MeshState {
+    dir: tempfile::TempDir,
+    moto: Option<std::sync::Arc<moto::Moto>>,
+    env: HashMap<String, String>,
+}
+
+impl MeshState {
+    fn new(backend: TestBackend) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut env = test_env();
+        env.insert("TENANTMESH_DATA_DIR".into(), dir.path().join("data").display().to_string());
+        let moto = (backend == TestBackend::DynamoDb).then(|| std::sync::Arc::new(moto::Moto::start()));
+        if let Some(m) = &moto {
+            env.extend(m.env());
+            env.insert("TENANTMESH_STORAGE".into(), "dynamodb".into());
+        }
+        Self { dir, moto, env }
+    }
+
+    /// The services' data directory (holds redb files on the embedded backend).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A service's own table (`registry`, `auth`, `onboarding`, `data`) on
+    /// the mesh's backend; on the embedded backend the mesh must be stopped.
+    pub async fn table(&self, name: &str) -> tenantmesh_storage::DynTable {
+        let storage = tenantmesh_isolation::backend::StorageConfig::from_env(&self.env).expect("storage config");
+        let common = tenantmesh_tenant_context::config::CommonConfig::from_env(&self.env, 0).expect("config");
+        storage.open_table(&common, name).await.expect("table opens")
+    }
+
+    async fn start(&self) -> Mesh {
+        let mut options = MeshOptions::ephemeral(self.dir.path().join("data"));
+        options.env = self.env.clone();
+        Mesh::start(options).await.expect("mesh starts")
+    }
+}
+
+/// The whole mesh, in-process, on ephemeral loopback ports, in a temp dir,
+/// on the backend `TENANTMESH_TEST_STORAGE` names.
 pub struct TestMesh {
     mesh: Option<Mesh>,
     pub addrs: MeshAddrs,
-    dir: tempfile::TempDir,
+    state: MeshState,
 }
 
 impl TestMesh {
-    /// Starts a mesh in a fresh temp dir.
+    /// Starts a mesh in a fresh temp dir (and emulator, for DynamoDB).
     pub async fn start() -> TestMesh {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mesh = Self::start_in(dir.path()).await;
-        TestMesh { addrs: mesh.addrs, mesh: Some(mesh), dir }
+        Self::start_with(TestBackend::from_env()).await
     }
 
-    async fn start_in(dir: &Path) -> Mesh {
-        let mut options = MeshOptions::ephemeral(dir.join("data"));
-        options.env = test_env();
-        Mesh::start(options).await.expect("mesh starts")
+    /// Starts a mesh on `backend`, whatever the environment says.
+    pub async fn start_with(backend: TestBackend) -> TestMesh {
+        Self::start_on(MeshState::new(backend)).await
     }
 
-    /// Stops the mesh gracefully and starts it again on the same data dir
+    /// Starts a mesh on the state a stopped one left.
+    pub async fn start_on(state: MeshState) -> TestMesh {
+        let mesh = state.start().await;
+        TestMesh { addrs: mesh.addrs, mesh: Some(mesh), state }
+    }
+
+    pub fn backend(&self) -> TestBackend {
+        if self.state.moto.is_some() { TestBackend::DynamoDb } else { TestBackend::Embedded }
+    }
+
+    /// Stops the mesh gracefully and starts it again on the same data
     /// (new ports).
     pub async fn restart(&mut self) {
         self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
-        let mesh = Self::start_in(self.dir.path()).await;
+        let mesh = self.state.start().await;
         self.addrs = mesh.addrs;
         self.mesh = Some(mesh);
     }
@@ -91,22 +161,10 @@ impl TestMesh {
         self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
     }
 
-    /// The data directory of the services.
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    /// Stops the mesh and returns its temp dir, to inspect or to restart on.
-    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
+    /// Stops the mesh and keeps its data, to inspect or to start on again.
+    pub async fn stop(mut self) -> MeshState {
         self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::mem::replace(&mut self.dir, dir)
-    }
-
-    /// Starts a mesh on a directory left by [`TestMesh::stop_keep_dir`].
-    pub async fn start_on(dir: tempfile::TempDir) -> TestMesh {
-        let mesh = Self::start_in(dir.path()).await;
-        TestMesh { addrs: mesh.addrs, mesh: Some(mesh), dir }
+        self.state
     }
 
     fn channel(addr: std::net::SocketAddr) -> Channel {

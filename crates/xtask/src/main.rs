@@ -21,6 +21,10 @@ const BASELINE: &str = "breaking/v1.image.json";
 
 type Result<T = ()> = std::result::Result<T, String>;
 
+/// The packages whose tests run the mesh, and so run on both backends.
+const MESH_SUITES: [&str; 5] =
+    ["tenantmesh-registry", "tenantmesh-auth", "tenantmesh-onboarding", "tenantmesh-data", "tenantmesh-e2e"];
+
 fn usage() -> &'static str {
     "usage: cargo xtask <command>
 
@@ -188,15 +192,31 @@ fn test(extra: &[String]) -> Result {
         eprintln!("xtask: docker-compose not installed; compose file not validated");
     }
     let path = format!("{}:{}", tools.bin.display(), std::env::var("PATH").unwrap_or_default());
-    if have("cargo-nextest") {
-        run(cargo()
-            .env("PATH", path)
-            .args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"])
-            .args(extra))?;
-    } else {
+    let nextest = have("cargo-nextest");
+    if !nextest {
         eprintln!("xtask: cargo-nextest not found; falling back to cargo test");
-        run(cargo().env("PATH", path).args(["test", "--workspace", "--locked", "--no-fail-fast"]).args(extra))?;
     }
+    let runner = if nextest { ["nextest", "run"].as_slice() } else { ["test"].as_slice() };
+    // Every test, on the embedded store.
+    run(cargo()
+        .env("PATH", &path)
+        .env("TENANTMESH_TEST_STORAGE", "embedded")
+        .args(runner)
+        .args(["--workspace", "--locked", "--no-fail-fast"])
+        .args(extra))?;
+    // The mesh suites again, on DynamoDB + STS (a moto emulator per test).
+    let mut dynamo = cargo();
+    dynamo
+        .env("PATH", &path)
+        .env("TENANTMESH_TEST_STORAGE", "dynamodb")
+        .args(runner)
+        .args(MESH_SUITES.iter().flat_map(|p| ["-p", p]))
+        .args(["--locked", "--no-fail-fast"]);
+    if nextest {
+        // The compose test runs the binaries on compose's own (embedded) settings.
+        dynamo.args(["-E", "not binary(compose_wiring)"]);
+    }
+    run(dynamo.args(extra))?;
     readme_start_command()
 }
 

@@ -16,9 +16,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
+use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::auth::v1::auth_server::{Auth, AuthServer};
 use tenantmesh_proto::auth::v1::*;
-use tenantmesh_storage::{Condition, DynTable, EmbeddedTable};
+use tenantmesh_storage::{Condition, DynTable};
 use tenantmesh_tenant_context::config::{AUTH_PORT, CommonConfig, ConfigError, parse_var, var};
 use tenantmesh_tenant_context::directory::{RemoteDirectory, TenantDirectory};
 use tenantmesh_tenant_context::errors::Violations;
@@ -43,6 +44,7 @@ const MIN_SECRET_LEN: usize = 16;
 #[derive(Clone)]
 pub struct Config {
     pub common: CommonConfig,
+    pub storage: StorageConfig,
     /// `TENANTMESH_BOOTSTRAP_EMAIL`.
     pub bootstrap_email: String,
     /// `TENANTMESH_BOOTSTRAP_PASSWORD`; generated when unset.
@@ -103,6 +105,7 @@ impl Config {
         }
         Ok(Self {
             common: CommonConfig::from_env(env, AUTH_PORT)?,
+            storage: StorageConfig::from_env(env)?,
             bootstrap_email: normalize_email(var(env, "TENANTMESH_BOOTSTRAP_EMAIL").unwrap_or(DEFAULT_BOOTSTRAP_EMAIL)),
             bootstrap_password,
             service_clients,
@@ -483,9 +486,9 @@ impl Auth for AuthService {
     }
 }
 
-/// Opens the auth service's store under the data directory.
-pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(EmbeddedTable::open_shared(config.common.store_path("auth")?)?)
+/// Opens the auth service's table on the configured backend.
+pub async fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
+    config.storage.open_table(&config.common, "auth").await
 }
 
 /// Runs the auth service on `listener` until `shutdown` completes.

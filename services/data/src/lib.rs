@@ -14,10 +14,13 @@ use std::future::Future;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost::Message as _;
-use tenantmesh_isolation::{Placement, ScopedTable};
+use std::sync::Arc;
+
+use tenantmesh_isolation::TenantStores;
+use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
 use tenantmesh_proto::data::v1::*;
-use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError, Table};
+use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
@@ -38,19 +41,19 @@ const MAX_PAGE_SIZE: i32 = 1000;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub common: CommonConfig,
+    pub storage: StorageConfig,
 }
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Ok(Self { common: CommonConfig::from_env(env, DATA_PORT)? })
+        Ok(Self { common: CommonConfig::from_env(env, DATA_PORT)?, storage: StorageConfig::from_env(env)? })
     }
 }
 
-/// The data service's state.
+/// The data service's state: tenant-confined views of its pooled table.
 #[derive(Clone)]
 pub struct DataService {
-    store: DynTable,
-    placement: Placement,
+    stores: Arc<dyn TenantStores>,
 }
 
 fn now_ms() -> i64 {
@@ -104,20 +107,15 @@ fn parse_page_token(token: &str, sk_prefix: &str) -> Result<Option<String>, Stat
         .ok_or_else(|| invalid_field("page_token", "is not a token from a previous response to this query"))
 }
 
-/// Where the embedded backend keeps pooled items, as a policy resource.
-pub fn embedded_placement() -> Placement {
-    Placement::new("local", "000000000000", "tenantmesh-data")
-}
-
 impl DataService {
-    pub fn new(store: DynTable, placement: Placement) -> Self {
-        Self { store, placement }
+    pub fn new(stores: Arc<dyn TenantStores>) -> Self {
+        Self { stores }
     }
 
     /// The store as the calling tenant may see it.
-    fn scoped<T>(&self, request: &Request<T>) -> Result<(String, ScopedTable), Status> {
+    async fn scoped<T>(&self, request: &Request<T>) -> Result<(String, DynTable), Status> {
         let tenant = TenantContext::from_request(request)?.tenant_id.clone();
-        let table = ScopedTable::new(self.store.clone(), &tenant, &self.placement).map_err(|e| {
+        let table = self.stores.store_for(&tenant).await.map_err(|e| {
             tracing::error!(error = %e, "cannot build the tenant's session policy");
             Status::internal("internal error")
         })?;
@@ -128,7 +126,7 @@ impl DataService {
 #[tonic::async_trait]
 impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
-        let (tenant, store) = self.scoped(&request)?;
+        let (tenant, store) = self.scoped(&request).await?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -162,7 +160,7 @@ impl Data for DataService {
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
-        let (tenant, store) = self.scoped(&request)?;
+        let (tenant, store) = self.scoped(&request).await?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -177,7 +175,7 @@ impl Data for DataService {
     }
 
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
-        let (tenant, store) = self.scoped(&request)?;
+        let (tenant, store) = self.scoped(&request).await?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -202,7 +200,7 @@ impl Data for DataService {
     }
 
     async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
-        let (tenant, store) = self.scoped(&request)?;
+        let (tenant, store) = self.scoped(&request).await?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -225,22 +223,23 @@ impl Data for DataService {
     }
 }
 
-/// Opens the data service's store under the data directory.
-pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(EmbeddedTable::open_shared(config.common.store_path("data")?)?)
+/// Opens the pooled data table on the configured backend, as per-tenant
+/// policy-confined stores.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn TenantStores>, Box<dyn std::error::Error + Send + Sync>> {
+    config.storage.tenant_stores(&config.common, "data").await
 }
 
 /// Runs the data service on `listener` until `shutdown` completes.
 pub async fn serve(
     config: Config,
-    store: DynTable,
+    stores: Arc<dyn TenantStores>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let authn = Authenticator::remote(&config.common)?;
     tenantmesh_tenant_context::runtime::serve(
         listener,
-        DataServer::new(DataService::new(store, embedded_placement())),
+        DataServer::new(DataService::new(stores)),
         authn,
         config.common.shutdown_grace,
         shutdown,

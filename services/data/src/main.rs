@@ -8,7 +8,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let env = process_env();
     let _telemetry = tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env("data", &env))?;
     let config = tenantmesh_data::Config::from_env(&env)?;
-    let store = tenantmesh_data::open_store(&config)?;
+    let store = tenantmesh_data::open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr).await?;
     tenantmesh_data::serve(config, store, listener, shutdown_signal()).await
 }

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::auth::v1::auth_client::AuthClient;
 use tenantmesh_proto::auth::v1::{CreateUserRequest, Role as ProtoRole};
 use tenantmesh_proto::onboarding::v1::onboarding_server::{Onboarding, OnboardingServer};
@@ -21,7 +22,7 @@ use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient
 use tenantmesh_proto::registry::v1::{
     CreateTenantRequest, GetTenantRequest, IsolationModel, SetTenantStatusRequest, TenantStatus,
 };
-use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query, StorageError, Write};
+use tenantmesh_storage::{Condition, DynTable, Query, StorageError, Write};
 use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel, ServiceCredentials, ServiceTokenSource};
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, ONBOARDING_PORT, var};
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
@@ -47,6 +48,7 @@ const STEP_ATTEMPTS: u32 = 4;
 #[derive(Clone)]
 pub struct Config {
     pub common: CommonConfig,
+    pub storage: StorageConfig,
     /// `TENANTMESH_SERVICE_CLIENT_ID` / `TENANTMESH_SERVICE_CLIENT_SECRET`:
     /// this service's client credentials for `Auth.IssueServiceToken`.
     pub credentials: ServiceCredentials,
@@ -66,6 +68,7 @@ impl Config {
             .ok_or(ConfigError { var: "TENANTMESH_SERVICE_CLIENT_SECRET", message: "is required".into() })?;
         Ok(Self {
             common: CommonConfig::from_env(env, ONBOARDING_PORT)?,
+            storage: StorageConfig::from_env(env)?,
             credentials: ServiceCredentials {
                 client_id: var(env, "TENANTMESH_SERVICE_CLIENT_ID").unwrap_or("onboarding").to_owned(),
                 client_secret: client_secret.to_owned(),
@@ -455,9 +458,9 @@ impl Onboarding for OnboardingService {
     }
 }
 
-/// Opens the onboarding service's store under the data directory.
-pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(EmbeddedTable::open_shared(config.common.store_path("onboarding")?)?)
+/// Opens the onboarding service's table on the configured backend.
+pub async fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
+    config.storage.open_table(&config.common, "onboarding").await
 }
 
 /// Runs the onboarding service on `listener` until `shutdown` completes,

@@ -8,7 +8,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let env = process_env();
     let _telemetry = tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env("onboarding", &env))?;
     let config = tenantmesh_onboarding::Config::from_env(&env)?;
-    let store = tenantmesh_onboarding::open_store(&config)?;
+    let store = tenantmesh_onboarding::open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr).await?;
     tenantmesh_onboarding::serve(config, store, listener, shutdown_signal()).await
 }

@@ -116,14 +116,14 @@ async fn foreign_tenant_fails_with_a_visible_reason() {
 #[tokio::test]
 async fn unfinished_workflows_resume_on_start() {
     use tenantmesh_onboarding::workflow::{Params, Workflow};
-    use tenantmesh_storage::{Condition, EmbeddedTable, Table};
+    use tenantmesh_storage::Condition;
 
     let mesh = TestMesh::start().await;
     let id = unique_tenant("resume");
-    let dir = mesh.stop_keep_dir().await;
+    let state = mesh.stop().await;
     {
         // What a crash right after the idempotency record was written leaves.
-        let store = EmbeddedTable::open(dir.path().join("data/onboarding.redb")).unwrap();
+        let store = state.table("onboarding").await;
         let params = Params {
             tenant_id: id.clone(),
             name: "Resumed".into(),
@@ -134,7 +134,7 @@ async fn unfinished_workflows_resume_on_start() {
         let wf = Workflow::new(params, hash, "k".into(), 0);
         store.put("_workflows", &id, serde_json::to_vec(&wf).unwrap(), Condition::NotExists).await.unwrap();
     }
-    let mesh = TestMesh::start_on(dir).await;
+    let mesh = TestMesh::start_on(state).await;
     let admin = mesh.admin_token().await;
     eventually(std::time::Duration::from_secs(10), || {
         let mut onb = mesh.onboarding();

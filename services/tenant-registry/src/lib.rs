@@ -12,9 +12,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use base64::Engine as _;
 use prost::Message as _;
+use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::registry::v1::tenant_registry_server::{TenantRegistry, TenantRegistryServer};
 use tenantmesh_proto::registry::v1::*;
-use tenantmesh_storage::{Condition, DynTable, EmbeddedTable, Query};
+use tenantmesh_storage::{Condition, DynTable, Query};
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, REGISTRY_PORT};
 use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
@@ -36,11 +37,12 @@ const MAX_PAGE_SIZE: i32 = 1000;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub common: CommonConfig,
+    pub storage: StorageConfig,
 }
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Ok(Self { common: CommonConfig::from_env(env, REGISTRY_PORT)? })
+        Ok(Self { common: CommonConfig::from_env(env, REGISTRY_PORT)?, storage: StorageConfig::from_env(env)? })
     }
 }
 
@@ -330,9 +332,9 @@ impl TenantRegistry for Registry {
     }
 }
 
-/// Opens the registry's store under the data directory.
-pub fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(EmbeddedTable::open_shared(config.common.store_path("registry")?)?)
+/// Opens the registry's table on the configured backend.
+pub async fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
+    config.storage.open_table(&config.common, "registry").await
 }
 
 /// Runs the registry on `listener` until `shutdown` completes.
