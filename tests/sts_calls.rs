@@ -1,0 +1,75 @@
+//! Steady state makes no STS call per request: credentials are vended once
+//! per tenant (single-flight under concurrency) and reused. One test in
+//! this binary, because it reads the process-wide AssumeRole counter.
+
+use std::time::Instant;
+
+use tenantmesh_isolation::vend::assume_role_calls;
+use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
+use tenantmesh_test_support::*;
+
+const TENANTS: usize = 100;
+const REQUESTS: usize = 100;
+
+/// 50 concurrent first requests of one tenant make one AssumeRole call;
+/// then 100 tenants x 100 requests against the data service make exactly
+/// one call per tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sts_calls_per_tenant_not_per_request() {
+    let mesh = TestMesh::start_with(TestBackend::DynamoDb).await;
+
+    let first = mesh.onboard(&unique_tenant("burst")).await;
+    let before = assume_role_calls();
+    let burst: Vec<_> = (0..50)
+        .map(|i| {
+            let (mut data, token) = (mesh.data(), first.token.clone());
+            tokio::spawn(async move {
+                let get = GetItemRequest { collection: "c".into(), id: format!("{i}") };
+                data.get_item(authed(get, &token)).await
+            })
+        })
+        .collect();
+    for r in burst {
+        let status = r.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    }
+    assert_eq!(assume_role_calls() - before, 1, "concurrent first requests must share one STS call");
+
+    let mut tenants = Vec::new();
+    for i in 0..TENANTS {
+        tenants.push(mesh.onboard(&format!("{}-{i}", unique_tenant("sts"))).await);
+    }
+    let before = assume_role_calls();
+    let started = Instant::now();
+    let tasks: Vec<_> = tenants
+        .into_iter()
+        .map(|t| {
+            let mut data = mesh.data();
+            tokio::spawn(async move {
+                for r in 0..REQUESTS {
+                    let id = format!("{}", (r / 2) % 10);
+                    if r % 2 == 0 {
+                        let put =
+                            PutItemRequest { collection: "c".into(), id, attributes: None, expected_version: None };
+                        data.put_item(authed(put, &t.token)).await.unwrap();
+                    } else {
+                        let got = data.get_item(authed(GetItemRequest { collection: "c".into(), id }, &t.token)).await;
+                        got.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let calls = assume_role_calls() - before;
+    eprintln!(
+        "{} requests from {TENANTS} tenants in {:?}: {calls} AssumeRole calls ({:.4} per request)",
+        TENANTS * REQUESTS,
+        started.elapsed(),
+        calls as f64 / (TENANTS * REQUESTS) as f64
+    );
+    assert_eq!(calls, TENANTS as u64, "one STS call per tenant, none per request");
+    mesh.shutdown().await;
+}
