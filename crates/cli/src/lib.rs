@@ -47,6 +47,8 @@ pub struct MeshAddrs {
 pub struct Mesh {
     pub addrs: MeshAddrs,
     pub data_dir: PathBuf,
+    /// `embedded` or `dynamodb`.
+    pub storage: String,
     stop: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, Result<(), BoxError>)>,
 }
@@ -144,7 +146,8 @@ impl Mesh {
         let sig = signal();
         tasks.spawn(async move { ("data", tenantmesh_data::serve(data_cfg, data_store, data_l, sig).await) });
 
-        let mut mesh = Mesh { addrs, data_dir: options.data_dir, stop, tasks };
+        let storage = env.get("TENANTMESH_STORAGE").cloned().unwrap_or_else(|| "embedded".into());
+        let mut mesh = Mesh { addrs, data_dir: options.data_dir, storage, stop, tasks };
         let ready = async {
             for (service, addr) in [
                 ("tenant-registry", addrs.registry),

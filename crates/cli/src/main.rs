@@ -47,6 +47,14 @@ enum Command {
         /// Data port (0: any free port).
         #[arg(long, default_value_t = DATA_PORT)]
         data_port: u16,
+        /// Where the services store their state: `embedded` (redb files in
+        /// the data dir) or `dynamodb` (the standard AWS configuration:
+        /// AWS_REGION, credentials chain, AWS_ENDPOINT_URL_DYNAMODB /
+        /// AWS_ENDPOINT_URL_STS for an emulator; tables named
+        /// TENANTMESH_TABLE_PREFIX + service, created when absent; tenant
+        /// credentials vended from TENANTMESH_TENANT_ROLE_ARN).
+        #[arg(long, value_parser = ["embedded", "dynamodb"], env = "TENANTMESH_STORAGE", default_value = "embedded")]
+        storage: String,
     },
 }
 
@@ -64,9 +72,11 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Up { data_dir, host, registry_port, auth_port, onboarding_port, data_port } => {
-            let options =
-                MeshOptions { data_dir, host, ports: [registry_port, auth_port, onboarding_port, data_port], env };
+        Command::Up { data_dir, host, registry_port, auth_port, onboarding_port, data_port, storage } => {
+            let mut env = env;
+            env.insert("TENANTMESH_STORAGE".into(), storage);
+            let ports = [registry_port, auth_port, onboarding_port, data_port];
+            let options = MeshOptions { data_dir, host, ports, env };
             up(options).await
         }
     }
@@ -91,7 +101,7 @@ async fn up(options: MeshOptions) -> ExitCode {
     } else {
         "the password from TENANTMESH_BOOTSTRAP_PASSWORD".to_owned()
     };
-    println!("tenantmesh is up (data dir {})", mesh.data_dir.display());
+    println!("tenantmesh is up (data dir {}, storage {})", mesh.data_dir.display(), mesh.storage);
     println!("  tenant-registry  {}", a.registry);
     println!("  auth             {}", a.auth);
     println!("  onboarding       {}", a.onboarding);

@@ -176,3 +176,46 @@ fn help_explains_the_command() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--registry-port"), "{bad:?}");
 }
+
+/// `tenantmesh up --storage dynamodb` runs on DynamoDB + STS (the moto
+/// emulator, through the standard AWS variables): it creates its tables,
+/// serves a login, and stops cleanly on Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_on_dynamodb() {
+    let moto = tenantmesh_test_support::moto::Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_tenantmesh"));
+    up.args(["up", "--storage", "dynamodb"])
+        .args(["--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
+        .current_dir(dir.path())
+        .env("TENANTMESH_BOOTSTRAP_PASSWORD", "dynamo-admin-password")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in moto.env() {
+        up.env(k, v);
+    }
+    let mut up = up.spawn().unwrap();
+    let mut stdout = BufReader::new(up.stdout.take().unwrap());
+    let mut auth = None;
+    let mut banner = String::new();
+    while auth.is_none() {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "tenantmesh up exited early:\n{banner}");
+        banner.push_str(&line);
+        auth = line.trim().strip_prefix("auth").map(|a| a.trim().to_owned());
+    }
+    assert!(banner.contains("storage dynamodb"), "{banner}");
+    assert!(!dir.path().join(".tenantmesh/auth.redb").exists(), "embedded store used");
+    let url = format!("http://{}", auth.unwrap());
+    let mut client = tenantmesh_proto::auth::v1::auth_client::AuthClient::connect(url).await.unwrap();
+    let login = tenantmesh_proto::auth::v1::LoginRequest {
+        tenant_id: "platform".into(),
+        email: "admin@platform.local".into(),
+        password: "dynamo-admin-password".into(),
+    };
+    assert!(!client.login(login).await.unwrap().into_inner().access_token.is_empty());
+    drop(client);
+    Command::new("kill").args(["-INT", &up.id().to_string()]).status().unwrap();
+    assert!(up.wait().unwrap().success());
+}
