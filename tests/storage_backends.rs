@@ -65,3 +65,23 @@ async fn guard_refuses_another_tenants_key_on_dynamodb() {
     let page = acme.query(Query { pk: "acme".into(), sk_prefix: "notes#".into(), start_after: None, limit: 10 }).await;
     assert_eq!(page.unwrap().items.len(), 1);
 }
+
+/// AWS out of reach is a backend failure (UNAVAILABLE to clients, after the
+/// SDK's retries), never an internal error or a hang.
+#[tokio::test]
+async fn unreachable_dynamodb_is_a_backend_error() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let env: std::collections::HashMap<String, String> = [
+        ("AWS_ENDPOINT_URL_DYNAMODB", format!("http://127.0.0.1:{dead}")),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "x".into()),
+        ("AWS_SECRET_ACCESS_KEY", "x".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let aws = AwsSettings::from_env(&env).await;
+    let table = DynamoTable::new(aws.dynamodb(), "t");
+    let err = table.get("acme", "x").await.unwrap_err();
+    assert!(matches!(err, StorageError::Backend(_)), "{err:?}");
+}

@@ -146,3 +146,44 @@ impl ProvideCredentials for TenantCredentials {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(valid_for: Duration) -> Credentials {
+        Credentials::new("a", "s", Some("t".into()), Some(SystemTime::now() + valid_for), "test")
+    }
+
+    #[test]
+    fn credentials_are_renewed_ahead_of_expiry() {
+        assert!(fresh(&creds(SESSION_DURATION)));
+        assert!(!fresh(&creds(REFRESH_AHEAD - Duration::from_secs(1))));
+        assert!(!fresh(&Credentials::new("a", "s", None, None, "no expiry")));
+        assert!(!fresh(&Credentials::new("a", "s", None, Some(SystemTime::UNIX_EPOCH), "expired")));
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded() {
+        let sts = aws_sdk_sts::Client::from_conf(
+            aws_sdk_sts::config::Builder::new()
+                .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+                .region(aws_sdk_sts::config::Region::new("us-east-1"))
+                .build(),
+        );
+        let vendor = CredentialVendor::new(sts, "arn:aws:iam::123456789012:role/r", 2);
+        for t in ["t1", "t2", "t3", "t4"] {
+            let slot = vendor.slot((t.to_owned(), 1));
+            *slot.lock().await = Some(creds(SESSION_DURATION));
+        }
+        assert!(vendor.slots.lock().unwrap().len() <= 2);
+        // Entries in use are never dropped.
+        let held = vendor.slot(("held".to_owned(), 1));
+        for t in ["t5", "t6", "t7"] {
+            let _ = vendor.slot((t.to_owned(), 1));
+        }
+        assert!(vendor.slots.lock().unwrap().contains_key(&("held".to_owned(), 1)));
+        drop(held);
+        assert_ne!(policy_hash("a"), policy_hash("b"));
+    }
+}

@@ -25,8 +25,10 @@ impl From<DataError> for Status {
                 tracing::error!(cause, "corrupt item");
                 Status::internal("internal error")
             }
-            DataError::Storage(StorageError::AccessDenied { .. }) => {
-                // Logged as a security event where it was refused.
+            DataError::Storage(StorageError::AccessDenied { action, key }) => {
+                // The span carries the tenant; the guard has logged its own
+                // refusals, this also covers denials coming back from AWS.
+                tracing::warn!(security_event = "access_denied", action, refused_key = key, "storage access denied");
                 Status::permission_denied("access denied by the tenant's isolation policy")
             }
             DataError::Storage(StorageError::Invalid(cause)) => {
