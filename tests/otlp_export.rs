@@ -1,8 +1,13 @@
 //! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans reach an OTLP/gRPC
-//! collector, tagged with the service name and the tenant.
+//! collector, tagged with the service name and the tenant, and so does the
+//! STS call counter of the data service.
 
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -10,7 +15,18 @@ use tenantmesh_test_support::*;
 
 /// A collector that keeps what it receives.
 #[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>, Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.1.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for Collector {
@@ -31,7 +47,8 @@ fn string_attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: 
 }
 
 /// A login through the mesh is exported over OTLP with `service.name` and
-/// `tenant.id` once the provider flushes.
+/// `tenant.id` once the provider flushes; a tenant's first data request on
+/// DynamoDB shows up in the exported STS call counter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_over_otlp() {
     let collector = Collector::default();
@@ -39,6 +56,7 @@ async fn spans_are_exported_over_otlp() {
     let addr = listener.local_addr().unwrap();
     let server = tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(collector.clone()))
+        .add_service(MetricsServiceServer::new(collector.clone()))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(server);
 
@@ -47,11 +65,17 @@ async fn spans_are_exported_over_otlp() {
     config.log_target = tenantmesh_telemetry::LogTarget::Stderr;
     let guard = tenantmesh_telemetry::init(config).unwrap();
 
-    let mesh = TestMesh::start().await;
+    let mesh = TestMesh::start_with(TestBackend::DynamoDb).await;
     mesh.admin_token().await;
+    let tenant = mesh.onboard(&unique_tenant("metered")).await;
+    let get = tenantmesh_proto::data::v1::GetItemRequest { collection: "c".into(), id: "1".into() };
+    let missing = mesh.data().get_item(authed(get, &tenant.token)).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     mesh.shutdown().await;
     let provider = guard.provider().clone();
     tokio::task::spawn_blocking(move || provider.force_flush()).await.unwrap().unwrap();
+    let meters = guard.meters().expect("metrics exported").clone();
+    tokio::task::spawn_blocking(move || meters.force_flush()).await.unwrap().unwrap();
 
     let received = collector.0.lock().unwrap().clone();
     let resources: Vec<_> = received.iter().flat_map(|r| r.resource_spans.iter()).collect();
@@ -67,5 +91,26 @@ async fn spans_are_exported_over_otlp() {
         .expect("the login span was exported");
     assert_eq!(string_attr(&login.attributes, "tenant.id").as_deref(), Some("platform"));
     assert_eq!(string_attr(&login.attributes, "rpc.method").as_deref(), Some("Login"));
+
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value as Number};
+    let metrics = collector.1.lock().unwrap().clone();
+    let sts_calls: i64 = metrics
+        .iter()
+        .flat_map(|r| r.resource_metrics.iter().flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.iter())))
+        .filter(|m| m.name == "tenantmesh.sts.assume_role.calls")
+        .filter_map(|m| match &m.data {
+            Some(Data::Sum(sum)) => sum
+                .data_points
+                .iter()
+                .filter_map(|p| match p.value {
+                    Some(Number::AsInt(v)) => Some(v),
+                    _ => None,
+                })
+                .max(),
+            _ => None,
+        })
+        .max()
+        .expect("the STS call counter was exported");
+    assert_eq!(sts_calls, 1, "one AssumeRole for the tenant's first data request");
     drop(guard);
 }

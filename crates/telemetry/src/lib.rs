@@ -2,7 +2,7 @@
 //! every line inside a request carries `tenant_id` (and `trace_id`), server
 //! and client spans with `tenant.id`, `tenant.tier` and the OTel RPC
 //! attributes, W3C trace-context propagation over gRPC metadata, and OTLP
-//! export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! export of traces and metrics when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 #![forbid(unsafe_code)]
 
 mod json;
@@ -72,9 +72,11 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-/// Keeps the tracer provider alive; flushes and shuts it down on drop.
+/// Keeps the tracer (and meter) provider alive; flushes and shuts them
+/// down on drop.
 pub struct TelemetryGuard {
     provider: SdkTracerProvider,
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl std::fmt::Debug for TelemetryGuard {
@@ -87,12 +89,21 @@ impl TelemetryGuard {
     pub fn provider(&self) -> &SdkTracerProvider {
         &self.provider
     }
+
+    /// The meter provider, when metrics are exported (OTLP endpoint set).
+    pub fn meters(&self) -> Option<&opentelemetry_sdk::metrics::SdkMeterProvider> {
+        self.meters.as_ref()
+    }
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         let _ = self.provider.force_flush();
         let _ = self.provider.shutdown();
+        if let Some(m) = &self.meters {
+            let _ = m.force_flush();
+            let _ = m.shutdown();
+        }
     }
 }
 
@@ -111,7 +122,25 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
     let filter =
         EnvFilter::try_new(&config.filter).map_err(|e| TelemetryError::Filter(config.filter.clone(), e.to_string()))?;
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service.clone()).build();
-    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.clone());
+    let mut meters = None;
+    if let Some(endpoint) = &config.otlp_endpoint {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let reader = opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
+        let provider =
+            opentelemetry_sdk::metrics::SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
+        opentelemetry::global::set_meter_provider(provider.clone());
+        meters = Some(provider);
+    }
     if let Some(endpoint) = &config.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -146,7 +175,7 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
         LogTarget::Stderr => registry.with(fmt.with_writer(std::io::stderr)).try_init(),
     };
     installed.map_err(|_| TelemetryError::AlreadyInstalled)?;
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, meters })
 }
 
 /// A placeholder exporter type for [`init`]; never constructed.
