@@ -16,7 +16,9 @@ const REQUESTS: usize = 100;
 /// one call per tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sts_calls_per_tenant_not_per_request() {
-    let mesh = TestMesh::start_with(TestBackend::DynamoDb).await;
+    // Tenant status cached as in production (the suites' default is 100 ms):
+    // the emulator is slow, and this test measures STS, not the registry.
+    let mesh = TestMesh::start_with_env(TestBackend::DynamoDb, &[("TENANTMESH_TENANT_CACHE_TTL_MS", "5000")]).await;
 
     let first = mesh.onboard(&unique_tenant("burst")).await;
     let before = assume_role_calls();

@@ -137,6 +137,13 @@ impl TestMesh {
         Self::start_on(MeshState::new(backend)).await
     }
 
+    /// Starts a mesh on `backend` with some settings overridden.
+    pub async fn start_with_env(backend: TestBackend, settings: &[(&str, &str)]) -> TestMesh {
+        let mut state = MeshState::new(backend);
+        state.env.extend(settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Self::start_on(state).await
+    }
+
     /// Starts a mesh on the state a stopped one left.
     pub async fn start_on(state: MeshState) -> TestMesh {
         let mesh = state.start().await;
