@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType, TableStatus, TransactWriteItem, Update,
 };
 
-use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key};
+use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction};
 
 type Attrs = HashMap<String, AttributeValue>;
 
@@ -174,6 +174,21 @@ impl DynamoTable {
     async fn current_version(&self, pk: &str, sk: &str) -> Option<u64> {
         self.get(pk, sk).await.ok().flatten().map(|i| i.version)
     }
+
+    /// A failed single-item write; a failed condition reports the version
+    /// found now (informational: it may have moved again).
+    async fn write_error<E, R>(&self, e: SdkError<E, R>, pk: &str, sk: &str) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        match map_err(e, || StorageError::ConditionFailed { index: 0, current: None }) {
+            StorageError::ConditionFailed { index, .. } => {
+                StorageError::ConditionFailed { index, current: self.current_version(pk, sk).await }
+            }
+            other => other,
+        }
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> StorageError {
@@ -218,17 +233,7 @@ impl Table for DynamoTable {
                     out.attributes().and_then(version_of).ok_or_else(|| backend("update returned no version"))?;
                 Ok(Item { pk: pk.into(), sk: sk.into(), version, data })
             }
-            Err(e) => {
-                let conditional = e.code() == Some("ConditionalCheckFailedException");
-                let err = map_err(e, || StorageError::ConditionFailed { index: 0, current: None });
-                if conditional {
-                    return Err(StorageError::ConditionFailed {
-                        index: 0,
-                        current: self.current_version(pk, sk).await,
-                    });
-                }
-                Err(err)
-            }
+            Err(e) => Err(self.write_error(e, pk, sk).await),
         }
     }
 
@@ -248,17 +253,7 @@ impl Table for DynamoTable {
         }
         match req.send().await {
             Ok(out) => Ok(out.attributes().and_then(version_of)),
-            Err(e) => {
-                let conditional = e.code() == Some("ConditionalCheckFailedException");
-                let err = map_err(e, || StorageError::ConditionFailed { index: 0, current: None });
-                if conditional {
-                    return Err(StorageError::ConditionFailed {
-                        index: 0,
-                        current: self.current_version(pk, sk).await,
-                    });
-                }
-                Err(err)
-            }
+            Err(e) => Err(self.write_error(e, pk, sk).await),
         }
     }
 
@@ -292,14 +287,7 @@ impl Table for DynamoTable {
     }
 
     async fn transact_write(&self, writes: Vec<Write>) -> Result<()> {
-        let mut seen = std::collections::HashSet::new();
-        for w in &writes {
-            let (pk, sk) = w.key();
-            check_key(pk, sk)?;
-            if !seen.insert((pk.to_owned(), sk.to_owned())) {
-                return Err(StorageError::Invalid(format!("transaction touches ({pk}, {sk}) twice")));
-            }
-        }
+        check_transaction(&writes)?;
         let mut items = Vec::with_capacity(writes.len());
         for w in &writes {
             let item = match w {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key};
+use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction};
 
 /// Key `(pk, sk)`; value: 8-byte big-endian version followed by the data.
 const ITEMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("items");
@@ -180,14 +180,7 @@ impl Table for EmbeddedTable {
     }
 
     async fn transact_write(&self, writes: Vec<Write>) -> Result<()> {
-        let mut seen = std::collections::HashSet::new();
-        for w in &writes {
-            let (pk, sk) = w.key();
-            check_key(pk, sk)?;
-            if !seen.insert((pk.to_owned(), sk.to_owned())) {
-                return Err(StorageError::Invalid(format!("transaction touches ({pk}, {sk}) twice")));
-            }
-        }
+        check_transaction(&writes)?;
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             {

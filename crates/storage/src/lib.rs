@@ -145,6 +145,19 @@ pub trait Table: Send + Sync + 'static {
 
 pub type DynTable = Arc<dyn Table>;
 
+/// Every key valid, and none touched twice (DynamoDB refuses that too).
+fn check_transaction(writes: &[Write]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for w in writes {
+        let (pk, sk) = w.key();
+        check_key(pk, sk)?;
+        if !seen.insert((pk, sk)) {
+            return Err(StorageError::Invalid(format!("transaction touches ({pk}, {sk}) twice")));
+        }
+    }
+    Ok(())
+}
+
 fn check_key(pk: &str, sk: &str) -> Result<()> {
     if pk.is_empty() || sk.is_empty() {
         return Err(StorageError::Invalid("pk and sk must not be empty".into()));
