@@ -1,21 +1,22 @@
 //! The data service: a tenant's items, keyed `pk = <tenant id>`,
 //! `sk = <collection>#<id>`. The tenant always comes from the verified
 //! [`TenantContext`], never from the request, so no request can name
-//! another tenant's items; and every storage call goes through the tenant's
-//! [`ScopedTable`], which checks it against the tenant's session policy, so
-//! even a bug here cannot reach another tenant's partition.
+//! another tenant's items; and every storage call goes through the store
+//! [`TenantStores`] hands out for that tenant, confined by the tenant's
+//! session policy (checked locally on the embedded backend; vended STS
+//! credentials plus a request guard on DynamoDB), so even a bug here cannot
+//! reach another tenant's partition.
 #![forbid(unsafe_code)]
 
 mod error;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost::Message as _;
-use std::sync::Arc;
-
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
