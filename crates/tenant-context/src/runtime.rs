@@ -14,6 +14,11 @@ use tonic_health::ServingStatus;
 
 use crate::server::Authenticator;
 
+/// The largest header list a server accepts (advertised in HTTP/2
+/// SETTINGS, so compliant clients refuse to send more). Tokens are capped
+/// lower still by the tenant-context layer.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("reflection: {0}")]
@@ -61,6 +66,7 @@ where
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(crate::server::layer(auth))
         .add_service(health)
         .add_service(reflection_v1)

@@ -168,6 +168,21 @@ impl TestMesh {
         self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
     }
 
+    /// The auth service's current signing key (kid and key), to mint tokens
+    /// with arbitrary claims. Stops and restarts the mesh (new ports) to read
+    /// it from the auth store, on either backend.
+    pub async fn signing_key(&mut self) -> (String, jsonwebtoken::EncodingKey) {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+        let key = {
+            let store = self.state.table("auth").await;
+            tenantmesh_auth::SigningKeys::load_or_create(&store).await.expect("signing keys").signer()
+        };
+        let mesh = self.state.start().await;
+        self.addrs = mesh.addrs;
+        self.mesh = Some(mesh);
+        key
+    }
+
     /// Stops the mesh and keeps its data, to inspect or to start on again.
     pub async fn stop(mut self) -> MeshState {
         self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
