@@ -8,6 +8,8 @@ pub enum AuthError {
     /// Wrong password, unknown or disabled user: one error for all three.
     #[error("invalid credentials")]
     InvalidCredentials,
+    #[error("too many failed logins")]
+    LockedOut(std::time::Duration),
     #[error("user {0} already exists in this tenant")]
     UserExists(String),
     #[error("tenant {0} not found")]
@@ -24,6 +26,16 @@ impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::InvalidCredentials => Status::unauthenticated("invalid credentials"),
+            AuthError::LockedOut(wait) => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                // Round up: a client that waits exactly this long gets in.
+                let wait = std::time::Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+                Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    format!("too many failed logins; retry in {} s", wait.as_secs()),
+                    ErrorDetails::with_retry_info(Some(wait)),
+                )
+            }
             e @ AuthError::UserExists(_) => Status::already_exists(e.to_string()),
             e @ AuthError::TenantNotFound(_) => Status::not_found(e.to_string()),
             AuthError::Corrupt(cause) | AuthError::Internal(cause) => {
@@ -52,6 +64,7 @@ mod tests {
     fn errors_map_to_codes() {
         let cases = [
             (AuthError::InvalidCredentials, Code::Unauthenticated),
+            (AuthError::LockedOut(std::time::Duration::from_millis(1500)), Code::ResourceExhausted),
             (AuthError::UserExists("a".into()), Code::AlreadyExists),
             (AuthError::TenantNotFound("a".into()), Code::NotFound),
             (AuthError::Corrupt("x".into()), Code::Internal),

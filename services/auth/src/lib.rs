@@ -5,6 +5,7 @@
 
 mod error;
 pub mod keys;
+pub mod lockout;
 pub mod password;
 
 use std::collections::HashMap;
@@ -55,6 +56,8 @@ pub struct Config {
     pub access_token_ttl: Duration,
     /// `TENANTMESH_ARGON2_M_KIB`, `_T`, `_P`.
     pub hash_params: HashParams,
+    /// `TENANTMESH_LOGIN_FREE_ATTEMPTS`, `TENANTMESH_LOGIN_MAX_LOCKOUT_SECS`.
+    pub lockout: lockout::LockoutPolicy,
 }
 
 impl std::fmt::Debug for Config {
@@ -111,6 +114,10 @@ impl Config {
             service_clients,
             access_token_ttl: Duration::from_secs(ttl),
             hash_params,
+            lockout: lockout::LockoutPolicy {
+                free_attempts: parse_var(env, "TENANTMESH_LOGIN_FREE_ATTEMPTS", 5)?,
+                max_lockout: Duration::from_secs(parse_var(env, "TENANTMESH_LOGIN_MAX_LOCKOUT_SECS", 900)?),
+            },
         })
     }
 }
@@ -336,6 +343,9 @@ impl Auth for AuthService {
         v.check()?;
         tracing::Span::current().record("tenant.id", req.tenant_id.as_str());
         let email = normalize_email(&req.email);
+        if let Some(wait) = lockout::remaining(&self.inner.store, &req.tenant_id, &email).await? {
+            return Err(AuthError::LockedOut(wait).into());
+        }
         let user = self.get_user(&req.tenant_id, &email).await?;
         let hash = match &user {
             Some(u) if !u.disabled => u.password_hash.clone(),
@@ -349,9 +359,11 @@ impl Auth for AuthService {
             Some(u) if matches && !u.disabled => u,
             _ => {
                 tracing::info!(security_event = "login_failed", email = %email, "login refused");
+                lockout::record_failure(&self.inner.store, self.inner.config.lockout, &req.tenant_id, &email).await?;
                 return Err(AuthError::InvalidCredentials.into());
             }
         };
+        lockout::clear(&self.inner.store, &user.tenant_id, &email).await?;
         let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
         let refresh_token = random_token(32);
         let record = RefreshRecord {

@@ -148,3 +148,38 @@ async fn service_tokens_need_credentials() {
     assert_eq!(claims.sub, format!("service:{TEST_CLIENT_ID}"));
     mesh.shutdown().await;
 }
+
+/// The first five failed logins of a (tenant, email) are free; the sixth
+/// locks it: RESOURCE_EXHAUSTED with RetryInfo, even with the right
+/// password, and alike for an email that does not exist. Other users are
+/// unaffected, and once the lockout has passed the right password works
+/// and the count starts afresh.
+#[tokio::test]
+async fn repeated_failures_lock_the_login_with_retry_info() {
+    use tonic_types::StatusExt;
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("locked")).await;
+    let mut auth = mesh.auth();
+    for email in [t.admin_email.as_str(), "nobody@locked.example"] {
+        for attempt in 1..=6 {
+            let s = expect_code(auth.login(login(&t.tenant_id, email, "wrong-password")).await, Code::Unauthenticated);
+            assert_eq!(s.message(), "invalid credentials", "{email} attempt {attempt}");
+        }
+        let locked =
+            expect_code(auth.login(login(&t.tenant_id, email, &t.admin_password)).await, Code::ResourceExhausted);
+        let delay = locked.get_details_retry_info().and_then(|r| r.retry_delay).expect("RetryInfo");
+        assert_eq!(delay, std::time::Duration::from_secs(1), "{email}");
+    }
+    // Another user of the same tenant is not locked.
+    mesh.user_token(&t, &[Role::TenantUser]).await;
+
+    eventually(std::time::Duration::from_secs(5), || {
+        let mut auth = mesh.auth();
+        let req = login(&t.tenant_id, &t.admin_email, &t.admin_password);
+        async move { auth.login(req).await.is_ok() }
+    })
+    .await;
+    expect_code(auth.login(login(&t.tenant_id, &t.admin_email, "wrong-password")).await, Code::Unauthenticated);
+    auth.login(login(&t.tenant_id, &t.admin_email, &t.admin_password)).await.unwrap();
+    mesh.shutdown().await;
+}
