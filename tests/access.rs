@@ -34,6 +34,19 @@ async fn call(mesh: &TestMesh, path: &str, token: &str) -> Result<(), Status> {
         ("tenantmesh.auth.v1.Auth", "IssueServiceToken") => {
             auth.issue_service_token(authed(IssueServiceTokenRequest::default(), token)).await.map(drop)
         }
+        ("tenantmesh.auth.v1.Auth", "Refresh") => {
+            auth.refresh(authed(RefreshRequest::default(), token)).await.map(drop)
+        }
+        ("tenantmesh.auth.v1.Auth", "Revoke") => auth.revoke(authed(RevokeRequest::default(), token)).await.map(drop),
+        ("tenantmesh.auth.v1.Auth", "ListUsers") => {
+            auth.list_users(authed(ListUsersRequest::default(), token)).await.map(drop)
+        }
+        ("tenantmesh.auth.v1.Auth", "DisableUser") => {
+            auth.disable_user(authed(DisableUserRequest::default(), token)).await.map(drop)
+        }
+        ("tenantmesh.auth.v1.Auth", "DeleteUser") => {
+            auth.delete_user(authed(DeleteUserRequest::default(), token)).await.map(drop)
+        }
         ("tenantmesh.auth.v1.Auth", "CreateUser") => {
             auth.create_user(authed(CreateUserRequest::default(), token)).await.map(drop)
         }

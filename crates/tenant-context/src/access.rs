@@ -16,6 +16,9 @@ pub enum Access {
 use Role::{PlatformAdmin as PA, Service as SVC, TenantAdmin as TA, TenantUser as TU};
 
 const PLATFORM: &[Role] = &[PA, SVC];
+/// User management: platform callers anywhere, tenant admins in their own
+/// tenant (the handlers check which tenant).
+const USER_ADMIN: &[Role] = &[PA, TA, SVC];
 const ANY: &[Role] = &[PA, TA, TU, SVC];
 /// Tenant items are for the tenant's own users; a service identity never
 /// reads them.
@@ -26,7 +29,12 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.auth.v1.Auth/Login", Access::Public),
     ("/tenantmesh.auth.v1.Auth/GetJwks", Access::Public),
     ("/tenantmesh.auth.v1.Auth/IssueServiceToken", Access::Public),
-    ("/tenantmesh.auth.v1.Auth/CreateUser", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.auth.v1.Auth/Refresh", Access::Public),
+    ("/tenantmesh.auth.v1.Auth/Revoke", Access::Public),
+    ("/tenantmesh.auth.v1.Auth/CreateUser", Access::Roles(USER_ADMIN)),
+    ("/tenantmesh.auth.v1.Auth/ListUsers", Access::Roles(USER_ADMIN)),
+    ("/tenantmesh.auth.v1.Auth/DisableUser", Access::Roles(USER_ADMIN)),
+    ("/tenantmesh.auth.v1.Auth/DeleteUser", Access::Roles(USER_ADMIN)),
     ("/tenantmesh.registry.v1.TenantRegistry/CreateTenant", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/GetTenant", Access::Roles(ANY)),
     ("/tenantmesh.registry.v1.TenantRegistry/ListTenants", Access::Roles(PLATFORM)),

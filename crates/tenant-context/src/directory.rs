@@ -26,7 +26,8 @@ pub trait TenantDirectory: Send + Sync + 'static {
 }
 
 /// Registry lookups over gRPC with a short-lived cache, so a tenant's
-/// requests cost one registry call per `ttl`.
+/// requests cost one registry call per `ttl`. Settled states (active,
+/// suspended, deleted) are cached; transitional ones are not.
 pub struct RemoteDirectory {
     client: TenantRegistryClient<Channel>,
     ttl: Duration,
@@ -73,6 +74,12 @@ impl TenantDirectory for RemoteDirectory {
                 });
             }
         };
+        // Transitional answers are not cached: a tenant that does not exist
+        // yet, or is still being onboarded, is expected to change any moment
+        // (caching PROVISIONING would lock a new tenant's admin out for a TTL).
+        if info.as_ref().is_none_or(|i| i.status == TenantStatus::Provisioning) {
+            return Ok(info);
+        }
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_CAPACITY {
             cache.retain(|_, (at, _)| at.elapsed() < self.ttl);

@@ -7,6 +7,7 @@ mod error;
 pub mod keys;
 pub mod lockout;
 pub mod password;
+mod refresh;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -133,7 +134,7 @@ pub(crate) fn random_token(bytes: usize) -> String {
     URL_SAFE_NO_PAD.encode(buf)
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -173,16 +174,24 @@ struct UserRecord {
     create_time: i64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct RefreshRecord {
-    user_id: String,
-    email: String,
-    expire_time: i64,
-}
-
 fn user_sk(email: &str) -> String {
     format!("user#{email}")
 }
+
+impl UserRecord {
+    fn to_proto(&self) -> User {
+        User {
+            user_id: self.user_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            email: self.email.clone(),
+            roles: self.roles.iter().map(|r| role_to_proto(*r) as i32).collect(),
+            create_time: self.create_time,
+            disabled: self.disabled,
+        }
+    }
+}
+
+const MAX_USER_PAGE: i32 = 1000;
 
 fn role_to_proto(r: Role) -> tenantmesh_proto::auth::v1::Role {
     use tenantmesh_proto::auth::v1::Role as P;
@@ -307,6 +316,34 @@ impl AuthService {
         }
     }
 
+    /// Validates a (tenant, email) naming a user the caller may manage, and
+    /// that is not the caller itself.
+    async fn managed_user(
+        &self,
+        ctx: &TenantContext,
+        tenant_id: &str,
+        email: &str,
+    ) -> Result<(String, u64, UserRecord), Status> {
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", tenant_id);
+        let email = normalize_email(email);
+        check_email(&mut v, "email", &email);
+        v.check()?;
+        ctx.authorize_tenant(tenant_id)?;
+        let item = self
+            .inner
+            .store
+            .get(tenant_id, &user_sk(&email))
+            .await
+            .map_err(AuthError::from)?
+            .ok_or_else(|| Status::not_found(format!("user {email} not found")))?;
+        let user: UserRecord = serde_json::from_slice(&item.data).map_err(|e| AuthError::Corrupt(e.to_string()))?;
+        if user.user_id == ctx.subject {
+            return Err(Status::failed_precondition("you cannot disable or delete yourself"));
+        }
+        Ok((email, item.version, user))
+    }
+
     /// Where a generated bootstrap password is written.
     pub fn bootstrap_password_path(&self) -> PathBuf {
         self.inner.config.common.data_dir.join(BOOTSTRAP_PASSWORD_FILE)
@@ -365,22 +402,8 @@ impl Auth for AuthService {
         };
         lockout::clear(&self.inner.store, &user.tenant_id, &email).await?;
         let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
-        let refresh_token = random_token(32);
-        let record = RefreshRecord {
-            user_id: user.user_id.clone(),
-            email: user.email.clone(),
-            expire_time: now_secs() + 30 * 24 * 3600,
-        };
-        self.inner
-            .store
-            .put(
-                &user.tenant_id,
-                &format!("refresh#{}", sha256_hex(refresh_token.as_bytes())),
-                serde_json::to_vec(&record).map_err(|e| AuthError::Internal(e.to_string()))?,
-                Condition::NotExists,
-            )
-            .await
-            .map_err(AuthError::from)?;
+        let refresh_token =
+            refresh::start_family(&self.inner.store, &user.tenant_id, &user.user_id, &user.email).await?;
         tracing::info!(user_id = %user.user_id, "login succeeded");
         Ok(Response::new(LoginResponse { access_token, refresh_token, expires_in, token_type: "Bearer".into() }))
     }
@@ -450,15 +473,123 @@ impl Auth for AuthService {
         };
         self.insert_user(&user).await?;
         tracing::info!(user_id = %user.user_id, target_tenant = %user.tenant_id, "user created");
-        Ok(Response::new(CreateUserResponse {
-            user: Some(User {
-                user_id: user.user_id,
-                tenant_id: user.tenant_id,
-                email: user.email,
-                roles: user.roles.into_iter().map(|r| role_to_proto(r) as i32).collect(),
-                create_time: user.create_time,
-            }),
+        Ok(Response::new(CreateUserResponse { user: Some(user.to_proto()) }))
+    }
+
+    async fn refresh(&self, request: Request<RefreshRequest>) -> Result<Response<RefreshResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.require("refresh_token", &req.refresh_token);
+        v.check()?;
+        if let Some(tenant) = refresh::tenant_of(&req.refresh_token) {
+            tracing::Span::current().record("tenant.id", tenant);
+        }
+        let (tenant, record) = {
+            let (tenant, record, _, _) = refresh::live(&self.inner.store, &req.refresh_token).await?;
+            (tenant, record)
+        };
+        // Disabling or deleting a user stops refresh at once; a user deleted
+        // and re-created under the same email is somebody else.
+        let user = self.get_user(&tenant, &record.email).await?;
+        let user = match user {
+            Some(u) if !u.disabled && u.user_id == record.user_id => u,
+            _ => {
+                tracing::info!(security_event = "refresh_refused", user_id = %record.user_id, "user disabled or deleted");
+                refresh::revoke_record(&self.inner.store, &tenant, &record).await?;
+                return Err(AuthError::InvalidCredentials.into());
+            }
+        };
+        let (_, _, next) = refresh::rotate(&self.inner.store, &req.refresh_token).await?;
+        let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
+        Ok(Response::new(RefreshResponse {
+            access_token,
+            refresh_token: next,
+            expires_in,
+            token_type: "Bearer".into(),
         }))
+    }
+
+    async fn revoke(&self, request: Request<RevokeRequest>) -> Result<Response<RevokeResponse>, Status> {
+        let req = request.into_inner();
+        refresh::revoke(&self.inner.store, &req.refresh_token).await?;
+        Ok(Response::new(RevokeResponse {}))
+    }
+
+    async fn list_users(&self, request: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        let limit = match req.page_size {
+            0 => 100,
+            n @ 1..=MAX_USER_PAGE => n as usize,
+            _ => {
+                v.add("page_size", format!("must be between 0 and {MAX_USER_PAGE}"));
+                0
+            }
+        };
+        let start_after = if req.page_token.is_empty() {
+            None
+        } else {
+            let sk = URL_SAFE_NO_PAD.decode(&req.page_token).ok().and_then(|b| String::from_utf8(b).ok());
+            match sk.filter(|s| s.starts_with("user#")) {
+                Some(sk) => Some(sk),
+                None => {
+                    v.add("page_token", "is not a token from a previous response");
+                    None
+                }
+            }
+        };
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let page = self
+            .inner
+            .store
+            .query(tenantmesh_storage::Query { pk: req.tenant_id, sk_prefix: "user#".into(), start_after, limit })
+            .await
+            .map_err(AuthError::from)?;
+        let mut users = Vec::with_capacity(page.items.len());
+        for item in &page.items {
+            let u: UserRecord = serde_json::from_slice(&item.data).map_err(|e| AuthError::Corrupt(e.to_string()))?;
+            users.push(u.to_proto());
+        }
+        let next_page_token = page.last_evaluated.map(|sk| URL_SAFE_NO_PAD.encode(sk)).unwrap_or_default();
+        Ok(Response::new(ListUsersResponse { users, next_page_token }))
+    }
+
+    async fn disable_user(
+        &self,
+        request: Request<DisableUserRequest>,
+    ) -> Result<Response<DisableUserResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let (email, version, mut user) = self.managed_user(&ctx, &req.tenant_id, &req.email).await?;
+        user.disabled = true;
+        let data = serde_json::to_vec(&user).map_err(|e| AuthError::Internal(e.to_string()))?;
+        match self.inner.store.put(&req.tenant_id, &user_sk(&email), data, Condition::Version(version)).await {
+            Ok(_) => {}
+            Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
+                return Err(Status::aborted("the user changed concurrently; retry"));
+            }
+            Err(e) => return Err(AuthError::from(e).into()),
+        }
+        tracing::info!(user_id = %user.user_id, target_tenant = %req.tenant_id, "user disabled");
+        Ok(Response::new(DisableUserResponse { user: Some(user.to_proto()) }))
+    }
+
+    async fn delete_user(&self, request: Request<DeleteUserRequest>) -> Result<Response<DeleteUserResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let (email, version, user) = self.managed_user(&ctx, &req.tenant_id, &req.email).await?;
+        match self.inner.store.delete(&req.tenant_id, &user_sk(&email), Condition::Version(version)).await {
+            Ok(_) => {}
+            Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
+                return Err(Status::aborted("the user changed concurrently; retry"));
+            }
+            Err(e) => return Err(AuthError::from(e).into()),
+        }
+        tracing::info!(user_id = %user.user_id, target_tenant = %req.tenant_id, "user deleted");
+        Ok(Response::new(DeleteUserResponse {}))
     }
 
     async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {

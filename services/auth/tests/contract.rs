@@ -183,3 +183,154 @@ async fn repeated_failures_lock_the_login_with_retry_info() {
     auth.login(login(&t.tenant_id, &t.admin_email, &t.admin_password)).await.unwrap();
     mesh.shutdown().await;
 }
+
+async fn login_pair(mesh: &TestMesh, tenant: &str, email: &str, password: &str) -> (String, String) {
+    let r = mesh.auth().login(login(tenant, email, password)).await.unwrap().into_inner();
+    (r.access_token, r.refresh_token)
+}
+
+fn refresh(token: &str) -> RefreshRequest {
+    RefreshRequest { refresh_token: token.into() }
+}
+
+/// Each refresh spends its token and issues a working successor; presenting
+/// a spent token again revokes the whole family, so even the newest token
+/// of that family stops working. A new login starts a new family.
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_family() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("refresh")).await;
+    let mut auth = mesh.auth();
+    let (_, r1) = login_pair(&mesh, &t.tenant_id, &t.admin_email, &t.admin_password).await;
+    assert!(r1.starts_with(&format!("{}.", t.tenant_id)));
+    let next = auth.refresh(refresh(&r1)).await.unwrap().into_inner();
+    assert_ne!(next.refresh_token, r1);
+    assert_eq!(next.expires_in, 900);
+    // The new access token works.
+    let get = tenantmesh_proto::data::v1::GetItemRequest { collection: "c".into(), id: "1".into() };
+    expect_code(mesh.data().get_item(authed(get, &next.access_token)).await, Code::NotFound);
+
+    expect_code(auth.refresh(refresh(&r1)).await, Code::Unauthenticated);
+    expect_code(auth.refresh(refresh(&next.refresh_token)).await, Code::Unauthenticated);
+
+    let (_, fresh) = login_pair(&mesh, &t.tenant_id, &t.admin_email, &t.admin_password).await;
+    auth.refresh(refresh(&fresh)).await.unwrap();
+    for bad in ["", "no-dot", "acme.short", &format!("{}.{}", t.tenant_id, "x".repeat(43))] {
+        let s = auth.refresh(refresh(bad)).await.unwrap_err();
+        assert!(matches!(s.code(), Code::Unauthenticated | Code::InvalidArgument), "{bad:?}: {s:?}");
+    }
+    mesh.shutdown().await;
+}
+
+/// Revoke ends a family at once and always succeeds.
+#[tokio::test]
+async fn revoke_ends_the_family() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("revoke")).await;
+    let mut auth = mesh.auth();
+    let (_, r1) = login_pair(&mesh, &t.tenant_id, &t.admin_email, &t.admin_password).await;
+    let r2 = auth.refresh(refresh(&r1)).await.unwrap().into_inner().refresh_token;
+    auth.revoke(RevokeRequest { refresh_token: r2.clone() }).await.unwrap();
+    expect_code(auth.refresh(refresh(&r2)).await, Code::Unauthenticated);
+    auth.revoke(RevokeRequest { refresh_token: "garbage".into() }).await.unwrap();
+    auth.revoke(RevokeRequest { refresh_token: r2 }).await.unwrap();
+    mesh.shutdown().await;
+}
+
+/// Disabling or deleting a user stops its refresh tokens at once, and a
+/// user re-created under the same email does not inherit them.
+#[tokio::test]
+async fn disabled_or_deleted_users_cannot_refresh() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("lifecycle")).await;
+    let mut auth = mesh.auth();
+    for (email, action) in [("dis@lifecycle.example", "disable"), ("del@lifecycle.example", "delete")] {
+        auth.create_user(authed(new_user(&t.tenant_id, email, &[]), &t.token)).await.unwrap();
+        let (_, r) = login_pair(&mesh, &t.tenant_id, email, "a-long-password").await;
+        let target = |tenant: &str| (tenant.to_owned(), email.to_owned());
+        let (tenant_id, email_s) = target(&t.tenant_id);
+        if action == "disable" {
+            let out = auth
+                .disable_user(authed(DisableUserRequest { tenant_id, email: email_s }, &t.token))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(out.user.unwrap().disabled);
+            expect_code(auth.login(login(&t.tenant_id, email, "a-long-password")).await, Code::Unauthenticated);
+        } else {
+            auth.delete_user(authed(DeleteUserRequest { tenant_id, email: email_s }, &t.token)).await.unwrap();
+            auth.create_user(authed(new_user(&t.tenant_id, email, &[]), &t.token)).await.unwrap();
+        }
+        expect_code(auth.refresh(refresh(&r)).await, Code::Unauthenticated);
+    }
+    mesh.shutdown().await;
+}
+
+/// Tenant admins list, disable and delete users of their own tenant only;
+/// nobody disables or deletes themselves; bad input names the field.
+#[tokio::test]
+async fn user_management_rules() {
+    let mesh = TestMesh::start().await;
+    let a = mesh.onboard(&unique_tenant("acme")).await;
+    let b = mesh.onboard(&unique_tenant("globex")).await;
+    let mut auth = mesh.auth();
+    for i in 0..3 {
+        auth.create_user(authed(new_user(&a.tenant_id, &format!("u{i}@acme.example"), &[]), &a.token)).await.unwrap();
+    }
+    let list = |tenant: &str, size: i32, token: &str| {
+        authed(ListUsersRequest { tenant_id: tenant.into(), page_size: size, page_token: token.into() }, "")
+    };
+    let mut emails = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let mut req = list(&a.tenant_id, 2, &page_token);
+        req.metadata_mut().insert("authorization", format!("Bearer {}", a.token).parse().unwrap());
+        let page = auth.list_users(req).await.unwrap().into_inner();
+        emails.extend(page.users.iter().map(|u| u.email.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(emails.len(), 4, "{emails:?}");
+    assert!(emails.windows(2).all(|w| w[0] < w[1]), "sorted: {emails:?}");
+
+    let as_a = |tenant: &str, email: &str| DisableUserRequest { tenant_id: tenant.into(), email: email.into() };
+    expect_code(auth.disable_user(authed(as_a(&b.tenant_id, &b.admin_email), &a.token)).await, Code::PermissionDenied);
+    expect_code(
+        auth.disable_user(authed(as_a(&a.tenant_id, &a.admin_email), &a.token)).await,
+        Code::FailedPrecondition,
+    );
+    expect_code(
+        auth.delete_user(authed(
+            DeleteUserRequest { tenant_id: a.tenant_id.clone(), email: "ghost@acme.example".into() },
+            &a.token,
+        ))
+        .await,
+        Code::NotFound,
+    );
+    expect_invalid(auth.disable_user(authed(as_a(&a.tenant_id, "not-an-email"), &a.token)).await, "email");
+    let mut bad_page = list(&a.tenant_id, 2, "junk");
+    bad_page.metadata_mut().insert("authorization", format!("Bearer {}", a.token).parse().unwrap());
+    expect_invalid(auth.list_users(bad_page).await, "page_token");
+    let mut other = list(&b.tenant_id, 0, "");
+    other.metadata_mut().insert("authorization", format!("Bearer {}", a.token).parse().unwrap());
+    expect_code(auth.list_users(other).await, Code::PermissionDenied);
+    let user = mesh.user_token(&a, &[Role::TenantUser]).await;
+    expect_code(auth.disable_user(authed(as_a(&a.tenant_id, "u0@acme.example"), &user)).await, Code::PermissionDenied);
+    // The platform admin manages any tenant's users.
+    let admin = mesh.admin_token().await;
+    auth.disable_user(authed(as_a(&b.tenant_id, &b.admin_email), &admin)).await.unwrap();
+    mesh.shutdown().await;
+}
+
+/// Regression: a tenant's admin can manage users right after onboarding.
+/// (Auth once cached the tenant's PROVISIONING status from onboarding's own
+/// CreateUser call and refused the new admin for a whole cache TTL.)
+#[tokio::test]
+async fn new_tenant_admin_is_not_refused_right_after_onboarding() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("fresh")).await;
+    mesh.auth().create_user(authed(new_user(&t.tenant_id, "first@fresh.example", &[]), &t.token)).await.unwrap();
+    mesh.shutdown().await;
+}

@@ -1,0 +1,165 @@
+//! Refresh tokens: opaque `<tenant id>.<random>` strings (the tenant names
+//! the partition), stored only as a SHA-256 hash. Each login starts a
+//! family; each use spends the token and issues its successor in one
+//! transaction; presenting a spent token again — a sign it was stolen —
+//! revokes the whole family.
+
+use serde::{Deserialize, Serialize};
+use tenantmesh_storage::{Condition, DynTable, StorageError, Write};
+
+use crate::{AuthError, now_secs, random_token, sha256_hex};
+
+/// How long a refresh token lives.
+pub const REFRESH_TTL_SECS: i64 = 30 * 24 * 3600;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RefreshRecord {
+    pub user_id: String,
+    pub email: String,
+    pub family: String,
+    pub expire_time: i64,
+    pub spent: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Family {
+    revoked: bool,
+}
+
+fn token_sk(token: &str) -> String {
+    format!("refresh#{}", sha256_hex(token.as_bytes()))
+}
+
+fn family_sk(family: &str) -> String {
+    format!("family#{family}")
+}
+
+/// The tenant a refresh token belongs to, if it is well formed.
+pub(crate) fn tenant_of(token: &str) -> Option<&str> {
+    let (tenant, secret) = token.split_once('.')?;
+    (tenantmesh_tenant_context::validate_tenant_id(tenant).is_ok() && secret.len() >= 32).then_some(tenant)
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, AuthError> {
+    serde_json::to_vec(v).map_err(|e| AuthError::Internal(e.to_string()))
+}
+
+fn parse<'a, T: Deserialize<'a>>(data: &'a [u8]) -> Result<T, AuthError> {
+    serde_json::from_slice(data).map_err(|e| AuthError::Corrupt(format!("refresh record: {e}")))
+}
+
+/// Starts a family for a fresh login and returns its first token.
+pub(crate) async fn start_family(
+    store: &DynTable,
+    tenant: &str,
+    user_id: &str,
+    email: &str,
+) -> Result<String, AuthError> {
+    let family = random_token(16);
+    let token = format!("{tenant}.{}", random_token(32));
+    let record = RefreshRecord {
+        user_id: user_id.into(),
+        email: email.into(),
+        family: family.clone(),
+        expire_time: now_secs() + REFRESH_TTL_SECS,
+        spent: false,
+    };
+    store
+        .transact_write(vec![
+            Write::Put {
+                pk: tenant.into(),
+                sk: family_sk(&family),
+                data: json(&Family { revoked: false })?,
+                condition: Condition::NotExists,
+            },
+            Write::Put {
+                pk: tenant.into(),
+                sk: token_sk(&token),
+                data: json(&record)?,
+                condition: Condition::NotExists,
+            },
+        ])
+        .await?;
+    Ok(token)
+}
+
+async fn revoke_family(store: &DynTable, tenant: &str, family: &str) -> Result<(), AuthError> {
+    store.put(tenant, &family_sk(family), json(&Family { revoked: true })?, Condition::None).await?;
+    Ok(())
+}
+
+/// The live record of `token` (unspent, unexpired, family not revoked);
+/// a spent one revokes its family. Any failure is `InvalidCredentials`.
+pub(crate) async fn live(store: &DynTable, token: &str) -> Result<(String, RefreshRecord, u64, u64), AuthError> {
+    let tenant = tenant_of(token).ok_or(AuthError::InvalidCredentials)?.to_owned();
+    let item = store.get(&tenant, &token_sk(token)).await?.ok_or(AuthError::InvalidCredentials)?;
+    let record: RefreshRecord = parse(&item.data)?;
+    let family = store.get(&tenant, &family_sk(&record.family)).await?.ok_or(AuthError::InvalidCredentials)?;
+    if parse::<Family>(&family.data)?.revoked {
+        return Err(AuthError::InvalidCredentials);
+    }
+    if record.spent {
+        tracing::warn!(
+            security_event = "refresh_token_reuse",
+            user_id = %record.user_id,
+            "a spent refresh token was presented again; revoking its family"
+        );
+        revoke_family(store, &tenant, &record.family).await?;
+        return Err(AuthError::InvalidCredentials);
+    }
+    if record.expire_time <= now_secs() {
+        return Err(AuthError::InvalidCredentials);
+    }
+    Ok((tenant, record, item.version, family.version))
+}
+
+/// Spends `token` and returns its successor, atomically; a concurrent use
+/// of the same token counts as reuse.
+pub(crate) async fn rotate(store: &DynTable, token: &str) -> Result<(String, RefreshRecord, String), AuthError> {
+    let (tenant, record, version, family_version) = live(store, token).await?;
+    let next = format!("{tenant}.{}", random_token(32));
+    let spent = RefreshRecord { spent: true, ..record.clone() };
+    let successor = RefreshRecord { expire_time: now_secs() + REFRESH_TTL_SECS, ..record.clone() };
+    let writes = vec![
+        Write::Put {
+            pk: tenant.clone(),
+            sk: token_sk(token),
+            data: json(&spent)?,
+            condition: Condition::Version(version),
+        },
+        Write::Put {
+            pk: tenant.clone(),
+            sk: token_sk(&next),
+            data: json(&successor)?,
+            condition: Condition::NotExists,
+        },
+        Write::Check {
+            pk: tenant.clone(),
+            sk: family_sk(&record.family),
+            condition: Condition::Version(family_version),
+        },
+    ];
+    match store.transact_write(writes).await {
+        Ok(()) => Ok((tenant, record, next)),
+        Err(StorageError::ConditionFailed { index: 0, .. }) => {
+            tracing::warn!(security_event = "refresh_token_reuse", user_id = %record.user_id, "concurrent refresh; revoking family");
+            revoke_family(store, &tenant, &record.family).await?;
+            Err(AuthError::InvalidCredentials)
+        }
+        Err(StorageError::ConditionFailed { .. }) => Err(AuthError::InvalidCredentials),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Revokes the family of `token`, if it is one of ours.
+pub(crate) async fn revoke(store: &DynTable, token: &str) -> Result<(), AuthError> {
+    let Some(tenant) = tenant_of(token) else { return Ok(()) };
+    let Some(item) = store.get(tenant, &token_sk(token)).await? else { return Ok(()) };
+    let record: RefreshRecord = parse(&item.data)?;
+    revoke_family(store, tenant, &record.family).await
+}
+
+/// Revokes a family from a record already read (the user is gone).
+pub(crate) async fn revoke_record(store: &DynTable, tenant: &str, record: &RefreshRecord) -> Result<(), AuthError> {
+    revoke_family(store, tenant, &record.family).await
+}
