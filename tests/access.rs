@@ -47,6 +47,9 @@ async fn call(mesh: &TestMesh, path: &str, token: &str) -> Result<(), Status> {
         ("tenantmesh.auth.v1.Auth", "DeleteUser") => {
             auth.delete_user(authed(DeleteUserRequest::default(), token)).await.map(drop)
         }
+        ("tenantmesh.auth.v1.Auth", "RotateSigningKey") => {
+            auth.rotate_signing_key(authed(RotateSigningKeyRequest::default(), token)).await.map(drop)
+        }
         ("tenantmesh.auth.v1.Auth", "CreateUser") => {
             auth.create_user(authed(CreateUserRequest::default(), token)).await.map(drop)
         }

@@ -35,6 +35,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.auth.v1.Auth/ListUsers", Access::Roles(USER_ADMIN)),
     ("/tenantmesh.auth.v1.Auth/DisableUser", Access::Roles(USER_ADMIN)),
     ("/tenantmesh.auth.v1.Auth/DeleteUser", Access::Roles(USER_ADMIN)),
+    ("/tenantmesh.auth.v1.Auth/RotateSigningKey", Access::Roles(&[PA])),
     ("/tenantmesh.registry.v1.TenantRegistry/CreateTenant", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/GetTenant", Access::Roles(ANY)),
     ("/tenantmesh.registry.v1.TenantRegistry/ListTenants", Access::Roles(PLATFORM)),

@@ -1,7 +1,13 @@
 //! Ed25519 signing keys: generated on first start, persisted in the store,
 //! published through the JWKS and used for verification locally.
+//!
+//! Rotation: a new key is stored with an activation time a publish delay
+//! ahead, so it is in the JWKS before it signs anything; the newest active
+//! key signs; an older key stays published until its successor has been
+//! signing longer than an access token lives, then it is deleted.
 
 use std::sync::RwLock;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -18,6 +24,10 @@ use crate::AuthError;
 /// Partition of the signing keys (sort key: kid).
 const KEYS_PK: &str = "_signing_keys";
 
+/// Clock skew allowed for tokens, on top of their lifetime, before a
+/// retired key is deleted.
+const RETIRE_MARGIN_SECS: i64 = 60;
+
 #[derive(Serialize, Deserialize)]
 struct StoredKey {
     kid: String,
@@ -26,17 +36,20 @@ struct StoredKey {
     /// Public key, base64url (the JWK `x`).
     x: String,
     create_time: i64,
+    /// When the key starts signing (keys from before rotation existed: at creation).
+    #[serde(default)]
+    active_time: Option<i64>,
 }
 
 struct KeyEntry {
     kid: String,
     x: String,
-    create_time: i64,
+    active_time: i64,
     encoding: EncodingKey,
     decoding: DecodingKey,
 }
 
-/// The auth service's signing keys; the newest signs.
+/// The auth service's signing keys (see the module docs).
 pub struct SigningKeys {
     keys: RwLock<Vec<KeyEntry>>,
 }
@@ -48,62 +61,60 @@ fn corrupt(e: impl std::fmt::Display) -> AuthError {
 impl SigningKeys {
     /// Loads the persisted keys, generating the first one if there is none.
     pub async fn load_or_create(store: &DynTable) -> Result<Self, AuthError> {
-        let mut keys = Self::load(store).await?;
+        let mut keys = load(store).await?;
         if keys.is_empty() {
-            Self::generate(store).await?;
-            keys = Self::load(store).await?;
+            generate(store, crate::now_secs()).await?;
+            keys = load(store).await?;
         }
-        keys.sort_by(|a, b| (a.create_time, &a.kid).cmp(&(b.create_time, &b.kid)));
         Ok(Self { keys: RwLock::new(keys) })
     }
 
-    async fn load(store: &DynTable) -> Result<Vec<KeyEntry>, AuthError> {
-        let mut out = Vec::new();
-        let mut start_after = None;
-        loop {
-            let page =
-                store.query(Query { pk: KEYS_PK.into(), sk_prefix: String::new(), start_after, limit: 100 }).await?;
-            for item in page.items {
-                let k: StoredKey = serde_json::from_slice(&item.data).map_err(corrupt)?;
-                let der = URL_SAFE_NO_PAD.decode(&k.pkcs8).map_err(corrupt)?;
-                out.push(KeyEntry {
-                    encoding: EncodingKey::from_ed_der(&der),
-                    decoding: DecodingKey::from_ed_components(&k.x).map_err(corrupt)?,
-                    kid: k.kid,
-                    x: k.x,
-                    create_time: k.create_time,
-                });
-            }
-            match page.last_evaluated {
-                Some(sk) => start_after = Some(sk),
-                None => return Ok(out),
-            }
+    /// Re-reads the keys from the store (another replica may have rotated).
+    pub async fn reload(&self, store: &DynTable) -> Result<(), AuthError> {
+        let keys = load(store).await?;
+        if !keys.is_empty() {
+            *self.keys.write().expect("keys lock") = keys;
         }
-    }
-
-    async fn generate(store: &DynTable) -> Result<(), AuthError> {
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(corrupt)?;
-        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(corrupt)?;
-        let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
-        let kid = crate::random_token(12);
-        let stored = StoredKey {
-            kid: kid.clone(),
-            pkcs8: URL_SAFE_NO_PAD.encode(pkcs8.as_ref()),
-            x,
-            create_time: crate::now_secs(),
-        };
-        let data = serde_json::to_vec(&stored).map_err(corrupt)?;
-        store.put(KEYS_PK, &kid, data, Condition::NotExists).await?;
-        tracing::info!(kid = %kid, "generated a new Ed25519 signing key");
         Ok(())
     }
 
-    /// The kid and key that sign new tokens.
+    /// Adds a key that signs from `publish_delay` on, and deletes keys no
+    /// unexpired token can carry any more. Returns the new kid and when it
+    /// becomes active.
+    pub async fn rotate(
+        &self,
+        store: &DynTable,
+        publish_delay: Duration,
+        token_ttl: Duration,
+    ) -> Result<(String, i64), AuthError> {
+        let now = crate::now_secs();
+        let active_time = now + publish_delay.as_secs() as i64;
+        let kid = generate(store, active_time).await?;
+        let keys = load(store).await?;
+        // Key i is retired once key i+1 has signed for longer than a token lives.
+        for pair in keys.windows(2) {
+            let successor_since = pair[1].active_time;
+            if successor_since <= now && now - successor_since > token_ttl.as_secs() as i64 + RETIRE_MARGIN_SECS {
+                store.delete(KEYS_PK, &pair[0].kid, Condition::None).await?;
+                tracing::info!(kid = %pair[0].kid, "retired a signing key");
+            }
+        }
+        self.reload(store).await?;
+        tracing::info!(kid = %kid, active_time, "rotated the signing key");
+        Ok((kid, active_time))
+    }
+
+    /// The kid and key that sign new tokens: the newest active key.
     pub fn signer(&self) -> (String, EncodingKey) {
         let keys = self.keys.read().expect("keys lock");
-        let k = keys.last().expect("at least one signing key");
+        let now = crate::now_secs();
+        let k = keys.iter().rev().find(|k| k.active_time <= now).or_else(|| keys.first()).expect("a signing key");
         (k.kid.clone(), k.encoding.clone())
+    }
+
+    /// Kids of every published key, oldest first.
+    pub fn kids(&self) -> Vec<String> {
+        self.keys.read().expect("keys lock").iter().map(|k| k.kid.clone()).collect()
     }
 
     /// Every published key as a JWK.
@@ -122,6 +133,51 @@ impl SigningKeys {
             })
             .collect()
     }
+}
+
+/// Every stored key, in activation order.
+async fn load(store: &DynTable) -> Result<Vec<KeyEntry>, AuthError> {
+    let mut out = Vec::new();
+    let mut start_after = None;
+    loop {
+        let page = store.query(Query { pk: KEYS_PK.into(), sk_prefix: String::new(), start_after, limit: 100 }).await?;
+        for item in page.items {
+            let k: StoredKey = serde_json::from_slice(&item.data).map_err(corrupt)?;
+            let der = URL_SAFE_NO_PAD.decode(&k.pkcs8).map_err(corrupt)?;
+            out.push(KeyEntry {
+                encoding: EncodingKey::from_ed_der(&der),
+                decoding: DecodingKey::from_ed_components(&k.x).map_err(corrupt)?,
+                active_time: k.active_time.unwrap_or(k.create_time),
+                kid: k.kid,
+                x: k.x,
+            });
+        }
+        match page.last_evaluated {
+            Some(sk) => start_after = Some(sk),
+            None => break,
+        }
+    }
+    out.sort_by(|a, b| (a.active_time, &a.kid).cmp(&(b.active_time, &b.kid)));
+    Ok(out)
+}
+
+async fn generate(store: &DynTable, active_time: i64) -> Result<String, AuthError> {
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(corrupt)?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(corrupt)?;
+    let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+    let kid = crate::random_token(12);
+    let stored = StoredKey {
+        kid: kid.clone(),
+        pkcs8: URL_SAFE_NO_PAD.encode(pkcs8.as_ref()),
+        x,
+        create_time: crate::now_secs(),
+        active_time: Some(active_time),
+    };
+    let data = serde_json::to_vec(&stored).map_err(corrupt)?;
+    store.put(KEYS_PK, &kid, data, Condition::NotExists).await?;
+    tracing::info!(kid = %kid, "generated a new Ed25519 signing key");
+    Ok(kid)
 }
 
 #[async_trait]

@@ -59,6 +59,10 @@ pub struct Config {
     pub hash_params: HashParams,
     /// `TENANTMESH_LOGIN_FREE_ATTEMPTS`, `TENANTMESH_LOGIN_MAX_LOCKOUT_SECS`.
     pub lockout: lockout::LockoutPolicy,
+    /// `TENANTMESH_KEY_PUBLISH_DELAY_SECS` (default 10): how long a rotated
+    /// key is published before it signs; more than validators' JWKS refresh
+    /// interval.
+    pub key_publish_delay: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -115,6 +119,7 @@ impl Config {
             service_clients,
             access_token_ttl: Duration::from_secs(ttl),
             hash_params,
+            key_publish_delay: Duration::from_secs(parse_var(env, "TENANTMESH_KEY_PUBLISH_DELAY_SECS", 10)?),
             lockout: lockout::LockoutPolicy {
                 free_attempts: parse_var(env, "TENANTMESH_LOGIN_FREE_ATTEMPTS", 5)?,
                 max_lockout: Duration::from_secs(parse_var(env, "TENANTMESH_LOGIN_MAX_LOCKOUT_SECS", 900)?),
@@ -592,6 +597,18 @@ impl Auth for AuthService {
         Ok(Response::new(DeleteUserResponse {}))
     }
 
+    async fn rotate_signing_key(
+        &self,
+        _request: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<RotateSigningKeyResponse>, Status> {
+        let (kid, active_time) = self
+            .inner
+            .keys
+            .rotate(&self.inner.store, self.inner.config.key_publish_delay, self.inner.config.access_token_ttl)
+            .await?;
+        Ok(Response::new(RotateSigningKeyResponse { kid, active_time, published_kids: self.inner.keys.kids() }))
+    }
+
     async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
         let keys = self.inner.keys.jwks();
         let doc = serde_json::json!({
@@ -654,8 +671,25 @@ pub async fn serve(
             service.bootstrap_password_path().display()
         );
     }
+    // Another replica may rotate: pick up its keys.
+    let (keys, key_store) = (service.keys(), service.inner.store.clone());
+    let reloader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = keys.reload(&key_store).await {
+                tracing::warn!(error = %e, "signing key reload failed");
+            }
+        }
+    });
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience);
     let authn = Authenticator::new(Arc::new(verifier), directory);
-    tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, grace, shutdown).await?;
+    let served =
+        tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, grace, shutdown).await;
+    // The reloader holds the store: it ends with the service.
+    reloader.abort();
+    let _ = reloader.await;
+    served?;
     Ok(())
 }

@@ -334,3 +334,42 @@ async fn new_tenant_admin_is_not_refused_right_after_onboarding() {
     mesh.auth().create_user(authed(new_user(&t.tenant_id, "first@fresh.example", &[]), &t.token)).await.unwrap();
     mesh.shutdown().await;
 }
+
+/// Key rotation: the new key is in the JWKS at once but signs only after
+/// the publish delay; tokens signed by the old key keep working; the
+/// signing key changes once the delay has passed.
+#[tokio::test]
+async fn rotated_keys_are_published_before_they_sign() {
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_KEY_PUBLISH_DELAY_SECS", "1")]).await;
+    let admin = mesh.admin_token().await;
+    let old_kid = jsonwebtoken::decode_header(&admin).unwrap().kid.unwrap();
+    let mut auth = mesh.auth();
+    let t = mesh.onboard(&unique_tenant("rotate")).await;
+    expect_code(auth.rotate_signing_key(authed(RotateSigningKeyRequest {}, &t.token)).await, Code::PermissionDenied);
+
+    let rotated = auth.rotate_signing_key(authed(RotateSigningKeyRequest {}, &admin)).await.unwrap().into_inner();
+    assert_ne!(rotated.kid, old_kid);
+    assert_eq!(rotated.published_kids, vec![old_kid.clone(), rotated.kid.clone()]);
+    let jwks: Vec<String> =
+        auth.get_jwks(GetJwksRequest {}).await.unwrap().into_inner().keys.into_iter().map(|k| k.kid).collect();
+    assert!(jwks.contains(&rotated.kid) && jwks.contains(&old_kid), "{jwks:?}");
+
+    // Within the delay the old key still signs.
+    let soon = mesh.admin_token().await;
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    if now < rotated.active_time {
+        assert_eq!(jsonwebtoken::decode_header(&soon).unwrap().kid.unwrap(), old_kid);
+    }
+    eventually(std::time::Duration::from_secs(5), || async {
+        let token = mesh.admin_token().await;
+        jsonwebtoken::decode_header(&token).unwrap().kid.as_deref() == Some(rotated.kid.as_str())
+    })
+    .await;
+    // Tokens from before the rotation, and after it, are accepted everywhere.
+    let get = || tenantmesh_proto::data::v1::GetItemRequest { collection: "c".into(), id: "1".into() };
+    expect_code(mesh.data().get_item(authed(get(), &t.token)).await, Code::NotFound);
+    let fresh = mesh.login(&t.tenant_id, &t.admin_email, &t.admin_password).await.unwrap();
+    assert_eq!(jsonwebtoken::decode_header(&fresh).unwrap().kid.unwrap(), rotated.kid);
+    expect_code(mesh.data().get_item(authed(get(), &fresh)).await, Code::NotFound);
+    mesh.shutdown().await;
+}
