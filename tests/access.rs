@@ -65,6 +65,9 @@ async fn call(mesh: &TestMesh, path: &str, token: &str) -> Result<(), Status> {
         ("tenantmesh.registry.v1.TenantRegistry", "UpdateTenant") => {
             reg.update_tenant(authed(UpdateTenantRequest::default(), token)).await.map(drop)
         }
+        ("tenantmesh.registry.v1.TenantRegistry", "SetIdentityProvider") => {
+            reg.set_identity_provider(authed(SetIdentityProviderRequest::default(), token)).await.map(drop)
+        }
         ("tenantmesh.registry.v1.TenantRegistry", "SetTenantStatus") => {
             reg.set_tenant_status(authed(SetTenantStatusRequest::default(), token)).await.map(drop)
         }

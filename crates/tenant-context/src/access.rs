@@ -41,6 +41,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.registry.v1.TenantRegistry/ListTenants", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/UpdateTenant", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus", Access::Roles(PLATFORM)),
+    ("/tenantmesh.registry.v1.TenantRegistry/SetIdentityProvider", Access::Roles(PLATFORM)),
     ("/tenantmesh.onboarding.v1.Onboarding/RegisterTenant", Access::Roles(&[PA])),
     ("/tenantmesh.onboarding.v1.Onboarding/GetOnboardingStatus", Access::Roles(&[PA, TA, SVC])),
     ("/tenantmesh.data.v1.Data/PutItem", Access::Roles(TENANT_DATA)),

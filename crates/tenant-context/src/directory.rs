@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tenantmesh_proto::registry::v1::{GetTenantRequest, TenantStatus, tenant_registry_client::TenantRegistryClient};
+use tenantmesh_proto::registry::v1::{
+    GetTenantRequest, IdentityProvider, TenantStatus, tenant_registry_client::TenantRegistryClient,
+};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -16,13 +18,22 @@ use tonic::{Code, Status};
 pub struct TenantInfo {
     pub tier: String,
     pub status: TenantStatus,
+    /// The external identity provider whose tokens the tenant accepts.
+    pub identity_provider: Option<IdentityProvider>,
 }
 
 #[async_trait]
 pub trait TenantDirectory: Send + Sync + 'static {
-    /// Looks up `tenant_id`; `token` is the caller's verified token.
-    /// `Ok(None)` when the tenant does not exist.
-    async fn lookup(&self, tenant_id: &str, token: &str) -> Result<Option<TenantInfo>, Status>;
+    /// Looks up `tenant_id` with the caller's `token`; `caller_tenant` is
+    /// the tenant an external-provider token is presented for (sent as
+    /// `x-tenant-id`), `None` for platform tokens. `Ok(None)` when the
+    /// tenant does not exist.
+    async fn lookup(
+        &self,
+        tenant_id: &str,
+        token: &str,
+        caller_tenant: Option<&str>,
+    ) -> Result<Option<TenantInfo>, Status>;
 }
 
 /// Registry lookups over gRPC with a short-lived cache, so a tenant's
@@ -44,7 +55,12 @@ const CACHE_CAPACITY: usize = 10_000;
 
 #[async_trait]
 impl TenantDirectory for RemoteDirectory {
-    async fn lookup(&self, tenant_id: &str, token: &str) -> Result<Option<TenantInfo>, Status> {
+    async fn lookup(
+        &self,
+        tenant_id: &str,
+        token: &str,
+        caller_tenant: Option<&str>,
+    ) -> Result<Option<TenantInfo>, Status> {
         if let Some((at, info)) = self.cache.lock().expect("cache lock").get(tenant_id)
             && at.elapsed() < self.ttl
         {
@@ -53,6 +69,9 @@ impl TenantDirectory for RemoteDirectory {
         let mut req = tonic::Request::new(GetTenantRequest { tenant_id: tenant_id.to_owned() });
         let bearer = format!("Bearer {token}").parse().map_err(|_| Status::unauthenticated("malformed token"))?;
         req.metadata_mut().insert(crate::metadata::AUTHORIZATION, bearer);
+        if let Some(v) = caller_tenant.and_then(|t| t.parse().ok()) {
+            req.metadata_mut().insert(crate::metadata::TENANT_ID, v);
+        }
         let mut headers = http::HeaderMap::new();
         tenantmesh_telemetry::inject_span_context(&tracing::Span::current(), &mut headers);
         if let Some(tp) = headers.get(crate::metadata::TRACEPARENT).and_then(|v| v.to_str().ok())
@@ -64,6 +83,7 @@ impl TenantDirectory for RemoteDirectory {
             Ok(resp) => resp.into_inner().tenant.map(|t| TenantInfo {
                 tier: t.tier,
                 status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
+                identity_provider: t.identity_provider,
             }),
             Err(s) if s.code() == Code::NotFound => None,
             Err(s) => {

@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod directory;
 pub mod errors;
+pub mod external;
 pub mod runtime;
 pub mod server;
 pub mod tiers;

@@ -62,6 +62,11 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
+    /// The issuer of tokens this verifier accepts.
+    pub fn issuer(&self) -> &str {
+        self.validation.iss.as_ref().and_then(|s| s.iter().next()).map(String::as_str).unwrap_or_default()
+    }
+
     pub fn new(keys: Arc<dyn KeySource>, issuer: &str, audience: &str) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[issuer]);
@@ -82,19 +87,7 @@ impl TokenVerifier {
         }
         let kid = header.kid.ok_or(VerifyError::MissingKid)?;
         let key = self.keys.key(&kid).await?.ok_or(VerifyError::UnknownKey)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::ExpiredSignature => VerifyError::Expired,
-                K::ImmatureSignature => VerifyError::NotYetValid,
-                K::InvalidIssuer => VerifyError::Issuer,
-                K::InvalidAudience => VerifyError::Audience,
-                K::InvalidSignature => VerifyError::Signature,
-                K::InvalidAlgorithm => VerifyError::Algorithm,
-                K::Json(_) | K::MissingRequiredClaim(_) => VerifyError::Claims,
-                _ => VerifyError::Malformed,
-            }
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(map_jwt_error)?;
         let claims = data.claims;
         if crate::validate_tenant_id(&claims.tenant_id).is_err() || claims.roles.is_empty() {
             return Err(VerifyError::Claims);
@@ -105,6 +98,21 @@ impl TokenVerifier {
             return Err(VerifyError::Claims);
         }
         Ok(claims)
+    }
+}
+
+/// The refusal for a failed `jsonwebtoken::decode`.
+pub(crate) fn map_jwt_error(e: jsonwebtoken::errors::Error) -> VerifyError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::ExpiredSignature => VerifyError::Expired,
+        K::ImmatureSignature => VerifyError::NotYetValid,
+        K::InvalidIssuer => VerifyError::Issuer,
+        K::InvalidAudience => VerifyError::Audience,
+        K::InvalidSignature => VerifyError::Signature,
+        K::InvalidAlgorithm => VerifyError::Algorithm,
+        K::Json(_) | K::MissingRequiredClaim(_) => VerifyError::Claims,
+        _ => VerifyError::Malformed,
     }
 }
 

@@ -452,7 +452,7 @@ impl Auth for AuthService {
         ctx.authorize_tenant(&req.tenant_id)?;
         if ctx.tenant_id != req.tenant_id {
             // Platform callers: the target tenant must exist.
-            match self.inner.directory.lookup(&req.tenant_id, &ctx.token).await? {
+            match self.inner.directory.lookup(&req.tenant_id, &ctx.token, None).await? {
                 None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
                 Some(info) if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted => {
                     return Err(Status::failed_precondition("tenant is deleted"));

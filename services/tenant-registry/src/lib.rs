@@ -50,6 +50,8 @@ impl Config {
 #[derive(Clone)]
 pub struct Registry {
     store: DynTable,
+    /// The platform's own token issuer, which no external provider may claim.
+    own_issuer: String,
 }
 
 fn now_secs() -> i64 {
@@ -57,8 +59,8 @@ fn now_secs() -> i64 {
 }
 
 impl Registry {
-    pub fn new(store: DynTable) -> Self {
-        Self { store }
+    pub fn new(store: DynTable, own_issuer: impl Into<String>) -> Self {
+        Self { store, own_issuer: own_issuer.into() }
     }
 
     /// Reads one tenant (its `version` is the stored item's version).
@@ -134,6 +136,7 @@ impl Registry {
             create_time: now,
             update_time: now,
             version: 0,
+            identity_provider: None,
         };
         match self.insert(tenant).await {
             Ok(_) => tracing::info!(tenant_id = PLATFORM_TENANT, "bootstrap: created the platform tenant"),
@@ -148,11 +151,12 @@ impl Registry {
 /// store (asking itself over gRPC would recurse).
 #[async_trait]
 impl TenantDirectory for Registry {
-    async fn lookup(&self, tenant_id: &str, _token: &str) -> Result<Option<TenantInfo>, Status> {
+    async fn lookup(&self, tenant_id: &str, _token: &str, _caller: Option<&str>) -> Result<Option<TenantInfo>, Status> {
         let tenant = self.get(tenant_id).await.map_err(Status::from)?;
         Ok(tenant.map(|t| TenantInfo {
             tier: t.tier,
             status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
+            identity_provider: t.identity_provider,
         }))
     }
 }
@@ -230,6 +234,7 @@ impl TenantRegistry for Registry {
                 create_time: now,
                 update_time: now,
                 version: 0,
+                identity_provider: None,
             })
             .await?;
         tracing::info!(created_tenant = %tenant.tenant_id, tier = %tenant.tier, "tenant created");
@@ -330,6 +335,50 @@ impl TenantRegistry for Registry {
         tracing::info!(target_tenant = %tenant.tenant_id, status = ?status, "tenant status changed");
         Ok(Response::new(SetTenantStatusResponse { tenant: Some(tenant) }))
     }
+
+    async fn set_identity_provider(
+        &self,
+        request: Request<SetIdentityProviderRequest>,
+    ) -> Result<Response<SetIdentityProviderResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        if let Some(p) = &req.identity_provider {
+            let bounded = |v: &mut Violations, field: &str, value: &str, max: usize| {
+                if value.is_empty() {
+                    v.add(field, "is required");
+                } else if value.len() > max || value.chars().any(char::is_control) {
+                    v.add(field, format!("must be at most {max} printable characters"));
+                }
+            };
+            bounded(&mut v, "identity_provider.issuer", &p.issuer, 512);
+            bounded(&mut v, "identity_provider.audience", &p.audience, 512);
+            bounded(&mut v, "identity_provider.tenant_claim", &p.tenant_claim, 128);
+            if p.issuer == self.own_issuer {
+                v.add("identity_provider.issuer", "is the platform's own issuer");
+            }
+            if !tenantmesh_tenant_context::external::jwks_url_allowed(&p.jwks_url) || p.jwks_url.len() > 2048 {
+                v.add("identity_provider.jwks_url", "must be an https:// URL (http:// only on loopback)");
+            }
+        }
+        v.check()?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(Status::failed_precondition("the platform tenant signs in with platform tokens only"));
+        }
+        let provider = req.identity_provider;
+        let tenant = self
+            .modify(&req.tenant_id, None, |t| {
+                t.identity_provider = provider.clone();
+                Ok(())
+            })
+            .await?;
+        tracing::info!(
+            target_tenant = %tenant.tenant_id,
+            issuer = tenant.identity_provider.as_ref().map(|p| p.issuer.as_str()).unwrap_or("(none)"),
+            "identity provider set"
+        );
+        Ok(Response::new(SetIdentityProviderResponse { tenant: Some(tenant) }))
+    }
 }
 
 /// Opens the registry's table on the configured backend.
@@ -344,7 +393,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let registry = Registry::new(store);
+    let registry = Registry::new(store, &config.common.issuer);
     registry.bootstrap().await?;
     let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
     let verifier =
