@@ -176,14 +176,91 @@ async fn other_tenants_named_in_headers_or_bodies_are_refused() {
     for (service, outcome) in header_cases {
         assert_eq!(outcome.unwrap_err().code(), Code::PermissionDenied, "x-tenant-id spoofing on {service}");
     }
+    use tenantmesh_proto::auth::v1::{DeleteUserRequest, DisableUserRequest, ListUsersRequest};
+    use tenantmesh_proto::onboarding::v1::RegisterTenantRequest;
+    use tenantmesh_proto::registry::v1::{
+        CreateTenantRequest, IdentityProvider, SetIdentityProviderRequest, UpdateTenantRequest,
+    };
+    let email = f.globex.admin_email.clone();
+    let (mut reg, mut auth, mut onb) = (f.mesh.registry(), f.mesh.auth(), f.mesh.onboarding());
+    let admin = f.mesh.admin_token().await;
+    let before = reg.get_tenant(authed(get_tenant(b), &admin)).await.unwrap().into_inner().tenant.unwrap();
+    let idp = IdentityProvider {
+        issuer: "https://idp.example".into(),
+        jwks_url: "https://idp.example/jwks".into(),
+        audience: "a".into(),
+        tenant_claim: "t".into(),
+    };
     let body_cases = [
-        ("GetTenant", f.mesh.registry().get_tenant(authed(get_tenant(b), &a.token)).await.map(drop)),
-        ("CreateUser", f.mesh.auth().create_user(authed(user(b), &a.token)).await.map(drop)),
-        ("GetOnboardingStatus", f.mesh.onboarding().get_onboarding_status(authed(status(b), &a.token)).await.map(drop)),
+        ("GetTenant", reg.get_tenant(authed(get_tenant(b), &a.token)).await.map(drop)),
+        (
+            "CreateTenant",
+            reg.create_tenant(authed(
+                CreateTenantRequest { tenant_id: b.clone(), name: "x".into(), tier: "basic".into(), status: 0 },
+                &a.token,
+            ))
+            .await
+            .map(drop),
+        ),
+        (
+            "UpdateTenant",
+            reg.update_tenant(authed(
+                UpdateTenantRequest { tenant_id: b.clone(), name: "pwned".into(), ..Default::default() },
+                &a.token,
+            ))
+            .await
+            .map(drop),
+        ),
+        (
+            "SetTenantStatus",
+            reg.set_tenant_status(authed(
+                SetTenantStatusRequest { tenant_id: b.clone(), status: TenantStatus::Suspended as i32 },
+                &a.token,
+            ))
+            .await
+            .map(drop),
+        ),
+        (
+            "SetIdentityProvider",
+            reg.set_identity_provider(authed(
+                SetIdentityProviderRequest { tenant_id: b.clone(), identity_provider: Some(idp) },
+                &a.token,
+            ))
+            .await
+            .map(drop),
+        ),
+        ("CreateUser", auth.create_user(authed(user(b), &a.token)).await.map(drop)),
+        (
+            "ListUsers",
+            auth.list_users(authed(ListUsersRequest { tenant_id: b.clone(), ..Default::default() }, &a.token))
+                .await
+                .map(drop),
+        ),
+        (
+            "DisableUser",
+            auth.disable_user(authed(DisableUserRequest { tenant_id: b.clone(), email: email.clone() }, &a.token))
+                .await
+                .map(drop),
+        ),
+        (
+            "DeleteUser",
+            auth.delete_user(authed(DeleteUserRequest { tenant_id: b.clone(), email }, &a.token)).await.map(drop),
+        ),
+        ("GetOnboardingStatus", onb.get_onboarding_status(authed(status(b), &a.token)).await.map(drop)),
+        (
+            "RegisterTenant",
+            onb.register_tenant(authed(RegisterTenantRequest { tenant_id: b.clone(), ..Default::default() }, &a.token))
+                .await
+                .map(drop),
+        ),
     ];
     for (rpc, outcome) in body_cases {
         assert_eq!(outcome.unwrap_err().code(), Code::PermissionDenied, "{rpc} naming another tenant");
     }
+    // Nothing of globex changed.
+    let after = reg.get_tenant(authed(get_tenant(b), &admin)).await.unwrap().into_inner().tenant.unwrap();
+    assert_eq!(after, before);
+    f.mesh.login(b, &f.globex.admin_email, &f.globex.admin_password).await.unwrap();
     f.mesh.shutdown().await;
 }
 

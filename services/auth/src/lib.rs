@@ -128,6 +128,14 @@ impl Config {
     }
 }
 
+/// GetJwks calls served by this process (validators refreshing keys).
+static JWKS_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// GetJwks calls served by this process so far.
+pub fn jwks_requests() -> u64 {
+    JWKS_REQUESTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub(crate) fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
@@ -610,6 +618,7 @@ impl Auth for AuthService {
     }
 
     async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
+        JWKS_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let keys = self.inner.keys.jwks();
         let doc = serde_json::json!({
             "keys": keys.iter().map(|k| serde_json::json!({
