@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::{PLATFORM_TENANT, TenantContext, metadata};
+use crate::{BoxFuture, PLATFORM_TENANT, TenantContext, metadata};
 
 /// A lazily connecting channel to `url` (e.g. `http://127.0.0.1:50051`).
 pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
@@ -135,8 +135,6 @@ pub type PropagatedChannel = Propagation<Channel>;
 pub fn wrap(channel: Channel, identity: Identity) -> PropagatedChannel {
     layer(identity).layer(channel)
 }
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S, B, ResBody> Service<Request<B>> for Propagation<S>
 where

@@ -95,6 +95,9 @@ pub struct TenantContext {
     pub token: Arc<str>,
 }
 
+/// The future type of the tower services in this crate.
+pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
 tokio::task_local! {
     static CURRENT: TenantContext;
 }

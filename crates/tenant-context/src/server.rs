@@ -15,8 +15,8 @@ use crate::directory::TenantDirectory;
 use crate::directory::TenantInfo;
 use crate::external::ExternalVerifier;
 use crate::verify::{TokenVerifier, VerifyError};
+use crate::{BoxFuture, TenantContext, metadata};
 use crate::{Claims, Role};
-use crate::{TenantContext, metadata};
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
 const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
@@ -224,8 +224,6 @@ pub struct TenantContextService<S> {
     inner: S,
     auth: Authenticator,
 }
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S, B, ResBody> Service<Request<B>> for TenantContextService<S>
 where

@@ -497,22 +497,18 @@ impl Auth for AuthService {
         if let Some(tenant) = refresh::tenant_of(&req.refresh_token) {
             tracing::Span::current().record("tenant.id", tenant);
         }
-        let (tenant, record) = {
-            let (tenant, record, _, _) = refresh::live(&self.inner.store, &req.refresh_token).await?;
-            (tenant, record)
-        };
+        let live = refresh::live(&self.inner.store, &req.refresh_token).await?;
         // Disabling or deleting a user stops refresh at once; a user deleted
         // and re-created under the same email is somebody else.
-        let user = self.get_user(&tenant, &record.email).await?;
-        let user = match user {
-            Some(u) if !u.disabled && u.user_id == record.user_id => u,
+        let user = match self.get_user(&live.tenant, &live.record.email).await? {
+            Some(u) if !u.disabled && u.user_id == live.record.user_id => u,
             _ => {
-                tracing::info!(security_event = "refresh_refused", user_id = %record.user_id, "user disabled or deleted");
-                refresh::revoke_record(&self.inner.store, &tenant, &record).await?;
+                tracing::info!(security_event = "refresh_refused", user_id = %live.record.user_id, "user disabled or deleted");
+                refresh::revoke_record(&self.inner.store, &live.tenant, &live.record).await?;
                 return Err(AuthError::InvalidCredentials.into());
             }
         };
-        let (_, _, next) = refresh::rotate(&self.inner.store, &req.refresh_token).await?;
+        let next = refresh::rotate(&self.inner.store, &req.refresh_token, live).await?;
         let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
         Ok(Response::new(RefreshResponse {
             access_token,

@@ -88,9 +88,17 @@ async fn revoke_family(store: &DynTable, tenant: &str, family: &str) -> Result<(
     Ok(())
 }
 
+/// A refresh token found live, with the versions its rotation must see.
+pub(crate) struct Live {
+    pub tenant: String,
+    pub record: RefreshRecord,
+    version: u64,
+    family_version: u64,
+}
+
 /// The live record of `token` (unspent, unexpired, family not revoked);
 /// a spent one revokes its family. Any failure is `InvalidCredentials`.
-pub(crate) async fn live(store: &DynTable, token: &str) -> Result<(String, RefreshRecord, u64, u64), AuthError> {
+pub(crate) async fn live(store: &DynTable, token: &str) -> Result<Live, AuthError> {
     let tenant = tenant_of(token).ok_or(AuthError::InvalidCredentials)?.to_owned();
     let item = store.get(&tenant, &token_sk(token)).await?.ok_or(AuthError::InvalidCredentials)?;
     let record: RefreshRecord = parse(&item.data)?;
@@ -110,13 +118,14 @@ pub(crate) async fn live(store: &DynTable, token: &str) -> Result<(String, Refre
     if record.expire_time <= now_secs() {
         return Err(AuthError::InvalidCredentials);
     }
-    Ok((tenant, record, item.version, family.version))
+    Ok(Live { tenant, record, version: item.version, family_version: family.version })
 }
 
-/// Spends `token` and returns its successor, atomically; a concurrent use
-/// of the same token counts as reuse.
-pub(crate) async fn rotate(store: &DynTable, token: &str) -> Result<(String, RefreshRecord, String), AuthError> {
-    let (tenant, record, version, family_version) = live(store, token).await?;
+/// Spends `token` (found `live`) and returns its successor, atomically
+/// with the reads `live` made; a concurrent use of the same token counts as
+/// reuse.
+pub(crate) async fn rotate(store: &DynTable, token: &str, live: Live) -> Result<String, AuthError> {
+    let Live { tenant, record, version, family_version } = live;
     let next = format!("{tenant}.{}", random_token(32));
     let spent = RefreshRecord { spent: true, ..record.clone() };
     let successor = RefreshRecord { expire_time: now_secs() + REFRESH_TTL_SECS, ..record.clone() };
@@ -140,7 +149,7 @@ pub(crate) async fn rotate(store: &DynTable, token: &str) -> Result<(String, Ref
         },
     ];
     match store.transact_write(writes).await {
-        Ok(()) => Ok((tenant, record, next)),
+        Ok(()) => Ok(next),
         Err(StorageError::ConditionFailed { index: 0, .. }) => {
             tracing::warn!(security_event = "refresh_token_reuse", user_id = %record.user_id, "concurrent refresh; revoking family");
             revoke_family(store, &tenant, &record.family).await?;

@@ -78,6 +78,14 @@ fn check_name(v: &mut Violations, field: &str, value: &str, max: usize, extra: &
 
 const ID_EXTRA: &[char] = &[':', '@'];
 
+/// Violations of an item's collection and id, to add more to.
+fn item_key(collection: &str, id: &str) -> Violations {
+    let mut v = Violations::new();
+    check_name(&mut v, "collection", collection, MAX_COLLECTION_LEN, &[], true);
+    check_name(&mut v, "id", id, MAX_ID_LEN, ID_EXTRA, true);
+    v
+}
+
 fn sort_key(collection: &str, id: &str) -> String {
     format!("{collection}#{id}")
 }
@@ -129,9 +137,7 @@ impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
         let (tenant, store) = self.scoped(&request).await?;
         let req = request.into_inner();
-        let mut v = Violations::new();
-        check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
-        check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
+        let mut v = item_key(&req.collection, &req.id);
         let mut item = Item {
             collection: req.collection,
             id: req.id,
@@ -163,10 +169,7 @@ impl Data for DataService {
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
         let (tenant, store) = self.scoped(&request).await?;
         let req = request.into_inner();
-        let mut v = Violations::new();
-        check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
-        check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
-        v.check()?;
+        item_key(&req.collection, &req.id).check()?;
         let raw = store
             .get(&tenant, &sort_key(&req.collection, &req.id))
             .await
@@ -178,10 +181,7 @@ impl Data for DataService {
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
         let (tenant, store) = self.scoped(&request).await?;
         let req = request.into_inner();
-        let mut v = Violations::new();
-        check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
-        check_name(&mut v, "id", &req.id, MAX_ID_LEN, ID_EXTRA, true);
-        v.check()?;
+        item_key(&req.collection, &req.id).check()?;
         let condition = match req.expected_version {
             Some(0) => {
                 return Err(invalid_field("expected_version", "must be at least 1 to delete"));
