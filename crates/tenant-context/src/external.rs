@@ -31,6 +31,8 @@ pub struct ExternalIdentity {
 
 struct CachedSet {
     fetched: Instant,
+    /// Whether the last fetch worked (else `keys` are the ones before it).
+    ok: bool,
     keys: HashMap<String, (DecodingKey, Algorithm)>,
 }
 
@@ -39,7 +41,10 @@ struct CachedSet {
 pub struct ExternalVerifier {
     client: HttpsClient,
     min_refresh_interval: Duration,
-    sets: Mutex<HashMap<String, CachedSet>>,
+    /// Known key sets per URL: read without waiting for a fetch in flight.
+    sets: std::sync::RwLock<HashMap<String, CachedSet>>,
+    /// Held for the whole fetch, so one runs at a time.
+    fetching: Mutex<()>,
 }
 
 impl std::fmt::Debug for ExternalVerifier {
@@ -93,7 +98,8 @@ impl ExternalVerifier {
         Self {
             client: Client::builder(TokioExecutor::new()).build(https),
             min_refresh_interval: Duration::from_secs(2),
-            sets: Mutex::new(HashMap::new()),
+            sets: std::sync::RwLock::new(HashMap::new()),
+            fetching: Mutex::new(()),
         }
     }
 
@@ -131,20 +137,41 @@ impl ExternalVerifier {
             .collect())
     }
 
-    async fn key(&self, url: &str, kid: &str) -> Result<Option<(DecodingKey, Algorithm)>, VerifyError> {
-        let mut sets = self.sets.lock().await;
-        if let Some(set) = sets.get(url) {
-            if let Some(k) = set.keys.get(kid) {
-                return Ok(Some(k.clone()));
-            }
-            if set.fetched.elapsed() < self.min_refresh_interval {
-                return Ok(None);
-            }
+    /// `Some(answer)` when the cache decides: the key; or, fetched too
+    /// recently to fetch again, no key (or unavailable if that fetch failed).
+    #[allow(clippy::type_complexity)]
+    fn cached(&self, url: &str, kid: &str) -> Option<Result<Option<(DecodingKey, Algorithm)>, VerifyError>> {
+        let sets = self.sets.read().expect("jwks lock");
+        let set = sets.get(url)?;
+        match set.keys.get(kid) {
+            Some(k) => Some(Ok(Some(k.clone()))),
+            None if set.fetched.elapsed() < self.min_refresh_interval => Some(if set.ok {
+                Ok(None)
+            } else {
+                Err(VerifyError::KeysUnavailable("identity provider unreachable".into()))
+            }),
+            None => None,
         }
-        let keys = self.fetch(url).await?;
+    }
+
+    async fn key(&self, url: &str, kid: &str) -> Result<Option<(DecodingKey, Algorithm)>, VerifyError> {
+        if let Some(answer) = self.cached(url, kid) {
+            return answer;
+        }
+        let _fetching = self.fetching.lock().await;
+        if let Some(answer) = self.cached(url, kid) {
+            return answer;
+        }
+        let fetched = self.fetch(url).await;
+        // A failed fetch counts too: an unreachable provider is not retried per request.
+        let keys = match &fetched {
+            Ok(keys) => keys.clone(),
+            Err(_) => self.sets.read().expect("jwks lock").get(url).map(|s| s.keys.clone()).unwrap_or_default(),
+        };
         let found = keys.get(kid).cloned();
-        sets.insert(url.to_owned(), CachedSet { fetched: Instant::now(), keys });
-        Ok(found)
+        let ok = fetched.is_ok();
+        self.sets.write().expect("jwks lock").insert(url.to_owned(), CachedSet { fetched: Instant::now(), ok, keys });
+        fetched.map(|_| found)
     }
 
     /// Verifies `token` against `provider` and requires its tenant claim to
@@ -189,6 +216,26 @@ impl ExternalVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unreachable provider is unavailable on every attempt, not "unknown key".
+    #[tokio::test]
+    async fn an_unreachable_provider_is_unavailable() {
+        use base64::Engine as _;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let provider = IdentityProvider {
+            issuer: "https://idp.example".into(),
+            jwks_url: format!("http://127.0.0.1:{dead}/jwks"),
+            audience: "a".into(),
+            tenant_claim: "t".into(),
+        };
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!("{}.{}.{}", b64(r#"{"alg":"ES256","kid":"k1"}"#), b64("{}"), b64("sig"));
+        let verifier = ExternalVerifier::new();
+        for attempt in 0..3 {
+            let r = verifier.verify(&token, &provider, "acme").await;
+            assert!(matches!(r, Err(VerifyError::KeysUnavailable(_))), "attempt {attempt}: {r:?}");
+        }
+    }
 
     #[test]
     fn jwks_urls_must_be_https_or_loopback() {

@@ -130,13 +130,11 @@ pub fn decoding_key(jwk: &Jwk) -> Option<DecodingKey> {
 pub struct JwksCache {
     client: AuthClient<Channel>,
     min_refresh_interval: Duration,
-    state: Mutex<JwksState>,
-}
-
-#[derive(Default)]
-struct JwksState {
-    keys: HashMap<String, DecodingKey>,
-    last_refresh: Option<Instant>,
+    /// Known keys: read without waiting for a refresh in flight.
+    keys: std::sync::RwLock<HashMap<String, DecodingKey>>,
+    /// Held for the whole refresh, so one runs at a time; records when the
+    /// last one started and whether it worked.
+    refresh: Mutex<Option<(Instant, bool)>>,
 }
 
 impl JwksCache {
@@ -144,7 +142,8 @@ impl JwksCache {
         Self {
             client: AuthClient::new(auth),
             min_refresh_interval: Duration::from_secs(2),
-            state: Mutex::new(JwksState::default()),
+            keys: std::sync::RwLock::new(HashMap::new()),
+            refresh: Mutex::new(None),
         }
     }
 }
@@ -152,13 +151,28 @@ impl JwksCache {
 #[async_trait]
 impl KeySource for JwksCache {
     async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError> {
-        let mut state = self.state.lock().await;
-        if let Some(k) = state.keys.get(kid) {
-            return Ok(Some(k.clone()));
+        let known =
+            |keys: &std::sync::RwLock<HashMap<String, DecodingKey>>| keys.read().expect("jwks lock").get(kid).cloned();
+        if let Some(k) = known(&self.keys) {
+            return Ok(Some(k));
         }
-        if state.last_refresh.is_some_and(|t| t.elapsed() < self.min_refresh_interval) {
-            return Ok(None);
+        let mut last_refresh = self.refresh.lock().await;
+        // A refresh that finished while we waited may have brought the key.
+        if let Some(k) = known(&self.keys) {
+            return Ok(Some(k));
         }
+        match *last_refresh {
+            // Refreshed a moment ago: the kid is unknown (or the auth service down).
+            Some((at, ok)) if at.elapsed() < self.min_refresh_interval => {
+                return if ok {
+                    Ok(None)
+                } else {
+                    Err(VerifyError::KeysUnavailable("auth service unreachable".into()))
+                };
+            }
+            _ => {}
+        }
+        *last_refresh = Some((Instant::now(), false));
         let resp = self
             .client
             .clone()
@@ -169,10 +183,13 @@ impl KeySource for JwksCache {
                 VerifyError::KeysUnavailable(e.message().to_owned())
             })?
             .into_inner();
-        state.keys = resp.keys.iter().filter_map(|jwk| Some((jwk.kid.clone(), decoding_key(jwk)?))).collect();
-        state.last_refresh = Some(Instant::now());
-        tracing::debug!(keys = state.keys.len(), "jwks refreshed");
-        Ok(state.keys.get(kid).cloned())
+        let keys: HashMap<String, DecodingKey> =
+            resp.keys.iter().filter_map(|jwk| Some((jwk.kid.clone(), decoding_key(jwk)?))).collect();
+        tracing::debug!(keys = keys.len(), "jwks refreshed");
+        let found = keys.get(kid).cloned();
+        *self.keys.write().expect("jwks lock") = keys;
+        *last_refresh = Some((Instant::now(), true));
+        Ok(found)
     }
 }
 
@@ -232,6 +249,19 @@ mod tests {
         let (enc, dec) = keypair();
         let verifier = TokenVerifier::new(Arc::new(OneKey { kid: "k1".into(), key: dec }), "iss", "aud");
         (verifier, enc)
+    }
+
+    /// An unreachable auth service makes keys unavailable (UNAVAILABLE to
+    /// callers) on every attempt, including those inside the rate-limit
+    /// window: never "unknown key" (UNAUTHENTICATED) for a valid token.
+    #[tokio::test]
+    async fn an_unreachable_auth_service_is_unavailable_not_unknown() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cache = JwksCache::new(crate::client::channel(&format!("http://127.0.0.1:{dead}")).unwrap());
+        for attempt in 0..3 {
+            let r = cache.key("k1").await;
+            assert!(matches!(r, Err(VerifyError::KeysUnavailable(_))), "attempt {attempt}: {r:?}");
+        }
     }
 
     #[tokio::test]
