@@ -151,7 +151,20 @@ impl OnboardingService {
     /// Runs the tenant's workflow from its first unfinished step to the end.
     pub async fn run(&self, tenant_id: &str) -> Result<Workflow, OnboardingError> {
         let lock = self.inner.running.lock().await.entry(tenant_id.to_owned()).or_default().clone();
-        let _guard = lock.lock().await;
+        let result = {
+            let _guard = lock.lock().await;
+            self.run_locked(tenant_id).await
+        };
+        let mut running = self.inner.running.lock().await;
+        // The map's handle and ours: nobody else is waiting, forget the lock.
+        if Arc::strong_count(&lock) == 2 {
+            running.remove(tenant_id);
+        }
+        result
+    }
+
+    /// [`OnboardingService::run`] under the tenant's lock.
+    async fn run_locked(&self, tenant_id: &str) -> Result<Workflow, OnboardingError> {
         let (mut wf, mut version) =
             self.load(tenant_id).await?.ok_or_else(|| OnboardingError::NotFound(tenant_id.into()))?;
         if wf.state == WorkflowState::Succeeded {
