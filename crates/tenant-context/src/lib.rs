@@ -19,6 +19,7 @@ pub mod config;
 pub mod directory;
 pub mod errors;
 pub mod external;
+pub mod paging;
 pub mod runtime;
 pub mod server;
 pub mod tiers;

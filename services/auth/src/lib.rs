@@ -25,6 +25,7 @@ use tenantmesh_storage::{Condition, DynTable};
 use tenantmesh_tenant_context::config::{AUTH_PORT, CommonConfig, ConfigError, parse_var, var};
 use tenantmesh_tenant_context::directory::{RemoteDirectory, TenantDirectory};
 use tenantmesh_tenant_context::errors::Violations;
+use tenantmesh_tenant_context::paging;
 use tenantmesh_tenant_context::server::Authenticator;
 use tenantmesh_tenant_context::verify::TokenVerifier;
 use tenantmesh_tenant_context::{Claims, PLATFORM_TENANT, Role, TenantContext};
@@ -203,8 +204,6 @@ impl UserRecord {
         }
     }
 }
-
-const MAX_USER_PAGE: i32 = 1000;
 
 fn role_to_proto(r: Role) -> tenantmesh_proto::auth::v1::Role {
     use tenantmesh_proto::auth::v1::Role as P;
@@ -529,26 +528,8 @@ impl Auth for AuthService {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
-        let limit = match req.page_size {
-            0 => 100,
-            n @ 1..=MAX_USER_PAGE => n as usize,
-            _ => {
-                v.add("page_size", format!("must be between 0 and {MAX_USER_PAGE}"));
-                0
-            }
-        };
-        let start_after = if req.page_token.is_empty() {
-            None
-        } else {
-            let sk = URL_SAFE_NO_PAD.decode(&req.page_token).ok().and_then(|b| String::from_utf8(b).ok());
-            match sk.filter(|s| s.starts_with("user#")) {
-                Some(sk) => Some(sk),
-                None => {
-                    v.add("page_token", "is not a token from a previous response");
-                    None
-                }
-            }
-        };
+        let limit = paging::page_size(&mut v, req.page_size);
+        let start_after = paging::decode_token(&mut v, &req.page_token, "user#");
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
         let page = self
@@ -562,7 +543,7 @@ impl Auth for AuthService {
             let u: UserRecord = serde_json::from_slice(&item.data).map_err(|e| AuthError::Corrupt(e.to_string()))?;
             users.push(u.to_proto());
         }
-        let next_page_token = page.last_evaluated.map(|sk| URL_SAFE_NO_PAD.encode(sk)).unwrap_or_default();
+        let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
         Ok(Response::new(ListUsersResponse { users, next_page_token }))
     }
 

@@ -14,8 +14,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost::Message as _;
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::backend::StorageConfig;
@@ -25,6 +23,7 @@ use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
+use tenantmesh_tenant_context::paging;
 use tenantmesh_tenant_context::server::Authenticator;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -35,8 +34,6 @@ pub use error::DataError;
 pub const MAX_ITEM_BYTES: usize = 400 * 1024;
 const MAX_COLLECTION_LEN: usize = 64;
 const MAX_ID_LEN: usize = 256;
-const DEFAULT_PAGE_SIZE: usize = 100;
-const MAX_PAGE_SIZE: i32 = 1000;
 
 /// Data service settings.
 #[derive(Debug, Clone)]
@@ -94,26 +91,6 @@ fn decode_item(raw: &tenantmesh_storage::Item) -> Result<Item, DataError> {
     let mut item = Item::decode(raw.data.as_slice()).map_err(|e| DataError::Corrupt(e.to_string()))?;
     item.version = raw.version;
     Ok(item)
-}
-
-fn page_token(last_sk: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("i1:{last_sk}"))
-}
-
-/// The sort key to resume after; it must lie within the query's range, so a
-/// token cannot widen a query.
-fn parse_page_token(token: &str, sk_prefix: &str) -> Result<Option<String>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("i1:").map(str::to_owned))
-        .filter(|sk| sk.starts_with(sk_prefix))
-        .map(Some)
-        .ok_or_else(|| invalid_field("page_token", "is not a token from a previous response to this query"))
 }
 
 impl DataService {
@@ -206,20 +183,13 @@ impl Data for DataService {
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
         check_name(&mut v, "id_prefix", &req.id_prefix, MAX_ID_LEN, ID_EXTRA, false);
-        let limit = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n @ 1..=MAX_PAGE_SIZE => n as usize,
-            _ => {
-                v.add("page_size", format!("must be between 0 and {MAX_PAGE_SIZE}"));
-                0
-            }
-        };
-        v.check()?;
+        let limit = paging::page_size(&mut v, req.page_size);
         let sk_prefix = sort_key(&req.collection, &req.id_prefix);
-        let start_after = parse_page_token(&req.page_token, &sk_prefix)?;
+        let start_after = paging::decode_token(&mut v, &req.page_token, &sk_prefix);
+        v.check()?;
         let page = store.query(Query { pk: tenant, sk_prefix, start_after, limit }).await.map_err(DataError::from)?;
         let items = page.items.iter().map(decode_item).collect::<Result<Vec<_>, _>>()?;
-        let next_page_token = page.last_evaluated.as_deref().map(page_token).unwrap_or_default();
+        let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
         Ok(Response::new(QueryItemsResponse { items, next_page_token }))
     }
 }

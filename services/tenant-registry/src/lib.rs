@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use prost::Message as _;
 use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::registry::v1::tenant_registry_server::{TenantRegistry, TenantRegistryServer};
@@ -18,7 +17,8 @@ use tenantmesh_proto::registry::v1::*;
 use tenantmesh_storage::{Condition, DynTable, Query};
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, REGISTRY_PORT};
 use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
-use tenantmesh_tenant_context::errors::{Violations, invalid_field};
+use tenantmesh_tenant_context::errors::Violations;
+use tenantmesh_tenant_context::paging;
 use tenantmesh_tenant_context::server::Authenticator;
 use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
 use tenantmesh_tenant_context::{PLATFORM_TENANT, TenantContext, tiers};
@@ -30,8 +30,6 @@ pub use error::RegistryError;
 /// Partition holding every tenant record (sort key: tenant id).
 const TENANTS_PK: &str = "_tenants";
 const MAX_NAME_LEN: usize = 200;
-const DEFAULT_PAGE_SIZE: i32 = 100;
-const MAX_PAGE_SIZE: i32 = 1000;
 
 /// Registry settings (see [`CommonConfig`]).
 #[derive(Debug, Clone)]
@@ -161,32 +159,6 @@ impl TenantDirectory for Registry {
     }
 }
 
-fn encode_page_token(last: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("t1:{last}"))
-}
-
-fn decode_page_token(token: &str) -> Result<Option<String>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("t1:").map(str::to_owned))
-        .filter(|id| tenantmesh_tenant_context::validate_tenant_id(id).is_ok())
-        .map(Some)
-        .ok_or_else(|| invalid_field("page_token", "is not a token from a previous response"))
-}
-
-fn page_size(field: &str, size: i32) -> Result<usize, Status> {
-    match size {
-        0 => Ok(DEFAULT_PAGE_SIZE as usize),
-        1..=MAX_PAGE_SIZE => Ok(size as usize),
-        _ => Err(invalid_field(field, format!("must be between 0 and {MAX_PAGE_SIZE}"))),
-    }
-}
-
 fn check_name(v: &mut Violations, name: &str, required: bool) {
     if required {
         v.require("name", name);
@@ -257,8 +229,14 @@ impl TenantRegistry for Registry {
         request: Request<ListTenantsRequest>,
     ) -> Result<Response<ListTenantsResponse>, Status> {
         let req = request.into_inner();
-        let limit = page_size("page_size", req.page_size)?;
-        let start_after = decode_page_token(&req.page_token)?;
+        let mut v = Violations::new();
+        let limit = paging::page_size(&mut v, req.page_size);
+        // Sort keys here are tenant ids: a token must resume after one.
+        let start_after = paging::decode_token(&mut v, &req.page_token, "");
+        if start_after.as_deref().is_some_and(|id| tenantmesh_tenant_context::validate_tenant_id(id).is_err()) {
+            v.add("page_token", "is not a token from a previous response to this query");
+        }
+        v.check()?;
         let page = self
             .store
             .query(Query { pk: TENANTS_PK.into(), sk_prefix: String::new(), start_after, limit })
@@ -270,7 +248,7 @@ impl TenantRegistry for Registry {
             t.version = item.version;
             tenants.push(t);
         }
-        let next_page_token = page.last_evaluated.as_deref().map(encode_page_token).unwrap_or_default();
+        let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
         Ok(Response::new(ListTenantsResponse { tenants, next_page_token }))
     }
 
