@@ -152,11 +152,13 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn normalize_email(email: &str) -> String {
+/// The canonical form of an email (trimmed, lower-case) used as user key.
+pub fn normalize_email(email: &str) -> String {
     email.trim().to_ascii_lowercase()
 }
 
-fn check_email(v: &mut Violations, field: &str, email: &str) {
+/// Checks a normalized email address.
+pub fn check_email(v: &mut Violations, field: &str, email: &str) {
     if email.is_empty() {
         v.add(field, "is required");
     } else if email.len() > MAX_EMAIL_LEN

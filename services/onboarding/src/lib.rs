@@ -355,10 +355,8 @@ impl Onboarding for OnboardingService {
         if model.is_none() {
             v.add("tier", tiers::unknown_tier_message());
         }
-        let email = req.admin_email.trim().to_ascii_lowercase();
-        if !email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty()) || email.len() > 254 {
-            v.add("admin_email", "must be an email address such as admin@example.com");
-        }
+        let email = tenantmesh_auth::normalize_email(&req.admin_email);
+        tenantmesh_auth::check_email(&mut v, "admin_email", &email);
         tenantmesh_auth::check_password(&mut v, "admin_password", &req.admin_password);
         if req.idempotency_key.is_empty() || req.idempotency_key.len() > MAX_KEY_LEN {
             v.add("idempotency_key", format!("must be 1 to {MAX_KEY_LEN} bytes"));

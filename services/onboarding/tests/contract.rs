@@ -162,6 +162,8 @@ async fn validation_and_access() {
         ("name", Box::new(|r| r.name.clear())),
         ("tier", Box::new(|r| r.tier = "gold".into())),
         ("admin_email", Box::new(|r| r.admin_email = "nope".into())),
+        // Rejected up front, not by the auth step half-way through onboarding.
+        ("admin_email", Box::new(|r| r.admin_email = "a b@example.com".into())),
         ("admin_password", Box::new(|r| r.admin_password = "short".into())),
         ("idempotency_key", Box::new(|r| r.idempotency_key.clear())),
         ("idempotency_key", Box::new(|r| r.idempotency_key = "k".repeat(129))),
