@@ -4,6 +4,9 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+/// Longest tenant display name.
+pub const MAX_TENANT_NAME_LEN: usize = 200;
+
 /// Collects field violations of one request.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<FieldViolation>);
@@ -30,6 +33,18 @@ impl Violations {
     pub fn tenant_id(&mut self, field: &str, value: &str) -> &mut Self {
         if let Err(why) = crate::validate_tenant_id(value) {
             self.add(field, format!("{why} (pattern ^[a-z0-9][a-z0-9-]{{2,62}}$)"));
+        }
+        self
+    }
+
+    /// Adds a violation if `value` is too long for a tenant's display name
+    /// (or empty, when `required`).
+    pub fn tenant_name(&mut self, field: &str, value: &str, required: bool) -> &mut Self {
+        if required {
+            self.require(field, value);
+        }
+        if value.chars().count() > MAX_TENANT_NAME_LEN {
+            self.add(field, format!("must be at most {MAX_TENANT_NAME_LEN} characters"));
         }
         self
     }

@@ -39,7 +39,6 @@ use workflow::{Params, StepState, Workflow, WorkflowState};
 const WORKFLOWS_PK: &str = "_workflows";
 const IDEMPOTENCY_PK: &str = "_idempotency";
 const MAX_KEY_LEN: usize = 128;
-const MAX_NAME_LEN: usize = 200;
 /// Attempts of a step whose failure looks transient, before the workflow
 /// is marked FAILED.
 const STEP_ATTEMPTS: u32 = 4;
@@ -347,10 +346,7 @@ impl Onboarding for OnboardingService {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
-        v.require("name", &req.name);
-        if req.name.chars().count() > MAX_NAME_LEN {
-            v.add("name", format!("must be at most {MAX_NAME_LEN} characters"));
-        }
+        v.tenant_name("name", &req.name, true);
         let model = tiers::isolation_model(&req.tier);
         if model.is_none() {
             v.add("tier", tiers::unknown_tier_message());

@@ -29,7 +29,6 @@ pub use error::RegistryError;
 
 /// Partition holding every tenant record (sort key: tenant id).
 const TENANTS_PK: &str = "_tenants";
-const MAX_NAME_LEN: usize = 200;
 
 /// Registry settings (see [`CommonConfig`]).
 #[derive(Debug, Clone)]
@@ -159,15 +158,6 @@ impl TenantDirectory for Registry {
     }
 }
 
-fn check_name(v: &mut Violations, name: &str, required: bool) {
-    if required {
-        v.require("name", name);
-    }
-    if name.chars().count() > MAX_NAME_LEN {
-        v.add("name", format!("must be at most {MAX_NAME_LEN} characters"));
-    }
-}
-
 fn check_tier(v: &mut Violations, tier: &str) {
     if tiers::isolation_model(tier).is_none() {
         v.add("tier", tiers::unknown_tier_message());
@@ -183,7 +173,7 @@ impl TenantRegistry for Registry {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
-        check_name(&mut v, &req.name, true);
+        v.tenant_name("name", &req.name, true);
         check_tier(&mut v, &req.tier);
         let status = match TenantStatus::try_from(req.status) {
             Ok(TenantStatus::Unspecified) => TenantStatus::Provisioning,
@@ -259,7 +249,7 @@ impl TenantRegistry for Registry {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
-        check_name(&mut v, &req.name, false);
+        v.tenant_name("name", &req.name, false);
         if !req.tier.is_empty() {
             check_tier(&mut v, &req.tier);
         }
