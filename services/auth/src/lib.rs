@@ -394,7 +394,8 @@ impl Auth for AuthService {
         v.check()?;
         tracing::Span::current().record("tenant.id", req.tenant_id.as_str());
         let email = normalize_email(&req.email);
-        if let Some(wait) = lockout::remaining(&self.inner.store, &req.tenant_id, &email).await? {
+        let standing = lockout::standing(&self.inner.store, &req.tenant_id, &email).await?;
+        if let lockout::Standing::Locked(wait) = standing {
             return Err(AuthError::LockedOut(wait).into());
         }
         let user = self.get_user(&req.tenant_id, &email).await?;
@@ -414,7 +415,9 @@ impl Auth for AuthService {
                 return Err(AuthError::InvalidCredentials.into());
             }
         };
-        lockout::clear(&self.inner.store, &user.tenant_id, &email).await?;
+        if standing == lockout::Standing::Failed {
+            lockout::clear(&self.inner.store, &user.tenant_id, &email).await?;
+        }
         let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
         let refresh_token =
             refresh::start_family(&self.inner.store, &user.tenant_id, &user.user_id, &user.email).await?;

@@ -54,12 +54,23 @@ fn corrupt(e: serde_json::Error) -> AuthError {
     AuthError::Corrupt(format!("login failures: {e}"))
 }
 
-/// How long logins of (tenant, email) are still refused, if they are.
-pub async fn remaining(store: &DynTable, tenant: &str, email: &str) -> Result<Option<Duration>, AuthError> {
-    let Some(item) = store.get(tenant, &sk(email)).await? else { return Ok(None) };
+/// The failure record of (tenant, email) as a login finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// No failures counted: nothing to clear after a success.
+    Clean,
+    /// Failures counted, not locked now.
+    Failed,
+    /// Locked for this much longer.
+    Locked(Duration),
+}
+
+/// Where logins of (tenant, email) stand.
+pub async fn standing(store: &DynTable, tenant: &str, email: &str) -> Result<Standing, AuthError> {
+    let Some(item) = store.get(tenant, &sk(email)).await? else { return Ok(Standing::Clean) };
     let f: Failures = serde_json::from_slice(&item.data).map_err(corrupt)?;
     let left = f.locked_until_ms - now_ms();
-    Ok((left > 0).then(|| Duration::from_millis(left as u64)))
+    Ok(if left > 0 { Standing::Locked(Duration::from_millis(left as u64)) } else { Standing::Failed })
 }
 
 /// Counts a failed login, locking further attempts once past the free ones.
@@ -93,7 +104,7 @@ pub async fn record_failure(
     Err(AuthError::Internal("login failure counter kept conflicting".into()))
 }
 
-/// A successful login starts the count afresh.
+/// A successful login after failures starts the count afresh.
 pub async fn clear(store: &DynTable, tenant: &str, email: &str) -> Result<(), AuthError> {
     store.delete(tenant, &sk(email), Condition::None).await?;
     Ok(())
