@@ -98,10 +98,11 @@ impl StorageConfig {
     /// The data service's per-tenant stores over its pooled table `name`.
     pub async fn tenant_stores(&self, common: &CommonConfig, name: &str) -> Result<Arc<dyn TenantStores>, BoxError> {
         match self.backend {
-            Backend::Embedded => Ok(Arc::new(EmbeddedStores {
-                table: EmbeddedTable::open_shared(common.store_path(name)?)?,
-                placement: Placement::new("local", "000000000000", &self.table_name(name)),
-            })),
+            Backend::Embedded => Ok(Arc::new(EmbeddedStores::new(
+                EmbeddedTable::open_shared(common.store_path(name)?)?,
+                Placement::new("local", "000000000000", &self.table_name(name)),
+                TENANT_CACHE_CAPACITY,
+            ))),
             Backend::DynamoDb => {
                 let aws = self.aws().await;
                 let table = self.table_name(name);

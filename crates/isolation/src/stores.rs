@@ -21,16 +21,57 @@ pub trait TenantStores: Send + Sync + 'static {
     async fn store_for(&self, tenant_id: &str) -> Result<DynTable, PolicyError>;
 }
 
+/// Tenant stores built once and kept, up to `capacity` tenants; a tenant
+/// forgotten when full is rebuilt on its next request.
+struct TenantCache {
+    capacity: usize,
+    tables: Mutex<HashMap<String, DynTable>>,
+}
+
+impl TenantCache {
+    fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), tables: Mutex::new(HashMap::new()) }
+    }
+
+    fn get_or_build(
+        &self,
+        tenant_id: &str,
+        build: impl FnOnce() -> Result<DynTable, PolicyError>,
+    ) -> Result<DynTable, PolicyError> {
+        if let Some(t) = self.tables.lock().expect("tenant cache lock").get(tenant_id) {
+            return Ok(t.clone());
+        }
+        let table = build()?;
+        let mut tables = self.tables.lock().expect("tenant cache lock");
+        if tables.len() >= self.capacity
+            && let Some(k) = tables.keys().next().cloned()
+        {
+            tables.remove(&k);
+        }
+        Ok(tables.entry(tenant_id.to_owned()).or_insert(table).clone())
+    }
+}
+
 /// The embedded backend: one shared table, every call policy-checked.
 pub struct EmbeddedStores {
-    pub table: DynTable,
-    pub placement: Placement,
+    table: DynTable,
+    placement: Placement,
+    cache: TenantCache,
+}
+
+impl EmbeddedStores {
+    /// `capacity` bounds how many tenants' scoped views are kept.
+    pub fn new(table: DynTable, placement: Placement, capacity: usize) -> Self {
+        Self { table, placement, cache: TenantCache::new(capacity) }
+    }
 }
 
 #[async_trait]
 impl TenantStores for EmbeddedStores {
     async fn store_for(&self, tenant_id: &str) -> Result<DynTable, PolicyError> {
-        Ok(Arc::new(ScopedTable::new(self.table.clone(), tenant_id, &self.placement)?))
+        self.cache.get_or_build(tenant_id, || {
+            Ok(Arc::new(ScopedTable::new(self.table.clone(), tenant_id, &self.placement)?) as DynTable)
+        })
     }
 }
 
@@ -40,13 +81,14 @@ pub struct DynamoStores {
     aws: AwsSettings,
     vendor: Arc<CredentialVendor>,
     placement: Placement,
-    capacity: usize,
-    clients: Mutex<HashMap<String, DynTable>>,
+    /// One client per tenant; the vendor's credential cache still saves the
+    /// STS call when a forgotten tenant's client is rebuilt.
+    clients: TenantCache,
 }
 
 impl DynamoStores {
     pub fn new(aws: AwsSettings, vendor: Arc<CredentialVendor>, placement: Placement, capacity: usize) -> Self {
-        Self { aws, vendor, placement, capacity: capacity.max(1), clients: Mutex::new(HashMap::new()) }
+        Self { aws, vendor, placement, clients: TenantCache::new(capacity) }
     }
 
     /// A tenant's table without the client cache (tests use it to aim a
@@ -67,18 +109,27 @@ impl DynamoStores {
 #[async_trait]
 impl TenantStores for DynamoStores {
     async fn store_for(&self, tenant_id: &str) -> Result<DynTable, PolicyError> {
-        if let Some(t) = self.clients.lock().expect("clients lock").get(tenant_id) {
-            return Ok(t.clone());
+        self.clients.get_or_build(tenant_id, || self.build(tenant_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each tenant's view is built once, and the cache stays bounded.
+    #[tokio::test]
+    async fn tenant_views_are_built_once_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("t.redb")).unwrap();
+        let stores = EmbeddedStores::new(table, Placement::new("local", "000000000000", "data"), 2);
+        let a1 = stores.store_for("acme").await.unwrap();
+        let a2 = stores.store_for("acme").await.unwrap();
+        assert!(Arc::ptr_eq(&a1, &a2), "rebuilt on the second request");
+        for t in ["globex", "initech", "umbrella"] {
+            stores.store_for(t).await.unwrap();
         }
-        let table = self.build(tenant_id)?;
-        let mut clients = self.clients.lock().expect("clients lock");
-        if clients.len() >= self.capacity {
-            // Bounded: forget one client; its tenant's next request rebuilds
-            // it (the vendor's credential cache still saves the STS call).
-            if let Some(k) = clients.keys().next().cloned() {
-                clients.remove(&k);
-            }
-        }
-        Ok(clients.entry(tenant_id.to_owned()).or_insert(table).clone())
+        assert!(stores.cache.tables.lock().unwrap().len() <= 2);
+        assert!(matches!(stores.store_for("Bad*").await, Err(PolicyError::UnsafeTenantId(_))));
     }
 }
