@@ -126,13 +126,26 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
     let mut meters = None;
     if let Some(endpoint) = &config.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::MetricExporter::builder()
+        // The tonic exporters need a tokio reactor: the SDK's thread-based
+        // processors have none and panic, so both export on the tokio runtime.
+        let spans = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint.clone())
             .build()
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let metrics = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            spans,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
+        builder = builder.with_span_processor(processor);
         let reader = opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
-            exporter,
+            metrics,
             opentelemetry_sdk::runtime::Tokio,
         )
         .build();
@@ -140,22 +153,6 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
             opentelemetry_sdk::metrics::SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
         opentelemetry::global::set_meter_provider(provider.clone());
         meters = Some(provider);
-    }
-    if let Some(endpoint) = &config.otlp_endpoint {
-        use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-        // The tonic exporter needs a tokio reactor: the thread-based batch
-        // processor has none and panics, so export on the tokio runtime.
-        let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
-            exporter,
-            opentelemetry_sdk::runtime::Tokio,
-        )
-        .build();
-        builder = builder.with_span_processor(processor);
     }
     if let Some(exporter) = extra {
         builder = builder.with_simple_exporter(exporter);
