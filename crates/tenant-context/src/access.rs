@@ -21,7 +21,8 @@ const PLATFORM: &[Role] = &[PA, SVC];
 const USER_ADMIN: &[Role] = &[PA, TA, SVC];
 const ANY: &[Role] = &[PA, TA, TU, SVC];
 /// Tenant items are for the tenant's own users; a service identity never
-/// reads them.
+/// reads them through `Data` (the lifecycle workflows move them through
+/// `DataAdmin`, which no user or tenant token may call).
 const TENANT_DATA: &[Role] = &[PA, TA, TU];
 
 /// `(gRPC path, access)` for every RPC of every tenantmesh service.
@@ -42,12 +43,24 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.registry.v1.TenantRegistry/UpdateTenant", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/SetIdentityProvider", Access::Roles(PLATFORM)),
+    ("/tenantmesh.registry.v1.TenantRegistry/SetPlacement", Access::Roles(PLATFORM)),
+    ("/tenantmesh.registry.v1.TenantRegistry/SetTenantLimits", Access::Roles(PLATFORM)),
     ("/tenantmesh.onboarding.v1.Onboarding/RegisterTenant", Access::Roles(&[PA])),
     ("/tenantmesh.onboarding.v1.Onboarding/GetOnboardingStatus", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.onboarding.v1.Onboarding/GetWorkflow", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.onboarding.v1.Onboarding/RetryOnboarding", Access::Roles(&[PA])),
+    ("/tenantmesh.onboarding.v1.Onboarding/OffboardTenant", Access::Roles(&[PA])),
+    ("/tenantmesh.onboarding.v1.Onboarding/ChangeTier", Access::Roles(&[PA])),
+    ("/tenantmesh.onboarding.v1.Onboarding/WatchEvents", Access::Roles(&[PA, TA])),
     ("/tenantmesh.data.v1.Data/PutItem", Access::Roles(TENANT_DATA)),
     ("/tenantmesh.data.v1.Data/GetItem", Access::Roles(TENANT_DATA)),
     ("/tenantmesh.data.v1.Data/DeleteItem", Access::Roles(TENANT_DATA)),
     ("/tenantmesh.data.v1.Data/QueryItems", Access::Roles(TENANT_DATA)),
+    ("/tenantmesh.data.v1.DataAdmin/ProvisionStore", Access::Roles(&[SVC])),
+    ("/tenantmesh.data.v1.DataAdmin/DropStore", Access::Roles(&[SVC])),
+    ("/tenantmesh.data.v1.DataAdmin/ExportItems", Access::Roles(&[SVC])),
+    ("/tenantmesh.data.v1.DataAdmin/ImportItems", Access::Roles(&[SVC])),
+    ("/tenantmesh.data.v1.DataAdmin/PurgeItems", Access::Roles(&[SVC])),
 ];
 
 /// Infrastructure services reachable without a token.
@@ -84,8 +97,16 @@ mod tests {
     }
 
     #[test]
+    fn only_services_move_items_in_bulk() {
+        for (path, _) in TABLE.iter().filter(|(p, _)| p.starts_with("/tenantmesh.data.v1.DataAdmin/")) {
+            assert!(allows(path, &[Role::Service]), "{path}");
+            assert!(!allows(path, &[Role::PlatformAdmin, Role::TenantAdmin, Role::TenantUser]), "{path}");
+        }
+    }
+
+    #[test]
     fn services_never_read_tenant_items() {
-        for (path, _) in TABLE.iter().filter(|(p, _)| p.starts_with("/tenantmesh.data.")) {
+        for (path, _) in TABLE.iter().filter(|(p, _)| p.starts_with("/tenantmesh.data.v1.Data/")) {
             assert!(!allows(path, &[Role::Service]), "{path}");
             assert!(allows(path, &[Role::TenantUser]), "{path}");
         }

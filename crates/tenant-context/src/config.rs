@@ -35,6 +35,8 @@ pub struct CommonConfig {
     /// `TENANTMESH_SHUTDOWN_GRACE_MS` (default 10000): how long in-flight
     /// calls may run on after SIGTERM before the server stops anyway.
     pub shutdown_grace: std::time::Duration,
+    /// `TENANTMESH_TIERS_FILE`: the tiers TOML (default: the built-in one).
+    pub tiers: std::sync::Arc<crate::tiers::Tiers>,
 }
 
 pub const REGISTRY_PORT: u16 = 50051;
@@ -86,6 +88,11 @@ impl CommonConfig {
             audience: var(env, "TENANTMESH_TOKEN_AUDIENCE").unwrap_or(crate::DEFAULT_AUDIENCE).into(),
             tenant_cache_ttl: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_TENANT_CACHE_TTL_MS", 5000)?),
             shutdown_grace: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_SHUTDOWN_GRACE_MS", 10_000)?),
+            tiers: std::sync::Arc::new(match var(env, "TENANTMESH_TIERS_FILE") {
+                Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
+                    .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() })?,
+                None => crate::tiers::Tiers::default(),
+            }),
         })
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tenantmesh_proto::registry::v1::{
-    GetTenantRequest, IdentityProvider, TenantStatus, tenant_registry_client::TenantRegistryClient,
+    GetTenantRequest, IdentityProvider, Placement, Tenant, TenantStatus, tenant_registry_client::TenantRegistryClient,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -20,6 +20,19 @@ pub struct TenantInfo {
     pub status: TenantStatus,
     /// The external identity provider whose tokens the tenant accepts.
     pub identity_provider: Option<IdentityProvider>,
+    /// Where the tenant's items live.
+    pub placement: Option<Placement>,
+}
+
+impl From<Tenant> for TenantInfo {
+    fn from(t: Tenant) -> Self {
+        TenantInfo {
+            tier: t.tier,
+            status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
+            identity_provider: t.identity_provider,
+            placement: t.placement,
+        }
+    }
 }
 
 #[async_trait]
@@ -80,11 +93,7 @@ impl TenantDirectory for RemoteDirectory {
             req.metadata_mut().insert(crate::metadata::TRACEPARENT, v);
         }
         let info = match self.client.clone().get_tenant(req).await {
-            Ok(resp) => resp.into_inner().tenant.map(|t| TenantInfo {
-                tier: t.tier,
-                status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
-                identity_provider: t.identity_provider,
-            }),
+            Ok(resp) => resp.into_inner().tenant.map(TenantInfo::from),
             Err(s) if s.code() == Code::NotFound => None,
             Err(s) => {
                 tracing::warn!(tenant_id, code = ?s.code(), error = %s.message(), "tenant lookup failed");

@@ -84,7 +84,7 @@ pub struct Claims {
 }
 
 /// Who is calling, established from a verified token and nothing else.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TenantContext {
     pub tenant_id: String,
     /// The tenant's tier as recorded in the registry.
@@ -94,6 +94,11 @@ pub struct TenantContext {
     pub roles: Vec<Role>,
     /// The verified bearer token, forwarded on downstream calls.
     pub token: Arc<str>,
+    /// The tenant's status (ACTIVE, or MIGRATING while a tier change
+    /// moves its items: read-only).
+    pub status: tenantmesh_proto::registry::v1::TenantStatus,
+    /// Where the tenant's items live (`None`: the pooled table).
+    pub placement: Option<tenantmesh_proto::registry::v1::Placement>,
 }
 
 /// The future type of the tower services in this crate.
@@ -184,6 +189,7 @@ mod tests {
             subject: "u".into(),
             roles,
             token: "t".into(),
+            ..Default::default()
         };
         assert!(ctx("acme", vec![Role::TenantAdmin]).authorize_tenant("acme").is_ok());
         let denied = ctx("acme", vec![Role::TenantAdmin]).authorize_tenant("globex").unwrap_err();

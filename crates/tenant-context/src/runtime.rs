@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::server::NamedService;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -47,31 +48,48 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    serve_routes(listener, Routes::new(service), &[S::NAME], auth, grace, shutdown).await
+}
+
+/// [`serve`] for several services on one listener; `names` are theirs,
+/// for health and reflection.
+pub async fn serve_routes(
+    listener: TcpListener,
+    routes: Routes,
+    names: &[&'static str],
+    auth: Authenticator,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status(S::NAME, ServingStatus::Serving).await;
+    for name in names {
+        reporter.set_service_status(name, ServingStatus::Serving).await;
+    }
     // Reflection lists only what this server serves, not every contract.
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tenantmesh_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // google.rpc error details, so clients can decode BadRequest & co.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(S::NAME)
-            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.health.v1.Health");
+        for name in names {
+            b = b.with_service_name(*name);
+        }
+        b
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let addr = listener.local_addr().ok();
-    tracing::info!(service = S::NAME, addr = ?addr, "serving");
+    let service = names.first().copied().unwrap_or_default();
+    tracing::info!(service, addr = ?addr, "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let routes = routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
     let server = Server::builder()
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(crate::server::layer(auth))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(service)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
         });
@@ -80,14 +98,16 @@ where
         result = &mut server => return result.map_err(Into::into),
         () = shutdown => {}
     }
-    tracing::info!(service = S::NAME, "shutting down: draining in-flight calls");
-    reporter.set_service_status(S::NAME, ServingStatus::NotServing).await;
+    tracing::info!(service, "shutting down: draining in-flight calls");
+    for name in names {
+        reporter.set_service_status(name, ServingStatus::NotServing).await;
+    }
     reporter.set_service_status("", ServingStatus::NotServing).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(grace, server).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => {
-            tracing::warn!(service = S::NAME, grace = ?grace, "in-flight calls outlived the grace period");
+            tracing::warn!(service, grace = ?grace, "in-flight calls outlived the grace period");
             Ok(())
         }
     }

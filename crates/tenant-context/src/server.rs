@@ -93,7 +93,8 @@ impl Authenticator {
                 .ok_or_else(|| Status::permission_denied("tenant does not exist"))?,
         };
         match info.status {
-            TenantStatus::Active => {}
+            // Migrating tenants are read-only: the data service refuses their writes.
+            TenantStatus::Active | TenantStatus::Migrating => {}
             TenantStatus::Provisioning => {
                 return Err(Status::failed_precondition("tenant is still being onboarded"));
             }
@@ -113,6 +114,8 @@ impl Authenticator {
             subject: claims.sub,
             roles: claims.roles,
             token: Arc::from(token),
+            status: info.status,
+            placement: info.placement,
         })
     }
 }

@@ -1,21 +1,164 @@
-//! Tiers and the isolation model each maps to (the built-in default).
+//! Tiers: each tier's isolation model and limits, from a TOML file
+//! (`TENANTMESH_TIERS_FILE`) or the built-in default (`tiers.toml` in this
+//! crate: basic and standard pool, premium bridge, enterprise silo).
 
-use tenantmesh_proto::registry::v1::IsolationModel;
+use std::path::Path;
 
-/// Every known tier, cheapest first.
-pub const TIERS: &[&str] = &["basic", "standard", "premium", "enterprise"];
+use serde::Deserialize;
+use tenantmesh_proto::registry::v1::{IsolationModel, TenantLimits};
 
-/// The isolation model of `tier`, or `None` for an unknown tier.
-pub fn isolation_model(tier: &str) -> Option<IsolationModel> {
-    match tier {
-        "basic" | "standard" => Some(IsolationModel::Pool),
-        "premium" => Some(IsolationModel::Bridge),
-        "enterprise" => Some(IsolationModel::Silo),
-        _ => None,
+/// The built-in tiers file.
+pub const DEFAULT_TIERS_TOML: &str = include_str!("../tiers.toml");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Isolation {
+    Pool,
+    Bridge,
+    Silo,
+}
+
+/// One tier of the file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub name: String,
+    isolation: Isolation,
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub max_concurrency: u32,
+    pub storage_quota_bytes: u64,
+}
+
+impl Tier {
+    pub fn model(&self) -> IsolationModel {
+        match self.isolation {
+            Isolation::Pool => IsolationModel::Pool,
+            Isolation::Bridge => IsolationModel::Bridge,
+            Isolation::Silo => IsolationModel::Silo,
+        }
+    }
+
+    pub fn limits(&self) -> TenantLimits {
+        TenantLimits {
+            requests_per_second: self.requests_per_second,
+            burst: self.burst,
+            max_concurrency: self.max_concurrency,
+            storage_quota_bytes: self.storage_quota_bytes,
+        }
     }
 }
 
-/// A field violation message for an unknown tier.
-pub fn unknown_tier_message() -> String {
-    format!("must be one of {}", TIERS.join(", "))
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    tier: Vec<Tier>,
+}
+
+/// The tiers in effect, cheapest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tiers {
+    tiers: Vec<Tier>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("tiers file {source_name}: {message}")]
+pub struct TiersError {
+    pub source_name: String,
+    pub message: String,
+}
+
+impl Default for Tiers {
+    fn default() -> Self {
+        Self::parse(DEFAULT_TIERS_TOML, "(built in)").expect("the built-in tiers file is valid")
+    }
+}
+
+impl Tiers {
+    /// Reads and checks a tiers file.
+    pub fn load(path: &Path) -> Result<Self, TiersError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TiersError { source_name: path.display().to_string(), message: e.to_string() })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks tiers TOML; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, TiersError> {
+        let err = |message: String| TiersError { source_name: source_name.to_owned(), message };
+        let file: File = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        if file.tier.is_empty() {
+            return Err(err("defines no [[tier]]".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &file.tier {
+            let name_ok = (1..=32).contains(&t.name.len())
+                && t.name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+            if !name_ok {
+                return Err(err(format!("tier name {:?} must be 1-32 of a-z 0-9 -", t.name)));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(err(format!("tier {:?} is defined twice", t.name)));
+            }
+            if t.requests_per_second == 0 || t.burst == 0 || t.max_concurrency == 0 || t.storage_quota_bytes == 0 {
+                return Err(err(format!("tier {:?}: every limit must be above 0", t.name)));
+            }
+        }
+        Ok(Self { tiers: file.tier })
+    }
+
+    pub fn get(&self, tier: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|t| t.name == tier)
+    }
+
+    /// The isolation model of `tier`, or `None` for an unknown tier.
+    pub fn isolation_model(&self, tier: &str) -> Option<IsolationModel> {
+        self.get(tier).map(Tier::model)
+    }
+
+    /// A field violation message for an unknown tier.
+    pub fn unknown_tier_message(&self) -> String {
+        let names: Vec<&str> = self.tiers.iter().map(|t| t.name.as_str()).collect();
+        format!("must be one of {}", names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_maps_tiers_to_models() {
+        let t = Tiers::default();
+        assert_eq!(t.isolation_model("basic"), Some(IsolationModel::Pool));
+        assert_eq!(t.isolation_model("standard"), Some(IsolationModel::Pool));
+        assert_eq!(t.isolation_model("premium"), Some(IsolationModel::Bridge));
+        assert_eq!(t.isolation_model("enterprise"), Some(IsolationModel::Silo));
+        assert_eq!(t.isolation_model("gold"), None);
+        assert_eq!(t.unknown_tier_message(), "must be one of basic, standard, premium, enterprise");
+        assert_eq!(t.get("premium").unwrap().limits().requests_per_second, 200);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let one = |extra: &str| {
+            format!(
+                "[[tier]]\nname = \"gold\"\nisolation = \"silo\"\nrequests_per_second = 1\nburst = 1\n\
+                 max_concurrency = 1\nstorage_quota_bytes = 1\n{extra}"
+            )
+        };
+        let t = Tiers::parse(&one(""), "t.toml").unwrap();
+        assert_eq!(t.isolation_model("gold"), Some(IsolationModel::Silo));
+        for (text, expect) in [
+            ("".to_owned(), "missing field `tier`"),
+            ("tier = []".to_owned(), "defines no [[tier]]"),
+            (one("colour = \"red\""), "unknown field `colour`"),
+            (one("").replace("silo", "shared"), "unknown variant `shared`"),
+            (one("").replace("gold", "Gold!"), "must be 1-32 of a-z 0-9 -"),
+            (one("").replace("burst = 1", "burst = 0"), "every limit must be above 0"),
+            (format!("{}\n{}", one(""), one("")), "defined twice"),
+        ] {
+            let e = Tiers::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(e.starts_with("tiers file t.toml: ") && e.contains(expect), "{text:?}: {e}");
+        }
+    }
 }

@@ -13,6 +13,8 @@ pub enum RegistryError {
     VersionMismatch { expected: u64, current: u64 },
     #[error("tier change from {from} to {to} changes the isolation model")]
     ModelChange { from: String, to: String },
+    #[error("the placement's isolation model is not that of tier {tier}")]
+    PlacementMismatch { tier: String },
     #[error("corrupt tenant record: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -35,9 +37,10 @@ impl From<RegistryError> for Status {
             RegistryError::NotFound(id) => Status::not_found(format!("tenant {id} not found")),
             RegistryError::AlreadyExists(id) => Status::already_exists(format!("tenant {id} already exists")),
             e @ RegistryError::VersionMismatch { .. } => Status::aborted(e.to_string()),
-            e @ RegistryError::ModelChange { .. } => Status::failed_precondition(format!(
-                "{e}: moving between isolation models needs a tier-change workflow, which is not available yet"
-            )),
+            e @ RegistryError::ModelChange { .. } => {
+                Status::failed_precondition(format!("{e}: moving between isolation models is Onboarding.ChangeTier"))
+            }
+            e @ RegistryError::PlacementMismatch { .. } => Status::failed_precondition(e.to_string()),
             RegistryError::Corrupt(cause) => {
                 tracing::error!(cause, "corrupt tenant record");
                 Status::internal("internal error")

@@ -20,8 +20,9 @@ use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
 use tenantmesh_tenant_context::errors::Violations;
 use tenantmesh_tenant_context::paging;
 use tenantmesh_tenant_context::server::Authenticator;
+use tenantmesh_tenant_context::tiers::Tiers;
 use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
-use tenantmesh_tenant_context::{PLATFORM_TENANT, TenantContext, tiers};
+use tenantmesh_tenant_context::{PLATFORM_TENANT, TenantContext};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -49,6 +50,7 @@ pub struct Registry {
     store: DynTable,
     /// The platform's own token issuer, which no external provider may claim.
     own_issuer: String,
+    tiers: Arc<Tiers>,
 }
 
 fn now_secs() -> i64 {
@@ -56,8 +58,14 @@ fn now_secs() -> i64 {
 }
 
 impl Registry {
-    pub fn new(store: DynTable, own_issuer: impl Into<String>) -> Self {
-        Self { store, own_issuer: own_issuer.into() }
+    pub fn new(store: DynTable, own_issuer: impl Into<String>, tiers: Arc<Tiers>) -> Self {
+        Self { store, own_issuer: own_issuer.into(), tiers }
+    }
+
+    fn check_tier(&self, v: &mut Violations, tier: &str) {
+        if self.tiers.isolation_model(tier).is_none() {
+            v.add("tier", self.tiers.unknown_tier_message());
+        }
     }
 
     /// Reads one tenant (its `version` is the stored item's version).
@@ -134,6 +142,8 @@ impl Registry {
             update_time: now,
             version: 0,
             identity_provider: None,
+            placement: None,
+            limits: None,
         };
         match self.insert(tenant).await {
             Ok(_) => tracing::info!(tenant_id = PLATFORM_TENANT, "bootstrap: created the platform tenant"),
@@ -150,17 +160,29 @@ impl Registry {
 impl TenantDirectory for Registry {
     async fn lookup(&self, tenant_id: &str, _token: &str, _caller: Option<&str>) -> Result<Option<TenantInfo>, Status> {
         let tenant = self.get(tenant_id).await.map_err(Status::from)?;
-        Ok(tenant.map(|t| TenantInfo {
-            tier: t.tier,
-            status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
-            identity_provider: t.identity_provider,
-        }))
+        Ok(tenant.map(TenantInfo::from))
     }
 }
 
-fn check_tier(v: &mut Violations, tier: &str) {
-    if tiers::isolation_model(tier).is_none() {
-        v.add("tier", tiers::unknown_tier_message());
+/// Checks a placement against the tenant's `model`.
+fn check_placement(v: &mut Violations, placement: &Placement, model: Option<IsolationModel>) {
+    if model.is_some_and(|m| m as i32 != placement.model) {
+        v.add("placement.model", "must be the isolation model of the tier");
+    }
+    let table_ok = (3..=255).contains(&placement.table.len())
+        && placement.table.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
+    if !table_ok {
+        v.add("placement.table", "must be 3-255 of letters, digits, _ - .");
+    }
+    let silo = placement.model == IsolationModel::Silo as i32;
+    // A silo tenant's endpoint is empty until its instance is provisioned.
+    let url = placement.endpoint.starts_with("http://") || placement.endpoint.starts_with("https://");
+    if silo && !placement.endpoint.is_empty() && !url {
+        v.add("placement.endpoint", "must be an http:// or https:// URL");
+    } else if !silo && !placement.endpoint.is_empty() {
+        v.add("placement.endpoint", "only a silo tenant has its own endpoint");
+    } else if placement.endpoint.len() > 512 || placement.endpoint.chars().any(char::is_control) {
+        v.add("placement.endpoint", "must be at most 512 printable characters");
     }
 }
 
@@ -174,7 +196,10 @@ impl TenantRegistry for Registry {
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
         v.tenant_name("name", &req.name, true);
-        check_tier(&mut v, &req.tier);
+        self.check_tier(&mut v, &req.tier);
+        if let Some(p) = &req.placement {
+            check_placement(&mut v, p, self.tiers.isolation_model(&req.tier));
+        }
         let status = match TenantStatus::try_from(req.status) {
             Ok(TenantStatus::Unspecified) => TenantStatus::Provisioning,
             Ok(TenantStatus::Deleted) | Err(_) => {
@@ -184,7 +209,7 @@ impl TenantRegistry for Registry {
             Ok(s) => s,
         };
         v.check()?;
-        let model = tiers::isolation_model(&req.tier).expect("tier validated");
+        let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
         let now = now_secs();
         let tenant = self
             .insert(Tenant {
@@ -197,6 +222,8 @@ impl TenantRegistry for Registry {
                 update_time: now,
                 version: 0,
                 identity_provider: None,
+                placement: req.placement,
+                limits: None,
             })
             .await?;
         tracing::info!(created_tenant = %tenant.tenant_id, tier = %tenant.tier, "tenant created");
@@ -251,7 +278,7 @@ impl TenantRegistry for Registry {
         v.tenant_id("tenant_id", &req.tenant_id);
         v.tenant_name("name", &req.name, false);
         if !req.tier.is_empty() {
-            check_tier(&mut v, &req.tier);
+            self.check_tier(&mut v, &req.tier);
         }
         if req.name.is_empty() && req.tier.is_empty() {
             v.add("name", "name or tier must be set");
@@ -263,7 +290,7 @@ impl TenantRegistry for Registry {
                     t.name = req.name.clone();
                 }
                 if !req.tier.is_empty() && req.tier != t.tier {
-                    let model = tiers::isolation_model(&req.tier).expect("tier validated");
+                    let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
                     if model as i32 != t.isolation_model {
                         return Err(RegistryError::ModelChange { from: t.tier.clone(), to: req.tier.clone() });
                     }
@@ -347,6 +374,83 @@ impl TenantRegistry for Registry {
         );
         Ok(Response::new(SetIdentityProviderResponse { tenant: Some(tenant) }))
     }
+
+    async fn set_placement(
+        &self,
+        request: Request<SetPlacementRequest>,
+    ) -> Result<Response<SetPlacementResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        if !req.tier.is_empty() {
+            self.check_tier(&mut v, &req.tier);
+        }
+        match &req.placement {
+            Some(p) if req.tier.is_empty() => check_placement(&mut v, p, None),
+            Some(p) => check_placement(&mut v, p, self.tiers.isolation_model(&req.tier)),
+            None => {
+                v.add("placement", "is required");
+            }
+        }
+        let status = match TenantStatus::try_from(req.status) {
+            Ok(TenantStatus::Deleted) | Err(_) => {
+                v.add("status", "must not be DELETED (use SetTenantStatus)");
+                TenantStatus::Unspecified
+            }
+            Ok(s) => s,
+        };
+        v.check()?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(Status::failed_precondition("the platform tenant's placement is fixed"));
+        }
+        let placement = req.placement.expect("validated");
+        let tenant = self
+            .modify(&req.tenant_id, req.expected_version, |t| {
+                let tier = if req.tier.is_empty() { t.tier.clone() } else { req.tier.clone() };
+                let model = self.tiers.isolation_model(&tier);
+                if model.is_some_and(|m| m as i32 != placement.model) {
+                    return Err(RegistryError::PlacementMismatch { tier });
+                }
+                t.tier = tier;
+                t.isolation_model = placement.model;
+                t.placement = Some(placement.clone());
+                if status != TenantStatus::Unspecified {
+                    t.status = status as i32;
+                }
+                Ok(())
+            })
+            .await?;
+        tracing::info!(
+            target_tenant = %tenant.tenant_id,
+            tier = %tenant.tier,
+            table = %placement.table,
+            endpoint = %placement.endpoint,
+            "placement set"
+        );
+        Ok(Response::new(SetPlacementResponse { tenant: Some(tenant) }))
+    }
+
+    async fn set_tenant_limits(
+        &self,
+        request: Request<SetTenantLimitsRequest>,
+    ) -> Result<Response<SetTenantLimitsResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        if req.limits.is_none() {
+            v.add("limits", "is required");
+        }
+        v.check()?;
+        let limits = req.limits;
+        let tenant = self
+            .modify(&req.tenant_id, None, |t| {
+                t.limits = limits;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(target_tenant = %tenant.tenant_id, "limits set");
+        Ok(Response::new(SetTenantLimitsResponse { tenant: Some(tenant) }))
+    }
 }
 
 /// Opens the registry's table on the configured backend.
@@ -361,7 +465,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let registry = Registry::new(store, &config.common.issuer);
+    let registry = Registry::new(store, &config.common.issuer, config.common.tiers.clone());
     registry.bootstrap().await?;
     let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
     let verifier =

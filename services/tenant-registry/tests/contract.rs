@@ -6,7 +6,7 @@ use tenantmesh_test_support::*;
 use tonic::Code;
 
 fn create(id: &str, tier: &str) -> CreateTenantRequest {
-    CreateTenantRequest { tenant_id: id.into(), name: format!("Tenant {id}"), tier: tier.into(), status: 0 }
+    CreateTenantRequest { tenant_id: id.into(), name: format!("Tenant {id}"), tier: tier.into(), ..Default::default() }
 }
 
 /// A platform admin creates, reads, lists, updates and suspends tenants;
