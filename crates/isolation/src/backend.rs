@@ -99,8 +99,10 @@ impl StorageConfig {
     pub async fn tenant_stores(&self, common: &CommonConfig, name: &str) -> Result<Arc<dyn TenantStores>, BoxError> {
         match self.backend {
             Backend::Embedded => Ok(Arc::new(EmbeddedStores::new(
-                EmbeddedTable::open_shared(common.store_path(name)?)?,
-                Placement::new("local", "000000000000", &self.table_name(name)),
+                // Process-shared: a silo instance in the same process opens it too.
+                EmbeddedTable::open_process_shared(common.store_path(name)?)?,
+                &self.table_name(name),
+                common.data_dir.join("tables"),
                 TENANT_CACHE_CAPACITY,
             ))),
             Backend::DynamoDb => {

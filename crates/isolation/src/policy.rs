@@ -81,6 +81,8 @@ pub enum PolicyError {
     UnsafeTenantId(String),
     #[error("table name {0:?} is not a valid DynamoDB table name")]
     InvalidTable(String),
+    #[error("table {0:?} does not exist (not provisioned, or dropped)")]
+    NoSuchTable(String),
     #[error("session policy is {0} characters; STS allows {MAX_SESSION_POLICY_LEN}")]
     TooLong(usize),
     #[error("policy uses unsupported condition operator {0:?}")]

@@ -67,6 +67,11 @@ impl Table for ScopedTable {
         self.inner.get(pk, sk).await
     }
 
+    async fn restore(&self, item: Item) -> Result<()> {
+        self.check("dynamodb:PutItem", [item.pk.as_str()])?;
+        self.inner.restore(item).await
+    }
+
     async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
         self.check("dynamodb:PutItem", [pk])?;
         self.inner.put(pk, sk, data, condition).await

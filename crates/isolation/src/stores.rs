@@ -4,10 +4,11 @@
 //! the [`PolicyGuard`].
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use tenantmesh_storage::{DynTable, DynamoTable};
+use tenantmesh_storage::{DynTable, DynamoTable, EmbeddedTable, StorageError};
 
 use crate::aws::AwsSettings;
 use crate::guard::PolicyGuard;
@@ -15,17 +16,41 @@ use crate::policy::{Placement, PolicyError, render, tenant_policy};
 use crate::scoped::ScopedTable;
 use crate::vend::{CredentialVendor, TenantCredentials};
 
-/// Hands out tenant-confined tables.
+/// Hands out tenant-confined tables, in the pooled table or a tenant's
+/// dedicated one, and provisions and drops dedicated tables.
 #[async_trait]
 pub trait TenantStores: Send + Sync + 'static {
-    async fn store_for(&self, tenant_id: &str) -> Result<DynTable, PolicyError>;
+    /// `tenant_id`'s view of `table` (the pooled table or its dedicated one).
+    async fn store_for(&self, tenant_id: &str, table: &str) -> Result<DynTable, PolicyError>;
+
+    /// The pooled table's name.
+    fn pooled_table(&self) -> &str;
+
+    /// Creates the dedicated `table` of `tenant_id` (tagged with the tenant
+    /// and `tier`); `Ok(false)` when it already existed.
+    async fn provision(&self, tenant_id: &str, table: &str, tier: &str) -> Result<bool, StorageError>;
+
+    /// Deletes the dedicated `table`; `Ok(false)` when it did not exist.
+    async fn drop_table(&self, table: &str) -> Result<bool, StorageError>;
 }
 
-/// Tenant stores built once and kept, up to `capacity` tenants; a tenant
+/// The dedicated table of a tenant under an isolation model (`bridge`,
+/// `silo`): `<prefix>tenant-<tenant id>-<model>`.
+pub fn dedicated_table(prefix: &str, tenant_id: &str, model: &str) -> String {
+    format!("{prefix}tenant-{tenant_id}-{model}")
+}
+
+/// Whether `table` may hold `tenant_id`'s items: the pooled table or one of
+/// the tenant's own dedicated tables (never another service's table).
+pub fn table_allowed(stores: &dyn TenantStores, prefix: &str, tenant_id: &str, table: &str) -> bool {
+    table == stores.pooled_table() || ["bridge", "silo"].iter().any(|m| table == dedicated_table(prefix, tenant_id, m))
+}
+
+/// Tenant stores built once and kept, up to `capacity` entries; an entry
 /// forgotten when full is rebuilt on its next request.
 struct TenantCache {
     capacity: usize,
-    tables: Mutex<HashMap<String, DynTable>>,
+    tables: Mutex<HashMap<(String, String), DynTable>>,
 }
 
 impl TenantCache {
@@ -36,80 +61,171 @@ impl TenantCache {
     fn get_or_build(
         &self,
         tenant_id: &str,
+        table: &str,
         build: impl FnOnce() -> Result<DynTable, PolicyError>,
     ) -> Result<DynTable, PolicyError> {
-        if let Some(t) = self.tables.lock().expect("tenant cache lock").get(tenant_id) {
+        let key = (tenant_id.to_owned(), table.to_owned());
+        if let Some(t) = self.tables.lock().expect("tenant cache lock").get(&key) {
             return Ok(t.clone());
         }
-        let table = build()?;
+        let built = build()?;
         let mut tables = self.tables.lock().expect("tenant cache lock");
         if tables.len() >= self.capacity
             && let Some(k) = tables.keys().next().cloned()
         {
             tables.remove(&k);
         }
-        Ok(tables.entry(tenant_id.to_owned()).or_insert(table).clone())
+        Ok(tables.entry(key).or_insert(built).clone())
+    }
+
+    /// Forgets every view of `table`.
+    fn forget_table(&self, table: &str) {
+        self.tables.lock().expect("tenant cache lock").retain(|(_, t), _| t != table);
     }
 }
 
-/// The embedded backend: one shared table, every call policy-checked.
+/// The embedded backend: the pooled table plus one redb file per dedicated
+/// table under `<dir>`, every call policy-checked.
 pub struct EmbeddedStores {
-    table: DynTable,
-    placement: Placement,
+    pooled: DynTable,
+    pooled_name: String,
+    /// Where dedicated tables live (`<data dir>/tables/<table>.redb`).
+    dir: PathBuf,
     cache: TenantCache,
 }
 
 impl EmbeddedStores {
     /// `capacity` bounds how many tenants' scoped views are kept.
-    pub fn new(table: DynTable, placement: Placement, capacity: usize) -> Self {
-        Self { table, placement, cache: TenantCache::new(capacity) }
+    pub fn new(pooled: DynTable, pooled_name: &str, dir: PathBuf, capacity: usize) -> Self {
+        Self { pooled, pooled_name: pooled_name.to_owned(), dir, cache: TenantCache::new(capacity) }
     }
+
+    fn path(&self, table: &str) -> Result<PathBuf, StorageError> {
+        let ok = !table.is_empty()
+            && table.len() <= 255
+            && table.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+            && !table.starts_with('.');
+        if !ok {
+            return Err(StorageError::Invalid(format!("table name {table:?}")));
+        }
+        Ok(self.dir.join(format!("{table}.redb")))
+    }
+}
+
+fn local_placement(table: &str) -> Placement {
+    Placement::new("local", "000000000000", table)
 }
 
 #[async_trait]
 impl TenantStores for EmbeddedStores {
-    async fn store_for(&self, tenant_id: &str) -> Result<DynTable, PolicyError> {
-        self.cache.get_or_build(tenant_id, || {
-            Ok(Arc::new(ScopedTable::new(self.table.clone(), tenant_id, &self.placement)?) as DynTable)
+    async fn store_for(&self, tenant_id: &str, table: &str) -> Result<DynTable, PolicyError> {
+        self.cache.get_or_build(tenant_id, table, || {
+            let inner = if table == self.pooled_name {
+                self.pooled.clone()
+            } else {
+                let path = self.path(table).map_err(|_| PolicyError::InvalidTable(table.to_owned()))?;
+                if !path.exists() {
+                    // Never create a dedicated table by using it: that is provisioning's job.
+                    return Err(PolicyError::NoSuchTable(table.to_owned()));
+                }
+                EmbeddedTable::open_process_shared(&path).map_err(|_| PolicyError::NoSuchTable(table.to_owned()))?
+            };
+            Ok(Arc::new(ScopedTable::new(inner, tenant_id, &local_placement(table))?) as DynTable)
         })
+    }
+
+    fn pooled_table(&self) -> &str {
+        &self.pooled_name
+    }
+
+    async fn provision(&self, tenant_id: &str, table: &str, tier: &str) -> Result<bool, StorageError> {
+        let path = self.path(table)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        tenantmesh_tenant_context::config::ensure_private_dir(&self.dir)
+            .map_err(|e| StorageError::Backend(e.to_string()))?;
+        // Created under a temporary name and renamed: a crash leaves no half-made table.
+        let tmp = self.dir.join(format!(".{table}.{}.tmp", std::process::id()));
+        drop(EmbeddedTable::open(&tmp)?);
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::Backend(e.to_string()))?;
+        tracing::info!(table, tenant_id, tier, "provisioned a dedicated embedded table");
+        Ok(true)
+    }
+
+    async fn drop_table(&self, table: &str) -> Result<bool, StorageError> {
+        let path = self.path(table)?;
+        self.cache.forget_table(table);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(table, "dropped a dedicated embedded table");
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StorageError::Backend(e.to_string())),
+        }
     }
 }
 
-/// DynamoDB: one client per tenant (bounded cache), built on vended
-/// credentials and guarded.
+/// DynamoDB: one client per (tenant, table) (bounded cache), built on
+/// vended credentials and guarded.
 pub struct DynamoStores {
     aws: AwsSettings,
     vendor: Arc<CredentialVendor>,
-    placement: Placement,
-    /// One client per tenant; the vendor's credential cache still saves the
-    /// STS call when a forgotten tenant's client is rebuilt.
+    region: String,
+    account: String,
+    pooled_name: String,
+    /// One client per (tenant, table); the vendor's credential cache still
+    /// saves the STS call when a forgotten client is rebuilt.
     clients: TenantCache,
 }
 
 impl DynamoStores {
-    pub fn new(aws: AwsSettings, vendor: Arc<CredentialVendor>, placement: Placement, capacity: usize) -> Self {
-        Self { aws, vendor, placement, clients: TenantCache::new(capacity) }
+    pub fn new(aws: AwsSettings, vendor: Arc<CredentialVendor>, pooled: Placement, capacity: usize) -> Self {
+        Self {
+            aws,
+            vendor,
+            region: pooled.region,
+            account: pooled.account,
+            pooled_name: pooled.table,
+            clients: TenantCache::new(capacity),
+        }
     }
 
     /// A tenant's table without the client cache (tests use it to aim a
     /// scoped client at any key).
-    pub fn build(&self, tenant_id: &str) -> Result<DynTable, PolicyError> {
-        let policy = Arc::new(tenant_policy(tenant_id, &self.placement)?);
+    pub fn build(&self, tenant_id: &str, table: &str) -> Result<DynTable, PolicyError> {
+        let placement = Placement::new(&self.region, &self.account, table);
+        let policy = Arc::new(tenant_policy(tenant_id, &placement)?);
         let credentials = TenantCredentials {
             vendor: self.vendor.clone(),
             tenant_id: tenant_id.to_owned(),
             policy: Arc::from(render(&policy)?),
         };
-        let guard = PolicyGuard::new(tenant_id, policy, self.placement.clone());
+        let guard = PolicyGuard::new(tenant_id, policy, placement.clone());
         let config = self.aws.dynamodb_config().credentials_provider(credentials).interceptor(guard).build();
-        Ok(Arc::new(DynamoTable::new(aws_sdk_dynamodb::Client::from_conf(config), &self.placement.table)))
+        Ok(Arc::new(DynamoTable::new(aws_sdk_dynamodb::Client::from_conf(config), &placement.table)))
     }
 }
 
 #[async_trait]
 impl TenantStores for DynamoStores {
-    async fn store_for(&self, tenant_id: &str) -> Result<DynTable, PolicyError> {
-        self.clients.get_or_build(tenant_id, || self.build(tenant_id))
+    async fn store_for(&self, tenant_id: &str, table: &str) -> Result<DynTable, PolicyError> {
+        self.clients.get_or_build(tenant_id, table, || self.build(tenant_id, table))
+    }
+
+    fn pooled_table(&self) -> &str {
+        &self.pooled_name
+    }
+
+    async fn provision(&self, tenant_id: &str, table: &str, tier: &str) -> Result<bool, StorageError> {
+        let tags = [("tenantId", tenant_id), ("tier", tier)];
+        DynamoTable::provision_table(&self.aws.dynamodb(), table, &tags).await
+    }
+
+    async fn drop_table(&self, table: &str) -> Result<bool, StorageError> {
+        self.clients.forget_table(table);
+        DynamoTable::drop_table(&self.aws.dynamodb(), table).await
     }
 }
 
@@ -117,19 +233,34 @@ impl TenantStores for DynamoStores {
 mod tests {
     use super::*;
 
-    /// Each tenant's view is built once, and the cache stays bounded.
+    /// Each tenant's view is built once, the cache stays bounded, and
+    /// dedicated tables exist only once provisioned.
     #[tokio::test]
     async fn tenant_views_are_built_once_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let table = tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("t.redb")).unwrap();
-        let stores = EmbeddedStores::new(table, Placement::new("local", "000000000000", "data"), 2);
-        let a1 = stores.store_for("acme").await.unwrap();
-        let a2 = stores.store_for("acme").await.unwrap();
+        let stores = EmbeddedStores::new(table, "data", dir.path().join("tables"), 2);
+        let a1 = stores.store_for("acme", "data").await.unwrap();
+        let a2 = stores.store_for("acme", "data").await.unwrap();
         assert!(Arc::ptr_eq(&a1, &a2), "rebuilt on the second request");
         for t in ["globex", "initech", "umbrella"] {
-            stores.store_for(t).await.unwrap();
+            stores.store_for(t, "data").await.unwrap();
         }
         assert!(stores.cache.tables.lock().unwrap().len() <= 2);
-        assert!(matches!(stores.store_for("Bad*").await, Err(PolicyError::UnsafeTenantId(_))));
+        assert!(matches!(stores.store_for("Bad*", "data").await, Err(PolicyError::UnsafeTenantId(_))));
+
+        let own = dedicated_table("tm-", "acme", "bridge");
+        assert!(matches!(stores.store_for("acme", &own).await, Err(PolicyError::NoSuchTable(_))));
+        assert!(stores.provision("acme", &own, "premium").await.unwrap());
+        assert!(!stores.provision("acme", &own, "premium").await.unwrap(), "provisioned twice");
+        let t = stores.store_for("acme", &own).await.unwrap();
+        t.put("acme", "notes#1", b"x".to_vec(), tenantmesh_storage::Condition::None).await.unwrap();
+        // Policy-confined in the dedicated table too.
+        let err = t.put("globex", "notes#1", b"x".to_vec(), tenantmesh_storage::Condition::None).await.unwrap_err();
+        assert!(matches!(err, StorageError::AccessDenied { .. }), "{err:?}");
+        assert!(stores.drop_table(&own).await.unwrap());
+        assert!(!stores.drop_table(&own).await.unwrap());
+        assert!(matches!(stores.store_for("acme", &own).await, Err(PolicyError::NoSuchTable(_))));
+        assert!(stores.provision("acme", "../etc", "premium").await.is_err());
     }
 }

@@ -12,6 +12,21 @@ pub async fn run_all(table: &dyn Table) {
     partitions_do_not_leak(table).await;
     transactions_are_all_or_nothing(table).await;
     empty_keys_are_invalid(table).await;
+    restore_keeps_versions(table).await;
+}
+
+pub async fn restore_keeps_versions(t: &dyn Table) {
+    let item =
+        |version, data: &[u8]| crate::Item { pk: "c-restore".into(), sk: "k".into(), version, data: data.into() };
+    t.restore(item(7, b"seven")).await.unwrap();
+    t.restore(item(7, b"seven")).await.unwrap();
+    let got = t.get("c-restore", "k").await.unwrap().unwrap();
+    assert_eq!((got.version, got.data.as_slice()), (7, b"seven".as_slice()));
+    // Versions go on from the restored one.
+    let next = t.put("c-restore", "k", b"eight".to_vec(), Condition::Version(7)).await.unwrap();
+    assert_eq!(next.version, 8);
+    t.restore(item(3, b"three")).await.unwrap();
+    assert_eq!(t.get("c-restore", "k").await.unwrap().unwrap().version, 3);
 }
 
 pub async fn put_get_and_versions(t: &dyn Table) {

@@ -124,7 +124,54 @@ impl DynamoTable {
 
     /// Creates the table (pk/sk strings, on-demand) if it does not exist,
     /// and waits until it is ACTIVE.
+    /// Creates a tenant's dedicated table, tagged with `tags`, and turns
+    /// point-in-time recovery on, once it is ACTIVE; `Ok(false)` when it
+    /// already existed (its recovery setting is still made sure of).
+    pub async fn provision_table(client: &Client, table: &str, tags: &[(&str, &str)]) -> Result<bool> {
+        let tags = tags
+            .iter()
+            .map(|(k, v)| aws_sdk_dynamodb::types::Tag::builder().key(*k).value(*v).build().map_err(backend))
+            .collect::<Result<Vec<_>>>()?;
+        let created = Self::create_and_wait(client, table, Some(tags)).await?;
+        client
+            .update_continuous_backups()
+            .table_name(table)
+            .point_in_time_recovery_specification(
+                aws_sdk_dynamodb::types::PointInTimeRecoverySpecification::builder()
+                    .point_in_time_recovery_enabled(true)
+                    .build()
+                    .map_err(backend)?,
+            )
+            .send()
+            .await
+            .map_err(|e| map_err(e, || backend("update continuous backups")))?;
+        if created {
+            tracing::info!(table, "provisioned a dedicated dynamodb table (tagged, point-in-time recovery on)");
+        }
+        Ok(created)
+    }
+
+    /// Deletes `table`; `Ok(false)` when it did not exist.
+    pub async fn drop_table(client: &Client, table: &str) -> Result<bool> {
+        match client.delete_table().table_name(table).send().await {
+            Ok(_) => {
+                tracing::info!(table, "dropped a dedicated dynamodb table");
+                Ok(true)
+            }
+            Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(false),
+            Err(e) => Err(map_err(e, || backend("delete table"))),
+        }
+    }
+
     pub async fn ensure_table(client: &Client, table: &str) -> Result<()> {
+        Self::create_and_wait(client, table, None).await.map(drop)
+    }
+
+    async fn create_and_wait(
+        client: &Client,
+        table: &str,
+        tags: Option<Vec<aws_sdk_dynamodb::types::Tag>>,
+    ) -> Result<bool> {
         let created = client
             .create_table()
             .table_name(table)
@@ -149,13 +196,17 @@ impl DynamoTable {
                     .build()
                     .map_err(backend)?,
             )
+            .set_tags(tags)
             .send()
             .await;
-        match created {
-            Ok(_) => tracing::info!(table, "created dynamodb table"),
-            Err(e) if e.code() == Some("ResourceInUseException") => {}
+        let fresh = match created {
+            Ok(_) => {
+                tracing::info!(table, "created dynamodb table");
+                true
+            }
+            Err(e) if e.code() == Some("ResourceInUseException") => false,
             Err(e) => return Err(map_err(e, || StorageError::Backend("create table".into()))),
-        }
+        };
         for _ in 0..120 {
             let d = client
                 .describe_table()
@@ -164,7 +215,7 @@ impl DynamoTable {
                 .await
                 .map_err(|e| map_err(e, || backend("describe")))?;
             if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-                return Ok(());
+                return Ok(fresh);
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
@@ -197,6 +248,24 @@ fn backend(e: impl std::fmt::Display) -> StorageError {
 
 #[async_trait]
 impl Table for DynamoTable {
+    async fn restore(&self, item: Item) -> Result<()> {
+        check_key(&item.pk, &item.sk)?;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(&item.pk, &item.sk)))
+            .update_expression("SET d = :d, v = :v")
+            .expression_attribute_values(":d", AttributeValue::B(Blob::new(item.data)))
+            .expression_attribute_values(":v", AttributeValue::N(item.version.to_string()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.write_error(e, &item.pk, &item.sk).await),
+        }
+    }
+
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
         check_key(pk, sk)?;
         let out = self

@@ -73,6 +73,26 @@ impl EmbeddedTable {
         Ok(Arc::new(Self::open(path)?))
     }
 
+    /// The table at `path`, shared by everyone in this process who opens
+    /// it this way while one handle is alive (a redb file can be open once
+    /// per process: a silo data-service instance and the shared one both
+    /// reach a dedicated table, in `tenantmesh up`).
+    pub fn open_process_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock, Weak};
+        static OPEN: OnceLock<Mutex<HashMap<std::path::PathBuf, Weak<Database>>>> = OnceLock::new();
+        let path = path.as_ref();
+        let key = std::path::absolute(path).map_err(backend)?;
+        let mut open = OPEN.get_or_init(Default::default).lock().expect("open tables lock");
+        if let Some(db) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(Arc::new(Self { db }));
+        }
+        open.retain(|_, db| db.strong_count() > 0);
+        let table = Self::open(path)?;
+        open.insert(key, Arc::downgrade(&table.db));
+        Ok(Arc::new(table))
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -87,6 +107,21 @@ impl EmbeddedTable {
 
 #[async_trait]
 impl Table for EmbeddedTable {
+    async fn restore(&self, item: Item) -> Result<()> {
+        check_key(&item.pk, &item.sk)?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut table = txn.open_table(ITEMS).map_err(backend)?;
+                table
+                    .insert((item.pk.as_str(), item.sk.as_str()), encode(item.version, &item.data).as_slice())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
         check_key(pk, sk)?;
         let (pk, sk) = (pk.to_owned(), sk.to_owned());

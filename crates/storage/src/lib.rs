@@ -141,6 +141,10 @@ pub trait Table: Send + Sync + 'static {
 
     /// Applies all writes atomically, or none if any condition fails.
     async fn transact_write(&self, writes: Vec<Write>) -> Result<()>;
+
+    /// Writes `item` as it is, version included, replacing any item under
+    /// its key: how a copy of a table keeps its items' versions. Idempotent.
+    async fn restore(&self, item: Item) -> Result<()>;
 }
 
 pub type DynTable = Arc<dyn Table>;
