@@ -6,8 +6,19 @@
 //! session policy (checked locally on the embedded backend; vended STS
 //! credentials plus a request guard on DynamoDB), so even a bug here cannot
 //! reach another tenant's partition.
+//!
+//! Placement: a pool tenant's items are in the pooled table; a bridge
+//! tenant's in its dedicated table; a silo tenant's in its dedicated table
+//! behind its own data-service instance (`TENANTMESH_SILO_TENANT`), to which
+//! this service forwards the tenant's calls with their context (same token,
+//! same trace). While a tier change moves a tenant (status MIGRATING),
+//! reads are served and writes are UNAVAILABLE with RetryInfo.
+//!
+//! [`DataAdminService`] is the lifecycle side, for the onboarding workflows
+//! only: provision and drop dedicated tables, export, import and purge.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod error;
 
 use std::collections::HashMap;
@@ -17,10 +28,14 @@ use std::sync::Arc;
 use prost::Message as _;
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::backend::StorageConfig;
+use tenantmesh_proto::data::v1::data_admin_server::DataAdminServer;
+use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
 use tenantmesh_proto::data::v1::*;
+use tenantmesh_proto::registry::v1::TenantStatus;
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
+use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel};
 use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_tenant_context::errors::{Violations, invalid_field};
 use tenantmesh_tenant_context::paging;
@@ -40,19 +55,46 @@ const MAX_ID_LEN: usize = 256;
 pub struct Config {
     pub common: CommonConfig,
     pub storage: StorageConfig,
+    /// `TENANTMESH_SILO_TENANT`: this instance is that silo tenant's
+    /// dedicated data service and serves no other tenant.
+    pub silo_tenant: Option<String>,
 }
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Ok(Self { common: CommonConfig::from_env(env, DATA_PORT)?, storage: StorageConfig::from_env(env)? })
+        let silo_tenant = tenantmesh_tenant_context::config::var(env, "TENANTMESH_SILO_TENANT").map(str::to_owned);
+        if let Some(t) = &silo_tenant
+            && let Err(e) = tenantmesh_tenant_context::validate_tenant_id(t)
+        {
+            return Err(ConfigError { var: "TENANTMESH_SILO_TENANT", message: e.into() });
+        }
+        Ok(Self {
+            common: CommonConfig::from_env(env, DATA_PORT)?,
+            storage: StorageConfig::from_env(env)?,
+            silo_tenant,
+        })
     }
 }
 
-/// The data service's state: tenant-confined views of its pooled table.
+/// The data service's state: tenant-confined views of its tables, and
+/// clients of silo tenants' instances.
 #[derive(Clone)]
 pub struct DataService {
     stores: Arc<dyn TenantStores>,
+    table_prefix: String,
+    silo_tenant: Option<String>,
+    silos: Arc<std::sync::Mutex<HashMap<String, DataClient<PropagatedChannel>>>>,
 }
+
+/// Where a tenant's call is served.
+enum Route {
+    Local { tenant: String, store: DynTable },
+    Forward(DataClient<PropagatedChannel>),
+}
+
+/// How long a client should wait before retrying a write refused while
+/// its tenant is being moved.
+const MIGRATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
@@ -94,25 +136,99 @@ fn decode_item(raw: &tenantmesh_storage::Item) -> Result<Item, DataError> {
 }
 
 impl DataService {
-    pub fn new(stores: Arc<dyn TenantStores>) -> Self {
-        Self { stores }
+    /// `silo_tenant`: serve only that tenant (a silo instance).
+    pub fn new(stores: Arc<dyn TenantStores>, table_prefix: &str, silo_tenant: Option<String>) -> Self {
+        Self { stores, table_prefix: table_prefix.to_owned(), silo_tenant, silos: Default::default() }
     }
 
-    /// The store as the calling tenant may see it.
-    async fn scoped<T>(&self, request: &Request<T>) -> Result<(String, DynTable), Status> {
-        let tenant = TenantContext::from_request(request)?.tenant_id.clone();
-        let table = self.stores.store_for(&tenant).await.map_err(|e| {
-            tracing::error!(error = %e, "cannot build the tenant's session policy");
+    /// Where the calling tenant's request is served: here, on the store
+    /// the tenant may see, or at its silo instance. `write`: refused while
+    /// the tenant is being moved.
+    async fn route<T>(&self, request: &Request<T>, write: bool) -> Result<Route, Status> {
+        let ctx = TenantContext::from_request(request)?;
+        let tenant = ctx.tenant_id.clone();
+        if write && ctx.status == TenantStatus::Migrating {
+            use tonic_types::{ErrorDetails, StatusExt};
+            return Err(Status::with_error_details(
+                tonic::Code::Unavailable,
+                "the tenant is changing tier: writes are paused for a moment, reads go on; retry",
+                ErrorDetails::with_retry_info(Some(MIGRATION_RETRY)),
+            ));
+        }
+        let placement = ctx.placement.clone().unwrap_or_default();
+        match &self.silo_tenant {
+            Some(silo) if *silo != tenant => {
+                tracing::warn!(security_event = "wrong_silo", silo = %silo, "refused another tenant's call");
+                return Err(Status::permission_denied("this data-service instance serves another tenant only"));
+            }
+            Some(_) => {}
+            None if !placement.endpoint.is_empty() => {
+                return Ok(Route::Forward(self.silo_client(&placement.endpoint)?));
+            }
+            None => {}
+        }
+        let table = if placement.table.is_empty() { self.stores.pooled_table().to_owned() } else { placement.table };
+        Ok(Route::Local { store: self.store(&tenant, &table).await?, tenant })
+    }
+
+    /// `tenant`'s view of `table`, if the table may hold its items.
+    async fn store(&self, tenant: &str, table: &str) -> Result<DynTable, Status> {
+        if !tenantmesh_isolation::stores::table_allowed(self.stores.as_ref(), &self.table_prefix, tenant, table) {
+            tracing::error!(
+                security_event = "foreign_table",
+                table,
+                "a placement names a table the tenant may not use"
+            );
+            return Err(Status::permission_denied("the tenant's placement names a table it may not use"));
+        }
+        self.stores.store_for(tenant, table).await.map_err(|e| match e {
+            tenantmesh_isolation::PolicyError::NoSuchTable(_) => {
+                tracing::error!(error = %e, table, "the tenant's table is missing");
+                Status::failed_precondition("the tenant's table does not exist")
+            }
+            e => {
+                tracing::error!(error = %e, "cannot build the tenant's session policy");
+                Status::internal("internal error")
+            }
+        })
+    }
+
+    /// A client of a silo tenant's instance that sends the caller's own
+    /// context (token, tenant, trace).
+    fn silo_client(&self, endpoint: &str) -> Result<DataClient<PropagatedChannel>, Status> {
+        let mut silos = self.silos.lock().expect("silo clients lock");
+        if let Some(c) = silos.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let channel = client::channel(endpoint).map_err(|e| {
+            tracing::error!(endpoint, error = %e, "bad silo endpoint");
             Status::internal("internal error")
         })?;
-        Ok((tenant, table))
+        let c = DataClient::new(client::wrap(channel, Identity::Caller));
+        if silos.len() >= 1024 {
+            silos.clear();
+        }
+        silos.insert(endpoint.to_owned(), c.clone());
+        Ok(c)
     }
+}
+
+/// A forwarded call's answer; an unreachable silo is UNAVAILABLE.
+fn forwarded<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+    result.inspect_err(|s| {
+        if s.code() == tonic::Code::Unavailable {
+            tracing::warn!(error = %s.message(), "the tenant's silo instance is unreachable");
+        }
+    })
 }
 
 #[tonic::async_trait]
 impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
-        let (tenant, store) = self.scoped(&request).await?;
+        let (tenant, store) = match self.route(&request, true).await? {
+            Route::Local { tenant, store } => (tenant, store),
+            Route::Forward(mut c) => return forwarded(c.put_item(request.into_inner()).await),
+        };
         let req = request.into_inner();
         let mut v = item_key(&req.collection, &req.id);
         let mut item = Item {
@@ -144,7 +260,10 @@ impl Data for DataService {
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
-        let (tenant, store) = self.scoped(&request).await?;
+        let (tenant, store) = match self.route(&request, false).await? {
+            Route::Local { tenant, store } => (tenant, store),
+            Route::Forward(mut c) => return forwarded(c.get_item(request.into_inner()).await),
+        };
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
         let raw = store
@@ -156,7 +275,10 @@ impl Data for DataService {
     }
 
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
-        let (tenant, store) = self.scoped(&request).await?;
+        let (tenant, store) = match self.route(&request, true).await? {
+            Route::Local { tenant, store } => (tenant, store),
+            Route::Forward(mut c) => return forwarded(c.delete_item(request.into_inner()).await),
+        };
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
         let condition = match req.expected_version {
@@ -178,7 +300,10 @@ impl Data for DataService {
     }
 
     async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
-        let (tenant, store) = self.scoped(&request).await?;
+        let (tenant, store) = match self.route(&request, false).await? {
+            Route::Local { tenant, store } => (tenant, store),
+            Route::Forward(mut c) => return forwarded(c.query_items(request.into_inner()).await),
+        };
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);
@@ -200,7 +325,8 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn TenantStores>, Box<dy
     config.storage.tenant_stores(&config.common, "data").await
 }
 
-/// Runs the data service on `listener` until `shutdown` completes.
+/// Runs the data service (and its DataAdmin) on `listener` until
+/// `shutdown` completes.
 pub async fn serve(
     config: Config,
     stores: Arc<dyn TenantStores>,
@@ -208,9 +334,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let authn = Authenticator::remote(&config.common)?;
-    tenantmesh_tenant_context::runtime::serve(
+    if let Some(t) = &config.silo_tenant {
+        tracing::info!(silo_tenant = %t, "serving as a silo tenant's dedicated data service");
+    }
+    let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone());
+    let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone());
+    let routes = tonic::service::Routes::new(DataServer::new(data)).add_service(DataAdminServer::new(admin));
+    tenantmesh_tenant_context::runtime::serve_routes(
         listener,
-        DataServer::new(DataService::new(stores)),
+        routes,
+        &[
+            <DataServer<DataService> as tonic::server::NamedService>::NAME,
+            <DataAdminServer<admin::DataAdminService> as tonic::server::NamedService>::NAME,
+        ],
         authn,
         config.common.shutdown_grace,
         shutdown,
