@@ -5,12 +5,12 @@ use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnboardingError {
-    #[error("no onboarding workflow for tenant {0}")]
+    #[error("no workflow {0}")]
     NotFound(String),
     #[error("tenant {0} is already registered")]
     TenantTaken(String),
-    #[error("onboarding step {step} failed: {reason}")]
-    StepFailed { step: &'static str, reason: String, retryable: bool },
+    #[error("workflow {0} is being run by another instance")]
+    Superseded(String),
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("internal: {0}")]
@@ -24,11 +24,7 @@ impl From<OnboardingError> for Status {
         match e {
             e @ OnboardingError::NotFound(_) => Status::not_found(e.to_string()),
             e @ OnboardingError::TenantTaken(_) => Status::already_exists(e.to_string()),
-            OnboardingError::StepFailed { step, reason, retryable } => {
-                let msg =
-                    format!("onboarding step {step} failed: {reason}; retry with the same idempotency_key to resume");
-                if retryable { Status::unavailable(msg) } else { Status::failed_precondition(msg) }
-            }
+            e @ OnboardingError::Superseded(_) => Status::aborted(e.to_string()),
             OnboardingError::Corrupt(cause) | OnboardingError::Internal(cause) => {
                 tracing::error!(cause, "onboarding internal error");
                 Status::internal("internal error")
@@ -49,12 +45,10 @@ mod tests {
 
     #[test]
     fn errors_map_to_codes() {
-        let step = |retryable| OnboardingError::StepFailed { step: "create_tenant", reason: "x".into(), retryable };
         let cases = [
             (OnboardingError::NotFound("a".into()), Code::NotFound),
             (OnboardingError::TenantTaken("a".into()), Code::AlreadyExists),
-            (step(true), Code::Unavailable),
-            (step(false), Code::FailedPrecondition),
+            (OnboardingError::Superseded("a/onboard".into()), Code::Aborted),
             (OnboardingError::Internal("x".into()), Code::Internal),
             (OnboardingError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
         ];

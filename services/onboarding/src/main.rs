@@ -10,5 +10,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = tenantmesh_onboarding::Config::from_env(&env)?;
     let store = tenantmesh_onboarding::open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr).await?;
-    tenantmesh_onboarding::serve(config, store, listener, shutdown_signal()).await
+    tenantmesh_onboarding::serve(config, store, listener, None, shutdown_signal()).await
 }

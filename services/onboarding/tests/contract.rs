@@ -3,7 +3,9 @@
 
 use tenantmesh_proto::auth::v1::Role;
 use tenantmesh_proto::onboarding::v1::*;
-use tenantmesh_proto::registry::v1::{CreateTenantRequest, GetTenantRequest, ListTenantsRequest, TenantStatus};
+use tenantmesh_proto::registry::v1::{
+    CreateTenantRequest, GetTenantRequest, IsolationModel, ListTenantsRequest, TenantStatus,
+};
 use tenantmesh_test_support::*;
 use tonic::Code;
 
@@ -34,11 +36,21 @@ async fn register_is_idempotent() {
     let mut onb = mesh.onboarding();
     for _ in 0..3 {
         let r = onb.register_tenant(authed(register(&id, "key-1"), &admin)).await.unwrap().into_inner();
-        assert_eq!((r.tenant_id.as_str(), r.status), (id.as_str(), WorkflowStatus::Succeeded as i32));
+        assert_eq!((r.tenant_id.as_str(), r.workflow_id.as_str()), (id.as_str(), format!("{id}/onboard").as_str()));
+        assert_ne!(r.status, WorkflowStatus::Failed as i32);
     }
+    let wf = mesh.wait_workflow(&format!("{id}/onboard")).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    let r = onb.register_tenant(authed(register(&id, "key-1"), &admin)).await.unwrap().into_inner();
+    assert_eq!(r.status, WorkflowStatus::Succeeded as i32);
     assert_eq!(count_tenants(&mesh, &admin, &id).await, 1);
     let t = mesh.registry().get_tenant(authed(GetTenantRequest { tenant_id: id.clone() }, &admin)).await.unwrap();
-    assert_eq!(t.into_inner().tenant.unwrap().status, TenantStatus::Active as i32);
+    let t = t.into_inner().tenant.unwrap();
+    assert_eq!(t.status, TenantStatus::Active as i32);
+    // The tier's limits and the pooled placement are recorded.
+    assert_eq!(t.limits.unwrap().requests_per_second, 10);
+    let placement = t.placement.unwrap();
+    assert_eq!((placement.model, placement.endpoint.as_str()), (IsolationModel::Pool as i32, ""));
     let token = mesh.login(&id, &format!("admin@{id}.example"), "admin-password-123").await.unwrap();
 
     let status = onb
@@ -49,7 +61,16 @@ async fn register_is_idempotent() {
     assert_eq!(status.status, WorkflowStatus::Succeeded as i32);
     let steps: Vec<(&str, i32, u32)> = status.steps.iter().map(|s| (s.name.as_str(), s.state, s.attempts)).collect();
     let done = StepState::Done as i32;
-    assert_eq!(steps, vec![("create_tenant", done, 1), ("create_admin_user", done, 1), ("activate_tenant", done, 1)]);
+    assert_eq!(
+        steps,
+        vec![
+            ("create_tenant", done, 1),
+            ("provision_storage", done, 1),
+            ("create_admin_user", done, 1),
+            ("apply_limits", done, 1),
+            ("activate_tenant", done, 1)
+        ]
+    );
 
     // Same key, different request: refused. Another key for the same tenant: taken.
     let mut changed = register(&id, "key-1");
@@ -71,13 +92,18 @@ async fn rerun_after_partial_progress_adopts_its_own_record() {
     let req = register(&id, "k");
     mesh.registry()
         .create_tenant(authed(
-            CreateTenantRequest { tenant_id: id.clone(), name: req.name.clone(), tier: req.tier.clone(), status: 0 },
+            CreateTenantRequest {
+                tenant_id: id.clone(),
+                name: req.name.clone(),
+                tier: req.tier.clone(),
+                ..Default::default()
+            },
             &admin,
         ))
         .await
         .unwrap();
-    let r = mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap().into_inner();
-    assert_eq!(r.status, WorkflowStatus::Succeeded as i32);
+    mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap();
+    assert_eq!(mesh.wait_workflow(&format!("{id}/onboard")).await.status, WorkflowStatus::Succeeded as i32);
     assert_eq!(count_tenants(&mesh, &admin, &id).await, 1);
     mesh.login(&id, &format!("admin@{id}.example"), "admin-password-123").await.unwrap();
     mesh.shutdown().await;
@@ -92,13 +118,20 @@ async fn foreign_tenant_fails_with_a_visible_reason() {
     let id = unique_tenant("taken");
     mesh.registry()
         .create_tenant(authed(
-            CreateTenantRequest { tenant_id: id.clone(), name: "Someone else".into(), tier: "basic".into(), status: 0 },
+            CreateTenantRequest {
+                tenant_id: id.clone(),
+                name: "Someone else".into(),
+                tier: "basic".into(),
+                ..Default::default()
+            },
             &admin,
         ))
         .await
         .unwrap();
     let mut onb = mesh.onboarding();
-    expect_code(onb.register_tenant(authed(register(&id, "k"), &admin)).await, Code::FailedPrecondition);
+    onb.register_tenant(authed(register(&id, "k"), &admin)).await.unwrap();
+    let wf = mesh.wait_workflow(&format!("{id}/onboard")).await;
+    assert!(wf.error.starts_with("create_tenant: ") && wf.error.contains("already exists"), "{wf:?}");
     let status = onb
         .get_onboarding_status(authed(GetOnboardingStatusRequest { tenant_id: id.clone() }, &admin))
         .await
@@ -115,7 +148,7 @@ async fn foreign_tenant_fails_with_a_visible_reason() {
 /// A workflow left RUNNING by a crash is resumed when the service starts.
 #[tokio::test]
 async fn unfinished_workflows_resume_on_start() {
-    use tenantmesh_onboarding::workflow::{Params, Workflow};
+    use tenantmesh_onboarding::workflow::{Kind, Params, Spot, Workflow, onboard_steps};
     use tenantmesh_storage::Condition;
 
     let mesh = TestMesh::start().await;
@@ -131,8 +164,11 @@ async fn unfinished_workflows_resume_on_start() {
             admin_email: "admin@resumed.example".into(),
         };
         let hash = tenantmesh_auth::password::hash("resumed-password", tenantmesh_auth::HashParams::default()).unwrap();
-        let wf = Workflow::new(params, hash, "k".into(), 0);
-        store.put("_workflows", &id, serde_json::to_vec(&wf).unwrap(), Condition::NotExists).await.unwrap();
+        let to = Spot { model: "pool".into(), table: state.table_name("data"), endpoint: String::new() };
+        let mut wf = Workflow::new(format!("{id}/onboard"), Kind::Onboard, params, &onboard_steps(&to), 0);
+        wf.admin_password_hash = hash;
+        wf.to = to;
+        store.put("_workflows", &wf.id, serde_json::to_vec(&wf).unwrap(), Condition::NotExists).await.unwrap();
     }
     let mesh = TestMesh::start_on(state).await;
     let admin = mesh.admin_token().await;
@@ -146,8 +182,7 @@ async fn unfinished_workflows_resume_on_start() {
     mesh.shutdown().await;
 }
 
-/// Bad requests name the field; non-pool tiers are UNIMPLEMENTED for now;
-/// only platform admins onboard, and tenant admins see only their own status.
+/// Bad requests name the field; only platform admins onboard, and tenant admins see only their own status.
 #[tokio::test]
 async fn validation_and_access() {
     let mesh = TestMesh::start().await;
@@ -173,9 +208,6 @@ async fn validation_and_access() {
         mutate(&mut req);
         expect_invalid(onb.register_tenant(authed(req, &admin)).await, field);
     }
-    let mut premium = register(&id, "k");
-    premium.tier = "premium".into();
-    expect_code(onb.register_tenant(authed(premium, &admin)).await, Code::Unimplemented);
 
     expect_code(onb.register_tenant(authed(register(&id, "k"), &a.token)).await, Code::PermissionDenied);
     expect_code(onb.register_tenant(register(&id, "k")).await, Code::Unauthenticated);

@@ -1,0 +1,42 @@
+//! Compute for silo tenants: a dedicated data-service instance per tenant.
+//! Under `tenantmesh up` the CLI runs them in-process; elsewhere (compose,
+//! Kubernetes) the deployment runs them and the endpoint comes from
+//! `TENANTMESH_SILO_ENDPOINT_TEMPLATE` (`{tenant}` is replaced by the id).
+
+use async_trait::async_trait;
+
+#[async_trait]
+pub trait SiloCompute: Send + Sync + 'static {
+    /// Makes sure the tenant's instance runs; its gRPC endpoint. Idempotent.
+    async fn provision(&self, tenant_id: &str) -> Result<String, String>;
+    /// Stops and forgets the tenant's instance. Idempotent.
+    async fn deprovision(&self, tenant_id: &str) -> Result<(), String>;
+}
+
+/// Endpoints from a template; the instances are the deployment's job.
+pub struct EndpointTemplate(pub String);
+
+#[async_trait]
+impl SiloCompute for EndpointTemplate {
+    async fn provision(&self, tenant_id: &str) -> Result<String, String> {
+        Ok(self.0.replace("{tenant}", tenant_id))
+    }
+
+    async fn deprovision(&self, _tenant_id: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// No silo compute configured: onboarding a silo tenant fails with the reason.
+pub struct Unconfigured;
+
+#[async_trait]
+impl SiloCompute for Unconfigured {
+    async fn provision(&self, _tenant_id: &str) -> Result<String, String> {
+        Err("no silo compute is configured: set TENANTMESH_SILO_ENDPOINT_TEMPLATE, or run under `tenantmesh up`".into())
+    }
+
+    async fn deprovision(&self, _tenant_id: &str) -> Result<(), String> {
+        Ok(())
+    }
+}

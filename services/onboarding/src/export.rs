@@ -1,0 +1,75 @@
+//! The JSONL export of a tenant's items: one JSON object per line,
+//! `{"collection", "id", "version", "update_time_ms", "attributes"}`,
+//! written to a temporary file, synced and renamed into place.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use prost::Message as _;
+use prost_types::value::Kind;
+use tenantmesh_proto::data::v1::{Item, StoredItem};
+
+fn value(v: &prost_types::Value) -> serde_json::Value {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n).map_or(serde_json::Value::Null, Into::into),
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        Some(Kind::StructValue(s)) => object(s),
+        Some(Kind::ListValue(l)) => l.values.iter().map(value).collect(),
+    }
+}
+
+fn object(s: &prost_types::Struct) -> serde_json::Value {
+    s.fields.iter().map(|(k, v)| (k.clone(), value(v))).collect::<serde_json::Map<_, _>>().into()
+}
+
+/// One export line of a stored item.
+pub fn line(item: &StoredItem) -> Result<String, String> {
+    let decoded = Item::decode(item.data.as_slice()).map_err(|e| format!("item {}: {e}", item.sort_key))?;
+    let json = serde_json::json!({
+        "collection": decoded.collection,
+        "id": decoded.id,
+        "version": item.version,
+        "update_time_ms": decoded.update_time_ms,
+        "attributes": decoded.attributes.as_ref().map_or(serde_json::Value::Null, object),
+    });
+    Ok(json.to_string())
+}
+
+/// Writes `lines` to `path` atomically (temporary file, fsync, rename).
+pub fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    tenantmesh_tenant_context::config::ensure_private_dir(dir)?;
+    let tmp = path.with_extension("jsonl.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        for l in lines {
+            f.write_all(l.as_bytes())?;
+            f.write_all(b"\n")?;
+        }
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_carry_the_item_as_json() {
+        let mut attrs = prost_types::Struct::default();
+        attrs.fields.insert("n".into(), prost_types::Value { kind: Some(Kind::NumberValue(2.0)) });
+        attrs.fields.insert("s".into(), prost_types::Value { kind: Some(Kind::StringValue("x".into())) });
+        let item = Item { collection: "notes".into(), id: "1".into(), attributes: Some(attrs), ..Default::default() };
+        let stored = StoredItem { sort_key: "notes#1".into(), version: 3, data: item.encode_to_vec() };
+        let v: serde_json::Value = serde_json::from_str(&line(&stored).unwrap()).unwrap();
+        assert_eq!(v["collection"], "notes");
+        assert_eq!(v["version"], 3);
+        assert_eq!(v["attributes"]["n"], 2.0);
+        assert_eq!(v["attributes"]["s"], "x");
+        assert!(line(&StoredItem { data: vec![0xff], ..stored }).is_err());
+    }
+}
