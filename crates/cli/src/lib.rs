@@ -3,9 +3,12 @@
 //! would be. Used by `tenantmesh up` and by the test harness.
 #![forbid(unsafe_code)]
 
+pub mod silos;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -51,6 +54,8 @@ pub struct Mesh {
     pub storage: String,
     stop: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, Result<(), BoxError>)>,
+    /// Silo tenants' data-service instances.
+    silos: Arc<silos::InProcessSilos>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +102,7 @@ impl Mesh {
         env.insert("TENANTMESH_DATA_DIR".into(), options.data_dir.display().to_string());
         env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://{}", addrs.registry));
         env.insert("TENANTMESH_AUTH_URL".into(), format!("http://{}", addrs.auth));
+        env.insert("TENANTMESH_DATA_URL".into(), format!("http://{}", addrs.data));
         // The onboarding service's client credentials live only in this process.
         let client_id = env.get("TENANTMESH_SERVICE_CLIENT_ID").cloned().unwrap_or_else(|| "onboarding".into());
         let secret = env.get("TENANTMESH_SERVICE_CLIENT_SECRET").cloned().unwrap_or_else(random_secret);
@@ -125,6 +131,8 @@ impl Mesh {
             tenantmesh_onboarding::open_store(&onboarding_cfg).await.map_err(open_err("onboarding"))?;
         let data_store = tenantmesh_data::open_store(&data_cfg).await.map_err(open_err("data"))?;
 
+        let silos = Arc::new(silos::InProcessSilos::new(host, env.clone(), options.data_dir.clone()));
+        let compute: Arc<dyn tenantmesh_onboarding::compute::SiloCompute> = silos.clone();
         let (stop, stopped) = watch::channel(false);
         let signal = move || {
             let mut rx = stopped.clone();
@@ -141,13 +149,17 @@ impl Mesh {
         tasks.spawn(async move { ("auth", tenantmesh_auth::serve(auth_cfg, auth_store, auth_l, sig).await) });
         let sig = signal();
         tasks.spawn(async move {
-            ("onboarding", tenantmesh_onboarding::serve(onboarding_cfg, onboarding_store, onboarding_l, sig).await)
+            (
+                "onboarding",
+                tenantmesh_onboarding::serve(onboarding_cfg, onboarding_store, onboarding_l, Some(compute), sig).await,
+            )
         });
         let sig = signal();
         tasks.spawn(async move { ("data", tenantmesh_data::serve(data_cfg, data_store, data_l, sig).await) });
 
         let storage = env.get("TENANTMESH_STORAGE").cloned().unwrap_or_else(|| "embedded".into());
-        let mut mesh = Mesh { addrs, data_dir: options.data_dir, storage, stop, tasks };
+        let mut mesh = Mesh { addrs, data_dir: options.data_dir, storage, stop, tasks, silos };
+        let mesh_silos = mesh.silos.clone();
         let ready = async {
             for (service, addr) in [
                 ("tenant-registry", addrs.registry),
@@ -156,6 +168,10 @@ impl Mesh {
                 ("data", addrs.data),
             ] {
                 wait_serving(service, addr).await?;
+            }
+            let restored = mesh_silos.restore().await;
+            if restored > 0 {
+                tracing::info!(restored, "silo data-service instances restarted");
             }
             Ok::<(), MeshError>(())
         };
@@ -191,6 +207,7 @@ impl Mesh {
     /// Stops every service (health NOT_SERVING, in-flight calls drained).
     pub async fn shutdown(mut self) -> Result<(), MeshError> {
         let _ = self.stop.send(true);
+        self.silos.shutdown().await;
         let mut first_error = None;
         while let Some(joined) = self.tasks.join_next().await {
             let err = match joined {

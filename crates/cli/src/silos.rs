@@ -1,0 +1,120 @@
+//! Silo tenants' dedicated data-service instances, run in this process
+//! under `tenantmesh up`: each on its own port, recorded in
+//! `<data dir>/silos.json` so it comes back on the same port (the endpoint
+//! the registry records) after a restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tenantmesh_onboarding::compute::SiloCompute;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+struct Instance {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+pub struct InProcessSilos {
+    host: IpAddr,
+    env: HashMap<String, String>,
+    file: PathBuf,
+    running: Mutex<HashMap<String, Instance>>,
+}
+
+impl InProcessSilos {
+    /// `env`: the mesh's settings (data dir, registry and auth URLs, storage).
+    pub fn new(host: IpAddr, env: HashMap<String, String>, data_dir: PathBuf) -> Self {
+        Self { host, env, file: data_dir.join("silos.json"), running: Mutex::new(HashMap::new()) }
+    }
+
+    fn recorded(&self) -> BTreeMap<String, u16> {
+        std::fs::read(&self.file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn record(&self, ports: &BTreeMap<String, u16>) -> Result<(), String> {
+        let tmp = self.file.with_extension("json.tmp");
+        let data = serde_json::to_vec_pretty(ports).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &self.file)).map_err(|e| e.to_string())
+    }
+
+    /// Starts every recorded silo instance again; returns how many.
+    pub async fn restore(&self) -> usize {
+        let recorded = self.recorded();
+        for tenant in recorded.keys() {
+            if let Err(e) = self.provision(tenant).await {
+                tracing::error!(silo_tenant = %tenant, error = %e, "could not restart a silo instance");
+            }
+        }
+        recorded.len()
+    }
+
+    /// Stops every instance (the mesh is shutting down); they stay recorded.
+    pub async fn shutdown(&self) {
+        let instances: Vec<Instance> = self.running.lock().await.drain().map(|(_, i)| i).collect();
+        for i in instances {
+            let _ = i.stop.send(true);
+            let _ = i.task.await;
+        }
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> String {
+        let host = if addr.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]) } else { addr.ip() };
+        format!("http://{}", SocketAddr::new(host, addr.port()))
+    }
+}
+
+#[async_trait]
+impl SiloCompute for InProcessSilos {
+    async fn provision(&self, tenant_id: &str) -> Result<String, String> {
+        let mut running = self.running.lock().await;
+        if let Some(i) = running.get(tenant_id) {
+            return Ok(self.endpoint(i.addr));
+        }
+        let mut ports = self.recorded();
+        let port = ports.get(tenant_id).copied().unwrap_or(0);
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(self.host, port))
+            .await
+            .map_err(|e| format!("silo instance of {tenant_id}: cannot listen on port {port}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let mut env = self.env.clone();
+        env.insert("TENANTMESH_LISTEN_ADDR".into(), addr.to_string());
+        env.insert("TENANTMESH_SILO_TENANT".into(), tenant_id.to_owned());
+        let config = tenantmesh_data::Config::from_env(&env).map_err(|e| e.to_string())?;
+        let stores = tenantmesh_data::open_store(&config).await.map_err(|e| e.to_string())?;
+        let (stop, stopped) = watch::channel(false);
+        let tenant = tenant_id.to_owned();
+        let task = tokio::spawn(async move {
+            let mut rx = stopped;
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = tenantmesh_data::serve(config, stores, listener, shutdown).await {
+                tracing::error!(silo_tenant = %tenant, error = %e, "silo instance stopped");
+            }
+        });
+        crate::wait_serving("silo data service", addr).await.map_err(|e| e.to_string())?;
+        ports.insert(tenant_id.to_owned(), addr.port());
+        self.record(&ports)?;
+        running.insert(tenant_id.to_owned(), Instance { addr, stop, task });
+        tracing::info!(silo_tenant = tenant_id, %addr, "silo data-service instance running");
+        Ok(self.endpoint(addr))
+    }
+
+    async fn deprovision(&self, tenant_id: &str) -> Result<(), String> {
+        let instance = self.running.lock().await.remove(tenant_id);
+        if let Some(i) = instance {
+            let _ = i.stop.send(true);
+            let _ = i.task.await;
+        }
+        let mut ports = self.recorded();
+        if ports.remove(tenant_id).is_some() {
+            self.record(&ports)?;
+        }
+        tracing::info!(silo_tenant = tenant_id, "silo data-service instance removed");
+        Ok(())
+    }
+}
