@@ -196,7 +196,12 @@ async fn other_tenants_named_in_headers_or_bodies_are_refused() {
         (
             "CreateTenant",
             reg.create_tenant(authed(
-                CreateTenantRequest { tenant_id: b.clone(), name: "x".into(), tier: "basic".into(), status: 0 },
+                CreateTenantRequest {
+                    tenant_id: b.clone(),
+                    name: "x".into(),
+                    tier: "basic".into(),
+                    ..Default::default()
+                },
                 &a.token,
             ))
             .await

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
-use tenantmesh_proto::onboarding::v1::RegisterTenantRequest;
+use tenantmesh_proto::onboarding::v1::{GetWorkflowRequest, RegisterTenantRequest, WorkflowStatus};
 use tenantmesh_test_support::*;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -143,6 +143,17 @@ async fn compose_environment_wires_the_services() {
         ))
         .await
         .unwrap();
+    // Onboarding runs on after RegisterTenant returns.
+    let workflow = format!("{tenant}/onboard");
+    for _ in 0..400 {
+        let req = authed(GetWorkflowRequest { workflow_id: workflow.clone() }, &admin);
+        let wf = onboarding.get_workflow(req).await.unwrap().into_inner().workflow.unwrap();
+        if wf.status == WorkflowStatus::Succeeded as i32 {
+            break;
+        }
+        assert_eq!(wf.status, WorkflowStatus::Running as i32, "{wf:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     let token = auth
         .login(login(&tenant, "admin@compose.example", "compose-password"))
         .await

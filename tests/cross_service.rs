@@ -78,6 +78,7 @@ async fn client_layer_propagates_or_fails_closed() {
         subject: "test".into(),
         roles: vec![tenantmesh_tenant_context::Role::TenantAdmin],
         token: acme.token.clone().into(),
+        ..Default::default()
     };
     // Inside the context the call carries acme's token: NOT_FOUND, not UNAUTHENTICATED.
     expect_code(ctx.scope(data.get_item(get())).await, Code::NotFound);

@@ -43,7 +43,7 @@ async fn guard_refuses_another_tenants_key_on_dynamodb() {
 
     let vendor = Arc::new(CredentialVendor::new(aws.sts(), "arn:aws:iam::123456789012:role/tenant-access", 100));
     let stores = DynamoStores::new(aws.clone(), vendor, Placement::new("us-east-1", "123456789012", "pool"), 100);
-    let acme = stores.build("acme").unwrap();
+    let acme = stores.build("acme", "pool").unwrap();
 
     denied(acme.get("globex", "notes#1").await);
     denied(acme.put("globex", "notes#1", b"overwrite".to_vec(), Condition::None).await);
@@ -64,6 +64,45 @@ async fn guard_refuses_another_tenants_key_on_dynamodb() {
     acme.put("acme", "notes#1", b"mine".to_vec(), Condition::NotExists).await.unwrap();
     let page = acme.query(Query { pk: "acme".into(), sk_prefix: "notes#".into(), start_after: None, limit: 10 }).await;
     assert_eq!(page.unwrap().items.len(), 1);
+}
+
+/// The DynamoDB provisioner creates a tenant's dedicated table once, tagged
+/// with the tenant and tier, point-in-time recovery on, ACTIVE; a tenant's
+/// client for it cannot reach another table; dropping it is idempotent.
+#[tokio::test]
+async fn dynamodb_provisioner_is_idempotent_and_tags_the_table() {
+    use tenantmesh_isolation::TenantStores;
+    let moto = Moto::start();
+    let aws = AwsSettings::from_env(&moto.env()).await;
+    let client = aws.dynamodb();
+    DynamoTable::ensure_table(&client, "pool").await.unwrap();
+    let vendor = Arc::new(CredentialVendor::new(aws.sts(), "arn:aws:iam::123456789012:role/tenant-access", 100));
+    let stores = DynamoStores::new(aws.clone(), vendor, Placement::new("us-east-1", "123456789012", "pool"), 100);
+    let table = "tm-tenant-acme-bridge";
+    assert!(stores.provision("acme", table, "premium").await.unwrap());
+    assert!(!stores.provision("acme", table, "premium").await.unwrap(), "second provisioning created a table");
+    let names = client.list_tables().send().await.unwrap().table_names().to_vec();
+    assert_eq!(names.iter().filter(|n| n.as_str() == table).count(), 1, "{names:?}");
+    let described = client.describe_table().table_name(table).send().await.unwrap();
+    let arn = described.table().and_then(|t| t.table_arn()).unwrap().to_owned();
+    let tags = client.list_tags_of_resource().resource_arn(&arn).send().await.unwrap();
+    let tags: Vec<(String, String)> = tags.tags().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect();
+    assert!(tags.contains(&("tenantId".into(), "acme".into())) && tags.contains(&("tier".into(), "premium".into())));
+    let backups = client.describe_continuous_backups().table_name(table).send().await.unwrap();
+    let pitr = backups
+        .continuous_backups_description()
+        .and_then(|d| d.point_in_time_recovery_description())
+        .and_then(|p| p.point_in_time_recovery_status())
+        .map(|s| s.as_str().to_owned());
+    assert_eq!(pitr.as_deref(), Some("ENABLED"));
+
+    let own = stores.store_for("acme", table).await.unwrap();
+    own.put("acme", "notes#1", b"x".to_vec(), Condition::None).await.unwrap();
+    denied(own.put("globex", "notes#1", b"x".to_vec(), Condition::None).await);
+    assert!(stores.drop_table(table).await.unwrap());
+    assert!(!stores.drop_table(table).await.unwrap());
+    let names = client.list_tables().send().await.unwrap().table_names().to_vec();
+    assert!(!names.iter().any(|n| n == table), "{names:?}");
 }
 
 /// AWS out of reach is a backend failure (UNAVAILABLE to clients, after the

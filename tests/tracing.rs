@@ -25,6 +25,8 @@ async fn one_trace_across_onboarding_registry_and_auth() {
         idempotency_key: id.clone(),
     };
     mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap();
+    // The workflow runs on after RegisterTenant returns, in the same trace.
+    mesh.wait_workflow(&format!("{id}/onboard")).await;
     mesh.shutdown().await;
 
     let all = exporter.get_finished_spans().unwrap();
@@ -61,7 +63,7 @@ async fn one_trace_across_onboarding_registry_and_auth() {
             assert_eq!(attr(span, "rpc.grpc.status_code").as_deref(), Some("0"), "{}", span.name);
         }
     }
-    let steps: Vec<_> = trace.iter().filter(|s| s.name == "onboarding.step").collect();
-    assert_eq!(steps.len(), 3);
+    let steps: Vec<_> = trace.iter().filter(|s| s.name == "workflow.step").collect();
+    assert_eq!(steps.len(), 5, "{:?}", steps.iter().map(|s| attr(s, "step")).collect::<Vec<_>>());
     assert!(steps.iter().all(|s| attr(s, "tenant.id").as_deref() == Some(id.as_str())));
 }

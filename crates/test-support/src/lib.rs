@@ -42,6 +42,7 @@ pub fn test_env() -> HashMap<String, String> {
         ("TENANTMESH_ARGON2_T", "1"),
         ("TENANTMESH_SERVICE_CLIENTS", &format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET}")),
         ("TENANTMESH_TENANT_CACHE_TTL_MS", "100"),
+        ("TENANTMESH_STEP_BACKOFF_MS", "20"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -101,6 +102,19 @@ impl MeshState {
     /// The services' data directory (holds redb files on the embedded backend).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// Sets (or, with `None`, removes) a setting for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.env.insert(key.to_owned(), v.to_owned()),
+            None => self.env.remove(key),
+        };
+    }
+
+    /// The full table name of `name` on this mesh's backend (prefix included).
+    pub fn table_name(&self, name: &str) -> String {
+        tenantmesh_isolation::backend::StorageConfig::from_env(&self.env).expect("storage config").table_name(name)
     }
 
     /// A service's own table (`registry`, `auth`, `onboarding`, `data`) on
@@ -205,6 +219,9 @@ impl TestMesh {
     pub fn data(&self) -> DataClient<Channel> {
         DataClient::new(Self::channel(self.addrs.data))
     }
+    pub fn data_admin(&self) -> tenantmesh_proto::data::v1::data_admin_client::DataAdminClient<Channel> {
+        tenantmesh_proto::data::v1::data_admin_client::DataAdminClient::new(Self::channel(self.addrs.data))
+    }
 
     /// Logs in and returns the access token.
     pub async fn login(&self, tenant_id: &str, email: &str, password: &str) -> Result<String, Status> {
@@ -236,6 +253,29 @@ impl TestMesh {
     /// Onboards a tenant (tier `standard`) through the onboarding service
     /// and logs its admin in.
     pub async fn onboard(&self, tenant_id: &str) -> TestTenant {
+        self.onboard_on(tenant_id, "standard").await
+    }
+
+    /// Waits (up to 60 s) until workflow `id` is no longer RUNNING; its
+    /// final state.
+    pub async fn wait_workflow(&self, id: &str) -> tenantmesh_proto::onboarding::v1::Workflow {
+        use tenantmesh_proto::onboarding::v1::{GetWorkflowRequest, WorkflowStatus};
+        let admin = self.admin_token().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let req = authed(GetWorkflowRequest { workflow_id: id.into() }, &admin);
+            let wf = self.onboarding().get_workflow(req).await.expect("GetWorkflow").into_inner().workflow.unwrap();
+            if wf.status != WorkflowStatus::Running as i32 {
+                return wf;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "workflow {id} still running: {wf:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Onboards a tenant on `tier`, waits for the workflow to succeed and
+    /// logs its admin in.
+    pub async fn onboard_on(&self, tenant_id: &str, tier: &str) -> TestTenant {
         let admin = self.admin_token().await;
         let admin_email = format!("admin@{tenant_id}.example");
         let admin_password = format!("{tenant_id}-password");
@@ -244,7 +284,7 @@ impl TestMesh {
                 RegisterTenantRequest {
                     tenant_id: tenant_id.into(),
                     name: format!("Tenant {tenant_id}"),
-                    tier: "standard".into(),
+                    tier: tier.into(),
                     admin_email: admin_email.clone(),
                     admin_password: admin_password.clone(),
                     idempotency_key: format!("onboard-{tenant_id}"),
@@ -252,7 +292,9 @@ impl TestMesh {
                 &admin,
             ))
             .await
-            .expect("onboarding succeeds");
+            .expect("onboarding starts");
+        let wf = self.wait_workflow(&format!("{tenant_id}/onboard")).await;
+        assert_eq!(wf.status, tenantmesh_proto::onboarding::v1::WorkflowStatus::Succeeded as i32, "{wf:?}");
         let token = self.login(tenant_id, &admin_email, &admin_password).await.expect("tenant admin logs in");
         TestTenant { tenant_id: tenant_id.into(), admin_email, admin_password, token }
     }

@@ -1,0 +1,335 @@
+//! Pool, bridge and silo side by side, tier changes that move items, and
+//! offboarding, through the real mesh, on the backend
+//! `TENANTMESH_TEST_STORAGE` names.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tenantmesh_proto::data::v1::*;
+use tenantmesh_proto::onboarding::v1::*;
+use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, Tenant, TenantStatus};
+use tenantmesh_test_support::*;
+use tonic::Code;
+
+async fn tenant(mesh: &TestMesh, id: &str) -> Tenant {
+    let admin = mesh.admin_token().await;
+    let req = authed(GetTenantRequest { tenant_id: id.into() }, &admin);
+    mesh.registry().get_tenant(req).await.unwrap().into_inner().tenant.unwrap()
+}
+
+fn put(collection: &str, id: &str, title: &str) -> PutItemRequest {
+    PutItemRequest {
+        collection: collection.into(),
+        id: id.into(),
+        attributes: Some(attrs(&[("title", title)])),
+        expected_version: None,
+    }
+}
+
+fn title(item: &Item) -> String {
+    use prost_types::value::Kind;
+    match item.attributes.as_ref().and_then(|a| a.fields.get("title")).and_then(|v| v.kind.clone()) {
+        Some(Kind::StringValue(s)) => s,
+        other => panic!("no title: {other:?}"),
+    }
+}
+
+/// Every item of the caller's collection `c`, by id -> (title, version).
+async fn all_items(mesh: &TestMesh, token: &str) -> BTreeMap<String, (String, u64)> {
+    let mut out = BTreeMap::new();
+    let mut page_token = String::new();
+    loop {
+        let req = QueryItemsRequest { collection: "c".into(), id_prefix: String::new(), page_size: 1000, page_token };
+        let page = mesh.data().query_items(authed(req, token)).await.unwrap().into_inner();
+        for item in &page.items {
+            assert!(out.insert(item.id.clone(), (title(item), item.version)).is_none(), "{} listed twice", item.id);
+        }
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// The tenant's items as the service role sees them in `table` (through DataAdmin).
+async fn stored_in(mesh: &TestMesh, tenant_id: &str, table: &str) -> Result<usize, tonic::Status> {
+    let req = ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant_id.into(), table: table.into() }) };
+    let mut stream = mesh.data_admin().export_items(authed(req, &mesh.service_token().await)).await?.into_inner();
+    let mut n = 0;
+    while let Some(batch) = stream.message().await? {
+        n += batch.items.len();
+    }
+    Ok(n)
+}
+
+/// Pool, bridge and silo tenants side by side: each gets its own placement,
+/// and none can reach another's items through any RPC, the silo tenant's
+/// instance included.
+#[tokio::test]
+async fn models_side_by_side_never_see_each_other() {
+    let mesh = TestMesh::start().await;
+    let pool = mesh.onboard_on(&unique_tenant("pool"), "standard").await;
+    let bridge = mesh.onboard_on(&unique_tenant("bridge"), "premium").await;
+    let silo = mesh.onboard_on(&unique_tenant("silo"), "enterprise").await;
+    let all = [&pool, &bridge, &silo];
+
+    let placements: Vec<_> = {
+        let mut v = Vec::new();
+        for t in all {
+            v.push(tenant(&mesh, &t.tenant_id).await.placement.unwrap());
+        }
+        v
+    };
+    let models: Vec<i32> = placements.iter().map(|p| p.model).collect();
+    assert_eq!(models, [IsolationModel::Pool, IsolationModel::Bridge, IsolationModel::Silo].map(|m| m as i32));
+    assert!(placements[1].table.ends_with(&format!("tenant-{}-bridge", bridge.tenant_id)), "{placements:?}");
+    assert!(placements[2].table.ends_with(&format!("tenant-{}-silo", silo.tenant_id)), "{placements:?}");
+    assert!(placements[0].endpoint.is_empty() && placements[1].endpoint.is_empty());
+    let silo_endpoint = placements[2].endpoint.clone();
+    assert!(silo_endpoint.starts_with("http://127.0.0.1:"), "{silo_endpoint}");
+
+    for t in all {
+        let r = mesh.data().put_item(authed(put("c", "same-id", &t.tenant_id), &t.token)).await.unwrap();
+        assert_eq!(r.into_inner().item.unwrap().version, 1);
+    }
+    for t in all {
+        let get = GetItemRequest { collection: "c".into(), id: "same-id".into() };
+        let item = mesh.data().get_item(authed(get, &t.token)).await.unwrap().into_inner().item.unwrap();
+        assert_eq!(title(&item), t.tenant_id, "a tenant read another's item");
+        let items = all_items(&mesh, &t.token).await;
+        assert_eq!(items.len(), 1, "{items:?}");
+        for other in all.iter().filter(|o| o.tenant_id != t.tenant_id) {
+            let mut req = authed(GetItemRequest { collection: "c".into(), id: "same-id".into() }, &t.token);
+            req.metadata_mut().insert("x-tenant-id", other.tenant_id.parse().unwrap());
+            expect_code(mesh.data().get_item(req).await, Code::PermissionDenied);
+            // Lifecycle calls are for the service role only.
+            let export =
+                ExportItemsRequest { store: Some(StoreRef { tenant_id: other.tenant_id.clone(), table: "x".into() }) };
+            expect_code(mesh.data_admin().export_items(authed(export, &t.token)).await, Code::PermissionDenied);
+        }
+    }
+    // The silo tenant's own instance serves it and nobody else.
+    let channel = tonic::transport::Endpoint::from_shared(silo_endpoint.clone()).unwrap().connect_lazy();
+    let mut direct = data_client::DataClient::new(channel.clone());
+    let get = || GetItemRequest { collection: "c".into(), id: "same-id".into() };
+    let item = direct.get_item(authed(get(), &silo.token)).await.unwrap().into_inner().item.unwrap();
+    assert_eq!(title(&item), silo.tenant_id);
+    for other in [&pool, &bridge] {
+        expect_code(direct.get_item(authed(get(), &other.token)).await, Code::PermissionDenied);
+        let export = ExportItemsRequest {
+            store: Some(StoreRef { tenant_id: other.tenant_id.clone(), table: placements[0].table.clone() }),
+        };
+        let mut admin = data_admin_client::DataAdminClient::new(channel.clone());
+        expect_code(admin.export_items(authed(export, &mesh.service_token().await)).await, Code::PermissionDenied);
+    }
+    // A tenant's placement never reaches another tenant's dedicated table.
+    let foreign = StoreRef { tenant_id: pool.tenant_id.clone(), table: placements[1].table.clone() };
+    let req = authed(ExportItemsRequest { store: Some(foreign) }, &mesh.service_token().await);
+    expect_invalid(mesh.data_admin().export_items(req).await, "store.table");
+
+    // The silo instance comes back after a restart, on the same endpoint.
+    let mut mesh = mesh;
+    mesh.restart().await;
+    let silo_token = mesh.login(&silo.tenant_id, &silo.admin_email, &silo.admin_password).await.unwrap();
+    let item = mesh.data().get_item(authed(get(), &silo_token)).await.unwrap().into_inner().item.unwrap();
+    assert_eq!(title(&item), silo.tenant_id);
+    assert_eq!(tenant(&mesh, &silo.tenant_id).await.placement.unwrap().endpoint, silo_endpoint);
+    mesh.shutdown().await;
+}
+
+/// A tenant moves pool -> bridge -> silo -> pool while a writer keeps
+/// writing: every acknowledged write is there afterwards, once, with its
+/// version; writes refused during the move are UNAVAILABLE with RetryInfo;
+/// the old copy is removed each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tier_changes_move_every_item_and_lose_no_write() {
+    use tonic_types::StatusExt;
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("mover"), "standard").await;
+    let mut expected: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    for i in 0..130 {
+        let item = mesh.data().put_item(authed(put("c", &format!("i{i:03}"), "v1"), &t.token)).await.unwrap();
+        expected.insert(format!("i{i:03}"), ("v1".into(), item.into_inner().item.unwrap().version));
+    }
+    let mut previous = tenant(&mesh, &t.tenant_id).await.placement.unwrap();
+    for (n, tier) in ["premium", "enterprise", "basic"].into_iter().enumerate() {
+        let req = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: tier.into() }, &admin);
+        let started = mesh.onboarding().change_tier(req).await.unwrap().into_inner();
+        // The same request again is the same workflow.
+        let again = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: tier.into() }, &admin);
+        assert_eq!(mesh.onboarding().change_tier(again).await.unwrap().into_inner().workflow_id, started.workflow_id);
+        // Write throughout the move; keep what was acknowledged.
+        let mut refused = 0;
+        let mut k = 0;
+        loop {
+            let req = authed(GetWorkflowRequest { workflow_id: started.workflow_id.clone() }, &admin);
+            let wf = mesh.onboarding().get_workflow(req).await.unwrap().into_inner().workflow.unwrap();
+            if wf.status != WorkflowStatus::Running as i32 {
+                assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+                break;
+            }
+            let id = format!("i{:03}", k % 130);
+            let value = format!("move{n}-{k}");
+            match mesh.data().put_item(authed(put("c", &id, &value), &t.token)).await {
+                Ok(r) => {
+                    expected.insert(id, (value, r.into_inner().item.unwrap().version));
+                }
+                Err(s) => {
+                    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                    assert!(s.get_details_retry_info().is_some(), "no RetryInfo: {s:?}");
+                    refused += 1;
+                }
+            }
+            k += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(refused > 0, "no write landed in the read-only window of the move to {tier}");
+        let now = tenant(&mesh, &t.tenant_id).await;
+        assert_eq!((now.tier.as_str(), now.status), (tier, TenantStatus::Active as i32));
+        let placement = now.placement.unwrap();
+        assert_ne!(placement.model, previous.model);
+        assert_eq!(all_items(&mesh, &t.token).await, expected, "items after the move to {tier}");
+        // The old copy is gone: a dropped table, or no items left in the pool.
+        match stored_in(&mesh, &t.tenant_id, &previous.table).await {
+            Ok(n) => assert_eq!(n, 0, "{n} items left in {}", previous.table),
+            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}"),
+        }
+        previous = placement;
+    }
+    // A pool -> pool change just switches the tier.
+    let req = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "standard".into() }, &admin);
+    let started = mesh.onboarding().change_tier(req).await.unwrap().into_inner();
+    let wf = mesh.wait_workflow(&started.workflow_id).await;
+    let steps: Vec<&str> = wf.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(steps, ["switch_placement", "apply_limits"]);
+    assert_eq!(tenant(&mesh, &t.tenant_id).await.limits.unwrap().requests_per_second, 50);
+    let bad = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "gold".into() }, &admin);
+    expect_invalid(mesh.onboarding().change_tier(bad).await, "tier");
+    let same = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "standard".into() }, &admin);
+    expect_code(mesh.onboarding().change_tier(same).await, Code::FailedPrecondition);
+    mesh.shutdown().await;
+}
+
+/// Offboarding suspends the tenant, exports its items to JSONL, deletes
+/// items, dedicated table and users, and marks it deleted; asking again
+/// returns the same workflow. WatchEvents replays the tenant's lifecycle.
+#[tokio::test]
+async fn offboarding_exports_then_removes_everything() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("leaver"), "premium").await;
+    let table = tenant(&mesh, &t.tenant_id).await.placement.unwrap().table;
+    for i in 0..7 {
+        mesh.data().put_item(authed(put("c", &format!("i{i}"), "kept"), &t.token)).await.unwrap();
+    }
+    let mut watch = mesh
+        .onboarding()
+        .watch_events(authed(WatchEventsRequest { tenant_id: t.tenant_id.clone(), after_sequence: Some(0) }, &admin))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let req = || authed(OffboardTenantRequest { tenant_id: t.tenant_id.clone() }, &admin);
+    let started = mesh.onboarding().offboard_tenant(req()).await.unwrap().into_inner();
+    assert_eq!(started.workflow_id, format!("{}/offboard", t.tenant_id));
+    let wf = mesh.wait_workflow(&started.workflow_id).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    assert_eq!(mesh.onboarding().offboard_tenant(req()).await.unwrap().into_inner().workflow_id, started.workflow_id);
+
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&wf.export_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 7);
+    assert!(lines.iter().all(|l| l["collection"] == "c" && l["attributes"]["title"] == "kept" && l["version"] == 1));
+    assert_eq!(tenant(&mesh, &t.tenant_id).await.status, TenantStatus::Deleted as i32);
+    let get = GetItemRequest { collection: "c".into(), id: "i1".into() };
+    expect_code(mesh.data().get_item(authed(get, &t.token)).await, Code::PermissionDenied);
+    expect_code(mesh.login(&t.tenant_id, &t.admin_email, &t.admin_password).await, Code::Unauthenticated);
+    let users = tenantmesh_proto::auth::v1::ListUsersRequest { tenant_id: t.tenant_id.clone(), ..Default::default() };
+    assert!(mesh.auth().list_users(authed(users, &admin)).await.unwrap().into_inner().users.is_empty());
+    expect_code(stored_in(&mesh, &t.tenant_id, &table).await, Code::FailedPrecondition);
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap().unwrap();
+        let e = e.event.unwrap();
+        assert_eq!(e.tenant_id, t.tenant_id);
+        kinds.push(EventKind::try_from(e.kind).unwrap());
+    }
+    assert_eq!(kinds, [EventKind::TenantOnboarded, EventKind::TenantSuspended, EventKind::TenantOffboarded]);
+    // A tenant admin watches only their own tenant.
+    let other = mesh.onboard(&unique_tenant("watcher")).await;
+    let spy = authed(WatchEventsRequest { tenant_id: t.tenant_id.clone(), after_sequence: Some(0) }, &other.token);
+    expect_code(mesh.onboarding().watch_events(spy).await, Code::PermissionDenied);
+    mesh.shutdown().await;
+}
+
+/// A provisioner that fails twice then succeeds: onboarding completes
+/// (attempts 3). One that always fails: FAILED with the step and reason,
+/// a STEP_FAILED event; once the fault is gone, RetryOnboarding completes it.
+#[tokio::test]
+async fn failing_provisioner_retries_then_fails_then_retry_completes() {
+    let backend = TestBackend::from_env();
+    let mesh = TestMesh::start_with_env(backend, &[("TENANTMESH_FAULTS", "fail:provision_storage:2")]).await;
+    let t = mesh.onboard_on(&unique_tenant("flaky"), "premium").await;
+    let wf = mesh.wait_workflow(&format!("{}/onboard", t.tenant_id)).await;
+    let step = wf.steps.iter().find(|s| s.name == "provision_storage").unwrap();
+    assert_eq!((step.attempts, step.last_error.as_str()), (3, ""));
+    mesh.shutdown().await;
+
+    let mesh = TestMesh::start_with_env(
+        backend,
+        &[("TENANTMESH_FAULTS", "fail:provision_storage:always"), ("TENANTMESH_STEP_MAX_ATTEMPTS", "3")],
+    )
+    .await;
+    let admin = mesh.admin_token().await;
+    let id = unique_tenant("broken");
+    let req = RegisterTenantRequest {
+        tenant_id: id.clone(),
+        name: "Broken".into(),
+        tier: "premium".into(),
+        admin_email: "admin@broken.example".into(),
+        admin_password: "broken-password".into(),
+        idempotency_key: id.clone(),
+    };
+    mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap();
+    let workflow_id = format!("{id}/onboard");
+    let wf = mesh.wait_workflow(&workflow_id).await;
+    assert_eq!(wf.status, WorkflowStatus::Failed as i32);
+    assert_eq!(wf.error, "provision_storage: injected fault in provision_storage");
+    let step = wf.steps.iter().find(|s| s.name == "provision_storage").unwrap();
+    assert_eq!((step.state, step.attempts), (StepState::Failed as i32, 3));
+    assert_eq!(tenant(&mesh, &id).await.status, TenantStatus::Provisioning as i32);
+    let retry = || authed(RetryOnboardingRequest { workflow_id: workflow_id.clone() }, &admin);
+    let mut state = mesh.stop().await;
+
+    // The fault is fixed (a new deployment): retry.
+    state.set_env("TENANTMESH_FAULTS", None);
+    let mesh = TestMesh::start_on(state).await;
+    let admin2 = mesh.admin_token().await;
+    let r = mesh.onboarding().retry_onboarding(authed(retry().into_inner(), &admin2)).await.unwrap().into_inner();
+    assert_eq!(r.workflow.unwrap().status, WorkflowStatus::Running as i32);
+    let wf = mesh.wait_workflow(&workflow_id).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    assert!(wf.error.is_empty());
+    expect_code(
+        mesh.onboarding().retry_onboarding(authed(retry().into_inner(), &admin2)).await,
+        Code::FailedPrecondition,
+    );
+    expect_invalid(
+        mesh.onboarding().retry_onboarding(authed(RetryOnboardingRequest { workflow_id: "x".into() }, &admin2)).await,
+        "workflow_id",
+    );
+    mesh.login(&id, "admin@broken.example", "broken-password").await.unwrap();
+    let events = mesh
+        .onboarding()
+        .watch_events(authed(WatchEventsRequest { tenant_id: id.clone(), after_sequence: Some(0) }, &admin2))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = events;
+    let first = events.message().await.unwrap().unwrap().event.unwrap();
+    assert_eq!(first.kind, EventKind::StepFailed as i32);
+    assert!(first.detail.starts_with("provision_storage: injected fault"), "{first:?}");
+    mesh.shutdown().await;
+}
