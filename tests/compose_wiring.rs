@@ -5,7 +5,6 @@
 //! and uses its data through them.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
@@ -66,14 +65,6 @@ impl Drop for Processes {
     }
 }
 
-fn binary_path(name: &str) -> PathBuf {
-    // target/<profile>/deps/<this test> -> target/<profile>/<binary>
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(path.exists(), "{} not built (run the tests through cargo for the whole workspace)", path.display());
-    path
-}
-
 /// Onboarding, login and data work across the four compose services run
 /// as separate processes with compose's environment.
 #[tokio::test]
@@ -96,7 +87,7 @@ async fn compose_environment_wires_the_services() {
     let mut procs = Processes(Vec::new());
     for (name, _) in SERVICES {
         let svc = &services[name];
-        let mut cmd = Command::new(binary_path(&svc.binary));
+        let mut cmd = Command::new(service_binary(&svc.binary));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")

@@ -96,6 +96,7 @@ where
             StorageError::AccessDenied { action: String::new(), key: String::new() }
         }
         Some("ValidationException") => StorageError::Invalid(e.message().unwrap_or("validation error").to_owned()),
+        Some("ResourceNotFoundException") => StorageError::NoSuchTable(e.message().unwrap_or("not found").to_owned()),
         _ => StorageError::Backend(format!("dynamodb: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))),
     }
 }

@@ -117,6 +117,8 @@ pub enum StorageError {
     /// Invalid use of the API (empty key, duplicate key in a transaction).
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("no such table: {0}")]
+    NoSuchTable(String),
     /// The backend failed (I/O, corruption); the operation may not have applied.
     #[error("storage backend failed: {0}")]
     Backend(String),

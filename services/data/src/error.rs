@@ -31,6 +31,10 @@ impl From<DataError> for Status {
                 tracing::warn!(security_event = "access_denied", action, refused_key = key, "storage access denied");
                 Status::permission_denied("access denied by the tenant's isolation policy")
             }
+            DataError::Storage(StorageError::NoSuchTable(cause)) => {
+                tracing::warn!(cause, "the tenant's table does not exist");
+                Status::failed_precondition("the tenant's table does not exist")
+            }
             DataError::Storage(StorageError::Invalid(cause)) => {
                 tracing::error!(cause, "invalid storage request");
                 Status::internal("internal error")

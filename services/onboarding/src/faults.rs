@@ -5,7 +5,10 @@
 //!   fail with a retryable error (`always` for every attempt);
 //! - `halt-after:<kind>:<step>`: once `<step>` of a `<kind>` workflow is
 //!   done and persisted, the workflow stops there for good (the process
-//!   lives on), for a test to kill -9 it at exactly that point.
+//!   lives on), for a test to kill -9 it at exactly that point;
+//! - `halt-unsaved:<kind>:<step>`: the same, but once the step's effect is
+//!   done and before it is recorded, so the restarted service runs the step
+//!   again (which must create nothing twice).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,6 +18,7 @@ pub struct Faults {
     /// step -> attempts still to fail (`u32::MAX`: always).
     fail: Mutex<HashMap<String, u32>>,
     halt_after: Vec<(String, String)>,
+    halt_unsaved: Vec<(String, String)>,
 }
 
 impl Faults {
@@ -32,14 +36,19 @@ impl Faults {
                     faults.fail.get_mut().expect("fresh lock").insert((*step).to_owned(), n);
                 }
                 ["halt-after", kind, step] => faults.halt_after.push(((*kind).to_owned(), (*step).to_owned())),
-                _ => return Err(format!("{part:?} is not fail:<step>:<n|always> or halt-after:<kind>:<step>")),
+                ["halt-unsaved", kind, step] => faults.halt_unsaved.push(((*kind).to_owned(), (*step).to_owned())),
+                _ => {
+                    return Err(format!(
+                        "{part:?} is not fail:<step>:<n|always>, halt-after:<kind>:<step> or halt-unsaved:<kind>:<step>"
+                    ));
+                }
             }
         }
         Ok(faults)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.halt_after.is_empty() && self.fail.lock().expect("faults lock").is_empty()
+        self.halt_after.is_empty() && self.halt_unsaved.is_empty() && self.fail.lock().expect("faults lock").is_empty()
     }
 
     /// An injected failure of this attempt of `step`, if one is due.
@@ -53,6 +62,11 @@ impl Faults {
             *left -= 1;
         }
         Some(format!("injected fault in {step}"))
+    }
+
+    /// Whether to halt once `step` of a `kind` workflow took effect, before it is saved.
+    pub fn halt_unsaved(&self, kind: &str, step: &str) -> bool {
+        self.halt_unsaved.iter().any(|(k, s)| k == kind && s == step)
     }
 
     /// Whether to halt once `step` of a `kind` workflow is done.
@@ -73,6 +87,7 @@ mod tests {
         assert!(f.before("provision_storage").is_none());
         assert!(f.before("create_tenant").is_none());
         assert!(f.halt_after("onboard", "create_tenant") && !f.halt_after("offboard", "create_tenant"));
+        assert!(Faults::parse("halt-unsaved:offboard:export_items").unwrap().halt_unsaved("offboard", "export_items"));
         let always = Faults::parse("fail:x:always").unwrap();
         assert!((0..10).all(|_| always.before("x").is_some()));
         assert!(Faults::parse("explode").is_err());

@@ -445,6 +445,10 @@ impl OnboardingService {
                     Some(reason) => Err(StepError { reason, retryable: true }),
                     None => self.step(&name, &mut wf).instrument(span.clone()).await,
                 };
+                if result.is_ok() && self.inner.faults.halt_unsaved(kind, &name) {
+                    tracing::warn!(step = %name, workflow_id = id, "fault injection: halting before saving the step");
+                    std::future::pending::<()>().await;
+                }
                 match result {
                     Ok(()) => {
                         wf.steps[i].state = StepState::Done;

@@ -1,0 +1,456 @@
+//! Crash safety of the lifecycle workflows, with the service binaries as
+//! real processes: for every step of onboarding, offboarding and a tier
+//! change, the onboarding process is killed with SIGKILL right after the
+//! step, once after it is persisted and once after its effect but before
+//! it is recorded (held there by `TENANTMESH_FAULTS=halt-after:...` and
+//! `halt-unsaved:...`), restarted without the fault, and the workflow must
+//! complete with exactly
+//! one tenant record, one admin user, one set of resources and (tier change)
+//! every item present once. Runs on the backend `TENANTMESH_TEST_STORAGE`
+//! names.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tenantmesh_proto::auth::v1::auth_client::AuthClient;
+use tenantmesh_proto::auth::v1::{IssueServiceTokenRequest, ListUsersRequest, LoginRequest};
+use tenantmesh_proto::data::v1::data_admin_client::DataAdminClient;
+use tenantmesh_proto::data::v1::data_client::DataClient;
+use tenantmesh_proto::data::v1::*;
+use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
+use tenantmesh_proto::onboarding::v1::*;
+use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
+use tenantmesh_proto::registry::v1::{GetTenantRequest, ListTenantsRequest, Tenant, TenantStatus};
+use tenantmesh_test_support::*;
+use tonic::transport::Channel;
+
+const ONBOARDING_SECRET: &str = "crash-test-onboarding-secret";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn channel(port: u16) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy()
+}
+
+/// The four services as processes (plus silo data instances), killed on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+    env: HashMap<String, String>,
+    ports: HashMap<&'static str, u16>,
+    procs: Vec<(String, Child)>,
+    _moto: Option<moto::Moto>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.procs {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = test_env();
+        let clients = format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET},onboarding:{ONBOARDING_SECRET}");
+        env.insert("TENANTMESH_SERVICE_CLIENTS".into(), clients);
+        env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), "onboarding".into());
+        env.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), ONBOARDING_SECRET.into());
+        env.insert("TENANTMESH_SHUTDOWN_GRACE_MS".into(), "500".into());
+        env.insert("RUST_LOG".into(), "info".into());
+        let moto = (TestBackend::from_env() == TestBackend::DynamoDb).then(moto::Moto::start);
+        if let Some(m) = &moto {
+            env.extend(m.env());
+            env.insert("TENANTMESH_STORAGE".into(), "dynamodb".into());
+        }
+        let ports: HashMap<&'static str, u16> =
+            ["registry", "auth", "onboarding", "data"].into_iter().map(|s| (s, free_port())).collect();
+        env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://127.0.0.1:{}", ports["registry"]));
+        env.insert("TENANTMESH_AUTH_URL".into(), format!("http://127.0.0.1:{}", ports["auth"]));
+        env.insert("TENANTMESH_DATA_URL".into(), format!("http://127.0.0.1:{}", ports["data"]));
+        let mut cluster = Cluster { dir, env, ports, procs: Vec::new(), _moto: moto };
+        for name in ["registry", "auth", "data"] {
+            cluster.spawn(name, name, ports_of(&cluster, name), &[]).await;
+        }
+        cluster
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts `tenantmesh-<binary>` as `name` on `port` with `extra` settings.
+    async fn spawn(&mut self, name: &str, binary: &str, port: u16, extra: &[(&str, &str)]) {
+        let mut cmd = Command::new(service_binary(&format!("tenantmesh-{binary}")));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&self.env)
+            .env("TENANTMESH_DATA_DIR", self.data_dir())
+            .env("TENANTMESH_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .envs(extra.iter().copied())
+            .stdout(std::fs::File::options().create(true).append(true).open(self.log(name)).unwrap())
+            .stderr(Stdio::inherit());
+        self.procs.push((name.to_owned(), cmd.spawn().unwrap()));
+        let label: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        tenantmesh_cli::wait_serving(label, ([127, 0, 0, 1], port).into()).await.unwrap();
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// SIGKILL (`Child::kill`) the process `name`.
+    fn kill_9(&mut self, name: &str) {
+        let i = self.procs.iter().position(|(n, _)| n == name).expect("running");
+        let (_, mut child) = self.procs.remove(i);
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "{name} was not killed: {status:?}");
+    }
+
+    async fn start_onboarding(&mut self, extra: &[(&str, &str)]) {
+        let port = self.ports["onboarding"];
+        self.spawn("onboarding", "onboarding", port, extra).await;
+    }
+
+    /// A dedicated data-service process for silo tenant `tenant`; its endpoint.
+    async fn start_silo(&mut self, tenant: &str) -> String {
+        let port = free_port();
+        let dir = self.dir.path().join(format!("silo-{tenant}"));
+        let name = format!("silo-{tenant}");
+        let dir_setting = dir.display().to_string();
+        self.spawn(&name, "data", port, &[("TENANTMESH_SILO_TENANT", tenant), ("TENANTMESH_DATA_DIR", &dir_setting)])
+            .await;
+        format!("http://127.0.0.1:{port}")
+    }
+
+    fn registry(&self) -> TenantRegistryClient<Channel> {
+        TenantRegistryClient::new(channel(self.ports["registry"]))
+    }
+    fn auth(&self) -> AuthClient<Channel> {
+        AuthClient::new(channel(self.ports["auth"]))
+    }
+    fn onboarding(&self) -> OnboardingClient<Channel> {
+        OnboardingClient::new(channel(self.ports["onboarding"]))
+    }
+    fn data(&self) -> DataClient<Channel> {
+        DataClient::new(channel(self.ports["data"]))
+    }
+
+    async fn login(&self, tenant: &str, email: &str, password: &str) -> Result<String, tonic::Status> {
+        let req = LoginRequest { tenant_id: tenant.into(), email: email.into(), password: password.into() };
+        Ok(self.auth().login(req).await?.into_inner().access_token)
+    }
+
+    async fn admin(&self) -> String {
+        self.login("platform", ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap()
+    }
+
+    async fn service_token(&self) -> String {
+        let req =
+            IssueServiceTokenRequest { client_id: TEST_CLIENT_ID.into(), client_secret: TEST_CLIENT_SECRET.into() };
+        self.auth().issue_service_token(req).await.unwrap().into_inner().access_token
+    }
+
+    async fn workflow(&self, id: &str) -> Workflow {
+        let req = authed(GetWorkflowRequest { workflow_id: id.into() }, &self.admin().await);
+        self.onboarding().get_workflow(req).await.unwrap().into_inner().workflow.unwrap()
+    }
+
+    /// Waits until `step` of workflow `id` is persisted as done.
+    async fn until_done(&self, id: &str, step: &str) {
+        for _ in 0..1200 {
+            let wf = self.workflow(id).await;
+            assert_ne!(wf.status, WorkflowStatus::Failed as i32, "{wf:?}");
+            if wf.steps.iter().any(|s| s.name == step && s.state == StepState::Done as i32) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{id}: step {step} never finished; see {}", self.log("onboarding").display());
+    }
+
+    /// Waits until the onboarding process halted at `step` of `id`, as
+    /// `mode` (`halt-after`: the step is persisted as done;
+    /// `halt-unsaved`: its effect is done but not recorded).
+    async fn until_halted(&self, mode: &str, id: &str, step: &str) {
+        if mode == "halt-after" {
+            return self.until_done(id, step).await;
+        }
+        for _ in 0..1200 {
+            let log = std::fs::read_to_string(self.log("onboarding")).unwrap_or_default();
+            if log.lines().any(|l| l.contains("halting before saving the step") && l.contains(id) && l.contains(step)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{id}: never halted before saving {step}; see {}", self.log("onboarding").display());
+    }
+
+    /// Waits for workflow `id` to succeed.
+    async fn until_succeeded(&self, id: &str) -> Workflow {
+        for _ in 0..1500 {
+            let wf = self.workflow(id).await;
+            if wf.status == WorkflowStatus::Succeeded as i32 {
+                return wf;
+            }
+            assert_eq!(wf.status, WorkflowStatus::Running as i32, "{wf:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{id} did not finish; see {}", self.log("onboarding").display());
+    }
+
+    async fn tenant(&self, id: &str) -> Tenant {
+        let req = authed(GetTenantRequest { tenant_id: id.into() }, &self.admin().await);
+        self.registry().get_tenant(req).await.unwrap().into_inner().tenant.unwrap()
+    }
+
+    /// How many registry records carry `id` (every page of ListTenants).
+    async fn records(&self, id: &str) -> usize {
+        let admin = self.admin().await;
+        let (mut n, mut page_token) = (0, String::new());
+        loop {
+            let req = authed(ListTenantsRequest { page_size: 1000, page_token }, &admin);
+            let page = self.registry().list_tenants(req).await.unwrap().into_inner();
+            n += page.tenants.iter().filter(|t| t.tenant_id == id).count();
+            if page.next_page_token.is_empty() {
+                return n;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    async fn users(&self, tenant: &str) -> usize {
+        let req = authed(ListUsersRequest { tenant_id: tenant.into(), ..Default::default() }, &self.admin().await);
+        self.auth().list_users(req).await.unwrap().into_inner().users.len()
+    }
+
+    /// The tenant's dedicated tables that exist, on the cluster's backend.
+    async fn dedicated_tables(&self, tenant: &str) -> Vec<String> {
+        let needle = format!("tenant-{tenant}-");
+        match &self._moto {
+            Some(m) => {
+                let aws = tenantmesh_isolation::aws::AwsSettings::from_env(&m.env()).await;
+                let names = aws.dynamodb().list_tables().send().await.unwrap().table_names().to_vec();
+                names.into_iter().filter(|n| n.contains(&needle)).collect()
+            }
+            None => {
+                let mut found = Vec::new();
+                for dir in std::fs::read_dir(self.dir.path()).unwrap() {
+                    let tables = dir.unwrap().path().join("tables");
+                    for f in std::fs::read_dir(&tables).into_iter().flatten() {
+                        let name = f.unwrap().file_name().to_string_lossy().into_owned();
+                        if name.contains(&needle) && name.ends_with(".redb") && !name.starts_with('.') {
+                            found.push(name);
+                        }
+                    }
+                }
+                found
+            }
+        }
+    }
+
+    /// The tenant's items the service role finds in `table` (DataAdmin).
+    async fn stored(&self, tenant: &str, table: &str) -> Result<usize, tonic::Status> {
+        let req = ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant.into(), table: table.into() }) };
+        let mut admin = DataAdminClient::new(channel(self.ports["data"]));
+        let mut stream = admin.export_items(authed(req, &self.service_token().await)).await?.into_inner();
+        let mut n = 0;
+        while let Some(batch) = stream.message().await? {
+            n += batch.items.len();
+        }
+        Ok(n)
+    }
+
+    /// Registers `tenant` on `tier` (admin `admin@<tenant>.example`).
+    async fn register(&self, tenant: &str, tier: &str) {
+        let req = RegisterTenantRequest {
+            tenant_id: tenant.into(),
+            name: format!("Tenant {tenant}"),
+            tier: tier.into(),
+            admin_email: format!("admin@{tenant}.example"),
+            admin_password: format!("{tenant}-password"),
+            idempotency_key: format!("onboard-{tenant}"),
+        };
+        self.onboarding().register_tenant(authed(req, &self.admin().await)).await.unwrap();
+    }
+
+    async fn tenant_token(&self, tenant: &str) -> String {
+        self.login(tenant, &format!("admin@{tenant}.example"), &format!("{tenant}-password")).await.unwrap()
+    }
+
+    async fn put_items(&self, token: &str, n: usize) {
+        for i in 0..n {
+            let req = PutItemRequest {
+                collection: "c".into(),
+                id: format!("i{i:03}"),
+                attributes: Some(attrs(&[("n", &i.to_string())])),
+                expected_version: None,
+            };
+            self.data().put_item(authed(req, token)).await.unwrap();
+        }
+    }
+
+    /// Item ids of the caller, asserting none is listed twice.
+    async fn item_ids(&self, token: &str) -> Vec<String> {
+        let req = QueryItemsRequest {
+            collection: "c".into(),
+            id_prefix: String::new(),
+            page_size: 1000,
+            page_token: "".into(),
+        };
+        let page = self.data().query_items(authed(req, token)).await.unwrap().into_inner();
+        assert!(page.next_page_token.is_empty());
+        let ids: Vec<String> = page.items.iter().map(|i| i.id.clone()).collect();
+        let mut unique = ids.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "an item is listed twice: {ids:?}");
+        ids
+    }
+}
+
+fn ports_of(cluster: &Cluster, name: &str) -> u16 {
+    cluster.ports[name]
+}
+
+/// Where the onboarding process is held for the kill: after the step is
+/// persisted, and after its effect but before it is recorded (the restart
+/// then runs the step again).
+const MODES: [&str; 2] = ["halt-after", "halt-unsaved"];
+
+/// Every (mode, step) of a workflow.
+fn crash_points(steps: Vec<&'static str>) -> Vec<(&'static str, &'static str)> {
+    steps.into_iter().flat_map(|s| MODES.map(|m| (m, s))).collect()
+}
+
+fn step_names(kind: &str, model_from: &str, model_to: &str) -> Vec<&'static str> {
+    use tenantmesh_onboarding::workflow::{Spot, change_tier_steps, offboard_steps, onboard_steps};
+    let spot = |m: &str| Spot { model: m.into(), ..Default::default() };
+    match kind {
+        "onboard" => onboard_steps(&spot(model_to)),
+        "change_tier" => change_tier_steps(&spot(model_from), &spot(model_to)),
+        _ => offboard_steps(),
+    }
+}
+
+fn assert_log_mentions(path: &Path, needle: &str) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(log.contains(needle), "{} does not mention {needle:?}", path.display());
+}
+
+/// Onboarding a silo tenant (every onboarding step, compute included),
+/// killed after each step in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_completes_after_kill_9_at_every_step() {
+    let mut cluster = Cluster::start().await;
+    for (mode, step) in crash_points(step_names("onboard", "", "silo")) {
+        let tenant = unique_tenant("onb");
+        let endpoint = cluster.start_silo(&tenant).await;
+        let fault = format!("{mode}:onboard:{step}");
+        let template = [("TENANTMESH_SILO_ENDPOINT_TEMPLATE", endpoint.as_str())];
+        cluster.start_onboarding(&[template[0], ("TENANTMESH_FAULTS", &fault)]).await;
+        cluster.register(&tenant, "enterprise").await;
+        let id = format!("{tenant}/onboard");
+        cluster.until_halted(mode, &id, step).await;
+        cluster.kill_9("onboarding");
+        cluster.start_onboarding(&template).await;
+        let wf = cluster.until_succeeded(&id).await;
+        assert!(wf.steps.iter().all(|s| s.state == StepState::Done as i32), "after {step} ({mode}): {wf:?}");
+
+        assert_eq!(cluster.records(&tenant).await, 1, "after {step} ({mode})");
+        assert_eq!(cluster.users(&tenant).await, 1, "after {step} ({mode})");
+        assert_eq!(cluster.dedicated_tables(&tenant).await.len(), 1, "after {step} ({mode})");
+        let t = cluster.tenant(&tenant).await;
+        assert_eq!(t.status, TenantStatus::Active as i32);
+        assert_eq!(t.placement.unwrap().endpoint, endpoint, "after {step} ({mode})");
+        // It works end to end, through the shared data service to the silo instance.
+        let token = cluster.tenant_token(&tenant).await;
+        cluster.put_items(&token, 2).await;
+        assert_eq!(cluster.item_ids(&token).await.len(), 2);
+        cluster.kill_9("onboarding");
+    }
+    assert_log_mentions(&cluster.log("onboarding"), "resuming an unfinished workflow");
+}
+
+/// Offboarding a bridge tenant, killed after each step in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offboarding_completes_after_kill_9_at_every_step() {
+    let mut cluster = Cluster::start().await;
+    for (mode, step) in crash_points(step_names("offboard", "", "")) {
+        let tenant = unique_tenant("off");
+        let fault = format!("{mode}:offboard:{step}");
+        cluster.start_onboarding(&[("TENANTMESH_FAULTS", &fault)]).await;
+        cluster.register(&tenant, "premium").await;
+        cluster.until_succeeded(&format!("{tenant}/onboard")).await;
+        let token = cluster.tenant_token(&tenant).await;
+        cluster.put_items(&token, 5).await;
+        let admin = cluster.admin().await;
+        let req = authed(OffboardTenantRequest { tenant_id: tenant.clone() }, &admin);
+        let id = cluster.onboarding().offboard_tenant(req).await.unwrap().into_inner().workflow_id;
+        cluster.until_halted(mode, &id, step).await;
+        cluster.kill_9("onboarding");
+        cluster.start_onboarding(&[]).await;
+        let wf = cluster.until_succeeded(&id).await;
+
+        assert_eq!(cluster.records(&tenant).await, 1, "after {step} ({mode})");
+        assert_eq!(cluster.tenant(&tenant).await.status, TenantStatus::Deleted as i32);
+        assert_eq!(cluster.users(&tenant).await, 0, "after {step} ({mode})");
+        assert!(cluster.dedicated_tables(&tenant).await.is_empty(), "after {step} ({mode})");
+        let export = std::fs::read_to_string(&wf.export_path).unwrap();
+        let mut ids: Vec<String> = export
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.dedup();
+        assert_eq!(ids, ["i000", "i001", "i002", "i003", "i004"], "after {step} ({mode})");
+        cluster.kill_9("onboarding");
+    }
+}
+
+/// A tier change pool -> bridge, killed after each step in turn: every
+/// item is in the new table once, none is left in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_change_completes_after_kill_9_at_every_step() {
+    let mut cluster = Cluster::start().await;
+    for (mode, step) in crash_points(step_names("change_tier", "pool", "bridge")) {
+        let tenant = unique_tenant("move");
+        let fault = format!("{mode}:change_tier:{step}");
+        cluster.start_onboarding(&[("TENANTMESH_FAULTS", &fault)]).await;
+        cluster.register(&tenant, "standard").await;
+        cluster.until_succeeded(&format!("{tenant}/onboard")).await;
+        let pooled = cluster.tenant(&tenant).await.placement.unwrap().table;
+        let token = cluster.tenant_token(&tenant).await;
+        cluster.put_items(&token, 25).await;
+        let admin = cluster.admin().await;
+        let req = authed(ChangeTierRequest { tenant_id: tenant.clone(), tier: "premium".into() }, &admin);
+        let id = cluster.onboarding().change_tier(req).await.unwrap().into_inner().workflow_id;
+        cluster.until_halted(mode, &id, step).await;
+        cluster.kill_9("onboarding");
+        cluster.start_onboarding(&[]).await;
+        cluster.until_succeeded(&id).await;
+
+        let t = cluster.tenant(&tenant).await;
+        assert_eq!((t.tier.as_str(), t.status), ("premium", TenantStatus::Active as i32), "after {step} ({mode})");
+        let table = t.placement.unwrap().table;
+        assert_eq!(
+            cluster.dedicated_tables(&tenant).await,
+            [format!("{table}.redb")]
+                .into_iter()
+                .map(|n| if cluster._moto.is_some() { table.clone() } else { n })
+                .collect::<Vec<_>>()
+        );
+        let token = cluster.tenant_token(&tenant).await;
+        let ids = cluster.item_ids(&token).await;
+        assert_eq!(ids.len(), 25, "after {step} ({mode}): {ids:?}");
+        assert_eq!(cluster.stored(&tenant, &table).await.unwrap(), 25, "after {step} ({mode})");
+        assert_eq!(cluster.stored(&tenant, &pooled).await.unwrap(), 0, "after {step} ({mode}): items left in the pool");
+        assert_eq!(cluster.records(&tenant).await, 1);
+        cluster.kill_9("onboarding");
+    }
+}
