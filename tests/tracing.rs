@@ -67,3 +67,31 @@ async fn one_trace_across_onboarding_registry_and_auth() {
     assert_eq!(steps.len(), 5, "{:?}", steps.iter().map(|s| attr(s, "step")).collect::<Vec<_>>());
     assert!(steps.iter().all(|s| attr(s, "tenant.id").as_deref() == Some(id.as_str())));
 }
+
+/// A silo tenant's call reaches the shared data service, which forwards it
+/// to the tenant's own instance: both server spans are in one trace, both
+/// tagged with the tenant, and the instance saw the caller's own identity.
+#[tokio::test]
+async fn forwarding_to_a_silo_instance_keeps_the_trace_and_the_tenant() {
+    use tenantmesh_proto::data::v1::PutItemRequest;
+    let (exporter, _guard) = spans::install();
+    let mesh = TestMesh::start().await;
+    let silo = mesh.onboard_on(&unique_tenant("silo"), "enterprise").await;
+    let put = PutItemRequest { collection: "c".into(), id: "1".into(), attributes: None, expected_version: None };
+    mesh.data().put_item(authed(put, &silo.token)).await.unwrap();
+    mesh.shutdown().await;
+
+    let all = exporter.get_finished_spans().unwrap();
+    let puts: Vec<_> = all
+        .iter()
+        .filter(|s| {
+            s.span_kind == opentelemetry::trace::SpanKind::Server && s.name == "tenantmesh.data.v1.Data/PutItem"
+        })
+        .collect();
+    assert_eq!(puts.len(), 2, "the shared service's span and the silo instance's");
+    assert_eq!(puts[0].span_context.trace_id(), puts[1].span_context.trace_id());
+    for span in puts {
+        assert_eq!(attr(span, "tenant.id").as_deref(), Some(silo.tenant_id.as_str()));
+        assert_eq!(attr(span, "rpc.grpc.status_code").as_deref(), Some("0"));
+    }
+}

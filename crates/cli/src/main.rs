@@ -28,6 +28,11 @@ enum Command {
     /// survives restarts on the same data dir. Logs are JSON on stderr
     /// (RUST_LOG sets the level; OTEL_EXPORTER_OTLP_ENDPOINT turns on OTLP
     /// trace export).
+    ///
+    /// Tiers come from TENANTMESH_TIERS_FILE (default: basic and standard
+    /// pool, premium bridge, enterprise silo). Each silo tenant's dedicated
+    /// data service runs in this process on its own port, recorded in
+    /// DATA_DIR/silos.json and started again with the mesh.
     Up {
         /// Where the services keep their durable stores.
         #[arg(long, default_value = ".tenantmesh", env = "TENANTMESH_DATA_DIR")]

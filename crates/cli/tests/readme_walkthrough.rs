@@ -169,6 +169,8 @@ fn help_explains_the_command() {
         "TENANTMESH_BOOTSTRAP_PASSWORD",
         "bootstrap-password",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "TENANTMESH_TIERS_FILE",
+        "silos.json",
     ] {
         assert!(up.contains(needle), "`tenantmesh up --help` does not mention {needle}:\n{up}");
     }
