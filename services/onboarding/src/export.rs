@@ -43,7 +43,9 @@ pub fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<()> {
     tenantmesh_tenant_context::config::ensure_private_dir(dir)?;
     let tmp = path.with_extension("jsonl.tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Tenant data: readable by the service's user only.
+        let mut f = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         for l in lines {
             f.write_all(l.as_bytes())?;
             f.write_all(b"\n")?;
@@ -71,5 +73,17 @@ mod tests {
         assert_eq!(v["attributes"]["n"], 2.0);
         assert_eq!(v["attributes"]["s"], "x");
         assert!(line(&StoredItem { data: vec![0xff], ..stored }).is_err());
+    }
+
+    #[test]
+    fn the_export_is_private_and_complete() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exports/acme.jsonl");
+        write_atomically(&path, &["{}".into(), "{\"a\":1}".into()]).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n{\"a\":1}\n");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        write_atomically(&path, &[]).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 }

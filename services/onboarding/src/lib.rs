@@ -759,10 +759,11 @@ impl OnboardingService {
                 .query(Query { pk: WORKFLOWS_PK.into(), sk_prefix: String::new(), start_after, limit: 100 })
                 .await?;
             for item in &page.items {
-                let wf: Workflow =
-                    serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
-                if wf.state == WorkflowState::Running {
-                    pending.push(wf.id);
+                // One unreadable record (e.g. from an older release) must not stop the others resuming.
+                match serde_json::from_slice::<Workflow>(&item.data) {
+                    Ok(wf) if wf.state == WorkflowState::Running => pending.push(wf.id),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(key = %item.sk, error = %e, "unreadable workflow record; not resumed"),
                 }
             }
             match page.last_evaluated {
