@@ -219,6 +219,10 @@ impl TestMesh {
     pub fn data(&self) -> DataClient<Channel> {
         DataClient::new(Self::channel(self.addrs.data))
     }
+    /// The full table name of `name` on this mesh's backend.
+    pub fn state_table_name(&self, name: &str) -> String {
+        self.state.table_name(name)
+    }
     pub fn data_admin(&self) -> tenantmesh_proto::data::v1::data_admin_client::DataAdminClient<Channel> {
         tenantmesh_proto::data::v1::data_admin_client::DataAdminClient::new(Self::channel(self.addrs.data))
     }

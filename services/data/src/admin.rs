@@ -109,29 +109,29 @@ impl DataAdmin for DataAdminService {
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
+        // The first page before answering: a missing table or an outage is
+        // the call's status, not a broken stream.
+        let first = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after: None, limit: PAGE };
+        let first = store.query(first).await.map_err(storage_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let mut start_after = None;
+            let mut page = first;
             loop {
-                let q = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after, limit: PAGE };
-                let page = match store.query(q).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(Err(storage_status(e))).await;
-                        return;
-                    }
-                };
-                let items = page
-                    .items
+                let items = std::mem::take(&mut page.items)
                     .into_iter()
                     .map(|i| StoredItem { sort_key: i.sk, version: i.version, data: i.data })
                     .collect();
                 if tx.send(Ok(ExportItemsResponse { items })).await.is_err() {
                     return;
                 }
-                match page.last_evaluated {
-                    Some(sk) => start_after = Some(sk),
-                    None => return,
+                let Some(sk) = page.last_evaluated else { return };
+                let q = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after: Some(sk), limit: PAGE };
+                match store.query(q).await {
+                    Ok(p) => page = p,
+                    Err(e) => {
+                        let _ = tx.send(Err(storage_status(e))).await;
+                        return;
+                    }
                 }
             }
         });

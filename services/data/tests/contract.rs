@@ -220,3 +220,51 @@ async fn callers_without_a_valid_tenant_identity_are_refused() {
     .await;
     mesh.shutdown().await;
 }
+
+/// DataAdmin refuses what it must: tables that are not the tenant's,
+/// the pooled table where a dedicated one is meant, bad imports; and an
+/// import keeps versions and replaces, so running it twice leaves one copy.
+#[tokio::test]
+async fn data_admin_checks_its_input() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("adm")).await;
+    let svc = mesh.service_token().await;
+    let mut admin = mesh.data_admin();
+    let pooled = mesh.state_table_name("data");
+    let own = format!("{}tenant-{}-bridge", pooled.trim_end_matches("data"), t.tenant_id);
+    let store = |table: &str| Some(StoreRef { tenant_id: t.tenant_id.clone(), table: table.into() });
+
+    let r =
+        admin.provision_store(authed(ProvisionStoreRequest { store: store(&pooled), tier: "premium".into() }, &svc));
+    expect_invalid(r.await, "store.table");
+    let r = admin
+        .provision_store(authed(ProvisionStoreRequest { store: store("tenantmesh-auth"), tier: "x".into() }, &svc));
+    expect_invalid(r.await, "store.table");
+    let r = admin.provision_store(authed(ProvisionStoreRequest { store: store(&own), tier: String::new() }, &svc));
+    expect_invalid(r.await, "tier");
+    expect_invalid(admin.drop_store(authed(DropStoreRequest { store: None }, &svc)).await, "store");
+    let bad_tenant = Some(StoreRef { tenant_id: "Bad!".into(), table: pooled.clone() });
+    expect_invalid(admin.purge_items(authed(PurgeItemsRequest { store: bad_tenant }, &svc)).await, "store.tenant_id");
+    // A dedicated table that was never provisioned.
+    let r = admin.export_items(authed(ExportItemsRequest { store: store(&own) }, &svc)).await;
+    expect_code(r, Code::FailedPrecondition);
+
+    let item = |sk: &str, version: u64| StoredItem {
+        sort_key: sk.into(),
+        version,
+        data: prost::Message::encode_to_vec(&Item { collection: "c".into(), id: "1".into(), ..Default::default() }),
+    };
+    let import = |items: Vec<StoredItem>| ImportItemsRequest { store: store(&pooled), items };
+    for _ in 0..2 {
+        admin.import_items(authed(import(vec![item("c#1", 7)]), &svc)).await.unwrap();
+    }
+    let got = mesh.data().get_item(authed(GetItemRequest { collection: "c".into(), id: "1".into() }, &t.token)).await;
+    assert_eq!(got.unwrap().into_inner().item.unwrap().version, 7);
+    expect_invalid(admin.import_items(authed(import(vec![item("", 1)]), &svc)).await, "items[0].sort_key");
+    expect_invalid(admin.import_items(authed(import(vec![item("c#2", 0)]), &svc)).await, "items[0].version");
+    let many = (0..501).map(|i| item(&format!("c#{i}"), 1)).collect();
+    expect_invalid(admin.import_items(authed(import(many), &svc)).await, "items");
+    let purged = admin.purge_items(authed(PurgeItemsRequest { store: store(&pooled) }, &svc)).await.unwrap();
+    assert_eq!(purged.into_inner().deleted, 1);
+    mesh.shutdown().await;
+}

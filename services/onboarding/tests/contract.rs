@@ -220,3 +220,56 @@ async fn validation_and_access() {
     expect_invalid(onb.get_onboarding_status(authed(status("X"), &admin)).await, "tenant_id");
     mesh.shutdown().await;
 }
+
+/// ChangeTier, OffboardTenant, GetWorkflow and WatchEvents: bad input names
+/// the field, the platform tenant is never moved or offboarded, unknown
+/// tenants are NOT_FOUND, only platform admins start workflows, and a
+/// tenant cannot start a second workflow while one runs.
+#[tokio::test]
+async fn lifecycle_rpcs_validate_and_guard() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let a = mesh.onboard(&unique_tenant("acme")).await;
+    let mut onb = mesh.onboarding();
+    let change = |t: &str, tier: &str| ChangeTierRequest { tenant_id: t.into(), tier: tier.into() };
+    let off = |t: &str| OffboardTenantRequest { tenant_id: t.into() };
+
+    expect_invalid(onb.change_tier(authed(change("Bad!", "premium"), &admin)).await, "tenant_id");
+    expect_invalid(onb.change_tier(authed(change(&a.tenant_id, "gold"), &admin)).await, "tier");
+    expect_code(onb.change_tier(authed(change("platform", "basic"), &admin)).await, Code::FailedPrecondition);
+    expect_code(onb.change_tier(authed(change(&unique_tenant("none"), "basic"), &admin)).await, Code::NotFound);
+    expect_code(onb.change_tier(authed(change(&a.tenant_id, "premium"), &a.token)).await, Code::PermissionDenied);
+    expect_invalid(onb.offboard_tenant(authed(off("Bad!"), &admin)).await, "tenant_id");
+    expect_code(onb.offboard_tenant(authed(off("platform"), &admin)).await, Code::FailedPrecondition);
+    expect_code(onb.offboard_tenant(authed(off(&unique_tenant("none")), &admin)).await, Code::NotFound);
+    expect_code(onb.offboard_tenant(authed(off(&a.tenant_id), &a.token)).await, Code::PermissionDenied);
+
+    for bad in ["", "acme", "acme/onboard/1", "acme/change-tier/x", "Bad!/onboard", "acme/delete"] {
+        let r = onb.get_workflow(authed(GetWorkflowRequest { workflow_id: bad.into() }, &admin)).await;
+        expect_invalid(r, "workflow_id");
+    }
+    let missing = GetWorkflowRequest { workflow_id: format!("{}/offboard", a.tenant_id) };
+    expect_code(onb.get_workflow(authed(missing, &admin)).await, Code::NotFound);
+    let own = GetWorkflowRequest { workflow_id: format!("{}/onboard", a.tenant_id) };
+    let wf = onb.get_workflow(authed(own, &a.token)).await.unwrap().into_inner().workflow.unwrap();
+    assert_eq!((wf.kind.as_str(), wf.status), ("onboard", WorkflowStatus::Succeeded as i32));
+    let b = mesh.onboard(&unique_tenant("globex")).await;
+    let theirs = GetWorkflowRequest { workflow_id: format!("{}/onboard", b.tenant_id) };
+    expect_code(onb.get_workflow(authed(theirs, &a.token)).await, Code::PermissionDenied);
+    let watch = WatchEventsRequest { tenant_id: "Bad!".into(), after_sequence: None };
+    expect_invalid(onb.watch_events(authed(watch, &admin)).await, "tenant_id");
+
+    // One workflow per tenant: a second change while one runs is refused;
+    // offboarding waits for it too.
+    let first = onb.change_tier(authed(change(&a.tenant_id, "premium"), &admin)).await.unwrap().into_inner();
+    let other = onb.change_tier(authed(change(&a.tenant_id, "enterprise"), &admin)).await;
+    expect_code(other, Code::FailedPrecondition);
+    let s = expect_code(onb.offboard_tenant(authed(off(&a.tenant_id), &admin)).await, Code::FailedPrecondition);
+    assert!(s.message().contains(&first.workflow_id), "{s:?}");
+    assert_eq!(mesh.wait_workflow(&first.workflow_id).await.status, WorkflowStatus::Succeeded as i32);
+    let done = onb.offboard_tenant(authed(off(&a.tenant_id), &admin)).await.unwrap().into_inner();
+    assert_eq!(mesh.wait_workflow(&done.workflow_id).await.status, WorkflowStatus::Succeeded as i32);
+    // A deleted tenant changes tier no more.
+    expect_code(onb.change_tier(authed(change(&a.tenant_id, "basic"), &admin)).await, Code::FailedPrecondition);
+    mesh.shutdown().await;
+}

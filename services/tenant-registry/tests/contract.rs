@@ -166,3 +166,83 @@ async fn tenant_roles_are_confined() {
     reg.get_tenant(authed(GetTenantRequest { tenant_id: b.tenant_id.clone() }, &service)).await.unwrap();
     mesh.shutdown().await;
 }
+
+/// SetPlacement records tier, placement and status in one write, checks the
+/// placement against the tier's model, honours expected_version, and never
+/// touches the platform tenant; SetTenantLimits records limits.
+#[tokio::test]
+async fn placement_and_limits() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let mut reg = mesh.registry();
+    let id = unique_tenant("place");
+    reg.create_tenant(authed(create(&id, "standard"), &admin)).await.unwrap();
+    let bridge = Placement {
+        model: IsolationModel::Bridge as i32,
+        table: format!("tenantmesh-tenant-{id}-bridge"),
+        endpoint: String::new(),
+    };
+    let req = |tier: &str, p: Option<Placement>, status: TenantStatus, v: Option<u64>| SetPlacementRequest {
+        tenant_id: id.clone(),
+        tier: tier.into(),
+        placement: p,
+        status: status as i32,
+        expected_version: v,
+    };
+    let t = reg
+        .set_placement(authed(req("premium", Some(bridge.clone()), TenantStatus::Migrating, Some(1)), &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    assert_eq!(
+        (t.tier.as_str(), t.isolation_model, t.status, t.placement.as_ref(), t.version),
+        ("premium", IsolationModel::Bridge as i32, TenantStatus::Migrating as i32, Some(&bridge), 2)
+    );
+    // UNSPECIFIED keeps the status; a stale version is ABORTED.
+    let same = reg.set_placement(authed(req("", Some(bridge.clone()), TenantStatus::Unspecified, None), &admin));
+    assert_eq!(same.await.unwrap().into_inner().tenant.unwrap().status, TenantStatus::Migrating as i32);
+    let stale = reg.set_placement(authed(req("", Some(bridge.clone()), TenantStatus::Active, Some(1)), &admin));
+    expect_code(stale.await, Code::Aborted);
+
+    // A pool placement on a bridge tier, with or without naming the tier.
+    let pool =
+        Placement { model: IsolationModel::Pool as i32, table: "tenantmesh-data".into(), endpoint: String::new() };
+    let r = reg.set_placement(authed(req("premium", Some(pool.clone()), TenantStatus::Active, None), &admin)).await;
+    expect_invalid(r, "placement.model");
+    let r = reg.set_placement(authed(req("", Some(pool), TenantStatus::Active, None), &admin)).await;
+    expect_code(r, Code::FailedPrecondition);
+    let mut bad = bridge.clone();
+    bad.table = "no spaces allowed".into();
+    expect_invalid(
+        reg.set_placement(authed(req("", Some(bad), TenantStatus::Active, None), &admin)).await,
+        "placement.table",
+    );
+    let mut bad = bridge.clone();
+    bad.endpoint = "http://127.0.0.1:1".into();
+    let r = reg.set_placement(authed(req("", Some(bad), TenantStatus::Active, None), &admin)).await;
+    expect_invalid(r, "placement.endpoint");
+    let silo = Placement { model: IsolationModel::Silo as i32, table: "t-silo".into(), endpoint: "ftp://x".into() };
+    let r = reg.set_placement(authed(req("enterprise", Some(silo), TenantStatus::Active, None), &admin)).await;
+    expect_invalid(r, "placement.endpoint");
+    expect_invalid(reg.set_placement(authed(req("", None, TenantStatus::Active, None), &admin)).await, "placement");
+    let r = reg.set_placement(authed(req("", Some(bridge.clone()), TenantStatus::Deleted, None), &admin)).await;
+    expect_invalid(r, "status");
+    let mut platform = req("", Some(bridge.clone()), TenantStatus::Active, None);
+    platform.tenant_id = "platform".into();
+    expect_code(reg.set_placement(authed(platform, &admin)).await, Code::FailedPrecondition);
+
+    let limits = TenantLimits { requests_per_second: 7, burst: 8, max_concurrency: 9, storage_quota_bytes: 10 };
+    let lreq = |l: Option<TenantLimits>| SetTenantLimitsRequest { tenant_id: id.clone(), limits: l };
+    let t = reg.set_tenant_limits(authed(lreq(Some(limits)), &admin)).await.unwrap().into_inner().tenant.unwrap();
+    assert_eq!(t.limits, Some(limits));
+    expect_invalid(reg.set_tenant_limits(authed(lreq(None), &admin)).await, "limits");
+
+    // Tenants themselves never move their own placement.
+    let tenant = mesh.onboard(&unique_tenant("self")).await;
+    let mut own = req("", Some(bridge), TenantStatus::Active, None);
+    own.tenant_id = tenant.tenant_id.clone();
+    expect_code(reg.set_placement(authed(own, &tenant.token)).await, Code::PermissionDenied);
+    mesh.shutdown().await;
+}
