@@ -18,7 +18,7 @@ use tenantmesh_proto::auth::v1::auth_client::AuthClient;
 use tenantmesh_proto::auth::v1::{IssueServiceTokenRequest, ListUsersRequest, LoginRequest};
 use tenantmesh_proto::data::v1::data_admin_client::DataAdminClient;
 use tenantmesh_proto::data::v1::data_client::DataClient;
-use tenantmesh_proto::data::v1::*;
+use tenantmesh_proto::data::v1::{PutItemRequest, QueryItemsRequest};
 use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
 use tenantmesh_proto::onboarding::v1::*;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
@@ -42,7 +42,7 @@ struct Cluster {
     env: HashMap<String, String>,
     ports: HashMap<&'static str, u16>,
     procs: Vec<(String, Child)>,
-    _moto: Option<moto::Moto>,
+    moto: Option<moto::Moto>,
 }
 
 impl Drop for Cluster {
@@ -74,9 +74,10 @@ impl Cluster {
         env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://127.0.0.1:{}", ports["registry"]));
         env.insert("TENANTMESH_AUTH_URL".into(), format!("http://127.0.0.1:{}", ports["auth"]));
         env.insert("TENANTMESH_DATA_URL".into(), format!("http://127.0.0.1:{}", ports["data"]));
-        let mut cluster = Cluster { dir, env, ports, procs: Vec::new(), _moto: moto };
+        let mut cluster = Cluster { dir, env, ports, procs: Vec::new(), moto };
         for name in ["registry", "auth", "data"] {
-            cluster.spawn(name, name, ports_of(&cluster, name), &[]).await;
+            let port = cluster.ports[name];
+            cluster.spawn(name, name, port, &[]).await;
         }
         cluster
     }
@@ -234,7 +235,7 @@ impl Cluster {
     /// The tenant's dedicated tables that exist, on the cluster's backend.
     async fn dedicated_tables(&self, tenant: &str) -> Vec<String> {
         let needle = format!("tenant-{tenant}-");
-        match &self._moto {
+        match &self.moto {
             Some(m) => {
                 let aws = tenantmesh_isolation::aws::AwsSettings::from_env(&m.env()).await;
                 let names = aws.dynamodb().list_tables().send().await.unwrap().table_names().to_vec();
@@ -246,8 +247,10 @@ impl Cluster {
                     let tables = dir.unwrap().path().join("tables");
                     for f in std::fs::read_dir(&tables).into_iter().flatten() {
                         let name = f.unwrap().file_name().to_string_lossy().into_owned();
-                        if name.contains(&needle) && name.ends_with(".redb") && !name.starts_with('.') {
-                            found.push(name);
+                        if let Some(table) =
+                            name.strip_suffix(".redb").filter(|n| n.contains(&needle) && !n.starts_with('.'))
+                        {
+                            found.push(table.to_owned());
                         }
                     }
                 }
@@ -258,14 +261,8 @@ impl Cluster {
 
     /// The tenant's items the service role finds in `table` (DataAdmin).
     async fn stored(&self, tenant: &str, table: &str) -> Result<usize, tonic::Status> {
-        let req = ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant.into(), table: table.into() }) };
         let mut admin = DataAdminClient::new(channel(self.ports["data"]));
-        let mut stream = admin.export_items(authed(req, &self.service_token().await)).await?.into_inner();
-        let mut n = 0;
-        while let Some(batch) = stream.message().await? {
-            n += batch.items.len();
-        }
-        Ok(n)
+        exported_items(&mut admin, &self.service_token().await, tenant, table).await
     }
 
     /// Registers `tenant` on `tier` (admin `admin@<tenant>.example`).
@@ -313,10 +310,6 @@ impl Cluster {
         assert_eq!(unique.len(), ids.len(), "an item is listed twice: {ids:?}");
         ids
     }
-}
-
-fn ports_of(cluster: &Cluster, name: &str) -> u16 {
-    cluster.ports[name]
 }
 
 /// Where the onboarding process is held for the kill: after the step is
@@ -438,13 +431,7 @@ async fn tier_change_completes_after_kill_9_at_every_step() {
         let t = cluster.tenant(&tenant).await;
         assert_eq!((t.tier.as_str(), t.status), ("premium", TenantStatus::Active as i32), "after {step} ({mode})");
         let table = t.placement.unwrap().table;
-        assert_eq!(
-            cluster.dedicated_tables(&tenant).await,
-            [format!("{table}.redb")]
-                .into_iter()
-                .map(|n| if cluster._moto.is_some() { table.clone() } else { n })
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(cluster.dedicated_tables(&tenant).await, std::slice::from_ref(&table), "after {step} ({mode})");
         let token = cluster.tenant_token(&tenant).await;
         let ids = cluster.item_ids(&token).await;
         assert_eq!(ids.len(), 25, "after {step} ({mode}): {ids:?}");

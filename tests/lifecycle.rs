@@ -53,13 +53,7 @@ async fn all_items(mesh: &TestMesh, token: &str) -> BTreeMap<String, (String, u6
 
 /// The tenant's items as the service role sees them in `table` (through DataAdmin).
 async fn stored_in(mesh: &TestMesh, tenant_id: &str, table: &str) -> Result<usize, tonic::Status> {
-    let req = ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant_id.into(), table: table.into() }) };
-    let mut stream = mesh.data_admin().export_items(authed(req, &mesh.service_token().await)).await?.into_inner();
-    let mut n = 0;
-    while let Some(batch) = stream.message().await? {
-        n += batch.items.len();
-    }
-    Ok(n)
+    exported_items(&mut mesh.data_admin(), &mesh.service_token().await, tenant_id, table).await
 }
 
 /// Pool, bridge and silo tenants side by side: each gets its own placement,

@@ -387,6 +387,24 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A tool installed by `cargo xtask setup` into `.tools/bin`.
+/// How many items of `tenant_id` `DataAdmin.ExportItems` streams from
+/// `table`, called with the service `token`.
+pub async fn exported_items(
+    admin: &mut tenantmesh_proto::data::v1::data_admin_client::DataAdminClient<Channel>,
+    token: &str,
+    tenant_id: &str,
+    table: &str,
+) -> Result<usize, Status> {
+    use tenantmesh_proto::data::v1::{ExportItemsRequest, StoreRef};
+    let req = ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant_id.into(), table: table.into() }) };
+    let mut stream = admin.export_items(authed(req, token)).await?.into_inner();
+    let mut n = 0;
+    while let Some(batch) = stream.message().await? {
+        n += batch.items.len();
+    }
+    Ok(n)
+}
+
 /// A service binary of the workspace built alongside the running test
 /// (`target/<profile>/<name>`).
 pub fn service_binary(name: &str) -> PathBuf {

@@ -58,15 +58,7 @@ impl DataAdminService {
     }
 
     async fn store(&self, tenant: &str, table: &str) -> Result<DynTable, Status> {
-        self.stores.store_for(tenant, table).await.map_err(|e| match e {
-            tenantmesh_isolation::PolicyError::NoSuchTable(t) => {
-                Status::failed_precondition(format!("table {t} does not exist"))
-            }
-            e => {
-                tracing::error!(error = %e, "cannot build the tenant's session policy");
-                Status::internal("internal error")
-            }
-        })
+        self.stores.store_for(tenant, table).await.map_err(crate::store_error)
     }
 }
 

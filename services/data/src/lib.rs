@@ -181,16 +181,7 @@ impl DataService {
             );
             return Err(Status::permission_denied("the tenant's placement names a table it may not use"));
         }
-        self.stores.store_for(tenant, table).await.map_err(|e| match e {
-            tenantmesh_isolation::PolicyError::NoSuchTable(_) => {
-                tracing::error!(error = %e, table, "the tenant's table is missing");
-                Status::failed_precondition("the tenant's table does not exist")
-            }
-            e => {
-                tracing::error!(error = %e, "cannot build the tenant's session policy");
-                Status::internal("internal error")
-            }
-        })
+        self.stores.store_for(tenant, table).await.map_err(store_error)
     }
 
     /// A client of a silo tenant's instance that sends the caller's own
@@ -210,6 +201,21 @@ impl DataService {
         }
         silos.insert(endpoint.to_owned(), c.clone());
         Ok(c)
+    }
+}
+
+/// The status for a tenant store that cannot be had: its table is missing
+/// (FAILED_PRECONDITION), or its policy cannot be built (a bug: INTERNAL).
+fn store_error(e: tenantmesh_isolation::PolicyError) -> Status {
+    match e {
+        tenantmesh_isolation::PolicyError::NoSuchTable(table) => {
+            tracing::warn!(table, "the tenant's table does not exist");
+            Status::failed_precondition(format!("table {table} does not exist"))
+        }
+        e => {
+            tracing::error!(error = %e, "cannot build the tenant's session policy");
+            Status::internal("internal error")
+        }
     }
 }
 

@@ -43,8 +43,10 @@ impl EventLog {
             time: (now_micros() / 1_000_000) as i64,
         };
         for _ in 0..16 {
-            let seq = self.last.fetch_max(now_micros(), Ordering::SeqCst).max(now_micros());
-            let seq = self.last.fetch_max(seq + 1, Ordering::SeqCst).max(seq + 1);
+            let now = now_micros();
+            let next = |last: u64| last.max(now) + 1;
+            let seq =
+                next(self.last.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(next(l))).unwrap_or(now));
             event.sequence = seq;
             match self.store.put(EVENTS_PK, &key(seq), event.encode_to_vec(), Condition::NotExists).await {
                 Ok(_) => {
