@@ -42,6 +42,7 @@ struct Cluster {
     env: HashMap<String, String>,
     ports: HashMap<&'static str, u16>,
     procs: Vec<(String, Child)>,
+    admin: std::sync::OnceLock<String>,
     moto: Option<moto::Moto>,
 }
 
@@ -74,7 +75,7 @@ impl Cluster {
         env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://127.0.0.1:{}", ports["registry"]));
         env.insert("TENANTMESH_AUTH_URL".into(), format!("http://127.0.0.1:{}", ports["auth"]));
         env.insert("TENANTMESH_DATA_URL".into(), format!("http://127.0.0.1:{}", ports["data"]));
-        let mut cluster = Cluster { dir, env, ports, procs: Vec::new(), moto };
+        let mut cluster = Cluster { dir, env, ports, procs: Vec::new(), admin: Default::default(), moto };
         for name in ["registry", "auth", "data"] {
             let port = cluster.ports[name];
             cluster.spawn(name, name, port, &[]).await;
@@ -149,8 +150,13 @@ impl Cluster {
         Ok(self.auth().login(req).await?.into_inner().access_token)
     }
 
+    /// The platform admin's token, logged in once (polls call this often).
     async fn admin(&self) -> String {
-        self.login("platform", ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap()
+        if let Some(t) = self.admin.get() {
+            return t.clone();
+        }
+        let token = self.login("platform", ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
+        self.admin.get_or_init(|| token).clone()
     }
 
     async fn service_token(&self) -> String {

@@ -123,10 +123,14 @@ fn check_tenant_id(id: &str) -> Result<(), PolicyError> {
     if ok { Ok(()) } else { Err(PolicyError::UnsafeTenantId(id.to_owned())) }
 }
 
+/// A valid DynamoDB table name: 3-255 of letters, digits, `_`, `-`, `.`.
+pub fn valid_table_name(name: &str) -> bool {
+    (3..=255).contains(&name.len())
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
+
 fn check_table(name: &str) -> Result<(), PolicyError> {
-    let ok = (3..=255).contains(&name.len())
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
-    if ok { Ok(()) } else { Err(PolicyError::InvalidTable(name.to_owned())) }
+    if valid_table_name(name) { Ok(()) } else { Err(PolicyError::InvalidTable(name.to_owned())) }
 }
 
 /// The session policy that confines a tenant to its own partition of its

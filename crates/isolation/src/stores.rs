@@ -101,11 +101,8 @@ impl EmbeddedStores {
     }
 
     fn path(&self, table: &str) -> Result<PathBuf, StorageError> {
-        let ok = !table.is_empty()
-            && table.len() <= 255
-            && table.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
-            && !table.starts_with('.');
-        if !ok {
+        // No leading dot either: such files are provisioning's temporaries.
+        if !crate::policy::valid_table_name(table) || table.starts_with('.') {
             return Err(StorageError::Invalid(format!("table name {table:?}")));
         }
         Ok(self.dir.join(format!("{table}.redb")))

@@ -169,9 +169,7 @@ fn check_placement(v: &mut Violations, placement: &Placement, model: Option<Isol
     if model.is_some_and(|m| m as i32 != placement.model) {
         v.add("placement.model", "must be the isolation model of the tier");
     }
-    let table_ok = (3..=255).contains(&placement.table.len())
-        && placement.table.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
-    if !table_ok {
+    if !tenantmesh_isolation::policy::valid_table_name(&placement.table) {
         v.add("placement.table", "must be 3-255 of letters, digits, _ - .");
     }
     let silo = placement.model == IsolationModel::Silo as i32;
