@@ -6,6 +6,9 @@
 //! - `test`: setup, then fmt, clippy, buf lint, buf breaking, compose
 //!   validation (when docker-compose exists), every test (nextest), and the
 //!   README's start command run for real (release build).
+//! - `bench`: builds the release binaries and runs `tenantmesh-bench run`
+//!   (every benchmark scenario; results in `bench/results/` and
+//!   `BENCHMARKS.md`); `test` ends with `bench --quick`.
 //! - `proto-baseline`: rewrites the committed breaking-change baseline.
 #![forbid(unsafe_code)]
 
@@ -34,7 +37,12 @@ commands:
   setup           install grpcurl, moto_server and buf into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
                   buf breaking, cfn-lint, compose validation, every test (nextest)
-                  and the README's start command (release build), for real
+                  the README's start command (release build), for real, and
+                  bench --quick
+  bench [--quick] [--only a,b]
+                  build release binaries and run the benchmark scenarios
+                  (results in bench/results/ and BENCHMARKS.md; --quick: a
+                  second or two each, into target/bench-quick/)
   proto-baseline  rewrite proto/breaking/v1.image.json from proto/ (after a
                   deliberate contract break; commit it with the change)"
 }
@@ -44,6 +52,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup().map(|_| ()),
         Some("test") => test(&args[1..]),
+        Some("bench") => setup().and_then(|_| bench(&args[1..])),
         Some("proto-baseline") => setup().and_then(|t| proto_baseline(&t, &root().join("proto").join(BASELINE))),
         Some("-h" | "--help" | "help") => {
             println!("{}", usage());
@@ -229,7 +238,27 @@ fn test(extra: &[String]) -> Result {
         ]);
     }
     run(dynamo.args(extra))?;
-    readme_start_command()
+    readme_start_command()?;
+    // The benchmark harness runs too (a second or two per scenario, results
+    // under target/), so it never rots; its figures are not checked here.
+    bench(&["--quick".to_owned()])
+}
+
+/// Builds what the benchmarks run (release) and runs them.
+fn bench(extra: &[String]) -> Result {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tenantmesh-cli",
+        "-p",
+        "tenantmesh-data",
+        "-p",
+        "tenantmesh-bench",
+    ]))?;
+    let root = root();
+    run(Command::new(root.join("target/release/tenantmesh-bench")).arg("run").arg("--root").arg(&root).args(extra))
 }
 
 /// Runs the README's start command exactly (`cargo run --release -p

@@ -28,8 +28,9 @@ use tonic::{Request, Response, Status};
 
 pub use error::RegistryError;
 
-/// Partition holding every tenant record (sort key: tenant id).
-const TENANTS_PK: &str = "_tenants";
+/// Partition holding every tenant record (sort key: tenant id; value: the
+/// encoded [`Tenant`]).
+pub const TENANTS_PK: &str = "_tenants";
 
 /// Registry settings (see [`CommonConfig`]).
 #[derive(Debug, Clone)]
