@@ -6,11 +6,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::server::Authenticator;
@@ -90,7 +90,7 @@ pub async fn serve_routes(
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(crate::server::layer(auth))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stop_rx.await;
         });
     tokio::pin!(server);
@@ -113,6 +113,15 @@ pub async fn serve_routes(
     }
 }
 
+/// The connections `listener` accepts, with `TCP_NODELAY` on. tonic's
+/// `Server::tcp_nodelay` does not apply to a listener handed in, and with
+/// Nagle's algorithm on, an answer written right after a small write (a
+/// PING ack, which gRPC C-core and grpc-go clients ask for after every
+/// call) waits for the client's delayed ACK: 40 ms.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -129,5 +138,22 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+    use tokio_stream::StreamExt as _;
+
+    /// Every accepted connection has Nagle's algorithm off.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap(), "accepted socket keeps Nagle on");
     }
 }
