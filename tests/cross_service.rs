@@ -73,11 +73,10 @@ async fn client_layer_propagates_or_fails_closed() {
     assert!(s.message().contains("no tenant context"), "{s:?}");
 
     let ctx = TenantContext {
-        tenant_id: acme.tenant_id.clone(),
-        tier: "standard".into(),
+        tenant_id: acme.tenant_id.as_str().into(),
         subject: "test".into(),
-        roles: vec![tenantmesh_tenant_context::Role::TenantAdmin],
-        token: acme.token.clone().into(),
+        roles: [tenantmesh_tenant_context::Role::TenantAdmin].into(),
+        token: acme.token.as_str().into(),
         ..Default::default()
     };
     // Inside the context the call carries acme's token: NOT_FOUND, not UNAUTHENTICATED.

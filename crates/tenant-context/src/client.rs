@@ -158,9 +158,9 @@ where
         // Read the task-local now: the returned future may be polled elsewhere.
         let current = TenantContext::current();
         Box::pin(async move {
-            let (token, tenant_id): (Arc<str>, String) = match (&identity, current) {
+            let (token, tenant_id): (Arc<str>, Arc<str>) = match (&identity, current) {
                 (Identity::Service(source), _) => match source.token().await {
-                    Ok(t) => (t, PLATFORM_TENANT.to_owned()),
+                    Ok(t) => (t, PLATFORM_TENANT.into()),
                     Err(status) => return Ok(status.into_http()),
                 },
                 (Identity::Caller, Some(ctx)) => (ctx.token.clone(), ctx.tenant_id.clone()),

@@ -3,7 +3,7 @@
 //! caller's own verified token) everywhere else.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// What the layer needs to know about a tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TenantInfo {
     pub tier: String,
     pub status: TenantStatus,
@@ -46,7 +46,7 @@ pub trait TenantDirectory: Send + Sync + 'static {
         tenant_id: &str,
         token: &str,
         caller_tenant: Option<&str>,
-    ) -> Result<Option<TenantInfo>, Status>;
+    ) -> Result<Option<Arc<TenantInfo>>, Status>;
 }
 
 /// Registry lookups over gRPC with a short-lived cache, so a tenant's
@@ -55,7 +55,7 @@ pub trait TenantDirectory: Send + Sync + 'static {
 pub struct RemoteDirectory {
     client: TenantRegistryClient<Channel>,
     ttl: Duration,
-    cache: Mutex<HashMap<String, (Instant, Option<TenantInfo>)>>,
+    cache: Mutex<HashMap<String, (Instant, Option<Arc<TenantInfo>>)>>,
 }
 
 impl RemoteDirectory {
@@ -73,7 +73,7 @@ impl TenantDirectory for RemoteDirectory {
         tenant_id: &str,
         token: &str,
         caller_tenant: Option<&str>,
-    ) -> Result<Option<TenantInfo>, Status> {
+    ) -> Result<Option<Arc<TenantInfo>>, Status> {
         if let Some((at, info)) = self.cache.lock().expect("cache lock").get(tenant_id)
             && at.elapsed() < self.ttl
         {
@@ -93,7 +93,7 @@ impl TenantDirectory for RemoteDirectory {
             req.metadata_mut().insert(crate::metadata::TRACEPARENT, v);
         }
         let info = match self.client.clone().get_tenant(req).await {
-            Ok(resp) => resp.into_inner().tenant.map(TenantInfo::from),
+            Ok(resp) => resp.into_inner().tenant.map(|t| Arc::new(TenantInfo::from(t))),
             Err(s) if s.code() == Code::NotFound => None,
             Err(s) => {
                 tracing::warn!(tenant_id, code = ?s.code(), error = %s.message(), "tenant lookup failed");

@@ -84,23 +84,21 @@ pub struct Claims {
 }
 
 /// Who is calling, established from a verified token and nothing else.
+/// Cheap to clone: every part is shared (the token's identity with the
+/// verified-token cache, the tenant's record with the directory's cache).
 #[derive(Debug, Clone, Default)]
 pub struct TenantContext {
-    pub tenant_id: String,
-    /// The tenant's tier as recorded in the registry.
-    pub tier: String,
+    pub tenant_id: Arc<str>,
     /// The token's subject (a user id, or `service:<client>`).
-    pub subject: String,
-    pub roles: Vec<Role>,
+    pub subject: Arc<str>,
+    pub roles: Arc<[Role]>,
     /// The verified bearer token, forwarded on downstream calls.
     pub token: Arc<str>,
-    /// The tenant's status (ACTIVE, or MIGRATING while a tier change
-    /// moves its items: read-only).
-    pub status: tenantmesh_proto::registry::v1::TenantStatus,
-    /// Where the tenant's items live (`None`: the pooled table).
-    pub placement: Option<tenantmesh_proto::registry::v1::Placement>,
+    /// The tenant as the registry records it: tier, status (ACTIVE, or
+    /// MIGRATING while a tier change moves its items: read-only) and
+    /// placement.
+    pub tenant: Arc<directory::TenantInfo>,
 }
-
 /// The future type of the tower services in this crate.
 pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -125,6 +123,20 @@ impl TenantContext {
         CURRENT.scope(self, fut)
     }
 
+    /// The tenant's tier as recorded in the registry.
+    pub fn tier(&self) -> &str {
+        &self.tenant.tier
+    }
+
+    pub fn status(&self) -> tenantmesh_proto::registry::v1::TenantStatus {
+        self.tenant.status
+    }
+
+    /// Where the tenant's items live (`None`: the pooled table).
+    pub fn placement(&self) -> Option<&tenantmesh_proto::registry::v1::Placement> {
+        self.tenant.placement.as_ref()
+    }
+
     pub fn has_role(&self, role: Role) -> bool {
         self.roles.contains(&role)
     }
@@ -137,7 +149,7 @@ impl TenantContext {
     /// Refuses (PERMISSION_DENIED) unless the caller may act on `tenant_id`:
     /// its own tenant, or any tenant for platform callers.
     pub fn authorize_tenant(&self, tenant_id: &str) -> Result<(), Status> {
-        if self.is_platform() || self.tenant_id == tenant_id {
+        if self.is_platform() || *self.tenant_id == *tenant_id {
             Ok(())
         } else {
             tracing::warn!(
@@ -185,9 +197,8 @@ mod tests {
     fn authorize_tenant_allows_own_and_platform_only() {
         let ctx = |t: &str, roles: Vec<Role>| TenantContext {
             tenant_id: t.into(),
-            tier: "basic".into(),
             subject: "u".into(),
-            roles,
+            roles: roles.into(),
             token: "t".into(),
             ..Default::default()
         };

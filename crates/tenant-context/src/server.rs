@@ -10,13 +10,13 @@ use tonic::Status;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span};
 
+use crate::Role;
 use crate::access::{self, Access};
 use crate::directory::TenantDirectory;
 use crate::directory::TenantInfo;
 use crate::external::ExternalVerifier;
-use crate::verify::{TokenVerifier, VerifyError};
+use crate::verify::{TokenVerifier, Verified, VerifyError};
 use crate::{BoxFuture, TenantContext, metadata};
-use crate::{Claims, Role};
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
 const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
@@ -54,31 +54,33 @@ impl Authenticator {
     /// to refuse the request with.
     pub async fn authenticate(&self, path: &str, headers: &http::HeaderMap) -> Result<TenantContext, Status> {
         let token = bearer_token(headers)?;
-        let (claims, known) = if self.is_ours(token) {
-            (self.verifier.verify(token).await.map_err(refusal)?, None)
-        } else {
-            let (claims, info) = self.authenticate_external(token, headers).await?;
-            (claims, Some(info))
+        let (verified, known) = match self.verifier.remembered(token) {
+            Some(v) => (v, None),
+            None if self.is_ours(token) => (self.verifier.verify(token).await.map_err(refusal)?, None),
+            None => {
+                let (verified, info) = self.authenticate_external(token, headers).await?;
+                (Arc::new(verified), Some(info))
+            }
         };
         if let Some(value) = headers.get(metadata::TENANT_ID) {
             let claimed = value.to_str().map_err(|_| Status::invalid_argument("x-tenant-id is not valid ASCII"))?;
-            if claimed != claims.tenant_id {
+            if claimed != &*verified.tenant_id {
                 tracing::warn!(
                     security_event = "tenant_header_mismatch",
-                    token_tenant = %claims.tenant_id,
+                    token_tenant = %verified.tenant_id,
                     header_tenant = %claimed,
-                    subject = %claims.sub,
+                    subject = %verified.subject,
                     rpc = path,
                     "refused x-tenant-id that differs from the token's tenant"
                 );
                 return Err(Status::permission_denied("x-tenant-id does not match the token's tenant"));
             }
         }
-        if !access::allows(path, &claims.roles) {
+        if !access::allows(path, &verified.roles) {
             tracing::warn!(
                 security_event = "role_denied",
-                tenant_id = %claims.tenant_id,
-                subject = %claims.sub,
+                tenant_id = %verified.tenant_id,
+                subject = %verified.subject,
                 rpc = path,
                 "caller's roles do not allow this rpc"
             );
@@ -88,7 +90,7 @@ impl Authenticator {
             Some(info) => info,
             None => self
                 .directory
-                .lookup(&claims.tenant_id, token, None)
+                .lookup(&verified.tenant_id, token, None)
                 .await?
                 .ok_or_else(|| Status::permission_denied("tenant does not exist"))?,
         };
@@ -101,7 +103,7 @@ impl Authenticator {
             TenantStatus::Suspended | TenantStatus::Deleted | TenantStatus::Unspecified => {
                 tracing::warn!(
                     security_event = "inactive_tenant",
-                    tenant_id = %claims.tenant_id,
+                    tenant_id = %verified.tenant_id,
                     status = ?info.status,
                     "refused a token of an inactive tenant"
                 );
@@ -109,13 +111,11 @@ impl Authenticator {
             }
         }
         Ok(TenantContext {
-            tenant_id: claims.tenant_id,
-            tier: info.tier,
-            subject: claims.sub,
-            roles: claims.roles,
+            tenant_id: verified.tenant_id.clone(),
+            subject: verified.subject.clone(),
+            roles: verified.roles.clone(),
             token: Arc::from(token),
-            status: info.status,
-            placement: info.placement,
+            tenant: info,
         })
     }
 }
@@ -138,7 +138,7 @@ impl Authenticator {
         &self,
         token: &str,
         headers: &http::HeaderMap,
-    ) -> Result<(Claims, TenantInfo), Status> {
+    ) -> Result<(Verified, Arc<TenantInfo>), Status> {
         let tenant = headers
             .get(metadata::TENANT_ID)
             .and_then(|v| v.to_str().ok())
@@ -161,19 +161,13 @@ impl Authenticator {
             Status::unauthenticated("token issuer not accepted")
         })?;
         let identity = self.external.verify(token, provider, tenant).await.map_err(refusal)?;
-        let now = jsonwebtoken::get_current_timestamp();
-        let claims = Claims {
-            iss: provider.issuer.clone(),
-            aud: provider.audience.clone(),
-            sub: identity.subject,
-            tenant_id: identity.tenant_id,
-            roles: vec![Role::TenantUser],
-            exp: now,
-            nbf: now,
-            iat: now,
-            jti: String::new(),
+        let verified = Verified {
+            tenant_id: identity.tenant_id.into(),
+            subject: identity.subject.into(),
+            roles: Arc::new([Role::TenantUser]),
+            exp: jsonwebtoken::get_current_timestamp(),
         };
-        Ok((claims, info))
+        Ok((verified, info))
     }
 }
 
@@ -261,8 +255,8 @@ where
                 _ => match auth.authenticate(&path, req.headers()).await {
                     Ok(ctx) => {
                         let span = Span::current();
-                        span.record("tenant.id", ctx.tenant_id.as_str());
-                        span.record("tenant.tier", ctx.tier.as_str());
+                        span.record("tenant.id", &*ctx.tenant_id);
+                        span.record("tenant.tier", ctx.tier());
                         req.extensions_mut().insert(ctx.clone());
                         ctx.scope(inner.call(req)).await
                     }

@@ -2,9 +2,18 @@
 //! `exp` / `nbf` / `iss` / `aud` checked. Keys come from a [`KeySource`]:
 //! the auth service's own key store, or [`JwksCache`] over gRPC for every
 //! other service.
+//!
+//! A verified token is remembered (keyed by its SHA-256, never by anything
+//! a caller could choose to collide) until its `exp` or until the set of
+//! published keys changes, so a caller's next requests cost a hash and a
+//! lookup instead of an Ed25519 verification. The verdict is the one a full
+//! verification would give at that instant: the same expiry (leeway
+//! included), and a retired key takes its tokens with it.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -13,7 +22,7 @@ use tenantmesh_proto::auth::v1::{GetJwksRequest, Jwk, auth_client::AuthClient};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::Claims;
+use crate::{Claims, Role};
 
 /// Why a token was refused. Every variant becomes UNAUTHENTICATED.
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +56,40 @@ pub enum VerifyError {
 pub trait KeySource: Send + Sync + 'static {
     /// The public key with this `kid`, if it is (now) published.
     async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError>;
+
+    /// Changes whenever the set of published keys changes (a key added or
+    /// retired): verified tokens remembered under an older generation are
+    /// verified again.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
+
+/// What a verified access token says, shared by every request that
+/// presents it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub tenant_id: Arc<str>,
+    pub subject: Arc<str>,
+    pub roles: Arc<[Role]>,
+    /// Seconds since the epoch.
+    pub exp: u64,
+}
+
+impl From<Claims> for Verified {
+    fn from(c: Claims) -> Self {
+        Verified { tenant_id: c.tenant_id.into(), subject: c.sub.into(), roles: c.roles.into(), exp: c.exp }
+    }
+}
+
+/// How many verified tokens a verifier remembers by default.
+pub const DEFAULT_TOKEN_CACHE_CAPACITY: usize = 100_000;
 
 /// Verifies access tokens.
 pub struct TokenVerifier {
     keys: Arc<dyn KeySource>,
     validation: Validation,
+    cache: VerifiedCache,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -74,11 +111,47 @@ impl TokenVerifier {
         validation.validate_nbf = true;
         validation.leeway = 30;
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-        Self { keys, validation }
+        Self { keys, validation, cache: VerifiedCache::new(DEFAULT_TOKEN_CACHE_CAPACITY) }
     }
 
-    /// Verifies `token` and returns its claims.
-    pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+    /// Remembers at most `capacity` verified tokens (0: none).
+    pub fn with_cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache = VerifiedCache::new(capacity);
+        self
+    }
+
+    /// Verifies `token`: from memory when this verifier verified it before,
+    /// it has not expired and the published keys have not changed since.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Verified>, VerifyError> {
+        let digest = TokenDigest::of(token);
+        // Read before verifying: a key retired meanwhile makes the entry stale at once.
+        let generation = self.keys.generation();
+        if let Some(v) = self.lookup(&digest, generation) {
+            return Ok(v);
+        }
+        let verified = Arc::new(Verified::from(self.verify_uncached(token).await?));
+        self.cache.insert(digest, verified.clone(), generation);
+        Ok(verified)
+    }
+
+    /// `token`'s remembered verdict, if it is remembered and still holds
+    /// (no key lookup, no signature check).
+    pub fn remembered(&self, token: &str) -> Option<Arc<Verified>> {
+        self.lookup(&TokenDigest::of(token), self.keys.generation())
+    }
+
+    fn lookup(&self, digest: &TokenDigest, generation: u64) -> Option<Arc<Verified>> {
+        let now = jsonwebtoken::get_current_timestamp();
+        self.cache.get(digest, generation, now.saturating_sub(self.validation.leeway))
+    }
+
+    /// How many verified tokens are remembered now.
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Verifies `token` in full (signature included), remembering nothing.
+    pub async fn verify_uncached(&self, token: &str) -> Result<Claims, VerifyError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| VerifyError::Malformed)?;
         // The allow-list: only EdDSA. This refuses `none` and HS256 signed
         // with a public key before any key is looked at.
@@ -98,6 +171,107 @@ impl TokenVerifier {
             return Err(VerifyError::Claims);
         }
         Ok(claims)
+    }
+}
+
+/// The SHA-256 of a token: the key it is remembered under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    fn of(token: &str) -> Self {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        TokenDigest(d.as_ref().try_into().expect("sha-256 is 32 bytes"))
+    }
+}
+
+/// Keys are SHA-256 digests, uniformly distributed already: their first
+/// eight bytes are the hash.
+#[derive(Default, Clone, Copy)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 |= u64::from(*b) << (8 * i);
+        }
+    }
+}
+
+impl BuildHasher for DigestHasher {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+struct Remembered {
+    verified: Arc<Verified>,
+    generation: u64,
+}
+
+const SHARDS: usize = 16;
+
+/// Verified tokens by digest, in shards so concurrent requests rarely meet
+/// on a lock. Each shard holds at most `capacity / SHARDS` tokens: when
+/// full, expired ones go first, and if none had expired the shard starts
+/// over (its tokens are verified again on their next use).
+struct VerifiedCache {
+    shards: Vec<std::sync::Mutex<HashMap<TokenDigest, Remembered, DigestHasher>>>,
+    per_shard: usize,
+    len: AtomicU64,
+}
+
+impl VerifiedCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Default::default()).collect(),
+            per_shard: capacity.div_ceil(SHARDS),
+            len: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, d: &TokenDigest) -> std::sync::MutexGuard<'_, HashMap<TokenDigest, Remembered, DigestHasher>> {
+        self.shards[usize::from(d.0[31]) % SHARDS].lock().expect("token cache lock")
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed) as usize
+    }
+
+    /// The remembered verdict, if it still holds: same key generation and
+    /// `exp` not before `expired_before` (now minus the leeway).
+    fn get(&self, d: &TokenDigest, generation: u64, expired_before: u64) -> Option<Arc<Verified>> {
+        let mut shard = self.shard(d);
+        let r = shard.get(d)?;
+        if r.generation == generation && r.verified.exp >= expired_before {
+            return Some(r.verified.clone());
+        }
+        shard.remove(d);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        None
+    }
+
+    fn insert(&self, d: TokenDigest, verified: Arc<Verified>, generation: u64) {
+        if self.per_shard == 0 {
+            return;
+        }
+        let mut shard = self.shard(&d);
+        if shard.len() >= self.per_shard && !shard.contains_key(&d) {
+            let before = shard.len();
+            let now = jsonwebtoken::get_current_timestamp();
+            shard.retain(|_, r| r.verified.exp >= now);
+            if shard.len() >= self.per_shard {
+                shard.clear();
+            }
+            self.len.fetch_sub((before - shard.len()) as u64, Ordering::Relaxed);
+        }
+        if shard.insert(d, Remembered { verified, generation }).is_none() {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -135,6 +309,8 @@ pub struct JwksCache {
     /// Held for the whole refresh, so one runs at a time; records when the
     /// last one started and whether it worked.
     refresh: Mutex<Option<(Instant, bool)>>,
+    /// Bumped when a refresh changes the set of keys.
+    generation: AtomicU64,
 }
 
 impl JwksCache {
@@ -144,12 +320,17 @@ impl JwksCache {
             min_refresh_interval: Duration::from_secs(2),
             keys: std::sync::RwLock::new(HashMap::new()),
             refresh: Mutex::new(None),
+            generation: AtomicU64::new(0),
         }
     }
 }
 
 #[async_trait]
 impl KeySource for JwksCache {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError> {
         let known =
             |keys: &std::sync::RwLock<HashMap<String, DecodingKey>>| keys.read().expect("jwks lock").get(kid).cloned();
@@ -187,7 +368,14 @@ impl KeySource for JwksCache {
             resp.keys.iter().filter_map(|jwk| Some((jwk.kid.clone(), decoding_key(jwk)?))).collect();
         tracing::debug!(keys = keys.len(), "jwks refreshed");
         let found = keys.get(kid).cloned();
-        *self.keys.write().expect("jwks lock") = keys;
+        {
+            let mut known = self.keys.write().expect("jwks lock");
+            let same = known.len() == keys.len() && keys.keys().all(|k| known.contains_key(k));
+            *known = keys;
+            if !same {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         *last_refresh = Some((Instant::now(), true));
         Ok(found)
     }
@@ -268,7 +456,115 @@ mod tests {
     async fn a_valid_token_verifies() {
         let (v, key) = setup();
         let c = claims("acme", vec![Role::TenantAdmin]);
-        assert_eq!(v.verify(&sign(&c, &key, Some("k1"))).await.unwrap(), c);
+        assert_eq!(*v.verify(&sign(&c, &key, Some("k1"))).await.unwrap(), Verified::from(c));
+    }
+
+    /// Keys that can be retired, counting how often they are asked for.
+    struct Rotating {
+        keys: std::sync::Mutex<HashMap<String, DecodingKey>>,
+        generation: AtomicU64,
+        lookups: AtomicU64,
+    }
+
+    #[async_trait]
+    impl KeySource for Rotating {
+        async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            Ok(self.keys.lock().unwrap().get(kid).cloned())
+        }
+        fn generation(&self) -> u64 {
+            self.generation.load(Ordering::SeqCst)
+        }
+    }
+
+    fn rotating() -> (Arc<Rotating>, TokenVerifier, EncodingKey) {
+        let (enc, dec) = keypair();
+        let keys = Arc::new(Rotating {
+            keys: std::sync::Mutex::new([("k1".to_owned(), dec)].into()),
+            generation: AtomicU64::new(0),
+            lookups: AtomicU64::new(0),
+        });
+        let verifier = TokenVerifier::new(keys.clone(), "iss", "aud");
+        (keys, verifier, enc)
+    }
+
+    /// A token verified once is served from memory: no key lookup, no
+    /// signature check; the same verdict.
+    #[tokio::test]
+    async fn a_verified_token_is_remembered() {
+        let (keys, v, key) = rotating();
+        let token = sign(&claims("acme", vec![Role::TenantUser]), &key, Some("k1"));
+        let first = v.verify(&token).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(v.verify(&token).await.unwrap(), first);
+        }
+        assert_eq!(keys.lookups.load(Ordering::SeqCst), 1, "verified again instead of remembered");
+        assert_eq!(v.cached_tokens(), 1);
+    }
+
+    /// Remembering a token never lets a different one through: altered
+    /// payloads and signatures of a remembered token are still refused.
+    #[tokio::test]
+    async fn a_remembered_token_vouches_for_no_other() {
+        let (_, v, key) = rotating();
+        let token = sign(&claims("acme", vec![Role::TenantUser]), &key, Some("k1"));
+        v.verify(&token).await.unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged = claims("globex", vec![Role::TenantAdmin]);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
+        let tampered = format!("{}.{payload}.{}", parts[0], parts[2]);
+        assert!(matches!(v.verify(&tampered).await, Err(VerifyError::Signature)));
+        let mut sig = parts[2].to_owned();
+        sig.replace_range(0..1, if sig.starts_with('A') { "B" } else { "A" });
+        let bad_sig = format!("{}.{}.{sig}", parts[0], parts[1]);
+        assert!(v.verify(&bad_sig).await.is_err());
+    }
+
+    /// When its key leaves the published set, a remembered token is refused
+    /// exactly as an unremembered one would be.
+    #[tokio::test]
+    async fn a_retired_key_takes_its_remembered_tokens_along() {
+        let (keys, v, key) = rotating();
+        let token = sign(&claims("acme", vec![Role::TenantUser]), &key, Some("k1"));
+        v.verify(&token).await.unwrap();
+        keys.keys.lock().unwrap().clear();
+        keys.generation.fetch_add(1, Ordering::SeqCst);
+        assert!(matches!(v.verify(&token).await, Err(VerifyError::UnknownKey)));
+        assert_eq!(v.cached_tokens(), 0);
+    }
+
+    /// A remembered token stops being served once `exp` (plus the leeway a
+    /// full verification allows) has passed, and then gets the full
+    /// verification's answer.
+    #[tokio::test]
+    async fn a_remembered_token_expires_with_the_token() {
+        let (_, v, key) = rotating();
+        // Inside the 30 s leeway: valid now, remembered.
+        let mut c = claims("acme", vec![Role::TenantUser]);
+        c.exp = now() - 20;
+        let token = sign(&c, &key, Some("k1"));
+        v.verify(&token).await.unwrap();
+        let d = TokenDigest::of(&token);
+        assert!(v.cache.get(&d, 0, c.exp).is_some(), "still valid at its exp");
+        assert!(v.cache.get(&d, 0, c.exp + 1).is_none(), "served past its exp + leeway");
+        // Forgotten once expired; a token past the leeway is refused in full.
+        assert_eq!(v.cached_tokens(), 0);
+        c.exp = now() - 60;
+        assert!(matches!(v.verify(&sign(&c, &key, Some("k1"))).await, Err(VerifyError::Expired)));
+    }
+
+    /// However many distinct tokens arrive, the memory holds a bounded number.
+    #[tokio::test]
+    async fn the_token_cache_is_bounded() {
+        let (_, v, key) = rotating();
+        let v = v.with_cache_capacity(64);
+        for i in 0..1000 {
+            let mut c = claims("acme", vec![Role::TenantUser]);
+            c.jti = format!("t{i}");
+            v.verify(&sign(&c, &key, Some("k1"))).await.unwrap();
+            assert!(v.cached_tokens() <= 64, "{} tokens remembered", v.cached_tokens());
+        }
+        assert!(v.cached_tokens() > 0);
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! signing longer than an access token lives, then it is deleted.
 
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -52,6 +53,9 @@ struct KeyEntry {
 /// The auth service's signing keys (see the module docs).
 pub struct SigningKeys {
     keys: RwLock<Vec<KeyEntry>>,
+    /// Bumped whenever the set of keys changes (verifiers forget the
+    /// tokens they remembered under the old set).
+    generation: AtomicU64,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> AuthError {
@@ -66,14 +70,19 @@ impl SigningKeys {
             generate(store, crate::now_secs()).await?;
             keys = load(store).await?;
         }
-        Ok(Self { keys: RwLock::new(keys) })
+        Ok(Self { keys: RwLock::new(keys), generation: AtomicU64::new(0) })
     }
 
     /// Re-reads the keys from the store (another replica may have rotated).
     pub async fn reload(&self, store: &DynTable) -> Result<(), AuthError> {
         let keys = load(store).await?;
         if !keys.is_empty() {
-            *self.keys.write().expect("keys lock") = keys;
+            let mut current = self.keys.write().expect("keys lock");
+            let same = current.len() == keys.len() && current.iter().zip(&keys).all(|(a, b)| a.kid == b.kid);
+            *current = keys;
+            if !same {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
         }
         Ok(())
     }
@@ -182,6 +191,10 @@ async fn generate(store: &DynTable, active_time: i64) -> Result<String, AuthErro
 
 #[async_trait]
 impl KeySource for SigningKeys {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError> {
         Ok(self.keys.read().expect("keys lock").iter().find(|k| k.kid == kid).map(|k| k.decoding.clone()))
     }

@@ -352,7 +352,7 @@ impl AuthService {
             .map_err(AuthError::from)?
             .ok_or_else(|| Status::not_found(format!("user {email} not found")))?;
         let user: UserRecord = serde_json::from_slice(&item.data).map_err(|e| AuthError::Corrupt(e.to_string()))?;
-        if user.user_id == ctx.subject {
+        if *user.user_id == *ctx.subject {
             return Err(Status::failed_precondition("you cannot disable or delete yourself"));
         }
         Ok((email, item.version, user))
@@ -462,7 +462,7 @@ impl Auth for AuthService {
             return Err(Status::permission_denied("only platform services may set password_hash"));
         }
         ctx.authorize_tenant(&req.tenant_id)?;
-        if ctx.tenant_id != req.tenant_id {
+        if *ctx.tenant_id != *req.tenant_id {
             // Platform callers: the target tenant must exist.
             match self.inner.directory.lookup(&req.tenant_id, &ctx.token, None).await? {
                 None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),

@@ -88,7 +88,7 @@ pub struct DataService {
 
 /// Where a tenant's call is served.
 enum Route {
-    Local { tenant: String, store: DynTable },
+    Local { tenant: Arc<str>, store: DynTable },
     Forward(DataClient<PropagatedChannel>),
 }
 
@@ -146,8 +146,7 @@ impl DataService {
     /// the tenant is being moved.
     async fn route<T>(&self, request: &Request<T>, write: bool) -> Result<Route, Status> {
         let ctx = TenantContext::from_request(request)?;
-        let tenant = ctx.tenant_id.clone();
-        if write && ctx.status == TenantStatus::Migrating {
+        if write && ctx.status() == TenantStatus::Migrating {
             use tonic_types::{ErrorDetails, StatusExt};
             return Err(Status::with_error_details(
                 tonic::Code::Unavailable,
@@ -155,20 +154,22 @@ impl DataService {
                 ErrorDetails::with_retry_info(Some(MIGRATION_RETRY)),
             ));
         }
-        let placement = ctx.placement.clone().unwrap_or_default();
+        let placement = ctx.placement();
         match &self.silo_tenant {
-            Some(silo) if *silo != tenant => {
+            Some(silo) if **silo != *ctx.tenant_id => {
                 tracing::warn!(security_event = "wrong_silo", silo = %silo, "refused another tenant's call");
                 return Err(Status::permission_denied("this data-service instance serves another tenant only"));
             }
             Some(_) => {}
-            None if !placement.endpoint.is_empty() => {
-                return Ok(Route::Forward(self.silo_client(&placement.endpoint)?));
+            None => {
+                if let Some(p) = placement.filter(|p| !p.endpoint.is_empty()) {
+                    return Ok(Route::Forward(self.silo_client(&p.endpoint)?));
+                }
             }
-            None => {}
         }
-        let table = if placement.table.is_empty() { self.stores.pooled_table().to_owned() } else { placement.table };
-        Ok(Route::Local { store: self.store(&tenant, &table).await?, tenant })
+        let table = placement.map(|p| p.table.as_str()).filter(|t| !t.is_empty()).unwrap_or(self.stores.pooled_table());
+        let tenant = ctx.tenant_id.clone();
+        Ok(Route::Local { store: self.store(&tenant, table).await?, tenant })
     }
 
     /// `tenant`'s view of `table`, if the table may hold its items.
@@ -318,7 +319,10 @@ impl Data for DataService {
         let sk_prefix = sort_key(&req.collection, &req.id_prefix);
         let start_after = paging::decode_token(&mut v, &req.page_token, &sk_prefix);
         v.check()?;
-        let page = store.query(Query { pk: tenant, sk_prefix, start_after, limit }).await.map_err(DataError::from)?;
+        let page = store
+            .query(Query { pk: tenant.to_string(), sk_prefix, start_after, limit })
+            .await
+            .map_err(DataError::from)?;
         let items = page.items.iter().map(decode_item).collect::<Result<Vec<_>, _>>()?;
         let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
         Ok(Response::new(QueryItemsResponse { items, next_page_token }))

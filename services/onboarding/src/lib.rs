@@ -1139,7 +1139,7 @@ impl Onboarding for OnboardingService {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let filter = if req.tenant_id.is_empty() {
-            if ctx.has_role(Role::PlatformAdmin) { None } else { Some(ctx.tenant_id.clone()) }
+            if ctx.has_role(Role::PlatformAdmin) { None } else { Some(ctx.tenant_id.to_string()) }
         } else {
             let mut v = Violations::new();
             v.tenant_id("tenant_id", &req.tenant_id);

@@ -159,9 +159,14 @@ impl Registry {
 /// store (asking itself over gRPC would recurse).
 #[async_trait]
 impl TenantDirectory for Registry {
-    async fn lookup(&self, tenant_id: &str, _token: &str, _caller: Option<&str>) -> Result<Option<TenantInfo>, Status> {
+    async fn lookup(
+        &self,
+        tenant_id: &str,
+        _token: &str,
+        _caller: Option<&str>,
+    ) -> Result<Option<Arc<TenantInfo>>, Status> {
         let tenant = self.get(tenant_id).await.map_err(Status::from)?;
-        Ok(tenant.map(TenantInfo::from))
+        Ok(tenant.map(|t| Arc::new(TenantInfo::from(t))))
     }
 }
 
