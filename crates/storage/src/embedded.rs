@@ -1,5 +1,10 @@
 //! The embedded backend: one redb file, committed durably (fsync) on every
 //! write, so an acknowledged write survives a crash.
+//!
+//! Reads run on the calling task: a redb read transaction over pages in
+//! memory takes microseconds, far less than a hop to the blocking pool
+//! and back (two thread wake-ups). Writes, which wait for the disk, run
+//! on the blocking pool.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -124,16 +129,12 @@ impl Table for EmbeddedTable {
 
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
         check_key(pk, sk)?;
-        let (pk, sk) = (pk.to_owned(), sk.to_owned());
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(ITEMS).map_err(backend)?;
-            match table.get((pk.as_str(), sk.as_str())).map_err(backend)? {
-                Some(v) => Ok(Some(decode(&pk, &sk, v.value())?)),
-                None => Ok(None),
-            }
-        })
-        .await
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(ITEMS).map_err(backend)?;
+        match table.get((pk, sk)).map_err(backend)? {
+            Some(v) => Ok(Some(decode(pk, sk, v.value())?)),
+            None => Ok(None),
+        }
     }
 
     async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
@@ -186,32 +187,29 @@ impl Table for EmbeddedTable {
             return Err(StorageError::Invalid("pk must not be empty".into()));
         }
         let limit = query.limit.max(1);
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(ITEMS).map_err(backend)?;
-            let pk = query.pk.as_str();
-            let start = match &query.start_after {
-                Some(after) if after.as_str() >= query.sk_prefix.as_str() => Bound::Excluded((pk, after.as_str())),
-                _ => Bound::Included((pk, query.sk_prefix.as_str())),
-            };
-            let mut items = Vec::new();
-            let mut more = false;
-            for entry in table.range::<(&str, &str)>((start, Bound::Unbounded)).map_err(backend)? {
-                let (k, v) = entry.map_err(backend)?;
-                let (kpk, ksk) = k.value();
-                if kpk != pk || !ksk.starts_with(query.sk_prefix.as_str()) {
-                    break;
-                }
-                if items.len() == limit {
-                    more = true;
-                    break;
-                }
-                items.push(decode(kpk, ksk, v.value())?);
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(ITEMS).map_err(backend)?;
+        let pk = query.pk.as_str();
+        let start = match &query.start_after {
+            Some(after) if after.as_str() >= query.sk_prefix.as_str() => Bound::Excluded((pk, after.as_str())),
+            _ => Bound::Included((pk, query.sk_prefix.as_str())),
+        };
+        let mut items = Vec::new();
+        let mut more = false;
+        for entry in table.range::<(&str, &str)>((start, Bound::Unbounded)).map_err(backend)? {
+            let (k, v) = entry.map_err(backend)?;
+            let (kpk, ksk) = k.value();
+            if kpk != pk || !ksk.starts_with(query.sk_prefix.as_str()) {
+                break;
             }
-            let last_evaluated = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
-            Ok(Page { items, last_evaluated })
-        })
-        .await
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            items.push(decode(kpk, ksk, v.value())?);
+        }
+        let last_evaluated = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
+        Ok(Page { items, last_evaluated })
     }
 
     async fn transact_write(&self, writes: Vec<Write>) -> Result<()> {
