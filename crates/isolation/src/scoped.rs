@@ -2,14 +2,43 @@
 //! every call is evaluated (action, table, partition keys) before it
 //! reaches the store, so a bug above it cannot read or write another
 //! tenant's items.
+//!
+//! The policy is fixed for the life of a scoped table, so the decision for
+//! a call on the tenant's own partition is the same every time: it is
+//! evaluated once per action and remembered. Any other key is evaluated in
+//! full, every time.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use tenantmesh_storage::{Condition, DynTable, Item, Page, Query, Result, StorageError, Table, Write};
 
-use crate::eval::{RequestContext, evaluate};
+use crate::eval::{Decision, RequestContext, evaluate};
 use crate::policy::{Placement, PolicyDocument, PolicyError, tenant_policy};
+
+/// The storage actions a scoped table performs, as IAM names them.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    GetItem,
+    PutItem,
+    DeleteItem,
+    Query,
+    ConditionCheckItem,
+}
+
+impl Action {
+    const COUNT: usize = 5;
+
+    fn iam(self) -> &'static str {
+        match self {
+            Action::GetItem => "dynamodb:GetItem",
+            Action::PutItem => "dynamodb:PutItem",
+            Action::DeleteItem => "dynamodb:DeleteItem",
+            Action::Query => "dynamodb:Query",
+            Action::ConditionCheckItem => "dynamodb:ConditionCheckItem",
+        }
+    }
+}
 
 /// A tenant's view of a table (see the module docs).
 pub struct ScopedTable {
@@ -17,6 +46,8 @@ pub struct ScopedTable {
     tenant_id: String,
     table_arn: String,
     policy: Arc<PolicyDocument>,
+    /// The policy's decision for each action on the tenant's own partition.
+    own: [OnceLock<Decision>; Action::COUNT],
 }
 
 impl std::fmt::Debug for ScopedTable {
@@ -33,6 +64,7 @@ impl ScopedTable {
             tenant_id: tenant_id.to_owned(),
             table_arn: placement.table_arn(),
             policy: Arc::new(tenant_policy(tenant_id, placement)?),
+            own: Default::default(),
         })
     }
 
@@ -40,61 +72,68 @@ impl ScopedTable {
         &self.tenant_id
     }
 
-    fn check<'a>(&self, action: &str, keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
-        let keys: Vec<String> = keys.into_iter().map(str::to_owned).collect();
-        let ctx = RequestContext::dynamodb(action, &self.table_arn, keys.iter().cloned());
-        let decision = evaluate(&self.policy, &ctx);
+    fn evaluate(&self, action: Action, keys: &[&str]) -> Decision {
+        let ctx = RequestContext::dynamodb(action.iam(), &self.table_arn, keys.iter().map(|k| (*k).to_owned()));
+        evaluate(&self.policy, &ctx)
+    }
+
+    fn check(&self, action: Action, key: &str) -> Result<()> {
+        let decision = if key == self.tenant_id {
+            *self.own[action as usize].get_or_init(|| self.evaluate(action, &[key]))
+        } else {
+            self.evaluate(action, &[key])
+        };
         if decision.is_allowed() {
             return Ok(());
         }
-        let refused = keys.iter().find(|k| **k != self.tenant_id).cloned().unwrap_or_default();
+        let refused = if key == self.tenant_id { "" } else { key };
         tracing::warn!(
             security_event = "isolation_denied",
             tenant_id = %self.tenant_id,
-            action,
+            action = action.iam(),
             refused_key = %refused,
             decision = ?decision,
             "storage call refused by the tenant's session policy"
         );
-        Err(StorageError::AccessDenied { action: action.to_owned(), key: refused })
+        Err(StorageError::AccessDenied { action: action.iam().to_owned(), key: refused.to_owned() })
     }
 }
 
 #[async_trait]
 impl Table for ScopedTable {
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
-        self.check("dynamodb:GetItem", [pk])?;
+        self.check(Action::GetItem, pk)?;
         self.inner.get(pk, sk).await
     }
 
     async fn restore(&self, item: Item) -> Result<()> {
-        self.check("dynamodb:PutItem", [item.pk.as_str()])?;
+        self.check(Action::PutItem, &item.pk)?;
         self.inner.restore(item).await
     }
 
     async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
-        self.check("dynamodb:PutItem", [pk])?;
+        self.check(Action::PutItem, pk)?;
         self.inner.put(pk, sk, data, condition).await
     }
 
     async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>> {
-        self.check("dynamodb:DeleteItem", [pk])?;
+        self.check(Action::DeleteItem, pk)?;
         self.inner.delete(pk, sk, condition).await
     }
 
     async fn query(&self, query: Query) -> Result<Page> {
-        self.check("dynamodb:Query", [query.pk.as_str()])?;
+        self.check(Action::Query, &query.pk)?;
         self.inner.query(query).await
     }
 
     async fn transact_write(&self, writes: Vec<Write>) -> Result<()> {
         for w in &writes {
             let (action, pk) = match w {
-                Write::Put { pk, .. } => ("dynamodb:PutItem", pk),
-                Write::Delete { pk, .. } => ("dynamodb:DeleteItem", pk),
-                Write::Check { pk, .. } => ("dynamodb:ConditionCheckItem", pk),
+                Write::Put { pk, .. } => (Action::PutItem, pk),
+                Write::Delete { pk, .. } => (Action::DeleteItem, pk),
+                Write::Check { pk, .. } => (Action::ConditionCheckItem, pk),
             };
-            self.check(action, [pk.as_str()])?;
+            self.check(action, pk)?;
         }
         self.inner.transact_write(writes).await
     }

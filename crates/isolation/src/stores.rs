@@ -46,11 +46,13 @@ pub fn table_allowed(stores: &dyn TenantStores, prefix: &str, tenant_id: &str, t
     table == stores.pooled_table() || ["bridge", "silo"].iter().any(|m| table == dedicated_table(prefix, tenant_id, m))
 }
 
-/// Tenant stores built once and kept, up to `capacity` entries; an entry
-/// forgotten when full is rebuilt on its next request.
+/// Tenant stores built once and kept, for up to `capacity` tenants; a
+/// tenant forgotten when full is rebuilt on its next request. Looked up
+/// by borrowed names: a request allocates nothing here.
 struct TenantCache {
     capacity: usize,
-    tables: Mutex<HashMap<(String, String), DynTable>>,
+    /// tenant -> its views, one per table (a tenant uses one or two).
+    tables: Mutex<HashMap<String, Vec<(String, DynTable)>>>,
 }
 
 impl TenantCache {
@@ -64,23 +66,39 @@ impl TenantCache {
         table: &str,
         build: impl FnOnce() -> Result<DynTable, PolicyError>,
     ) -> Result<DynTable, PolicyError> {
-        let key = (tenant_id.to_owned(), table.to_owned());
-        if let Some(t) = self.tables.lock().expect("tenant cache lock").get(&key) {
-            return Ok(t.clone());
+        let cached = |tables: &HashMap<String, Vec<(String, DynTable)>>| {
+            tables.get(tenant_id)?.iter().find(|(t, _)| t == table).map(|(_, s)| s.clone())
+        };
+        if let Some(t) = cached(&self.tables.lock().expect("tenant cache lock")) {
+            return Ok(t);
         }
         let built = build()?;
         let mut tables = self.tables.lock().expect("tenant cache lock");
+        if let Some(t) = cached(&tables) {
+            return Ok(t);
+        }
         if tables.len() >= self.capacity
+            && !tables.contains_key(tenant_id)
             && let Some(k) = tables.keys().next().cloned()
         {
             tables.remove(&k);
         }
-        Ok(tables.entry(key).or_insert(built).clone())
+        tables.entry(tenant_id.to_owned()).or_default().push((table.to_owned(), built.clone()));
+        Ok(built)
     }
 
     /// Forgets every view of `table`.
     fn forget_table(&self, table: &str) {
-        self.tables.lock().expect("tenant cache lock").retain(|(_, t), _| t != table);
+        let mut tables = self.tables.lock().expect("tenant cache lock");
+        tables.retain(|_, views| {
+            views.retain(|(t, _)| t != table);
+            !views.is_empty()
+        });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.tables.lock().expect("tenant cache lock").len()
     }
 }
 
@@ -243,7 +261,7 @@ mod tests {
         for t in ["globex", "initech", "umbrella"] {
             stores.store_for(t, "data").await.unwrap();
         }
-        assert!(stores.cache.tables.lock().unwrap().len() <= 2);
+        assert!(stores.cache.len() <= 2);
         assert!(matches!(stores.store_for("Bad*", "data").await, Err(PolicyError::UnsafeTenantId(_))));
 
         let own = dedicated_table("tm-", "acme", "bridge");
