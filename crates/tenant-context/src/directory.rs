@@ -49,13 +49,16 @@ pub trait TenantDirectory: Send + Sync + 'static {
     ) -> Result<Option<Arc<TenantInfo>>, Status>;
 }
 
+/// When a lookup was made, and its answer (`None`: no such tenant).
+type Cached = (Instant, Option<Arc<TenantInfo>>);
+
 /// Registry lookups over gRPC with a short-lived cache, so a tenant's
 /// requests cost one registry call per `ttl`. Settled states (active,
 /// suspended, deleted) are cached; transitional ones are not.
 pub struct RemoteDirectory {
     client: TenantRegistryClient<Channel>,
     ttl: Duration,
-    cache: Mutex<HashMap<String, (Instant, Option<Arc<TenantInfo>>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl RemoteDirectory {
