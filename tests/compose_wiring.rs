@@ -90,7 +90,8 @@ async fn compose_environment_wires_the_services() {
         let mut cmd = Command::new(service_binary(&svc.binary));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
+            // The data service logs each write at debug: a line from inside a request.
+            .env("RUST_LOG", "info,tenantmesh_data=debug")
             .env("TENANTMESH_SHUTDOWN_GRACE_MS", "1000")
             .env("TENANTMESH_DATA_DIR", dir.path().join(name))
             .stdout(std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap())
@@ -162,6 +163,14 @@ async fn compose_environment_wires_the_services() {
     let got = data.get_item(authed(GetItemRequest { collection: "c".into(), id: "1".into() }, &token)).await.unwrap();
     assert_eq!(got.into_inner().item.unwrap().version, 1);
 
+    // No collector here, so no OpenTelemetry layer: the services keep the
+    // W3C trace context themselves, and a caller's trace id is on the log
+    // line of its request.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(GetItemRequest { collection: "c".into(), id: "1".into() });
+    req.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
+    expect_code(data.get_item(req).await, tonic::Code::Unauthenticated);
+
     // SIGTERM, callers first (as an orchestrator stops them): every service
     // stops and exits 0, bounded by its grace period.
     drop((auth, onboarding, data));
@@ -171,5 +180,17 @@ async fn compose_environment_wires_the_services() {
         assert!(status.success(), "{name} did not exit cleanly on SIGTERM: {status:?}");
         let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
         assert!(log.contains("shutting down: draining in-flight calls"), "{name} did not drain:\n{log}");
+        if name == "data" {
+            let refused = log.lines().find(|l| l.contains("request refused")).expect("the refusal is logged");
+            assert!(refused.contains(&format!("\"trace_id\":\"{trace_id}\"")), "{refused}");
+            // A line logged inside an authenticated request carries its tenant and a trace id.
+            let written = log.lines().find(|l| l.contains("item written")).expect("the write is logged");
+            let line: serde_json::Value = serde_json::from_str(written).unwrap();
+            assert_eq!(
+                (line["tenant_id"].as_str(), line["tenant_tier"].as_str()),
+                (Some(tenant.as_str()), Some("basic"))
+            );
+            assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{written}");
+        }
     }
 }

@@ -1,17 +1,22 @@
-//! The JSON log format: one object per line with `timestamp`, `level`,
+//! The JSON log layer: one object per line with `timestamp`, `level`,
 //! `service`, `target`, `message`, the event's fields, and the request
 //! context captured from enclosing spans (`tenant_id`, `tenant_tier`,
 //! `trace_id`) at the top level, so log queries can filter on them directly.
+//!
+//! One layer does both jobs (remember the context fields of spans, write
+//! events), so a span costs only the capture of those few fields: nothing
+//! formats a span's other fields, which no log line shows.
 
 use std::fmt;
+use std::io::Write as _;
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
@@ -25,45 +30,25 @@ struct Captured(Vec<(&'static str, String)>);
 
 impl Visit for Captured {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.set(field, value.to_owned());
+        if let Some(key) = Self::key(field) {
+            self.set(key, value.to_owned());
+        }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.set(field, format!("{value:?}"));
+        if let Some(key) = Self::key(field) {
+            self.set(key, format!("{value:?}"));
+        }
     }
 }
 
 impl Captured {
-    fn set(&mut self, field: &Field, value: String) {
-        if let Some((_, key)) = CONTEXT_FIELDS.iter().find(|(name, _)| *name == field.name()) {
-            self.0.retain(|(k, _)| k != key);
-            self.0.push((key, value));
-        }
-    }
-}
-
-/// A layer that remembers the context fields of every span, for [`JsonFormat`].
-#[derive(Debug, Clone, Copy)]
-pub struct CaptureContextFields;
-
-impl<S> tracing_subscriber::Layer<S> for CaptureContextFields
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let mut captured = Captured::default();
-        attrs.record(&mut captured);
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(captured);
-        }
+    fn key(field: &Field) -> Option<&'static str> {
+        CONTEXT_FIELDS.iter().find(|(name, _)| *name == field.name()).map(|(_, key)| *key)
     }
 
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(id) {
-            let mut ext = span.extensions_mut();
-            if let Some(captured) = ext.get_mut::<Captured>() {
-                values.record(captured);
-            }
-        }
+    fn set(&mut self, key: &'static str, value: String) {
+        self.0.retain(|(k, _)| *k != key);
+        self.0.push((key, value));
     }
 }
 
@@ -94,33 +79,51 @@ impl Visit for FieldsToJson<'_> {
     }
 }
 
-/// The event formatter (see the module docs).
+/// The layer (see the module docs); `make_writer` gives where lines go.
 #[derive(Debug, Clone)]
-pub struct JsonFormat {
+pub struct JsonLayer<W> {
     service: String,
+    make_writer: W,
 }
 
-impl JsonFormat {
-    pub fn new(service: impl Into<String>) -> Self {
-        Self { service: service.into() }
+impl<W> JsonLayer<W> {
+    pub fn new(service: impl Into<String>, make_writer: W) -> Self {
+        Self { service: service.into(), make_writer }
     }
 }
 
-impl<S, N> FormatEvent<S, N> for JsonFormat
+impl<S, W> tracing_subscriber::Layer<S> for JsonLayer<W>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
+    W: for<'a> MakeWriter<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut captured = Captured::default();
+        attrs.record(&mut captured);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(captured);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            let mut ext = span.extensions_mut();
+            if let Some(captured) = ext.get_mut::<Captured>() {
+                values.record(captured);
+            }
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let mut obj = Map::new();
         let mut ts = String::new();
-        tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut ts))?;
+        let _ = tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut ts));
         obj.insert("timestamp".into(), Value::from(ts));
         obj.insert("level".into(), Value::from(event.metadata().level().as_str()));
         obj.insert("service".into(), Value::from(self.service.as_str()));
         obj.insert("target".into(), Value::from(event.metadata().target()));
         event.record(&mut FieldsToJson(&mut obj));
-        if let Some(scope) = ctx.event_scope() {
+        if let Some(scope) = ctx.event_scope(event) {
             let mut innermost = true;
             for span in scope {
                 if innermost {
@@ -134,8 +137,17 @@ where
                 }
             }
         }
-        let line = serde_json::to_string(&Value::Object(obj)).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{line}")
+        // A request that is not a span keeps its context in a task-local scope.
+        let _ = crate::REQUEST.try_with(|r| {
+            obj.entry("trace_id").or_insert_with(|| Value::from(r.trace.trace_id_hex()));
+            if let Some((tenant, tier)) = r.tenant.get() {
+                obj.entry("tenant_id").or_insert_with(|| Value::from(&**tenant));
+                obj.entry("tenant_tier").or_insert_with(|| Value::from(&**tier));
+            }
+        });
+        let Ok(mut line) = serde_json::to_vec(&Value::Object(obj)) else { return };
+        line.push(b'\n');
+        let _ = self.make_writer.make_writer_for(event.metadata()).write_all(&line);
     }
 }
 
@@ -165,11 +177,7 @@ mod tests {
     fn log_lines_inside_a_span_carry_its_tenant() {
         let buf = Buf::default();
         let writer = buf.clone();
-        let subscriber = tracing_subscriber::registry().with(CaptureContextFields).with(
-            tracing_subscriber::fmt::layer()
-                .event_format(JsonFormat::new("test-svc"))
-                .with_writer(move || writer.clone()),
-        );
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new("test-svc", move || writer.clone()));
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("outside");
             let span = tracing::info_span!("req", tenant.id = tracing::field::Empty, trace_id = "abc");

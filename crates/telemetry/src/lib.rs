@@ -3,9 +3,25 @@
 //! and client spans with `tenant.id`, `tenant.tier` and the OTel RPC
 //! attributes, W3C trace-context propagation over gRPC metadata, and OTLP
 //! export of traces and metrics when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//!
+//! A request is handled inside [`Incoming::run`]. When something exports spans
+//! that is a server span, made a child of the caller's `traceparent`. When
+//! nothing does, no OpenTelemetry layer is installed and no span is made:
+//! the request runs in a task-local scope holding its trace id (the
+//! caller's, or a new one) and, once authenticated, its tenant; log lines
+//! and downstream calls read them from there. Trace ids still follow a
+//! request across services, for a fraction of a span's cost.
 #![forbid(unsafe_code)]
 
 mod json;
+mod w3c;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::Instrument as _;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
@@ -13,10 +29,11 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use tracing::Span;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-pub use json::{CaptureContextFields, JsonFormat};
+pub use json::JsonLayer;
 pub use opentelemetry::Context as OtelContext;
 
 /// Where log lines go.
@@ -107,6 +124,105 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// Whether requests are recorded as OpenTelemetry spans (something exports
+/// them); see the crate docs.
+static OTEL: AtomicBool = AtomicBool::new(true);
+
+/// Whether requests are recorded as spans (an exporter is configured).
+pub fn spans_recorded() -> bool {
+    OTEL.load(Ordering::Relaxed)
+}
+
+/// What a request carries when it is not a span: its trace and, once
+/// authenticated, its tenant.
+pub(crate) struct RequestScope {
+    trace: w3c::Trace,
+    tenant: std::sync::OnceLock<(Arc<str>, Arc<str>)>,
+}
+
+tokio::task_local! {
+    pub(crate) static REQUEST: RequestScope;
+}
+
+/// A boxed request future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// An incoming RPC, before it is handled (see [`incoming`]).
+pub struct Incoming(IncomingKind);
+
+enum IncomingKind {
+    Span(Span),
+    Scope(w3c::Trace),
+}
+
+/// The incoming RPC `path` with request `headers`: its server span, made a
+/// child of the caller's trace, when spans are recorded; else its trace.
+pub fn incoming(path: &str, headers: &http::HeaderMap) -> Incoming {
+    Incoming(if spans_recorded() {
+        let span = server_span(path);
+        adopt_remote_parent(&span, headers);
+        IncomingKind::Span(span)
+    } else {
+        IncomingKind::Scope(w3c::Trace::from_headers(headers).unwrap_or_else(w3c::Trace::new))
+    })
+}
+
+impl Incoming {
+    /// Runs `fut`, the handling of this RPC, as one request (see the crate docs).
+    pub fn run<F>(self, fut: F) -> BoxFuture<F::Output>
+    where
+        F: Future + Send + 'static,
+    {
+        match self.0 {
+            IncomingKind::Span(span) => Box::pin(fut.instrument(span)),
+            IncomingKind::Scope(trace) => {
+                Box::pin(REQUEST.scope(RequestScope { trace, tenant: Default::default() }, fut))
+            }
+        }
+    }
+}
+
+/// Records the authenticated tenant of the current request.
+pub fn record_tenant(tenant_id: &Arc<str>, tier: &Arc<str>) {
+    if spans_recorded() {
+        let span = Span::current();
+        span.record("tenant.id", &**tenant_id);
+        span.record("tenant.tier", &**tier);
+    } else {
+        let _ = REQUEST.try_with(|r| r.tenant.set((tenant_id.clone(), tier.clone())));
+    }
+}
+
+/// Records the outcome of the current request from its response headers.
+pub fn record_response(headers: &http::HeaderMap) {
+    if spans_recorded() {
+        record_response_status(&Span::current(), headers);
+    }
+}
+
+/// Starts an outgoing call to `path` made for `tenant_id`: writes the
+/// W3C `traceparent` into its `headers`, and returns the client span to run
+/// the call in when spans are recorded.
+pub fn start_client_call(path: &str, tenant_id: &str, headers: &mut http::HeaderMap) -> Option<Span> {
+    if spans_recorded() {
+        let span = client_span(path, tenant_id);
+        inject_span_context(&span, headers);
+        Some(span)
+    } else {
+        inject_trace_context(headers);
+        None
+    }
+}
+
+/// Writes the current request's W3C `traceparent` into `headers`.
+pub fn inject_trace_context(headers: &mut http::HeaderMap) {
+    if spans_recorded() {
+        inject_span_context(&Span::current(), headers);
+    } else if let Ok(Some(value)) = REQUEST.try_with(|r| r.trace.child_traceparent()) {
+        headers.insert("traceparent", value);
+    }
+}
+
 /// Installs the global subscriber (JSON logs + OTel spans) and the W3C
 /// propagator. OTLP export needs a running tokio runtime.
 pub fn init(config: Config) -> Result<TelemetryGuard, TelemetryError> {
@@ -154,22 +270,35 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
         opentelemetry::global::set_meter_provider(provider.clone());
         meters = Some(provider);
     }
+    let exporting = extra.is_some() || config.otlp_endpoint.is_some();
     if let Some(exporter) = extra {
         builder = builder.with_simple_exporter(exporter);
     }
     let provider = builder.build();
-    let tracer = provider.tracer(config.service.clone());
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
-
-    let fmt = tracing_subscriber::fmt::layer().event_format(JsonFormat::new(config.service.clone()));
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .with(CaptureContextFields);
-    let installed = match config.log_target {
-        LogTarget::Stdout => registry.with(fmt.with_writer(std::io::stdout)).try_init(),
-        LogTarget::Stderr => registry.with(fmt.with_writer(std::io::stderr)).try_init(),
+    let json = |service: String| match config.log_target {
+        LogTarget::Stdout => JsonLayer::new(service, BoxMakeWriter::new(std::io::stdout)),
+        LogTarget::Stderr => JsonLayer::new(service, BoxMakeWriter::new(std::io::stderr)),
+    };
+    let installed = if exporting {
+        // Our code reads span contexts explicitly (propagation, log trace
+        // ids): no context activation on every poll, no per-span timing,
+        // thread, level, target or source-location attributes; spans carry
+        // the attributes we give them.
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(config.service.clone()))
+            .with_context_activation(false)
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
+            .with_level(false)
+            .with_target(false);
+        OTEL.store(true, Ordering::Relaxed);
+        tracing_subscriber::registry().with(filter).with(otel).with(json(config.service.clone())).try_init()
+    } else {
+        OTEL.store(false, Ordering::Relaxed);
+        tracing_subscriber::registry().with(filter).with(json(config.service.clone())).try_init()
     };
     installed.map_err(|_| TelemetryError::AlreadyInstalled)?;
     Ok(TelemetryGuard { provider, meters })
@@ -275,5 +404,75 @@ impl Injector for HeaderInjector<'_> {
         {
             self.0.insert(name, value);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// With nothing exporting spans, a request runs in a scope that keeps
+    /// the trace context: it adopts the caller's trace id (or makes one
+    /// up), its log lines carry it and its tenant once authenticated, and
+    /// calls it makes downstream pass the trace on with its flags.
+    #[tokio::test]
+    async fn without_spans_trace_ids_and_tenants_still_follow_a_request() {
+        OTEL.store(false, Ordering::Relaxed);
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new("svc", move || writer.clone()));
+        let _default = tracing::subscriber::set_default(subscriber);
+        let mut incoming = http::HeaderMap::new();
+        incoming.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+        let outgoing = super::incoming("/pkg.Svc/Call", &incoming)
+            .run(async {
+                tracing::info!("before authentication");
+                record_tenant(&Arc::from("acme"), &Arc::from("premium"));
+                tracing::info!("after authentication");
+                let mut headers = http::HeaderMap::new();
+                assert!(start_client_call("/pkg.Other/Call", "acme", &mut headers).is_none());
+                headers
+            })
+            .await;
+        // No traceparent: a fresh trace, the same id in logs and downstream.
+        let fresh = super::incoming("/pkg.Svc/Call", &http::HeaderMap::new())
+            .run(async {
+                tracing::info!("fresh");
+                let mut headers = http::HeaderMap::new();
+                inject_trace_context(&mut headers);
+                headers
+            })
+            .await;
+        tracing::info!("outside");
+        OTEL.store(true, Ordering::Relaxed);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(lines[0].get("tenant_id").is_none(), "{}", lines[0]);
+        assert_eq!(lines[1]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!((&lines[1]["tenant_id"], &lines[1]["tenant_tier"]), (&"acme".into(), &"premium".into()));
+        let tp = outgoing.get("traceparent").unwrap().to_str().unwrap();
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+        assert!(tp.ends_with("-01") && !tp.contains("00f067aa0ba902b7"), "{tp}");
+        let fresh_id = lines[2]["trace_id"].as_str().unwrap();
+        assert_eq!(fresh_id.len(), 32);
+        assert_ne!(fresh_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let tp = fresh.get("traceparent").unwrap().to_str().unwrap();
+        assert!(tp.starts_with(&format!("00-{fresh_id}-")) && tp.ends_with("-00"), "{tp}");
+        assert!(lines[3].get("trace_id").is_none() && lines[3].get("tenant_id").is_none(), "{}", lines[3]);
     }
 }

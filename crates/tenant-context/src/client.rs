@@ -169,7 +169,7 @@ where
                     return Ok(Status::unauthenticated("no tenant context for outgoing call").into_http());
                 }
             };
-            let span = tenantmesh_telemetry::client_span(req.uri().path(), &tenant_id);
+            let path = req.uri().path().to_owned();
             let headers = req.headers_mut();
             match HeaderValue::from_str(&format!("Bearer {token}")) {
                 Ok(v) => headers.insert(metadata::AUTHORIZATION, v),
@@ -179,7 +179,9 @@ where
                 Ok(v) => headers.insert(metadata::TENANT_ID, v),
                 Err(_) => return Ok(Status::unauthenticated("malformed tenant id").into_http()),
             };
-            tenantmesh_telemetry::inject_span_context(&span, headers);
+            let Some(span) = tenantmesh_telemetry::start_client_call(&path, &tenant_id, headers) else {
+                return inner.call(req).await;
+            };
             let response = inner.call(req).instrument(span.clone()).await;
             if let Ok(resp) = &response {
                 tenantmesh_telemetry::record_response_status(&span, resp.headers());

@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 /// What the layer needs to know about a tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TenantInfo {
-    pub tier: String,
+    pub tier: Arc<str>,
     pub status: TenantStatus,
     /// The external identity provider whose tokens the tenant accepts.
     pub identity_provider: Option<IdentityProvider>,
@@ -27,7 +27,7 @@ pub struct TenantInfo {
 impl From<Tenant> for TenantInfo {
     fn from(t: Tenant) -> Self {
         TenantInfo {
-            tier: t.tier,
+            tier: t.tier.into(),
             status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
             identity_provider: t.identity_provider,
             placement: t.placement,
@@ -89,7 +89,7 @@ impl TenantDirectory for RemoteDirectory {
             req.metadata_mut().insert(crate::metadata::TENANT_ID, v);
         }
         let mut headers = http::HeaderMap::new();
-        tenantmesh_telemetry::inject_span_context(&tracing::Span::current(), &mut headers);
+        tenantmesh_telemetry::inject_trace_context(&mut headers);
         if let Some(tp) = headers.get(crate::metadata::TRACEPARENT).and_then(|v| v.to_str().ok())
             && let Ok(v) = tp.parse()
         {

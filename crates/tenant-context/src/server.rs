@@ -8,7 +8,6 @@ use http::{Request, Response};
 use tenantmesh_proto::registry::v1::TenantStatus;
 use tonic::Status;
 use tower::{Layer, Service};
-use tracing::{Instrument, Span};
 
 use crate::Role;
 use crate::access::{self, Access};
@@ -242,35 +241,31 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
-        let path = req.uri().path().to_owned();
-        let span = tenantmesh_telemetry::server_span(&path);
-        tenantmesh_telemetry::adopt_remote_parent(&span, req.headers());
-        let fut = async move {
-            let response = match access::access_for(&path) {
+        let access = access::access_for(req.uri().path());
+        let request = tenantmesh_telemetry::incoming(req.uri().path(), req.headers());
+        request.run(async move {
+            let response = match access {
                 Some(Access::Public) => {
                     // Identity headers on an unauthenticated call prove nothing.
                     req.headers_mut().remove(metadata::TENANT_ID);
                     inner.call(req).await
                 }
-                _ => match auth.authenticate(&path, req.headers()).await {
+                _ => match auth.authenticate(req.uri().path(), req.headers()).await {
                     Ok(ctx) => {
-                        let span = Span::current();
-                        span.record("tenant.id", &*ctx.tenant_id);
-                        span.record("tenant.tier", ctx.tier());
+                        tenantmesh_telemetry::record_tenant(&ctx.tenant_id, &ctx.tenant.tier);
                         req.extensions_mut().insert(ctx.clone());
                         ctx.scope(inner.call(req)).await
                     }
                     Err(status) => {
-                        tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %path, "request refused");
+                        tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");
                         Ok(status.into_http())
                     }
                 },
             };
             if let Ok(resp) = &response {
-                tenantmesh_telemetry::record_response_status(&Span::current(), resp.headers());
+                tenantmesh_telemetry::record_response(resp.headers());
             }
             response
-        };
-        Box::pin(fut.instrument(span))
+        })
     }
 }
