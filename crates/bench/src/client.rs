@@ -11,10 +11,9 @@ use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest, QueryItemsRequest};
 use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
 use tenantmesh_proto::onboarding::v1::{GetOnboardingStatusRequest, RegisterTenantRequest, WorkflowStatus};
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::load::CallFn;
+use crate::load::{CallFn, Method, frame};
 use crate::procs::ADMIN_PASSWORD;
 
 pub fn url(addr: SocketAddr) -> String {
@@ -132,19 +131,7 @@ pub async fn seed(channel: Channel, token: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn bearer(token: &str) -> Option<MetadataValue<tonic::metadata::Ascii>> {
-    (!token.is_empty()).then(|| format!("Bearer {token}").parse().expect("ascii token"))
-}
-
-fn request<T>(message: T, auth: &Option<MetadataValue<tonic::metadata::Ascii>>) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(message);
-    if let Some(v) = auth {
-        req.metadata_mut().insert("authorization", v.clone());
-    }
-    req
-}
-
-/// The benchmarked calls; `token` empty for the baseline.
+/// The benchmarked calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     GetItem,
@@ -161,29 +148,39 @@ impl Op {
         }
     }
 
+    /// The call, carrying `token` (empty: none).
     pub fn call(self, token: &str) -> CallFn {
-        let auth = bearer(token);
         match self {
-            Op::GetItem => Arc::new(move |channel, _| {
-                let req = request(GetItemRequest { collection: "notes".into(), id: "n1".into() }, &auth);
-                Box::pin(async move { code(DataClient::new(channel).get_item(req).await) })
-            }),
-            Op::PutItem => Arc::new(move |channel, seq| {
-                let mut item = sample_item(&format!("p{}", seq % 1000));
-                item.collection = "writes".into();
-                let req = request(item, &auth);
-                Box::pin(async move { code(DataClient::new(channel).put_item(req).await) })
-            }),
-            Op::QueryItems => Arc::new(move |channel, _| {
-                let q = QueryItemsRequest {
+            Op::GetItem => {
+                let method = Method::new("/tenantmesh.data.v1.Data/GetItem", token);
+                let body = frame(&GetItemRequest { collection: "notes".into(), id: "n1".into() });
+                Arc::new(move |conn, _| {
+                    let (method, body) = (method.clone(), body.clone());
+                    Box::pin(async move { method.call(conn, body).await })
+                })
+            }
+            Op::PutItem => {
+                let method = Method::new("/tenantmesh.data.v1.Data/PutItem", token);
+                Arc::new(move |conn, seq| {
+                    let mut item = sample_item(&format!("p{}", seq % 1000));
+                    item.collection = "writes".into();
+                    let (method, body) = (method.clone(), frame(&item));
+                    Box::pin(async move { method.call(conn, body).await })
+                })
+            }
+            Op::QueryItems => {
+                let method = Method::new("/tenantmesh.data.v1.Data/QueryItems", token);
+                let body = frame(&QueryItemsRequest {
                     collection: "q".into(),
                     id_prefix: String::new(),
                     page_size: QUERY_ITEMS as i32,
                     page_token: String::new(),
-                };
-                let req = request(q, &auth);
-                Box::pin(async move { code(DataClient::new(channel).query_items(req).await) })
-            }),
+                });
+                Arc::new(move |conn, _| {
+                    let (method, body) = (method.clone(), body.clone());
+                    Box::pin(async move { method.call(conn, body).await })
+                })
+            }
         }
     }
 }

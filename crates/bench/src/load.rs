@@ -3,6 +3,12 @@
 //! throughput figure) or an open loop (calls sent at a constant arrival
 //! rate whatever the answers do, latency measured from the *intended* send
 //! time, so queueing delay is counted instead of hidden).
+//!
+//! Calls go straight onto `h2` (the HTTP/2 implementation under tonic)
+//! with request bodies encoded once by prost, and the answer's
+//! `grpc-status` is read from its headers or trailers: a client that costs
+//! the machine a few microseconds a call, so the server's cost is what the
+//! figures show (a tonic client costs several times the bare server).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -10,38 +16,142 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http::HeaderValue;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
 
 /// One call: given a connection and a sequence number, send a request and
 /// report its status code.
-pub type CallFn = Arc<dyn Fn(Channel, u64) -> Pin<Box<dyn Future<Output = tonic::Code> + Send>> + Send + Sync>;
+pub type CallFn = Arc<dyn Fn(Conn, u64) -> Pin<Box<dyn Future<Output = Code> + Send>> + Send + Sync>;
+
+/// One HTTP/2 connection.
+#[derive(Clone)]
+pub struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    authority: http::uri::Authority,
+}
+
+/// A unary gRPC method and the request headers every call carries.
+#[derive(Clone)]
+pub struct Method {
+    path: http::uri::PathAndQuery,
+    authorization: Option<HeaderValue>,
+}
+
+impl Method {
+    /// `path` is `/package.Service/Method`; `token` empty: no authorization header.
+    pub fn new(path: &'static str, token: &str) -> Self {
+        Method {
+            path: http::uri::PathAndQuery::from_static(path),
+            authorization: (!token.is_empty())
+                .then(|| HeaderValue::from_str(&format!("Bearer {token}")).expect("ascii token")),
+        }
+    }
+
+    /// Sends `message` (already gRPC-framed) on `conn`; the status code of the answer.
+    pub async fn call(&self, conn: Conn, body: Bytes) -> Code {
+        match tokio::time::timeout(Duration::from_secs(10), self.exchange(conn, body)).await {
+            Ok(code) => code,
+            Err(_) => Code::DeadlineExceeded,
+        }
+    }
+
+    async fn exchange(&self, conn: Conn, body: Bytes) -> Code {
+        let uri = http::Uri::builder()
+            .scheme("http")
+            .authority(conn.authority.clone())
+            .path_and_query(self.path.clone())
+            .build()
+            .expect("uri");
+        let mut req = http::Request::post(uri)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(())
+            .expect("request");
+        if let Some(a) = &self.authorization {
+            req.headers_mut().insert(http::header::AUTHORIZATION, a.clone());
+        }
+        let Ok(mut send) = conn.send.ready().await else { return Code::Unavailable };
+        let Ok((response, mut stream)) = send.send_request(req, false) else { return Code::Unavailable };
+        if stream.send_data(body, true).is_err() {
+            return Code::Unavailable;
+        }
+        let Ok(response) = response.await else { return Code::Unavailable };
+        if let Some(code) = grpc_status(response.headers()) {
+            return code; // trailers-only answer
+        }
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let Ok(chunk) = chunk else { return Code::Unavailable };
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        match body.trailers().await {
+            Ok(Some(trailers)) => grpc_status(&trailers).unwrap_or(Code::Unknown),
+            _ => Code::Unknown,
+        }
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(v))
+}
+
+/// A message as a gRPC frame: flag byte, length, bytes.
+pub fn frame(msg: &impl prost::Message) -> Bytes {
+    let body = msg.encode_to_vec();
+    let mut framed = Vec::with_capacity(5 + body.len());
+    framed.push(0);
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&body);
+    framed.into()
+}
 
 /// Latency histograms are in microseconds, up to a minute.
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
-/// `n` separate HTTP/2 connections to `url`.
-pub async fn connect(url: &str, n: usize) -> Result<Vec<Channel>, String> {
+/// `n` separate HTTP/2 connections to `url` (`http://host:port`).
+pub async fn connect(url: &str, n: usize) -> Result<Vec<Conn>, String> {
     connect_with(url, n, false).await
 }
 
-/// [`connect`]; `pings`: the client sends HTTP/2 PINGs every few
-/// milliseconds, as gRPC C-core and grpc-go clients do after each answer
-/// (BDP probes). A server that answers a ping (a small write) and then a
-/// call within the client's delayed-ACK window holds the answer, when
-/// Nagle's algorithm is on, until that ACK comes: 40 ms.
-pub async fn connect_with(url: &str, n: usize, pings: bool) -> Result<Vec<Channel>, String> {
+/// [`connect`]; `pings`: the client sends an HTTP/2 PING every 15 ms, as
+/// gRPC C-core and grpc-go clients ping after answers (BDP probes). A
+/// server that answers a ping (a small write) and then a call within the
+/// client's delayed-ACK window holds the answer, when Nagle's algorithm is
+/// on, until that ACK comes (up to 40 ms; here until the next ping).
+pub async fn connect_with(url: &str, n: usize, pings: bool) -> Result<Vec<Conn>, String> {
+    let authority: http::uri::Authority =
+        url.trim_start_matches("http://").parse().map_err(|e| format!("{url}: {e}"))?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| e.to_string())?
-            .timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_millis(if pings { 15 } else { 3_600_000 }))
-            .keep_alive_while_idle(pings);
-        out.push(endpoint.connect().await.map_err(|e| format!("connect {url}: {e}"))?);
+        let tcp =
+            tokio::net::TcpStream::connect(authority.as_str()).await.map_err(|e| format!("connect {url}: {e}"))?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 22)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|e| format!("http/2 handshake with {url}: {e}"))?;
+        if pings && let Some(mut ping_pong) = connection.ping_pong() {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                    if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        out.push(Conn { send, authority: authority.clone() });
     }
     Ok(out)
 }
@@ -84,8 +194,8 @@ impl Stats {
         self.all_calls += other.all_calls;
     }
 
-    fn record(&mut self, code: tonic::Code, micros: u64) {
-        if code == tonic::Code::Ok {
+    fn record(&mut self, code: Code, micros: u64) {
+        if code == Code::Ok {
             self.ok += 1;
             let _ = self.latency.record(micros.max(1));
         } else {
@@ -97,7 +207,7 @@ impl Stats {
     pub fn from_latencies(latencies: &[Duration]) -> Self {
         let mut s = Stats::empty();
         for l in latencies {
-            s.record(tonic::Code::Ok, l.as_micros() as u64);
+            s.record(Code::Ok, l.as_micros() as u64);
         }
         s.all_calls = s.ok;
         s
@@ -161,7 +271,7 @@ pub struct Summary {
 /// sending its next call as soon as the last one answers. Calls that start
 /// in the warm-up or end after the window are not counted.
 pub async fn closed_loop(
-    channels: &[Channel],
+    channels: &[Conn],
     streams: usize,
     warmup: Duration,
     duration: Duration,
@@ -208,7 +318,7 @@ pub async fn closed_loop(
 /// One open-loop client: its connection and its constant rate.
 #[derive(Clone)]
 pub struct OpenClient {
-    pub channel: Channel,
+    pub channel: Conn,
     pub rate_per_s: f64,
     pub call: CallFn,
 }
@@ -228,7 +338,7 @@ pub async fn open_loop(
 ) -> Vec<Stats> {
     let handle = tokio::runtime::Handle::current();
     let n = clients.len();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, tonic::Code, u64, bool)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Code, u64, bool)>();
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let scheduler = {
         let in_flight = in_flight.clone();

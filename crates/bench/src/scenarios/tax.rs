@@ -38,7 +38,9 @@ impl Setup {
         let admin = platform_admin(addrs.auth).await?;
         let token = onboard(&addrs, &admin, &unique("tax"), "standard").await?;
         seed(lazy(addrs.data), &token).await?;
-        seed(lazy(baseline_addr), "").await?;
+        // The baseline gets the very same requests, token included (it
+        // ignores it): the same bytes on the wire, the same HPACK work.
+        seed(lazy(baseline_addr), &token).await?;
         Ok(Setup { mesh, addrs, baseline, baseline_addr, token })
     }
 
@@ -53,7 +55,8 @@ async fn compare(ctx: &Ctx, s: &Setup, op: Op) -> Result<(Vec<Run>, Vec<Run>), S
     let (_, _, rounds) = ctx.window();
     let (mut base, mut mesh) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        let b = closed_run(ctx, &client::url(s.baseline_addr), &s.baseline, CONNECTIONS, STREAMS, op.call("")).await?;
+        let b = closed_run(ctx, &client::url(s.baseline_addr), &s.baseline, CONNECTIONS, STREAMS, op.call(&s.token))
+            .await?;
         let m = closed_run(ctx, &client::url(s.addrs.data), &s.mesh, CONNECTIONS, STREAMS, op.call(&s.token)).await?;
         progress(format!(
             "  {} round {}: baseline {:.0}/s p99 {:.2} ms ({:.1} us cpu), mesh {:.0}/s p99 {:.2} ms ({:.1} us cpu), errors {:?} / {:?}",
@@ -87,7 +90,8 @@ pub async fn isolation_tax(ctx: &Ctx) -> Result<ScenarioResult, String> {
         format!(
             "`tenantmesh up` (release, embedded store, default settings: JSON logs at info, spans on) against the bare tonic \
              baseline (`crates/bench/src/baseline.rs`), closed loop, {CONNECTIONS} connections x {STREAMS} streams, \
-             {rounds} alternating rounds of {}s, medians. A standard-tier tenant's access token on every mesh call. \
+             {rounds} alternating rounds of {}s, medians. Every call carries a standard-tier tenant's access token \
+             (the baseline receives the same requests and ignores it). \
              Server CPU is user+system time of the server process per call. PutItem: both sides commit each \
              acknowledged write to disk (redb, fsync).",
             window.as_secs_f64()
@@ -155,13 +159,13 @@ pub async fn light_load(ctx: &Ctx) -> Result<ScenarioResult, String> {
             (false, true) => "own connections, client BDP pings",
         };
         let mut out = Vec::new();
-        for (name, addr, token) in [("baseline", s.baseline_addr, ""), ("mesh", s.addrs.data, s.token.as_str())] {
+        for (name, addr) in [("baseline", s.baseline_addr), ("mesh", s.addrs.data)] {
             let channels = load::connect_with(&client::url(addr), if shared { 1 } else { 5 }, pings).await?;
             let clients = (0..5)
                 .map(|i| OpenClient {
                     channel: channels[i % channels.len()].clone(),
                     rate_per_s: 20.0,
-                    call: Op::GetItem.call(token),
+                    call: Op::GetItem.call(&s.token),
                 })
                 .collect();
             let stats = load::merged(&load::open_loop(clients, warmup, duration, 10_000).await);
@@ -205,15 +209,6 @@ fn h2load_binary(root: &Path) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("h2load")).find(|p| p.exists())
 }
 
-/// The gRPC frame of one GetItem request: flag byte, length, message.
-fn grpc_frame(msg: &impl prost::Message) -> Vec<u8> {
-    let body = msg.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    frame
-}
-
 /// Runs h2load; (requests/s, succeeded, failed).
 fn h2load(bin: &Path, body: &Path, url: &str, token: &str, n: usize) -> Result<(f64, u64, u64), String> {
     let mut cmd = std::process::Command::new(bin);
@@ -252,7 +247,7 @@ pub async fn h2load_crosscheck(ctx: &Ctx) -> Result<Option<ScenarioResult>, Stri
     let s = Setup::start(&dir).await?;
     let body = dir.join("get-item.bin");
     let req = tenantmesh_proto::data::v1::GetItemRequest { collection: "notes".into(), id: "n1".into() };
-    std::fs::write(&body, grpc_frame(&req)).map_err(|e| e.to_string())?;
+    std::fs::write(&body, crate::load::frame(&req)).map_err(|e| e.to_string())?;
     // h2load counts a gRPC error (HTTP 200 + grpc-status) as a success:
     // prove on a sample that the very same call is answered OK.
     let sample = tenantmesh_proto::data::v1::data_client::DataClient::new(lazy(s.addrs.data))
@@ -266,7 +261,7 @@ pub async fn h2load_crosscheck(ctx: &Ctx) -> Result<Option<ScenarioResult>, Stri
     let (_, _, rounds) = ctx.window();
     let (mut base, mut mesh) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        base.push(h2load(&bin, &body, &format!("http://{}{path}", s.baseline_addr), "", n)?);
+        base.push(h2load(&bin, &body, &format!("http://{}{path}", s.baseline_addr), &s.token, n)?);
         mesh.push(h2load(&bin, &body, &format!("http://{}{path}", s.addrs.data), &s.token, n)?);
     }
     // And after the runs: still answered OK, with the tenant's limits not in the way.
