@@ -1,14 +1,23 @@
-//! The embedded backend: one redb file, committed durably (fsync) on every
-//! write, so an acknowledged write survives a crash.
+//! The embedded backend: one redb file, committed durably (fsync) before a
+//! write is acknowledged, so an acknowledged write survives a crash.
 //!
 //! Reads run on the calling task: a redb read transaction over pages in
 //! memory takes microseconds, far less than a hop to the blocking pool
-//! and back (two thread wake-ups). Writes, which wait for the disk, run
-//! on the blocking pool.
+//! and back (two thread wake-ups).
+//!
+//! Writes go to the table's writer thread, which commits them in groups:
+//! every write waiting when a commit starts joins it, each applied (or
+//! refused by its own condition) in arrival order in one redb write
+//! transaction, then one fsync for all, then every caller gets its answer.
+//! The promise is unchanged (acknowledged means on disk) while many
+//! concurrent writers share one disk flush. The writer thread exits after
+//! a while without writes and is started again by the next one.
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -18,10 +27,29 @@ use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, ch
 /// Key `(pk, sk)`; value: 8-byte big-endian version followed by the data.
 const ITEMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("items");
 
+/// At most this many writes, or this many bytes of them, per commit.
+const MAX_GROUP: usize = 1024;
+const MAX_GROUP_BYTES: usize = 16 << 20;
+/// A writer thread with nothing to do for this long exits.
+const WRITER_IDLE: Duration = Duration::from_secs(10);
+
 /// A [`Table`] stored in a redb file.
 #[derive(Clone)]
 pub struct EmbeddedTable {
+    shared: Arc<Shared>,
+}
+
+/// One open redb file and its writer.
+struct Shared {
     db: Arc<Database>,
+    writer: Arc<Mutex<Option<WriterHandle>>>,
+    /// How long the writer thread waits for work before it exits.
+    idle: Duration,
+}
+
+struct WriterHandle {
+    jobs: Sender<Job>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for EmbeddedTable {
@@ -58,6 +86,227 @@ fn version_of(raw: &[u8]) -> Option<u64> {
     raw.get(..8).map(|v| u64::from_be_bytes(v.try_into().expect("8 bytes")))
 }
 
+/// A write waiting for the writer thread.
+enum Op {
+    Put { pk: String, sk: String, data: Vec<u8>, condition: Condition },
+    Delete { pk: String, sk: String, condition: Condition },
+    Transact(Vec<Write>),
+    Restore(Item),
+}
+
+/// What a write returns once committed.
+enum Done {
+    Put(Item),
+    Delete(Option<u64>),
+    Unit,
+}
+
+struct Job {
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<Result<Done>>,
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Put { data, .. } => data.len(),
+            Op::Restore(item) => item.data.len(),
+            Op::Transact(writes) => {
+                writes.iter().map(|w| if let Write::Put { data, .. } = w { data.len() } else { 0 }).sum()
+            }
+            Op::Delete { .. } => 0,
+        }
+    }
+
+    /// Applies the write in `table` (within the group's transaction). A
+    /// refused condition writes nothing and fails this write only; any
+    /// other error fails the whole group.
+    fn apply(self, table: &mut redb::Table<(&str, &str), &[u8]>) -> Result<Result<Done>> {
+        let current = |table: &redb::Table<(&str, &str), &[u8]>, pk: &str, sk: &str| -> Result<Option<u64>> {
+            Ok(table.get((pk, sk)).map_err(backend)?.and_then(|v| version_of(v.value())))
+        };
+        Ok(match self {
+            Op::Put { pk, sk, data, condition } => {
+                let current = current(table, &pk, &sk)?;
+                if !condition.holds(current) {
+                    return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
+                }
+                let version = current.unwrap_or(0) + 1;
+                table.insert((pk.as_str(), sk.as_str()), encode(version, &data).as_slice()).map_err(backend)?;
+                Ok(Done::Put(Item { pk, sk, version, data }))
+            }
+            Op::Delete { pk, sk, condition } => {
+                let current = current(table, &pk, &sk)?;
+                if !condition.holds(current) {
+                    return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
+                }
+                if current.is_some() {
+                    table.remove((pk.as_str(), sk.as_str())).map_err(backend)?;
+                }
+                Ok(Done::Delete(current))
+            }
+            Op::Transact(writes) => {
+                // Every condition first, then every write: all or nothing.
+                let mut versions = Vec::with_capacity(writes.len());
+                for (index, w) in writes.iter().enumerate() {
+                    let (pk, sk) = w.key();
+                    let current = current(table, pk, sk)?;
+                    let condition = match w {
+                        Write::Put { condition, .. }
+                        | Write::Delete { condition, .. }
+                        | Write::Check { condition, .. } => *condition,
+                    };
+                    if !condition.holds(current) {
+                        return Ok(Err(StorageError::ConditionFailed { index, current }));
+                    }
+                    versions.push(current);
+                }
+                for (w, current) in writes.iter().zip(versions) {
+                    match w {
+                        Write::Put { pk, sk, data, .. } => {
+                            let version = current.unwrap_or(0) + 1;
+                            table
+                                .insert((pk.as_str(), sk.as_str()), encode(version, data).as_slice())
+                                .map_err(backend)?;
+                        }
+                        Write::Delete { pk, sk, .. } => {
+                            table.remove((pk.as_str(), sk.as_str())).map_err(backend)?;
+                        }
+                        Write::Check { .. } => {}
+                    }
+                }
+                Ok(Done::Unit)
+            }
+            Op::Restore(item) => {
+                table
+                    .insert((item.pk.as_str(), item.sk.as_str()), encode(item.version, &item.data).as_slice())
+                    .map_err(backend)?;
+                Ok(Done::Unit)
+            }
+        })
+    }
+}
+
+/// Commits `group` in one write transaction; every job gets its answer
+/// once the transaction is on disk (or the error that kept it off).
+fn commit_group(db: &Database, group: Vec<Job>) {
+    let mut replies = Vec::with_capacity(group.len());
+    let outcome = (|| {
+        let txn = db.begin_write().map_err(backend)?;
+        let mut answers = Vec::with_capacity(group.len());
+        {
+            let mut table = txn.open_table(ITEMS).map_err(backend)?;
+            for job in group {
+                replies.push(job.reply);
+                answers.push(job.op.apply(&mut table)?);
+            }
+        }
+        // Dropping the uncommitted transaction on an error above discards it all.
+        txn.commit().map_err(backend)?;
+        Ok::<_, StorageError>(answers)
+    })();
+    match outcome {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, writes = replies.len(), "a group of writes failed; none applied");
+            for reply in replies {
+                let _ = reply.send(Err(StorageError::Backend(e.to_string())));
+            }
+        }
+    }
+}
+
+/// The writer thread: commits groups of waiting writes until no one can
+/// send any more, or it has been idle for [`WRITER_IDLE`].
+fn writer(db: Arc<Database>, jobs: Receiver<Job>, slot: Arc<Mutex<Option<WriterHandle>>>, idle: Duration) {
+    loop {
+        let first = match jobs.recv_timeout(idle) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                // Retire under the slot's lock, so no write is sent to a
+                // writer that is leaving; a write sent before it is done.
+                let mut slot = slot.lock().expect("writer slot");
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        drop(slot);
+                        commit_group(&db, vec![job]);
+                        continue;
+                    }
+                    Err(_) => {
+                        // Let go of the file before anyone can see the slot empty.
+                        drop(db);
+                        // Detaches this thread's own handle.
+                        drop(slot.take());
+                        return;
+                    }
+                }
+            }
+        };
+        let mut bytes = first.op.bytes();
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    bytes += job.op.bytes();
+                    group.push(job);
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        commit_group(&db, group);
+    }
+}
+
+impl Shared {
+    async fn submit(&self, op: Op) -> Result<Done> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let mut job = Job { op, reply };
+        {
+            let mut slot = self.writer.lock().expect("writer slot");
+            loop {
+                let handle = match slot.as_ref() {
+                    Some(h) => h,
+                    None => {
+                        let (tx, rx) = std::sync::mpsc::channel();
+                        let (db, writer_slot, idle) = (self.db.clone(), self.writer.clone(), self.idle);
+                        let thread = std::thread::Builder::new()
+                            .name("redb-writer".into())
+                            .spawn(move || writer(db, rx, writer_slot, idle))
+                            .map_err(|e| StorageError::Backend(format!("cannot start the writer: {e}")))?;
+                        slot.insert(WriterHandle { jobs: tx, thread })
+                    }
+                };
+                match handle.jobs.send(job) {
+                    Ok(()) => break,
+                    // The writer stopped (it cannot have retired: that takes this lock).
+                    Err(std::sync::mpsc::SendError(j)) => {
+                        job = j;
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        answer.await.map_err(|_| StorageError::Backend("the storage writer stopped".into()))?
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer; joining it means the file is
+        // closed when the last handle is gone (it may be opened again at once).
+        let handle = self.writer.lock().map(|mut s| s.take()).unwrap_or(None);
+        if let Some(WriterHandle { jobs, thread }) = handle {
+            drop(jobs);
+            let _ = thread.join();
+        }
+    }
+}
+
 impl EmbeddedTable {
     /// Opens (or creates) the table file at `path`, creating parent folders.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -70,7 +319,7 @@ impl EmbeddedTable {
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(ITEMS).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self { shared: Arc::new(Shared { db: Arc::new(db), writer: Default::default(), idle: WRITER_IDLE }) })
     }
 
     /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::DynTable).
@@ -84,29 +333,18 @@ impl EmbeddedTable {
     /// reach a dedicated table, in `tenantmesh up`).
     pub fn open_process_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
         use std::collections::HashMap;
-        use std::sync::{Mutex, OnceLock, Weak};
-        static OPEN: OnceLock<Mutex<HashMap<std::path::PathBuf, Weak<Database>>>> = OnceLock::new();
+        use std::sync::{OnceLock, Weak};
+        static OPEN: OnceLock<Mutex<HashMap<std::path::PathBuf, Weak<Shared>>>> = OnceLock::new();
         let path = path.as_ref();
         let key = std::path::absolute(path).map_err(backend)?;
         let mut open = OPEN.get_or_init(Default::default).lock().expect("open tables lock");
-        if let Some(db) = open.get(&key).and_then(Weak::upgrade) {
-            return Ok(Arc::new(Self { db }));
+        if let Some(shared) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(Arc::new(Self { shared }));
         }
-        open.retain(|_, db| db.strong_count() > 0);
+        open.retain(|_, s| s.strong_count() > 0);
         let table = Self::open(path)?;
-        open.insert(key, Arc::downgrade(&table.db));
+        open.insert(key, Arc::downgrade(&table.shared));
         Ok(Arc::new(table))
-    }
-
-    async fn blocking<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T> + Send + 'static,
-    {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| StorageError::Backend(format!("storage task failed: {e}")))?
     }
 }
 
@@ -114,22 +352,12 @@ impl EmbeddedTable {
 impl Table for EmbeddedTable {
     async fn restore(&self, item: Item) -> Result<()> {
         check_key(&item.pk, &item.sk)?;
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            {
-                let mut table = txn.open_table(ITEMS).map_err(backend)?;
-                table
-                    .insert((item.pk.as_str(), item.sk.as_str()), encode(item.version, &item.data).as_slice())
-                    .map_err(backend)?;
-            }
-            txn.commit().map_err(backend)
-        })
-        .await
+        self.shared.submit(Op::Restore(item)).await.map(drop)
     }
 
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>> {
         check_key(pk, sk)?;
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.shared.db.begin_read().map_err(backend)?;
         let table = txn.open_table(ITEMS).map_err(backend)?;
         match table.get((pk, sk)).map_err(backend)? {
             Some(v) => Ok(Some(decode(pk, sk, v.value())?)),
@@ -139,47 +367,18 @@ impl Table for EmbeddedTable {
 
     async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
         check_key(pk, sk)?;
-        let (pk, sk) = (pk.to_owned(), sk.to_owned());
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let version = {
-                let mut table = txn.open_table(ITEMS).map_err(backend)?;
-                let current =
-                    table.get((pk.as_str(), sk.as_str())).map_err(backend)?.and_then(|v| version_of(v.value()));
-                if !condition.holds(current) {
-                    return Err(StorageError::ConditionFailed { index: 0, current });
-                }
-                let version = current.unwrap_or(0) + 1;
-                table.insert((pk.as_str(), sk.as_str()), encode(version, &data).as_slice()).map_err(backend)?;
-                version
-            };
-            txn.commit().map_err(backend)?;
-            Ok(Item { pk, sk, version, data })
-        })
-        .await
+        match self.shared.submit(Op::Put { pk: pk.to_owned(), sk: sk.to_owned(), data, condition }).await? {
+            Done::Put(item) => Ok(item),
+            _ => unreachable!("a put answers with its item"),
+        }
     }
 
     async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>> {
         check_key(pk, sk)?;
-        let (pk, sk) = (pk.to_owned(), sk.to_owned());
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let current = {
-                let mut table = txn.open_table(ITEMS).map_err(backend)?;
-                let current =
-                    table.get((pk.as_str(), sk.as_str())).map_err(backend)?.and_then(|v| version_of(v.value()));
-                if !condition.holds(current) {
-                    return Err(StorageError::ConditionFailed { index: 0, current });
-                }
-                if current.is_some() {
-                    table.remove((pk.as_str(), sk.as_str())).map_err(backend)?;
-                }
-                current
-            };
-            txn.commit().map_err(backend)?;
-            Ok(current)
-        })
-        .await
+        match self.shared.submit(Op::Delete { pk: pk.to_owned(), sk: sk.to_owned(), condition }).await? {
+            Done::Delete(version) => Ok(version),
+            _ => unreachable!("a delete answers with the deleted version"),
+        }
     }
 
     async fn query(&self, query: Query) -> Result<Page> {
@@ -187,7 +386,7 @@ impl Table for EmbeddedTable {
             return Err(StorageError::Invalid("pk must not be empty".into()));
         }
         let limit = query.limit.max(1);
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.shared.db.begin_read().map_err(backend)?;
         let table = txn.open_table(ITEMS).map_err(backend)?;
         let pk = query.pk.as_str();
         let start = match &query.start_after {
@@ -214,38 +413,7 @@ impl Table for EmbeddedTable {
 
     async fn transact_write(&self, writes: Vec<Write>) -> Result<()> {
         check_transaction(&writes)?;
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            {
-                let mut table = txn.open_table(ITEMS).map_err(backend)?;
-                for (index, w) in writes.iter().enumerate() {
-                    let (pk, sk) = w.key();
-                    let current = table.get((pk, sk)).map_err(backend)?.and_then(|v| version_of(v.value()));
-                    let condition = match w {
-                        Write::Put { condition, .. }
-                        | Write::Delete { condition, .. }
-                        | Write::Check { condition, .. } => *condition,
-                    };
-                    if !condition.holds(current) {
-                        // Dropping the uncommitted transaction discards every write.
-                        return Err(StorageError::ConditionFailed { index, current });
-                    }
-                    match w {
-                        Write::Put { data, .. } => {
-                            let version = current.unwrap_or(0) + 1;
-                            table.insert((pk, sk), encode(version, data).as_slice()).map_err(backend)?;
-                        }
-                        Write::Delete { .. } => {
-                            table.remove((pk, sk)).map_err(backend)?;
-                        }
-                        Write::Check { .. } => {}
-                    }
-                }
-            }
-            txn.commit().map_err(backend)?;
-            Ok(())
-        })
-        .await
+        self.shared.submit(Op::Transact(writes)).await.map(drop)
     }
 }
 
@@ -259,6 +427,68 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let table = EmbeddedTable::open(dir.path().join("t.redb")).unwrap();
         crate::contract::run_all(&table).await;
+    }
+
+    /// Concurrent writes commit in groups with the same outcome as one at a
+    /// time: of many creations of one key exactly one wins, every other
+    /// write lands once with its own version, and a transaction that loses
+    /// its condition inside a group writes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grouped_writes_keep_every_condition() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = Arc::new(EmbeddedTable::open(dir.path().join("t.redb")).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let t = table.clone();
+            tasks.push(tokio::spawn(async move {
+                let contested = t.put("a", "contested", vec![i as u8], Condition::NotExists).await;
+                let own = t.put("a", &format!("k{i}"), vec![i as u8], Condition::None).await.unwrap();
+                let txn = t
+                    .transact_write(vec![
+                        Write::Put { pk: "a".into(), sk: format!("t{i}"), data: vec![1], condition: Condition::None },
+                        Write::Check { pk: "a".into(), sk: "contested".into(), condition: Condition::NotExists },
+                    ])
+                    .await;
+                (contested.is_ok(), own.version, txn)
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            let (won, version, txn) = t.await.unwrap();
+            winners += usize::from(won);
+            assert_eq!(version, 1);
+            // `contested` exists by the time any transaction runs after its own put.
+            assert!(matches!(txn, Err(StorageError::ConditionFailed { index: 1, current: Some(1) })), "{txn:?}");
+        }
+        assert_eq!(winners, 1, "exactly one creation of the contested key wins");
+        assert_eq!(table.get("a", "contested").await.unwrap().unwrap().version, 1);
+        let page =
+            table.query(Query { pk: "a".into(), sk_prefix: "t".into(), start_after: None, limit: 10 }).await.unwrap();
+        assert!(page.items.is_empty(), "a refused transaction wrote {:?}", page.items);
+        let page =
+            table.query(Query { pk: "a".into(), sk_prefix: "k".into(), start_after: None, limit: 1000 }).await.unwrap();
+        assert_eq!(page.items.len(), 200);
+    }
+
+    /// The writer thread leaves when idle and comes back with the next
+    /// write; dropping the last handle closes the file at once.
+    #[tokio::test]
+    async fn an_idle_writer_retires_and_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let mut table = EmbeddedTable::open(&path).unwrap();
+        Arc::get_mut(&mut table.shared).unwrap().idle = Duration::from_millis(20);
+        table.put("a", "1", b"x".to_vec(), Condition::None).await.unwrap();
+        let retired = async {
+            while table.shared.writer.lock().unwrap().is_some() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), retired).await.expect("the idle writer retires");
+        assert_eq!(table.put("a", "1", b"y".to_vec(), Condition::Version(1)).await.unwrap().version, 2);
+        drop(table);
+        let reopened = EmbeddedTable::open(&path).unwrap();
+        assert_eq!(reopened.get("a", "1").await.unwrap().unwrap().data, b"y");
     }
 
     /// Acknowledged writes survive closing and reopening the file.
