@@ -5,9 +5,12 @@
 //!   `--quick` runs each for a second or two into `target/bench-quick/`
 //!   (how `cargo xtask test` keeps the harness from rotting).
 //! - `baseline`: the bare tonic server the ratios are measured against.
+//! - `layer-server`: the data service's path up to a given layer, for the
+//!   per-layer breakdown.
 
 mod baseline;
 mod client;
+mod layers;
 mod load;
 mod procs;
 mod report;
@@ -61,6 +64,28 @@ enum Cmd {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Serve the data service's path up to a layer, for the per-layer
+    /// breakdown (prints `listening ADDR`): 1 handler, 2 + session policy,
+    /// 3 + authentication, 4 + logs, 5 + span export.
+    LayerServer {
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+        layers: u8,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The tenant the fixed context names (layers 1-2).
+        #[arg(long)]
+        tenant: String,
+        /// The mesh's registry and auth URLs (layers 3-5).
+        #[arg(long)]
+        registry: Option<String>,
+        #[arg(long)]
+        auth: Option<String>,
+        /// OTLP endpoint (layer 5).
+        #[arg(long)]
+        otlp: Option<String>,
+    },
 }
 
 const ALL: &[&str] = report::ORDER;
@@ -75,6 +100,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Baseline { addr, data_dir } => baseline::serve(addr, &data_dir).await,
+        Cmd::LayerServer { layers: n, addr, data_dir, tenant, registry, auth, otlp } => {
+            layers::serve(n.into(), addr, &data_dir, &tenant, registry.zip(auth), otlp).await
+        }
         Cmd::Run { quick, only, root, results, markdown } => run(quick, only, root, results, markdown).await,
     };
     match result {
@@ -117,6 +145,8 @@ async fn run(
             "onboarding" => scenarios::onboarding::onboarding(&ctx).await.map(Some),
             "memory_per_tenant" => scenarios::memory::memory_per_tenant(&ctx).await.map(Some),
             "silo_hop" => scenarios::hop::silo_hop(&ctx).await.map(Some),
+            "token_verification" => scenarios::tokens::token_verification(&ctx).await.map(Some),
+            "layers" => scenarios::layers::layers(&ctx).await.map(Some),
             other => return Err(format!("scenario {other} is not implemented")),
         }
         .map_err(|e| format!("{name}: {e}"))?;

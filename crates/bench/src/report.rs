@@ -206,8 +206,17 @@ pub fn fmt_num(v: f64) -> String {
 }
 
 /// The scenarios in the order BENCHMARKS.md lists them.
-pub const ORDER: &[&str] =
-    &["isolation_tax", "light_load", "h2load", "sts_calls", "onboarding", "memory_per_tenant", "silo_hop"];
+pub const ORDER: &[&str] = &[
+    "isolation_tax",
+    "light_load",
+    "h2load",
+    "token_verification",
+    "sts_calls",
+    "onboarding",
+    "memory_per_tenant",
+    "silo_hop",
+    "layers",
+];
 
 /// Rewrites `out` (BENCHMARKS.md) from every results file in `dir`.
 pub fn write_markdown(dir: &Path, out: &Path) -> Result<(), String> {

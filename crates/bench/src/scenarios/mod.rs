@@ -2,10 +2,12 @@
 //! writes it and regenerates BENCHMARKS.md.
 
 pub mod hop;
+pub mod layers;
 pub mod memory;
 pub mod onboarding;
 pub mod sts;
 pub mod tax;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -96,6 +98,30 @@ pub async fn closed_run(
     let channels = load::connect(url, connections).await?;
     let cpu0 = server.cpu_time();
     let stats = load::closed_loop(&channels, streams, warmup, window, call).await;
+    let cpu = server.cpu_time().saturating_sub(cpu0);
+    Ok(Run { server_cpu_us: cpu_per_call(cpu, &stats), summary: stats.summary() })
+}
+
+/// An open loop of `call` at `rate` calls/s in all, spread over
+/// `connections`, against `url`, with `server`'s CPU time measured around
+/// it: at a fixed rate below saturation every variant batches alike, so
+/// CPU per call compares the work each call costs.
+pub async fn open_run(
+    ctx: &Ctx,
+    url: &str,
+    server: &Proc,
+    connections: usize,
+    rate: f64,
+    call: CallFn,
+) -> Result<Run, String> {
+    let (warmup, window, _) = ctx.window();
+    let clients = load::connect(url, connections)
+        .await?
+        .into_iter()
+        .map(|channel| load::OpenClient { channel, rate_per_s: rate / connections as f64, call: call.clone() })
+        .collect();
+    let cpu0 = server.cpu_time();
+    let stats = load::merged(&load::open_loop(clients, warmup, window, 100_000).await);
     let cpu = server.cpu_time().saturating_sub(cpu0);
     Ok(Run { server_cpu_us: cpu_per_call(cpu, &stats), summary: stats.summary() })
 }
