@@ -19,9 +19,6 @@ use crate::vend::CredentialVendor;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How many tenants' credentials and clients the data service keeps.
-const TENANT_CACHE_CAPACITY: usize = 10_000;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Embedded,
@@ -103,7 +100,7 @@ impl StorageConfig {
                 EmbeddedTable::open_process_shared(common.store_path(name)?)?,
                 &self.table_name(name),
                 common.data_dir.join("tables"),
-                TENANT_CACHE_CAPACITY,
+                common.tenant_cache_capacity,
             ))),
             Backend::DynamoDb => {
                 let aws = self.aws().await;
@@ -122,8 +119,9 @@ impl StorageConfig {
                     .clone()
                     .unwrap_or_else(|| format!("arn:aws:iam::{account}:role/tenantmesh-tenant-access"));
                 let placement = Placement::new(&aws.region(), &account, &table);
-                let vendor = Arc::new(CredentialVendor::new(aws.sts(), role, TENANT_CACHE_CAPACITY));
-                Ok(Arc::new(DynamoStores::new(aws, vendor, placement, TENANT_CACHE_CAPACITY)))
+                let capacity = common.tenant_cache_capacity;
+                let vendor = Arc::new(CredentialVendor::new(aws.sts(), role, capacity));
+                Ok(Arc::new(DynamoStores::new(aws, vendor, placement, capacity)))
             }
         }
     }

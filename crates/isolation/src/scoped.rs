@@ -5,10 +5,12 @@
 //!
 //! The policy is fixed for the life of a scoped table, so the decision for
 //! a call on the tenant's own partition is the same every time: it is
-//! evaluated once per action and remembered. Any other key is evaluated in
-//! full, every time.
+//! evaluated once per action when the table is made, and remembered. Any
+//! other key is evaluated in full, every time, against the policy rendered
+//! again from the same inputs (such a call is a bug or an attack, never
+//! the common case, and a tenant's view stays small while it is cached).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tenantmesh_storage::{Condition, DynTable, Item, Page, Query, Result, StorageError, Table, Write};
@@ -27,7 +29,8 @@ enum Action {
 }
 
 impl Action {
-    const COUNT: usize = 5;
+    const ALL: [Action; 5] =
+        [Action::GetItem, Action::PutItem, Action::DeleteItem, Action::Query, Action::ConditionCheckItem];
 
     fn iam(self) -> &'static str {
         match self {
@@ -43,50 +46,46 @@ impl Action {
 /// A tenant's view of a table (see the module docs).
 pub struct ScopedTable {
     inner: DynTable,
-    tenant_id: String,
-    table_arn: String,
-    policy: Arc<PolicyDocument>,
+    tenant_id: Box<str>,
+    /// Shared with the other tenants of the same table.
+    placement: Arc<Placement>,
     /// The policy's decision for each action on the tenant's own partition.
-    own: [OnceLock<Decision>; Action::COUNT],
+    own: [Decision; Action::ALL.len()],
 }
 
 impl std::fmt::Debug for ScopedTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScopedTable").field("tenant_id", &self.tenant_id).field("table", &self.table_arn).finish()
+        f.debug_struct("ScopedTable").field("tenant_id", &self.tenant_id).field("table", &self.placement.table).finish()
     }
 }
 
 impl ScopedTable {
     /// Confines `inner` (the table of `placement`) to `tenant_id`.
-    pub fn new(inner: DynTable, tenant_id: &str, placement: &Placement) -> Result<Self, PolicyError> {
-        Ok(Self {
-            inner,
-            tenant_id: tenant_id.to_owned(),
-            table_arn: placement.table_arn(),
-            policy: Arc::new(tenant_policy(tenant_id, placement)?),
-            own: Default::default(),
-        })
+    pub fn new(inner: DynTable, tenant_id: &str, placement: Arc<Placement>) -> Result<Self, PolicyError> {
+        let policy = tenant_policy(tenant_id, &placement)?;
+        let arn = placement.table_arn();
+        let own = Action::ALL.map(|action| decide(&policy, &arn, action, tenant_id));
+        Ok(Self { inner, tenant_id: tenant_id.into(), placement, own })
     }
 
     pub fn tenant_id(&self) -> &str {
         &self.tenant_id
     }
 
-    fn evaluate(&self, action: Action, keys: &[&str]) -> Decision {
-        let ctx = RequestContext::dynamodb(action.iam(), &self.table_arn, keys.iter().map(|k| (*k).to_owned()));
-        evaluate(&self.policy, &ctx)
-    }
-
     fn check(&self, action: Action, key: &str) -> Result<()> {
-        let decision = if key == self.tenant_id {
-            *self.own[action as usize].get_or_init(|| self.evaluate(action, &[key]))
+        let decision = if key == &*self.tenant_id {
+            self.own[action as usize]
         } else {
-            self.evaluate(action, &[key])
+            // Rendered as at construction, which succeeded: the same document.
+            match tenant_policy(&self.tenant_id, &self.placement) {
+                Ok(policy) => decide(&policy, &self.placement.table_arn(), action, key),
+                Err(_) => Decision::ImplicitDeny,
+            }
         };
         if decision.is_allowed() {
             return Ok(());
         }
-        let refused = if key == self.tenant_id { "" } else { key };
+        let refused = if key == &*self.tenant_id { "" } else { key };
         tracing::warn!(
             security_event = "isolation_denied",
             tenant_id = %self.tenant_id,
@@ -97,6 +96,11 @@ impl ScopedTable {
         );
         Err(StorageError::AccessDenied { action: action.iam().to_owned(), key: refused.to_owned() })
     }
+}
+
+/// `policy`'s decision on `action` against table `arn` for partition `key`.
+fn decide(policy: &PolicyDocument, arn: &str, action: Action, key: &str) -> Decision {
+    evaluate(policy, &RequestContext::dynamodb(action.iam(), arn, [key.to_owned()]))
 }
 
 #[async_trait]
@@ -148,7 +152,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = EmbeddedTable::open_shared(dir.path().join("t.redb")).unwrap();
         let placement = Placement::new("local", "000000000000", "tenantmesh-data");
-        let acme = ScopedTable::new(raw.clone(), "acme", &placement).unwrap();
+        let acme = ScopedTable::new(raw.clone(), "acme", Arc::new(placement)).unwrap();
         (dir, raw, acme)
     }
 

@@ -107,6 +107,8 @@ impl TenantCache {
 pub struct EmbeddedStores {
     pooled: DynTable,
     pooled_name: String,
+    /// Shared by every pool tenant's view.
+    pooled_placement: Arc<Placement>,
     /// Where dedicated tables live (`<data dir>/tables/<table>.redb`).
     dir: PathBuf,
     cache: TenantCache,
@@ -115,7 +117,13 @@ pub struct EmbeddedStores {
 impl EmbeddedStores {
     /// `capacity` bounds how many tenants' scoped views are kept.
     pub fn new(pooled: DynTable, pooled_name: &str, dir: PathBuf, capacity: usize) -> Self {
-        Self { pooled, pooled_name: pooled_name.to_owned(), dir, cache: TenantCache::new(capacity) }
+        Self {
+            pooled,
+            pooled_name: pooled_name.to_owned(),
+            pooled_placement: Arc::new(local_placement(pooled_name)),
+            dir,
+            cache: TenantCache::new(capacity),
+        }
     }
 
     fn path(&self, table: &str) -> Result<PathBuf, StorageError> {
@@ -135,17 +143,19 @@ fn local_placement(table: &str) -> Placement {
 impl TenantStores for EmbeddedStores {
     async fn store_for(&self, tenant_id: &str, table: &str) -> Result<DynTable, PolicyError> {
         self.cache.get_or_build(tenant_id, table, || {
-            let inner = if table == self.pooled_name {
-                self.pooled.clone()
+            let (inner, placement) = if table == self.pooled_name {
+                (self.pooled.clone(), self.pooled_placement.clone())
             } else {
                 let path = self.path(table).map_err(|_| PolicyError::InvalidTable(table.to_owned()))?;
                 if !path.exists() {
                     // Never create a dedicated table by using it: that is provisioning's job.
                     return Err(PolicyError::NoSuchTable(table.to_owned()));
                 }
-                EmbeddedTable::open_process_shared(&path).map_err(|_| PolicyError::NoSuchTable(table.to_owned()))?
+                let inner = EmbeddedTable::open_process_shared(&path)
+                    .map_err(|_| PolicyError::NoSuchTable(table.to_owned()))?;
+                (inner, Arc::new(local_placement(table)))
             };
-            Ok(Arc::new(ScopedTable::new(inner, tenant_id, &local_placement(table))?) as DynTable)
+            Ok(Arc::new(ScopedTable::new(inner, tenant_id, placement)?) as DynTable)
         })
     }
 

@@ -37,6 +37,14 @@ pub struct CommonConfig {
     pub shutdown_grace: std::time::Duration,
     /// `TENANTMESH_TIERS_FILE`: the tiers TOML (default: the built-in one).
     pub tiers: std::sync::Arc<crate::tiers::Tiers>,
+    /// `TENANTMESH_TENANT_CACHE_CAPACITY` (default 100000): how many
+    /// tenants' records (and, in the data service, policy-confined stores
+    /// and credentials) a service keeps; past it, the least recently added
+    /// are looked up again.
+    pub tenant_cache_capacity: usize,
+    /// `TENANTMESH_TOKEN_CACHE_CAPACITY` (default 100000): how many verified
+    /// access tokens a service remembers (0: verify every request in full).
+    pub token_cache_capacity: usize,
 }
 
 pub const REGISTRY_PORT: u16 = 50051;
@@ -88,6 +96,16 @@ impl CommonConfig {
             audience: var(env, "TENANTMESH_TOKEN_AUDIENCE").unwrap_or(crate::DEFAULT_AUDIENCE).into(),
             tenant_cache_ttl: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_TENANT_CACHE_TTL_MS", 5000)?),
             shutdown_grace: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_SHUTDOWN_GRACE_MS", 10_000)?),
+            tenant_cache_capacity: match parse_var(env, "TENANTMESH_TENANT_CACHE_CAPACITY", 100_000)? {
+                0 => {
+                    return Err(ConfigError {
+                        var: "TENANTMESH_TENANT_CACHE_CAPACITY",
+                        message: "must be at least 1".into(),
+                    });
+                }
+                n => n,
+            },
+            token_cache_capacity: parse_var(env, "TENANTMESH_TOKEN_CACHE_CAPACITY", 100_000)?,
             tiers: std::sync::Arc::new(match var(env, "TENANTMESH_TIERS_FILE") {
                 Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() })?,
@@ -129,5 +147,10 @@ mod tests {
         assert_eq!(err.var, "TENANTMESH_LISTEN_ADDR");
         let bad: HashMap<_, _> = [("TENANTMESH_AUTH_URL".to_owned(), "ftp://x".to_owned())].into();
         assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, "TENANTMESH_AUTH_URL");
+        assert_eq!((c.tenant_cache_capacity, c.token_cache_capacity), (100_000, 100_000));
+        for (var, value) in [("TENANTMESH_TENANT_CACHE_CAPACITY", "0"), ("TENANTMESH_TOKEN_CACHE_CAPACITY", "-1")] {
+            let bad: HashMap<_, _> = [(var.to_owned(), value.to_owned())].into();
+            assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, var);
+        }
     }
 }

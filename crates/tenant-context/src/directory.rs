@@ -19,7 +19,8 @@ pub struct TenantInfo {
     pub tier: Arc<str>,
     pub status: TenantStatus,
     /// The external identity provider whose tokens the tenant accepts.
-    pub identity_provider: Option<IdentityProvider>,
+    /// Boxed: most tenants have none, and a cached tenant stays small.
+    pub identity_provider: Option<Box<IdentityProvider>>,
     /// Where the tenant's items live.
     pub placement: Option<Placement>,
 }
@@ -29,7 +30,7 @@ impl From<Tenant> for TenantInfo {
         TenantInfo {
             tier: t.tier.into(),
             status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
-            identity_provider: t.identity_provider,
+            identity_provider: t.identity_provider.map(Box::new),
             placement: t.placement,
         }
     }
@@ -58,16 +59,16 @@ type Cached = (Instant, Option<Arc<TenantInfo>>);
 pub struct RemoteDirectory {
     client: TenantRegistryClient<Channel>,
     ttl: Duration,
+    capacity: usize,
     cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl RemoteDirectory {
-    pub fn new(registry: Channel, ttl: Duration) -> Self {
-        Self { client: TenantRegistryClient::new(registry), ttl, cache: Mutex::new(HashMap::new()) }
+    /// Lookups answered from memory for `ttl`, for at most `capacity` tenants.
+    pub fn new(registry: Channel, ttl: Duration, capacity: usize) -> Self {
+        Self { client: TenantRegistryClient::new(registry), ttl, capacity, cache: Mutex::new(HashMap::new()) }
     }
 }
-
-const CACHE_CAPACITY: usize = 10_000;
 
 #[async_trait]
 impl TenantDirectory for RemoteDirectory {
@@ -113,9 +114,9 @@ impl TenantDirectory for RemoteDirectory {
             return Ok(info);
         }
         let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_CAPACITY {
+        if cache.len() >= self.capacity {
             cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
-            if cache.len() >= CACHE_CAPACITY {
+            if cache.len() >= self.capacity {
                 cache.clear();
             }
         }

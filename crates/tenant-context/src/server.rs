@@ -43,9 +43,11 @@ impl Authenticator {
     /// keys from the auth service's JWKS, tenants from the registry.
     pub fn remote(config: &crate::config::CommonConfig) -> Result<Self, tonic::transport::Error> {
         let keys = crate::verify::JwksCache::new(crate::client::channel(&config.auth_url)?);
-        let verifier = TokenVerifier::new(Arc::new(keys), &config.issuer, &config.audience);
+        let verifier = TokenVerifier::new(Arc::new(keys), &config.issuer, &config.audience)
+            .with_cache_capacity(config.token_cache_capacity);
         let registry = crate::client::channel(&config.registry_url)?;
-        let directory = crate::directory::RemoteDirectory::new(registry, config.tenant_cache_ttl);
+        let directory =
+            crate::directory::RemoteDirectory::new(registry, config.tenant_cache_ttl, config.tenant_cache_capacity);
         Ok(Self::new(Arc::new(verifier), Arc::new(directory)))
     }
 

@@ -650,9 +650,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
-    let directory: Arc<dyn TenantDirectory> = Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl));
-    let (issuer, audience, grace) =
-        (config.common.issuer.clone(), config.common.audience.clone(), config.common.shutdown_grace);
+    let directory: Arc<dyn TenantDirectory> =
+        Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl, config.common.tenant_cache_capacity));
+    let (issuer, audience, grace, tokens) = (
+        config.common.issuer.clone(),
+        config.common.audience.clone(),
+        config.common.shutdown_grace,
+        config.common.token_cache_capacity,
+    );
     let service = AuthService::new(config, store, directory.clone()).await?;
     if let Some(password) = service.bootstrap_admin().await? {
         // Printed once, on the terminal only: never into the JSON logs.
@@ -674,7 +679,7 @@ pub async fn serve(
             }
         }
     });
-    let verifier = TokenVerifier::new(service.keys(), &issuer, &audience);
+    let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
     let authn = Authenticator::new(Arc::new(verifier), directory);
     let served =
         tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, grace, shutdown).await;

@@ -473,7 +473,8 @@ pub async fn serve(
     registry.bootstrap().await?;
     let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
     let verifier =
-        TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience);
+        TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience)
+            .with_cache_capacity(config.common.token_cache_capacity);
     let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone()));
     tenantmesh_tenant_context::runtime::serve(
         listener,
