@@ -138,7 +138,7 @@ pub async fn isolation_tax(ctx: &Ctx) -> Result<ScenarioResult, String> {
 /// then sharing one.
 pub async fn light_load(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let s = Setup::start(&ctx.dir("light")).await?;
-    let duration = ctx.pick(Duration::from_secs(30), Duration::from_secs(2));
+    let duration = ctx.pick(Duration::from_secs(20), Duration::from_secs(2));
     let warmup = ctx.pick(Duration::from_secs(2), Duration::from_millis(200));
     let mut r = ctx.result(
         "light_load",
