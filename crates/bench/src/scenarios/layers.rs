@@ -15,6 +15,7 @@ use serde_json::json;
 use super::{Ctx, median, open_run, progress, unique};
 use crate::client::{self, Op, lazy, onboard, platform_admin, seed};
 use crate::layers::LAYERS;
+use crate::load::{self, OpenClient};
 use crate::procs::{self, Proc};
 use crate::report::{Figure, ScenarioResult};
 
@@ -69,6 +70,18 @@ fn start_layers(
     })
 }
 
+/// p50 and p99 (ms) of GetItem at light load: 5 clients at 20 calls/s.
+async fn light_latency(ctx: &Ctx, url: &str, token: &str) -> Result<(f64, f64), String> {
+    let clients = load::connect(url, 5)
+        .await?
+        .into_iter()
+        .map(|channel| OpenClient { channel, rate_per_s: 20.0, call: Op::GetItem.call(token) })
+        .collect();
+    let d = ctx.pick(Duration::from_secs(10), Duration::from_secs(1));
+    let stats = load::merged(&load::open_loop(clients, Duration::from_millis(500), d, 1000).await);
+    Ok((stats.quantile_ms(0.5), stats.quantile_ms(0.99)))
+}
+
 pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let dir = ctx.dir("layers");
     let (mesh, addrs) = procs::start_mesh(&dir.join("mesh"), &HashMap::new())?;
@@ -77,6 +90,7 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let tenant = unique("layers");
     let token = onboard(&addrs, &admin, &tenant, "standard").await?;
     seed(lazy(baseline_addr), &token).await?;
+    seed(lazy(addrs.data), &token).await?;
     let (sink, otlp) = start_sink().await?;
     let (_, window, rounds) = ctx.window();
     let mut r = ctx.result(
@@ -87,7 +101,8 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
              process (`tenantmesh-bench layer-server`), against the bare baseline: open loop at {RATE} calls/s over \
              {CONNECTIONS} connections (the same load for every variant, below saturation), {rounds} rounds of {}s \
              each, medians. Every call carries the tenant's token. Server CPU per call is the cost; each layer's own \
-             cost is the difference to the row above. \
+             cost is the difference to the row above. Then each variant's GetItem latency at light load (5 clients at \
+             20 calls/s, open loop). \
              `span export` sends every request's span to an OTLP collector (a sink in the benchmark process).",
             window.as_secs_f64()
         ),
@@ -102,9 +117,13 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
         }
         median(cpus)
     };
-    progress(format!("  bare tonic: {base_cpu:.1} us per call"));
+    let (base_p50, base_p99) = light_latency(ctx, &client::url(baseline_addr), &token).await?;
+    progress(format!("  bare tonic: {base_cpu:.1} us per call, light load p50 {base_p50:.3} ms"));
     r.figures.push(Figure::new("bare tonic (baseline)", "us CPU/call", base_cpu));
-    let mut details = vec![json!({"layer": "bare tonic", "server_cpu_us": base_cpu})];
+    let mut details = vec![
+        json!({"layer": "bare tonic", "server_cpu_us": base_cpu, "light_p50_ms": base_p50, "light_p99_ms": base_p99}),
+    ];
+    let mut light = Vec::new();
     let mut previous = base_cpu;
     for (i, name) in LAYERS.iter().enumerate() {
         let layers = i + 1;
@@ -117,12 +136,14 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
             cpus.push(run.server_cpu_us);
             thr.push(run.summary.throughput);
         }
+        let (p50, p99) = light_latency(ctx, &client::url(addr), &token).await?;
         server.stop(Duration::from_secs(10))?;
         let (cpu, throughput) = (median(cpus), median(thr));
         progress(format!(
-            "  + {name}: {cpu:.1} us per call ({:+.1}), {throughput:.0}/s answered, errors {errors}",
+            "  + {name}: {cpu:.1} us per call ({:+.1}), {throughput:.0}/s answered, errors {errors}; light load p50 {p50:.3} ms",
             cpu - previous
         ));
+        light.push(Figure::new(format!("GetItem p50 at 5 x 20/s, + {name}"), "ms", p50).vs(base_p50));
         if errors > 0 {
             return Err(format!("layer {name}: {errors} calls failed (see {})", dir.display()));
         }
@@ -131,11 +152,39 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
                 .vs(base_cpu)
                 .note(format!("{:+.2} us for this layer", cpu - previous)),
         );
-        details.push(
-            json!({"layer": name, "server_cpu_us": cpu, "throughput": throughput, "layer_cost_us": cpu - previous}),
-        );
+        details.push(json!({
+            "layer": name, "server_cpu_us": cpu, "throughput": throughput, "layer_cost_us": cpu - previous,
+            "light_p50_ms": p50, "light_p99_ms": p99,
+        }));
         previous = cpu;
     }
+    // The shipped binaries, default settings (layer 4's configuration):
+    // the data service on its own, and inside `tenantmesh up` (four
+    // services and their runtime in one process).
+    let (standalone, standalone_addr) = crate::scenarios::memory::start_data(&dir, &addrs)?;
+    seed(lazy(standalone_addr), &token).await?;
+    for (name, addr, server) in
+        [("tenantmesh-data", standalone_addr, &standalone), ("tenantmesh up", addrs.data, &mesh)]
+    {
+        let (mut cpus, mut thr) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let run = open_run(ctx, &client::url(addr), server, CONNECTIONS, RATE, Op::GetItem.call(&token)).await?;
+            if !run.summary.errors.is_empty() {
+                return Err(format!("{name}: calls failed: {:?}", run.summary.errors));
+            }
+            cpus.push(run.server_cpu_us);
+            thr.push(run.summary.throughput);
+        }
+        let (p50, p99) = light_latency(ctx, &client::url(addr), &token).await?;
+        let cpu = median(cpus);
+        progress(format!("  {name}: {cpu:.1} us per call, light load p50 {p50:.3} ms"));
+        r.figures.push(Figure::new(format!("{name} (shipped binary)"), "us CPU/call", cpu).vs(base_cpu));
+        light.push(Figure::new(format!("GetItem p50 at 5 x 20/s, {name}"), "ms", p50).vs(base_p50));
+        details.push(json!({"layer": name, "server_cpu_us": cpu, "throughput": median(thr),
+            "light_p50_ms": p50, "light_p99_ms": p99}));
+    }
+    standalone.stop(Duration::from_secs(10))?;
+    r.figures.extend(light);
     let exported = sink.0.load(Ordering::Relaxed);
     if exported == 0 {
         return Err("the span-export layer exported no span".into());

@@ -100,7 +100,9 @@ async fn touch(data: std::net::SocketAddr, tokens: &[String], concurrency: usize
     codes
 }
 
-fn start_data(dir: &std::path::Path, addrs: &procs::MeshAddrs) -> Result<(Proc, std::net::SocketAddr), String> {
+/// The standalone data-service binary, on a free port with its own data
+/// dir under `dir`, verifying tokens against the mesh at `addrs`.
+pub fn start_data(dir: &std::path::Path, addrs: &procs::MeshAddrs) -> Result<(Proc, std::net::SocketAddr), String> {
     let port = procs::free_port();
     let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let mut cmd = Command::new(procs::sibling("tenantmesh-data")?);

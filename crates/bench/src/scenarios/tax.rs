@@ -88,7 +88,7 @@ pub async fn isolation_tax(ctx: &Ctx) -> Result<ScenarioResult, String> {
         "isolation_tax",
         "Isolation tax: the whole request path vs bare tonic",
         format!(
-            "`tenantmesh up` (release, embedded store, default settings: JSON logs at info, spans on) against the bare tonic \
+            "`tenantmesh up` (release, embedded store, default settings: JSON logs at info, no span exporter) against the bare tonic \
              baseline (`crates/bench/src/baseline.rs`), closed loop, {CONNECTIONS} connections x {STREAMS} streams, \
              {rounds} alternating rounds of {}s, medians. Every call carries a standard-tier tenant's access token \
              (the baseline receives the same requests and ignores it). \
@@ -146,7 +146,7 @@ pub async fn light_load(ctx: &Ctx) -> Result<ScenarioResult, String> {
         format!(
             "5 clients at 20 GetItem/s each for {}s, open loop (latency from the intended send time), first each on its \
              own connection, then all on one, then each on its own with the client sending HTTP/2 BDP pings (as grpc-go \
-             and gRPC C-core clients do); baseline then mesh. Catches Nagle's algorithm meeting delayed ACKs \
+             and gRPC C-core clients do); the baseline and the mesh at the same time, each with its own clients. Catches Nagle's algorithm meeting delayed ACKs \
              (a 40 ms mode, bounded here by the pings' 15 ms interval) on any listener.",
             duration.as_secs()
         ),
@@ -158,17 +158,20 @@ pub async fn light_load(ctx: &Ctx) -> Result<ScenarioResult, String> {
             (false, false) => "own connections",
             (false, true) => "own connections, client BDP pings",
         };
-        let mut out = Vec::new();
-        for (name, addr) in [("baseline", s.baseline_addr), ("mesh", s.addrs.data)] {
+        // Both at once, so both meet the same machine (a quiet moment or a
+        // noisy neighbour) and only the server differs.
+        let mut clients = Vec::new();
+        for addr in [s.baseline_addr, s.addrs.data] {
             let channels = load::connect_with(&client::url(addr), if shared { 1 } else { 5 }, pings).await?;
-            let clients = (0..5)
-                .map(|i| OpenClient {
-                    channel: channels[i % channels.len()].clone(),
-                    rate_per_s: 20.0,
-                    call: Op::GetItem.call(&s.token),
-                })
-                .collect();
-            let stats = load::merged(&load::open_loop(clients, warmup, duration, 10_000).await);
+            clients.extend((0..5).map(|i| OpenClient {
+                channel: channels[i % channels.len()].clone(),
+                rate_per_s: 20.0,
+                call: Op::GetItem.call(&s.token),
+            }));
+        }
+        let per_client = load::open_loop(clients, warmup, duration, 10_000).await;
+        let out = [load::merged(&per_client[..5]), load::merged(&per_client[5..])];
+        for (name, stats) in ["baseline", "mesh"].iter().zip(&out) {
             progress(format!(
                 "  light load ({label}), {name}: p50 {:.2} ms p99 {:.2} ms max {:.2} ms, {:.1}% >= 10 ms, errors {:?}",
                 stats.quantile_ms(0.5),
@@ -177,7 +180,6 @@ pub async fn light_load(ctx: &Ctx) -> Result<ScenarioResult, String> {
                 stats.share_at_least_ms(10.0) * 100.0,
                 stats.errors
             ));
-            out.push(stats);
         }
         let (b, m) = (&out[0], &out[1]);
         r.figures.push(
@@ -191,7 +193,9 @@ pub async fn light_load(ctx: &Ctx) -> Result<ScenarioResult, String> {
         r.figures.push(
             Figure::new(format!("calls at >= 10 ms, {label}"), "%", m.share_at_least_ms(10.0) * 100.0)
                 .vs(b.share_at_least_ms(10.0) * 100.0)
-                .target(Target::AtMost(0.0)),
+                // Nagle's 40 ms mode puts 5-40% of calls here; the odd
+                // scheduling hiccup of a shared machine, a call or two.
+                .target(Target::AtMost(1.0)),
         );
         details.insert(label.into(), json!({"baseline": b.summary(), "mesh": m.summary()}));
     }
