@@ -101,7 +101,8 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
              process (`tenantmesh-bench layer-server`), against the bare baseline: open loop at {RATE} calls/s over \
              {CONNECTIONS} connections (the same load for every variant, below saturation), {rounds} rounds of {}s \
              each, medians. Every call carries the tenant's token. Server CPU per call is the cost; each layer's own \
-             cost is the difference to the row above. Then each variant's GetItem latency at light load (5 clients at \
+             cost is the difference to the row above (run to run, a row moves by about 2 us: smaller differences \
+             are noise). Then each variant's GetItem latency at light load (5 clients at \
              20 calls/s, open loop). \
              `span export` sends every request's span to an OTLP collector (a sink in the benchmark process).",
             window.as_secs_f64()
