@@ -22,7 +22,7 @@ use tenantmesh_proto::data::v1::{PutItemRequest, QueryItemsRequest};
 use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
 use tenantmesh_proto::onboarding::v1::*;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
-use tenantmesh_proto::registry::v1::{GetTenantRequest, ListTenantsRequest, Tenant, TenantStatus};
+use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, ListTenantsRequest, Tenant, TenantStatus};
 use tenantmesh_test_support::*;
 use tonic::transport::Channel;
 
@@ -328,14 +328,15 @@ fn crash_points(steps: Vec<&'static str>) -> Vec<(&'static str, &'static str)> {
     steps.into_iter().flat_map(|s| MODES.map(|m| (m, s))).collect()
 }
 
-fn step_names(kind: &str, model_from: &str, model_to: &str) -> Vec<&'static str> {
+fn step_names(kind: &str, model_from: IsolationModel, model_to: IsolationModel) -> Vec<&'static str> {
     use tenantmesh_onboarding::workflow::{Spot, change_tier_steps, offboard_steps, onboard_steps};
-    let spot = |m: &str| Spot { model: m.into(), ..Default::default() };
-    match kind {
+    let spot = |model| Spot { model, ..Default::default() };
+    let steps = match kind {
         "onboard" => onboard_steps(&spot(model_to)),
         "change_tier" => change_tier_steps(&spot(model_from), &spot(model_to)),
         _ => offboard_steps(),
-    }
+    };
+    steps.into_iter().map(|s| s.as_str()).collect()
 }
 
 fn assert_log_mentions(path: &Path, needle: &str) {
@@ -348,7 +349,7 @@ fn assert_log_mentions(path: &Path, needle: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboarding_completes_after_kill_9_at_every_step() {
     let mut cluster = Cluster::start().await;
-    for (mode, step) in crash_points(step_names("onboard", "", "silo")) {
+    for (mode, step) in crash_points(step_names("onboard", IsolationModel::Pool, IsolationModel::Silo)) {
         let tenant = unique_tenant("onb");
         let endpoint = cluster.start_silo(&tenant).await;
         let fault = format!("{mode}:onboard:{step}");
@@ -381,7 +382,7 @@ async fn onboarding_completes_after_kill_9_at_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offboarding_completes_after_kill_9_at_every_step() {
     let mut cluster = Cluster::start().await;
-    for (mode, step) in crash_points(step_names("offboard", "", "")) {
+    for (mode, step) in crash_points(step_names("offboard", IsolationModel::Pool, IsolationModel::Pool)) {
         let tenant = unique_tenant("off");
         let fault = format!("{mode}:offboard:{step}");
         cluster.start_onboarding(&[("TENANTMESH_FAULTS", &fault)]).await;
@@ -417,7 +418,7 @@ async fn offboarding_completes_after_kill_9_at_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_change_completes_after_kill_9_at_every_step() {
     let mut cluster = Cluster::start().await;
-    for (mode, step) in crash_points(step_names("change_tier", "pool", "bridge")) {
+    for (mode, step) in crash_points(step_names("change_tier", IsolationModel::Pool, IsolationModel::Bridge)) {
         let tenant = unique_tenant("move");
         let fault = format!("{mode}:change_tier:{step}");
         cluster.start_onboarding(&[("TENANTMESH_FAULTS", &fault)]).await;

@@ -128,12 +128,12 @@ pub async fn serve(
         let mut env = std::collections::HashMap::new();
         env.insert("TENANTMESH_REGISTRY_URL".to_owned(), registry_url);
         env.insert("TENANTMESH_AUTH_URL".to_owned(), auth_url);
-        let common = tenantmesh_tenant_context::config::CommonConfig::from_env(&env, 0).map_err(|x| e(&x))?;
+        let common = tenantmesh_service::config::CommonConfig::from_env(&env, 0).map_err(|x| e(&x))?;
         let auth = tenantmesh_tenant_context::server::Authenticator::remote(&common).map_err(|x| e(&x))?;
-        return tenantmesh_tenant_context::runtime::serve(
+        return tenantmesh_service::runtime::serve(
             listener,
             data,
-            auth,
+            tenantmesh_tenant_context::server::layer(auth),
             std::time::Duration::from_secs(5),
             crate::procs::shutdown_signal(),
         )
@@ -160,10 +160,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .layer(FixedTenantLayer(ctx))
         .add_service(data)
-        .serve_with_incoming_shutdown(
-            tenantmesh_tenant_context::runtime::incoming(listener),
-            crate::procs::shutdown_signal(),
-        )
+        .serve_with_incoming_shutdown(tenantmesh_service::runtime::incoming(listener), crate::procs::shutdown_signal())
         .await
         .map_err(|x| e(&x))
 }

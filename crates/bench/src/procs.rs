@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use tenantmesh_tenant_context::runtime::shutdown_signal;
+pub use tenantmesh_service::runtime::shutdown_signal;
 
 /// A binary built beside this one (`target/release/<name>`).
 pub fn sibling(name: &str) -> Result<PathBuf, String> {

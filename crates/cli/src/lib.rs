@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tenantmesh_isolation::backend::{ServiceConfig, open_store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -63,7 +64,7 @@ pub enum MeshError {
     #[error("cannot listen on {addr} for {service}: {source}")]
     Bind { service: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("configuration: {0}")]
-    Config(#[from] tenantmesh_tenant_context::config::ConfigError),
+    Config(#[from] tenantmesh_service::config::ConfigError),
     #[error("{service}: {message}")]
     Service { service: &'static str, message: String },
     #[error("{service} did not become ready: {message}")]
@@ -119,17 +120,15 @@ impl Mesh {
             e
         };
 
-        let registry_cfg = tenantmesh_registry::Config::from_env(&with_listen(addrs.registry))?;
-        let auth_cfg = tenantmesh_auth::Config::from_env(&with_listen(addrs.auth))?;
-        let onboarding_cfg = tenantmesh_onboarding::Config::from_env(&with_listen(addrs.onboarding))?;
-        let data_cfg = tenantmesh_data::Config::from_env(&with_listen(addrs.data))?;
-        let open_err = |service| move |e: BoxError| MeshError::Service { service, message: e.to_string() };
-        let registry_store =
-            tenantmesh_registry::open_store(&registry_cfg).await.map_err(open_err("tenant-registry"))?;
-        let auth_store = tenantmesh_auth::open_store(&auth_cfg).await.map_err(open_err("auth"))?;
-        let onboarding_store =
-            tenantmesh_onboarding::open_store(&onboarding_cfg).await.map_err(open_err("onboarding"))?;
-        let data_store = tenantmesh_data::open_store(&data_cfg).await.map_err(open_err("data"))?;
+        let (registry, registry_store) =
+            prepare("tenant-registry", tenantmesh_registry::Config::from_env(&with_listen(addrs.registry))?).await?;
+        let (auth, auth_store) = prepare("auth", tenantmesh_auth::Config::from_env(&with_listen(addrs.auth))?).await?;
+        let (onboarding, onboarding_store) =
+            prepare("onboarding", tenantmesh_onboarding::Config::from_env(&with_listen(addrs.onboarding))?).await?;
+        let data = tenantmesh_data::Config::from_env(&with_listen(addrs.data))?;
+        let data_stores = tenantmesh_data::open_store(&data)
+            .await
+            .map_err(|e| MeshError::Service { service: "data", message: e.to_string() })?;
 
         let silos = Arc::new(silos::InProcessSilos::new(host, env.clone(), options.data_dir.clone()));
         let compute: Arc<dyn tenantmesh_onboarding::compute::SiloCompute> = silos.clone();
@@ -141,21 +140,15 @@ impl Mesh {
             }
         };
         let mut tasks = JoinSet::new();
-        let sig = signal();
-        tasks.spawn(async move {
-            ("tenant-registry", tenantmesh_registry::serve(registry_cfg, registry_store, registry_l, sig).await)
-        });
-        let sig = signal();
-        tasks.spawn(async move { ("auth", tenantmesh_auth::serve(auth_cfg, auth_store, auth_l, sig).await) });
-        let sig = signal();
-        tasks.spawn(async move {
-            (
-                "onboarding",
-                tenantmesh_onboarding::serve(onboarding_cfg, onboarding_store, onboarding_l, Some(compute), sig).await,
-            )
-        });
-        let sig = signal();
-        tasks.spawn(async move { ("data", tenantmesh_data::serve(data_cfg, data_store, data_l, sig).await) });
+        let mut spawn = |service: &'static str, run: BoxFuture<Result<(), BoxError>>| {
+            tasks.spawn(async move { (service, run.await) });
+        };
+        spawn("tenant-registry", Box::pin(tenantmesh_registry::serve(registry, registry_store, registry_l, signal())));
+        spawn("auth", Box::pin(tenantmesh_auth::serve(auth, auth_store, auth_l, signal())));
+        let onboarding_run =
+            tenantmesh_onboarding::serve(onboarding, onboarding_store, onboarding_l, Some(compute), signal());
+        spawn("onboarding", Box::pin(onboarding_run));
+        spawn("data", Box::pin(tenantmesh_data::serve(data, data_stores, data_l, signal())));
 
         let storage = env.get("TENANTMESH_STORAGE").cloned().unwrap_or_else(|| "embedded".into());
         let mut mesh = Mesh { addrs, data_dir: options.data_dir, storage, stop, tasks, silos };
@@ -221,6 +214,17 @@ impl Mesh {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// A service's settings and its opened table.
+async fn prepare<C: ServiceConfig>(
+    service: &'static str,
+    config: C,
+) -> Result<(C, tenantmesh_storage::DynTable), MeshError> {
+    let store = open_store(&config).await.map_err(|e| MeshError::Service { service, message: e.to_string() })?;
+    Ok((config, store))
 }
 
 /// Polls the gRPC health check of `addr` until it answers SERVING.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tenantmesh_cli::{Mesh, MeshOptions};
-use tenantmesh_tenant_context::config::{AUTH_PORT, DATA_PORT, ONBOARDING_PORT, REGISTRY_PORT, process_env};
+use tenantmesh_service::config::{AUTH_PORT, DATA_PORT, ONBOARDING_PORT, REGISTRY_PORT, process_env};
 
 /// tenantmesh: a tenant-aware gRPC mesh (tenant registry, auth, onboarding,
 /// data) with tenant isolation enforced on every call.
@@ -118,7 +118,7 @@ async fn up(options: MeshOptions) -> ExitCode {
     );
     println!("Press Ctrl-C to stop.");
     tokio::select! {
-        () = tenantmesh_tenant_context::runtime::shutdown_signal() => {
+        () = tenantmesh_service::runtime::shutdown_signal() => {
             eprintln!("tenantmesh: shutting down");
             match mesh.shutdown().await {
                 Ok(()) => ExitCode::SUCCESS,

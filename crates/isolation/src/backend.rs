@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tenantmesh_service::config::{CommonConfig, ConfigError, parse_var, var};
 use tenantmesh_storage::{DynTable, DynamoTable, EmbeddedTable};
-use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, parse_var, var};
 
 use crate::aws::AwsSettings;
 use crate::policy::Placement;
@@ -125,6 +125,19 @@ impl StorageConfig {
             }
         }
     }
+}
+
+/// A service's settings, which name its own table.
+pub trait ServiceConfig {
+    /// The table: `<data dir>/<STORE>.redb`, or `<prefix><STORE>` on DynamoDB.
+    const STORE: &'static str;
+    fn common(&self) -> &CommonConfig;
+    fn storage(&self) -> &StorageConfig;
+}
+
+/// Opens a service's own table on its configured backend.
+pub async fn open_store<C: ServiceConfig>(config: &C) -> Result<DynTable, BoxError> {
+    config.storage().open_table(config.common(), C::STORE).await
 }
 
 #[cfg(test)]

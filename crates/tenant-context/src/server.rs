@@ -41,7 +41,7 @@ impl Authenticator {
 
     /// The authenticator of a service that is neither auth nor registry:
     /// keys from the auth service's JWKS, tenants from the registry.
-    pub fn remote(config: &crate::config::CommonConfig) -> Result<Self, tonic::transport::Error> {
+    pub fn remote(config: &tenantmesh_service::config::CommonConfig) -> Result<Self, tonic::transport::Error> {
         let keys = crate::verify::JwksCache::new(crate::client::channel(&config.auth_url)?);
         let verifier = TokenVerifier::new(Arc::new(keys), &config.issuer, &config.audience)
             .with_cache_capacity(config.token_cache_capacity);
@@ -143,7 +143,7 @@ impl Authenticator {
         let tenant = headers
             .get(metadata::TENANT_ID)
             .and_then(|v| v.to_str().ok())
-            .filter(|t| crate::validate_tenant_id(t).is_ok())
+            .filter(|t| tenantmesh_service::validate_tenant_id(t).is_ok())
             .ok_or_else(|| Status::unauthenticated("tokens of an external identity provider need x-tenant-id"))?;
         let info = self.directory.lookup(tenant, token, Some(tenant)).await?.ok_or_else(|| {
             tracing::info!(

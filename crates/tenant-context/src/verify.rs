@@ -162,7 +162,7 @@ impl TokenVerifier {
         let key = self.keys.key(&kid).await?.ok_or(VerifyError::UnknownKey)?;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(map_jwt_error)?;
         let claims = data.claims;
-        if crate::validate_tenant_id(&claims.tenant_id).is_err() || claims.roles.is_empty() {
+        if tenantmesh_service::validate_tenant_id(&claims.tenant_id).is_err() || claims.roles.is_empty() {
             return Err(VerifyError::Claims);
         }
         // Cross-tenant roles exist only in the platform tenant.

@@ -18,7 +18,7 @@ use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-pub use tenantmesh_tenant_context::errors::violated_fields;
+pub use tenantmesh_service::errors::violated_fields;
 
 /// The bootstrap admin password every test mesh uses.
 pub const ADMIN_PASSWORD: &str = "platform-admin-password";
@@ -121,7 +121,7 @@ impl MeshState {
     /// the mesh's backend; on the embedded backend the mesh must be stopped.
     pub async fn table(&self, name: &str) -> tenantmesh_storage::DynTable {
         let storage = tenantmesh_isolation::backend::StorageConfig::from_env(&self.env).expect("storage config");
-        let common = tenantmesh_tenant_context::config::CommonConfig::from_env(&self.env, 0).expect("config");
+        let common = tenantmesh_service::config::CommonConfig::from_env(&self.env, 0).expect("config");
         storage.open_table(&common, name).await.expect("table opens")
     }
 

@@ -42,15 +42,7 @@ impl From<AuthError> for Status {
                 tracing::error!(cause, "auth internal error");
                 Status::internal("internal error")
             }
-            AuthError::Storage(StorageError::AccessDenied { .. }) => Status::permission_denied("access denied"),
-            AuthError::Storage(StorageError::Invalid(cause)) => {
-                tracing::error!(cause, "invalid storage request");
-                Status::internal("internal error")
-            }
-            AuthError::Storage(e) => {
-                tracing::error!(error = %e, "auth storage failed");
-                Status::unavailable("auth storage unavailable")
-            }
+            AuthError::Storage(e) => tenantmesh_service::errors::storage_status(e, "auth"),
         }
     }
 }

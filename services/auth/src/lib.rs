@@ -6,7 +6,7 @@
 mod error;
 pub mod keys;
 pub mod lockout;
-pub mod password;
+use tenantmesh_credentials::{HashParams, check_email, check_password, normalize_email, password};
 mod refresh;
 
 use std::collections::HashMap;
@@ -21,12 +21,12 @@ use serde::{Deserialize, Serialize};
 use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::auth::v1::auth_server::{Auth, AuthServer};
 use tenantmesh_proto::auth::v1::*;
+use tenantmesh_service::config::{AUTH_PORT, CommonConfig, ConfigError, parse_var, var};
+use tenantmesh_service::errors::Violations;
+use tenantmesh_service::paging;
 use tenantmesh_storage::{Condition, DynTable};
-use tenantmesh_tenant_context::config::{AUTH_PORT, CommonConfig, ConfigError, parse_var, var};
 use tenantmesh_tenant_context::directory::{RemoteDirectory, TenantDirectory};
-use tenantmesh_tenant_context::errors::Violations;
-use tenantmesh_tenant_context::paging;
-use tenantmesh_tenant_context::server::Authenticator;
+use tenantmesh_tenant_context::server::{self, Authenticator};
 use tenantmesh_tenant_context::verify::TokenVerifier;
 use tenantmesh_tenant_context::{Claims, PLATFORM_TENANT, Role, TenantContext};
 use tokio::net::TcpListener;
@@ -34,13 +34,11 @@ use tonic::{Request, Response, Status};
 
 pub use error::AuthError;
 pub use keys::SigningKeys;
-pub use password::HashParams;
 
 /// Default bootstrap admin email.
 pub const DEFAULT_BOOTSTRAP_EMAIL: &str = "admin@platform.local";
 /// File (in the data dir) holding a generated bootstrap password.
 pub const BOOTSTRAP_PASSWORD_FILE: &str = "bootstrap-password";
-const MAX_EMAIL_LEN: usize = 254;
 const MIN_SECRET_LEN: usize = 16;
 
 /// Auth settings.
@@ -75,6 +73,16 @@ impl std::fmt::Debug for Config {
             .field("access_token_ttl", &self.access_token_ttl)
             .field("hash_params", &self.hash_params)
             .finish_non_exhaustive()
+    }
+}
+
+impl tenantmesh_isolation::backend::ServiceConfig for Config {
+    const STORE: &'static str = "auth";
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+    fn storage(&self) -> &StorageConfig {
+        &self.storage
     }
 }
 
@@ -150,33 +158,6 @@ pub(crate) fn random_token(bytes: usize) -> String {
 
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The canonical form of an email (trimmed, lower-case) used as user key.
-pub fn normalize_email(email: &str) -> String {
-    email.trim().to_ascii_lowercase()
-}
-
-/// Checks a normalized email address.
-pub fn check_email(v: &mut Violations, field: &str, email: &str) {
-    if email.is_empty() {
-        v.add(field, "is required");
-    } else if email.len() > MAX_EMAIL_LEN
-        || email.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#')
-        || !email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
-    {
-        v.add(field, "must be an email address such as user@example.com");
-    }
-}
-
-/// Checks a clear-text password against the length policy.
-pub fn check_password(v: &mut Violations, field: &str, password: &str) {
-    let n = password.chars().count();
-    if n < password::MIN_PASSWORD_LEN {
-        v.add(field, format!("must be at least {} characters", password::MIN_PASSWORD_LEN));
-    } else if password.len() > password::MAX_PASSWORD_LEN {
-        v.add(field, format!("must be at most {} bytes", password::MAX_PASSWORD_LEN));
-    }
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -368,7 +349,7 @@ fn write_private_file(path: &std::path::Path, contents: &str) -> std::io::Result
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        tenantmesh_tenant_context::config::ensure_private_dir(dir)?;
+        tenantmesh_service::config::ensure_private_dir(dir)?;
     }
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     writeln!(f, "{contents}")?;
@@ -637,11 +618,6 @@ impl Auth for AuthService {
     }
 }
 
-/// Opens the auth service's table on the configured backend.
-pub async fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    config.storage.open_table(&config.common, "auth").await
-}
-
 /// Runs the auth service on `listener` until `shutdown` completes.
 pub async fn serve(
     config: Config,
@@ -682,7 +658,8 @@ pub async fn serve(
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
     let authn = Authenticator::new(Arc::new(verifier), directory);
     let served =
-        tenantmesh_tenant_context::runtime::serve(listener, AuthServer::new(service), authn, grace, shutdown).await;
+        tenantmesh_service::runtime::serve(listener, AuthServer::new(service), server::layer(authn), grace, shutdown)
+            .await;
     // The reloader holds the store: it ends with the service.
     reloader.abort();
     let _ = reloader.await;

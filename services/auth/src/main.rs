@@ -1,14 +1,14 @@
 //! The auth service as a standalone process.
 
-use tenantmesh_tenant_context::config::process_env;
-use tenantmesh_tenant_context::runtime::shutdown_signal;
+use tenantmesh_service::config::process_env;
+use tenantmesh_service::runtime::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let env = process_env();
     let _telemetry = tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env("auth", &env))?;
     let config = tenantmesh_auth::Config::from_env(&env)?;
-    let store = tenantmesh_auth::open_store(&config).await?;
+    let store = tenantmesh_isolation::backend::open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr).await?;
     tenantmesh_auth::serve(config, store, listener, shutdown_signal()).await
 }

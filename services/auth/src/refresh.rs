@@ -37,7 +37,7 @@ fn family_sk(family: &str) -> String {
 /// The tenant a refresh token belongs to, if it is well formed.
 pub(crate) fn tenant_of(token: &str) -> Option<&str> {
     let (tenant, secret) = token.split_once('.')?;
-    (tenantmesh_tenant_context::validate_tenant_id(tenant).is_ok() && secret.len() >= 32).then_some(tenant)
+    (tenantmesh_service::validate_tenant_id(tenant).is_ok() && secret.len() >= 32).then_some(tenant)
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, AuthError> {

@@ -125,7 +125,8 @@ async fn create_user_rules() {
     let mut hashed = new_user(&a.tenant_id, "h@x.io", &[]);
     hashed.password.clear();
     hashed.password_hash =
-        tenantmesh_auth::password::hash("a-long-password", tenantmesh_auth::HashParams::default()).unwrap();
+        tenantmesh_credentials::password::hash("a-long-password", tenantmesh_credentials::HashParams::default())
+            .unwrap();
     expect_code(auth.create_user(authed(hashed.clone(), &admin)).await, Code::PermissionDenied);
     let service = mesh.service_token().await;
     auth.create_user(authed(hashed, &service)).await.unwrap();

@@ -11,8 +11,8 @@ use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::stores::table_allowed;
 use tenantmesh_proto::data::v1::data_admin_server::DataAdmin;
 use tenantmesh_proto::data::v1::*;
+use tenantmesh_service::errors::{Violations, invalid_field};
 use tenantmesh_storage::{Condition, DynTable, Item, Query, StorageError};
-use tenantmesh_tenant_context::errors::{Violations, invalid_field};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 

@@ -25,27 +25,7 @@ impl From<DataError> for Status {
                 tracing::error!(cause, "corrupt item");
                 Status::internal("internal error")
             }
-            DataError::Storage(StorageError::AccessDenied { action, key }) => {
-                // The span carries the tenant; the guard has logged its own
-                // refusals, this also covers denials coming back from AWS.
-                tracing::warn!(security_event = "access_denied", action, refused_key = key, "storage access denied");
-                Status::permission_denied("access denied by the tenant's isolation policy")
-            }
-            DataError::Storage(StorageError::NoSuchTable(cause)) => {
-                tracing::warn!(cause, "the tenant's table does not exist");
-                Status::failed_precondition("the tenant's table does not exist")
-            }
-            DataError::Storage(StorageError::Invalid(cause)) => {
-                tracing::error!(cause, "invalid storage request");
-                Status::internal("internal error")
-            }
-            DataError::Storage(StorageError::ConditionFailed { current, .. }) => {
-                Status::aborted(format!("concurrent write (current version {current:?})"))
-            }
-            DataError::Storage(e) => {
-                tracing::error!(error = %e, "data storage failed");
-                Status::unavailable("data storage unavailable")
-            }
+            DataError::Storage(e) => tenantmesh_service::errors::storage_status(e, "data"),
         }
     }
 }

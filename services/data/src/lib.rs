@@ -33,12 +33,12 @@ use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
 use tenantmesh_proto::data::v1::*;
 use tenantmesh_proto::registry::v1::TenantStatus;
+use tenantmesh_service::config::{CommonConfig, ConfigError, DATA_PORT};
+use tenantmesh_service::errors::{Violations, invalid_field};
+use tenantmesh_service::paging;
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel};
-use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, DATA_PORT};
-use tenantmesh_tenant_context::errors::{Violations, invalid_field};
-use tenantmesh_tenant_context::paging;
 use tenantmesh_tenant_context::server::Authenticator;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -62,9 +62,9 @@ pub struct Config {
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let silo_tenant = tenantmesh_tenant_context::config::var(env, "TENANTMESH_SILO_TENANT").map(str::to_owned);
+        let silo_tenant = tenantmesh_service::config::var(env, "TENANTMESH_SILO_TENANT").map(str::to_owned);
         if let Some(t) = &silo_tenant
-            && let Err(e) = tenantmesh_tenant_context::validate_tenant_id(t)
+            && let Err(e) = tenantmesh_service::validate_tenant_id(t)
         {
             return Err(ConfigError { var: "TENANTMESH_SILO_TENANT", message: e.into() });
         }
@@ -350,14 +350,14 @@ pub async fn serve(
     let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone());
     let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone());
     let routes = tonic::service::Routes::new(DataServer::new(data)).add_service(DataAdminServer::new(admin));
-    tenantmesh_tenant_context::runtime::serve_routes(
+    tenantmesh_service::runtime::serve_routes(
         listener,
         routes,
         &[
             <DataServer<DataService> as tonic::server::NamedService>::NAME,
             <DataAdminServer<admin::DataAdminService> as tonic::server::NamedService>::NAME,
         ],
-        authn,
+        tenantmesh_tenant_context::server::layer(authn),
         config.common.shutdown_grace,
         shutdown,
     )

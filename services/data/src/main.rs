@@ -1,7 +1,7 @@
 //! The data service as a standalone process.
 
-use tenantmesh_tenant_context::config::process_env;
-use tenantmesh_tenant_context::runtime::shutdown_signal;
+use tenantmesh_service::config::process_env;
+use tenantmesh_service::runtime::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

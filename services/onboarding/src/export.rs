@@ -40,7 +40,7 @@ pub fn line(item: &StoredItem) -> Result<String, String> {
 /// Writes `lines` to `path` atomically (temporary file, fsync, rename).
 pub fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    tenantmesh_tenant_context::config::ensure_private_dir(dir)?;
+    tenantmesh_service::config::ensure_private_dir(dir)?;
     let tmp = path.with_extension("jsonl.tmp");
     {
         use std::os::unix::fs::OpenOptionsExt;

@@ -9,16 +9,21 @@
 //! - `halt-unsaved:<kind>:<step>`: the same, but once the step's effect is
 //!   done and before it is recorded, so the restarted service runs the step
 //!   again (which must create nothing twice).
+//!
+//! Steps and kinds are checked against the real ones: a misspelt fault is
+//! refused at start-up instead of never firing.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::workflow::{Kind, Step};
+
 #[derive(Debug, Default)]
 pub struct Faults {
     /// step -> attempts still to fail (`u32::MAX`: always).
-    fail: Mutex<HashMap<String, u32>>,
-    halt_after: Vec<(String, String)>,
-    halt_unsaved: Vec<(String, String)>,
+    fail: Mutex<HashMap<Step, u32>>,
+    halt_after: Vec<(Kind, Step)>,
+    halt_unsaved: Vec<(Kind, Step)>,
 }
 
 impl Faults {
@@ -26,6 +31,7 @@ impl Faults {
         let mut faults = Faults::default();
         for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let fields: Vec<&str> = part.split(':').collect();
+            let in_part = |e: String| format!("{part:?}: {e}");
             match fields.as_slice() {
                 ["fail", step, n] => {
                     let n = if *n == "always" {
@@ -33,10 +39,14 @@ impl Faults {
                     } else {
                         n.parse().map_err(|_| format!("{part:?}: bad count"))?
                     };
-                    faults.fail.get_mut().expect("fresh lock").insert((*step).to_owned(), n);
+                    faults.fail.get_mut().expect("fresh lock").insert(step.parse().map_err(in_part)?, n);
                 }
-                ["halt-after", kind, step] => faults.halt_after.push(((*kind).to_owned(), (*step).to_owned())),
-                ["halt-unsaved", kind, step] => faults.halt_unsaved.push(((*kind).to_owned(), (*step).to_owned())),
+                ["halt-after", kind, step] => {
+                    faults.halt_after.push((kind.parse().map_err(in_part)?, step.parse().map_err(in_part)?));
+                }
+                ["halt-unsaved", kind, step] => {
+                    faults.halt_unsaved.push((kind.parse().map_err(in_part)?, step.parse().map_err(in_part)?));
+                }
                 _ => {
                     return Err(format!(
                         "{part:?} is not fail:<step>:<n|always>, halt-after:<kind>:<step> or halt-unsaved:<kind>:<step>"
@@ -52,9 +62,9 @@ impl Faults {
     }
 
     /// An injected failure of this attempt of `step`, if one is due.
-    pub fn before(&self, step: &str) -> Option<String> {
+    pub fn before(&self, step: Step) -> Option<String> {
         let mut fail = self.fail.lock().expect("faults lock");
-        let left = fail.get_mut(step)?;
+        let left = fail.get_mut(&step)?;
         if *left == 0 {
             return None;
         }
@@ -65,13 +75,13 @@ impl Faults {
     }
 
     /// Whether to halt once `step` of a `kind` workflow took effect, before it is saved.
-    pub fn halt_unsaved(&self, kind: &str, step: &str) -> bool {
-        self.halt_unsaved.iter().any(|(k, s)| k == kind && s == step)
+    pub fn halt_unsaved(&self, kind: Kind, step: Step) -> bool {
+        self.halt_unsaved.contains(&(kind, step))
     }
 
     /// Whether to halt once `step` of a `kind` workflow is done.
-    pub fn halt_after(&self, kind: &str, step: &str) -> bool {
-        self.halt_after.iter().any(|(k, s)| k == kind && s == step)
+    pub fn halt_after(&self, kind: Kind, step: Step) -> bool {
+        self.halt_after.contains(&(kind, step))
     }
 }
 
@@ -82,15 +92,30 @@ mod tests {
     #[test]
     fn counts_and_halts() {
         let f = Faults::parse("fail:provision_storage:2; halt-after:onboard:create_tenant").unwrap();
-        assert!(f.before("provision_storage").is_some());
-        assert!(f.before("provision_storage").is_some());
-        assert!(f.before("provision_storage").is_none());
-        assert!(f.before("create_tenant").is_none());
-        assert!(f.halt_after("onboard", "create_tenant") && !f.halt_after("offboard", "create_tenant"));
-        assert!(Faults::parse("halt-unsaved:offboard:export_items").unwrap().halt_unsaved("offboard", "export_items"));
-        let always = Faults::parse("fail:x:always").unwrap();
-        assert!((0..10).all(|_| always.before("x").is_some()));
-        assert!(Faults::parse("explode").is_err());
+        assert!(f.before(Step::ProvisionStorage).is_some());
+        assert!(f.before(Step::ProvisionStorage).is_some());
+        assert!(f.before(Step::ProvisionStorage).is_none());
+        assert!(f.before(Step::CreateTenant).is_none());
+        assert!(f.halt_after(Kind::Onboard, Step::CreateTenant) && !f.halt_after(Kind::Offboard, Step::CreateTenant));
+        let unsaved = Faults::parse("halt-unsaved:offboard:export_items").unwrap();
+        assert!(unsaved.halt_unsaved(Kind::Offboard, Step::ExportItems));
+        let always = Faults::parse("fail:copy_items:always").unwrap();
+        assert!((0..10).all(|_| always.before(Step::CopyItems).is_some()));
         assert!(Faults::parse("").unwrap().is_empty());
+    }
+
+    /// A fault that names no real step or kind is refused, saying which.
+    #[test]
+    fn unknown_steps_and_kinds_are_refused() {
+        for (spec, names) in [
+            ("explode", "is not fail"),
+            ("fail:provision_everything:1", "provision_everything"),
+            ("halt-after:onbaord:create_tenant", "onbaord"),
+            ("halt-unsaved:offboard:export_item", "export_item"),
+            ("fail:copy_items:often", "bad count"),
+        ] {
+            let err = Faults::parse(spec).unwrap_err();
+            assert!(err.contains(names), "{spec}: {err}");
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! A durable workflow: a list of named steps, persisted after every step,
 //! every step idempotent, so a crash at any point is repaired by running
-//! it again from its first unfinished step.
+//! it again from its first unfinished step. This is the stored shape
+//! (JSON): names and fields stay stable across releases.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tenantmesh_proto::registry::v1::IsolationModel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -15,12 +17,105 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Onboard, Kind::ChangeTier, Kind::Offboard];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Onboard => "onboard",
             Kind::ChangeTier => "change_tier",
             Kind::Offboard => "offboard",
         }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            let all: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("{s:?} is not a workflow kind ({})", all.join(", "))
+        })
+    }
+}
+
+/// Every step of every workflow. Stored by name (snake_case), so a step
+/// that does not exist cannot be written, read or named in a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    CreateTenant,
+    ProvisionCompute,
+    ProvisionStorage,
+    CreateAdminUser,
+    ApplyLimits,
+    ActivateTenant,
+    PauseWrites,
+    CopyItems,
+    SwitchPlacement,
+    Drain,
+    RemoveOldCopy,
+    SuspendTenant,
+    ExportItems,
+    DeleteItems,
+    DeleteResources,
+    DeleteUsers,
+    MarkDeleted,
+}
+
+impl Step {
+    pub const ALL: [Step; 17] = [
+        Step::CreateTenant,
+        Step::ProvisionCompute,
+        Step::ProvisionStorage,
+        Step::CreateAdminUser,
+        Step::ApplyLimits,
+        Step::ActivateTenant,
+        Step::PauseWrites,
+        Step::CopyItems,
+        Step::SwitchPlacement,
+        Step::Drain,
+        Step::RemoveOldCopy,
+        Step::SuspendTenant,
+        Step::ExportItems,
+        Step::DeleteItems,
+        Step::DeleteResources,
+        Step::DeleteUsers,
+        Step::MarkDeleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::CreateTenant => "create_tenant",
+            Step::ProvisionCompute => "provision_compute",
+            Step::ProvisionStorage => "provision_storage",
+            Step::CreateAdminUser => "create_admin_user",
+            Step::ApplyLimits => "apply_limits",
+            Step::ActivateTenant => "activate_tenant",
+            Step::PauseWrites => "pause_writes",
+            Step::CopyItems => "copy_items",
+            Step::SwitchPlacement => "switch_placement",
+            Step::Drain => "drain",
+            Step::RemoveOldCopy => "remove_old_copy",
+            Step::SuspendTenant => "suspend_tenant",
+            Step::ExportItems => "export_items",
+            Step::DeleteItems => "delete_items",
+            Step::DeleteResources => "delete_resources",
+            Step::DeleteUsers => "delete_users",
+            Step::MarkDeleted => "mark_deleted",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Step {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Step::ALL.into_iter().find(|step| step.as_str() == s).ok_or_else(|| format!("{s:?} is not a workflow step"))
     }
 }
 
@@ -42,7 +137,7 @@ pub enum StepState {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
-    pub name: String,
+    pub name: Step,
     pub state: StepState,
     pub attempts: u32,
     pub last_error: String,
@@ -58,21 +153,64 @@ pub struct Params {
 }
 
 /// Where a tenant's items live (mirrors the registry's Placement).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spot {
-    /// "pool", "bridge" or "silo".
-    pub model: String,
+    /// Stored as "pool", "bridge" or "silo".
+    #[serde(with = "model_name")]
+    pub model: IsolationModel,
     pub table: String,
     /// Silo only: the tenant's data-service instance.
     pub endpoint: String,
 }
 
+impl Default for Spot {
+    fn default() -> Self {
+        Spot { model: IsolationModel::Pool, table: String::new(), endpoint: String::new() }
+    }
+}
+
 impl Spot {
+    /// As the registry records it.
+    pub fn placement(&self) -> tenantmesh_proto::registry::v1::Placement {
+        tenantmesh_proto::registry::v1::Placement {
+            model: self.model as i32,
+            table: self.table.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+
     pub fn dedicated(&self) -> bool {
-        self.model != "pool"
+        self.model != IsolationModel::Pool
     }
     pub fn silo(&self) -> bool {
-        self.model == "silo"
+        self.model == IsolationModel::Silo
+    }
+}
+
+/// An isolation model by its stored name.
+pub mod model_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tenantmesh_proto::registry::v1::IsolationModel;
+
+    pub fn as_str(model: IsolationModel) -> &'static str {
+        match model {
+            IsolationModel::Bridge => "bridge",
+            IsolationModel::Silo => "silo",
+            IsolationModel::Pool | IsolationModel::Unspecified => "pool",
+        }
+    }
+
+    pub fn serialize<S: Serializer>(model: &IsolationModel, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(as_str(*model))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IsolationModel, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "pool" => Ok(IsolationModel::Pool),
+            "bridge" => Ok(IsolationModel::Bridge),
+            "silo" => Ok(IsolationModel::Silo),
+            other => Err(serde::de::Error::custom(format!("unknown isolation model {other:?}"))),
+        }
     }
 }
 
@@ -105,7 +243,7 @@ pub struct Workflow {
 }
 
 impl Workflow {
-    pub fn new(id: String, kind: Kind, params: Params, steps: &[&str], now: i64) -> Self {
+    pub fn new(id: String, kind: Kind, params: Params, steps: &[Step], now: i64) -> Self {
         Self {
             id,
             kind,
@@ -118,12 +256,7 @@ impl Workflow {
             state: WorkflowState::Running,
             steps: steps
                 .iter()
-                .map(|s| StepRecord {
-                    name: (*s).into(),
-                    state: StepState::Pending,
-                    attempts: 0,
-                    last_error: String::new(),
-                })
+                .map(|s| StepRecord { name: *s, state: StepState::Pending, attempts: 0, last_error: String::new() })
                 .collect(),
             export_path: String::new(),
             create_time: now,
@@ -148,63 +281,108 @@ impl Workflow {
 }
 
 /// The steps of onboarding a tenant into `to`.
-pub fn onboard_steps(to: &Spot) -> Vec<&'static str> {
-    let mut steps = vec!["create_tenant"];
+pub fn onboard_steps(to: &Spot) -> Vec<Step> {
+    let mut steps = vec![Step::CreateTenant];
     if to.silo() {
-        steps.push("provision_compute");
+        steps.push(Step::ProvisionCompute);
     }
-    steps.extend(["provision_storage", "create_admin_user", "apply_limits", "activate_tenant"]);
+    steps.extend([Step::ProvisionStorage, Step::CreateAdminUser, Step::ApplyLimits, Step::ActivateTenant]);
     steps
 }
 
 /// The steps of moving a tenant from `from` to `to`.
-pub fn change_tier_steps(from: &Spot, to: &Spot) -> Vec<&'static str> {
+pub fn change_tier_steps(from: &Spot, to: &Spot) -> Vec<Step> {
     if from.model == to.model {
-        return vec!["switch_placement", "apply_limits"];
+        return vec![Step::SwitchPlacement, Step::ApplyLimits];
     }
-    let mut steps = vec!["pause_writes"];
+    let mut steps = vec![Step::PauseWrites];
     if to.silo() {
-        steps.push("provision_compute");
+        steps.push(Step::ProvisionCompute);
     }
-    steps.extend(["provision_storage", "copy_items", "switch_placement", "apply_limits", "drain", "remove_old_copy"]);
+    steps.extend([
+        Step::ProvisionStorage,
+        Step::CopyItems,
+        Step::SwitchPlacement,
+        Step::ApplyLimits,
+        Step::Drain,
+        Step::RemoveOldCopy,
+    ]);
     steps
 }
 
 /// The steps of offboarding a tenant.
-pub fn offboard_steps() -> Vec<&'static str> {
-    vec!["suspend_tenant", "export_items", "delete_items", "delete_resources", "delete_users", "mark_deleted"]
+pub fn offboard_steps() -> Vec<Step> {
+    vec![
+        Step::SuspendTenant,
+        Step::ExportItems,
+        Step::DeleteItems,
+        Step::DeleteResources,
+        Step::DeleteUsers,
+        Step::MarkDeleted,
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spot(model: &str) -> Spot {
-        Spot { model: model.into(), ..Default::default() }
+    fn spot(model: IsolationModel) -> Spot {
+        Spot { model, ..Default::default() }
     }
 
     #[test]
     fn steps_follow_the_models() {
+        use IsolationModel::{Bridge, Pool, Silo};
         assert_eq!(
-            onboard_steps(&spot("pool")),
-            ["create_tenant", "provision_storage", "create_admin_user", "apply_limits", "activate_tenant"]
+            onboard_steps(&spot(Pool)),
+            [
+                Step::CreateTenant,
+                Step::ProvisionStorage,
+                Step::CreateAdminUser,
+                Step::ApplyLimits,
+                Step::ActivateTenant
+            ]
         );
-        assert_eq!(onboard_steps(&spot("silo"))[1], "provision_compute");
-        assert_eq!(change_tier_steps(&spot("pool"), &spot("pool")), ["switch_placement", "apply_limits"]);
-        let up = change_tier_steps(&spot("pool"), &spot("bridge"));
-        assert_eq!(up.first(), Some(&"pause_writes"));
-        assert!(up.contains(&"copy_items") && !up.contains(&"provision_compute"));
-        assert!(change_tier_steps(&spot("bridge"), &spot("silo")).contains(&"provision_compute"));
+        assert_eq!(onboard_steps(&spot(Silo))[1], Step::ProvisionCompute);
+        assert_eq!(change_tier_steps(&spot(Pool), &spot(Pool)), [Step::SwitchPlacement, Step::ApplyLimits]);
+        let up = change_tier_steps(&spot(Pool), &spot(Bridge));
+        assert_eq!(up.first(), Some(&Step::PauseWrites));
+        assert!(up.contains(&Step::CopyItems) && !up.contains(&Step::ProvisionCompute));
+        assert!(change_tier_steps(&spot(Bridge), &spot(Silo)).contains(&Step::ProvisionCompute));
     }
 
     #[test]
     fn next_step_and_error() {
-        let mut wf = Workflow::new("a/onboard".into(), Kind::Onboard, params(), &["one", "two"], 0);
+        let mut wf =
+            Workflow::new("a/onboard".into(), Kind::Onboard, params(), &[Step::CreateTenant, Step::ApplyLimits], 0);
         assert_eq!(wf.next_step(), Some(0));
         wf.steps[0].state = StepState::Done;
         wf.steps[1].state = StepState::Failed;
         wf.steps[1].last_error = "boom".into();
-        assert_eq!((wf.next_step(), wf.error().as_str()), (Some(1), "two: boom"));
+        assert_eq!((wf.next_step(), wf.error().as_str()), (Some(1), "apply_limits: boom"));
+    }
+
+    /// Records written before steps and models were types read back the
+    /// same, and are written back the same.
+    #[test]
+    fn the_stored_shape_is_unchanged() {
+        let stored = r#"{"id":"acme/onboard","kind":"onboard","params":{"tenant_id":"acme","name":"Acme",
+            "tier":"enterprise","admin_email":"a@acme.example"},"admin_password_hash":"","idempotency_key":"k",
+            "from_tier":"","from":{"model":"pool","table":"","endpoint":""},
+            "to":{"model":"silo","table":"tenantmesh-tenant-acme-silo","endpoint":"http://127.0.0.1:1"},
+            "state":"running","steps":[{"name":"create_tenant","state":"done","attempts":1,"last_error":""},
+            {"name":"provision_compute","state":"pending","attempts":0,"last_error":""}],
+            "export_path":"","create_time":1,"update_time":2,"outputs":{}}"#;
+        let wf: Workflow = serde_json::from_str(stored).unwrap();
+        assert_eq!((wf.to.model, wf.steps[1].name), (IsolationModel::Silo, Step::ProvisionCompute));
+        let again: serde_json::Value = serde_json::to_value(&wf).unwrap();
+        assert_eq!(again, serde_json::from_str::<serde_json::Value>(stored).unwrap());
+        let bad = stored.replace("provision_compute", "provision_everything");
+        assert!(serde_json::from_str::<Workflow>(&bad).is_err());
+        for step in Step::ALL {
+            assert_eq!(step.as_str().parse::<Step>(), Ok(step));
+            assert_eq!(serde_json::to_value(step).unwrap(), step.as_str());
+        }
     }
 
     fn params() -> Params {

@@ -163,12 +163,19 @@ async fn unfinished_workflows_resume_on_start() {
             tier: "standard".into(),
             admin_email: "admin@resumed.example".into(),
         };
-        let hash = tenantmesh_auth::password::hash("resumed-password", tenantmesh_auth::HashParams::default()).unwrap();
-        let to = Spot { model: "pool".into(), table: state.table_name("data"), endpoint: String::new() };
+        let hash =
+            tenantmesh_credentials::password::hash("resumed-password", tenantmesh_credentials::HashParams::default())
+                .unwrap();
+        let to = Spot {
+            model: tenantmesh_proto::registry::v1::IsolationModel::Pool,
+            table: state.table_name("data"),
+            endpoint: String::new(),
+        };
         let mut wf = Workflow::new(format!("{id}/onboard"), Kind::Onboard, params, &onboard_steps(&to), 0);
         wf.admin_password_hash = hash;
         wf.to = to;
-        store.put("_workflows", &wf.id, serde_json::to_vec(&wf).unwrap(), Condition::NotExists).await.unwrap();
+        let pk = tenantmesh_onboarding::engine::WORKFLOWS_PK;
+        store.put(pk, &wf.id, serde_json::to_vec(&wf).unwrap(), Condition::NotExists).await.unwrap();
     }
     let mesh = TestMesh::start_on(state).await;
     let admin = mesh.admin_token().await;

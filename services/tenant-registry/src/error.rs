@@ -45,15 +45,7 @@ impl From<RegistryError> for Status {
                 tracing::error!(cause, "corrupt tenant record");
                 Status::internal("internal error")
             }
-            RegistryError::Storage(StorageError::AccessDenied { .. }) => Status::permission_denied("access denied"),
-            RegistryError::Storage(StorageError::Invalid(cause)) => {
-                tracing::error!(cause, "invalid storage request");
-                Status::internal("internal error")
-            }
-            RegistryError::Storage(e) => {
-                tracing::error!(error = %e, "registry storage failed");
-                Status::unavailable("registry storage unavailable")
-            }
+            RegistryError::Storage(e) => tenantmesh_service::errors::storage_status(e, "registry"),
         }
     }
 }

@@ -14,13 +14,13 @@ use prost::Message as _;
 use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_proto::registry::v1::tenant_registry_server::{TenantRegistry, TenantRegistryServer};
 use tenantmesh_proto::registry::v1::*;
+use tenantmesh_service::config::{CommonConfig, ConfigError, REGISTRY_PORT};
+use tenantmesh_service::errors::Violations;
+use tenantmesh_service::paging;
+use tenantmesh_service::tiers::Tiers;
 use tenantmesh_storage::{Condition, DynTable, Query};
-use tenantmesh_tenant_context::config::{CommonConfig, ConfigError, REGISTRY_PORT};
 use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
-use tenantmesh_tenant_context::errors::Violations;
-use tenantmesh_tenant_context::paging;
 use tenantmesh_tenant_context::server::Authenticator;
-use tenantmesh_tenant_context::tiers::Tiers;
 use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
 use tenantmesh_tenant_context::{PLATFORM_TENANT, TenantContext};
 use tokio::net::TcpListener;
@@ -37,6 +37,16 @@ pub const TENANTS_PK: &str = "_tenants";
 pub struct Config {
     pub common: CommonConfig,
     pub storage: StorageConfig,
+}
+
+impl tenantmesh_isolation::backend::ServiceConfig for Config {
+    const STORE: &'static str = "registry";
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+    fn storage(&self) -> &StorageConfig {
+        &self.storage
+    }
 }
 
 impl Config {
@@ -254,7 +264,7 @@ impl TenantRegistry for Registry {
         let limit = paging::page_size(&mut v, req.page_size);
         // Sort keys here are tenant ids: a token must resume after one.
         let start_after = paging::decode_token(&mut v, &req.page_token, "");
-        if start_after.as_deref().is_some_and(|id| tenantmesh_tenant_context::validate_tenant_id(id).is_err()) {
+        if start_after.as_deref().is_some_and(|id| tenantmesh_service::validate_tenant_id(id).is_err()) {
             v.add("page_token", "is not a token from a previous response to this query");
         }
         v.check()?;
@@ -457,11 +467,6 @@ impl TenantRegistry for Registry {
     }
 }
 
-/// Opens the registry's table on the configured backend.
-pub async fn open_store(config: &Config) -> Result<DynTable, Box<dyn std::error::Error + Send + Sync>> {
-    config.storage.open_table(&config.common, "registry").await
-}
-
 /// Runs the registry on `listener` until `shutdown` completes.
 pub async fn serve(
     config: Config,
@@ -476,10 +481,10 @@ pub async fn serve(
         TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience)
             .with_cache_capacity(config.common.token_cache_capacity);
     let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone()));
-    tenantmesh_tenant_context::runtime::serve(
+    tenantmesh_service::runtime::serve(
         listener,
         TenantRegistryServer::new(registry),
-        authn,
+        tenantmesh_tenant_context::server::layer(authn),
         config.common.shutdown_grace,
         shutdown,
     )

@@ -47,7 +47,7 @@ async fn start_sink() -> Result<(Sink, String), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let server = tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(sink.clone()))
-        .serve_with_incoming(tenantmesh_tenant_context::runtime::incoming(listener));
+        .serve_with_incoming(tenantmesh_service::runtime::incoming(listener));
     tokio::spawn(server);
     Ok((sink, format!("http://{addr}")))
 }

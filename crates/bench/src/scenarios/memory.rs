@@ -31,8 +31,8 @@ use crate::report::{Figure, ScenarioResult, Target};
 fn mint(kid: &str, key: &jsonwebtoken::EncodingKey, tenant: &str) -> String {
     let now = jsonwebtoken::get_current_timestamp();
     let claims = Claims {
-        iss: tenantmesh_tenant_context::DEFAULT_ISSUER.into(),
-        aud: tenantmesh_tenant_context::DEFAULT_AUDIENCE.into(),
+        iss: tenantmesh_service::config::DEFAULT_ISSUER.into(),
+        aud: tenantmesh_service::config::DEFAULT_AUDIENCE.into(),
         sub: format!("user-{tenant}"),
         tenant_id: tenant.into(),
         roles: vec![Role::TenantUser],

@@ -51,8 +51,8 @@ pub async fn token_verification(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let now = jsonwebtoken::get_current_timestamp();
     // A token shaped like the auth service's (same claims, similar length).
     let claims = Claims {
-        iss: tenantmesh_tenant_context::DEFAULT_ISSUER.into(),
-        aud: tenantmesh_tenant_context::DEFAULT_AUDIENCE.into(),
+        iss: tenantmesh_service::config::DEFAULT_ISSUER.into(),
+        aud: tenantmesh_service::config::DEFAULT_AUDIENCE.into(),
         sub: uuid::Uuid::new_v4().to_string(),
         tenant_id: "acme-corporation".into(),
         roles: vec![Role::TenantAdmin],

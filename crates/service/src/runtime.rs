@@ -1,7 +1,9 @@
-//! Serving a tenantmesh service: the tenant-context layer in front of the
-//! service, gRPC health and reflection beside it, and a graceful shutdown
-//! (health NOT_SERVING, in-flight calls drained within a grace period).
+//! Serving a tenantmesh service: a layer (the tenant-context layer, in the
+//! services) in front of the service, gRPC health and reflection beside it,
+//! every connection with `TCP_NODELAY`, and a graceful shutdown (health
+//! NOT_SERVING, in-flight calls drained within a grace period).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
@@ -12,8 +14,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-
-use crate::server::Authenticator;
+use tower::Layer;
 
 /// The largest header list a server accepts (advertised in HTTP/2
 /// SETTINGS, so compliant clients refuse to send more). Tokens are capped
@@ -28,14 +29,14 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `service` on `listener` until `shutdown` completes, then drains
-/// in-flight calls for at most `grace`. (An idle HTTP/2 client connection
-/// can hold hyper's graceful shutdown open, hyperium/hyper#4170: the grace
-/// period bounds it.)
-pub async fn serve<S>(
+/// Serves `service` behind `layer` on `listener` until `shutdown`
+/// completes, then drains in-flight calls for at most `grace`. (An idle
+/// HTTP/2 client connection can hold hyper's graceful shutdown open,
+/// hyperium/hyper#4170: the grace period bounds it.)
+pub async fn serve<S, L>(
     listener: TcpListener,
     service: S,
-    auth: Authenticator,
+    layer: L,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
@@ -47,20 +48,34 @@ where
         + Sync
         + 'static,
     S::Future: Send + 'static,
+    L: Layer<Routes> + Clone + Send + Sync + 'static,
+    L::Service: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<Body>>>::Future: Send + 'static,
 {
-    serve_routes(listener, Routes::new(service), &[S::NAME], auth, grace, shutdown).await
+    serve_routes(listener, Routes::new(service), &[S::NAME], layer, grace, shutdown).await
 }
 
 /// [`serve`] for several services on one listener; `names` are theirs,
 /// for health and reflection.
-pub async fn serve_routes(
+pub async fn serve_routes<L>(
     listener: TcpListener,
     routes: Routes,
     names: &[&'static str],
-    auth: Authenticator,
+    layer: L,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+) -> Result<(), ServeError>
+where
+    L: Layer<Routes> + Clone + Send + Sync + 'static,
+    L::Service: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<Body>>>::Future: Send + 'static,
+{
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in names {
         reporter.set_service_status(name, ServingStatus::Serving).await;
@@ -88,7 +103,7 @@ pub async fn serve_routes(
     let routes = routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
     let server = Server::builder()
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .layer(crate::server::layer(auth))
+        .layer(layer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stop_rx.await;

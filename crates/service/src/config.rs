@@ -47,6 +47,11 @@ pub struct CommonConfig {
     pub token_cache_capacity: usize,
 }
 
+/// Default `iss` of tokens minted by the auth service.
+pub const DEFAULT_ISSUER: &str = "tenantmesh-auth";
+/// Default `aud` of tokens minted by the auth service.
+pub const DEFAULT_AUDIENCE: &str = "tenantmesh";
+
 pub const REGISTRY_PORT: u16 = 50051;
 pub const AUTH_PORT: u16 = 50052;
 pub const ONBOARDING_PORT: u16 = 50053;
@@ -92,8 +97,8 @@ impl CommonConfig {
             data_dir: var(env, "TENANTMESH_DATA_DIR").unwrap_or(".tenantmesh").into(),
             auth_url: url_var(env, "TENANTMESH_AUTH_URL", AUTH_PORT)?,
             registry_url: url_var(env, "TENANTMESH_REGISTRY_URL", REGISTRY_PORT)?,
-            issuer: var(env, "TENANTMESH_TOKEN_ISSUER").unwrap_or(crate::DEFAULT_ISSUER).into(),
-            audience: var(env, "TENANTMESH_TOKEN_AUDIENCE").unwrap_or(crate::DEFAULT_AUDIENCE).into(),
+            issuer: var(env, "TENANTMESH_TOKEN_ISSUER").unwrap_or(DEFAULT_ISSUER).into(),
+            audience: var(env, "TENANTMESH_TOKEN_AUDIENCE").unwrap_or(DEFAULT_AUDIENCE).into(),
             tenant_cache_ttl: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_TENANT_CACHE_TTL_MS", 5000)?),
             shutdown_grace: std::time::Duration::from_millis(parse_var(env, "TENANTMESH_SHUTDOWN_GRACE_MS", 10_000)?),
             tenant_cache_capacity: match parse_var(env, "TENANTMESH_TENANT_CACHE_CAPACITY", 100_000)? {

@@ -1,8 +1,43 @@
-//! Rich gRPC errors shared by the services: INVALID_ARGUMENT with
-//! `google.rpc.BadRequest` field violations.
+//! gRPC errors shared by the services: INVALID_ARGUMENT with
+//! `google.rpc.BadRequest` field violations, and the one mapping of a
+//! storage failure to a status code ([`storage_status`]). Each service's
+//! own error enum keeps only its own variants and hands storage failures
+//! here.
 
+use tenantmesh_storage::StorageError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// The status for a storage failure of `store` (the service's name, or
+/// `data`). Internal detail is logged, never sent:
+/// - a refused condition: ABORTED (a concurrent write won);
+/// - the isolation policy refused the call: PERMISSION_DENIED (a security event);
+/// - a missing table: FAILED_PRECONDITION (it must be provisioned);
+/// - an invalid request to the store: INTERNAL (a bug here);
+/// - the backend failed or is unreachable: UNAVAILABLE (retry).
+pub fn storage_status(e: StorageError, store: &str) -> Status {
+    match e {
+        StorageError::ConditionFailed { current, .. } => {
+            Status::aborted(format!("concurrent write (current version {current:?})"))
+        }
+        StorageError::AccessDenied { action, key } => {
+            tracing::warn!(security_event = "access_denied", action, refused_key = key, store, "storage access denied");
+            Status::permission_denied("access denied by the tenant's isolation policy")
+        }
+        StorageError::NoSuchTable(table) => {
+            tracing::warn!(table, store, "table does not exist");
+            Status::failed_precondition(format!("table {table} does not exist"))
+        }
+        StorageError::Invalid(cause) => {
+            tracing::error!(cause, store, "invalid storage request");
+            Status::internal("internal error")
+        }
+        StorageError::Backend(cause) => {
+            tracing::error!(cause, store, "storage failed");
+            Status::unavailable(format!("{store} storage unavailable"))
+        }
+    }
+}
 
 /// Longest tenant display name.
 pub const MAX_TENANT_NAME_LEN: usize = 200;
@@ -85,6 +120,26 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_failures_map_to_one_code_each() {
+        let cases = [
+            (StorageError::ConditionFailed { index: 0, current: Some(2) }, Code::Aborted),
+            (
+                StorageError::AccessDenied { action: "dynamodb:GetItem".into(), key: "globex".into() },
+                Code::PermissionDenied,
+            ),
+            (StorageError::NoSuchTable("t".into()), Code::FailedPrecondition),
+            (StorageError::Invalid("empty key".into()), Code::Internal),
+            (StorageError::Backend("disk on fire".into()), Code::Unavailable),
+        ];
+        for (e, code) in cases {
+            let status = storage_status(e, "auth");
+            assert_eq!(status.code(), code);
+            assert!(!status.message().contains("disk on fire") && !status.message().contains("empty key"));
+        }
+        assert_eq!(storage_status(StorageError::Backend("x".into()), "auth").message(), "auth storage unavailable");
+    }
 
     #[test]
     fn violations_become_invalid_argument_with_fields() {

@@ -27,8 +27,8 @@ impl HashParams {
     /// checked by argon2 itself.
     pub fn from_env(
         env: &std::collections::HashMap<String, String>,
-    ) -> Result<Self, tenantmesh_tenant_context::config::ConfigError> {
-        use tenantmesh_tenant_context::config::{ConfigError, parse_var};
+    ) -> Result<Self, tenantmesh_service::config::ConfigError> {
+        use tenantmesh_service::config::{ConfigError, parse_var};
         let d = Self::default();
         let params = Self {
             m_cost_kib: parse_var(env, "TENANTMESH_ARGON2_M_KIB", d.m_cost_kib)?,

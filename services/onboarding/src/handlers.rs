@@ -1,0 +1,397 @@
+//! The gRPC API of the onboarding service: requests are validated, turned
+//! into workflows (started through the engine) and read back.
+
+use std::pin::Pin;
+
+use tenantmesh_credentials as credentials;
+use tenantmesh_proto::onboarding::v1::onboarding_server::Onboarding;
+use tenantmesh_proto::onboarding::v1::{self as pb, *};
+use tenantmesh_proto::registry::v1::TenantStatus;
+use tenantmesh_service::errors::{Violations, invalid_field};
+use tenantmesh_storage::{Condition, StorageError, Write};
+use tenantmesh_tenant_context::{PLATFORM_TENANT, Role, TenantContext};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::engine;
+use crate::workflow::{self, Kind, Params, StepState, Workflow, WorkflowState, model_name};
+use crate::{IDEMPOTENCY_PK, OnboardingError, OnboardingService, now_secs};
+
+const MAX_KEY_LEN: usize = 128;
+
+/// Where the workflow of `kind` for `tenant_id` is recorded.
+pub(crate) fn workflow_id(tenant_id: &str, kind: Kind) -> String {
+    match kind {
+        Kind::Onboard => format!("{tenant_id}/onboard"),
+        Kind::Offboard => format!("{tenant_id}/offboard"),
+        Kind::ChangeTier => format!("{tenant_id}/change-tier/{}", now_millis()),
+    }
+}
+
+fn now_millis() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default()
+}
+
+fn tenant_of(workflow_id: &str) -> &str {
+    workflow_id.split('/').next().unwrap_or_default()
+}
+
+/// Checks a workflow id from a request.
+fn check_workflow_id(id: &str) -> Result<(), Status> {
+    let mut parts = id.split('/');
+    let tenant = parts.next().unwrap_or_default();
+    let rest: Vec<&str> = parts.collect();
+    let ok = tenantmesh_service::validate_tenant_id(tenant).is_ok()
+        && match rest.as_slice() {
+            ["onboard"] | ["offboard"] => true,
+            ["change-tier", n] => !n.is_empty() && n.len() <= 20 && n.bytes().all(|c| c.is_ascii_digit()),
+            _ => false,
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid_field("workflow_id", "must be <tenant>/onboard, <tenant>/offboard or <tenant>/change-tier/<n>"))
+    }
+}
+
+pub(crate) fn to_proto_status(state: WorkflowState) -> WorkflowStatus {
+    match state {
+        WorkflowState::Running => WorkflowStatus::Running,
+        WorkflowState::Succeeded => WorkflowStatus::Succeeded,
+        WorkflowState::Failed => WorkflowStatus::Failed,
+    }
+}
+
+fn to_proto(wf: &Workflow) -> pb::Workflow {
+    pb::Workflow {
+        workflow_id: wf.id.clone(),
+        kind: wf.kind.as_str().into(),
+        tenant_id: wf.params.tenant_id.clone(),
+        status: to_proto_status(wf.state) as i32,
+        steps: wf
+            .steps
+            .iter()
+            .map(|s| Step {
+                name: s.name.as_str().into(),
+                state: match s.state {
+                    StepState::Pending => pb::StepState::Pending,
+                    StepState::Done => pb::StepState::Done,
+                    StepState::Failed => pb::StepState::Failed,
+                } as i32,
+                attempts: s.attempts,
+                last_error: s.last_error.clone(),
+            })
+            .collect(),
+        error: wf.error(),
+        create_time: wf.create_time,
+        update_time: wf.update_time,
+        export_path: wf.export_path.clone(),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Onboarding for OnboardingService {
+    async fn register_tenant(
+        &self,
+        request: Request<RegisterTenantRequest>,
+    ) -> Result<Response<RegisterTenantResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.tenant_name("name", &req.name, true);
+        if self.inner.tiers.get(&req.tier).is_none() {
+            v.add("tier", self.inner.tiers.unknown_tier_message());
+        }
+        let email = credentials::normalize_email(&req.admin_email);
+        credentials::check_email(&mut v, "admin_email", &email);
+        credentials::check_password(&mut v, "admin_password", &req.admin_password);
+        if req.idempotency_key.is_empty() || req.idempotency_key.len() > MAX_KEY_LEN {
+            v.add("idempotency_key", format!("must be 1 to {MAX_KEY_LEN} bytes"));
+        } else if req.idempotency_key.chars().any(char::is_control) {
+            v.add("idempotency_key", "must not contain control characters");
+        }
+        v.check()?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(OnboardingError::TenantTaken(req.tenant_id).into());
+        }
+        let to = self.spot_for(&req.tenant_id, &req.tier).expect("tier validated");
+        let params = Params { tenant_id: req.tenant_id.clone(), name: req.name, tier: req.tier, admin_email: email };
+        let id = workflow_id(&params.tenant_id, Kind::Onboard);
+
+        let mut hash = None;
+        loop {
+            if let Some(item) =
+                self.inner.store.get(IDEMPOTENCY_PK, &req.idempotency_key).await.map_err(OnboardingError::from)?
+            {
+                let recorded: Params =
+                    serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
+                if recorded != params {
+                    return Err(invalid_field(
+                        "idempotency_key",
+                        "was already used for a different RegisterTenant request",
+                    ));
+                }
+                let (wf, _) =
+                    self.inner.engine.load(&id).await?.ok_or_else(|| OnboardingError::NotFound(id.clone()))?;
+                return Ok(Response::new(RegisterTenantResponse {
+                    tenant_id: params.tenant_id,
+                    status: to_proto_status(wf.state) as i32,
+                    workflow_id: id,
+                }));
+            }
+            let password_hash = match &hash {
+                Some(h) => h,
+                None => {
+                    let (pw, hp) = (req.admin_password.clone(), self.inner.hash_params);
+                    let h = tokio::task::spawn_blocking(move || credentials::password::hash(&pw, hp))
+                        .await
+                        .map_err(|e| OnboardingError::Internal(e.to_string()))?
+                        .map_err(|e| OnboardingError::Internal(e.to_string()))?;
+                    hash.insert(h)
+                }
+            };
+            let mut wf =
+                Workflow::new(id.clone(), Kind::Onboard, params.clone(), &workflow::onboard_steps(&to), now_secs());
+            wf.admin_password_hash = password_hash.clone();
+            wf.idempotency_key = req.idempotency_key.clone();
+            wf.to = to.clone();
+            // Idempotency: the key's record, the tenant's active record and
+            // the workflow are created together.
+            let key = Write::Put {
+                pk: IDEMPOTENCY_PK.into(),
+                sk: req.idempotency_key.clone(),
+                data: serde_json::to_vec(&params).map_err(|e| OnboardingError::Internal(e.to_string()))?,
+                condition: Condition::NotExists,
+            };
+            match self.inner.engine.start(&wf, None, vec![key]).await {
+                Ok(()) => {
+                    tracing::info!(onboarded_tenant = %params.tenant_id, tier = %params.tier, model = %model_name::as_str(to.model), "onboarding started");
+                    break;
+                }
+                // A concurrent call with the same key won: compare with it.
+                Err(StorageError::ConditionFailed { index: 0, .. }) => continue,
+                Err(StorageError::ConditionFailed { .. }) => {
+                    return Err(OnboardingError::TenantTaken(params.tenant_id).into());
+                }
+                Err(e) => return Err(OnboardingError::from(e).into()),
+            }
+        }
+        self.inner.engine.spawn(id.clone());
+        Ok(Response::new(RegisterTenantResponse {
+            tenant_id: params.tenant_id,
+            status: WorkflowStatus::Running as i32,
+            workflow_id: id,
+        }))
+    }
+
+    async fn get_onboarding_status(
+        &self,
+        request: Request<GetOnboardingStatusRequest>,
+    ) -> Result<Response<GetOnboardingStatusResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let id = workflow_id(&req.tenant_id, Kind::Onboard);
+        let (wf, _) = self.inner.engine.load(&id).await?.ok_or_else(|| OnboardingError::NotFound(id.clone()))?;
+        let w = to_proto(&wf);
+        Ok(Response::new(GetOnboardingStatusResponse {
+            tenant_id: w.tenant_id,
+            status: w.status,
+            steps: w.steps,
+            workflow_id: w.workflow_id,
+            kind: w.kind,
+            error: w.error,
+            create_time: w.create_time,
+            update_time: w.update_time,
+            export_path: w.export_path,
+        }))
+    }
+
+    async fn get_workflow(
+        &self,
+        request: Request<GetWorkflowRequest>,
+    ) -> Result<Response<GetWorkflowResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        check_workflow_id(&req.workflow_id)?;
+        ctx.authorize_tenant(tenant_of(&req.workflow_id))?;
+        let (wf, _) = self
+            .inner
+            .engine
+            .load(&req.workflow_id)
+            .await?
+            .ok_or_else(|| OnboardingError::NotFound(req.workflow_id.clone()))?;
+        Ok(Response::new(GetWorkflowResponse { workflow: Some(to_proto(&wf)) }))
+    }
+
+    async fn retry_onboarding(
+        &self,
+        request: Request<RetryOnboardingRequest>,
+    ) -> Result<Response<RetryOnboardingResponse>, Status> {
+        let req = request.into_inner();
+        check_workflow_id(&req.workflow_id)?;
+        let engine = &self.inner.engine;
+        let (mut wf, mut version) =
+            engine.load(&req.workflow_id).await?.ok_or_else(|| OnboardingError::NotFound(req.workflow_id.clone()))?;
+        if let Some((active, _)) = engine.active(&wf.params.tenant_id).await?
+            && active.id != wf.id
+        {
+            return Err(OnboardingError::Replaced { id: wf.id, by: active.id }.into());
+        }
+        engine::retry(&mut wf).map_err(|state| OnboardingError::NotRetryable { id: wf.id.clone(), state })?;
+        engine.save(&mut wf, &mut version).await?;
+        tracing::info!(workflow_id = %wf.id, "workflow retried");
+        engine.spawn(wf.id.clone());
+        Ok(Response::new(RetryOnboardingResponse { workflow: Some(to_proto(&wf)) }))
+    }
+
+    async fn offboard_tenant(
+        &self,
+        request: Request<OffboardTenantRequest>,
+    ) -> Result<Response<OffboardTenantResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.check()?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(OnboardingError::PlatformTenant("cannot be offboarded").into());
+        }
+        let id = workflow_id(&req.tenant_id, Kind::Offboard);
+        if let Some((wf, _)) = self.inner.engine.load(&id).await? {
+            return Ok(Response::new(OffboardTenantResponse {
+                workflow_id: id,
+                status: to_proto_status(wf.state) as i32,
+            }));
+        }
+        let tenant = self.tenant(&req.tenant_id).await?;
+        let active = self.inner.engine.active(&req.tenant_id).await?;
+        if let Some((running, _)) = active.as_ref().filter(|(w, _)| w.state == WorkflowState::Running) {
+            return Err(OnboardingError::InProgress { id: running.id.clone(), state: running.state }.into());
+        }
+        let params = Params {
+            tenant_id: tenant.tenant_id.clone(),
+            name: tenant.name.clone(),
+            tier: tenant.tier.clone(),
+            admin_email: String::new(),
+        };
+        let mut wf = Workflow::new(id.clone(), Kind::Offboard, params, &workflow::offboard_steps(), now_secs());
+        wf.from_tier = tenant.tier.clone();
+        wf.from = self.spot_of(&tenant);
+        self.start(&wf, active.map(|(_, v)| v)).await?;
+        tracing::info!(offboarded_tenant = %req.tenant_id, "offboarding started");
+        self.inner.engine.spawn(id.clone());
+        Ok(Response::new(OffboardTenantResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+    }
+
+    async fn change_tier(&self, request: Request<ChangeTierRequest>) -> Result<Response<ChangeTierResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        if self.inner.tiers.get(&req.tier).is_none() {
+            v.add("tier", self.inner.tiers.unknown_tier_message());
+        }
+        v.check()?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(OnboardingError::PlatformTenant("cannot change tier").into());
+        }
+        if let Some((wf, _)) = self.inner.engine.active(&req.tenant_id).await? {
+            if wf.kind == Kind::ChangeTier && wf.params.tier == req.tier {
+                return Ok(Response::new(ChangeTierResponse {
+                    workflow_id: wf.id,
+                    status: to_proto_status(wf.state) as i32,
+                }));
+            }
+            return Err(OnboardingError::InProgress { id: wf.id, state: wf.state }.into());
+        }
+        let tenant = self.tenant(&req.tenant_id).await?;
+        if tenant.status != TenantStatus::Active as i32 {
+            return Err(OnboardingError::NotActive.into());
+        }
+        if tenant.tier == req.tier {
+            return Err(OnboardingError::SameTier(req.tier).into());
+        }
+        let from = self.spot_of(&tenant);
+        let target = self.spot_for(&tenant.tenant_id, &req.tier).expect("tier validated");
+        let to = if target.model == from.model { from.clone() } else { target };
+        let params = Params {
+            tenant_id: tenant.tenant_id.clone(),
+            name: tenant.name.clone(),
+            tier: req.tier.clone(),
+            admin_email: String::new(),
+        };
+        let id = workflow_id(&tenant.tenant_id, Kind::ChangeTier);
+        let steps = workflow::change_tier_steps(&from, &to);
+        let mut wf = Workflow::new(id.clone(), Kind::ChangeTier, params, &steps, now_secs());
+        wf.from_tier = tenant.tier.clone();
+        wf.from = from;
+        wf.to = to;
+        self.start(&wf, None).await?;
+        tracing::info!(target_tenant = %tenant.tenant_id, from = %wf.from_tier, to = %req.tier, "tier change started");
+        self.inner.engine.spawn(id.clone());
+        Ok(Response::new(ChangeTierResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(&self, request: Request<WatchEventsRequest>) -> Result<Response<EventStream>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let filter = if req.tenant_id.is_empty() {
+            if ctx.has_role(Role::PlatformAdmin) { None } else { Some(ctx.tenant_id.to_string()) }
+        } else {
+            let mut v = Violations::new();
+            v.tenant_id("tenant_id", &req.tenant_id);
+            v.check()?;
+            ctx.authorize_tenant(&req.tenant_id)?;
+            Some(req.tenant_id)
+        };
+        // Subscribe before replaying, so nothing falls between the two.
+        let mut live = self.inner.events.subscribe();
+        let this = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let wanted = |e: &Event| filter.as_ref().is_none_or(|t| *t == e.tenant_id);
+            let mut last = 0;
+            if let Some(mut after) = req.after_sequence {
+                loop {
+                    let batch = match this.inner.events.replay(after, 100).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Err(OnboardingError::from(e).into())).await;
+                            return;
+                        }
+                    };
+                    let Some(end) = batch.last().map(|e| e.sequence) else { break };
+                    for e in batch.into_iter().filter(|e| wanted(e)) {
+                        if tx.send(Ok(WatchEventsResponse { event: Some(e) })).await.is_err() {
+                            return;
+                        }
+                    }
+                    after = end;
+                }
+                last = after;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.sequence > last && wanted(&e) => {
+                        if tx.send(Ok(WatchEventsResponse { event: Some(e) })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx.send(Err(OnboardingError::Lagged(n).into())).await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
