@@ -1,6 +1,8 @@
 //! The one table that says which roles may call each RPC of every service.
 //! The server layer consults it before any handler runs; an RPC missing
-//! from the table is refused (fail closed).
+//! from the table is refused (fail closed), and a unit test holds the
+//! table to the compiled protos: every RPC has exactly one line, and every
+//! line names a real RPC.
 
 use crate::Role;
 
@@ -87,6 +89,29 @@ pub fn allows(path: &str, roles: &[Role]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table and the protos list the same RPCs: a new RPC without a
+    /// line (or a line for a removed one) fails here, not at run time.
+    #[test]
+    fn the_table_lists_exactly_the_rpcs_of_the_protos() {
+        use prost::Message as _;
+        use std::collections::BTreeSet;
+        let set = prost_types::FileDescriptorSet::decode(tenantmesh_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut rpcs = BTreeSet::new();
+        for file in set.file.iter().filter(|f| f.package().starts_with("tenantmesh.")) {
+            for service in &file.service {
+                for method in &service.method {
+                    rpcs.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                }
+            }
+        }
+        let table: BTreeSet<String> = TABLE.iter().map(|(p, _)| (*p).to_owned()).collect();
+        assert_eq!(table.len(), TABLE.len(), "an RPC has two lines in the table");
+        let missing: Vec<_> = rpcs.difference(&table).collect();
+        assert!(missing.is_empty(), "RPCs without a line in the role table: {missing:?}");
+        let stale: Vec<_> = table.difference(&rpcs).collect();
+        assert!(stale.is_empty(), "role table lines for RPCs that do not exist: {stale:?}");
+    }
 
     #[test]
     fn unknown_paths_fail_closed_and_infrastructure_is_public() {
