@@ -14,6 +14,16 @@ pub enum AuthError {
     UserExists(String),
     #[error("tenant {0} not found")]
     TenantNotFound(String),
+    #[error("tenant {0} is deleted")]
+    TenantDeleted(String),
+    #[error("user {0} not found")]
+    UserNotFound(String),
+    #[error("you cannot disable or delete yourself")]
+    OwnAccount,
+    #[error("only platform services may set password_hash")]
+    HashNotAllowed,
+    #[error("the user changed concurrently; retry")]
+    ConcurrentChange,
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("internal: {0}")]
@@ -37,7 +47,10 @@ impl From<AuthError> for Status {
                 )
             }
             e @ AuthError::UserExists(_) => Status::already_exists(e.to_string()),
-            e @ AuthError::TenantNotFound(_) => Status::not_found(e.to_string()),
+            e @ (AuthError::TenantNotFound(_) | AuthError::UserNotFound(_)) => Status::not_found(e.to_string()),
+            e @ (AuthError::TenantDeleted(_) | AuthError::OwnAccount) => Status::failed_precondition(e.to_string()),
+            e @ AuthError::HashNotAllowed => Status::permission_denied(e.to_string()),
+            e @ AuthError::ConcurrentChange => Status::aborted(e.to_string()),
             AuthError::Corrupt(cause) | AuthError::Internal(cause) => {
                 tracing::error!(cause, "auth internal error");
                 Status::internal("internal error")
@@ -59,6 +72,11 @@ mod tests {
             (AuthError::LockedOut(std::time::Duration::from_millis(1500)), Code::ResourceExhausted),
             (AuthError::UserExists("a".into()), Code::AlreadyExists),
             (AuthError::TenantNotFound("a".into()), Code::NotFound),
+            (AuthError::UserNotFound("a@b.c".into()), Code::NotFound),
+            (AuthError::TenantDeleted("a".into()), Code::FailedPrecondition),
+            (AuthError::OwnAccount, Code::FailedPrecondition),
+            (AuthError::HashNotAllowed, Code::PermissionDenied),
+            (AuthError::ConcurrentChange, Code::Aborted),
             (AuthError::Corrupt("x".into()), Code::Internal),
             (AuthError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
         ];

@@ -331,10 +331,10 @@ impl AuthService {
             .get(tenant_id, &user_sk(&email))
             .await
             .map_err(AuthError::from)?
-            .ok_or_else(|| Status::not_found(format!("user {email} not found")))?;
+            .ok_or_else(|| AuthError::UserNotFound(email.clone()))?;
         let user: UserRecord = serde_json::from_slice(&item.data).map_err(|e| AuthError::Corrupt(e.to_string()))?;
         if *user.user_id == *ctx.subject {
-            return Err(Status::failed_precondition("you cannot disable or delete yourself"));
+            return Err(AuthError::OwnAccount.into());
         }
         Ok((email, item.version, user))
     }
@@ -440,7 +440,7 @@ impl Auth for AuthService {
         }
         v.check()?;
         if !req.password_hash.is_empty() && !ctx.has_role(Role::Service) {
-            return Err(Status::permission_denied("only platform services may set password_hash"));
+            return Err(AuthError::HashNotAllowed.into());
         }
         ctx.authorize_tenant(&req.tenant_id)?;
         if *ctx.tenant_id != *req.tenant_id {
@@ -448,7 +448,7 @@ impl Auth for AuthService {
             match self.inner.directory.lookup(&req.tenant_id, &ctx.token, None).await? {
                 None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
                 Some(info) if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted => {
-                    return Err(Status::failed_precondition("tenant is deleted"));
+                    return Err(AuthError::TenantDeleted(req.tenant_id).into());
                 }
                 Some(_) => {}
             }
@@ -545,7 +545,7 @@ impl Auth for AuthService {
         match self.inner.store.put(&req.tenant_id, &user_sk(&email), data, Condition::Version(version)).await {
             Ok(_) => {}
             Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
-                return Err(Status::aborted("the user changed concurrently; retry"));
+                return Err(AuthError::ConcurrentChange.into());
             }
             Err(e) => return Err(AuthError::from(e).into()),
         }
@@ -560,7 +560,7 @@ impl Auth for AuthService {
         match self.inner.store.delete(&req.tenant_id, &user_sk(&email), Condition::Version(version)).await {
             Ok(_) => {}
             Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
-                return Err(Status::aborted("the user changed concurrently; retry"));
+                return Err(AuthError::ConcurrentChange.into());
             }
             Err(e) => return Err(AuthError::from(e).into()),
         }

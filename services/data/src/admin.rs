@@ -52,13 +52,13 @@ impl DataAdminService {
         if let Some(silo) = &self.silo_tenant
             && *silo != r.tenant_id
         {
-            return Err(Status::permission_denied("this data-service instance serves another tenant only"));
+            return Err(DataError::WrongSilo.into());
         }
         Ok((r.tenant_id.clone(), r.table.clone()))
     }
 
     async fn store(&self, tenant: &str, table: &str) -> Result<DynTable, Status> {
-        self.stores.store_for(tenant, table).await.map_err(crate::store_error)
+        Ok(self.stores.store_for(tenant, table).await.map_err(DataError::from)?)
     }
 }
 

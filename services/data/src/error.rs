@@ -3,6 +3,10 @@
 use tenantmesh_storage::StorageError;
 use tonic::Status;
 
+/// How long a client should wait before retrying a write refused while
+/// its tenant is being moved.
+pub const MIGRATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("item not found")]
@@ -12,6 +16,21 @@ pub enum DataError {
     VersionMismatch { expected: u64, current: Option<u64> },
     #[error("corrupt item: {0}")]
     Corrupt(String),
+    /// A silo instance asked for another tenant's items.
+    #[error("this data-service instance serves another tenant only")]
+    WrongSilo,
+    /// A placement names a table the tenant may not use.
+    #[error("the tenant's placement names a table it may not use")]
+    ForeignTable,
+    /// The tenant is moving: writes pause, reads go on.
+    #[error("the tenant is changing tier: writes are paused for a moment, reads go on; retry")]
+    Migrating,
+    /// The tenant's store cannot be had (its table is missing, or its
+    /// policy cannot be built).
+    #[error(transparent)]
+    Policy(#[from] tenantmesh_isolation::PolicyError),
+    #[error("bad silo endpoint {endpoint}: {cause}")]
+    BadEndpoint { endpoint: String, cause: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -23,6 +42,33 @@ impl From<DataError> for Status {
             e @ DataError::VersionMismatch { .. } => Status::aborted(e.to_string()),
             DataError::Corrupt(cause) => {
                 tracing::error!(cause, "corrupt item");
+                Status::internal("internal error")
+            }
+            e @ DataError::WrongSilo => {
+                tracing::warn!(security_event = "wrong_silo", "refused another tenant's call");
+                Status::permission_denied(e.to_string())
+            }
+            e @ DataError::ForeignTable => {
+                tracing::error!(security_event = "foreign_table", "a placement names a table the tenant may not use");
+                Status::permission_denied(e.to_string())
+            }
+            e @ DataError::Migrating => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                Status::with_error_details(
+                    tonic::Code::Unavailable,
+                    e.to_string(),
+                    ErrorDetails::with_retry_info(Some(MIGRATION_RETRY)),
+                )
+            }
+            DataError::Policy(tenantmesh_isolation::PolicyError::NoSuchTable(table)) => {
+                tenantmesh_service::errors::storage_status(StorageError::NoSuchTable(table), "data")
+            }
+            DataError::Policy(e) => {
+                tracing::error!(error = %e, "cannot build the tenant's session policy");
+                Status::internal("internal error")
+            }
+            DataError::BadEndpoint { endpoint, cause } => {
+                tracing::error!(endpoint, cause, "bad silo endpoint");
                 Status::internal("internal error")
             }
             DataError::Storage(e) => tenantmesh_service::errors::storage_status(e, "data"),
@@ -41,6 +87,11 @@ mod tests {
             (DataError::NotFound, Code::NotFound),
             (DataError::VersionMismatch { expected: 1, current: Some(2) }, Code::Aborted),
             (DataError::Corrupt("x".into()), Code::Internal),
+            (DataError::WrongSilo, Code::PermissionDenied),
+            (DataError::ForeignTable, Code::PermissionDenied),
+            (DataError::Migrating, Code::Unavailable),
+            (DataError::Policy(tenantmesh_isolation::PolicyError::NoSuchTable("t".into())), Code::FailedPrecondition),
+            (DataError::Policy(tenantmesh_isolation::PolicyError::TooLong(3000)), Code::Internal),
             (DataError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
             (DataError::Storage(StorageError::Invalid("x".into())), Code::Internal),
             (

@@ -92,10 +92,6 @@ enum Route {
     Forward(DataClient<PropagatedChannel>),
 }
 
-/// How long a client should wait before retrying a write refused while
-/// its tenant is being moved.
-const MIGRATION_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
@@ -147,19 +143,11 @@ impl DataService {
     async fn route<T>(&self, request: &Request<T>, write: bool) -> Result<Route, Status> {
         let ctx = TenantContext::from_request(request)?;
         if write && ctx.status() == TenantStatus::Migrating {
-            use tonic_types::{ErrorDetails, StatusExt};
-            return Err(Status::with_error_details(
-                tonic::Code::Unavailable,
-                "the tenant is changing tier: writes are paused for a moment, reads go on; retry",
-                ErrorDetails::with_retry_info(Some(MIGRATION_RETRY)),
-            ));
+            return Err(DataError::Migrating.into());
         }
         let placement = ctx.placement();
         match &self.silo_tenant {
-            Some(silo) if **silo != *ctx.tenant_id => {
-                tracing::warn!(security_event = "wrong_silo", silo = %silo, "refused another tenant's call");
-                return Err(Status::permission_denied("this data-service instance serves another tenant only"));
-            }
+            Some(silo) if **silo != *ctx.tenant_id => return Err(DataError::WrongSilo.into()),
             Some(_) => {}
             None => {
                 if let Some(p) = placement.filter(|p| !p.endpoint.is_empty()) {
@@ -175,14 +163,9 @@ impl DataService {
     /// `tenant`'s view of `table`, if the table may hold its items.
     async fn store(&self, tenant: &str, table: &str) -> Result<DynTable, Status> {
         if !tenantmesh_isolation::stores::table_allowed(self.stores.as_ref(), &self.table_prefix, tenant, table) {
-            tracing::error!(
-                security_event = "foreign_table",
-                table,
-                "a placement names a table the tenant may not use"
-            );
-            return Err(Status::permission_denied("the tenant's placement names a table it may not use"));
+            return Err(DataError::ForeignTable.into());
         }
-        self.stores.store_for(tenant, table).await.map_err(store_error)
+        Ok(self.stores.store_for(tenant, table).await.map_err(DataError::from)?)
     }
 
     /// A client of a silo tenant's instance that sends the caller's own
@@ -192,31 +175,14 @@ impl DataService {
         if let Some(c) = silos.get(endpoint) {
             return Ok(c.clone());
         }
-        let channel = client::channel(endpoint).map_err(|e| {
-            tracing::error!(endpoint, error = %e, "bad silo endpoint");
-            Status::internal("internal error")
-        })?;
+        let channel = client::channel(endpoint)
+            .map_err(|e| DataError::BadEndpoint { endpoint: endpoint.to_owned(), cause: e.to_string() })?;
         let c = DataClient::new(client::wrap(channel, Identity::Caller));
         if silos.len() >= 1024 {
             silos.clear();
         }
         silos.insert(endpoint.to_owned(), c.clone());
         Ok(c)
-    }
-}
-
-/// The status for a tenant store that cannot be had: its table is missing
-/// (FAILED_PRECONDITION), or its policy cannot be built (a bug: INTERNAL).
-fn store_error(e: tenantmesh_isolation::PolicyError) -> Status {
-    match e {
-        tenantmesh_isolation::PolicyError::NoSuchTable(table) => {
-            tracing::warn!(table, "the tenant's table does not exist");
-            Status::failed_precondition(format!("table {table} does not exist"))
-        }
-        e => {
-            tracing::error!(error = %e, "cannot build the tenant's session policy");
-            Status::internal("internal error")
-        }
     }
 }
 

@@ -15,6 +15,8 @@ pub enum RegistryError {
     ModelChange { from: String, to: String },
     #[error("the placement's isolation model is not that of tier {tier}")]
     PlacementMismatch { tier: String },
+    #[error("the platform tenant {0}")]
+    PlatformTenant(&'static str),
     #[error("corrupt tenant record: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -40,7 +42,9 @@ impl From<RegistryError> for Status {
             e @ RegistryError::ModelChange { .. } => {
                 Status::failed_precondition(format!("{e}: moving between isolation models is Onboarding.ChangeTier"))
             }
-            e @ RegistryError::PlacementMismatch { .. } => Status::failed_precondition(e.to_string()),
+            e @ (RegistryError::PlacementMismatch { .. } | RegistryError::PlatformTenant(_)) => {
+                Status::failed_precondition(e.to_string())
+            }
             RegistryError::Corrupt(cause) => {
                 tracing::error!(cause, "corrupt tenant record");
                 Status::internal("internal error")
@@ -62,6 +66,7 @@ mod tests {
             (RegistryError::AlreadyExists("a".into()), Code::AlreadyExists),
             (RegistryError::VersionMismatch { expected: 1, current: 2 }, Code::Aborted),
             (RegistryError::ModelChange { from: "a".into(), to: "b".into() }, Code::FailedPrecondition),
+            (RegistryError::PlatformTenant("cannot be deactivated"), Code::FailedPrecondition),
             (RegistryError::Corrupt("x".into()), Code::Internal),
             (RegistryError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
         ];

@@ -333,7 +333,7 @@ impl TenantRegistry for Registry {
         };
         v.check()?;
         if req.tenant_id == PLATFORM_TENANT && status != TenantStatus::Active {
-            return Err(Status::failed_precondition("the platform tenant cannot be deactivated"));
+            return Err(RegistryError::PlatformTenant("cannot be deactivated").into());
         }
         let tenant = self
             .modify(&req.tenant_id, None, |t| {
@@ -372,7 +372,7 @@ impl TenantRegistry for Registry {
         }
         v.check()?;
         if req.tenant_id == PLATFORM_TENANT {
-            return Err(Status::failed_precondition("the platform tenant signs in with platform tokens only"));
+            return Err(RegistryError::PlatformTenant("signs in with platform tokens only").into());
         }
         let provider = req.identity_provider;
         let tenant = self
@@ -415,7 +415,7 @@ impl TenantRegistry for Registry {
         };
         v.check()?;
         if req.tenant_id == PLATFORM_TENANT {
-            return Err(Status::failed_precondition("the platform tenant's placement is fixed"));
+            return Err(RegistryError::PlatformTenant("keeps its placement").into());
         }
         let placement = req.placement.expect("validated");
         let tenant = self
