@@ -1,1 +1,1 @@
-//! Cross-service tests live in the `[[test]]` targets beside this file.
+//! Nothing here: the package is its test binary, `e2e/main.rs`.

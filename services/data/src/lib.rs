@@ -16,7 +16,6 @@
 //!
 //! [`DataAdminService`] is the lifecycle side, for the onboarding workflows
 //! only: provision and drop dedicated tables, export, import and purge.
-#![forbid(unsafe_code)]
 
 pub mod admin;
 mod error;

@@ -1,7 +1,6 @@
 //! The tenant registry: the system of record for tenants (id, name, tier,
 //! isolation model, lifecycle status). It also answers the tenant-context
 //! layer's lookups for its own requests straight from its store.
-#![forbid(unsafe_code)]
 
 mod error;
 

@@ -65,7 +65,7 @@ async fn probe(f: &Fixture, token: &str) -> Code {
 /// under test and not a broken minting.
 #[tokio::test]
 async fn forged_and_altered_tokens_are_unauthenticated() {
-    let f = fixture().await;
+    let f = Box::pin(fixture()).await;
     let tenant = f.acme.tenant_id.as_str();
     assert_eq!(probe(&f, &mint(&f.kid, &f.key, &claims(tenant))).await, Code::NotFound, "control");
 
@@ -119,7 +119,7 @@ async fn forged_and_altered_tokens_are_unauthenticated() {
 /// A suspended tenant's still-unexpired token is refused everywhere.
 #[tokio::test]
 async fn suspended_tenant_tokens_are_refused() {
-    let f = fixture().await;
+    let f = Box::pin(fixture()).await;
     let admin = f.mesh.admin_token().await;
     let suspend =
         SetTenantStatusRequest { tenant_id: f.globex.tenant_id.clone(), status: TenantStatus::Suspended as i32 };
@@ -140,7 +140,7 @@ async fn suspended_tenant_tokens_are_refused() {
 /// that takes a tenant id.
 #[tokio::test]
 async fn other_tenants_named_in_headers_or_bodies_are_refused() {
-    let f = fixture().await;
+    let f = Box::pin(fixture()).await;
     let (a, b) = (&f.acme, &f.globex.tenant_id);
     fn spoofed<T>(mut req: tonic::Request<T>, tenant: &str) -> tonic::Request<T> {
         req.metadata_mut().insert("x-tenant-id", tenant.parse().unwrap());
@@ -278,7 +278,7 @@ async fn other_tenants_named_in_headers_or_bodies_are_refused() {
 #[tokio::test]
 async fn hostile_metadata_is_refused() {
     use tower::ServiceExt as _;
-    let f = fixture().await;
+    let f = Box::pin(fixture()).await;
     let huge = format!("Bearer {}", "a".repeat(64 * 1024));
     let large = format!("Bearer {}", "a".repeat(12 * 1024));
     let raw = |name: &'static str, value: Vec<u8>| {

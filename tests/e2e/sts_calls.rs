@@ -1,6 +1,7 @@
 //! Steady state makes no STS call per request: credentials are vended once
-//! per tenant (single-flight under concurrency) and reused. One test in
-//! this binary, because it reads the process-wide AssumeRole counter.
+//! per tenant (single-flight under concurrency) and reused. Needs a process
+//! of its own (nextest gives one per test): it reads the process-wide
+//! AssumeRole counter.
 
 use std::time::Instant;
 

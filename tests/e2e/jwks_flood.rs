@@ -1,6 +1,7 @@
 //! A flood of tokens with unknown `kid`s cannot hammer the auth service:
 //! validators refresh the JWKS on an unknown kid at most once per interval.
-//! One test in this binary, because it reads a process-wide counter.
+//! Needs a process of its own (nextest gives one per test): it reads a
+//! process-wide counter.
 
 use jsonwebtoken::{Algorithm, Header};
 use serde_json::json;

@@ -1,0 +1,324 @@
+//! The whole mesh in-process for a test: its settings, backend, state kept
+//! across restarts, typed clients and tenant onboarding.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tenantmesh_cli::{Mesh, MeshAddrs, MeshOptions};
+use tenantmesh_proto::auth::v1::auth_client::AuthClient;
+use tenantmesh_proto::auth::v1::{CreateUserRequest, IssueServiceTokenRequest, LoginRequest, Role};
+use tenantmesh_proto::data::v1::data_client::DataClient;
+use tenantmesh_proto::onboarding::v1::RegisterTenantRequest;
+use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
+use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::moto;
+use crate::requests::authed;
+
+/// The bootstrap admin password every test mesh uses.
+pub const ADMIN_PASSWORD: &str = "platform-admin-password";
+pub const ADMIN_EMAIL: &str = "admin@platform.local";
+/// A service client registered with every test mesh.
+pub const TEST_CLIENT_ID: &str = "tests";
+pub const TEST_CLIENT_SECRET: &str = "tests-client-secret-0123456789";
+
+/// A tenant id no other test uses: `<prefix>-<8 random hex>`.
+pub fn unique_tenant(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Settings of a test mesh: cheap argon2 (tests measure behaviour, not
+/// hashing cost), a known admin password and test client, and a short
+/// tenant cache so status changes show within a poll.
+pub fn test_env() -> HashMap<String, String> {
+    [
+        ("TENANTMESH_BOOTSTRAP_PASSWORD", ADMIN_PASSWORD),
+        ("TENANTMESH_ARGON2_M_KIB", "1024"),
+        ("TENANTMESH_ARGON2_T", "1"),
+        ("TENANTMESH_SERVICE_CLIENTS", &format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET}")),
+        ("TENANTMESH_TENANT_CACHE_TTL_MS", "100"),
+        ("TENANTMESH_STEP_BACKOFF_MS", "20"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// A tenant onboarded for a test, with its admin's token.
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    pub tenant_id: String,
+    pub admin_email: String,
+    pub admin_password: String,
+    pub token: String,
+}
+
+/// The storage backend a test mesh runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    Embedded,
+    /// DynamoDB and STS on a moto emulator owned by the mesh.
+    DynamoDb,
+}
+
+impl TestBackend {
+    /// `TENANTMESH_TEST_STORAGE` (`embedded`, the default, or `dynamodb`):
+    /// `cargo xtask test` runs the mesh suites once with each.
+    pub fn from_env() -> Self {
+        match std::env::var("TENANTMESH_TEST_STORAGE").as_deref() {
+            Ok("dynamodb") => TestBackend::DynamoDb,
+            Ok("embedded") | Ok("") | Err(_) => TestBackend::Embedded,
+            Ok(other) => panic!("TENANTMESH_TEST_STORAGE={other:?}: use embedded or dynamodb"),
+        }
+    }
+}
+
+/// What outlives a mesh between a stop and a start: its data directory and,
+/// on DynamoDB, its emulator.
+pub struct MeshState {
+    dir: tempfile::TempDir,
+    moto: Option<std::sync::Arc<moto::Moto>>,
+    env: HashMap<String, String>,
+}
+
+impl MeshState {
+    fn new(backend: TestBackend) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut env = test_env();
+        env.insert("TENANTMESH_DATA_DIR".into(), dir.path().join("data").display().to_string());
+        let moto = (backend == TestBackend::DynamoDb).then(|| std::sync::Arc::new(moto::Moto::start()));
+        if let Some(m) = &moto {
+            env.extend(m.env());
+            env.insert("TENANTMESH_STORAGE".into(), "dynamodb".into());
+        }
+        Self { dir, moto, env }
+    }
+
+    /// The services' data directory (holds redb files on the embedded backend).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Sets (or, with `None`, removes) a setting for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.env.insert(key.to_owned(), v.to_owned()),
+            None => self.env.remove(key),
+        };
+    }
+
+    /// The full table name of `name` on this mesh's backend (prefix included).
+    pub fn table_name(&self, name: &str) -> String {
+        tenantmesh_isolation::backend::StorageConfig::from_env(&self.env).expect("storage config").table_name(name)
+    }
+
+    /// A service's own table (`registry`, `auth`, `onboarding`, `data`) on
+    /// the mesh's backend; on the embedded backend the mesh must be stopped.
+    pub async fn table(&self, name: &str) -> tenantmesh_storage::DynTable {
+        let storage = tenantmesh_isolation::backend::StorageConfig::from_env(&self.env).expect("storage config");
+        let common = tenantmesh_service::config::CommonConfig::from_env(&self.env, 0).expect("config");
+        storage.open_table(&common, name).await.expect("table opens")
+    }
+
+    async fn start(&self) -> Mesh {
+        let mut options = MeshOptions::ephemeral(self.dir.path().join("data"));
+        options.env = self.env.clone();
+        Mesh::start(options).await.expect("mesh starts")
+    }
+}
+
+/// The whole mesh, in-process, on ephemeral loopback ports, in a temp dir,
+/// on the backend `TENANTMESH_TEST_STORAGE` names.
+pub struct TestMesh {
+    mesh: Option<Mesh>,
+    pub addrs: MeshAddrs,
+    state: MeshState,
+}
+
+impl TestMesh {
+    /// Starts a mesh in a fresh temp dir (and emulator, for DynamoDB).
+    pub async fn start() -> TestMesh {
+        Self::start_with(TestBackend::from_env()).await
+    }
+
+    /// Starts a mesh on `backend`, whatever the environment says.
+    pub async fn start_with(backend: TestBackend) -> TestMesh {
+        Self::start_on(MeshState::new(backend)).await
+    }
+
+    /// Starts a mesh on `backend` with some settings overridden.
+    pub async fn start_with_env(backend: TestBackend, settings: &[(&str, &str)]) -> TestMesh {
+        let mut state = MeshState::new(backend);
+        state.env.extend(settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Self::start_on(state).await
+    }
+
+    /// Starts a mesh on the state a stopped one left.
+    pub async fn start_on(state: MeshState) -> TestMesh {
+        let mesh = state.start().await;
+        TestMesh { addrs: mesh.addrs, mesh: Some(mesh), state }
+    }
+
+    pub fn backend(&self) -> TestBackend {
+        if self.state.moto.is_some() { TestBackend::DynamoDb } else { TestBackend::Embedded }
+    }
+
+    /// Stops the mesh gracefully and starts it again on the same data
+    /// (new ports).
+    pub async fn restart(&mut self) {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+        let mesh = self.state.start().await;
+        self.addrs = mesh.addrs;
+        self.mesh = Some(mesh);
+    }
+
+    /// Stops the mesh; panics if any service failed.
+    pub async fn shutdown(mut self) {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+    }
+
+    /// The auth service's current signing key (kid and key), to mint tokens
+    /// with arbitrary claims. Stops and restarts the mesh (new ports) to read
+    /// it from the auth store, on either backend.
+    pub async fn signing_key(&mut self) -> (String, jsonwebtoken::EncodingKey) {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+        let key = {
+            let store = self.state.table("auth").await;
+            tenantmesh_auth::SigningKeys::load_or_create(&store).await.expect("signing keys").signer()
+        };
+        let mesh = self.state.start().await;
+        self.addrs = mesh.addrs;
+        self.mesh = Some(mesh);
+        key
+    }
+
+    /// Stops the mesh and keeps its data, to inspect or to start on again.
+    pub async fn stop(mut self) -> MeshState {
+        self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
+        self.state
+    }
+
+    fn channel(addr: std::net::SocketAddr) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy()
+    }
+
+    pub fn registry(&self) -> TenantRegistryClient<Channel> {
+        TenantRegistryClient::new(Self::channel(self.addrs.registry))
+    }
+    pub fn auth(&self) -> AuthClient<Channel> {
+        AuthClient::new(Self::channel(self.addrs.auth))
+    }
+    pub fn onboarding(&self) -> OnboardingClient<Channel> {
+        OnboardingClient::new(Self::channel(self.addrs.onboarding))
+    }
+    pub fn data(&self) -> DataClient<Channel> {
+        DataClient::new(Self::channel(self.addrs.data))
+    }
+    /// The full table name of `name` on this mesh's backend.
+    pub fn state_table_name(&self, name: &str) -> String {
+        self.state.table_name(name)
+    }
+    pub fn data_admin(&self) -> tenantmesh_proto::data::v1::data_admin_client::DataAdminClient<Channel> {
+        tenantmesh_proto::data::v1::data_admin_client::DataAdminClient::new(Self::channel(self.addrs.data))
+    }
+
+    /// Logs in and returns the access token.
+    pub async fn login(&self, tenant_id: &str, email: &str, password: &str) -> Result<String, Status> {
+        let resp = self
+            .auth()
+            .login(LoginRequest { tenant_id: tenant_id.into(), email: email.into(), password: password.into() })
+            .await?;
+        Ok(resp.into_inner().access_token)
+    }
+
+    /// The platform admin's token.
+    pub async fn admin_token(&self) -> String {
+        self.login("platform", ADMIN_EMAIL, ADMIN_PASSWORD).await.expect("platform admin logs in")
+    }
+
+    /// A `service` token of the test client.
+    pub async fn service_token(&self) -> String {
+        self.auth()
+            .issue_service_token(IssueServiceTokenRequest {
+                client_id: TEST_CLIENT_ID.into(),
+                client_secret: TEST_CLIENT_SECRET.into(),
+            })
+            .await
+            .expect("service token")
+            .into_inner()
+            .access_token
+    }
+
+    /// Onboards a tenant (tier `standard`) through the onboarding service
+    /// and logs its admin in.
+    pub async fn onboard(&self, tenant_id: &str) -> TestTenant {
+        self.onboard_on(tenant_id, "standard").await
+    }
+
+    /// Waits (up to 60 s) until workflow `id` is no longer RUNNING; its
+    /// final state.
+    pub async fn wait_workflow(&self, id: &str) -> tenantmesh_proto::onboarding::v1::Workflow {
+        use tenantmesh_proto::onboarding::v1::{GetWorkflowRequest, WorkflowStatus};
+        let admin = self.admin_token().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let req = authed(GetWorkflowRequest { workflow_id: id.into() }, &admin);
+            let wf = self.onboarding().get_workflow(req).await.expect("GetWorkflow").into_inner().workflow.unwrap();
+            if wf.status != WorkflowStatus::Running as i32 {
+                return wf;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "workflow {id} still running: {wf:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Onboards a tenant on `tier`, waits for the workflow to succeed and
+    /// logs its admin in.
+    pub async fn onboard_on(&self, tenant_id: &str, tier: &str) -> TestTenant {
+        let admin = self.admin_token().await;
+        let admin_email = format!("admin@{tenant_id}.example");
+        let admin_password = format!("{tenant_id}-password");
+        self.onboarding()
+            .register_tenant(authed(
+                RegisterTenantRequest {
+                    tenant_id: tenant_id.into(),
+                    name: format!("Tenant {tenant_id}"),
+                    tier: tier.into(),
+                    admin_email: admin_email.clone(),
+                    admin_password: admin_password.clone(),
+                    idempotency_key: format!("onboard-{tenant_id}"),
+                },
+                &admin,
+            ))
+            .await
+            .expect("onboarding starts");
+        let wf = self.wait_workflow(&format!("{tenant_id}/onboard")).await;
+        assert_eq!(wf.status, tenantmesh_proto::onboarding::v1::WorkflowStatus::Succeeded as i32, "{wf:?}");
+        let token = self.login(tenant_id, &admin_email, &admin_password).await.expect("tenant admin logs in");
+        TestTenant { tenant_id: tenant_id.into(), admin_email, admin_password, token }
+    }
+
+    /// Creates a user with `roles` in `tenant` (as its admin) and returns
+    /// the user's token.
+    pub async fn user_token(&self, tenant: &TestTenant, roles: &[Role]) -> String {
+        let email = format!("{}@{}.example", uuid::Uuid::new_v4().simple(), tenant.tenant_id);
+        let password = "user-password-123".to_owned();
+        self.auth()
+            .create_user(authed(
+                CreateUserRequest {
+                    tenant_id: tenant.tenant_id.clone(),
+                    email: email.clone(),
+                    password: password.clone(),
+                    roles: roles.iter().map(|r| *r as i32).collect(),
+                    password_hash: String::new(),
+                },
+                &tenant.token,
+            ))
+            .await
+            .expect("user created");
+        self.login(&tenant.tenant_id, &email, &password).await.expect("user logs in")
+    }
+}

@@ -1,0 +1,26 @@
+//! Where things are: the repository, the workspace's built binaries, and
+//! the tools `cargo xtask setup` installs.
+
+use std::path::{Path, PathBuf};
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// A service binary of the workspace built alongside the running test
+/// (`target/<profile>/<name>`).
+pub fn service_binary(name: &str) -> PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>/<binary>
+    let exe = std::env::current_exe().expect("test executable");
+    let path = exe.parent().and_then(|p| p.parent()).expect("target dir").join(name);
+    assert!(path.exists(), "{} not built (run the tests through cargo for the whole workspace)", path.display());
+    path
+}
+
+/// A tool installed by `cargo xtask setup` into `.tools/bin`.
+pub fn tool(name: &str) -> PathBuf {
+    let path = workspace_root().join(".tools/bin").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo xtask setup` (or `cargo xtask test`)", path.display());
+    path
+}
