@@ -28,10 +28,6 @@ const BASELINE: &str = "breaking/v1.image.json";
 
 type Result<T = ()> = std::result::Result<T, String>;
 
-/// The packages of the binaries the end-to-end tests start as processes.
-const SERVICE_PACKAGES: [&str; 5] =
-    ["tenantmesh-registry", "tenantmesh-auth", "tenantmesh-onboarding", "tenantmesh-data", "tenantmesh-cli"];
-
 /// The end-to-end tests that follow `TENANTMESH_TEST_STORAGE`, and so run a
 /// second time on DynamoDB: not the compose wiring (compose's own embedded
 /// settings), the README walk-through (the README's settings), or the
@@ -223,21 +219,20 @@ fn test(extra: &[String]) -> Result {
         eprintln!("xtask: docker-compose not installed; compose file not validated");
     }
     let path = format!("{}:{}", tools.bin.display(), std::env::var("PATH").unwrap_or_default());
+    // The binaries the end-to-end tests start as processes (a test target
+    // of another package does not build them).
+    run(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     // Every test, on the embedded store.
     run(cargo()
         .env("PATH", &path)
         .env("TENANTMESH_TEST_STORAGE", "embedded")
         .args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"])
         .args(extra))?;
-    // The end-to-end suites again, on DynamoDB + STS (a moto emulator per
-    // test). The service packages are named so that their binaries, which
-    // some suites start as processes, are built from the current sources.
+    // The end-to-end suites again, on DynamoDB + STS (a moto emulator per test).
     run(cargo()
         .env("PATH", &path)
         .env("TENANTMESH_TEST_STORAGE", "dynamodb")
-        .args(["nextest", "run", "--locked", "--no-fail-fast"])
-        .args(SERVICE_PACKAGES.iter().flat_map(|p| ["-p", p]))
-        .args(["-p", "tenantmesh-e2e", "-E", DYNAMODB_SUITES])
+        .args(["nextest", "run", "--locked", "--no-fail-fast", "-p", "tenantmesh-e2e", "-E", DYNAMODB_SUITES])
         .args(extra))?;
     readme_start_command()?;
     // The benchmark harness runs too (a second or two per scenario, results
