@@ -14,7 +14,11 @@ pub fn service_binary(name: &str) -> PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>/<binary>
     let exe = std::env::current_exe().expect("test executable");
     let path = exe.parent().and_then(|p| p.parent()).expect("target dir").join(name);
-    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first (`cargo xtask test` does)", path.display());
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (`cargo xtask test` does)",
+        path.display()
+    );
     path
 }
 
