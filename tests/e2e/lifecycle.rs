@@ -197,7 +197,7 @@ async fn tier_changes_move_every_item_and_lose_no_write() {
     let wf = mesh.wait_workflow(&started.workflow_id).await;
     let steps: Vec<&str> = wf.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(steps, ["switch_placement", "apply_limits"]);
-    assert_eq!(tenant(&mesh, &t.tenant_id).await.limits.unwrap().requests_per_second, 50);
+    assert_eq!(tenant(&mesh, &t.tenant_id).await.limits.unwrap().requests_per_second, 50 * 10_000, "standard, raised");
     let bad = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "gold".into() }, &admin);
     expect_invalid(mesh.onboarding().change_tier(bad).await, "tier");
     let same = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "standard".into() }, &admin);

@@ -20,6 +20,7 @@ mod external_idp;
 /// Own process: reads the auth service's process-wide JWKS request counter.
 mod jwks_flood;
 mod lifecycle;
+mod limits;
 /// Own process: installs the global telemetry (OTLP exporter).
 mod otlp_export;
 mod storage_backends;

@@ -141,6 +141,8 @@ pub async fn serve(
         .map_err(|x| e(&x));
     }
     let info = TenantInfo {
+        limits: None,
+        storage_quota: None,
         tier: "standard".into(),
         status: TenantStatus::Active,
         identity_provider: None,

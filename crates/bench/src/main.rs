@@ -147,6 +147,10 @@ async fn run(
             "silo_hop" => scenarios::hop::silo_hop(&ctx).await.map(Some),
             "token_verification" => scenarios::tokens::token_verification(&ctx).await.map(Some),
             "layers" => scenarios::layers::layers(&ctx).await.map(Some),
+            "limiter_cost" => scenarios::fairness::limiter_cost(&ctx).await.map(Some),
+            "noisy_neighbour" => scenarios::fairness::noisy_neighbour(&ctx).await.map(Some),
+            "saturation" => scenarios::fairness::saturation(&ctx).await.map(Some),
+            "login_flood" => scenarios::fairness::login_flood(&ctx).await.map(Some),
             other => return Err(format!("scenario {other} is not implemented")),
         }
         .map_err(|e| format!("{name}: {e}"))?;

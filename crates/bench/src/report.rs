@@ -18,6 +18,8 @@ pub enum Target {
     AtMost(f64),
     /// value >= this
     AtLeast(f64),
+    /// this.0 <= value / baseline <= this.1
+    RatioBetween(f64, f64),
 }
 
 impl Target {
@@ -27,6 +29,7 @@ impl Target {
             Target::RatioAtMost(r) => format!("<= {r}x"),
             Target::AtMost(v) => format!("<= {} {unit}", fmt_num(*v)),
             Target::AtLeast(v) => format!(">= {} {unit}", fmt_num(*v)),
+            Target::RatioBetween(lo, hi) => format!("{lo}x to {hi}x"),
         }
     }
 
@@ -36,6 +39,7 @@ impl Target {
             Target::RatioAtMost(r) => ratio? <= r,
             Target::AtMost(v) => value <= v,
             Target::AtLeast(v) => value >= v,
+            Target::RatioBetween(lo, hi) => (lo..=hi).contains(&ratio?),
         })
     }
 }
@@ -216,6 +220,10 @@ pub const ORDER: &[&str] = &[
     "memory_per_tenant",
     "silo_hop",
     "layers",
+    "limiter_cost",
+    "noisy_neighbour",
+    "saturation",
+    "login_flood",
 ];
 
 /// Rewrites `out` (BENCHMARKS.md) from every results file in `dir`.

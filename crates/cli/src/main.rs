@@ -88,7 +88,7 @@ async fn main() -> ExitCode {
 }
 
 async fn up(options: MeshOptions) -> ExitCode {
-    let mut mesh = match Mesh::start(options).await {
+    let mut mesh = match Box::pin(Mesh::start(options)).await {
         Ok(m) => m,
         Err(e) => {
             eprintln!("tenantmesh: cannot start the mesh: {e}");

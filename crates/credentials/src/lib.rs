@@ -1,10 +1,13 @@
 //! The credential rules shared by the auth service (which keeps users)
 //! and onboarding (which creates each tenant's admin): what an email and a
-//! password must be, and how passwords are hashed ([`password`]).
+//! password must be, and how passwords are hashed ([`password`]), on a
+//! bounded pool of threads of their own ([`pool`]).
 
 pub mod password;
+pub mod pool;
 
 pub use password::HashParams;
+pub use pool::{HashPool, PoolError, PoolSettings};
 use tenantmesh_service::errors::Violations;
 
 /// Longest email address accepted (RFC 5321's path limit).

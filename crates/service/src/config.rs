@@ -45,6 +45,13 @@ pub struct CommonConfig {
     /// `TENANTMESH_TOKEN_CACHE_CAPACITY` (default 100000): how many verified
     /// access tokens a service remembers (0: verify every request in full).
     pub token_cache_capacity: usize,
+    /// `TENANTMESH_LIMITS` (`on`, the default, or `off`): whether each
+    /// tenant's requests are held to its limits (rate, requests in flight).
+    pub limits: bool,
+    /// `TENANTMESH_MAX_IN_FLIGHT` (default 1024) requests of tenants run at
+    /// once in the service; past it they wait in the fair queue up to
+    /// `TENANTMESH_QUEUE_WAIT_MS` (default 1000) or their deadline.
+    pub fair_queue: crate::fairq::FairQueueSettings,
 }
 
 /// Default `iss` of tokens minted by the auth service.
@@ -111,6 +118,22 @@ impl CommonConfig {
                 n => n,
             },
             token_cache_capacity: parse_var(env, "TENANTMESH_TOKEN_CACHE_CAPACITY", 100_000)?,
+            limits: match var(env, "TENANTMESH_LIMITS") {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(ConfigError { var: "TENANTMESH_LIMITS", message: format!("{other:?}: use on or off") });
+                }
+            },
+            fair_queue: {
+                let d = crate::fairq::FairQueueSettings::default();
+                let capacity = parse_var(env, "TENANTMESH_MAX_IN_FLIGHT", d.capacity)?;
+                if capacity == 0 {
+                    return Err(ConfigError { var: "TENANTMESH_MAX_IN_FLIGHT", message: "must be at least 1".into() });
+                }
+                let wait_ms = parse_var(env, "TENANTMESH_QUEUE_WAIT_MS", d.max_wait.as_millis() as u64)?;
+                crate::fairq::FairQueueSettings { capacity, max_wait: std::time::Duration::from_millis(wait_ms), ..d }
+            },
             tiers: std::sync::Arc::new(match var(env, "TENANTMESH_TIERS_FILE") {
                 Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() })?,

@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod errors;
+pub mod fairq;
+pub mod limits;
 pub mod paging;
 pub mod runtime;
 pub mod tiers;

@@ -128,6 +128,32 @@ where
     }
 }
 
+/// The call's `grpc-timeout` (for example `250m`, `5S`), if it has a valid one.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The largest gRPC message a service decodes or encodes, set explicitly on
+/// every server and client (tonic encodes without a limit by default).
+/// Replies are bounded well under it: a query page stops at about 1 MiB
+/// (`tenantmesh_storage::MAX_PAGE_BYTES`), an item at 400 KiB.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
 /// The connections `listener` accepts, with `TCP_NODELAY` on. tonic's
 /// `Server::tcp_nodelay` does not apply to a listener handed in, and with
 /// Nagle's algorithm on, an answer written right after a small write (a
@@ -153,6 +179,29 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod grpc_timeout_tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(h("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(h("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(h("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(h("100u"), Some(Duration::from_micros(100)));
+        for bad in ["", "m", "5x", "-5m", "1234567890S"] {
+            assert_eq!(h(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
     }
 }
 

@@ -28,6 +28,14 @@ pub struct Tier {
     pub burst: u32,
     pub max_concurrency: u32,
     pub storage_quota_bytes: u64,
+    /// The tier's share of a saturated service (fair queuing), relative to
+    /// the other tiers'; 1 when unset.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Tier {
@@ -99,11 +107,21 @@ impl Tiers {
             if !seen.insert(t.name.as_str()) {
                 return Err(err(format!("tier {:?} is defined twice", t.name)));
             }
-            if t.requests_per_second == 0 || t.burst == 0 || t.max_concurrency == 0 || t.storage_quota_bytes == 0 {
+            if t.requests_per_second == 0
+                || t.burst == 0
+                || t.max_concurrency == 0
+                || t.storage_quota_bytes == 0
+                || t.weight == 0
+            {
                 return Err(err(format!("tier {:?}: every limit must be above 0", t.name)));
             }
         }
         Ok(Self { tiers: file.tier })
+    }
+
+    /// The largest tier weight (the platform's share of a saturated service).
+    pub fn max_weight(&self) -> u32 {
+        self.tiers.iter().map(|t| t.weight).max().unwrap_or(1)
     }
 
     pub fn get(&self, tier: &str) -> Option<&Tier> {

@@ -9,6 +9,7 @@ pub async fn run_all(table: &dyn Table) {
     conditions_refuse_without_writing(table).await;
     delete_semantics(table).await;
     query_prefix_and_pagination(table).await;
+    pages_are_bounded_in_bytes(table).await;
     partitions_do_not_leak(table).await;
     transactions_are_all_or_nothing(table).await;
     empty_keys_are_invalid(table).await;
@@ -86,6 +87,29 @@ pub async fn query_prefix_and_pagination(t: &dyn Table) {
         t.query(Query { pk: "c-q".into(), sk_prefix: String::new(), start_after: None, limit: 100 }).await.unwrap();
     assert_eq!(all.items.len(), 9);
     assert!(all.last_evaluated.is_none());
+}
+
+/// Six items of 300 KB: a page stops at about 1 MiB (the item crossing it
+/// included), and paging still returns every item once.
+pub async fn pages_are_bounded_in_bytes(t: &dyn Table) {
+    for i in 0..6u8 {
+        t.put("c-big", &format!("big#{i}"), vec![i; 300 * 1024], Condition::None).await.unwrap();
+    }
+    let (mut seen, mut start_after, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let page = t.query(Query { pk: "c-big".into(), sk_prefix: String::new(), start_after, limit: 100 }).await;
+        let page = page.unwrap();
+        let bytes: usize = page.items.iter().map(|i| i.data.len()).sum();
+        assert!(bytes <= crate::MAX_PAGE_BYTES + 300 * 1024, "a page of {bytes} bytes");
+        seen.extend(page.items.iter().map(|i| i.sk.clone()));
+        pages += 1;
+        match page.last_evaluated {
+            Some(sk) => start_after = Some(sk),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (0..6).map(|i| format!("big#{i}")).collect::<Vec<_>>());
+    assert!(pages >= 2, "six 300 KB items came in one page");
 }
 
 pub async fn partitions_do_not_leak(t: &dyn Table) {

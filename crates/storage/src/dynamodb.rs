@@ -348,7 +348,19 @@ impl Table for DynamoTable {
             req = req.set_exclusive_start_key(Some(key(&query.pk, after)));
         }
         let out = req.send().await.map_err(|e| map_err(e, || backend("unexpected condition failure")))?;
-        let items = out.items().iter().map(to_item).collect::<Result<Vec<_>>>()?;
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for raw in out.items() {
+            if bytes >= crate::MAX_PAGE_BYTES {
+                // DynamoDB stops at 1 MB itself; the same bound here keeps
+                // the backends alike (and emulators that do not bound pages).
+                let last = items.last().map(|i: &Item| i.sk.clone());
+                return Ok(Page { items, last_evaluated: last });
+            }
+            let item = to_item(raw)?;
+            bytes += item.pk.len() + item.sk.len() + item.data.len();
+            items.push(item);
+        }
         let last_evaluated = match out.last_evaluated_key().and_then(|k| k.get("sk")) {
             Some(AttributeValue::S(sk)) => Some(sk.clone()),
             _ => None,

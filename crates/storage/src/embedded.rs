@@ -394,18 +394,20 @@ impl Table for EmbeddedTable {
             _ => Bound::Included((pk, query.sk_prefix.as_str())),
         };
         let mut items = Vec::new();
-        let mut more = false;
+        let (mut more, mut bytes) = (false, 0);
         for entry in table.range::<(&str, &str)>((start, Bound::Unbounded)).map_err(backend)? {
             let (k, v) = entry.map_err(backend)?;
             let (kpk, ksk) = k.value();
             if kpk != pk || !ksk.starts_with(query.sk_prefix.as_str()) {
                 break;
             }
-            if items.len() == limit {
+            if items.len() == limit || bytes >= crate::MAX_PAGE_BYTES {
                 more = true;
                 break;
             }
-            items.push(decode(kpk, ksk, v.value())?);
+            let value = v.value();
+            bytes += kpk.len() + ksk.len() + value.len();
+            items.push(decode(kpk, ksk, value)?);
         }
         let last_evaluated = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
         Ok(Page { items, last_evaluated })

@@ -89,9 +89,15 @@ pub struct Query {
     pub pk: String,
     pub sk_prefix: String,
     pub start_after: Option<String>,
-    /// At most this many items (at least 1).
+    /// At most this many items (at least 1), and at most about
+    /// [`MAX_PAGE_BYTES`] of them.
     pub limit: usize,
 }
+
+/// A query page stops once its items reach this many bytes (the item that
+/// crosses it included), as DynamoDB's Query does at 1 MB: the work and the
+/// reply of one call stay bounded whatever the items' sizes.
+pub const MAX_PAGE_BYTES: usize = 1 << 20;
 
 /// One page of a [`Query`].
 #[derive(Debug, Clone, Default)]

@@ -13,6 +13,7 @@
 //! request across services, for a fraction of a span's cost.
 
 mod json;
+pub mod metrics;
 mod w3c;
 
 use std::future::Future;
@@ -52,6 +53,11 @@ pub struct Config {
     /// OTLP/gRPC endpoint (from `OTEL_EXPORTER_OTLP_ENDPOINT`); no export if unset.
     pub otlp_endpoint: Option<String>,
     pub log_target: LogTarget,
+    /// Tenants with metric series of their own (`TENANTMESH_METRICS_TENANT_CAP`);
+    /// see [`metrics`].
+    pub metrics_tenant_cap: usize,
+    /// A setting `from_env` could not read; `init` refuses to start with it.
+    pub invalid: Option<String>,
 }
 
 /// Noisy transport crates are kept at `warn` unless `RUST_LOG` says otherwise.
@@ -64,6 +70,8 @@ impl Config {
             filter: DEFAULT_FILTER.into(),
             otlp_endpoint: None,
             log_target: LogTarget::Stdout,
+            metrics_tenant_cap: metrics::DEFAULT_TENANT_CAP,
+            invalid: None,
         }
     }
 
@@ -74,6 +82,12 @@ impl Config {
             c.filter = f.clone();
         }
         c.otlp_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|e| !e.is_empty()).cloned();
+        if let Some(cap) = env.get("TENANTMESH_METRICS_TENANT_CAP").filter(|c| !c.is_empty()) {
+            match cap.parse() {
+                Ok(n) => c.metrics_tenant_cap = n,
+                Err(e) => c.invalid = Some(format!("TENANTMESH_METRICS_TENANT_CAP={cap:?}: {e}")),
+            }
+        }
         c
     }
 }
@@ -86,6 +100,8 @@ pub enum TelemetryError {
     Exporter(String),
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
+    #[error("invalid setting {0}")]
+    Setting(String),
 }
 
 /// Keeps the tracer (and meter) provider alive; flushes and shuts them
@@ -234,6 +250,9 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
     config: Config,
     extra: Option<E>,
 ) -> Result<TelemetryGuard, TelemetryError> {
+    if let Some(invalid) = &config.invalid {
+        return Err(TelemetryError::Setting(invalid.clone()));
+    }
     let filter =
         EnvFilter::try_new(&config.filter).map_err(|e| TelemetryError::Filter(config.filter.clone(), e.to_string()))?;
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service.clone()).build();
@@ -267,6 +286,7 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
         let provider =
             opentelemetry_sdk::metrics::SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
         opentelemetry::global::set_meter_provider(provider.clone());
+        metrics::enable(config.metrics_tenant_cap);
         meters = Some(provider);
     }
     let exporting = extra.is_some() || config.otlp_endpoint.is_some();

@@ -63,7 +63,13 @@ impl ServiceTokenSource {
     /// `auth` must be a plain channel to the auth service (not one wrapped
     /// in this layer).
     pub fn new(auth: Channel, credentials: ServiceCredentials) -> Self {
-        Self { auth: AuthClient::new(auth), credentials, cached: Mutex::new(None) }
+        Self {
+            auth: AuthClient::new(auth)
+                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+            credentials,
+            cached: Mutex::new(None),
+        }
     }
 
     pub async fn token(&self) -> Result<Arc<str>, Status> {

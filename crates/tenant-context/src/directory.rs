@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tenantmesh_proto::registry::v1::{
     GetTenantRequest, IdentityProvider, Placement, Tenant, TenantStatus, tenant_registry_client::TenantRegistryClient,
 };
+use tenantmesh_service::limits::Limits;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -23,6 +24,11 @@ pub struct TenantInfo {
     pub identity_provider: Option<Box<IdentityProvider>>,
     /// Where the tenant's items live.
     pub placement: Option<Placement>,
+    /// The tenant's request limits (its tier's, or its own override), if
+    /// the registry holds any; none means not limited (the platform).
+    pub limits: Option<Limits>,
+    /// The tenant's storage quota in bytes, if the registry holds one.
+    pub storage_quota: Option<u64>,
 }
 
 impl From<Tenant> for TenantInfo {
@@ -32,6 +38,14 @@ impl From<Tenant> for TenantInfo {
             status: TenantStatus::try_from(t.status).unwrap_or(TenantStatus::Unspecified),
             identity_provider: t.identity_provider.map(Box::new),
             placement: t.placement,
+            // The registry accepts only limits above 0; `max(1)` keeps an
+            // older record from meaning "no cap".
+            storage_quota: t.limits.map(|l| l.storage_quota_bytes.max(1)),
+            limits: t.limits.map(|l| Limits {
+                rate_per_second: l.requests_per_second.max(1),
+                burst: l.burst.max(1),
+                max_in_flight: l.max_concurrency.max(1),
+            }),
         }
     }
 }
@@ -61,12 +75,23 @@ pub struct RemoteDirectory {
     ttl: Duration,
     capacity: usize,
     cache: Mutex<HashMap<String, Cached>>,
+    /// One registry call per tenant at a time: concurrent misses of a
+    /// tenant wait for the first one's answer instead of each calling.
+    lookups: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
 }
 
 impl RemoteDirectory {
     /// Lookups answered from memory for `ttl`, for at most `capacity` tenants.
     pub fn new(registry: Channel, ttl: Duration, capacity: usize) -> Self {
-        Self { client: TenantRegistryClient::new(registry), ttl, capacity, cache: Mutex::new(HashMap::new()) }
+        Self {
+            client: TenantRegistryClient::new(registry)
+                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+            ttl,
+            capacity,
+            cache: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -78,10 +103,30 @@ impl TenantDirectory for RemoteDirectory {
         token: &str,
         caller_tenant: Option<&str>,
     ) -> Result<Option<Arc<TenantInfo>>, Status> {
-        if let Some((at, info)) = self.cache.lock().expect("cache lock").get(tenant_id)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(info.clone());
+        let cached = || match self.cache.lock().expect("cache lock").get(tenant_id) {
+            Some((at, info)) if at.elapsed() < self.ttl => Some(info.clone()),
+            _ => None,
+        };
+        if let Some(info) = cached() {
+            return Ok(info);
+        }
+        let lock = {
+            let mut lookups = self.lookups.lock().expect("lookups lock");
+            match lookups.get(tenant_id).and_then(std::sync::Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    if lookups.len() >= 1024 {
+                        lookups.retain(|_, l| l.strong_count() > 0);
+                    }
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    lookups.insert(tenant_id.to_owned(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        let _one_at_a_time = lock.lock().await;
+        if let Some(info) = cached() {
+            return Ok(info);
         }
         let mut req = tonic::Request::new(GetTenantRequest { tenant_id: tenant_id.to_owned() });
         let bearer = format!("Bearer {token}").parse().map_err(|_| Status::unauthenticated("malformed token"))?;
@@ -102,7 +147,12 @@ impl TenantDirectory for RemoteDirectory {
             Err(s) => {
                 tracing::warn!(tenant_id, code = ?s.code(), error = %s.message(), "tenant lookup failed");
                 return Err(match s.code() {
-                    Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition => s,
+                    // The registry's own answer about the caller (its limit
+                    // included) is the caller's answer, details and all.
+                    Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted => s,
                     _ => Status::unavailable("tenant registry unavailable"),
                 });
             }

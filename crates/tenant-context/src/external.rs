@@ -37,15 +37,22 @@ struct CachedSet {
 }
 
 /// Verifies external tokens; JWKS per URL cached, refreshed on an unknown
-/// `kid` at most every `min_refresh_interval`, one fetch at a time.
+/// `kid` at most every `min_refresh_interval`, one fetch per URL at a time,
+/// each bounded in time and size.
 pub struct ExternalVerifier {
     client: HttpsClient,
     min_refresh_interval: Duration,
     /// Known key sets per URL: read without waiting for a fetch in flight.
     sets: std::sync::RwLock<HashMap<String, CachedSet>>,
-    /// Held for the whole fetch, so one runs at a time.
-    fetching: Mutex<()>,
+    /// One lock per provider URL, held for its fetch: one fetch of a
+    /// provider at a time, and a slow provider never delays another.
+    fetching: std::sync::Mutex<HashMap<String, std::sync::Arc<Mutex<()>>>>,
+    /// The whole fetch (connect, headers and body) must end within this.
+    fetch_timeout: Duration,
 }
+
+/// The largest JWKS read; a longer body is refused as it streams in.
+pub const MAX_JWKS_BYTES: usize = 1 << 20;
 
 impl std::fmt::Debug for ExternalVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -99,8 +106,15 @@ impl ExternalVerifier {
             client: Client::builder(TokioExecutor::new()).build(https),
             min_refresh_interval: Duration::from_secs(2),
             sets: std::sync::RwLock::new(HashMap::new()),
-            fetching: Mutex::new(()),
+            fetching: std::sync::Mutex::new(HashMap::new()),
+            fetch_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// Sets the time a whole JWKS fetch may take (default 5 s).
+    pub fn with_fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout;
+        self
     }
 
     async fn fetch(&self, url: &str) -> Result<HashMap<String, (DecodingKey, Algorithm)>, VerifyError> {
@@ -109,18 +123,25 @@ impl ExternalVerifier {
             VerifyError::KeysUnavailable(e)
         };
         let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| unavailable(e.to_string()))?;
-        let fetch = self.client.get(uri);
-        let resp = tokio::time::timeout(Duration::from_secs(5), fetch)
+        let fetch = async {
+            let resp = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("http status {}", resp.status()));
+            }
+            // Refused as it streams in past the cap, never buffered whole.
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES);
+            match body.collect().await {
+                Ok(b) => Ok(b.to_bytes()),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    Err(format!("jwks larger than {MAX_JWKS_BYTES} bytes"))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let body = tokio::time::timeout(self.fetch_timeout, fetch)
             .await
-            .map_err(|_| unavailable("timed out".into()))?
-            .map_err(|e| unavailable(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(unavailable(format!("http status {}", resp.status())));
-        }
-        let body = resp.into_body().collect().await.map_err(|e| unavailable(e.to_string()))?.to_bytes();
-        if body.len() > 1 << 20 {
-            return Err(unavailable("jwks larger than 1 MiB".into()));
-        }
+            .map_err(|_| unavailable(format!("no complete answer within {:?}", self.fetch_timeout)))?
+            .map_err(unavailable)?;
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| unavailable(format!("not a JWKS: {e}")))?;
         Ok(set
             .keys
@@ -158,7 +179,8 @@ impl ExternalVerifier {
         if let Some(answer) = self.cached(url, kid) {
             return answer;
         }
-        let _fetching = self.fetching.lock().await;
+        let lock = self.fetching.lock().expect("fetch locks").entry(url.to_owned()).or_default().clone();
+        let _fetching = lock.lock().await;
         if let Some(answer) = self.cached(url, kid) {
             return answer;
         }
@@ -247,5 +269,81 @@ mod tests {
         {
             assert!(!jwks_url_allowed(bad), "{bad}");
         }
+    }
+
+    /// Serves one kind of JWKS answer on loopback, to every connection.
+    async fn serve(answer: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n";
+                    match answer {
+                        // Headers at once, then a byte every 100 ms, forever.
+                        "slow" => {
+                            let _ = conn.write_all(format!("{head}content-length: 1000000\r\n\r\n").as_bytes()).await;
+                            while conn.write_all(b" ").await.is_ok() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                        // An endless body, as fast as it is read.
+                        "huge" => {
+                            let _ =
+                                conn.write_all(format!("{head}transfer-encoding: chunked\r\n\r\n").as_bytes()).await;
+                            let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, " ".repeat(64 * 1024));
+                            while conn.write_all(chunk.as_bytes()).await.is_ok() {}
+                        }
+                        _ => {
+                            let body = r#"{"keys":[]}"#;
+                            let reply = format!("{head}content-length: {}\r\n\r\n{body}", body.len());
+                            let _ = conn.write_all(reply.as_bytes()).await;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn provider(jwks_url: String) -> IdentityProvider {
+        IdentityProvider {
+            issuer: "https://idp.example".into(),
+            jwks_url,
+            audience: "a".into(),
+            tenant_claim: "t".into(),
+        }
+    }
+
+    fn token() -> String {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.{}", b64(r#"{"alg":"ES256","kid":"k1"}"#), b64("{}"), b64("sig"))
+    }
+
+    /// A provider that answers slowly or without end is unavailable once the
+    /// fetch's time or size bound is reached, and meanwhile another
+    /// provider's fetch goes through: the lock is per provider.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_and_huge_providers_are_bounded_and_do_not_block_others() {
+        let verifier = std::sync::Arc::new(ExternalVerifier::new().with_fetch_timeout(Duration::from_millis(1500)));
+        let (slow, huge, good) = (serve("slow").await, serve("huge").await, serve("good").await);
+        let guard = Duration::from_secs(30); // a hang fails the test instead of stalling it
+
+        let v = verifier.clone();
+        let slow_fetch = tokio::spawn(async move { v.verify(&token(), &provider(slow), "acme").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = tokio::time::timeout(guard, verifier.verify(&token(), &provider(good), "acme")).await.unwrap();
+        assert!(!matches!(r, Err(VerifyError::KeysUnavailable(_))), "the good provider: {r:?}");
+        assert!(!slow_fetch.is_finished(), "the slow provider's fetch held up the good one");
+        let r = tokio::time::timeout(guard, slow_fetch).await.unwrap().unwrap();
+        assert!(matches!(&r, Err(VerifyError::KeysUnavailable(m)) if m.contains("within")), "{r:?}");
+
+        let r = tokio::time::timeout(guard, verifier.verify(&token(), &provider(huge), "acme")).await.unwrap();
+        assert!(matches!(&r, Err(VerifyError::KeysUnavailable(m)) if m.contains("larger")), "{r:?}");
     }
 }

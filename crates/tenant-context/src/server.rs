@@ -16,16 +16,32 @@ use crate::directory::TenantInfo;
 use crate::external::ExternalVerifier;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
 use crate::{BoxFuture, TenantContext, metadata};
+use tenantmesh_service::fairq::{FairQueue, FairQueueSettings, Seat};
+use tenantmesh_service::limits::{InFlight, KeyedLimiter, Limit, Limits, Refusal};
+use tenantmesh_service::tiers::Tiers;
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
 const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
 
-/// What the layer needs: a token verifier and a tenant directory.
+/// What the layer needs: a token verifier and a tenant directory; and,
+/// once a caller is known, the admission of its tenant's requests.
 #[derive(Clone)]
 pub struct Authenticator {
     verifier: Arc<TokenVerifier>,
     directory: Arc<dyn TenantDirectory>,
     external: Arc<ExternalVerifier>,
+    /// Per-tenant rate and requests in flight, from the tenant's limits;
+    /// `None` with limits switched off (`TENANTMESH_LIMITS=off`).
+    limiter: Option<Arc<KeyedLimiter>>,
+    /// At most one refusal log line per tenant and second (the rest are
+    /// counted in the refusal metric): a flood must not become a log flood.
+    refusal_logs: Arc<KeyedLimiter>,
+    /// The service's seats, shared fairly (by tier weight) when they run out.
+    seats: Arc<FairQueue>,
+    /// Tier weights for the fair queue.
+    tiers: Arc<Tiers>,
+    /// Hashes tenants onto the fair queue's queues (keyed per process).
+    hasher: std::hash::RandomState,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -36,7 +52,88 @@ impl std::fmt::Debug for Authenticator {
 
 impl Authenticator {
     pub fn new(verifier: Arc<TokenVerifier>, directory: Arc<dyn TenantDirectory>) -> Self {
-        Self { verifier, directory, external: Arc::new(ExternalVerifier::new()) }
+        Self {
+            verifier,
+            directory,
+            external: Arc::new(ExternalVerifier::new()),
+            limiter: Some(Arc::new(KeyedLimiter::new())),
+            refusal_logs: Arc::new(KeyedLimiter::new()),
+            seats: FairQueue::new(FairQueueSettings::default()),
+            tiers: Arc::new(Tiers::default()),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// Admission as `config` says: per-tenant limits on or off
+    /// (`TENANTMESH_LIMITS`), the service's seats and wait
+    /// (`TENANTMESH_MAX_IN_FLIGHT`, `TENANTMESH_QUEUE_WAIT_MS`), and the
+    /// tiers whose weights share the seats.
+    pub fn with_admission(mut self, config: &tenantmesh_service::config::CommonConfig) -> Self {
+        self.limiter = config.limits.then(|| Arc::new(KeyedLimiter::new()));
+        self.seats = FairQueue::new(config.fair_queue);
+        self.tiers = config.tiers.clone();
+        self
+    }
+
+    /// A seat for the caller's request among the service's, waiting in the
+    /// fair queue (weighted by tier) when they are all taken, until the
+    /// call's `grpc-timeout` at the latest.
+    pub async fn seat(&self, ctx: &TenantContext, headers: &http::HeaderMap) -> Result<Seat, Status> {
+        use std::hash::BuildHasher;
+        let weight = match ctx.tenant.limits {
+            Some(_) => self.tiers.get(&ctx.tenant.tier).map_or(1, |t| t.weight),
+            // The platform (onboarding, operators) counts as the heaviest tier.
+            None => self.tiers.max_weight(),
+        };
+        let deadline = tenantmesh_service::runtime::grpc_timeout(headers).map(|t| std::time::Instant::now() + t);
+        match self.seats.acquire(self.hasher.hash_one(&*ctx.tenant_id), weight, deadline).await {
+            Ok(seat) => Ok(seat),
+            Err(refusal) => {
+                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, refusal.limit.name());
+                let once_a_second = Limits { rate_per_second: 1, burst: 1, max_in_flight: 0 };
+                if self.refusal_logs.admit(&*ctx.tenant_id, 1, once_a_second).is_ok() {
+                    tracing::warn!(
+                        tenant_id = %ctx.tenant_id,
+                        limit = refusal.limit.name(),
+                        reason = %refusal.description,
+                        "request refused: the service is saturated (further refusals within a second are counted, not logged)"
+                    );
+                }
+                Err(refusal.status())
+            }
+        }
+    }
+
+    /// Admits a request of the caller's tenant under its limits (rate and
+    /// requests in flight); the guard holds its slot until dropped. Tenants
+    /// without limits (the platform) are not limited.
+    pub fn admit(&self, ctx: &TenantContext) -> Result<Option<InFlight>, Status> {
+        let (Some(limiter), Some(limits)) = (&self.limiter, ctx.tenant.limits) else { return Ok(None) };
+        match limiter.admit(&*ctx.tenant_id, 1, limits) {
+            Ok(guard) => Ok(Some(guard)),
+            Err((limit, retry_after)) => {
+                let refusal = Refusal {
+                    limit,
+                    subject: format!("tenant:{}", ctx.tenant_id),
+                    description: match limit {
+                        Limit::Concurrency => format!("{} requests in flight", limits.max_in_flight),
+                        _ => format!("{} requests per second, burst {}", limits.rate_per_second, limits.burst),
+                    },
+                    retry_after,
+                };
+                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, limit.name());
+                let once_a_second = Limits { rate_per_second: 1, burst: 1, max_in_flight: 0 };
+                if self.refusal_logs.admit(&*ctx.tenant_id, 1, once_a_second).is_ok() {
+                    tracing::warn!(
+                        tenant_id = %ctx.tenant_id,
+                        limit = limit.name(),
+                        retry_after_ms = retry_after.as_millis() as u64,
+                        "request refused by the tenant's limit (further refusals within a second are counted, not logged)"
+                    );
+                }
+                Err(refusal.status())
+            }
+        }
     }
 
     /// The authenticator of a service that is neither auth nor registry:
@@ -48,7 +145,7 @@ impl Authenticator {
         let registry = crate::client::channel(&config.registry_url)?;
         let directory =
             crate::directory::RemoteDirectory::new(registry, config.tenant_cache_ttl, config.tenant_cache_capacity);
-        Ok(Self::new(Arc::new(verifier), Arc::new(directory)))
+        Ok(Self::new(Arc::new(verifier), Arc::new(directory)).with_admission(config))
     }
 
     /// Establishes the caller's context from request headers, or the status
@@ -255,8 +352,26 @@ where
                 _ => match auth.authenticate(req.uri().path(), req.headers()).await {
                     Ok(ctx) => {
                         tenantmesh_telemetry::record_tenant(&ctx.tenant_id, &ctx.tenant.tier);
-                        req.extensions_mut().insert(ctx.clone());
-                        ctx.scope(inner.call(req)).await
+                        let admitted = match auth.admit(&ctx) {
+                            Ok(in_flight) => auth.seat(&ctx, req.headers()).await.map(|seat| (in_flight, seat)),
+                            Err(status) => Err(status),
+                        };
+                        match admitted {
+                            Ok(_admitted) if tenantmesh_telemetry::metrics::enabled() => {
+                                let (started, rpc) = (std::time::Instant::now(), req.uri().path().to_owned());
+                                req.extensions_mut().insert(ctx.clone());
+                                let tenant = ctx.tenant_id.clone();
+                                let response = ctx.scope(inner.call(req)).await;
+                                let seconds = started.elapsed().as_secs_f64();
+                                tenantmesh_telemetry::metrics::request(&tenant, &rpc, seconds);
+                                response
+                            }
+                            Ok(_admitted) => {
+                                req.extensions_mut().insert(ctx.clone());
+                                ctx.scope(inner.call(req)).await
+                            }
+                            Err(status) => Ok(status.into_http()),
+                        }
                     }
                     Err(status) => {
                         tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");

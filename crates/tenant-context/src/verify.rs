@@ -316,7 +316,9 @@ pub struct JwksCache {
 impl JwksCache {
     pub fn new(auth: Channel) -> Self {
         Self {
-            client: AuthClient::new(auth),
+            client: AuthClient::new(auth)
+                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
             min_refresh_interval: Duration::from_secs(2),
             keys: std::sync::RwLock::new(HashMap::new()),
             refresh: Mutex::new(None),

@@ -30,11 +30,44 @@ pub fn unique_tenant(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
+/// The tiers of a test mesh: the built-in tiers (same names and models)
+/// with rates and concurrency raised far above what a suite sends, so the
+/// limits layer runs on every request of every suite without refusing any;
+/// tests of the limits lower one tenant's through SetTenantLimits. Written
+/// once per process under `target/`.
+pub fn test_tiers_file() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let raise = |line: &str| -> String {
+            for (key, factor) in [("requests_per_second", 10_000u64), ("burst", 10_000), ("max_concurrency", 1_000)] {
+                if let Some(n) = line.strip_prefix(key).and_then(|r| r.trim().strip_prefix('=')) {
+                    let n: u64 = n.trim().parse().expect("a number in the tiers file");
+                    return format!("{key} = {}", n * factor);
+                }
+            }
+            line.to_owned()
+        };
+        let text: Vec<String> = tenantmesh_service::tiers::DEFAULT_TIERS_TOML.lines().map(raise).collect();
+        let dir = crate::tools::workspace_root().join("target/test-tiers");
+        std::fs::create_dir_all(&dir).expect("target/test-tiers");
+        let path = dir.join("tiers.toml");
+        // Another test process may be writing the same content: swap it in whole.
+        let tmp = dir.join(format!("tiers.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, text.join("\n")).expect("write the test tiers");
+        std::fs::rename(&tmp, &path).expect("install the test tiers");
+        path
+    })
+    .clone()
+}
+
 /// Settings of a test mesh: cheap argon2 (tests measure behaviour, not
-/// hashing cost), a known admin password and test client, and a short
-/// tenant cache so status changes show within a poll.
+/// hashing cost), a known admin password and test client, a short tenant
+/// cache so status changes show within a poll, and tiers with high limits
+/// ([`test_tiers_file`]).
 pub fn test_env() -> HashMap<String, String> {
+    let tiers = test_tiers_file().display().to_string();
     [
+        ("TENANTMESH_TIERS_FILE", tiers.as_str()),
         ("TENANTMESH_BOOTSTRAP_PASSWORD", ADMIN_PASSWORD),
         ("TENANTMESH_ARGON2_M_KIB", "1024"),
         ("TENANTMESH_ARGON2_T", "1"),
@@ -126,7 +159,7 @@ impl MeshState {
     async fn start(&self) -> Mesh {
         let mut options = MeshOptions::ephemeral(self.dir.path().join("data"));
         options.env = self.env.clone();
-        Mesh::start(options).await.expect("mesh starts")
+        Box::pin(Mesh::start(options)).await.expect("mesh starts")
     }
 }
 

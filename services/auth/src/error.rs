@@ -24,6 +24,9 @@ pub enum AuthError {
     HashNotAllowed,
     #[error("the user changed concurrently; retry")]
     ConcurrentChange,
+    /// Password hashing is at capacity (RESOURCE_EXHAUSTED, retry soon).
+    #[error("password hashing is at capacity")]
+    Busy,
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("internal: {0}")]
@@ -51,11 +54,24 @@ impl From<AuthError> for Status {
             e @ (AuthError::TenantDeleted(_) | AuthError::OwnAccount) => Status::failed_precondition(e.to_string()),
             e @ AuthError::HashNotAllowed => Status::permission_denied(e.to_string()),
             e @ AuthError::ConcurrentChange => Status::aborted(e.to_string()),
+            AuthError::Busy => {
+                tracing::warn!("refused: password hashing at capacity");
+                tenantmesh_credentials::PoolError::busy_refusal().status()
+            }
             AuthError::Corrupt(cause) | AuthError::Internal(cause) => {
                 tracing::error!(cause, "auth internal error");
                 Status::internal("internal error")
             }
             AuthError::Storage(e) => tenantmesh_service::errors::storage_status(e, "auth"),
+        }
+    }
+}
+
+impl From<tenantmesh_credentials::PoolError> for AuthError {
+    fn from(e: tenantmesh_credentials::PoolError) -> Self {
+        match e {
+            tenantmesh_credentials::PoolError::Busy => AuthError::Busy,
+            other => AuthError::Internal(other.to_string()),
         }
     }
 }
@@ -77,6 +93,7 @@ mod tests {
             (AuthError::OwnAccount, Code::FailedPrecondition),
             (AuthError::HashNotAllowed, Code::PermissionDenied),
             (AuthError::ConcurrentChange, Code::Aborted),
+            (AuthError::Busy, Code::ResourceExhausted),
             (AuthError::Corrupt("x".into()), Code::Internal),
             (AuthError::Storage(StorageError::Backend("io".into())), Code::Unavailable),
         ];

@@ -2,10 +2,13 @@
 //! persisted Ed25519 signing keys published as a JWKS, login, service
 //! tokens for platform services, and the bootstrap platform admin.
 
+pub mod anonymous;
 mod error;
 pub mod keys;
 pub mod lockout;
-use tenantmesh_credentials::{HashParams, check_email, check_password, normalize_email, password};
+use tenantmesh_credentials::{
+    HashParams, HashPool, PoolSettings, check_email, check_password, normalize_email, password,
+};
 mod refresh;
 
 use std::collections::HashMap;
@@ -55,6 +58,11 @@ pub struct Config {
     pub access_token_ttl: Duration,
     /// `TENANTMESH_ARGON2_M_KIB`, `_T`, `_P`.
     pub hash_params: HashParams,
+    /// `TENANTMESH_HASH_THREADS`, `TENANTMESH_HASH_QUEUE`: the password
+    /// hashing pool.
+    pub hash_pool: PoolSettings,
+    /// Rates of the calls made without a token.
+    pub anonymous: anonymous::AnonymousLimits,
     /// `TENANTMESH_LOGIN_FREE_ATTEMPTS`, `TENANTMESH_LOGIN_MAX_LOCKOUT_SECS`.
     pub lockout: lockout::LockoutPolicy,
     /// `TENANTMESH_KEY_PUBLISH_DELAY_SECS` (default 10): how long a rotated
@@ -127,6 +135,8 @@ impl Config {
             service_clients,
             access_token_ttl: Duration::from_secs(ttl),
             hash_params,
+            hash_pool: PoolSettings::from_env(env)?,
+            anonymous: anonymous::AnonymousLimits::from_env(env)?,
             key_publish_delay: Duration::from_secs(parse_var(env, "TENANTMESH_KEY_PUBLISH_DELAY_SECS", 10)?),
             lockout: lockout::LockoutPolicy {
                 free_attempts: parse_var(env, "TENANTMESH_LOGIN_FREE_ATTEMPTS", 5)?,
@@ -211,17 +221,18 @@ struct Inner {
     /// A real hash to verify against when the user does not exist, so an
     /// unknown user costs the same time as a wrong password.
     dummy_hash: String,
+    /// Password hashing, bounded: never on the stores' blocking pool.
+    hashing: HashPool,
+    anonymous: anonymous::Anonymous,
 }
 
 impl AuthService {
     pub async fn new(config: Config, store: DynTable, directory: Arc<dyn TenantDirectory>) -> Result<Self, AuthError> {
         let keys = Arc::new(SigningKeys::load_or_create(&store).await?);
-        let params = config.hash_params;
-        let dummy_hash = tokio::task::spawn_blocking(move || password::hash(&random_token(16), params))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
-        Ok(Self { inner: Arc::new(Inner { store, keys, config, directory, dummy_hash }) })
+        let hashing = HashPool::new(config.hash_pool);
+        let dummy_hash = hashing.hash(random_token(16), config.hash_params).await?;
+        let anonymous = anonymous::Anonymous::new(config.anonymous);
+        Ok(Self { inner: Arc::new(Inner { store, keys, config, directory, dummy_hash, hashing, anonymous }) })
     }
 
     pub fn keys(&self) -> Arc<SigningKeys> {
@@ -250,11 +261,7 @@ impl AuthService {
     }
 
     async fn hash_password(&self, password: String) -> Result<String, AuthError> {
-        let params = self.inner.config.hash_params;
-        tokio::task::spawn_blocking(move || password::hash(&password, params))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?
-            .map_err(|e| AuthError::Internal(e.to_string()))
+        Ok(self.inner.hashing.hash(password, self.inner.config.hash_params).await?)
     }
 
     async fn get_user(&self, tenant_id: &str, email: &str) -> Result<Option<UserRecord>, AuthError> {
@@ -364,6 +371,7 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
 #[tonic::async_trait]
 impl Auth for AuthService {
     async fn login(&self, request: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -373,6 +381,7 @@ impl Auth for AuthService {
         }
         v.check()?;
         tracing::Span::current().record("tenant.id", req.tenant_id.as_str());
+        self.inner.anonymous.admit(anonymous::Call::Credentials, peer, Some(&req.tenant_id))?;
         let email = normalize_email(&req.email);
         let standing = lockout::standing(&self.inner.store, &req.tenant_id, &email).await?;
         if let lockout::Standing::Locked(wait) = standing {
@@ -383,10 +392,7 @@ impl Auth for AuthService {
             Some(u) if !u.disabled => u.password_hash.clone(),
             _ => self.inner.dummy_hash.clone(),
         };
-        let password = req.password;
-        let matches = tokio::task::spawn_blocking(move || password::verify(&password, &hash))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let matches = self.inner.hashing.verify(req.password, hash).await.map_err(AuthError::from)?;
         let user = match user {
             Some(u) if matches && !u.disabled => u,
             _ => {
@@ -474,13 +480,16 @@ impl Auth for AuthService {
     }
 
     async fn refresh(&self, request: Request<RefreshRequest>) -> Result<Response<RefreshResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         let mut v = Violations::new();
         v.require("refresh_token", &req.refresh_token);
         v.check()?;
-        if let Some(tenant) = refresh::tenant_of(&req.refresh_token) {
+        let tenant = refresh::tenant_of(&req.refresh_token);
+        if let Some(tenant) = tenant {
             tracing::Span::current().record("tenant.id", tenant);
         }
+        self.inner.anonymous.admit(anonymous::Call::Credentials, peer, tenant)?;
         let live = refresh::live(&self.inner.store, &req.refresh_token).await?;
         // Disabling or deleting a user stops refresh at once; a user deleted
         // and re-created under the same email is somebody else.
@@ -579,7 +588,8 @@ impl Auth for AuthService {
         Ok(Response::new(RotateSigningKeyResponse { kid, active_time, published_kids: self.inner.keys.kids() }))
     }
 
-    async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
+    async fn get_jwks(&self, request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
+        self.inner.anonymous.admit(anonymous::Call::GetJwks, request.remote_addr().map(|a| a.ip()), None)?;
         JWKS_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let keys = self.inner.keys.jwks();
         let doc = serde_json::json!({
@@ -594,11 +604,13 @@ impl Auth for AuthService {
         &self,
         request: Request<IssueServiceTokenRequest>,
     ) -> Result<Response<IssueServiceTokenResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         let mut v = Violations::new();
         v.require("client_id", &req.client_id).require("client_secret", &req.client_secret);
         v.check()?;
         tracing::Span::current().record("tenant.id", PLATFORM_TENANT);
+        self.inner.anonymous.admit(anonymous::Call::Credentials, peer, None)?;
         let known = self.inner.config.service_clients.get(&req.client_id);
         let ok = match known {
             Some(secret) => constant_time_eq(secret, &req.client_secret),
@@ -627,11 +639,12 @@ pub async fn serve(
     let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
     let directory: Arc<dyn TenantDirectory> =
         Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl, config.common.tenant_cache_capacity));
-    let (issuer, audience, grace, tokens) = (
+    let (issuer, audience, grace, tokens, common) = (
         config.common.issuer.clone(),
         config.common.audience.clone(),
         config.common.shutdown_grace,
         config.common.token_cache_capacity,
+        config.common.clone(),
     );
     let service = AuthService::new(config, store, directory.clone()).await?;
     if let Some(password) = service.bootstrap_admin().await? {
@@ -655,10 +668,17 @@ pub async fn serve(
         }
     });
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
-    let authn = Authenticator::new(Arc::new(verifier), directory);
-    let served =
-        tenantmesh_service::runtime::serve(listener, AuthServer::new(service), server::layer(authn), grace, shutdown)
-            .await;
+    let authn = Authenticator::new(Arc::new(verifier), directory).with_admission(&common);
+    let served = tenantmesh_service::runtime::serve(
+        listener,
+        AuthServer::new(service)
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+        server::layer(authn),
+        grace,
+        shutdown,
+    )
+    .await;
     // The reloader holds the store: it ends with the service.
     reloader.abort();
     let _ = reloader.await;

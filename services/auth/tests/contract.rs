@@ -338,10 +338,13 @@ async fn new_tenant_admin_is_not_refused_right_after_onboarding() {
 
 /// Key rotation: the new key is in the JWKS at once but signs only after
 /// the publish delay; tokens signed by the old key keep working; the
-/// signing key changes once the delay has passed.
+/// signing key changes once the delay has passed. The delay (3 s) is longer
+/// than validators' JWKS refresh interval (2 s), as it must be: with a
+/// shorter one a validator that fetched the keys just before the rotation
+/// would not fetch again in time for the first token of the new key.
 #[tokio::test]
 async fn rotated_keys_are_published_before_they_sign() {
-    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_KEY_PUBLISH_DELAY_SECS", "1")]).await;
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_KEY_PUBLISH_DELAY_SECS", "3")]).await;
     let admin = mesh.admin_token().await;
     let old_kid = jsonwebtoken::decode_header(&admin).unwrap().kid.unwrap();
     let mut auth = mesh.auth();
@@ -361,7 +364,7 @@ async fn rotated_keys_are_published_before_they_sign() {
     if now < rotated.active_time {
         assert_eq!(jsonwebtoken::decode_header(&soon).unwrap().kid.unwrap(), old_kid);
     }
-    eventually(std::time::Duration::from_secs(5), || async {
+    eventually(std::time::Duration::from_secs(10), || async {
         let token = mesh.admin_token().await;
         jsonwebtoken::decode_header(&token).unwrap().kid.as_deref() == Some(rotated.kid.as_str())
     })

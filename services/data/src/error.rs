@@ -29,6 +29,9 @@ pub enum DataError {
     /// policy cannot be built).
     #[error(transparent)]
     Policy(#[from] tenantmesh_isolation::PolicyError),
+    /// The write would take the tenant past its storage quota.
+    #[error("storage quota of {} bytes reached ({} stored, {} more asked)", .0.quota, .0.stored, .0.size)]
+    OverQuota(crate::quota::OverQuota),
     #[error("bad silo endpoint {endpoint}: {cause}")]
     BadEndpoint { endpoint: String, cause: String },
     #[error(transparent)]
@@ -39,6 +42,15 @@ impl From<DataError> for Status {
     fn from(e: DataError) -> Self {
         match e {
             DataError::NotFound => Status::not_found("item not found"),
+            DataError::OverQuota(ref over) => {
+                use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+                // No RetryInfo: waiting does not help, deleting items does.
+                let details = ErrorDetails::with_quota_failure(vec![QuotaViolation::new(
+                    format!("tenant:{}", over.tenant),
+                    format!("storage_quota_bytes {}", over.quota),
+                )]);
+                Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
+            }
             e @ DataError::VersionMismatch { .. } => Status::aborted(e.to_string()),
             DataError::Corrupt(cause) => {
                 tracing::error!(cause, "corrupt item");
@@ -90,6 +102,10 @@ mod tests {
             (DataError::WrongSilo, Code::PermissionDenied),
             (DataError::ForeignTable, Code::PermissionDenied),
             (DataError::Migrating, Code::Unavailable),
+            (
+                DataError::OverQuota(crate::quota::OverQuota { tenant: "a".into(), quota: 10, stored: 9, size: 2 }),
+                Code::ResourceExhausted,
+            ),
             (DataError::Policy(tenantmesh_isolation::PolicyError::NoSuchTable("t".into())), Code::FailedPrecondition),
             (DataError::Policy(tenantmesh_isolation::PolicyError::TooLong(3000)), Code::Internal),
             (DataError::Storage(StorageError::Backend("io".into())), Code::Unavailable),

@@ -19,6 +19,7 @@
 
 pub mod admin;
 mod error;
+pub mod quota;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,6 +58,9 @@ pub struct Config {
     /// `TENANTMESH_SILO_TENANT`: this instance is that silo tenant's
     /// dedicated data service and serves no other tenant.
     pub silo_tenant: Option<String>,
+    /// `TENANTMESH_QUOTA_RESCAN_MS` (default 10000): how often, at most, a
+    /// tenant at its storage quota has its stored bytes counted again.
+    pub quota_rescan: std::time::Duration,
 }
 
 impl Config {
@@ -71,6 +75,11 @@ impl Config {
             common: CommonConfig::from_env(env, DATA_PORT)?,
             storage: StorageConfig::from_env(env)?,
             silo_tenant,
+            quota_rescan: std::time::Duration::from_millis(tenantmesh_service::config::parse_var(
+                env,
+                "TENANTMESH_QUOTA_RESCAN_MS",
+                10_000,
+            )?),
         })
     }
 }
@@ -83,6 +92,7 @@ pub struct DataService {
     table_prefix: String,
     silo_tenant: Option<String>,
     silos: Arc<std::sync::Mutex<HashMap<String, DataClient<PropagatedChannel>>>>,
+    quotas: Arc<quota::Quotas>,
 }
 
 /// Where a tenant's call is served.
@@ -133,7 +143,19 @@ fn decode_item(raw: &tenantmesh_storage::Item) -> Result<Item, DataError> {
 impl DataService {
     /// `silo_tenant`: serve only that tenant (a silo instance).
     pub fn new(stores: Arc<dyn TenantStores>, table_prefix: &str, silo_tenant: Option<String>) -> Self {
-        Self { stores, table_prefix: table_prefix.to_owned(), silo_tenant, silos: Default::default() }
+        Self {
+            stores,
+            table_prefix: table_prefix.to_owned(),
+            silo_tenant,
+            silos: Default::default(),
+            quotas: Arc::new(quota::Quotas::new(std::time::Duration::from_secs(10))),
+        }
+    }
+
+    /// Counts a tenant at its storage quota again at most this often.
+    pub fn with_quota_rescan(mut self, interval: std::time::Duration) -> Self {
+        self.quotas = Arc::new(quota::Quotas::new(interval));
+        self
     }
 
     /// Where the calling tenant's request is served: here, on the store
@@ -176,7 +198,9 @@ impl DataService {
         }
         let channel = client::channel(endpoint)
             .map_err(|e| DataError::BadEndpoint { endpoint: endpoint.to_owned(), cause: e.to_string() })?;
-        let c = DataClient::new(client::wrap(channel, Identity::Caller));
+        let c = DataClient::new(client::wrap(channel, Identity::Caller))
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
         if silos.len() >= 1024 {
             silos.clear();
         }
@@ -197,6 +221,7 @@ fn forwarded<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Stat
 #[tonic::async_trait]
 impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
+        let quota = TenantContext::from_request(&request)?.tenant.storage_quota;
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
             Route::Forward(mut c) => return forwarded(c.put_item(request.into_inner()).await),
@@ -215,6 +240,16 @@ impl Data for DataService {
             v.add("attributes", format!("item is {size} bytes; the limit is {MAX_ITEM_BYTES}"));
         }
         v.check()?;
+        if let Some(quota) = quota
+            && let Err(over) = self
+                .quotas
+                .admit(&tenant, &store, &sort_key(&item.collection, &item.id), size as u64, quota)
+                .await
+                .map_err(DataError::from)?
+        {
+            tracing::warn!(tenant_id = %tenant, quota = over.quota, stored = over.stored, "write refused by the storage quota");
+            return Err(DataError::OverQuota(over).into());
+        }
         let condition = match req.expected_version {
             Some(expected) => Condition::Version(expected),
             None => Condition::None,
@@ -312,9 +347,19 @@ pub async fn serve(
     if let Some(t) = &config.silo_tenant {
         tracing::info!(silo_tenant = %t, "serving as a silo tenant's dedicated data service");
     }
-    let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone());
+    let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone())
+        .with_quota_rescan(config.quota_rescan);
     let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone());
-    let routes = tonic::service::Routes::new(DataServer::new(data)).add_service(DataAdminServer::new(admin));
+    let routes = tonic::service::Routes::new(
+        DataServer::new(data)
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        DataAdminServer::new(admin)
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+    );
     tenantmesh_service::runtime::serve_routes(
         listener,
         routes,

@@ -31,6 +31,12 @@ pub enum OnboardingError {
     SameTier(String),
     #[error("watcher fell {0} events behind; resume with after_sequence")]
     Lagged(u64),
+    /// Password hashing is at capacity (RESOURCE_EXHAUSTED, retry soon).
+    #[error("password hashing is at capacity")]
+    HashingBusy,
+    /// The caller has as many event streams open as it may.
+    #[error("{0} event streams are open for this caller; close one first")]
+    TooManyWatchers(usize),
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("internal: {0}")]
@@ -53,11 +59,28 @@ impl From<OnboardingError> for Status {
             | E::NotActive
             | E::SameTier(_)) => Status::failed_precondition(e.to_string()),
             e @ E::Lagged(_) => Status::resource_exhausted(e.to_string()),
+            E::HashingBusy => tenantmesh_credentials::PoolError::busy_refusal().status(),
+            E::TooManyWatchers(n) => tenantmesh_service::limits::Refusal {
+                limit: tenantmesh_service::limits::Limit::Concurrency,
+                subject: "caller:event-streams".into(),
+                description: format!("{n} WatchEvents streams per caller"),
+                retry_after: std::time::Duration::from_secs(1),
+            }
+            .status(),
             E::Corrupt(cause) | E::Internal(cause) => {
                 tracing::error!(cause, "onboarding internal error");
                 Status::internal("internal error")
             }
             E::Storage(e) => tenantmesh_service::errors::storage_status(e, "onboarding"),
+        }
+    }
+}
+
+impl From<tenantmesh_credentials::PoolError> for OnboardingError {
+    fn from(e: tenantmesh_credentials::PoolError) -> Self {
+        match e {
+            tenantmesh_credentials::PoolError::Busy => OnboardingError::HashingBusy,
+            other => OnboardingError::Internal(other.to_string()),
         }
     }
 }
@@ -74,6 +97,8 @@ mod tests {
             (OnboardingError::TenantTaken("a".into()), Code::AlreadyExists),
             (OnboardingError::Superseded("a/onboard".into()), Code::Aborted),
             (OnboardingError::Busy, Code::Aborted),
+            (OnboardingError::HashingBusy, Code::ResourceExhausted),
+            (OnboardingError::TooManyWatchers(8), Code::ResourceExhausted),
             (OnboardingError::NotRetryable { id: "a".into(), state: WorkflowState::Running }, Code::FailedPrecondition),
             (OnboardingError::PlatformTenant("cannot be offboarded"), Code::FailedPrecondition),
             (OnboardingError::Lagged(3), Code::ResourceExhausted),

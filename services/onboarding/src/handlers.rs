@@ -19,6 +19,54 @@ use crate::{IDEMPOTENCY_PK, OnboardingError, OnboardingService, now_secs};
 
 const MAX_KEY_LEN: usize = 128;
 
+/// Open WatchEvents streams per caller, capped.
+pub(crate) struct Watchers {
+    max: usize,
+    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
+}
+
+/// One open stream; closes its place on drop.
+pub(crate) struct Watching {
+    key: (String, String),
+    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("watchers lock");
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Watchers {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { max, open: Default::default() }
+    }
+
+    /// A place for one more stream of the caller (tenant, subject).
+    pub(crate) fn enter(&self, tenant: &str, subject: &str) -> Result<Watching, OnboardingError> {
+        let key = (tenant.to_owned(), subject.to_owned());
+        let mut open = self.open.lock().expect("watchers lock");
+        let n = open.entry(key.clone()).or_default();
+        if *n >= self.max {
+            tracing::warn!(
+                tenant_id = tenant,
+                subject,
+                open = *n,
+                "WatchEvents refused: too many streams for the caller"
+            );
+            return Err(OnboardingError::TooManyWatchers(self.max));
+        }
+        *n += 1;
+        Ok(Watching { key, open: self.open.clone() })
+    }
+}
+
 /// Where the workflow of `kind` for `tenant_id` is recorded.
 pub(crate) fn workflow_id(tenant_id: &str, kind: Kind) -> String {
     match kind {
@@ -144,12 +192,8 @@ impl Onboarding for OnboardingService {
             let password_hash = match &hash {
                 Some(h) => h,
                 None => {
-                    let (pw, hp) = (req.admin_password.clone(), self.inner.hash_params);
-                    let h = tokio::task::spawn_blocking(move || credentials::password::hash(&pw, hp))
-                        .await
-                        .map_err(|e| OnboardingError::Internal(e.to_string()))?
-                        .map_err(|e| OnboardingError::Internal(e.to_string()))?;
-                    hash.insert(h)
+                    let h = self.inner.hashing.hash(req.admin_password.clone(), self.inner.hash_params).await;
+                    hash.insert(h.map_err(OnboardingError::from)?)
                 }
             };
             let mut wf =
@@ -350,11 +394,14 @@ impl Onboarding for OnboardingService {
             ctx.authorize_tenant(&req.tenant_id)?;
             Some(req.tenant_id)
         };
+        let watching = self.inner.watchers.enter(&ctx.tenant_id, &ctx.subject)?;
         // Subscribe before replaying, so nothing falls between the two.
         let mut live = self.inner.events.subscribe();
         let this = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            // Held until the stream's task ends: when the client goes away.
+            let _watching = watching;
             let wanted = |e: &Event| filter.as_ref().is_none_or(|t| *t == e.tenant_id);
             let mut last = 0;
             if let Some(mut after) = req.after_sequence {
@@ -377,7 +424,12 @@ impl Onboarding for OnboardingService {
                 last = after;
             }
             loop {
-                match live.recv().await {
+                // Ends when the client goes away, not at the next event.
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    () = tx.closed() => return,
+                };
+                match next {
                     Ok(e) if e.sequence > last && wanted(&e) => {
                         if tx.send(Ok(WatchEventsResponse { event: Some(e) })).await.is_err() {
                             return;

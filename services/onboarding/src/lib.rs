@@ -65,6 +65,12 @@ pub struct Config {
     pub credentials: ServiceCredentials,
     /// Cost of the admin password hash kept by the workflow.
     pub hash_params: tenantmesh_credentials::HashParams,
+    /// `TENANTMESH_HASH_THREADS`, `TENANTMESH_HASH_QUEUE`: the password
+    /// hashing pool.
+    pub hash_pool: tenantmesh_credentials::PoolSettings,
+    /// `TENANTMESH_MAX_WATCHERS` (default 8): WatchEvents streams one
+    /// caller (tenant and subject) may hold open at once.
+    pub max_watchers: usize,
     /// `TENANTMESH_DATA_URL` (default `http://127.0.0.1:50054`): the shared
     /// data service, whose DataAdmin the workflows call.
     pub data_url: String,
@@ -129,6 +135,11 @@ impl Config {
                 client_secret: client_secret.to_owned(),
             },
             hash_params: tenantmesh_credentials::HashParams::from_env(env)?,
+            hash_pool: tenantmesh_credentials::PoolSettings::from_env(env)?,
+            max_watchers: match parse_var(env, "TENANTMESH_MAX_WATCHERS", 8)? {
+                0 => return Err(ConfigError { var: "TENANTMESH_MAX_WATCHERS", message: "must be at least 1".into() }),
+                n => n,
+            },
             data_url,
             silo_endpoint_template: template,
             step_attempts,
@@ -158,6 +169,9 @@ struct Inner {
     table_prefix: String,
     pooled_table: String,
     hash_params: tenantmesh_credentials::HashParams,
+    hashing: tenantmesh_credentials::HashPool,
+    /// Open WatchEvents streams per caller (tenant, subject).
+    watchers: handlers::Watchers,
 }
 
 /// What the service needs besides its store.
@@ -176,10 +190,14 @@ impl OnboardingService {
             tracing::warn!(faults = %config.faults, "FAULT INJECTION IS ON (TENANTMESH_FAULTS): for tests only");
         }
         let events = Arc::new(EventLog::new(store.clone()));
-        let registry = TenantRegistryClient::new(deps.registry);
+        let registry = TenantRegistryClient::new(deps.registry)
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
         let steps = steps::Steps {
             registry: registry.clone(),
-            auth: AuthClient::new(deps.auth),
+            auth: AuthClient::new(deps.auth)
+                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
             data_url: config.data_url.clone(),
             tokens: deps.tokens,
             compute: deps.compute,
@@ -200,6 +218,8 @@ impl OnboardingService {
                 table_prefix: config.storage.table_prefix.clone(),
                 pooled_table: config.storage.table_name("data"),
                 hash_params: config.hash_params,
+                hashing: tenantmesh_credentials::HashPool::new(config.hash_pool),
+                watchers: handlers::Watchers::new(config.max_watchers),
             }),
         })
     }
@@ -288,7 +308,9 @@ pub async fn serve(
     let authn = Authenticator::remote(&config.common)?;
     tenantmesh_service::runtime::serve(
         listener,
-        OnboardingServer::new(service),
+        OnboardingServer::new(service)
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
         tenantmesh_tenant_context::server::layer(authn),
         config.common.shutdown_grace,
         shutdown,

@@ -121,7 +121,9 @@ impl Steps {
             return Ok(c.clone());
         }
         let channel = client::channel(url).map_err(|e| StepError::permanent(format!("data endpoint {url}: {e}")))?;
-        let c = DataAdminClient::new(client::wrap(channel, Identity::Service(self.tokens.clone())));
+        let c = DataAdminClient::new(client::wrap(channel, Identity::Service(self.tokens.clone())))
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
         clients.insert(url.to_owned(), c.clone());
         Ok(c)
     }

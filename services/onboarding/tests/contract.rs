@@ -48,7 +48,7 @@ async fn register_is_idempotent() {
     let t = t.into_inner().tenant.unwrap();
     assert_eq!(t.status, TenantStatus::Active as i32);
     // The tier's limits and the pooled placement are recorded.
-    assert_eq!(t.limits.unwrap().requests_per_second, 10);
+    assert_eq!(t.limits.unwrap().requests_per_second, 10 * 10_000, "basic, as raised by the test tiers");
     let placement = t.placement.unwrap();
     assert_eq!((placement.model, placement.endpoint.as_str()), (IsolationModel::Pool as i32, ""));
     let token = mesh.login(&id, &format!("admin@{id}.example"), "admin-password-123").await.unwrap();

@@ -450,8 +450,22 @@ impl TenantRegistry for Registry {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
-        if req.limits.is_none() {
-            v.add("limits", "is required");
+        match &req.limits {
+            None => {
+                v.add("limits", "is required");
+            }
+            Some(l) => {
+                for (field, value) in [
+                    ("limits.requests_per_second", u64::from(l.requests_per_second)),
+                    ("limits.burst", u64::from(l.burst)),
+                    ("limits.max_concurrency", u64::from(l.max_concurrency)),
+                    ("limits.storage_quota_bytes", l.storage_quota_bytes),
+                ] {
+                    if value == 0 {
+                        v.add(field, "must be above 0");
+                    }
+                }
+            }
         }
         v.check()?;
         let limits = req.limits;
@@ -479,10 +493,12 @@ pub async fn serve(
     let verifier =
         TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience)
             .with_cache_capacity(config.common.token_cache_capacity);
-    let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone()));
+    let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone())).with_admission(&config.common);
     tenantmesh_service::runtime::serve(
         listener,
-        TenantRegistryServer::new(registry),
+        TenantRegistryServer::new(registry)
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
         tenantmesh_tenant_context::server::layer(authn),
         config.common.shutdown_grace,
         shutdown,

@@ -238,6 +238,8 @@ async fn placement_and_limits() {
     let t = reg.set_tenant_limits(authed(lreq(Some(limits)), &admin)).await.unwrap().into_inner().tenant.unwrap();
     assert_eq!(t.limits, Some(limits));
     expect_invalid(reg.set_tenant_limits(authed(lreq(None), &admin)).await, "limits");
+    let zero = TenantLimits { burst: 0, ..limits };
+    expect_invalid(reg.set_tenant_limits(authed(lreq(Some(zero)), &admin)).await, "limits.burst");
 
     // Tenants themselves never move their own placement.
     let tenant = mesh.onboard(&unique_tenant("self")).await;

@@ -1,0 +1,347 @@
+//! Per-key admission: a rate (GCRA, the token bucket written as one
+//! timestamp) and a cap on requests in flight, for every tenant of a
+//! process, in bounded memory.
+//!
+//! A key's whole state is its theoretical arrival time (when its bucket is
+//! full again) and its requests in flight: 16 bytes, stored under a 64-bit
+//! keyed hash of the key, so an idle tenant costs about 25-57 bytes of map
+//! (the load factor moves between 7/16 and 7/8). A key whose bucket is full
+//! and that has nothing in flight is indistinguishable from a key never
+//! seen, so evicting it loses nothing: maps are swept of such keys as they
+//! grow.
+//!
+//! Refusals are RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` (when the
+//! request would be admitted) and `google.rpc.QuotaFailure` (which limit),
+//! see [`Refusal::status`].
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+
+/// A key's limits. `rate_per_second` and `burst` above 0; `max_in_flight`
+/// 0 means no cap on requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub rate_per_second: u32,
+    pub burst: u32,
+    pub max_in_flight: u32,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The rate (token bucket) of the key.
+    Rate,
+    /// Requests in flight of the key.
+    Concurrency,
+    /// Work of a shared, bounded pool (password hashing, the process's
+    /// capacity): not the key's own quota.
+    Capacity,
+    /// Stored bytes.
+    Storage,
+}
+
+impl Limit {
+    /// The name used in QuotaFailure, metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Rate => "requests_per_second",
+            Limit::Concurrency => "max_concurrency",
+            Limit::Capacity => "capacity",
+            Limit::Storage => "storage_quota_bytes",
+        }
+    }
+}
+
+/// A refused request: which limit, on what, and when to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub limit: Limit,
+    /// What the limit applies to, as QuotaFailure's subject (for example
+    /// `tenant:acme`, `peer:127.0.0.1`).
+    pub subject: String,
+    /// The limit, in words (for example `10 requests per second, burst 20`).
+    pub description: String,
+    pub retry_after: Duration,
+}
+
+impl Refusal {
+    /// RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure.
+    pub fn status(&self) -> Status {
+        let mut details = ErrorDetails::with_retry_info(Some(self.retry_after));
+        details.set_quota_failure(vec![QuotaViolation::new(self.subject.clone(), self.description.clone())]);
+        Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            format!(
+                "{} exceeded for {}; retry after {} ms",
+                self.limit.name(),
+                self.subject,
+                self.retry_after.as_millis()
+            ),
+            details,
+        )
+    }
+}
+
+/// Nanoseconds since the process's first use of a limiter (monotonic).
+fn now_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// Theoretical arrival time, ns: the bucket is full again at `tat`.
+    tat: u64,
+    in_flight: u32,
+}
+
+/// Emission interval (ns per token) and tolerance (ns of burst).
+fn gcra(limits: Limits) -> (u64, u64) {
+    let interval = 1_000_000_000 / u64::from(limits.rate_per_second.max(1));
+    (interval, interval * u64::from(limits.burst.max(1)))
+}
+
+const SHARDS: usize = 16;
+
+/// Admission of many keys, each with its own limits.
+pub struct KeyedLimiter {
+    hasher: std::hash::RandomState,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+struct Shard {
+    slots: HashMap<u64, Slot>,
+    /// Sweep idle keys when the map reaches this size.
+    sweep_at: usize,
+}
+
+impl std::fmt::Debug for KeyedLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedLimiter").field("keys", &self.len()).finish()
+    }
+}
+
+impl Default for KeyedLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Held while a request is in flight; releases its slot on drop.
+#[derive(Debug)]
+pub struct InFlight {
+    limiter: Option<(Arc<KeyedLimiter>, u64)>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some((limiter, key)) = self.limiter.take() {
+            let mut shard = limiter.shard(key).lock().expect("limiter lock");
+            if let Some(slot) = shard.slots.get_mut(&key) {
+                slot.in_flight = slot.in_flight.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl KeyedLimiter {
+    pub fn new() -> Self {
+        Self {
+            hasher: std::hash::RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard { slots: HashMap::new(), sweep_at: 1024 })).collect(),
+        }
+    }
+
+    fn key(&self, key: &(impl Hash + ?Sized)) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<Shard> {
+        &self.shards[(key >> 59) as usize % SHARDS]
+    }
+
+    /// Admits one request of `key` costing `cost` tokens, or says which
+    /// limit refuses it. With `max_in_flight` above 0 the request holds a
+    /// slot until the returned guard drops.
+    pub fn admit(
+        self: &Arc<Self>,
+        key: &(impl Hash + ?Sized),
+        cost: u32,
+        limits: Limits,
+    ) -> Result<InFlight, (Limit, Duration)> {
+        let key = self.key(key);
+        let now = now_nanos();
+        let (interval, tolerance) = gcra(limits);
+        let mut shard = self.shard(key).lock().expect("limiter lock");
+        if shard.slots.len() >= shard.sweep_at {
+            shard.sweep(now);
+        }
+        let slot = shard.slots.entry(key).or_default();
+        if limits.max_in_flight > 0 && slot.in_flight >= limits.max_in_flight {
+            // Roughly when one finishes: the time of one token.
+            return Err((Limit::Concurrency, Duration::from_nanos(interval.min(1_000_000_000))));
+        }
+        let tat = slot.tat.max(now) + interval * u64::from(cost.max(1));
+        if tat > now + tolerance {
+            return Err((Limit::Rate, Duration::from_nanos(tat - tolerance - now)));
+        }
+        slot.tat = tat;
+        if limits.max_in_flight == 0 {
+            return Ok(InFlight { limiter: None });
+        }
+        slot.in_flight += 1;
+        Ok(InFlight { limiter: Some((self.clone(), key)) })
+    }
+
+    /// Charges `tokens` more to `key` after the fact (work whose cost was
+    /// known only once done), at most one burst's worth, so one request
+    /// never owes more than a full bucket.
+    pub fn charge(&self, key: &(impl Hash + ?Sized), tokens: u32, limits: Limits) {
+        if tokens == 0 {
+            return;
+        }
+        let key = self.key(key);
+        let now = now_nanos();
+        let (interval, _) = gcra(limits);
+        let tokens = tokens.min(limits.burst.max(1));
+        let mut shard = self.shard(key).lock().expect("limiter lock");
+        let slot = shard.slots.entry(key).or_default();
+        slot.tat = slot.tat.max(now) + interval * u64::from(tokens);
+    }
+
+    /// Keys held (idle ones included until swept).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().expect("limiter lock").slots.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every idle key now (full bucket, nothing in flight).
+    pub fn sweep(&self) {
+        let now = now_nanos();
+        for shard in self.shards.iter() {
+            shard.lock().expect("limiter lock").sweep(now);
+        }
+    }
+
+    /// Bytes the maps hold (their allocations, not their headers).
+    pub fn heap_bytes(&self) -> usize {
+        // hashbrown: one control byte per bucket (plus a group), buckets are
+        // a power of two above capacity * 8 / 7.
+        let per_bucket = std::mem::size_of::<(u64, Slot)>() + 1;
+        self.shards
+            .iter()
+            .map(|s| {
+                let cap = s.lock().expect("limiter lock").slots.capacity();
+                if cap == 0 { 0 } else { (cap * 8 / 7).next_power_of_two() * per_bucket + 16 }
+            })
+            .sum()
+    }
+}
+
+impl Shard {
+    fn sweep(&mut self, now: u64) {
+        self.slots.retain(|_, s| s.in_flight > 0 || s.tat > now);
+        // Sweep again when the live keys have doubled (at least 1024).
+        self.sweep_at = (self.slots.len() * 2).max(1024);
+        if self.slots.capacity() > self.sweep_at * 2 {
+            self.slots.shrink_to(self.sweep_at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rate: u32, burst: u32, in_flight: u32) -> Limits {
+        Limits { rate_per_second: rate, burst, max_in_flight: in_flight }
+    }
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let l = Arc::new(KeyedLimiter::new());
+        let lim = limits(10, 5, 0);
+        for i in 0..5 {
+            assert!(l.admit("acme", 1, lim).is_ok(), "request {i} of the burst");
+        }
+        let (limit, retry) = l.admit("acme", 1, lim).unwrap_err();
+        assert_eq!(limit, Limit::Rate);
+        assert!(retry > Duration::ZERO && retry <= Duration::from_millis(100), "{retry:?}");
+        // Another key has its own bucket.
+        assert!(l.admit("globex", 1, lim).is_ok());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(l.admit("acme", 1, lim).is_ok(), "a token came back after 100 ms");
+    }
+
+    #[test]
+    fn costs_and_charges_take_more_tokens() {
+        let l = Arc::new(KeyedLimiter::new());
+        let lim = limits(1, 10, 0);
+        assert!(l.admit("k", 8, lim).is_ok());
+        assert_eq!(l.admit("k", 3, lim).unwrap_err().0, Limit::Rate);
+        assert!(l.admit("k", 2, lim).is_ok());
+        // A charge is capped at one burst, and leaves the key owing.
+        l.charge("other", 1000, lim);
+        let (_, retry) = l.admit("other", 1, lim).unwrap_err();
+        assert!(retry > Duration::from_millis(900) && retry <= Duration::from_secs(1), "{retry:?}");
+    }
+
+    #[test]
+    fn requests_in_flight_are_capped_and_released() {
+        let l = Arc::new(KeyedLimiter::new());
+        let lim = limits(1000, 1000, 2);
+        let a = l.admit("k", 1, lim).unwrap();
+        let _b = l.admit("k", 1, lim).unwrap();
+        assert_eq!(l.admit("k", 1, lim).unwrap_err().0, Limit::Concurrency);
+        drop(a);
+        assert!(l.admit("k", 1, lim).is_ok());
+    }
+
+    #[test]
+    fn idle_keys_are_evicted_and_small() {
+        let l = Arc::new(KeyedLimiter::new());
+        // A whole bucket taken at once: each key stays busy for 10 s.
+        let lim = limits(1, 10, 0);
+        for i in 0..100_000 {
+            l.admit(&format!("tenant-{i}"), 10, lim).unwrap();
+        }
+        assert_eq!(l.len(), 100_000, "busy keys were evicted");
+        let bytes = l.heap_bytes() as f64 / 100_000.0;
+        assert!(bytes <= 64.0, "{bytes:.1} bytes per tenant");
+
+        // Keys whose buckets are full again are idle: swept, as they grow
+        // and on demand.
+        let l = Arc::new(KeyedLimiter::new());
+        for i in 0..50_000 {
+            l.admit(&format!("tenant-{i}"), 1, limits(1000, 1, 0)).unwrap();
+        }
+        let _busy = l.admit("busy", 1, limits(1000, 1000, 5)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        l.sweep();
+        assert_eq!(l.len(), 1, "only the key with a request in flight is left");
+    }
+
+    #[test]
+    fn refusal_status_carries_retry_info_and_quota_failure() {
+        let r = Refusal {
+            limit: Limit::Rate,
+            subject: "tenant:acme".into(),
+            description: "10 requests per second, burst 20".into(),
+            retry_after: Duration::from_millis(250),
+        };
+        let s = r.status();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.get_details_retry_info().unwrap().retry_delay, Some(Duration::from_millis(250)));
+        let q = s.get_details_quota_failure().unwrap();
+        assert_eq!(q.violations[0].subject, "tenant:acme");
+        assert!(s.message().contains("requests_per_second"), "{}", s.message());
+    }
+}
