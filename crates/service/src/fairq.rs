@@ -99,12 +99,13 @@ impl std::fmt::Debug for FairQueue {
 }
 
 /// A running request's seat; freed (and given to the next in turn) on drop.
+/// It borrows its queue (no shared reference count to bump per request).
 #[derive(Debug)]
-pub struct Seat {
-    queue: Arc<FairQueue>,
+pub struct Seat<'a> {
+    queue: &'a FairQueue,
 }
 
-impl Drop for Seat {
+impl Drop for Seat<'_> {
     fn drop(&mut self) {
         self.queue.running.fetch_sub(1, Ordering::SeqCst);
         if self.queue.waiting.load(Ordering::SeqCst) > 0 {
@@ -151,14 +152,9 @@ impl FairQueue {
 
     /// A seat for a request of the tenant hashed to `tenant`, with its
     /// tier's `weight`, waiting at most until `deadline` (and `max_wait`).
-    pub async fn acquire(
-        self: &Arc<Self>,
-        tenant: u64,
-        weight: u32,
-        deadline: Option<Instant>,
-    ) -> Result<Seat, Refusal> {
+    pub async fn acquire(&self, tenant: u64, weight: u32, deadline: Option<Instant>) -> Result<Seat<'_>, Refusal> {
         if self.waiting.load(Ordering::SeqCst) == 0 && self.try_take() {
-            return Ok(Seat { queue: self.clone() });
+            return Ok(Seat { queue: self });
         }
         let (id, rx) = {
             let mut state = self.state.lock().expect("fair queue lock");
@@ -166,7 +162,7 @@ impl FairQueue {
             // Seats freed since the check above (nobody else waits for them).
             if state.queues.iter().all(|q| q.waiters.is_empty()) && self.try_take() {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Ok(Seat { queue: self.clone() });
+                return Ok(Seat { queue: self });
             }
             let q = match state.sticky.get(&tenant) {
                 Some(&(q, _)) => q,
@@ -188,12 +184,12 @@ impl FairQueue {
             .map_or(self.settings.max_wait, |d| d.min(self.settings.max_wait));
         let mut rx = rx;
         match tokio::time::timeout(wait, &mut rx).await {
-            Ok(Ok(())) => Ok(Seat { queue: self.clone() }),
+            Ok(Ok(())) => Ok(Seat { queue: self }),
             _ => {
                 let mut state = self.state.lock().expect("fair queue lock");
                 // Granted just as the wait ended: take it.
                 if rx.try_recv().is_ok() {
-                    return Ok(Seat { queue: self.clone() });
+                    return Ok(Seat { queue: self });
                 }
                 let mut gone = None;
                 for q in state.queues.iter_mut() {

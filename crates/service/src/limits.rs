@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tonic::Status;
@@ -132,13 +132,14 @@ impl Default for KeyedLimiter {
     }
 }
 
-/// Held while a request is in flight; releases its slot on drop.
+/// Held while a request is in flight; releases its slot on drop. It
+/// borrows its limiter (no shared reference count to bump per request).
 #[derive(Debug)]
-pub struct InFlight {
-    limiter: Option<(Arc<KeyedLimiter>, u64)>,
+pub struct InFlight<'a> {
+    limiter: Option<(&'a KeyedLimiter, u64)>,
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some((limiter, key)) = self.limiter.take() {
             let mut shard = limiter.shard(key).lock().expect("limiter lock");
@@ -169,11 +170,11 @@ impl KeyedLimiter {
     /// limit refuses it. With `max_in_flight` above 0 the request holds a
     /// slot until the returned guard drops.
     pub fn admit(
-        self: &Arc<Self>,
+        &self,
         key: &(impl Hash + ?Sized),
         cost: u32,
         limits: Limits,
-    ) -> Result<InFlight, (Limit, Duration)> {
+    ) -> Result<InFlight<'_>, (Limit, Duration)> {
         let key = self.key(key);
         let now = now_nanos();
         let (interval, tolerance) = gcra(limits);
@@ -195,7 +196,7 @@ impl KeyedLimiter {
             return Ok(InFlight { limiter: None });
         }
         slot.in_flight += 1;
-        Ok(InFlight { limiter: Some((self.clone(), key)) })
+        Ok(InFlight { limiter: Some((self, key)) })
     }
 
     /// Charges `tokens` more to `key` after the fact (work whose cost was
@@ -260,6 +261,7 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn limits(rate: u32, burst: u32, in_flight: u32) -> Limits {
         Limits { rate_per_second: rate, burst, max_in_flight: in_flight }

@@ -78,7 +78,7 @@ impl Authenticator {
     /// A seat for the caller's request among the service's, waiting in the
     /// fair queue (weighted by tier) when they are all taken, until the
     /// call's `grpc-timeout` at the latest.
-    pub async fn seat(&self, ctx: &TenantContext, headers: &http::HeaderMap) -> Result<Seat, Status> {
+    pub async fn seat(&self, ctx: &TenantContext, headers: &http::HeaderMap) -> Result<Seat<'_>, Status> {
         use std::hash::BuildHasher;
         let weight = match ctx.tenant.limits {
             Some(_) => self.tiers.get(&ctx.tenant.tier).map_or(1, |t| t.weight),
@@ -107,7 +107,7 @@ impl Authenticator {
     /// Admits a request of the caller's tenant under its limits (rate and
     /// requests in flight); the guard holds its slot until dropped. Tenants
     /// without limits (the platform) are not limited.
-    pub fn admit(&self, ctx: &TenantContext) -> Result<Option<InFlight>, Status> {
+    pub fn admit(&self, ctx: &TenantContext) -> Result<Option<InFlight<'_>>, Status> {
         let (Some(limiter), Some(limits)) = (&self.limiter, ctx.tenant.limits) else { return Ok(None) };
         match limiter.admit(&*ctx.tenant_id, 1, limits) {
             Ok(guard) => Ok(Some(guard)),
@@ -298,12 +298,15 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
 
 /// The tower layer that authenticates every request (see the crate docs).
 pub fn layer(auth: Authenticator) -> TenantContextLayer {
-    TenantContextLayer { auth }
+    // One Arc for the whole authenticator: a request clones one reference
+    // count, not one per cache and limiter (shared counters that every
+    // core would otherwise bounce between them on every call).
+    TenantContextLayer { auth: Arc::new(auth) }
 }
 
 #[derive(Clone, Debug)]
 pub struct TenantContextLayer {
-    auth: Authenticator,
+    auth: Arc<Authenticator>,
 }
 
 impl<S> Layer<S> for TenantContextLayer {
@@ -317,7 +320,7 @@ impl<S> Layer<S> for TenantContextLayer {
 #[derive(Clone, Debug)]
 pub struct TenantContextService<S> {
     inner: S,
-    auth: Authenticator,
+    auth: Arc<Authenticator>,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for TenantContextService<S>
