@@ -296,3 +296,41 @@ async fn writes_stop_at_the_storage_quota() {
     }
     mesh.shutdown().await;
 }
+
+/// Requests cost DynamoDB's units: a 300 KB write costs 300 write units,
+/// charged after it (capped at one burst), so the tenant's next request
+/// waits for its bucket; small requests cost one token each.
+#[tokio::test]
+async fn large_writes_cost_more_tokens() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let acme = mesh.onboard(&unique_tenant("acme")).await;
+    let limits =
+        TenantLimits { requests_per_second: 10, burst: 10, max_concurrency: 100, storage_quota_bytes: 1 << 30 };
+    let req = SetTenantLimitsRequest { tenant_id: acme.tenant_id.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let put = |blob: String| {
+        let (mut data, token) = (mesh.data(), acme.token.clone());
+        let req = PutItemRequest {
+            collection: "c".into(),
+            id: "x".into(),
+            attributes: Some(attrs(&[("blob", &blob)])),
+            expected_version: None,
+        };
+        async move { data.put_item(authed(req, &token)).await }
+    };
+    let get = || {
+        let (mut data, token) = (mesh.data(), acme.token.clone());
+        async move { data.get_item(authed(GetItemRequest { collection: "c".into(), id: "x".into() }, &token)).await }
+    };
+    // Small calls: one token each, well within the burst of 10.
+    put("small".into()).await.unwrap();
+    get().await.unwrap();
+    // A 300 KB write is admitted, then charged a whole burst.
+    put("x".repeat(300 * 1024)).await.unwrap();
+    let s = expect_code(get().await, Code::ResourceExhausted);
+    let retry = s.get_details_retry_info().and_then(|r| r.retry_delay).expect("RetryInfo");
+    assert!(retry > Duration::from_millis(100), "the write's cost was not charged: retry after {retry:?}");
+    mesh.shutdown().await;
+}

@@ -237,14 +237,19 @@ impl FairQueue {
         let queues = state.queues.len();
         while self.waiting.load(Ordering::SeqCst) > 0 && self.try_take() {
             let mut granted = false;
-            for _ in 0..=queues {
+            // Until a live waiter has the seat; waiters whose callers went
+            // away (their requests dropped) are skipped and forgotten.
+            let mut empty_visits = 0;
+            while self.waiting.load(Ordering::SeqCst) > 0 && empty_visits <= queues {
                 let turn = state.turn;
                 let q = &mut state.queues[turn];
                 let Some(head) = q.waiters.front() else {
                     q.deficit = 0;
                     state.turn = (turn + 1) % queues;
+                    empty_visits += 1;
                     continue;
                 };
+                empty_visits = 0;
                 if q.deficit == 0 {
                     q.deficit = u64::from(head.weight);
                 }
@@ -312,6 +317,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let r = q.acquire(1, 1, None).await.unwrap_err();
         assert!(r.description.contains("queue is full"), "{r:?}");
+    }
+
+    /// Waiters whose requests were dropped (their callers went away) do not
+    /// hold a freed seat: it goes to the next live waiter, however many
+    /// dead ones are ahead of it.
+    #[tokio::test]
+    async fn a_seat_skips_waiters_that_went_away() {
+        let q = FairQueue::new(FairQueueSettings { queues: 2, hand: 1, ..settings(1) });
+        let seat = q.acquire(1, 1, None).await.unwrap();
+        // Twenty waiters that go away without a trace (their futures dropped).
+        for t in 0..20u64 {
+            let q = q.clone();
+            let task = tokio::spawn(async move { q.acquire(t, 1, None).await.map(drop) });
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            task.abort();
+        }
+        let q2 = q.clone();
+        let live = tokio::spawn(async move { q2.acquire(99, 1, None).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(seat);
+        tokio::time::timeout(Duration::from_secs(1), live)
+            .await
+            .expect("the live waiter got the seat")
+            .unwrap()
+            .unwrap();
+        assert_eq!(q.waiting.load(Ordering::SeqCst), 0);
     }
 
     /// A tenant's waiting requests share one queue of its hand, so sending

@@ -22,6 +22,26 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
+/// What a request cost, in tokens, when that is more than one: a handler
+/// puts it in its response's extensions (`Response::extensions_mut`) and the
+/// server layer charges the tokens beyond the one taken at admission (at
+/// most a burst's worth). The data service reports DynamoDB's units: a read
+/// unit per 4 KB read, a write unit per 1 KB written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost(pub u32);
+
+impl Cost {
+    /// Read units of `bytes` read (at least 1).
+    pub fn read(bytes: usize) -> Self {
+        Cost(bytes.div_ceil(4096).max(1).min(u32::MAX as usize) as u32)
+    }
+
+    /// Write units of `bytes` written (at least 1).
+    pub fn write(bytes: usize) -> Self {
+        Cost(bytes.div_ceil(1024).max(1).min(u32::MAX as usize) as u32)
+    }
+}
+
 /// A key's limits. `rate_per_second` and `burst` above 0; `max_in_flight`
 /// 0 means no cap on requests in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +159,15 @@ pub struct InFlight<'a> {
     limiter: Option<(&'a KeyedLimiter, u64)>,
 }
 
+impl InFlight<'_> {
+    /// Charges the request's key `tokens` more (see [`KeyedLimiter::charge`]).
+    pub fn charge(&self, tokens: u32, limits: Limits) {
+        if let Some((limiter, key)) = self.limiter {
+            limiter.charge_hashed(key, tokens, limits);
+        }
+    }
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some((limiter, key)) = self.limiter.take() {
@@ -203,10 +232,13 @@ impl KeyedLimiter {
     /// known only once done), at most one burst's worth, so one request
     /// never owes more than a full bucket.
     pub fn charge(&self, key: &(impl Hash + ?Sized), tokens: u32, limits: Limits) {
+        self.charge_hashed(self.key(key), tokens, limits);
+    }
+
+    fn charge_hashed(&self, key: u64, tokens: u32, limits: Limits) {
         if tokens == 0 {
             return;
         }
-        let key = self.key(key);
         let now = now_nanos();
         let (interval, _) = gcra(limits);
         let tokens = tokens.min(limits.burst.max(1));
@@ -294,6 +326,15 @@ mod tests {
         l.charge("other", 1000, lim);
         let (_, retry) = l.admit("other", 1, lim).unwrap_err();
         assert!(retry > Duration::from_millis(900) && retry <= Duration::from_secs(1), "{retry:?}");
+    }
+
+    #[test]
+    fn costs_are_dynamodb_units() {
+        assert_eq!(Cost::read(0), Cost(1));
+        assert_eq!(Cost::read(4096), Cost(1));
+        assert_eq!(Cost::read(4097), Cost(2));
+        assert_eq!(Cost::write(1), Cost(1));
+        assert_eq!(Cost::write(300 * 1024), Cost(300));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::external::ExternalVerifier;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
 use crate::{BoxFuture, TenantContext, metadata};
 use tenantmesh_service::fairq::{FairQueue, FairQueueSettings, Seat};
-use tenantmesh_service::limits::{InFlight, KeyedLimiter, Limit, Limits, Refusal};
+use tenantmesh_service::limits::{Cost, InFlight, KeyedLimiter, Limit, Limits, Refusal};
 use tenantmesh_service::tiers::Tiers;
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
@@ -296,6 +296,16 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))
 }
 
+/// Charges the request's tenant for what it cost beyond the one token taken
+/// at admission: a [`Cost`] the handler put in its response's extensions.
+fn charge<B, E>(in_flight: Option<&InFlight<'_>>, limits: Option<Limits>, response: &Result<Response<B>, E>) {
+    if let (Some(guard), Some(limits), Ok(r)) = (in_flight, limits, response)
+        && let Some(Cost(tokens)) = r.extensions().get::<Cost>()
+    {
+        guard.charge(tokens.saturating_sub(1), limits);
+    }
+}
+
 /// The tower layer that authenticates every request (see the crate docs).
 pub fn layer(auth: Authenticator) -> TenantContextLayer {
     // One Arc for the whole authenticator: a request clones one reference
@@ -360,18 +370,22 @@ where
                             Err(status) => Err(status),
                         };
                         match admitted {
-                            Ok(_admitted) if tenantmesh_telemetry::metrics::enabled() => {
+                            Ok((in_flight, _seat)) if tenantmesh_telemetry::metrics::enabled() => {
                                 let (started, rpc) = (std::time::Instant::now(), req.uri().path().to_owned());
                                 req.extensions_mut().insert(ctx.clone());
-                                let tenant = ctx.tenant_id.clone();
+                                let (tenant, limits) = (ctx.tenant_id.clone(), ctx.tenant.limits);
                                 let response = ctx.scope(inner.call(req)).await;
                                 let seconds = started.elapsed().as_secs_f64();
                                 tenantmesh_telemetry::metrics::request(&tenant, &rpc, seconds);
+                                charge(in_flight.as_ref(), limits, &response);
                                 response
                             }
-                            Ok(_admitted) => {
+                            Ok((in_flight, _seat)) => {
                                 req.extensions_mut().insert(ctx.clone());
-                                ctx.scope(inner.call(req)).await
+                                let limits = ctx.tenant.limits;
+                                let response = ctx.scope(inner.call(req)).await;
+                                charge(in_flight.as_ref(), limits, &response);
+                                response
                             }
                             Err(status) => Ok(status.into_http()),
                         }

@@ -35,6 +35,7 @@ use tenantmesh_proto::data::v1::*;
 use tenantmesh_proto::registry::v1::TenantStatus;
 use tenantmesh_service::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_service::errors::{Violations, invalid_field};
+use tenantmesh_service::limits::Cost;
 use tenantmesh_service::paging;
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
@@ -218,6 +219,15 @@ fn forwarded<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Stat
     })
 }
 
+/// `response`, reporting what its call cost when that is more than the one
+/// token every call takes (so the common small call allocates nothing).
+fn costing<T>(mut response: Response<T>, cost: Cost) -> Response<T> {
+    if cost.0 > 1 {
+        response.extensions_mut().insert(cost);
+    }
+    response
+}
+
 #[tonic::async_trait]
 impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
@@ -263,7 +273,7 @@ impl Data for DataService {
         })?;
         item.version = stored.version;
         tracing::debug!(collection = %item.collection, version = item.version, "item written");
-        Ok(Response::new(PutItemResponse { item: Some(item) }))
+        Ok(costing(Response::new(PutItemResponse { item: Some(item) }), Cost::write(size)))
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
@@ -278,7 +288,7 @@ impl Data for DataService {
             .await
             .map_err(DataError::from)?
             .ok_or(DataError::NotFound)?;
-        Ok(Response::new(GetItemResponse { item: Some(decode_item(&raw)?) }))
+        Ok(costing(Response::new(GetItemResponse { item: Some(decode_item(&raw)?) }), Cost::read(raw.data.len())))
     }
 
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
@@ -325,7 +335,8 @@ impl Data for DataService {
             .map_err(DataError::from)?;
         let items = page.items.iter().map(decode_item).collect::<Result<Vec<_>, _>>()?;
         let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
-        Ok(Response::new(QueryItemsResponse { items, next_page_token }))
+        let read: usize = page.items.iter().map(|i| i.data.len()).sum();
+        Ok(costing(Response::new(QueryItemsResponse { items, next_page_token }), Cost::read(read)))
     }
 }
 
