@@ -150,11 +150,18 @@ impl FairQueue {
             .is_ok()
     }
 
+    /// A seat at once if one is free and nobody waits (two atomic
+    /// operations, no lock): callers try this before working out what
+    /// [`FairQueue::acquire`] needs.
+    pub fn try_acquire(&self) -> Option<Seat<'_>> {
+        (self.waiting.load(Ordering::SeqCst) == 0 && self.try_take()).then(|| Seat { queue: self })
+    }
+
     /// A seat for a request of the tenant hashed to `tenant`, with its
     /// tier's `weight`, waiting at most until `deadline` (and `max_wait`).
     pub async fn acquire(&self, tenant: u64, weight: u32, deadline: Option<Instant>) -> Result<Seat<'_>, Refusal> {
-        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_take() {
-            return Ok(Seat { queue: self });
+        if let Some(seat) = self.try_acquire() {
+            return Ok(seat);
         }
         let (id, rx) = {
             let mut state = self.state.lock().expect("fair queue lock");

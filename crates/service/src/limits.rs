@@ -279,6 +279,22 @@ impl KeyedLimiter {
     }
 }
 
+/// At most one log line per key and second: refusals under a flood are
+/// counted in metrics, not each written to the log.
+#[derive(Debug, Default)]
+pub struct LogThrottle(KeyedLimiter);
+
+impl LogThrottle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a line about `key` may be written now.
+    pub fn allow(&self, key: &(impl Hash + ?Sized)) -> bool {
+        self.0.admit(key, 1, Limits { rate_per_second: 1, burst: 1, max_in_flight: 0 }).is_ok()
+    }
+}
+
 impl Shard {
     fn sweep(&mut self, now: u64) {
         self.slots.retain(|_, s| s.in_flight > 0 || s.tat > now);
@@ -370,6 +386,14 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         l.sweep();
         assert_eq!(l.len(), 1, "only the key with a request in flight is left");
+    }
+
+    #[test]
+    fn log_lines_are_throttled_per_key() {
+        let t = LogThrottle::new();
+        assert!(t.allow("acme"));
+        assert!(!t.allow("acme"), "a second line within the second");
+        assert!(t.allow("globex"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::external::ExternalVerifier;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
 use crate::{BoxFuture, TenantContext, metadata};
 use tenantmesh_service::fairq::{FairQueue, FairQueueSettings, Seat};
-use tenantmesh_service::limits::{Cost, InFlight, KeyedLimiter, Limit, Limits, Refusal};
+use tenantmesh_service::limits::{Cost, InFlight, KeyedLimiter, Limit, Limits, LogThrottle, Refusal};
 use tenantmesh_service::tiers::Tiers;
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
@@ -35,7 +35,7 @@ pub struct Authenticator {
     limiter: Option<Arc<KeyedLimiter>>,
     /// At most one refusal log line per tenant and second (the rest are
     /// counted in the refusal metric): a flood must not become a log flood.
-    refusal_logs: Arc<KeyedLimiter>,
+    refusal_logs: Arc<LogThrottle>,
     /// The service's seats, shared fairly (by tier weight) when they run out.
     seats: Arc<FairQueue>,
     /// Tier weights for the fair queue.
@@ -57,7 +57,7 @@ impl Authenticator {
             directory,
             external: Arc::new(ExternalVerifier::new()),
             limiter: Some(Arc::new(KeyedLimiter::new())),
-            refusal_logs: Arc::new(KeyedLimiter::new()),
+            refusal_logs: Arc::new(LogThrottle::new()),
             seats: FairQueue::new(FairQueueSettings::default()),
             tiers: Arc::new(Tiers::default()),
             hasher: std::hash::RandomState::new(),
@@ -80,6 +80,10 @@ impl Authenticator {
     /// call's `grpc-timeout` at the latest.
     pub async fn seat(&self, ctx: &TenantContext, headers: &http::HeaderMap) -> Result<Seat<'_>, Status> {
         use std::hash::BuildHasher;
+        // Not saturated (the common case): no weight, deadline or hash needed.
+        if let Some(seat) = self.seats.try_acquire() {
+            return Ok(seat);
+        }
         let weight = match ctx.tenant.limits {
             Some(_) => self.tiers.get(&ctx.tenant.tier).map_or(1, |t| t.weight),
             // The platform (onboarding, operators) counts as the heaviest tier.
@@ -90,8 +94,7 @@ impl Authenticator {
             Ok(seat) => Ok(seat),
             Err(refusal) => {
                 tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, refusal.limit.name());
-                let once_a_second = Limits { rate_per_second: 1, burst: 1, max_in_flight: 0 };
-                if self.refusal_logs.admit(&*ctx.tenant_id, 1, once_a_second).is_ok() {
+                if self.refusal_logs.allow(&*ctx.tenant_id) {
                     tracing::warn!(
                         tenant_id = %ctx.tenant_id,
                         limit = refusal.limit.name(),
@@ -122,8 +125,7 @@ impl Authenticator {
                     retry_after,
                 };
                 tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, limit.name());
-                let once_a_second = Limits { rate_per_second: 1, burst: 1, max_in_flight: 0 };
-                if self.refusal_logs.admit(&*ctx.tenant_id, 1, once_a_second).is_ok() {
+                if self.refusal_logs.allow(&*ctx.tenant_id) {
                     tracing::warn!(
                         tenant_id = %ctx.tenant_id,
                         limit = limit.name(),
@@ -370,20 +372,16 @@ where
                             Err(status) => Err(status),
                         };
                         match admitted {
-                            Ok((in_flight, _seat)) if tenantmesh_telemetry::metrics::enabled() => {
-                                let (started, rpc) = (std::time::Instant::now(), req.uri().path().to_owned());
-                                req.extensions_mut().insert(ctx.clone());
-                                let (tenant, limits) = (ctx.tenant_id.clone(), ctx.tenant.limits);
-                                let response = ctx.scope(inner.call(req)).await;
-                                let seconds = started.elapsed().as_secs_f64();
-                                tenantmesh_telemetry::metrics::request(&tenant, &rpc, seconds);
-                                charge(in_flight.as_ref(), limits, &response);
-                                response
-                            }
                             Ok((in_flight, _seat)) => {
+                                // Timed only when per-tenant metrics are exported.
+                                let timing = tenantmesh_telemetry::metrics::enabled()
+                                    .then(|| (std::time::Instant::now(), req.uri().path().to_owned(), ctx.tenant_id.clone()));
                                 req.extensions_mut().insert(ctx.clone());
                                 let limits = ctx.tenant.limits;
                                 let response = ctx.scope(inner.call(req)).await;
+                                if let Some((started, rpc, tenant)) = timing {
+                                    tenantmesh_telemetry::metrics::request(&tenant, &rpc, started.elapsed().as_secs_f64());
+                                }
                                 charge(in_flight.as_ref(), limits, &response);
                                 response
                             }

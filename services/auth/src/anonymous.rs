@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use tenantmesh_service::config::{ConfigError, parse_var};
-use tenantmesh_service::limits::{KeyedLimiter, Limits, Refusal};
+use tenantmesh_service::limits::{KeyedLimiter, Limits, LogThrottle, Refusal};
 use tonic::Status;
 
 /// Rates of anonymous calls.
@@ -57,7 +57,7 @@ pub struct Anonymous {
     limiter: Arc<KeyedLimiter>,
     /// At most one log line per refused subject and second: a flood must
     /// not become a log flood.
-    logs: Arc<KeyedLimiter>,
+    logs: LogThrottle,
 }
 
 fn per_second(rate: u32) -> Limits {
@@ -66,14 +66,13 @@ fn per_second(rate: u32) -> Limits {
 
 impl Anonymous {
     pub fn new(limits: AnonymousLimits) -> Self {
-        Self { limits, limiter: Arc::new(KeyedLimiter::new()), logs: Arc::new(KeyedLimiter::new()) }
+        Self { limits, limiter: Arc::new(KeyedLimiter::new()), logs: LogThrottle::new() }
     }
 
     /// Admits an anonymous `call` from `peer` naming `tenant` (if any).
     pub fn admit(&self, call: Call, peer: Option<IpAddr>, tenant: Option<&str>) -> Result<(), Status> {
         let refuse = |subject: String, rate: u32, retry_after| {
-            let once_a_second = Limits { rate_per_second: 1, burst: 1, max_in_flight: 0 };
-            if self.logs.admit(subject.as_str(), 1, once_a_second).is_ok() {
+            if self.logs.allow(subject.as_str()) {
                 tracing::warn!(
                     subject,
                     ?call,

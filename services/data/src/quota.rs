@@ -73,20 +73,17 @@ impl Quotas {
         size: u64,
         quota: u64,
     ) -> Result<Result<(), OverQuota>, StorageError> {
-        let must_scan = {
-            let mut usage = self.usage.lock().expect("quota lock");
-            match usage.get_mut(tenant) {
-                Some(u) if u.bytes + size <= quota => {
-                    u.bytes += size;
-                    return Ok(Ok(()));
-                }
-                Some(u) if u.scanned.elapsed() < self.rescan_interval => {
-                    return Ok(Err(OverQuota { tenant: tenant.to_owned(), quota, stored: u.bytes, size }));
-                }
-                _ => true,
+        // Decided from the count when it can be; otherwise (first write in
+        // this process, or at the quota) counted again below.
+        if let Some(u) = self.usage.lock().expect("quota lock").get_mut(tenant) {
+            if u.bytes + size <= quota {
+                u.bytes += size;
+                return Ok(Ok(()));
             }
-        };
-        debug_assert!(must_scan);
+            if u.scanned.elapsed() < self.rescan_interval {
+                return Ok(Err(OverQuota { tenant: tenant.to_owned(), quota, stored: u.bytes, size }));
+            }
+        }
         let mut stored = Self::scan(store, tenant).await?;
         if stored + size > quota {
             // Over only if this is a new item: an overwrite frees its old bytes.
