@@ -52,6 +52,10 @@ pub struct CommonConfig {
     /// once in the service; past it they wait in the fair queue up to
     /// `TENANTMESH_QUEUE_WAIT_MS` (default 1000) or their deadline.
     pub fair_queue: crate::fairq::FairQueueSettings,
+    /// `TENANTMESH_LEASE_INTERVAL_MS` (default 2000): how often a replica
+    /// renews its shares of its tenants' limits with the other replicas
+    /// (on DynamoDB; see `leases`). Leases last three intervals.
+    pub lease_interval: std::time::Duration,
 }
 
 /// Default `iss` of tokens minted by the auth service.
@@ -134,6 +138,15 @@ impl CommonConfig {
                 let wait_ms = parse_var(env, "TENANTMESH_QUEUE_WAIT_MS", d.max_wait.as_millis() as u64)?;
                 crate::fairq::FairQueueSettings { capacity, max_wait: std::time::Duration::from_millis(wait_ms), ..d }
             },
+            lease_interval: match parse_var(env, "TENANTMESH_LEASE_INTERVAL_MS", 2000u64)? {
+                ms @ 10..=600_000 => std::time::Duration::from_millis(ms),
+                _ => {
+                    return Err(ConfigError {
+                        var: "TENANTMESH_LEASE_INTERVAL_MS",
+                        message: "must be between 10 and 600000".into(),
+                    });
+                }
+            },
             tiers: std::sync::Arc::new(match var(env, "TENANTMESH_TIERS_FILE") {
                 Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() })?,
@@ -176,7 +189,13 @@ mod tests {
         let bad: HashMap<_, _> = [("TENANTMESH_AUTH_URL".to_owned(), "ftp://x".to_owned())].into();
         assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, "TENANTMESH_AUTH_URL");
         assert_eq!((c.tenant_cache_capacity, c.token_cache_capacity), (100_000, 100_000));
-        for (var, value) in [("TENANTMESH_TENANT_CACHE_CAPACITY", "0"), ("TENANTMESH_TOKEN_CACHE_CAPACITY", "-1")] {
+        assert_eq!(c.lease_interval, std::time::Duration::from_secs(2));
+        for (var, value) in [
+            ("TENANTMESH_TENANT_CACHE_CAPACITY", "0"),
+            ("TENANTMESH_TOKEN_CACHE_CAPACITY", "-1"),
+            ("TENANTMESH_LEASE_INTERVAL_MS", "5"),
+            ("TENANTMESH_LEASE_INTERVAL_MS", "soon"),
+        ] {
             let bad: HashMap<_, _> = [(var.to_owned(), value.to_owned())].into();
             assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, var);
         }

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod errors;
 pub mod fairq;
+pub mod leases;
 pub mod limits;
 pub mod paging;
 pub mod runtime;

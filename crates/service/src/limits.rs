@@ -51,6 +51,55 @@ pub struct Limits {
     pub max_in_flight: u32,
 }
 
+/// Limits as a limiter applies them: a key's whole [`Limits`], or its share
+/// of them (see [`Limits::share`]), as GCRA's emission interval and
+/// tolerance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Nanoseconds per token.
+    interval: u64,
+    /// Nanoseconds of burst: how far ahead of now a key may have spent.
+    tolerance: u64,
+    /// Most tokens one request may be charged after the fact (a burst).
+    burst: u32,
+    /// 0: no cap on requests in flight.
+    max_in_flight: u32,
+}
+
+impl From<Limits> for Quota {
+    fn from(limits: Limits) -> Self {
+        let interval = 1_000_000_000 / u64::from(limits.rate_per_second.max(1));
+        let burst = limits.burst.max(1);
+        Quota { interval, tolerance: interval * u64::from(burst), burst, max_in_flight: limits.max_in_flight }
+    }
+}
+
+impl Limits {
+    /// A `fraction` (0 to 1] of these limits, for one of several replicas
+    /// that share a key's limits: the rate, burst and requests in flight
+    /// scaled by it (at least one token of burst and one request in flight).
+    /// The burst lasts as long as the whole one: a key may spend its
+    /// share's tokens as early as it may spend the whole bucket.
+    pub fn share(self, fraction: f64) -> Quota {
+        // 1 (or not a number): the whole, without floating point.
+        if fraction.is_nan() || fraction >= 1.0 {
+            return self.into();
+        }
+        let fraction = fraction.max(1e-6);
+        let whole = Quota::from(self);
+        let interval = ((whole.interval as f64) / fraction).min(u64::MAX as f64 / 4.0) as u64;
+        Quota {
+            interval,
+            tolerance: whole.tolerance.max(interval),
+            burst: ((f64::from(whole.burst) * fraction).ceil() as u32).max(1),
+            max_in_flight: match self.max_in_flight {
+                0 => 0,
+                n => ((f64::from(n) * fraction).ceil() as u32).max(1),
+            },
+        }
+    }
+}
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -120,12 +169,6 @@ struct Slot {
     in_flight: u32,
 }
 
-/// Emission interval (ns per token) and tolerance (ns of burst).
-fn gcra(limits: Limits) -> (u64, u64) {
-    let interval = 1_000_000_000 / u64::from(limits.rate_per_second.max(1));
-    (interval, interval * u64::from(limits.burst.max(1)))
-}
-
 const SHARDS: usize = 16;
 
 /// Admission of many keys, each with its own limits.
@@ -152,25 +195,28 @@ impl Default for KeyedLimiter {
     }
 }
 
-/// Held while a request is in flight; releases its slot on drop. It
-/// borrows its limiter (no shared reference count to bump per request).
+/// An admitted request: charges it more when its cost is known, and, with
+/// a cap on requests in flight, holds its slot until dropped. It borrows
+/// its limiter (no shared reference count to bump per request).
 #[derive(Debug)]
 pub struct InFlight<'a> {
-    limiter: Option<(&'a KeyedLimiter, u64)>,
+    limiter: &'a KeyedLimiter,
+    key: u64,
+    quota: Quota,
 }
 
 impl InFlight<'_> {
-    /// Charges the request's key `tokens` more (see [`KeyedLimiter::charge`]).
-    pub fn charge(&self, tokens: u32, limits: Limits) {
-        if let Some((limiter, key)) = self.limiter {
-            limiter.charge_hashed(key, tokens, limits);
-        }
+    /// Charges the request's key `tokens` more, under the quota it was
+    /// admitted with (see [`KeyedLimiter::charge`]).
+    pub fn charge(&self, tokens: u32) {
+        self.limiter.charge_hashed(self.key, tokens, self.quota);
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Some((limiter, key)) = self.limiter.take() {
+        if self.quota.max_in_flight > 0 {
+            let (limiter, key) = (self.limiter, self.key);
             let mut shard = limiter.shard(key).lock().expect("limiter lock");
             if let Some(slot) = shard.slots.get_mut(&key) {
                 slot.in_flight = slot.in_flight.saturating_sub(1);
@@ -202,17 +248,18 @@ impl KeyedLimiter {
         &self,
         key: &(impl Hash + ?Sized),
         cost: u32,
-        limits: Limits,
+        quota: impl Into<Quota>,
     ) -> Result<InFlight<'_>, (Limit, Duration)> {
         let key = self.key(key);
         let now = now_nanos();
-        let (interval, tolerance) = gcra(limits);
+        let quota = quota.into();
+        let Quota { interval, tolerance, max_in_flight, .. } = quota;
         let mut shard = self.shard(key).lock().expect("limiter lock");
         if shard.slots.len() >= shard.sweep_at {
             shard.sweep(now);
         }
         let slot = shard.slots.entry(key).or_default();
-        if limits.max_in_flight > 0 && slot.in_flight >= limits.max_in_flight {
+        if max_in_flight > 0 && slot.in_flight >= max_in_flight {
             // Roughly when one finishes: the time of one token.
             return Err((Limit::Concurrency, Duration::from_nanos(interval.min(1_000_000_000))));
         }
@@ -221,30 +268,28 @@ impl KeyedLimiter {
             return Err((Limit::Rate, Duration::from_nanos(tat - tolerance - now)));
         }
         slot.tat = tat;
-        if limits.max_in_flight == 0 {
-            return Ok(InFlight { limiter: None });
+        if max_in_flight > 0 {
+            slot.in_flight += 1;
         }
-        slot.in_flight += 1;
-        Ok(InFlight { limiter: Some((self, key)) })
+        Ok(InFlight { limiter: self, key, quota })
     }
 
     /// Charges `tokens` more to `key` after the fact (work whose cost was
     /// known only once done), at most one burst's worth, so one request
     /// never owes more than a full bucket.
-    pub fn charge(&self, key: &(impl Hash + ?Sized), tokens: u32, limits: Limits) {
-        self.charge_hashed(self.key(key), tokens, limits);
+    pub fn charge(&self, key: &(impl Hash + ?Sized), tokens: u32, quota: impl Into<Quota>) {
+        self.charge_hashed(self.key(key), tokens, quota.into());
     }
 
-    fn charge_hashed(&self, key: u64, tokens: u32, limits: Limits) {
+    fn charge_hashed(&self, key: u64, tokens: u32, quota: Quota) {
         if tokens == 0 {
             return;
         }
         let now = now_nanos();
-        let (interval, _) = gcra(limits);
-        let tokens = tokens.min(limits.burst.max(1));
+        let tokens = tokens.min(quota.burst);
         let mut shard = self.shard(key).lock().expect("limiter lock");
         let slot = shard.slots.entry(key).or_default();
-        slot.tat = slot.tat.max(now) + interval * u64::from(tokens);
+        slot.tat = slot.tat.max(now) + quota.interval * u64::from(tokens);
     }
 
     /// Keys held (idle ones included until swept).
@@ -342,6 +387,26 @@ mod tests {
         l.charge("other", 1000, lim);
         let (_, retry) = l.admit("other", 1, lim).unwrap_err();
         assert!(retry > Duration::from_millis(900) && retry <= Duration::from_secs(1), "{retry:?}");
+    }
+
+    #[test]
+    fn a_share_is_that_fraction_of_the_rate_burst_and_concurrency() {
+        let l = KeyedLimiter::new();
+        // A third of 30/s with a burst of 30: a burst of 10, then 10/s.
+        let third = limits(30, 30, 9).share(1.0 / 3.0);
+        let admitted = (0..30).filter(|_| l.admit("k", 1, third).is_ok()).count();
+        assert_eq!(admitted, 10);
+        let (limit, retry) = l.admit("k", 1, third).unwrap_err();
+        assert_eq!(limit, Limit::Rate);
+        assert!(retry > Duration::from_millis(50) && retry <= Duration::from_millis(100), "{retry:?}");
+        let _held: Vec<_> = (0..3).map(|_| l.admit("c", 1, third).unwrap()).collect();
+        assert_eq!(l.admit("c", 1, third).unwrap_err().0, Limit::Concurrency, "3 of 9 in flight");
+        // A sliver still admits one request at a time, never none.
+        let sliver = limits(10, 1, 1).share(0.01);
+        assert!(l.admit("s", 1, sliver).is_ok());
+        assert_eq!(l.admit("s", 1, sliver).unwrap_err().0, Limit::Rate);
+        assert_eq!(limits(10, 5, 2).share(1.0), Quota::from(limits(10, 5, 2)));
+        assert_eq!(limits(10, 5, 2).share(f64::NAN), Quota::from(limits(10, 5, 2)));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::external::ExternalVerifier;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
 use crate::{BoxFuture, TenantContext, metadata};
 use tenantmesh_service::fairq::{FairQueue, FairQueueSettings, Seat};
-use tenantmesh_service::limits::{Cost, InFlight, KeyedLimiter, Limit, Limits, LogThrottle, Refusal};
+use tenantmesh_service::leases::RateShares;
+use tenantmesh_service::limits::{Cost, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};
 use tenantmesh_service::tiers::Tiers;
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
@@ -33,6 +34,9 @@ pub struct Authenticator {
     /// Per-tenant rate and requests in flight, from the tenant's limits;
     /// `None` with limits switched off (`TENANTMESH_LIMITS=off`).
     limiter: Option<Arc<KeyedLimiter>>,
+    /// This replica's shares of its tenants' limits, when several replicas
+    /// share them (see `tenantmesh_service::leases`); `None`: the whole.
+    shares: Option<Arc<RateShares>>,
     /// At most one refusal log line per tenant and second (the rest are
     /// counted in the refusal metric): a flood must not become a log flood.
     refusal_logs: Arc<LogThrottle>,
@@ -57,6 +61,7 @@ impl Authenticator {
             directory,
             external: Arc::new(ExternalVerifier::new()),
             limiter: Some(Arc::new(KeyedLimiter::new())),
+            shares: None,
             refusal_logs: Arc::new(LogThrottle::new()),
             seats: FairQueue::new(FairQueueSettings::default()),
             tiers: Arc::new(Tiers::default()),
@@ -72,6 +77,14 @@ impl Authenticator {
         self.limiter = config.limits.then(|| Arc::new(KeyedLimiter::new()));
         self.seats = FairQueue::new(config.fair_queue);
         self.tiers = config.tiers.clone();
+        self
+    }
+
+    /// Holds each tenant's limits across this service's replicas: this one
+    /// admits at its share (leases renewed with the others, see
+    /// `tenantmesh_service::leases`).
+    pub fn with_rate_shares(mut self, shares: Arc<RateShares>) -> Self {
+        self.shares = Some(shares);
         self
     }
 
@@ -112,18 +125,21 @@ impl Authenticator {
     /// without limits (the platform) are not limited.
     pub fn admit(&self, ctx: &TenantContext) -> Result<Option<InFlight<'_>>, Status> {
         let (Some(limiter), Some(limits)) = (&self.limiter, ctx.tenant.limits) else { return Ok(None) };
-        match limiter.admit(&*ctx.tenant_id, 1, limits) {
+        let share = self.shares.as_ref().map_or(1.0, |s| s.share(&ctx.tenant_id, limits));
+        match limiter.admit(&*ctx.tenant_id, 1, limits.share(share)) {
             Ok(guard) => Ok(Some(guard)),
             Err((limit, retry_after)) => {
-                let refusal = Refusal {
-                    limit,
-                    subject: format!("tenant:{}", ctx.tenant_id),
-                    description: match limit {
-                        Limit::Concurrency => format!("{} requests in flight", limits.max_in_flight),
-                        _ => format!("{} requests per second, burst {}", limits.rate_per_second, limits.burst),
-                    },
-                    retry_after,
+                if let Some(shares) = &self.shares {
+                    shares.refused(&ctx.tenant_id);
+                }
+                let mut description = match limit {
+                    Limit::Concurrency => format!("{} requests in flight", limits.max_in_flight),
+                    _ => format!("{} requests per second, burst {}", limits.rate_per_second, limits.burst),
                 };
+                if share < 1.0 {
+                    description.push_str(&format!(" (across replicas; this one's share {:.0}%)", share * 100.0));
+                }
+                let refusal = Refusal { limit, subject: format!("tenant:{}", ctx.tenant_id), description, retry_after };
                 tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, limit.name());
                 if self.refusal_logs.allow(&*ctx.tenant_id) {
                     tracing::warn!(
@@ -300,11 +316,11 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
 
 /// Charges the request's tenant for what it cost beyond the one token taken
 /// at admission: a [`Cost`] the handler put in its response's extensions.
-fn charge<B, E>(in_flight: Option<&InFlight<'_>>, limits: Option<Limits>, response: &Result<Response<B>, E>) {
-    if let (Some(guard), Some(limits), Ok(r)) = (in_flight, limits, response)
+fn charge<B, E>(in_flight: Option<&InFlight<'_>>, response: &Result<Response<B>, E>) {
+    if let (Some(guard), Ok(r)) = (in_flight, response)
         && let Some(Cost(tokens)) = r.extensions().get::<Cost>()
     {
-        guard.charge(tokens.saturating_sub(1), limits);
+        guard.charge(tokens.saturating_sub(1));
     }
 }
 
@@ -377,12 +393,11 @@ where
                                 let timing = tenantmesh_telemetry::metrics::enabled()
                                     .then(|| (std::time::Instant::now(), req.uri().path().to_owned(), ctx.tenant_id.clone()));
                                 req.extensions_mut().insert(ctx.clone());
-                                let limits = ctx.tenant.limits;
                                 let response = ctx.scope(inner.call(req)).await;
                                 if let Some((started, rpc, tenant)) = timing {
                                     tenantmesh_telemetry::metrics::request(&tenant, &rpc, started.elapsed().as_secs_f64());
                                 }
-                                charge(in_flight.as_ref(), limits, &response);
+                                charge(in_flight.as_ref(), &response);
                                 response
                             }
                             Err(status) => Ok(status.into_http()),

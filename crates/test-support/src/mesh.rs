@@ -163,6 +163,27 @@ impl MeshState {
     }
 }
 
+/// A service of a test mesh started again as a process of its own: a
+/// replica. Killed on drop; its log is `<mesh temp dir>/<service>-<port>.log`.
+pub struct ServiceProcess {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl ServiceProcess {
+    /// A lazy channel to the process.
+    pub fn channel(&self) -> Channel {
+        TestMesh::channel(self.addr)
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The whole mesh, in-process, on ephemeral loopback ports, in a temp dir,
 /// on the backend `TENANTMESH_TEST_STORAGE` names.
 pub struct TestMesh {
@@ -232,6 +253,32 @@ impl TestMesh {
     pub async fn stop(mut self) -> MeshState {
         self.mesh.take().expect("running").shutdown().await.expect("clean shutdown");
         self.state
+    }
+
+    /// Starts `tenantmesh-<service>` (built by `cargo build --bins`) as a
+    /// process on a free loopback port, with this mesh's settings (backend,
+    /// data dir, the registry and auth it calls) plus `extra`, and waits
+    /// until it serves.
+    pub async fn spawn_replica(&self, service: &'static str, extra: &[(&str, &str)]) -> ServiceProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let log = self.state.dir.path().join(format!("{service}-{port}.log"));
+        let child = std::process::Command::new(crate::tools::service_binary(&format!("tenantmesh-{service}")))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&self.state.env)
+            .env("TENANTMESH_DATA_DIR", self.state.data_dir())
+            .env("TENANTMESH_REGISTRY_URL", format!("http://{}", self.addrs.registry))
+            .env("TENANTMESH_AUTH_URL", format!("http://{}", self.addrs.auth))
+            .env("TENANTMESH_LISTEN_ADDR", addr.to_string())
+            .envs(extra.iter().copied())
+            .stdout(std::fs::File::create(&log).expect("replica log"))
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("replica starts");
+        let process = ServiceProcess { child, addr };
+        tenantmesh_cli::wait_serving(service, addr).await.expect("replica serves");
+        process
     }
 
     fn channel(addr: std::net::SocketAddr) -> Channel {

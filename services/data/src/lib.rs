@@ -346,6 +346,32 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn TenantStores>, Box<dy
     config.storage.tenant_stores(&config.common, "data").await
 }
 
+/// On DynamoDB, where the shared data service may run as several replicas,
+/// each tenant's limits are held across them: leases of each replica's
+/// share in the `leases` table (see `tenantmesh_service::leases`). On the
+/// embedded store there is one process; a silo instance serves one tenant
+/// behind the shared service, which already holds that tenant's limits.
+async fn rate_shares(
+    config: &Config,
+) -> Result<Option<Arc<tenantmesh_service::leases::RateShares>>, Box<dyn std::error::Error + Send + Sync>> {
+    if config.storage.backend != tenantmesh_isolation::backend::Backend::DynamoDb
+        || config.silo_tenant.is_some()
+        || !config.common.limits
+    {
+        return Ok(None);
+    }
+    let table = config.storage.open_table(&config.common, LEASES_TABLE).await?;
+    tracing::info!(
+        table = %config.storage.table_name(LEASES_TABLE),
+        interval_ms = config.common.lease_interval.as_millis() as u64,
+        "tenants' limits are shared with the other data-service replicas"
+    );
+    Ok(Some(tenantmesh_service::leases::RateShares::start(table, "data", config.common.lease_interval)))
+}
+
+/// The table of the replicas' heartbeats and leases (`<prefix>leases`).
+pub const LEASES_TABLE: &str = "leases";
+
 /// Runs the data service (and its DataAdmin) on `listener` until
 /// `shutdown` completes.
 pub async fn serve(
@@ -354,7 +380,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let authn = Authenticator::remote(&config.common)?;
+    let mut authn = Authenticator::remote(&config.common)?;
+    if let Some(shares) = rate_shares(&config).await? {
+        authn = authn.with_rate_shares(shares);
+    }
     if let Some(t) = &config.silo_tenant {
         tracing::info!(silo_tenant = %t, "serving as a silo tenant's dedicated data service");
     }
