@@ -24,7 +24,8 @@
 //!   table, and the shares never add up to more than the rate. A replica
 //!   that sees a tenant for the first time admits at an even share (`1/N`)
 //!   and asks for a lease at once; one whose tenant is refused asks at once
-//!   too.
+//!   too. A replica alone (no other heartbeat) admits at the whole rate
+//!   and holds no leases.
 //! - **Failures.** When the table cannot be reached a replica keeps its last
 //!   share until its lease expires, then falls back to the tenth.
 //!
@@ -188,6 +189,10 @@ impl RateShares {
     /// Counts one request of `tenant` and returns this replica's share of
     /// its limits (a fraction in (0, 1]).
     pub fn share(&self, tenant: &Arc<str>, limits: Limits) -> f64 {
+        // Alone: the whole, no lease needed.
+        if self.replicas() == 1 {
+            return 1.0;
+        }
         let known = self.tenants.read().expect("shares lock").get(tenant).cloned();
         let t = match known {
             Some(t) => t,
@@ -331,6 +336,14 @@ impl RateShares {
         let secs = elapsed.as_secs_f64().max(1e-3);
         let mut renewals = Vec::new();
         let mut forget = Vec::new();
+        if self.replicas() == 1 {
+            // Alone now: every share is the whole; give the leases up.
+            let holders = tenants.iter().filter(|(_, t)| t.holder.load(Ordering::Relaxed));
+            let releases = holders.map(|(id, t)| (id.clone(), t.clone(), 0.0)).collect();
+            self.tenants.write().expect("shares lock").clear();
+            demands.clear();
+            return self.renew_all(releases).await;
+        }
         for (id, t) in tenants {
             let arrived = t.arrivals.swap(0, Ordering::Relaxed);
             let d = demands.entry(id.clone()).or_default();
@@ -504,7 +517,7 @@ mod tests {
     async fn replicas_share_a_tenants_rate_by_demand() {
         let dir = tempfile::tempdir().unwrap();
         let table = EmbeddedTable::open_shared(dir.path().join("leases.redb")).unwrap();
-        let interval = Duration::from_millis(50);
+        let interval = Duration::from_millis(100);
         let a = RateShares::start(table.clone(), "data", interval);
         let b = RateShares::start(table.clone(), "data", interval);
         tokio::time::sleep(interval * 3).await;
@@ -535,9 +548,13 @@ mod tests {
         assert!(a.is_empty() && b.is_empty(), "{} {}", a.len(), b.len());
         assert!(table.get("rate#data#acme", "lease").await.unwrap().is_none());
 
-        // A dropped replica stops renewing and its heartbeat lapses.
+        // A dropped replica stops renewing and its heartbeat lapses: a,
+        // alone, admits at the whole rate without a lease.
         drop(b);
         tokio::time::sleep(interval * 5).await;
         assert_eq!(a.replicas(), 1);
+        assert!(close(send(&a, &tenant, 100, interval * 4).await, 1.0));
+        assert!(a.is_empty());
+        assert!(table.get("rate#data#acme", "lease").await.unwrap().is_none());
     }
 }
