@@ -327,3 +327,97 @@ async fn failing_provisioner_retries_then_fails_then_retry_completes() {
     assert!(first.detail.starts_with("provision_storage: injected fault"), "{first:?}");
     mesh.shutdown().await;
 }
+
+/// Items at the 400 KiB item limit and many small ones move and export
+/// whole: a tier change copies a page at a time in batches bounded in
+/// bytes (it used to fail with "decoded message length too large" and
+/// leave the tenant MIGRATING for good), and offboarding streams the export
+/// to its file (it used to fail at export_items, leaving the tenant
+/// SUSPENDED with its data undeleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_at_the_size_limit_move_and_export_whole() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("bulky"), "standard").await;
+    let big = "x".repeat(390 * 1024);
+    let mut expected = BTreeMap::new();
+    for i in 0..12 {
+        let r = mesh.data().put_item(authed(put("c", &format!("big{i:02}"), &big), &t.token)).await.unwrap();
+        expected.insert(format!("big{i:02}"), (big.clone(), r.into_inner().item.unwrap().version));
+    }
+    for i in 0..520 {
+        let r = mesh.data().put_item(authed(put("c", &format!("s{i:03}"), "small"), &t.token)).await.unwrap();
+        expected.insert(format!("s{i:03}"), ("small".into(), r.into_inner().item.unwrap().version));
+    }
+
+    let req = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "premium".into() }, &admin);
+    let started = mesh.onboarding().change_tier(req).await.unwrap().into_inner();
+    let wf = mesh.wait_workflow(&started.workflow_id).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    let now = tenant(&mesh, &t.tenant_id).await;
+    assert_eq!(
+        (now.status, now.placement.unwrap().model),
+        (TenantStatus::Active as i32, IsolationModel::Bridge as i32)
+    );
+    assert!(all_items(&mesh, &t.token).await == expected, "items differ after the move");
+
+    let req = authed(OffboardTenantRequest { tenant_id: t.tenant_id.clone() }, &admin);
+    let started = mesh.onboarding().offboard_tenant(req).await.unwrap().into_inner();
+    let wf = mesh.wait_workflow(&started.workflow_id).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    let export = std::fs::read_to_string(&wf.export_path).unwrap();
+    let mut exported = BTreeMap::new();
+    for line in export.lines() {
+        let l: serde_json::Value = serde_json::from_str(line).unwrap();
+        let value = (l["attributes"]["title"].as_str().unwrap().to_owned(), l["version"].as_u64().unwrap());
+        exported.insert(l["id"].as_str().unwrap().to_owned(), value);
+    }
+    assert!(exported == expected, "the export differs from the items ({} lines)", export.lines().count());
+    assert_eq!(tenant(&mesh, &t.tenant_id).await.status, TenantStatus::Deleted as i32);
+    mesh.shutdown().await;
+}
+
+/// A tier change whose copy keeps failing is rolled back: ROLLED_BACK with
+/// the reason, the tenant ACTIVE on its old tier and placement with every
+/// item, writable again, the half-made dedicated table gone; the rolled-back
+/// workflow is not retried, and a new change may start.
+#[tokio::test]
+async fn a_tier_change_that_cannot_copy_is_rolled_back() {
+    let faults = [("TENANTMESH_FAULTS", "fail:copy_items:always"), ("TENANTMESH_STEP_MAX_ATTEMPTS", "2")];
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &faults).await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("stuck"), "standard").await;
+    let before = tenant(&mesh, &t.tenant_id).await;
+    let mut expected = BTreeMap::new();
+    for i in 0..5 {
+        let r = mesh.data().put_item(authed(put("c", &format!("i{i}"), "kept"), &t.token)).await.unwrap();
+        expected.insert(format!("i{i}"), ("kept".to_owned(), r.into_inner().item.unwrap().version));
+    }
+
+    let change = || authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "premium".into() }, &admin);
+    let started = mesh.onboarding().change_tier(change()).await.unwrap().into_inner();
+    let wf = mesh.wait_workflow(&started.workflow_id).await;
+    assert_eq!(wf.status, WorkflowStatus::RolledBack as i32, "{wf:?}");
+    assert!(wf.error.starts_with("copy_items: injected fault"), "{}", wf.error);
+    let after = tenant(&mesh, &t.tenant_id).await;
+    assert_eq!(
+        (after.status, &after.tier, &after.placement),
+        (TenantStatus::Active as i32, &before.tier, &before.placement)
+    );
+    assert_eq!(all_items(&mesh, &t.token).await, expected);
+    // Writable again once the services' tenant cache has seen ACTIVE.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(s) = mesh.data().put_item(authed(put("c", "after", "written"), &t.token)).await {
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        assert!(tokio::time::Instant::now() < deadline, "writes still refused after the rollback");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let target = tenantmesh_isolation::stores::dedicated_table(&mesh.state_table_name(""), &t.tenant_id, "bridge");
+    expect_code(stored_in(&mesh, &t.tenant_id, &target).await, Code::FailedPrecondition);
+
+    let retry = authed(RetryOnboardingRequest { workflow_id: started.workflow_id.clone() }, &admin);
+    expect_code(mesh.onboarding().retry_onboarding(retry).await, Code::FailedPrecondition);
+    let again = mesh.onboarding().change_tier(change()).await.unwrap().into_inner();
+    assert_ne!(again.workflow_id, started.workflow_id, "a new change starts");
+    mesh.shutdown().await;
+}

@@ -153,6 +153,13 @@ pub trait StepRunner: Send + Sync + 'static {
 
     /// Called once `wf` has failed for good at `step`.
     async fn failed(&self, _wf: &Workflow, _step: Step, _reason: &str) {}
+
+    /// Undoes what `wf` did (see [`Workflow::must_roll_back`]),
+    /// idempotently: it may run again after a crash, or after an attempt
+    /// that failed half-way.
+    async fn roll_back(&self, _wf: &mut Workflow) -> Result<(), StepError> {
+        Ok(())
+    }
 }
 
 /// A random number in 0..1 for the backoff's jitter.
@@ -200,12 +207,12 @@ impl Engine {
     }
 
     /// Saves `wf` at `version`; another runner's save in between is
-    /// `Superseded`. A finished workflow releases the tenant in the same
-    /// transaction.
+    /// `Superseded`. A workflow that succeeded or was rolled back releases
+    /// the tenant in the same transaction.
     pub async fn save(&self, wf: &mut Workflow, version: &mut u64) -> Result<(), OnboardingError> {
         wf.update_time = now_secs();
         let data = Self::encode(wf)?;
-        if wf.state == WorkflowState::Succeeded {
+        if matches!(wf.state, WorkflowState::Succeeded | WorkflowState::RolledBack) {
             let writes = vec![
                 Write::Put {
                     pk: WORKFLOWS_PK.into(),
@@ -295,6 +302,9 @@ impl Engine {
 
     async fn run_locked(&self, id: &str) -> Result<Workflow, OnboardingError> {
         let (mut wf, mut version) = self.load(id).await?.ok_or_else(|| OnboardingError::NotFound(id.into()))?;
+        if wf.state == WorkflowState::RollingBack {
+            return self.roll_back(wf, version).await;
+        }
         if wf.state != WorkflowState::Running {
             return Ok(wf);
         }
@@ -328,9 +338,17 @@ impl Engine {
                         tokio::time::sleep(wait).await;
                     }
                     Transition::Failed(reason) => {
+                        let undo = wf.must_roll_back();
+                        if undo {
+                            wf.state = WorkflowState::RollingBack;
+                        }
+                        // Saved first: a crash from here on resumes the rollback.
                         self.save(&mut wf, &mut version).await?;
-                        tracing::warn!(%step, workflow_id = id, attempt, %reason, "workflow FAILED");
+                        tracing::warn!(%step, workflow_id = id, attempt, %reason, rolling_back = undo, "workflow FAILED");
                         self.inner.runner.failed(&wf, step, &reason).await;
+                        if undo {
+                            return self.roll_back(wf, version).await;
+                        }
                         return Ok(wf);
                     }
                 }
@@ -344,8 +362,34 @@ impl Engine {
         Ok(wf)
     }
 
-    /// Resumes every workflow left RUNNING (by a crash or a shutdown);
-    /// how many.
+    /// Undoes `wf` (ROLLING_BACK), retrying with backoff until it is done:
+    /// a rollback needs only the services a step needed, and stopping it
+    /// half-way would leave the tenant stuck; then ROLLED_BACK, which
+    /// releases the tenant.
+    async fn roll_back(&self, mut wf: Workflow, mut version: u64) -> Result<Workflow, OnboardingError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.inner.runner.roll_back(&mut wf).await {
+                Ok(()) => break,
+                Err(e) => {
+                    // Even an error that looks permanent: giving up would
+                    // leave the tenant stuck; the log says so loudly.
+                    let wait = self.inner.policy.backoff(attempt, jitter());
+                    let (id, reason) = (&wf.id, &e.reason);
+                    tracing::error!(workflow_id = %id, attempt, %reason, retryable = e.retryable, ?wait, "rollback failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        wf.state = WorkflowState::RolledBack;
+        self.save(&mut wf, &mut version).await?;
+        tracing::warn!(workflow_id = %wf.id, error = %wf.error(), "workflow rolled back: the tenant is as it was before");
+        Ok(wf)
+    }
+
+    /// Resumes every workflow left RUNNING or ROLLING_BACK (by a crash or a
+    /// shutdown); how many.
     pub async fn resume_unfinished(&self) -> Result<usize, OnboardingError> {
         let mut start_after = None;
         let mut pending = Vec::new();
@@ -358,7 +402,9 @@ impl Engine {
             for item in &page.items {
                 // One unreadable record (e.g. from an older release) must not stop the others resuming.
                 match serde_json::from_slice::<Workflow>(&item.data) {
-                    Ok(wf) if wf.state == WorkflowState::Running => pending.push(wf.id),
+                    Ok(wf) if matches!(wf.state, WorkflowState::Running | WorkflowState::RollingBack) => {
+                        pending.push(wf.id);
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::error!(key = %item.sk, error = %e, "unreadable workflow record; not resumed"),
                 }
@@ -393,6 +439,9 @@ mod tests {
         failed: std::sync::Mutex<Vec<(Step, String)>>,
         /// How long each attempt takes.
         delay: Duration,
+        /// Outcomes of rollback attempts (Ok once it runs out); attempts made.
+        rollbacks: std::sync::Mutex<VecDeque<Result<(), StepError>>>,
+        rolled_back: std::sync::Mutex<u32>,
     }
 
     impl Scripted {
@@ -419,6 +468,10 @@ mod tests {
         }
         async fn failed(&self, _wf: &Workflow, step: Step, reason: &str) {
             self.failed.lock().unwrap().push((step, reason.to_owned()));
+        }
+        async fn roll_back(&self, _wf: &mut Workflow) -> Result<(), StepError> {
+            *self.rolled_back.lock().unwrap() += 1;
+            self.rollbacks.lock().unwrap().pop_front().unwrap_or(Ok(()))
         }
     }
 
@@ -516,6 +569,76 @@ mod tests {
         engine.start(&workflow(&STEPS), None, Vec::new()).await.unwrap();
         let wf = engine.run("acme/onboard").await.unwrap();
         assert_eq!((wf.state, wf.steps[0].attempts), (WorkflowState::Failed, 1));
+    }
+
+    fn tier_change() -> Workflow {
+        use crate::workflow::change_tier_steps;
+        let params = Params {
+            tenant_id: "acme".into(),
+            name: "Acme".into(),
+            tier: "premium".into(),
+            admin_email: String::new(),
+        };
+        let from = crate::workflow::Spot::default();
+        let to =
+            crate::workflow::Spot { model: tenantmesh_proto::registry::v1::IsolationModel::Bridge, ..from.clone() };
+        Workflow::new("acme/change-tier/1".into(), Kind::ChangeTier, params, &change_tier_steps(&from, &to), 0)
+    }
+
+    /// A tier change that fails for good before its switch is rolled back
+    /// (retrying the rollback until it is done): ROLLED_BACK with the failed
+    /// step's reason, the tenant released, and no retry of it. One that fails
+    /// after the switch is FAILED, to be retried, and nothing is undone.
+    #[tokio::test]
+    async fn a_tier_change_that_fails_before_its_switch_is_rolled_back() {
+        let (_dir, store) = temp_store();
+        let runner = Arc::new(Scripted::with(&[(Step::CopyItems, vec![Err(StepError::permanent("too large"))])]));
+        *runner.rollbacks.lock().unwrap() = [Err(StepError::transient("registry down"))].into();
+        let engine = engine_with(&store, runner.clone(), FAST).await;
+        engine.start(&tier_change(), None, Vec::new()).await.unwrap();
+        let wf = engine.run("acme/change-tier/1").await.unwrap();
+        assert_eq!((wf.state, wf.error().as_str()), (WorkflowState::RolledBack, "copy_items: too large"));
+        assert_eq!(*runner.rolled_back.lock().unwrap(), 2, "the failed rollback attempt was retried");
+        assert!(!runner.ran().contains(&Step::SwitchPlacement));
+        assert!(engine.active("acme").await.unwrap().is_none(), "a rolled-back workflow releases the tenant");
+        let (mut stored, _) = engine.load("acme/change-tier/1").await.unwrap().unwrap();
+        assert_eq!(stored.state, WorkflowState::RolledBack);
+        assert_eq!(retry(&mut stored), Err(WorkflowState::RolledBack), "a rolled-back change is not retried");
+
+        // Past the switch: FAILED, no rollback.
+        let (_dir, store) = temp_store();
+        let runner = Arc::new(Scripted::with(&[(Step::RemoveOldCopy, vec![Err(StepError::permanent("denied"))])]));
+        let engine = engine_with(&store, runner.clone(), FAST).await;
+        engine.start(&tier_change(), None, Vec::new()).await.unwrap();
+        let wf = engine.run("acme/change-tier/1").await.unwrap();
+        assert_eq!(wf.state, WorkflowState::Failed);
+        assert_eq!(*runner.rolled_back.lock().unwrap(), 0);
+        assert!(engine.active("acme").await.unwrap().is_some(), "a FAILED workflow keeps the tenant");
+    }
+
+    /// A crash during a rollback: the restarted engine finishes it.
+    #[tokio::test]
+    async fn a_rollback_interrupted_by_a_crash_is_resumed() {
+        let (_dir, store) = temp_store();
+        let mut wf = tier_change();
+        wf.steps[0].state = StepState::Done;
+        wf.steps[1].state = StepState::Failed;
+        wf.steps[1].last_error = "boom".into();
+        wf.state = WorkflowState::RollingBack;
+        let first = Engine::new(store.clone(), Arc::new(Scripted::default()), FAST, Faults::default());
+        first.start(&wf, None, Vec::new()).await.unwrap();
+        drop(first);
+        let runner = Arc::new(Scripted::default());
+        let engine = engine_with(&store, runner.clone(), FAST).await;
+        assert_eq!(engine.resume_unfinished().await.unwrap(), 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while engine.load(&wf.id).await.unwrap().unwrap().0.state != WorkflowState::RolledBack {
+            assert!(tokio::time::Instant::now() < deadline, "rollback not resumed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*runner.rolled_back.lock().unwrap(), 1);
+        assert!(runner.ran().is_empty(), "no step runs again");
+        assert!(engine.active("acme").await.unwrap().is_none());
     }
 
     /// After a crash, a new engine on the same store resumes every RUNNING

@@ -3,7 +3,7 @@
 //! written to a temporary file, synced and renamed into place.
 
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use prost::Message as _;
 use prost_types::value::Kind;
@@ -37,23 +37,48 @@ pub fn line(item: &StoredItem) -> Result<String, String> {
     Ok(json.to_string())
 }
 
-/// Writes `lines` to `path` atomically (temporary file, fsync, rename).
-pub fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    tenantmesh_service::config::ensure_private_dir(dir)?;
-    let tmp = path.with_extension("jsonl.tmp");
-    {
+/// An export being written: lines go to `<path>.tmp` (mode 0600: tenant
+/// data), and [`ExportFile::finish`] syncs it and renames it into place,
+/// so `path` is only ever a whole export.
+pub struct ExportFile {
+    file: std::io::BufWriter<std::fs::File>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl ExportFile {
+    pub fn create(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
-        // Tenant data: readable by the service's user only.
-        let mut f = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        for l in lines {
-            f.write_all(l.as_bytes())?;
-            f.write_all(b"\n")?;
-        }
-        f.sync_all()?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        tenantmesh_service::config::ensure_private_dir(dir)?;
+        let tmp = path.with_extension("jsonl.tmp");
+        let file = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        Ok(Self { file: std::io::BufWriter::new(file), tmp, path: path.to_owned() })
     }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+
+    pub fn append(&mut self, lines: &[String]) -> std::io::Result<()> {
+        for l in lines {
+            self.file.write_all(l.as_bytes())?;
+            self.file.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> std::io::Result<()> {
+        let file = self.file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path)?;
+        std::fs::File::open(self.path.parent().unwrap_or(Path::new(".")))?.sync_all()
+    }
+}
+
+/// Writes `lines` to `path` atomically (temporary file, fsync, rename).
+#[cfg(test)]
+fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<()> {
+    let mut file = ExportFile::create(path)?;
+    file.append(lines)?;
+    file.finish()
 }
 
 #[cfg(test)]

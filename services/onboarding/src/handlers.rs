@@ -104,9 +104,11 @@ fn check_workflow_id(id: &str) -> Result<(), Status> {
 
 pub(crate) fn to_proto_status(state: WorkflowState) -> WorkflowStatus {
     match state {
-        WorkflowState::Running => WorkflowStatus::Running,
+        // Still working, towards the tenant's state before it.
+        WorkflowState::Running | WorkflowState::RollingBack => WorkflowStatus::Running,
         WorkflowState::Succeeded => WorkflowStatus::Succeeded,
         WorkflowState::Failed => WorkflowStatus::Failed,
+        WorkflowState::RolledBack => WorkflowStatus::RolledBack,
     }
 }
 

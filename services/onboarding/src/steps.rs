@@ -31,8 +31,31 @@ use crate::events::EventLog;
 use crate::export;
 use crate::workflow::{Kind, Spot, Step, Workflow};
 
-/// Items per ImportItems call.
+/// Items per ImportItems call (the data service's limit).
 const IMPORT_BATCH: usize = 500;
+/// Bytes of items per ImportItems call: half the 4 MiB message limit, so a
+/// batch of items at DynamoDB's 400 KiB limit still fits, whatever the mix.
+const IMPORT_BATCH_BYTES: usize = 2 << 20;
+
+/// Splits `items` into ImportItems batches: at most [`IMPORT_BATCH`] items
+/// and [`IMPORT_BATCH_BYTES`] each (an item larger than that goes alone).
+fn import_batches(items: Vec<StoredItem>) -> Vec<Vec<StoredItem>> {
+    let mut batches = Vec::new();
+    let (mut batch, mut bytes) = (Vec::new(), 0);
+    for item in items {
+        let size = item.data.len() + item.sort_key.len() + 16;
+        if !batch.is_empty() && (batch.len() == IMPORT_BATCH || bytes + size > IMPORT_BATCH_BYTES) {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push(item);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
 
 /// The step runner of the onboarding service.
 pub struct Steps {
@@ -105,6 +128,20 @@ impl StepRunner for Steps {
     async fn failed(&self, wf: &Workflow, step: Step, reason: &str) {
         let detail = format!("{step}: {reason}");
         self.events.emit(EventKind::StepFailed, &wf.params.tenant_id, &wf.id, detail).await;
+    }
+
+    /// A tier change that failed before its switch: the new copy (whole or
+    /// partial) is removed, and the tenant is ACTIVE again where it always
+    /// was (its placement, tier and limits never changed; the old copy was
+    /// never touched). Each part is idempotent.
+    async fn roll_back(&self, wf: &mut Workflow) -> Result<(), StepError> {
+        let tenant = wf.params.tenant_id.clone();
+        // Through the shared data service: a silo instance may never have started.
+        let to = Spot { endpoint: String::new(), ..wf.to.clone() };
+        self.remove_copy(&to, &tenant, true).await?;
+        self.set_status(wf, TenantStatus::Active).await?;
+        tracing::warn!(from = %wf.from_tier, to = %wf.params.tier, "tier change rolled back: the tenant is ACTIVE on its old placement");
+        Ok(())
     }
 }
 
@@ -229,14 +266,21 @@ impl Steps {
         Ok(())
     }
 
+    /// Copies the tenant's items page by page (a page of the export at a
+    /// time in memory, whatever the tenant holds), in byte-bounded batches.
     async fn copy_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
-        let items = self.export(&wf.from, &wf.params.tenant_id).await?;
         let mut target = self.data_admin(&wf.to)?;
-        for batch in items.chunks(IMPORT_BATCH) {
-            target.import_items(ImportItemsRequest { store: store_ref(wf, &wf.to), items: batch.to_vec() }).await?;
+        let mut copied = 0usize;
+        if let Some(mut pages) = self.export(&wf.from, &wf.params.tenant_id).await? {
+            while let Some(page) = pages.message().await? {
+                for batch in import_batches(page.items) {
+                    copied += batch.len();
+                    target.import_items(ImportItemsRequest { store: store_ref(wf, &wf.to), items: batch }).await?;
+                }
+            }
         }
-        wf.outputs.insert("copied_items".into(), items.len().to_string());
-        tracing::info!(items = items.len(), from = %wf.from.table, to = %wf.to.table, "items copied");
+        wf.outputs.insert("copied_items".into(), copied.to_string());
+        tracing::info!(items = copied, from = %wf.from.table, to = %wf.to.table, "items copied");
         Ok(())
     }
 
@@ -256,21 +300,33 @@ impl Steps {
         Ok(())
     }
 
+    /// Writes the tenant's items to its JSONL export page by page (bounded
+    /// memory), then syncs and renames it into place.
     async fn export_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
         let tenant = wf.params.tenant_id.clone();
-        let items = self.export(&wf.from, &tenant).await?;
-        let lines = items.iter().map(export::line).collect::<Result<Vec<_>, _>>().map_err(StepError::permanent)?;
         let path = self.exports_dir.join(format!("{tenant}.jsonl"));
-        let write = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || export::write_atomically(&path, &lines))
-        };
-        write
+        let io = |e: std::io::Error| StepError::transient(format!("export {}: {e}", path.display()));
+        let blocking = |e: tokio::task::JoinError| StepError::permanent(e.to_string());
+        let target = path.clone();
+        let mut file = tokio::task::spawn_blocking(move || export::ExportFile::create(&target))
             .await
-            .map_err(|e| StepError::permanent(e.to_string()))?
-            .map_err(|e| StepError::transient(format!("export {}: {e}", path.display())))?;
+            .map_err(blocking)?
+            .map_err(io)?;
+        let mut exported = 0usize;
+        if let Some(mut pages) = self.export(&wf.from, &tenant).await? {
+            while let Some(page) = pages.message().await? {
+                let lines =
+                    page.items.iter().map(export::line).collect::<Result<Vec<_>, _>>().map_err(StepError::permanent)?;
+                exported += lines.len();
+                file = tokio::task::spawn_blocking(move || file.append(&lines).map(|()| file))
+                    .await
+                    .map_err(blocking)?
+                    .map_err(io)?;
+            }
+        }
+        tokio::task::spawn_blocking(move || file.finish()).await.map_err(blocking)?.map_err(io)?;
         wf.export_path = path.display().to_string();
-        tracing::info!(items = items.len(), path = %wf.export_path, "tenant items exported");
+        tracing::info!(items = exported, path = %wf.export_path, "tenant items exported");
         Ok(())
     }
 
@@ -305,20 +361,20 @@ impl Steps {
         }
     }
 
-    /// Every item of `tenant` where `spot` keeps them (none if its table is gone).
-    async fn export(&self, spot: &Spot, tenant: &str) -> Result<Vec<StoredItem>, StepError> {
+    /// The pages of every item of `tenant` where `spot` keeps them (`None`
+    /// if its dedicated table is gone).
+    async fn export(
+        &self,
+        spot: &Spot,
+        tenant: &str,
+    ) -> Result<Option<tonic::Streaming<tenantmesh_proto::data::v1::ExportItemsResponse>>, StepError> {
         let request =
             ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant.into(), table: spot.table.clone() }) };
-        let mut stream = match self.data_admin(spot)?.export_items(request).await {
-            Ok(s) => s.into_inner(),
-            Err(s) if s.code() == Code::FailedPrecondition && spot.dedicated() => return Ok(Vec::new()),
-            Err(s) => return Err(s.into()),
-        };
-        let mut items = Vec::new();
-        while let Some(batch) = stream.message().await? {
-            items.extend(batch.items);
+        match self.data_admin(spot)?.export_items(request).await {
+            Ok(s) => Ok(Some(s.into_inner())),
+            Err(s) if s.code() == Code::FailedPrecondition && spot.dedicated() => Ok(None),
+            Err(s) => Err(s.into()),
         }
-        Ok(items)
     }
 
     /// Removes the tenant's items at `spot`: its dedicated table and silo
@@ -337,5 +393,31 @@ impl Steps {
             tracing::info!("silo instance removed");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(i: usize, bytes: usize) -> StoredItem {
+        StoredItem { sort_key: format!("c#{i}"), version: 1, data: vec![0; bytes] }
+    }
+
+    #[test]
+    fn import_batches_are_bounded_in_items_and_bytes() {
+        // Items at the 400 KiB limit: 5 per 2 MiB batch, every item once, in order.
+        let big: Vec<_> = (0..12).map(|i| item(i, 400 * 1024)).collect();
+        let batches = import_batches(big);
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [5, 5, 2]);
+        let keys: Vec<_> = batches.iter().flatten().map(|i| i.sort_key.clone()).collect();
+        assert_eq!(keys, (0..12).map(|i| format!("c#{i}")).collect::<Vec<_>>());
+        // Many small ones: 500 per batch.
+        let small: Vec<_> = (0..1200).map(|i| item(i, 10)).collect();
+        assert_eq!(import_batches(small).iter().map(Vec::len).collect::<Vec<_>>(), [500, 500, 200]);
+        // One item over the byte bound still goes, alone.
+        let batches = import_batches(vec![item(0, 10), item(1, 3 << 20), item(2, 10)]);
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+        assert!(import_batches(Vec::new()).is_empty());
     }
 }

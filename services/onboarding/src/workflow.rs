@@ -124,7 +124,14 @@ impl std::str::FromStr for Step {
 pub enum WorkflowState {
     Running,
     Succeeded,
+    /// Failed for good at a step; a retry runs it again from there.
     Failed,
+    /// Failed for good where stopping would leave the tenant mid-way (a
+    /// tier change before its switch): undoing what it did.
+    RollingBack,
+    /// Undone: the tenant is as it was before; the failed step says why.
+    /// Not retried (start a new workflow).
+    RolledBack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +275,15 @@ impl Workflow {
     /// The index of the first step not yet done.
     pub fn next_step(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.state != StepState::Done)
+    }
+
+    /// Whether this workflow, failed for good, must be undone rather than
+    /// left where it stopped: a tier change before its switch of placement
+    /// (the tenant would stay MIGRATING, its writes refused, for good).
+    pub fn must_roll_back(&self) -> bool {
+        self.kind == Kind::ChangeTier
+            && self.steps.iter().any(|s| s.name == Step::CopyItems)
+            && self.steps.iter().any(|s| s.name == Step::SwitchPlacement && s.state != StepState::Done)
     }
 
     /// "<step>: <reason>" of the failed step, if any.
