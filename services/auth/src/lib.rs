@@ -63,7 +63,8 @@ pub struct Config {
     pub hash_pool: PoolSettings,
     /// Rates of the calls made without a token.
     pub anonymous: anonymous::AnonymousLimits,
-    /// `TENANTMESH_LOGIN_FREE_ATTEMPTS`, `TENANTMESH_LOGIN_MAX_LOCKOUT_SECS`.
+    /// `TENANTMESH_LOGIN_FREE_ATTEMPTS`, `TENANTMESH_LOGIN_ACCOUNT_FREE_ATTEMPTS`,
+    /// `TENANTMESH_LOGIN_MAX_LOCKOUT_SECS`.
     pub lockout: lockout::LockoutPolicy,
     /// `TENANTMESH_KEY_PUBLISH_DELAY_SECS` (default 10): how long a rotated
     /// key is published before it signs; more than validators' JWKS refresh
@@ -140,6 +141,7 @@ impl Config {
             key_publish_delay: Duration::from_secs(parse_var(env, "TENANTMESH_KEY_PUBLISH_DELAY_SECS", 10)?),
             lockout: lockout::LockoutPolicy {
                 free_attempts: parse_var(env, "TENANTMESH_LOGIN_FREE_ATTEMPTS", 5)?,
+                account_free_attempts: parse_var(env, "TENANTMESH_LOGIN_ACCOUNT_FREE_ATTEMPTS", 100)?,
                 max_lockout: Duration::from_secs(parse_var(env, "TENANTMESH_LOGIN_MAX_LOCKOUT_SECS", 900)?),
             },
         })
@@ -376,6 +378,9 @@ impl Auth for AuthService {
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
         v.require("email", &req.email).require("password", &req.password);
+        if req.email.len() > tenantmesh_credentials::MAX_EMAIL_LEN {
+            v.add("email", format!("must be at most {} characters", tenantmesh_credentials::MAX_EMAIL_LEN));
+        }
         if req.password.len() > password::MAX_PASSWORD_LEN {
             v.add("password", "is too long");
         }
@@ -383,10 +388,10 @@ impl Auth for AuthService {
         tracing::Span::current().record("tenant.id", req.tenant_id.as_str());
         self.inner.anonymous.admit(anonymous::Call::Credentials, peer, Some(&req.tenant_id))?;
         let email = normalize_email(&req.email);
-        let standing = lockout::standing(&self.inner.store, &req.tenant_id, &email).await?;
-        if let lockout::Standing::Locked(wait) = standing {
-            return Err(AuthError::LockedOut(wait).into());
-        }
+        // The peer's address: behind a proxy, the proxy's (put the limits
+        // in front of it, or keep the proxy's clients apart upstream).
+        let client = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        lockout::reserve(&self.inner.store, self.inner.config.lockout, &req.tenant_id, &email, &client).await?;
         let user = self.get_user(&req.tenant_id, &email).await?;
         let hash = match &user {
             Some(u) if !u.disabled => u.password_hash.clone(),
@@ -396,14 +401,12 @@ impl Auth for AuthService {
         let user = match user {
             Some(u) if matches && !u.disabled => u,
             _ => {
+                // Already counted by the reservation.
                 tracing::info!(security_event = "login_failed", email = %email, "login refused");
-                lockout::record_failure(&self.inner.store, self.inner.config.lockout, &req.tenant_id, &email).await?;
                 return Err(AuthError::InvalidCredentials.into());
             }
         };
-        if standing == lockout::Standing::Failed {
-            lockout::clear(&self.inner.store, &user.tenant_id, &email).await?;
-        }
+        lockout::clear(&self.inner.store, &user.tenant_id, &email, &client).await?;
         let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
         let refresh_token =
             refresh::start_family(&self.inner.store, &user.tenant_id, &user.user_id, &user.email).await?;

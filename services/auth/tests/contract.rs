@@ -185,6 +185,82 @@ async fn repeated_failures_lock_the_login_with_retry_info() {
     mesh.shutdown().await;
 }
 
+/// A login client from the loopback address `ip` (127.0.0.0/8 all reach
+/// the mesh on 127.0.0.1): another client address as the auth service sees it.
+fn auth_from(
+    mesh: &TestMesh,
+    ip: &str,
+) -> tenantmesh_proto::auth::v1::auth_client::AuthClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.addrs.auth))
+        .unwrap()
+        .local_address(Some(ip.parse().unwrap()))
+        .connect_lazy();
+    tenantmesh_proto::auth::v1::auth_client::AuthClient::new(channel)
+}
+
+/// 30 wrong passwords and the right one sent at once for one account: each
+/// attempt is counted before its password is checked, so at most the five
+/// free attempts and the one that locks are checked (answered
+/// UNAUTHENTICATED or, for the right one, with tokens); the rest are
+/// RESOURCE_EXHAUSTED without a check. (It used to check all 31.)
+#[tokio::test]
+async fn a_parallel_guessing_burst_gets_only_the_free_attempts() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("burst")).await;
+    let calls: Vec<_> = (0..31)
+        .map(|i| {
+            let mut auth = mesh.auth();
+            let password = if i == 15 { t.admin_password.clone() } else { format!("wrong-password-{i}") };
+            let req = login(&t.tenant_id, &t.admin_email, &password);
+            tokio::spawn(async move { auth.login(req).await })
+        })
+        .collect();
+    let (mut checked, mut refused) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => checked += 1,
+            Err(s) if s.code() == Code::Unauthenticated => checked += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert!(checked <= 6, "{checked} passwords checked, {refused} refused");
+    assert_eq!(checked + refused, 31);
+    mesh.shutdown().await;
+}
+
+/// Failures lock the client address that made them, not the account's
+/// owner elsewhere: an attacker at 127.0.0.2 locks itself out while the
+/// owner at 127.0.0.3 logs in. Spread over many addresses, guesses hit the
+/// account's own (higher) ceiling, which locks every address.
+#[tokio::test]
+async fn an_attacker_cannot_lock_the_owner_out_from_elsewhere() {
+    let settings = [("TENANTMESH_LOGIN_ACCOUNT_FREE_ATTEMPTS", "12")];
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &settings).await;
+    let t = mesh.onboard(&unique_tenant("victim")).await;
+    let mut attacker = auth_from(&mesh, "127.0.0.2");
+    for _ in 0..6 {
+        let wrong = login(&t.tenant_id, &t.admin_email, "wrong-password");
+        expect_code(attacker.login(wrong).await, Code::Unauthenticated);
+    }
+    let right = || login(&t.tenant_id, &t.admin_email, &t.admin_password);
+    expect_code(attacker.login(right()).await, Code::ResourceExhausted);
+    auth_from(&mesh, "127.0.0.3").login(right()).await.expect("the owner, elsewhere, is not locked out");
+
+    // The owner's login cleared the account's count; 12 more failures from
+    // three addresses (none past its own free five) and the 13th locks the account.
+    for ip in ["127.0.0.4", "127.0.0.5", "127.0.0.6"] {
+        let mut from = auth_from(&mesh, ip);
+        for _ in 0..4 {
+            expect_code(from.login(login(&t.tenant_id, &t.admin_email, "wrong-password")).await, Code::Unauthenticated);
+        }
+    }
+    let mut last = auth_from(&mesh, "127.0.0.7");
+    expect_code(last.login(login(&t.tenant_id, &t.admin_email, "wrong-password")).await, Code::Unauthenticated);
+    expect_code(auth_from(&mesh, "127.0.0.3").login(right()).await, Code::ResourceExhausted);
+    mesh.shutdown().await;
+}
+
 async fn login_pair(mesh: &TestMesh, tenant: &str, email: &str, password: &str) -> (String, String) {
     let r = mesh.auth().login(login(tenant, email, password)).await.unwrap().into_inner();
     (r.access_token, r.refresh_token)
