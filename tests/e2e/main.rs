@@ -29,6 +29,7 @@ mod storage_backends;
 mod sts_calls;
 /// Own process: installs the global telemetry (in-memory span exporter).
 mod trace_spans;
+mod workflow_faults;
 
 // The services' contract suites: each service's gRPC contract, through
 // the real mesh.

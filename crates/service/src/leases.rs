@@ -15,7 +15,8 @@
 //!   what it wrote: the tenant's rate split max-min fairly over the holders'
 //!   demands (each wants 5% more than it saw, room to grow), what is
 //!   left over split evenly. Every holder computes from the same item, so
-//!   the shares add up to the rate.
+//!   the shares add up to the rate (give or take the change in demand
+//!   between two replicas' renewals).
 //! - **Light tenants cost nothing.** A replica holds a lease only while the
 //!   tenant's demand there is at least a tenth of an even share
 //!   (`rate / 10N`); below that it admits at that tenth without asking, and
@@ -538,9 +539,11 @@ mod tests {
         assert_eq!(item.replicas.keys().collect::<Vec<_>>(), [a.replica()]);
 
         // Both busy, a over the rate, b at a fifth of it: b gets what it
-        // wants (with room to grow), a the rest; they add up to the rate.
+        // wants (with room to grow), a the rest; they add up to the rate
+        // (each computes from the item as it wrote it, so while demands
+        // shift the sum may be off by the change since the other's renewal).
         let (sa, sb) = tokio::join!(send(&a, &tenant, 200, interval * 10), send(&b, &tenant, 20, interval * 10));
-        assert!(sa + sb <= 1.0 + 1e-6, "{sa} + {sb}");
+        assert!(sa + sb <= 1.02, "{sa} + {sb}");
         assert!(sa > 0.6 && sb > 0.15 && sb < 0.4, "{sa} {sb}");
 
         // Idle: leases given up, the tenant forgotten, the item deleted.

@@ -318,7 +318,7 @@ impl Engine {
                 attempt += 1;
                 wf.steps[i].attempts += 1;
                 let outcome = match faults.before(step) {
-                    Some(reason) => Err(StepError::transient(reason)),
+                    Some(fault) => Err(fault),
                     None => self.inner.runner.run(step, &mut wf).instrument(span.clone()).await,
                 };
                 if outcome.is_ok() && faults.halt_unsaved(kind, step) {

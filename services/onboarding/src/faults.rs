@@ -3,6 +3,8 @@
 //! service logs a warning when it is):
 //! - `fail:<step>:<n>`: the first `n` attempts of `<step>` in this process
 //!   fail with a retryable error (`always` for every attempt);
+//! - `fail-permanent:<step>:<n>`: the first `n` attempts of `<step>` fail
+//!   with an error that is not retried (the workflow fails at once);
 //! - `halt-after:<kind>:<step>`: once `<step>` of a `<kind>` workflow is
 //!   done and persisted, the workflow stops there for good (the process
 //!   lives on), for a test to kill -9 it at exactly that point;
@@ -16,12 +18,14 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::engine::StepError;
 use crate::workflow::{Kind, Step};
 
 #[derive(Debug, Default)]
 pub struct Faults {
-    /// step -> attempts still to fail (`u32::MAX`: always).
-    fail: Mutex<HashMap<Step, u32>>,
+    /// step -> attempts still to fail (`u32::MAX`: always), and whether
+    /// with an error that is not retried.
+    fail: Mutex<HashMap<Step, (u32, bool)>>,
     halt_after: Vec<(Kind, Step)>,
     halt_unsaved: Vec<(Kind, Step)>,
 }
@@ -33,13 +37,14 @@ impl Faults {
             let fields: Vec<&str> = part.split(':').collect();
             let in_part = |e: String| format!("{part:?}: {e}");
             match fields.as_slice() {
-                ["fail", step, n] => {
+                [kind @ ("fail" | "fail-permanent"), step, n] => {
                     let n = if *n == "always" {
                         u32::MAX
                     } else {
                         n.parse().map_err(|_| format!("{part:?}: bad count"))?
                     };
-                    faults.fail.get_mut().expect("fresh lock").insert(step.parse().map_err(in_part)?, n);
+                    let permanent = *kind == "fail-permanent";
+                    faults.fail.get_mut().expect("fresh lock").insert(step.parse().map_err(in_part)?, (n, permanent));
                 }
                 ["halt-after", kind, step] => {
                     faults.halt_after.push((kind.parse().map_err(in_part)?, step.parse().map_err(in_part)?));
@@ -49,7 +54,8 @@ impl Faults {
                 }
                 _ => {
                     return Err(format!(
-                        "{part:?} is not fail:<step>:<n|always>, halt-after:<kind>:<step> or halt-unsaved:<kind>:<step>"
+                        "{part:?} is not fail:<step>:<n|always>, fail-permanent:<step>:<n|always>, \
+                         halt-after:<kind>:<step> or halt-unsaved:<kind>:<step>"
                     ));
                 }
             }
@@ -62,16 +68,20 @@ impl Faults {
     }
 
     /// An injected failure of this attempt of `step`, if one is due.
-    pub fn before(&self, step: Step) -> Option<String> {
+    pub fn before(&self, step: Step) -> Option<StepError> {
         let mut fail = self.fail.lock().expect("faults lock");
-        let left = fail.get_mut(&step)?;
+        let (left, permanent) = fail.get_mut(&step)?;
         if *left == 0 {
             return None;
         }
         if *left != u32::MAX {
             *left -= 1;
         }
-        Some(format!("injected fault in {step}"))
+        Some(if *permanent {
+            StepError::permanent(format!("injected permanent fault in {step}"))
+        } else {
+            StepError::transient(format!("injected fault in {step}"))
+        })
     }
 
     /// Whether to halt once `step` of a `kind` workflow took effect, before it is saved.
@@ -100,7 +110,10 @@ mod tests {
         let unsaved = Faults::parse("halt-unsaved:offboard:export_items").unwrap();
         assert!(unsaved.halt_unsaved(Kind::Offboard, Step::ExportItems));
         let always = Faults::parse("fail:copy_items:always").unwrap();
-        assert!((0..10).all(|_| always.before(Step::CopyItems).is_some()));
+        assert!((0..10).all(|_| always.before(Step::CopyItems).is_some_and(|e| e.retryable)));
+        let permanent = Faults::parse("fail-permanent:copy_items:1").unwrap();
+        assert!(permanent.before(Step::CopyItems).is_some_and(|e| !e.retryable));
+        assert!(permanent.before(Step::CopyItems).is_none());
         assert!(Faults::parse("").unwrap().is_empty());
     }
 
