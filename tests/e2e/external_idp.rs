@@ -224,3 +224,47 @@ async fn binding_rules() {
     expect_code(reg.set_identity_provider(authed(req(&unique_tenant("ghost"), ok), &admin)).await, Code::NotFound);
     mesh.shutdown().await;
 }
+
+/// Without the operator's `TENANTMESH_JWKS_ALLOW_PRIVATE`, a provider's
+/// JWKS URL may not point at loopback, private or link-local addresses
+/// (the cloud metadata service included): refused when bound, and refused
+/// at fetch time for a binding made while it was allowed (nothing is
+/// fetched from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_urls_on_private_networks_are_refused() {
+    let mesh = TestMesh::start().await;
+    let idp = start_idp().await;
+    let acme = mesh.onboard(&unique_tenant("acme")).await;
+    let admin = mesh.admin_token().await;
+    let bind = |p: IdentityProvider| SetIdentityProviderRequest {
+        tenant_id: acme.tenant_id.clone(),
+        identity_provider: Some(p),
+    };
+    // Allowed here (the test meshes allow loopback): bound, and it works.
+    mesh.registry().set_identity_provider(authed(bind(idp.binding()), &admin)).await.unwrap();
+    let token = idp.token(&idp.claims(&acme.tenant_id), "idp-key-1");
+    let get = || GetItemRequest { collection: "c".into(), id: "x".into() };
+    expect_code(mesh.data().get_item(as_tenant(get(), &token, Some(&acme.tenant_id))).await, Code::NotFound);
+
+    let mut state = mesh.stop().await;
+    state.set_env("TENANTMESH_JWKS_ALLOW_PRIVATE", Some("false"));
+    let mesh = TestMesh::start_on(state).await;
+    let admin = mesh.admin_token().await;
+    for url in [
+        idp.jwks_url.clone(),
+        "https://127.0.0.1/jwks".into(),
+        "https://169.254.169.254/latest/meta-data/iam".into(),
+        "https://10.0.0.8/jwks".into(),
+        "https://[::1]/jwks".into(),
+        "https://localhost/jwks".into(),
+    ] {
+        let p = IdentityProvider { jwks_url: url.clone(), ..idp.binding() };
+        let refused = mesh.registry().set_identity_provider(authed(bind(p), &admin)).await;
+        expect_invalid(refused, "identity_provider.jwks_url");
+    }
+    let fetched = idp.fetches.load(Ordering::SeqCst);
+    let refused = mesh.data().get_item(as_tenant(get(), &token, Some(&acme.tenant_id))).await.unwrap_err();
+    assert!(matches!(refused.code(), Code::Unavailable | Code::Unauthenticated), "{refused:?}");
+    assert_eq!(idp.fetches.load(Ordering::SeqCst), fetched, "the private provider was fetched");
+    mesh.shutdown().await;
+}

@@ -56,6 +56,12 @@ pub struct CommonConfig {
     /// renews its shares of its tenants' limits with the other replicas
     /// (on DynamoDB; see `leases`). Leases last three intervals.
     pub lease_interval: std::time::Duration,
+    /// `TENANTMESH_JWKS_ALLOW_PRIVATE` (default false): whether tenants'
+    /// identity providers may serve their JWKS from loopback or private
+    /// addresses (and over http:// there). For development and tests only:
+    /// otherwise a provider URL could reach the mesh's own network or the
+    /// cloud metadata service.
+    pub jwks_allow_private: bool,
 }
 
 /// Default `iss` of tokens minted by the auth service.
@@ -147,6 +153,7 @@ impl CommonConfig {
                     });
                 }
             },
+            jwks_allow_private: parse_var(env, "TENANTMESH_JWKS_ALLOW_PRIVATE", false)?,
             tiers: std::sync::Arc::new(match var(env, "TENANTMESH_TIERS_FILE") {
                 Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() })?,

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 
 use crate::verify::VerifyError;
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<bytes::Bytes>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector<PublicResolver>>, Empty<bytes::Bytes>>;
 
 /// Algorithms accepted from external providers (never `none` or HMAC).
 const ALLOWED: [Algorithm; 4] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA, Algorithm::PS256];
@@ -49,6 +49,8 @@ pub struct ExternalVerifier {
     fetching: std::sync::Mutex<HashMap<String, std::sync::Arc<Mutex<()>>>>,
     /// The whole fetch (connect, headers and body) must end within this.
     fetch_timeout: Duration,
+    /// Whether loopback and private hosts may serve a JWKS.
+    allow_private: bool,
 }
 
 /// The largest JWKS read; a longer body is refused as it streams in.
@@ -75,24 +77,119 @@ fn default_alg(params: &AlgorithmParameters) -> Option<Algorithm> {
     }
 }
 
-/// Whether `url` may serve a JWKS: https, or http on loopback only.
-pub fn jwks_url_allowed(url: &str) -> bool {
-    if url.starts_with("https://") {
-        return true;
+/// Whether `ip` is an address the mesh's own network can reach but the
+/// internet cannot: loopback, private, link-local (cloud metadata at
+/// 169.254.169.254), unique-local, unspecified, multicast, documentation.
+pub fn is_private(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                // Shared address space (carrier-grade NAT), 100.64.0.0/10.
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_private(IpAddr::V4(v4)),
+            None => {
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
+                    || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
+            }
+        },
     }
-    let Some(rest) = url.strip_prefix("http://") else { return false };
-    let host = rest.split(['/', '?']).next().unwrap_or_default();
-    let host =
-        host.rsplit_once(':').map_or(host, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { host });
-    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+}
+
+/// Why `url` may not serve a tenant's JWKS, if it may not: it must be
+/// `https://` and name a public host; with `allow_private` (an operator's
+/// setting, for development and tests), hosts on loopback or private
+/// networks are allowed too, and those alone over `http://`. (A host name is checked again when it
+/// is resolved, see [`ExternalVerifier`].)
+pub fn jwks_url_refusal(url: &str, allow_private: bool) -> Option<&'static str> {
+    let Ok(uri) = url.parse::<http::Uri>() else { return Some("must be a URL") };
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Some("must be an https:// URL"),
+    };
+    let Some(host) = uri.host() else { return Some("must name a host") };
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    let private = match literal.parse::<std::net::IpAddr>() {
+        Ok(ip) => is_private(ip),
+        Err(_) => {
+            let host = host.to_ascii_lowercase();
+            host == "localhost" || host.ends_with(".localhost") || !host.contains('.')
+        }
+    };
+    if private && !allow_private {
+        return Some("must name a public host (not loopback, private or link-local)");
+    }
+    if !https && !private {
+        return Some("must be an https:// URL");
+    }
+    None
+}
+
+/// Resolves host names for JWKS fetches, refusing every address that is
+/// not public unless allowed: a provider's URL cannot be pointed (or its
+/// DNS rebound) at the mesh's own network or the cloud metadata service.
+#[derive(Clone, Debug)]
+struct PublicResolver {
+    allow_private: bool,
+}
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PublicResolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = crate::BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<_> = addrs.iter().copied().filter(|a| allow_private || !is_private(a.ip())).collect();
+            if public.is_empty() && !addrs.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{host} resolves only to loopback, private or link-local addresses"),
+                ));
+            }
+            Ok(public.into_iter())
+        })
+    }
 }
 
 impl ExternalVerifier {
+    /// A verifier that fetches JWKS from public hosts only.
     pub fn new() -> Self {
+        Self::with_private_hosts(false)
+    }
+
+    /// A verifier that, with `allow_private`, also fetches from loopback
+    /// and private hosts (development and tests:
+    /// `TENANTMESH_JWKS_ALLOW_PRIVATE`).
+    pub fn with_private_hosts(allow_private: bool) -> Self {
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let connector = || {
+            let mut http = HttpConnector::new_with_resolver(PublicResolver { allow_private });
+            http.enforce_http(false);
+            http
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(provider.clone())
-            .map(|b| b.https_or_http().enable_http1().build())
+            .map(|b| b.https_or_http().enable_http1().wrap_connector(connector()))
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "no native root certificates; external identity providers over https will fail");
                 let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -100,7 +197,11 @@ impl ExternalVerifier {
                     .expect("default protocol versions")
                     .with_root_certificates(rustls::RootCertStore::empty())
                     .with_no_client_auth();
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build()
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(connector())
             });
         Self {
             client: Client::builder(TokioExecutor::new()).build(https),
@@ -108,6 +209,7 @@ impl ExternalVerifier {
             sets: std::sync::RwLock::new(HashMap::new()),
             fetching: std::sync::Mutex::new(HashMap::new()),
             fetch_timeout: Duration::from_secs(5),
+            allow_private,
         }
     }
 
@@ -122,6 +224,10 @@ impl ExternalVerifier {
             tracing::warn!(jwks_url = url, error = %e, "external jwks fetch failed");
             VerifyError::KeysUnavailable(e)
         };
+        // Checked again at every fetch: an address literal is never resolved.
+        if let Some(why) = jwks_url_refusal(url, self.allow_private) {
+            return Err(unavailable(format!("jwks_url {why}")));
+        }
         let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| unavailable(e.to_string()))?;
         let fetch = async {
             let resp = self.client.get(uri).await.map_err(|e| e.to_string())?;
@@ -252,7 +358,7 @@ mod tests {
         };
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let token = format!("{}.{}.{}", b64(r#"{"alg":"ES256","kid":"k1"}"#), b64("{}"), b64("sig"));
-        let verifier = ExternalVerifier::new();
+        let verifier = ExternalVerifier::with_private_hosts(true);
         for attempt in 0..3 {
             let r = verifier.verify(&token, &provider, "acme").await;
             assert!(matches!(r, Err(VerifyError::KeysUnavailable(_))), "attempt {attempt}: {r:?}");
@@ -260,15 +366,44 @@ mod tests {
     }
 
     #[test]
-    fn jwks_urls_must_be_https_or_loopback() {
-        for ok in ["https://idp.example/jwks", "http://127.0.0.1:8080/jwks", "http://localhost/x", "http://[::1]:9/k"] {
-            assert!(jwks_url_allowed(ok), "{ok}");
+    fn jwks_urls_must_be_https_on_public_hosts() {
+        for ok in ["https://idp.example/jwks", "https://8.8.8.8/jwks", "https://[2001:4860::8888]/k"] {
+            assert_eq!(jwks_url_refusal(ok, false), None, "{ok}");
         }
-        for bad in
-            ["http://idp.example/jwks", "ftp://x", "", "http://127.0.0.1.evil.example/jwks", "file:///etc/passwd"]
-        {
-            assert!(!jwks_url_allowed(bad), "{bad}");
+        for bad in [
+            "http://idp.example/jwks",
+            "ftp://x",
+            "",
+            "file:///etc/passwd",
+            "https://127.0.0.1/jwks",
+            "https://localhost/jwks",
+            "https://169.254.169.254/latest/meta-data",
+            "https://10.1.2.3/jwks",
+            "https://192.168.0.1/jwks",
+            "https://[::1]/jwks",
+            "https://[fd00::1]/jwks",
+            "https://[::ffff:127.0.0.1]/jwks",
+            "https://metadata/computeMetadata",
+        ] {
+            assert!(jwks_url_refusal(bad, false).is_some(), "{bad}");
         }
+        // An operator's setting allows private hosts (and http to them
+        // alone), for development.
+        assert_eq!(jwks_url_refusal("http://127.0.0.1:8080/jwks", true), None);
+        assert_eq!(jwks_url_refusal("https://10.1.2.3/jwks", true), None);
+        assert!(jwks_url_refusal("http://idp.example/jwks", true).is_some());
+        assert!(jwks_url_refusal("ftp://127.0.0.1/jwks", true).is_some());
+    }
+
+    /// A host name that resolves to loopback is refused when it is resolved
+    /// (a rebinding attack), not only when the URL is checked.
+    #[tokio::test]
+    async fn names_resolving_to_private_addresses_are_not_fetched() {
+        use tower::Service as _;
+        let name: hyper_util::client::legacy::connect::dns::Name = "localhost".parse().unwrap();
+        let refused = PublicResolver { allow_private: false }.call(name.clone()).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied, "{refused}");
+        assert!(PublicResolver { allow_private: true }.call(name).await.unwrap().next().is_some());
     }
 
     /// Serves one kind of JWKS answer on loopback, to every connection.
@@ -330,7 +465,9 @@ mod tests {
     /// provider's fetch goes through: the lock is per provider.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slow_and_huge_providers_are_bounded_and_do_not_block_others() {
-        let verifier = std::sync::Arc::new(ExternalVerifier::new().with_fetch_timeout(Duration::from_millis(1500)));
+        let verifier = std::sync::Arc::new(
+            ExternalVerifier::with_private_hosts(true).with_fetch_timeout(Duration::from_millis(1500)),
+        );
         let (slow, huge, good) = (serve("slow").await, serve("huge").await, serve("good").await);
         let guard = Duration::from_secs(30); // a hang fails the test instead of stalling it
 

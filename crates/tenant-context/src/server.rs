@@ -75,6 +75,7 @@ impl Authenticator {
     /// tiers whose weights share the seats.
     pub fn with_admission(mut self, config: &tenantmesh_service::config::CommonConfig) -> Self {
         self.limiter = config.limits.then(|| Arc::new(KeyedLimiter::new()));
+        self.external = Arc::new(ExternalVerifier::with_private_hosts(config.jwks_allow_private));
         self.seats = FairQueue::new(config.fair_queue);
         self.tiers = config.tiers.clone();
         self

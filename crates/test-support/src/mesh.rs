@@ -62,8 +62,8 @@ pub fn test_tiers_file() -> PathBuf {
 
 /// Settings of a test mesh: cheap argon2 (tests measure behaviour, not
 /// hashing cost), a known admin password and test client, a short tenant
-/// cache so status changes show within a poll, and tiers with high limits
-/// ([`test_tiers_file`]).
+/// cache so status changes show within a poll, tiers with high limits
+/// ([`test_tiers_file`]), and identity providers allowed on loopback.
 pub fn test_env() -> HashMap<String, String> {
     let tiers = test_tiers_file().display().to_string();
     [
@@ -74,6 +74,8 @@ pub fn test_env() -> HashMap<String, String> {
         ("TENANTMESH_SERVICE_CLIENTS", &format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET}")),
         ("TENANTMESH_TENANT_CACHE_TTL_MS", "100"),
         ("TENANTMESH_STEP_BACKOFF_MS", "20"),
+        // The tests' identity providers serve on loopback.
+        ("TENANTMESH_JWKS_ALLOW_PRIVATE", "true"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -61,6 +61,8 @@ pub struct Registry {
     /// The platform's own token issuer, which no external provider may claim.
     own_issuer: String,
     tiers: Arc<Tiers>,
+    /// `TENANTMESH_JWKS_ALLOW_PRIVATE`.
+    allow_private_jwks: bool,
 }
 
 fn now_secs() -> i64 {
@@ -69,7 +71,14 @@ fn now_secs() -> i64 {
 
 impl Registry {
     pub fn new(store: DynTable, own_issuer: impl Into<String>, tiers: Arc<Tiers>) -> Self {
-        Self { store, own_issuer: own_issuer.into(), tiers }
+        Self { store, own_issuer: own_issuer.into(), tiers, allow_private_jwks: false }
+    }
+
+    /// Whether identity providers may serve their JWKS from loopback or
+    /// private hosts (`TENANTMESH_JWKS_ALLOW_PRIVATE`).
+    pub fn with_private_jwks(mut self, allow: bool) -> Self {
+        self.allow_private_jwks = allow;
+        self
     }
 
     fn check_tier(&self, v: &mut Violations, tier: &str) {
@@ -365,8 +374,12 @@ impl TenantRegistry for Registry {
             if p.issuer == self.own_issuer {
                 v.add("identity_provider.issuer", "is the platform's own issuer");
             }
-            if !tenantmesh_tenant_context::external::jwks_url_allowed(&p.jwks_url) || p.jwks_url.len() > 2048 {
-                v.add("identity_provider.jwks_url", "must be an https:// URL (http:// only on loopback)");
+            if p.jwks_url.len() > 2048 {
+                v.add("identity_provider.jwks_url", "must be at most 2048 characters");
+            } else if let Some(why) =
+                tenantmesh_tenant_context::external::jwks_url_refusal(&p.jwks_url, self.allow_private_jwks)
+            {
+                v.add("identity_provider.jwks_url", why);
             }
         }
         v.check()?;
@@ -487,7 +500,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let registry = Registry::new(store, &config.common.issuer, config.common.tiers.clone());
+    let registry = Registry::new(store, &config.common.issuer, config.common.tiers.clone())
+        .with_private_jwks(config.common.jwks_allow_private);
     registry.bootstrap().await?;
     let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
     let verifier =
