@@ -65,11 +65,40 @@ impl Drop for Processes {
     }
 }
 
+/// With compose's defaults alone, auth and onboarding refuse to start on
+/// the placeholder secrets, naming the variable to set.
+#[test]
+fn placeholder_secrets_are_refused_outside_a_demo() {
+    let services = compose_services();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, var) in [("auth", "TENANTMESH_SERVICE_CLIENTS"), ("onboarding", "TENANTMESH_SERVICE_CLIENT_SECRET")] {
+        let svc = &services[name];
+        assert_eq!(svc.env["TENANTMESH_DEMO"], "false", "{name}");
+        let out = Command::new(service_binary(&svc.binary))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TENANTMESH_DATA_DIR", dir.path().join(name))
+            .envs(svc.env.iter().filter(|(k, _)| !k.starts_with("OTEL_")))
+            .env("TENANTMESH_LISTEN_ADDR", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} started on a placeholder secret");
+        assert!(stderr.contains(var) && stderr.contains("placeholder"), "{name}: {stderr}");
+    }
+}
+
 /// Onboarding, login and data work across the four compose services run
-/// as separate processes with compose's environment.
+/// as separate processes with compose's environment (as a demo:
+/// `TENANTMESH_DEMO=true docker compose up`).
 #[tokio::test]
 async fn compose_environment_wires_the_services() {
-    let services = compose_services();
+    let mut services = compose_services();
+    for svc in services.values_mut() {
+        if let Some(demo) = svc.env.get_mut("TENANTMESH_DEMO") {
+            *demo = "true".into();
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
     let free: Vec<u16> = SERVICES
         .iter()

@@ -84,6 +84,28 @@ pub fn var<'a>(env: &'a HashMap<String, String>, name: &str) -> Option<&'a str> 
     env.get(name).map(String::as_str).filter(|v| !v.is_empty())
 }
 
+/// How the shipped compose file's placeholder secrets begin.
+pub const PLACEHOLDER_PREFIX: &str = "change-me";
+
+/// Refuses a secret that is still a shipped placeholder (`change-me...`)
+/// unless `TENANTMESH_DEMO=true` says this is a throwaway demo: a
+/// deployment never runs on a secret everyone can read in the repository.
+pub fn refuse_placeholder(
+    env: &HashMap<String, String>,
+    var_name: &'static str,
+    secret: &str,
+) -> Result<(), ConfigError> {
+    if !secret.starts_with(PLACEHOLDER_PREFIX) || parse_var(env, "TENANTMESH_DEMO", false)? {
+        return Ok(());
+    }
+    Err(ConfigError {
+        var: var_name,
+        message: "is still the shipped placeholder (change-me...): set a secret of your own, or \
+                  TENANTMESH_DEMO=true for a throwaway demo"
+            .into(),
+    })
+}
+
 /// Parses a variable with `FromStr`, naming it in the error.
 pub fn parse_var<T: std::str::FromStr>(
     env: &HashMap<String, String>,
@@ -197,6 +219,10 @@ mod tests {
         assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, "TENANTMESH_AUTH_URL");
         assert_eq!((c.tenant_cache_capacity, c.token_cache_capacity), (100_000, 100_000));
         assert_eq!(c.lease_interval, std::time::Duration::from_secs(2));
+        refuse_placeholder(&env, "S", "a-real-secret").unwrap();
+        assert_eq!(refuse_placeholder(&env, "S", "change-me-secret").unwrap_err().var, "S");
+        let demo: HashMap<_, _> = [("TENANTMESH_DEMO".to_owned(), "true".to_owned())].into();
+        refuse_placeholder(&demo, "S", "change-me-secret").unwrap();
         for (var, value) in [
             ("TENANTMESH_TENANT_CACHE_CAPACITY", "0"),
             ("TENANTMESH_TOKEN_CACHE_CAPACITY", "-1"),

@@ -111,6 +111,7 @@ impl Config {
                         ),
                     });
                 }
+                tenantmesh_service::config::refuse_placeholder(env, "TENANTMESH_SERVICE_CLIENTS", secret)?;
                 service_clients.insert(id.to_owned(), secret.to_owned());
             }
         }
@@ -120,6 +121,9 @@ impl Config {
         }
         let hash_params = HashParams::from_env(env)?;
         let bootstrap_password = var(env, "TENANTMESH_BOOTSTRAP_PASSWORD").map(str::to_owned);
+        if let Some(p) = &bootstrap_password {
+            tenantmesh_service::config::refuse_placeholder(env, "TENANTMESH_BOOTSTRAP_PASSWORD", p)?;
+        }
         if let Some(p) = &bootstrap_password
             && p.chars().count() < password::MIN_PASSWORD_LEN
         {
@@ -402,7 +406,9 @@ impl Auth for AuthService {
             Some(u) if matches && !u.disabled => u,
             _ => {
                 // Already counted by the reservation.
-                tracing::info!(security_event = "login_failed", email = %email, "login refused");
+                // Not the email itself: logs are read more widely than the user table.
+                let email_hash = &sha256_hex(format!("{}/{email}", req.tenant_id).as_bytes())[..16];
+                tracing::info!(security_event = "login_failed", email_hash, "login refused");
                 return Err(AuthError::InvalidCredentials.into());
             }
         };

@@ -107,6 +107,7 @@ impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let client_secret = var(env, "TENANTMESH_SERVICE_CLIENT_SECRET")
             .ok_or(ConfigError { var: "TENANTMESH_SERVICE_CLIENT_SECRET", message: "is required".into() })?;
+        tenantmesh_service::config::refuse_placeholder(env, "TENANTMESH_SERVICE_CLIENT_SECRET", client_secret)?;
         let data_url = var(env, "TENANTMESH_DATA_URL").unwrap_or("http://127.0.0.1:50054").to_owned();
         if !(data_url.starts_with("http://") || data_url.starts_with("https://")) {
             return Err(ConfigError {
