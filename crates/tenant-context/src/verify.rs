@@ -63,6 +63,13 @@ pub trait KeySource: Send + Sync + 'static {
     fn generation(&self) -> u64 {
         0
     }
+
+    /// Whether the keys as known at `now_ms` (wall-clock ms) may still be
+    /// trusted without asking the source again; remembered tokens are
+    /// verified in full (refreshing the keys) once they may not.
+    fn fresh(&self, _now_ms: u64) -> bool {
+        true
+    }
 }
 
 /// What a verified access token says, shared by every request that
@@ -141,8 +148,11 @@ impl TokenVerifier {
     }
 
     fn lookup(&self, digest: &TokenDigest, generation: u64) -> Option<Arc<Verified>> {
-        let now = jsonwebtoken::get_current_timestamp();
-        self.cache.get(digest, generation, now.saturating_sub(self.validation.leeway))
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        if !self.keys.fresh(now.as_millis() as u64) {
+            return None;
+        }
+        self.cache.get(digest, generation, now.as_secs().saturating_sub(self.validation.leeway))
     }
 
     /// How many verified tokens are remembered now.
@@ -298,14 +308,30 @@ pub fn decoding_key(jwk: &Jwk) -> Option<DecodingKey> {
     DecodingKey::from_ed_components(&jwk.x).ok()
 }
 
+/// Fetches the published keys (the auth service's `GetJwks`).
+type FetchJwks = Box<dyn Fn() -> crate::BoxFuture<Result<Vec<Jwk>, tonic::Status>> + Send + Sync>;
+
+/// How long a fetched key set is used before it is fetched again: a key
+/// retired from the JWKS leaves every validator within this (and, through
+/// the key generation, every token it signed leaves the verified cache).
+pub const JWKS_MAX_AGE: Duration = Duration::from_secs(30);
+
 /// The auth service's JWKS, fetched over gRPC and cached. An unknown `kid`
 /// triggers a refresh, at most once per `min_refresh_interval`, with one
-/// fetch in flight however many requests wait for it.
+/// fetch in flight however many requests wait for it. A set older than
+/// [`JWKS_MAX_AGE`] is fetched again by the first request that finds it
+/// so (the others go on with the set they have), so retired keys leave.
 pub struct JwksCache {
-    client: AuthClient<Channel>,
+    fetch: FetchJwks,
     min_refresh_interval: Duration,
+    max_age: Duration,
     /// Known keys: read without waiting for a refresh in flight.
     keys: std::sync::RwLock<HashMap<String, DecodingKey>>,
+    /// Until when the known keys are trusted without a refresh (wall-clock
+    /// ms; 0: never fetched): a fetch plus `max_age`, or, when a refresh of
+    /// stale keys fails (the auth service down), a try again in
+    /// `min_refresh_interval` while the known keys stand.
+    fresh_until_ms: AtomicU64,
     /// Held for the whole refresh, so one runs at a time; records when the
     /// last one started and whether it worked.
     refresh: Mutex<Option<(Instant, bool)>>,
@@ -315,16 +341,65 @@ pub struct JwksCache {
 
 impl JwksCache {
     pub fn new(auth: Channel) -> Self {
+        let client = AuthClient::new(auth)
+            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
+        Self::from_fn(Box::new(move || {
+            let mut client = client.clone();
+            Box::pin(async move { Ok(client.get_jwks(GetJwksRequest {}).await?.into_inner().keys) })
+        }))
+    }
+
+    fn from_fn(fetch: FetchJwks) -> Self {
         Self {
-            client: AuthClient::new(auth)
-                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+            fetch,
             min_refresh_interval: Duration::from_secs(2),
+            max_age: JWKS_MAX_AGE,
             keys: std::sync::RwLock::new(HashMap::new()),
+            fresh_until_ms: AtomicU64::new(0),
             refresh: Mutex::new(None),
             generation: AtomicU64::new(0),
         }
     }
+
+    fn known(&self, kid: &str) -> Option<DecodingKey> {
+        self.keys.read().expect("jwks lock").get(kid).cloned()
+    }
+
+    fn stale(&self) -> bool {
+        !self.fresh(wall_ms())
+    }
+
+    /// Fetches the keys and replaces the known ones (the refresh lock held).
+    async fn refresh(&self, last_refresh: &mut Option<(Instant, bool)>) -> Result<(), VerifyError> {
+        *last_refresh = Some((Instant::now(), false));
+        let jwks = (self.fetch)().await.map_err(|e| {
+            tracing::warn!(error = %e.message(), code = ?e.code(), "jwks refresh failed");
+            if self.fresh_until_ms.load(Ordering::Relaxed) != 0 {
+                let retry = wall_ms() + self.min_refresh_interval.as_millis() as u64;
+                self.fresh_until_ms.store(retry, Ordering::Relaxed);
+            }
+            VerifyError::KeysUnavailable(e.message().to_owned())
+        })?;
+        let keys: HashMap<String, DecodingKey> =
+            jwks.iter().filter_map(|jwk| Some((jwk.kid.clone(), decoding_key(jwk)?))).collect();
+        tracing::debug!(keys = keys.len(), "jwks refreshed");
+        {
+            let mut known = self.keys.write().expect("jwks lock");
+            let same = known.len() == keys.len() && keys.keys().all(|k| known.contains_key(k));
+            *known = keys;
+            if !same {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.fresh_until_ms.store(wall_ms() + self.max_age.as_millis() as u64, Ordering::Relaxed);
+        *last_refresh = Some((Instant::now(), true));
+        Ok(())
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[async_trait]
@@ -333,15 +408,28 @@ impl KeySource for JwksCache {
         self.generation.load(Ordering::SeqCst)
     }
 
+    fn fresh(&self, now_ms: u64) -> bool {
+        now_ms < self.fresh_until_ms.load(Ordering::Relaxed)
+    }
+
     async fn key(&self, kid: &str) -> Result<Option<DecodingKey>, VerifyError> {
-        let known =
-            |keys: &std::sync::RwLock<HashMap<String, DecodingKey>>| keys.read().expect("jwks lock").get(kid).cloned();
-        if let Some(k) = known(&self.keys) {
+        if let Some(k) = self.known(kid) {
+            if !self.stale() {
+                return Ok(Some(k));
+            }
+            // Old: fetch again if nobody is; meanwhile (or if the auth
+            // service is down) the known set stands.
+            if let Ok(mut last_refresh) = self.refresh.try_lock()
+                && self.stale()
+                && self.refresh(&mut last_refresh).await.is_ok()
+            {
+                return Ok(self.known(kid));
+            }
             return Ok(Some(k));
         }
         let mut last_refresh = self.refresh.lock().await;
         // A refresh that finished while we waited may have brought the key.
-        if let Some(k) = known(&self.keys) {
+        if let Some(k) = self.known(kid) {
             return Ok(Some(k));
         }
         match *last_refresh {
@@ -355,31 +443,8 @@ impl KeySource for JwksCache {
             }
             _ => {}
         }
-        *last_refresh = Some((Instant::now(), false));
-        let resp = self
-            .client
-            .clone()
-            .get_jwks(GetJwksRequest {})
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e.message(), code = ?e.code(), "jwks refresh failed");
-                VerifyError::KeysUnavailable(e.message().to_owned())
-            })?
-            .into_inner();
-        let keys: HashMap<String, DecodingKey> =
-            resp.keys.iter().filter_map(|jwk| Some((jwk.kid.clone(), decoding_key(jwk)?))).collect();
-        tracing::debug!(keys = keys.len(), "jwks refreshed");
-        let found = keys.get(kid).cloned();
-        {
-            let mut known = self.keys.write().expect("jwks lock");
-            let same = known.len() == keys.len() && keys.keys().all(|k| known.contains_key(k));
-            *known = keys;
-            if !same {
-                self.generation.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        *last_refresh = Some((Instant::now(), true));
-        Ok(found)
+        self.refresh(&mut last_refresh).await?;
+        Ok(self.known(kid))
     }
 }
 
@@ -452,6 +517,52 @@ mod tests {
             let r = cache.key("k1").await;
             assert!(matches!(r, Err(VerifyError::KeysUnavailable(_))), "attempt {attempt}: {r:?}");
         }
+    }
+
+    /// A key retired from the JWKS leaves the cache once the set is older
+    /// than its maximum age, and so do the tokens it signed; while the auth
+    /// service is down, the known keys stand.
+    #[tokio::test]
+    async fn retired_keys_leave_the_cache() {
+        let published: Arc<std::sync::Mutex<Result<Vec<Jwk>, tonic::Status>>> =
+            Arc::new(std::sync::Mutex::new(Ok(Vec::new())));
+        let jwk = |kid: &str, x: &str| Jwk {
+            kty: "OKP".into(),
+            crv: "Ed25519".into(),
+            x: x.into(),
+            kid: kid.into(),
+            alg: "EdDSA".into(),
+            r#use: "sig".into(),
+        };
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+        let signer = EncodingKey::from_ed_der(pkcs8.as_ref());
+        *published.lock().unwrap() = Ok(vec![jwk("k1", &x)]);
+        let source = published.clone();
+        let mut cache = JwksCache::from_fn(Box::new(move || {
+            let answer = source.lock().unwrap().clone();
+            Box::pin(async move { answer })
+        }));
+        cache.max_age = Duration::from_millis(100);
+        let verifier = TokenVerifier::new(Arc::new(cache), "iss", "aud");
+        let token = sign(&claims("acme", vec![Role::TenantUser]), &signer, Some("k1"));
+        verifier.verify(&token).await.unwrap();
+
+        // The auth service is down: the known key stands, and remembered
+        // tokens are trusted again until the next try.
+        *published.lock().unwrap() = Err(tonic::Status::unavailable("down"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        verifier.verify(&token).await.unwrap();
+        assert!(verifier.remembered(&token).is_some());
+
+        // Retired: the remembered token is not trusted once the set is
+        // stale, and verified again it is refused.
+        *published.lock().unwrap() = Ok(Vec::new());
+        tokio::time::sleep(Duration::from_millis(150) + Duration::from_secs(2)).await;
+        assert!(verifier.remembered(&token).is_none());
+        assert!(matches!(verifier.verify(&token).await, Err(VerifyError::UnknownKey)));
     }
 
     #[tokio::test]
