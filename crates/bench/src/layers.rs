@@ -158,6 +158,7 @@ pub async fn serve(
         roles: [Role::TenantUser].into(),
         token: "".into(),
         tenant: Arc::new(info),
+        deadline: None,
     };
     tonic::transport::Server::builder()
         .layer(FixedTenantLayer(ctx))

@@ -5,7 +5,10 @@
 //! sends a service token from `Auth.IssueServiceToken`. A call with no
 //! identity to send fails closed with UNAUTHENTICATED before it leaves the
 //! process. Either way a client span is opened and its W3C `traceparent`
-//! injected, so one trace spans the whole call chain.
+//! injected, so one trace spans the whole call chain. Inside a request
+//! with a deadline (its `grpc-timeout`) the call carries what is left of it
+//! as its own `grpc-timeout` and ends with DEADLINE_EXCEEDED by then, even
+//! if the peer never answers; every channel also has a 30 s timeout.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -100,6 +103,12 @@ impl ServiceTokenSource {
     }
 }
 
+/// `grpc-timeout` for `left` (milliseconds, at least 1, at most 8 digits).
+fn grpc_timeout_value(left: Duration) -> HeaderValue {
+    let ms = left.as_millis().clamp(1, 99_999_999);
+    HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit")
+}
+
 /// Which identity outgoing calls carry.
 #[derive(Clone, Debug)]
 pub enum Identity {
@@ -163,6 +172,7 @@ where
         let identity = self.identity.clone();
         // Read the task-local now: the returned future may be polled elsewhere.
         let current = TenantContext::current();
+        let deadline = current.as_ref().and_then(|c| c.deadline);
         Box::pin(async move {
             let (token, tenant_id): (Arc<str>, Arc<str>) = match (&identity, current) {
                 (Identity::Service(source), _) => match source.token().await {
@@ -185,14 +195,104 @@ where
                 Ok(v) => headers.insert(metadata::TENANT_ID, v),
                 Err(_) => return Ok(Status::unauthenticated("malformed tenant id").into_http()),
             };
-            let Some(span) = tenantmesh_telemetry::start_client_call(&path, &tenant_id, headers) else {
-                return inner.call(req).await;
+            let left = match deadline {
+                None => None,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(
+                            Status::deadline_exceeded("the caller's deadline passed before this call").into_http()
+                        );
+                    }
+                    // The request's own timeout, if shorter, stands.
+                    if tenantmesh_service::runtime::grpc_timeout(headers).is_none_or(|own| own > left) {
+                        headers.insert(metadata::GRPC_TIMEOUT, grpc_timeout_value(left));
+                    }
+                    Some(left)
+                }
             };
-            let response = inner.call(req).instrument(span.clone()).await;
-            if let Ok(resp) = &response {
-                tenantmesh_telemetry::record_response_status(&span, resp.headers());
+            let span = tenantmesh_telemetry::start_client_call(&path, &tenant_id, headers);
+            let call = async {
+                let Some(span) = span else { return inner.call(req).await };
+                let response = inner.call(req).instrument(span.clone()).await;
+                if let Ok(resp) = &response {
+                    tenantmesh_telemetry::record_response_status(&span, resp.headers());
+                }
+                response
+            };
+            let Some(left) = left else { return call.await };
+            let expired = || Status::deadline_exceeded(format!("{path}: no answer within the caller's deadline"));
+            match tokio::time::timeout(left, call).await {
+                // The channel's own timer (it reads grpc-timeout too) may
+                // fire first: still the deadline, not a cancellation.
+                Err(_) => Ok(expired().into_http()),
+                Ok(Err(_)) if deadline.is_some_and(|d| Instant::now() >= d) => Ok(expired().into_http()),
+                Ok(response) => response,
             }
-            response
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenantmesh_proto::auth::v1::GetJwksRequest;
+
+    fn within(ms: u64) -> TenantContext {
+        TenantContext {
+            tenant_id: "acme".into(),
+            token: "t".into(),
+            deadline: Some(Instant::now() + Duration::from_millis(ms)),
+            ..Default::default()
+        }
+    }
+
+    /// A peer that accepts connections and never answers: a call made for
+    /// a caller with 300 ms left ends with DEADLINE_EXCEEDED by then; one
+    /// whose caller's deadline has passed never leaves.
+    #[tokio::test]
+    async fn calls_end_by_the_callers_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let mut client = AuthClient::new(wrap(channel(&format!("http://{addr}")).unwrap(), Identity::Caller));
+        let started = Instant::now();
+        let status = within(300).scope(client.get_jwks(GetJwksRequest {})).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        let status = within(0).scope(client.get_jwks(GetJwksRequest {})).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    }
+
+    /// The call carries what is left of the caller's deadline as its
+    /// `grpc-timeout`, unless its own is shorter.
+    #[tokio::test]
+    async fn the_deadline_travels_as_grpc_timeout() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let inner = tower::service_fn(move |req: Request<()>| {
+            let value = req.headers().get(metadata::GRPC_TIMEOUT).map(|v| v.to_str().unwrap().to_owned());
+            record.lock().unwrap().push(value);
+            async { Ok::<_, std::convert::Infallible>(Response::new(tonic::body::Body::default())) }
+        });
+        let mut svc = layer(Identity::Caller).layer(inner);
+        // The context is read when the call is made: make it inside the scope.
+        within(5_000).scope(async { svc.call(Request::new(())).await }).await.unwrap();
+        let mut own = Request::new(());
+        own.headers_mut().insert(metadata::GRPC_TIMEOUT, HeaderValue::from_static("100m"));
+        within(5_000).scope(async { svc.call(own).await }).await.unwrap();
+        let mut no_deadline = within(0);
+        no_deadline.deadline = None;
+        no_deadline.scope(async { svc.call(Request::new(())).await }).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let first: u64 = seen[0].as_deref().unwrap().trim_end_matches('m').parse().unwrap();
+        assert!((4_000..=5_000).contains(&first), "{seen:?}");
+        assert_eq!(seen[1].as_deref(), Some("100m"));
+        assert_eq!(seen[2], None);
     }
 }

@@ -30,6 +30,7 @@ pub mod metadata {
     pub const AUTHORIZATION: &str = "authorization";
     pub const TENANT_ID: &str = "x-tenant-id";
     pub const TRACEPARENT: &str = "traceparent";
+    pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 }
 
 /// The tenant id of the platform operator (and of service identities).
@@ -87,6 +88,9 @@ pub struct TenantContext {
     /// MIGRATING while a tier change moves its items: read-only) and
     /// placement.
     pub tenant: Arc<directory::TenantInfo>,
+    /// When the caller stops waiting (its `grpc-timeout`): every call made
+    /// on its behalf carries what is left of it, and ends by then.
+    pub deadline: Option<std::time::Instant>,
 }
 /// The future type of the tower services in this crate.
 pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;

@@ -233,6 +233,7 @@ impl Authenticator {
             roles: verified.roles.clone(),
             token: Arc::from(token),
             tenant: info,
+            deadline: tenantmesh_service::runtime::grpc_timeout(headers).map(|t| std::time::Instant::now() + t),
         })
     }
 }
