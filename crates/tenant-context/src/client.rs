@@ -155,6 +155,7 @@ impl<S, B, ResBody> Service<Request<B>> for Propagation<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: std::fmt::Display + Send,
     B: Send + 'static,
     ResBody: Default + Send + 'static,
 {
@@ -220,13 +221,25 @@ where
                 }
                 response
             };
-            let Some(left) = left else { return call.await };
+            // A transport failure (the peer gone, a connection broken under
+            // the call) is UNAVAILABLE, which callers retry, not UNKNOWN.
+            let unavailable = |e: S::Error| {
+                tracing::warn!(rpc = %path, error = %e, "outgoing call failed in transport");
+                Ok(Status::unavailable(format!("{path}: {e}")).into_http())
+            };
+            let Some(left) = left else {
+                return match call.await {
+                    Err(e) => unavailable(e),
+                    ok => ok,
+                };
+            };
             let expired = || Status::deadline_exceeded(format!("{path}: no answer within the caller's deadline"));
             match tokio::time::timeout(left, call).await {
                 // The channel's own timer (it reads grpc-timeout too) may
                 // fire first: still the deadline, not a cancellation.
                 Err(_) => Ok(expired().into_http()),
                 Ok(Err(_)) if deadline.is_some_and(|d| Instant::now() >= d) => Ok(expired().into_http()),
+                Ok(Err(e)) => unavailable(e),
                 Ok(response) => response,
             }
         })
@@ -267,6 +280,25 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         let status = within(0).scope(client.get_jwks(GetJwksRequest {})).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    }
+
+    /// A peer that hangs up under the call: UNAVAILABLE (which callers
+    /// retry), not tonic's UNKNOWN "transport error".
+    #[tokio::test]
+    async fn a_broken_connection_is_unavailable() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = [0u8; 64];
+                let _ = conn.read(&mut buf).await;
+                drop(conn);
+            }
+        });
+        let mut client = AuthClient::new(wrap(channel(&format!("http://{addr}")).unwrap(), Identity::Caller));
+        let status = within(5_000).scope(client.get_jwks(GetJwksRequest {})).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
 
     /// The call carries what is left of the caller's deadline as its
