@@ -23,6 +23,7 @@ mod lifecycle;
 mod limits;
 /// Own process: installs the global telemetry (OTLP exporter).
 mod otlp_export;
+mod outage;
 mod replicas;
 mod storage_backends;
 /// Own process: reads the process-wide AssumeRole counter.

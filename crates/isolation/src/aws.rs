@@ -2,7 +2,12 @@
 //! variables), so tests and the in-process mesh never touch the process
 //! environment: `AWS_REGION`, `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`
 //! / `AWS_SESSION_TOKEN` (otherwise the standard provider chain),
-//! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_STS`.
+//! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_STS`. Every call has
+//! timeouts (the SDK has none for an answer that never comes): connect
+//! `TENANTMESH_AWS_CONNECT_TIMEOUT_MS` (2000), each attempt
+//! `TENANTMESH_AWS_ATTEMPT_TIMEOUT_MS` (3000), the whole call with its
+//! retries `TENANTMESH_AWS_TIMEOUT_MS` (8000); past them the call fails and
+//! the caller sees UNAVAILABLE.
 
 use std::collections::HashMap;
 
@@ -31,6 +36,28 @@ impl AwsSettings {
             let token = var(env, "AWS_SESSION_TOKEN").map(str::to_owned);
             loader = loader.credentials_provider(Credentials::new(id, secret, token, None, "tenantmesh-env"));
         }
+        let ms = |name: &str, default: u64| {
+            let value = var(env, name).map(|v| v.parse::<u64>());
+            match value {
+                Some(Ok(ms)) if ms > 0 => std::time::Duration::from_millis(ms),
+                None => std::time::Duration::from_millis(default),
+                Some(_) => {
+                    tracing::warn!(
+                        var = name,
+                        default_ms = default,
+                        "not a positive number of milliseconds; using the default"
+                    );
+                    std::time::Duration::from_millis(default)
+                }
+            }
+        };
+        loader = loader.timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(ms("TENANTMESH_AWS_CONNECT_TIMEOUT_MS", 2000))
+                .operation_attempt_timeout(ms("TENANTMESH_AWS_ATTEMPT_TIMEOUT_MS", 3000))
+                .operation_timeout(ms("TENANTMESH_AWS_TIMEOUT_MS", 8000))
+                .build(),
+        );
         let endpoint = |specific: &str| var(env, specific).or_else(|| var(env, "AWS_ENDPOINT_URL")).map(str::to_owned);
         Self {
             sdk: loader.load().await,

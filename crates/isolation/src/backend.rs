@@ -63,7 +63,11 @@ impl StorageConfig {
             table_prefix,
             create_tables: parse_var(env, "TENANTMESH_CREATE_TABLES", true)?,
             tenant_role_arn: var(env, "TENANTMESH_TENANT_ROLE_ARN").map(str::to_owned),
-            env: env.iter().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: env
+                .iter()
+                .filter(|(k, _)| k.starts_with("AWS_") || k.starts_with("TENANTMESH_AWS_"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 
