@@ -18,6 +18,7 @@ mod crash_recovery;
 mod cross_service;
 mod external_idp;
 /// Own process: reads the auth service's process-wide JWKS request counter.
+mod isolation_model;
 mod jwks_flood;
 mod lifecycle;
 mod limits;
