@@ -2,7 +2,12 @@
 //! the partition), stored only as a SHA-256 hash. Each login starts a
 //! family; each use spends the token and issues its successor in one
 //! transaction; presenting a spent token again — a sign it was stolen —
-//! revokes the whole family.
+//! revokes the whole family. A family keeps its live token and the one
+//! spent last (enough to catch the reuse of a stolen token: the thief's
+//! use or the owner's, whichever comes second, finds it spent); older
+//! spent tokens are deleted as the family rotates, so refreshing, however
+//! often, does not grow the store. An older token presented again is
+//! simply unknown.
 
 use serde::{Deserialize, Serialize};
 use tenantmesh_storage::{Condition, DynTable, StorageError, Write};
@@ -19,6 +24,10 @@ pub(crate) struct RefreshRecord {
     pub family: String,
     pub expire_time: i64,
     pub spent: bool,
+    /// The key of the token this one succeeded (deleted when this one is
+    /// spent in turn).
+    #[serde(default)]
+    pub previous: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,6 +72,7 @@ pub(crate) async fn start_family(
         family: family.clone(),
         expire_time: now_secs() + REFRESH_TTL_SECS,
         spent: false,
+        previous: String::new(),
     };
     store
         .transact_write(vec![
@@ -128,8 +138,9 @@ pub(crate) async fn rotate(store: &DynTable, token: &str, live: Live) -> Result<
     let Live { tenant, record, version, family_version } = live;
     let next = format!("{tenant}.{}", random_token(32));
     let spent = RefreshRecord { spent: true, ..record.clone() };
-    let successor = RefreshRecord { expire_time: now_secs() + REFRESH_TTL_SECS, ..record.clone() };
-    let writes = vec![
+    let successor =
+        RefreshRecord { expire_time: now_secs() + REFRESH_TTL_SECS, previous: token_sk(token), ..record.clone() };
+    let mut writes = vec![
         Write::Put {
             pk: tenant.clone(),
             sk: token_sk(token),
@@ -148,6 +159,11 @@ pub(crate) async fn rotate(store: &DynTable, token: &str, live: Live) -> Result<
             condition: Condition::Version(family_version),
         },
     ];
+    // The token spent before this one goes: this one, spent now, takes its
+    // place as the family's reuse tripwire.
+    if !record.previous.is_empty() {
+        writes.push(Write::Delete { pk: tenant.clone(), sk: record.previous.clone(), condition: Condition::None });
+    }
     match store.transact_write(writes).await {
         Ok(()) => Ok(next),
         Err(StorageError::ConditionFailed { index: 0, .. }) => {
@@ -171,4 +187,37 @@ pub(crate) async fn revoke(store: &DynTable, token: &str) -> Result<(), AuthErro
 /// Revokes a family from a record already read (the user is gone).
 pub(crate) async fn revoke_record(store: &DynTable, tenant: &str, record: &RefreshRecord) -> Result<(), AuthError> {
     revoke_family(store, tenant, &record.family).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenantmesh_storage::Query;
+
+    async fn refresh_records(store: &DynTable) -> usize {
+        let q = Query { pk: "acme".into(), sk_prefix: "refresh#".into(), start_after: None, limit: 1000 };
+        store.query(q).await.unwrap().items.len()
+    }
+
+    /// Rotating a family many times keeps two records (the live token and
+    /// the one spent last); the last spent one presented again revokes the
+    /// family, an older one is merely unknown.
+    #[tokio::test]
+    async fn rotation_keeps_the_store_bounded_and_the_tripwire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("auth.redb")).unwrap();
+        let mut tokens = vec![start_family(&store, "acme", "u1", "a@acme.example").await.unwrap()];
+        for _ in 0..20 {
+            let current = tokens.last().unwrap().clone();
+            let found = live(&store, &current).await.unwrap();
+            tokens.push(rotate(&store, &current, found).await.unwrap());
+        }
+        assert_eq!(refresh_records(&store).await, 2);
+        // An old token: unknown, the family untouched.
+        assert!(matches!(live(&store, &tokens[3]).await, Err(AuthError::InvalidCredentials)));
+        live(&store, tokens.last().unwrap()).await.unwrap();
+        // The last spent one: reuse, the family revoked.
+        assert!(matches!(live(&store, &tokens[tokens.len() - 2]).await, Err(AuthError::InvalidCredentials)));
+        assert!(matches!(live(&store, tokens.last().unwrap()).await, Err(AuthError::InvalidCredentials)));
+    }
 }
