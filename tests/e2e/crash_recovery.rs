@@ -70,17 +70,40 @@ impl Cluster {
             env.extend(m.env());
             env.insert("TENANTMESH_STORAGE".into(), "dynamodb".into());
         }
-        let ports: HashMap<&'static str, u16> =
-            ["registry", "auth", "onboarding", "data"].into_iter().map(|s| (s, free_port())).collect();
-        env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://127.0.0.1:{}", ports["registry"]));
-        env.insert("TENANTMESH_AUTH_URL".into(), format!("http://127.0.0.1:{}", ports["auth"]));
-        env.insert("TENANTMESH_DATA_URL".into(), format!("http://127.0.0.1:{}", ports["data"]));
-        let mut cluster = Cluster { dir, env, ports, procs: Vec::new(), admin: Default::default(), moto };
-        for name in ["registry", "auth", "data"] {
-            let port = cluster.ports[name];
-            cluster.spawn(name, name, port, &[]).await;
+        let mut cluster =
+            Cluster { dir, env, ports: HashMap::new(), procs: Vec::new(), admin: Default::default(), moto };
+        // A port picked free may be taken by another test's process before
+        // ours binds it: then pick new ones and start again.
+        for attempt in 1..=3 {
+            cluster.ports = ["registry", "auth", "onboarding", "data"].into_iter().map(|s| (s, free_port())).collect();
+            for (var, name) in [
+                ("TENANTMESH_REGISTRY_URL", "registry"),
+                ("TENANTMESH_AUTH_URL", "auth"),
+                ("TENANTMESH_DATA_URL", "data"),
+            ] {
+                cluster.env.insert(var.into(), format!("http://127.0.0.1:{}", cluster.ports[name]));
+            }
+            let mut started = Ok(());
+            for name in ["registry", "auth", "data"] {
+                let port = cluster.ports[name];
+                started = cluster.try_spawn(name, name, port, &[]).await;
+                if started.is_err() {
+                    break;
+                }
+            }
+            match started {
+                Ok(()) => return cluster,
+                Err(e) if attempt < 3 => {
+                    eprintln!("cluster start {attempt}: {e}; again on other ports");
+                    for (_, mut child) in cluster.procs.drain(..) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
         }
-        cluster
+        unreachable!()
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -89,6 +112,20 @@ impl Cluster {
 
     /// Starts `tenantmesh-<binary>` as `name` on `port` with `extra` settings.
     async fn spawn(&mut self, name: &str, binary: &str, port: u16, extra: &[(&str, &str)]) {
+        self.try_spawn(name, binary, port, extra).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts `tenantmesh-<binary>` as `name` on `port` and waits until
+    /// *it* serves there: its own gRPC service's health (not whichever
+    /// process holds the port), while it is alive.
+    async fn try_spawn(&mut self, name: &str, binary: &str, port: u16, extra: &[(&str, &str)]) -> Result<(), String> {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        let service = match binary {
+            "registry" => "tenantmesh.registry.v1.TenantRegistry",
+            "auth" => "tenantmesh.auth.v1.Auth",
+            "onboarding" => "tenantmesh.onboarding.v1.Onboarding",
+            _ => "tenantmesh.data.v1.Data",
+        };
         let mut cmd = Command::new(service_binary(&format!("tenantmesh-{binary}")));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -99,8 +136,24 @@ impl Cluster {
             .stdout(std::fs::File::options().create(true).append(true).open(self.log(name)).unwrap())
             .stderr(Stdio::inherit());
         self.procs.push((name.to_owned(), cmd.spawn().unwrap()));
-        let label: &'static str = Box::leak(name.to_owned().into_boxed_str());
-        tenantmesh_cli::wait_serving(label, ([127, 0, 0, 1], port).into()).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let child = &mut self.procs.last_mut().unwrap().1;
+            if let Some(status) = child.try_wait().unwrap() {
+                self.procs.pop();
+                return Err(format!("{name} exited ({status}): port {port} taken by another process?"));
+            }
+            let req = HealthCheckRequest { service: service.into() };
+            if let Ok(answer) = HealthClient::new(channel(port)).check(req).await
+                && answer.get_ref().status == ServingStatus::Serving as i32
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{name} not serving on port {port} after 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn log(&self, name: &str) -> PathBuf {
@@ -538,7 +591,7 @@ async fn acknowledged_writes_survive_kill_9_of_the_data_service_and_the_registry
     for service in ["data", "registry"] {
         tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.kill_9(service);
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let binary = if service == "registry" { "registry" } else { "data" };
         cluster.spawn(service, binary, cluster.ports[service], &[]).await;
     }
