@@ -121,10 +121,10 @@ impl Cluster {
     async fn try_spawn(&mut self, name: &str, binary: &str, port: u16, extra: &[(&str, &str)]) -> Result<(), String> {
         use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
         let service = match binary {
-            "registry" => "tenantmesh.registry.v1.TenantRegistry",
-            "auth" => "tenantmesh.auth.v1.Auth",
-            "onboarding" => "tenantmesh.onboarding.v1.Onboarding",
-            _ => "tenantmesh.data.v1.Data",
+            "registry" => tenantmesh_proto::registry::v1::tenant_registry_server::SERVICE_NAME,
+            "auth" => tenantmesh_proto::auth::v1::auth_server::SERVICE_NAME,
+            "onboarding" => tenantmesh_proto::onboarding::v1::onboarding_server::SERVICE_NAME,
+            _ => tenantmesh_proto::data::v1::data_server::SERVICE_NAME,
         };
         let mut cmd = Command::new(service_binary(&format!("tenantmesh-{binary}")));
         cmd.env_clear()
@@ -530,13 +530,7 @@ async fn write_until(
             if stop.load(Ordering::Relaxed) {
                 return seen;
             }
-            let put = PutItemRequest {
-                collection: "c".into(),
-                id: id.clone(),
-                attributes: Some(attrs(&[("v", &value)])),
-                expected_version: None,
-            };
-            let mut req = authed(put, &token);
+            let mut req = authed(put_v(&id, &value), &token);
             req.set_timeout(Duration::from_secs(3));
             let started = std::time::Instant::now();
             let answer = data.put_item(req).await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
+use tenantmesh_proto::data::v1::GetItemRequest;
 use tenantmesh_test_support::*;
 use tonic::Code;
 
@@ -60,15 +60,6 @@ impl Proxy {
     }
 }
 
-fn put(id: &str) -> PutItemRequest {
-    PutItemRequest {
-        collection: "c".into(),
-        id: id.into(),
-        attributes: Some(attrs(&[("v", id)])),
-        expected_version: None,
-    }
-}
-
 fn within<T>(message: T, token: &str, timeout: Duration) -> tonic::Request<T> {
     let mut req = authed(message, token);
     req.set_timeout(timeout);
@@ -77,7 +68,7 @@ fn within<T>(message: T, token: &str, timeout: Duration) -> tonic::Request<T> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dark_dynamodb_and_sts_endpoints_are_unavailable_then_recovered() {
-    let mut state = MeshState::fresh(TestBackend::DynamoDb);
+    let mut state = MeshState::new(TestBackend::DynamoDb);
     let moto = state.env_var("AWS_ENDPOINT_URL_DYNAMODB").unwrap().to_owned();
     let (dynamodb, sts) = (Proxy::start(&moto).await, Proxy::start(&moto).await);
     state.set_env("AWS_ENDPOINT_URL_DYNAMODB", Some(&dynamodb.url));
@@ -87,18 +78,18 @@ async fn dark_dynamodb_and_sts_endpoints_are_unavailable_then_recovered() {
     }
     let mesh = TestMesh::start_on(state).await;
     let acme = mesh.onboard(&unique_tenant("acme")).await;
-    mesh.data().put_item(authed(put("before"), &acme.token)).await.unwrap();
+    mesh.data().put_item(authed(put_v("before", "before"), &acme.token)).await.unwrap();
 
     // STS dark: acme's credentials are cached, its calls go on.
     sts.go_dark();
-    mesh.data().put_item(authed(put("sts-dark"), &acme.token)).await.unwrap();
+    mesh.data().put_item(authed(put_v("sts-dark", "sts-dark"), &acme.token)).await.unwrap();
     sts.come_back();
 
     // DynamoDB dark: every call ends UNAVAILABLE, in bounded time.
     dynamodb.go_dark();
     for id in ["dark-1", "dark-2"] {
         let started = Instant::now();
-        let s = mesh.data().put_item(within(put(id), &acme.token, Duration::from_secs(10))).await.unwrap_err();
+        let s = mesh.data().put_item(within(put_v(id, id), &acme.token, Duration::from_secs(10))).await.unwrap_err();
         assert_eq!(s.code(), Code::Unavailable, "{s:?}");
         assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
         let get = GetItemRequest { collection: "c".into(), id: "before".into() };
@@ -111,7 +102,7 @@ async fn dark_dynamodb_and_sts_endpoints_are_unavailable_then_recovered() {
     dynamodb.come_back();
     eventually(Duration::from_secs(20), || {
         let (mut data, token) = (mesh.data(), acme.token.clone());
-        async move { data.put_item(authed(put("after"), &token)).await.is_ok() }
+        async move { data.put_item(authed(put_v("after", "after"), &token)).await.is_ok() }
     })
     .await;
     for id in ["before", "sts-dark", "after"] {

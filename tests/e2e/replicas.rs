@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use tenantmesh_proto::data::v1::GetItemRequest;
 use tenantmesh_proto::data::v1::data_client::DataClient;
-use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
 use tenantmesh_proto::registry::v1::{SetTenantLimitsRequest, TenantLimits};
 use tenantmesh_test_support::*;
 use tonic::Code;
@@ -79,13 +79,7 @@ async fn a_tenants_rate_holds_across_three_data_service_replicas() {
         replicas.push(mesh.spawn_replica("data", &lease).await);
     }
     let clients: Vec<_> = replicas.iter().map(|r| DataClient::new(r.channel())).collect();
-    let put = PutItemRequest {
-        collection: "c".into(),
-        id: "x".into(),
-        attributes: Some(attrs(&[("k", "v")])),
-        expected_version: None,
-    };
-    clients[0].clone().put_item(authed(put, &acme.token)).await.unwrap();
+    clients[0].clone().put_item(authed(put_v("x", "v"), &acme.token)).await.unwrap();
 
     let offered = RATE * 3 / 2;
     let split = [offered * 80 / 100, offered * 15 / 100, offered * 5 / 100];

@@ -6,35 +6,16 @@
 //! onboarding process (`TENANTMESH_FAULTS`), so an onboarding (silo), a
 //! tier change silo -> pool and an offboarding meet all 17 steps.
 
-use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
+use tenantmesh_onboarding::workflow::Step;
+use tenantmesh_proto::data::v1::GetItemRequest;
 use tenantmesh_proto::onboarding::v1::*;
 use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, Tenant, TenantStatus};
 use tenantmesh_test_support::*;
 use tonic::Code;
 
-const STEPS: [&str; 17] = [
-    "create_tenant",
-    "provision_compute",
-    "provision_storage",
-    "create_admin_user",
-    "apply_limits",
-    "activate_tenant",
-    "pause_writes",
-    "copy_items",
-    "switch_placement",
-    "drain",
-    "remove_old_copy",
-    "suspend_tenant",
-    "export_items",
-    "delete_items",
-    "delete_resources",
-    "delete_users",
-    "mark_deleted",
-];
-
-/// `<kind>:<step>:<n>` for every step.
+/// `<kind>:<step>:<n>` for every step there is.
 fn every_step(kind: &str, n: u32) -> String {
-    STEPS.iter().map(|s| format!("{kind}:{s}:{n}")).collect::<Vec<_>>().join(";")
+    Step::ALL.iter().map(|s| format!("{kind}:{s}:{n}")).collect::<Vec<_>>().join(";")
 }
 
 async fn tenant(mesh: &TestMesh, id: &str) -> Tenant {
@@ -50,15 +31,6 @@ fn register(id: &str) -> RegisterTenantRequest {
         admin_email: "admin@faulty.example".into(),
         admin_password: "faulty-password".into(),
         idempotency_key: id.into(),
-    }
-}
-
-fn put(id: &str) -> PutItemRequest {
-    PutItemRequest {
-        collection: "c".into(),
-        id: id.into(),
-        attributes: Some(attrs(&[("v", id)])),
-        expected_version: None,
     }
 }
 
@@ -80,7 +52,7 @@ async fn retryable_failures_of_every_step_are_retried() {
     assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
     assert!(wf.steps.iter().all(|s| s.attempts == 3), "{:?}", attempts(&wf));
     let token = mesh.login(&id, "admin@faulty.example", "faulty-password").await.unwrap();
-    mesh.data().put_item(authed(put("kept"), &token)).await.unwrap();
+    mesh.data().put_item(authed(put_v("kept", "kept"), &token)).await.unwrap();
 
     let change = authed(ChangeTierRequest { tenant_id: id.clone(), tier: "standard".into() }, &admin);
     let started = mesh.onboarding().change_tier(change).await.unwrap().into_inner();
@@ -142,7 +114,7 @@ async fn permanent_failures_of_every_step_stop_at_once_and_retries_finish() {
     }
     assert_eq!(mesh.wait_workflow(&onboard).await.status, WorkflowStatus::Succeeded as i32);
     let token = mesh.login(&id, "admin@faulty.example", "faulty-password").await.unwrap();
-    mesh.data().put_item(authed(put("kept"), &token)).await.unwrap();
+    mesh.data().put_item(authed(put_v("kept", "kept"), &token)).await.unwrap();
     let silo = tenant(&mesh, &id).await;
 
     // Before the switch: rolled back, each time, to the silo as it was.

@@ -120,18 +120,14 @@ pub struct MeshState {
 }
 
 impl MeshState {
-    /// A fresh temp dir (and emulator, on DynamoDB) with the test settings,
-    /// to adjust with [`MeshState::set_env`] before [`TestMesh::start_on`].
-    pub fn fresh(backend: TestBackend) -> Self {
-        Self::new(backend)
-    }
-
     /// A setting as the next start will see it.
     pub fn env_var(&self, key: &str) -> Option<&str> {
         self.env.get(key).map(String::as_str)
     }
 
-    fn new(backend: TestBackend) -> Self {
+    /// A fresh temp dir (and emulator, on DynamoDB) with the test settings,
+    /// to adjust with [`MeshState::set_env`] before [`TestMesh::start_on`].
+    pub fn new(backend: TestBackend) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut env = test_env();
         env.insert("TENANTMESH_DATA_DIR".into(), dir.path().join("data").display().to_string());

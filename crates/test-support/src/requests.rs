@@ -25,6 +25,17 @@ pub fn attrs(pairs: &[(&str, &str)]) -> prost_types::Struct {
     }
 }
 
+/// An unconditional PutItem of item `id` of collection `c` whose string
+/// attribute `v` is `value`.
+pub fn put_v(id: &str, value: &str) -> tenantmesh_proto::data::v1::PutItemRequest {
+    tenantmesh_proto::data::v1::PutItemRequest {
+        collection: "c".into(),
+        id: id.into(),
+        attributes: Some(attrs(&[("v", value)])),
+        expected_version: None,
+    }
+}
+
 /// How many items of `tenant_id` `DataAdmin.ExportItems` streams from
 /// `table`, called with the service `token`.
 pub async fn exported_items(
