@@ -40,7 +40,8 @@ struct CachedSet {
 /// `kid` at most every `min_refresh_interval`, one fetch per URL at a time,
 /// each bounded in time and size.
 pub struct ExternalVerifier {
-    client: HttpsClient,
+    /// Built on the first fetch (see [`ExternalVerifier::client`]).
+    client: std::sync::OnceLock<HttpsClient>,
     min_refresh_interval: Duration,
     /// Known key sets per URL: read without waiting for a fetch in flight.
     sets: std::sync::RwLock<HashMap<String, CachedSet>>,
@@ -181,36 +182,46 @@ impl ExternalVerifier {
     /// and private hosts (development and tests:
     /// `TENANTMESH_JWKS_ALLOW_PRIVATE`).
     pub fn with_private_hosts(allow_private: bool) -> Self {
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let connector = || {
-            let mut http = HttpConnector::new_with_resolver(PublicResolver { allow_private });
-            http.enforce_http(false);
-            http
-        };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider.clone())
-            .map(|b| b.https_or_http().enable_http1().wrap_connector(connector()))
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "no native root certificates; external identity providers over https will fail");
-                let tls = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .expect("default protocol versions")
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth();
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls)
-                    .https_or_http()
-                    .enable_http1()
-                    .wrap_connector(connector())
-            });
         Self {
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: std::sync::OnceLock::new(),
             min_refresh_interval: Duration::from_secs(2),
             sets: std::sync::RwLock::new(HashMap::new()),
             fetching: std::sync::Mutex::new(HashMap::new()),
             fetch_timeout: Duration::from_secs(5),
             allow_private,
         }
+    }
+
+    /// The HTTPS client, built (root certificates loaded) on the first
+    /// fetch: most meshes never bind an external provider, and every
+    /// service builds a verifier at start-up.
+    fn client(&self) -> &HttpsClient {
+        self.client.get_or_init(|| {
+            let allow_private = self.allow_private;
+            let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let connector = || {
+                let mut http = HttpConnector::new_with_resolver(PublicResolver { allow_private });
+                http.enforce_http(false);
+                http
+            };
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_native_roots(provider.clone())
+                .map(|b| b.https_or_http().enable_http1().wrap_connector(connector()))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "no native root certificates; external identity providers over https will fail");
+                    let tls = rustls::ClientConfig::builder_with_provider(provider)
+                        .with_safe_default_protocol_versions()
+                        .expect("default protocol versions")
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth();
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(tls)
+                        .https_or_http()
+                        .enable_http1()
+                        .wrap_connector(connector())
+                });
+            Client::builder(TokioExecutor::new()).build(https)
+        })
     }
 
     /// Sets the time a whole JWKS fetch may take (default 5 s).
@@ -230,7 +241,7 @@ impl ExternalVerifier {
         }
         let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| unavailable(e.to_string()))?;
         let fetch = async {
-            let resp = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            let resp = self.client().get(uri).await.map_err(|e| e.to_string())?;
             if !resp.status().is_success() {
                 return Err(format!("http status {}", resp.status()));
             }
