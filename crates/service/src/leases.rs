@@ -383,7 +383,7 @@ impl RateShares {
 
     /// Tenants that asked for a lease between intervals.
     async fn asked(self: &Arc<Self>, demands: &HashMap<Arc<str>, Demand>) {
-        let even = f64::from(ONE) / f64::from(self.replicas());
+        let replicas = f64::from(self.replicas());
         let renewals: Vec<_> = self
             .tenants
             .read()
@@ -393,8 +393,8 @@ impl RateShares {
             .map(|(id, t)| {
                 let rate = f64::from(t.rate.load(Ordering::Relaxed).max(1));
                 // Not measured yet: an even share.
-                let want = demands.get(id).and_then(|d| d.rate).map_or(rate * even / f64::from(ONE), |r| r * HEADROOM);
-                (id.clone(), t.clone(), want.max(rate * LEASE_THRESHOLD / f64::from(self.replicas())))
+                let want = demands.get(id).and_then(|d| d.rate).map_or(rate / replicas, |r| r * HEADROOM);
+                (id.clone(), t.clone(), want.max(rate * LEASE_THRESHOLD / replicas))
             })
             .collect();
         self.renew_all(renewals).await;
