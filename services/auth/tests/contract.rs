@@ -198,34 +198,37 @@ fn auth_from(
     tenantmesh_proto::auth::v1::auth_client::AuthClient::new(channel)
 }
 
-/// 30 wrong passwords and the right one sent at once for one account: each
-/// attempt is counted before its password is checked, so at most the five
-/// free attempts and the one that locks are checked (answered
-/// UNAUTHENTICATED or, for the right one, with tokens); the rest are
-/// RESOURCE_EXHAUSTED without a check. (It used to check all 31.)
+/// 30 wrong passwords sent at once for one account: each attempt is
+/// counted before its password is checked, so at most the five free
+/// attempts and the one that locks are checked (UNAUTHENTICATED); the rest
+/// are refused without a check (it used to check all 30). The owner, from
+/// another address, still gets in afterwards.
 #[tokio::test]
 async fn a_parallel_guessing_burst_gets_only_the_free_attempts() {
     let mesh = TestMesh::start().await;
     let t = mesh.onboard(&unique_tenant("burst")).await;
-    let calls: Vec<_> = (0..31)
+    let guesses: Vec<_> = (0..30)
         .map(|i| {
-            let mut auth = mesh.auth();
-            let password = if i == 15 { t.admin_password.clone() } else { format!("wrong-password-{i}") };
-            let req = login(&t.tenant_id, &t.admin_email, &password);
+            let mut auth = auth_from(&mesh, "127.0.0.2");
+            let req = login(&t.tenant_id, &t.admin_email, &format!("wrong-password-{i}"));
             tokio::spawn(async move { auth.login(req).await })
         })
         .collect();
     let (mut checked, mut refused) = (0, 0);
-    for c in calls {
+    for c in guesses {
         match c.await.unwrap() {
-            Ok(_) => checked += 1,
             Err(s) if s.code() == Code::Unauthenticated => checked += 1,
             Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
-            Err(s) => panic!("{s:?}"),
+            // The emulator now and then fails one of 30 simultaneous
+            // conditional writes: that attempt is refused unchecked too.
+            Err(s) if s.code() == Code::Unavailable => refused += 1,
+            other => panic!("{other:?}"),
         }
     }
     assert!(checked <= 6, "{checked} passwords checked, {refused} refused");
-    assert_eq!(checked + refused, 31);
+    assert_eq!(checked + refused, 30);
+    let right = login(&t.tenant_id, &t.admin_email, &t.admin_password);
+    auth_from(&mesh, "127.0.0.3").login(right).await.expect("the owner, elsewhere, is not locked out");
     mesh.shutdown().await;
 }
 
