@@ -13,6 +13,7 @@
 
 mod access;
 mod attacks;
+mod auth_records;
 mod compose_wiring;
 mod crash_recovery;
 mod cross_service;

@@ -4,6 +4,7 @@
 
 pub mod anonymous;
 mod error;
+pub mod expiry;
 pub mod keys;
 pub mod lockout;
 use tenantmesh_credentials::{
@@ -655,6 +656,7 @@ pub async fn serve(
         config.common.token_cache_capacity,
         config.common.clone(),
     );
+    let (sweep_store, window) = (store.clone(), config.lockout.window());
     let service = AuthService::new(config, store, directory.clone()).await?;
     if let Some(password) = service.bootstrap_admin().await? {
         // Printed once, on the terminal only: never into the JSON logs.
@@ -676,6 +678,7 @@ pub async fn serve(
             }
         }
     });
+    let sweeper = expiry::start(sweep_store, window);
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
     let authn = Authenticator::new(Arc::new(verifier), directory).with_admission(&common);
     let served = tenantmesh_service::runtime::serve(
@@ -688,9 +691,11 @@ pub async fn serve(
         shutdown,
     )
     .await;
-    // The reloader holds the store: it ends with the service.
-    reloader.abort();
-    let _ = reloader.await;
+    // The reloader and the sweeper hold the store: they end with the service.
+    for task in [reloader, sweeper] {
+        task.abort();
+        let _ = task.await;
+    }
     served?;
     Ok(())
 }

@@ -16,12 +16,16 @@
 //! RESOURCE_EXHAUSTED and `RetryInfo`, even with the right password.
 //! Failures are counted for unknown emails too, so the lockout reveals
 //! nothing about which users exist. The records live in the auth table, so
-//! replicas share them.
+//! replicas share them. A record expires once quiet for the lockout window
+//! (`max_lockout`: no failure in that long and no lockout running), and
+//! the sweeper ([`crate::expiry`]) purges it: failures far apart do not add
+//! up, and guesses at random emails from random addresses leave nothing
+//! behind for long.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tenantmesh_storage::{Condition, DynTable, StorageError};
+use tenantmesh_storage::{Condition, DynTable, StorageError, Write};
 
 use crate::AuthError;
 
@@ -44,6 +48,12 @@ impl Default for LockoutPolicy {
 }
 
 impl LockoutPolicy {
+    /// How long a failure is remembered: the longest lockout (at least a
+    /// minute).
+    pub fn window(&self) -> Duration {
+        self.max_lockout.max(Duration::from_secs(60))
+    }
+
     /// The lockout after `failures` failures in a row, if any.
     pub fn lockout_after(&self, failures: u32) -> Option<Duration> {
         let over = failures.checked_sub(self.free_attempts.saturating_add(1))?;
@@ -56,17 +66,31 @@ impl LockoutPolicy {
 struct Failures {
     count: u32,
     locked_until_ms: i64,
+    /// When the last failure was counted.
+    #[serde(default)]
+    last_ms: i64,
 }
+
+pub(crate) const ACCOUNT_PREFIX: &str = "login#";
+pub(crate) const CLIENT_PREFIX: &str = "login-client#";
 
 /// The account's record.
 fn account_sk(email: &str) -> String {
-    format!("login#{email}")
+    format!("{ACCOUNT_PREFIX}{email}")
 }
 
 /// The record of one client address of the account (a prefix no account
 /// record has, whatever the email holds).
 fn client_sk(email: &str, client: &str) -> String {
-    format!("login-client#{client}#{email}")
+    format!("{CLIENT_PREFIX}{client}#{email}")
+}
+
+/// When a failures record holding `data` expires (Unix seconds): `window`
+/// after its last failure, and never while its lockout runs.
+pub(crate) fn expires_at(data: &[u8], window: Duration) -> Option<i64> {
+    let f: Failures = serde_json::from_slice(data).ok()?;
+    let until_ms = f.locked_until_ms.max(f.last_ms.saturating_add(window.as_millis() as i64));
+    Some(until_ms.div_euclid(1000) + 1)
 }
 
 fn now_ms() -> i64 {
@@ -111,13 +135,22 @@ async fn take(store: &DynTable, free: u32, policy: LockoutPolicy, tenant: &str, 
             return Err(AuthError::LockedOut(Duration::from_millis((f.locked_until_ms - now) as u64)));
         }
         f.count = f.count.saturating_add(1);
+        f.last_ms = now;
         let lock = policy.lockout_after(f.count);
         if let Some(lock) = lock {
             f.locked_until_ms = now + lock.as_millis() as i64;
         }
         let data = serde_json::to_vec(&f).map_err(corrupt)?;
-        match store.put(tenant, sk, data, condition).await {
-            Ok(_) => {
+        let written = if condition == Condition::NotExists {
+            // A new record gets its expiry entry with it.
+            let expiry = crate::expiry::entry(tenant, sk, now.div_euclid(1000) + policy.window().as_secs() as i64 + 1);
+            let record = Write::Put { pk: tenant.into(), sk: sk.into(), data, condition };
+            store.transact_write(vec![record, expiry]).await
+        } else {
+            store.put(tenant, sk, data, condition).await.map(drop)
+        };
+        match written {
+            Ok(()) => {
                 if let Some(lock) = lock {
                     let scope = if sk.starts_with("login-client#") { "client" } else { "account" };
                     tracing::warn!(security_event = "login_locked", scope, failures = f.count, lockout = ?lock, "login locked out");

@@ -7,7 +7,8 @@
 //! use or the owner's, whichever comes second, finds it spent); older
 //! spent tokens are deleted as the family rotates, so refreshing, however
 //! often, does not grow the store. An older token presented again is
-//! simply unknown.
+//! simply unknown. Expired tokens and families, and revoked families, are
+//! purged by the sweeper ([`crate::expiry`]).
 
 use serde::{Deserialize, Serialize};
 use tenantmesh_storage::{Condition, DynTable, StorageError, Write};
@@ -33,14 +34,30 @@ pub(crate) struct RefreshRecord {
 #[derive(Debug, Serialize, Deserialize)]
 struct Family {
     revoked: bool,
+    /// When its newest token expires (Unix seconds); a revoked family
+    /// expires at once.
+    #[serde(default)]
+    expire_time: i64,
 }
 
+pub(crate) const TOKEN_PREFIX: &str = "refresh#";
+pub(crate) const FAMILY_PREFIX: &str = "family#";
+
 fn token_sk(token: &str) -> String {
-    format!("refresh#{}", sha256_hex(token.as_bytes()))
+    format!("{TOKEN_PREFIX}{}", sha256_hex(token.as_bytes()))
 }
 
 fn family_sk(family: &str) -> String {
-    format!("family#{family}")
+    format!("{FAMILY_PREFIX}{family}")
+}
+
+/// When the token or family record `sk` holding `data` expires.
+pub(crate) fn expires_at(sk: &str, data: &[u8]) -> Option<i64> {
+    if sk.starts_with(FAMILY_PREFIX) {
+        serde_json::from_slice::<Family>(data).ok().map(|f| f.expire_time)
+    } else {
+        serde_json::from_slice::<RefreshRecord>(data).ok().map(|r| r.expire_time)
+    }
 }
 
 /// The tenant a refresh token belongs to, if it is well formed.
@@ -66,11 +83,12 @@ pub(crate) async fn start_family(
 ) -> Result<String, AuthError> {
     let family = random_token(16);
     let token = format!("{tenant}.{}", random_token(32));
+    let expire_time = now_secs() + REFRESH_TTL_SECS;
     let record = RefreshRecord {
         user_id: user_id.into(),
         email: email.into(),
         family: family.clone(),
-        expire_time: now_secs() + REFRESH_TTL_SECS,
+        expire_time,
         spent: false,
         previous: String::new(),
     };
@@ -79,7 +97,7 @@ pub(crate) async fn start_family(
             Write::Put {
                 pk: tenant.into(),
                 sk: family_sk(&family),
-                data: json(&Family { revoked: false })?,
+                data: json(&Family { revoked: false, expire_time })?,
                 condition: Condition::NotExists,
             },
             Write::Put {
@@ -88,13 +106,28 @@ pub(crate) async fn start_family(
                 data: json(&record)?,
                 condition: Condition::NotExists,
             },
+            crate::expiry::entry(tenant, &family_sk(&family), expire_time),
+            crate::expiry::entry(tenant, &token_sk(&token), expire_time),
         ])
         .await?;
     Ok(token)
 }
 
+/// Revokes the family; it expires at once, so the sweeper purges it
+/// within about a minute (its tokens, unusable now, at their expiry).
 async fn revoke_family(store: &DynTable, tenant: &str, family: &str) -> Result<(), AuthError> {
-    store.put(tenant, &family_sk(family), json(&Family { revoked: true })?, Condition::None).await?;
+    let now = now_secs();
+    store
+        .transact_write(vec![
+            Write::Put {
+                pk: tenant.into(),
+                sk: family_sk(family),
+                data: json(&Family { revoked: true, expire_time: now })?,
+                condition: Condition::None,
+            },
+            crate::expiry::entry(tenant, &family_sk(family), now),
+        ])
+        .await?;
     Ok(())
 }
 
@@ -138,8 +171,8 @@ pub(crate) async fn rotate(store: &DynTable, token: &str, live: Live) -> Result<
     let Live { tenant, record, version, family_version } = live;
     let next = format!("{tenant}.{}", random_token(32));
     let spent = RefreshRecord { spent: true, ..record.clone() };
-    let successor =
-        RefreshRecord { expire_time: now_secs() + REFRESH_TTL_SECS, previous: token_sk(token), ..record.clone() };
+    let expire_time = now_secs() + REFRESH_TTL_SECS;
+    let successor = RefreshRecord { expire_time, previous: token_sk(token), ..record.clone() };
     let mut writes = vec![
         Write::Put {
             pk: tenant.clone(),
@@ -153,11 +186,15 @@ pub(crate) async fn rotate(store: &DynTable, token: &str, live: Live) -> Result<
             data: json(&successor)?,
             condition: Condition::NotExists,
         },
-        Write::Check {
+        // The family lives as long as its newest token (the sweeper finds
+        // it extended at its first entry, and looks again later).
+        Write::Put {
             pk: tenant.clone(),
             sk: family_sk(&record.family),
+            data: json(&Family { revoked: false, expire_time })?,
             condition: Condition::Version(family_version),
         },
+        crate::expiry::entry(&tenant, &token_sk(&next), expire_time),
     ];
     // The token spent before this one goes: this one, spent now, takes its
     // place as the family's reuse tripwire.

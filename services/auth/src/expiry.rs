@@ -1,0 +1,161 @@
+//! Purging what expires in the auth table, so that it does not grow
+//! without bound however many cheap calls are made: refresh tokens once
+//! they expire, their families when their last token expires (a revoked
+//! family at once), and login-failure records once quiet for the lockout
+//! window.
+//!
+//! One mechanism on both backends (DynamoDB's own TTL deletes "within a
+//! few days" and the emulator not at all): every such record, when
+//! created, gets an entry in an expiry index, the partition
+//! `expiry#<hour>` of the hour it expires in, sort key
+//! `<tenant>#<record sort key>`, written in the same transaction. A
+//! sweeper (every auth replica, every minute) goes through the hours
+//! that have ended since its cursor: each record it finds expired is
+//! deleted (conditioned on the version it read); one that has been
+//! extended since (a family refreshed, a failure counted again) gets an
+//! entry at its new expiry instead; then the entry goes. Replicas sweeping
+//! the same minute do the same idempotent work.
+
+use std::time::Duration;
+
+use tenantmesh_storage::{Condition, DynTable, Query, StorageError, Write};
+
+/// Width of one expiry bucket: a record is purged within this long after
+/// it expires (an empty bucket costs the sweeper one query).
+pub const BUCKET_SECS: i64 = 3600;
+/// How often the sweeper runs.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// At most a week of buckets per sweep (catching up after a longer stop
+/// takes several sweeps).
+pub const MAX_BUCKETS_PER_SWEEP: i64 = 7 * 24;
+/// Where the sweeper keeps the last bucket it finished.
+const CURSOR: (&str, &str) = ("sweeper", "expiry-cursor");
+
+fn bucket(at_secs: i64) -> i64 {
+    at_secs.div_euclid(BUCKET_SECS)
+}
+
+fn index_pk(bucket: i64) -> String {
+    format!("expiry#{bucket}")
+}
+
+/// The index entry that has the sweeper look at `(tenant, sk)` once
+/// `at_secs` has passed: a write for the record's own transaction.
+pub(crate) fn entry(tenant: &str, sk: &str, at_secs: i64) -> Write {
+    let (pk, sk) = entry_key(tenant, sk, at_secs);
+    Write::Put { pk, sk, data: Vec::new(), condition: Condition::None }
+}
+
+fn entry_key(tenant: &str, sk: &str, at_secs: i64) -> (String, String) {
+    (index_pk(bucket(at_secs)), format!("{tenant}#{sk}"))
+}
+
+async fn put_entry(store: &DynTable, tenant: &str, sk: &str, at_secs: i64) -> Result<(), StorageError> {
+    let (pk, sk) = entry_key(tenant, sk, at_secs);
+    store.put(&pk, &sk, Vec::new(), Condition::None).await.map(drop)
+}
+
+/// When the record `sk` holding `data` expires (Unix seconds), if it is a
+/// kind that does.
+fn expires_at(sk: &str, data: &[u8], window: Duration) -> Option<i64> {
+    if sk.starts_with(crate::refresh::TOKEN_PREFIX) || sk.starts_with(crate::refresh::FAMILY_PREFIX) {
+        crate::refresh::expires_at(sk, data)
+    } else if sk.starts_with(crate::lockout::ACCOUNT_PREFIX) || sk.starts_with(crate::lockout::CLIENT_PREFIX) {
+        crate::lockout::expires_at(data, window)
+    } else {
+        None
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Buckets gone through.
+    pub buckets: u64,
+    /// Expired records deleted.
+    pub deleted: u64,
+    /// Records found extended, looked at again at their new expiry.
+    pub rescheduled: u64,
+}
+
+/// Sweeps every bucket that ended by `now_secs` and after the cursor (at
+/// most [`MAX_BUCKETS_PER_SWEEP`]), deleting what has expired; `window` is the
+/// login-failure window ([`crate::lockout::LockoutPolicy::window`]).
+pub async fn sweep(store: &DynTable, now_secs: i64, window: Duration) -> Result<Swept, StorageError> {
+    let mut swept = Swept::default();
+    let current = bucket(now_secs);
+    // The first sweep of a table starts a day back: entries are written
+    // for future hours, and the sweeper runs from a service's start.
+    let cursor = match store.get(CURSOR.0, CURSOR.1).await? {
+        Some(item) => std::str::from_utf8(&item.data).ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or(current - 24),
+        None => current - 24,
+    };
+    let last = (current - 1).min(cursor + MAX_BUCKETS_PER_SWEEP);
+    for b in cursor + 1..=last {
+        sweep_bucket(store, b, now_secs, window, &mut swept).await?;
+        swept.buckets += 1;
+    }
+    // Once per sweep: a sweep cut short does its buckets again (the same
+    // idempotent work).
+    if last > cursor {
+        store.put(CURSOR.0, CURSOR.1, last.to_string().into_bytes(), Condition::None).await?;
+    }
+    if swept.deleted > 0 || swept.rescheduled > 0 {
+        tracing::info!(deleted = swept.deleted, rescheduled = swept.rescheduled, "expired auth records purged");
+    }
+    Ok(swept)
+}
+
+async fn sweep_bucket(
+    store: &DynTable,
+    b: i64,
+    now_secs: i64,
+    window: Duration,
+    swept: &mut Swept,
+) -> Result<(), StorageError> {
+    let pk = index_pk(b);
+    let mut start_after = None;
+    loop {
+        let page = store.query(Query { pk: pk.clone(), sk_prefix: String::new(), start_after, limit: 100 }).await?;
+        for e in &page.items {
+            if let Some((tenant, sk)) = e.sk.split_once('#')
+                && let Some(record) = store.get(tenant, sk).await?
+            {
+                match expires_at(sk, &record.data, window) {
+                    Some(at) if at > now_secs => {
+                        put_entry(store, tenant, sk, at).await?;
+                        swept.rescheduled += 1;
+                    }
+                    Some(_) => match store.delete(tenant, sk, Condition::Version(record.version)).await {
+                        Ok(_) => swept.deleted += 1,
+                        // Written meanwhile: look again next bucket.
+                        Err(StorageError::ConditionFailed { .. }) => {
+                            put_entry(store, tenant, sk, now_secs + BUCKET_SECS).await?;
+                            swept.rescheduled += 1;
+                        }
+                        Err(e) => return Err(e),
+                    },
+                    None => {}
+                }
+            }
+            store.delete(&pk, &e.sk, Condition::None).await?;
+        }
+        match page.last_evaluated {
+            Some(sk) => start_after = Some(sk),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Sweeps every [`SWEEP_EVERY`] until dropped (aborted with the service).
+pub fn start(store: DynTable, window: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = sweep(&store, crate::now_secs(), window).await {
+                tracing::warn!(error = %e, "sweeping expired auth records failed; trying again next minute");
+            }
+        }
+    })
+}
