@@ -51,6 +51,9 @@ pub enum VerifyError {
     KeysUnavailable(String),
 }
 
+/// The longest lifetime (`exp` after `iat`, or after now) a token may have.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 86_400;
+
 /// Where verification keys come from.
 #[async_trait]
 pub trait KeySource: Send + Sync + 'static {
@@ -173,6 +176,12 @@ impl TokenVerifier {
         let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(map_jwt_error)?;
         let claims = data.claims;
         if tenantmesh_service::validate_tenant_id(&claims.tenant_id).is_err() || claims.roles.is_empty() {
+            return Err(VerifyError::Claims);
+        }
+        // However it was signed, a token lives at most a day (the auth
+        // service's own ceiling): a leaked long-lived token is refused.
+        let now = jsonwebtoken::get_current_timestamp();
+        if claims.exp.saturating_sub(claims.iat.min(now)) > MAX_TOKEN_LIFETIME_SECS + self.validation.leeway {
             return Err(VerifyError::Claims);
         }
         // Cross-tenant roles exist only in the platform tenant.
@@ -693,6 +702,9 @@ mod tests {
             (|c| c.roles.clear(), |e| matches!(e, VerifyError::Claims)),
             (|c| c.roles = vec![Role::PlatformAdmin], |e| matches!(e, VerifyError::Claims)),
             (|c| c.roles = vec![Role::Service], |e| matches!(e, VerifyError::Claims)),
+            // Lifetimes over a day, with or without an honest `iat`.
+            (|c| c.exp = now() + 2 * 86_400, |e| matches!(e, VerifyError::Claims)),
+            (|c| c.iat = now() - 86_400, |e| matches!(e, VerifyError::Claims)),
         ];
         for (i, (mutate, expected)) in cases.into_iter().enumerate() {
             let mut c = claims("acme", vec![Role::TenantUser]);
