@@ -227,4 +227,56 @@ mod tests {
             "Condition":{"NumericLessThan":{"aws:x":"1"}}}]}"#;
         assert_eq!(parse(json), Err(PolicyError::UnsupportedOperator("NumericLessThan".into())));
     }
+
+    mod properties {
+        use super::*;
+        use crate::eval::{RequestContext, evaluate};
+        use proptest::prelude::*;
+
+        fn tenant_id() -> impl Strategy<Value = String> {
+            "[a-z0-9][a-z0-9-]{2,62}"
+        }
+
+        fn table() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9_.-]{3,60}"
+        }
+
+        proptest! {
+            /// For any tenant and table: the policy renders within the
+            /// session-policy limit and parses back to itself; it allows
+            /// every data action on the tenant's own partition of that
+            /// table, and refuses another tenant's partition, a request
+            /// naming both, another table, and Scan.
+            #[test]
+            fn a_policy_confines_its_tenant(tenant in tenant_id(), other in tenant_id(), t in table(), t2 in table()) {
+                prop_assume!(tenant != other && t != t2);
+                let placement = Placement::new("us-east-1", "123456789012", &t);
+                let doc = tenant_policy(&tenant, &placement).unwrap();
+                let packed = render(&doc).unwrap();
+                prop_assert!(packed.len() <= MAX_SESSION_POLICY_LEN);
+                prop_assert_eq!(&parse(&packed).unwrap(), &doc);
+                let arn = placement.table_arn();
+                let other_arn = Placement::new("us-east-1", "123456789012", &t2).table_arn();
+                for action in DATA_ACTIONS {
+                    let allowed = |arn: &str, keys: Vec<String>| evaluate(&doc, &RequestContext::dynamodb(action, arn, keys)).is_allowed();
+                    prop_assert!(allowed(&arn, vec![tenant.clone()]), "{} on its own partition", action);
+                    prop_assert!(!allowed(&arn, vec![other.clone()]), "{} on another tenant's", action);
+                    prop_assert!(!allowed(&arn, vec![tenant.clone(), other.clone()]), "{} naming both", action);
+                    prop_assert!(!allowed(&other_arn, vec![tenant.clone()]), "{} on another table", action);
+                }
+                prop_assert!(!evaluate(&doc, &RequestContext::dynamodb("dynamodb:Scan", &arn, Vec::new())).is_allowed());
+            }
+
+            /// An id that is not a safe tenant id never reaches a policy.
+            #[test]
+            fn unsafe_ids_are_refused(id in ".{0,70}") {
+                let safe = check_tenant_id(&id).is_ok();
+                let result = tenant_policy(&id, &Placement::new("us-east-1", "123456789012", "pool"));
+                prop_assert_eq!(result.is_ok(), safe);
+                if safe {
+                    prop_assert!(!id.contains(['*', '?', '"', '$']));
+                }
+            }
+        }
+    }
 }

@@ -70,4 +70,49 @@ mod tests {
         assert_eq!(decode_token(&mut v, "junk", ""), None);
         assert_eq!(crate::errors::violated_fields(&v.check().unwrap_err()), vec!["page_token", "page_token"]);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// A token resumes exactly where it was made, for any sort key
+            /// in the query's range.
+            #[test]
+            fn tokens_round_trip(prefix in ".{0,20}", rest in ".{0,200}") {
+                let sk = format!("{prefix}{rest}");
+                let mut v = Violations::new();
+                prop_assert_eq!(decode_token(&mut v, &encode_token(&sk), &prefix), Some(sk));
+                prop_assert!(v.is_empty());
+            }
+
+            /// No token, however made, widens a query: whatever decodes lies
+            /// in the query's range; anything else is a page_token
+            /// violation, never a panic.
+            #[test]
+            fn no_token_widens_a_query(token in ".{0,300}", raw in proptest::collection::vec(any::<u8>(), 0..200), prefix in "[a-z]{0,3}#?") {
+                let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
+                for t in [token, b64] {
+                    let mut v = Violations::new();
+                    match decode_token(&mut v, &t, &prefix) {
+                        Some(sk) => prop_assert!(sk.starts_with(&prefix) && v.is_empty()),
+                        None => prop_assert_eq!(t.is_empty(), v.is_empty()),
+                    }
+                }
+            }
+
+            /// Page sizes: 0 is the default, 1..=1000 as asked, anything
+            /// else a violation.
+            #[test]
+            fn page_sizes(size in any::<i32>()) {
+                let mut v = Violations::new();
+                let n = page_size(&mut v, size);
+                match size {
+                    0 => prop_assert_eq!(n, DEFAULT_PAGE_SIZE),
+                    1..=MAX_PAGE_SIZE => prop_assert_eq!(n, size as usize),
+                    _ => prop_assert!(!v.is_empty()),
+                }
+            }
+        }
+    }
 }

@@ -136,6 +136,10 @@ pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
         return None;
     }
     let (n, unit) = v.split_at(v.len() - 1);
+    // ASCII digits only (`u64::from_str` would take a leading `+` too).
+    if !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = n.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -198,10 +202,56 @@ mod grpc_timeout_tests {
         assert_eq!(h("5S"), Some(Duration::from_secs(5)));
         assert_eq!(h("2M"), Some(Duration::from_secs(120)));
         assert_eq!(h("100u"), Some(Duration::from_micros(100)));
-        for bad in ["", "m", "5x", "-5m", "1234567890S"] {
+        for bad in ["", "m", "5x", "-5m", "+5m", "1234567890S"] {
             assert_eq!(h(bad), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn headers(v: &str) -> http::HeaderMap {
+            let mut h = http::HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(v) {
+                h.insert("grpc-timeout", v);
+            }
+            h
+        }
+
+        proptest! {
+            /// Every well-formed `grpc-timeout` (1 to 8 digits and a unit)
+            /// is read as its duration.
+            #[test]
+            fn well_formed_timeouts_are_read(
+                n in 0u64..100_000_000,
+                unit in prop::sample::select(vec!['H', 'M', 'S', 'm', 'u', 'n']),
+            ) {
+                let expected = match unit {
+                    'H' => Duration::from_secs(n * 3600),
+                    'M' => Duration::from_secs(n * 60),
+                    'S' => Duration::from_secs(n),
+                    'm' => Duration::from_millis(n),
+                    'u' => Duration::from_micros(n),
+                    _ => Duration::from_nanos(n),
+                };
+                prop_assert_eq!(grpc_timeout(&headers(&format!("{n}{unit}"))), Some(expected));
+            }
+
+            /// Anything else is no deadline, never a panic.
+            #[test]
+            fn malformed_timeouts_are_ignored(v in ".{0,12}") {
+                let well_formed = v.len() >= 2
+                    && v.len() <= 9
+                    && v.is_char_boundary(v.len() - 1)
+                    && v[..v.len() - 1].bytes().all(|b| b.is_ascii_digit())
+                    && "HMSmun".contains(&v[v.len() - 1..]);
+                if !well_formed {
+                    prop_assert_eq!(grpc_timeout(&headers(&v)), None);
+                }
+            }
+        }
     }
 }
 

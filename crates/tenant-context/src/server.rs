@@ -418,3 +418,38 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn headers(value: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(value) {
+            h.insert(metadata::AUTHORIZATION, v);
+        }
+        h
+    }
+
+    proptest! {
+        /// `Bearer <token>` yields exactly the token, for any token a JWT or
+        /// an opaque token could be.
+        #[test]
+        fn bearer_tokens_are_read(token in "[A-Za-z0-9._~+/=-]{1,2000}", lower in any::<bool>()) {
+            let scheme = if lower { "bearer" } else { "Bearer" };
+            let h = headers(&format!("{scheme} {token}"));
+            prop_assert_eq!(bearer_token(&h).unwrap(), token.as_str());
+        }
+
+        /// Any other header is UNAUTHENTICATED, never a panic, and never
+        /// yields an empty token.
+        #[test]
+        fn anything_else_is_unauthenticated(value in ".{0,100}") {
+            match bearer_token(&headers(&value)) {
+                Ok(t) => prop_assert!(!t.is_empty() && (value.starts_with("Bearer ") || value.starts_with("bearer "))),
+                Err(s) => prop_assert_eq!(s.code(), tonic::Code::Unauthenticated),
+            }
+        }
+    }
+}

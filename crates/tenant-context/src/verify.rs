@@ -743,4 +743,49 @@ mod tests {
         assert!(v.verify(&none).await.is_err());
         assert!(matches!(v.verify("garbage").await, Err(VerifyError::Malformed)));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// No string is accepted as a token unless it is one: garbage,
+            /// three base64 parts of anything, or a real token with one
+            /// byte changed is refused, never a panic.
+            #[test]
+            fn only_real_tokens_verify(
+                garbage in ".{0,200}",
+                parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 3),
+                flip in any::<prop::sample::Index>(),
+            ) {
+                use base64::Engine as _;
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let (v, key) = setup();
+                let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+                let forged = parts.iter().map(|p| b64(p)).collect::<Vec<_>>().join(".");
+                let real = sign(&claims("acme", vec![Role::TenantUser]), &key, Some("k1"));
+                let mut tampered = real.clone().into_bytes();
+                let i = flip.index(tampered.len());
+                tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+                let tampered = String::from_utf8(tampered).unwrap();
+                rt.block_on(async {
+                    for token in [&garbage, &forged] {
+                        prop_assert!(v.verify(token).await.is_err());
+                    }
+                    // Refused, unless the change fell in a last character's
+                    // spare bits and every part decodes as before.
+                    let decoded = |t: &str| {
+                        t.split('.')
+                            .map(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+                            .collect::<Vec<_>>()
+                    };
+                    if decoded(&tampered) != decoded(&real) {
+                        prop_assert!(v.verify(&tampered).await.is_err());
+                    }
+                    prop_assert!(v.verify(&real).await.is_ok());
+                    Ok(())
+                })?;
+            }
+        }
+    }
 }
