@@ -421,3 +421,73 @@ async fn a_tier_change_that_cannot_copy_is_rolled_back() {
     assert_ne!(again.workflow_id, started.workflow_id, "a new change starts");
     mesh.shutdown().await;
 }
+
+/// The fence, against a write delayed in flight: a PutItem that passed its
+/// checks while the tenant was ACTIVE is held (by `TENANTMESH_DATA_FAULTS`)
+/// until the tier change has raised the old table's fence and copied the
+/// items, then reaches the old table. It is refused there with UNAVAILABLE
+/// and RetryInfo (without the fence it would land where no copy sees it,
+/// acknowledged and lost); retried, it lands in the new placement. Writers
+/// running throughout find every acknowledged write there exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_stalled_across_the_copy_is_fenced_and_retried() {
+    use tonic_types::StatusExt;
+    const STALL_MS: u64 = 4000;
+    let stall = format!("stall-writes:{STALL_MS}");
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_DATA_FAULTS", &stall)]).await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("fence"), "standard").await;
+    let before = tenant(&mesh, &t.tenant_id).await.placement.unwrap();
+    let mut expected: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    for i in 0..20 {
+        let item = mesh.data().put_item(authed(put("c", &format!("i{i:02}"), "v1"), &t.token)).await.unwrap();
+        expected.insert(format!("i{i:02}"), ("v1".into(), item.into_inner().item.unwrap().version));
+    }
+
+    let mut data = mesh.data();
+    let token = t.token.clone();
+    let stalled = tokio::spawn(async move { data.put_item(authed(put("c", "stall-1", "late"), &token)).await });
+    // Past its checks (the tenant ACTIVE) and held before the write.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let req = authed(ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "premium".into() }, &admin);
+    let wf_id = mesh.onboarding().change_tier(req).await.unwrap().into_inner().workflow_id;
+    let mut k = 0;
+    while !stalled.is_finished() {
+        let (id, value) = (format!("i{:02}", k % 20), format!("w{k}"));
+        match mesh.data().put_item(authed(put("c", &id, &value), &t.token)).await {
+            Ok(r) => {
+                expected.insert(id, (value, r.into_inner().item.unwrap().version));
+            }
+            Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+        }
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = stalled.await.unwrap();
+    let wf = mesh.wait_workflow(&wf_id).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    let copy = wf.steps.iter().find(|s| s.name == "copy_items").expect("a copy step");
+    assert_eq!(copy.state, StepState::Done as i32, "{wf:?}");
+    assert!(started.elapsed() > Duration::from_millis(STALL_MS / 2), "the write was not held across the move");
+    let refused = first.expect_err("the late write landed in the old table after the copy");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.get_details_retry_info().is_some(), "no RetryInfo: {refused:?}");
+
+    // The client's retry reaches the new placement (held again, then written).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let version = loop {
+        match mesh.data().put_item(authed(put("c", "stall-1", "late"), &t.token)).await {
+            Ok(r) => break r.into_inner().item.unwrap().version,
+            Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "the retried write never landed");
+    };
+    expected.insert("stall-1".into(), ("late".into(), version));
+    assert_eq!(version, 1, "written once");
+    assert_eq!(all_items(&mesh, &t.token).await, expected);
+    let now = tenant(&mesh, &t.tenant_id).await.placement.unwrap();
+    assert_ne!(now.table, before.table);
+    assert_eq!(stored_in(&mesh, &t.tenant_id, &before.table).await.unwrap(), 0, "items left in the old table");
+    mesh.shutdown().await;
+}

@@ -125,6 +125,26 @@ impl Table for ScopedTable {
         self.inner.delete(pk, sk, condition).await
     }
 
+    /// A check of the fence item and a put: both actions, one partition.
+    async fn put_fenced(
+        &self,
+        pk: &str,
+        sk: &str,
+        data: Vec<u8>,
+        condition: Condition,
+        fence_sk: &str,
+    ) -> Result<Item> {
+        self.check(Action::ConditionCheckItem, pk)?;
+        self.check(Action::PutItem, pk)?;
+        self.inner.put_fenced(pk, sk, data, condition, fence_sk).await
+    }
+
+    async fn delete_fenced(&self, pk: &str, sk: &str, condition: Condition, fence_sk: &str) -> Result<Option<u64>> {
+        self.check(Action::ConditionCheckItem, pk)?;
+        self.check(Action::DeleteItem, pk)?;
+        self.inner.delete_fenced(pk, sk, condition, fence_sk).await
+    }
+
     async fn query(&self, query: Query) -> Result<Page> {
         self.check(Action::Query, &query.pk)?;
         self.inner.query(query).await
@@ -171,6 +191,8 @@ mod tests {
         denied(acme.get("globex", "notes#1").await);
         denied(acme.put("globex", "notes#1", b"overwrite".to_vec(), Condition::None).await);
         denied(acme.delete("globex", "notes#1", Condition::None).await);
+        denied(acme.put_fenced("globex", "notes#1", b"overwrite".to_vec(), Condition::None, "~fence").await);
+        denied(acme.delete_fenced("globex", "notes#1", Condition::None, "~fence").await);
         denied(acme.query(Query { pk: "globex".into(), sk_prefix: String::new(), start_after: None, limit: 10 }).await);
         let mixed = vec![
             Write::Put { pk: "acme".into(), sk: "a".into(), data: vec![], condition: Condition::None },

@@ -14,7 +14,8 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 /// - the isolation policy refused the call: PERMISSION_DENIED (a security event);
 /// - a missing table: FAILED_PRECONDITION (it must be provisioned);
 /// - an invalid request to the store: INTERNAL (a bug here);
-/// - the backend failed or is unreachable: UNAVAILABLE (retry).
+/// - the backend failed or is unreachable, or a fenced write found its
+///   partition fenced (its tenant moved on): UNAVAILABLE (retry).
 pub fn storage_status(e: StorageError, store: &str) -> Status {
     match e {
         StorageError::ConditionFailed { current, .. } => {
@@ -31,6 +32,10 @@ pub fn storage_status(e: StorageError, store: &str) -> Status {
         StorageError::Invalid(cause) => {
             tracing::error!(cause, store, "invalid storage request");
             Status::internal("internal error")
+        }
+        StorageError::Fenced => {
+            tracing::info!(store, "write refused by the partition's fence: the tenant is being moved or removed");
+            Status::unavailable("the tenant is being moved; retry")
         }
         StorageError::Backend(cause) => {
             tracing::error!(cause, store, "storage failed");
@@ -132,6 +137,7 @@ mod tests {
             (StorageError::NoSuchTable("t".into()), Code::FailedPrecondition),
             (StorageError::Invalid("empty key".into()), Code::Internal),
             (StorageError::Backend("disk on fire".into()), Code::Unavailable),
+            (StorageError::Fenced, Code::Unavailable),
         ];
         for (e, code) in cases {
             let status = storage_status(e, "auth");

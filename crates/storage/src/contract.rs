@@ -14,6 +14,46 @@ pub async fn run_all(table: &dyn Table) {
     transactions_are_all_or_nothing(table).await;
     empty_keys_are_invalid(table).await;
     restore_keeps_versions(table).await;
+    fenced_writes(table).await;
+}
+
+/// Fenced writes behave as plain ones until their partition's fence item
+/// exists, and then write nothing; a fence elsewhere does not matter.
+pub async fn fenced_writes(t: &dyn Table) {
+    const FENCE: &str = "~fence";
+    let (pk, other) = ("c-fence", "c-fence-other");
+    let a = t.put_fenced(pk, "k", b"one".to_vec(), Condition::None, FENCE).await.unwrap();
+    assert_eq!(a.version, 1);
+    let b = t.put_fenced(pk, "k", b"two".to_vec(), Condition::None, FENCE).await.unwrap();
+    assert_eq!((b.version, t.get(pk, "k").await.unwrap().unwrap().version), (2, 2));
+    let c = t.put_fenced(pk, "k", b"three".to_vec(), Condition::Version(2), FENCE).await.unwrap();
+    assert_eq!(c.version, 3);
+    let stale = t.put_fenced(pk, "k", b"x".to_vec(), Condition::Version(2), FENCE).await;
+    assert!(matches!(stale, Err(StorageError::ConditionFailed { current: Some(3), .. })), "{stale:?}");
+    let taken = t.put_fenced(pk, "k", b"x".to_vec(), Condition::NotExists, FENCE).await;
+    assert!(matches!(taken, Err(StorageError::ConditionFailed { current: Some(3), .. })), "{taken:?}");
+    let missing = t.delete_fenced(pk, "absent", Condition::Exists, FENCE).await;
+    assert!(matches!(missing, Err(StorageError::ConditionFailed { current: None, .. })), "{missing:?}");
+    assert_eq!(t.delete_fenced(pk, "absent", Condition::None, FENCE).await.unwrap(), None);
+    t.put_fenced(pk, "gone", b"g".to_vec(), Condition::NotExists, FENCE).await.unwrap();
+    assert_eq!(t.delete_fenced(pk, "gone", Condition::Exists, FENCE).await.unwrap(), Some(1));
+
+    // Raised: nothing is written, whatever the condition.
+    t.put(pk, FENCE, Vec::new(), Condition::None).await.unwrap();
+    for condition in [Condition::None, Condition::Version(3), Condition::NotExists] {
+        let r = t.put_fenced(pk, "k", b"late".to_vec(), condition, FENCE).await;
+        assert!(matches!(r, Err(StorageError::Fenced)), "{condition:?}: {r:?}");
+    }
+    let r = t.delete_fenced(pk, "k", Condition::Exists, FENCE).await;
+    assert!(matches!(r, Err(StorageError::Fenced)), "{r:?}");
+    let kept = t.get(pk, "k").await.unwrap().unwrap();
+    assert_eq!((kept.version, kept.data.as_slice()), (3, b"three".as_slice()));
+    // Another partition's writes go on.
+    t.put_fenced(other, "k", b"o".to_vec(), Condition::None, FENCE).await.unwrap();
+
+    // Lowered: writes go on from where they were.
+    t.delete(pk, FENCE, Condition::Exists).await.unwrap();
+    assert_eq!(t.put_fenced(pk, "k", b"four".to_vec(), Condition::Version(3), FENCE).await.unwrap().version, 4);
 }
 
 pub async fn restore_keeps_versions(t: &dyn Table) {

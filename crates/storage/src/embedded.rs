@@ -88,8 +88,20 @@ fn version_of(raw: &[u8]) -> Option<u64> {
 
 /// A write waiting for the writer thread.
 enum Op {
-    Put { pk: String, sk: String, data: Vec<u8>, condition: Condition },
-    Delete { pk: String, sk: String, condition: Condition },
+    /// `fence`: a sort key in `pk` that must not exist.
+    Put {
+        pk: String,
+        sk: String,
+        data: Vec<u8>,
+        condition: Condition,
+        fence: Option<String>,
+    },
+    Delete {
+        pk: String,
+        sk: String,
+        condition: Condition,
+        fence: Option<String>,
+    },
     Transact(Vec<Write>),
     Restore(Item),
 }
@@ -125,8 +137,17 @@ impl Op {
         let current = |table: &redb::Table<(&str, &str), &[u8]>, pk: &str, sk: &str| -> Result<Option<u64>> {
             Ok(table.get((pk, sk)).map_err(backend)?.and_then(|v| version_of(v.value())))
         };
+        let fenced = |table: &redb::Table<(&str, &str), &[u8]>, pk: &str, fence: &Option<String>| -> Result<bool> {
+            Ok(match fence {
+                Some(f) => table.get((pk, f.as_str())).map_err(backend)?.is_some(),
+                None => false,
+            })
+        };
         Ok(match self {
-            Op::Put { pk, sk, data, condition } => {
+            Op::Put { pk, sk, data, condition, fence } => {
+                if fenced(table, &pk, &fence)? {
+                    return Ok(Err(StorageError::Fenced));
+                }
                 let current = current(table, &pk, &sk)?;
                 if !condition.holds(current) {
                     return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
@@ -135,7 +156,10 @@ impl Op {
                 table.insert((pk.as_str(), sk.as_str()), encode(version, &data).as_slice()).map_err(backend)?;
                 Ok(Done::Put(Item { pk, sk, version, data }))
             }
-            Op::Delete { pk, sk, condition } => {
+            Op::Delete { pk, sk, condition, fence } => {
+                if fenced(table, &pk, &fence)? {
+                    return Ok(Err(StorageError::Fenced));
+                }
                 let current = current(table, &pk, &sk)?;
                 if !condition.holds(current) {
                     return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
@@ -348,6 +372,33 @@ impl EmbeddedTable {
     }
 }
 
+impl EmbeddedTable {
+    async fn put_with(
+        &self,
+        pk: &str,
+        sk: &str,
+        data: Vec<u8>,
+        condition: Condition,
+        fence: Option<&str>,
+    ) -> Result<Item> {
+        check_key(pk, sk)?;
+        let op = Op::Put { pk: pk.to_owned(), sk: sk.to_owned(), data, condition, fence: fence.map(str::to_owned) };
+        match self.shared.submit(op).await? {
+            Done::Put(item) => Ok(item),
+            _ => unreachable!("a put answers with its item"),
+        }
+    }
+
+    async fn delete_with(&self, pk: &str, sk: &str, condition: Condition, fence: Option<&str>) -> Result<Option<u64>> {
+        check_key(pk, sk)?;
+        let op = Op::Delete { pk: pk.to_owned(), sk: sk.to_owned(), condition, fence: fence.map(str::to_owned) };
+        match self.shared.submit(op).await? {
+            Done::Delete(version) => Ok(version),
+            _ => unreachable!("a delete answers with the deleted version"),
+        }
+    }
+}
+
 #[async_trait]
 impl Table for EmbeddedTable {
     async fn restore(&self, item: Item) -> Result<()> {
@@ -366,19 +417,29 @@ impl Table for EmbeddedTable {
     }
 
     async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
-        check_key(pk, sk)?;
-        match self.shared.submit(Op::Put { pk: pk.to_owned(), sk: sk.to_owned(), data, condition }).await? {
-            Done::Put(item) => Ok(item),
-            _ => unreachable!("a put answers with its item"),
-        }
+        self.put_with(pk, sk, data, condition, None).await
     }
 
     async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>> {
-        check_key(pk, sk)?;
-        match self.shared.submit(Op::Delete { pk: pk.to_owned(), sk: sk.to_owned(), condition }).await? {
-            Done::Delete(version) => Ok(version),
-            _ => unreachable!("a delete answers with the deleted version"),
-        }
+        self.delete_with(pk, sk, condition, None).await
+    }
+
+    /// One write transaction checks the fence and writes, as a plain put.
+    async fn put_fenced(
+        &self,
+        pk: &str,
+        sk: &str,
+        data: Vec<u8>,
+        condition: Condition,
+        fence_sk: &str,
+    ) -> Result<Item> {
+        check_key(pk, fence_sk)?;
+        self.put_with(pk, sk, data, condition, Some(fence_sk)).await
+    }
+
+    async fn delete_fenced(&self, pk: &str, sk: &str, condition: Condition, fence_sk: &str) -> Result<Option<u64>> {
+        check_key(pk, fence_sk)?;
+        self.delete_with(pk, sk, condition, Some(fence_sk)).await
     }
 
     async fn query(&self, query: Query) -> Result<Page> {

@@ -124,6 +124,10 @@ pub enum StorageError {
     Invalid(String),
     #[error("no such table: {0}")]
     NoSuchTable(String),
+    /// A fenced write found its partition's fence raised (see
+    /// [`Table::put_fenced`]); nothing was written.
+    #[error("the partition is fenced: its writes go elsewhere now")]
+    Fenced,
     /// The backend failed (I/O, corruption); the operation may not have applied.
     #[error("storage backend failed: {0}")]
     Backend(String),
@@ -152,6 +156,101 @@ pub trait Table: Send + Sync + 'static {
     /// Writes `item` as it is, version included, replacing any item under
     /// its key: how a copy of a table keeps its items' versions. Idempotent.
     async fn restore(&self, item: Item) -> Result<()>;
+
+    /// [`Table::put`], provided the fence item `(pk, fence_sk)` does not
+    /// exist; if it does, nothing is written and the answer is
+    /// [`StorageError::Fenced`]. The check and the write are one atomic
+    /// step, so a write either lands before the fence is raised or not at
+    /// all: what a workflow that raises the fence and then copies the
+    /// partition relies on.
+    ///
+    /// This default is a transaction (a check and a write) conditioned on
+    /// the item's version, read first when `condition` names none.
+    async fn put_fenced(
+        &self,
+        pk: &str,
+        sk: &str,
+        data: Vec<u8>,
+        condition: Condition,
+        fence_sk: &str,
+    ) -> Result<Item> {
+        check_key(pk, fence_sk)?;
+        loop {
+            let (expected, read) = expected_version(self, pk, sk, condition).await?;
+            let writes = vec![
+                Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists },
+                Write::Put {
+                    pk: pk.into(),
+                    sk: sk.into(),
+                    data: data.clone(),
+                    condition: Condition::Version(expected),
+                },
+            ];
+            match fenced_outcome(self.transact_write(writes).await, read) {
+                Some(Ok(())) => return Ok(Item { pk: pk.into(), sk: sk.into(), version: expected + 1, data }),
+                Some(Err(e)) => return Err(e),
+                None => continue,
+            }
+        }
+    }
+
+    /// [`Table::delete`], provided the fence item `(pk, fence_sk)` does not
+    /// exist (see [`Table::put_fenced`]).
+    async fn delete_fenced(&self, pk: &str, sk: &str, condition: Condition, fence_sk: &str) -> Result<Option<u64>> {
+        check_key(pk, fence_sk)?;
+        loop {
+            let (expected, read) = expected_version(self, pk, sk, condition).await?;
+            let fence = Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists };
+            let write = if expected == 0 {
+                Write::Check { pk: pk.into(), sk: sk.into(), condition: Condition::NotExists }
+            } else {
+                Write::Delete { pk: pk.into(), sk: sk.into(), condition: Condition::Version(expected) }
+            };
+            match fenced_outcome(self.transact_write(vec![fence, write]).await, read) {
+                Some(Ok(())) => return Ok((expected > 0).then_some(expected)),
+                Some(Err(e)) => return Err(e),
+                None => continue,
+            }
+        }
+    }
+}
+
+/// The version a fenced write of `(pk, sk)` under `condition` expects (0:
+/// absent), and whether it was read rather than given (a read one that
+/// changes before the write is read again).
+async fn expected_version<T: Table + ?Sized>(
+    table: &T,
+    pk: &str,
+    sk: &str,
+    condition: Condition,
+) -> Result<(u64, bool)> {
+    Ok(match condition {
+        Condition::Version(v) => (v, false),
+        Condition::NotExists => (0, false),
+        Condition::None | Condition::Exists => {
+            let current = table.get(pk, sk).await?.map(|i| i.version);
+            if condition == Condition::Exists && current.is_none() {
+                return Err(StorageError::ConditionFailed { index: 0, current: None });
+            }
+            (current.unwrap_or(0), true)
+        }
+    })
+}
+
+/// What a fenced write's transaction means: the fence (write 0) is
+/// [`StorageError::Fenced`]; the item's condition (write 1) is the caller's
+/// failed condition, or, when the version was only read (`read`), `None`:
+/// try again.
+fn fenced_outcome(outcome: Result<()>, read: bool) -> Option<Result<()>> {
+    match outcome {
+        Ok(()) => Some(Ok(())),
+        Err(StorageError::ConditionFailed { index: 0, .. }) => Some(Err(StorageError::Fenced)),
+        Err(StorageError::ConditionFailed { .. }) if read => None,
+        Err(StorageError::ConditionFailed { current, .. }) => {
+            Some(Err(StorageError::ConditionFailed { index: 0, current }))
+        }
+        Err(e) => Some(Err(e)),
+    }
 }
 
 pub type DynTable = Arc<dyn Table>;

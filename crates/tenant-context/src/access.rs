@@ -63,6 +63,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.data.v1.DataAdmin/ExportItems", Access::Roles(&[SVC])),
     ("/tenantmesh.data.v1.DataAdmin/ImportItems", Access::Roles(&[SVC])),
     ("/tenantmesh.data.v1.DataAdmin/PurgeItems", Access::Roles(&[SVC])),
+    ("/tenantmesh.data.v1.DataAdmin/SetFence", Access::Roles(&[SVC])),
 ];
 
 /// Infrastructure services reachable without a token.

@@ -16,7 +16,7 @@ use tenantmesh_storage::{Condition, DynTable, Item, Query, StorageError};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::DataError;
+use crate::{DataError, FENCE_SK, reserved_sort_key};
 
 /// Largest number of items in one ImportItems call.
 pub const MAX_IMPORT_BATCH: usize = 500;
@@ -111,6 +111,7 @@ impl DataAdmin for DataAdminService {
             loop {
                 let items = std::mem::take(&mut page.items)
                     .into_iter()
+                    .filter(|i| !reserved_sort_key(&i.sk))
                     .map(|i| StoredItem { sort_key: i.sk, version: i.version, data: i.data })
                     .collect();
                 if tx.send(Ok(ExportItemsResponse { items })).await.is_err() {
@@ -143,6 +144,8 @@ impl DataAdmin for DataAdminService {
         for (i, item) in req.items.iter().enumerate() {
             if item.sort_key.is_empty() || item.sort_key.len() > MAX_SORT_KEY_LEN {
                 v.add(&format!("items[{i}].sort_key"), format!("must be 1 to {MAX_SORT_KEY_LEN} bytes"));
+            } else if reserved_sort_key(&item.sort_key) {
+                v.add(&format!("items[{i}].sort_key"), "must not start with '~' (reserved for the service)");
             }
             if item.version == 0 {
                 v.add(&format!("items[{i}].version"), "must be at least 1");
@@ -165,19 +168,38 @@ impl DataAdmin for DataAdminService {
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
         let mut deleted = 0u32;
+        let mut start_after = None;
         loop {
-            let q = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after: None, limit: PAGE };
+            let q = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after, limit: PAGE };
             let page = store.query(q).await.map_err(storage_status)?;
-            if page.items.is_empty() {
-                break;
-            }
-            for item in page.items {
+            for item in page.items.iter().filter(|i| !reserved_sort_key(&i.sk)) {
                 if store.delete(&tenant, &item.sk, Condition::None).await.map_err(storage_status)?.is_some() {
                     deleted += 1;
                 }
             }
+            match page.last_evaluated {
+                Some(sk) => start_after = Some(sk),
+                None => break,
+            }
         }
         tracing::info!(target_tenant = %tenant, table, deleted, "items purged");
         Ok(Response::new(PurgeItemsResponse { deleted }))
+    }
+
+    async fn set_fence(&self, request: Request<SetFenceRequest>) -> Result<Response<SetFenceResponse>, Status> {
+        let req = request.into_inner();
+        let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        let store = self.store(&tenant, &table).await?;
+        let changed = if req.raised {
+            match store.put(&tenant, FENCE_SK, Vec::new(), Condition::NotExists).await {
+                Ok(_) => true,
+                Err(StorageError::ConditionFailed { .. }) => false,
+                Err(e) => return Err(storage_status(e)),
+            }
+        } else {
+            store.delete(&tenant, FENCE_SK, Condition::None).await.map_err(storage_status)?.is_some()
+        };
+        tracing::info!(target_tenant = %tenant, table, raised = req.raised, changed, "write fence set");
+        Ok(Response::new(SetFenceResponse { changed }))
     }
 }

@@ -22,7 +22,9 @@ pub enum DataError {
     /// A placement names a table the tenant may not use.
     #[error("the tenant's placement names a table it may not use")]
     ForeignTable,
-    /// The tenant is moving: writes pause, reads go on.
+    /// The tenant is moving: writes pause, reads go on. (A write that
+    /// passed this check and then met the store's fence is
+    /// `Storage(Fenced)`, answered the same way.)
     #[error("the tenant is changing tier: writes are paused for a moment, reads go on; retry")]
     Migrating,
     /// The tenant's store cannot be had (its table is missing, or its
@@ -64,11 +66,11 @@ impl From<DataError> for Status {
                 tracing::error!(security_event = "foreign_table", "a placement names a table the tenant may not use");
                 Status::permission_denied(e.to_string())
             }
-            e @ DataError::Migrating => {
+            DataError::Migrating | DataError::Storage(StorageError::Fenced) => {
                 use tonic_types::{ErrorDetails, StatusExt};
                 Status::with_error_details(
                     tonic::Code::Unavailable,
-                    e.to_string(),
+                    DataError::Migrating.to_string(),
                     ErrorDetails::with_retry_info(Some(MIGRATION_RETRY)),
                 )
             }
@@ -102,6 +104,7 @@ mod tests {
             (DataError::WrongSilo, Code::PermissionDenied),
             (DataError::ForeignTable, Code::PermissionDenied),
             (DataError::Migrating, Code::Unavailable),
+            (DataError::Storage(StorageError::Fenced), Code::Unavailable),
             (
                 DataError::OverQuota(crate::quota::OverQuota { tenant: "a".into(), quota: 10, stored: 9, size: 2 }),
                 Code::ResourceExhausted,

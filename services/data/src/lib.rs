@@ -14,6 +14,15 @@
 //! same trace). While a tier change moves a tenant (status MIGRATING),
 //! reads are served and writes are UNAVAILABLE with RetryInfo.
 //!
+//! The fence: a service that has not yet seen MIGRATING (its cached record
+//! is older) would still write, so the status alone cannot keep a late
+//! write out of a copy. Every PutItem and DeleteItem is therefore one
+//! atomic step with a check of the tenant's fence item ([`FENCE_SK`]) in
+//! the table it writes to; a workflow raises that fence (`SetFence`) before
+//! it copies or exports, and from then on a write to the old table is
+//! refused (UNAVAILABLE with RetryInfo) instead of landing where no copy
+//! will see it. The client's retry reaches the new placement.
+//!
 //! [`DataAdminService`] is the lifecycle side, for the onboarding workflows
 //! only: provision and drop dedicated tables, export, import and purge.
 
@@ -46,6 +55,17 @@ use tonic::{Request, Response, Status};
 
 pub use error::DataError;
 
+/// The sort key of a tenant's write fence in a table (see the module
+/// docs). No item's key can take it: sort keys are `<collection>#<id>`
+/// and collections are letters, digits and `_.-`.
+pub const FENCE_SK: &str = "~fence";
+
+/// Whether `sort_key` is reserved for the service's own bookkeeping (the
+/// fence): never exported, copied, imported or purged as an item.
+pub fn reserved_sort_key(sort_key: &str) -> bool {
+    sort_key.starts_with('~')
+}
+
 /// Largest encoded item accepted (DynamoDB's item limit).
 pub const MAX_ITEM_BYTES: usize = 400 * 1024;
 const MAX_COLLECTION_LEN: usize = 64;
@@ -62,6 +82,21 @@ pub struct Config {
     /// `TENANTMESH_QUOTA_RESCAN_MS` (default 10000): how often, at most, a
     /// tenant at its storage quota has its stored bytes counted again.
     pub quota_rescan: std::time::Duration,
+    /// `TENANTMESH_DATA_FAULTS=stall-writes:<ms>`, for tests only: a
+    /// PutItem whose id starts with `stall-` waits this long between its
+    /// checks and its write, as a write delayed in flight would.
+    pub stall_writes: Option<std::time::Duration>,
+}
+
+fn parse_data_faults(spec: &str) -> Result<Option<std::time::Duration>, ConfigError> {
+    let bad = || ConfigError { var: "TENANTMESH_DATA_FAULTS", message: format!("{spec:?} is not stall-writes:<ms>") };
+    match spec.trim() {
+        "" => Ok(None),
+        s => {
+            let ms = s.strip_prefix("stall-writes:").ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            Ok(Some(std::time::Duration::from_millis(ms)))
+        }
+    }
 }
 
 impl Config {
@@ -81,6 +116,9 @@ impl Config {
                 "TENANTMESH_QUOTA_RESCAN_MS",
                 10_000,
             )?),
+            stall_writes: parse_data_faults(
+                tenantmesh_service::config::var(env, "TENANTMESH_DATA_FAULTS").unwrap_or_default(),
+            )?,
         })
     }
 }
@@ -94,6 +132,7 @@ pub struct DataService {
     silo_tenant: Option<String>,
     silos: Arc<std::sync::Mutex<HashMap<String, DataClient<PropagatedChannel>>>>,
     quotas: Arc<quota::Quotas>,
+    stall_writes: Option<std::time::Duration>,
 }
 
 /// Where a tenant's call is served.
@@ -150,7 +189,20 @@ impl DataService {
             silo_tenant,
             silos: Default::default(),
             quotas: Arc::new(quota::Quotas::new(std::time::Duration::from_secs(10))),
+            stall_writes: None,
         }
+    }
+
+    /// Test fault: see [`Config::stall_writes`].
+    pub fn with_stalled_writes(mut self, stall: Option<std::time::Duration>) -> Self {
+        if let Some(d) = stall {
+            tracing::warn!(
+                stall_ms = d.as_millis() as u64,
+                "FAULT INJECTION IS ON (TENANTMESH_DATA_FAULTS): for tests only"
+            );
+        }
+        self.stall_writes = stall;
+        self
     }
 
     /// Counts a tenant at its storage quota again at most this often.
@@ -265,12 +317,16 @@ impl Data for DataService {
             None => Condition::None,
         };
         let sk = sort_key(&item.collection, &item.id);
-        let stored = store.put(&tenant, &sk, item.encode_to_vec(), condition).await.map_err(|e| match e {
-            StorageError::ConditionFailed { current, .. } => {
-                DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }
-            }
-            e => e.into(),
-        })?;
+        if let Some(stall) = self.stall_writes.filter(|_| item.id.starts_with("stall-")) {
+            tokio::time::sleep(stall).await;
+        }
+        let stored =
+            store.put_fenced(&tenant, &sk, item.encode_to_vec(), condition, FENCE_SK).await.map_err(|e| match e {
+                StorageError::ConditionFailed { current, .. } => {
+                    DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }
+                }
+                e => e.into(),
+            })?;
         item.version = stored.version;
         tracing::debug!(collection = %item.collection, version = item.version, "item written");
         Ok(costing(Response::new(PutItemResponse { item: Some(item) }), Cost::write(size)))
@@ -306,7 +362,7 @@ impl Data for DataService {
             None => Condition::Exists,
         };
         let sk = sort_key(&req.collection, &req.id);
-        match store.delete(&tenant, &sk, condition).await {
+        match store.delete_fenced(&tenant, &sk, condition, FENCE_SK).await {
             Ok(_) => Ok(Response::new(DeleteItemResponse {})),
             Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
             Err(StorageError::ConditionFailed { current, .. }) => {
@@ -388,7 +444,8 @@ pub async fn serve(
         tracing::info!(silo_tenant = %t, "serving as a silo tenant's dedicated data service");
     }
     let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone())
-        .with_quota_rescan(config.quota_rescan);
+        .with_quota_rescan(config.quota_rescan)
+        .with_stalled_writes(config.stall_writes);
     let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone());
     let routes = tonic::service::Routes::new(
         DataServer::new(data)

@@ -204,7 +204,7 @@ impl OnboardingService {
             compute: deps.compute,
             tiers: config.common.tiers.clone(),
             events: events.clone(),
-            fence: config.common.tenant_cache_ttl + Duration::from_millis(250),
+            drain: config.common.tenant_cache_ttl + Duration::from_millis(250),
             exports_dir: config.common.data_dir.join("exports"),
             data_clients: Default::default(),
         };

@@ -12,8 +12,8 @@ use tenantmesh_proto::auth::v1::auth_client::AuthClient;
 use tenantmesh_proto::auth::v1::{CreateUserRequest, DeleteUserRequest, ListUsersRequest, Role as ProtoRole};
 use tenantmesh_proto::data::v1::data_admin_client::DataAdminClient;
 use tenantmesh_proto::data::v1::{
-    DropStoreRequest, ExportItemsRequest, ImportItemsRequest, ProvisionStoreRequest, PurgeItemsRequest, StoreRef,
-    StoredItem,
+    DropStoreRequest, ExportItemsRequest, ImportItemsRequest, ProvisionStoreRequest, PurgeItemsRequest,
+    SetFenceRequest, StoreRef, StoredItem,
 };
 use tenantmesh_proto::onboarding::v1::EventKind;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
@@ -68,9 +68,9 @@ pub struct Steps {
     pub tiers: Arc<Tiers>,
     pub events: Arc<EventLog>,
     /// How long every service may go on using a tenant's cached status and
-    /// placement: after a pause or a switch, waiting this long means no
-    /// instance still acts on the old one.
-    pub fence: Duration,
+    /// placement: after a switch, waiting this long means no instance still
+    /// reads from the old placement (writes there are fenced already).
+    pub drain: Duration,
     pub exports_dir: PathBuf,
     /// DataAdmin clients by URL (the shared data service, silo instances).
     pub data_clients: std::sync::Mutex<HashMap<String, DataAdminClient<PropagatedChannel>>>,
@@ -93,21 +93,23 @@ impl StepRunner for Steps {
             }
             Step::PauseWrites => {
                 self.set_status(wf, TenantStatus::Migrating).await?;
-                // Every instance now sees MIGRATING (no more writes) once its cache expires.
-                tokio::time::sleep(self.fence).await;
-                Ok(())
+                // Instances that have not seen MIGRATING yet still try to
+                // write; the fence refuses those writes from now on, so
+                // the copy sees every write that was acknowledged.
+                self.set_fence(&wf.from, &wf.params.tenant_id, true).await
             }
             Step::CopyItems => self.copy_items(wf).await,
             Step::SwitchPlacement => self.switch_placement(wf).await,
             Step::Drain => {
-                // Instances that still route by the old placement stop doing so within the fence.
-                tokio::time::sleep(self.fence).await;
+                // Instances that still read by the old placement stop doing so within this wait.
+                tokio::time::sleep(self.drain).await;
                 Ok(())
             }
             Step::RemoveOldCopy => self.remove_copy(&wf.from, &wf.params.tenant_id, true).await,
             Step::SuspendTenant => {
                 self.set_status(wf, TenantStatus::Suspended).await?;
-                tokio::time::sleep(self.fence).await;
+                // No write lands after this: the export is complete.
+                self.set_fence(&wf.from, &wf.params.tenant_id, true).await?;
                 let tenant = &wf.params.tenant_id;
                 self.events.emit(EventKind::TenantSuspended, tenant, &wf.id, "offboarding".into()).await;
                 Ok(())
@@ -139,6 +141,7 @@ impl StepRunner for Steps {
         // Through the shared data service: a silo instance may never have started.
         let to = Spot { endpoint: String::new(), ..wf.to.clone() };
         self.remove_copy(&to, &tenant, true).await?;
+        self.set_fence(&wf.from, &tenant, false).await?;
         self.set_status(wf, TenantStatus::Active).await?;
         tracing::warn!(from = %wf.from_tier, to = %wf.params.tier, "tier change rolled back: the tenant is ACTIVE on its old placement");
         Ok(())
@@ -285,6 +288,9 @@ impl Steps {
     }
 
     async fn switch_placement(&self, wf: &Workflow) -> Result<(), StepError> {
+        // The new table takes writes (a fence left there by an earlier
+        // move away is lowered) before any instance is told to write there.
+        self.set_fence(&wf.to, &wf.params.tenant_id, false).await?;
         self.registry
             .clone()
             .set_placement(SetPlacementRequest {
@@ -358,6 +364,21 @@ impl Steps {
                     Err(s) => return Err(s.into()),
                 }
             }
+        }
+    }
+
+    /// Raises or lowers `tenant`'s write fence where `spot` keeps its items
+    /// (nothing to do where a dedicated table is gone).
+    async fn set_fence(&self, spot: &Spot, tenant: &str, raised: bool) -> Result<(), StepError> {
+        let request =
+            SetFenceRequest { store: Some(StoreRef { tenant_id: tenant.into(), table: spot.table.clone() }), raised };
+        match self.data_admin(spot)?.set_fence(request).await {
+            Ok(r) => {
+                tracing::info!(table = %spot.table, raised, changed = r.into_inner().changed, "write fence set");
+                Ok(())
+            }
+            Err(s) if s.code() == Code::FailedPrecondition && spot.dedicated() => Ok(()),
+            Err(s) => Err(s.into()),
         }
     }
 
