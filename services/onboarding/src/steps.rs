@@ -110,6 +110,10 @@ impl StepRunner for Steps {
                 self.set_status(wf, TenantStatus::Suspended).await?;
                 // No write lands after this: the export is complete.
                 self.set_fence(&wf.from, &wf.params.tenant_id, true).await?;
+                // And once every service's cached view has expired, the
+                // tenant's tokens are refused everywhere before anything
+                // of it is deleted.
+                tokio::time::sleep(self.drain).await;
                 let tenant = &wf.params.tenant_id;
                 self.events.emit(EventKind::TenantSuspended, tenant, &wf.id, "offboarding".into()).await;
                 Ok(())
