@@ -30,6 +30,7 @@ mod replicas;
 mod storage_backends;
 /// Own process: reads the process-wide AssumeRole counter.
 mod sts_calls;
+mod tenant_watch;
 /// Own process: installs the global telemetry (in-memory span exporter).
 mod trace_spans;
 mod workflow_faults;

@@ -62,6 +62,32 @@ pub struct CommonConfig {
     /// otherwise a provider URL could reach the mesh's own network or the
     /// cloud metadata service.
     pub jwks_allow_private: bool,
+    /// `TENANTMESH_SERVICE_CLIENT_ID` / `TENANTMESH_SERVICE_CLIENT_SECRET`:
+    /// the platform service identity this service acts as when it calls
+    /// for no tenant (the onboarding workflows; every service's watch of
+    /// tenant changes). None: the service has no such identity.
+    pub service_client: Option<ServiceClient>,
+}
+
+/// A platform service's client credentials (the secret never shows in
+/// `Debug`).
+#[derive(Clone)]
+pub struct ServiceClient {
+    pub id: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ServiceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceClient").field("id", &self.id).field("secret", &"<redacted>").finish()
+    }
+}
+
+fn service_client(env: &HashMap<String, String>) -> Result<Option<ServiceClient>, ConfigError> {
+    let Some(secret) = var(env, "TENANTMESH_SERVICE_CLIENT_SECRET") else { return Ok(None) };
+    refuse_placeholder(env, "TENANTMESH_SERVICE_CLIENT_SECRET", secret)?;
+    let id = var(env, "TENANTMESH_SERVICE_CLIENT_ID").unwrap_or("onboarding");
+    Ok(Some(ServiceClient { id: id.to_owned(), secret: secret.to_owned() }))
 }
 
 /// Default `iss` of tokens minted by the auth service.
@@ -176,6 +202,7 @@ impl CommonConfig {
                 }
             },
             jwks_allow_private: parse_var(env, "TENANTMESH_JWKS_ALLOW_PRIVATE", false)?,
+            service_client: service_client(env)?,
             tiers: std::sync::Arc::new(match var(env, "TENANTMESH_TIERS_FILE") {
                 Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() })?,

@@ -47,6 +47,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.registry.v1.TenantRegistry/SetIdentityProvider", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/SetPlacement", Access::Roles(PLATFORM)),
     ("/tenantmesh.registry.v1.TenantRegistry/SetTenantLimits", Access::Roles(PLATFORM)),
+    ("/tenantmesh.registry.v1.TenantRegistry/WatchTenants", Access::Roles(&[SVC])),
     ("/tenantmesh.onboarding.v1.Onboarding/RegisterTenant", Access::Roles(&[PA])),
     ("/tenantmesh.onboarding.v1.Onboarding/GetOnboardingStatus", Access::Roles(&[PA, TA, SVC])),
     ("/tenantmesh.onboarding.v1.Onboarding/GetWorkflow", Access::Roles(&[PA, TA, SVC])),

@@ -28,6 +28,10 @@ use crate::{BoxFuture, PLATFORM_TENANT, TenantContext, metadata};
 pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
+        // A peer that vanished without closing (a killed host) is noticed
+        // on long-lived streams (the registry's tenant watch) too.
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
         .connect_lazy())
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tenantmesh_proto::registry::v1::{
-    GetTenantRequest, IdentityProvider, Placement, Tenant, TenantStatus, tenant_registry_client::TenantRegistryClient,
+    GetTenantRequest, IdentityProvider, Placement, Tenant, TenantStatus, WatchTenantsRequest,
+    tenant_registry_client::TenantRegistryClient,
 };
 use tenantmesh_service::limits::Limits;
 use tonic::transport::Channel;
@@ -93,6 +94,100 @@ impl RemoteDirectory {
             lookups: Mutex::new(HashMap::new()),
         }
     }
+}
+
+impl RemoteDirectory {
+    /// Forgets `tenant_id`: its next lookup asks the registry.
+    pub fn forget(&self, tenant_id: &str) {
+        self.cache.lock().expect("cache lock").remove(tenant_id);
+    }
+
+    /// Forgets every tenant.
+    pub fn forget_all(&self) {
+        self.cache.lock().expect("cache lock").clear();
+    }
+
+    /// How many tenants are cached now.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().expect("cache lock").len()
+    }
+
+    /// Forgets tenants as the registry reports their records changed
+    /// (`WatchTenants`, called as the service identity `tokens` gives), so
+    /// a suspension or a new placement takes effect here at once; the TTL
+    /// stays the fallback. Reconnects with backoff (forgetting everything:
+    /// changes may have been missed meanwhile) and ends once the directory
+    /// is dropped.
+    pub fn watch(self: &Arc<Self>, tokens: Arc<crate::client::ServiceTokenSource>) -> tokio::task::JoinHandle<()> {
+        let directory = Arc::downgrade(self);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let mut backoff = WATCH_BACKOFF_MIN;
+            while directory.strong_count() > 0 {
+                match watch_once(&directory, client.clone(), &tokens).await {
+                    Ok(()) => backoff = WATCH_BACKOFF_MIN,
+                    Err(s) => {
+                        tracing::debug!(code = ?s.code(), error = %s.message(), "watching tenant changes failed; the cache TTL holds meanwhile");
+                    }
+                }
+                match directory.upgrade() {
+                    Some(d) => d.forget_all(),
+                    None => return,
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+            }
+        })
+    }
+}
+
+/// Has `directory` forget tenants as the registry reports their changes,
+/// when the service has a platform identity to watch with
+/// (`TENANTMESH_SERVICE_CLIENT_ID`/`_SECRET`); otherwise the cache TTL
+/// alone bounds how long a change takes to show.
+pub fn watch_changes(
+    directory: &Arc<RemoteDirectory>,
+    config: &tenantmesh_service::config::CommonConfig,
+) -> Result<(), tonic::transport::Error> {
+    match &config.service_client {
+        Some(c) => {
+            let credentials =
+                crate::client::ServiceCredentials { client_id: c.id.clone(), client_secret: c.secret.clone() };
+            let tokens = crate::client::ServiceTokenSource::new(crate::client::channel(&config.auth_url)?, credentials);
+            directory.watch(Arc::new(tokens));
+        }
+        None => tracing::info!(
+            ttl_ms = config.tenant_cache_ttl.as_millis() as u64,
+            "no service identity: tenant changes show when the cache TTL ends"
+        ),
+    }
+    Ok(())
+}
+
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One subscription to the registry's tenant changes, until it ends.
+async fn watch_once(
+    directory: &std::sync::Weak<RemoteDirectory>,
+    mut client: TenantRegistryClient<Channel>,
+    tokens: &crate::client::ServiceTokenSource,
+) -> Result<(), Status> {
+    let token = tokens.token().await?;
+    let mut req = tonic::Request::new(WatchTenantsRequest {});
+    let bearer = format!("Bearer {token}").parse().map_err(|_| Status::internal("malformed service token"))?;
+    req.metadata_mut().insert(crate::metadata::AUTHORIZATION, bearer);
+    let mut changes = client.watch_tenants(req).await?.into_inner();
+    while let Some(change) = changes.message().await? {
+        let Some(d) = directory.upgrade() else { return Ok(()) };
+        if change.reset {
+            d.forget_all();
+        }
+        for id in &change.tenant_ids {
+            d.forget(id);
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -162,9 +162,13 @@ impl Authenticator {
         let verifier = TokenVerifier::new(Arc::new(keys), &config.issuer, &config.audience)
             .with_cache_capacity(config.token_cache_capacity);
         let registry = crate::client::channel(&config.registry_url)?;
-        let directory =
-            crate::directory::RemoteDirectory::new(registry, config.tenant_cache_ttl, config.tenant_cache_capacity);
-        Ok(Self::new(Arc::new(verifier), Arc::new(directory)).with_admission(config))
+        let directory = Arc::new(crate::directory::RemoteDirectory::new(
+            registry,
+            config.tenant_cache_ttl,
+            config.tenant_cache_capacity,
+        ));
+        crate::directory::watch_changes(&directory, config)?;
+        Ok(Self::new(Arc::new(verifier), directory).with_admission(config))
     }
 
     /// Establishes the caller's context from request headers, or the status

@@ -647,8 +647,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
-    let directory: Arc<dyn TenantDirectory> =
+    let remote =
         Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl, config.common.tenant_cache_capacity));
+    tenantmesh_tenant_context::directory::watch_changes(&remote, &config.common)?;
+    let directory: Arc<dyn TenantDirectory> = remote;
     let (issuer, audience, grace, tokens, common) = (
         config.common.issuer.clone(),
         config.common.audience.clone(),

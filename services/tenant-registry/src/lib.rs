@@ -63,7 +63,15 @@ pub struct Registry {
     tiers: Arc<Tiers>,
     /// `TENANTMESH_JWKS_ALLOW_PRIVATE`.
     allow_private_jwks: bool,
+    /// Ids of tenants whose record changed, for `WatchTenants`.
+    changes: tokio::sync::broadcast::Sender<String>,
+    /// Set once the registry shuts down: the watch streams end then, so
+    /// they never hold a graceful shutdown up.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
+
+/// Changes a watcher may fall behind by before it is told to reset.
+const WATCH_BUFFER: usize = 1024;
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
@@ -71,7 +79,26 @@ fn now_secs() -> i64 {
 
 impl Registry {
     pub fn new(store: DynTable, own_issuer: impl Into<String>, tiers: Arc<Tiers>) -> Self {
-        Self { store, own_issuer: own_issuer.into(), tiers, allow_private_jwks: false }
+        Self {
+            store,
+            own_issuer: own_issuer.into(),
+            tiers,
+            allow_private_jwks: false,
+            changes: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
+            stopping: tokio::sync::watch::channel(false).1,
+        }
+    }
+
+    /// Ends the watch streams once `stopping` turns true.
+    pub fn with_stopping(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
+    }
+
+    /// Tells the watchers that `tenant_id`'s record changed.
+    fn changed(&self, tenant_id: &str) {
+        // No watcher is not an error.
+        let _ = self.changes.send(tenant_id.to_owned());
     }
 
     /// Whether identity providers may serve their JWKS from loopback or
@@ -104,6 +131,7 @@ impl Registry {
             .await
             .map_err(|e| RegistryError::from_write(e, &tenant.tenant_id))?;
         tenant.version = item.version;
+        self.changed(&tenant.tenant_id);
         Ok(tenant)
     }
 
@@ -129,6 +157,7 @@ impl Registry {
             match self.store.put(TENANTS_PK, tenant_id, tenant.encode_to_vec(), Condition::Version(version)).await {
                 Ok(item) => {
                     tenant.version = item.version;
+                    self.changed(tenant_id);
                     return Ok(tenant);
                 }
                 Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. }) if expected.is_none() => {
@@ -456,6 +485,50 @@ impl TenantRegistry for Registry {
         Ok(Response::new(SetPlacementResponse { tenant: Some(tenant) }))
     }
 
+    type WatchTenantsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchTenantsResponse, Status>> + Send>>;
+
+    async fn watch_tenants(
+        &self,
+        _request: Request<WatchTenantsRequest>,
+    ) -> Result<Response<Self::WatchTenantsStream>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut changes = self.changes.subscribe();
+        let mut stopping = self.stopping.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            // Whatever changed before the subscription is unknown to the watcher.
+            let mut next = Some(WatchTenantsResponse { tenant_ids: Vec::new(), reset: true });
+            loop {
+                if let Some(message) = next.take()
+                    && tx.send(Ok(message)).await.is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    Ok(_) = stopping.wait_for(|s| *s) => return,
+                    () = tx.closed() => return,
+                    change = changes.recv() => match change {
+                        Ok(id) => {
+                            let mut ids = vec![id];
+                            while let Ok(more) = changes.try_recv() {
+                                ids.push(more);
+                                if ids.len() == 256 { break; }
+                            }
+                            next = Some(WatchTenantsResponse { tenant_ids: ids, reset: false });
+                        }
+                        Err(RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "a tenant watcher fell behind; telling it to reset");
+                            next = Some(WatchTenantsResponse { tenant_ids: Vec::new(), reset: true });
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        tracing::info!("a service is watching tenant changes");
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn set_tenant_limits(
         &self,
         request: Request<SetTenantLimitsRequest>,
@@ -500,8 +573,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     let registry = Registry::new(store, &config.common.issuer, config.common.tiers.clone())
-        .with_private_jwks(config.common.jwks_allow_private);
+        .with_private_jwks(config.common.jwks_allow_private)
+        .with_stopping(stopping);
     registry.bootstrap().await?;
     let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
     let verifier =
