@@ -485,7 +485,8 @@ impl TenantRegistry for Registry {
         Ok(Response::new(SetPlacementResponse { tenant: Some(tenant) }))
     }
 
-    type WatchTenantsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchTenantsResponse, Status>> + Send>>;
+    type WatchTenantsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchTenantsResponse, Status>> + Send>>;
 
     async fn watch_tenants(
         &self,
