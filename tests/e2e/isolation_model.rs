@@ -1,4 +1,4 @@
-//! A randomized model check of tenant isolation through the real mesh: 30
+//! A randomized model check of tenant isolation through the real mesh: 50
 //! tenants spread over pool, bridge and silo placements each run a seeded
 //! random sequence of put (conditional or not), get, query and delete,
 //! all at once, while three of them change tier (moving their items between
@@ -17,7 +17,8 @@ use tenantmesh_proto::onboarding::v1::{ChangeTierRequest, WorkflowStatus};
 use tenantmesh_test_support::*;
 use tonic::Code;
 
-const OPS_PER_TENANT: usize = 60;
+const TENANTS: usize = 50;
+const OPS_PER_TENANT: usize = 40;
 /// Ids a tenant works on: few, so ops meet existing items often.
 const IDS: u64 = 12;
 
@@ -169,7 +170,7 @@ async fn tenants_never_see_each_other_under_random_operations_and_moves() {
     let mesh = TestMesh::start().await;
     let admin = mesh.admin_token().await;
     let mut tenants = Vec::new();
-    for (i, tier) in ["standard", "premium", "enterprise"].iter().cycle().take(30).enumerate() {
+    for (i, tier) in ["standard", "premium", "enterprise"].iter().cycle().take(TENANTS).enumerate() {
         tenants.push(mesh.onboard_on(&unique_tenant(&format!("iso{i}")), tier).await);
     }
     let runs: Vec<_> = tenants
