@@ -159,3 +159,58 @@ pub fn start(store: DynTable, window: Duration) -> tokio::task::JoinHandle<()> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lockout::{LockoutPolicy, reserve};
+
+    /// Sweeps until caught up with `at`; what it deleted and rescheduled.
+    async fn sweep_to(store: &DynTable, at: i64, window: Duration) -> (u64, u64) {
+        let (mut deleted, mut rescheduled) = (0, 0);
+        loop {
+            let s = sweep(store, at, window).await.unwrap();
+            (deleted, rescheduled) = (deleted + s.deleted, rescheduled + s.rescheduled);
+            if s.buckets == 0 {
+                return (deleted, rescheduled);
+            }
+        }
+    }
+
+    /// A record written again after its entry (a failure counted later)
+    /// is not deleted at its first expiry but looked at again at its new
+    /// one; an untouched one goes at its expiry; the index empties.
+    #[tokio::test]
+    async fn extended_records_are_looked_at_again_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("auth.redb")).unwrap();
+        let policy = LockoutPolicy::default();
+        let window = policy.window();
+        let now = crate::now_secs();
+        // One failure: the account's record and the client's, each with its entry.
+        reserve(&store, policy, "acme", "a@acme.example", "10.0.0.1").await.unwrap();
+        // The account's record counted again a day later.
+        let later = serde_json::json!({"count": 2, "locked_until_ms": 0, "last_ms": (now + 86_400) * 1000});
+        store.put("acme", "login#a@acme.example", later.to_string().into_bytes(), Condition::Exists).await.unwrap();
+        let exists = |sk: &'static str| {
+            let store = store.clone();
+            async move { store.get("acme", sk).await.unwrap().is_some() }
+        };
+
+        // Nothing is due yet.
+        assert_eq!(sweep_to(&store, now, window).await, (0, 0));
+        // Past the first expiry: the client's record goes, the account's is rescheduled.
+        let first = now + window.as_secs() as i64 + 2 * BUCKET_SECS;
+        assert_eq!(sweep_to(&store, first, window).await, (1, 1));
+        assert!(!exists("login-client#10.0.0.1#a@acme.example").await);
+        assert!(exists("login#a@acme.example").await);
+        // Past its new expiry it goes too, and no entry is left anywhere swept.
+        let second = now + 86_400 + window.as_secs() as i64 + 2 * BUCKET_SECS;
+        assert_eq!(sweep_to(&store, second, window).await, (1, 0));
+        assert!(!exists("login#a@acme.example").await);
+        for b in bucket(now)..bucket(second) {
+            let q = Query { pk: index_pk(b), sk_prefix: String::new(), start_after: None, limit: 10 };
+            assert!(store.query(q).await.unwrap().items.is_empty(), "entries left in bucket {b}");
+        }
+    }
+}
