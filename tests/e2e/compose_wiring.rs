@@ -71,7 +71,11 @@ impl Drop for Processes {
 fn placeholder_secrets_are_refused_outside_a_demo() {
     let services = compose_services();
     let dir = tempfile::tempdir().unwrap();
-    for (name, var) in [("auth", "TENANTMESH_SERVICE_CLIENTS"), ("onboarding", "TENANTMESH_SERVICE_CLIENT_SECRET")] {
+    for (name, var) in [
+        ("auth", "TENANTMESH_SERVICE_CLIENTS"),
+        ("onboarding", "TENANTMESH_SERVICE_CLIENT_SECRET"),
+        ("data", "TENANTMESH_SERVICE_CLIENT_SECRET"),
+    ] {
         let svc = &services[name];
         assert_eq!(svc.env["TENANTMESH_DEMO"], "false", "{name}");
         let out = Command::new(service_binary(&svc.binary))
@@ -85,6 +89,9 @@ fn placeholder_secrets_are_refused_outside_a_demo() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name} started on a placeholder secret");
         assert!(stderr.contains(var) && stderr.contains("placeholder"), "{name}: {stderr}");
+        // One line naming the process and the variable, not a Debug dump.
+        let line = stderr.lines().last().unwrap_or_default();
+        assert!(line.starts_with(&format!("{}: TENANTMESH_", svc.binary)), "{name}: {stderr}");
     }
 }
 

@@ -186,6 +186,37 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A service process's exit: on an error, one line on stderr naming the
+/// process, the error and its causes (`tenantmesh-data: TENANTMESH_LIMITS:
+/// "x": use on or off`), never a `Debug` dump, and a failure status.
+pub fn exit_status(
+    process: &str,
+    result: Result<(), Box<dyn std::error::Error + Send + Sync>>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{process}: {}", error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `e` and its sources, joined by `: `.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod grpc_timeout_tests {
     use super::grpc_timeout;
@@ -206,6 +237,14 @@ mod grpc_timeout_tests {
             assert_eq!(h(bad), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn errors_are_one_line_with_their_causes() {
+        let config = crate::config::ConfigError { var: "TENANTMESH_LIMITS", message: "\"x\": use on or off".into() };
+        assert_eq!(super::error_chain(&config), "TENANTMESH_LIMITS: \"x\": use on or off");
+        let io = std::io::Error::other(config);
+        assert_eq!(super::error_chain(&io), "TENANTMESH_LIMITS: \"x\": use on or off");
     }
 
     mod properties {

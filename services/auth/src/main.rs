@@ -4,7 +4,11 @@ use tenantmesh_service::config::process_env;
 use tenantmesh_service::runtime::shutdown_signal;
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> std::process::ExitCode {
+    tenantmesh_service::runtime::exit_status("tenantmesh-auth", run().await)
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let env = process_env();
     let _telemetry = tenantmesh_telemetry::init(tenantmesh_telemetry::Config::from_env("auth", &env))?;
     let config = tenantmesh_auth::Config::from_env(&env)?;
