@@ -66,28 +66,31 @@ pub struct CommonConfig {
     /// the platform service identity this service acts as when it calls
     /// for no tenant (the onboarding workflows; every service's watch of
     /// tenant changes). None: the service has no such identity.
-    pub service_client: Option<ServiceClient>,
+    pub service_client: Option<ServiceCredentials>,
 }
 
-/// A platform service's client credentials (the secret never shows in
+/// Client credentials of a platform service (the secret never shows in
 /// `Debug`).
 #[derive(Clone)]
-pub struct ServiceClient {
-    pub id: String,
-    pub secret: String,
+pub struct ServiceCredentials {
+    pub client_id: String,
+    pub client_secret: String,
 }
 
-impl std::fmt::Debug for ServiceClient {
+impl std::fmt::Debug for ServiceCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceClient").field("id", &self.id).field("secret", &"<redacted>").finish()
+        f.debug_struct("ServiceCredentials")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .finish()
     }
 }
 
-fn service_client(env: &HashMap<String, String>) -> Result<Option<ServiceClient>, ConfigError> {
+fn service_client(env: &HashMap<String, String>) -> Result<Option<ServiceCredentials>, ConfigError> {
     let Some(secret) = var(env, "TENANTMESH_SERVICE_CLIENT_SECRET") else { return Ok(None) };
     refuse_placeholder(env, "TENANTMESH_SERVICE_CLIENT_SECRET", secret)?;
     let id = var(env, "TENANTMESH_SERVICE_CLIENT_ID").unwrap_or("onboarding");
-    Ok(Some(ServiceClient { id: id.to_owned(), secret: secret.to_owned() }))
+    Ok(Some(ServiceCredentials { client_id: id.to_owned(), client_secret: secret.to_owned() }))
 }
 
 /// Default `iss` of tokens minted by the auth service.

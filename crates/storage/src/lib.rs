@@ -174,7 +174,6 @@ pub trait Table: Send + Sync + 'static {
         condition: Condition,
         fence_sk: &str,
     ) -> Result<Item> {
-        check_key(pk, fence_sk)?;
         loop {
             let (expected, read) = expected_version(self, pk, sk, condition).await?;
             let writes = vec![
@@ -197,7 +196,6 @@ pub trait Table: Send + Sync + 'static {
     /// [`Table::delete`], provided the fence item `(pk, fence_sk)` does not
     /// exist (see [`Table::put_fenced`]).
     async fn delete_fenced(&self, pk: &str, sk: &str, condition: Condition, fence_sk: &str) -> Result<Option<u64>> {
-        check_key(pk, fence_sk)?;
         loop {
             let (expected, read) = expected_version(self, pk, sk, condition).await?;
             let fence = Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists };

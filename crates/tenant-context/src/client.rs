@@ -36,21 +36,7 @@ pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
-/// Client credentials of a platform service.
-#[derive(Clone)]
-pub struct ServiceCredentials {
-    pub client_id: String,
-    pub client_secret: String,
-}
-
-impl std::fmt::Debug for ServiceCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceCredentials")
-            .field("client_id", &self.client_id)
-            .field("client_secret", &"<redacted>")
-            .finish()
-    }
-}
+pub use tenantmesh_service::config::ServiceCredentials;
 
 /// Fetches and caches a service token, renewing it a minute before expiry;
 /// concurrent callers share one fetch.

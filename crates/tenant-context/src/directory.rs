@@ -107,11 +107,6 @@ impl RemoteDirectory {
         self.cache.lock().expect("cache lock").clear();
     }
 
-    /// How many tenants are cached now.
-    pub fn cached(&self) -> usize {
-        self.cache.lock().expect("cache lock").len()
-    }
-
     /// Forgets tenants as the registry reports their records changed
     /// (`WatchTenants`, called as the service identity `tokens` gives), so
     /// a suspension or a new placement takes effect here at once; the TTL
@@ -150,11 +145,9 @@ pub fn watch_changes(
     config: &tenantmesh_service::config::CommonConfig,
 ) -> Result<(), tonic::transport::Error> {
     match &config.service_client {
-        Some(c) => {
-            let credentials =
-                crate::client::ServiceCredentials { client_id: c.id.clone(), client_secret: c.secret.clone() };
-            let tokens = crate::client::ServiceTokenSource::new(crate::client::channel(&config.auth_url)?, credentials);
-            directory.watch(Arc::new(tokens));
+        Some(credentials) => {
+            let auth = crate::client::channel(&config.auth_url)?;
+            directory.watch(Arc::new(crate::client::ServiceTokenSource::new(auth, credentials.clone())));
         }
         None => tracing::info!(
             ttl_ms = config.tenant_cache_ttl.as_millis() as u64,

@@ -143,7 +143,8 @@ async fn take(store: &DynTable, free: u32, policy: LockoutPolicy, tenant: &str, 
         let data = serde_json::to_vec(&f).map_err(corrupt)?;
         let written = if condition == Condition::NotExists {
             // A new record gets its expiry entry with it.
-            let expiry = crate::expiry::entry(tenant, sk, now.div_euclid(1000) + policy.window().as_secs() as i64 + 1);
+            let at = expires_at(&data, policy.window()).expect("a record just encoded");
+            let expiry = crate::expiry::entry(tenant, sk, at);
             let record = Write::Put { pk: tenant.into(), sk: sk.into(), data, condition };
             store.transact_write(vec![record, expiry]).await
         } else {
@@ -152,7 +153,7 @@ async fn take(store: &DynTable, free: u32, policy: LockoutPolicy, tenant: &str, 
         match written {
             Ok(()) => {
                 if let Some(lock) = lock {
-                    let scope = if sk.starts_with("login-client#") { "client" } else { "account" };
+                    let scope = if sk.starts_with(CLIENT_PREFIX) { "client" } else { "account" };
                     tracing::warn!(security_event = "login_locked", scope, failures = f.count, lockout = ?lock, "login locked out");
                 }
                 return Ok(());

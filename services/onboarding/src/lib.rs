@@ -105,9 +105,11 @@ impl tenantmesh_isolation::backend::ServiceConfig for Config {
 
 impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let client_secret = var(env, "TENANTMESH_SERVICE_CLIENT_SECRET")
+        let common = CommonConfig::from_env(env, ONBOARDING_PORT)?;
+        let credentials = common
+            .service_client
+            .clone()
             .ok_or(ConfigError { var: "TENANTMESH_SERVICE_CLIENT_SECRET", message: "is required".into() })?;
-        tenantmesh_service::config::refuse_placeholder(env, "TENANTMESH_SERVICE_CLIENT_SECRET", client_secret)?;
         let data_url = var(env, "TENANTMESH_DATA_URL").unwrap_or("http://127.0.0.1:50054").to_owned();
         if !(data_url.starts_with("http://") || data_url.starts_with("https://")) {
             return Err(ConfigError {
@@ -129,12 +131,9 @@ impl Config {
             return Err(ConfigError { var: "TENANTMESH_STEP_MAX_ATTEMPTS", message: "must be at least 1".into() });
         }
         Ok(Self {
-            common: CommonConfig::from_env(env, ONBOARDING_PORT)?,
+            common,
             storage: StorageConfig::from_env(env)?,
-            credentials: ServiceCredentials {
-                client_id: var(env, "TENANTMESH_SERVICE_CLIENT_ID").unwrap_or("onboarding").to_owned(),
-                client_secret: client_secret.to_owned(),
-            },
+            credentials,
             hash_params: tenantmesh_credentials::HashParams::from_env(env)?,
             hash_pool: tenantmesh_credentials::PoolSettings::from_env(env)?,
             max_watchers: match parse_var(env, "TENANTMESH_MAX_WATCHERS", 8)? {
