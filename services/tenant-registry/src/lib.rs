@@ -68,10 +68,15 @@ pub struct Registry {
     /// Set once the registry shuts down: the watch streams end then, so
     /// they never hold a graceful shutdown up.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// One permit per open watch stream.
+    watchers: Arc<tokio::sync::Semaphore>,
 }
 
 /// Changes a watcher may fall behind by before it is told to reset.
 const WATCH_BUFFER: usize = 1024;
+/// Watch streams open at once: every replica of every service holds one;
+/// past this, a new one is RESOURCE_EXHAUSTED (the TTL still holds).
+pub const MAX_TENANT_WATCHERS: usize = 256;
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
@@ -86,7 +91,14 @@ impl Registry {
             allow_private_jwks: false,
             changes: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
             stopping: tokio::sync::watch::channel(false).1,
+            watchers: Arc::new(tokio::sync::Semaphore::new(MAX_TENANT_WATCHERS)),
         }
+    }
+
+    /// At most `n` watch streams open at once (default [`MAX_TENANT_WATCHERS`]).
+    pub fn with_max_watchers(mut self, n: usize) -> Self {
+        self.watchers = Arc::new(tokio::sync::Semaphore::new(n));
+        self
     }
 
     /// Ends the watch streams once `stopping` turns true.
@@ -493,10 +505,15 @@ impl TenantRegistry for Registry {
         _request: Request<WatchTenantsRequest>,
     ) -> Result<Response<Self::WatchTenantsStream>, Status> {
         use tokio::sync::broadcast::error::RecvError;
+        let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
+            tracing::warn!("tenant watch refused: too many open");
+            return Err(Status::resource_exhausted("too many tenant watch streams are open; retry later"));
+        };
         let mut changes = self.changes.subscribe();
         let mut stopping = self.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
+            let _permit = permit;
             // Whatever changed before the subscription is unknown to the watcher.
             let mut next = Some(WatchTenantsResponse { tenant_ids: Vec::new(), reset: true });
             loop {
@@ -599,4 +616,46 @@ pub async fn serve(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use tenantmesh_storage::EmbeddedTable;
+    use tokio_stream::StreamExt as _;
+
+    fn registry(dir: &tempfile::TempDir) -> Registry {
+        let store = EmbeddedTable::open_shared(dir.path().join("registry.redb")).unwrap();
+        Registry::new(store, "tenantmesh-auth", Arc::new(Tiers::default())).with_max_watchers(2)
+    }
+
+    async fn open(r: &Registry) -> Result<<Registry as TenantRegistry>::WatchTenantsStream, Status> {
+        r.watch_tenants(Request::new(WatchTenantsRequest {})).await.map(Response::into_inner)
+    }
+
+    /// A watcher is told to reset first, then hears of each changed
+    /// tenant; the streams open at once are bounded, and a closed one
+    /// frees its place.
+    #[tokio::test]
+    async fn watchers_hear_of_changes_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(&dir);
+        let mut first = open(&r).await.unwrap();
+        let second = open(&r).await.unwrap();
+        assert_eq!(open(&r).await.err().map(|s| s.code()), Some(tonic::Code::ResourceExhausted));
+
+        assert!(first.next().await.unwrap().unwrap().reset);
+        let tenant =
+            Tenant { tenant_id: "acme".into(), name: "Acme".into(), tier: "basic".into(), ..Default::default() };
+        r.insert(tenant).await.unwrap();
+        let change = first.next().await.unwrap().unwrap();
+        assert_eq!((change.reset, change.tenant_ids), (false, vec!["acme".to_owned()]));
+
+        drop(second);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while open(&r).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "a closed stream kept its place");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
