@@ -9,7 +9,9 @@ pub mod errors;
 pub mod fairq;
 pub mod leases;
 pub mod limits;
+pub mod metering;
 pub mod paging;
+pub mod pricing;
 pub mod runtime;
 pub mod tiers;
 

@@ -124,6 +124,11 @@ impl Tiers {
         self.tiers.iter().map(|t| t.weight).max().unwrap_or(1)
     }
 
+    /// The tiers' names, cheapest first.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tiers.iter().map(|t| t.name.as_str())
+    }
+
     pub fn get(&self, tier: &str) -> Option<&Tier> {
         self.tiers.iter().find(|t| t.name == tier)
     }
@@ -135,7 +140,7 @@ impl Tiers {
 
     /// A field violation message for an unknown tier.
     pub fn unknown_tier_message(&self) -> String {
-        let names: Vec<&str> = self.tiers.iter().map(|t| t.name.as_str()).collect();
+        let names: Vec<&str> = self.names().collect();
         format!("must be one of {}", names.join(", "))
     }
 }

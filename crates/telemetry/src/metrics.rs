@@ -1,5 +1,5 @@
-//! Per-tenant metrics: requests, their latency, and refusals by limit, each
-//! with `tenant.id`. Recorded only while metrics are exported (an OTLP
+//! Per-tenant metrics: requests, their latency, refusals by limit and
+//! metered usage, each with `tenant.id`. Recorded only while metrics are exported (an OTLP
 //! endpoint is set); otherwise each call is one relaxed load.
 //!
 //! Cardinality is capped: the first `TENANTMESH_METRICS_TENANT_CAP` tenants
@@ -26,6 +26,7 @@ struct Instruments {
     requests: Counter<u64>,
     latency: Histogram<f64>,
     refused: Counter<u64>,
+    usage: Counter<u64>,
     tenants: RwLock<HashSet<Arc<str>>>,
 }
 
@@ -46,6 +47,10 @@ fn instruments() -> &'static Instruments {
             refused: meter
                 .u64_counter("tenantmesh.limits.refused")
                 .with_description("Requests refused by a limit, by tenant and limit")
+                .build(),
+            usage: meter
+                .u64_counter("tenantmesh.usage")
+                .with_description("Metered usage, by tenant and meter (as flushed to the usage table)")
                 .build(),
             tenants: RwLock::new(HashSet::new()),
         }
@@ -96,6 +101,16 @@ pub fn refused(tenant: &str, limit: &'static str) {
     }
     let i = instruments();
     i.refused.add(1, &[KeyValue::new("tenant.id", tenant_value(i, tenant)), KeyValue::new("limit", limit)]);
+}
+
+/// `value` of `meter` used by `tenant` (a metering flush's totals).
+pub fn usage(tenant: &str, meter: &str, value: u64) {
+    if !enabled() {
+        return;
+    }
+    let i = instruments();
+    i.usage
+        .add(value, &[KeyValue::new("tenant.id", tenant_value(i, tenant)), KeyValue::new("meter", meter.to_owned())]);
 }
 
 #[cfg(test)]
