@@ -100,7 +100,8 @@ async fn mesh_runs_on_the_requested_backend() {
         .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "redb")).count())
         .unwrap_or(0);
     match backend {
-        TestBackend::Embedded => assert_eq!(redb, 4),
+        // registry, auth, onboarding, data, and the data service's usage.
+        TestBackend::Embedded => assert_eq!(redb, 5),
         TestBackend::DynamoDb => {
             assert_eq!(redb, 0);
             let item = state.table("data").await.get(&acme.tenant_id, "c#1").await.unwrap();

@@ -23,6 +23,7 @@ mod isolation_model;
 mod jwks_flood;
 mod lifecycle;
 mod limits;
+mod metering;
 /// Own process: installs the global telemetry (OTLP exporter).
 mod otlp_export;
 mod outage;

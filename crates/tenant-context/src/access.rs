@@ -55,6 +55,7 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.onboarding.v1.Onboarding/OffboardTenant", Access::Roles(&[PA])),
     ("/tenantmesh.onboarding.v1.Onboarding/ChangeTier", Access::Roles(&[PA])),
     ("/tenantmesh.onboarding.v1.Onboarding/WatchEvents", Access::Roles(&[PA, TA])),
+    ("/tenantmesh.onboarding.v1.Onboarding/ListTenantResources", Access::Roles(&[PA, TA, SVC])),
     ("/tenantmesh.data.v1.Data/PutItem", Access::Roles(TENANT_DATA)),
     ("/tenantmesh.data.v1.Data/GetItem", Access::Roles(TENANT_DATA)),
     ("/tenantmesh.data.v1.Data/DeleteItem", Access::Roles(TENANT_DATA)),
@@ -65,6 +66,14 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.data.v1.DataAdmin/ImportItems", Access::Roles(&[SVC])),
     ("/tenantmesh.data.v1.DataAdmin/PurgeItems", Access::Roles(&[SVC])),
     ("/tenantmesh.data.v1.DataAdmin/SetFence", Access::Roles(&[SVC])),
+    // Usage is recorded by the platform (applications with a service
+    // identity, or an operator's correction), never by the tenant it bills.
+    ("/tenantmesh.metering.v1.Metering/RecordUsage", Access::Roles(PLATFORM)),
+    // A tenant admin reads their own tenant's (the handlers check which).
+    ("/tenantmesh.metering.v1.Metering/GetUsage", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.metering.v1.Metering/ExportUsage", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.metering.v1.Metering/GetTenantCost", Access::Roles(&[PA, TA, SVC])),
+    ("/tenantmesh.metering.v1.Metering/ListTenantCosts", Access::Roles(PLATFORM)),
 ];
 
 /// Infrastructure services reachable without a token.

@@ -62,7 +62,8 @@ pub fn test_tiers_file() -> PathBuf {
 
 /// Settings of a test mesh: cheap argon2 (tests measure behaviour, not
 /// hashing cost), a known admin password and test client, a short tenant
-/// cache so status changes show within a poll, tiers with high limits
+/// cache so status changes show within a poll, usage flushed every
+/// second, tiers with high limits
 /// ([`test_tiers_file`]), and identity providers allowed on loopback.
 pub fn test_env() -> HashMap<String, String> {
     let tiers = test_tiers_file().display().to_string();
@@ -74,6 +75,8 @@ pub fn test_env() -> HashMap<String, String> {
         ("TENANTMESH_SERVICE_CLIENTS", &format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET}")),
         ("TENANTMESH_TENANT_CACHE_TTL_MS", "100"),
         ("TENANTMESH_STEP_BACKOFF_MS", "20"),
+        // Usage shows within a second or two.
+        ("TENANTMESH_METERING_FLUSH_MS", "1000"),
         // The tests' identity providers serve on loopback.
         ("TENANTMESH_JWKS_ALLOW_PRIVATE", "true"),
     ]
@@ -183,6 +186,23 @@ impl ServiceProcess {
     /// A lazy channel to the process.
     pub fn channel(&self) -> Channel {
         TestMesh::channel(self.addr)
+    }
+
+    /// Stops the process gracefully (SIGTERM) and waits (up to 30 s) for
+    /// it to exit; panics unless it exits with success.
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        assert!(sent.success(), "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the replica") {
+                assert!(status.success(), "the replica exited with {status}");
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the replica did not stop within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -305,6 +325,10 @@ impl TestMesh {
     }
     pub fn data(&self) -> DataClient<Channel> {
         DataClient::new(Self::channel(self.addrs.data))
+    }
+    /// The metering service (hosted by the data service).
+    pub fn metering(&self) -> tenantmesh_proto::metering::v1::metering_client::MeteringClient<Channel> {
+        tenantmesh_proto::metering::v1::metering_client::MeteringClient::new(Self::channel(self.addrs.data))
     }
     /// The full table name of `name` on this mesh's backend.
     pub fn state_table_name(&self, name: &str) -> String {

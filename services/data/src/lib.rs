@@ -28,7 +28,9 @@
 
 pub mod admin;
 mod error;
+pub mod metering;
 pub mod quota;
+pub mod storage_meter;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,10 +43,13 @@ use tenantmesh_proto::data::v1::data_admin_server::DataAdminServer;
 use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
 use tenantmesh_proto::data::v1::*;
+use tenantmesh_proto::metering::v1::metering_server::MeteringServer;
 use tenantmesh_proto::registry::v1::TenantStatus;
+use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_service::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_service::errors::{Violations, invalid_field};
 use tenantmesh_service::limits::Cost;
+use tenantmesh_service::metering::{Meters, Usage};
 use tenantmesh_service::paging;
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
@@ -86,6 +91,19 @@ pub struct Config {
     /// PutItem whose id starts with `stall-` waits this long between its
     /// checks and its write, as a write delayed in flight would.
     pub stall_writes: Option<std::time::Duration>,
+    /// `TENANTMESH_METERING_FLUSH_MS` (default 10000): how often usage is
+    /// written to the usage table; a process killed with -9 loses at most
+    /// the usage of one interval.
+    pub metering_flush: std::time::Duration,
+    /// `TENANTMESH_USAGE_GRACE_SECS` (default 3600): how old an
+    /// application's usage event may be when it is recorded.
+    pub usage_grace: std::time::Duration,
+    /// `TENANTMESH_PRICING_FILE`: unit prices, dedicated resources' hourly
+    /// costs and tier prices (default: the built-in example).
+    pub pricing: Arc<tenantmesh_service::pricing::Pricing>,
+    /// `TENANTMESH_STORAGE_SAMPLE_SECS` (default 3600): how often every
+    /// tenant's stored bytes are measured for `storage_byte_hours`.
+    pub storage_sample: std::time::Duration,
 }
 
 fn parse_data_faults(spec: &str) -> Result<Option<std::time::Duration>, ConfigError> {
@@ -119,6 +137,22 @@ impl Config {
             stall_writes: parse_data_faults(
                 tenantmesh_service::config::var(env, "TENANTMESH_DATA_FAULTS").unwrap_or_default(),
             )?,
+            metering_flush: std::time::Duration::from_millis(
+                tenantmesh_service::config::parse_var(env, "TENANTMESH_METERING_FLUSH_MS", 10_000u64)?.max(10),
+            ),
+            usage_grace: std::time::Duration::from_secs(tenantmesh_service::config::parse_var(
+                env,
+                "TENANTMESH_USAGE_GRACE_SECS",
+                3600,
+            )?),
+            storage_sample: std::time::Duration::from_secs(
+                tenantmesh_service::config::parse_var(env, "TENANTMESH_STORAGE_SAMPLE_SECS", 3600u64)?.max(1),
+            ),
+            pricing: Arc::new(match tenantmesh_service::config::var(env, "TENANTMESH_PRICING_FILE") {
+                Some(path) => tenantmesh_service::pricing::Pricing::load(std::path::Path::new(path))
+                    .map_err(|e| ConfigError { var: "TENANTMESH_PRICING_FILE", message: e.to_string() })?,
+                None => tenantmesh_service::pricing::Pricing::default(),
+            }),
         })
     }
 }
@@ -133,7 +167,18 @@ pub struct DataService {
     silos: Arc<std::sync::Mutex<HashMap<String, DataClient<PropagatedChannel>>>>,
     quotas: Arc<quota::Quotas>,
     stall_writes: Option<std::time::Duration>,
+    meters: Option<Arc<Meters>>,
 }
+
+/// The data RPCs, by their index in the usage counters.
+pub const RPCS: &[&str] = &["PutItem", "GetItem", "DeleteItem", "QueryItems"];
+const PUT: usize = 0;
+const GET: usize = 1;
+const DELETE: usize = 2;
+const QUERY: usize = 3;
+
+/// A call being metered: its tenant and when its handler began.
+struct Metered(Arc<str>, std::time::Instant);
 
 /// Where a tenant's call is served.
 enum Route {
@@ -190,6 +235,39 @@ impl DataService {
             silos: Default::default(),
             quotas: Arc::new(quota::Quotas::new(std::time::Duration::from_secs(10))),
             stall_writes: None,
+            meters: None,
+        }
+    }
+
+    /// Counts every call's usage for its tenant (see
+    /// `tenantmesh_service::metering`).
+    pub fn with_meters(mut self, meters: Option<Arc<Meters>>) -> Self {
+        self.meters = meters;
+        self
+    }
+
+    /// Starts metering a call, when this instance meters.
+    fn metered<T>(&self, request: &Request<T>) -> Result<Option<Metered>, Status> {
+        Ok(match self.meters {
+            Some(_) => {
+                Some(Metered(TenantContext::from_request(request)?.tenant_id.clone(), std::time::Instant::now()))
+            }
+            None => None,
+        })
+    }
+
+    /// Counts a call that ended with `result`: a request whatever its
+    /// outcome, its units and bytes when it succeeded.
+    fn count<T>(
+        &self,
+        call: Option<Metered>,
+        rpc: usize,
+        result: &Result<Response<T>, Status>,
+        usage: impl FnOnce(&T) -> Usage,
+    ) {
+        if let (Some(meters), Some(Metered(tenant, started))) = (&self.meters, call) {
+            let usage = result.as_ref().map(|r| usage(r.get_ref())).unwrap_or_default();
+            meters.record(&tenant, rpc, usage, started.elapsed());
         }
     }
 
@@ -283,6 +361,39 @@ fn costing<T>(mut response: Response<T>, cost: Cost) -> Response<T> {
 #[tonic::async_trait]
 impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
+        let call = self.metered(&request)?;
+        let result = self.put_item_unmetered(request).await;
+        self.count(call, PUT, &result, |r| {
+            Usage::write(r.item.as_ref().map_or(0, |i| i.encoded_len()), r.encoded_len())
+        });
+        result
+    }
+
+    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
+        let call = self.metered(&request)?;
+        let result = self.get_item_unmetered(request).await;
+        self.count(call, GET, &result, |r| Usage::read(r.item.as_ref().map(|i| i.encoded_len()), r.encoded_len()));
+        result
+    }
+
+    async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
+        let call = self.metered(&request)?;
+        let result = self.delete_item_unmetered(request).await;
+        self.count(call, DELETE, &result, |r| Usage::write(0, r.encoded_len()));
+        result
+    }
+
+    async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
+        let call = self.metered(&request)?;
+        let result = self.query_items_unmetered(request).await;
+        self.count(call, QUERY, &result, |r| Usage::read(r.items.iter().map(|i| i.encoded_len()), r.encoded_len()));
+        result
+    }
+}
+
+/// The handlers, metered by the trait's methods above.
+impl DataService {
+    async fn put_item_unmetered(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
         let quota = TenantContext::from_request(&request)?.tenant.storage_quota;
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
@@ -332,7 +443,7 @@ impl Data for DataService {
         Ok(costing(Response::new(PutItemResponse { item: Some(item) }), Cost::write(size)))
     }
 
-    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
+    async fn get_item_unmetered(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
         let (tenant, store) = match self.route(&request, false).await? {
             Route::Local { tenant, store } => (tenant, store),
             Route::Forward(mut c) => return forwarded(c.get_item(request.into_inner()).await),
@@ -347,7 +458,10 @@ impl Data for DataService {
         Ok(costing(Response::new(GetItemResponse { item: Some(decode_item(&raw)?) }), Cost::read(raw.data.len())))
     }
 
-    async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
+    async fn delete_item_unmetered(
+        &self,
+        request: Request<DeleteItemRequest>,
+    ) -> Result<Response<DeleteItemResponse>, Status> {
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
             Route::Forward(mut c) => return forwarded(c.delete_item(request.into_inner()).await),
@@ -372,7 +486,10 @@ impl Data for DataService {
         }
     }
 
-    async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
+    async fn query_items_unmetered(
+        &self,
+        request: Request<QueryItemsRequest>,
+    ) -> Result<Response<QueryItemsResponse>, Status> {
         let (tenant, store) = match self.route(&request, false).await? {
             Route::Local { tenant, store } => (tenant, store),
             Route::Forward(mut c) => return forwarded(c.query_items(request.into_inner()).await),
@@ -443,11 +560,51 @@ pub async fn serve(
     if let Some(t) = &config.silo_tenant {
         tracing::info!(silo_tenant = %t, "serving as a silo tenant's dedicated data service");
     }
+    // A silo instance is only ever called through the shared service,
+    // which meters its tenant's calls; it meters nothing itself.
+    let usage = match config.silo_tenant {
+        Some(_) => None,
+        None => Some(config.storage.open_table(&config.common, USAGE_TABLE).await?),
+    };
+    let meters = usage.clone().map(|table| {
+        let hook: tenantmesh_service::metering::FlushHook = Box::new(tenantmesh_telemetry::metrics::usage);
+        let meters = Arc::new(Meters::new(table, RPCS, config.metering_flush).with_hook(hook));
+        meters.start();
+        tracing::info!(
+            replica = %meters.replica(),
+            flush_ms = config.metering_flush.as_millis() as u64,
+            "metering every tenant's usage"
+        );
+        meters
+    });
+    let (stop_sampling, sampling_stopped) = tokio::sync::watch::channel(false);
+    match (&usage, &config.common.service_client) {
+        (Some(table), Some(credentials)) => {
+            let tokens = Arc::new(client::ServiceTokenSource::new(
+                client::channel(&config.common.auth_url)?,
+                credentials.clone(),
+            ));
+            let sampler = storage_meter::StorageSampler::new(
+                table.clone(),
+                stores.clone(),
+                &config.storage.table_prefix,
+                &config.common.registry_url,
+                tokens,
+                config.storage_sample,
+            )?;
+            Arc::new(sampler).start(sampling_stopped);
+        }
+        (Some(_), None) => {
+            tracing::warn!("no service identity (TENANTMESH_SERVICE_CLIENT_ID/_SECRET): stored bytes are not metered");
+        }
+        (None, _) => {}
+    }
     let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone())
         .with_quota_rescan(config.quota_rescan)
-        .with_stalled_writes(config.stall_writes);
+        .with_stalled_writes(config.stall_writes)
+        .with_meters(meters.clone());
     let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone());
-    let routes = tonic::service::Routes::new(
+    let mut routes = tonic::service::Routes::new(
         DataServer::new(data)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
@@ -457,17 +614,37 @@ pub async fn serve(
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
     );
-    tenantmesh_service::runtime::serve_routes(
+    let mut names = vec![
+        <DataServer<DataService> as tonic::server::NamedService>::NAME,
+        <DataAdminServer<admin::DataAdminService> as tonic::server::NamedService>::NAME,
+    ];
+    if let Some(table) = usage {
+        let registry =
+            TenantRegistryClient::new(client::wrap(client::channel(&config.common.registry_url)?, Identity::Caller));
+        let service = metering::MeteringService::new(table, config.pricing.clone(), config.usage_grace, registry);
+        routes = routes.add_service(MeteringServer::new(service));
+        names.push(<MeteringServer<metering::MeteringService> as tonic::server::NamedService>::NAME);
+    }
+    let served = tenantmesh_service::runtime::serve_routes(
         listener,
         routes,
-        &[
-            <DataServer<DataService> as tonic::server::NamedService>::NAME,
-            <DataAdminServer<admin::DataAdminService> as tonic::server::NamedService>::NAME,
-        ],
+        &names,
         tenantmesh_tenant_context::server::layer(authn),
         config.common.shutdown_grace,
         shutdown,
     )
-    .await?;
+    .await;
+    stop_sampling.send_replace(true);
+    // Whatever the outcome, what was counted is written.
+    if let Some(meters) = meters {
+        match meters.shutdown().await {
+            Ok(()) => tracing::info!("usage flushed"),
+            Err(e) => tracing::error!(error = %e, "usage counted since the last flush is lost"),
+        }
+    }
+    served?;
     Ok(())
 }
+
+/// The table of metered usage (`<prefix>usage`, or `usage.redb`).
+pub const USAGE_TABLE: &str = "usage";

@@ -48,7 +48,7 @@ impl Quotas {
     }
 
     /// The bytes of `pk`'s items in `store`, page by page.
-    async fn scan(store: &DynTable, pk: &str) -> Result<u64, StorageError> {
+    pub async fn scan(store: &DynTable, pk: &str) -> Result<u64, StorageError> {
         let (mut bytes, mut start_after) = (0u64, None);
         loop {
             let q = Query { pk: pk.to_owned(), sk_prefix: String::new(), start_after, limit: 1000 };

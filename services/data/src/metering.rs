@@ -1,0 +1,587 @@
+//! The `tenantmesh.metering.v1.Metering` service: usage and cost per
+//! tenant.
+//!
+//! It is hosted by the data service, because that is where usage is
+//! measured (every data operation, for the caller's tenant) and flushed,
+//! and where it is read back: the usage table (`<prefix>usage`, or
+//! `usage.redb` in the data dir) is the data service's own, so reading it
+//! needs no new process, deployment or credentials, and it scales with the
+//! data-service replicas. Tenant records (tier, placement, age) come from
+//! the registry, asked with the caller's own token, so the registry's
+//! rules about who may see a tenant apply here too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tenantmesh_proto::metering::v1::metering_server::Metering;
+use tenantmesh_proto::metering::v1::*;
+use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
+use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, ListTenantsRequest, Tenant, TenantStatus};
+use tenantmesh_service::errors::{Violations, storage_status};
+use tenantmesh_service::metering::{self, BUILT_IN, Event, EventOutcome, MinuteUsage};
+use tenantmesh_service::pricing::{DEDICATED_TABLE, Pricing, SILO_INSTANCE};
+use tenantmesh_storage::DynTable;
+use tenantmesh_tenant_context::TenantContext;
+use tenantmesh_tenant_context::client::PropagatedChannel;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Events per RecordUsage call.
+pub const MAX_EVENTS: usize = 100;
+/// Windows per GetUsage answer, and per export.
+pub const MAX_WINDOWS: i64 = 10_000;
+pub const MAX_EXPORT_WINDOWS: i64 = 100_000;
+/// How far ahead of the service's clock an event may be.
+pub const MAX_FUTURE_SECS: i64 = 300;
+const MAX_DIMENSIONS: usize = 8;
+const MAX_GROUP_BY: usize = 8;
+/// An export is streamed in chunks of about this many bytes.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+pub struct MeteringService {
+    table: DynTable,
+    pricing: Arc<Pricing>,
+    grace: Duration,
+    registry: TenantRegistryClient<PropagatedChannel>,
+}
+
+impl MeteringService {
+    /// `registry`: a client that sends the caller's own identity.
+    pub fn new(
+        table: DynTable,
+        pricing: Arc<Pricing>,
+        grace: Duration,
+        registry: TenantRegistryClient<PropagatedChannel>,
+    ) -> Self {
+        Self { table, pricing, grace, registry }
+    }
+
+    async fn tenant(&self, tenant_id: &str) -> Result<Tenant, Status> {
+        let req = GetTenantRequest { tenant_id: tenant_id.to_owned() };
+        let tenant = self.registry.clone().get_tenant(req).await?.into_inner().tenant;
+        tenant.ok_or_else(|| Status::internal("the registry answered without a tenant"))
+    }
+
+    async fn cost(&self, tenant: &Tenant, from: i64, to: i64) -> Result<TenantCost, Status> {
+        let rows = metering::read_usage(&self.table, &tenant.tenant_id, None, from, to)
+            .await
+            .map_err(|e| storage_status(e, "metering"))?;
+        Ok(price(&self.pricing, tenant, &rows, from, to, metering::now_secs()))
+    }
+}
+
+/// A tenant's cost over `[from, to)`, at `now`.
+fn price(pricing: &Pricing, tenant: &Tenant, rows: &[MinuteUsage], from: i64, to: i64, now: i64) -> TenantCost {
+    let mut totals: BTreeMap<String, i64> = BTreeMap::new();
+    for r in rows {
+        *totals.entry(r.meter.clone()).or_default() += r.value;
+    }
+    // Dedicated resources are held from the tenant's creation until now
+    // (or its offboarding), within the period.
+    let end = if tenant.status() == TenantStatus::Deleted { to.min(tenant.update_time) } else { to.min(now) };
+    let held = (end - from.max(tenant.create_time)).max(0) as f64 / 3600.0;
+    let model = tenant.placement.as_ref().map_or(tenant.isolation_model(), |p| p.model());
+    let dedicated: &[(&str, f64)] = match model {
+        IsolationModel::Bridge => &[(DEDICATED_TABLE, held)],
+        IsolationModel::Silo => &[(DEDICATED_TABLE, held), (SILO_INSTANCE, held)],
+        _ => &[],
+    };
+    let isolation = match model {
+        IsolationModel::Bridge => "bridge",
+        IsolationModel::Silo => "silo",
+        _ => "pool",
+    };
+    let c = pricing.cost(&totals, dedicated, &tenant.tier, (to - from) as f64 / 3600.0);
+    TenantCost {
+        tenant_id: tenant.tenant_id.clone(),
+        tier: tenant.tier.clone(),
+        isolation: isolation.into(),
+        from,
+        to,
+        lines: c
+            .lines
+            .into_iter()
+            .map(|l| CostLine { item: l.item, quantity: l.quantity, unit_price: l.unit_price, cost: l.cost })
+            .collect(),
+        cost: c.cost,
+        revenue: c.revenue,
+        margin: c.margin,
+        currency: pricing.currency().to_owned(),
+    }
+}
+
+/// Meter, dimension key: 1-64 of a-z, 0-9 and `_.-`.
+fn check_meter_name(v: &mut Violations, field: &str, name: &str) {
+    if name.is_empty() {
+        v.add(field, "is required");
+    } else if name.len() > 64
+        || !name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_.-".contains(&c))
+    {
+        v.add(field, "must be 1-64 of a-z, 0-9 and _.-");
+    }
+}
+
+fn check_range(v: &mut Violations, from: i64, to: i64) {
+    if from < 0 {
+        v.add("from", "must be a time at or after 1970 (Unix seconds)");
+    }
+    if to <= from {
+        v.add("to", "must be after from");
+    }
+}
+
+/// The window's length in seconds (HOUR when unspecified).
+fn window_secs(v: &mut Violations, window: i32) -> i64 {
+    match Window::try_from(window) {
+        Ok(Window::Minute) => 60,
+        Ok(Window::Hour | Window::Unspecified) => 3600,
+        Ok(Window::Day) => 86_400,
+        Err(_) => {
+            v.add("window", "must be WINDOW_MINUTE, WINDOW_HOUR or WINDOW_DAY");
+            3600
+        }
+    }
+}
+
+fn check_windows(v: &mut Violations, from: i64, to: i64, window: i64, max: i64) {
+    let span = to.saturating_sub(from);
+    if span > 0 && span / window + i64::from(span % window != 0) > max {
+        v.add("window", format!("the range holds more than {max} windows of {window} s; use a longer window"));
+    }
+}
+
+/// `rows` summed per window and per the dimensions in `group_by`.
+fn windows(tenant: &str, rows: Vec<MinuteUsage>, window: i64, group_by: Option<&[String]>) -> Vec<UsageRow> {
+    let mut sums: BTreeMap<(i64, String, BTreeMap<String, String>), i64> = BTreeMap::new();
+    for r in rows {
+        let start = r.minute - r.minute.rem_euclid(window);
+        let dims = match group_by {
+            Some(keep) => r.dimensions.into_iter().filter(|(k, _)| keep.contains(k)).collect(),
+            None => r.dimensions,
+        };
+        *sums.entry((start, r.meter, dims)).or_default() += r.value;
+    }
+    sums.into_iter()
+        .map(|((start, meter, dims), value)| UsageRow {
+            window_start: start,
+            window_end: start + window,
+            value,
+            dimensions: dims.into_iter().collect(),
+            meter,
+            tenant_id: tenant.to_owned(),
+        })
+        .collect()
+}
+
+fn dims_text(d: &HashMap<String, String>) -> String {
+    let sorted: BTreeMap<_, _> = d.iter().collect();
+    sorted.into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(";")
+}
+
+/// `rows` (of one tenant, in window order) as lines of `format`.
+fn export_lines(rows: &[UsageRow], format: ExportFormat) -> Vec<String> {
+    match format {
+        ExportFormat::Csv => std::iter::once("tenant_id,meter,window_start,window_end,value,dimensions".to_owned())
+            .chain(rows.iter().map(|r| {
+                format!(
+                    "{},{},{},{},{},{}",
+                    r.tenant_id,
+                    r.meter,
+                    r.window_start,
+                    r.window_end,
+                    r.value,
+                    dims_text(&r.dimensions)
+                )
+            }))
+            .collect(),
+        ExportFormat::Marketplace => {
+            // One record per (window, meter); its dimension sets are the
+            // allocations.
+            let mut records: BTreeMap<(i64, &str), Vec<&UsageRow>> = BTreeMap::new();
+            for r in rows {
+                records.entry((r.window_start, r.meter.as_str())).or_default().push(r);
+            }
+            records
+                .into_iter()
+                .map(|((start, meter), parts)| {
+                    let allocations: Vec<_> = parts
+                        .iter()
+                        .map(|p| {
+                            let tags: BTreeMap<_, _> = p.dimensions.iter().collect();
+                            serde_json::json!({
+                                "AllocatedUsageQuantity": p.value,
+                                "Tags": tags.into_iter().map(|(k, v)| serde_json::json!({"Key": k, "Value": v})).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect();
+                    serde_json::json!({
+                        "CustomerIdentifier": parts[0].tenant_id,
+                        "Dimension": meter,
+                        "Quantity": parts.iter().map(|p| p.value).sum::<i64>(),
+                        "Timestamp": start,
+                        "UsageAllocations": allocations,
+                    })
+                    .to_string()
+                })
+                .collect()
+        }
+        ExportFormat::Jsonl | ExportFormat::Unspecified => rows
+            .iter()
+            .map(|r| {
+                let dims: BTreeMap<_, _> = r.dimensions.iter().collect();
+                serde_json::json!({
+                    "tenant_id": r.tenant_id,
+                    "meter": r.meter,
+                    "window_start": r.window_start,
+                    "window_end": r.window_end,
+                    "value": r.value,
+                    "dimensions": dims,
+                })
+                .to_string()
+            })
+            .collect(),
+    }
+}
+
+/// Checks one event; the field names carry its index.
+fn check_event(v: &mut Violations, i: usize, e: &UsageEvent, now: i64, grace: i64) {
+    let f = |name: &str| format!("events[{i}].{name}");
+    if e.id.is_empty() || e.id.len() > 128 || !e.id.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(&c)) {
+        v.add(&f("id"), "must be 1-128 of letters, digits and _.:-");
+    }
+    v.tenant_id(&f("tenant_id"), &e.tenant_id);
+    check_meter_name(v, &f("meter"), &e.meter);
+    if BUILT_IN.contains(&e.meter.as_str()) {
+        v.add(&f("meter"), format!("{:?} is a built-in meter, counted by the mesh itself", e.meter));
+    }
+    if e.time < now - grace {
+        v.add(
+            &f("time"),
+            format!(
+                "is {} s in the past; events more than {grace} s old (TENANTMESH_USAGE_GRACE_SECS) are refused: record a correction now instead",
+                now - e.time
+            ),
+        );
+    } else if e.time > now + MAX_FUTURE_SECS {
+        v.add(&f("time"), format!("is {} s in the future; at most {MAX_FUTURE_SECS} s is allowed", e.time - now));
+    }
+    if e.dimensions.len() > MAX_DIMENSIONS {
+        v.add(&f("dimensions"), format!("at most {MAX_DIMENSIONS} dimensions"));
+    }
+    for (k, val) in &e.dimensions {
+        check_meter_name(v, &f(&format!("dimensions[{k}]")), k);
+        if val.is_empty()
+            || val.len() > 128
+            || !val.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.:@/-".contains(&c))
+        {
+            v.add(&f(&format!("dimensions[{k}]")), "the value must be 1-128 of letters, digits and _.:@/-");
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Metering for MeteringService {
+    async fn record_usage(
+        &self,
+        request: Request<RecordUsageRequest>,
+    ) -> Result<Response<RecordUsageResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        if req.events.is_empty() {
+            v.add("events", "at least one event is required");
+        } else if req.events.len() > MAX_EVENTS {
+            v.add("events", format!("at most {MAX_EVENTS} events per call"));
+        }
+        let now = metering::now_secs();
+        let grace = self.grace.as_secs() as i64;
+        for (i, e) in req.events.iter().enumerate().take(MAX_EVENTS) {
+            check_event(&mut v, i, e, now, grace);
+        }
+        v.check()?;
+        // Every tenant named must exist: usage of a mistyped tenant would
+        // be counted where nobody ever bills it.
+        let mut v = Violations::new();
+        let mut known: HashMap<&str, bool> = HashMap::new();
+        for (i, e) in req.events.iter().enumerate() {
+            if !known.contains_key(e.tenant_id.as_str()) {
+                let exists = match self.tenant(&e.tenant_id).await {
+                    Ok(_) => true,
+                    Err(s) if s.code() == tonic::Code::NotFound => false,
+                    Err(s) => return Err(s),
+                };
+                known.insert(&e.tenant_id, exists);
+            }
+            if !known[e.tenant_id.as_str()] {
+                v.add(&format!("events[{i}].tenant_id"), format!("no tenant {:?}", e.tenant_id));
+            }
+        }
+        v.check()?;
+        let (mut recorded, mut duplicates, mut conflicts) = (0u32, 0u32, Vec::new());
+        for (i, e) in req.events.into_iter().enumerate() {
+            let event = Event {
+                id: e.id,
+                tenant: e.tenant_id,
+                meter: e.meter,
+                value: e.value,
+                time: e.time,
+                dimensions: e.dimensions.into_iter().collect(),
+            };
+            match metering::record_event(&self.table, &event).await.map_err(|e| storage_status(e, "metering"))? {
+                EventOutcome::Recorded => recorded += 1,
+                EventOutcome::Duplicate => duplicates += 1,
+                EventOutcome::Conflict => conflicts.push(format!("events[{i}] (id {:?})", event.id)),
+            }
+        }
+        if !conflicts.is_empty() {
+            return Err(Status::already_exists(format!(
+                "a different event was recorded before under the id of {}; the other events were recorded ({recorded} new, {duplicates} seen before)",
+                conflicts.join(", ")
+            )));
+        }
+        tracing::debug!(recorded, duplicates, "usage events recorded");
+        Ok(Response::new(RecordUsageResponse { recorded, duplicates }))
+    }
+
+    async fn get_usage(&self, request: Request<GetUsageRequest>) -> Result<Response<GetUsageResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        check_meter_name(&mut v, "meter", &req.meter);
+        check_range(&mut v, req.from, req.to);
+        let window = window_secs(&mut v, req.window);
+        check_windows(&mut v, req.from, req.to, window, MAX_WINDOWS);
+        if req.group_by.len() > MAX_GROUP_BY {
+            v.add("group_by", format!("at most {MAX_GROUP_BY} dimensions"));
+        }
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let rows = metering::read_usage(&self.table, &req.tenant_id, Some(&req.meter), req.from, req.to)
+            .await
+            .map_err(|e| storage_status(e, "metering"))?;
+        Ok(Response::new(GetUsageResponse { rows: windows(&req.tenant_id, rows, window, Some(&req.group_by)) }))
+    }
+
+    type ExportUsageStream = ReceiverStream<Result<ExportUsageResponse, Status>>;
+
+    async fn export_usage(
+        &self,
+        request: Request<ExportUsageRequest>,
+    ) -> Result<Response<Self::ExportUsageStream>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        check_range(&mut v, req.from, req.to);
+        let window = window_secs(&mut v, req.window);
+        check_windows(&mut v, req.from, req.to, window, MAX_EXPORT_WINDOWS);
+        let format = ExportFormat::try_from(req.format).unwrap_or_else(|_| {
+            v.add("format", "must be EXPORT_FORMAT_JSONL, EXPORT_FORMAT_CSV or EXPORT_FORMAT_MARKETPLACE");
+            ExportFormat::Jsonl
+        });
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let rows = metering::read_usage(&self.table, &req.tenant_id, None, req.from, req.to)
+            .await
+            .map_err(|e| storage_status(e, "metering"))?;
+        let lines = export_lines(&windows(&req.tenant_id, rows, window, None), format);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut chunk = Vec::with_capacity(CHUNK_BYTES);
+            for line in lines {
+                chunk.extend_from_slice(line.as_bytes());
+                chunk.push(b'\n');
+                if chunk.len() >= CHUNK_BYTES {
+                    let data = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+                    if tx.send(Ok(ExportUsageResponse { data })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                let _ = tx.send(Ok(ExportUsageResponse { data: chunk })).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_tenant_cost(
+        &self,
+        request: Request<GetTenantCostRequest>,
+    ) -> Result<Response<GetTenantCostResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        check_range(&mut v, req.from, req.to);
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let tenant = self.tenant(&req.tenant_id).await?;
+        Ok(Response::new(GetTenantCostResponse { cost: Some(self.cost(&tenant, req.from, req.to).await?) }))
+    }
+
+    async fn list_tenant_costs(
+        &self,
+        request: Request<ListTenantCostsRequest>,
+    ) -> Result<Response<ListTenantCostsResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        check_range(&mut v, req.from, req.to);
+        v.check()?;
+        let mut tenants = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .registry
+                .clone()
+                .list_tenants(ListTenantsRequest { page_size: 1000, page_token })
+                .await?
+                .into_inner();
+            tenants.extend(page.tenants);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let mut costs = Vec::with_capacity(tenants.len());
+        let mut set = tokio::task::JoinSet::new();
+        let pricing = self.pricing.clone();
+        let now = metering::now_secs();
+        for tenant in tenants {
+            if set.len() >= 16
+                && let Some(done) = set.join_next().await
+            {
+                costs.push(done.map_err(|e| Status::internal(e.to_string()))??);
+            }
+            let (table, pricing) = (self.table.clone(), pricing.clone());
+            set.spawn(async move {
+                let rows = metering::read_usage(&table, &tenant.tenant_id, None, req.from, req.to)
+                    .await
+                    .map_err(|e| storage_status(e, "metering"))?;
+                Ok::<_, Status>(price(&pricing, &tenant, &rows, req.from, req.to, now))
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            costs.push(done.map_err(|e| Status::internal(e.to_string()))??);
+        }
+        costs.sort_by(|a, b| a.margin.total_cmp(&b.margin).then_with(|| a.tenant_id.cmp(&b.tenant_id)));
+        Ok(Response::new(ListTenantCostsResponse { tenants: costs }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minute(meter: &str, minute: i64, dims: &[(&str, &str)], value: i64) -> MinuteUsage {
+        MinuteUsage {
+            meter: meter.into(),
+            minute,
+            dimensions: dims.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            value,
+        }
+    }
+
+    #[test]
+    fn windows_sum_minutes_and_keep_only_the_grouped_dimensions() {
+        let rows = vec![
+            minute("requests", 0, &[("rpc", "Get")], 2),
+            minute("requests", 60, &[("rpc", "Put")], 3),
+            minute("requests", 3600, &[("rpc", "Get")], 4),
+        ];
+        let hourly = windows("acme", rows.clone(), 3600, Some(&[]));
+        let got: Vec<_> = hourly.iter().map(|r| (r.window_start, r.window_end, r.value)).collect();
+        assert_eq!(got, [(0, 3600, 5), (3600, 7200, 4)]);
+        let by_rpc = windows("acme", rows, 3600, Some(&["rpc".to_owned()]));
+        let got: Vec<_> = by_rpc.iter().map(|r| (r.window_start, r.dimensions["rpc"].as_str(), r.value)).collect();
+        assert_eq!(got, [(0, "Get", 2), (0, "Put", 3), (3600, "Get", 4)]);
+    }
+
+    #[test]
+    fn exports_in_every_format() {
+        let rows = windows(
+            "acme",
+            vec![minute("emails", 0, &[("plan", "a")], 2), minute("emails", 0, &[("plan", "b")], 3)],
+            3600,
+            None,
+        );
+        let csv = export_lines(&rows, ExportFormat::Csv);
+        assert_eq!(
+            csv,
+            [
+                "tenant_id,meter,window_start,window_end,value,dimensions",
+                "acme,emails,0,3600,2,plan=a",
+                "acme,emails,0,3600,3,plan=b"
+            ]
+        );
+        let jsonl = export_lines(&rows, ExportFormat::Jsonl);
+        let first: serde_json::Value = serde_json::from_str(&jsonl[0]).unwrap();
+        assert_eq!(first["dimensions"]["plan"], "a");
+        let mp = export_lines(&rows, ExportFormat::Marketplace);
+        assert_eq!(mp.len(), 1);
+        let r: serde_json::Value = serde_json::from_str(&mp[0]).unwrap();
+        assert_eq!(
+            (r["CustomerIdentifier"].as_str(), r["Dimension"].as_str(), r["Quantity"].as_i64()),
+            (Some("acme"), Some("emails"), Some(5))
+        );
+        assert_eq!(r["UsageAllocations"][1]["Tags"][0], serde_json::json!({"Key": "plan", "Value": "b"}));
+    }
+
+    #[test]
+    fn events_are_checked_field_by_field() {
+        let ok = UsageEvent {
+            id: "e-1".into(),
+            tenant_id: "acme".into(),
+            meter: "emails".into(),
+            value: 1,
+            time: 1000,
+            dimensions: [("plan".to_owned(), "gold".to_owned())].into(),
+        };
+        let mut v = Violations::new();
+        check_event(&mut v, 0, &ok, 1000, 3600);
+        assert!(v.check().is_ok());
+        for (bad, field) in [
+            (UsageEvent { id: String::new(), ..ok.clone() }, "events[0].id"),
+            (UsageEvent { meter: "requests".into(), ..ok.clone() }, "events[0].meter"),
+            (UsageEvent { meter: "Emails".into(), ..ok.clone() }, "events[0].meter"),
+            (UsageEvent { time: 1000 - 3601, ..ok.clone() }, "events[0].time"),
+            (UsageEvent { time: 1000 + 301, ..ok.clone() }, "events[0].time"),
+            (UsageEvent { tenant_id: "A".into(), ..ok.clone() }, "events[0].tenant_id"),
+            (
+                UsageEvent { dimensions: [("plan".to_owned(), "a,b".to_owned())].into(), ..ok.clone() },
+                "events[0].dimensions[plan]",
+            ),
+        ] {
+            let mut v = Violations::new();
+            check_event(&mut v, 0, &bad, 1000, 3600);
+            let status = v.check().unwrap_err();
+            let details = tonic_types::StatusExt::get_details_bad_request(&status).unwrap();
+            assert_eq!(details.field_violations[0].field, field, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn cost_counts_dedicated_hours_within_the_period() {
+        let pricing = Pricing::default();
+        let mut t = Tenant {
+            tenant_id: "acme".into(),
+            tier: "enterprise".into(),
+            isolation_model: IsolationModel::Silo as i32,
+            status: TenantStatus::Active as i32,
+            create_time: 3600,
+            ..Default::default()
+        };
+        let rows = [minute("requests", 0, &[], 1000)];
+        let c = price(&pricing, &t, &rows, 0, 4 * 3600, 10 * 3600);
+        let held = |c: &TenantCost, item: &str| c.lines.iter().find(|l| l.item == item).map(|l| l.quantity);
+        assert_eq!((held(&c, DEDICATED_TABLE), held(&c, SILO_INSTANCE)), (Some(3.0), Some(3.0)));
+        assert_eq!(c.revenue, 1499.0 * 4.0 / 730.0);
+        assert!((c.margin - (c.revenue - c.cost)).abs() < 1e-9);
+        t.tier = "basic".into();
+        t.isolation_model = IsolationModel::Pool as i32;
+        let c = price(&pricing, &t, &rows, 0, 4 * 3600, 10 * 3600);
+        assert_eq!(held(&c, DEDICATED_TABLE), None);
+        assert!(c.margin < 0.0, "a free tier with usage costs more than it pays");
+    }
+}
