@@ -167,9 +167,7 @@ fn jitter() -> f64 {
     (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
-}
+use crate::now_secs;
 
 /// The engine (see the module docs). Cheap to clone.
 #[derive(Clone)]

@@ -334,6 +334,30 @@ impl Onboarding for OnboardingService {
         Ok(Response::new(OffboardTenantResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
     }
 
+    async fn list_tenant_resources(
+        &self,
+        request: Request<ListTenantResourcesRequest>,
+    ) -> Result<Response<ListTenantResourcesResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let resources = self.inner.resources.list(&req.tenant_id).await.map_err(OnboardingError::from)?;
+        Ok(Response::new(ListTenantResourcesResponse {
+            resources: resources
+                .into_iter()
+                .map(|r| TenantResource {
+                    kind: r.kind,
+                    name: r.name,
+                    tags: r.tags.into_iter().collect(),
+                    create_time: r.create_time,
+                })
+                .collect(),
+        }))
+    }
+
     async fn change_tier(&self, request: Request<ChangeTierRequest>) -> Result<Response<ChangeTierResponse>, Status> {
         let req = request.into_inner();
         let mut v = Violations::new();

@@ -25,6 +25,7 @@ mod events;
 pub mod export;
 pub mod faults;
 mod handlers;
+pub mod resources;
 pub mod steps;
 pub mod workflow;
 
@@ -165,6 +166,7 @@ struct Inner {
     store: DynTable,
     registry: TenantRegistryClient<PropagatedChannel>,
     events: Arc<EventLog>,
+    resources: Arc<resources::Ledger>,
     tiers: Arc<Tiers>,
     table_prefix: String,
     pooled_table: String,
@@ -193,6 +195,7 @@ impl OnboardingService {
         let registry = TenantRegistryClient::new(deps.registry)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
+        let resources = Arc::new(resources::Ledger::new(store.clone()));
         let steps = steps::Steps {
             registry: registry.clone(),
             auth: AuthClient::new(deps.auth)
@@ -206,6 +209,7 @@ impl OnboardingService {
             drain: config.common.tenant_cache_ttl + Duration::from_millis(250),
             exports_dir: config.common.data_dir.join("exports"),
             data_clients: Default::default(),
+            resources: resources.clone(),
         };
         let policy = RetryPolicy { attempts: config.step_attempts, backoff: config.step_backoff };
         Ok(Self {
@@ -214,6 +218,7 @@ impl OnboardingService {
                 store,
                 registry,
                 events,
+                resources,
                 tiers: config.common.tiers.clone(),
                 table_prefix: config.storage.table_prefix.clone(),
                 pooled_table: config.storage.table_name("data"),

@@ -29,6 +29,7 @@ use crate::compute::SiloCompute;
 use crate::engine::{StepError, StepRunner};
 use crate::events::EventLog;
 use crate::export;
+use crate::resources::{self, Ledger};
 use crate::workflow::{Kind, Spot, Step, Workflow};
 
 /// Items per ImportItems call (the data service's limit).
@@ -74,6 +75,12 @@ pub struct Steps {
     pub exports_dir: PathBuf,
     /// DataAdmin clients by URL (the shared data service, silo instances).
     pub data_clients: std::sync::Mutex<HashMap<String, DataAdminClient<PropagatedChannel>>>,
+    /// What was created for each tenant alone, with its tags.
+    pub resources: Arc<Ledger>,
+}
+
+fn ledger_error(e: tenantmesh_storage::StorageError) -> StepError {
+    StepError::transient(format!("resource ledger: {e}"))
 }
 
 #[async_trait]
@@ -220,6 +227,10 @@ impl Steps {
     async fn provision_compute(&self, wf: &mut Workflow) -> Result<(), StepError> {
         let tenant = wf.params.tenant_id.clone();
         wf.to.endpoint = self.compute.provision(&tenant).await.map_err(StepError::transient)?;
+        self.resources
+            .add(&tenant, resources::SILO_INSTANCE, &wf.to.endpoint, &wf.params.tier)
+            .await
+            .map_err(ledger_error)?;
         if wf.kind == Kind::Onboard {
             // Recorded now, so a retry or an offboarding finds the instance.
             self.registry
@@ -238,6 +249,11 @@ impl Steps {
         if !wf.to.dedicated() {
             return Ok(());
         }
+        // Listed before it exists: a crash in between never leaves it unlisted.
+        self.resources
+            .add(&wf.params.tenant_id, resources::TABLE, &wf.to.table, &wf.params.tier)
+            .await
+            .map_err(ledger_error)?;
         let req = ProvisionStoreRequest { store: store_ref(wf, &wf.to), tier: wf.params.tier.clone() };
         let created = self.data_admin(&wf.to)?.provision_store(req).await?.into_inner().created;
         tracing::info!(table = %wf.to.table, created, "tenant storage provisioned");
@@ -336,6 +352,7 @@ impl Steps {
         }
         tokio::task::spawn_blocking(move || file.finish()).await.map_err(blocking)?.map_err(io)?;
         wf.export_path = path.display().to_string();
+        self.resources.add(&tenant, resources::EXPORT, &wf.export_path, &wf.from_tier).await.map_err(ledger_error)?;
         tracing::info!(items = exported, path = %wf.export_path, "tenant items exported");
         Ok(())
     }
@@ -408,6 +425,7 @@ impl Steps {
         let store = Some(StoreRef { tenant_id: tenant.into(), table: spot.table.clone() });
         if spot.dedicated() {
             let dropped = self.data_admin(spot)?.drop_store(DropStoreRequest { store }).await?.into_inner().dropped;
+            self.resources.remove(tenant, resources::TABLE, &spot.table).await.map_err(ledger_error)?;
             tracing::info!(table = %spot.table, dropped, "dedicated table removed");
         } else if purge_pooled {
             let deleted = self.data_admin(spot)?.purge_items(PurgeItemsRequest { store }).await?.into_inner().deleted;
@@ -415,6 +433,7 @@ impl Steps {
         }
         if spot.silo() {
             self.compute.deprovision(tenant).await.map_err(StepError::transient)?;
+            self.resources.remove(tenant, resources::SILO_INSTANCE, &spot.endpoint).await.map_err(ledger_error)?;
             tracing::info!("silo instance removed");
         }
         Ok(())
