@@ -1,4 +1,5 @@
-//! `tenantmesh`: run the whole tenantmesh mesh in one process.
+//! `tenantmesh`: run the whole tenantmesh mesh in one process, and report
+//! what each tenant costs to serve.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -61,6 +62,29 @@ enum Command {
         #[arg(long, value_parser = ["embedded", "dynamodb"], env = "TENANTMESH_STORAGE", default_value = "embedded")]
         storage: String,
     },
+    /// Print every tenant's cost to serve, its tier's price and the margin over
+    /// a period, lowest margin first: which tenants cost more than they pay.
+    ///
+    /// Cost is the tenant's metered usage (requests, read and write units,
+    /// bytes returned, handler time, application meters) at the unit prices
+    /// of the data service's pricing file (TENANTMESH_PRICING_FILE), plus its
+    /// dedicated table and silo instance by the hour; revenue is its tier's
+    /// monthly price prorated to the period. Asks the Metering service (on
+    /// the data service) with a platform admin's token.
+    CostReport {
+        /// The data service, which hosts metering.
+        #[arg(long, default_value = "localhost:50054")]
+        addr: String,
+        /// A platform admin's access token (Auth/Login as the operator).
+        #[arg(long, env = "TENANTMESH_TOKEN", hide_env_values = true)]
+        token: String,
+        /// End of the period, Unix seconds (default: now).
+        #[arg(long)]
+        to: Option<i64>,
+        /// Length of the period in hours, ending at --to.
+        #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(i64).range(1..=87_600))]
+        hours: i64,
+    },
 }
 
 #[tokio::main]
@@ -83,6 +107,20 @@ async fn main() -> ExitCode {
             let ports = [registry_port, auth_port, onboarding_port, data_port];
             let options = MeshOptions { data_dir, host, ports, env };
             up(options).await
+        }
+        Command::CostReport { addr, token, to, hours } => {
+            let to = to.unwrap_or_else(tenantmesh_service::metering::now_secs);
+            let from = to - hours * 3600;
+            match tenantmesh_cli::report::fetch(&addr, &token, from, to).await {
+                Ok(costs) => {
+                    print!("{}", tenantmesh_cli::report::render(&costs, from, to));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tenantmesh cost-report: {addr}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -17,11 +17,16 @@ struct Step {
     expect_not: Vec<String>,
 }
 
+/// The steps of every walk-through block of the README, in order: one
+/// shell session, so a later section goes on with the tokens of an
+/// earlier one.
 fn walkthrough_steps(readme: &str) -> Vec<Step> {
-    let block = readme.split(START).nth(1).and_then(|rest| rest.split(END).next()).expect("walkthrough markers");
+    let blocks: Vec<&str> =
+        readme.split(START).skip(1).map(|rest| rest.split(END).next().expect("walkthrough end marker")).collect();
+    assert!(!blocks.is_empty(), "walkthrough markers");
     let mut steps: Vec<Step> = Vec::new();
     let mut pending = String::new();
-    for line in block.lines() {
+    for line in blocks.iter().flat_map(|b| b.lines()) {
         let line = line.trim_end();
         if line.starts_with("```") || line.is_empty() {
             continue;
@@ -47,11 +52,16 @@ fn single_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// How the README runs the `tenantmesh` command; the test runs the binary
+/// built for the tests instead.
+const CARGO_RUN: &str = "cargo run --release -p tenantmesh-cli -- ";
+
 /// A bash script that runs each step and checks its output.
 fn script(steps: &[Step], ports: &[(u16, u16)]) -> String {
     let mut out = String::from("set -euo pipefail\n");
+    let tenantmesh = format!("{} ", service_binary("tenantmesh").display());
     for step in steps {
-        let mut cmd = step.command.clone();
+        let mut cmd = step.command.replace(CARGO_RUN, &tenantmesh);
         for (from, to) in ports {
             cmd = cmd.replace(&format!("localhost:{from}"), &format!("127.0.0.1:{to}"));
         }
