@@ -392,9 +392,9 @@ async fn exports_and_the_cost_report() {
 }
 
 /// What was created for a silo tenant alone is listed with its tenantId
-/// and tier tags; a move to the pool removes it from the list, and the
-/// offboarding's export takes its place. Only the tenant's own admin and
-/// the platform may look.
+/// and tier tags; a move to the pool removes it from the list (it stays on
+/// record with its removal time), and the offboarding's export takes its
+/// place. Only the tenant's own admin and the platform may look.
 #[tokio::test]
 async fn tenant_resources_carry_their_tags_until_removed() {
     use tenantmesh_proto::onboarding::v1::{
@@ -406,7 +406,7 @@ async fn tenant_resources_carry_their_tags_until_removed() {
     let other = mesh.onboard_on(&unique_tenant("res-pool"), "basic").await;
     let list = |tenant: &str, token: &str| {
         let mut o = mesh.onboarding();
-        let req = authed(ListTenantResourcesRequest { tenant_id: tenant.into() }, token);
+        let req = authed(ListTenantResourcesRequest { tenant_id: tenant.into(), include_removed: false }, token);
         async move { o.list_tenant_resources(req).await.map(|r| r.into_inner().resources) }
     };
     let mut kinds: Vec<String> = Vec::new();
@@ -426,6 +426,11 @@ async fn tenant_resources_carry_their_tags_until_removed() {
     let id = mesh.onboarding().change_tier(authed(change, &admin)).await.unwrap().into_inner().workflow_id;
     assert_eq!(mesh.wait_workflow(&id).await.status, WorkflowStatus::Succeeded as i32);
     assert!(list(&silo.tenant_id, &admin).await.unwrap().is_empty(), "the table and instance are gone");
+    // Still on record, with when they were removed (what their hours cost).
+    let all = ListTenantResourcesRequest { tenant_id: silo.tenant_id.clone(), include_removed: true };
+    let all = mesh.onboarding().list_tenant_resources(authed(all, &admin)).await.unwrap().into_inner().resources;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all.iter().all(|r| r.remove_time >= r.create_time && r.remove_time > 0), "{all:?}");
 
     let off = OffboardTenantRequest { tenant_id: silo.tenant_id.clone() };
     let id = mesh.onboarding().offboard_tenant(authed(off, &admin)).await.unwrap().into_inner().workflow_id;

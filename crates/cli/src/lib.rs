@@ -104,6 +104,7 @@ impl Mesh {
         env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://{}", addrs.registry));
         env.insert("TENANTMESH_AUTH_URL".into(), format!("http://{}", addrs.auth));
         env.insert("TENANTMESH_DATA_URL".into(), format!("http://{}", addrs.data));
+        env.insert("TENANTMESH_ONBOARDING_URL".into(), format!("http://{}", addrs.onboarding));
         // The onboarding service's client credentials live only in this process.
         let client_id = env.get("TENANTMESH_SERVICE_CLIENT_ID").cloned().unwrap_or_else(|| "onboarding".into());
         let secret = env.get("TENANTMESH_SERVICE_CLIENT_SECRET").cloned().unwrap_or_else(random_secret);

@@ -150,7 +150,8 @@ where
     }
 }
 
-fn url_var(env: &HashMap<String, String>, name: &'static str, default_port: u16) -> Result<String, ConfigError> {
+/// An `http(s)://` URL from `name`, or the loopback one on `default_port`.
+pub fn url_var(env: &HashMap<String, String>, name: &'static str, default_port: u16) -> Result<String, ConfigError> {
     let url = var(env, name).map(str::to_owned).unwrap_or_else(|| format!("http://127.0.0.1:{default_port}"));
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(ConfigError { var: name, message: format!("{url:?} must start with http:// or https://") });

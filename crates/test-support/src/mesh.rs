@@ -299,6 +299,7 @@ impl TestMesh {
             .env("TENANTMESH_DATA_DIR", self.state.data_dir())
             .env("TENANTMESH_REGISTRY_URL", format!("http://{}", self.addrs.registry))
             .env("TENANTMESH_AUTH_URL", format!("http://{}", self.addrs.auth))
+            .env("TENANTMESH_ONBOARDING_URL", format!("http://{}", self.addrs.onboarding))
             .env("TENANTMESH_LISTEN_ADDR", addr.to_string())
             .envs(extra.iter().copied())
             .stdout(std::fs::File::create(&log).expect("replica log"))

@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use tenantmesh_proto::metering::v1::metering_server::Metering;
 use tenantmesh_proto::metering::v1::*;
+use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
+use tenantmesh_proto::onboarding::v1::{ListTenantResourcesRequest, TenantResource};
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
-use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, ListTenantsRequest, Tenant, TenantStatus};
+use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, ListTenantsRequest, Tenant};
 use tenantmesh_service::errors::{Violations, storage_status};
 use tenantmesh_service::metering::{self, BUILT_IN, Event, EventOutcome, MinuteUsage};
 use tenantmesh_service::pricing::{DEDICATED_TABLE, Pricing, SILO_INSTANCE};
@@ -44,17 +46,26 @@ pub struct MeteringService {
     pricing: Arc<Pricing>,
     grace: Duration,
     registry: TenantRegistryClient<PropagatedChannel>,
+    onboarding: OnboardingClient<PropagatedChannel>,
 }
 
 impl MeteringService {
-    /// `registry`: a client that sends the caller's own identity.
+    /// `registry`, `onboarding`: clients that send the caller's own
+    /// identity.
     pub fn new(
         table: DynTable,
         pricing: Arc<Pricing>,
         grace: Duration,
         registry: TenantRegistryClient<PropagatedChannel>,
+        onboarding: OnboardingClient<PropagatedChannel>,
     ) -> Self {
-        Self { table, pricing, grace, registry }
+        Self { table, pricing, grace, registry, onboarding }
+    }
+
+    /// Every resource `tenant` held alone, removed ones included.
+    async fn resources(&self, tenant: &str) -> Result<Vec<TenantResource>, Status> {
+        let req = ListTenantResourcesRequest { tenant_id: tenant.to_owned(), include_removed: true };
+        Ok(self.onboarding.clone().list_tenant_resources(req).await?.into_inner().resources)
     }
 
     async fn tenant(&self, tenant_id: &str) -> Result<Tenant, Status> {
@@ -64,35 +75,53 @@ impl MeteringService {
     }
 
     async fn cost(&self, tenant: &Tenant, from: i64, to: i64) -> Result<TenantCost, Status> {
+        let resources = self.resources(&tenant.tenant_id).await?;
         let rows = metering::read_usage(&self.table, &tenant.tenant_id, None, from, to)
             .await
             .map_err(|e| storage_status(e, "metering"))?;
-        Ok(price(&self.pricing, tenant, &rows, from, to, metering::now_secs()))
+        Ok(price(&self.pricing, tenant, &rows, &resources, from, to, metering::now_secs()))
     }
 }
 
-/// A tenant's cost over `[from, to)`, at `now`.
-fn price(pricing: &Pricing, tenant: &Tenant, rows: &[MinuteUsage], from: i64, to: i64, now: i64) -> TenantCost {
+/// Hours within `[from, to)` that `resources` of `kind` were held (until
+/// `now` for those that still exist), or `None` if none was held then.
+fn held(resources: &[TenantResource], kind: &str, from: i64, to: i64, now: i64) -> Option<f64> {
+    let lives: Vec<(i64, i64)> = resources
+        .iter()
+        .filter(|r| r.kind == kind)
+        .map(|r| (r.create_time, if r.remove_time > 0 { r.remove_time } else { now }))
+        .filter(|&(start, end)| start < to && end >= from)
+        .collect();
+    (!lives.is_empty())
+        .then(|| lives.iter().map(|&(start, end)| (end.min(to) - start.max(from)).max(0) as f64 / 3600.0).sum())
+}
+
+/// A tenant's cost over `[from, to)`, at `now`: its usage, and the hours
+/// it held dedicated resources (from the onboarding service's ledger).
+fn price(
+    pricing: &Pricing,
+    tenant: &Tenant,
+    rows: &[MinuteUsage],
+    resources: &[TenantResource],
+    from: i64,
+    to: i64,
+    now: i64,
+) -> TenantCost {
     let mut totals: BTreeMap<String, i64> = BTreeMap::new();
     for r in rows {
         *totals.entry(r.meter.clone()).or_default() += r.value;
     }
-    // Dedicated resources are held from the tenant's creation until now
-    // (or its offboarding), within the period.
-    let end = if tenant.status() == TenantStatus::Deleted { to.min(tenant.update_time) } else { to.min(now) };
-    let held = (end - from.max(tenant.create_time)).max(0) as f64 / 3600.0;
+    let dedicated: Vec<(&str, f64)> = [(DEDICATED_TABLE, "table"), (SILO_INSTANCE, "silo_instance")]
+        .into_iter()
+        .filter_map(|(item, kind)| held(resources, kind, from, to, now).map(|h| (item, h)))
+        .collect();
     let model = tenant.placement.as_ref().map_or(tenant.isolation_model(), |p| p.model());
-    let dedicated: &[(&str, f64)] = match model {
-        IsolationModel::Bridge => &[(DEDICATED_TABLE, held)],
-        IsolationModel::Silo => &[(DEDICATED_TABLE, held), (SILO_INSTANCE, held)],
-        _ => &[],
-    };
     let isolation = match model {
         IsolationModel::Bridge => "bridge",
         IsolationModel::Silo => "silo",
         _ => "pool",
     };
-    let c = pricing.cost(&totals, dedicated, &tenant.tier, (to - from) as f64 / 3600.0);
+    let c = pricing.cost(&totals, &dedicated, &tenant.tier, (to - from) as f64 / 3600.0);
     TenantCost {
         tenant_id: tenant.tenant_id.clone(),
         tier: tenant.tier.clone(),
@@ -425,6 +454,8 @@ impl Metering for MeteringService {
         &self,
         request: Request<ListTenantCostsRequest>,
     ) -> Result<Response<ListTenantCostsResponse>, Status> {
+        // The calls below go out as the caller, from tasks of their own.
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         check_range(&mut v, req.from, req.to);
@@ -454,13 +485,15 @@ impl Metering for MeteringService {
             {
                 costs.push(done.map_err(|e| Status::internal(e.to_string()))??);
             }
-            let (table, pricing) = (self.table.clone(), pricing.clone());
-            set.spawn(async move {
+            let (table, pricing, mut onboarding) = (self.table.clone(), pricing.clone(), self.onboarding.clone());
+            set.spawn(ctx.clone().scope(async move {
+                let list = ListTenantResourcesRequest { tenant_id: tenant.tenant_id.clone(), include_removed: true };
+                let resources = onboarding.list_tenant_resources(list).await?.into_inner().resources;
                 let rows = metering::read_usage(&table, &tenant.tenant_id, None, req.from, req.to)
                     .await
                     .map_err(|e| storage_status(e, "metering"))?;
-                Ok::<_, Status>(price(&pricing, &tenant, &rows, req.from, req.to, now))
-            });
+                Ok::<_, Status>(price(&pricing, &tenant, &rows, &resources, req.from, req.to, now))
+            }));
         }
         while let Some(done) = set.join_next().await {
             costs.push(done.map_err(|e| Status::internal(e.to_string()))??);
@@ -473,6 +506,7 @@ impl Metering for MeteringService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tenantmesh_proto::registry::v1::TenantStatus;
 
     fn minute(meter: &str, minute: i64, dims: &[(&str, &str)], value: i64) -> MinuteUsage {
         MinuteUsage {
@@ -562,7 +596,7 @@ mod tests {
     }
 
     #[test]
-    fn cost_counts_dedicated_hours_within_the_period() {
+    fn cost_counts_the_hours_each_dedicated_resource_was_held_in_the_period() {
         let pricing = Pricing::default();
         let mut t = Tenant {
             tenant_id: "acme".into(),
@@ -572,15 +606,32 @@ mod tests {
             create_time: 3600,
             ..Default::default()
         };
+        let resource = |kind: &str, create_time: i64, remove_time: i64| TenantResource {
+            kind: kind.into(),
+            create_time,
+            remove_time,
+            ..Default::default()
+        };
+        // A bridge table from 1 h to 2 h, then a silo table and instance
+        // from 2 h on; the period is [0, 4 h) and it is 10 h now.
+        let resources = [
+            resource("table", 3600, 7200),
+            resource("table", 7200, 0),
+            resource("silo_instance", 7200, 0),
+            resource("export", 0, 0),
+        ];
         let rows = [minute("requests", 0, &[], 1000)];
-        let c = price(&pricing, &t, &rows, 0, 4 * 3600, 10 * 3600);
+        let c = price(&pricing, &t, &rows, &resources, 0, 4 * 3600, 10 * 3600);
         let held = |c: &TenantCost, item: &str| c.lines.iter().find(|l| l.item == item).map(|l| l.quantity);
-        assert_eq!((held(&c, DEDICATED_TABLE), held(&c, SILO_INSTANCE)), (Some(3.0), Some(3.0)));
+        assert_eq!((held(&c, DEDICATED_TABLE), held(&c, SILO_INSTANCE)), (Some(3.0), Some(2.0)));
         assert_eq!(c.revenue, 1499.0 * 4.0 / 730.0);
         assert!((c.margin - (c.revenue - c.cost)).abs() < 1e-9);
+        // Before the resources existed: none of their hours.
+        let early = price(&pricing, &t, &rows, &resources, 0, 1800, 10 * 3600);
+        assert_eq!((held(&early, DEDICATED_TABLE), held(&early, SILO_INSTANCE)), (None, None));
         t.tier = "basic".into();
         t.isolation_model = IsolationModel::Pool as i32;
-        let c = price(&pricing, &t, &rows, 0, 4 * 3600, 10 * 3600);
+        let c = price(&pricing, &t, &rows, &[], 0, 4 * 3600, 10 * 3600);
         assert_eq!(held(&c, DEDICATED_TABLE), None);
         assert!(c.margin < 0.0, "a free tier with usage costs more than it pays");
     }

@@ -344,7 +344,8 @@ impl Onboarding for OnboardingService {
         v.tenant_id("tenant_id", &req.tenant_id);
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
-        let resources = self.inner.resources.list(&req.tenant_id).await.map_err(OnboardingError::from)?;
+        let resources =
+            self.inner.resources.list(&req.tenant_id, req.include_removed).await.map_err(OnboardingError::from)?;
         Ok(Response::new(ListTenantResourcesResponse {
             resources: resources
                 .into_iter()
@@ -353,6 +354,7 @@ impl Onboarding for OnboardingService {
                     name: r.name,
                     tags: r.tags.into_iter().collect(),
                     create_time: r.create_time,
+                    remove_time: r.remove_time.unwrap_or_default(),
                 })
                 .collect(),
         }))

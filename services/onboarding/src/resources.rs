@@ -4,10 +4,13 @@
 //! attribution: `ListTenantResources`.
 //!
 //! The ledger is kept in the onboarding store (`pk = resources#<tenant>`,
-//! `sk = <kind>#<name>`), written by the very steps that create and remove
-//! the resources: a resource is recorded before it is created (so a crash
-//! in between leaves it listed, never running unlisted) and forgotten once
-//! it is removed. Both writes are idempotent, like the steps.
+//! `sk = <kind>#<name>#<life>`), written by the very steps that create
+//! and remove the resources: a table is recorded before it is created (so
+//! a crash in between leaves it listed, never existing unlisted), a silo
+//! instance as it is provisioned, an export once it is complete; a removed
+//! resource keeps its record with the time of its removal, so the cost of
+//! the hours it was held can be told afterwards. Both writes are
+//! idempotent, like the steps.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +31,9 @@ pub struct Resource {
     pub tags: BTreeMap<String, String>,
     /// Unix seconds.
     pub create_time: i64,
+    /// When it was removed (Unix seconds); `None` while it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_time: Option<i64>,
 }
 
 fn pk(tenant: &str) -> String {
@@ -43,42 +49,97 @@ pub struct Ledger {
     store: DynTable,
 }
 
+fn invalid(e: serde_json::Error) -> StorageError {
+    StorageError::Invalid(format!("resource ledger: {e}"))
+}
+
 impl Ledger {
     pub fn new(store: DynTable) -> Self {
         Self { store }
     }
 
-    /// Records a resource of `tenant` (kept as first recorded when it is
-    /// there already).
+    /// The records of `tenant`'s resource `kind`/`name` (one per life of
+    /// a name: a table made again after it was dropped is a new record),
+    /// with their versions.
+    async fn lives(&self, tenant: &str, kind: &str, name: &str) -> Result<Vec<(String, u64, Resource)>, StorageError> {
+        let prefix = format!("{kind}#{name}#");
+        let mut out = Vec::new();
+        self.scan(tenant, &prefix, |sk, version, r| {
+            if r.name == name {
+                out.push((sk.to_owned(), version, r));
+            }
+        })
+        .await?;
+        Ok(out)
+    }
+
+    async fn scan(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        mut each: impl FnMut(&str, u64, Resource),
+    ) -> Result<(), StorageError> {
+        let mut start_after = None;
+        loop {
+            let q = Query { pk: pk(tenant), sk_prefix: prefix.to_owned(), start_after, limit: 1000 };
+            let page = self.store.query(q).await?;
+            for item in &page.items {
+                each(&item.sk, item.version, serde_json::from_slice(&item.data).map_err(invalid)?);
+            }
+            match page.last_evaluated {
+                Some(sk) => start_after = Some(sk),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Records a resource of `tenant`, unless it is recorded as existing
+    /// already (a step run again).
     pub async fn add(&self, tenant: &str, kind: &str, name: &str, tier: &str) -> Result<(), StorageError> {
-        let r =
-            Resource { kind: kind.into(), name: name.into(), tags: tags(tenant, tier), create_time: crate::now_secs() };
-        let data = serde_json::to_vec(&r).map_err(|e| StorageError::Invalid(e.to_string()))?;
-        match self.store.put(&pk(tenant), &format!("{kind}#{name}"), data, Condition::NotExists).await {
+        let lives = self.lives(tenant, kind, name).await?;
+        if lives.iter().any(|(_, _, r)| r.remove_time.is_none()) {
+            return Ok(());
+        }
+        let r = Resource {
+            kind: kind.into(),
+            name: name.into(),
+            tags: tags(tenant, tier),
+            create_time: crate::now_secs(),
+            remove_time: None,
+        };
+        let data = serde_json::to_vec(&r).map_err(invalid)?;
+        // The name's lives are numbered: the n-th is `<kind>#<name>#<n>`.
+        let sk = format!("{kind}#{name}#{:06}", lives.len());
+        match self.store.put(&pk(tenant), &sk, data, Condition::NotExists).await {
             Ok(_) | Err(StorageError::ConditionFailed { .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    /// Forgets a resource that was removed.
+    /// Records that a resource was removed (kept, with its dates, for
+    /// the cost of the hours it was held).
     pub async fn remove(&self, tenant: &str, kind: &str, name: &str) -> Result<(), StorageError> {
-        self.store.delete(&pk(tenant), &format!("{kind}#{name}"), Condition::None).await.map(drop)
-    }
-
-    /// Every resource of `tenant`, by kind and name.
-    pub async fn list(&self, tenant: &str) -> Result<Vec<Resource>, StorageError> {
-        let (mut out, mut start_after) = (Vec::new(), None);
-        loop {
-            let q = Query { pk: pk(tenant), sk_prefix: String::new(), start_after, limit: 1000 };
-            let page = self.store.query(q).await?;
-            for item in &page.items {
-                out.push(serde_json::from_slice(&item.data).map_err(|e| StorageError::Invalid(e.to_string()))?);
-            }
-            match page.last_evaluated {
-                Some(sk) => start_after = Some(sk),
-                None => return Ok(out),
+        for (sk, version, mut r) in self.lives(tenant, kind, name).await? {
+            if r.remove_time.is_none() {
+                r.remove_time = Some(crate::now_secs());
+                let data = serde_json::to_vec(&r).map_err(invalid)?;
+                self.store.put(&pk(tenant), &sk, data, Condition::Version(version)).await?;
             }
         }
+        Ok(())
+    }
+
+    /// `tenant`'s resources, by kind and name: those that exist, and with
+    /// `removed` those removed too.
+    pub async fn list(&self, tenant: &str, removed: bool) -> Result<Vec<Resource>, StorageError> {
+        let mut out = Vec::new();
+        self.scan(tenant, "", |_, _, r| {
+            if removed || r.remove_time.is_none() {
+                out.push(r);
+            }
+        })
+        .await?;
+        Ok(out)
     }
 }
 
@@ -87,21 +148,28 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn recorded_once_forgotten_once_and_per_tenant() {
+    async fn recorded_once_removed_once_and_per_tenant() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::new(tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("o.redb")).unwrap());
         ledger.add("acme", TABLE, "tenantmesh-tenant-acme", "premium").await.unwrap();
         ledger.add("acme", TABLE, "tenantmesh-tenant-acme", "premium").await.unwrap();
         ledger.add("acme", SILO_INSTANCE, "http://127.0.0.1:1", "premium").await.unwrap();
         ledger.add("bolt", EXPORT, "exports/bolt.jsonl", "basic").await.unwrap();
-        let acme = ledger.list("acme").await.unwrap();
+        let acme = ledger.list("acme", false).await.unwrap();
         assert_eq!(acme.len(), 2);
         assert_eq!(acme[1].kind, TABLE);
         assert_eq!(acme[1].tags, tags("acme", "premium"));
         ledger.remove("acme", TABLE, "tenantmesh-tenant-acme").await.unwrap();
         ledger.remove("acme", TABLE, "tenantmesh-tenant-acme").await.unwrap();
-        let acme = ledger.list("acme").await.unwrap();
+        let acme = ledger.list("acme", false).await.unwrap();
         assert_eq!(acme.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(), [SILO_INSTANCE]);
-        assert_eq!(ledger.list("bolt").await.unwrap()[0].tags["tenantId"], "bolt");
+        let all = ledger.list("acme", true).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().any(|r| r.kind == TABLE && r.remove_time.is_some()));
+        // The same table made again is a second life of the name.
+        ledger.add("acme", TABLE, "tenantmesh-tenant-acme", "enterprise").await.unwrap();
+        assert_eq!(ledger.list("acme", true).await.unwrap().len(), 3);
+        assert_eq!(ledger.list("acme", false).await.unwrap().len(), 2);
+        assert_eq!(ledger.list("bolt", false).await.unwrap()[0].tags["tenantId"], "bolt");
     }
 }
