@@ -48,7 +48,8 @@ fn string_attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: 
 
 /// A login through the mesh is exported over OTLP with `service.name` and
 /// `tenant.id` once the provider flushes; a tenant's first data request on
-/// DynamoDB shows up in the exported STS call counter.
+/// DynamoDB shows up in the exported STS call counter, and in its metered
+/// usage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_over_otlp() {
     let collector = Collector::default();
@@ -112,5 +113,25 @@ async fn spans_are_exported_over_otlp() {
         .max()
         .expect("the STS call counter was exported");
     assert_eq!(sts_calls, 1, "one AssumeRole for the tenant's first data request");
+    // The usage the data service flushed on its way down, per tenant.
+    let requests: Vec<i64> = metrics
+        .iter()
+        .flat_map(|r| r.resource_metrics.iter().flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.iter())))
+        .filter(|m| m.name == "tenantmesh.usage")
+        .filter_map(|m| match &m.data {
+            Some(Data::Sum(sum)) => Some(sum.data_points.clone()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|p| {
+            string_attr(&p.attributes, "tenant.id").as_deref() == Some(tenant.tenant_id.as_str())
+                && string_attr(&p.attributes, "meter").as_deref() == Some("requests")
+        })
+        .filter_map(|p| match p.value {
+            Some(Number::AsInt(v)) => Some(v),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(requests.iter().max(), Some(&1), "the tenant's one data request, as metered usage");
     drop(guard);
 }

@@ -44,6 +44,7 @@ use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
 use tenantmesh_proto::data::v1::*;
 use tenantmesh_proto::metering::v1::metering_server::MeteringServer;
+use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
 use tenantmesh_proto::registry::v1::TenantStatus;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_service::config::{CommonConfig, ConfigError, DATA_PORT};
@@ -91,6 +92,10 @@ pub struct Config {
     /// PutItem whose id starts with `stall-` waits this long between its
     /// checks and its write, as a write delayed in flight would.
     pub stall_writes: Option<std::time::Duration>,
+    /// `TENANTMESH_METERING` (`on`, the default, or `off`: for a
+    /// benchmark's control run, as `TENANTMESH_LIMITS`): whether usage is
+    /// metered at all.
+    pub metering: bool,
     /// `TENANTMESH_METERING_FLUSH_MS` (default 10000): how often usage is
     /// written to the usage table; a process killed with -9 loses at most
     /// the usage of one interval.
@@ -104,6 +109,10 @@ pub struct Config {
     /// `TENANTMESH_STORAGE_SAMPLE_SECS` (default 3600): how often every
     /// tenant's stored bytes are measured for `storage_byte_hours`.
     pub storage_sample: std::time::Duration,
+    /// `TENANTMESH_ONBOARDING_URL` (default `http://127.0.0.1:50053`): the
+    /// onboarding service, whose resource ledger says which dedicated
+    /// resources a tenant held when (for its cost).
+    pub onboarding_url: String,
 }
 
 fn parse_data_faults(spec: &str) -> Result<Option<std::time::Duration>, ConfigError> {
@@ -137,6 +146,16 @@ impl Config {
             stall_writes: parse_data_faults(
                 tenantmesh_service::config::var(env, "TENANTMESH_DATA_FAULTS").unwrap_or_default(),
             )?,
+            metering: match tenantmesh_service::config::var(env, "TENANTMESH_METERING") {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(ConfigError {
+                        var: "TENANTMESH_METERING",
+                        message: format!("{other:?}: use on or off"),
+                    });
+                }
+            },
             metering_flush: std::time::Duration::from_millis(
                 tenantmesh_service::config::parse_var(env, "TENANTMESH_METERING_FLUSH_MS", 10_000u64)?.max(10),
             ),
@@ -145,6 +164,11 @@ impl Config {
                 "TENANTMESH_USAGE_GRACE_SECS",
                 3600,
             )?),
+            onboarding_url: tenantmesh_service::config::url_var(
+                env,
+                "TENANTMESH_ONBOARDING_URL",
+                tenantmesh_service::config::ONBOARDING_PORT,
+            )?,
             storage_sample: std::time::Duration::from_secs(
                 tenantmesh_service::config::parse_var(env, "TENANTMESH_STORAGE_SAMPLE_SECS", 3600u64)?.max(1),
             ),
@@ -176,6 +200,13 @@ const PUT: usize = 0;
 const GET: usize = 1;
 const DELETE: usize = 2;
 const QUERY: usize = 3;
+
+/// Encoded bytes of a length-delimited field of `len` bytes (field numbers
+/// 1-15): a response's size from its items' sizes, each item encoded in
+/// length once.
+fn field_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
 
 /// A call being metered: its tenant and when its handler began.
 struct Metered(Arc<str>, std::time::Instant);
@@ -219,10 +250,19 @@ fn sort_key(collection: &str, id: &str) -> String {
     format!("{collection}#{id}")
 }
 
-fn decode_item(raw: &tenantmesh_storage::Item) -> Result<Item, DataError> {
+/// Bytes of an item's `version` field (field 4) when it is `version`.
+fn version_len(version: u64) -> usize {
+    if version == 0 { 0 } else { 1 + prost::encoding::encoded_len_varint(version) }
+}
+
+/// The item in `raw` with its version, and its encoded size as returned:
+/// the stored bytes with the stored version field swapped for the real
+/// one, without encoding it again (for metering).
+fn decode_sized(raw: &tenantmesh_storage::Item) -> Result<(Item, usize), DataError> {
     let mut item = Item::decode(raw.data.as_slice()).map_err(|e| DataError::Corrupt(e.to_string()))?;
+    let size = raw.data.len() - version_len(item.version) + version_len(raw.version);
     item.version = raw.version;
-    Ok(item)
+    Ok((item, size))
 }
 
 impl DataService {
@@ -257,18 +297,24 @@ impl DataService {
     }
 
     /// Counts a call that ended with `result`: a request whatever its
-    /// outcome, its units and bytes when it succeeded.
+    /// outcome, and when it succeeded its units and bytes, as the handler
+    /// measured them or (`None`: a forwarded call) from the answer.
     fn count<T>(
         &self,
         call: Option<Metered>,
         rpc: usize,
-        result: &Result<Response<T>, Status>,
+        result: Result<(Response<T>, Option<Usage>), Status>,
         usage: impl FnOnce(&T) -> Usage,
-    ) {
+    ) -> Result<Response<T>, Status> {
+        let (response, measured) = match result {
+            Ok((response, measured)) => (Ok(response), measured),
+            Err(status) => (Err(status), Some(Usage::default())),
+        };
         if let (Some(meters), Some(Metered(tenant, started))) = (&self.meters, call) {
-            let usage = result.as_ref().map(|r| usage(r.get_ref())).unwrap_or_default();
+            let usage = measured.unwrap_or_else(|| response.as_ref().map(|r| usage(r.get_ref())).unwrap_or_default());
             meters.record(&tenant, rpc, usage, started.elapsed());
         }
+        response
     }
 
     /// Test fault: see [`Config::stall_writes`].
@@ -363,41 +409,60 @@ impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
         let call = self.metered(&request)?;
         let result = self.put_item_unmetered(request).await;
-        self.count(call, PUT, &result, |r| {
-            Usage::write(r.item.as_ref().map_or(0, |i| i.encoded_len()), r.encoded_len())
-        });
-        result
+        self.count(call, PUT, result, |r| {
+            let item = r.item.as_ref().map_or(0, |i| i.encoded_len());
+            Usage::write(item, field_len(item))
+        })
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
         let call = self.metered(&request)?;
         let result = self.get_item_unmetered(request).await;
-        self.count(call, GET, &result, |r| Usage::read(r.item.as_ref().map(|i| i.encoded_len()), r.encoded_len()));
-        result
+        self.count(call, GET, result, |r| {
+            let item = r.item.as_ref().map_or(0, |i| i.encoded_len());
+            Usage::read([item], field_len(item))
+        })
     }
 
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
         let call = self.metered(&request)?;
         let result = self.delete_item_unmetered(request).await;
-        self.count(call, DELETE, &result, |r| Usage::write(0, r.encoded_len()));
-        result
+        // DeleteItemResponse is empty.
+        self.count(call, DELETE, result, |_| Usage::write(0, 0))
     }
 
     async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
         let call = self.metered(&request)?;
         let result = self.query_items_unmetered(request).await;
-        self.count(call, QUERY, &result, |r| Usage::read(r.items.iter().map(|i| i.encoded_len()), r.encoded_len()));
-        result
+        self.count(call, QUERY, result, |r| {
+            let sizes: Vec<usize> = r.items.iter().map(|i| i.encoded_len()).collect();
+            query_usage(&sizes, &r.next_page_token)
+        })
     }
+}
+
+/// A page's read units and bytes from its items' encoded sizes.
+fn query_usage(sizes: &[usize], next_page_token: &str) -> Usage {
+    let token = if next_page_token.is_empty() { 0 } else { field_len(next_page_token.len()) };
+    Usage::read(sizes.iter().copied(), sizes.iter().map(|&s| field_len(s)).sum::<usize>() + token)
+}
+
+/// A call answered here, with what it used (the handlers measure it from
+/// what they read and wrote), or forwarded to a silo instance (measured
+/// from the answer).
+type Metering<T> = Result<(Response<T>, Option<Usage>), Status>;
+
+fn forwarded_unmeasured<T>(result: Result<Response<T>, Status>) -> Metering<T> {
+    forwarded(result).map(|r| (r, None))
 }
 
 /// The handlers, metered by the trait's methods above.
 impl DataService {
-    async fn put_item_unmetered(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
+    async fn put_item_unmetered(&self, request: Request<PutItemRequest>) -> Metering<PutItemResponse> {
         let quota = TenantContext::from_request(&request)?.tenant.storage_quota;
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded(c.put_item(request.into_inner()).await),
+            Route::Forward(mut c) => return forwarded_unmeasured(c.put_item(request.into_inner()).await),
         };
         let req = request.into_inner();
         let mut v = item_key(&req.collection, &req.id);
@@ -440,13 +505,15 @@ impl DataService {
             })?;
         item.version = stored.version;
         tracing::debug!(collection = %item.collection, version = item.version, "item written");
-        Ok(costing(Response::new(PutItemResponse { item: Some(item) }), Cost::write(size)))
+        let returned = size + version_len(item.version);
+        let usage = Usage::write(returned, field_len(returned));
+        Ok((costing(Response::new(PutItemResponse { item: Some(item) }), Cost::write(size)), Some(usage)))
     }
 
-    async fn get_item_unmetered(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
+    async fn get_item_unmetered(&self, request: Request<GetItemRequest>) -> Metering<GetItemResponse> {
         let (tenant, store) = match self.route(&request, false).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded(c.get_item(request.into_inner()).await),
+            Route::Forward(mut c) => return forwarded_unmeasured(c.get_item(request.into_inner()).await),
         };
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
@@ -455,16 +522,15 @@ impl DataService {
             .await
             .map_err(DataError::from)?
             .ok_or(DataError::NotFound)?;
-        Ok(costing(Response::new(GetItemResponse { item: Some(decode_item(&raw)?) }), Cost::read(raw.data.len())))
+        let (item, size) = decode_sized(&raw)?;
+        let usage = Usage::read([size], field_len(size));
+        Ok((costing(Response::new(GetItemResponse { item: Some(item) }), Cost::read(raw.data.len())), Some(usage)))
     }
 
-    async fn delete_item_unmetered(
-        &self,
-        request: Request<DeleteItemRequest>,
-    ) -> Result<Response<DeleteItemResponse>, Status> {
+    async fn delete_item_unmetered(&self, request: Request<DeleteItemRequest>) -> Metering<DeleteItemResponse> {
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded(c.delete_item(request.into_inner()).await),
+            Route::Forward(mut c) => return forwarded_unmeasured(c.delete_item(request.into_inner()).await),
         };
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
@@ -477,7 +543,7 @@ impl DataService {
         };
         let sk = sort_key(&req.collection, &req.id);
         match store.delete_fenced(&tenant, &sk, condition, FENCE_SK).await {
-            Ok(_) => Ok(Response::new(DeleteItemResponse {})),
+            Ok(_) => Ok((Response::new(DeleteItemResponse {}), Some(Usage::write(0, 0)))),
             Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
             Err(StorageError::ConditionFailed { current, .. }) => {
                 Err(DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }.into())
@@ -486,13 +552,10 @@ impl DataService {
         }
     }
 
-    async fn query_items_unmetered(
-        &self,
-        request: Request<QueryItemsRequest>,
-    ) -> Result<Response<QueryItemsResponse>, Status> {
+    async fn query_items_unmetered(&self, request: Request<QueryItemsRequest>) -> Metering<QueryItemsResponse> {
         let (tenant, store) = match self.route(&request, false).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded(c.query_items(request.into_inner()).await),
+            Route::Forward(mut c) => return forwarded_unmeasured(c.query_items(request.into_inner()).await),
         };
         let req = request.into_inner();
         let mut v = Violations::new();
@@ -506,10 +569,12 @@ impl DataService {
             .query(Query { pk: tenant.to_string(), sk_prefix, start_after, limit })
             .await
             .map_err(DataError::from)?;
-        let items = page.items.iter().map(decode_item).collect::<Result<Vec<_>, _>>()?;
+        let (items, sizes): (Vec<Item>, Vec<usize>) =
+            page.items.iter().map(decode_sized).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
         let read: usize = page.items.iter().map(|i| i.data.len()).sum();
-        Ok(costing(Response::new(QueryItemsResponse { items, next_page_token }), Cost::read(read)))
+        let usage = query_usage(&sizes, &next_page_token);
+        Ok((costing(Response::new(QueryItemsResponse { items, next_page_token }), Cost::read(read)), Some(usage)))
     }
 }
 
@@ -564,6 +629,10 @@ pub async fn serve(
     // which meters its tenant's calls; it meters nothing itself.
     let usage = match config.silo_tenant {
         Some(_) => None,
+        None if !config.metering => {
+            tracing::warn!("TENANTMESH_METERING=off: no usage is metered, and the Metering service is not served");
+            None
+        }
         None => Some(config.storage.open_table(&config.common, USAGE_TABLE).await?),
     };
     let meters = usage.clone().map(|table| {
@@ -621,7 +690,10 @@ pub async fn serve(
     if let Some(table) = usage {
         let registry =
             TenantRegistryClient::new(client::wrap(client::channel(&config.common.registry_url)?, Identity::Caller));
-        let service = metering::MeteringService::new(table, config.pricing.clone(), config.usage_grace, registry);
+        let onboarding =
+            OnboardingClient::new(client::wrap(client::channel(&config.onboarding_url)?, Identity::Caller));
+        let service =
+            metering::MeteringService::new(table, config.pricing.clone(), config.usage_grace, registry, onboarding);
         routes = routes.add_service(MeteringServer::new(service));
         names.push(<MeteringServer<metering::MeteringService> as tonic::server::NamedService>::NAME);
     }
@@ -648,3 +720,52 @@ pub async fn serve(
 
 /// The table of metered usage (`<prefix>usage`, or `usage.redb`).
 pub const USAGE_TABLE: &str = "usage";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metering_settings_name_their_variable() {
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let c = Config::from_env(&env(&[])).unwrap();
+        assert!(c.metering);
+        assert_eq!(c.metering_flush, std::time::Duration::from_secs(10));
+        assert!(!Config::from_env(&env(&[("TENANTMESH_METERING", "off")])).unwrap().metering);
+        for (var, value) in [
+            ("TENANTMESH_METERING", "maybe"),
+            ("TENANTMESH_METERING_FLUSH_MS", "soon"),
+            ("TENANTMESH_PRICING_FILE", "/no/such/pricing.toml"),
+            ("TENANTMESH_ONBOARDING_URL", "ftp://x"),
+        ] {
+            let e = Config::from_env(&env(&[(var, value)])).unwrap_err();
+            assert_eq!(e.var, var, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn an_items_size_as_returned_without_encoding_it() {
+        for (stored_version, version) in [(0u64, 1u64), (0, 300), (5, 70_000), (0, 0)] {
+            let item = Item { id: "x".into(), version: stored_version, update_time_ms: 7, ..Default::default() };
+            let raw =
+                tenantmesh_storage::Item { pk: "t".into(), sk: "c#x".into(), data: item.encode_to_vec(), version };
+            let (decoded, size) = decode_sized(&raw).unwrap();
+            assert_eq!((decoded.version, size), (version, decoded.encoded_len()));
+        }
+    }
+
+    #[test]
+    fn response_sizes_from_item_sizes() {
+        for bytes in [0usize, 10, 200, 20_000] {
+            let item = Item { id: "x".repeat(bytes), ..Default::default() };
+            let get = GetItemResponse { item: Some(item.clone()) };
+            assert_eq!(field_len(item.encoded_len()), get.encoded_len());
+            let query =
+                QueryItemsResponse { items: vec![item.clone(), item.clone()], next_page_token: "t".repeat(bytes) };
+            let token = if bytes == 0 { 0 } else { field_len(bytes) };
+            assert_eq!(2 * field_len(item.encoded_len()) + token, query.encoded_len());
+        }
+    }
+}
