@@ -146,6 +146,7 @@ async fn run(
             "memory_per_tenant" => scenarios::memory::memory_per_tenant(&ctx).await.map(Some),
             "silo_hop" => scenarios::hop::silo_hop(&ctx).await.map(Some),
             "token_verification" => scenarios::tokens::token_verification(&ctx).await.map(Some),
+            "metering_cost" => scenarios::metering::metering_cost(&ctx).await.map(Some),
             "layers" => scenarios::layers::layers(&ctx).await.map(Some),
             "limiter_cost" => scenarios::fairness::limiter_cost(&ctx).await.map(Some),
             "noisy_neighbour" => scenarios::fairness::noisy_neighbour(&ctx).await.map(Some),

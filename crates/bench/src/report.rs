@@ -215,6 +215,7 @@ pub const ORDER: &[&str] = &[
     "light_load",
     "h2load",
     "token_verification",
+    "metering_cost",
     "sts_calls",
     "onboarding",
     "memory_per_tenant",

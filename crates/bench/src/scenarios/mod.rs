@@ -5,6 +5,7 @@ pub mod fairness;
 pub mod hop;
 pub mod layers;
 pub mod memory;
+pub mod metering;
 pub mod onboarding;
 pub mod sts;
 pub mod tax;
