@@ -44,6 +44,8 @@ use serde::{Deserialize, Serialize};
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 
 use crate::limits::Limits;
+// Wall-clock milliseconds: leases are compared across processes.
+use crate::metering::now_ms as wall_ms;
 
 /// Share of an even share at which a replica asks for a lease.
 const LEASE_THRESHOLD: f64 = 0.1;
@@ -59,11 +61,6 @@ const ONE: u32 = 1 << 24;
 
 fn to_fixed(fraction: f64) -> u32 {
     (fraction.clamp(0.0, 1.0) * f64::from(ONE)).round() as u32
-}
-
-/// Wall-clock milliseconds (leases are compared across processes).
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
 /// One replica's entry in a lease item.

@@ -38,6 +38,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 
+use crate::limits::Cost;
+
 /// The built-in meters, in slot order after the per-RPC request counters.
 pub const READ_UNITS: &str = "read_units";
 pub const WRITE_UNITS: &str = "write_units";
@@ -71,13 +73,13 @@ impl Usage {
     /// Read units of items of these encoded sizes: one per 4 KB of each,
     /// rounded up per item (DynamoDB's rule, per item).
     pub fn read(sizes: impl IntoIterator<Item = usize>, bytes_returned: usize) -> Self {
-        let read_units = sizes.into_iter().map(|s| s.div_ceil(4096).max(1) as u64).sum();
+        let read_units = sizes.into_iter().map(|s| u64::from(Cost::read(s).0)).sum();
         Self { read_units, write_units: 0, bytes_returned: bytes_returned as u64 }
     }
 
     /// Write units of an item of this encoded size: one per 1 KB, rounded up.
     pub fn write(size: usize, bytes_returned: usize) -> Self {
-        Self { read_units: 0, write_units: size.div_ceil(1024).max(1) as u64, bytes_returned: bytes_returned as u64 }
+        Self { read_units: 0, write_units: u64::from(Cost::write(size).0), bytes_returned: bytes_returned as u64 }
     }
 }
 

@@ -96,6 +96,21 @@ fn held(resources: &[TenantResource], kind: &str, from: i64, to: i64, now: i64) 
         .then(|| lives.iter().map(|&(start, end)| (end.min(to) - start.max(from)).max(0) as f64 / 3600.0).sum())
 }
 
+/// Every tenant in the registry, page by page, as `registry`'s identity
+/// may list them.
+pub(crate) async fn all_tenants(registry: &TenantRegistryClient<PropagatedChannel>) -> Result<Vec<Tenant>, Status> {
+    let (mut tenants, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let page =
+            registry.clone().list_tenants(ListTenantsRequest { page_size: 1000, page_token }).await?.into_inner();
+        tenants.extend(page.tenants);
+        if page.next_page_token.is_empty() {
+            return Ok(tenants);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// A tenant's cost over `[from, to)`, at `now`: its usage, and the hours
 /// it held dedicated resources (from the onboarding service's ledger).
 fn price(
@@ -460,21 +475,7 @@ impl Metering for MeteringService {
         let mut v = Violations::new();
         check_range(&mut v, req.from, req.to);
         v.check()?;
-        let mut tenants = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = self
-                .registry
-                .clone()
-                .list_tenants(ListTenantsRequest { page_size: 1000, page_token })
-                .await?
-                .into_inner();
-            tenants.extend(page.tenants);
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            page_token = page.next_page_token;
-        }
+        let tenants = all_tenants(&self.registry).await?;
         let mut costs = Vec::with_capacity(tenants.len());
         let mut set = tokio::task::JoinSet::new();
         let pricing = self.pricing.clone();

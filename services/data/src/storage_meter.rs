@@ -24,7 +24,7 @@ use tenantmesh_isolation::TenantStores;
 use tenantmesh_proto::data::v1::data_admin_client::DataAdminClient;
 use tenantmesh_proto::data::v1::{ExportItemsRequest, StoreRef};
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
-use tenantmesh_proto::registry::v1::{ListTenantsRequest, Tenant, TenantStatus};
+use tenantmesh_proto::registry::v1::{Tenant, TenantStatus};
 use tenantmesh_service::metering::{self, Sample};
 use tenantmesh_storage::DynTable;
 use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel, ServiceTokenSource};
@@ -86,38 +86,28 @@ impl StorageSampler {
     /// Measures and files every tenant for the interval starting at `start`;
     /// the number of tenants filed by this replica.
     pub async fn sample(&self, start: i64) -> Result<usize, String> {
+        let tenants = crate::metering::all_tenants(&self.registry)
+            .await
+            .map_err(|s| format!("listing tenants: {}", s.message()))?;
         let mut filed = 0;
-        let mut page_token = String::new();
-        loop {
-            let page = self
-                .registry
-                .clone()
-                .list_tenants(ListTenantsRequest { page_size: 1000, page_token })
-                .await
-                .map_err(|s| format!("listing tenants: {}", s.message()))?
-                .into_inner();
-            for tenant in page.tenants.iter().filter(|t| t.status() != TenantStatus::Deleted) {
-                if metering::sample_filed(&self.usage, &tenant.tenant_id, start).await.map_err(|e| e.to_string())? {
-                    continue;
-                }
-                match self.measure(tenant).await {
-                    Ok(bytes) => {
-                        let sample = Sample { start, secs: self.interval.as_secs() as i64, bytes };
-                        if metering::file_sample(&self.usage, &tenant.tenant_id, &sample)
-                            .await
-                            .map_err(|e| e.to_string())?
-                        {
-                            filed += 1;
-                        }
+        for tenant in tenants.iter().filter(|t| t.status() != TenantStatus::Deleted) {
+            if metering::sample_filed(&self.usage, &tenant.tenant_id, start).await.map_err(|e| e.to_string())? {
+                continue;
+            }
+            match self.measure(tenant).await {
+                Ok(bytes) => {
+                    let sample = Sample { start, secs: self.interval.as_secs() as i64, bytes };
+                    if metering::file_sample(&self.usage, &tenant.tenant_id, &sample)
+                        .await
+                        .map_err(|e| e.to_string())?
+                    {
+                        filed += 1;
                     }
-                    Err(e) => tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured"),
                 }
+                Err(e) => tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured"),
             }
-            if page.next_page_token.is_empty() {
-                return Ok(filed);
-            }
-            page_token = page.next_page_token;
         }
+        Ok(filed)
     }
 
     /// `tenant`'s stored item bytes where its placement keeps them.
