@@ -1,6 +1,7 @@
 //! `tenantmesh`: run the whole tenantmesh mesh in one process, and report
 //! what each tenant costs to serve.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,12 +86,33 @@ enum Command {
         #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(i64).range(1..=87_600))]
         hours: i64,
     },
+    /// Ask a service whether it is serving (grpc.health.v1 Health/Check):
+    /// exit 0 when SERVING, 1 otherwise with what was seen on stderr.
+    ///
+    /// For container healthchecks and Kubernetes exec probes. Without ADDR
+    /// it checks the service in the same container: TENANTMESH_LISTEN_ADDR,
+    /// with 0.0.0.0 replaced by 127.0.0.1. Logs nothing and exports no
+    /// telemetry.
+    Health {
+        /// HOST:PORT (or http://HOST:PORT) of the service.
+        addr: Option<String>,
+        /// A single gRPC service to ask about (default: the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        timeout_ms: u64,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = process_env();
+    if let Command::Health { addr, service, timeout_ms } = &cli.command {
+        // Runs every few seconds in every container: no telemetry set-up.
+        return health(addr.clone(), service, *timeout_ms, &env).await;
+    }
     let mut telemetry_config = tenantmesh_telemetry::Config::from_env("tenantmesh", &env);
     telemetry_config.log_target = tenantmesh_telemetry::LogTarget::Stderr;
     let _telemetry = match tenantmesh_telemetry::init(telemetry_config) {
@@ -108,6 +130,7 @@ async fn main() -> ExitCode {
             let options = MeshOptions { data_dir, host, ports, env };
             up(options).await
         }
+        Command::Health { .. } => unreachable!("handled before telemetry"),
         Command::CostReport { addr, token, to, hours } => {
             let to = to.unwrap_or_else(tenantmesh_service::metering::now_secs);
             let from = to - hours * 3600;
@@ -121,6 +144,28 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+async fn health(addr: Option<String>, service: &str, timeout_ms: u64, env: &HashMap<String, String>) -> ExitCode {
+    use tenantmesh_cli::health;
+    let addr =
+        match addr.map_or_else(|| health::default_addr(env.get("TENANTMESH_LISTEN_ADDR").map(String::as_str)), Ok) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("tenantmesh health: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    match health::check(&addr, service, std::time::Duration::from_millis(timeout_ms)).await {
+        Ok(()) => {
+            println!("{addr}: SERVING");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tenantmesh health: {addr}: {e}");
+            ExitCode::FAILURE
         }
     }
 }
