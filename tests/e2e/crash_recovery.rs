@@ -626,3 +626,88 @@ async fn acknowledged_writes_survive_kill_9_of_the_data_service_and_the_registry
     // (applied, its answer not awaited).
     assert!(stored.len() <= acked.len() + 4, "{} stored, {} acknowledged", stored.len(), acked.len());
 }
+
+/// The Kubernetes version the generated manifests are validated against
+/// (as deploy/k8s is, by `cargo xtask test`).
+const KUBERNETES_VERSION: &str = "1.34.0";
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=fleet", "-c", "user.email=fleet@example.invalid"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Silo compute on Kubernetes, GitOps style: onboarding a silo tenant
+/// commits its instance's manifests to the fleet repository (valid for
+/// Kubernetes, strict), a kill -9 after the compute step's effect but before
+/// it is recorded makes no second commit, and a tier change away from silo
+/// removes them in one more commit. The instance itself (the reconciler's
+/// part) is a process here, at the endpoint the manifests name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silo_tenants_manifests_are_committed_once_and_removed_when_it_leaves_the_silo() {
+    let mut cluster = Cluster::start().await;
+    let tenant = unique_tenant("git");
+    let repo = cluster.dir.path().join("fleet");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "--quiet"]);
+    git(&repo, &["commit", "--quiet", "--allow-empty", "-m", "fleet"]);
+    let commits = || git(&repo, &["rev-list", "--count", "HEAD"]).trim().parse::<usize>().unwrap();
+    let endpoint = cluster.start_silo(&tenant).await;
+    let repo_setting = repo.display().to_string();
+    let settings = [
+        ("TENANTMESH_SILO_GITOPS_REPO", repo_setting.as_str()),
+        ("TENANTMESH_SILO_GITOPS_PATH", "clusters/prod/tenants"),
+        ("TENANTMESH_SILO_IMAGE", "registry.example/tenantmesh:test"),
+        ("TENANTMESH_SILO_ENDPOINT_TEMPLATE", endpoint.as_str()),
+    ];
+    let mut faulty = settings.to_vec();
+    faulty.push(("TENANTMESH_FAULTS", "halt-unsaved:onboard:provision_compute"));
+    cluster.start_onboarding(&faulty).await;
+    cluster.register(&tenant, "enterprise").await;
+    let id = format!("{tenant}/onboard");
+    cluster.until_halted("halt-unsaved", &id, "provision_compute").await;
+    assert_eq!(commits(), 2, "the manifests are committed before the step is recorded");
+    cluster.kill_9("onboarding");
+    cluster.start_onboarding(&settings).await;
+    cluster.until_succeeded(&id).await;
+    assert_eq!(commits(), 2, "the step ran again and committed nothing new");
+
+    let dir = repo.join("clusters/prod/tenants").join(&tenant);
+    let files: Vec<PathBuf> = ["deployment.yaml", "networkpolicy.yaml", "service.yaml", "serviceaccount.yaml"]
+        .iter()
+        .map(|f| dir.join(f))
+        .collect();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for label in [format!("tenantmesh.io/tenant: {tenant}"), "tenantmesh.io/tier: enterprise".into()] {
+            assert!(text.contains(&label), "{} lacks {label}", f.display());
+        }
+    }
+    let out = Command::new(tool("kubernetes-validate"))
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(git(&repo, &["status", "--porcelain"]).is_empty(), "everything written is committed");
+    assert_eq!(cluster.tenant(&tenant).await.placement.unwrap().endpoint, endpoint);
+    let token = cluster.tenant_token(&tenant).await;
+    cluster.put_items(&token, 3).await;
+    assert_eq!(cluster.item_ids(&token).await.len(), 3);
+
+    let admin = cluster.admin().await;
+    let req = authed(ChangeTierRequest { tenant_id: tenant.clone(), tier: "premium".into() }, &admin);
+    let id = cluster.onboarding().change_tier(req).await.unwrap().into_inner().workflow_id;
+    cluster.until_succeeded(&id).await;
+    assert!(!dir.exists(), "the tenant's manifests are gone from the working tree");
+    assert_eq!(commits(), 3);
+    let removed = git(&repo, &["show", "--name-status", "--format=", "HEAD"]);
+    assert_eq!(removed.lines().filter(|l| l.starts_with('D')).count(), 4, "{removed}");
+    assert_eq!(cluster.item_ids(&token).await.len(), 3, "the items moved with the tenant");
+}

@@ -50,7 +50,7 @@ impl InProcessSilos {
     pub async fn restore(&self) -> usize {
         let recorded = self.recorded();
         for tenant in recorded.keys() {
-            if let Err(e) = self.provision(tenant).await {
+            if let Err(e) = self.provision(tenant, "").await {
                 tracing::error!(silo_tenant = %tenant, error = %e, "could not restart a silo instance");
             }
         }
@@ -74,7 +74,7 @@ impl InProcessSilos {
 
 #[async_trait]
 impl SiloCompute for InProcessSilos {
-    async fn provision(&self, tenant_id: &str) -> Result<String, String> {
+    async fn provision(&self, tenant_id: &str, _tier: &str) -> Result<String, String> {
         let mut running = self.running.lock().await;
         if let Some(i) = running.get(tenant_id) {
             return Ok(self.endpoint(i.addr));

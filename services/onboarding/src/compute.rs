@@ -1,14 +1,17 @@
 //! Compute for silo tenants: a dedicated data-service instance per tenant.
-//! Under `tenantmesh up` the CLI runs them in-process; elsewhere (compose,
-//! Kubernetes) the deployment runs them and the endpoint comes from
+//! Under `tenantmesh up` the CLI runs them in-process; on Kubernetes the
+//! onboarding service commits each instance's manifests to a GitOps
+//! repository ([`crate::gitops`], `TENANTMESH_SILO_GITOPS_REPO`); elsewhere
+//! (compose) the deployment runs them and the endpoint comes from
 //! `TENANTMESH_SILO_ENDPOINT_TEMPLATE` (`{tenant}` is replaced by the id).
 
 use async_trait::async_trait;
 
 #[async_trait]
 pub trait SiloCompute: Send + Sync + 'static {
-    /// Makes sure the tenant's instance runs; its gRPC endpoint. Idempotent.
-    async fn provision(&self, tenant_id: &str) -> Result<String, String>;
+    /// Makes sure the tenant's instance runs (on `tier`, for its labels and
+    /// cost tags); its gRPC endpoint. Idempotent.
+    async fn provision(&self, tenant_id: &str, tier: &str) -> Result<String, String>;
     /// Stops and forgets the tenant's instance. Idempotent.
     async fn deprovision(&self, tenant_id: &str) -> Result<(), String>;
 }
@@ -18,7 +21,7 @@ pub struct EndpointTemplate(pub String);
 
 #[async_trait]
 impl SiloCompute for EndpointTemplate {
-    async fn provision(&self, tenant_id: &str) -> Result<String, String> {
+    async fn provision(&self, tenant_id: &str, _tier: &str) -> Result<String, String> {
         Ok(self.0.replace("{tenant}", tenant_id))
     }
 
@@ -32,8 +35,8 @@ pub struct Unconfigured;
 
 #[async_trait]
 impl SiloCompute for Unconfigured {
-    async fn provision(&self, _tenant_id: &str) -> Result<String, String> {
-        Err("no silo compute is configured: set TENANTMESH_SILO_ENDPOINT_TEMPLATE, or run under `tenantmesh up`".into())
+    async fn provision(&self, _tenant_id: &str, _tier: &str) -> Result<String, String> {
+        Err("no silo compute is configured: set TENANTMESH_SILO_GITOPS_REPO or TENANTMESH_SILO_ENDPOINT_TEMPLATE, or run under `tenantmesh up`".into())
     }
 
     async fn deprovision(&self, _tenant_id: &str) -> Result<(), String> {

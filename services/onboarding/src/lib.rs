@@ -24,6 +24,7 @@ mod error;
 mod events;
 pub mod export;
 pub mod faults;
+pub mod gitops;
 mod handlers;
 pub mod resources;
 pub mod steps;
@@ -78,6 +79,9 @@ pub struct Config {
     /// `TENANTMESH_SILO_ENDPOINT_TEMPLATE`, e.g. `http://data-{tenant}:50054`:
     /// where silo tenants' instances run when the deployment runs them.
     pub silo_endpoint_template: Option<String>,
+    /// `TENANTMESH_SILO_GITOPS_REPO` and the rest: silo instances as
+    /// manifests committed to a GitOps repository ([`gitops`]).
+    pub gitops: Option<gitops::GitOpsConfig>,
     /// `TENANTMESH_STEP_MAX_ATTEMPTS` (default 5): attempts of a failing step
     /// before the workflow is FAILED.
     pub step_attempts: u32,
@@ -143,6 +147,7 @@ impl Config {
             },
             data_url,
             silo_endpoint_template: template,
+            gitops: gitops::GitOpsConfig::from_env(env)?,
             step_attempts,
             step_backoff: Duration::from_millis(parse_var(env, "TENANTMESH_STEP_BACKOFF_MS", 200)?),
             faults,
@@ -279,7 +284,8 @@ impl OnboardingService {
 
 /// Runs the onboarding service on `listener` until `shutdown` completes,
 /// resuming unfinished workflows in the background. Silo compute comes from
-/// `compute`, else from the endpoint template, else is unavailable.
+/// `compute`, else from the GitOps repository, else from the endpoint
+/// template, else is unavailable.
 pub async fn serve(
     config: Config,
     store: DynTable,
@@ -290,10 +296,12 @@ pub async fn serve(
     let auth = client::channel(&config.common.auth_url)?;
     let registry = client::channel(&config.common.registry_url)?;
     let tokens = Arc::new(ServiceTokenSource::new(auth.clone(), config.credentials.clone()));
-    let compute = compute.unwrap_or_else(|| match &config.silo_endpoint_template {
-        Some(t) => Arc::new(compute::EndpointTemplate(t.clone())),
-        None => Arc::new(compute::Unconfigured),
-    });
+    let compute: Arc<dyn SiloCompute> = match (compute, &config.gitops, &config.silo_endpoint_template) {
+        (Some(c), _, _) => c,
+        (None, Some(g), _) => Arc::new(gitops::GitOps::open(g.clone()).await?),
+        (None, None, Some(t)) => Arc::new(compute::EndpointTemplate(t.clone())),
+        (None, None, None) => Arc::new(compute::Unconfigured),
+    };
     let service = OnboardingService::new(
         &config,
         store,

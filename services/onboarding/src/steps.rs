@@ -226,7 +226,7 @@ impl Steps {
 
     async fn provision_compute(&self, wf: &mut Workflow) -> Result<(), StepError> {
         let tenant = wf.params.tenant_id.clone();
-        wf.to.endpoint = self.compute.provision(&tenant).await.map_err(StepError::transient)?;
+        wf.to.endpoint = self.compute.provision(&tenant, &wf.params.tier).await.map_err(StepError::transient)?;
         self.resources
             .add(&tenant, resources::SILO_INSTANCE, &wf.to.endpoint, &wf.params.tier)
             .await

@@ -1,0 +1,512 @@
+//! Silo compute the GitOps way, as in the AWS EKS SaaS GitOps reference:
+//! provisioning a silo tenant writes its data-service instance's Kubernetes
+//! manifests into a directory of a git working tree and commits them; a
+//! reconciler (Flux, Argo CD) pointed at that directory applies them.
+//! Removing the tenant's instance (offboarding, a tier change away from
+//! silo) removes the files in another commit.
+//!
+//! Every step is idempotent, like every workflow step: the files are
+//! written only where they differ, and a commit is made only when the
+//! tenant's directory has staged changes, so running a step twice (after a
+//! crash between the write and the commit, or a retry) makes one commit's
+//! worth of change. With a remote configured, each step first pulls
+//! (rebasing, so the change is made to what the remote holds now, others'
+//! commits included), and each change is pushed (rebasing once more when
+//! the remote moved meanwhile); a step that finds nothing to commit still
+//! pushes, so a crash between commit and push is healed by the retry.
+//!
+//! One provisioner writes to a working tree at a time (a lock here); the
+//! onboarding service runs as one replica.
+//!
+//! Settings (`TENANTMESH_SILO_GITOPS_*`, see [`GitOpsConfig::from_env`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tenantmesh_service::config::{ConfigError, var};
+use tokio::sync::Mutex;
+
+use crate::compute::SiloCompute;
+
+/// The data-service port of a silo instance.
+pub const SILO_PORT: u16 = 50054;
+
+#[derive(Debug, Clone)]
+pub struct GitOpsConfig {
+    /// `TENANTMESH_SILO_GITOPS_REPO`: a git working tree (not bare).
+    pub repo: PathBuf,
+    /// `TENANTMESH_SILO_GITOPS_PATH` (default `tenants`): the directory of
+    /// the working tree the reconciler watches; each tenant gets
+    /// `<path>/<tenant id>/`.
+    pub path: String,
+    /// `TENANTMESH_SILO_GITOPS_REMOTE`: push each change to this remote
+    /// (unset: commit only; the reconciler reads this working tree's repo).
+    pub remote: Option<String>,
+    /// `TENANTMESH_SILO_IMAGE`: the tenantmesh image the instance runs.
+    pub image: String,
+    /// `TENANTMESH_SILO_NAMESPACE` (default `tenantmesh`): where the mesh
+    /// runs, and the instances with it.
+    pub namespace: String,
+    /// `TENANTMESH_SILO_ROLE_ARN`: the AWS role (IRSA) of the instances'
+    /// service accounts, on the DynamoDB backend.
+    pub role_arn: Option<String>,
+    /// `TENANTMESH_SILO_ENDPOINT_TEMPLATE` (default
+    /// `http://{name}.{namespace}.svc.cluster.local:50054`): the endpoint the
+    /// registry records (`{tenant}`, `{name}`, `{namespace}` replaced).
+    pub endpoint_template: String,
+}
+
+impl GitOpsConfig {
+    /// `None` when `TENANTMESH_SILO_GITOPS_REPO` is unset.
+    pub fn from_env(env: &HashMap<String, String>) -> Result<Option<Self>, ConfigError> {
+        let Some(repo) = var(env, "TENANTMESH_SILO_GITOPS_REPO") else { return Ok(None) };
+        let path = var(env, "TENANTMESH_SILO_GITOPS_PATH").unwrap_or("tenants").to_owned();
+        if path.starts_with('/') || path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(ConfigError {
+                var: "TENANTMESH_SILO_GITOPS_PATH",
+                message: "must be a relative path inside the working tree, without . or .. components".into(),
+            });
+        }
+        let image = var(env, "TENANTMESH_SILO_IMAGE").ok_or(ConfigError {
+            var: "TENANTMESH_SILO_IMAGE",
+            message: "is required with TENANTMESH_SILO_GITOPS_REPO (the image silo instances run)".into(),
+        })?;
+        let namespace = var(env, "TENANTMESH_SILO_NAMESPACE").unwrap_or("tenantmesh").to_owned();
+        if !is_dns_label(&namespace) {
+            return Err(ConfigError {
+                var: "TENANTMESH_SILO_NAMESPACE",
+                message: "must be a DNS label (lowercase letters, digits, '-', at most 63)".into(),
+            });
+        }
+        let endpoint_template = var(env, "TENANTMESH_SILO_ENDPOINT_TEMPLATE")
+            .unwrap_or("http://{name}.{namespace}.svc.cluster.local:50054")
+            .to_owned();
+        Ok(Some(Self {
+            repo: PathBuf::from(repo),
+            path,
+            remote: var(env, "TENANTMESH_SILO_GITOPS_REMOTE").map(str::to_owned),
+            image: image.to_owned(),
+            namespace,
+            role_arn: var(env, "TENANTMESH_SILO_ROLE_ARN").map(str::to_owned),
+            endpoint_template,
+        }))
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A label value: at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends.
+fn is_label_value(s: &str) -> bool {
+    s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+}
+
+/// The name of `tenant`'s instance objects: `data-<tenant>`, shortened with
+/// a hash where that exceeds a DNS label's 63 characters.
+pub fn instance_name(tenant: &str) -> String {
+    let name = format!("data-{tenant}");
+    if name.len() <= 63 {
+        return name;
+    }
+    // FNV-1a: stable across versions and platforms.
+    let hash = tenant.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("data-{}-{hash:08x}", &tenant[..49])
+}
+
+/// The manifests of `tenant`'s instance: file name and YAML.
+pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'static str, String)> {
+    let name = instance_name(tenant);
+    let ns = &config.namespace;
+    let labels = format!(
+        "    app.kubernetes.io/name: tenantmesh\n    app.kubernetes.io/component: silo-data\n    \
+         app.kubernetes.io/instance: {name}\n    app.kubernetes.io/managed-by: tenantmesh-onboarding\n    \
+         tenantmesh.io/tenant: {tenant}\n    tenantmesh.io/tier: {tier}\n    tenantId: {tenant}\n    tier: {tier}\n"
+    );
+    let selector = format!("      app.kubernetes.io/component: silo-data\n      tenantmesh.io/tenant: {tenant}\n");
+    let pod_labels = labels.replace("\n    ", "\n        ").replacen("    ", "        ", 1);
+    let header = |kind: &str, api: &str| {
+        format!(
+            "# Generated by tenantmesh onboarding for tenant {tenant} (tier {tier}): do not edit;\n\
+             # removed when the tenant leaves the silo model.\napiVersion: {api}\nkind: {kind}\nmetadata:\n  \
+             name: {name}\n  namespace: {ns}\n  labels:\n{labels}"
+        )
+    };
+    let role = config
+        .role_arn
+        .as_deref()
+        .map(|arn| format!("  annotations:\n    eks.amazonaws.com/role-arn: {arn}\n"))
+        .unwrap_or_default();
+    let image = &config.image;
+    vec![
+        (
+            "serviceaccount.yaml",
+            format!("{}{role}automountServiceAccountToken: false\n", header("ServiceAccount", "v1")),
+        ),
+        (
+            "deployment.yaml",
+            format!(
+                "{}spec:\n  replicas: 1\n  selector:\n    matchLabels:\n{selector}  template:\n    metadata:\n      \
+                 labels:\n{pod_labels}    spec:\n      serviceAccountName: {name}\n      \
+                 automountServiceAccountToken: false\n      securityContext:\n        runAsNonRoot: true\n        \
+                 runAsUser: 10001\n        runAsGroup: 10001\n        fsGroup: 10001\n        seccompProfile:\n          \
+                 type: RuntimeDefault\n      containers:\n        - name: data\n          image: {image}\n          \
+                 command: [\"tenantmesh-data\"]\n          envFrom:\n            - configMapRef:\n                \
+                 name: tenantmesh-config\n          env:\n            - name: TENANTMESH_LISTEN_ADDR\n              \
+                 value: \"0.0.0.0:{SILO_PORT}\"\n            - name: TENANTMESH_SILO_TENANT\n              \
+                 value: \"{tenant}\"\n          ports:\n            - name: grpc\n              \
+                 containerPort: {SILO_PORT}\n          readinessProbe:\n            grpc:\n              \
+                 port: {SILO_PORT}\n            periodSeconds: 5\n          livenessProbe:\n            grpc:\n              \
+                 port: {SILO_PORT}\n            initialDelaySeconds: 10\n            periodSeconds: 10\n          \
+                 resources:\n            requests:\n              cpu: 250m\n              memory: 128Mi\n            \
+                 limits:\n              memory: 512Mi\n          securityContext:\n            \
+                 allowPrivilegeEscalation: false\n            readOnlyRootFilesystem: true\n            \
+                 capabilities:\n              drop: [\"ALL\"]\n          volumeMounts:\n            - name: data\n              \
+                 mountPath: /var/lib/tenantmesh\n      volumes:\n        - name: data\n          emptyDir: {{}}\n",
+                header("Deployment", "apps/v1")
+            ),
+        ),
+        (
+            "service.yaml",
+            format!(
+                "{}spec:\n  selector:\n{}  ports:\n    - name: grpc\n      port: {SILO_PORT}\n      \
+                 targetPort: grpc\n      appProtocol: grpc\n",
+                header("Service", "v1"),
+                selector.replace("      ", "    ")
+            ),
+        ),
+        (
+            "networkpolicy.yaml",
+            format!(
+                "{}spec:\n  podSelector:\n    matchLabels:\n{selector}  policyTypes: [\"Ingress\", \"Egress\"]\n  \
+                 # Only the shared data service (which forwards the tenant's calls) and\n  \
+                 # onboarding (which provisions and removes its store) call it.\n  \
+                 ingress:\n    - from:\n        - podSelector:\n            matchLabels:\n              \
+                 app.kubernetes.io/component: data\n        - podSelector:\n            matchLabels:\n              \
+                 app.kubernetes.io/component: onboarding\n      ports:\n        - port: {SILO_PORT}\n          \
+                 protocol: TCP\n  # It calls auth (keys) and the registry (tenants), DNS, the collector\n  \
+                 # and, on DynamoDB, the AWS APIs over HTTPS.\n  egress:\n    - to:\n        - podSelector:\n            \
+                 matchLabels:\n              app.kubernetes.io/component: auth\n      ports:\n        - port: 50052\n          \
+                 protocol: TCP\n    - to:\n        - podSelector:\n            matchLabels:\n              \
+                 app.kubernetes.io/component: tenant-registry\n      ports:\n        - port: 50051\n          \
+                 protocol: TCP\n    - to:\n        - namespaceSelector: {{}}\n          podSelector:\n            \
+                 matchLabels:\n              k8s-app: kube-dns\n      ports:\n        - port: 53\n          \
+                 protocol: UDP\n        - port: 53\n          protocol: TCP\n    - to:\n        - namespaceSelector: {{}}\n      \
+                 ports:\n        - port: 4317\n          protocol: TCP\n    - ports:\n        - port: 443\n          protocol: TCP\n",
+                header("NetworkPolicy", "networking.k8s.io/v1")
+            ),
+        ),
+    ]
+}
+
+/// Writes silo tenants' manifests into a git working tree (see the module).
+pub struct GitOps {
+    config: GitOpsConfig,
+    lock: Mutex<()>,
+}
+
+const AUTHOR: [&str; 4] = ["-c", "user.name=tenantmesh onboarding", "-c", "user.email=onboarding@tenantmesh.invalid"];
+
+impl GitOps {
+    /// Checks that `config.repo` is a git working tree.
+    pub async fn open(config: GitOpsConfig) -> Result<Self, String> {
+        let gitops = Self { config, lock: Mutex::new(()) };
+        let inside = gitops.git(&["rev-parse", "--is-inside-work-tree"]).await?;
+        if inside.trim() != "true" {
+            return Err(format!("{} is not a git working tree", gitops.config.repo.display()));
+        }
+        Ok(gitops)
+    }
+
+    /// `<path>/<tenant>` relative to the working tree.
+    pub fn tenant_dir(&self, tenant: &str) -> String {
+        format!("{}/{tenant}", self.config.path)
+    }
+
+    fn endpoint(&self, tenant: &str) -> String {
+        self.config
+            .endpoint_template
+            .replace("{tenant}", tenant)
+            .replace("{name}", &instance_name(tenant))
+            .replace("{namespace}", &self.config.namespace)
+    }
+
+    async fn git(&self, args: &[&str]) -> Result<String, String> {
+        let out = tokio::process::Command::new("git")
+            .arg("-C")
+            .arg(&self.config.repo)
+            .args(AUTHOR)
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run git: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "git {} in {}: {}",
+                args.join(" "),
+                self.config.repo.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Commits the staged changes under `dir` (if any) and pushes.
+    async fn commit(&self, dir: &str, message: &str) -> Result<bool, String> {
+        // `git add` refuses a path neither on disk nor in the index.
+        let tracked = !self.git(&["ls-files", "--cached", "--", dir]).await?.trim().is_empty();
+        if tracked || self.config.repo.join(dir).exists() {
+            self.git(&["add", "--all", "--", dir]).await?;
+        }
+        let staged = !self.git(&["diff", "--cached", "--name-only", "--", dir]).await?.trim().is_empty();
+        if staged {
+            self.git(&["commit", "--quiet", "--no-verify", "-m", message, "--", dir]).await?;
+        }
+        if self.config.remote.is_some() && self.git_push().await.is_err() {
+            // The remote moved since the pull: replay ours on top once, then push.
+            self.pull().await?;
+            self.git_push().await?;
+        }
+        Ok(staged)
+    }
+
+    /// Brings the working tree up to the remote's branch (keeping what a
+    /// crashed step left uncommitted), so a change is made to the latest
+    /// state; nothing without a remote.
+    async fn pull(&self) -> Result<(), String> {
+        let Some(remote) = &self.config.remote else { return Ok(()) };
+        let branch = self.git(&["rev-parse", "--abbrev-ref", "HEAD"]).await?;
+        self.git(&["pull", "--quiet", "--rebase", "--autostash", remote, branch.trim()]).await.map(drop)
+    }
+
+    async fn git_push(&self) -> Result<(), String> {
+        let Some(remote) = &self.config.remote else { return Ok(()) };
+        self.git(&["push", "--quiet", remote, "HEAD"]).await.map(drop)
+    }
+}
+
+fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[async_trait]
+impl SiloCompute for GitOps {
+    async fn provision(&self, tenant_id: &str, tier: &str) -> Result<String, String> {
+        if !is_label_value(tenant_id) || !is_label_value(tier) {
+            return Err(format!("tenant {tenant_id:?} or tier {tier:?} is not a valid Kubernetes label value"));
+        }
+        let _one = self.lock.lock().await;
+        self.pull().await?;
+        let dir = self.tenant_dir(tenant_id);
+        let abs = self.config.repo.join(&dir);
+        std::fs::create_dir_all(&abs).map_err(|e| format!("{}: {e}", abs.display()))?;
+        let files = manifests(&self.config, tenant_id, tier);
+        for (file, text) in &files {
+            write_if_changed(&abs.join(file), text)?;
+        }
+        // Anything else there (an older layout, a stray file) goes.
+        for entry in std::fs::read_dir(&abs).map_err(|e| format!("{}: {e}", abs.display()))?.flatten() {
+            let name = entry.file_name();
+            if !files.iter().any(|(f, _)| name.to_str() == Some(f)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let committed =
+            self.commit(&dir, &format!("silo tenant {tenant_id}: data-service instance (tier {tier})")).await?;
+        tracing::info!(silo_tenant = tenant_id, dir = %dir, committed, "silo instance manifests in git");
+        Ok(self.endpoint(tenant_id))
+    }
+
+    async fn deprovision(&self, tenant_id: &str) -> Result<(), String> {
+        let _one = self.lock.lock().await;
+        self.pull().await?;
+        let dir = self.tenant_dir(tenant_id);
+        let abs = self.config.repo.join(&dir);
+        match std::fs::remove_dir_all(&abs) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", abs.display())),
+        }
+        let committed = self.commit(&dir, &format!("silo tenant {tenant_id}: remove data-service instance")).await?;
+        tracing::info!(silo_tenant = tenant_id, dir = %dir, committed, "silo instance manifests removed from git");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn settings_are_checked_naming_the_variable() {
+        assert!(GitOpsConfig::from_env(&env(&[])).unwrap().is_none());
+        let err = GitOpsConfig::from_env(&env(&[("TENANTMESH_SILO_GITOPS_REPO", "/r")])).unwrap_err();
+        assert_eq!(err.var, "TENANTMESH_SILO_IMAGE");
+        for bad in ["/abs", "a/../b", "a//b", "."] {
+            let err = GitOpsConfig::from_env(&env(&[
+                ("TENANTMESH_SILO_GITOPS_REPO", "/r"),
+                ("TENANTMESH_SILO_IMAGE", "i"),
+                ("TENANTMESH_SILO_GITOPS_PATH", bad),
+            ]))
+            .unwrap_err();
+            assert_eq!(err.var, "TENANTMESH_SILO_GITOPS_PATH", "{bad}");
+        }
+        let err = GitOpsConfig::from_env(&env(&[
+            ("TENANTMESH_SILO_GITOPS_REPO", "/r"),
+            ("TENANTMESH_SILO_IMAGE", "i"),
+            ("TENANTMESH_SILO_NAMESPACE", "Prod"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "TENANTMESH_SILO_NAMESPACE");
+        let ok = GitOpsConfig::from_env(&env(&[("TENANTMESH_SILO_GITOPS_REPO", "/r"), ("TENANTMESH_SILO_IMAGE", "i")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((ok.path.as_str(), ok.namespace.as_str()), ("tenants", "tenantmesh"));
+    }
+
+    #[test]
+    fn instance_names_are_dns_labels_and_distinct() {
+        assert_eq!(instance_name("bigco"), "data-bigco");
+        let a = instance_name(&"a".repeat(63));
+        let b = instance_name(&format!("{}b", "a".repeat(62)));
+        assert!(is_dns_label(&a) && is_dns_label(&b), "{a} {b}");
+        assert_ne!(a, b);
+        assert_eq!(instance_name(&"a".repeat(58)).len(), 63);
+    }
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git").arg("-C").arg(dir).args(AUTHOR).args(args).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn commits(dir: &Path) -> usize {
+        git(dir, &["rev-list", "--count", "HEAD"]).trim().parse().unwrap()
+    }
+
+    /// A working tree with one commit, cloned from a bare "remote".
+    fn repo(root: &Path) -> PathBuf {
+        let remote = root.join("remote.git");
+        std::fs::create_dir_all(&remote).unwrap();
+        git(&remote, &["init", "--quiet", "--bare", "--initial-branch=main"]);
+        let work = root.join("work");
+        git(root, &["clone", "--quiet", remote.to_str().unwrap(), "work"]);
+        std::fs::write(work.join("README.md"), "fleet\n").unwrap();
+        git(&work, &["add", "README.md"]);
+        git(&work, &["commit", "--quiet", "-m", "init"]);
+        git(&work, &["push", "--quiet", "origin", "HEAD"]);
+        work
+    }
+
+    fn config(repo: &Path) -> GitOpsConfig {
+        GitOpsConfig::from_env(&env(&[
+            ("TENANTMESH_SILO_GITOPS_REPO", repo.to_str().unwrap()),
+            ("TENANTMESH_SILO_GITOPS_PATH", "clusters/prod/tenants"),
+            ("TENANTMESH_SILO_GITOPS_REMOTE", "origin"),
+            ("TENANTMESH_SILO_IMAGE", "registry.example/tenantmesh:1.0"),
+            ("TENANTMESH_SILO_ROLE_ARN", "arn:aws:iam::123456789012:role/tenantmesh-silo"),
+        ]))
+        .unwrap()
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_silo_tenant_is_one_commit_in_and_one_out_however_often_the_step_runs() {
+        let root = tempfile::tempdir().unwrap();
+        let work = repo(root.path());
+        let gitops = GitOps::open(config(&work)).await.unwrap();
+
+        let endpoint = gitops.provision("bigco", "enterprise").await.unwrap();
+        assert_eq!(endpoint, "http://data-bigco.tenantmesh.svc.cluster.local:50054");
+        assert_eq!(commits(&work), 2);
+        // Again (a retried step, a resumed workflow): nothing new.
+        gitops.provision("bigco", "enterprise").await.unwrap();
+        assert_eq!(commits(&work), 2);
+        let dir = work.join("clusters/prod/tenants/bigco");
+        let mut files: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        files.sort();
+        assert_eq!(files, ["deployment.yaml", "networkpolicy.yaml", "service.yaml", "serviceaccount.yaml"]);
+        for f in &files {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap();
+            for label in ["tenantmesh.io/tenant: bigco", "tenantmesh.io/tier: enterprise", "tenantId: bigco"] {
+                assert!(text.contains(label), "{f} lacks {label}");
+            }
+        }
+        let deployment = std::fs::read_to_string(dir.join("deployment.yaml")).unwrap();
+        assert!(deployment.contains("registry.example/tenantmesh:1.0") && deployment.contains("value: \"bigco\""));
+        let sa = std::fs::read_to_string(dir.join("serviceaccount.yaml")).unwrap();
+        assert!(sa.contains("eks.amazonaws.com/role-arn: arn:aws:iam::123456789012:role/tenantmesh-silo"));
+        // The commit is on the remote, and touches only the tenant's directory.
+        let remote = root.path().join("remote.git");
+        assert_eq!(commits(&remote), 2);
+        let changed = git(&work, &["show", "--name-only", "--format=", "HEAD"]);
+        assert!(changed.lines().all(|l| l.starts_with("clusters/prod/tenants/bigco/")), "{changed}");
+
+        // A crash between writing and committing: the retry commits once.
+        std::fs::remove_dir_all(&dir).unwrap();
+        gitops.provision("acme", "enterprise").await.unwrap();
+        assert_eq!(commits(&work), 3, "acme's commit must not carry bigco's removal");
+        assert!(git(&work, &["status", "--porcelain"]).contains("bigco"));
+        gitops.provision("bigco", "enterprise").await.unwrap();
+        assert_eq!(commits(&work), 3);
+        assert!(git(&work, &["status", "--porcelain"]).is_empty());
+
+        // Another writer pushed meanwhile: ours is rebased onto it.
+        let other = root.path().join("other");
+        git(root.path(), &["clone", "--quiet", remote.to_str().unwrap(), "other"]);
+        std::fs::write(other.join("NOTES.md"), "x\n").unwrap();
+        git(&other, &["add", "NOTES.md"]);
+        git(&other, &["commit", "--quiet", "-m", "someone else"]);
+        git(&other, &["push", "--quiet", "origin", "HEAD"]);
+
+        gitops.deprovision("bigco").await.unwrap();
+        gitops.deprovision("bigco").await.unwrap();
+        assert!(!dir.exists());
+        assert_eq!(commits(&remote), 5, "acme, someone else's and the removal, once");
+        assert!(work.join("clusters/prod/tenants/acme/deployment.yaml").exists());
+        // Removing what was never there commits nothing.
+        gitops.deprovision("never").await.unwrap();
+        assert_eq!(commits(&remote), 5);
+
+        // A clone made before acme was added (a restarted pod's, say) still
+        // removes it: the step pulls first.
+        git(root.path(), &["clone", "--quiet", remote.to_str().unwrap(), "stale"]);
+        let stale = root.path().join("stale");
+        git(&stale, &["reset", "--quiet", "--hard", "HEAD~3"]);
+        assert!(!stale.join("clusters/prod/tenants/acme").exists());
+        let second = GitOps::open(config(&stale)).await.unwrap();
+        second.deprovision("acme").await.unwrap();
+        assert_eq!(commits(&remote), 6);
+        let listed = git(&stale, &["ls-tree", "-r", "--name-only", "origin/main"]);
+        assert!(!listed.contains("acme"), "{listed}");
+    }
+
+    #[tokio::test]
+    async fn not_a_working_tree_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.repo = dir.path().join("missing");
+        assert!(GitOps::open(c).await.is_err());
+    }
+}
