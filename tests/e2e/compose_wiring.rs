@@ -1,10 +1,20 @@
-//! docker-compose.yml's service-to-service wiring, exercised without a
-//! Docker engine: the four standalone service binaries run as separate
-//! processes with exactly the environment compose gives them (compose host
-//! names and ports mapped to free loopback ports), and a tenant is onboarded
-//! and uses its data through them.
+//! docker-compose.yml (and deploy/k8s/base, last), exercised without a
+//! Docker engine or a cluster: the service
+//! binaries run as separate processes with exactly the environment compose
+//! gives them (`${VAR:-default}` resolved as the shell would, compose host
+//! names and ports mapped to free loopback ports), profile by profile:
+//!
+//! - default (embedded store): the four services, their healthcheck command,
+//!   and a silo tenant's own container started as the file's comment says;
+//! - `dynamodb`: the emulator (the moto server `cargo xtask setup`
+//!   installs) set up by `deploy/compose/moto-init.py` as the `moto-init`
+//!   service runs it, then the same walk-through on DynamoDB and STS.
+//!
+//! The parts that are images of others (collector, Jaeger, moto) are checked
+//! for their wiring: pinned, published, reachable by the names used.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
@@ -12,46 +22,94 @@ use tenantmesh_proto::onboarding::v1::{GetWorkflowRequest, RegisterTenantRequest
 use tenantmesh_test_support::*;
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// The compose services that are tenantmesh binaries, with their ports.
+/// The compose services that are tenantmesh binaries, with their ports, in
+/// the order their `depends_on` starts them.
 const SERVICES: [(&str, u16); 4] =
-    [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054)];
+    [("tenant-registry", 50051), ("auth", 50052), ("data", 50054), ("onboarding", 50053)];
 
-struct Service {
-    binary: String,
-    env: HashMap<String, String>,
+/// The shell's variables, as the README's commands set them.
+type Shell<'a> = &'a [(&'a str, &'a str)];
+
+/// A process's command and environment, as a deployment file gives them.
+type Spec = (Vec<String>, HashMap<String, String>);
+
+fn compose() -> Yaml {
+    let text = std::fs::read_to_string(workspace_root().join("docker-compose.yml")).unwrap();
+    YamlLoader::load_from_str(&text).unwrap().remove(0)
 }
 
-/// `${VAR:-default}` with the default (the test never reads the host's variables).
-fn expand_defaults(value: &str) -> String {
+/// A mapping's entries with YAML merge keys (`<<: *a`, `<<: [*a, *b]`)
+/// resolved: explicit keys win, then the merged maps in order.
+fn entries(map: &Yaml) -> Vec<(String, Yaml)> {
+    let Yaml::Hash(h) = map else { return Vec::new() };
+    let mut out: Vec<(String, Yaml)> = Vec::new();
+    let put = |k: String, v: Yaml, out: &mut Vec<(String, Yaml)>| {
+        if !out.iter().any(|(x, _)| *x == k) {
+            out.push((k, v));
+        }
+    };
+    for (k, v) in h {
+        if k.as_str() != Some("<<") {
+            put(k.as_str().expect("string keys").to_owned(), v.clone(), &mut out);
+        }
+    }
+    if let Some(merged) = h.get(&Yaml::String("<<".into())) {
+        let sources = match merged {
+            Yaml::Array(a) => a.clone(),
+            m => vec![m.clone()],
+        };
+        for source in sources {
+            for (k, v) in entries(&source) {
+                put(k, v, &mut out);
+            }
+        }
+    }
+    out
+}
+
+fn field(map: &Yaml, key: &str) -> Option<Yaml> {
+    entries(map).into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn service(doc: &Yaml, name: &str) -> Yaml {
+    let svc = &doc["services"][name];
+    assert!(!svc.is_badvalue(), "compose has no service {name}");
+    svc.clone()
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    y.as_vec().map(|v| v.iter().map(|s| s.as_str().expect("strings").to_owned()).collect()).unwrap_or_default()
+}
+
+/// `${VAR:-default}` as a shell with `shell`'s variables (and no others) would.
+fn interpolate(value: &str, shell: Shell) -> String {
     let mut out = String::new();
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let end = rest[start..].find('}').expect("closing brace") + start;
         let expr = &rest[start + 2..end];
-        let (_, default) = expr.split_once(":-").unwrap_or_else(|| panic!("${{{expr}}} has no default"));
-        out.push_str(default);
+        let (name, default) = expr.split_once(":-").unwrap_or_else(|| panic!("${{{expr}}} has no default"));
+        let set = shell.iter().find(|(k, v)| *k == name && !v.is_empty()).map(|(_, v)| *v);
+        out.push_str(set.unwrap_or(default));
         rest = &rest[end + 1..];
     }
     out + rest
 }
 
-fn compose_services() -> HashMap<String, Service> {
-    let text = std::fs::read_to_string(workspace_root().join("docker-compose.yml")).unwrap();
-    let doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
-    let mut out = HashMap::new();
-    for (name, _) in SERVICES {
-        let svc = &doc["services"][name];
-        assert!(!svc.is_badvalue(), "compose has no service {name}");
-        let binary = svc["command"][0].as_str().unwrap_or_else(|| panic!("{name}: no command")).to_owned();
-        let Yaml::Hash(env) = &svc["environment"] else { panic!("{name}: environment must be a map") };
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.as_str().unwrap().to_owned(), expand_defaults(v.as_str().expect("string values"))))
-            .collect();
-        out.insert(name.to_owned(), Service { binary, env });
-    }
-    out
+/// A service's command and environment.
+fn environment(doc: &Yaml, name: &str, shell: Shell) -> Spec {
+    let svc = service(doc, name);
+    let command = field(&svc, "command").map(|c| strings(&c)).unwrap_or_default();
+    let env = field(&svc, "environment").unwrap_or_else(|| panic!("{name}: no environment"));
+    let env = entries(&env)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = v.as_str().unwrap_or_else(|| panic!("{name}: {k} must be a quoted string")).to_owned();
+            (k, interpolate(&v, shell))
+        })
+        .collect();
+    (command, env)
 }
 
 /// Kills the processes if the test panics.
@@ -65,24 +123,28 @@ impl Drop for Processes {
     }
 }
 
-/// With compose's defaults alone, auth and onboarding refuse to start on
-/// the placeholder secrets, naming the variable to set.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// With compose's defaults alone, auth, onboarding and data refuse to start
+/// on the placeholder secrets, naming the variable to set.
 #[test]
 fn placeholder_secrets_are_refused_outside_a_demo() {
-    let services = compose_services();
+    let doc = compose();
     let dir = tempfile::tempdir().unwrap();
     for (name, var) in [
         ("auth", "TENANTMESH_SERVICE_CLIENTS"),
         ("onboarding", "TENANTMESH_SERVICE_CLIENT_SECRET"),
         ("data", "TENANTMESH_SERVICE_CLIENT_SECRET"),
     ] {
-        let svc = &services[name];
-        assert_eq!(svc.env["TENANTMESH_DEMO"], "false", "{name}");
-        let out = Command::new(service_binary(&svc.binary))
+        let (command, env) = environment(&doc, name, &[]);
+        assert_eq!(env["TENANTMESH_DEMO"], "false", "{name}");
+        let out = Command::new(service_binary(&command[0]))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("TENANTMESH_DATA_DIR", dir.path().join(name))
-            .envs(svc.env.iter().filter(|(k, _)| !k.starts_with("OTEL_")))
+            .envs(env.iter().filter(|(k, _)| !k.starts_with("OTEL_")))
             .env("TENANTMESH_LISTEN_ADDR", "127.0.0.1:0")
             .output()
             .unwrap();
@@ -91,113 +153,275 @@ fn placeholder_secrets_are_refused_outside_a_demo() {
         assert!(stderr.contains(var) && stderr.contains("placeholder"), "{name}: {stderr}");
         // One line naming the process and the variable, not a Debug dump.
         let line = stderr.lines().last().unwrap_or_default();
-        assert!(line.starts_with(&format!("{}: TENANTMESH_", svc.binary)), "{name}: {stderr}");
+        assert!(line.starts_with(&format!("{}: TENANTMESH_", command[0])), "{name}: {stderr}");
     }
 }
 
-/// Onboarding, login and data work across the four compose services run
-/// as separate processes with compose's environment (as a demo:
-/// `TENANTMESH_DEMO=true docker compose up`).
-#[tokio::test]
-async fn compose_environment_wires_the_services() {
-    let mut services = compose_services();
-    for svc in services.values_mut() {
-        if let Some(demo) = svc.env.get_mut("TENANTMESH_DEMO") {
-            *demo = "true".into();
+/// The parts of the file no process here runs: every tenantmesh service has
+/// the healthcheck and waits for what it calls to be healthy; the image has
+/// every binary the file runs; traces go collector -> Jaeger with its UI
+/// published; other images are pinned; the emulator's set-up runs before
+/// any service and the `silo` service only when asked for.
+#[test]
+fn the_compose_file_wires_health_traces_and_profiles() {
+    let doc = compose();
+    let dockerfile = std::fs::read_to_string(workspace_root().join("deploy/Dockerfile")).unwrap();
+    let Yaml::Hash(services) = &doc["services"] else { panic!("no services") };
+    for (name, svc) in services {
+        let name = name.as_str().unwrap();
+        let image = field(svc, "image").and_then(|i| i.as_str().map(str::to_owned)).expect("an image");
+        let Some(command) = field(svc, "command").map(|c| strings(&c)) else { continue };
+        if !command[0].starts_with("tenantmesh") {
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or_default();
+            assert!(!tag.is_empty() && tag != "latest", "{name}: image {image} is not pinned");
+            continue;
         }
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let free: Vec<u16> = SERVICES
-        .iter()
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-        .collect();
-    let remap = |value: &str| {
-        let mut v = value.to_owned();
-        for ((name, port), to) in SERVICES.iter().zip(&free) {
-            v = v.replace(&format!("{name}:{port}"), &format!("127.0.0.1:{to}"));
-            v = v.replace(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{to}"));
-        }
-        v
-    };
-
-    let mut procs = Processes(Vec::new());
-    for (name, _) in SERVICES {
-        let svc = &services[name];
-        let mut cmd = Command::new(service_binary(&svc.binary));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            // The data service logs each write at debug: a line from inside a request.
-            .env("RUST_LOG", "info,tenantmesh_data=debug")
-            .env("TENANTMESH_SHUTDOWN_GRACE_MS", "1000")
-            .env("TENANTMESH_DATA_DIR", dir.path().join(name))
-            .stdout(std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap())
-            .stderr(Stdio::inherit());
-        for (k, v) in &svc.env {
-            // No collector runs here; everything else is compose's own value.
-            if k != "OTEL_EXPORTER_OTLP_ENDPOINT" {
-                cmd.env(k, remap(v));
+        assert!(dockerfile.contains(&format!("/release/{}", command[0])), "the image lacks {}", command[0]);
+        let health = field(svc, "healthcheck").unwrap_or_else(|| panic!("{name}: no healthcheck"));
+        assert_eq!(strings(&health["test"]), ["CMD", "tenantmesh", "health"], "{name}");
+        assert!(dockerfile.contains("/release/tenantmesh "), "the image lacks the tenantmesh command");
+        let depends = field(svc, "depends_on").map(|d| entries(&d)).unwrap_or_default();
+        for (on, how) in depends {
+            let condition = how["condition"].as_str().unwrap_or_default();
+            if on == "moto-init" {
+                assert_eq!(condition, "service_completed_successfully", "{name}");
+                assert_eq!(how["required"].as_bool(), Some(false), "{name}: moto-init runs only in its profile");
+            } else {
+                assert_eq!(condition, "service_healthy", "{name} on {on}");
             }
         }
-        procs.0.push((name.to_owned(), cmd.spawn().unwrap()));
+        if name == "silo" {
+            assert_eq!(strings(&svc["profiles"]), ["silo"], "`up` must not start the silo template");
+        } else {
+            assert!(svc["profiles"].is_badvalue(), "{name} runs in the default profile");
+        }
     }
-    for ((name, _), port) in SERVICES.iter().zip(&free) {
-        tenantmesh_cli::wait_serving(name, ([127, 0, 0, 1], *port).into()).await.unwrap();
+    for name in ["moto", "moto-init"] {
+        assert_eq!(strings(&service(&doc, name)["profiles"]), ["dynamodb"], "{name}");
     }
 
-    let addr = |i: usize| format!("http://127.0.0.1:{}", free[i]);
-    let channel = |i: usize| tonic::transport::Endpoint::from_shared(addr(i)).unwrap().connect_lazy();
-    let mut auth = tenantmesh_proto::auth::v1::auth_client::AuthClient::new(channel(1));
+    // Traces: services -> collector -> Jaeger, whose UI is published.
+    let (_, env) = environment(&doc, "data", &[]);
+    assert_eq!(env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://otel-collector:4317");
+    let mounts = strings(&service(&doc, "otel-collector")["volumes"]);
+    let config_file = mounts[0].split(':').next().unwrap().trim_start_matches("./");
+    let text = std::fs::read_to_string(workspace_root().join(config_file)).unwrap();
+    let config = YamlLoader::load_from_str(&text).unwrap().remove(0);
+    let exporters = strings(&config["service"]["pipelines"]["traces"]["exporters"]);
+    let jaeger = exporters.iter().find(|e| e.starts_with("otlp")).expect("traces are exported over OTLP");
+    let endpoint = config["exporters"][jaeger.as_str()]["endpoint"].as_str().unwrap();
+    assert_eq!(endpoint, "jaeger:4317");
+    assert!(strings(&config["service"]["pipelines"]["metrics"]["receivers"]).contains(&"otlp".to_owned()));
+    assert!(strings(&service(&doc, "jaeger")["ports"]).contains(&"16686:16686".to_owned()));
+}
+
+/// The emulator's set-up makes the tables the CloudFormation stack makes in
+/// AWS, no more, no fewer (the services create none in either).
+#[test]
+fn the_emulator_set_up_and_the_cloudformation_stack_make_the_same_tables() {
+    use tenantmesh_isolation::backend::ServiceConfig;
+    let root = workspace_root();
+    let script = std::fs::read_to_string(root.join("deploy/compose/moto-init.py")).unwrap();
+    let block = script.split("TABLES = {").nth(1).unwrap().split('}').next().unwrap();
+    let mut init: Vec<&str> = block.lines().filter_map(|l| l.trim().strip_prefix('"')?.split('"').next()).collect();
+    let stack = std::fs::read_to_string(root.join("deploy/aws/tenantmesh.yaml")).unwrap();
+    let mut cfn: Vec<&str> = stack
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TableName: !Sub \"${TablePrefix}")?.strip_suffix('"'))
+        .collect();
+    init.sort_unstable();
+    cfn.sort_unstable();
+    assert_eq!(init, cfn);
+    for table in
+        [tenantmesh_auth::Config::STORE, tenantmesh_onboarding::Config::STORE, "registry", "data", "leases", "usage"]
+    {
+        assert!(cfn.contains(&table), "no {table} table in the stack");
+    }
+}
+
+/// The processes of one profile, on free loopback ports.
+struct Running {
+    dir: tempfile::TempDir,
+    ports: HashMap<String, u16>,
+    procs: Processes,
+    /// compose host:port -> 127.0.0.1:port
+    names: Vec<(String, String)>,
+}
+
+impl Running {
+    fn new(moto: Option<&str>) -> Self {
+        let mut ports = HashMap::new();
+        let mut names = Vec::new();
+        for (name, port) in SERVICES {
+            let free = free_port();
+            ports.insert(name.to_owned(), free);
+            names.push((format!("{name}:{port}"), format!("127.0.0.1:{free}")));
+            names.push((format!("0.0.0.0:{port}"), format!("127.0.0.1:{free}")));
+        }
+        if let Some(moto) = moto {
+            names.push(("http://moto:5000".into(), moto.to_owned()));
+        }
+        Running { dir: tempfile::tempdir().unwrap(), ports, procs: Processes(Vec::new()), names }
+    }
+
+    fn remap(&self, value: &str) -> String {
+        let mut v = value.to_owned();
+        for (from, to) in &self.names {
+            v = v.replace(from, to);
+        }
+        v
+    }
+
+    /// The healthcheck command of the image, in `name`'s environment.
+    fn healthcheck(&self, env: &HashMap<String, String>) -> std::process::Output {
+        Command::new(service_binary("tenantmesh"))
+            .arg("health")
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k.clone(), self.remap(v))))
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `process` as its orchestrator would, with `extra` settings
+    /// (a `docker compose run -e`): the healthcheck fails before and passes
+    /// after.
+    async fn start(&mut self, process: &str, (command, mut env): Spec, extra: &[(&str, &str)]) {
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let before = self.healthcheck(&env);
+        assert!(!before.status.success(), "{process}: healthy before it started");
+        let mut cmd = Command::new(service_binary(&command[0]));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(std::fs::File::create(self.dir.path().join(format!("{process}.log"))).unwrap())
+            .stderr(Stdio::inherit());
+        for (k, v) in &env {
+            // No collector runs here; everything else is the file's own value.
+            if k != "OTEL_EXPORTER_OTLP_ENDPOINT" {
+                cmd.env(k, self.remap(v));
+            }
+        }
+        // The volume, here a directory; the data service logs each write at
+        // debug (a line from inside a request); a short drain.
+        cmd.env("TENANTMESH_DATA_DIR", self.dir.path().join(process))
+            .env("RUST_LOG", "info,tenantmesh_data=debug")
+            .env("TENANTMESH_SHUTDOWN_GRACE_MS", "1000");
+        self.procs.0.push((process.to_owned(), cmd.spawn().unwrap()));
+        let addr: std::net::SocketAddr = self.remap(&env["TENANTMESH_LISTEN_ADDR"]).parse().unwrap();
+        tenantmesh_cli::wait_serving("service", addr).await.unwrap();
+        let after = self.healthcheck(&env);
+        assert!(after.status.success(), "{process}: {}", String::from_utf8_lossy(&after.stderr));
+    }
+
+    fn channel(&self, name: &str) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.ports[name]))
+            .unwrap()
+            .connect_lazy()
+    }
+}
+
+/// The four services started as `spec` describes them (and, with `silo`,
+/// a silo tenant's own container); a pool tenant (and the silo tenant)
+/// onboarded, logged in and using their data through them; then every
+/// process stopped with SIGTERM.
+async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: bool) {
+    let mut mesh = Running::new(moto);
+    // Onboarding reaches a silo tenant's container by its name, through
+    // TENANTMESH_SILO_ENDPOINT_TEMPLATE; here, the one such container's port.
+    let silo_tenant = unique_tenant("silo");
+    let silo_listen = format!("127.0.0.1:{}", free_port());
+    if silo {
+        let template = spec("onboarding").1["TENANTMESH_SILO_ENDPOINT_TEMPLATE"].clone();
+        assert_eq!(template, "http://data-{tenant}:50054", "the silo containers are named data-<tenant id>");
+        mesh.names.insert(0, (template, format!("http://{silo_listen}")));
+    }
+    for (name, _) in SERVICES {
+        mesh.start(name, spec(name), &[]).await;
+    }
+    if silo {
+        // The silo tenant's container, as the file's comment starts it:
+        // `docker compose run -d --name data-<tenant> ... -e TENANTMESH_SILO_TENANT=<tenant> silo`.
+        let settings =
+            [("TENANTMESH_SILO_TENANT", silo_tenant.as_str()), ("TENANTMESH_LISTEN_ADDR", silo_listen.as_str())];
+        mesh.start(&format!("data-{silo_tenant}"), spec("silo"), &settings).await;
+    }
+
+    let mut auth = tenantmesh_proto::auth::v1::auth_client::AuthClient::new(mesh.channel("auth"));
     let login = |tenant: &str, email: &str, password: &str| tenantmesh_proto::auth::v1::LoginRequest {
         tenant_id: tenant.into(),
         email: email.into(),
         password: password.into(),
     };
-    let bootstrap = &services["auth"].env["TENANTMESH_BOOTSTRAP_PASSWORD"];
+    let (_, auth_env) = spec("auth");
+    let bootstrap = &auth_env["TENANTMESH_BOOTSTRAP_PASSWORD"];
     let admin = auth.login(login("platform", ADMIN_EMAIL, bootstrap)).await.unwrap().into_inner().access_token;
-
-    let tenant = unique_tenant("compose");
-    let mut onboarding = tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient::new(channel(2));
-    onboarding
-        .register_tenant(authed(
-            RegisterTenantRequest {
-                tenant_id: tenant.clone(),
-                name: "Compose".into(),
-                tier: "basic".into(),
-                admin_email: "admin@compose.example".into(),
-                admin_password: "compose-password".into(),
-                idempotency_key: "k".into(),
-            },
-            &admin,
-        ))
-        .await
-        .unwrap();
-    // Onboarding runs on after RegisterTenant returns.
-    let workflow = format!("{tenant}/onboard");
-    for _ in 0..400 {
-        let req = authed(GetWorkflowRequest { workflow_id: workflow.clone() }, &admin);
-        let wf = onboarding.get_workflow(req).await.unwrap().into_inner().workflow.unwrap();
-        if wf.status == WorkflowStatus::Succeeded as i32 {
-            break;
+    let mut onboarding =
+        tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient::new(mesh.channel("onboarding"));
+    let mut data = tenantmesh_proto::data::v1::data_client::DataClient::new(mesh.channel("data"));
+    let pool_tenant = unique_tenant("compose");
+    let tenants = [(&pool_tenant, "basic"), (&silo_tenant, "enterprise")];
+    for &(tenant, tier) in &tenants[..if silo { 2 } else { 1 }] {
+        let register = RegisterTenantRequest {
+            tenant_id: tenant.clone(),
+            name: "Compose".into(),
+            tier: tier.into(),
+            admin_email: "admin@compose.example".into(),
+            admin_password: "compose-password".into(),
+            idempotency_key: format!("register-{tenant}"),
+        };
+        onboarding.register_tenant(authed(register, &admin)).await.unwrap();
+        // Onboarding runs on after RegisterTenant returns.
+        let workflow = format!("{tenant}/onboard");
+        let mut done = false;
+        for _ in 0..800 {
+            let req = authed(GetWorkflowRequest { workflow_id: workflow.clone() }, &admin);
+            let wf = onboarding.get_workflow(req).await.unwrap().into_inner().workflow.unwrap();
+            if wf.status == WorkflowStatus::Succeeded as i32 {
+                done = true;
+                break;
+            }
+            assert_eq!(wf.status, WorkflowStatus::Running as i32, "{wf:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        assert_eq!(wf.status, WorkflowStatus::Running as i32, "{wf:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        assert!(done, "{tenant} was not onboarded");
+        let token = auth
+            .login(login(tenant, "admin@compose.example", "compose-password"))
+            .await
+            .unwrap()
+            .into_inner()
+            .access_token;
+        let put = PutItemRequest {
+            collection: "c".into(),
+            id: "1".into(),
+            attributes: Some(attrs(&[("tier", tier)])),
+            expected_version: None,
+        };
+        data.put_item(authed(put, &token)).await.unwrap();
+        let req = authed(GetItemRequest { collection: "c".into(), id: "1".into() }, &token);
+        let got = data.get_item(req).await.unwrap().into_inner().item.unwrap();
+        assert_eq!(
+            (got.version, got.attributes.unwrap().fields["tier"].clone()),
+            (1, attrs(&[("tier", tier)]).fields["tier"].clone())
+        );
     }
-    let token = auth
-        .login(login(&tenant, "admin@compose.example", "compose-password"))
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
-    let mut data = tenantmesh_proto::data::v1::data_client::DataClient::new(channel(3));
-    let put = PutItemRequest {
-        collection: "c".into(),
-        id: "1".into(),
-        attributes: Some(attrs(&[("k", "v")])),
-        expected_version: None,
-    };
-    data.put_item(authed(put, &token)).await.unwrap();
-    let got = data.get_item(authed(GetItemRequest { collection: "c".into(), id: "1".into() }, &token)).await.unwrap();
-    assert_eq!(got.into_inner().item.unwrap().version, 1);
+    if moto.is_some() {
+        let mut files = Vec::new();
+        let mut dirs = vec![mesh.dir.path().to_owned()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    dirs.push(e.path());
+                } else if e.path().extension().is_some_and(|x| x == "redb") {
+                    files.push(e.path());
+                }
+            }
+        }
+        assert!(files.is_empty(), "on DynamoDB nothing is stored locally: {files:?}");
+    }
+    if silo {
+        // The silo tenant's item is in its own container's store, not the shared one.
+        let silo_log = std::fs::read_to_string(mesh.dir.path().join(format!("data-{silo_tenant}.log"))).unwrap();
+        assert!(silo_log.contains("item written"), "the silo container did not write: {silo_log}");
+    }
 
     // No collector here, so no OpenTelemetry layer: the services keep the
     // W3C trace context themselves, and a caller's trace id is on the log
@@ -210,11 +434,11 @@ async fn compose_environment_wires_the_services() {
     // SIGTERM, callers first (as an orchestrator stops them): every service
     // stops and exits 0, bounded by its grace period.
     drop((auth, onboarding, data));
-    for (name, child) in procs.0.iter_mut().rev() {
+    for (name, child) in mesh.procs.0.iter_mut().rev() {
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         let status = child.wait().unwrap();
         assert!(status.success(), "{name} did not exit cleanly on SIGTERM: {status:?}");
-        let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
+        let log = std::fs::read_to_string(mesh.dir.path().join(format!("{name}.log"))).unwrap();
         assert!(log.contains("shutting down: draining in-flight calls"), "{name} did not drain:\n{log}");
         if name == "data" {
             let refused = log.lines().find(|l| l.contains("request refused")).expect("the refusal is logged");
@@ -224,9 +448,152 @@ async fn compose_environment_wires_the_services() {
             let line: serde_json::Value = serde_json::from_str(written).unwrap();
             assert_eq!(
                 (line["tenant_id"].as_str(), line["tenant_tier"].as_str()),
-                (Some(tenant.as_str()), Some("basic"))
+                (Some(pool_tenant.as_str()), Some("basic"))
             );
             assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{written}");
         }
     }
+}
+
+/// The default profile, as a demo: `TENANTMESH_DEMO=true docker compose up`.
+#[tokio::test]
+async fn the_default_profile_wires_the_services_on_the_embedded_store() {
+    let doc = compose();
+    walk_through(&|name| environment(&doc, name, &[("TENANTMESH_DEMO", "true")]), None, true).await;
+}
+
+/// `moto-init` as the dynamodb profile runs it: the script from the mounted
+/// directory, with the service's environment, against the emulator.
+fn moto_init(doc: &Yaml, moto: &str, shell: Shell) -> std::process::Output {
+    let (_, env) = environment(doc, "moto-init", shell);
+    let svc = service(doc, "moto-init");
+    let entrypoint = strings(&svc["entrypoint"]);
+    assert_eq!(entrypoint[0], "python");
+    // ./deploy/compose:/init:ro -> the script's path in the repository.
+    let mount = strings(&svc["volumes"]).remove(0);
+    let mut parts = mount.split(':');
+    let (host, container) = (parts.next().unwrap(), parts.next().unwrap());
+    let script =
+        PathBuf::from(entrypoint[1].replacen(container, &workspace_root().join(host).display().to_string(), 1));
+    let python = workspace_root().join(".tools/venv/bin/python3");
+    assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
+    Command::new(python)
+        .arg(script)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.clone(), v.replace("http://moto:5000", moto))))
+        .output()
+        .unwrap()
+}
+
+/// The dynamodb profile: `TENANTMESH_STORAGE=dynamodb docker compose
+/// --profile dynamodb up` (as a demo). The set-up is idempotent and refuses
+/// to run without TENANTMESH_STORAGE=dynamodb; the services, which create no
+/// table themselves there, work on what it made.
+#[tokio::test]
+async fn the_dynamodb_profile_sets_up_the_emulator_and_wires_the_services_on_it() {
+    let moto = moto::Moto::start();
+    let doc = compose();
+    let shell = [("TENANTMESH_DEMO", "true"), ("TENANTMESH_STORAGE", "dynamodb")];
+
+    let refused = moto_init(&doc, &moto.endpoint, &[("TENANTMESH_DEMO", "true")]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("TENANTMESH_STORAGE=dynamodb"));
+    for _ in 0..2 {
+        let out = moto_init(&doc, &moto.endpoint, &shell);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("ready"), "{stdout}");
+    }
+    let (_, env) = environment(&doc, "data", &shell);
+    assert_eq!((env["TENANTMESH_STORAGE"].as_str(), env["TENANTMESH_CREATE_TABLES"].as_str()), ("dynamodb", "false"));
+    walk_through(&|name| environment(&doc, name, &shell), Some(&moto.endpoint), true).await;
+}
+
+/// deploy/k8s/base's documents, every file.
+fn kubernetes_base() -> Vec<Yaml> {
+    let dir = workspace_root().join("deploy/k8s/base");
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_name() != "kustomization.yaml" {
+            docs.extend(YamlLoader::load_from_str(&std::fs::read_to_string(entry.path()).unwrap()).unwrap());
+        }
+    }
+    docs
+}
+
+fn object<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// A Deployment's container as Kubernetes starts it: the ConfigMaps it
+/// takes its environment from, its own variables (`$(VAR)` expanded,
+/// secrets from `secrets`), and the mounted ConfigMap files written under
+/// `files` (their paths in the environment rewritten). Checks the
+/// container's port is its Service's and its probes'.
+fn kubernetes_spec(docs: &[Yaml], name: &str, secrets: &HashMap<&str, &str>, files: &std::path::Path) -> Spec {
+    let deployment = object(docs, "Deployment", name);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let mut env: HashMap<String, String> = HashMap::new();
+    for from in container["envFrom"].as_vec().unwrap() {
+        let map = object(docs, "ConfigMap", from["configMapRef"]["name"].as_str().unwrap());
+        for (k, v) in entries(&map["data"]) {
+            env.insert(k, v.as_str().unwrap().to_owned());
+        }
+    }
+    for var in container["env"].as_vec().unwrap() {
+        let key = var["name"].as_str().unwrap().to_owned();
+        let value = match var["value"].as_str() {
+            Some(v) => {
+                let mut v = v.to_owned();
+                for (k, known) in &env {
+                    v = v.replace(&format!("$({k})"), known);
+                }
+                assert!(!v.contains("$("), "{name}: {key} refers to an undefined variable");
+                v
+            }
+            None => {
+                let secret = &var["valueFrom"]["secretKeyRef"];
+                assert_eq!(secret["name"].as_str(), Some("tenantmesh-secrets"), "{name}: {key}");
+                secrets[secret["key"].as_str().unwrap()].to_owned()
+            }
+        };
+        env.insert(key, value);
+    }
+    for mount in container["volumeMounts"].as_vec().unwrap() {
+        let volume = pod["volumes"].as_vec().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+        let Some(config) = volume["configMap"]["name"].as_str() else { continue };
+        let at = mount["mountPath"].as_str().unwrap();
+        for (file, text) in entries(&object(docs, "ConfigMap", config)["data"]) {
+            std::fs::write(files.join(&file), text.as_str().unwrap()).unwrap();
+        }
+        for v in env.values_mut() {
+            *v = v.replace(at, &files.display().to_string());
+        }
+    }
+    let port = container["ports"][0]["containerPort"].as_i64().unwrap();
+    assert_eq!(env["TENANTMESH_LISTEN_ADDR"], format!("0.0.0.0:{port}"), "{name}");
+    assert_eq!(container["readinessProbe"]["grpc"]["port"].as_i64(), Some(port), "{name}");
+    assert_eq!(container["livenessProbe"]["grpc"]["port"].as_i64(), Some(port), "{name}");
+    assert_eq!(object(docs, "Service", name)["spec"]["ports"][0]["port"].as_i64(), Some(port), "{name}");
+    (strings(&container["command"]), env)
+}
+
+/// deploy/k8s/base, without a cluster: the four Deployments' containers run
+/// with the environment Kubernetes would give them (ConfigMap, variables,
+/// Secret, mounted tiers and pricing files), and a tenant is onboarded and
+/// uses its data through them.
+#[tokio::test]
+async fn the_kubernetes_base_wires_the_services() {
+    let docs = kubernetes_base();
+    let files = tempfile::tempdir().unwrap();
+    let secrets: HashMap<&str, &str> =
+        [("onboarding-client-secret", "k8s-test-onboarding-secret"), ("bootstrap-password", "k8s-test-bootstrap")]
+            .into();
+    let specs: HashMap<&str, Spec> =
+        SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
+    assert!(!specs["auth"].1.contains_key("TENANTMESH_DEMO"), "no demo mode in a cluster");
+    walk_through(&|name| specs[name].clone(), None, false).await;
 }
