@@ -55,6 +55,10 @@ pub struct GitOpsConfig {
     /// `http://{name}.{namespace}.svc.cluster.local:50054`): the endpoint the
     /// registry records (`{tenant}`, `{name}`, `{namespace}` replaced).
     pub endpoint_template: String,
+    /// `TENANTMESH_SILO_READY_TIMEOUT_SECS` (default 600): how long the
+    /// step waits for the reconciler to run the instance (it answers
+    /// grpc.health.v1 SERVING) before it fails, to be retried.
+    pub ready_timeout: std::time::Duration,
 }
 
 impl GitOpsConfig {
@@ -82,7 +86,18 @@ impl GitOpsConfig {
         let endpoint_template = var(env, "TENANTMESH_SILO_ENDPOINT_TEMPLATE")
             .unwrap_or("http://{name}.{namespace}.svc.cluster.local:50054")
             .to_owned();
+        let ready_timeout =
+            match tenantmesh_service::config::parse_var(env, "TENANTMESH_SILO_READY_TIMEOUT_SECS", 600u64)? {
+                0 => {
+                    return Err(ConfigError {
+                        var: "TENANTMESH_SILO_READY_TIMEOUT_SECS",
+                        message: "must be at least 1".into(),
+                    });
+                }
+                n => std::time::Duration::from_secs(n),
+            };
         Ok(Some(Self {
+            ready_timeout,
             repo: PathBuf::from(repo),
             path,
             remote: var(env, "TENANTMESH_SILO_GITOPS_REMOTE").map(str::to_owned),
@@ -295,6 +310,40 @@ impl GitOps {
     }
 }
 
+/// Waits until `endpoint` answers grpc.health.v1 SERVING: the reconciler
+/// has applied the manifests and the instance is ready.
+async fn wait_serving(endpoint: &str, timeout: std::time::Duration) -> Result<(), String> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let target = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| format!("silo endpoint {endpoint:?}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(2));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut logged = false;
+    loop {
+        let last = match target.connect().await {
+            Ok(channel) => {
+                match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                    Ok(r) => format!("status {}", r.get_ref().status),
+                    Err(s) => s.message().to_owned(),
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "silo instance at {endpoint} not serving after {timeout:?} ({last}): is the reconciler applying the fleet repository?"
+            ));
+        }
+        if !logged {
+            tracing::info!(%endpoint, "waiting for the reconciler to run the silo instance");
+            logged = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(());
@@ -330,7 +379,10 @@ impl SiloCompute for GitOps {
         let committed =
             self.commit(&dir, &format!("silo tenant {tenant_id}: data-service instance (tier {tier})")).await?;
         tracing::info!(silo_tenant = tenant_id, dir = %dir, committed, "silo instance manifests in git");
-        Ok(self.endpoint(tenant_id))
+        drop(_one);
+        let endpoint = self.endpoint(tenant_id);
+        wait_serving(&endpoint, self.config.ready_timeout).await?;
+        Ok(endpoint)
     }
 
     async fn deprovision(&self, tenant_id: &str) -> Result<(), String> {
@@ -378,6 +430,13 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(err.var, "TENANTMESH_SILO_NAMESPACE");
+        let err = GitOpsConfig::from_env(&env(&[
+            ("TENANTMESH_SILO_GITOPS_REPO", "/r"),
+            ("TENANTMESH_SILO_IMAGE", "i"),
+            ("TENANTMESH_SILO_READY_TIMEOUT_SECS", "0"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "TENANTMESH_SILO_READY_TIMEOUT_SECS");
         let ok = GitOpsConfig::from_env(&env(&[("TENANTMESH_SILO_GITOPS_REPO", "/r"), ("TENANTMESH_SILO_IMAGE", "i")]))
             .unwrap()
             .unwrap();
@@ -418,7 +477,25 @@ mod tests {
         work
     }
 
-    fn config(repo: &Path) -> GitOpsConfig {
+    /// A gRPC server answering health SERVING: the instance the reconciler runs.
+    async fn instance() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming).await
+        });
+        format!("http://{addr}")
+    }
+
+    async fn config(repo: &Path) -> GitOpsConfig {
+        let mut c = bare_config(repo);
+        c.endpoint_template = instance().await;
+        c
+    }
+
+    fn bare_config(repo: &Path) -> GitOpsConfig {
         GitOpsConfig::from_env(&env(&[
             ("TENANTMESH_SILO_GITOPS_REPO", repo.to_str().unwrap()),
             ("TENANTMESH_SILO_GITOPS_PATH", "clusters/prod/tenants"),
@@ -434,10 +511,12 @@ mod tests {
     async fn a_silo_tenant_is_one_commit_in_and_one_out_however_often_the_step_runs() {
         let root = tempfile::tempdir().unwrap();
         let work = repo(root.path());
-        let gitops = GitOps::open(config(&work)).await.unwrap();
+        let gitops = GitOps::open(config(&work).await).await.unwrap();
 
         let endpoint = gitops.provision("bigco", "enterprise").await.unwrap();
-        assert_eq!(endpoint, "http://data-bigco.tenantmesh.svc.cluster.local:50054");
+        assert_eq!(endpoint, gitops.config.endpoint_template);
+        let cluster = GitOps::open(bare_config(&work)).await.unwrap();
+        assert_eq!(cluster.endpoint("bigco"), "http://data-bigco.tenantmesh.svc.cluster.local:50054");
         assert_eq!(commits(&work), 2);
         // Again (a retried step, a resumed workflow): nothing new.
         gitops.provision("bigco", "enterprise").await.unwrap();
@@ -495,7 +574,7 @@ mod tests {
         let stale = root.path().join("stale");
         git(&stale, &["reset", "--quiet", "--hard", "HEAD~3"]);
         assert!(!stale.join("clusters/prod/tenants/acme").exists());
-        let second = GitOps::open(config(&stale)).await.unwrap();
+        let second = GitOps::open(config(&stale).await).await.unwrap();
         second.deprovision("acme").await.unwrap();
         assert_eq!(commits(&remote), 6);
         let listed = git(&stale, &["ls-tree", "-r", "--name-only", "origin/main"]);
@@ -503,9 +582,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn provisioning_waits_for_the_instance_and_fails_when_it_never_comes() {
+        let root = tempfile::tempdir().unwrap();
+        let work = repo(root.path());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut c = bare_config(&work);
+        c.endpoint_template = format!("http://127.0.0.1:{port}");
+        c.ready_timeout = std::time::Duration::from_millis(300);
+        let err = GitOps::open(c).await.unwrap().provision("late", "enterprise").await.unwrap_err();
+        assert!(err.contains("not serving") && err.contains(&port.to_string()), "{err}");
+        // The manifests are committed all the same: the retry finds them there.
+        assert!(work.join("clusters/prod/tenants/late/deployment.yaml").exists());
+    }
+
+    #[tokio::test]
     async fn not_a_working_tree_is_refused_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = config(dir.path());
+        let mut c = bare_config(dir.path());
         c.repo = dir.path().join("missing");
         assert!(GitOps::open(c).await.is_err());
     }
