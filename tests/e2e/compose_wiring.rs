@@ -597,3 +597,113 @@ async fn the_kubernetes_base_wires_the_services() {
     assert!(!specs["auth"].1.contains_key("TENANTMESH_DEMO"), "no demo mode in a cluster");
     walk_through(&|name| specs[name].clone(), None, false).await;
 }
+
+/// The README's "Run with docker compose", "Deploy to Kubernetes" and
+/// "Deploy to AWS" commands, which need Docker, a cluster or an AWS account,
+/// checked against the files they name: profiles, services, variables,
+/// kustomizations, secrets and their keys, ports, template and parameters.
+#[test]
+fn the_readme_deploy_commands_match_the_files() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = |title: &str| -> String {
+        let start = readme.find(&format!("\n## {title}\n")).unwrap_or_else(|| panic!("README has no {title}"));
+        let rest = &readme[start + 4..];
+        rest[..rest.find("\n## ").unwrap_or(rest.len())].to_owned()
+    };
+    // The shell commands of a section, continuation lines joined.
+    let commands = |text: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        for block in text.split("```sh\n").skip(1) {
+            let block = block.split("```").next().unwrap().replace("\\\n", " ");
+            out.extend(block.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(str::to_owned));
+        }
+        assert!(!out.is_empty(), "no commands");
+        out
+    };
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let arg_after = |words: &[&str], flag: &str| -> Option<String> {
+        words.iter().position(|w| *w == flag).map(|i| words[i + 1].to_owned())
+    };
+
+    let compose_text = read("docker-compose.yml");
+    let doc = compose();
+    for command in commands(&section("Run with docker compose")) {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "docker").expect("a docker command");
+        for assignment in &words[..at] {
+            let var = assignment.split('=').next().unwrap();
+            assert!(compose_text.contains(&format!("${{{var}:-")), "the compose file does not read {var}");
+        }
+        if let Some(profile) = arg_after(&words, "--profile") {
+            assert!(compose_text.contains(&format!("profiles: [\"{profile}\"]")), "no profile {profile}");
+        }
+        if words.contains(&"run") {
+            let service_name = *words.last().unwrap();
+            service(&doc, service_name);
+            let name = arg_after(&words, "--name").unwrap();
+            let tenant = arg_after(&words, "-e").unwrap().strip_prefix("TENANTMESH_SILO_TENANT=").unwrap().to_owned();
+            let (_, onboarding) = environment(&doc, "onboarding", &[]);
+            let host = onboarding["TENANTMESH_SILO_ENDPOINT_TEMPLATE"].replace("{tenant}", &tenant);
+            assert_eq!(host, format!("http://{name}:50054"), "onboarding would not find {name}");
+            let volume = arg_after(&words, "-v").unwrap();
+            assert!(
+                read("deploy/Dockerfile")
+                    .contains(&format!("TENANTMESH_DATA_DIR={}", volume.split(':').nth(1).unwrap()))
+            );
+        }
+    }
+
+    let k8s = section("Deploy to Kubernetes");
+    let mut manifests = String::new();
+    for dir in ["deploy/k8s/base", "deploy/k8s/overlays/dynamodb"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+            manifests.push_str(&std::fs::read_to_string(entry.path()).unwrap());
+        }
+    }
+    let base = kubernetes_base();
+    for command in commands(&k8s) {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        if let Some(dir) = arg_after(&words, "-k") {
+            assert!(root.join(&dir).join("kustomization.yaml").exists(), "{dir} is not a kustomization");
+        }
+        if let Some(namespace) = arg_after(&words, "-n").or_else(|| (words[1] == "create").then(|| words[3].to_owned()))
+        {
+            assert!(read("deploy/k8s/base/kustomization.yaml").contains(&format!("namespace: {namespace}")));
+        }
+        if words.contains(&"secret") {
+            let name = words[words.iter().position(|w| *w == "generic").unwrap() + 1];
+            assert!(manifests.contains(&format!("name: {name}\n")), "nothing reads the secret {name}");
+            for literal in words.iter().filter_map(|w| w.strip_prefix("--from-literal=")) {
+                let key = literal.split('=').next().unwrap();
+                assert!(manifests.contains(&format!("key: {key}\n")), "nothing reads {name}'s key {key}");
+            }
+        }
+        if let Some(target) = words.iter().find_map(|w| w.strip_prefix("svc/")) {
+            let port: i64 = words.last().unwrap().split(':').next().unwrap().parse().unwrap();
+            assert_eq!(object(&base, "Service", target)["spec"]["ports"][0]["port"].as_i64(), Some(port));
+        }
+    }
+    let flux_path = k8s.split("path: ./").nth(1).unwrap().lines().next().unwrap();
+    assert!(
+        read("deploy/k8s/overlays/dynamodb/config.patch.yaml")
+            .contains(&format!("TENANTMESH_SILO_GITOPS_PATH: \"{flux_path}\"")),
+        "Flux watches {flux_path}, onboarding writes elsewhere"
+    );
+
+    for command in commands(&section("Deploy to AWS")) {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        if words[2] != "deploy" {
+            continue;
+        }
+        let template = read(&arg_after(&words, "--template-file").unwrap());
+        let parameters = template.split("\nParameters:\n").nth(1).unwrap().split("\nResources:\n").next().unwrap();
+        let overrides = &words[words.iter().position(|w| *w == "--parameter-overrides").unwrap() + 1..];
+        for key in overrides.iter().map(|o| o.split('=').next().unwrap()) {
+            assert!(parameters.contains(&format!("\n  {key}:\n")), "the template has no parameter {key}");
+        }
+        // CAPABILITY_IAM suffices only while no IAM resource is named.
+        assert_eq!(arg_after(&words, "--capabilities").as_deref(), Some("CAPABILITY_IAM"));
+        assert!(!template.contains("RoleName:") && !template.contains("ManagedPolicyName:"));
+    }
+}
