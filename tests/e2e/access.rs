@@ -20,8 +20,8 @@ async fn call(mesh: &TestMesh, path: &str, token: &str) -> Result<(), Status> {
         "registry" => mesh.addrs.registry,
         "auth" => mesh.addrs.auth,
         "onboarding" => mesh.addrs.onboarding,
-        // Metering is hosted by the data service.
-        "data" | "metering" => mesh.addrs.data,
+        // Metering and Backup are hosted by the data service.
+        "data" | "metering" | "backup" => mesh.addrs.data,
         other => panic!("{path}: no service serves package {other}"),
     };
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
@@ -48,7 +48,7 @@ async fn every_rpc_with_every_role() {
     ];
     let services: std::collections::HashSet<&str> =
         TABLE.iter().map(|(p, _)| p.trim_start_matches('/').split('/').next().unwrap()).collect();
-    assert_eq!(services.len(), 6, "the table covers the four services, DataAdmin and Metering");
+    assert_eq!(services.len(), 7, "the table covers the four services, DataAdmin, Metering and Backup");
     let mut checked = 0;
     for (path, access) in TABLE {
         for (role, token) in &tokens {

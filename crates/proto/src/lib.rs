@@ -32,6 +32,12 @@ pub mod metering {
     }
 }
 
+pub mod backup {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.backup.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every tenantmesh contract, for
 /// `tonic_reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tenantmesh_descriptor");

@@ -4,6 +4,7 @@
 //! ([`runtime`]), paging ([`paging`]), and gRPC errors: field violations
 //! and the one mapping of storage failures to status codes ([`errors`]).
 
+pub mod backup;
 pub mod config;
 pub mod errors;
 pub mod fairq;

@@ -16,7 +16,7 @@
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -346,9 +346,10 @@ impl EmbeddedTable {
         Ok(Self { shared: Arc::new(Shared { db: Arc::new(db), writer: Default::default(), idle: WRITER_IDLE }) })
     }
 
-    /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::DynTable).
+    /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::DynTable),
+    /// recorded for [`EmbeddedTable::all_under`].
     pub fn open_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
-        Ok(Arc::new(Self::open(path)?))
+        Ok(Arc::new(Self::open_in_process(path.as_ref())?))
     }
 
     /// The table at `path`, shared by everyone in this process who opens
@@ -356,20 +357,80 @@ impl EmbeddedTable {
     /// per process: a silo data-service instance and the shared one both
     /// reach a dedicated table, in `tenantmesh up`).
     pub fn open_process_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
-        use std::collections::HashMap;
-        use std::sync::{OnceLock, Weak};
-        static OPEN: OnceLock<Mutex<HashMap<std::path::PathBuf, Weak<Shared>>>> = OnceLock::new();
-        let path = path.as_ref();
+        Ok(Arc::new(Self::open_in_process(path.as_ref())?))
+    }
+
+    /// The open handle of `path` in this process, else a new one (recorded).
+    fn open_in_process(path: &Path) -> Result<Self> {
         let key = std::path::absolute(path).map_err(backend)?;
-        let mut open = OPEN.get_or_init(Default::default).lock().expect("open tables lock");
+        let mut open = open_tables().lock().expect("open tables lock");
         if let Some(shared) = open.get(&key).and_then(Weak::upgrade) {
-            return Ok(Arc::new(Self { shared }));
+            return Ok(Self { shared });
         }
         open.retain(|_, s| s.strong_count() > 0);
         let table = Self::open(path)?;
         open.insert(key, Arc::downgrade(&table.shared));
-        Ok(Arc::new(table))
+        Ok(table)
     }
+
+    /// Every table file (`*.redb`) under `dir`, each through the handle this
+    /// process has open (opened if none is): for a backup of a running
+    /// process's stores. Paths are relative to `dir`, sorted.
+    pub fn all_under(dir: &Path) -> Result<Vec<(std::path::PathBuf, EmbeddedTable)>> {
+        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+            for entry in std::fs::read_dir(dir)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    walk(&path, out)?;
+                } else if path.extension().is_some_and(|e| e == "redb") {
+                    out.push(path);
+                }
+            }
+            Ok(())
+        }
+        let mut files = Vec::new();
+        walk(dir, &mut files).map_err(backend)?;
+        files.sort();
+        files
+            .into_iter()
+            .map(|f| {
+                let rel = f.strip_prefix(dir).map_err(backend)?.to_owned();
+                Ok((rel, Self::open_in_process(&f)?))
+            })
+            .collect()
+    }
+
+    /// Copies every item, as of one read snapshot, into a new table file at
+    /// `dest` (which must not exist), synced to disk. Blocking: call it
+    /// from a blocking thread. Writers go on meanwhile.
+    pub fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        let read = self.shared.db.begin_read().map_err(backend)?;
+        let items = read.open_table(ITEMS).map_err(backend)?;
+        if dest.exists() {
+            return Err(StorageError::Backend(format!("{} exists", dest.display())));
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(backend)?;
+        }
+        let copy = Database::create(dest).map_err(|e| StorageError::Backend(format!("{}: {e}", dest.display())))?;
+        let txn = copy.begin_write().map_err(backend)?;
+        {
+            let mut out = txn.open_table(ITEMS).map_err(backend)?;
+            for entry in items.iter().map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                let (pk, sk) = key.value();
+                out.insert((pk, sk), value.value()).map_err(backend)?;
+            }
+        }
+        txn.commit().map_err(backend)
+    }
+}
+
+/// Every table opened in this process through [`EmbeddedTable::open_in_process`].
+fn open_tables() -> &'static Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<Shared>>> {
+    static OPEN: std::sync::OnceLock<Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<Shared>>>> =
+        std::sync::OnceLock::new();
+    OPEN.get_or_init(Default::default)
 }
 
 impl EmbeddedTable {

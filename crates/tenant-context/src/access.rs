@@ -74,6 +74,8 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.metering.v1.Metering/ExportUsage", Access::Roles(&[PA, TA, SVC])),
     ("/tenantmesh.metering.v1.Metering/GetTenantCost", Access::Roles(&[PA, TA, SVC])),
     ("/tenantmesh.metering.v1.Metering/ListTenantCosts", Access::Roles(PLATFORM)),
+    // Every tenant's data at once: the operator only.
+    ("/tenantmesh.backup.v1.Backup/TakeBackup", Access::Roles(&[PA])),
 ];
 
 /// Infrastructure services reachable without a token.

@@ -1,0 +1,197 @@
+//! Backups of the embedded stores: what the data service's `Backup` RPC
+//! takes (a read snapshot of every table file, and a copy of the files
+//! beside them), and what `tenantmesh backup` / `tenantmesh restore` write
+//! and check.
+//!
+//! A backup directory holds the files at their paths relative to the data
+//! directory and `backup.json`, the manifest (written last, so a backup
+//! without it is incomplete), naming each file with its size and SHA-256.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use tenantmesh_proto::backup::v1::{BackupFile, BackupManifest};
+use tenantmesh_storage::EmbeddedTable;
+
+/// The manifest's file name in a backup directory.
+pub const MANIFEST: &str = "backup.json";
+/// Where a backup is staged inside the data directory while it streams.
+pub const STAGING_PREFIX: &str = ".backup-";
+
+/// Hex SHA-256 of a file's bytes.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buf[..n]);
+    }
+    Ok(context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether a relative path is safe to write under a directory: no root, no
+/// `..`, no empty or `.` components.
+pub fn safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && !path.contains('\\')
+}
+
+/// Takes a backup of `data_dir` into `staging` (created; inside the data
+/// directory is fine, it is skipped): every `*.redb` file from one read
+/// snapshot each, through the handles this process has open, and every
+/// other regular file (silo records, exports, ...) copied. Temporary files
+/// (`*.tmp`) and earlier stagings are left out. Blocking.
+pub fn take(data_dir: &Path, staging: &Path, taken_at_ms: i64) -> Result<BackupManifest, String> {
+    let fail = |what: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", what.display());
+    std::fs::create_dir_all(staging).map_err(|e| fail(staging, &e))?;
+    let mut files = Vec::new();
+    for (rel, table) in EmbeddedTable::all_under(data_dir).map_err(|e| fail(data_dir, &e))? {
+        if skipped(&rel) {
+            continue;
+        }
+        let dest = staging.join(&rel);
+        table.snapshot_to(&dest).map_err(|e| fail(&dest, &e))?;
+        files.push(rel);
+    }
+    let mut others = Vec::new();
+    other_files(data_dir, data_dir, &mut others).map_err(|e| fail(data_dir, &e))?;
+    for rel in others {
+        let dest = staging.join(&rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| fail(parent, &e))?;
+        }
+        match std::fs::copy(data_dir.join(&rel), &dest) {
+            Ok(_) => files.push(rel),
+            // Removed meanwhile (a finished temporary, a dropped export).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(&dest, &e)),
+        }
+    }
+    files.sort();
+    let mut manifest = BackupManifest { taken_at_ms, files: Vec::new(), version: env!("CARGO_PKG_VERSION").into() };
+    for rel in files {
+        let path = staging.join(&rel);
+        let size = std::fs::metadata(&path).map_err(|e| fail(&path, &e))?.len();
+        let sha256 = sha256_file(&path).map_err(|e| fail(&path, &e))?;
+        let path = rel.to_str().ok_or_else(|| format!("{} is not UTF-8", rel.display()))?.to_owned();
+        manifest.files.push(BackupFile { path, size, sha256 });
+    }
+    Ok(manifest)
+}
+
+fn skipped(rel: &Path) -> bool {
+    let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
+    first.starts_with(STAGING_PREFIX) || rel.extension().is_some_and(|e| e == "tmp")
+}
+
+fn other_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let rel = path.strip_prefix(root).expect("under root").to_owned();
+        if skipped(&rel) {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            other_files(root, &path, out)?;
+        } else if kind.is_file() && path.extension().is_none_or(|e| e != "redb") {
+            out.push(rel);
+        }
+    }
+    Ok(())
+}
+
+/// The manifest as JSON (`backup.json`).
+pub fn manifest_json(m: &BackupManifest) -> String {
+    let files: Vec<serde_json::Value> =
+        m.files.iter().map(|f| serde_json::json!({"path": f.path, "size": f.size, "sha256": f.sha256})).collect();
+    let doc = serde_json::json!({"taken_at_ms": m.taken_at_ms, "version": m.version, "files": files});
+    serde_json::to_string_pretty(&doc).expect("json")
+}
+
+/// Reads and checks a backup directory: the manifest, and every file it
+/// names present with its size and hash. The error names what is wrong.
+pub fn verify(dir: &Path) -> Result<BackupManifest, String> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{}: {e} (an incomplete backup has no manifest)", path.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bad = |what: &str| format!("{}: {what}", path.display());
+    let mut manifest = BackupManifest {
+        taken_at_ms: doc["taken_at_ms"].as_i64().ok_or_else(|| bad("no taken_at_ms"))?,
+        version: doc["version"].as_str().unwrap_or_default().to_owned(),
+        files: Vec::new(),
+    };
+    for f in doc["files"].as_array().ok_or_else(|| bad("no files"))? {
+        let file = BackupFile {
+            path: f["path"].as_str().ok_or_else(|| bad("a file without a path"))?.to_owned(),
+            size: f["size"].as_u64().ok_or_else(|| bad("a file without a size"))?,
+            sha256: f["sha256"].as_str().ok_or_else(|| bad("a file without a sha256"))?.to_owned(),
+        };
+        if !safe_relative(&file.path) || file.path == MANIFEST {
+            return Err(bad(&format!("unsafe path {:?}", file.path)));
+        }
+        let on_disk = dir.join(&file.path);
+        let size = std::fs::metadata(&on_disk).map_err(|e| format!("{}: {e}", on_disk.display()))?.len();
+        let sha256 = sha256_file(&on_disk).map_err(|e| format!("{}: {e}", on_disk.display()))?;
+        if size != file.size || sha256 != file.sha256 {
+            return Err(format!("{}: does not match the manifest (damaged or changed)", on_disk.display()));
+        }
+        manifest.files.push(file);
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenantmesh_storage::Table;
+
+    #[test]
+    fn paths_outside_the_directory_are_refused() {
+        for ok in ["data.redb", "tables/t.redb", "exports/a.jsonl"] {
+            assert!(safe_relative(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b"] {
+            assert!(!safe_relative(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backup_holds_every_store_and_file_and_detects_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = EmbeddedTable::open_shared(data.join("registry.redb")).unwrap();
+        store.put("t", "a", b"one".to_vec(), tenantmesh_storage::Condition::None).await.unwrap();
+        let dedicated = EmbeddedTable::open_shared(data.join("tables/x.redb")).unwrap();
+        dedicated.put("t", "b", b"two".to_vec(), tenantmesh_storage::Condition::None).await.unwrap();
+        std::fs::write(data.join("silos.json"), "{}").unwrap();
+        std::fs::write(data.join("half.tmp"), "x").unwrap();
+
+        let staging = data.join(".backup-1");
+        let manifest = take(&data, &staging, 7).unwrap();
+        let paths: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["registry.redb", "silos.json", "tables/x.redb"]);
+        std::fs::write(staging.join(MANIFEST), manifest_json(&manifest)).unwrap();
+        assert_eq!(verify(&staging).unwrap(), manifest);
+        // The copy is a table of its own with the items.
+        let copy = EmbeddedTable::open(staging.join("tables/x.redb")).unwrap();
+        assert_eq!(copy.get("t", "b").await.unwrap().unwrap().data, b"two");
+        drop(copy);
+        // A second backup leaves the first (inside the data dir) out.
+        let again = take(&data, &data.join(".backup-2"), 8).unwrap();
+        assert_eq!(again.files.len(), 3);
+
+        std::fs::write(staging.join("silos.json"), "{\"x\":1}").unwrap();
+        assert!(verify(&staging).unwrap_err().contains("does not match"));
+        std::fs::remove_file(staging.join(MANIFEST)).unwrap();
+        assert!(verify(&staging).unwrap_err().contains("incomplete"));
+    }
+}
