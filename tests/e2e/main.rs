@@ -14,6 +14,7 @@
 mod access;
 mod attacks;
 mod auth_records;
+mod backup;
 mod compose_wiring;
 mod crash_recovery;
 mod cross_service;

@@ -2,6 +2,7 @@
 //! listeners, wired to each other over gRPC exactly as separate processes
 //! would be. Used by `tenantmesh up` and by the test harness.
 
+pub mod backup;
 pub mod health;
 pub mod report;
 pub mod silos;

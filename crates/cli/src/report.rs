@@ -8,7 +8,7 @@ use tenantmesh_proto::metering::v1::{ListTenantCostsRequest, TenantCost};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `addr` as a URL: `host:port` gets `http://`.
-fn url(addr: &str) -> String {
+pub(crate) fn url(addr: &str) -> String {
     if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") }
 }
 

@@ -245,6 +245,11 @@ impl TestMesh {
         TestMesh { addrs: mesh.addrs, mesh: Some(mesh), state }
     }
 
+    /// The running mesh's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.state.data_dir()
+    }
+
     pub fn backend(&self) -> TestBackend {
         if self.state.moto.is_some() { TestBackend::DynamoDb } else { TestBackend::Embedded }
     }
@@ -311,7 +316,8 @@ impl TestMesh {
         process
     }
 
-    fn channel(addr: std::net::SocketAddr) -> Channel {
+    /// A lazy channel to `addr`.
+    pub fn channel(addr: std::net::SocketAddr) -> Channel {
         tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy()
     }
 

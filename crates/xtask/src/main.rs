@@ -48,7 +48,7 @@ type Result<T = ()> = std::result::Result<T, String>;
 /// second time on DynamoDB: not the compose wiring (compose's own embedded
 /// settings), the README walk-through (the README's settings), or the
 /// suites that pick their backends themselves.
-const DYNAMODB_SUITES: &str = "package(tenantmesh-e2e) & not test(/^(compose_wiring|readme_walkthrough|storage_backends|sts_calls|otlp_export|replicas|outage)::/)";
+const DYNAMODB_SUITES: &str = "package(tenantmesh-e2e) & not test(/^(compose_wiring|readme_walkthrough|storage_backends|sts_calls|otlp_export|replicas|outage|backup)::/)";
 
 fn usage() -> &'static str {
     "usage: cargo xtask <command>
