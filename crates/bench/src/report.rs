@@ -225,6 +225,7 @@ pub const ORDER: &[&str] = &[
     "noisy_neighbour",
     "saturation",
     "login_flood",
+    "backup_restore",
 ];
 
 /// Rewrites `out` (BENCHMARKS.md) from every results file in `dir`.
