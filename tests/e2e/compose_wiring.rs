@@ -707,3 +707,84 @@ fn the_readme_deploy_commands_match_the_files() {
         assert!(!template.contains("RoleName:") && !template.contains("ManagedPolicyName:"));
     }
 }
+
+/// deploy/k8s/overlays/dynamodb as Kubernetes gets it (`kubectl kustomize`,
+/// the kubectl `cargo xtask setup` installs), without a cluster: the
+/// emulator set up as the CloudFormation stack would be (moto-init), the
+/// init container's clone of the fleet repository run as written, and the
+/// four services started with the environment the rendered Deployments
+/// give them (AWS credentials, which IRSA gives in a cluster, from the
+/// emulator), a tenant onboarded and using its data through them.
+#[tokio::test]
+async fn the_kubernetes_dynamodb_overlay_wires_the_services() {
+    let overlay = workspace_root().join("deploy/k8s/overlays/dynamodb");
+    let rendered = Command::new(tool("kubectl")).arg("kustomize").arg(&overlay).output().unwrap();
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let docs = YamlLoader::load_from_str(&String::from_utf8(rendered.stdout).unwrap()).unwrap();
+    let moto = moto::Moto::start();
+    let init = moto_init(&compose(), &moto.endpoint, &[("TENANTMESH_STORAGE", "dynamodb")]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+
+    let files = tempfile::tempdir().unwrap();
+    let secrets: HashMap<&str, &str> =
+        [("onboarding-client-secret", "k8s-test-onboarding-secret"), ("bootstrap-password", "k8s-test-bootstrap")]
+            .into();
+    let mut specs: HashMap<&str, Spec> =
+        SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
+
+    // Onboarding's init container, run as written, against a local "remote".
+    let volume = files.path().join("volume");
+    let remote = files.path().join("fleet.git");
+    std::fs::create_dir_all(&volume).unwrap();
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        let out = Command::new("git").arg("-C").arg(dir).args(args).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    git(files.path(), &["init", "--quiet", "--bare", remote.to_str().unwrap()]);
+    let seed = files.path().join("seed");
+    git(files.path(), &["clone", "--quiet", remote.to_str().unwrap(), seed.to_str().unwrap()]);
+    git(
+        &seed,
+        &[
+            "-c",
+            "user.name=fleet",
+            "-c",
+            "user.email=fleet@example.invalid",
+            "commit",
+            "--quiet",
+            "--allow-empty",
+            "-m",
+            "fleet",
+        ],
+    );
+    git(&seed, &["push", "--quiet", "origin", "HEAD"]);
+    let onboarding = object(&docs, "Deployment", "onboarding");
+    let init_container = &onboarding["spec"]["template"]["spec"]["initContainers"][0];
+    let mount = init_container["volumeMounts"][0]["mountPath"].as_str().unwrap().to_owned();
+    let script = strings(&init_container["command"])[2].replace(&mount, &volume.display().to_string());
+    for _ in 0..2 {
+        // A restarted pod runs it again over the clone it left.
+        let out = Command::new("sh").args(["-c", &script]).env("FLEET_URL", &remote).output().unwrap();
+        assert!(out.status.success(), "the init container: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The overlay's placeholder account replaced with the emulator's, as a
+    // user puts theirs (a tenant role in another account sees no table).
+    assert!(uses_the_placeholder_account(&docs));
+    for (_, env) in specs.values_mut() {
+        for v in env.values_mut() {
+            *v = v.replace(&mount, &volume.display().to_string()).replace("111122223333", "123456789012");
+        }
+        env.extend(moto.env());
+    }
+    let (_, onboarding_env) = &specs["onboarding"];
+    assert_eq!(onboarding_env["TENANTMESH_STORAGE"], "dynamodb");
+    assert!(std::path::Path::new(&onboarding_env["TENANTMESH_SILO_GITOPS_REPO"]).join(".git").exists());
+    walk_through(&|name| specs[name].clone(), Some(&moto.endpoint), false).await;
+}
+
+/// The dynamodb overlay names the placeholder account the README tells
+/// users to replace.
+fn uses_the_placeholder_account(docs: &[Yaml]) -> bool {
+    let config = object(docs, "ConfigMap", "tenantmesh-config");
+    config["data"]["TENANTMESH_TENANT_ROLE_ARN"].as_str().is_some_and(|arn| arn.contains(":111122223333:"))
+}
