@@ -16,7 +16,8 @@
 //! pushes, so a crash between commit and push is healed by the retry.
 //!
 //! One provisioner writes to a working tree at a time (a lock here); the
-//! onboarding service runs as one replica.
+//! onboarding service runs as one replica. A git index lock found at start
+//! was left by a killed process and is removed.
 //!
 //! Settings (`TENANTMESH_SILO_GITOPS_*`, see [`GitOpsConfig::from_env`]).
 
@@ -236,6 +237,16 @@ impl GitOps {
         let inside = gitops.git(&["rev-parse", "--is-inside-work-tree"]).await?;
         if inside.trim() != "true" {
             return Err(format!("{} is not a git working tree", gitops.config.repo.display()));
+        }
+        // A git of ours killed with the process (kill -9 in the middle of a
+        // commit) leaves its index lock, and every later git command would
+        // fail on it. This process is the tree's one writer and runs no git
+        // yet: a lock now is stale.
+        let lock = gitops.git(&["rev-parse", "--git-path", "index.lock"]).await?;
+        let lock = gitops.config.repo.join(lock.trim());
+        if lock.exists() {
+            std::fs::remove_file(&lock).map_err(|e| format!("{}: {e}", lock.display()))?;
+            tracing::warn!(lock = %lock.display(), "removed a stale git index lock left by a killed process");
         }
         Ok(gitops)
     }
@@ -593,6 +604,17 @@ mod tests {
         assert!(err.contains("not serving") && err.contains(&port.to_string()), "{err}");
         // The manifests are committed all the same: the retry finds them there.
         assert!(work.join("clusters/prod/tenants/late/deployment.yaml").exists());
+    }
+
+    #[tokio::test]
+    async fn a_lock_left_by_a_killed_git_is_cleared_at_start() {
+        let root = tempfile::tempdir().unwrap();
+        let work = repo(root.path());
+        std::fs::write(work.join(".git/index.lock"), "").unwrap();
+        let gitops = GitOps::open(config(&work).await).await.unwrap();
+        assert!(!work.join(".git/index.lock").exists());
+        gitops.provision("after-crash", "enterprise").await.unwrap();
+        assert_eq!(commits(&work), 2);
     }
 
     #[tokio::test]
