@@ -423,6 +423,24 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
         assert!(silo_log.contains("item written"), "the silo container did not write: {silo_log}");
     }
 
+    // Every container can be backed up while it runs (`tenantmesh backup
+    // --addr <service>`), each with its own store; on DynamoDB there is
+    // nothing local to back up.
+    for (name, store) in [
+        ("tenant-registry", "registry.redb"),
+        ("auth", "auth.redb"),
+        ("onboarding", "onboarding.redb"),
+        ("data", "data.redb"),
+    ] {
+        let out = mesh.dir.path().join(format!("backup-{name}"));
+        let taken = tenantmesh_cli::backup::take(&format!("127.0.0.1:{}", mesh.ports[name]), &admin, &out).await;
+        match (moto, taken) {
+            (None, Ok(m)) => assert!(m.files.iter().any(|f| f.path == store), "{name}: {m:?}"),
+            (Some(_), Err(e)) => assert!(e.contains("FailedPrecondition"), "{name}: {e}"),
+            (_, other) => panic!("{name}: {other:?}"),
+        }
+    }
+
     // No collector here, so no OpenTelemetry layer: the services keep the
     // W3C trace context themselves, and a caller's trace id is on the log
     // line of its request.

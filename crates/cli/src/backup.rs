@@ -1,6 +1,6 @@
 //! `tenantmesh backup` and `tenantmesh restore`: a running embedded mesh's
-//! stores copied to a directory (through the data service's `Backup` RPC,
-//! without stopping it), and a stopped mesh's data directory brought back
+//! stores copied to a directory (through a service's `Backup` RPC, without
+//! stopping it), and a stopped mesh's data directory brought back
 //! from one. The format is `tenantmesh_service::backup`'s.
 
 use std::io::Write;
@@ -14,7 +14,7 @@ fn is_empty_dir(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
-/// Takes a backup from the data service at `addr` into `out` (absent or an
+/// Takes a backup from the service at `addr` into `out` (absent or an
 /// empty directory): every file, then the manifest, then every file checked
 /// against it. An interrupted backup has no manifest, and restore refuses it.
 pub async fn take(addr: &str, token: &str, out: &Path) -> Result<BackupManifest, String> {

@@ -89,15 +89,17 @@ enum Command {
     /// Copy a running embedded mesh's stores into a directory, without
     /// stopping it.
     ///
-    /// Asks the data service (tenantmesh.backup.v1.Backup, platform admin
-    /// only): every store open in its process (under `tenantmesh up`, the
-    /// whole mesh: every service's store, the dedicated tables, the silo
-    /// records, the exports), each from one read snapshot, so every write
-    /// acknowledged before the backup's time is in it. Writes OUT/backup.json
+    /// Asks the service at --addr (tenantmesh.backup.v1.Backup, platform
+    /// admin only) for every store open in its process: under `tenantmesh
+    /// up`, the whole mesh (every service's store, the dedicated tables, the
+    /// silo records, the exports); as separate processes (compose), that
+    /// service's own stores, so back up each. Each store is copied from one
+    /// read snapshot, so every write acknowledged before the backup's time
+    /// is in it. Writes OUT/backup.json
     /// last, with each file's size and SHA-256, and checks every file
     /// against it.
     Backup {
-        /// The data service.
+        /// Any tenantmesh service (default: the data service).
         #[arg(long, default_value = "localhost:50054")]
         addr: String,
         /// A platform admin's access token (Auth/Login as the operator).

@@ -1,7 +1,8 @@
-//! Backups of the embedded stores: what the data service's `Backup` RPC
-//! takes (a read snapshot of every table file, and a copy of the files
-//! beside them), and what `tenantmesh backup` / `tenantmesh restore` write
-//! and check.
+//! Backups of the embedded stores: the `Backup` service every tenantmesh
+//! service serves (a read snapshot of every table file open in its process
+//! under its data directory, and a copy of the files beside them, streamed
+//! to the caller), and what `tenantmesh backup` / `tenantmesh restore`
+//! write and check.
 //!
 //! A backup directory holds the files at their paths relative to the data
 //! directory and `backup.json`, the manifest (written last, so a backup
@@ -10,13 +11,117 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use tenantmesh_proto::backup::v1::{BackupFile, BackupManifest};
+use tenantmesh_proto::backup::v1::backup_server::{Backup, BackupServer};
+use tenantmesh_proto::backup::v1::{
+    BackupFile, BackupManifest, TakeBackupRequest, TakeBackupResponse, take_backup_response::Chunk,
+};
 use tenantmesh_storage::EmbeddedTable;
+use tokio::io::AsyncReadExt;
+use tonic::{Request, Response, Status};
 
 /// The manifest's file name in a backup directory.
 pub const MANIFEST: &str = "backup.json";
 /// Where a backup is staged inside the data directory while it streams.
 pub const STAGING_PREFIX: &str = ".backup-";
+
+/// Bytes per streamed message.
+const CHUNK: usize = 1 << 20;
+
+pub struct BackupService {
+    data_dir: PathBuf,
+    /// On DynamoDB there is nothing here to copy: its point-in-time
+    /// recovery covers the tables.
+    embedded: bool,
+}
+
+impl BackupService {
+    pub fn new(data_dir: PathBuf, embedded: bool) -> Self {
+        Self { data_dir, embedded }
+    }
+}
+
+/// Removes the staging directory when the stream ends, however it ends.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tonic::async_trait]
+impl Backup for BackupService {
+    type TakeBackupStream = tokio_stream::wrappers::ReceiverStream<Result<TakeBackupResponse, Status>>;
+
+    async fn take_backup(&self, _req: Request<TakeBackupRequest>) -> Result<Response<Self::TakeBackupStream>, Status> {
+        if !self.embedded {
+            return Err(Status::failed_precondition(
+                "backups are of the embedded store; on DynamoDB use its point-in-time recovery (on for every table)",
+            ));
+        }
+        let taken_at_ms = crate::metering::now_ms() as i64;
+        let data_dir = self.data_dir.clone();
+        let staging = Staging(data_dir.join(format!("{}{}", STAGING_PREFIX, uuid::Uuid::new_v4().simple())));
+        let at = staging.0.clone();
+        let started = std::time::Instant::now();
+        let manifest = tokio::task::spawn_blocking(move || take(&data_dir, &at, taken_at_ms))
+            .await
+            .map_err(|e| Status::internal(format!("backup task: {e}")))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "backup failed");
+                Status::unavailable(format!("backup failed: {e}"))
+            })?;
+        let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+        tracing::info!(
+            files = manifest.files.len(),
+            bytes,
+            taken_at_ms,
+            snapshot_ms = started.elapsed().as_millis() as u64,
+            "backup taken; streaming it"
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let staging = staging;
+            let paths: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
+            if tx.send(Ok(TakeBackupResponse { chunk: Some(Chunk::Manifest(manifest)) })).await.is_err() {
+                return;
+            }
+            for path in paths {
+                let mut file = match tokio::fs::File::open(staging.0.join(&path)).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("{path}: {e}")))).await;
+                        return;
+                    }
+                };
+                loop {
+                    let mut buf = Vec::with_capacity(CHUNK);
+                    match (&mut file).take(CHUNK as u64).read_to_end(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            if tx.send(Ok(TakeBackupResponse { chunk: Some(Chunk::Data(buf)) })).await.is_err() {
+                                return; // the caller went away
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(format!("{path}: {e}")))).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// The Backup service for a process whose stores are under `data_dir`.
+pub fn server(data_dir: PathBuf, embedded: bool) -> BackupServer<BackupService> {
+    BackupServer::new(BackupService::new(data_dir, embedded))
+}
+
+/// The gRPC name of the Backup service, for health and reflection.
+pub const NAME: &str = <BackupServer<BackupService> as tonic::server::NamedService>::NAME;
 
 /// Hex SHA-256 of a file's bytes.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {

@@ -646,6 +646,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let backup = tenantmesh_service::backup::server(
+        config.common.data_dir.clone(),
+        config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded,
+    );
     let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
     let remote =
         Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl, config.common.tenant_cache_capacity));
@@ -683,11 +687,12 @@ pub async fn serve(
     let sweeper = expiry::start(sweep_store, window);
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
     let authn = Authenticator::new(Arc::new(verifier), directory).with_admission(&common);
-    let served = tenantmesh_service::runtime::serve(
+    let served = tenantmesh_service::runtime::serve_with_backup(
         listener,
         AuthServer::new(service)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+        backup,
         server::layer(authn),
         grace,
         shutdown,

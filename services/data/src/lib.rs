@@ -27,7 +27,6 @@
 //! only: provision and drop dedicated tables, export, import and purge.
 
 pub mod admin;
-pub mod backup;
 mod error;
 pub mod metering;
 pub mod quota;
@@ -698,13 +697,9 @@ pub async fn serve(
         routes = routes.add_service(MeteringServer::new(service));
         names.push(<MeteringServer<metering::MeteringService> as tonic::server::NamedService>::NAME);
     }
-    {
-        use tenantmesh_proto::backup::v1::backup_server::BackupServer;
-        let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-        let service = backup::BackupService::new(config.common.data_dir.clone(), embedded);
-        routes = routes.add_service(BackupServer::new(service));
-        names.push(<BackupServer<backup::BackupService> as tonic::server::NamedService>::NAME);
-    }
+    let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
+    routes = routes.add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
+    names.push(tenantmesh_service::backup::NAME);
     let served = tenantmesh_service::runtime::serve_routes(
         listener,
         routes,
