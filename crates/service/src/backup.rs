@@ -156,16 +156,19 @@ pub fn take(data_dir: &Path, staging: &Path, taken_at_ms: i64) -> Result<BackupM
     let fail = |what: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", what.display());
     std::fs::create_dir_all(staging).map_err(|e| fail(staging, &e))?;
     let mut files = Vec::new();
-    for (rel, table) in EmbeddedTable::all_under(data_dir).map_err(|e| fail(data_dir, &e))? {
-        if skipped(&rel) {
+    let mut stores = Vec::new();
+    walk(data_dir, data_dir, &mut stores, true).map_err(|e| fail(data_dir, &e))?;
+    for rel in stores {
+        // A table dropped since the walk is simply not in the backup.
+        let Some(table) = EmbeddedTable::open_existing(&data_dir.join(&rel)).map_err(|e| fail(&rel, &e))? else {
             continue;
-        }
+        };
         let dest = staging.join(&rel);
         table.snapshot_to(&dest).map_err(|e| fail(&dest, &e))?;
         files.push(rel);
     }
     let mut others = Vec::new();
-    other_files(data_dir, data_dir, &mut others).map_err(|e| fail(data_dir, &e))?;
+    walk(data_dir, data_dir, &mut others, false).map_err(|e| fail(data_dir, &e))?;
     for rel in others {
         let dest = staging.join(&rel);
         if let Some(parent) = dest.parent() {
@@ -195,7 +198,10 @@ fn skipped(rel: &Path) -> bool {
     first.starts_with(STAGING_PREFIX) || rel.extension().is_some_and(|e| e == "tmp")
 }
 
-fn other_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The regular files under `dir` (relative to `root`), sorted: the table
+/// files (`*.redb`) when `stores`, every other one otherwise. Stagings and
+/// temporary files are left out.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>, stores: bool) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
@@ -205,11 +211,12 @@ fn other_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Resu
         }
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            other_files(root, &path, out)?;
-        } else if kind.is_file() && path.extension().is_none_or(|e| e != "redb") {
+            walk(root, &path, out, stores)?;
+        } else if kind.is_file() && path.extension().is_some_and(|e| e == "redb") == stores {
             out.push(rel);
         }
     }
+    out.sort();
     Ok(())
 }
 
@@ -293,6 +300,9 @@ mod tests {
         // A second backup leaves the first (inside the data dir) out.
         let again = take(&data, &data.join(".backup-2"), 8).unwrap();
         assert_eq!(again.files.len(), 3);
+        // A table file that is gone is not in the backup, and not created again.
+        assert!(EmbeddedTable::open_existing(&data.join("tables/gone.redb")).unwrap().is_none());
+        assert!(!data.join("tables/gone.redb").exists());
 
         std::fs::write(staging.join("silos.json"), "{\"x\":1}").unwrap();
         assert!(verify(&staging).unwrap_err().contains("does not match"));

@@ -347,7 +347,7 @@ impl EmbeddedTable {
     }
 
     /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::DynTable),
-    /// recorded for [`EmbeddedTable::all_under`].
+    /// recorded for [`EmbeddedTable::open_existing`].
     pub fn open_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
         Ok(Arc::new(Self::open_in_process(path.as_ref())?))
     }
@@ -373,31 +373,30 @@ impl EmbeddedTable {
         Ok(table)
     }
 
-    /// Every table file (`*.redb`) under `dir`, each through the handle this
-    /// process has open (opened if none is): for a backup of a running
-    /// process's stores. Paths are relative to `dir`, sorted.
-    pub fn all_under(dir: &Path) -> Result<Vec<(std::path::PathBuf, EmbeddedTable)>> {
-        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
-            for entry in std::fs::read_dir(dir)? {
-                let path = entry?.path();
-                if path.is_dir() {
-                    walk(&path, out)?;
-                } else if path.extension().is_some_and(|e| e == "redb") {
-                    out.push(path);
-                }
-            }
-            Ok(())
+    /// The table at `path` through the handle this process has open, else
+    /// opened (and recorded) if the file exists; `None` if it does not (a
+    /// dropped table is never created again by looking at it). For a backup
+    /// of a running process's stores.
+    pub fn open_existing(path: &Path) -> Result<Option<Self>> {
+        let key = std::path::absolute(path).map_err(backend)?;
+        let mut open = open_tables().lock().expect("open tables lock");
+        if let Some(shared) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(Some(Self { shared }));
         }
-        let mut files = Vec::new();
-        walk(dir, &mut files).map_err(backend)?;
-        files.sort();
-        files
-            .into_iter()
-            .map(|f| {
-                let rel = f.strip_prefix(dir).map_err(backend)?.to_owned();
-                Ok((rel, Self::open_in_process(&f)?))
-            })
-            .collect()
+        let db = match Database::open(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(StorageError::Backend(format!("cannot open {}: {e}", path.display()))),
+        };
+        let table =
+            Self { shared: Arc::new(Shared { db: Arc::new(db), writer: Default::default(), idle: WRITER_IDLE }) };
+        open.retain(|_, s| s.strong_count() > 0);
+        open.insert(key, Arc::downgrade(&table.shared));
+        Ok(Some(table))
     }
 
     /// Copies every item, as of one read snapshot, into a new table file at
