@@ -806,3 +806,14 @@ fn uses_the_placeholder_account(docs: &[Yaml]) -> bool {
     let config = object(docs, "ConfigMap", "tenantmesh-config");
     config["data"]["TENANTMESH_TENANT_ROLE_ARN"].as_str().is_some_and(|arn| arn.contains(":111122223333:"))
 }
+
+/// The tiers and pricing files in deploy/k8s/base are the binaries' built-in
+/// defaults, so a change to one is made to the other (a deployment edits its
+/// own copy).
+#[test]
+fn the_kubernetes_config_carries_the_built_in_tiers_and_prices() {
+    let docs = kubernetes_base();
+    let files = &object(&docs, "ConfigMap", "tenantmesh-files")["data"];
+    assert_eq!(files["tiers.toml"].as_str(), Some(tenantmesh_service::tiers::DEFAULT_TIERS_TOML));
+    assert_eq!(files["pricing.toml"].as_str(), Some(tenantmesh_service::pricing::DEFAULT_PRICING_TOML));
+}
