@@ -1,10 +1,6 @@
-//! `tenantmesh health`: one `grpc.health.v1.Health/Check` call, for
-//! container healthchecks and Kubernetes exec probes.
-
-use std::time::Duration;
-
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+//! `tenantmesh health`: one `grpc.health.v1.Health/Check` call
+//! (`tenantmesh_service::health::check`), for container healthchecks and
+//! Kubernetes exec probes; here, which address it asks by default.
 
 /// The address to check when none is given: the service's own
 /// `TENANTMESH_LISTEN_ADDR`, with an unspecified host (`0.0.0.0`, `[::]`)
@@ -23,29 +19,6 @@ pub fn default_addr(listen: Option<&str>) -> Result<String, String> {
     Ok(std::net::SocketAddr::new(ip, addr.port()).to_string())
 }
 
-/// Asks `addr` (`host:port` or a URL) whether `service` (empty: the whole
-/// server) is SERVING, within `timeout`. The error says what was seen.
-pub async fn check(addr: &str, service: &str, timeout: Duration) -> Result<(), String> {
-    let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-        .map_err(|e| format!("{addr:?} is not an address: {e}"))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let call = async {
-        let channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {e}"))?;
-        let answer = HealthClient::new(channel)
-            .check(HealthCheckRequest { service: service.to_owned() })
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-        match ServingStatus::try_from(answer.get_ref().status) {
-            Ok(ServingStatus::Serving) => Ok(()),
-            Ok(status) => Err(format!("status {}", status.as_str_name())),
-            Err(_) => Err(format!("unknown status {}", answer.get_ref().status)),
-        }
-    };
-    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no answer within {timeout:?}"))?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,12 +30,5 @@ mod tests {
         assert_eq!(default_addr(Some("10.1.2.3:7")).unwrap(), "10.1.2.3:7");
         assert!(default_addr(None).unwrap_err().contains("TENANTMESH_LISTEN_ADDR"));
         assert!(default_addr(Some("data:50054")).unwrap_err().contains("HOST:PORT"));
-    }
-
-    #[tokio::test]
-    async fn nothing_listening_is_unhealthy_and_says_so() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let err = check(&format!("127.0.0.1:{port}"), "", Duration::from_millis(500)).await.unwrap_err();
-        assert!(err.contains("cannot connect"), "{err}");
     }
 }

@@ -232,20 +232,7 @@ async fn prepare<C: ServiceConfig>(
 
 /// Polls the gRPC health check of `addr` until it answers SERVING.
 pub async fn wait_serving(service: &'static str, addr: SocketAddr) -> Result<(), MeshError> {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut last = String::from("no answer");
-    while tokio::time::Instant::now() < deadline {
-        if let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            && let Ok(channel) = endpoint.connect().await
-        {
-            match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
-                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
-                Ok(r) => last = format!("status {}", r.get_ref().status),
-                Err(s) => last = s.message().to_owned(),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(MeshError::NotReady { service, message: last })
+    tenantmesh_service::health::wait(&addr.to_string(), Duration::from_secs(30), Duration::from_millis(50))
+        .await
+        .map_err(|message| MeshError::NotReady { service, message })
 }

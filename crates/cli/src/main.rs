@@ -228,7 +228,7 @@ async fn health(addr: Option<String>, service: &str, timeout_ms: u64, env: &Hash
                 return ExitCode::from(2);
             }
         };
-    match health::check(&addr, service, std::time::Duration::from_millis(timeout_ms)).await {
+    match tenantmesh_service::health::check(&addr, service, std::time::Duration::from_millis(timeout_ms)).await {
         Ok(()) => {
             println!("{addr}: SERVING");
             ExitCode::SUCCESS

@@ -324,35 +324,18 @@ impl GitOps {
 /// Waits until `endpoint` answers grpc.health.v1 SERVING: the reconciler
 /// has applied the manifests and the instance is ready.
 async fn wait_serving(endpoint: &str, timeout: std::time::Duration) -> Result<(), String> {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let target = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| format!("silo endpoint {endpoint:?}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .timeout(std::time::Duration::from_secs(2));
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut logged = false;
-    loop {
-        let last = match target.connect().await {
-            Ok(channel) => {
-                match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
-                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
-                    Ok(r) => format!("status {}", r.get_ref().status),
-                    Err(s) => s.message().to_owned(),
-                }
-            }
-            Err(e) => e.to_string(),
-        };
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
-                "silo instance at {endpoint} not serving after {timeout:?} ({last}): is the reconciler applying the fleet repository?"
-            ));
-        }
-        if !logged {
-            tracing::info!(%endpoint, "waiting for the reconciler to run the silo instance");
-            logged = true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    use tenantmesh_service::health;
+    let started = std::time::Instant::now();
+    let every = std::time::Duration::from_millis(500);
+    if health::check(endpoint, "", std::time::Duration::from_secs(2)).await.is_ok() {
+        return Ok(());
     }
+    tracing::info!(%endpoint, "waiting for the reconciler to run the silo instance");
+    health::wait(endpoint, timeout.saturating_sub(started.elapsed()), every).await.map_err(|last| {
+        format!(
+            "silo instance at {endpoint} not serving after {timeout:?} ({last}): is the reconciler applying the fleet repository?"
+        )
+    })
 }
 
 fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
