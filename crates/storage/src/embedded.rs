@@ -343,7 +343,11 @@ impl EmbeddedTable {
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(ITEMS).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { shared: Arc::new(Shared { db: Arc::new(db), writer: Default::default(), idle: WRITER_IDLE }) })
+        Ok(Self::from_db(db))
+    }
+
+    fn from_db(db: Database) -> Self {
+        Self { shared: Arc::new(Shared { db: Arc::new(db), writer: Default::default(), idle: WRITER_IDLE }) }
     }
 
     /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::DynTable),
@@ -362,15 +366,8 @@ impl EmbeddedTable {
 
     /// The open handle of `path` in this process, else a new one (recorded).
     fn open_in_process(path: &Path) -> Result<Self> {
-        let key = std::path::absolute(path).map_err(backend)?;
-        let mut open = open_tables().lock().expect("open tables lock");
-        if let Some(shared) = open.get(&key).and_then(Weak::upgrade) {
-            return Ok(Self { shared });
-        }
-        open.retain(|_, s| s.strong_count() > 0);
-        let table = Self::open(path)?;
-        open.insert(key, Arc::downgrade(&table.shared));
-        Ok(table)
+        let table = Self::in_process(path, |p| Self::open(p).map(Some))?;
+        Ok(table.expect("open creates the table"))
     }
 
     /// The table at `path` through the handle this process has open, else
@@ -378,22 +375,26 @@ impl EmbeddedTable {
     /// dropped table is never created again by looking at it). For a backup
     /// of a running process's stores.
     pub fn open_existing(path: &Path) -> Result<Option<Self>> {
+        Self::in_process(path, |p| match Database::open(p) {
+            Ok(db) => Ok(Some(Self::from_db(db))),
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(StorageError::Backend(format!("cannot open {}: {e}", p.display()))),
+        })
+    }
+
+    /// The handle this process has open on `path`, else what `opener`
+    /// opens, recorded for the next caller.
+    fn in_process(path: &Path, opener: impl FnOnce(&Path) -> Result<Option<Self>>) -> Result<Option<Self>> {
         let key = std::path::absolute(path).map_err(backend)?;
         let mut open = open_tables().lock().expect("open tables lock");
         if let Some(shared) = open.get(&key).and_then(Weak::upgrade) {
             return Ok(Some(Self { shared }));
         }
-        let db = match Database::open(path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
-                if e.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(StorageError::Backend(format!("cannot open {}: {e}", path.display()))),
-        };
-        let table =
-            Self { shared: Arc::new(Shared { db: Arc::new(db), writer: Default::default(), idle: WRITER_IDLE }) };
+        let Some(table) = opener(path)? else { return Ok(None) };
         open.retain(|_, s| s.strong_count() > 0);
         open.insert(key, Arc::downgrade(&table.shared));
         Ok(Some(table))
