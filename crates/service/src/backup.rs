@@ -155,9 +155,11 @@ pub fn safe_relative(path: &str) -> bool {
 pub fn take(data_dir: &Path, staging: &Path, taken_at_ms: i64) -> Result<BackupManifest, String> {
     let fail = |what: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", what.display());
     std::fs::create_dir_all(staging).map_err(|e| fail(staging, &e))?;
+    let mut found = Vec::new();
+    walk(data_dir, data_dir, &mut found).map_err(|e| fail(data_dir, &e))?;
+    let (stores, others): (Vec<PathBuf>, Vec<PathBuf>) =
+        found.into_iter().partition(|rel| rel.extension().is_some_and(|e| e == "redb"));
     let mut files = Vec::new();
-    let mut stores = Vec::new();
-    walk(data_dir, data_dir, &mut stores, true).map_err(|e| fail(data_dir, &e))?;
     for rel in stores {
         // A table dropped since the walk is simply not in the backup.
         let Some(table) = EmbeddedTable::open_existing(&data_dir.join(&rel)).map_err(|e| fail(&rel, &e))? else {
@@ -167,8 +169,6 @@ pub fn take(data_dir: &Path, staging: &Path, taken_at_ms: i64) -> Result<BackupM
         table.snapshot_to(&dest).map_err(|e| fail(&dest, &e))?;
         files.push(rel);
     }
-    let mut others = Vec::new();
-    walk(data_dir, data_dir, &mut others, false).map_err(|e| fail(data_dir, &e))?;
     for rel in others {
         let dest = staging.join(&rel);
         if let Some(parent) = dest.parent() {
@@ -198,10 +198,9 @@ fn skipped(rel: &Path) -> bool {
     first.starts_with(STAGING_PREFIX) || rel.extension().is_some_and(|e| e == "tmp")
 }
 
-/// The regular files under `dir` (relative to `root`), sorted: the table
-/// files (`*.redb`) when `stores`, every other one otherwise. Stagings and
-/// temporary files are left out.
-fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>, stores: bool) -> std::io::Result<()> {
+/// The regular files under `dir`, relative to `root`, leaving stagings and
+/// temporary files out.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
@@ -211,12 +210,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>, stores: bool) -> std::i
         }
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            walk(root, &path, out, stores)?;
-        } else if kind.is_file() && path.extension().is_some_and(|e| e == "redb") == stores {
+            walk(root, &path, out)?;
+        } else if kind.is_file() {
             out.push(rel);
         }
     }
-    out.sort();
     Ok(())
 }
 
