@@ -123,10 +123,6 @@ impl Drop for Processes {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// With compose's defaults alone, auth, onboarding and data refuse to start
 /// on the placeholder secrets, naming the variable to set.
 #[test]
@@ -216,7 +212,8 @@ fn the_compose_file_wires_health_traces_and_profiles() {
 }
 
 /// The emulator's set-up makes the tables the CloudFormation stack makes in
-/// AWS, no more, no fewer (the services create none in either).
+/// AWS, no more, no fewer (the services create none in either), and gives
+/// the tenant-access role the same item actions.
 #[test]
 fn the_emulator_set_up_and_the_cloudformation_stack_make_the_same_tables() {
     use tenantmesh_isolation::backend::ServiceConfig;
@@ -237,6 +234,16 @@ fn the_emulator_set_up_and_the_cloudformation_stack_make_the_same_tables() {
     {
         assert!(cfn.contains(&table), "no {table} table in the stack");
     }
+    // And the tenant-access role gets the same ceiling: the item actions.
+    let actions = |text: &str| -> std::collections::BTreeSet<String> {
+        // `dynamodb:GetItem`, not the `:dynamodb:` of a resource ARN.
+        let names = text.split("dynamodb:").skip(1).map(|a| a.chars().take_while(char::is_ascii_alphabetic).collect());
+        names.filter(|n: &String| !n.is_empty()).collect()
+    };
+    let init_role = script.split("items = {").nth(1).unwrap().split("try:").next().unwrap();
+    let stack_role = stack.split("PolicyName: tenant-items").nth(1).unwrap().split("ServicePolicy:").next().unwrap();
+    assert_eq!(actions(init_role), actions(stack_role));
+    assert!(actions(stack_role).contains("ConditionCheckItem"), "{:?}", actions(stack_role));
 }
 
 /// The processes of one profile, on free loopback ports.

@@ -28,10 +28,6 @@ use tonic::transport::Channel;
 
 const ONBOARDING_SECRET: &str = "crash-test-onboarding-secret";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn channel(port: u16) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy()
 }

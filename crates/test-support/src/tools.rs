@@ -28,3 +28,8 @@ pub fn tool(name: &str) -> PathBuf {
     assert!(path.exists(), "{} is missing: run `cargo xtask setup` (or `cargo xtask test`)", path.display());
     path
 }
+
+/// A loopback port free when asked (for a process that binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port()
+}
