@@ -97,8 +97,10 @@ async fn models_side_by_side_never_see_each_other() {
             req.metadata_mut().insert("x-tenant-id", other.tenant_id.parse().unwrap());
             expect_code(mesh.data().get_item(req).await, Code::PermissionDenied);
             // Lifecycle calls are for the service role only.
-            let export =
-                ExportItemsRequest { store: Some(StoreRef { tenant_id: other.tenant_id.clone(), table: "x".into() }) };
+            let export = ExportItemsRequest {
+                store: Some(StoreRef { tenant_id: other.tenant_id.clone(), table: "x".into() }),
+                ..Default::default()
+            };
             expect_code(mesh.data_admin().export_items(authed(export, &t.token)).await, Code::PermissionDenied);
         }
     }
@@ -112,13 +114,14 @@ async fn models_side_by_side_never_see_each_other() {
         expect_code(direct.get_item(authed(get(), &other.token)).await, Code::PermissionDenied);
         let export = ExportItemsRequest {
             store: Some(StoreRef { tenant_id: other.tenant_id.clone(), table: placements[0].table.clone() }),
+            ..Default::default()
         };
         let mut admin = data_admin_client::DataAdminClient::new(channel.clone());
         expect_code(admin.export_items(authed(export, &mesh.service_token().await)).await, Code::PermissionDenied);
     }
     // A tenant's placement never reaches another tenant's dedicated table.
     let foreign = StoreRef { tenant_id: pool.tenant_id.clone(), table: placements[1].table.clone() };
-    let req = authed(ExportItemsRequest { store: Some(foreign) }, &mesh.service_token().await);
+    let req = authed(ExportItemsRequest { store: Some(foreign), ..Default::default() }, &mesh.service_token().await);
     expect_invalid(mesh.data_admin().export_items(req).await, "store.table");
 
     // The silo instance comes back after a restart, on the same endpoint.

@@ -133,16 +133,31 @@ impl Table for ScopedTable {
         data: Vec<u8>,
         condition: Condition,
         fence_sk: &str,
+        undo_sk: Option<&str>,
     ) -> Result<Item> {
         self.check(Action::ConditionCheckItem, pk)?;
         self.check(Action::PutItem, pk)?;
-        self.inner.put_fenced(pk, sk, data, condition, fence_sk).await
+        if undo_sk.is_some() {
+            self.check(Action::GetItem, pk)?;
+        }
+        self.inner.put_fenced(pk, sk, data, condition, fence_sk, undo_sk).await
     }
 
-    async fn delete_fenced(&self, pk: &str, sk: &str, condition: Condition, fence_sk: &str) -> Result<Option<u64>> {
+    async fn delete_fenced(
+        &self,
+        pk: &str,
+        sk: &str,
+        condition: Condition,
+        fence_sk: &str,
+        undo_sk: Option<&str>,
+    ) -> Result<Option<u64>> {
         self.check(Action::ConditionCheckItem, pk)?;
         self.check(Action::DeleteItem, pk)?;
-        self.inner.delete_fenced(pk, sk, condition, fence_sk).await
+        if undo_sk.is_some() {
+            self.check(Action::GetItem, pk)?;
+            self.check(Action::PutItem, pk)?;
+        }
+        self.inner.delete_fenced(pk, sk, condition, fence_sk, undo_sk).await
     }
 
     async fn query(&self, query: Query) -> Result<Page> {
@@ -191,8 +206,9 @@ mod tests {
         denied(acme.get("globex", "notes#1").await);
         denied(acme.put("globex", "notes#1", b"overwrite".to_vec(), Condition::None).await);
         denied(acme.delete("globex", "notes#1", Condition::None).await);
-        denied(acme.put_fenced("globex", "notes#1", b"overwrite".to_vec(), Condition::None, "~fence").await);
-        denied(acme.delete_fenced("globex", "notes#1", Condition::None, "~fence").await);
+        denied(acme.put_fenced("globex", "notes#1", b"overwrite".to_vec(), Condition::None, "~fence", None).await);
+        denied(acme.delete_fenced("globex", "notes#1", Condition::None, "~fence", None).await);
+        denied(acme.put_fenced("globex", "notes#1", b"x".to_vec(), Condition::None, "~fence", Some("~u#1")).await);
         denied(acme.query(Query { pk: "globex".into(), sk_prefix: String::new(), start_after: None, limit: 10 }).await);
         let mixed = vec![
             Write::Put { pk: "acme".into(), sk: "a".into(), data: vec![], condition: Condition::None },

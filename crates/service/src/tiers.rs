@@ -32,10 +32,22 @@ pub struct Tier {
     /// the other tiers'; 1 when unset.
     #[serde(default = "one")]
     pub weight: u32,
+    /// How long each tenant's change history is kept: how far back
+    /// RestoreTenant reaches (default 7 days).
+    #[serde(default = "seven")]
+    pub history_days: u32,
+    /// Whether the tenant's own admins may call RestoreTenant (default:
+    /// platform admins only).
+    #[serde(default)]
+    pub tenant_restore: bool,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn seven() -> u32 {
+    7
 }
 
 impl Tier {
@@ -45,6 +57,11 @@ impl Tier {
             Isolation::Bridge => IsolationModel::Bridge,
             Isolation::Silo => IsolationModel::Silo,
         }
+    }
+
+    /// The history's retention in microseconds.
+    pub fn history_us(&self) -> i64 {
+        i64::from(self.history_days) * 86_400 * 1_000_000
     }
 
     pub fn limits(&self) -> TenantLimits {

@@ -15,6 +15,38 @@ pub async fn run_all(table: &dyn Table) {
     empty_keys_are_invalid(table).await;
     restore_keeps_versions(table).await;
     fenced_writes(table).await;
+    undo_records(table).await;
+}
+
+/// A fenced write with an undo key writes, in the same step, the item as
+/// it was before; a refused one writes neither.
+pub async fn undo_records(t: &dyn Table) {
+    use crate::BeforeImage;
+    const FENCE: &str = "~fence";
+    let pk = "c-undo";
+    let record = |sk: &'static str| async move {
+        BeforeImage::decode(&t.get(pk, sk).await.unwrap().expect("an undo record").data).unwrap()
+    };
+    t.put_fenced(pk, "k", b"one".to_vec(), Condition::None, FENCE, Some("~u1")).await.unwrap();
+    assert_eq!(record("~u1").await, BeforeImage { sk: "k".into(), version: 0, data: vec![] });
+    let two = t.put_fenced(pk, "k", b"two".to_vec(), Condition::Version(1), FENCE, Some("~u2")).await.unwrap();
+    assert_eq!(
+        (two.version, record("~u2").await),
+        (2, BeforeImage { sk: "k".into(), version: 1, data: b"one".to_vec() })
+    );
+    let stale = t.put_fenced(pk, "k", b"x".to_vec(), Condition::Version(1), FENCE, Some("~u3")).await;
+    assert!(matches!(stale, Err(StorageError::ConditionFailed { current: Some(2), .. })), "{stale:?}");
+    assert_eq!(t.get(pk, "~u3").await.unwrap(), None);
+    assert_eq!(t.delete_fenced(pk, "k", Condition::Exists, FENCE, Some("~u4")).await.unwrap(), Some(2));
+    assert_eq!(record("~u4").await, BeforeImage { sk: "k".into(), version: 2, data: b"two".to_vec() });
+    assert_eq!(t.get(pk, "k").await.unwrap(), None);
+    // Nothing deleted, nothing recorded.
+    assert_eq!(t.delete_fenced(pk, "k", Condition::None, FENCE, Some("~u5")).await.unwrap(), None);
+    assert_eq!(t.get(pk, "~u5").await.unwrap(), None);
+    t.put(pk, FENCE, Vec::new(), Condition::NotExists).await.unwrap();
+    let fenced = t.put_fenced(pk, "k", b"late".to_vec(), Condition::None, FENCE, Some("~u6")).await;
+    assert!(matches!(fenced, Err(StorageError::Fenced)), "{fenced:?}");
+    assert_eq!((t.get(pk, "k").await.unwrap(), t.get(pk, "~u6").await.unwrap()), (None, None));
 }
 
 /// Fenced writes behave as plain ones until their partition's fence item
@@ -22,38 +54,38 @@ pub async fn run_all(table: &dyn Table) {
 pub async fn fenced_writes(t: &dyn Table) {
     const FENCE: &str = "~fence";
     let (pk, other) = ("c-fence", "c-fence-other");
-    let a = t.put_fenced(pk, "k", b"one".to_vec(), Condition::None, FENCE).await.unwrap();
+    let a = t.put_fenced(pk, "k", b"one".to_vec(), Condition::None, FENCE, None).await.unwrap();
     assert_eq!(a.version, 1);
-    let b = t.put_fenced(pk, "k", b"two".to_vec(), Condition::None, FENCE).await.unwrap();
+    let b = t.put_fenced(pk, "k", b"two".to_vec(), Condition::None, FENCE, None).await.unwrap();
     assert_eq!((b.version, t.get(pk, "k").await.unwrap().unwrap().version), (2, 2));
-    let c = t.put_fenced(pk, "k", b"three".to_vec(), Condition::Version(2), FENCE).await.unwrap();
+    let c = t.put_fenced(pk, "k", b"three".to_vec(), Condition::Version(2), FENCE, None).await.unwrap();
     assert_eq!(c.version, 3);
-    let stale = t.put_fenced(pk, "k", b"x".to_vec(), Condition::Version(2), FENCE).await;
+    let stale = t.put_fenced(pk, "k", b"x".to_vec(), Condition::Version(2), FENCE, None).await;
     assert!(matches!(stale, Err(StorageError::ConditionFailed { current: Some(3), .. })), "{stale:?}");
-    let taken = t.put_fenced(pk, "k", b"x".to_vec(), Condition::NotExists, FENCE).await;
+    let taken = t.put_fenced(pk, "k", b"x".to_vec(), Condition::NotExists, FENCE, None).await;
     assert!(matches!(taken, Err(StorageError::ConditionFailed { current: Some(3), .. })), "{taken:?}");
-    let missing = t.delete_fenced(pk, "absent", Condition::Exists, FENCE).await;
+    let missing = t.delete_fenced(pk, "absent", Condition::Exists, FENCE, None).await;
     assert!(matches!(missing, Err(StorageError::ConditionFailed { current: None, .. })), "{missing:?}");
-    assert_eq!(t.delete_fenced(pk, "absent", Condition::None, FENCE).await.unwrap(), None);
-    t.put_fenced(pk, "gone", b"g".to_vec(), Condition::NotExists, FENCE).await.unwrap();
-    assert_eq!(t.delete_fenced(pk, "gone", Condition::Exists, FENCE).await.unwrap(), Some(1));
+    assert_eq!(t.delete_fenced(pk, "absent", Condition::None, FENCE, None).await.unwrap(), None);
+    t.put_fenced(pk, "gone", b"g".to_vec(), Condition::NotExists, FENCE, None).await.unwrap();
+    assert_eq!(t.delete_fenced(pk, "gone", Condition::Exists, FENCE, None).await.unwrap(), Some(1));
 
     // Raised: nothing is written, whatever the condition.
     t.put(pk, FENCE, Vec::new(), Condition::None).await.unwrap();
     for condition in [Condition::None, Condition::Version(3), Condition::NotExists] {
-        let r = t.put_fenced(pk, "k", b"late".to_vec(), condition, FENCE).await;
+        let r = t.put_fenced(pk, "k", b"late".to_vec(), condition, FENCE, None).await;
         assert!(matches!(r, Err(StorageError::Fenced)), "{condition:?}: {r:?}");
     }
-    let r = t.delete_fenced(pk, "k", Condition::Exists, FENCE).await;
+    let r = t.delete_fenced(pk, "k", Condition::Exists, FENCE, None).await;
     assert!(matches!(r, Err(StorageError::Fenced)), "{r:?}");
     let kept = t.get(pk, "k").await.unwrap().unwrap();
     assert_eq!((kept.version, kept.data.as_slice()), (3, b"three".as_slice()));
     // Another partition's writes go on.
-    t.put_fenced(other, "k", b"o".to_vec(), Condition::None, FENCE).await.unwrap();
+    t.put_fenced(other, "k", b"o".to_vec(), Condition::None, FENCE, None).await.unwrap();
 
     // Lowered: writes go on from where they were.
     t.delete(pk, FENCE, Condition::Exists).await.unwrap();
-    assert_eq!(t.put_fenced(pk, "k", b"four".to_vec(), Condition::Version(3), FENCE).await.unwrap().version, 4);
+    assert_eq!(t.put_fenced(pk, "k", b"four".to_vec(), Condition::Version(3), FENCE, None).await.unwrap().version, 4);
 }
 
 pub async fn restore_keeps_versions(t: &dyn Table) {

@@ -88,19 +88,22 @@ fn version_of(raw: &[u8]) -> Option<u64> {
 
 /// A write waiting for the writer thread.
 enum Op {
-    /// `fence`: a sort key in `pk` that must not exist.
+    /// `fence`: a sort key in `pk` that must not exist; `undo`: where in
+    /// `pk` to write the item's before-image.
     Put {
         pk: String,
         sk: String,
         data: Vec<u8>,
         condition: Condition,
         fence: Option<String>,
+        undo: Option<String>,
     },
     Delete {
         pk: String,
         sk: String,
         condition: Condition,
         fence: Option<String>,
+        undo: Option<String>,
     },
     Transact(Vec<Write>),
     Restore(Item),
@@ -143,26 +146,42 @@ impl Op {
                 None => false,
             })
         };
+        // The item's before-image, written under `undo` in `pk`.
+        let log = |table: &mut redb::Table<(&str, &str), &[u8]>, pk: &str, sk: &str, undo: &str| -> Result<()> {
+            let before = match table.get((pk, sk)).map_err(backend)? {
+                Some(raw) => Some(decode(pk, sk, raw.value())?),
+                None => None,
+            };
+            let record = encode(1, &crate::BeforeImage::of(sk, before.as_ref()).encode());
+            table.insert((pk, undo), record.as_slice()).map_err(backend)?;
+            Ok(())
+        };
         Ok(match self {
-            Op::Put { pk, sk, data, condition, fence } => {
+            Op::Put { pk, sk, data, condition, fence, undo } => {
                 if fenced(table, &pk, &fence)? {
                     return Ok(Err(StorageError::Fenced));
                 }
                 let current = current(table, &pk, &sk)?;
                 if !condition.holds(current) {
                     return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
+                }
+                if let Some(undo) = &undo {
+                    log(table, &pk, &sk, undo)?;
                 }
                 let version = current.unwrap_or(0) + 1;
                 table.insert((pk.as_str(), sk.as_str()), encode(version, &data).as_slice()).map_err(backend)?;
                 Ok(Done::Put(Item { pk, sk, version, data }))
             }
-            Op::Delete { pk, sk, condition, fence } => {
+            Op::Delete { pk, sk, condition, fence, undo } => {
                 if fenced(table, &pk, &fence)? {
                     return Ok(Err(StorageError::Fenced));
                 }
                 let current = current(table, &pk, &sk)?;
                 if !condition.holds(current) {
                     return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
+                }
+                if let (Some(undo), Some(_)) = (&undo, current) {
+                    log(table, &pk, &sk, undo)?;
                 }
                 if current.is_some() {
                     table.remove((pk.as_str(), sk.as_str())).map_err(backend)?;
@@ -441,18 +460,28 @@ impl EmbeddedTable {
         data: Vec<u8>,
         condition: Condition,
         fence: Option<&str>,
+        undo: Option<&str>,
     ) -> Result<Item> {
         check_key(pk, sk)?;
-        let op = Op::Put { pk: pk.to_owned(), sk: sk.to_owned(), data, condition, fence: fence.map(str::to_owned) };
+        let (fence, undo) = (fence.map(str::to_owned), undo.map(str::to_owned));
+        let op = Op::Put { pk: pk.to_owned(), sk: sk.to_owned(), data, condition, fence, undo };
         match self.shared.submit(op).await? {
             Done::Put(item) => Ok(item),
             _ => unreachable!("a put answers with its item"),
         }
     }
 
-    async fn delete_with(&self, pk: &str, sk: &str, condition: Condition, fence: Option<&str>) -> Result<Option<u64>> {
+    async fn delete_with(
+        &self,
+        pk: &str,
+        sk: &str,
+        condition: Condition,
+        fence: Option<&str>,
+        undo: Option<&str>,
+    ) -> Result<Option<u64>> {
         check_key(pk, sk)?;
-        let op = Op::Delete { pk: pk.to_owned(), sk: sk.to_owned(), condition, fence: fence.map(str::to_owned) };
+        let (fence, undo) = (fence.map(str::to_owned), undo.map(str::to_owned));
+        let op = Op::Delete { pk: pk.to_owned(), sk: sk.to_owned(), condition, fence, undo };
         match self.shared.submit(op).await? {
             Done::Delete(version) => Ok(version),
             _ => unreachable!("a delete answers with the deleted version"),
@@ -478,14 +507,15 @@ impl Table for EmbeddedTable {
     }
 
     async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
-        self.put_with(pk, sk, data, condition, None).await
+        self.put_with(pk, sk, data, condition, None, None).await
     }
 
     async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>> {
-        self.delete_with(pk, sk, condition, None).await
+        self.delete_with(pk, sk, condition, None, None).await
     }
 
-    /// One write transaction checks the fence and writes, as a plain put.
+    /// One write (in the writer's group transaction) checks the fence,
+    /// writes the undo record and the item, as a plain put.
     async fn put_fenced(
         &self,
         pk: &str,
@@ -493,14 +523,24 @@ impl Table for EmbeddedTable {
         data: Vec<u8>,
         condition: Condition,
         fence_sk: &str,
+        undo_sk: Option<&str>,
     ) -> Result<Item> {
         check_key(pk, fence_sk)?;
-        self.put_with(pk, sk, data, condition, Some(fence_sk)).await
+        check_key(pk, undo_sk.unwrap_or(fence_sk))?;
+        self.put_with(pk, sk, data, condition, Some(fence_sk), undo_sk).await
     }
 
-    async fn delete_fenced(&self, pk: &str, sk: &str, condition: Condition, fence_sk: &str) -> Result<Option<u64>> {
+    async fn delete_fenced(
+        &self,
+        pk: &str,
+        sk: &str,
+        condition: Condition,
+        fence_sk: &str,
+        undo_sk: Option<&str>,
+    ) -> Result<Option<u64>> {
         check_key(pk, fence_sk)?;
-        self.delete_with(pk, sk, condition, Some(fence_sk)).await
+        check_key(pk, undo_sk.unwrap_or(fence_sk))?;
+        self.delete_with(pk, sk, condition, Some(fence_sk), undo_sk).await
     }
 
     async fn query(&self, query: Query) -> Result<Page> {

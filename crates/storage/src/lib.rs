@@ -164,8 +164,13 @@ pub trait Table: Send + Sync + 'static {
     /// all: what a workflow that raises the fence and then copies the
     /// partition relies on.
     ///
-    /// This default is a transaction (a check and a write) conditioned on
-    /// the item's version, read first when `condition` names none.
+    /// With `undo_sk`, the same atomic step also writes, under `(pk,
+    /// undo_sk)`, the item's [`BeforeImage`]: what it was just before this
+    /// write (an undo record; the caller makes `undo_sk` unique).
+    ///
+    /// This default is a transaction (a check and a write, and the undo
+    /// record) conditioned on the item's version, read first when
+    /// `condition` names none or the before-image is needed.
     async fn put_fenced(
         &self,
         pk: &str,
@@ -173,10 +178,11 @@ pub trait Table: Send + Sync + 'static {
         data: Vec<u8>,
         condition: Condition,
         fence_sk: &str,
+        undo_sk: Option<&str>,
     ) -> Result<Item> {
         loop {
-            let (expected, read) = expected_version(self, pk, sk, condition).await?;
-            let writes = vec![
+            let (expected, read, undo) = fenced_read(self, pk, sk, condition, undo_sk).await?;
+            let mut writes = vec![
                 Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists },
                 Write::Put {
                     pk: pk.into(),
@@ -185,6 +191,7 @@ pub trait Table: Send + Sync + 'static {
                     condition: Condition::Version(expected),
                 },
             ];
+            writes.extend(undo);
             match fenced_outcome(self.transact_write(writes).await, read) {
                 Some(Ok(())) => return Ok(Item { pk: pk.into(), sk: sk.into(), version: expected + 1, data }),
                 Some(Err(e)) => return Err(e),
@@ -194,23 +201,103 @@ pub trait Table: Send + Sync + 'static {
     }
 
     /// [`Table::delete`], provided the fence item `(pk, fence_sk)` does not
-    /// exist (see [`Table::put_fenced`]).
-    async fn delete_fenced(&self, pk: &str, sk: &str, condition: Condition, fence_sk: &str) -> Result<Option<u64>> {
+    /// exist, with an undo record when it deletes something and `undo_sk`
+    /// is set (see [`Table::put_fenced`]).
+    async fn delete_fenced(
+        &self,
+        pk: &str,
+        sk: &str,
+        condition: Condition,
+        fence_sk: &str,
+        undo_sk: Option<&str>,
+    ) -> Result<Option<u64>> {
         loop {
-            let (expected, read) = expected_version(self, pk, sk, condition).await?;
+            let (expected, read, undo) = fenced_read(self, pk, sk, condition, undo_sk).await?;
             let fence = Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists };
-            let write = if expected == 0 {
-                Write::Check { pk: pk.into(), sk: sk.into(), condition: Condition::NotExists }
+            let writes = if expected == 0 {
+                vec![fence, Write::Check { pk: pk.into(), sk: sk.into(), condition: Condition::NotExists }]
             } else {
-                Write::Delete { pk: pk.into(), sk: sk.into(), condition: Condition::Version(expected) }
+                let delete = Write::Delete { pk: pk.into(), sk: sk.into(), condition: Condition::Version(expected) };
+                let mut w = vec![fence, delete];
+                w.extend(undo);
+                w
             };
-            match fenced_outcome(self.transact_write(vec![fence, write]).await, read) {
+            match fenced_outcome(self.transact_write(writes).await, read) {
                 Some(Ok(())) => return Ok((expected > 0).then_some(expected)),
                 Some(Err(e)) => return Err(e),
                 None => continue,
             }
         }
     }
+}
+
+/// An item as it was just before a write: what an undo record holds.
+/// `version` 0: it did not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeforeImage {
+    pub sk: String,
+    pub version: u64,
+    pub data: Vec<u8>,
+}
+
+impl BeforeImage {
+    /// The before-image of `(_, sk)` when it is `item`.
+    pub fn of(sk: &str, item: Option<&Item>) -> Self {
+        match item {
+            Some(i) => BeforeImage { sk: sk.to_owned(), version: i.version, data: i.data.clone() },
+            None => BeforeImage { sk: sk.to_owned(), version: 0, data: Vec::new() },
+        }
+    }
+
+    /// `version` (8 bytes LE), the sort key's length (4 bytes LE), the
+    /// sort key, the item's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12 + self.sk.len() + self.data.len());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.sk.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.sk.as_bytes());
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let bad = || StorageError::Backend("an undo record is damaged".into());
+        let version = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+        let len = u32::from_le_bytes(bytes.get(8..12).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+        let sk = std::str::from_utf8(bytes.get(12..12 + len).ok_or_else(bad)?).map_err(|_| bad())?.to_owned();
+        Ok(BeforeImage { sk, version, data: bytes[12 + len..].to_vec() })
+    }
+}
+
+/// What a fenced write of `(pk, sk)` under `condition` expects: the
+/// version (0: absent), whether it was read rather than given (a read one
+/// that changes before the write is read again), and with `undo_sk` the
+/// undo record to write with it (which needs the item read).
+async fn fenced_read<T: Table + ?Sized>(
+    table: &T,
+    pk: &str,
+    sk: &str,
+    condition: Condition,
+    undo_sk: Option<&str>,
+) -> Result<(u64, bool, Option<Write>)> {
+    let Some(undo_sk) = undo_sk else {
+        let (expected, read) = expected_version(table, pk, sk, condition).await?;
+        return Ok((expected, read, None));
+    };
+    let current = table.get(pk, sk).await?;
+    let version = current.as_ref().map(|i| i.version);
+    if !condition.holds(version) {
+        return Err(StorageError::ConditionFailed { index: 0, current: version });
+    }
+    // Unique by the caller's choice of key; no condition, so a retry after
+    // a concurrent change of the item writes it again.
+    let undo = Write::Put {
+        pk: pk.into(),
+        sk: undo_sk.into(),
+        data: BeforeImage::of(sk, current.as_ref()).encode(),
+        condition: Condition::None,
+    };
+    Ok((version.unwrap_or(0), true, Some(undo)))
 }
 
 /// The version a fenced write of `(pk, sk)` under `condition` expects (0:

@@ -56,6 +56,8 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.onboarding.v1.Onboarding/ChangeTier", Access::Roles(&[PA])),
     ("/tenantmesh.onboarding.v1.Onboarding/WatchEvents", Access::Roles(&[PA, TA])),
     ("/tenantmesh.onboarding.v1.Onboarding/ListTenantResources", Access::Roles(&[PA, TA, SVC])),
+    // A tenant admin only for their own tenant, and only when its tier allows it (the handler checks).
+    ("/tenantmesh.onboarding.v1.Onboarding/RestoreTenant", Access::Roles(&[PA, TA])),
     ("/tenantmesh.data.v1.Data/PutItem", Access::Roles(TENANT_DATA)),
     ("/tenantmesh.data.v1.Data/GetItem", Access::Roles(TENANT_DATA)),
     ("/tenantmesh.data.v1.Data/DeleteItem", Access::Roles(TENANT_DATA)),
@@ -66,6 +68,8 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/tenantmesh.data.v1.DataAdmin/ImportItems", Access::Roles(&[SVC])),
     ("/tenantmesh.data.v1.DataAdmin/PurgeItems", Access::Roles(&[SVC])),
     ("/tenantmesh.data.v1.DataAdmin/SetFence", Access::Roles(&[SVC])),
+    ("/tenantmesh.data.v1.DataAdmin/RewindItems", Access::Roles(&[SVC])),
+    ("/tenantmesh.data.v1.DataAdmin/TrimHistory", Access::Roles(&[SVC])),
     // Usage is recorded by the platform (applications with a service
     // identity, or an operator's correction), never by the tenant it bills.
     ("/tenantmesh.metering.v1.Metering/RecordUsage", Access::Roles(PLATFORM)),

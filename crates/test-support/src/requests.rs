@@ -45,7 +45,10 @@ pub async fn exported_items(
     table: &str,
 ) -> Result<usize, Status> {
     use tenantmesh_proto::data::v1::{ExportItemsRequest, StoreRef};
-    let req = ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant_id.into(), table: table.into() }) };
+    let req = ExportItemsRequest {
+        store: Some(StoreRef { tenant_id: tenant_id.into(), table: table.into() }),
+        ..Default::default()
+    };
     let mut stream = admin.export_items(authed(req, token)).await?.into_inner();
     let mut n = 0;
     while let Some(batch) = stream.message().await? {

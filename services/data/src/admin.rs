@@ -1,5 +1,6 @@
-//! `DataAdmin`: the data plane's lifecycle calls, for the onboarding
-//! workflows only (the access table allows the service role and nobody
+//! `DataAdmin`: the data plane's lifecycle calls (provision, export,
+//! import, purge, fence, rewind to an instant, trim history), for the
+//! onboarding workflows only (the access table allows the service role and nobody
 //! else). Every call names a tenant and a table; the table must be the
 //! pooled one or that tenant's own dedicated one, and the tenant's session
 //! policy still confines every storage call to its partition.
@@ -16,6 +17,7 @@ use tenantmesh_storage::{Condition, DynTable, Item, Query, StorageError};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::history::{self, HistoryError};
 use crate::{DataError, FENCE_SK, reserved_sort_key};
 
 /// Largest number of items in one ImportItems call.
@@ -66,6 +68,22 @@ fn storage_status(e: StorageError) -> Status {
     DataError::from(e).into()
 }
 
+fn history_status(e: HistoryError) -> Status {
+    match e {
+        HistoryError::TooOld { start_us } => Status::failed_precondition(match start_us {
+            Some(s) => format!(
+                "the tenant's change history starts at {s} µs since the epoch; no earlier instant can be restored"
+            ),
+            None => "the tenant has no change history yet (none of its writes has been logged)".to_owned(),
+        }),
+        HistoryError::Storage(e) => storage_status(e),
+    }
+}
+
+fn stored(i: Item) -> StoredItem {
+    StoredItem { sort_key: i.sk, version: i.version, data: i.data }
+}
+
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportItemsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -100,7 +118,19 @@ impl DataAdmin for DataAdminService {
     ) -> Result<Response<Self::ExportItemsStream>, Status> {
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        if req.include_history && req.as_of_us.is_some() {
+            return Err(invalid_field("include_history", "cannot be set with as_of_us"));
+        }
         let store = self.store(&tenant, &table).await?;
+        if let Some(at) = req.as_of_us {
+            let items = history::items_at(store.as_ref(), &tenant, at).await.map_err(history_status)?;
+            let pages: Vec<_> = items
+                .chunks(PAGE)
+                .map(|c| Ok(ExportItemsResponse { items: c.iter().cloned().map(stored).collect() }))
+                .collect();
+            return Ok(Response::new(Box::pin(tokio_stream::iter(pages))));
+        }
+        let exported = move |sk: &str| !reserved_sort_key(sk) || (req.include_history && history::is_history(sk));
         // The first page before answering: a missing table or an outage is
         // the call's status, not a broken stream.
         let first = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after: None, limit: PAGE };
@@ -109,11 +139,8 @@ impl DataAdmin for DataAdminService {
         tokio::spawn(async move {
             let mut page = first;
             loop {
-                let items = std::mem::take(&mut page.items)
-                    .into_iter()
-                    .filter(|i| !reserved_sort_key(&i.sk))
-                    .map(|i| StoredItem { sort_key: i.sk, version: i.version, data: i.data })
-                    .collect();
+                let items =
+                    std::mem::take(&mut page.items).into_iter().filter(|i| exported(&i.sk)).map(stored).collect();
                 if tx.send(Ok(ExportItemsResponse { items })).await.is_err() {
                     return;
                 }
@@ -144,8 +171,11 @@ impl DataAdmin for DataAdminService {
         for (i, item) in req.items.iter().enumerate() {
             if item.sort_key.is_empty() || item.sort_key.len() > MAX_SORT_KEY_LEN {
                 v.add(&format!("items[{i}].sort_key"), format!("must be 1 to {MAX_SORT_KEY_LEN} bytes"));
-            } else if reserved_sort_key(&item.sort_key) {
-                v.add(&format!("items[{i}].sort_key"), "must not start with '~' (reserved for the service)");
+            } else if reserved_sort_key(&item.sort_key) && !history::is_history(&item.sort_key) {
+                v.add(
+                    &format!("items[{i}].sort_key"),
+                    "must not start with '~' (reserved for the service), unless it is change history",
+                );
             }
             if item.version == 0 {
                 v.add(&format!("items[{i}].version"), "must be at least 1");
@@ -172,7 +202,8 @@ impl DataAdmin for DataAdminService {
         loop {
             let q = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after, limit: PAGE };
             let page = store.query(q).await.map_err(storage_status)?;
-            for item in page.items.iter().filter(|i| !reserved_sort_key(&i.sk)) {
+            // Items and their history; the fence stays.
+            for item in page.items.iter().filter(|i| i.sk != FENCE_SK) {
                 if store.delete(&tenant, &item.sk, Condition::None).await.map_err(storage_status)?.is_some() {
                     deleted += 1;
                 }
@@ -201,5 +232,41 @@ impl DataAdmin for DataAdminService {
         };
         tracing::info!(target_tenant = %tenant, table, raised = req.raised, changed, "write fence set");
         Ok(Response::new(SetFenceResponse { changed }))
+    }
+
+    async fn rewind_items(
+        &self,
+        request: Request<RewindItemsRequest>,
+    ) -> Result<Response<RewindItemsResponse>, Status> {
+        let req = request.into_inner();
+        let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        if req.point_in_time_us <= 0 {
+            return Err(invalid_field("point_in_time_us", "must be a time after the Unix epoch"));
+        }
+        let store = self.store(&tenant, &table).await?;
+        let started = std::time::Instant::now();
+        let done = history::rewind(store.as_ref(), &tenant, req.point_in_time_us).await.map_err(history_status)?;
+        tracing::info!(
+            target_tenant = %tenant,
+            table,
+            point_in_time_us = req.point_in_time_us,
+            restored = done.restored,
+            deleted = done.deleted,
+            ms = started.elapsed().as_millis() as u64,
+            "items rewound"
+        );
+        Ok(Response::new(RewindItemsResponse { restored: done.restored, deleted: done.deleted }))
+    }
+
+    async fn trim_history(
+        &self,
+        request: Request<TrimHistoryRequest>,
+    ) -> Result<Response<TrimHistoryResponse>, Status> {
+        let req = request.into_inner();
+        let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        let store = self.store(&tenant, &table).await?;
+        let trimmed = history::trim(store.as_ref(), &tenant, req.before_us).await.map_err(storage_status)?;
+        tracing::debug!(target_tenant = %tenant, table, trimmed, before_us = req.before_us, "history trimmed");
+        Ok(Response::new(TrimHistoryResponse { trimmed }))
     }
 }

@@ -28,6 +28,7 @@
 
 pub mod admin;
 mod error;
+pub mod history;
 pub mod metering;
 pub mod quota;
 pub mod storage_meter;
@@ -192,6 +193,9 @@ pub struct DataService {
     quotas: Arc<quota::Quotas>,
     stall_writes: Option<std::time::Duration>,
     meters: Option<Arc<Meters>>,
+    /// `<table>\0<tenant>` of the partitions this process has seen marked
+    /// as having their history (see [`history`]) complete.
+    history_started: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// The data RPCs, by their index in the usage counters.
@@ -276,6 +280,7 @@ impl DataService {
             quotas: Arc::new(quota::Quotas::new(std::time::Duration::from_secs(10))),
             stall_writes: None,
             meters: None,
+            history_started: Default::default(),
         }
     }
 
@@ -355,7 +360,46 @@ impl DataService {
         }
         let table = placement.map(|p| p.table.as_str()).filter(|t| !t.is_empty()).unwrap_or(self.stores.pooled_table());
         let tenant = ctx.tenant_id.clone();
-        Ok(Route::Local { store: self.store(&tenant, table).await?, tenant })
+        let store = self.store(&tenant, table).await?;
+        if write {
+            self.start_history(&tenant, table, &store).await?;
+        }
+        Ok(Route::Local { store, tenant })
+    }
+
+    /// Before this process's first write of `tenant` in `table`: marks its
+    /// history complete from now, unless it already was (one conditional
+    /// write per tenant and process, while the fence is down).
+    async fn start_history(&self, tenant: &str, table: &str, store: &DynTable) -> Result<(), Status> {
+        let key = format!("{table}\0{tenant}");
+        if self.history_started.lock().expect("history lock").contains(&key) {
+            return Ok(());
+        }
+        let writes = vec![
+            tenantmesh_storage::Write::Check {
+                pk: tenant.into(),
+                sk: FENCE_SK.into(),
+                condition: Condition::NotExists,
+            },
+            tenantmesh_storage::Write::Put {
+                pk: tenant.into(),
+                sk: history::START_SK.into(),
+                data: history::now_us().to_string().into_bytes(),
+                condition: Condition::NotExists,
+            },
+        ];
+        match store.transact_write(writes).await {
+            // Fenced: the write is refused below, and the next one marks.
+            Err(StorageError::ConditionFailed { index: 0, .. }) => return Ok(()),
+            Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
+            Err(e) => return Err(DataError::from(e).into()),
+        }
+        let mut started = self.history_started.lock().expect("history lock");
+        if started.len() >= 100_000 {
+            started.clear();
+        }
+        started.insert(key);
+        Ok(())
     }
 
     /// `tenant`'s view of `table`, if the table may hold its items.
@@ -496,8 +540,9 @@ impl DataService {
         if let Some(stall) = self.stall_writes.filter(|_| item.id.starts_with("stall-")) {
             tokio::time::sleep(stall).await;
         }
-        let stored =
-            store.put_fenced(&tenant, &sk, item.encode_to_vec(), condition, FENCE_SK).await.map_err(|e| match e {
+        let stored = history::put(store.as_ref(), &tenant, &sk, item.encode_to_vec(), condition, FENCE_SK)
+            .await
+            .map_err(|e| match e {
                 StorageError::ConditionFailed { current, .. } => {
                     DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }
                 }
@@ -542,7 +587,7 @@ impl DataService {
             None => Condition::Exists,
         };
         let sk = sort_key(&req.collection, &req.id);
-        match store.delete_fenced(&tenant, &sk, condition, FENCE_SK).await {
+        match history::delete(store.as_ref(), &tenant, &sk, condition, FENCE_SK).await {
             Ok(_) => Ok((Response::new(DeleteItemResponse {}), Some(Usage::write(0, 0)))),
             Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
             Err(StorageError::ConditionFailed { current, .. }) => {
@@ -660,6 +705,7 @@ pub async fn serve(
                 &config.common.registry_url,
                 tokens,
                 config.storage_sample,
+                config.common.tiers.clone(),
             )?;
             Arc::new(sampler).start(sampling_stopped);
         }

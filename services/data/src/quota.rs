@@ -47,16 +47,20 @@ impl Quotas {
         Self { usage: Mutex::new(HashMap::new()), rescan_interval }
     }
 
-    /// The bytes of `pk`'s items in `store`, page by page.
-    pub async fn scan(store: &DynTable, pk: &str) -> Result<u64, StorageError> {
+    /// The bytes of `pk`'s items in `store`, page by page, and with
+    /// `with_history` those of its change history too (what it is billed
+    /// for; its quota counts only its items).
+    pub async fn scan(store: &DynTable, pk: &str, with_history: bool) -> Result<u64, StorageError> {
         let (mut bytes, mut start_after) = (0u64, None);
         loop {
             let q = Query { pk: pk.to_owned(), sk_prefix: String::new(), start_after, limit: 1000 };
             let page = store.query(q).await?;
-            bytes += page.items.iter().map(|i| i.data.len() as u64).sum::<u64>();
+            let counted = |i: &&tenantmesh_storage::Item| with_history || !i.sk.starts_with('~');
+            bytes += page.items.iter().filter(counted).map(|i| i.data.len() as u64).sum::<u64>();
             match page.last_evaluated {
-                Some(sk) => start_after = Some(sk),
-                None => return Ok(bytes),
+                // The service's own keys ('~') sort after every item.
+                Some(sk) if with_history || !sk.starts_with('~') => start_after = Some(sk),
+                _ => return Ok(bytes),
             }
         }
     }
@@ -84,7 +88,7 @@ impl Quotas {
                 return Ok(Err(OverQuota { tenant: tenant.to_owned(), quota, stored: u.bytes, size }));
             }
         }
-        let mut stored = Self::scan(store, tenant).await?;
+        let mut stored = Self::scan(store, tenant, false).await?;
         if stored + size > quota {
             // Over only if this is a new item: an overwrite frees its old bytes.
             let old = store.get(tenant, sk).await?.map_or(0, |i| i.data.len() as u64);

@@ -15,6 +15,10 @@
 //! `s#<interval start>`) is the one that counts: an interval is never
 //! counted twice. The cost is one read of every tenant's items per
 //! interval.
+//!
+//! Stored bytes include the tenant's change history (see
+//! [`crate::history`]), which the replica that filed the interval then
+//! trims to the tier's `history_days`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use std::time::Duration;
 
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_proto::data::v1::data_admin_client::DataAdminClient;
-use tenantmesh_proto::data::v1::{ExportItemsRequest, StoreRef};
+use tenantmesh_proto::data::v1::{ExportItemsRequest, StoreRef, TrimHistoryRequest};
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_proto::registry::v1::{Tenant, TenantStatus};
 use tenantmesh_service::metering::{self, Sample};
@@ -38,6 +42,15 @@ pub struct StorageSampler {
     registry: TenantRegistryClient<PropagatedChannel>,
     silos: std::sync::Mutex<HashMap<String, DataAdminClient<PropagatedChannel>>>,
     interval: Duration,
+    tiers: Arc<tenantmesh_service::tiers::Tiers>,
+}
+
+/// Where a tenant's items are: a silo instance (its DataAdmin, the table)
+/// or a store here.
+enum Kept {
+    Silo(DataAdminClient<PropagatedChannel>, StoreRef),
+    /// The tenant and the table, here.
+    Table(String, String),
 }
 
 impl StorageSampler {
@@ -48,6 +61,7 @@ impl StorageSampler {
         registry_url: &str,
         tokens: Arc<ServiceTokenSource>,
         interval: Duration,
+        tiers: Arc<tenantmesh_service::tiers::Tiers>,
     ) -> Result<Self, tonic::transport::Error> {
         let registry =
             TenantRegistryClient::new(client::wrap(client::channel(registry_url)?, Identity::Service(tokens.clone())));
@@ -59,6 +73,7 @@ impl StorageSampler {
             registry,
             silos: Default::default(),
             interval: interval.max(Duration::from_secs(1)),
+            tiers,
         })
     }
 
@@ -94,7 +109,14 @@ impl StorageSampler {
             if metering::sample_filed(&self.usage, &tenant.tenant_id, start).await.map_err(|e| e.to_string())? {
                 continue;
             }
-            match self.measure(tenant).await {
+            let kept = match self.kept(tenant) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured");
+                    continue;
+                }
+            };
+            match self.measure(&kept, &tenant.tenant_id).await {
                 Ok(bytes) => {
                     let sample = Sample { start, secs: self.interval.as_secs() as i64, bytes };
                     if metering::file_sample(&self.usage, &tenant.tenant_id, &sample)
@@ -102,6 +124,10 @@ impl StorageSampler {
                         .map_err(|e| e.to_string())?
                     {
                         filed += 1;
+                        // The replica that filed the interval trims too.
+                        if let Err(e) = self.trim(&kept, tenant).await {
+                            tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "change history not trimmed");
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured"),
@@ -110,26 +136,58 @@ impl StorageSampler {
         Ok(filed)
     }
 
-    /// `tenant`'s stored item bytes where its placement keeps them.
-    async fn measure(&self, tenant: &Tenant) -> Result<u64, String> {
+    /// Where `tenant`'s placement keeps its items.
+    fn kept(&self, tenant: &Tenant) -> Result<Kept, String> {
         let id = tenant.tenant_id.as_str();
         let placement = tenant.placement.clone().unwrap_or_default();
         let table = if placement.table.is_empty() { self.stores.pooled_table().to_owned() } else { placement.table };
         if !placement.endpoint.is_empty() {
-            let mut admin = self.silo(&placement.endpoint)?;
-            let req = ExportItemsRequest { store: Some(StoreRef { tenant_id: id.into(), table }) };
-            let mut pages = admin.export_items(req).await.map_err(|s| s.message().to_owned())?.into_inner();
-            let mut bytes = 0u64;
-            while let Some(page) = pages.message().await.map_err(|s| s.message().to_owned())? {
-                bytes += page.items.iter().map(|i| i.data.len() as u64).sum::<u64>();
-            }
-            return Ok(bytes);
+            return Ok(Kept::Silo(self.silo(&placement.endpoint)?, StoreRef { tenant_id: id.into(), table }));
         }
         if !tenantmesh_isolation::stores::table_allowed(self.stores.as_ref(), &self.table_prefix, id, &table) {
             return Err(format!("table {table} is not one of the tenant's"));
         }
-        let store = self.stores.store_for(id, &table).await.map_err(|e| e.to_string())?;
-        crate::quota::Quotas::scan(&store, id).await.map_err(|e| e.to_string())
+        Ok(Kept::Table(id.to_owned(), table))
+    }
+
+    /// `tenant`'s stored bytes, its items' and their change history's.
+    async fn measure(&self, kept: &Kept, id: &str) -> Result<u64, String> {
+        match kept {
+            Kept::Silo(admin, store) => {
+                let req =
+                    ExportItemsRequest { store: Some(store.clone()), include_history: true, ..Default::default() };
+                let mut pages = admin.clone().export_items(req).await.map_err(|s| s.message().to_owned())?.into_inner();
+                let mut bytes = 0u64;
+                while let Some(page) = pages.message().await.map_err(|s| s.message().to_owned())? {
+                    bytes += page.items.iter().map(|i| i.data.len() as u64).sum::<u64>();
+                }
+                Ok(bytes)
+            }
+            Kept::Table(_, table) => {
+                let store = self.stores.store_for(id, table).await.map_err(|e| e.to_string())?;
+                crate::quota::Quotas::scan(&store, id, true).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Deletes `tenant`'s change history older than its tier keeps.
+    async fn trim(&self, kept: &Kept, tenant: &Tenant) -> Result<(), String> {
+        let Some(tier) = self.tiers.get(&tenant.tier) else {
+            return Err(format!("tier {} is not in the tiers file", tenant.tier));
+        };
+        let before_us = crate::history::now_us() - tier.history_us();
+        let trimmed = match kept {
+            Kept::Silo(admin, store) => {
+                let req = TrimHistoryRequest { store: Some(store.clone()), before_us };
+                admin.clone().trim_history(req).await.map_err(|s| s.message().to_owned())?.into_inner().trimmed
+            }
+            Kept::Table(id, table) => {
+                let store = self.stores.store_for(id, table).await.map_err(|e| e.to_string())?;
+                crate::history::trim(store.as_ref(), id, before_us).await.map_err(|e| e.to_string())?
+            }
+        };
+        tracing::debug!(tenant_id = %tenant.tenant_id, trimmed, "change history trimmed");
+        Ok(())
     }
 
     fn silo(&self, endpoint: &str) -> Result<DataAdminClient<PropagatedChannel>, String> {

@@ -246,7 +246,7 @@ async fn data_admin_checks_its_input() {
     let bad_tenant = Some(StoreRef { tenant_id: "Bad!".into(), table: pooled.clone() });
     expect_invalid(admin.purge_items(authed(PurgeItemsRequest { store: bad_tenant }, &svc)).await, "store.tenant_id");
     // A dedicated table that was never provisioned.
-    let r = admin.export_items(authed(ExportItemsRequest { store: store(&own) }, &svc)).await;
+    let r = admin.export_items(authed(ExportItemsRequest { store: store(&own), ..Default::default() }, &svc)).await;
     expect_code(r, Code::FailedPrecondition);
 
     let item = |sk: &str, version: u64| StoredItem {

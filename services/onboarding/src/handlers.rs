@@ -73,7 +73,12 @@ pub(crate) fn workflow_id(tenant_id: &str, kind: Kind) -> String {
         Kind::Onboard => format!("{tenant_id}/onboard"),
         Kind::Offboard => format!("{tenant_id}/offboard"),
         Kind::ChangeTier => format!("{tenant_id}/change-tier/{}", now_millis()),
+        Kind::Restore => format!("{tenant_id}/restore/{}", now_millis()),
     }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
 }
 
 fn now_millis() -> u128 {
@@ -92,13 +97,16 @@ fn check_workflow_id(id: &str) -> Result<(), Status> {
     let ok = tenantmesh_service::validate_tenant_id(tenant).is_ok()
         && match rest.as_slice() {
             ["onboard"] | ["offboard"] => true,
-            ["change-tier", n] => !n.is_empty() && n.len() <= 20 && n.bytes().all(|c| c.is_ascii_digit()),
+            ["change-tier" | "restore", n] => !n.is_empty() && n.len() <= 20 && n.bytes().all(|c| c.is_ascii_digit()),
             _ => false,
         };
     if ok {
         Ok(())
     } else {
-        Err(invalid_field("workflow_id", "must be <tenant>/onboard, <tenant>/offboard or <tenant>/change-tier/<n>"))
+        Err(invalid_field(
+            "workflow_id",
+            "must be <tenant>/onboard, <tenant>/offboard, <tenant>/change-tier/<n> or <tenant>/restore/<n>",
+        ))
     }
 }
 
@@ -406,6 +414,97 @@ impl Onboarding for OnboardingService {
         tracing::info!(target_tenant = %tenant.tenant_id, from = %wf.from_tier, to = %req.tier, "tier change started");
         self.inner.engine.spawn(id.clone());
         Ok(Response::new(ChangeTierResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+    }
+
+    async fn restore_tenant(
+        &self,
+        request: Request<RestoreTenantRequest>,
+    ) -> Result<Response<RestoreTenantResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let now = now_micros();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        let at = match &req.point_in_time {
+            None => {
+                v.add("point_in_time", "is required");
+                0
+            }
+            Some(t) if t.seconds <= 0 || !(0..1_000_000_000).contains(&t.nanos) => {
+                v.add("point_in_time", "must be a valid time after the Unix epoch");
+                0
+            }
+            Some(t) => t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos / 1000)),
+        };
+        if at > now {
+            v.add("point_in_time", "is in the future");
+        }
+        let export = match RestoreTarget::try_from(req.target) {
+            Ok(RestoreTarget::Unspecified | RestoreTarget::InPlace) => false,
+            Ok(RestoreTarget::Export) => true,
+            Err(_) => {
+                v.add("target", "must be RESTORE_TARGET_IN_PLACE or RESTORE_TARGET_EXPORT");
+                false
+            }
+        };
+        v.check()?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(OnboardingError::PlatformTenant("cannot be restored").into());
+        }
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let tenant = self.tenant(&req.tenant_id).await?;
+        let tier = self
+            .inner
+            .tiers
+            .get(&tenant.tier)
+            .ok_or_else(|| OnboardingError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
+        if !ctx.has_role(Role::PlatformAdmin) && !tier.tenant_restore {
+            return Err(Status::permission_denied(format!(
+                "tier {} does not let a tenant restore itself (tenant_restore); ask a platform admin",
+                tenant.tier
+            )));
+        }
+        let earliest = now - tier.history_us();
+        if at < earliest {
+            return Err(invalid_field(
+                "point_in_time",
+                format!(
+                    "is older than the tier's history of {} days (the earliest instant is {} µs since the epoch)",
+                    tier.history_days, earliest
+                ),
+            ));
+        }
+        if let Some((wf, _)) = self.inner.engine.active(&req.tenant_id).await? {
+            if wf.kind == Kind::Restore
+                && wf.point_in_time_us == at
+                && wf.steps.len() == workflow::restore_steps(export).len()
+            {
+                return Ok(Response::new(RestoreTenantResponse {
+                    workflow_id: wf.id,
+                    status: to_proto_status(wf.state) as i32,
+                }));
+            }
+            return Err(OnboardingError::InProgress { id: wf.id, state: wf.state }.into());
+        }
+        if !export && tenant.status != TenantStatus::Active as i32 {
+            return Err(OnboardingError::NotActive.into());
+        }
+        let params = Params {
+            tenant_id: tenant.tenant_id.clone(),
+            name: tenant.name.clone(),
+            tier: tenant.tier.clone(),
+            admin_email: String::new(),
+        };
+        let id = workflow_id(&tenant.tenant_id, Kind::Restore);
+        let mut wf = Workflow::new(id.clone(), Kind::Restore, params, &workflow::restore_steps(export), now_secs());
+        wf.from_tier = tenant.tier.clone();
+        wf.from = self.spot_of(&tenant);
+        wf.to = wf.from.clone();
+        wf.point_in_time_us = at;
+        self.start(&wf, None).await?;
+        tracing::info!(target_tenant = %tenant.tenant_id, point_in_time_us = at, export, caller = %ctx.subject, "restore started");
+        self.inner.engine.spawn(id.clone());
+        Ok(Response::new(RestoreTenantResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
     }
 
     type WatchEventsStream = EventStream;

@@ -13,7 +13,7 @@ use tenantmesh_proto::auth::v1::{CreateUserRequest, DeleteUserRequest, ListUsers
 use tenantmesh_proto::data::v1::data_admin_client::DataAdminClient;
 use tenantmesh_proto::data::v1::{
     DropStoreRequest, ExportItemsRequest, ImportItemsRequest, ProvisionStoreRequest, PurgeItemsRequest,
-    SetFenceRequest, StoreRef, StoredItem,
+    RewindItemsRequest, SetFenceRequest, StoreRef, StoredItem,
 };
 use tenantmesh_proto::onboarding::v1::EventKind;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
@@ -103,7 +103,22 @@ impl StepRunner for Steps {
                 // Instances that have not seen MIGRATING yet still try to
                 // write; the fence refuses those writes from now on, so
                 // the copy sees every write that was acknowledged.
-                self.set_fence(&wf.from, &wf.params.tenant_id, true).await
+                self.set_fence(&wf.from, &wf.params.tenant_id, true).await?;
+                if wf.kind == Kind::Restore {
+                    // Every write acknowledged is before this instant, and
+                    // every change of the rewind after it: a rollback
+                    // rewinds to here.
+                    wf.outputs.insert(PAUSED_AT.into(), now_us().to_string());
+                }
+                Ok(())
+            }
+            Step::RewindItems => self.rewind_items(wf).await,
+            Step::ResumeWrites => {
+                self.set_fence(&wf.from, &wf.params.tenant_id, false).await?;
+                self.set_status(wf, TenantStatus::Active).await?;
+                let detail = format!("to {} µs since the epoch", wf.point_in_time_us);
+                self.events.emit(EventKind::TenantRestored, &wf.params.tenant_id, &wf.id, detail).await;
+                Ok(())
             }
             Step::CopyItems => self.copy_items(wf).await,
             Step::SwitchPlacement => self.switch_placement(wf).await,
@@ -148,6 +163,9 @@ impl StepRunner for Steps {
     /// was (its placement, tier and limits never changed; the old copy was
     /// never touched). Each part is idempotent.
     async fn roll_back(&self, wf: &mut Workflow) -> Result<(), StepError> {
+        if wf.kind == Kind::Restore {
+            return self.roll_back_restore(wf).await;
+        }
         let tenant = wf.params.tenant_id.clone();
         // Through the shared data service: a silo instance may never have started.
         let to = Spot { endpoint: String::new(), ..wf.to.clone() };
@@ -159,11 +177,61 @@ impl StepRunner for Steps {
     }
 }
 
+/// The output of a restore's PauseWrites: when writes stopped (µs).
+const PAUSED_AT: &str = "paused_at_us";
+
+/// Now, in microseconds since the epoch (the data service's history clock).
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
+}
+
 fn store_ref(wf: &Workflow, spot: &Spot) -> Option<StoreRef> {
     Some(StoreRef { tenant_id: wf.params.tenant_id.clone(), table: spot.table.clone() })
 }
 
 impl Steps {
+    /// Puts the tenant's items back as they were at the restore's instant.
+    async fn rewind_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
+        let req = RewindItemsRequest { store: store_ref(wf, &wf.from), point_in_time_us: wf.point_in_time_us };
+        let done = match self.data_admin(&wf.from)?.rewind_items(req).await {
+            Ok(r) => r.into_inner(),
+            // The history does not reach back: nothing was changed, and trying again changes nothing.
+            Err(s) if s.code() == Code::FailedPrecondition => return Err(StepError::permanent(s.message())),
+            Err(s) => return Err(s.into()),
+        };
+        wf.outputs.insert("restored_items".into(), done.restored.to_string());
+        wf.outputs.insert("deleted_items".into(), done.deleted.to_string());
+        tracing::info!(
+            restored = done.restored,
+            deleted = done.deleted,
+            point_in_time_us = wf.point_in_time_us,
+            "items rewound"
+        );
+        Ok(())
+    }
+
+    /// A restore in place that failed for good: the items are put back as
+    /// they were when writes paused (undoing any part of the rewind), and
+    /// the tenant takes writes again.
+    async fn roll_back_restore(&self, wf: &Workflow) -> Result<(), StepError> {
+        if let Some(paused_at) = wf.outputs.get(PAUSED_AT).and_then(|t| t.parse().ok()) {
+            let req = RewindItemsRequest { store: store_ref(wf, &wf.from), point_in_time_us: paused_at };
+            match self.data_admin(&wf.from)?.rewind_items(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    tracing::warn!(restored = r.restored, deleted = r.deleted, "restore undone");
+                }
+                // No history at all: no rewind ever changed anything.
+                Err(s) if s.code() == Code::FailedPrecondition => {}
+                Err(s) => return Err(s.into()),
+            }
+        }
+        self.set_fence(&wf.from, &wf.params.tenant_id, false).await?;
+        self.set_status(wf, TenantStatus::Active).await?;
+        tracing::warn!("restore rolled back: the tenant's items are as they were before it, and it takes writes");
+        Ok(())
+    }
+
     /// DataAdmin of the instance serving `spot`.
     fn data_admin(&self, spot: &Spot) -> Result<DataAdminClient<PropagatedChannel>, StepError> {
         let url = if spot.endpoint.is_empty() { self.data_url.as_str() } else { spot.endpoint.as_str() };
@@ -294,7 +362,7 @@ impl Steps {
     async fn copy_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
         let mut target = self.data_admin(&wf.to)?;
         let mut copied = 0usize;
-        if let Some(mut pages) = self.export(&wf.from, &wf.params.tenant_id).await? {
+        if let Some(mut pages) = self.export(&wf.from, &wf.params.tenant_id, true, None).await? {
             while let Some(page) = pages.message().await? {
                 for batch in import_batches(page.items) {
                     copied += batch.len();
@@ -327,10 +395,17 @@ impl Steps {
     }
 
     /// Writes the tenant's items to its JSONL export page by page (bounded
-    /// memory), then syncs and renames it into place.
+    /// memory), then syncs and renames it into place. Offboarding exports
+    /// the items as they are; a restore into an export as they were at its
+    /// instant (to `<tenant>-at-<µs>.jsonl`).
     async fn export_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
         let tenant = wf.params.tenant_id.clone();
-        let path = self.exports_dir.join(format!("{tenant}.jsonl"));
+        let as_of = (wf.kind == Kind::Restore).then_some(wf.point_in_time_us);
+        let name = match as_of {
+            Some(t) => format!("{tenant}-at-{t}.jsonl"),
+            None => format!("{tenant}.jsonl"),
+        };
+        let path = self.exports_dir.join(name);
         let io = |e: std::io::Error| StepError::transient(format!("export {}: {e}", path.display()));
         let blocking = |e: tokio::task::JoinError| StepError::permanent(e.to_string());
         let target = path.clone();
@@ -339,7 +414,7 @@ impl Steps {
             .map_err(blocking)?
             .map_err(io)?;
         let mut exported = 0usize;
-        if let Some(mut pages) = self.export(&wf.from, &tenant).await? {
+        if let Some(mut pages) = self.export(&wf.from, &tenant, false, as_of).await? {
             while let Some(page) = pages.message().await? {
                 let lines =
                     page.items.iter().map(export::line).collect::<Result<Vec<_>, _>>().map_err(StepError::permanent)?;
@@ -353,7 +428,11 @@ impl Steps {
         tokio::task::spawn_blocking(move || file.finish()).await.map_err(blocking)?.map_err(io)?;
         wf.export_path = path.display().to_string();
         self.resources.add(&tenant, resources::EXPORT, &wf.export_path, &wf.from_tier).await.map_err(ledger_error)?;
-        tracing::info!(items = exported, path = %wf.export_path, "tenant items exported");
+        tracing::info!(items = exported, path = %wf.export_path, as_of_us = ?as_of, "tenant items exported");
+        if as_of.is_some() {
+            let detail = format!("export of the items at {} µs: {}", wf.point_in_time_us, wf.export_path);
+            self.events.emit(EventKind::TenantRestored, &tenant, &wf.id, detail).await;
+        }
         Ok(())
     }
 
@@ -404,14 +483,21 @@ impl Steps {
     }
 
     /// The pages of every item of `tenant` where `spot` keeps them (`None`
-    /// if its dedicated table is gone).
+    /// if its dedicated table is gone): as they are, with their change
+    /// history (`include_history`: what moves with them), or as they were
+    /// at `as_of`.
     async fn export(
         &self,
         spot: &Spot,
         tenant: &str,
+        include_history: bool,
+        as_of: Option<i64>,
     ) -> Result<Option<tonic::Streaming<tenantmesh_proto::data::v1::ExportItemsResponse>>, StepError> {
-        let request =
-            ExportItemsRequest { store: Some(StoreRef { tenant_id: tenant.into(), table: spot.table.clone() }) };
+        let request = ExportItemsRequest {
+            store: Some(StoreRef { tenant_id: tenant.into(), table: spot.table.clone() }),
+            include_history,
+            as_of_us: as_of,
+        };
         match self.data_admin(spot)?.export_items(request).await {
             Ok(s) => Ok(Some(s.into_inner())),
             Err(s) if s.code() == Code::FailedPrecondition && spot.dedicated() => Ok(None),

@@ -14,16 +14,18 @@ pub enum Kind {
     Onboard,
     ChangeTier,
     Offboard,
+    Restore,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Onboard, Kind::ChangeTier, Kind::Offboard];
+    pub const ALL: [Kind; 4] = [Kind::Onboard, Kind::ChangeTier, Kind::Offboard, Kind::Restore];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Onboard => "onboard",
             Kind::ChangeTier => "change_tier",
             Kind::Offboard => "offboard",
+            Kind::Restore => "restore",
         }
     }
 }
@@ -60,10 +62,12 @@ pub enum Step {
     DeleteResources,
     DeleteUsers,
     MarkDeleted,
+    RewindItems,
+    ResumeWrites,
 }
 
 impl Step {
-    pub const ALL: [Step; 17] = [
+    pub const ALL: [Step; 19] = [
         Step::CreateTenant,
         Step::ProvisionCompute,
         Step::ProvisionStorage,
@@ -81,6 +85,8 @@ impl Step {
         Step::DeleteResources,
         Step::DeleteUsers,
         Step::MarkDeleted,
+        Step::RewindItems,
+        Step::ResumeWrites,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +108,8 @@ impl Step {
             Step::DeleteResources => "delete_resources",
             Step::DeleteUsers => "delete_users",
             Step::MarkDeleted => "mark_deleted",
+            Step::RewindItems => "rewind_items",
+            Step::ResumeWrites => "resume_writes",
         }
     }
 }
@@ -223,7 +231,8 @@ pub mod model_name {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Workflow {
-    /// `<tenant>/onboard`, `<tenant>/change-tier/<ms>`, `<tenant>/offboard`.
+    /// `<tenant>/onboard`, `<tenant>/change-tier/<ms>`,
+    /// `<tenant>/restore/<ms>`, `<tenant>/offboard`.
     pub id: String,
     pub kind: Kind,
     pub params: Params,
@@ -247,6 +256,14 @@ pub struct Workflow {
     /// Values steps hand to later steps.
     #[serde(default)]
     pub outputs: BTreeMap<String, String>,
+    /// A restore: the instant the tenant's items are put back to
+    /// (microseconds since the epoch).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub point_in_time_us: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 impl Workflow {
@@ -269,6 +286,7 @@ impl Workflow {
             create_time: now,
             update_time: now,
             outputs: BTreeMap::new(),
+            point_in_time_us: 0,
         }
     }
 
@@ -280,10 +298,15 @@ impl Workflow {
     /// Whether this workflow, failed for good, must be undone rather than
     /// left where it stopped: a tier change before its switch of placement
     /// (the tenant would stay MIGRATING, its writes refused, for good).
+    /// So is a restore in place before it resumes writes (the tenant
+    /// would stay paused, its items half put back).
     pub fn must_roll_back(&self) -> bool {
-        self.kind == Kind::ChangeTier
-            && self.steps.iter().any(|s| s.name == Step::CopyItems)
-            && self.steps.iter().any(|s| s.name == Step::SwitchPlacement && s.state != StepState::Done)
+        let before = |step: Step| self.steps.iter().any(|s| s.name == step && s.state != StepState::Done);
+        match self.kind {
+            Kind::ChangeTier => self.steps.iter().any(|s| s.name == Step::CopyItems) && before(Step::SwitchPlacement),
+            Kind::Restore => before(Step::ResumeWrites),
+            Kind::Onboard | Kind::Offboard => false,
+        }
     }
 
     /// "<step>: <reason>" of the failed step, if any.
@@ -324,6 +347,12 @@ pub fn change_tier_steps(from: &Spot, to: &Spot) -> Vec<Step> {
         Step::RemoveOldCopy,
     ]);
     steps
+}
+
+/// The steps of restoring a tenant to an instant: in place, or (`export`)
+/// into an export file, the tenant untouched.
+pub fn restore_steps(export: bool) -> Vec<Step> {
+    if export { vec![Step::ExportItems] } else { vec![Step::PauseWrites, Step::RewindItems, Step::ResumeWrites] }
 }
 
 /// The steps of offboarding a tenant.

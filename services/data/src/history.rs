@@ -1,0 +1,340 @@
+//! Each tenant's change history: an undo log in the tenant's own
+//! partition, from which its items can be put back as they were at any
+//! instant of the history (`RestoreTenant`).
+//!
+//! Every PutItem and DeleteItem writes, in the same transaction as the
+//! item (and its fence check), one history entry under the sort key
+//! `~u#<µs>#<random>` holding the item's *before-image*: its sort key,
+//! version and bytes just before the write, or "absent". The items as they
+//! were at instant `T` are then, for every item changed since `T`, the
+//! before-image of its first entry after `T`, and for every other item what
+//! it is now. A rewind writes those before-images back (versions
+//! included, so clients' optimistic concurrency holds), logging each
+//! change it makes as an ordinary write would: a rewind is undone by
+//! rewinding to the instant before it, and a rewind stopped half-way by a
+//! crash is finished by running it again (items already put back are left
+//! alone).
+//!
+//! `~h` records from when the history is complete: the first write this
+//! process logged for the tenant, raised by every trim (entries older than
+//! the tier's retention are deleted). No instant before it can be
+//! restored. History moves with the tenant's items on a tier change and is
+//! deleted with them on offboarding; it is in the tenant's stored bytes
+//! (metered) but not in its storage quota (the tenant cannot delete it).
+//!
+//! Times are microseconds since the epoch from this process's clock, made
+//! strictly increasing within the process; replicas' clocks are assumed to
+//! agree to well within the gap between two writes of one item.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use tenantmesh_storage::{BeforeImage, Condition, Item, Query, StorageError, Table};
+
+/// Sort-key prefix of the history entries.
+pub const PREFIX: &str = "~u#";
+/// Sort key of the instant from which the history is complete.
+pub const START_SK: &str = "~h";
+
+/// Whether `sk` is part of the history (entries and start), which moves
+/// with the tenant's items but is not one of them.
+pub fn is_history(sk: &str) -> bool {
+    sk.starts_with(PREFIX) || sk == START_SK
+}
+
+static LAST: AtomicI64 = AtomicI64::new(0);
+
+/// Now, in microseconds since the epoch, later than any earlier answer
+/// of this process.
+pub fn now_us() -> i64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default();
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = wall.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
+/// A new entry's sort key at `time_us`: in time order, and unique (two
+/// replicas writing one tenant in the same microsecond differ by the
+/// random part; a clash fails the transaction, which is tried again).
+fn entry_key(time_us: i64) -> String {
+    format!("{PREFIX}{time_us:016}#{:08x}", uuid::Uuid::new_v4().as_u128() as u32)
+}
+
+/// The time of an entry's sort key.
+fn entry_time(sk: &str) -> Option<i64> {
+    sk.strip_prefix(PREFIX)?.split('#').next()?.parse().ok()
+}
+
+/// The sort key after which every entry is later than `time_us`.
+fn after(time_us: i64) -> String {
+    // '~' sorts after the random part's hex digits.
+    format!("{PREFIX}{time_us:016}#~")
+}
+
+/// An item as it was before a write (`version` 0: it did not exist).
+pub type Before = BeforeImage;
+
+/// Whether `current` is the state `before` describes.
+fn is(before: &Before, current: Option<&Item>) -> bool {
+    match current {
+        None => before.version == 0,
+        Some(c) => c.version == before.version && c.data == before.data,
+    }
+}
+
+/// The item `before` describes, if it existed.
+fn item(before: &Before, pk: &str) -> Option<Item> {
+    (before.version > 0).then(|| Item {
+        pk: pk.to_owned(),
+        sk: before.sk.clone(),
+        version: before.version,
+        data: before.data.clone(),
+    })
+}
+
+/// Writes `data` under `(pk, sk)` if `condition` holds and the fence
+/// `(pk, fence_sk)` is down, with its history entry, in one atomic step.
+pub async fn put<T: Table + ?Sized>(
+    store: &T,
+    pk: &str,
+    sk: &str,
+    data: Vec<u8>,
+    condition: Condition,
+    fence_sk: &str,
+) -> Result<Item, StorageError> {
+    store.put_fenced(pk, sk, data, condition, fence_sk, Some(&entry_key(now_us()))).await
+}
+
+/// Deletes `(pk, sk)` if `condition` holds and the fence is down, with its
+/// history entry; the deleted version, if there was one.
+pub async fn delete<T: Table + ?Sized>(
+    store: &T,
+    pk: &str,
+    sk: &str,
+    condition: Condition,
+    fence_sk: &str,
+) -> Result<Option<u64>, StorageError> {
+    store.delete_fenced(pk, sk, condition, fence_sk, Some(&entry_key(now_us()))).await
+}
+
+/// Records that `pk`'s history is complete from now on, unless it already
+/// was from earlier. Called before a process's first logged write of the
+/// tenant.
+pub async fn mark_start<T: Table + ?Sized>(store: &T, pk: &str) -> Result<(), StorageError> {
+    let now = now_us().to_string().into_bytes();
+    match store.put(pk, START_SK, now, Condition::NotExists).await {
+        Ok(_) | Err(StorageError::ConditionFailed { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// From when `pk`'s history is complete (`None`: no history at all).
+pub async fn start<T: Table + ?Sized>(store: &T, pk: &str) -> Result<Option<i64>, StorageError> {
+    match store.get(pk, START_SK).await? {
+        Some(i) => Ok(Some(
+            std::str::from_utf8(&i.data)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| StorageError::Backend("the history start is damaged".into()))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Why an instant cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("no history goes back to that instant: the tenant's history starts at {start_us:?} µs")]
+    TooOld { start_us: Option<i64> },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What a rewind did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewound {
+    /// Items written back as they were (changed or deleted since).
+    pub restored: u32,
+    /// Items deleted (created since).
+    pub deleted: u32,
+}
+
+async fn check_start<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Result<(), HistoryError> {
+    match start(store, pk).await? {
+        Some(s) if s <= time_us => Ok(()),
+        start_us => Err(HistoryError::TooOld { start_us }),
+    }
+}
+
+/// The first entry after an instant of every item changed since, in time
+/// order, a page at a time (only the sort keys already seen are held).
+struct FirstChanges<'a, T: ?Sized> {
+    store: &'a T,
+    pk: &'a str,
+    seen: HashSet<String>,
+    start_after: Option<String>,
+    done: bool,
+}
+
+impl<'a, T: Table + ?Sized> FirstChanges<'a, T> {
+    fn new(store: &'a T, pk: &'a str, time_us: i64) -> Self {
+        Self { store, pk, seen: HashSet::new(), start_after: Some(after(time_us)), done: false }
+    }
+
+    async fn next_page(&mut self) -> Result<Option<Vec<Before>>, StorageError> {
+        if self.done {
+            return Ok(None);
+        }
+        let q =
+            Query { pk: self.pk.into(), sk_prefix: PREFIX.into(), start_after: self.start_after.take(), limit: 500 };
+        let page = self.store.query(q).await?;
+        let mut first = Vec::new();
+        for entry in &page.items {
+            let before = Before::decode(&entry.data)?;
+            if self.seen.insert(before.sk.clone()) {
+                first.push(before);
+            }
+        }
+        self.start_after = page.last_evaluated;
+        self.done = self.start_after.is_none();
+        Ok(Some(first))
+    }
+}
+
+/// Puts `pk`'s items back as they were at `time_us` (see the module docs).
+/// The caller keeps the tenant's writes out meanwhile (its fence).
+pub async fn rewind<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Result<Rewound, HistoryError> {
+    use futures_util::StreamExt;
+    check_start(store, pk, time_us).await?;
+    let mut done = Rewound::default();
+    let mut changes = FirstChanges::new(store, pk, time_us);
+    while let Some(page) = changes.next_page().await? {
+        // Items are independent: several at once, so their writes share
+        // commits (each item's own order, entry first, stays).
+        let mut applied = futures_util::stream::iter(page)
+            .map(|target| put_back(store, pk, target))
+            .buffer_unordered(REWIND_CONCURRENCY);
+        while let Some(outcome) = applied.next().await {
+            match outcome? {
+                Some(true) => done.restored += 1,
+                Some(false) => done.deleted += 1,
+                None => {}
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Items put back at once by a rewind.
+const REWIND_CONCURRENCY: usize = 16;
+
+/// Puts one item back as `target` says, its change logged first: whether
+/// it was restored (`Some(true)`) or deleted (`Some(false)`), or already
+/// so (`None`).
+async fn put_back<T: Table + ?Sized>(store: &T, pk: &str, target: Before) -> Result<Option<bool>, StorageError> {
+    let current = store.get(pk, &target.sk).await?;
+    if is(&target, current.as_ref()) {
+        return Ok(None);
+    }
+    // Logged first: whatever happens next, the change can be undone.
+    let entry = Before::of(&target.sk, current.as_ref()).encode();
+    store.put(pk, &entry_key(now_us()), entry, Condition::NotExists).await?;
+    match item(&target, pk) {
+        Some(item) => {
+            store.restore(item).await?;
+            Ok(Some(true))
+        }
+        None => {
+            store.delete(pk, &target.sk, Condition::None).await?;
+            Ok(Some(false))
+        }
+    }
+}
+
+/// `pk`'s items (not the history or the fence) as they were at `time_us`,
+/// in sort-key order. Held in memory as a whole: for an export of a
+/// tenant's items at an instant.
+pub async fn items_at<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Result<Vec<Item>, HistoryError> {
+    check_start(store, pk, time_us).await?;
+    let mut changed: BTreeMap<String, Before> = BTreeMap::new();
+    let mut changes = FirstChanges::new(store, pk, time_us);
+    while let Some(page) = changes.next_page().await? {
+        changed.extend(page.into_iter().map(|b| (b.sk.clone(), b)));
+    }
+    let mut items: BTreeMap<String, Item> =
+        changed.values().filter_map(|b| item(b, pk)).map(|i| (i.sk.clone(), i)).collect();
+    let mut start_after = None;
+    loop {
+        let q = Query { pk: pk.into(), sk_prefix: String::new(), start_after, limit: 500 };
+        let page = store.query(q).await?;
+        for item in page.items {
+            if !item.sk.starts_with('~') && !changed.contains_key(&item.sk) {
+                items.insert(item.sk.clone(), item);
+            }
+        }
+        match page.last_evaluated {
+            // Past the items: the rest is the service's own.
+            Some(sk) if !sk.starts_with('~') => start_after = Some(sk),
+            _ => break,
+        }
+    }
+    Ok(items.into_values().collect())
+}
+
+/// Deletes `pk`'s entries older than `before_us`, having first recorded
+/// that the history starts there (if it started earlier); how many.
+pub async fn trim<T: Table + ?Sized>(store: &T, pk: &str, before_us: i64) -> Result<u32, StorageError> {
+    loop {
+        let current = store.get(pk, START_SK).await?;
+        let start = current.as_ref().and_then(|i| std::str::from_utf8(&i.data).ok()?.parse::<i64>().ok());
+        if start.is_some_and(|s| s >= before_us) {
+            break;
+        }
+        let condition = Condition::Version(current.map_or(0, |i| i.version));
+        match store.put(pk, START_SK, before_us.to_string().into_bytes(), condition).await {
+            Ok(_) => break,
+            Err(StorageError::ConditionFailed { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let mut trimmed = 0;
+    loop {
+        let q = Query { pk: pk.into(), sk_prefix: PREFIX.into(), start_after: None, limit: 500 };
+        let page = store.query(q).await?;
+        let old: Vec<&Item> = page.items.iter().filter(|i| entry_time(&i.sk).is_some_and(|t| t < before_us)).collect();
+        for entry in &old {
+            store.delete(pk, &entry.sk, Condition::None).await?;
+            trimmed += 1;
+        }
+        if old.len() < page.items.len() || page.last_evaluated.is_none() {
+            return Ok(trimmed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_encode_and_sort_by_time() {
+        let b = Before { sk: "c#x".into(), version: 7, data: vec![1, 2, 3] };
+        assert_eq!(Before::decode(&b.encode()).unwrap(), b);
+        let absent = Before::of("c#y", None);
+        assert_eq!(Before::decode(&absent.encode()).unwrap(), absent);
+        assert!(Before::decode(&[1, 2]).is_err());
+        assert!(is(&absent, None) && !is(&b, None) && item(&absent, "p").is_none());
+        let (a, z) = (entry_key(5), entry_key(10));
+        assert!(a < after(5) && after(5) < entry_key(6) && entry_key(6) < z);
+        assert_eq!(entry_time(&a), Some(5));
+        assert!(now_us() < now_us());
+    }
+}
