@@ -29,6 +29,7 @@ mod metering;
 mod otlp_export;
 mod outage;
 mod replicas;
+mod restore;
 mod storage_backends;
 /// Own process: reads the process-wide AssumeRole counter.
 mod sts_calls;
