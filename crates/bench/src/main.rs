@@ -153,6 +153,7 @@ async fn run(
             "saturation" => scenarios::fairness::saturation(&ctx).await.map(Some),
             "login_flood" => scenarios::fairness::login_flood(&ctx).await.map(Some),
             "backup_restore" => scenarios::backup::backup_restore(&ctx).await.map(Some),
+            "tenant_restore" => scenarios::restore::tenant_restore(&ctx).await.map(Some),
             other => return Err(format!("scenario {other} is not implemented")),
         }
         .map_err(|e| format!("{name}: {e}"))?;

@@ -226,6 +226,7 @@ pub const ORDER: &[&str] = &[
     "saturation",
     "login_flood",
     "backup_restore",
+    "tenant_restore",
 ];
 
 /// Rewrites `out` (BENCHMARKS.md) from every results file in `dir`.

@@ -48,7 +48,8 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-async fn count_items(data: std::net::SocketAddr, token: &str) -> Result<usize, String> {
+/// How many items of collection `bulk` the caller holds.
+pub(super) async fn count_items(data: std::net::SocketAddr, token: &str) -> Result<usize, String> {
     let mut client = DataClient::new(lazy(data));
     let (mut n, mut page_token) = (0, String::new());
     loop {

@@ -8,6 +8,7 @@ pub mod layers;
 pub mod memory;
 pub mod metering;
 pub mod onboarding;
+pub mod restore;
 pub mod sts;
 pub mod tax;
 pub mod tokens;
