@@ -104,6 +104,7 @@ pub async fn tenant_restore(ctx: &Ctx) -> Result<ScenarioResult, String> {
     // then to just before that restore (undoing it), each rewinding every
     // change.
     let onboarding = OnboardingClient::new(lazy(addrs.onboarding));
+    let mut spare = onboarding.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let restoring = {
         let (stop, admin, big_id, mut onboarding) = (stop.clone(), admin.clone(), big_id.clone(), onboarding);
@@ -170,6 +171,24 @@ pub async fn tenant_restore(ctx: &Ctx) -> Result<ScenarioResult, String> {
     if held != changes {
         return Err(format!("after the restores the tenant holds {held} items, not {changes}"));
     }
+    // The same restore of a bridge and of a silo tenant (alone).
+    let mut models = Vec::new();
+    for (tier, model) in [("premium", "bridge"), ("enterprise", "silo")] {
+        let id = unique(&format!("rs-{model}"));
+        let token = onboard(&addrs, &admin, &id, tier).await?;
+        write_bulk(lazy(addrs.data), &token, items, "then").await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let then = now();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        write_bulk(lazy(addrs.data), &token, changes, "later").await?;
+        let took = restore(&mut spare, &admin, &id, then).await?;
+        let held = super::backup::count_items(addrs.data, &token).await?;
+        if held != items {
+            return Err(format!("the restored {model} tenant holds {held} items, not {items}"));
+        }
+        progress(format!("  {model} tenant: restore {took:?}"));
+        models.push((model, took));
+    }
     mesh.stop(Duration::from_secs(15))?;
 
     let secs: Vec<f64> = took.iter().map(Duration::as_secs_f64).collect();
@@ -187,7 +206,8 @@ pub async fn tenant_restore(ctx: &Ctx) -> Result<ScenarioResult, String> {
              longest wait for a write to be taken is its pause) and another tenant sends PutItem and GetItem in \
              an open loop at {rate} calls/s (baseline: the same once the restores stopped). RPO: 0 (every \
              acknowledged write is in the history, any microsecond within the tier's days can be restored); RTO: \
-             the restore time.",
+             the restore time. Then the same restore of a premium (bridge) and an enterprise (silo) tenant, \
+             alone.",
             items / 10
         ),
     );
@@ -197,6 +217,13 @@ pub async fn tenant_restore(ctx: &Ctx) -> Result<ScenarioResult, String> {
         restore_s,
     ));
     r.figures.push(Figure::new("items rewound per second", "items/s", changes as f64 / restore_s.max(1e-9)));
+    for (model, took) in &models {
+        r.figures.push(Figure::new(
+            format!("restore of {changes} changed items, a {model} tenant (alone)"),
+            "s",
+            took.as_secs_f64(),
+        ));
+    }
     r.figures.push(Figure::new(
         "longest write pause of the restored tenant (restore + until every service sees it ACTIVE)",
         "s",
