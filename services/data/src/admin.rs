@@ -1,7 +1,7 @@
 //! `DataAdmin`: the data plane's lifecycle calls (provision, export,
 //! import, purge, fence, rewind to an instant, trim history), for the
-//! onboarding workflows only (the access table allows the service role and nobody
-//! else). Every call names a tenant and a table; the table must be the
+//! onboarding workflows only (the access table allows the service role
+//! and nobody else). Every call names a tenant and a table; the table must be the
 //! pooled one or that tenant's own dedicated one, and the tenant's session
 //! policy still confines every storage call to its partition.
 
