@@ -195,6 +195,19 @@ async fn restores_are_refused_to_others_and_beyond_the_history() {
     assert!(wf.error.contains("history"), "{wf:?}");
     assert_eq!(items(&mesh, &basic.token).await.len(), 1);
     put(&mesh, &basic.token, "y", "writes go on").await;
+    // An export from before any history is not an empty file: it ends,
+    // saying why, and leaves the tenant free for the next workflow.
+    let export = restore(&premium.tenant_id, timestamp(now - 3_600_000_000), RestoreTarget::Export);
+    let wf = restored(&mesh, &admin, export).await;
+    assert_eq!(wf.status, WorkflowStatus::RolledBack as i32, "{wf:?}");
+    assert!(wf.error.contains("history") && wf.export_path.is_empty(), "{wf:?}");
+    let export = restore(&premium.tenant_id, timestamp(history::now_us()), RestoreTarget::Export);
+    let wf = restored(&mesh, &admin, export).await;
+    assert_eq!(wf.status, WorkflowStatus::RolledBack as i32, "no history yet: {wf:?}");
+    put(&mesh, &premium.token, "p", "1").await;
+    let export = restore(&premium.tenant_id, instant().await, RestoreTarget::Export);
+    let wf = restored(&mesh, &admin, export).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
 }
 
 /// A restore whose last step fails for good is undone: the items are as

@@ -212,8 +212,13 @@ impl Steps {
 
     /// A restore in place that failed for good: the items are put back as
     /// they were when writes paused (undoing any part of the rewind), and
-    /// the tenant takes writes again.
+    /// the tenant takes writes again. One into an export left nothing to undo.
     async fn roll_back_restore(&self, wf: &Workflow) -> Result<(), StepError> {
+        if !wf.steps.iter().any(|s| s.name == Step::PauseWrites) {
+            // Into an export: the tenant was never touched (an unfinished
+            // export is never renamed into place).
+            return Ok(());
+        }
         if let Some(paused_at) = wf.outputs.get(PAUSED_AT).and_then(|t| t.parse().ok()) {
             let req = RewindItemsRequest { store: store_ref(wf, &wf.from), point_in_time_us: paused_at };
             match self.data_admin(&wf.from)?.rewind_items(req).await {
@@ -500,6 +505,8 @@ impl Steps {
         };
         match self.data_admin(spot)?.export_items(request).await {
             Ok(s) => Ok(Some(s.into_inner())),
+            // The history does not reach back to `as_of`: no export can be made.
+            Err(s) if s.code() == Code::FailedPrecondition && as_of.is_some() => Err(StepError::permanent(s.message())),
             Err(s) if s.code() == Code::FailedPrecondition && spot.dedicated() => Ok(None),
             Err(s) => Err(s.into()),
         }

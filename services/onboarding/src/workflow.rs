@@ -298,13 +298,14 @@ impl Workflow {
     /// Whether this workflow, failed for good, must be undone rather than
     /// left where it stopped: a tier change before its switch of placement
     /// (the tenant would stay MIGRATING, its writes refused, for good).
-    /// So is a restore in place before it resumes writes (the tenant
-    /// would stay paused, its items half put back).
+    /// So is a restore (in place, the tenant would stay paused with its
+    /// items half put back; into an export, there is nothing to retry
+    /// that could end otherwise, and the tenant must not stay blocked).
     pub fn must_roll_back(&self) -> bool {
         let before = |step: Step| self.steps.iter().any(|s| s.name == step && s.state != StepState::Done);
         match self.kind {
             Kind::ChangeTier => self.steps.iter().any(|s| s.name == Step::CopyItems) && before(Step::SwitchPlacement),
-            Kind::Restore => before(Step::ResumeWrites),
+            Kind::Restore => self.next_step().is_some(),
             Kind::Onboard | Kind::Offboard => false,
         }
     }
