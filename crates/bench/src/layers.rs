@@ -133,6 +133,7 @@ pub async fn serve(
         return tenantmesh_service::runtime::serve(
             listener,
             data,
+            None,
             tenantmesh_tenant_context::server::layer(auth),
             std::time::Duration::from_secs(5),
             crate::procs::shutdown_signal(),

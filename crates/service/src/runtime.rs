@@ -29,13 +29,16 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `service` behind `layer` on `listener` until `shutdown`
-/// completes, then drains in-flight calls for at most `grace`. (An idle
-/// HTTP/2 client connection can hold hyper's graceful shutdown open,
-/// hyperium/hyper#4170: the grace period bounds it.)
+/// Serves `service` (and, when given, the [`crate::backup`] service
+/// beside it: every service process can be backed up while it runs)
+/// behind `layer` on `listener` until `shutdown` completes, then drains
+/// in-flight calls for at most `grace`. (An idle HTTP/2 client connection
+/// can hold hyper's graceful shutdown open, hyperium/hyper#4170: the grace
+/// period bounds it.)
 pub async fn serve<S, L>(
     listener: TcpListener,
     service: S,
+    backup: Option<tenantmesh_proto::backup::v1::backup_server::BackupServer<crate::backup::BackupService>>,
     layer: L,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -55,36 +58,13 @@ where
         + 'static,
     <L::Service as tower::Service<http::Request<Body>>>::Future: Send + 'static,
 {
-    serve_routes(listener, Routes::new(service), &[S::NAME], layer, grace, shutdown).await
-}
-
-/// [`serve`] with the [`crate::backup`] service beside `service`: every
-/// service process can be backed up while it runs.
-pub async fn serve_with_backup<S, L>(
-    listener: TcpListener,
-    service: S,
-    backup: tenantmesh_proto::backup::v1::backup_server::BackupServer<crate::backup::BackupService>,
-    layer: L,
-    grace: Duration,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    L: Layer<Routes> + Clone + Send + Sync + 'static,
-    L::Service: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    <L::Service as tower::Service<http::Request<Body>>>::Future: Send + 'static,
-{
-    let routes = Routes::new(service).add_service(backup);
-    serve_routes(listener, routes, &[S::NAME, crate::backup::NAME], layer, grace, shutdown).await
+    match backup {
+        Some(backup) => {
+            let routes = Routes::new(service).add_service(backup);
+            serve_routes(listener, routes, &[S::NAME, crate::backup::NAME], layer, grace, shutdown).await
+        }
+        None => serve_routes(listener, Routes::new(service), &[S::NAME], layer, grace, shutdown).await,
+    }
 }
 
 /// [`serve`] for several services on one listener; `names` are theirs,

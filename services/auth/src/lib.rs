@@ -687,12 +687,12 @@ pub async fn serve(
     let sweeper = expiry::start(sweep_store, window);
     let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
     let authn = Authenticator::new(Arc::new(verifier), directory).with_admission(&common);
-    let served = tenantmesh_service::runtime::serve_with_backup(
+    let served = tenantmesh_service::runtime::serve(
         listener,
         AuthServer::new(service)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
-        backup,
+        Some(backup),
         server::layer(authn),
         grace,
         shutdown,

@@ -320,12 +320,12 @@ pub async fn serve(
     });
     let authn = Authenticator::remote(&config.common)?;
     let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-    tenantmesh_service::runtime::serve_with_backup(
+    tenantmesh_service::runtime::serve(
         listener,
         OnboardingServer::new(service)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
-        tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded),
+        Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
         tenantmesh_tenant_context::server::layer(authn),
         config.common.shutdown_grace,
         shutdown,

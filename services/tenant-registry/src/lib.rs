@@ -606,12 +606,12 @@ pub async fn serve(
             .with_cache_capacity(config.common.token_cache_capacity);
     let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone())).with_admission(&config.common);
     let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-    tenantmesh_service::runtime::serve_with_backup(
+    tenantmesh_service::runtime::serve(
         listener,
         TenantRegistryServer::new(registry)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
-        tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded),
+        Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
         tenantmesh_tenant_context::server::layer(authn),
         config.common.shutdown_grace,
         shutdown,
