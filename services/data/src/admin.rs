@@ -86,6 +86,36 @@ fn stored(i: Item) -> StoredItem {
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportItemsResponse, Status>> + Send>>;
 
+/// The pages of an export: the tenant's items as they are (with their
+/// history when asked), or as they were at an instant.
+enum Pages {
+    Now { store: DynTable, tenant: String, include_history: bool, start_after: Option<String>, done: bool },
+    At(history::ItemsAt),
+}
+
+impl Pages {
+    /// The next page (`None` after the last; an empty page may come first).
+    async fn next(&mut self) -> Result<Option<Vec<StoredItem>>, StorageError> {
+        match self {
+            Pages::Now { done: true, .. } => Ok(None),
+            Pages::Now { store, tenant, include_history, start_after, done } => {
+                let q = Query {
+                    pk: tenant.clone(),
+                    sk_prefix: String::new(),
+                    start_after: start_after.take(),
+                    limit: PAGE,
+                };
+                let page = store.query(q).await?;
+                let exported = |sk: &str| !reserved_sort_key(sk) || (*include_history && history::is_history(sk));
+                *start_after = page.last_evaluated;
+                *done = start_after.is_none();
+                Ok(Some(page.items.into_iter().filter(|i| exported(&i.sk)).map(stored).collect()))
+            }
+            Pages::At(at) => Ok(at.next_page(PAGE).await?.map(|items| items.into_iter().map(stored).collect())),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl DataAdmin for DataAdminService {
     async fn provision_store(
@@ -122,37 +152,27 @@ impl DataAdmin for DataAdminService {
             return Err(invalid_field("include_history", "cannot be set with as_of_us"));
         }
         let store = self.store(&tenant, &table).await?;
-        if let Some(at) = req.as_of_us {
-            let items = history::items_at(store.as_ref(), &tenant, at).await.map_err(history_status)?;
-            let pages: Vec<_> = items
-                .chunks(PAGE)
-                .map(|c| Ok(ExportItemsResponse { items: c.iter().cloned().map(stored).collect() }))
-                .collect();
-            return Ok(Response::new(Box::pin(tokio_stream::iter(pages))));
-        }
-        let exported = move |sk: &str| !reserved_sort_key(sk) || (req.include_history && history::is_history(sk));
+        let mut pages = match req.as_of_us {
+            Some(at) => Pages::At(history::ItemsAt::new(store, &tenant, at).await.map_err(history_status)?),
+            None => Pages::Now { store, tenant, include_history: req.include_history, start_after: None, done: false },
+        };
         // The first page before answering: a missing table or an outage is
         // the call's status, not a broken stream.
-        let first = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after: None, limit: PAGE };
-        let first = store.query(first).await.map_err(storage_status)?;
+        let first = pages.next().await.map_err(storage_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut page = first;
-            loop {
-                let items =
-                    std::mem::take(&mut page.items).into_iter().filter(|i| exported(&i.sk)).map(stored).collect();
+            while let Some(items) = page {
                 if tx.send(Ok(ExportItemsResponse { items })).await.is_err() {
                     return;
                 }
-                let Some(sk) = page.last_evaluated else { return };
-                let q = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after: Some(sk), limit: PAGE };
-                match store.query(q).await {
-                    Ok(p) => page = p,
+                page = match pages.next().await {
+                    Ok(p) => p,
                     Err(e) => {
                         let _ = tx.send(Err(storage_status(e))).await;
                         return;
                     }
-                }
+                };
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

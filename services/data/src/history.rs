@@ -26,10 +26,10 @@
 //! strictly increasing within the process; replicas' clocks are assumed to
 //! agree to well within the gap between two writes of one item.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use tenantmesh_storage::{BeforeImage, Condition, Item, Query, StorageError, Table};
+use tenantmesh_storage::{BeforeImage, Condition, DynTable, Item, Query, StorageError, Table};
 
 /// Sort-key prefix of the history entries.
 pub const PREFIX: &str = "~u#";
@@ -259,34 +259,75 @@ async fn put_back<T: Table + ?Sized>(store: &T, pk: &str, target: Before) -> Res
     }
 }
 
-/// `pk`'s items (not the history or the fence) as they were at `time_us`,
-/// in sort-key order. Held in memory as a whole: for an export of a
-/// tenant's items at an instant.
-pub async fn items_at<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Result<Vec<Item>, HistoryError> {
-    check_start(store, pk, time_us).await?;
-    let mut changed: BTreeMap<String, Before> = BTreeMap::new();
-    let mut changes = FirstChanges::new(store, pk, time_us);
-    while let Some(page) = changes.next_page().await? {
-        changed.extend(page.into_iter().map(|b| (b.sk.clone(), b)));
+/// A tenant's items (not the history or the fence) as they were at an
+/// instant, in sort-key order, a bounded page at a time: its current items,
+/// read page by page, merged with the before-images of the items changed
+/// since (the only part held in memory as a whole).
+pub struct ItemsAt {
+    store: DynTable,
+    pk: String,
+    /// Before-images of the items changed since, not yet returned.
+    changed: BTreeMap<String, Before>,
+    /// Current items read and not yet returned.
+    pending: VecDeque<Item>,
+    start_after: Option<String>,
+    read_all: bool,
+}
+
+impl ItemsAt {
+    pub async fn new(store: DynTable, pk: &str, time_us: i64) -> Result<Self, HistoryError> {
+        check_start(store.as_ref(), pk, time_us).await?;
+        let mut changed = BTreeMap::new();
+        let mut changes = FirstChanges::new(store.as_ref(), pk, time_us);
+        while let Some(page) = changes.next_page().await? {
+            changed.extend(page.into_iter().map(|b| (b.sk.clone(), b)));
+        }
+        Ok(Self { store, pk: pk.to_owned(), changed, pending: VecDeque::new(), start_after: None, read_all: false })
     }
-    let mut items: BTreeMap<String, Item> =
-        changed.values().filter_map(|b| item(b, pk)).map(|i| (i.sk.clone(), i)).collect();
-    let mut start_after = None;
-    loop {
-        let q = Query { pk: pk.into(), sk_prefix: String::new(), start_after, limit: 500 };
-        let page = store.query(q).await?;
-        for item in page.items {
-            if !item.sk.starts_with('~') && !changed.contains_key(&item.sk) {
-                items.insert(item.sk.clone(), item);
+
+    /// The next items, at most `limit` of them and about
+    /// [`tenantmesh_storage::MAX_PAGE_BYTES`]; `None` after the last.
+    pub async fn next_page(&mut self, limit: usize) -> Result<Option<Vec<Item>>, StorageError> {
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        while out.len() < limit.max(1) && bytes < tenantmesh_storage::MAX_PAGE_BYTES {
+            if self.pending.is_empty() && !self.read_all {
+                let q = Query {
+                    pk: self.pk.clone(),
+                    sk_prefix: String::new(),
+                    start_after: self.start_after.take(),
+                    limit,
+                };
+                let page = self.store.query(q).await?;
+                self.pending.extend(page.items.into_iter().filter(|i| !i.sk.starts_with('~')));
+                match page.last_evaluated {
+                    // Past the items: the rest is the service's own.
+                    Some(sk) if !sk.starts_with('~') => self.start_after = Some(sk),
+                    _ => self.read_all = true,
+                }
+                continue;
             }
+            let current = self.pending.front().map(|i| i.sk.as_str());
+            let before = self.changed.first_key_value().map(|(sk, _)| sk.as_str());
+            let next = match (current, before) {
+                (None, None) => break,
+                // Changed since: as it was then (if it was).
+                (c, Some(b)) if c.is_none_or(|c| b <= c) => {
+                    if c == Some(b) {
+                        self.pending.pop_front();
+                    }
+                    let (_, b) = self.changed.pop_first().expect("a first entry");
+                    match item(&b, &self.pk) {
+                        Some(i) => i,
+                        None => continue,
+                    }
+                }
+                _ => self.pending.pop_front().expect("a pending item"),
+            };
+            bytes += next.data.len();
+            out.push(next);
         }
-        match page.last_evaluated {
-            // Past the items: the rest is the service's own.
-            Some(sk) if !sk.starts_with('~') => start_after = Some(sk),
-            _ => break,
-        }
+        Ok((!out.is_empty()).then_some(out))
     }
-    Ok(items.into_values().collect())
 }
 
 /// Deletes `pk`'s entries older than `before_us`, having first recorded
