@@ -193,9 +193,10 @@ pub struct DataService {
     quotas: Arc<quota::Quotas>,
     stall_writes: Option<std::time::Duration>,
     meters: Option<Arc<Meters>>,
-    /// `<table>\0<tenant>` of the partitions this process has seen marked
-    /// as having their history (see [`history`]) complete.
-    history_started: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Tenant -> the table where this process has seen its history (see
+    /// [`history`]) marked complete: looked up on every write, without
+    /// allocating.
+    history_started: Arc<std::sync::Mutex<HashMap<Arc<str>, String>>>,
 }
 
 /// The data RPCs, by their index in the usage counters.
@@ -370,19 +371,18 @@ impl DataService {
     /// Before this process's first write of `tenant` in `table`: marks its
     /// history complete from now, unless it already was (one conditional
     /// write per tenant and process, while the fence is down).
-    async fn start_history(&self, tenant: &str, table: &str, store: &DynTable) -> Result<(), Status> {
-        let key = format!("{table}\0{tenant}");
-        if self.history_started.lock().expect("history lock").contains(&key) {
+    async fn start_history(&self, tenant: &Arc<str>, table: &str, store: &DynTable) -> Result<(), Status> {
+        if self.history_started.lock().expect("history lock").get(tenant).is_some_and(|t| t == table) {
             return Ok(());
         }
         let writes = vec![
             tenantmesh_storage::Write::Check {
-                pk: tenant.into(),
+                pk: tenant.to_string(),
                 sk: FENCE_SK.into(),
                 condition: Condition::NotExists,
             },
             tenantmesh_storage::Write::Put {
-                pk: tenant.into(),
+                pk: tenant.to_string(),
                 sk: history::START_SK.into(),
                 data: history::now_us().to_string().into_bytes(),
                 condition: Condition::NotExists,
@@ -398,7 +398,7 @@ impl DataService {
         if started.len() >= 100_000 {
             started.clear();
         }
-        started.insert(key);
+        started.insert(tenant.clone(), table.to_owned());
         Ok(())
     }
 
