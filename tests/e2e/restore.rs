@@ -426,3 +426,83 @@ fn restoring_a_tenant_to_any_instant_gives_its_items_then_and_leaves_the_others(
         panic!("{e}");
     }
 }
+
+/// The history kept, as the data service exports it with the items:
+/// (history entries, the start of the history in µs).
+async fn history_of(mesh: &TestMesh, tenant: &str, table: &str) -> (usize, Option<i64>) {
+    use tenantmesh_proto::data::v1::{ExportItemsRequest, StoreRef};
+    let req = ExportItemsRequest {
+        store: Some(StoreRef { tenant_id: tenant.into(), table: table.into() }),
+        include_history: true,
+        as_of_us: None,
+    };
+    let mut pages =
+        mesh.data_admin().export_items(authed(req, &mesh.service_token().await)).await.unwrap().into_inner();
+    let (mut entries, mut start) = (0, None);
+    while let Some(page) = pages.message().await.unwrap() {
+        for i in page.items {
+            if i.sort_key.starts_with(history::PREFIX) {
+                entries += 1;
+            } else if i.sort_key == history::START_SK {
+                start = std::str::from_utf8(&i.data).ok().and_then(|s| s.parse().ok());
+            }
+        }
+    }
+    (entries, start)
+}
+
+/// The history is trimmed to each tier's `history_days` by the stored-bytes
+/// sampler (here every second): a tier that keeps none loses its entries
+/// and its history then starts after them, so the instants before can no
+/// longer be restored; a tier that keeps days keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_trimmed_to_the_tiers_days() {
+    let tiers = std::fs::read_to_string(test_tiers_file()).unwrap();
+    let standard = tiers.find("name = \"standard\"").unwrap();
+    let keep = standard + tiers[standard..].find("history_days = 7").unwrap();
+    let tiers = format!("{}history_days = 0{}", &tiers[..keep], &tiers[keep + "history_days = 7".len()..]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiers.toml");
+    std::fs::write(&path, tiers).unwrap();
+    let settings = [("TENANTMESH_STORAGE_SAMPLE_SECS", "1"), ("TENANTMESH_TIERS_FILE", path.to_str().unwrap())];
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &settings).await;
+    let admin = mesh.admin_token().await;
+    let none = mesh.onboard_on(&unique_tenant("keep0"), "standard").await;
+    let days = mesh.onboard_on(&unique_tenant("keep14"), "premium").await;
+    let mut tables = Vec::new();
+    for t in [&none, &days] {
+        put(&mesh, &t.token, "k", "one").await;
+        put(&mesh, &t.token, "k", "two").await;
+        let req = tenantmesh_proto::registry::v1::GetTenantRequest { tenant_id: t.tenant_id.clone() };
+        let tenant = mesh.registry().get_tenant(authed(req, &admin)).await.unwrap().into_inner().tenant.unwrap();
+        tables.push(tenant.placement.unwrap().table);
+    }
+    let written = history::now_us();
+    assert_eq!(history_of(&mesh, &none.tenant_id, &tables[0]).await.0, 2);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let start = loop {
+        match history_of(&mesh, &none.tenant_id, &tables[0]).await {
+            (0, Some(start)) if start > written => break start,
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the history of a tier keeping 0 days was never trimmed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (entries, _) = history_of(&mesh, &days.tenant_id, &tables[1]).await;
+    assert_eq!(entries, 2, "a tier keeping 14 days lost its history");
+    // Before the trim can no longer be restored; the items are as they were.
+    let rewind = tenantmesh_proto::data::v1::RewindItemsRequest {
+        store: Some(tenantmesh_proto::data::v1::StoreRef {
+            tenant_id: none.tenant_id.clone(),
+            table: tables[0].clone(),
+        }),
+        point_in_time_us: start - 1,
+    };
+    let r = mesh.data_admin().rewind_items(authed(rewind, &mesh.service_token().await)).await;
+    let s = expect_code(r, Code::FailedPrecondition);
+    assert!(s.message().contains("history starts"), "{s:?}");
+    let kept: Vec<(String, u64)> = items(&mesh, &none.token).await.into_iter().map(|i| (i.id, i.version)).collect();
+    assert_eq!(kept, [("k".to_owned(), 2)]);
+    mesh.shutdown().await;
+}
