@@ -477,8 +477,9 @@ async fn history_is_trimmed_to_the_tiers_days() {
         let tenant = mesh.registry().get_tenant(authed(req, &admin)).await.unwrap().into_inner().tenant.unwrap();
         tables.push(tenant.placement.unwrap().table);
     }
+    // Both tenants' writes made two entries each (the 14-day tier shows it
+    // below); the sampler may trim the 0-day one's at any second from now.
     let written = history::now_us();
-    assert_eq!(history_of(&mesh, &none.tenant_id, &tables[0]).await.0, 2);
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let start = loop {
