@@ -246,6 +246,81 @@ fn the_emulator_set_up_and_the_cloudformation_stack_make_the_same_tables() {
     assert!(actions(stack_role).contains("ConditionCheckItem"), "{:?}", actions(stack_role));
 }
 
+/// Disaster recovery in the stack: every table is a global table whose
+/// second replica (in `ReplicaRegion`, when set) is the first one moved to
+/// that region, with the stream replication needs always on; the tables
+/// holding customers' and billing data keep point-in-time recovery in every
+/// replica, refuse DeleteTable and outlive the stack; and every DynamoDB
+/// resource the IAM policies grant in the stack's region is granted in the
+/// replica's region too (when set), so the services can fail over.
+#[test]
+fn the_cloudformation_stack_replicates_every_table_to_the_replica_region() {
+    let stack = std::fs::read_to_string(workspace_root().join("deploy/aws/tenantmesh.yaml")).unwrap();
+    // yaml-rust2 drops CloudFormation's `!Sub`/`!If`/`!Ref` tags and keeps
+    // their values: `!If [c, a, b]` is the array [c, a, b].
+    let doc = YamlLoader::load_from_str(&stack).unwrap().remove(0);
+    assert_eq!(doc["Conditions"]["HasReplica"], YamlLoader::load_from_str("[[ReplicaRegion, '']]").unwrap()[0]);
+    let mut tables = Vec::new();
+    for (name, resource) in doc["Resources"].as_hash().unwrap() {
+        let name = name.as_str().unwrap();
+        if resource["Type"].as_str() == Some("AWS::DynamoDB::Table") {
+            panic!("{name} is a plain table: it cannot be given a replica without being replaced");
+        }
+        if resource["Type"].as_str() != Some("AWS::DynamoDB::GlobalTable") {
+            continue;
+        }
+        tables.push(name.to_owned());
+        let props = &resource["Properties"];
+        assert_eq!(props["StreamSpecification"]["StreamViewType"].as_str(), Some("NEW_AND_OLD_IMAGES"), "{name}");
+        let replicas = props["Replicas"].as_vec().unwrap();
+        assert_eq!(replicas.len(), 2, "{name}: the stack's region and the optional replica");
+        let first = &replicas[0];
+        assert_eq!(first["Region"].as_str(), Some("AWS::Region"), "{name}");
+        let optional = replicas[1].as_vec().expect("the second replica is an !If");
+        assert_eq!(optional[0].as_str(), Some("HasReplica"), "{name}");
+        assert_eq!(optional[2].as_str(), Some("AWS::NoValue"), "{name}");
+        let mut moved = first.clone();
+        if let Yaml::Hash(h) = &mut moved {
+            *h.get_mut(&Yaml::String("Region".into())).unwrap() = Yaml::String("ReplicaRegion".into());
+        }
+        assert_eq!(optional[1], moved, "{name}: the replica differs from the first one");
+        let holds_data = name != "LeasesTable";
+        let pitr = first["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"].as_bool();
+        assert_eq!(pitr == Some(true), holds_data, "{name}: point-in-time recovery");
+        assert_eq!(first["DeletionProtectionEnabled"].as_bool() == Some(true), holds_data, "{name}");
+        for policy in ["DeletionPolicy", "UpdateReplacePolicy"] {
+            assert_eq!(resource[policy].as_str() == Some("Retain"), holds_data, "{name}: {policy}");
+        }
+    }
+    assert_eq!(tables.len(), 6, "{tables:?}");
+
+    // Every ARN granted in the stack's region has its twin in the replica's.
+    fn arns(node: &Yaml, out: &mut Vec<(bool, String)>) {
+        match node {
+            Yaml::String(s) if s.contains(":dynamodb:") => out.push((false, s.clone())),
+            Yaml::Array(a) if a.first().and_then(Yaml::as_str) == Some("HasReplica") => {
+                let mut inner = Vec::new();
+                arns(&a[1], &mut inner);
+                out.extend(inner.into_iter().map(|(_, arn)| (true, arn)));
+            }
+            Yaml::Array(a) => a.iter().for_each(|n| arns(n, out)),
+            Yaml::Hash(h) => h.values().for_each(|n| arns(n, out)),
+            _ => {}
+        }
+    }
+    let mut granted = Vec::new();
+    arns(&doc["Resources"], &mut granted);
+    let here: Vec<_> = granted.iter().filter(|(c, _)| !c).map(|(_, a)| a.clone()).collect();
+    let there: Vec<_> = granted.iter().filter(|(c, _)| *c).map(|(_, a)| a.clone()).collect();
+    assert!(here.len() >= 8, "{here:?}");
+    for arn in &here {
+        assert!(arn.contains(":dynamodb:${AWS::Region}:"), "{arn}: not in the stack's region");
+        let twin = arn.replace("${AWS::Region}", "${ReplicaRegion}");
+        assert!(there.contains(&twin), "{arn} has no twin in the replica's region");
+    }
+    assert_eq!(here.len(), there.len(), "{there:?}");
+}
+
 /// The processes of one profile, on free loopback ports.
 struct Running {
     dir: tempfile::TempDir,
