@@ -227,6 +227,45 @@ async fn a_restore_that_cannot_finish_is_rolled_back() {
     put(&mesh, &t.token, "a9", "writes go on").await;
 }
 
+/// The largest item the data service accepts (`MAX_ITEM_BYTES` encoded)
+/// is overwritten and restored whole: its history entry holds all of it.
+/// One byte more is INVALID_ARGUMENT naming `attributes`, and nothing is
+/// written. On the emulator, only the refusal: moto caps an item at
+/// 405,000 bytes, below DynamoDB's 409,600, and sizes an overwrite as the
+/// old item plus the new one. The DynamoDB sizes are checked by the data
+/// service's `the_largest_item_and_its_history_entry_fit_in_a_dynamodb_item`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_item_is_kept_whole_in_the_history_and_one_byte_more_is_refused() {
+    use prost::Message;
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("large"), "standard").await;
+    // The encoded size of the item the service stores for a value of n bytes.
+    let encoded = |n: usize| {
+        let req = put_v("big", &"x".repeat(n));
+        let now_ms = history::now_us() / 1000;
+        Item { collection: req.collection, id: req.id, attributes: req.attributes, version: 0, update_time_ms: now_ms }
+            .encoded_len()
+    };
+    let n =
+        (0..tenantmesh_data::MAX_ITEM_BYTES).rev().find(|&n| encoded(n) <= tenantmesh_data::MAX_ITEM_BYTES).unwrap();
+    assert!(encoded(n + 1) > tenantmesh_data::MAX_ITEM_BYTES);
+
+    let s =
+        expect_invalid(mesh.data().put_item(authed(put_v("big", &"x".repeat(n + 1)), &t.token)).await, "attributes");
+    assert!(s.message().contains(&tenantmesh_data::MAX_ITEM_BYTES.to_string()), "{s:?}");
+    assert!(items(&mesh, &t.token).await.is_empty());
+    if mesh.backend() == TestBackend::DynamoDb {
+        return;
+    }
+    let first = put(&mesh, &t.token, "big", &"x".repeat(n)).await;
+    let at = instant().await;
+    put(&mesh, &t.token, "big", &"y".repeat(n)).await;
+    let wf = restored(&mesh, &admin, restore(&t.tenant_id, at, RestoreTarget::InPlace)).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    assert!(items(&mesh, &t.token).await == vec![first], "the largest item did not come back whole");
+}
+
 // ---- The property, on the table --------------------------------------
 
 /// One step of a random history.

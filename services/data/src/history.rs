@@ -64,7 +64,7 @@ pub fn now_us() -> i64 {
 /// A new entry's sort key at `time_us`: in time order, and unique (two
 /// replicas writing one tenant in the same microsecond differ by the
 /// random part; a clash fails the transaction, which is tried again).
-fn entry_key(time_us: i64) -> String {
+pub(crate) fn entry_key(time_us: i64) -> String {
     format!("{PREFIX}{time_us:016}#{:08x}", uuid::Uuid::new_v4().as_u128() as u32)
 }
 

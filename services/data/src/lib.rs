@@ -73,8 +73,11 @@ pub fn reserved_sort_key(sort_key: &str) -> bool {
     sort_key.starts_with('~')
 }
 
-/// Largest encoded item accepted (DynamoDB's item limit).
-pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+/// Largest encoded item accepted: DynamoDB's item limit (400 KiB, names
+/// and values of all attributes) less 1 KiB, so that both the stored item
+/// and the history entry holding it as a before-image (its bytes plus its
+/// sort key and version) fit, whatever the tenant id and sort key.
+pub const MAX_ITEM_BYTES: usize = 399 * 1024;
 const MAX_COLLECTION_LEN: usize = 64;
 const MAX_ID_LEN: usize = 256;
 
@@ -792,6 +795,28 @@ mod tests {
             let e = Config::from_env(&env(&[(var, value)])).unwrap_err();
             assert_eq!(e.var, var, "{e:?}");
         }
+    }
+
+    /// With the longest tenant id and sort key and the largest version,
+    /// the largest item and the history entry of its overwrite are both
+    /// within DynamoDB's 400 KiB per item (attribute names `pk`, `sk`, `d`,
+    /// `v`; a number takes at most 21 bytes).
+    #[test]
+    fn the_largest_item_and_its_history_entry_fit_in_a_dynamodb_item() {
+        const DYNAMODB_ITEM_LIMIT: usize = 400 * 1024;
+        let tenant = "t".repeat(63);
+        assert!(tenantmesh_service::validate_tenant_id(&tenant).is_ok());
+        assert!(tenantmesh_service::validate_tenant_id(&format!("{tenant}t")).is_err());
+        let sk = sort_key(&"c".repeat(MAX_COLLECTION_LEN), &"i".repeat(MAX_ID_LEN));
+        let stored = |sk: &str, data: usize| {
+            "pk".len() + tenant.len() + "sk".len() + sk.len() + "d".len() + data + "v".len() + 21
+        };
+        let entry = history::entry_key(i64::MAX);
+        let image =
+            tenantmesh_storage::BeforeImage { sk: sk.clone(), version: u64::MAX, data: vec![0; MAX_ITEM_BYTES] };
+        assert!(stored(&sk, MAX_ITEM_BYTES) <= DYNAMODB_ITEM_LIMIT);
+        let record = stored(&entry, image.encode().len());
+        assert!(record <= DYNAMODB_ITEM_LIMIT, "a history entry of {record} bytes");
     }
 
     #[test]
