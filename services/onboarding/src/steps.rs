@@ -366,17 +366,20 @@ impl Steps {
     /// time in memory, whatever the tenant holds), in byte-bounded batches.
     async fn copy_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
         let mut target = self.data_admin(&wf.to)?;
-        let mut copied = 0usize;
+        // Items, and the history entries that move with them (`~` keys).
+        let (mut copied, mut history) = (0usize, 0usize);
         if let Some(mut pages) = self.export(&wf.from, &wf.params.tenant_id, true, None).await? {
             while let Some(page) = pages.message().await? {
                 for batch in import_batches(page.items) {
-                    copied += batch.len();
+                    let entries = batch.iter().filter(|i| i.sort_key.starts_with('~')).count();
+                    (copied, history) = (copied + batch.len() - entries, history + entries);
                     target.import_items(ImportItemsRequest { store: store_ref(wf, &wf.to), items: batch }).await?;
                 }
             }
         }
         wf.outputs.insert("copied_items".into(), copied.to_string());
-        tracing::info!(items = copied, from = %wf.from.table, to = %wf.to.table, "items copied");
+        wf.outputs.insert("copied_history_entries".into(), history.to_string());
+        tracing::info!(items = copied, history, from = %wf.from.table, to = %wf.to.table, "items copied");
         Ok(())
     }
 
