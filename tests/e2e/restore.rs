@@ -496,6 +496,17 @@ async fn history_of(mesh: &TestMesh, tenant: &str, table: &str) -> (usize, Optio
 /// longer be restored; a tier that keeps days keeps them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_is_trimmed_to_the_tiers_days() {
+    trimmed_to_the_tiers_days("on").await;
+}
+
+/// The same with metering off: nothing is sampled, the history is still
+/// trimmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_trimmed_to_the_tiers_days_with_metering_off() {
+    trimmed_to_the_tiers_days("off").await;
+}
+
+async fn trimmed_to_the_tiers_days(metering: &str) {
     let tiers = std::fs::read_to_string(test_tiers_file()).unwrap();
     let standard = tiers.find("name = \"standard\"").unwrap();
     let keep = standard + tiers[standard..].find("history_days = 7").unwrap();
@@ -503,7 +514,11 @@ async fn history_is_trimmed_to_the_tiers_days() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiers.toml");
     std::fs::write(&path, tiers).unwrap();
-    let settings = [("TENANTMESH_STORAGE_SAMPLE_SECS", "1"), ("TENANTMESH_TIERS_FILE", path.to_str().unwrap())];
+    let settings = [
+        ("TENANTMESH_STORAGE_SAMPLE_SECS", "1"),
+        ("TENANTMESH_TIERS_FILE", path.to_str().unwrap()),
+        ("TENANTMESH_METERING", metering),
+    ];
     let mesh = TestMesh::start_with_env(TestBackend::from_env(), &settings).await;
     let admin = mesh.admin_token().await;
     let none = mesh.onboard_on(&unique_tenant("keep0"), "standard").await;

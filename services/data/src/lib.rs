@@ -678,7 +678,10 @@ pub async fn serve(
     let usage = match config.silo_tenant {
         Some(_) => None,
         None if !config.metering => {
-            tracing::warn!("TENANTMESH_METERING=off: no usage is metered, and the Metering service is not served");
+            tracing::warn!(
+                "TENANTMESH_METERING=off: no usage is metered, and the Metering service is not served \
+                 (the change history is still trimmed to the tiers' history_days)"
+            );
             None
         }
         None => Some(config.storage.open_table(&config.common, USAGE_TABLE).await?),
@@ -695,14 +698,15 @@ pub async fn serve(
         meters
     });
     let (stop_sampling, sampling_stopped) = tokio::sync::watch::channel(false);
-    match (&usage, &config.common.service_client) {
-        (Some(table), Some(credentials)) => {
+    // A silo instance's tenant is sampled and trimmed by the shared service.
+    match (config.silo_tenant.is_none(), &config.common.service_client) {
+        (true, Some(credentials)) => {
             let tokens = Arc::new(client::ServiceTokenSource::new(
                 client::channel(&config.common.auth_url)?,
                 credentials.clone(),
             ));
             let sampler = storage_meter::StorageSampler::new(
-                table.clone(),
+                usage.clone(),
                 stores.clone(),
                 &config.storage.table_prefix,
                 &config.common.registry_url,
@@ -712,10 +716,13 @@ pub async fn serve(
             )?;
             Arc::new(sampler).start(sampling_stopped);
         }
-        (Some(_), None) => {
-            tracing::warn!("no service identity (TENANTMESH_SERVICE_CLIENT_ID/_SECRET): stored bytes are not metered");
+        (true, None) => {
+            tracing::warn!(
+                "no service identity (TENANTMESH_SERVICE_CLIENT_ID/_SECRET): stored bytes are not metered, \
+                 and the change history is not trimmed (it grows past the tiers' history_days)"
+            );
         }
-        (None, _) => {}
+        (false, _) => {}
     }
     let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone())
         .with_quota_rescan(config.quota_rescan)

@@ -18,7 +18,10 @@
 //!
 //! Stored bytes include the tenant's change history (see
 //! [`crate::history`]), which the replica that filed the interval then
-//! trims to the tier's `history_days`.
+//! trims to the tier's `history_days`. With metering off
+//! (`TENANTMESH_METERING=off`) nothing is measured or filed, and every
+//! replica trims every tenant's history each interval (a trim is
+//! idempotent), so the history never outgrows the tiers' days.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,9 +36,11 @@ use tenantmesh_service::metering::{self, Sample};
 use tenantmesh_storage::DynTable;
 use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel, ServiceTokenSource};
 
-/// Measures and files every tenant's stored bytes each interval.
+/// Measures and files every tenant's stored bytes each interval, and
+/// trims their change history.
 pub struct StorageSampler {
-    usage: DynTable,
+    /// Where samples are filed; `None` with metering off: trim only.
+    usage: Option<DynTable>,
     stores: Arc<dyn TenantStores>,
     table_prefix: String,
     tokens: Arc<ServiceTokenSource>,
@@ -55,7 +60,7 @@ enum Kept {
 
 impl StorageSampler {
     pub fn new(
-        usage: DynTable,
+        usage: Option<DynTable>,
         stores: Arc<dyn TenantStores>,
         table_prefix: &str,
         registry_url: &str,
@@ -98,15 +103,18 @@ impl StorageSampler {
         });
     }
 
-    /// Measures and files every tenant for the interval starting at `start`;
-    /// the number of tenants filed by this replica.
+    /// Measures and files every tenant for the interval starting at `start`
+    /// (with metering off, only trims); the number of tenants filed (or
+    /// trimmed) by this replica.
     pub async fn sample(&self, start: i64) -> Result<usize, String> {
         let tenants = crate::metering::all_tenants(&self.registry)
             .await
             .map_err(|s| format!("listing tenants: {}", s.message()))?;
         let mut filed = 0;
         for tenant in tenants.iter().filter(|t| t.status() != TenantStatus::Deleted) {
-            if metering::sample_filed(&self.usage, &tenant.tenant_id, start).await.map_err(|e| e.to_string())? {
+            if let Some(usage) = &self.usage
+                && metering::sample_filed(usage, &tenant.tenant_id, start).await.map_err(|e| e.to_string())?
+            {
                 continue;
             }
             let kept = match self.kept(tenant) {
@@ -116,21 +124,25 @@ impl StorageSampler {
                     continue;
                 }
             };
-            match self.measure(&kept, &tenant.tenant_id).await {
-                Ok(bytes) => {
-                    let sample = Sample { start, secs: self.interval.as_secs() as i64, bytes };
-                    if metering::file_sample(&self.usage, &tenant.tenant_id, &sample)
-                        .await
-                        .map_err(|e| e.to_string())?
-                    {
-                        filed += 1;
+            let trims = match &self.usage {
+                None => true,
+                Some(usage) => match self.measure(&kept, &tenant.tenant_id).await {
+                    Ok(bytes) => {
+                        let sample = Sample { start, secs: self.interval.as_secs() as i64, bytes };
                         // The replica that filed the interval trims too.
-                        if let Err(e) = self.trim(&kept, tenant).await {
-                            tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "change history not trimmed");
-                        }
+                        metering::file_sample(usage, &tenant.tenant_id, &sample).await.map_err(|e| e.to_string())?
                     }
+                    Err(e) => {
+                        tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured");
+                        false
+                    }
+                },
+            };
+            if trims {
+                filed += 1;
+                if let Err(e) = self.trim(&kept, tenant).await {
+                    tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "change history not trimmed");
                 }
-                Err(e) => tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured"),
             }
         }
         Ok(filed)
