@@ -269,6 +269,10 @@ fn the_cloudformation_stack_replicates_every_table_to_the_replica_region() {
         if resource["Type"].as_str() != Some("AWS::DynamoDB::GlobalTable") {
             continue;
         }
+        // Not the earlier template's ids: updating an old stack with this
+        // one must fail on the taken table names, not change a type.
+        let earlier = ["RegistryTable", "AuthTable", "OnboardingTable", "LeasesTable", "UsageTable", "DataTable"];
+        assert!(!earlier.contains(&name), "{name} is an earlier template's plain table id");
         tables.push(name.to_owned());
         let props = &resource["Properties"];
         assert_eq!(props["StreamSpecification"]["StreamViewType"].as_str(), Some("NEW_AND_OLD_IMAGES"), "{name}");
@@ -284,7 +288,7 @@ fn the_cloudformation_stack_replicates_every_table_to_the_replica_region() {
             *h.get_mut(&Yaml::String("Region".into())).unwrap() = Yaml::String("ReplicaRegion".into());
         }
         assert_eq!(optional[1], moved, "{name}: the replica differs from the first one");
-        let holds_data = name != "LeasesTable";
+        let holds_data = name != "LeasesGlobalTable";
         let pitr = first["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"].as_bool();
         assert_eq!(pitr == Some(true), holds_data, "{name}: point-in-time recovery");
         assert_eq!(first["DeletionProtectionEnabled"].as_bool() == Some(true), holds_data, "{name}");
