@@ -93,9 +93,12 @@ impl ServiceTokenSource {
     }
 }
 
-/// `grpc-timeout` for `left` (milliseconds, at least 1, at most 8 digits).
+/// `grpc-timeout` for `left` (milliseconds, at least 1, at most 8 digits),
+/// rounded up: the channel's own timer reads it, and must not fire before
+/// the caller's deadline, or a call that ran out of time would be taken
+/// for a broken one (UNAVAILABLE instead of DEADLINE_EXCEEDED).
 fn grpc_timeout_value(left: Duration) -> HeaderValue {
-    let ms = left.as_millis().clamp(1, 99_999_999);
+    let ms = left.as_micros().div_ceil(1000).clamp(1, 99_999_999);
     HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit")
 }
 
@@ -289,6 +292,14 @@ mod tests {
         let mut client = AuthClient::new(wrap(channel(&format!("http://{addr}")).unwrap(), Identity::Caller));
         let status = within(5_000).scope(client.get_jwks(GetJwksRequest {})).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    /// Never less than what is left: 299.1 ms is 300 ms.
+    #[test]
+    fn grpc_timeouts_round_up() {
+        let v = |us: u64| grpc_timeout_value(Duration::from_micros(us)).to_str().unwrap().to_owned();
+        assert_eq!([v(0), v(1), v(299_100), v(300_000), v(300_001)], ["1m", "1m", "300m", "300m", "301m"]);
+        assert_eq!(v(u64::MAX), "99999999m");
     }
 
     /// The call carries what is left of the caller's deadline as its
