@@ -19,10 +19,16 @@ const REQUESTS: usize = 100;
 async fn sts_calls_per_tenant_not_per_request() {
     // Tenant status cached as in production (the suites' default is 100 ms):
     // the emulator is slow, and this test measures STS, not the registry.
-    // Metering off: the stored-bytes sampler reads every tenant's partition
-    // at each hour's boundary, vending their credentials; a run that spans
-    // a boundary (CI saw one) would count those instead of the requests'.
-    let settings = [("TENANTMESH_TENANT_CACHE_TTL_MS", "5000"), ("TENANTMESH_METERING", "off")];
+    // No stored-bytes sample in the run: at each interval's boundary (an
+    // hour by default) the sampler reads every tenant's partition, or with
+    // metering off trims its history, vending their credentials; a run
+    // that spans a boundary (CI saw one) would count those instead of the
+    // requests'. Ten years apart, and metering off (nothing to flush).
+    let settings = [
+        ("TENANTMESH_TENANT_CACHE_TTL_MS", "5000"),
+        ("TENANTMESH_METERING", "off"),
+        ("TENANTMESH_STORAGE_SAMPLE_SECS", "315360000"),
+    ];
     let mesh = TestMesh::start_with_env(TestBackend::DynamoDb, &settings).await;
 
     let first = mesh.onboard(&unique_tenant("burst")).await;
