@@ -120,7 +120,7 @@ impl StorageSampler {
             let kept = match self.kept(tenant) {
                 Ok(k) => k,
                 Err(e) => {
-                    tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured");
+                    tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured, history not trimmed");
                     continue;
                 }
             };
