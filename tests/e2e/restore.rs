@@ -357,7 +357,8 @@ async fn check_history(table: DynTable, ops: Vec<Op>) -> Result<(), String> {
     let run = uuid_hex();
     let pks: Vec<String> = (0..3).map(|t| format!("p{run}-{t}")).collect();
     for pk in &pks {
-        history::mark_start(table.as_ref(), pk).await.map_err(|e| e.to_string())?;
+        let marked = history::mark_start(table.as_ref(), pk, FENCE_SK).await.map_err(|e| e.to_string())?;
+        assert!(marked, "{pk} is not fenced");
     }
     let mut model: Vec<State> = vec![State::new(); 3];
     // The instant after each step, and every tenant's items then.

@@ -29,7 +29,9 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use tenantmesh_storage::{BeforeImage, Condition, DynTable, Item, Query, StorageError, Table};
+use tenantmesh_storage::{BeforeImage, Condition, DynTable, Item, Query, StorageError, Table, Write};
+
+use crate::reserved_sort_key;
 
 /// Sort-key prefix of the history entries.
 pub const PREFIX: &str = "~u#";
@@ -126,25 +128,36 @@ pub async fn delete<T: Table + ?Sized>(
 }
 
 /// Records that `pk`'s history is complete from now on, unless it already
-/// was from earlier. Called before a process's first logged write of the
-/// tenant.
-pub async fn mark_start<T: Table + ?Sized>(store: &T, pk: &str) -> Result<(), StorageError> {
-    let now = now_us().to_string().into_bytes();
-    match store.put(pk, START_SK, now, Condition::NotExists).await {
-        Ok(_) | Err(StorageError::ConditionFailed { .. }) => Ok(()),
+/// was from earlier, in one step with a check that the fence `(pk,
+/// fence_sk)` is down: `false` (nothing recorded) if it is raised. Called
+/// before a process's first logged write of the tenant.
+pub async fn mark_start<T: Table + ?Sized>(store: &T, pk: &str, fence_sk: &str) -> Result<bool, StorageError> {
+    let writes = vec![
+        Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists },
+        Write::Put {
+            pk: pk.into(),
+            sk: START_SK.into(),
+            data: now_us().to_string().into_bytes(),
+            condition: Condition::NotExists,
+        },
+    ];
+    match store.transact_write(writes).await {
+        Err(StorageError::ConditionFailed { index: 0, .. }) => Ok(false),
+        // Marked now, or earlier.
+        Ok(()) | Err(StorageError::ConditionFailed { .. }) => Ok(true),
         Err(e) => Err(e),
     }
+}
+
+/// The instant a start item `~h` holds.
+fn start_of(item: &Item) -> Option<i64> {
+    std::str::from_utf8(&item.data).ok()?.parse().ok()
 }
 
 /// From when `pk`'s history is complete (`None`: no history at all).
 pub async fn start<T: Table + ?Sized>(store: &T, pk: &str) -> Result<Option<i64>, StorageError> {
     match store.get(pk, START_SK).await? {
-        Some(i) => Ok(Some(
-            std::str::from_utf8(&i.data)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| StorageError::Backend("the history start is damaged".into()))?,
-        )),
+        Some(i) => Ok(Some(start_of(&i).ok_or_else(|| StorageError::Backend("the history start is damaged".into()))?)),
         None => Ok(None),
     }
 }
@@ -298,10 +311,10 @@ impl ItemsAt {
                     limit,
                 };
                 let page = self.store.query(q).await?;
-                self.pending.extend(page.items.into_iter().filter(|i| !i.sk.starts_with('~')));
+                self.pending.extend(page.items.into_iter().filter(|i| !reserved_sort_key(&i.sk)));
                 match page.last_evaluated {
                     // Past the items: the rest is the service's own.
-                    Some(sk) if !sk.starts_with('~') => self.start_after = Some(sk),
+                    Some(sk) if !reserved_sort_key(&sk) => self.start_after = Some(sk),
                     _ => self.read_all = true,
                 }
                 continue;
@@ -335,7 +348,7 @@ impl ItemsAt {
 pub async fn trim<T: Table + ?Sized>(store: &T, pk: &str, before_us: i64) -> Result<u32, StorageError> {
     loop {
         let current = store.get(pk, START_SK).await?;
-        let start = current.as_ref().and_then(|i| std::str::from_utf8(&i.data).ok()?.parse::<i64>().ok());
+        let start = current.as_ref().and_then(start_of);
         if start.is_some_and(|s| s >= before_us) {
             break;
         }

@@ -378,23 +378,10 @@ impl DataService {
         if self.history_started.lock().expect("history lock").get(tenant).is_some_and(|t| t == table) {
             return Ok(());
         }
-        let writes = vec![
-            tenantmesh_storage::Write::Check {
-                pk: tenant.to_string(),
-                sk: FENCE_SK.into(),
-                condition: Condition::NotExists,
-            },
-            tenantmesh_storage::Write::Put {
-                pk: tenant.to_string(),
-                sk: history::START_SK.into(),
-                data: history::now_us().to_string().into_bytes(),
-                condition: Condition::NotExists,
-            },
-        ];
-        match store.transact_write(writes).await {
+        match history::mark_start(store.as_ref(), tenant, FENCE_SK).await {
             // Fenced: the write is refused below, and the next one marks.
-            Err(StorageError::ConditionFailed { index: 0, .. }) => return Ok(()),
-            Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
+            Ok(false) => return Ok(()),
+            Ok(true) => {}
             Err(e) => return Err(DataError::from(e).into()),
         }
         let mut started = self.history_started.lock().expect("history lock");

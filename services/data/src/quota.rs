@@ -55,11 +55,11 @@ impl Quotas {
         loop {
             let q = Query { pk: pk.to_owned(), sk_prefix: String::new(), start_after, limit: 1000 };
             let page = store.query(q).await?;
-            let counted = |i: &&tenantmesh_storage::Item| with_history || !i.sk.starts_with('~');
+            let counted = |i: &&tenantmesh_storage::Item| with_history || !crate::reserved_sort_key(&i.sk);
             bytes += page.items.iter().filter(counted).map(|i| i.data.len() as u64).sum::<u64>();
             match page.last_evaluated {
                 // The service's own keys ('~') sort after every item.
-                Some(sk) if with_history || !sk.starts_with('~') => start_after = Some(sk),
+                Some(sk) if with_history || !crate::reserved_sort_key(&sk) => start_after = Some(sk),
                 _ => return Ok(bytes),
             }
         }
