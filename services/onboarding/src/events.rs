@@ -22,7 +22,7 @@ fn key(sequence: u64) -> String {
 }
 
 fn now_micros() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or_default()
+    crate::now_us().max(0) as u64
 }
 
 impl EventLog {

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine;
 use crate::workflow::{self, Kind, Params, StepState, Workflow, WorkflowState, model_name};
-use crate::{IDEMPOTENCY_PK, OnboardingError, OnboardingService, now_secs};
+use crate::{IDEMPOTENCY_PK, OnboardingError, OnboardingService, now_secs, now_us};
 
 const MAX_KEY_LEN: usize = 128;
 
@@ -75,10 +75,6 @@ pub(crate) fn workflow_id(tenant_id: &str, kind: Kind) -> String {
         Kind::ChangeTier => format!("{tenant_id}/change-tier/{}", now_millis()),
         Kind::Restore => format!("{tenant_id}/restore/{}", now_millis()),
     }
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
 }
 
 fn now_millis() -> u128 {
@@ -422,7 +418,7 @@ impl Onboarding for OnboardingService {
     ) -> Result<Response<RestoreTenantResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let now = now_micros();
+        let now = now_us();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
         let at = match &req.point_in_time {

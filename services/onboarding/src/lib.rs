@@ -159,6 +159,12 @@ fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
+/// Now, in microseconds since the epoch (the data service's history clock
+/// reads the same).
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
+}
+
 /// The onboarding service's state: the engine and what the handlers need.
 #[derive(Clone)]
 pub struct OnboardingService {

@@ -29,6 +29,7 @@ use crate::compute::SiloCompute;
 use crate::engine::{StepError, StepRunner};
 use crate::events::EventLog;
 use crate::export;
+use crate::now_us;
 use crate::resources::{self, Ledger};
 use crate::workflow::{Kind, Spot, Step, Workflow};
 
@@ -114,8 +115,7 @@ impl StepRunner for Steps {
             }
             Step::RewindItems => self.rewind_items(wf).await,
             Step::ResumeWrites => {
-                self.set_fence(&wf.from, &wf.params.tenant_id, false).await?;
-                self.set_status(wf, TenantStatus::Active).await?;
+                self.resume_writes(wf).await?;
                 let detail = format!("to {} µs since the epoch", wf.point_in_time_us);
                 self.events.emit(EventKind::TenantRestored, &wf.params.tenant_id, &wf.id, detail).await;
                 Ok(())
@@ -170,8 +170,7 @@ impl StepRunner for Steps {
         // Through the shared data service: a silo instance may never have started.
         let to = Spot { endpoint: String::new(), ..wf.to.clone() };
         self.remove_copy(&to, &tenant, true).await?;
-        self.set_fence(&wf.from, &tenant, false).await?;
-        self.set_status(wf, TenantStatus::Active).await?;
+        self.resume_writes(wf).await?;
         tracing::warn!(from = %wf.from_tier, to = %wf.params.tier, "tier change rolled back: the tenant is ACTIVE on its old placement");
         Ok(())
     }
@@ -179,11 +178,6 @@ impl StepRunner for Steps {
 
 /// The output of a restore's PauseWrites: when writes stopped (µs).
 const PAUSED_AT: &str = "paused_at_us";
-
-/// Now, in microseconds since the epoch (the data service's history clock).
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
-}
 
 fn store_ref(wf: &Workflow, spot: &Spot) -> Option<StoreRef> {
     Some(StoreRef { tenant_id: wf.params.tenant_id.clone(), table: spot.table.clone() })
@@ -231,8 +225,7 @@ impl Steps {
                 Err(s) => return Err(s.into()),
             }
         }
-        self.set_fence(&wf.from, &wf.params.tenant_id, false).await?;
-        self.set_status(wf, TenantStatus::Active).await?;
+        self.resume_writes(wf).await?;
         tracing::warn!("restore rolled back: the tenant's items are as they were before it, and it takes writes");
         Ok(())
     }
@@ -477,6 +470,13 @@ impl Steps {
 
     /// Raises or lowers `tenant`'s write fence where `spot` keeps its items
     /// (nothing to do where a dedicated table is gone).
+    /// Lowers the fence where the tenant's items are and sets it ACTIVE:
+    /// it takes writes again.
+    async fn resume_writes(&self, wf: &Workflow) -> Result<(), StepError> {
+        self.set_fence(&wf.from, &wf.params.tenant_id, false).await?;
+        self.set_status(wf, TenantStatus::Active).await
+    }
+
     async fn set_fence(&self, spot: &Spot, tenant: &str, raised: bool) -> Result<(), StepError> {
         let request =
             SetFenceRequest { store: Some(StoreRef { tenant_id: tenant.into(), table: spot.table.clone() }), raised };
