@@ -526,7 +526,9 @@ impl Table for EmbeddedTable {
         undo_sk: Option<&str>,
     ) -> Result<Item> {
         check_key(pk, fence_sk)?;
-        check_key(pk, undo_sk.unwrap_or(fence_sk))?;
+        if let Some(undo_sk) = undo_sk {
+            check_key(pk, undo_sk)?;
+        }
         self.put_with(pk, sk, data, condition, Some(fence_sk), undo_sk).await
     }
 
@@ -539,7 +541,9 @@ impl Table for EmbeddedTable {
         undo_sk: Option<&str>,
     ) -> Result<Option<u64>> {
         check_key(pk, fence_sk)?;
-        check_key(pk, undo_sk.unwrap_or(fence_sk))?;
+        if let Some(undo_sk) = undo_sk {
+            check_key(pk, undo_sk)?;
+        }
         self.delete_with(pk, sk, condition, Some(fence_sk), undo_sk).await
     }
 
