@@ -6,7 +6,7 @@ use std::pin::Pin;
 use tenantmesh_credentials as credentials;
 use tenantmesh_proto::onboarding::v1::onboarding_server::Onboarding;
 use tenantmesh_proto::onboarding::v1::{self as pb, *};
-use tenantmesh_proto::registry::v1::TenantStatus;
+use tenantmesh_proto::registry::v1::{Tenant, TenantStatus};
 use tenantmesh_service::errors::{Violations, invalid_field};
 use tenantmesh_storage::{Condition, StorageError, Write};
 use tenantmesh_tenant_context::{PLATFORM_TENANT, Role, TenantContext};
@@ -74,6 +74,16 @@ pub(crate) fn workflow_id(tenant_id: &str, kind: Kind) -> String {
         Kind::Offboard => format!("{tenant_id}/offboard"),
         Kind::ChangeTier => format!("{tenant_id}/change-tier/{}", now_millis()),
         Kind::Restore => format!("{tenant_id}/restore/{}", now_millis()),
+    }
+}
+
+/// The parameters of a lifecycle workflow of a registered tenant, to `tier`.
+fn params_of(tenant: &Tenant, tier: &str) -> Params {
+    Params {
+        tenant_id: tenant.tenant_id.clone(),
+        name: tenant.name.clone(),
+        tier: tier.to_owned(),
+        admin_email: String::new(),
     }
 }
 
@@ -323,12 +333,7 @@ impl Onboarding for OnboardingService {
         if let Some((running, _)) = active.as_ref().filter(|(w, _)| w.state == WorkflowState::Running) {
             return Err(OnboardingError::InProgress { id: running.id.clone(), state: running.state }.into());
         }
-        let params = Params {
-            tenant_id: tenant.tenant_id.clone(),
-            name: tenant.name.clone(),
-            tier: tenant.tier.clone(),
-            admin_email: String::new(),
-        };
+        let params = params_of(&tenant, &tenant.tier);
         let mut wf = Workflow::new(id.clone(), Kind::Offboard, params, &workflow::offboard_steps(), now_secs());
         wf.from_tier = tenant.tier.clone();
         wf.from = self.spot_of(&tenant);
@@ -394,12 +399,7 @@ impl Onboarding for OnboardingService {
         let from = self.spot_of(&tenant);
         let target = self.spot_for(&tenant.tenant_id, &req.tier).expect("tier validated");
         let to = if target.model == from.model { from.clone() } else { target };
-        let params = Params {
-            tenant_id: tenant.tenant_id.clone(),
-            name: tenant.name.clone(),
-            tier: req.tier.clone(),
-            admin_email: String::new(),
-        };
+        let params = params_of(&tenant, &req.tier);
         let id = workflow_id(&tenant.tenant_id, Kind::ChangeTier);
         let steps = workflow::change_tier_steps(&from, &to);
         let mut wf = Workflow::new(id.clone(), Kind::ChangeTier, params, &steps, now_secs());
@@ -485,12 +485,7 @@ impl Onboarding for OnboardingService {
         if !export && tenant.status != TenantStatus::Active as i32 {
             return Err(OnboardingError::NotActive.into());
         }
-        let params = Params {
-            tenant_id: tenant.tenant_id.clone(),
-            name: tenant.name.clone(),
-            tier: tenant.tier.clone(),
-            admin_email: String::new(),
-        };
+        let params = params_of(&tenant, &tenant.tier);
         let id = workflow_id(&tenant.tenant_id, Kind::Restore);
         let mut wf = Workflow::new(id.clone(), Kind::Restore, params, &workflow::restore_steps(export), now_secs());
         wf.from_tier = tenant.tier.clone();
