@@ -297,9 +297,91 @@ async fn writes_stop_at_the_storage_quota() {
     mesh.shutdown().await;
 }
 
+/// Every byte a tenant's overwrites leave in its change history counts:
+/// a tenant overwriting a large item in a loop is refused at the history's
+/// cap (RESOURCE_EXHAUSTED, QuotaFailure naming `history_quota_bytes`,
+/// no RetryInfo), with what it stores then within its quota and the cap;
+/// deletes still go; once the history is trimmed, writes go on.
+#[tokio::test]
+async fn overwrites_stop_at_the_history_cap() {
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_QUOTA_RESCAN_MS", "0")]).await;
+    let admin = mesh.admin_token().await;
+    let acme = mesh.onboard(&unique_tenant("acme")).await;
+    const QUOTA: u64 = 400_000;
+    let limits =
+        TenantLimits { requests_per_second: 100_000, burst: 100_000, max_concurrency: 100, storage_quota_bytes: QUOTA };
+    let req = SetTenantLimitsRequest { tenant_id: acme.tenant_id.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // 150 KB (moto refuses an overwrite whose old and new item pass 400 KB).
+    let blob = "x".repeat(150 * 1024);
+    let put = |id: &str| {
+        let (mut data, token) = (mesh.data(), acme.token.clone());
+        let req = PutItemRequest {
+            collection: "big".into(),
+            id: id.into(),
+            attributes: Some(attrs(&[("blob", &blob)])),
+            expected_version: None,
+        };
+        async move { data.put_item(authed(req, &token)).await }
+    };
+    let mut written = 0;
+    let refused = loop {
+        match put("x").await {
+            Ok(_) => written += 1,
+            Err(s) => break s,
+        }
+        assert!(written <= 20, "a 150 KB item was overwritten {written} times under a 800 KB history cap");
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    let quota = refused.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, format!("tenant:{}", acme.tenant_id));
+    assert_eq!(quota.violations[0].description, format!("history_quota_bytes {}", 2 * QUOTA));
+    assert!(refused.get_details_retry_info().is_none(), "waiting a few seconds does not help");
+    // The first write and five overwrites of about 154 KB: a sixth would pass 800 KB.
+    assert_eq!(written, 1 + 5, "{refused:?}");
+    // What is stored is within the quota and the cap: the item, and the history of its overwrites.
+    let service = mesh.service_token().await;
+    let pooled = tenantmesh_proto::data::v1::StoreRef {
+        tenant_id: acme.tenant_id.clone(),
+        table: mesh.state_table_name("data"),
+    };
+    let export = tenantmesh_proto::data::v1::ExportItemsRequest {
+        store: Some(pooled.clone()),
+        include_history: true,
+        as_of_us: None,
+    };
+    let mut pages = mesh.data_admin().export_items(authed(export, &service)).await.unwrap().into_inner();
+    let (mut items, mut history) = (0u64, 0u64);
+    while let Some(page) = pages.message().await.unwrap() {
+        for i in page.items {
+            match i.sort_key.starts_with("~u#") {
+                true => history += i.data.len() as u64,
+                false if !i.sort_key.starts_with('~') => items += i.data.len() as u64,
+                false => {}
+            }
+        }
+    }
+    assert!(items <= QUOTA && history <= 2 * QUOTA && history > QUOTA, "items {items}, history {history}");
+    // A delete is never refused (it frees items), and a new small item still fits.
+    let del = tenantmesh_proto::data::v1::DeleteItemRequest {
+        collection: "big".into(),
+        id: "x".into(),
+        expected_version: None,
+    };
+    mesh.data().delete_item(authed(del, &acme.token)).await.unwrap();
+    expect_code(put("x").await, Code::ResourceExhausted);
+    // Trimmed (as the hourly trim does past history_days), the history frees and writes go on.
+    let trim = tenantmesh_proto::data::v1::TrimHistoryRequest { store: Some(pooled), before_us: i64::MAX / 2 };
+    mesh.data_admin().trim_history(authed(trim, &service)).await.unwrap();
+    put("x").await.unwrap();
+    mesh.shutdown().await;
+}
+
 /// Requests cost DynamoDB's units: a 300 KB write costs 300 write units,
-/// charged after it (capped at one burst), so the tenant's next request
-/// waits for its bucket; small requests cost one token each.
+/// all of them charged after it (never capped at a burst), so the tenant's
+/// next request waits until its rate has paid for the write; small
+/// requests cost one token each.
 #[tokio::test]
 async fn large_writes_cost_more_tokens() {
     let mesh = TestMesh::start().await;
@@ -327,10 +409,11 @@ async fn large_writes_cost_more_tokens() {
     // Small calls: one token each, well within the burst of 10.
     put("small".into()).await.unwrap();
     get().await.unwrap();
-    // A 300 KB write is admitted, then charged a whole burst.
+    // A 300 KB write is admitted, then charged its 300 units: at 10 per
+    // second with a burst of 10, the next call waits about 29 s.
     put("x".repeat(300 * 1024)).await.unwrap();
     let s = expect_code(get().await, Code::ResourceExhausted);
     let retry = s.get_details_retry_info().and_then(|r| r.retry_delay).expect("RetryInfo");
-    assert!(retry > Duration::from_millis(100), "the write's cost was not charged: retry after {retry:?}");
+    assert!(retry > Duration::from_secs(25), "the write's cost was not charged whole: retry after {retry:?}");
     mesh.shutdown().await;
 }

@@ -381,7 +381,7 @@ async fn check_history(table: DynTable, ops: Vec<Op>) -> Result<(), String> {
                 let (pk, sk) = (&pks[t], format!("c#{k}"));
                 let r = history::delete(table.as_ref(), pk, &sk, Condition::Exists, FENCE_SK).await;
                 match (model[t].remove(&sk), r) {
-                    (Some((v, _)), Ok(Some(deleted))) if v == deleted => {}
+                    (Some((v, _)), Ok(done)) if v == done.previous_version => {}
                     (None, Err(StorageError::ConditionFailed { current: None, .. })) => {}
                     (m, r) => return Err(format!("{op:?}: model {m:?}, table {r:?}")),
                 }

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tenantmesh_storage::{Condition, DynTable, Item, Page, Query, Result, StorageError, Table, Write};
+use tenantmesh_storage::{Condition, DynTable, Fenced, Item, Page, Query, Result, StorageError, Table, Write};
 
 use crate::eval::{Decision, RequestContext, evaluate};
 use crate::policy::{Placement, PolicyDocument, PolicyError, tenant_policy};
@@ -134,7 +134,7 @@ impl Table for ScopedTable {
         condition: Condition,
         fence_sk: &str,
         undo_sk: Option<&str>,
-    ) -> Result<Item> {
+    ) -> Result<Fenced> {
         self.check(Action::ConditionCheckItem, pk)?;
         self.check(Action::PutItem, pk)?;
         if undo_sk.is_some() {
@@ -150,7 +150,7 @@ impl Table for ScopedTable {
         condition: Condition,
         fence_sk: &str,
         undo_sk: Option<&str>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Fenced> {
         self.check(Action::ConditionCheckItem, pk)?;
         self.check(Action::DeleteItem, pk)?;
         if undo_sk.is_some() {

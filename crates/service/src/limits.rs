@@ -24,9 +24,11 @@ use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
 /// What a request cost, in tokens, when that is more than one: a handler
 /// puts it in its response's extensions (`Response::extensions_mut`) and the
-/// server layer charges the tokens beyond the one taken at admission (at
-/// most a burst's worth). The data service reports DynamoDB's units: a read
-/// unit per 4 KB read, a write unit per 1 KB written.
+/// server layer charges the tokens beyond the one taken at admission, all
+/// of them: a request larger than a burst leaves its key owing, and the
+/// key's next requests wait until the debt is paid at its rate. The data
+/// service reports DynamoDB's units: a read unit per 4 KB read, a write
+/// unit per 1 KB written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cost(pub u32);
 
@@ -60,7 +62,7 @@ pub struct Quota {
     interval: u64,
     /// Nanoseconds of burst: how far ahead of now a key may have spent.
     tolerance: u64,
-    /// Most tokens one request may be charged after the fact (a burst).
+    /// Tokens of burst (a share's, for replicas).
     burst: u32,
     /// 0: no cap on requests in flight.
     max_in_flight: u32,
@@ -275,10 +277,22 @@ impl KeyedLimiter {
     }
 
     /// Charges `tokens` more to `key` after the fact (work whose cost was
-    /// known only once done), at most one burst's worth, so one request
-    /// never owes more than a full bucket.
+    /// known only once done), all of them: past a burst, the key owes, and
+    /// its requests are refused until its rate has paid the debt (every
+    /// byte a tenant writes is paid for, however large the write).
     pub fn charge(&self, key: &(impl Hash + ?Sized), tokens: u32, quota: impl Into<Quota>) {
         self.charge_hashed(self.key(key), tokens, quota.into());
+    }
+
+    /// When `key` may be admitted again for a request of `cost` tokens
+    /// under `quota`, without taking anything: `None` if it may now.
+    pub fn owing(&self, key: &(impl Hash + ?Sized), cost: u32, quota: impl Into<Quota>) -> Option<Duration> {
+        let key = self.key(key);
+        let Quota { interval, tolerance, .. } = quota.into();
+        let now = now_nanos();
+        let shard = self.shard(key).lock().expect("limiter lock");
+        let tat = shard.slots.get(&key).map_or(0, |s| s.tat).max(now) + interval * u64::from(cost.max(1));
+        (tat > now + tolerance).then(|| Duration::from_nanos(tat - tolerance - now))
     }
 
     fn charge_hashed(&self, key: u64, tokens: u32, quota: Quota) {
@@ -286,7 +300,6 @@ impl KeyedLimiter {
             return;
         }
         let now = now_nanos();
-        let tokens = tokens.min(quota.burst);
         let mut shard = self.shard(key).lock().expect("limiter lock");
         let slot = shard.slots.entry(key).or_default();
         slot.tat = slot.tat.max(now) + quota.interval * u64::from(tokens);
@@ -383,10 +396,16 @@ mod tests {
         assert!(l.admit("k", 8, lim).is_ok());
         assert_eq!(l.admit("k", 3, lim).unwrap_err().0, Limit::Rate);
         assert!(l.admit("k", 2, lim).is_ok());
-        // A charge is capped at one burst, and leaves the key owing.
+        // A charge is never capped: 1000 tokens at 1/s with a burst of 10
+        // leave the key owing about 990 s, and `owing` says so without taking.
         l.charge("other", 1000, lim);
         let (_, retry) = l.admit("other", 1, lim).unwrap_err();
-        assert!(retry > Duration::from_millis(900) && retry <= Duration::from_secs(1), "{retry:?}");
+        assert!(retry > Duration::from_secs(989) && retry <= Duration::from_secs(991), "{retry:?}");
+        let owed = l.owing("other", 1, lim).unwrap();
+        assert!(owed > Duration::from_secs(989) && owed <= retry, "{owed:?}");
+        assert_eq!(l.owing("fresh", 1, lim), None);
+        assert_eq!(l.owing("fresh", 11, lim).map(|_| ()), Some(()), "more than a burst is never admitted at once");
+        assert_eq!(l.owing("fresh", 1, lim), None, "owing takes nothing");
     }
 
     #[test]

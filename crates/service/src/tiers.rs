@@ -40,10 +40,24 @@ pub struct Tier {
     /// platform admins only).
     #[serde(default)]
     pub tenant_restore: bool,
+    /// How many times its storage quota a tenant's change history may
+    /// hold (default 2): past that, its puts are refused until the history
+    /// ages out.
+    #[serde(default = "two")]
+    pub history_quota_multiple: u32,
+    /// How long the export of a tenant's items that a restore into an
+    /// export or an offboarding writes is kept before it is deleted
+    /// (default 7 days); it is billed while it is kept.
+    #[serde(default = "seven")]
+    pub export_retention_days: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn two() -> u32 {
+    2
 }
 
 fn seven() -> u32 {
@@ -62,6 +76,17 @@ impl Tier {
     /// The history's retention in microseconds.
     pub fn history_us(&self) -> i64 {
         i64::from(self.history_days) * 86_400 * 1_000_000
+    }
+
+    /// The cap on a tenant's change history when its storage quota is
+    /// `storage_quota_bytes` (its own, or the tier's).
+    pub fn history_quota(&self, storage_quota_bytes: u64) -> u64 {
+        storage_quota_bytes.saturating_mul(u64::from(self.history_quota_multiple))
+    }
+
+    /// How long an export is kept, in seconds.
+    pub fn export_retention_secs(&self) -> i64 {
+        i64::from(self.export_retention_days) * 86_400
     }
 
     pub fn limits(&self) -> TenantLimits {
@@ -129,6 +154,7 @@ impl Tiers {
                 || t.max_concurrency == 0
                 || t.storage_quota_bytes == 0
                 || t.weight == 0
+                || t.history_quota_multiple == 0
             {
                 return Err(err(format!("tier {:?}: every limit must be above 0", t.name)));
             }

@@ -27,21 +27,29 @@ pub async fn undo_records(t: &dyn Table) {
     let record = |sk: &'static str| async move {
         BeforeImage::decode(&t.get(pk, sk).await.unwrap().expect("an undo record").data).unwrap()
     };
-    t.put_fenced(pk, "k", b"one".to_vec(), Condition::None, FENCE, Some("~u1")).await.unwrap();
+    // Each write says what it replaced and how large its record is.
+    let one = t.put_fenced(pk, "k", b"one".to_vec(), Condition::None, FENCE, Some("~u1")).await.unwrap();
     assert_eq!(record("~u1").await, BeforeImage { sk: "k".into(), version: 0, data: vec![] });
+    assert_eq!(one, crate::Fenced { version: 1, previous_version: 0, previous_bytes: 0, undo_bytes: 12 + 1 });
     let two = t.put_fenced(pk, "k", b"two".to_vec(), Condition::Version(1), FENCE, Some("~u2")).await.unwrap();
     assert_eq!(
-        (two.version, record("~u2").await),
-        (2, BeforeImage { sk: "k".into(), version: 1, data: b"one".to_vec() })
+        (two, record("~u2").await),
+        (
+            crate::Fenced { version: 2, previous_version: 1, previous_bytes: 3, undo_bytes: 12 + 1 + 3 },
+            BeforeImage { sk: "k".into(), version: 1, data: b"one".to_vec() }
+        )
     );
     let stale = t.put_fenced(pk, "k", b"x".to_vec(), Condition::Version(1), FENCE, Some("~u3")).await;
     assert!(matches!(stale, Err(StorageError::ConditionFailed { current: Some(2), .. })), "{stale:?}");
     assert_eq!(t.get(pk, "~u3").await.unwrap(), None);
-    assert_eq!(t.delete_fenced(pk, "k", Condition::Exists, FENCE, Some("~u4")).await.unwrap(), Some(2));
+    assert_eq!(
+        t.delete_fenced(pk, "k", Condition::Exists, FENCE, Some("~u4")).await.unwrap(),
+        crate::Fenced { version: 0, previous_version: 2, previous_bytes: 3, undo_bytes: 12 + 1 + 3 }
+    );
     assert_eq!(record("~u4").await, BeforeImage { sk: "k".into(), version: 2, data: b"two".to_vec() });
     assert_eq!(t.get(pk, "k").await.unwrap(), None);
     // Nothing deleted, nothing recorded.
-    assert_eq!(t.delete_fenced(pk, "k", Condition::None, FENCE, Some("~u5")).await.unwrap(), None);
+    assert_eq!(t.delete_fenced(pk, "k", Condition::None, FENCE, Some("~u5")).await.unwrap(), crate::Fenced::default());
     assert_eq!(t.get(pk, "~u5").await.unwrap(), None);
     t.put(pk, FENCE, Vec::new(), Condition::NotExists).await.unwrap();
     let fenced = t.put_fenced(pk, "k", b"late".to_vec(), Condition::None, FENCE, Some("~u6")).await;
@@ -66,9 +74,9 @@ pub async fn fenced_writes(t: &dyn Table) {
     assert!(matches!(taken, Err(StorageError::ConditionFailed { current: Some(3), .. })), "{taken:?}");
     let missing = t.delete_fenced(pk, "absent", Condition::Exists, FENCE, None).await;
     assert!(matches!(missing, Err(StorageError::ConditionFailed { current: None, .. })), "{missing:?}");
-    assert_eq!(t.delete_fenced(pk, "absent", Condition::None, FENCE, None).await.unwrap(), None);
+    assert_eq!(t.delete_fenced(pk, "absent", Condition::None, FENCE, None).await.unwrap().previous_version, 0);
     t.put_fenced(pk, "gone", b"g".to_vec(), Condition::NotExists, FENCE, None).await.unwrap();
-    assert_eq!(t.delete_fenced(pk, "gone", Condition::Exists, FENCE, None).await.unwrap(), Some(1));
+    assert_eq!(t.delete_fenced(pk, "gone", Condition::Exists, FENCE, None).await.unwrap().previous_version, 1);
 
     // Raised: nothing is written, whatever the condition.
     t.put(pk, FENCE, Vec::new(), Condition::None).await.unwrap();

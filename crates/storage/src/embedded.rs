@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction};
+use crate::{Condition, Fenced, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction};
 
 /// Key `(pk, sk)`; value: 8-byte big-endian version followed by the data.
 const ITEMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("items");
@@ -109,10 +109,11 @@ enum Op {
     Restore(Item),
 }
 
-/// What a write returns once committed.
+/// What a write returns once committed: a put its item, and for puts and
+/// deletes what they replaced (see [`Fenced`]; its `version` is unused).
 enum Done {
-    Put(Item),
-    Delete(Option<u64>),
+    Put(Item, Fenced),
+    Delete(Fenced),
     Unit,
 }
 
@@ -146,16 +147,18 @@ impl Op {
                 None => false,
             })
         };
-        // The item's before-image, written under `undo` in `pk`.
-        let log = |table: &mut redb::Table<(&str, &str), &[u8]>, pk: &str, sk: &str, undo: &str| -> Result<()> {
-            let before = match table.get((pk, sk)).map_err(backend)? {
-                Some(raw) => Some(decode(pk, sk, raw.value())?),
-                None => None,
+        // The item's before-image, written under `undo` in `pk`: the bytes
+        // of the item and of the record.
+        let log =
+            |table: &mut redb::Table<(&str, &str), &[u8]>, pk: &str, sk: &str, undo: &str| -> Result<(u64, u64)> {
+                let before = match table.get((pk, sk)).map_err(backend)? {
+                    Some(raw) => Some(decode(pk, sk, raw.value())?),
+                    None => None,
+                };
+                let image = crate::BeforeImage::of(sk, before.as_ref()).encode();
+                table.insert((pk, undo), encode(1, &image).as_slice()).map_err(backend)?;
+                Ok((before.map_or(0, |b| b.data.len() as u64), image.len() as u64))
             };
-            let record = encode(1, &crate::BeforeImage::of(sk, before.as_ref()).encode());
-            table.insert((pk, undo), record.as_slice()).map_err(backend)?;
-            Ok(())
-        };
         Ok(match self {
             Op::Put { pk, sk, data, condition, fence, undo } => {
                 if fenced(table, &pk, &fence)? {
@@ -165,12 +168,15 @@ impl Op {
                 if !condition.holds(current) {
                     return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
                 }
-                if let Some(undo) = &undo {
-                    log(table, &pk, &sk, undo)?;
-                }
-                let version = current.unwrap_or(0) + 1;
+                let (previous_bytes, undo_bytes) = match &undo {
+                    Some(undo) => log(table, &pk, &sk, undo)?,
+                    None => (0, 0),
+                };
+                let previous_version = current.unwrap_or(0);
+                let version = previous_version + 1;
                 table.insert((pk.as_str(), sk.as_str()), encode(version, &data).as_slice()).map_err(backend)?;
-                Ok(Done::Put(Item { pk, sk, version, data }))
+                let fenced = Fenced { version, previous_version, previous_bytes, undo_bytes };
+                Ok(Done::Put(Item { pk, sk, version, data }, fenced))
             }
             Op::Delete { pk, sk, condition, fence, undo } => {
                 if fenced(table, &pk, &fence)? {
@@ -180,13 +186,15 @@ impl Op {
                 if !condition.holds(current) {
                     return Ok(Err(StorageError::ConditionFailed { index: 0, current }));
                 }
-                if let (Some(undo), Some(_)) = (&undo, current) {
-                    log(table, &pk, &sk, undo)?;
-                }
+                let (previous_bytes, undo_bytes) = match (&undo, current) {
+                    (Some(undo), Some(_)) => log(table, &pk, &sk, undo)?,
+                    _ => (0, 0),
+                };
                 if current.is_some() {
                     table.remove((pk.as_str(), sk.as_str())).map_err(backend)?;
                 }
-                Ok(Done::Delete(current))
+                let previous_version = current.unwrap_or(0);
+                Ok(Done::Delete(Fenced { version: 0, previous_version, previous_bytes, undo_bytes }))
             }
             Op::Transact(writes) => {
                 // Every condition first, then every write: all or nothing.
@@ -461,12 +469,12 @@ impl EmbeddedTable {
         condition: Condition,
         fence: Option<&str>,
         undo: Option<&str>,
-    ) -> Result<Item> {
+    ) -> Result<(Item, Fenced)> {
         check_key(pk, sk)?;
         let (fence, undo) = (fence.map(str::to_owned), undo.map(str::to_owned));
         let op = Op::Put { pk: pk.to_owned(), sk: sk.to_owned(), data, condition, fence, undo };
         match self.shared.submit(op).await? {
-            Done::Put(item) => Ok(item),
+            Done::Put(item, fenced) => Ok((item, fenced)),
             _ => unreachable!("a put answers with its item"),
         }
     }
@@ -478,12 +486,12 @@ impl EmbeddedTable {
         condition: Condition,
         fence: Option<&str>,
         undo: Option<&str>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Fenced> {
         check_key(pk, sk)?;
         let (fence, undo) = (fence.map(str::to_owned), undo.map(str::to_owned));
         let op = Op::Delete { pk: pk.to_owned(), sk: sk.to_owned(), condition, fence, undo };
         match self.shared.submit(op).await? {
-            Done::Delete(version) => Ok(version),
+            Done::Delete(fenced) => Ok(fenced),
             _ => unreachable!("a delete answers with the deleted version"),
         }
     }
@@ -507,11 +515,12 @@ impl Table for EmbeddedTable {
     }
 
     async fn put(&self, pk: &str, sk: &str, data: Vec<u8>, condition: Condition) -> Result<Item> {
-        self.put_with(pk, sk, data, condition, None, None).await
+        Ok(self.put_with(pk, sk, data, condition, None, None).await?.0)
     }
 
     async fn delete(&self, pk: &str, sk: &str, condition: Condition) -> Result<Option<u64>> {
-        self.delete_with(pk, sk, condition, None, None).await
+        let done = self.delete_with(pk, sk, condition, None, None).await?;
+        Ok((done.previous_version > 0).then_some(done.previous_version))
     }
 
     /// One write (in the writer's group transaction) checks the fence,
@@ -524,12 +533,12 @@ impl Table for EmbeddedTable {
         condition: Condition,
         fence_sk: &str,
         undo_sk: Option<&str>,
-    ) -> Result<Item> {
+    ) -> Result<Fenced> {
         check_key(pk, fence_sk)?;
         if let Some(undo_sk) = undo_sk {
             check_key(pk, undo_sk)?;
         }
-        self.put_with(pk, sk, data, condition, Some(fence_sk), undo_sk).await
+        Ok(self.put_with(pk, sk, data, condition, Some(fence_sk), undo_sk).await?.1)
     }
 
     async fn delete_fenced(
@@ -539,7 +548,7 @@ impl Table for EmbeddedTable {
         condition: Condition,
         fence_sk: &str,
         undo_sk: Option<&str>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Fenced> {
         check_key(pk, fence_sk)?;
         if let Some(undo_sk) = undo_sk {
             check_key(pk, undo_sk)?;

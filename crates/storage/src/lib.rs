@@ -168,6 +168,9 @@ pub trait Table: Send + Sync + 'static {
     /// undo_sk)`, the item's [`BeforeImage`]: what it was just before this
     /// write (an undo record; the caller makes `undo_sk` unique).
     ///
+    /// The answer says what the write replaced ([`Fenced`]), so a caller
+    /// can count the bytes it added without reading the item again.
+    ///
     /// This default is a transaction (a check and a write, and the undo
     /// record) conditioned on the item's version, read first when
     /// `condition` names none or the before-image is needed.
@@ -179,9 +182,9 @@ pub trait Table: Send + Sync + 'static {
         condition: Condition,
         fence_sk: &str,
         undo_sk: Option<&str>,
-    ) -> Result<Item> {
+    ) -> Result<Fenced> {
         loop {
-            let (expected, read, undo) = fenced_read(self, pk, sk, condition, undo_sk).await?;
+            let (expected, read, undo, previous_bytes) = fenced_read(self, pk, sk, condition, undo_sk).await?;
             let mut writes = vec![
                 Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists },
                 Write::Put {
@@ -191,9 +194,17 @@ pub trait Table: Send + Sync + 'static {
                     condition: Condition::Version(expected),
                 },
             ];
+            let undo_bytes = undo_len(&undo);
             writes.extend(undo);
             match fenced_outcome(self.transact_write(writes).await, read) {
-                Some(Ok(())) => return Ok(Item { pk: pk.into(), sk: sk.into(), version: expected + 1, data }),
+                Some(Ok(())) => {
+                    return Ok(Fenced {
+                        version: expected + 1,
+                        previous_version: expected,
+                        previous_bytes,
+                        undo_bytes,
+                    });
+                }
                 Some(Err(e)) => return Err(e),
                 None => continue,
             }
@@ -210,24 +221,50 @@ pub trait Table: Send + Sync + 'static {
         condition: Condition,
         fence_sk: &str,
         undo_sk: Option<&str>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Fenced> {
         loop {
-            let (expected, read, undo) = fenced_read(self, pk, sk, condition, undo_sk).await?;
+            let (expected, read, undo, previous_bytes) = fenced_read(self, pk, sk, condition, undo_sk).await?;
             let fence = Write::Check { pk: pk.into(), sk: fence_sk.into(), condition: Condition::NotExists };
-            let writes = if expected == 0 {
-                vec![fence, Write::Check { pk: pk.into(), sk: sk.into(), condition: Condition::NotExists }]
+            let (writes, undo_bytes) = if expected == 0 {
+                (vec![fence, Write::Check { pk: pk.into(), sk: sk.into(), condition: Condition::NotExists }], 0)
             } else {
                 let delete = Write::Delete { pk: pk.into(), sk: sk.into(), condition: Condition::Version(expected) };
+                let undo_bytes = undo_len(&undo);
                 let mut w = vec![fence, delete];
                 w.extend(undo);
-                w
+                (w, undo_bytes)
             };
             match fenced_outcome(self.transact_write(writes).await, read) {
-                Some(Ok(())) => return Ok((expected > 0).then_some(expected)),
+                Some(Ok(())) => {
+                    return Ok(Fenced { version: 0, previous_version: expected, previous_bytes, undo_bytes });
+                }
                 Some(Err(e)) => return Err(e),
                 None => continue,
             }
         }
+    }
+}
+
+/// What a fenced write did ([`Table::put_fenced`], [`Table::delete_fenced`]):
+/// enough for a caller to account for the bytes it added and removed
+/// without reading the item again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fenced {
+    /// The item's version after the write: 0 after a delete.
+    pub version: u64,
+    /// The version the write replaced or deleted: 0 if there was none.
+    pub previous_version: u64,
+    /// The bytes of the item replaced or deleted. Known when an undo
+    /// record was written (the item was read); 0 otherwise.
+    pub previous_bytes: u64,
+    /// The bytes of the undo record written: 0 without one.
+    pub undo_bytes: u64,
+}
+
+fn undo_len(undo: &Option<Write>) -> u64 {
+    match undo {
+        Some(Write::Put { data, .. }) => data.len() as u64,
+        _ => 0,
     }
 }
 
@@ -272,17 +309,18 @@ impl BeforeImage {
 /// What a fenced write of `(pk, sk)` under `condition` expects: the
 /// version (0: absent), whether it was read rather than given (a read one
 /// that changes before the write is read again), and with `undo_sk` the
-/// undo record to write with it (which needs the item read).
+/// undo record to write with it (which needs the item read) and the bytes
+/// of the item it replaces.
 async fn fenced_read<T: Table + ?Sized>(
     table: &T,
     pk: &str,
     sk: &str,
     condition: Condition,
     undo_sk: Option<&str>,
-) -> Result<(u64, bool, Option<Write>)> {
+) -> Result<(u64, bool, Option<Write>, u64)> {
     let Some(undo_sk) = undo_sk else {
         let (expected, read) = expected_version(table, pk, sk, condition).await?;
-        return Ok((expected, read, None));
+        return Ok((expected, read, None, 0));
     };
     let current = table.get(pk, sk).await?;
     let version = current.as_ref().map(|i| i.version);
@@ -297,7 +335,8 @@ async fn fenced_read<T: Table + ?Sized>(
         data: BeforeImage::of(sk, current.as_ref()).encode(),
         condition: Condition::None,
     };
-    Ok((version.unwrap_or(0), true, Some(undo)))
+    let previous_bytes = current.as_ref().map_or(0, |i| i.data.len() as u64);
+    Ok((version.unwrap_or(0), true, Some(undo), previous_bytes))
 }
 
 /// The version a fenced write of `(pk, sk)` under `condition` expects (0:

@@ -18,6 +18,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::history::{self, HistoryError};
+use crate::quota::Quotas;
 use crate::{DataError, FENCE_SK, reserved_sort_key};
 
 /// Largest number of items in one ImportItems call.
@@ -30,11 +31,27 @@ pub struct DataAdminService {
     stores: Arc<dyn TenantStores>,
     table_prefix: String,
     silo_tenant: Option<String>,
+    /// The data service's counts of its tenants' stored bytes: forgotten
+    /// (counted again at the next write) when a call here changes them.
+    quotas: Option<Arc<Quotas>>,
 }
 
 impl DataAdminService {
     pub fn new(stores: Arc<dyn TenantStores>, table_prefix: &str, silo_tenant: Option<String>) -> Self {
-        Self { stores, table_prefix: table_prefix.to_owned(), silo_tenant }
+        Self { stores, table_prefix: table_prefix.to_owned(), silo_tenant, quotas: None }
+    }
+
+    /// The counts to forget when a call changes a tenant's stored bytes.
+    pub fn with_quotas(mut self, quotas: Arc<Quotas>) -> Self {
+        self.quotas = Some(quotas);
+        self
+    }
+
+    /// `tenant`'s stored bytes changed here: the data service counts them again.
+    fn changed(&self, tenant: &str) {
+        if let Some(q) = &self.quotas {
+            q.forget(tenant);
+        }
     }
 
     /// Checks `store` and returns (tenant, table).
@@ -210,6 +227,7 @@ impl DataAdmin for DataAdminService {
                 .await
                 .map_err(storage_status)?;
         }
+        self.changed(&tenant);
         Ok(Response::new(ImportItemsResponse { imported: n }))
     }
 
@@ -233,6 +251,7 @@ impl DataAdmin for DataAdminService {
                 None => break,
             }
         }
+        self.changed(&tenant);
         tracing::info!(target_tenant = %tenant, table, deleted, "items purged");
         Ok(Response::new(PurgeItemsResponse { deleted }))
     }
@@ -265,7 +284,10 @@ impl DataAdmin for DataAdminService {
         }
         let store = self.store(&tenant, &table).await?;
         let started = std::time::Instant::now();
-        let done = history::rewind(store.as_ref(), &tenant, req.point_in_time_us).await.map_err(history_status)?;
+        let done = history::rewind(store.as_ref(), &tenant, req.point_in_time_us).await;
+        // Whatever part of it ran changed the tenant's bytes.
+        self.changed(&tenant);
+        let done = done.map_err(history_status)?;
         tracing::info!(
             target_tenant = %tenant,
             table,
@@ -286,6 +308,9 @@ impl DataAdmin for DataAdminService {
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
         let trimmed = history::trim(store.as_ref(), &tenant, req.before_us).await.map_err(storage_status)?;
+        if trimmed > 0 {
+            self.changed(&tenant);
+        }
         tracing::debug!(target_tenant = %tenant, table, trimmed, before_us = req.before_us, "history trimmed");
         Ok(Response::new(TrimHistoryResponse { trimmed }))
     }

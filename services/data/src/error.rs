@@ -31,13 +31,29 @@ pub enum DataError {
     /// policy cannot be built).
     #[error(transparent)]
     Policy(#[from] tenantmesh_isolation::PolicyError),
-    /// The write would take the tenant past its storage quota.
-    #[error("storage quota of {} bytes reached ({} stored, {} more asked)", .0.quota, .0.stored, .0.size)]
+    /// The write would take the tenant's items past its storage quota, or
+    /// its change history past its cap.
+    #[error("{}", over_quota_message(.0))]
     OverQuota(crate::quota::OverQuota),
     #[error("bad silo endpoint {endpoint}: {cause}")]
     BadEndpoint { endpoint: String, cause: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+fn over_quota_message(over: &crate::quota::OverQuota) -> String {
+    let crate::quota::OverQuota { quota, stored, size, .. } = over;
+    match over.over {
+        crate::quota::Over::Items => {
+            format!(
+                "storage quota of {quota} bytes reached ({stored} stored, {size} more asked); deleting items makes room"
+            )
+        }
+        crate::quota::Over::History => format!(
+            "change history cap of {quota} bytes reached ({stored} kept, {size} more asked): every overwrite and delete \
+             keeps the item's earlier bytes for restores for the tier's history_days, and they free as they age out"
+        ),
+    }
 }
 
 impl From<DataError> for Status {
@@ -46,10 +62,15 @@ impl From<DataError> for Status {
             DataError::NotFound => Status::not_found("item not found"),
             DataError::OverQuota(ref over) => {
                 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
-                // No RetryInfo: waiting does not help, deleting items does.
+                // No RetryInfo: waiting does not help (or only after days,
+                // for the history), deleting items does.
+                let limit = match over.over {
+                    crate::quota::Over::Items => "storage_quota_bytes",
+                    crate::quota::Over::History => "history_quota_bytes",
+                };
                 let details = ErrorDetails::with_quota_failure(vec![QuotaViolation::new(
                     format!("tenant:{}", over.tenant),
-                    format!("storage_quota_bytes {}", over.quota),
+                    format!("{limit} {}", over.quota),
                 )]);
                 Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
             }
@@ -106,7 +127,13 @@ mod tests {
             (DataError::Migrating, Code::Unavailable),
             (DataError::Storage(StorageError::Fenced), Code::Unavailable),
             (
-                DataError::OverQuota(crate::quota::OverQuota { tenant: "a".into(), quota: 10, stored: 9, size: 2 }),
+                DataError::OverQuota(crate::quota::OverQuota {
+                    tenant: "a".into(),
+                    over: crate::quota::Over::History,
+                    quota: 10,
+                    stored: 9,
+                    size: 2,
+                }),
                 Code::ResourceExhausted,
             ),
             (DataError::Policy(tenantmesh_isolation::PolicyError::NoSuchTable("t".into())), Code::FailedPrecondition),

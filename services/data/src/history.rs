@@ -20,7 +20,8 @@
 //! the tier's retention are deleted). No instant before it can be
 //! restored. History moves with the tenant's items on a tier change and is
 //! deleted with them on offboarding; it is in the tenant's stored bytes
-//! (metered) but not in its storage quota (the tenant cannot delete it).
+//! (metered), and has a cap of its own (see [`crate::quota`]): the tier's
+//! `history_quota_multiple` times the tenant's storage quota.
 //!
 //! Times are microseconds since the epoch from this process's clock, made
 //! strictly increasing within the process; replicas' clocks are assumed to
@@ -29,7 +30,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use tenantmesh_storage::{BeforeImage, Condition, DynTable, Item, Query, StorageError, Table, Write};
+use tenantmesh_storage::{BeforeImage, Condition, DynTable, Fenced, Item, Query, StorageError, Table, Write};
 
 use crate::reserved_sort_key;
 
@@ -103,7 +104,8 @@ fn item(before: &Before, pk: &str) -> Option<Item> {
 }
 
 /// Writes `data` under `(pk, sk)` if `condition` holds and the fence
-/// `(pk, fence_sk)` is down, with its history entry, in one atomic step.
+/// `(pk, fence_sk)` is down, with its history entry, in one atomic step;
+/// what it replaced.
 pub async fn put<T: Table + ?Sized>(
     store: &T,
     pk: &str,
@@ -111,19 +113,19 @@ pub async fn put<T: Table + ?Sized>(
     data: Vec<u8>,
     condition: Condition,
     fence_sk: &str,
-) -> Result<Item, StorageError> {
+) -> Result<Fenced, StorageError> {
     store.put_fenced(pk, sk, data, condition, fence_sk, Some(&entry_key(now_us()))).await
 }
 
 /// Deletes `(pk, sk)` if `condition` holds and the fence is down, with its
-/// history entry; the deleted version, if there was one.
+/// history entry; what it deleted (`previous_version` 0: nothing).
 pub async fn delete<T: Table + ?Sized>(
     store: &T,
     pk: &str,
     sk: &str,
     condition: Condition,
     fence_sk: &str,
-) -> Result<Option<u64>, StorageError> {
+) -> Result<Fenced, StorageError> {
     store.delete_fenced(pk, sk, condition, fence_sk, Some(&entry_key(now_us()))).await
 }
 

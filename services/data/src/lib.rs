@@ -200,6 +200,8 @@ pub struct DataService {
     /// [`history`]) marked complete: looked up on every write, without
     /// allocating.
     history_started: Arc<std::sync::Mutex<HashMap<Arc<str>, String>>>,
+    /// The tiers: each one's cap on its tenants' history.
+    tiers: Arc<tenantmesh_service::tiers::Tiers>,
 }
 
 /// The data RPCs, by their index in the usage counters.
@@ -285,7 +287,14 @@ impl DataService {
             stall_writes: None,
             meters: None,
             history_started: Default::default(),
+            tiers: Default::default(),
         }
+    }
+
+    /// The tiers whose history caps apply (default: the built-in ones).
+    pub fn with_tiers(mut self, tiers: Arc<tenantmesh_service::tiers::Tiers>) -> Self {
+        self.tiers = tiers;
+        self
     }
 
     /// Counts every call's usage for its tenant (see
@@ -338,9 +347,11 @@ impl DataService {
         self
     }
 
-    /// Counts a tenant at its storage quota again at most this often.
-    pub fn with_quota_rescan(mut self, interval: std::time::Duration) -> Self {
-        self.quotas = Arc::new(quota::Quotas::new(interval));
+    /// The counts of the tenants' stored bytes, shared with whatever else
+    /// changes them in this process (DataAdmin, the history trim), which
+    /// forgets a tenant's counts when it does.
+    pub fn with_quotas(mut self, quotas: Arc<quota::Quotas>) -> Self {
+        self.quotas = quotas;
         self
     }
 
@@ -390,6 +401,15 @@ impl DataService {
         }
         started.insert(tenant.clone(), table.to_owned());
         Ok(())
+    }
+
+    /// The byte limits of the caller's tenant: its storage quota and its
+    /// history's cap (its tier's multiple of the quota); `None` when it has
+    /// none (the platform).
+    fn storage_limits(&self, ctx: &TenantContext) -> Option<quota::Limits> {
+        let items = ctx.tenant.storage_quota?;
+        let multiple = self.tiers.get(ctx.tier()).map_or(2, |t| u64::from(t.history_quota_multiple));
+        Some(quota::Limits { items, history: items.saturating_mul(multiple) })
     }
 
     /// `tenant`'s view of `table`, if the table may hold its items.
@@ -493,7 +513,7 @@ fn forwarded_unmeasured<T>(result: Result<Response<T>, Status>) -> Metering<T> {
 /// The handlers, metered by the trait's methods above.
 impl DataService {
     async fn put_item_unmetered(&self, request: Request<PutItemRequest>) -> Metering<PutItemResponse> {
-        let quota = TenantContext::from_request(&request)?.tenant.storage_quota;
+        let limits = self.storage_limits(TenantContext::from_request(&request)?);
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
             Route::Forward(mut c) => return forwarded_unmeasured(c.put_item(request.into_inner()).await),
@@ -512,14 +532,20 @@ impl DataService {
             v.add("attributes", format!("item is {size} bytes; the limit is {MAX_ITEM_BYTES}"));
         }
         v.check()?;
-        if let Some(quota) = quota
+        if let Some(limits) = limits
             && let Err(over) = self
                 .quotas
-                .admit(&tenant, &store, &sort_key(&item.collection, &item.id), size as u64, quota)
+                .admit(&tenant, &store, &sort_key(&item.collection, &item.id), size as u64, limits)
                 .await
                 .map_err(DataError::from)?
         {
-            tracing::warn!(tenant_id = %tenant, quota = over.quota, stored = over.stored, "write refused by the storage quota");
+            tracing::warn!(
+                tenant_id = %tenant,
+                limit = ?over.over,
+                quota = over.quota,
+                stored = over.stored,
+                "write refused by the storage quota"
+            );
             return Err(DataError::OverQuota(over).into());
         }
         let condition = match req.expected_version {
@@ -530,7 +556,7 @@ impl DataService {
         if let Some(stall) = self.stall_writes.filter(|_| item.id.starts_with("stall-")) {
             tokio::time::sleep(stall).await;
         }
-        let stored = history::put(store.as_ref(), &tenant, &sk, item.encode_to_vec(), condition, FENCE_SK)
+        let done = history::put(store.as_ref(), &tenant, &sk, item.encode_to_vec(), condition, FENCE_SK)
             .await
             .map_err(|e| match e {
                 StorageError::ConditionFailed { current, .. } => {
@@ -538,11 +564,16 @@ impl DataService {
                 }
                 e => e.into(),
             })?;
-        item.version = stored.version;
+        if limits.is_some() {
+            self.quotas.settle(&tenant, &done);
+        }
+        item.version = done.version;
         tracing::debug!(collection = %item.collection, version = item.version, "item written");
         let returned = size + version_len(item.version);
         let usage = Usage::write(returned, field_len(returned));
-        Ok((costing(Response::new(PutItemResponse { item: Some(item) }), Cost::write(size)), Some(usage)))
+        // What was stored: the item and the history entry of what it replaced.
+        let cost = Cost::write(size + done.undo_bytes as usize);
+        Ok((costing(Response::new(PutItemResponse { item: Some(item) }), cost), Some(usage)))
     }
 
     async fn get_item_unmetered(&self, request: Request<GetItemRequest>) -> Metering<GetItemResponse> {
@@ -563,6 +594,7 @@ impl DataService {
     }
 
     async fn delete_item_unmetered(&self, request: Request<DeleteItemRequest>) -> Metering<DeleteItemResponse> {
+        let counted = self.storage_limits(TenantContext::from_request(&request)?).is_some();
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
             Route::Forward(mut c) => return forwarded_unmeasured(c.delete_item(request.into_inner()).await),
@@ -578,7 +610,14 @@ impl DataService {
         };
         let sk = sort_key(&req.collection, &req.id);
         match history::delete(store.as_ref(), &tenant, &sk, condition, FENCE_SK).await {
-            Ok(_) => Ok((Response::new(DeleteItemResponse {}), Some(Usage::write(0, 0)))),
+            Ok(done) => {
+                if counted {
+                    self.quotas.settle(&tenant, &done);
+                }
+                // A delete stores the item's bytes in the history.
+                let cost = Cost::write(done.undo_bytes as usize);
+                Ok((costing(Response::new(DeleteItemResponse {}), cost), Some(Usage::write(0, 0))))
+            }
             Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
             Err(StorageError::ConditionFailed { current, .. }) => {
                 Err(DataError::VersionMismatch { expected: req.expected_version.unwrap_or_default(), current }.into())
@@ -684,6 +723,7 @@ pub async fn serve(
         );
         meters
     });
+    let quotas = Arc::new(quota::Quotas::new(config.quota_rescan));
     let (stop_sampling, sampling_stopped) = tokio::sync::watch::channel(false);
     // A silo instance's tenant is sampled and trimmed by the shared service.
     match (config.silo_tenant.is_none(), &config.common.service_client) {
@@ -700,7 +740,8 @@ pub async fn serve(
                 tokens,
                 config.storage_sample,
                 config.common.tiers.clone(),
-            )?;
+            )?
+            .with_quotas(quotas.clone());
             Arc::new(sampler).start(sampling_stopped);
         }
         (true, None) => {
@@ -712,10 +753,12 @@ pub async fn serve(
         (false, _) => {}
     }
     let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone())
-        .with_quota_rescan(config.quota_rescan)
+        .with_quotas(quotas.clone())
+        .with_tiers(config.common.tiers.clone())
         .with_stalled_writes(config.stall_writes)
         .with_meters(meters.clone());
-    let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone());
+    let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone())
+        .with_quotas(quotas);
     let mut routes = tonic::service::Routes::new(
         DataServer::new(data)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)

@@ -1,14 +1,25 @@
-//! Storage quotas: a tenant's writes stop at its `storage_quota_bytes`.
+//! Storage quotas: every byte a tenant causes to be stored counts against
+//! it. Its items stop at its `storage_quota_bytes`; its change history
+//! (the before-images its overwrites and deletes leave, see
+//! [`crate::history`]) at the tier's `history_quota_multiple` times that.
 //!
-//! Each tenant's stored bytes are tracked in memory, without a scan per
-//! write: the count starts from one scan of the tenant's partition (its
-//! first write in this process), and each accepted write adds its item's
-//! size. Overwrites and deletes are not subtracted, so the count only ever
-//! over-states what is stored; when a write would take it past the quota,
-//! the partition is scanned again (at most once per `rescan_interval` per
-//! tenant) and the write is refused only if the exact figure is over too.
-//! So a tenant far from its quota pays nothing, one at its quota a scan now
-//! and then, and no tenant is refused for bytes it no longer stores.
+//! Each tenant's bytes are tracked in memory, without a scan per write:
+//! the counts start from one scan of the tenant's partition (its first
+//! write in this process), and each write settles them exactly from what
+//! the store says it did ([`tenantmesh_storage::Fenced`]: the bytes it
+//! replaced and the bytes of its history entry). A write is admitted from
+//! the counts alone while it is well within both limits; near either, the
+//! item it would replace is read (one get) so an overwrite is held to what
+//! it adds, and when the counts still say no, the partition is scanned
+//! again (at most once per `rescan_interval` per tenant: another replica's
+//! writes and trims of the history show there) before the write is
+//! refused. So a tenant far from its quota pays nothing, one at its quota a
+//! read now and then, and no tenant is refused for bytes it no longer
+//! stores.
+//!
+//! Deletes are never refused: they make room for items (the history keeps
+//! the deleted bytes, so the history may pass its cap by at most what the
+//! tenant deletes while there; puts are refused until it trims).
 //!
 //! The bound is per data-service instance: replicas count separately, each
 //! starting from the store's truth, so the quota holds to within the writes
@@ -18,13 +29,31 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tenantmesh_storage::{DynTable, Query, StorageError};
+use tenantmesh_storage::{DynTable, Fenced, Query, StorageError};
 
+/// Bytes of a history entry beyond the item it holds: the before-image's
+/// header (version and key length) and the sort key.
+pub fn entry_overhead(sk: &str) -> u64 {
+    12 + sk.len() as u64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Usage {
-    /// Stored bytes, never less than the truth.
-    bytes: u64,
-    /// When `bytes` was last the exact figure (a scan).
+    /// Bytes of the tenant's items.
+    items: u64,
+    /// Bytes of its change history.
+    history: u64,
+    /// When the counts were last the store's exact figures (a scan).
     scanned: Instant,
+}
+
+/// A tenant's limits, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Its items: `storage_quota_bytes`.
+    pub items: u64,
+    /// Its change history: the tier's `history_quota_multiple` times the quota.
+    pub history: u64,
 }
 
 /// Stored bytes per tenant of this instance.
@@ -33,13 +62,38 @@ pub struct Quotas {
     rescan_interval: Duration,
 }
 
-/// A write refused by the quota.
+/// Which limit refused a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// `storage_quota_bytes`: the tenant's items.
+    Items,
+    /// The history's cap.
+    History,
+}
+
+/// A write refused by a quota.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverQuota {
     pub tenant: String,
+    pub over: Over,
+    /// The limit that refused it, and what is stored against it.
     pub quota: u64,
     pub stored: u64,
+    /// What the write would have added to it.
     pub size: u64,
+}
+
+/// The bytes of `pk`'s items and of its change history in a store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub items: u64,
+    pub history: u64,
+}
+
+impl Stored {
+    pub fn total(&self) -> u64 {
+        self.items + self.history
+    }
 }
 
 impl Quotas {
@@ -47,66 +101,132 @@ impl Quotas {
         Self { usage: Mutex::new(HashMap::new()), rescan_interval }
     }
 
-    /// The bytes of `pk`'s items in `store`, page by page, and with
-    /// `with_history` those of its change history too (what it is billed
-    /// for; its quota counts only its items).
-    pub async fn scan(store: &DynTable, pk: &str, with_history: bool) -> Result<u64, StorageError> {
-        let (mut bytes, mut start_after) = (0u64, None);
+    /// The bytes of `pk`'s items and change history in `store`, page by
+    /// page. The fence and the history's start mark are the service's own,
+    /// counted nowhere.
+    pub async fn scan(store: &DynTable, pk: &str) -> Result<Stored, StorageError> {
+        let (mut stored, mut start_after) = (Stored::default(), None);
         loop {
             let q = Query { pk: pk.to_owned(), sk_prefix: String::new(), start_after, limit: 1000 };
             let page = store.query(q).await?;
-            let counted = |i: &&tenantmesh_storage::Item| with_history || !crate::reserved_sort_key(&i.sk);
-            bytes += page.items.iter().filter(counted).map(|i| i.data.len() as u64).sum::<u64>();
+            for i in &page.items {
+                if !crate::reserved_sort_key(&i.sk) {
+                    stored.items += i.data.len() as u64;
+                } else if i.sk.starts_with(crate::history::PREFIX) {
+                    stored.history += i.data.len() as u64;
+                }
+            }
             match page.last_evaluated {
-                // The service's own keys ('~') sort after every item.
-                Some(sk) if with_history || !crate::reserved_sort_key(&sk) => start_after = Some(sk),
-                _ => return Ok(bytes),
+                Some(sk) => start_after = Some(sk),
+                None => return Ok(stored),
             }
         }
     }
 
-    /// Counts a write of `size` bytes by `tenant` to item `sk` (items in
-    /// `store` under partition `tenant`) against `quota`, or refuses it. At
-    /// the quota, an overwrite counts only what it adds to the item it
-    /// replaces.
+    /// The counts of `tenant`, scanned when this process has none (or
+    /// `rescan` and the last scan is older than the interval).
+    async fn counts(&self, tenant: &str, store: &DynTable, rescan: bool) -> Result<Usage, StorageError> {
+        if let Some(u) = self.usage.lock().expect("quota lock").get(tenant).copied()
+            && (!rescan || u.scanned.elapsed() < self.rescan_interval)
+        {
+            return Ok(u);
+        }
+        let stored = Self::scan(store, tenant).await?;
+        let mut usage = self.usage.lock().expect("quota lock");
+        if usage.len() >= 100_000 && !usage.contains_key(tenant) {
+            // Bounded: forget the others; they scan again on their next write.
+            usage.clear();
+        }
+        let u = Usage { items: stored.items, history: stored.history, scanned: Instant::now() };
+        usage.insert(tenant.to_owned(), u);
+        Ok(u)
+    }
+
+    /// Admits a write of `size` bytes by `tenant` to item `sk` (items in
+    /// `store` under partition `tenant`) within `limits`, or refuses it:
+    /// its items may not pass the quota (an overwrite counts only what it
+    /// adds to the item it replaces), and the history entry it leaves (the
+    /// item it replaces) may not take the history past its cap. Once
+    /// admitted, the write counts as a new item until [`Quotas::settle`]
+    /// says what it replaced.
     pub async fn admit(
         &self,
         tenant: &str,
         store: &DynTable,
         sk: &str,
         size: u64,
-        quota: u64,
+        limits: Limits,
     ) -> Result<Result<(), OverQuota>, StorageError> {
-        // Decided from the count when it can be; otherwise (first write in
-        // this process, or at the quota) counted again below.
+        // The largest entry an overwrite can leave: the largest item.
+        let worst_entry = crate::MAX_ITEM_BYTES as u64 + entry_overhead(sk);
+        let fits = |u: &Usage, replaced: u64| {
+            let entry = if replaced == u64::MAX { worst_entry } else { replaced + entry_overhead(sk) };
+            let freed = if replaced == u64::MAX { 0 } else { replaced };
+            if u.items.saturating_sub(freed) + size > limits.items {
+                Err(OverQuota {
+                    tenant: tenant.to_owned(),
+                    over: Over::Items,
+                    quota: limits.items,
+                    stored: u.items.saturating_sub(freed),
+                    size,
+                })
+            } else if u.history + entry > limits.history {
+                Err(OverQuota {
+                    tenant: tenant.to_owned(),
+                    over: Over::History,
+                    quota: limits.history,
+                    stored: u.history,
+                    size: entry,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        // Well within both (the common case): the counts decide, whatever
+        // the write replaces.
+        let u = self.counts(tenant, store, false).await?;
+        if fits(&u, u64::MAX).is_ok() {
+            return self.add(tenant, size);
+        }
+        // Near a limit: what the write replaces decides, from the counts
+        // and, if they still say no, from a fresh scan.
+        let replaced = store.get(tenant, sk).await?.map_or(0, |i| i.data.len() as u64);
+        if fits(&u, replaced).is_ok() {
+            return self.add(tenant, size);
+        }
+        let u = self.counts(tenant, store, true).await?;
+        match fits(&u, replaced) {
+            Ok(()) => self.add(tenant, size),
+            Err(over) => Ok(Err(over)),
+        }
+    }
+
+    fn add(&self, tenant: &str, size: u64) -> Result<Result<(), OverQuota>, StorageError> {
         if let Some(u) = self.usage.lock().expect("quota lock").get_mut(tenant) {
-            if u.bytes + size <= quota {
-                u.bytes += size;
-                return Ok(Ok(()));
-            }
-            if u.scanned.elapsed() < self.rescan_interval {
-                return Ok(Err(OverQuota { tenant: tenant.to_owned(), quota, stored: u.bytes, size }));
-            }
+            u.items += size;
         }
-        let mut stored = Self::scan(store, tenant, false).await?;
-        if stored + size > quota {
-            // Over only if this is a new item: an overwrite frees its old bytes.
-            let old = store.get(tenant, sk).await?.map_or(0, |i| i.data.len() as u64);
-            stored -= old.min(stored);
-        }
-        let mut usage = self.usage.lock().expect("quota lock");
-        if usage.len() >= 100_000 && !usage.contains_key(tenant) {
-            // Bounded: forget the others; they rescan on their next write.
-            usage.clear();
-        }
-        let u = usage.entry(tenant.to_owned()).or_insert(Usage { bytes: 0, scanned: Instant::now() });
-        u.bytes = stored;
-        u.scanned = Instant::now();
-        if stored + size > quota {
-            return Ok(Err(OverQuota { tenant: tenant.to_owned(), quota, stored, size }));
-        }
-        u.bytes += size;
         Ok(Ok(()))
+    }
+
+    /// Settles a write that landed (`done`, of `tenant`): the item it
+    /// replaced or deleted leaves the items, and its history entry joins
+    /// the history. A put was counted whole when admitted.
+    pub fn settle(&self, tenant: &str, done: &Fenced) {
+        if let Some(u) = self.usage.lock().expect("quota lock").get_mut(tenant) {
+            u.items = u.items.saturating_sub(done.previous_bytes);
+            u.history += done.undo_bytes;
+        }
+    }
+
+    /// Forgets what this process counted for `tenant` (its history was
+    /// trimmed, its items restored): the next write scans again.
+    pub fn forget(&self, tenant: &str) {
+        self.usage.lock().expect("quota lock").remove(tenant);
+    }
+
+    /// What this process counts for `tenant`, if anything: its items and its history.
+    pub fn counted(&self, tenant: &str) -> Option<Stored> {
+        self.usage.lock().expect("quota lock").get(tenant).map(|u| Stored { items: u.items, history: u.history })
     }
 }
 
@@ -115,24 +235,82 @@ mod tests {
     use super::*;
     use tenantmesh_storage::{Condition, EmbeddedTable};
 
+    const FENCE: &str = "~fence";
+
+    fn limits(items: u64, history: u64) -> Limits {
+        Limits { items, history }
+    }
+
+    async fn put(q: &Quotas, store: &DynTable, sk: &str, size: usize, undo: &str) -> Fenced {
+        let done = store.put_fenced("acme", sk, vec![0; size], Condition::None, FENCE, Some(undo)).await.unwrap();
+        q.settle("acme", &done);
+        done
+    }
+
     #[tokio::test]
     async fn writes_stop_at_the_quota_and_deletes_give_room_back() {
         let dir = tempfile::tempdir().unwrap();
         let store: DynTable = std::sync::Arc::new(EmbeddedTable::open(dir.path().join("t.redb")).unwrap());
         let q = Quotas::new(Duration::ZERO);
+        let l = limits(1000, 1 << 30);
         for i in 0..3 {
-            assert_eq!(q.admit("acme", &store, &format!("i#{i}"), 300, 1000).await.unwrap(), Ok(()));
-            store.put("acme", &format!("i#{i}"), vec![0; 300], Condition::None).await.unwrap();
+            assert_eq!(q.admit("acme", &store, &format!("i#{i}"), 300, l).await.unwrap(), Ok(()));
+            put(&q, &store, &format!("i#{i}"), 300, &format!("~u#{i}")).await;
         }
-        let refused = q.admit("acme", &store, "i#3", 300, 1000).await.unwrap().unwrap_err();
-        assert_eq!((refused.stored, refused.quota), (900, 1000));
-        // An overwrite at the quota counts only what it adds.
-        assert_eq!(q.admit("acme", &store, "i#1", 300, 1000).await.unwrap(), Ok(()));
+        let refused = q.admit("acme", &store, "i#3", 300, l).await.unwrap().unwrap_err();
+        assert_eq!((refused.over, refused.stored, refused.quota), (Over::Items, 900, 1000));
+        // An overwrite at the quota counts only what it adds, at once (not at the next scan).
+        let q = Quotas::new(Duration::from_secs(3600));
+        for _ in 0..5 {
+            assert_eq!(q.admit("acme", &store, "i#1", 300, l).await.unwrap(), Ok(()));
+            put(&q, &store, "i#1", 300, &format!("~u#x{}", uuid::Uuid::new_v4().simple())).await;
+        }
+        assert_eq!(q.counted("acme").unwrap().items, 900);
         // Another tenant's count is its own.
-        assert_eq!(q.admit("globex", &store, "g", 900, 1000).await.unwrap(), Ok(()));
-        // Deletes make room (found by the next scan).
-        store.delete("acme", "i#0", Condition::None).await.unwrap();
-        assert_eq!(q.admit("acme", &store, "i#3", 300, 1000).await.unwrap(), Ok(()), "the delete made room");
+        assert_eq!(q.admit("globex", &store, "g", 900, l).await.unwrap(), Ok(()));
+        // Deletes make room at once.
+        let done = store.delete_fenced("acme", "i#0", Condition::None, FENCE, Some("~u#d")).await.unwrap();
+        q.settle("acme", &done);
+        assert_eq!(q.admit("acme", &store, "i#3", 300, l).await.unwrap(), Ok(()), "the delete made room");
+    }
+
+    /// Overwrites leave their before-images in the history; at its cap,
+    /// puts are refused, naming the history, while deletes still go.
+    #[tokio::test]
+    async fn the_history_has_a_cap_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: DynTable = std::sync::Arc::new(EmbeddedTable::open(dir.path().join("t.redb")).unwrap());
+        let q = Quotas::new(Duration::from_secs(3600));
+        let l = limits(100_000, 2 * 100_000);
+        let mut overwrites = 0;
+        loop {
+            match q.admit("acme", &store, "c#big", 50_000, l).await.unwrap() {
+                Ok(()) => {
+                    put(&q, &store, "c#big", 50_000, &format!("~u#{overwrites:04}")).await;
+                    overwrites += 1;
+                }
+                Err(over) => {
+                    assert_eq!((over.over, over.quota), (Over::History, 200_000), "{over:?}");
+                    break;
+                }
+            }
+            assert!(overwrites < 100, "never refused");
+        }
+        // The first write left an entry of 17 bytes (an absent item), then
+        // each overwrite one of 50,017: three fit under 200,000, a fourth not.
+        assert_eq!(overwrites, 1 + 3);
+        let counted = q.counted("acme").unwrap();
+        assert_eq!(counted, Quotas::scan(&store, "acme").await.unwrap(), "the counts are the store's");
+        assert!(counted.history <= l.history);
+        // A new item leaves a tiny entry (nothing was there): it still fits.
+        let small = q.admit("acme", &store, "c#small", 10, l).await.unwrap();
+        assert_eq!(small, Ok(()), "a new item's entry fits");
+        // Once trimmed (here: removed by hand, then a rescan), puts go on.
+        let q = Quotas::new(Duration::ZERO);
+        for i in 0..4 {
+            store.delete("acme", &format!("~u#{i:04}"), Condition::None).await.unwrap();
+        }
+        assert_eq!(q.admit("acme", &store, "c#big", 50_000, l).await.unwrap(), Ok(()));
     }
 
     #[tokio::test]
@@ -140,10 +318,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: DynTable = std::sync::Arc::new(EmbeddedTable::open(dir.path().join("t.redb")).unwrap());
         let q = Quotas::new(Duration::from_secs(3600));
+        let l = limits(1000, 1 << 30);
         store.put("acme", "a", vec![0; 800], Condition::None).await.unwrap();
-        assert!(q.admit("acme", &store, "b", 300, 1000).await.unwrap().is_err(), "first write: scanned, over");
+        assert!(q.admit("acme", &store, "b", 300, l).await.unwrap().is_err(), "first write: scanned, over");
         store.delete("acme", "a", Condition::None).await.unwrap();
         // Within the interval the count stands (no scan per refused write).
-        assert!(q.admit("acme", &store, "b", 300, 1000).await.unwrap().is_err());
+        assert!(q.admit("acme", &store, "b", 300, l).await.unwrap().is_err());
+        q.forget("acme");
+        assert!(q.admit("acme", &store, "b", 300, l).await.unwrap().is_ok(), "forgotten: scanned again");
     }
 }

@@ -48,6 +48,9 @@ pub struct StorageSampler {
     silos: std::sync::Mutex<HashMap<String, DataAdminClient<PropagatedChannel>>>,
     interval: Duration,
     tiers: Arc<tenantmesh_service::tiers::Tiers>,
+    /// The data service's counts of stored bytes: a tenant's are forgotten
+    /// when its history is trimmed here.
+    quotas: Option<Arc<crate::quota::Quotas>>,
 }
 
 /// Where a tenant's items are: a silo instance (its DataAdmin, the table)
@@ -79,7 +82,14 @@ impl StorageSampler {
             silos: Default::default(),
             interval: interval.max(Duration::from_secs(1)),
             tiers,
+            quotas: None,
         })
+    }
+
+    /// The counts to forget when a tenant's history is trimmed.
+    pub fn with_quotas(mut self, quotas: Arc<crate::quota::Quotas>) -> Self {
+        self.quotas = Some(quotas);
+        self
     }
 
     /// Samples at every interval boundary until `stop` changes.
@@ -177,7 +187,7 @@ impl StorageSampler {
             }
             Kept::Table(_, table) => {
                 let store = self.stores.store_for(id, table).await.map_err(|e| e.to_string())?;
-                crate::quota::Quotas::scan(&store, id, true).await.map_err(|e| e.to_string())
+                Ok(crate::quota::Quotas::scan(&store, id).await.map_err(|e| e.to_string())?.total())
             }
         }
     }
@@ -195,7 +205,11 @@ impl StorageSampler {
             }
             Kept::Table(id, table) => {
                 let store = self.stores.store_for(id, table).await.map_err(|e| e.to_string())?;
-                crate::history::trim(store.as_ref(), id, before_us).await.map_err(|e| e.to_string())?
+                let trimmed = crate::history::trim(store.as_ref(), id, before_us).await.map_err(|e| e.to_string())?;
+                if let (Some(q), true) = (&self.quotas, trimmed > 0) {
+                    q.forget(id);
+                }
+                trimmed
             }
         };
         tracing::debug!(tenant_id = %tenant.tenant_id, trimmed, "change history trimmed");
