@@ -1,12 +1,12 @@
-//! The role table, walked through the real mesh: every RPC of every service
-//! called with a token of every role is let through exactly when the table
-//! in `tenant-context/src/access.rs` says so, and refused with
-//! PERMISSION_DENIED otherwise. RPCs are called generically, from the
+//! The access table, walked through the real mesh: every RPC of every
+//! service called with a token of every role and of every service grant is
+//! let through exactly when the table in `tenant-context/src/access.rs`
+//! says so, and refused with PERMISSION_DENIED otherwise. RPCs are called generically, from the
 //! table (which a unit test holds to the protos): a new RPC needs no line
 //! here.
 
-use tenantmesh_tenant_context::Role;
-use tenantmesh_tenant_context::access::{Access, TABLE};
+use tenantmesh_tenant_context::access::TABLE;
+use tenantmesh_tenant_context::{Role, Scope};
 use tenantmesh_test_support::*;
 use tonic::{Code, Status};
 
@@ -33,42 +33,114 @@ async fn call(mesh: &TestMesh, path: &str, token: &str) -> Result<(), Status> {
     grpc.server_streaming(authed((), token), path, codec).await.map(drop)
 }
 
-/// Every RPC in the table, with every role: allowed roles pass the layer
-/// (the empty request then fails validation or succeeds), the others are
-/// PERMISSION_DENIED before the handler runs.
+/// Every RPC in the table, with a token of every user role and of a
+/// service identity for every grant (no scope, each scope, a scope
+/// confined to one tenant): those the table lets in pass the layer (the
+/// empty request then fails validation or succeeds), the others are
+/// PERMISSION_DENIED before the handler runs. So a metering writer is
+/// refused every DataAdmin and registry RPC, and an identity declared
+/// without scopes everything but the public RPCs.
 #[tokio::test]
-async fn every_rpc_with_every_role() {
+async fn every_rpc_with_every_role_and_scope() {
     let mesh = TestMesh::start().await;
     let tenant = mesh.onboard(&unique_tenant("roles")).await;
-    let tokens = [
-        (Role::PlatformAdmin, mesh.admin_token().await),
-        (Role::TenantAdmin, tenant.token.clone()),
-        (Role::TenantUser, mesh.user_token(&tenant, &[tenantmesh_proto::auth::v1::Role::TenantUser]).await),
-        (Role::Service, mesh.service_token().await),
+    let mut callers: Vec<(String, Vec<Role>, Vec<Scope>, String)> = vec![
+        ("platform admin".into(), vec![Role::PlatformAdmin], vec![], mesh.admin_token().await),
+        ("tenant admin".into(), vec![Role::TenantAdmin], vec![], tenant.token.clone()),
+        (
+            "tenant user".into(),
+            vec![Role::TenantUser],
+            vec![],
+            mesh.user_token(&tenant, &[tenantmesh_proto::auth::v1::Role::TenantUser]).await,
+        ),
     ];
+    for (id, grant) in SCOPED_CLIENTS {
+        let scopes =
+            grant.split('@').next().unwrap().split('+').filter(|s| !s.is_empty()).map(|s| Scope::parse(s).unwrap());
+        callers.push(((*id).into(), vec![Role::Service], scopes.collect(), mesh.service_token_as(id).await));
+    }
     let services: std::collections::HashSet<&str> =
         TABLE.iter().map(|(p, _)| p.trim_start_matches('/').split('/').next().unwrap()).collect();
     assert_eq!(services.len(), 7, "the table covers the four services, DataAdmin, Metering and Backup");
     let mut checked = 0;
+    let mut writer_reaches = Vec::new();
     for (path, access) in TABLE {
-        for (role, token) in &tokens {
+        for (who, roles, scopes, token) in &callers {
             let outcome = call(&mesh, path, token).await;
-            let allowed = match access {
-                Access::Public => true,
-                Access::Roles(roles) => roles.contains(role),
-            };
+            let allowed = access.allows(roles, scopes);
             let code = outcome.as_ref().err().map(Status::code);
             if allowed {
                 assert!(
                     !matches!(code, Some(Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented)),
-                    "{role:?} must reach {path}: {outcome:?}"
+                    "{who} must reach {path}: {outcome:?}"
                 );
+                if who == "tests-metering-writer" && *access != tenantmesh_tenant_context::access::Access::Public {
+                    writer_reaches.push(*path);
+                }
             } else {
-                assert_eq!(code, Some(Code::PermissionDenied), "{role:?} must be refused {path}: {outcome:?}");
+                assert_eq!(code, Some(Code::PermissionDenied), "{who} must be refused {path}: {outcome:?}");
             }
             checked += 1;
         }
     }
-    assert_eq!(checked, TABLE.len() * 4);
+    assert_eq!(checked, TABLE.len() * callers.len());
+    assert_eq!(writer_reaches, ["/tenantmesh.metering.v1.Metering/RecordUsage"]);
+    mesh.shutdown().await;
+}
+
+/// A service identity confined to one tenant records usage for it and is
+/// refused for another (PERMISSION_DENIED, nothing recorded); a metering
+/// writer cannot export, purge or rewind a tenant, nor repoint its
+/// placement, nor create its users.
+#[tokio::test]
+async fn service_identities_act_within_their_grant() {
+    use tenantmesh_proto::metering::v1::{RecordUsageRequest, UsageEvent};
+    let mesh = TestMesh::start().await;
+    let confined = mesh.onboard_on("confined-a", "basic").await;
+    let other = mesh.onboard(&unique_tenant("other")).await;
+    let event = |id: &str, tenant: &str| UsageEvent {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        meter: "invoices".into(),
+        value: 1,
+        time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64,
+        ..Default::default()
+    };
+    let writer = mesh.service_token_as("tests-confined-writer").await;
+    let record = |events: Vec<UsageEvent>| {
+        let (mut m, token) = (mesh.metering(), writer.clone());
+        async move { m.record_usage(authed(RecordUsageRequest { events }, &token)).await }
+    };
+    assert_eq!(record(vec![event("c1", &confined.tenant_id)]).await.unwrap().into_inner().recorded, 1);
+    let refused = record(vec![event("c2", &confined.tenant_id), event("o1", &other.tenant_id)]).await;
+    expect_code(refused, Code::PermissionDenied);
+    // Nothing of the refused call was recorded: the same events again count as new.
+    let again = record(vec![event("c2", &confined.tenant_id)]).await.unwrap().into_inner();
+    assert_eq!((again.recorded, again.duplicates), (1, 0));
+    // A metering writer's token against the lifecycle of another tenant.
+    let writer = mesh.service_token_as("tests-metering-writer").await;
+    let store = Some(tenantmesh_proto::data::v1::StoreRef {
+        tenant_id: other.tenant_id.clone(),
+        table: mesh.state_table_name("data"),
+    });
+    let export = tenantmesh_proto::data::v1::ExportItemsRequest { store: store.clone(), ..Default::default() };
+    expect_code(mesh.data_admin().export_items(authed(export, &writer)).await, Code::PermissionDenied);
+    let purge = tenantmesh_proto::data::v1::PurgeItemsRequest { store: store.clone() };
+    expect_code(mesh.data_admin().purge_items(authed(purge, &writer)).await, Code::PermissionDenied);
+    let rewind = tenantmesh_proto::data::v1::RewindItemsRequest { store, point_in_time_us: 1 };
+    expect_code(mesh.data_admin().rewind_items(authed(rewind, &writer)).await, Code::PermissionDenied);
+    let placement = tenantmesh_proto::registry::v1::SetPlacementRequest {
+        tenant_id: other.tenant_id.clone(),
+        placement: Some(Default::default()),
+        ..Default::default()
+    };
+    expect_code(mesh.registry().set_placement(authed(placement, &writer)).await, Code::PermissionDenied);
+    let user = tenantmesh_proto::auth::v1::CreateUserRequest {
+        tenant_id: other.tenant_id.clone(),
+        email: "x@other.example".into(),
+        password: "a-long-enough-password".into(),
+        ..Default::default()
+    };
+    expect_code(mesh.auth().create_user(authed(user, &writer)).await, Code::PermissionDenied);
     mesh.shutdown().await;
 }

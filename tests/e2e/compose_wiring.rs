@@ -693,9 +693,13 @@ fn kubernetes_spec(docs: &[Yaml], name: &str, secrets: &HashMap<&str, &str>, fil
 async fn the_kubernetes_base_wires_the_services() {
     let docs = kubernetes_base();
     let files = tempfile::tempdir().unwrap();
-    let secrets: HashMap<&str, &str> =
-        [("onboarding-client-secret", "k8s-test-onboarding-secret"), ("bootstrap-password", "k8s-test-bootstrap")]
-            .into();
+    let secrets: HashMap<&str, &str> = [
+        ("onboarding-client-secret", "k8s-test-onboarding-secret"),
+        ("data-client-secret", "k8s-test-data-secret-0"),
+        ("auth-client-secret", "k8s-test-auth-secret-0"),
+        ("bootstrap-password", "k8s-test-bootstrap"),
+    ]
+    .into();
     let specs: HashMap<&str, Spec> =
         SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
     assert!(!specs["auth"].1.contains_key("TENANTMESH_DEMO"), "no demo mode in a cluster");
@@ -830,9 +834,13 @@ async fn the_kubernetes_dynamodb_overlay_wires_the_services() {
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
 
     let files = tempfile::tempdir().unwrap();
-    let secrets: HashMap<&str, &str> =
-        [("onboarding-client-secret", "k8s-test-onboarding-secret"), ("bootstrap-password", "k8s-test-bootstrap")]
-            .into();
+    let secrets: HashMap<&str, &str> = [
+        ("onboarding-client-secret", "k8s-test-onboarding-secret"),
+        ("data-client-secret", "k8s-test-data-secret-0"),
+        ("auth-client-secret", "k8s-test-auth-secret-0"),
+        ("bootstrap-password", "k8s-test-bootstrap"),
+    ]
+    .into();
     let mut specs: HashMap<&str, Spec> =
         SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
 

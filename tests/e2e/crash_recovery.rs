@@ -55,7 +55,9 @@ impl Cluster {
     async fn start() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut env = test_env();
-        let clients = format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET},onboarding:{ONBOARDING_SECRET}");
+        let tests = env["TENANTMESH_SERVICE_CLIENTS"].clone();
+        // One identity for every process here: the onboarding service's.
+        let clients = format!("{tests},onboarding:{ONBOARDING_SECRET}:lifecycle");
         env.insert("TENANTMESH_SERVICE_CLIENTS".into(), clients);
         env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), "onboarding".into());
         env.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), ONBOARDING_SECRET.into());

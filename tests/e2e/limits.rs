@@ -151,8 +151,8 @@ async fn a_login_flood_is_refused_not_queued() {
     mesh.shutdown().await;
 }
 
-/// Calls without a token have rates of their own: logins naming one tenant
-/// past its rate are refused (QuotaFailure `tenant:<id>`) before any
+/// Calls without a token have rates of their own: failed logins naming one
+/// tenant past its rate are refused (QuotaFailure `tenant:<id>`) before any
 /// password is checked, while logins naming another tenant go on.
 #[tokio::test]
 async fn anonymous_calls_are_held_to_a_rate_per_tenant_named() {
@@ -171,6 +171,58 @@ async fn anonymous_calls_are_held_to_a_rate_per_tenant_named() {
     let quota = s.get_details_quota_failure().expect("QuotaFailure");
     assert_eq!(quota.violations[0].subject, format!("tenant:{target}"));
     expect_code(mesh.auth().login(login(&unique_tenant("other"))).await, Code::Unauthenticated);
+    mesh.shutdown().await;
+}
+
+/// Nobody can lock a tenant's users out by failing on purpose: made-up
+/// refresh tokens naming the tenant spend nothing of its budget (a correct
+/// login from the same address goes through after 60 of them), and once
+/// failed logins from one address have spent the tenant's budget, that
+/// address is refused (QuotaFailure `tenant:<id>`) while a correct login
+/// from another address goes through.
+#[tokio::test]
+async fn failed_credentials_never_lock_out_a_correct_login() {
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_ANON_TENANT_RATE", "1")]).await;
+    let globex = mesh.onboard(&unique_tenant("globex")).await;
+    let auth_from = |ip: [u8; 4]| {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.addrs.auth)).unwrap();
+        tenantmesh_proto::auth::v1::auth_client::AuthClient::new(
+            endpoint.local_address(Some(std::net::IpAddr::from(ip))).connect_lazy(),
+        )
+    };
+    let login = |password: &str| LoginRequest {
+        tenant_id: globex.tenant_id.clone(),
+        email: globex.admin_email.clone(),
+        password: password.into(),
+    };
+    let mut user = auth_from([127, 0, 0, 1]);
+    for i in 0..60 {
+        let token = format!("{}.{}", globex.tenant_id, format!("{i:04}").repeat(12));
+        let refresh = tenantmesh_proto::auth::v1::RefreshRequest { refresh_token: token };
+        expect_code(user.refresh(refresh).await, Code::Unauthenticated);
+    }
+    for _ in 0..5 {
+        user.login(login(&globex.admin_password)).await.expect("made-up refresh tokens blocked a correct login");
+    }
+    // An attacker's address spends globex's budget (a burst of 2) with wrong passwords.
+    let mut attacker = auth_from([127, 0, 0, 2]);
+    let mut refused = None;
+    for _ in 0..10 {
+        match attacker.login(login("not-the-password")).await {
+            Err(s) if s.code() == Code::Unauthenticated => {}
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                refused = Some(s);
+                break;
+            }
+            other => panic!("a wrong password: {other:?}"),
+        }
+    }
+    let refused = refused.expect("the failing address was never held to globex's budget");
+    let quota = refused.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, format!("tenant:{}", globex.tenant_id));
+    // The admin, from elsewhere, signs in.
+    let mut elsewhere = auth_from([127, 0, 0, 3]);
+    elsewhere.login(login(&globex.admin_password)).await.expect("a correct login from another address");
     mesh.shutdown().await;
 }
 

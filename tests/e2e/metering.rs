@@ -185,6 +185,7 @@ fn event(id: &str, tenant: &str, value: i64, time: i64) -> UsageEvent {
         value,
         time,
         dimensions: [("campaign".to_owned(), "spring".to_owned())].into(),
+        correction: false,
     }
 }
 
@@ -232,8 +233,13 @@ async fn application_events_count_once() {
     assert_eq!(field_of(&reserved), "events[0].meter", "{reserved:?}");
     let ghost = record(vec![event("g", "no-such-tenant-x", 1, t)], &service).await.unwrap_err();
     assert_eq!(field_of(&ghost), "events[0].tenant_id", "{ghost:?}");
-    // A correction is an event of its own.
-    record(vec![event("order-1-fix", &a.tenant_id, -2, t)], &service).await.unwrap();
+    // A negative value is a correction, and only the operator declares one.
+    let negative = record(vec![event("order-1-fix", &a.tenant_id, -2, t)], &service).await.unwrap_err();
+    assert_eq!((negative.code(), field_of(&negative).as_str()), (Code::InvalidArgument, "events[0].value"));
+    let fix = UsageEvent { correction: true, ..event("order-1-fix", &a.tenant_id, -2, t) };
+    let by_service = record(vec![fix.clone()], &service).await.unwrap_err();
+    assert_eq!(by_service.code(), Code::PermissionDenied, "{by_service:?}");
+    record(vec![fix], &admin).await.unwrap();
     assert_eq!(total(&mesh, &admin, &a.tenant_id, "emails.sent").await, 5 + 7 - 2);
     // Tenants cannot record usage, not even their own.
     let own = record(vec![event("own", &a.tenant_id, -100, t)], &a.token).await.unwrap_err();

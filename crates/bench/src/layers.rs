@@ -160,6 +160,7 @@ pub async fn serve(
         token: "".into(),
         tenant: Arc::new(info),
         deadline: None,
+        grant: None,
     };
     tonic::transport::Server::builder()
         .layer(FixedTenantLayer(ctx))

@@ -107,33 +107,50 @@ impl Mesh {
         env.insert("TENANTMESH_AUTH_URL".into(), format!("http://{}", addrs.auth));
         env.insert("TENANTMESH_DATA_URL".into(), format!("http://{}", addrs.data));
         env.insert("TENANTMESH_ONBOARDING_URL".into(), format!("http://{}", addrs.onboarding));
-        // The onboarding service's client credentials live only in this process.
-        let client_id = env.get("TENANTMESH_SERVICE_CLIENT_ID").cloned().unwrap_or_else(|| "onboarding".into());
-        let secret = env.get("TENANTMESH_SERVICE_CLIENT_SECRET").cloned().unwrap_or_else(random_secret);
-        env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), client_id.clone());
-        env.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), secret.clone());
-        let clients = match env.get("TENANTMESH_SERVICE_CLIENTS") {
-            Some(existing) if !existing.is_empty() => format!("{existing},{client_id}:{secret}"),
-            _ => format!("{client_id}:{secret}"),
-        };
-        env.insert("TENANTMESH_SERVICE_CLIENTS".into(), clients);
-        let with_listen = |addr: SocketAddr| {
+        // Each service its own identity, with exactly the scopes it uses
+        // (the registry needs none); the secrets live only in this process.
+        // The onboarding service's may be given (TENANTMESH_SERVICE_CLIENT_ID
+        // and _SECRET), for processes of it started elsewhere.
+        let onboarding_id = env.remove("TENANTMESH_SERVICE_CLIENT_ID").unwrap_or_else(|| "onboarding".into());
+        let onboarding_secret = env.remove("TENANTMESH_SERVICE_CLIENT_SECRET").unwrap_or_else(random_secret);
+        let identities = [
+            ("onboarding", onboarding_id, onboarding_secret, "lifecycle"),
+            ("data", "data".to_owned(), random_secret(), "directory+data_plane"),
+            ("auth", "auth".to_owned(), random_secret(), "directory"),
+        ];
+        let declared = identities.iter().map(|(_, id, secret, scopes)| format!("{id}:{secret}:{scopes}"));
+        let clients: Vec<String> = env
+            .get("TENANTMESH_SERVICE_CLIENTS")
+            .filter(|c| !c.is_empty())
+            .cloned()
+            .into_iter()
+            .chain(declared)
+            .collect();
+        env.insert("TENANTMESH_SERVICE_CLIENTS".into(), clients.join(","));
+        let with_listen = |service: &str, addr: SocketAddr| {
             let mut e = env.clone();
             e.insert("TENANTMESH_LISTEN_ADDR".into(), addr.to_string());
+            if let Some((_, id, secret, _)) = identities.iter().find(|(s, ..)| *s == service) {
+                e.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), id.clone());
+                e.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), secret.clone());
+            }
             e
         };
 
-        let (registry, registry_store) =
-            prepare("tenant-registry", tenantmesh_registry::Config::from_env(&with_listen(addrs.registry))?).await?;
-        let (auth, auth_store) = prepare("auth", tenantmesh_auth::Config::from_env(&with_listen(addrs.auth))?).await?;
-        let (onboarding, onboarding_store) =
-            prepare("onboarding", tenantmesh_onboarding::Config::from_env(&with_listen(addrs.onboarding))?).await?;
-        let data = tenantmesh_data::Config::from_env(&with_listen(addrs.data))?;
+        let registry_config = tenantmesh_registry::Config::from_env(&with_listen("tenant-registry", addrs.registry))?;
+        let (registry, registry_store) = prepare("tenant-registry", registry_config).await?;
+        let (auth, auth_store) =
+            prepare("auth", tenantmesh_auth::Config::from_env(&with_listen("auth", addrs.auth))?).await?;
+        let onboarding_config = tenantmesh_onboarding::Config::from_env(&with_listen("onboarding", addrs.onboarding))?;
+        let (onboarding, onboarding_store) = prepare("onboarding", onboarding_config).await?;
+        let data_env = with_listen("data", addrs.data);
+        let data = tenantmesh_data::Config::from_env(&data_env)?;
         let data_stores = tenantmesh_data::open_store(&data)
             .await
             .map_err(|e| MeshError::Service { service: "data", message: e.to_string() })?;
 
-        let silos = Arc::new(silos::InProcessSilos::new(host, env.clone(), options.data_dir.clone()));
+        // Silo instances are data services: the data service's identity.
+        let silos = Arc::new(silos::InProcessSilos::new(host, data_env, options.data_dir.clone()));
         let compute: Arc<dyn tenantmesh_onboarding::compute::SiloCompute> = silos.clone();
         let (stop, stopped) = watch::channel(false);
         let signal = move || {

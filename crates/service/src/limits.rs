@@ -76,6 +76,15 @@ impl From<Limits> for Quota {
     }
 }
 
+impl Quota {
+    /// One token every `interval`, a burst of one: a key admitted under
+    /// it owes for `interval` (how long something is remembered of it).
+    pub fn every(interval: Duration) -> Quota {
+        let interval = (interval.as_nanos() as u64).max(1);
+        Quota { interval, tolerance: interval, burst: 1, max_in_flight: 0 }
+    }
+}
+
 impl Limits {
     /// A `fraction` (0 to 1] of these limits, for one of several replicas
     /// that share a key's limits: the rate, burst and requests in flight

@@ -395,6 +395,10 @@ pub struct Event {
     /// Unix seconds.
     pub time: i64,
     pub dimensions: BTreeMap<String, String>,
+    /// A correction by the platform admin (the only events whose value
+    /// may be negative).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub correction: bool,
 }
 
 /// What became of an event.
@@ -687,12 +691,13 @@ mod tests {
             value: 3,
             time: 1_700_000_000,
             dimensions: [("plan".to_owned(), "x".to_owned())].into(),
+            correction: false,
         };
         assert_eq!(record_event(&t, &e).await.unwrap(), EventOutcome::Recorded);
         assert_eq!(record_event(&t, &e).await.unwrap(), EventOutcome::Duplicate);
         let other = Event { value: 4, ..e.clone() };
         assert_eq!(record_event(&t, &other).await.unwrap(), EventOutcome::Conflict);
-        let fix = Event { id: "e2".into(), value: -1, ..e.clone() };
+        let fix = Event { id: "e2".into(), value: -1, correction: true, ..e.clone() };
         assert_eq!(record_event(&t, &fix).await.unwrap(), EventOutcome::Recorded);
         let rows = read_usage(&t, "acme", Some("emails"), 1_699_999_980, 1_700_000_040).await.unwrap();
         assert_eq!(total(&rows, "emails"), 2);

@@ -51,6 +51,20 @@ impl From<Tenant> for TenantInfo {
     }
 }
 
+/// The platform operator's tenant, as the registry keeps it.
+pub fn platform_tenant() -> Arc<TenantInfo> {
+    static PLATFORM: std::sync::OnceLock<Arc<TenantInfo>> = std::sync::OnceLock::new();
+    PLATFORM
+        .get_or_init(|| {
+            Arc::new(TenantInfo {
+                tier: crate::PLATFORM_TIER.into(),
+                status: TenantStatus::Active,
+                ..Default::default()
+            })
+        })
+        .clone()
+}
+
 #[async_trait]
 pub trait TenantDirectory: Send + Sync + 'static {
     /// Looks up `tenant_id` with the caller's `token`; `caller_tenant` is
@@ -191,6 +205,13 @@ impl TenantDirectory for RemoteDirectory {
         token: &str,
         caller_tenant: Option<&str>,
     ) -> Result<Option<Arc<TenantInfo>>, Status> {
+        // The operator's tenant is always there, always active and never
+        // limited (the registry refuses to change that): every service
+        // identity and platform admin is known without asking the registry
+        // (which a service identity may not ask, unless its scopes say so).
+        if tenant_id == crate::PLATFORM_TENANT {
+            return Ok(Some(platform_tenant()));
+        }
         let cached = || match self.cache.lock().expect("cache lock").get(tenant_id) {
             Some((at, info)) if at.elapsed() < self.ttl => Some(info.clone()),
             _ => None,

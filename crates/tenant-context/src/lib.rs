@@ -35,6 +35,8 @@ pub mod metadata {
 
 /// The tenant id of the platform operator (and of service identities).
 pub const PLATFORM_TENANT: &str = "platform";
+/// The platform tenant's tier: never limited, the heaviest fair-queue weight.
+pub const PLATFORM_TIER: &str = "enterprise";
 
 /// A caller's role, as carried in the token's `roles` claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -59,6 +61,64 @@ impl Role {
     }
 }
 
+/// What a service identity may do, as its declaration names it
+/// (`TENANTMESH_SERVICE_CLIENTS=id:secret:scope+scope[@tenant+tenant]`):
+/// each scope opens a set of RPCs (see [`access`]), and none is implied.
+/// A service identity declared without scopes may call nothing that
+/// needs one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Read tenant records: GetTenant, ListTenants, WatchTenants (every
+    /// service's tenant cache).
+    Directory,
+    /// Run tenants' lifecycles: the registry's writes, user management,
+    /// DataAdmin, workflow status (the onboarding service).
+    Lifecycle,
+    /// The data service's own work on its silo instances: measuring and
+    /// trimming what they store.
+    DataPlane,
+    /// Record application usage events (RecordUsage), nothing else.
+    MeteringWriter,
+    /// Read usage and cost (GetUsage, ExportUsage, GetTenantCost,
+    /// ListTenantCosts), e.g. for a billing system.
+    UsageReader,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] =
+        [Scope::Directory, Scope::Lifecycle, Scope::DataPlane, Scope::MeteringWriter, Scope::UsageReader];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Directory => "directory",
+            Scope::Lifecycle => "lifecycle",
+            Scope::DataPlane => "data_plane",
+            Scope::MeteringWriter => "metering_writer",
+            Scope::UsageReader => "usage_reader",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// A service identity's grant: its scopes and, when it is confined to
+/// some tenants, which.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    pub scopes: Vec<Scope>,
+    /// `None`: any tenant.
+    pub tenants: Option<Vec<String>>,
+}
+
+impl Grant {
+    pub fn allows_tenant(&self, tenant_id: &str) -> bool {
+        self.tenants.as_ref().is_none_or(|t| t.iter().any(|t| t == tenant_id))
+    }
+}
+
 /// The claims of a tenantmesh access token.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
@@ -71,6 +131,12 @@ pub struct Claims {
     pub nbf: u64,
     pub iat: u64,
     pub jti: String,
+    /// A service identity's scopes (service tokens only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<Scope>,
+    /// The tenants a service identity is confined to, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<Vec<String>>,
 }
 
 /// Who is calling, established from a verified token and nothing else.
@@ -91,6 +157,8 @@ pub struct TenantContext {
     /// When the caller stops waiting (its `grpc-timeout`): every call made
     /// on its behalf carries what is left of it, and ends by then.
     pub deadline: Option<std::time::Instant>,
+    /// A service identity's grant (`None` for users and platform admins).
+    pub grant: Option<Arc<Grant>>,
 }
 /// The future type of the tower services in this crate.
 pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
@@ -134,15 +202,41 @@ impl TenantContext {
         self.roles.contains(&role)
     }
 
-    /// Platform admins and services act across tenants.
-    pub fn is_platform(&self) -> bool {
-        self.has_role(Role::PlatformAdmin) || self.has_role(Role::Service)
+    /// Whether the caller is a service identity granted `scope`.
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        self.has_role(Role::Service) && self.grant.as_ref().is_some_and(|g| g.scopes.contains(&scope))
+    }
+
+    /// Platform admins, and services not confined to some tenants, act
+    /// on every tenant.
+    fn acts_on_every_tenant(&self) -> bool {
+        self.has_role(Role::PlatformAdmin)
+            || (self.has_role(Role::Service) && self.grant.as_ref().is_none_or(|g| g.tenants.is_none()))
+    }
+
+    /// Refuses (PERMISSION_DENIED) unless the caller may act on every
+    /// tenant at once (lists, watches): a platform admin, or a service
+    /// identity confined to no tenants.
+    pub fn authorize_all_tenants(&self) -> Result<(), Status> {
+        if self.acts_on_every_tenant() {
+            return Ok(());
+        }
+        tracing::warn!(
+            security_event = "cross_tenant_request",
+            caller_tenant = %self.tenant_id,
+            subject = %self.subject,
+            "refused a request about every tenant"
+        );
+        Err(Status::permission_denied("caller may act only on its own tenants, not on every tenant"))
     }
 
     /// Refuses (PERMISSION_DENIED) unless the caller may act on `tenant_id`:
-    /// its own tenant, or any tenant for platform callers.
+    /// its own tenant; any tenant for platform admins; for service
+    /// identities, any tenant or the ones they are confined to.
     pub fn authorize_tenant(&self, tenant_id: &str) -> Result<(), Status> {
-        if self.is_platform() || *self.tenant_id == *tenant_id {
+        let service_may =
+            self.has_role(Role::Service) && self.grant.as_ref().is_none_or(|g| g.allows_tenant(tenant_id));
+        if self.has_role(Role::PlatformAdmin) || service_may || *self.tenant_id == *tenant_id {
             Ok(())
         } else {
             tracing::warn!(
@@ -174,5 +268,29 @@ mod tests {
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
         assert!(ctx("platform", vec![Role::PlatformAdmin]).authorize_tenant("globex").is_ok());
         assert!(ctx("platform", vec![Role::Service]).authorize_tenant("globex").is_ok());
+        assert!(ctx("acme", vec![Role::TenantAdmin]).authorize_all_tenants().is_err());
+        assert!(ctx("platform", vec![Role::PlatformAdmin]).authorize_all_tenants().is_ok());
+    }
+
+    /// A service identity confined to some tenants acts on those only, and
+    /// never on every tenant at once; its scopes are its own.
+    #[test]
+    fn a_confined_service_acts_on_its_tenants_only() {
+        let grant = Grant { scopes: vec![Scope::MeteringWriter], tenants: Some(vec!["acme".into()]) };
+        let ctx = TenantContext {
+            tenant_id: PLATFORM_TENANT.into(),
+            subject: "service:billing".into(),
+            roles: vec![Role::Service].into(),
+            grant: Some(Arc::new(grant)),
+            ..Default::default()
+        };
+        assert!(ctx.authorize_tenant("acme").is_ok());
+        assert_eq!(ctx.authorize_tenant("globex").unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(ctx.authorize_all_tenants().unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert!(ctx.has_scope(Scope::MeteringWriter) && !ctx.has_scope(Scope::Lifecycle));
+        for s in Scope::ALL {
+            assert_eq!(Scope::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Scope::parse("admin"), None);
     }
 }

@@ -197,7 +197,7 @@ impl Authenticator {
                 return Err(Status::permission_denied("x-tenant-id does not match the token's tenant"));
             }
         }
-        if !access::allows(path, &verified.roles) {
+        if !access::allows(path, &verified.roles, verified.scopes()) {
             tracing::warn!(
                 security_event = "role_denied",
                 tenant_id = %verified.tenant_id,
@@ -238,6 +238,7 @@ impl Authenticator {
             token: Arc::from(token),
             tenant: info,
             deadline: tenantmesh_service::runtime::grpc_timeout(headers).map(|t| std::time::Instant::now() + t),
+            grant: verified.grant.clone(),
         })
     }
 }
@@ -288,6 +289,7 @@ impl Authenticator {
             subject: identity.subject.into(),
             roles: Arc::new([Role::TenantUser]),
             exp: jsonwebtoken::get_current_timestamp(),
+            grant: None,
         };
         Ok((verified, info))
     }

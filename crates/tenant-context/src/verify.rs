@@ -84,11 +84,22 @@ pub struct Verified {
     pub roles: Arc<[Role]>,
     /// Seconds since the epoch.
     pub exp: u64,
+    /// A service identity's grant (its scopes and tenants).
+    pub grant: Option<Arc<crate::Grant>>,
+}
+
+impl Verified {
+    /// The scopes a service identity was granted (none for users).
+    pub fn scopes(&self) -> &[crate::Scope] {
+        self.grant.as_ref().map_or(&[], |g| g.scopes.as_slice())
+    }
 }
 
 impl From<Claims> for Verified {
     fn from(c: Claims) -> Self {
-        Verified { tenant_id: c.tenant_id.into(), subject: c.sub.into(), roles: c.roles.into(), exp: c.exp }
+        let service = c.roles.contains(&Role::Service);
+        let grant = service.then(|| Arc::new(crate::Grant { scopes: c.scopes, tenants: c.tenants }));
+        Verified { tenant_id: c.tenant_id.into(), subject: c.sub.into(), roles: c.roles.into(), exp: c.exp, grant }
     }
 }
 
@@ -187,6 +198,12 @@ impl TokenVerifier {
         // Cross-tenant roles exist only in the platform tenant.
         let platform_role = claims.roles.iter().any(|r| matches!(r, crate::Role::PlatformAdmin | crate::Role::Service));
         if platform_role && claims.tenant_id != crate::PLATFORM_TENANT {
+            return Err(VerifyError::Claims);
+        }
+        // Scopes and tenant confinement belong to service identities only.
+        let granted = !claims.scopes.is_empty() || claims.tenants.is_some();
+        let bad_tenant = claims.tenants.iter().flatten().any(|t| tenantmesh_service::validate_tenant_id(t).is_err());
+        if (granted && !claims.roles.contains(&crate::Role::Service)) || bad_tenant {
             return Err(VerifyError::Claims);
         }
         Ok(claims)
@@ -500,6 +517,8 @@ mod tests {
             nbf: now(),
             iat: now(),
             jti: "j".into(),
+            scopes: Vec::new(),
+            tenants: None,
         }
     }
 
@@ -702,6 +721,9 @@ mod tests {
             (|c| c.roles.clear(), |e| matches!(e, VerifyError::Claims)),
             (|c| c.roles = vec![Role::PlatformAdmin], |e| matches!(e, VerifyError::Claims)),
             (|c| c.roles = vec![Role::Service], |e| matches!(e, VerifyError::Claims)),
+            // Scopes and confinement are a service identity's only.
+            (|c| c.scopes = vec![crate::Scope::Lifecycle], |e| matches!(e, VerifyError::Claims)),
+            (|c| c.tenants = Some(vec!["acme".into()]), |e| matches!(e, VerifyError::Claims)),
             // Lifetimes over a day, with or without an honest `iat`.
             (|c| c.exp = now() + 2 * 86_400, |e| matches!(e, VerifyError::Claims)),
             (|c| c.iat = now() - 86_400, |e| matches!(e, VerifyError::Claims)),

@@ -21,9 +21,33 @@ use crate::requests::authed;
 /// The bootstrap admin password every test mesh uses.
 pub const ADMIN_PASSWORD: &str = "platform-admin-password";
 pub const ADMIN_EMAIL: &str = "admin@platform.local";
-/// A service client registered with every test mesh.
+/// A service client registered with every test mesh, granted every scope.
 pub const TEST_CLIENT_ID: &str = "tests";
 pub const TEST_CLIENT_SECRET: &str = "tests-client-secret-0123456789";
+/// Service clients registered with every test mesh (secret
+/// [`TEST_CLIENT_SECRET`]) with one grant each: a scope, none, or a scope
+/// confined to tenant `confined-a`.
+pub const SCOPED_CLIENTS: &[(&str, &str)] = &[
+    ("tests-no-scope", ""),
+    ("tests-directory", "directory"),
+    ("tests-lifecycle", "lifecycle"),
+    ("tests-data-plane", "data_plane"),
+    ("tests-metering-writer", "metering_writer"),
+    ("tests-usage-reader", "usage_reader"),
+    ("tests-confined-writer", "metering_writer@confined-a"),
+];
+
+/// `TENANTMESH_SERVICE_CLIENTS` of a test mesh.
+fn test_clients() -> String {
+    let all = tenantmesh_tenant_context::Scope::ALL.map(|s| s.as_str()).join("+");
+    std::iter::once(format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET}:{all}"))
+        .chain(SCOPED_CLIENTS.iter().map(|(id, grant)| match *grant {
+            "" => format!("{id}:{TEST_CLIENT_SECRET}"),
+            grant => format!("{id}:{TEST_CLIENT_SECRET}:{grant}"),
+        }))
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// A tenant id no other test uses: `<prefix>-<8 random hex>`.
 pub fn unique_tenant(prefix: &str) -> String {
@@ -72,7 +96,7 @@ pub fn test_env() -> HashMap<String, String> {
         ("TENANTMESH_BOOTSTRAP_PASSWORD", ADMIN_PASSWORD),
         ("TENANTMESH_ARGON2_M_KIB", "1024"),
         ("TENANTMESH_ARGON2_T", "1"),
-        ("TENANTMESH_SERVICE_CLIENTS", &format!("{TEST_CLIENT_ID}:{TEST_CLIENT_SECRET}")),
+        ("TENANTMESH_SERVICE_CLIENTS", &test_clients()),
         ("TENANTMESH_TENANT_CACHE_TTL_MS", "100"),
         ("TENANTMESH_STEP_BACKOFF_MS", "20"),
         // Usage shows within a second or two.
@@ -359,11 +383,17 @@ impl TestMesh {
         self.login("platform", ADMIN_EMAIL, ADMIN_PASSWORD).await.expect("platform admin logs in")
     }
 
-    /// A `service` token of the test client.
+    /// A `service` token of the test client (every scope).
     pub async fn service_token(&self) -> String {
+        self.service_token_as(TEST_CLIENT_ID).await
+    }
+
+    /// A `service` token of one of the test mesh's clients
+    /// ([`TEST_CLIENT_ID`] or one of [`SCOPED_CLIENTS`]).
+    pub async fn service_token_as(&self, client_id: &str) -> String {
         self.auth()
             .issue_service_token(IssueServiceTokenRequest {
-                client_id: TEST_CLIENT_ID.into(),
+                client_id: client_id.into(),
                 client_secret: TEST_CLIENT_SECRET.into(),
             })
             .await

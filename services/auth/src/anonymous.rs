@@ -1,18 +1,32 @@
 //! Limits of the RPCs anyone may call without a token (Login, Refresh,
 //! IssueServiceToken, GetJwks): there is no tenant to hold to its quota yet,
-//! so each caller's address has a rate, and so does each tenant a request
-//! names (a login flood against one tenant slows that tenant's logins, not
-//! everyone's). Refusals are RESOURCE_EXHAUSTED with RetryInfo and
-//! QuotaFailure (`peer:<ip>` or `tenant:<id>`), before any password is
-//! checked.
+//! so each caller's address has a rate, for every attempt.
+//!
+//! A tenant has a budget too, so that a flood of guesses against one
+//! tenant cannot take everyone's password checks; but it is spent by
+//! *failed* sign-ins only, never by attempts, and it is turned only
+//! against the addresses that failed: while a tenant's budget is spent,
+//! a sign-in naming it is refused from an address that failed against it
+//! in the last [`FAILED_RECENTLY`], and goes on from any other. So nobody
+//! can lock a tenant's users out by failing on purpose, or by sending
+//! made-up refresh tokens (a refresh token is checked against the store,
+//! which costs no password check, before anything about its tenant is
+//! spent: Refresh is held to its caller's address alone). Refusals are
+//! RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure (`peer:<ip>` or
+//! `tenant:<id>`), before any password is checked.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tenantmesh_service::config::{ConfigError, parse_var};
-use tenantmesh_service::limits::{KeyedLimiter, Limits, LogThrottle, Refusal};
+use tenantmesh_service::limits::{KeyedLimiter, Limits, LogThrottle, Quota, Refusal};
 use tonic::Status;
+
+/// How long an address that failed to sign in to a tenant is held to the
+/// tenant's spent budget.
+pub const FAILED_RECENTLY: Duration = Duration::from_secs(60);
 
 /// Rates of anonymous calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +35,7 @@ pub struct AnonymousLimits {
     /// that): calls of Login, Refresh and IssueServiceToken per address.
     pub per_peer: u32,
     /// `TENANTMESH_ANON_TENANT_RATE` (default 20 per second, burst twice
-    /// that): logins and refreshes naming one tenant.
+    /// that): failed sign-ins naming one tenant.
     pub per_tenant: u32,
     /// `TENANTMESH_JWKS_PEER_RATE` (default 50 per second, burst twice
     /// that): GetJwks per address (validators fetch it on a key change).
@@ -52,6 +66,15 @@ pub enum Call {
     GetJwks,
 }
 
+/// Keys of the limiter besides calls by address.
+#[derive(Hash)]
+enum Key<'a> {
+    /// A tenant's budget of failed sign-ins.
+    TenantFailures(&'a str),
+    /// An address that failed against a tenant lately.
+    FailedFrom(&'a str, IpAddr),
+}
+
 pub struct Anonymous {
     limits: AnonymousLimits,
     limiter: Arc<KeyedLimiter>,
@@ -69,40 +92,63 @@ impl Anonymous {
         Self { limits, limiter: Arc::new(KeyedLimiter::new()), logs: LogThrottle::new() }
     }
 
-    /// Admits an anonymous `call` from `peer` naming `tenant` (if any).
-    pub fn admit(&self, call: Call, peer: Option<IpAddr>, tenant: Option<&str>) -> Result<(), Status> {
-        let refuse = |subject: String, rate: u32, retry_after| {
-            if self.logs.allow(subject.as_str()) {
-                tracing::warn!(
-                    subject,
-                    ?call,
-                    "anonymous call refused by its rate (further refusals within a second are not logged)"
-                );
-            }
-            Refusal {
-                limit: tenantmesh_service::limits::Limit::Rate,
+    fn refuse(&self, call: Call, subject: String, rate: u32, retry_after: Duration) -> Status {
+        if self.logs.allow(subject.as_str()) {
+            tracing::warn!(
                 subject,
-                description: format!("{rate} calls per second, burst {}", rate.saturating_mul(2)),
-                retry_after,
-            }
-            .status()
+                ?call,
+                "anonymous call refused by its rate (further refusals within a second are not logged)"
+            );
+        }
+        Refusal {
+            limit: tenantmesh_service::limits::Limit::Rate,
+            subject,
+            description: format!("{rate} calls per second, burst {}", rate.saturating_mul(2)),
+            retry_after,
+        }
+        .status()
+    }
+
+    /// Admits an anonymous `call` from `peer`: every attempt counts
+    /// against the address.
+    pub fn admit(&self, call: Call, peer: Option<IpAddr>) -> Result<(), Status> {
+        let Some(ip) = peer else { return Ok(()) };
+        let rate = match call {
+            Call::Credentials => self.limits.per_peer,
+            Call::GetJwks => self.limits.jwks_per_peer,
         };
+        match self.limiter.admit(&(call, ip), 1, per_second(rate)) {
+            Ok(_) => Ok(()),
+            Err((_, retry)) => Err(self.refuse(call, format!("peer:{ip}"), rate, retry)),
+        }
+    }
+
+    /// Whether a sign-in naming `tenant` from `peer` may have its password
+    /// checked: refused only while the tenant's budget of failures is spent
+    /// *and* this address failed against it lately. Takes nothing.
+    pub fn admit_sign_in(&self, peer: Option<IpAddr>, tenant: &str) -> Result<(), Status> {
+        let rate = self.limits.per_tenant;
+        let Some(retry) = self.limiter.owing(&Key::TenantFailures(tenant), 1, per_second(rate)) else {
+            return Ok(());
+        };
+        let failed_here = peer.is_some_and(|ip| {
+            self.limiter.owing(&Key::FailedFrom(tenant, ip), 1, Quota::every(FAILED_RECENTLY)).is_some()
+        });
+        if !failed_here {
+            return Ok(());
+        }
+        Err(self.refuse(Call::Credentials, format!("tenant:{tenant}"), rate, retry))
+    }
+
+    /// A sign-in naming `tenant` from `peer` failed (a wrong password, an
+    /// unknown or disabled user): it spends the tenant's budget, and the
+    /// address is remembered as failing against it for [`FAILED_RECENTLY`].
+    pub fn failed_sign_in(&self, peer: Option<IpAddr>, tenant: &str) {
+        let _ = self.limiter.admit(&Key::TenantFailures(tenant), 1, per_second(self.limits.per_tenant));
         if let Some(ip) = peer {
-            let rate = match call {
-                Call::Credentials => self.limits.per_peer,
-                Call::GetJwks => self.limits.jwks_per_peer,
-            };
-            if let Err((_, retry)) = self.limiter.admit(&(call, ip), 1, per_second(rate)) {
-                return Err(refuse(format!("peer:{ip}"), rate, retry));
-            }
+            // Owing from now on: `admit` refused means it owes already.
+            let _ = self.limiter.admit(&Key::FailedFrom(tenant, ip), 1, Quota::every(FAILED_RECENTLY));
         }
-        if let Some(tenant) = tenant.filter(|t| !t.is_empty()) {
-            let rate = self.limits.per_tenant;
-            if let Err((_, retry)) = self.limiter.admit(&(call, tenant), 1, per_second(rate)) {
-                return Err(refuse(format!("tenant:{tenant}"), rate, retry));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -111,26 +157,37 @@ mod tests {
     use super::*;
     use tonic_types::StatusExt;
 
+    /// Every attempt counts against its address; only failures count
+    /// against a tenant, and a tenant's spent budget refuses only the
+    /// addresses that failed against it.
     #[test]
-    fn peers_and_named_tenants_have_their_own_rates() {
+    fn failures_spend_the_tenants_budget_against_the_failing_addresses_only() {
         let a = Anonymous::new(AnonymousLimits { per_peer: 5, per_tenant: 2, jwks_per_peer: 1 });
-        let (p1, p2): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        // A tenant's burst is 4: the fifth login naming it is refused, from any address.
-        for _ in 0..4 {
-            a.admit(Call::Credentials, Some(p1), Some("acme")).unwrap();
+        let (attacker, user): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        // Attempts alone never spend the tenant's budget.
+        for _ in 0..20 {
+            a.admit_sign_in(Some(attacker), "acme").unwrap();
         }
-        let s = a.admit(Call::Credentials, Some(p2), Some("acme")).unwrap_err();
+        // The attacker fails four times: acme's budget (burst 4) is spent.
+        for _ in 0..4 {
+            a.admit_sign_in(Some(attacker), "acme").unwrap();
+            a.failed_sign_in(Some(attacker), "acme");
+        }
+        let s = a.admit_sign_in(Some(attacker), "acme").unwrap_err();
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
         assert_eq!(s.get_details_quota_failure().unwrap().violations[0].subject, "tenant:acme");
         assert!(s.get_details_retry_info().unwrap().retry_delay.is_some());
-        // p1 has used 4 of its 10; other tenants go on until p1's burst is gone.
-        for _ in 0..6 {
-            a.admit(Call::Credentials, Some(p1), Some("globex")).ok();
+        // Another address signs in to acme; the attacker to another tenant.
+        a.admit_sign_in(Some(user), "acme").unwrap();
+        a.admit_sign_in(Some(attacker), "globex").unwrap();
+        // Per address, every call counts: a burst of 10, the 11th is refused.
+        for _ in 0..10 {
+            a.admit(Call::Credentials, Some(user)).unwrap();
         }
-        let s = a.admit(Call::Credentials, Some(p1), Some("initech")).unwrap_err();
-        assert_eq!(s.get_details_quota_failure().unwrap().violations[0].subject, "peer:10.0.0.1");
+        let s = a.admit(Call::Credentials, Some(user)).unwrap_err();
+        assert_eq!(s.get_details_quota_failure().unwrap().violations[0].subject, "peer:10.0.0.2");
         // GetJwks has its own bucket per address.
-        a.admit(Call::GetJwks, Some(p1), None).unwrap();
+        a.admit(Call::GetJwks, Some(user)).unwrap();
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub const DEFAULT_BOOTSTRAP_EMAIL: &str = "admin@platform.local";
 /// File (in the data dir) holding a generated bootstrap password.
 pub const BOOTSTRAP_PASSWORD_FILE: &str = "bootstrap-password";
 const MIN_SECRET_LEN: usize = 16;
+/// Longest client secret accepted by `IssueServiceToken`.
+const MAX_CLIENT_SECRET_LEN: usize = 1024;
 
 /// Auth settings.
 #[derive(Clone)]
@@ -53,8 +55,8 @@ pub struct Config {
     pub bootstrap_email: String,
     /// `TENANTMESH_BOOTSTRAP_PASSWORD`; generated when unset.
     pub bootstrap_password: Option<String>,
-    /// `TENANTMESH_SERVICE_CLIENTS`: `id:secret[,id:secret...]`.
-    pub service_clients: HashMap<String, String>,
+    /// `TENANTMESH_SERVICE_CLIENTS`: `id:secret[:scope+scope[@tenant+tenant]],...`.
+    pub service_clients: HashMap<String, ServiceClient>,
     /// `TENANTMESH_ACCESS_TOKEN_TTL_SECS` (default 900).
     pub access_token_ttl: Duration,
     /// `TENANTMESH_ARGON2_M_KIB`, `_T`, `_P`.
@@ -85,6 +87,73 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// A service identity that may call `IssueServiceToken`: its secret, and
+/// what its tokens grant.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceClient {
+    pub secret: String,
+    pub grant: tenantmesh_tenant_context::Grant,
+}
+
+impl std::fmt::Debug for ServiceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceClient").field("grant", &self.grant).finish_non_exhaustive()
+    }
+}
+
+/// Longest service client id.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// Whether `id` is a well-formed service client id: 1-64 of a-z, 0-9 and `_.-`.
+pub fn valid_client_id(id: &str) -> bool {
+    (1..=MAX_CLIENT_ID_LEN).contains(&id.len())
+        && id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_.-".contains(&c))
+}
+
+/// One entry of `TENANTMESH_SERVICE_CLIENTS`: `id:secret`, optionally
+/// `:scope+scope`, optionally `@tenant+tenant` after the scopes.
+fn parse_service_client(env: &HashMap<String, String>, entry: &str) -> Result<(String, ServiceClient), ConfigError> {
+    let bad = |message: String| ConfigError { var: "TENANTMESH_SERVICE_CLIENTS", message };
+    let mut parts = entry.splitn(3, ':');
+    let (Some(id), Some(secret)) = (parts.next(), parts.next()) else {
+        return Err(bad("entries must be id:secret[:scope+scope[@tenant+tenant]]".into()));
+    };
+    if !valid_client_id(id) {
+        return Err(bad(format!("client id {id:?} must be 1-{MAX_CLIENT_ID_LEN} of a-z, 0-9 and _.-")));
+    }
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(bad(format!("client {id:?} needs a secret of at least {MIN_SECRET_LEN} characters")));
+    }
+    tenantmesh_service::config::refuse_placeholder(env, "TENANTMESH_SERVICE_CLIENTS", secret)?;
+    let mut grant = tenantmesh_tenant_context::Grant::default();
+    if let Some(spec) = parts.next() {
+        let (scopes, tenants) = match spec.split_once('@') {
+            Some((scopes, tenants)) => (scopes, Some(tenants)),
+            None => (spec, None),
+        };
+        for name in scopes.split('+').filter(|n| !n.is_empty()) {
+            let scope = tenantmesh_tenant_context::Scope::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = tenantmesh_tenant_context::Scope::ALL.iter().map(|s| s.as_str()).collect();
+                bad(format!("client {id:?}: unknown scope {name:?} (known: {})", known.join(", ")))
+            })?;
+            if !grant.scopes.contains(&scope) {
+                grant.scopes.push(scope);
+            }
+        }
+        if let Some(tenants) = tenants {
+            let list: Vec<String> = tenants.split('+').filter(|t| !t.is_empty()).map(str::to_owned).collect();
+            if list.is_empty() {
+                return Err(bad(format!("client {id:?}: name at least one tenant after '@'")));
+            }
+            if let Some(t) = list.iter().find(|t| tenantmesh_service::validate_tenant_id(t).is_err()) {
+                return Err(bad(format!("client {id:?}: {t:?} is not a tenant id")));
+            }
+            grant.tenants = Some(list);
+        }
+    }
+    Ok((id.to_owned(), ServiceClient { secret: secret.to_owned(), grant }))
+}
+
 impl tenantmesh_isolation::backend::ServiceConfig for Config {
     const STORE: &'static str = "auth";
     fn common(&self) -> &CommonConfig {
@@ -100,20 +169,13 @@ impl Config {
         let mut service_clients = HashMap::new();
         if let Some(list) = var(env, "TENANTMESH_SERVICE_CLIENTS") {
             for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-                let (id, secret) = entry.split_once(':').ok_or(ConfigError {
-                    var: "TENANTMESH_SERVICE_CLIENTS",
-                    message: "entries must be id:secret".into(),
-                })?;
-                if id.is_empty() || secret.len() < MIN_SECRET_LEN {
+                let (id, client) = parse_service_client(env, entry)?;
+                if service_clients.insert(id.clone(), client).is_some() {
                     return Err(ConfigError {
                         var: "TENANTMESH_SERVICE_CLIENTS",
-                        message: format!(
-                            "client {id:?} needs an id and a secret of at least {MIN_SECRET_LEN} characters"
-                        ),
+                        message: format!("client {id:?} is declared twice"),
                     });
                 }
-                tenantmesh_service::config::refuse_placeholder(env, "TENANTMESH_SERVICE_CLIENTS", secret)?;
-                service_clients.insert(id.to_owned(), secret.to_owned());
             }
         }
         let ttl: u64 = parse_var(env, "TENANTMESH_ACCESS_TOKEN_TTL_SECS", 900)?;
@@ -247,6 +309,17 @@ impl AuthService {
     }
 
     fn sign(&self, sub: String, tenant_id: String, roles: Vec<Role>) -> Result<(String, i64), AuthError> {
+        self.sign_granted(sub, tenant_id, roles, tenantmesh_tenant_context::Grant::default())
+    }
+
+    /// A token; a service identity's carries its grant.
+    fn sign_granted(
+        &self,
+        sub: String,
+        tenant_id: String,
+        roles: Vec<Role>,
+        grant: tenantmesh_tenant_context::Grant,
+    ) -> Result<(String, i64), AuthError> {
         let ttl = self.inner.config.access_token_ttl.as_secs();
         let now = now_secs().max(0) as u64;
         let claims = Claims {
@@ -259,6 +332,8 @@ impl AuthService {
             nbf: now,
             iat: now,
             jti: random_token(12),
+            scopes: grant.scopes,
+            tenants: grant.tenants,
         };
         let (kid, key) = self.inner.keys.signer();
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
@@ -391,7 +466,8 @@ impl Auth for AuthService {
         }
         v.check()?;
         tracing::Span::current().record("tenant.id", req.tenant_id.as_str());
-        self.inner.anonymous.admit(anonymous::Call::Credentials, peer, Some(&req.tenant_id))?;
+        self.inner.anonymous.admit(anonymous::Call::Credentials, peer)?;
+        self.inner.anonymous.admit_sign_in(peer, &req.tenant_id)?;
         let email = normalize_email(&req.email);
         // The peer's address: behind a proxy, the proxy's (put the limits
         // in front of it, or keep the proxy's clients apart upstream).
@@ -406,7 +482,9 @@ impl Auth for AuthService {
         let user = match user {
             Some(u) if matches && !u.disabled => u,
             _ => {
-                // Already counted by the reservation.
+                // Already counted by the reservation; spends the tenant's
+                // budget of failures, against this address.
+                self.inner.anonymous.failed_sign_in(peer, &req.tenant_id);
                 // Not the email itself: logs are read more widely than the user table.
                 let email_hash = &sha256_hex(format!("{}/{email}", req.tenant_id).as_bytes())[..16];
                 tracing::info!(security_event = "login_failed", email_hash, "login refused");
@@ -454,7 +532,7 @@ impl Auth for AuthService {
             }
         }
         v.check()?;
-        if !req.password_hash.is_empty() && !ctx.has_role(Role::Service) {
+        if !req.password_hash.is_empty() && !ctx.has_scope(tenantmesh_tenant_context::Scope::Lifecycle) {
             return Err(AuthError::HashNotAllowed.into());
         }
         ctx.authorize_tenant(&req.tenant_id)?;
@@ -495,12 +573,13 @@ impl Auth for AuthService {
         let mut v = Violations::new();
         v.require("refresh_token", &req.refresh_token);
         v.check()?;
-        let tenant = refresh::tenant_of(&req.refresh_token);
-        if let Some(tenant) = tenant {
-            tracing::Span::current().record("tenant.id", tenant);
-        }
-        self.inner.anonymous.admit(anonymous::Call::Credentials, peer, tenant)?;
+        // Held to the caller's address alone: the token is checked (a read
+        // by its hash, no password check) before anything about the tenant
+        // it names is trusted, so made-up tokens naming a tenant spend
+        // nothing of that tenant's.
+        self.inner.anonymous.admit(anonymous::Call::Credentials, peer)?;
         let live = refresh::live(&self.inner.store, &req.refresh_token).await?;
+        tracing::Span::current().record("tenant.id", live.tenant.as_str());
         // Disabling or deleting a user stops refresh at once; a user deleted
         // and re-created under the same email is somebody else.
         let user = match self.get_user(&live.tenant, &live.record.email).await? {
@@ -599,7 +678,7 @@ impl Auth for AuthService {
     }
 
     async fn get_jwks(&self, request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
-        self.inner.anonymous.admit(anonymous::Call::GetJwks, request.remote_addr().map(|a| a.ip()), None)?;
+        self.inner.anonymous.admit(anonymous::Call::GetJwks, request.remote_addr().map(|a| a.ip()))?;
         JWKS_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let keys = self.inner.keys.jwks();
         let doc = serde_json::json!({
@@ -618,23 +697,33 @@ impl Auth for AuthService {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.require("client_id", &req.client_id).require("client_secret", &req.client_secret);
+        if !req.client_id.is_empty() && !valid_client_id(&req.client_id) {
+            v.add("client_id", format!("must be 1-{MAX_CLIENT_ID_LEN} of a-z, 0-9 and _.-"));
+        }
+        if req.client_secret.len() > MAX_CLIENT_SECRET_LEN {
+            v.add("client_secret", format!("must be at most {MAX_CLIENT_SECRET_LEN} characters"));
+        }
         v.check()?;
         tracing::Span::current().record("tenant.id", PLATFORM_TENANT);
-        self.inner.anonymous.admit(anonymous::Call::Credentials, peer, None)?;
+        self.inner.anonymous.admit(anonymous::Call::Credentials, peer)?;
         let known = self.inner.config.service_clients.get(&req.client_id);
         let ok = match known {
-            Some(secret) => constant_time_eq(secret, &req.client_secret),
+            Some(client) => constant_time_eq(&client.secret, &req.client_secret),
             None => {
                 constant_time_eq(&req.client_secret, &self.inner.dummy_hash);
                 false
             }
         };
-        if !ok {
+        let Some(client) = known.filter(|_| ok) else {
             tracing::warn!(security_event = "service_login_failed", client_id = %req.client_id, "bad client credentials");
             return Err(AuthError::InvalidCredentials.into());
-        }
-        let (access_token, expires_in) =
-            self.sign(format!("service:{}", req.client_id), PLATFORM_TENANT.into(), vec![Role::Service])?;
+        };
+        let (access_token, expires_in) = self.sign_granted(
+            format!("service:{}", req.client_id),
+            PLATFORM_TENANT.into(),
+            vec![Role::Service],
+            client.grant.clone(),
+        )?;
         Ok(Response::new(IssueServiceTokenResponse { access_token, expires_in }))
     }
 }
@@ -646,6 +735,20 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut clients: Vec<_> = config.service_clients.iter().collect();
+    clients.sort_by_key(|(id, _)| id.as_str());
+    for (id, client) in clients {
+        let scopes: Vec<&str> = client.grant.scopes.iter().map(|s| s.as_str()).collect();
+        if scopes.is_empty() {
+            tracing::warn!(
+                client_id = %id,
+                "service client declared without scopes: its tokens open no RPC that needs a service identity \
+                 (declare them as id:secret:scope+scope in TENANTMESH_SERVICE_CLIENTS)"
+            );
+        } else {
+            tracing::info!(client_id = %id, scopes = %scopes.join("+"), tenants = ?client.grant.tenants, "service client");
+        }
+    }
     let backup = tenantmesh_service::backup::server(
         config.common.data_dir.clone(),
         config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded,
@@ -705,4 +808,48 @@ pub async fn serve(
     }
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenantmesh_tenant_context::{Grant, Scope};
+
+    fn clients(value: &str) -> Result<HashMap<String, ServiceClient>, ConfigError> {
+        let env: HashMap<String, String> = [("TENANTMESH_SERVICE_CLIENTS".to_owned(), value.to_owned())].into();
+        Config::from_env(&env).map(|c| c.service_clients)
+    }
+
+    /// An identity gets exactly the scopes (and tenants) its declaration
+    /// names: none when it names none.
+    #[test]
+    fn service_clients_carry_the_scopes_they_declare() {
+        let c = clients(
+            "app:0123456789abcdef,onboarding:0123456789abcdef:lifecycle,billing:0123456789abcdef:metering_writer+usage_reader@acme+globex",
+        )
+        .unwrap();
+        assert_eq!(c["app"].grant, Grant::default());
+        assert_eq!(c["onboarding"].grant, Grant { scopes: vec![Scope::Lifecycle], tenants: None });
+        assert_eq!(
+            c["billing"].grant,
+            Grant {
+                scopes: vec![Scope::MeteringWriter, Scope::UsageReader],
+                tenants: Some(vec!["acme".into(), "globex".into()])
+            }
+        );
+        assert!(format!("{:?}", c["app"]).find("0123456789abcdef").is_none(), "the secret is never printed");
+        for (bad, says) in [
+            ("app", "entries must be"),
+            ("app:short", "at least 16"),
+            ("APP:0123456789abcdef", "client id"),
+            ("app:0123456789abcdef:admin", "unknown scope \"admin\""),
+            ("app:0123456789abcdef:lifecycle@", "at least one tenant"),
+            ("app:0123456789abcdef:lifecycle@Acme!", "not a tenant id"),
+            ("app:0123456789abcdef,app:0123456789abcdef", "declared twice"),
+        ] {
+            let e = clients(bad).unwrap_err();
+            assert_eq!(e.var, "TENANTMESH_SERVICE_CLIENTS");
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+        }
+    }
 }

@@ -14,6 +14,7 @@ use tenantmesh_proto::data::v1::data_admin_server::DataAdmin;
 use tenantmesh_proto::data::v1::*;
 use tenantmesh_service::errors::{Violations, invalid_field};
 use tenantmesh_storage::{Condition, DynTable, Item, Query, StorageError};
+use tenantmesh_tenant_context::TenantContext;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -139,8 +140,10 @@ impl DataAdmin for DataAdminService {
         &self,
         request: Request<ProvisionStoreRequest>,
     ) -> Result<Response<ProvisionStoreResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), true)?;
+        ctx.authorize_tenant(&tenant)?;
         if req.tier.is_empty() || req.tier.len() > 32 {
             return Err(invalid_field("tier", "is required (at most 32 characters)"));
         }
@@ -150,8 +153,10 @@ impl DataAdmin for DataAdminService {
     }
 
     async fn drop_store(&self, request: Request<DropStoreRequest>) -> Result<Response<DropStoreResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), true)?;
+        ctx.authorize_tenant(&tenant)?;
         let dropped = self.stores.drop_table(&table).await.map_err(storage_status)?;
         tracing::info!(target_tenant = %tenant, table, dropped, "store dropped");
         Ok(Response::new(DropStoreResponse { dropped }))
@@ -163,8 +168,10 @@ impl DataAdmin for DataAdminService {
         &self,
         request: Request<ExportItemsRequest>,
     ) -> Result<Response<Self::ExportItemsStream>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        ctx.authorize_tenant(&tenant)?;
         if req.include_history && req.as_of_us.is_some() {
             return Err(invalid_field("include_history", "cannot be set with as_of_us"));
         }
@@ -199,8 +206,10 @@ impl DataAdmin for DataAdminService {
         &self,
         request: Request<ImportItemsRequest>,
     ) -> Result<Response<ImportItemsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        ctx.authorize_tenant(&tenant)?;
         if req.items.len() > MAX_IMPORT_BATCH {
             return Err(invalid_field("items", format!("at most {MAX_IMPORT_BATCH} per call")));
         }
@@ -232,8 +241,10 @@ impl DataAdmin for DataAdminService {
     }
 
     async fn purge_items(&self, request: Request<PurgeItemsRequest>) -> Result<Response<PurgeItemsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        ctx.authorize_tenant(&tenant)?;
         let store = self.store(&tenant, &table).await?;
         let mut deleted = 0u32;
         let mut start_after = None;
@@ -257,8 +268,10 @@ impl DataAdmin for DataAdminService {
     }
 
     async fn set_fence(&self, request: Request<SetFenceRequest>) -> Result<Response<SetFenceResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        ctx.authorize_tenant(&tenant)?;
         let store = self.store(&tenant, &table).await?;
         let changed = if req.raised {
             match store.put(&tenant, FENCE_SK, Vec::new(), Condition::NotExists).await {
@@ -277,8 +290,10 @@ impl DataAdmin for DataAdminService {
         &self,
         request: Request<RewindItemsRequest>,
     ) -> Result<Response<RewindItemsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        ctx.authorize_tenant(&tenant)?;
         if req.point_in_time_us <= 0 {
             return Err(invalid_field("point_in_time_us", "must be a time after the Unix epoch"));
         }
@@ -304,8 +319,10 @@ impl DataAdmin for DataAdminService {
         &self,
         request: Request<TrimHistoryRequest>,
     ) -> Result<Response<TrimHistoryResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let (tenant, table) = self.check(req.store.as_ref(), false)?;
+        ctx.authorize_tenant(&tenant)?;
         let store = self.store(&tenant, &table).await?;
         let trimmed = history::trim(store.as_ref(), &tenant, req.before_us).await.map_err(storage_status)?;
         if trimmed > 0 {

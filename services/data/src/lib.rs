@@ -725,13 +725,18 @@ pub async fn serve(
     });
     let quotas = Arc::new(quota::Quotas::new(config.quota_rescan));
     let (stop_sampling, sampling_stopped) = tokio::sync::watch::channel(false);
+    // The data service's own identity, when it has one.
+    let tokens = match &config.common.service_client {
+        Some(credentials) => Some(Arc::new(client::ServiceTokenSource::new(
+            client::channel(&config.common.auth_url)?,
+            credentials.clone(),
+        ))),
+        None => None,
+    };
     // A silo instance's tenant is sampled and trimmed by the shared service.
-    match (config.silo_tenant.is_none(), &config.common.service_client) {
-        (true, Some(credentials)) => {
-            let tokens = Arc::new(client::ServiceTokenSource::new(
-                client::channel(&config.common.auth_url)?,
-                credentials.clone(),
-            ));
+    match (config.silo_tenant.is_none(), &tokens) {
+        (true, Some(tokens)) => {
+            let tokens = tokens.clone();
             let sampler = storage_meter::StorageSampler::new(
                 usage.clone(),
                 stores.clone(),
@@ -778,8 +783,12 @@ pub async fn serve(
             TenantRegistryClient::new(client::wrap(client::channel(&config.common.registry_url)?, Identity::Caller));
         let onboarding =
             OnboardingClient::new(client::wrap(client::channel(&config.onboarding_url)?, Identity::Caller));
-        let service =
+        let mut service =
             metering::MeteringService::new(table, config.pricing.clone(), config.usage_grace, registry, onboarding);
+        if let Some(tokens) = &tokens {
+            let own = client::wrap(client::channel(&config.common.registry_url)?, Identity::Service(tokens.clone()));
+            service = service.with_own_registry(TenantRegistryClient::new(own));
+        }
         routes = routes.add_service(MeteringServer::new(service));
         names.push(<MeteringServer<metering::MeteringService> as tonic::server::NamedService>::NAME);
     }

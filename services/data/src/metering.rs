@@ -30,7 +30,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// Events per RecordUsage call.
-pub const MAX_EVENTS: usize = 100;
+pub const MAX_EVENTS: usize = 500;
+/// The largest quantity of one event, either way: sums of a year of
+/// events stay far from overflowing.
+pub const MAX_EVENT_VALUE: i64 = 1_000_000_000_000;
 /// Windows per GetUsage answer, and per export.
 pub const MAX_WINDOWS: i64 = 10_000;
 pub const MAX_EXPORT_WINDOWS: i64 = 100_000;
@@ -47,6 +50,10 @@ pub struct MeteringService {
     grace: Duration,
     registry: TenantRegistryClient<PropagatedChannel>,
     onboarding: OnboardingClient<PropagatedChannel>,
+    /// The registry as the data service itself (its service identity),
+    /// when it has one: whether the tenants an event names exist is asked
+    /// with it, so a metering writer needs no right to read tenants.
+    own_registry: Option<TenantRegistryClient<PropagatedChannel>>,
 }
 
 impl MeteringService {
@@ -59,7 +66,25 @@ impl MeteringService {
         registry: TenantRegistryClient<PropagatedChannel>,
         onboarding: OnboardingClient<PropagatedChannel>,
     ) -> Self {
-        Self { table, pricing, grace, registry, onboarding }
+        Self { table, pricing, grace, registry, onboarding, own_registry: None }
+    }
+
+    /// Asks whether the tenants of recorded events exist as the data
+    /// service itself (`registry` sends its service identity).
+    pub fn with_own_registry(mut self, registry: TenantRegistryClient<PropagatedChannel>) -> Self {
+        self.own_registry = Some(registry);
+        self
+    }
+
+    /// Whether `tenant_id` exists (asked as the data service when it has
+    /// an identity, else as the caller).
+    async fn exists(&self, tenant_id: &str) -> Result<bool, Status> {
+        let mut registry = self.own_registry.clone().unwrap_or_else(|| self.registry.clone());
+        match registry.get_tenant(GetTenantRequest { tenant_id: tenant_id.to_owned() }).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(s),
+        }
     }
 
     /// Every resource `tenant` held alone, removed ones included.
@@ -291,6 +316,11 @@ fn export_lines(rows: &[UsageRow], format: ExportFormat) -> Vec<String> {
 /// Checks one event; the field names carry its index.
 fn check_event(v: &mut Violations, i: usize, e: &UsageEvent, now: i64, grace: i64) {
     let f = |name: &str| format!("events[{i}].{name}");
+    if e.value.unsigned_abs() > MAX_EVENT_VALUE.unsigned_abs() {
+        v.add(&f("value"), format!("must be at most {MAX_EVENT_VALUE} either way"));
+    } else if e.value < 0 && !e.correction {
+        v.add(&f("value"), "may be negative only in a correction (correction: true, recorded by the platform admin)");
+    }
     if e.id.is_empty() || e.id.len() > 128 || !e.id.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(&c)) {
         v.add(&f("id"), "must be 1-128 of letters, digits and _.:-");
     }
@@ -330,6 +360,7 @@ impl Metering for MeteringService {
         &self,
         request: Request<RecordUsageRequest>,
     ) -> Result<Response<RecordUsageResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         if req.events.is_empty() {
@@ -343,17 +374,20 @@ impl Metering for MeteringService {
             check_event(&mut v, i, e, now, grace);
         }
         v.check()?;
-        // Every tenant named must exist: usage of a mistyped tenant would
-        // be counted where nobody ever bills it.
+        // Corrections rewrite what a tenant is billed: the operator's alone.
+        if req.events.iter().any(|e| e.correction) && !ctx.has_role(tenantmesh_tenant_context::Role::PlatformAdmin) {
+            tracing::warn!(security_event = "correction_refused", subject = %ctx.subject, "a usage correction by a service identity was refused");
+            return Err(Status::permission_denied("only the platform admin may record a correction"));
+        }
+        // Every tenant named must be one the caller may record for, and
+        // must exist: usage of a mistyped tenant would be counted where
+        // nobody ever bills it.
         let mut v = Violations::new();
         let mut known: HashMap<&str, bool> = HashMap::new();
         for (i, e) in req.events.iter().enumerate() {
             if !known.contains_key(e.tenant_id.as_str()) {
-                let exists = match self.tenant(&e.tenant_id).await {
-                    Ok(_) => true,
-                    Err(s) if s.code() == tonic::Code::NotFound => false,
-                    Err(s) => return Err(s),
-                };
+                ctx.authorize_tenant(&e.tenant_id)?;
+                let exists = self.exists(&e.tenant_id).await?;
                 known.insert(&e.tenant_id, exists);
             }
             if !known[e.tenant_id.as_str()] {
@@ -370,6 +404,7 @@ impl Metering for MeteringService {
                 value: e.value,
                 time: e.time,
                 dimensions: e.dimensions.into_iter().collect(),
+                correction: e.correction,
             };
             match metering::record_event(&self.table, &event).await.map_err(|e| storage_status(e, "metering"))? {
                 EventOutcome::Recorded => recorded += 1,
@@ -475,6 +510,7 @@ impl Metering for MeteringService {
         let mut v = Violations::new();
         check_range(&mut v, req.from, req.to);
         v.check()?;
+        ctx.authorize_all_tenants()?;
         let tenants = all_tenants(&self.registry).await?;
         let mut costs = Vec::with_capacity(tenants.len());
         let mut set = tokio::task::JoinSet::new();
@@ -572,10 +608,14 @@ mod tests {
             value: 1,
             time: 1000,
             dimensions: [("plan".to_owned(), "gold".to_owned())].into(),
+            correction: false,
         };
         let mut v = Violations::new();
         check_event(&mut v, 0, &ok, 1000, 3600);
         assert!(v.check().is_ok());
+        let mut v = Violations::new();
+        check_event(&mut v, 0, &UsageEvent { value: -5, correction: true, ..ok.clone() }, 1000, 3600);
+        assert!(v.check().is_ok(), "a correction may be negative (who may send one is the handler's check)");
         for (bad, field) in [
             (UsageEvent { id: String::new(), ..ok.clone() }, "events[0].id"),
             (UsageEvent { meter: "requests".into(), ..ok.clone() }, "events[0].meter"),
@@ -583,6 +623,8 @@ mod tests {
             (UsageEvent { time: 1000 - 3601, ..ok.clone() }, "events[0].time"),
             (UsageEvent { time: 1000 + 301, ..ok.clone() }, "events[0].time"),
             (UsageEvent { tenant_id: "A".into(), ..ok.clone() }, "events[0].tenant_id"),
+            (UsageEvent { value: -1, ..ok.clone() }, "events[0].value"),
+            (UsageEvent { value: MAX_EVENT_VALUE + 1, correction: true, ..ok.clone() }, "events[0].value"),
             (
                 UsageEvent { dimensions: [("plan".to_owned(), "a,b".to_owned())].into(), ..ok.clone() },
                 "events[0].dimensions[plan]",

@@ -195,7 +195,7 @@ impl Registry {
         let tenant = Tenant {
             tenant_id: PLATFORM_TENANT.into(),
             name: "Platform operator".into(),
-            tier: "enterprise".into(),
+            tier: tenantmesh_tenant_context::PLATFORM_TIER.into(),
             isolation_model: IsolationModel::Pool as i32,
             status: TenantStatus::Active as i32,
             create_time: now,
@@ -255,6 +255,7 @@ impl TenantRegistry for Registry {
         &self,
         request: Request<CreateTenantRequest>,
     ) -> Result<Response<CreateTenantResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -272,6 +273,7 @@ impl TenantRegistry for Registry {
             Ok(s) => s,
         };
         v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
         let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
         let now = now_secs();
         let tenant = self
@@ -308,6 +310,7 @@ impl TenantRegistry for Registry {
         &self,
         request: Request<ListTenantsRequest>,
     ) -> Result<Response<ListTenantsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         let limit = paging::page_size(&mut v, req.page_size);
@@ -317,6 +320,7 @@ impl TenantRegistry for Registry {
             v.add("page_token", "is not a token from a previous response to this query");
         }
         v.check()?;
+        ctx.authorize_all_tenants()?;
         let page = self
             .store
             .query(Query { pk: TENANTS_PK.into(), sk_prefix: String::new(), start_after, limit })
@@ -336,6 +340,7 @@ impl TenantRegistry for Registry {
         &self,
         request: Request<UpdateTenantRequest>,
     ) -> Result<Response<UpdateTenantResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -347,6 +352,7 @@ impl TenantRegistry for Registry {
             v.add("name", "name or tier must be set");
         }
         v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
         let tenant = self
             .modify(&req.tenant_id, req.expected_version, |t| {
                 if !req.name.is_empty() {
@@ -370,6 +376,7 @@ impl TenantRegistry for Registry {
         &self,
         request: Request<SetTenantStatusRequest>,
     ) -> Result<Response<SetTenantStatusResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -381,6 +388,7 @@ impl TenantRegistry for Registry {
             Ok(s) => s,
         };
         v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
         if req.tenant_id == PLATFORM_TENANT && status != TenantStatus::Active {
             return Err(RegistryError::PlatformTenant("cannot be deactivated").into());
         }
@@ -398,6 +406,7 @@ impl TenantRegistry for Registry {
         &self,
         request: Request<SetIdentityProviderRequest>,
     ) -> Result<Response<SetIdentityProviderResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -424,6 +433,7 @@ impl TenantRegistry for Registry {
             }
         }
         v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
         if req.tenant_id == PLATFORM_TENANT {
             return Err(RegistryError::PlatformTenant("signs in with platform tokens only").into());
         }
@@ -446,6 +456,7 @@ impl TenantRegistry for Registry {
         &self,
         request: Request<SetPlacementRequest>,
     ) -> Result<Response<SetPlacementResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -467,6 +478,7 @@ impl TenantRegistry for Registry {
             Ok(s) => s,
         };
         v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
         if req.tenant_id == PLATFORM_TENANT {
             return Err(RegistryError::PlatformTenant("keeps its placement").into());
         }
@@ -502,9 +514,10 @@ impl TenantRegistry for Registry {
 
     async fn watch_tenants(
         &self,
-        _request: Request<WatchTenantsRequest>,
+        request: Request<WatchTenantsRequest>,
     ) -> Result<Response<Self::WatchTenantsStream>, Status> {
         use tokio::sync::broadcast::error::RecvError;
+        TenantContext::from_request(&request)?.authorize_all_tenants()?;
         let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
             tracing::warn!("tenant watch refused: too many open");
             return Err(Status::resource_exhausted("too many tenant watch streams are open; retry later"));
@@ -551,6 +564,7 @@ impl TenantRegistry for Registry {
         &self,
         request: Request<SetTenantLimitsRequest>,
     ) -> Result<Response<SetTenantLimitsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -572,6 +586,10 @@ impl TenantRegistry for Registry {
             }
         }
         v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(RegistryError::PlatformTenant("is not limited").into());
+        }
         let limits = req.limits;
         let tenant = self
             .modify(&req.tenant_id, None, |t| {
@@ -632,7 +650,18 @@ mod watch_tests {
     }
 
     async fn open(r: &Registry) -> Result<<Registry as TenantRegistry>::WatchTenantsStream, Status> {
-        r.watch_tenants(Request::new(WatchTenantsRequest {})).await.map(Response::into_inner)
+        let mut request = Request::new(WatchTenantsRequest {});
+        let grant = tenantmesh_tenant_context::Grant {
+            scopes: vec![tenantmesh_tenant_context::Scope::Directory],
+            tenants: None,
+        };
+        request.extensions_mut().insert(TenantContext {
+            tenant_id: PLATFORM_TENANT.into(),
+            roles: vec![tenantmesh_tenant_context::Role::Service].into(),
+            grant: Some(Arc::new(grant)),
+            ..Default::default()
+        });
+        r.watch_tenants(request).await.map(Response::into_inner)
     }
 
     /// A watcher is told to reset first, then hears of each changed

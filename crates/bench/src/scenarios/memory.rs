@@ -40,6 +40,8 @@ fn mint(kid: &str, key: &jsonwebtoken::EncodingKey, tenant: &str) -> String {
         nbf: now - 1,
         iat: now,
         jti: uuid::Uuid::new_v4().simple().to_string(),
+        scopes: Vec::new(),
+        tenants: None,
     };
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     header.kid = Some(kid.to_owned());

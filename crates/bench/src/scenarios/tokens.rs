@@ -60,6 +60,8 @@ pub async fn token_verification(ctx: &Ctx) -> Result<ScenarioResult, String> {
         nbf: now,
         iat: now,
         jti: uuid::Uuid::new_v4().simple().to_string(),
+        scopes: Vec::new(),
+        tenants: None,
     };
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     header.kid = Some("k1".into());
