@@ -300,7 +300,8 @@ async fn a_tenant_admin_reads_only_their_own_tenant() {
     let bad = GetUsageRequest { to: from, ..get(&a.tenant_id) };
     let e = m.get_usage(authed(bad, &a.token)).await.unwrap_err();
     assert_eq!((e.code(), field_of(&e).as_str()), (Code::InvalidArgument, "to"));
-    let bad = GetUsageRequest { from: 0, to: now(), window: Window::Minute as i32, ..get(&a.tenant_id) };
+    let bad =
+        GetUsageRequest { from: now() - 8 * 86_400, to: now(), window: Window::Minute as i32, ..get(&a.tenant_id) };
     let e = m.get_usage(authed(bad, &a.token)).await.unwrap_err();
     assert_eq!(field_of(&e), "window", "{e:?}");
     mesh.shutdown().await;
@@ -523,5 +524,159 @@ async fn stored_bytes_are_sampled_for_every_tenant() {
     let expected = (items_now + first) as i64 / 3600;
     let billed = sampled(&mesh, &admin, &silo.tenant_id, after).await;
     assert!((billed - expected).abs() <= 1, "billed {billed}, expected {expected} with the history");
+    mesh.shutdown().await;
+}
+
+/// This process's peak resident memory since the last reset, in bytes
+/// (Linux: `VmHWM`, reset by writing 5 to `clear_refs`).
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+}
+
+/// Reads are bounded by what they return, never by what they read: with a
+/// year of per-minute usage in the store (six meters every minute,
+/// written straight into it as flushes would), an all-time cost and a
+/// year of daily usage each raise the process's peak memory by less than
+/// 64 MiB (on the previous main, the cost held every minute: hundreds of
+/// MiB); a range past 400 days is INVALID_ARGUMENT naming `to`. Sixty
+/// exports a basic tenant's admin opens and never reads: past its 4
+/// requests in flight they are refused, memory stays flat, and the stalled
+/// ones end (DEADLINE_EXCEEDED), giving their places back.
+#[tokio::test]
+async fn reads_are_bounded_over_a_year_of_usage() {
+    // What a read holds is the service's, whatever the backend; a year of
+    // usage written to the emulator would take minutes (the DynamoDB pass
+    // leaves this test out).
+    let mesh = TestMesh::start_with_env(TestBackend::Embedded, &[("TENANTMESH_STREAM_STALL_MS", "1500")]).await;
+    let admin = mesh.admin_token().await;
+    let acme = mesh.onboard_on(&unique_tenant("year"), "basic").await;
+    let limits = tenantmesh_proto::registry::v1::TenantLimits {
+        requests_per_second: 100_000,
+        burst: 100_000,
+        max_concurrency: 4,
+        storage_quota_bytes: 1 << 30,
+    };
+    let req = tenantmesh_proto::registry::v1::SetTenantLimitsRequest {
+        tenant_id: acme.tenant_id.clone(),
+        limits: Some(limits),
+    };
+    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    // A year of hours, each with every minute of six meters.
+    let usage = mesh.running_table("usage").await;
+    let pk = format!("usage#{}", acme.tenant_id);
+    let end = now() - now() % 3600;
+    let start = end - 365 * 24 * 3600;
+    let mut writes = Vec::new();
+    for hour in (start..end).step_by(3600) {
+        let mut values = serde_json::Map::new();
+        for minute in 0..60 {
+            values.insert(format!("{minute:02}|requests|rpc=GetItem"), 2.into());
+            for meter in ["read_units", "write_units", "bytes_returned", "compute_us"] {
+                values.insert(format!("{minute:02}|{meter}"), 3.into());
+            }
+            values.insert(format!("{minute:02}|requests|rpc=PutItem"), 1.into());
+        }
+        let data = serde_json::to_vec(&serde_json::json!({"seq": 1, "values": values})).unwrap();
+        writes.push(tenantmesh_storage::Write::Put {
+            pk: pk.clone(),
+            sk: format!("u#{hour:013}#year-replica"),
+            data,
+            condition: tenantmesh_storage::Condition::None,
+        });
+        if writes.len() == 25 {
+            usage.transact_write(std::mem::take(&mut writes)).await.unwrap();
+        }
+    }
+    usage.transact_write(writes).await.unwrap();
+    let minutes = 365 * 24 * 60;
+
+    let mut m = mesh.metering();
+    reset_peak_rss();
+    let before = peak_rss();
+    let cost = GetTenantCostRequest { tenant_id: acme.tenant_id.clone(), from: start, to: end };
+    let cost = m.get_tenant_cost(authed(cost, &admin)).await.unwrap().into_inner().cost.unwrap();
+    let requests = cost.lines.iter().find(|l| l.item == "requests").map(|l| l.quantity);
+    assert_eq!(requests, Some(f64::from(minutes * 3)), "{cost:?}");
+    let daily = GetUsageRequest {
+        tenant_id: acme.tenant_id.clone(),
+        meter: "requests".into(),
+        from: start,
+        to: end,
+        window: Window::Day as i32,
+        group_by: vec!["rpc".into()],
+    };
+    let rows = m.get_usage(authed(daily, &acme.token)).await.unwrap().into_inner().rows;
+    assert_eq!(rows.iter().map(|r| r.value).sum::<i64>(), i64::from(minutes * 3));
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "a year of usage raised the peak by {} MiB", grown >> 20);
+    // Every metering call caps its range.
+    let all_time = GetTenantCostRequest { tenant_id: acme.tenant_id.clone(), from: 0, to: end };
+    let e = m.get_tenant_cost(authed(all_time, &admin)).await.unwrap_err();
+    assert_eq!((e.code(), field_of(&e).as_str()), (Code::InvalidArgument, "to"), "{e:?}");
+
+    // Sixty exports opened and never read: 60 days of minutes, about 30 MB
+    // each, far more than the connection's buffers take.
+    reset_peak_rss();
+    let before = peak_rss();
+    let export = ExportUsageRequest {
+        tenant_id: acme.tenant_id.clone(),
+        from: end - 60 * 86_400,
+        to: end,
+        window: Window::Minute as i32,
+        format: ExportFormat::Csv as i32,
+    };
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for _ in 0..60 {
+        match m.export_usage(authed(export.clone(), &acme.token)).await {
+            Ok(stream) => open.push(stream.into_inner()),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((open.len(), refused), (4, 56), "an open export holds one of the tenant's 4 requests in flight");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 32 << 20, "unread exports raised the peak by {} MiB", grown >> 20);
+    // Stalled past 1.5 s, they end with what the client had not read, then
+    // DEADLINE_EXCEEDED, and their places come back.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut ended = 0;
+    for mut stream in open {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("a stalled export ended as if complete"),
+                Err(s) => {
+                    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+                    ended += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(ended, 4);
+    // A whole export, read as it comes: every hour of 30 days, then the end.
+    let export = ExportUsageRequest { from: end - 30 * 86_400, window: Window::Hour as i32, ..export };
+    let mut stream = m.export_usage(authed(export, &acme.token)).await.unwrap().into_inner();
+    let mut csv = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        csv.extend(chunk.data);
+    }
+    let csv = String::from_utf8(csv).unwrap();
+    let requests: i64 = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.contains(",requests,"))
+        .map(|l| l.split(',').nth(4).unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(requests, 30 * 24 * 60 * 3);
     mesh.shutdown().await;
 }

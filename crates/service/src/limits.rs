@@ -222,6 +222,53 @@ impl InFlight<'_> {
     pub fn charge(&self, tokens: u32) {
         self.limiter.charge_hashed(self.key, tokens, self.quota);
     }
+
+    /// This request's slot among its key's requests in flight, owned: for
+    /// a stream that goes on after its handler returns, and holds the slot
+    /// until it ends. `None` without a cap on requests in flight.
+    pub fn hold(mut self, limiter: &std::sync::Arc<KeyedLimiter>) -> Option<Held> {
+        (self.quota.max_in_flight > 0).then(|| {
+            let held = Held { limiter: limiter.clone(), key: self.key, quota: self.quota };
+            // Released by `held` from now on.
+            self.quota.max_in_flight = 0;
+            held
+        })
+    }
+}
+
+/// A request's slot among its key's requests in flight, held by whatever
+/// owns it (a server stream's task) until dropped. The server layer puts
+/// it in a streaming request's extensions as a [`HeldSlot`]; the handler
+/// takes it into its stream.
+#[derive(Debug)]
+pub struct Held {
+    limiter: std::sync::Arc<KeyedLimiter>,
+    key: u64,
+    quota: Quota,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        InFlight { limiter: &self.limiter, key: self.key, quota: self.quota };
+    }
+}
+
+/// A streaming request's [`Held`] slot, in its extensions (which must be
+/// `Clone`): the handler takes it; if none does, it is released with the
+/// request.
+#[derive(Debug, Clone)]
+pub struct HeldSlot(std::sync::Arc<std::sync::Mutex<Option<Held>>>);
+
+impl HeldSlot {
+    pub fn new(held: Held) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Some(held))))
+    }
+
+    /// The slot of the request whose extensions hold this, to keep while
+    /// its stream is open (`None` when its caller is not limited).
+    pub fn take<T>(request: &tonic::Request<T>) -> Option<Held> {
+        request.extensions().get::<HeldSlot>().and_then(|s| s.0.lock().expect("held slot").take())
+    }
 }
 
 impl Drop for InFlight<'_> {
@@ -444,6 +491,19 @@ mod tests {
         assert_eq!(Cost::read(4097), Cost(2));
         assert_eq!(Cost::write(1), Cost(1));
         assert_eq!(Cost::write(300 * 1024), Cost(300));
+    }
+
+    /// A held slot outlives the request's guard and is released when the
+    /// holder drops it.
+    #[test]
+    fn a_held_slot_stays_taken_until_dropped() {
+        let l = Arc::new(KeyedLimiter::new());
+        let lim = limits(1000, 1000, 1);
+        let held = l.admit("k", 1, lim).unwrap().hold(&l).expect("a cap on requests in flight");
+        assert_eq!(l.admit("k", 1, lim).unwrap_err().0, Limit::Concurrency);
+        drop(held);
+        assert!(l.admit("k", 1, lim).is_ok());
+        assert!(l.admit("k", 1, limits(1000, 1000, 0)).unwrap().hold(&l).is_none());
     }
 
     #[test]

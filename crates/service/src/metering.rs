@@ -241,7 +241,8 @@ impl Meters {
                         hook(tenant, meter, v);
                     }
                     let row = waiting.rows.entry((tenant.clone(), hour)).or_default();
-                    *row.entry(key).or_default() += v as i64;
+                    let sum = row.entry(key).or_default();
+                    *sum = sum.saturating_add(v.min(i64::MAX as u64) as i64);
                 }
                 if !any {
                     idle.push(tenant.clone());
@@ -372,7 +373,8 @@ async fn apply_item(
             return Ok(());
         }
         for (k, v) in &values {
-            *item.values.entry(k.clone()).or_default() += v;
+            let sum = item.values.entry(k.clone()).or_default();
+            *sum = sum.saturating_add(*v);
         }
         item.seq = seq;
         let data = serde_json::to_vec(&item).map_err(|e| StorageError::Invalid(e.to_string()))?;
@@ -483,14 +485,41 @@ pub async fn file_sample(table: &DynTable, tenant: &str, sample: &Sample) -> Res
     }
 }
 
-/// One minute of one meter with one set of dimensions.
+/// Usage of one window, of one meter with one set of dimensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MinuteUsage {
+pub struct WindowUsage {
     pub meter: String,
-    /// Start of the minute, Unix seconds.
-    pub minute: i64,
+    /// Start of the window, Unix seconds.
+    pub start: i64,
     pub dimensions: BTreeMap<String, String>,
     pub value: i64,
+}
+
+/// What to read of a tenant's usage.
+#[derive(Debug, Clone, Copy)]
+pub struct Read<'a> {
+    /// One meter, or every meter.
+    pub meter: Option<&'a str>,
+    /// `[from, to)`, Unix seconds.
+    pub from: i64,
+    pub to: i64,
+    /// Window length in seconds: windows start at its multiples (UTC);
+    /// `i64::MAX` sums the whole range in one window starting at 0.
+    pub window: i64,
+    /// The dimensions kept apart (the others are summed); `None`: all.
+    pub group_by: Option<&'a [String]>,
+    /// Most rows (windows x meters x dimension sets) held: past it the
+    /// read stops with [`ReadError::TooManyRows`].
+    pub max_rows: usize,
+}
+
+/// Why usage could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the range holds more than {0} rows of usage (windows x meters x dimension sets)")]
+    TooManyRows(usize),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// Largest page read at once.
@@ -501,8 +530,8 @@ async fn scan(
     pk: &str,
     prefix: &str,
     start_after: Option<String>,
-    mut each: impl FnMut(&str, &[u8]) -> Result<bool, StorageError>,
-) -> Result<(), StorageError> {
+    mut each: impl FnMut(&str, &[u8]) -> Result<bool, ReadError>,
+) -> Result<(), ReadError> {
     let mut start_after = start_after;
     loop {
         let q = Query { pk: pk.to_owned(), sk_prefix: prefix.to_owned(), start_after, limit: PAGE };
@@ -519,22 +548,66 @@ async fn scan(
     }
 }
 
-/// Every minute of `tenant`'s usage of `meter` (every meter when `None`)
-/// in `[from, to)`, built-in and application meters alike, summed over
-/// replicas (not over dimensions).
-pub async fn read_usage(
-    table: &DynTable,
-    tenant: &str,
-    meter: Option<&str>,
-    from: i64,
-    to: i64,
-) -> Result<Vec<MinuteUsage>, StorageError> {
+/// The meters with application events for `pk`, each found by one query
+/// (a skip over the events of the ones before).
+async fn event_meters(table: &DynTable, pk: &str) -> Result<Vec<String>, StorageError> {
+    let (mut meters, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let q = Query { pk: pk.to_owned(), sk_prefix: "e#".into(), start_after: after.take(), limit: 1 };
+        let Some(first) = table.query(q).await?.items.into_iter().next() else { return Ok(meters) };
+        let Some(meter) = first.sk.strip_prefix("e#").and_then(|r| r.split('#').next()).map(str::to_owned) else {
+            return Err(StorageError::Invalid(format!("usage item {pk}/{}: bad key", first.sk)));
+        };
+        // '~' sorts after every minute: the next key is another meter's.
+        after = Some(format!("e#{meter}#~"));
+        meters.push(meter);
+    }
+}
+
+/// Sums into rows, at most `max` of them.
+struct Rows<'a> {
+    read: Read<'a>,
+    sums: BTreeMap<(i64, String, BTreeMap<String, String>), i64>,
+}
+
+impl Rows<'_> {
+    /// Adds `value` of `meter` at `at` (Unix seconds) with `dims`, if it
+    /// is in range.
+    fn add(&mut self, meter: &str, at: i64, dims: BTreeMap<String, String>, value: i64) -> Result<(), ReadError> {
+        let r = &self.read;
+        if at < r.from || at >= r.to || r.meter.is_some_and(|m| m != meter) {
+            return Ok(());
+        }
+        let start = if r.window == i64::MAX { 0 } else { at - at.rem_euclid(r.window) };
+        let dims = match r.group_by {
+            Some(keep) => dims.into_iter().filter(|(k, _)| keep.contains(k)).collect(),
+            None => dims,
+        };
+        let key = (start, meter.to_owned(), dims);
+        let full = self.sums.len() >= r.max_rows;
+        match self.sums.get_mut(&key) {
+            Some(sum) => *sum = sum.saturating_add(value),
+            None if full => return Err(ReadError::TooManyRows(r.max_rows)),
+            None => {
+                self.sums.insert(key, value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `tenant`'s usage of one meter or every meter (built-in and
+/// application meters alike) in `[from, to)`, summed over replicas into
+/// windows as it is read: what is held is the rows returned, never the
+/// minutes read. Hour items and samples are found by time; application
+/// events by time within each meter. Sums saturate instead of wrapping.
+pub async fn read_usage(table: &DynTable, tenant: &str, read: Read<'_>) -> Result<Vec<WindowUsage>, ReadError> {
     let pk = usage_pk(tenant);
-    let mut sums: BTreeMap<(String, i64, BTreeMap<String, String>), i64> = BTreeMap::new();
-    let bad = |sk: &str, e: String| StorageError::Invalid(format!("usage item {pk}/{sk}: {e}"));
+    let (from, to, meter) = (read.from, read.to, read.meter);
+    let mut rows = Rows { read, sums: BTreeMap::new() };
+    let bad = |sk: &str, e: String| ReadError::Storage(StorageError::Invalid(format!("usage item {pk}/{sk}: {e}")));
     let first_hour = from - from.rem_euclid(HOUR);
-    let wanted_builtin = meter.is_none_or(|m| COUNTED.contains(&m));
-    if wanted_builtin {
+    if meter.is_none_or(|m| COUNTED.contains(&m)) {
         // Hours before the first one sort before "u#<first - 1 hour>#~".
         let start = (first_hour > 0).then(|| format!("u#{:013}#~", first_hour - HOUR));
         scan(table, &pk, "u#", start, |sk, data| {
@@ -547,12 +620,8 @@ pub async fn read_usage(
                 let mut parts = key.split('|');
                 let offset: i64 = parts.next().and_then(|o| o.parse().ok()).unwrap_or_default();
                 let m = parts.next().unwrap_or_default();
-                let minute = hour + offset * MINUTE;
-                if minute < from || minute >= to || meter.is_some_and(|w| w != m) {
-                    continue;
-                }
                 let dims = parts.filter_map(|d| d.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
-                *sums.entry((m.to_owned(), minute, dims)).or_default() += value;
+                rows.add(m, hour + offset * MINUTE, dims, value)?;
             }
             Ok(true)
         })
@@ -565,31 +634,100 @@ pub async fn read_usage(
             if s.start >= to {
                 return Ok(false);
             }
-            let minute = s.start - s.start.rem_euclid(MINUTE);
-            if s.start >= from {
-                *sums.entry((STORAGE_BYTE_HOURS.to_owned(), minute, BTreeMap::new())).or_default() += s.byte_hours();
-            }
+            // In the range by its own second; filed under its minute.
+            rows.add(STORAGE_BYTE_HOURS, s.start, BTreeMap::new(), s.byte_hours())?;
             Ok(true)
         })
         .await?;
     }
     if meter.is_none_or(|m| !BUILT_IN.contains(&m)) {
-        let prefix = meter.map_or_else(|| "e#".to_owned(), |m| format!("e#{m}#"));
-        scan(table, &pk, &prefix, None, |sk, data| {
-            let e: Event = serde_json::from_slice(data).map_err(|e| bad(sk, e.to_string()))?;
-            let minute = e.time - e.time.rem_euclid(MINUTE);
-            if minute >= from && minute < to {
-                *sums.entry((e.meter, minute, e.dimensions)).or_default() += e.value;
-            }
-            Ok(true)
-        })
-        .await?;
+        let meters = match meter {
+            Some(m) => vec![m.to_owned()],
+            None => event_meters(table, &pk).await?,
+        };
+        let from_minute = from - from.rem_euclid(MINUTE);
+        for m in meters {
+            // Keys are e#<meter>#<minute>#<id>: the first minute of the
+            // range and on, in time order.
+            let start = Some(format!("e#{m}#{from_minute:013}"));
+            scan(table, &pk, &format!("e#{m}#"), start, |sk, data| {
+                let e: Event = serde_json::from_slice(data).map_err(|e| bad(sk, e.to_string()))?;
+                let minute = e.time - e.time.rem_euclid(MINUTE);
+                if minute >= to {
+                    return Ok(false);
+                }
+                rows.add(&e.meter, minute, e.dimensions, e.value)?;
+                Ok(true)
+            })
+            .await?;
+        }
     }
-    Ok(sums
+    Ok(rows
+        .sums
         .into_iter()
         .filter(|(_, v)| *v != 0)
-        .map(|((meter, minute, dimensions), value)| MinuteUsage { meter, minute, dimensions, value })
+        .map(|((start, meter, dimensions), value)| WindowUsage { meter, start, dimensions, value })
         .collect())
+}
+
+/// Deletes `tenant`'s usage that ended before `before` (Unix seconds):
+/// hours, samples and application events, with the ids of those events
+/// (an event that old is refused as late anyway). Reads from the oldest
+/// on and stops at the first item to keep. How many items it deleted.
+pub async fn expire_usage(table: &DynTable, tenant: &str, before: i64) -> Result<u32, StorageError> {
+    let pk = usage_pk(tenant);
+    // When a key's usage ends: an hour item `u#<hour>#..` with its hour; a
+    // sample `s#<start>` is kept while it started at `before` or later.
+    let ends = |sk: &str| -> Option<i64> {
+        let start: i64 = sk.get(2..15)?.parse().ok()?;
+        Some(if sk.starts_with("u#") { start + HOUR } else { start + 1 })
+    };
+    let mut deleted = 0;
+    for prefix in ["u#", "s#"] {
+        loop {
+            let q = Query { pk: pk.clone(), sk_prefix: prefix.into(), start_after: None, limit: PAGE };
+            let page = table.query(q).await?;
+            let old: Vec<&str> = page
+                .items
+                .iter()
+                .map(|i| i.sk.as_str())
+                .take_while(|sk| ends(sk).is_some_and(|t| t <= before))
+                .collect();
+            for sk in &old {
+                deleted += u32::from(table.delete(&pk, sk, Condition::None).await?.is_some());
+            }
+            if old.len() < page.items.len() || page.last_evaluated.is_none() {
+                break;
+            }
+        }
+    }
+    for meter in event_meters(table, &pk).await? {
+        let prefix = format!("e#{meter}#");
+        loop {
+            let q = Query { pk: pk.clone(), sk_prefix: prefix.clone(), start_after: None, limit: PAGE };
+            let page = table.query(q).await?;
+            let mut kept = false;
+            for item in &page.items {
+                // e#<meter>#<minute>#<id>
+                let mut parts = item.sk.splitn(4, '#').skip(2);
+                let (minute, id) = (parts.next().and_then(|m| m.parse::<i64>().ok()), parts.next());
+                match (minute, id) {
+                    (Some(m), Some(id)) if m + MINUTE <= before => {
+                        table.delete(&pk, &format!("id#{id}"), Condition::None).await?;
+                        deleted += u32::from(table.delete(&pk, &item.sk, Condition::None).await?.is_some());
+                    }
+                    _ => {
+                        kept = true;
+                        break;
+                    }
+                }
+            }
+            if kept || page.last_evaluated.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(deleted)
 }
 
 #[cfg(test)]
@@ -603,8 +741,20 @@ mod tests {
         EmbeddedTable::open_shared(dir.path().join("usage.redb")).unwrap()
     }
 
-    fn total(rows: &[MinuteUsage], meter: &str) -> i64 {
+    fn total(rows: &[WindowUsage], meter: &str) -> i64 {
         rows.iter().filter(|r| r.meter == meter).map(|r| r.value).sum()
+    }
+
+    /// Every minute of `tenant`'s usage of `meter` (every meter: `None`).
+    async fn read_usage(
+        table: &DynTable,
+        tenant: &str,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<WindowUsage>, ReadError> {
+        let read = Read { meter, from, to, window: MINUTE, group_by: None, max_rows: 100_000 };
+        super::read_usage(table, tenant, read).await
     }
 
     #[test]
@@ -636,7 +786,7 @@ mod tests {
         assert_eq!(total(&rows, WRITE_UNITS), 2);
         assert_eq!(total(&rows, BYTES_RETURNED), 15000);
         assert_eq!(total(&rows, COMPUTE_US), 21);
-        let gets: Vec<_> = rows.iter().filter(|r| r.meter == REQUESTS).map(|r| (r.minute, r.value)).collect();
+        let gets: Vec<_> = rows.iter().filter(|r| r.meter == REQUESTS).map(|r| (r.start, r.value)).collect();
         assert_eq!(gets, [(minute, 3), (minute + 60, 1)]);
         assert_eq!(rows.iter().find(|r| r.meter == REQUESTS).unwrap().dimensions["rpc"], "Get");
         // Only the range asked for, only the tenant asked for.
@@ -702,5 +852,86 @@ mod tests {
         let rows = read_usage(&t, "acme", Some("emails"), 1_699_999_980, 1_700_000_040).await.unwrap();
         assert_eq!(total(&rows, "emails"), 2);
         assert!(read_usage(&t, "bolt", Some("emails"), 0, i64::MAX / 2).await.unwrap().is_empty());
+    }
+
+    fn event(id: &str, meter: &str, time: i64, value: i64, dims: &[(&str, &str)]) -> Event {
+        Event {
+            id: id.into(),
+            tenant: "acme".into(),
+            meter: meter.into(),
+            value,
+            time,
+            dimensions: dims.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            correction: false,
+        }
+    }
+
+    /// Usage is summed into windows as it is read: a day of per-minute
+    /// events in one window is one row; asking for more rows than the cap
+    /// stops with TooManyRows; meters whose names share a prefix stay apart
+    /// and each is read from the start of the range on.
+    #[tokio::test]
+    async fn reads_hold_the_rows_returned_not_the_minutes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = table(&dir);
+        // A day boundary (UTC).
+        let day = 1_700_006_400;
+        for m in 0..(24 * 60) {
+            let plan = if m % 2 == 0 { "a" } else { "b" };
+            record_event(&t, &event(&format!("e{m}"), "emails", day + m * 60, 1, &[("plan", plan)])).await.unwrap();
+        }
+        record_event(&t, &event("x1", "emails.sent", day + 60, 5, &[])).await.unwrap();
+        record_event(&t, &event("old", "emails", day - 86_400, 100, &[])).await.unwrap();
+        let read = |window: i64, group_by: Option<&'static [String]>, max_rows: usize| Read {
+            meter: None,
+            from: day,
+            to: day + 86_400,
+            window,
+            group_by,
+            max_rows,
+        };
+        let none: &'static [String] = &[];
+        let rows = super::read_usage(&t, "acme", read(86_400, Some(none), 10)).await.unwrap();
+        let got: Vec<_> = rows.iter().map(|r| (r.meter.as_str(), r.start, r.value)).collect();
+        assert_eq!(got, [("emails", day, 24 * 60), ("emails.sent", day, 5)]);
+        // Kept apart by plan: two rows of emails.
+        let rows = super::read_usage(&t, "acme", read(i64::MAX, None, 10)).await.unwrap();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        // Minutes of a day are 1441 rows: over a cap of 1000.
+        let over = super::read_usage(&t, "acme", read(60, Some(none), 1000)).await.unwrap_err();
+        assert!(matches!(over, ReadError::TooManyRows(1000)), "{over:?}");
+        // One meter, from its first minute in the range.
+        let one = Read { meter: Some("emails"), from: day + 3600, ..read(i64::MAX, Some(none), 10) };
+        assert_eq!(total(&super::read_usage(&t, "acme", one).await.unwrap(), "emails"), 24 * 60 - 60);
+        // Sums saturate rather than wrap.
+        record_event(&t, &event("big1", "big", day, i64::MAX, &[])).await.unwrap();
+        record_event(&t, &event("big2", "big", day + 60, i64::MAX, &[])).await.unwrap();
+        let big = Read { meter: Some("big"), ..read(i64::MAX, Some(none), 10) };
+        assert_eq!(total(&super::read_usage(&t, "acme", big).await.unwrap(), "big"), i64::MAX);
+    }
+
+    /// Usage past its retention goes, hour items, samples and events with
+    /// their ids; what is younger stays.
+    #[tokio::test]
+    async fn old_usage_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = table(&dir);
+        let meters = Meters::new(t.clone(), RPCS, Duration::from_secs(10));
+        let (a, now): (Arc<str>, i64) = ("acme".into(), 1_700_000_000 - 1_700_000_000 % 3600);
+        for hour in [now - 7200, now - 3600, now] {
+            meters.record(&a, 0, Usage::default(), Duration::ZERO);
+            meters.flush_at(hour).await.unwrap();
+            file_sample(&t, "acme", &Sample { start: hour, secs: 3600, bytes: 10 }).await.unwrap();
+            record_event(&t, &event(&format!("e{hour}"), "emails", hour, 1, &[])).await.unwrap();
+        }
+        // Everything that ended by `now - 3600`: the first hour of each.
+        let deleted = expire_usage(&t, "acme", now - 3600).await.unwrap();
+        assert_eq!(deleted, 3);
+        let rows = read_usage(&t, "acme", None, 0, now + 3600).await.unwrap();
+        assert_eq!((total(&rows, REQUESTS), total(&rows, "emails")), (2, 2));
+        assert_eq!(total(&rows, STORAGE_BYTE_HOURS), 20);
+        // The expired event's id went with it: the same event again is new (and late, upstream).
+        let again = record_event(&t, &event(&format!("e{}", now - 7200), "emails", now - 7200, 1, &[])).await.unwrap();
+        assert_eq!(again, EventOutcome::Recorded);
     }
 }

@@ -319,3 +319,84 @@ mod tests {
         assert!(accepted.nodelay().unwrap(), "accepted socket keeps Nagle on");
     }
 }
+
+/// The sending half of a server stream whose client must keep reading:
+/// a message that waits longer than `stall` for room (the client stopped
+/// reading) ends the stream with DEADLINE_EXCEEDED, so nothing is held for
+/// a client that is gone without saying so. One place of the channel is
+/// kept for that last word.
+pub struct StreamSender<T> {
+    tx: tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+    last_word: Option<tokio::sync::mpsc::OwnedPermit<Result<T, tonic::Status>>>,
+    stall: std::time::Duration,
+}
+
+/// A server stream of at most `capacity` messages waiting, and its sender
+/// (see [`StreamSender`]).
+pub fn stream<T: Send + 'static>(
+    capacity: usize,
+    stall: std::time::Duration,
+) -> (StreamSender<T>, tokio_stream::wrappers::ReceiverStream<Result<T, tonic::Status>>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1) + 1);
+    let last_word = tx.clone().try_reserve_owned().ok();
+    (StreamSender { tx, last_word, stall }, tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+impl<T: Send + 'static> StreamSender<T> {
+    /// Sends `message`: `false` once the stream is over (the client went
+    /// away, or stopped reading for the stall time: then it ends with an
+    /// error).
+    pub async fn send(&mut self, message: T) -> bool {
+        match tokio::time::timeout(self.stall, self.tx.send(Ok(message))).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!(
+                    stall_ms = self.stall.as_millis() as u64,
+                    "a stream's client stopped reading; ending it"
+                );
+                let secs = self.stall.as_secs_f64();
+                self.fail(tonic::Status::deadline_exceeded(format!(
+                    "the client read nothing of the stream for {secs} s; it was ended"
+                )));
+                false
+            }
+        }
+    }
+
+    /// Ends the stream with `status`, after what the client has not read yet.
+    pub fn fail(&mut self, status: tonic::Status) {
+        if let Some(permit) = self.last_word.take() {
+            permit.send(Err(status));
+        }
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+    use tokio_stream::StreamExt as _;
+
+    /// A client that reads gets every message; one that stops reading has
+    /// its stream ended with DEADLINE_EXCEEDED after what it had not read.
+    #[tokio::test]
+    async fn a_stream_ends_when_its_client_stops_reading() {
+        let (mut tx, mut rx) = stream::<u32>(2, std::time::Duration::from_millis(50));
+        let sender = tokio::spawn(async move {
+            let mut sent = 0;
+            while tx.send(sent).await {
+                sent += 1;
+            }
+            sent
+        });
+        // Nothing is read: the sender fills the channel and gives up.
+        let sent = sender.await.unwrap();
+        assert_eq!(sent, 2, "two messages wait; one place is kept for the last word");
+        let mut got = Vec::new();
+        while let Some(m) = rx.next().await {
+            got.push(m);
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[..2].iter().map(|m| *m.as_ref().unwrap()).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(got[2].as_ref().unwrap_err().code(), tonic::Code::DeadlineExceeded);
+    }
+}

@@ -119,6 +119,29 @@ pub fn access_for(path: &str) -> Option<Access> {
     TABLE.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
 }
 
+/// Whether the RPC at `path` answers with a stream (from the compiled
+/// protos): its caller's slot among its tenant's requests in flight is
+/// held, by the stream, for as long as the stream is open.
+pub fn streams(path: &str) -> bool {
+    static STREAMING: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    STREAMING
+        .get_or_init(|| {
+            use prost::Message as _;
+            let set = prost_types::FileDescriptorSet::decode(tenantmesh_proto::FILE_DESCRIPTOR_SET)
+                .expect("the compiled descriptor set decodes");
+            let mut paths = std::collections::HashSet::new();
+            for file in &set.file {
+                for service in &file.service {
+                    for method in service.method.iter().filter(|m| m.server_streaming()) {
+                        paths.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                    }
+                }
+            }
+            paths
+        })
+        .contains(path)
+}
+
 impl Access {
     /// Whether a caller holding `roles` (and, for a service identity,
     /// granted `scopes`) may call an RPC with this rule. A service identity
@@ -167,6 +190,14 @@ mod tests {
         assert!(missing.is_empty(), "RPCs without a line in the role table: {missing:?}");
         let stale: Vec<_> = table.difference(&rpcs).collect();
         assert!(stale.is_empty(), "role table lines for RPCs that do not exist: {stale:?}");
+    }
+
+    #[test]
+    fn streaming_rpcs_are_known_from_the_protos() {
+        assert!(streams("/tenantmesh.metering.v1.Metering/ExportUsage"));
+        assert!(streams("/tenantmesh.data.v1.DataAdmin/ExportItems"));
+        assert!(!streams("/tenantmesh.data.v1.Data/GetItem"));
+        assert!(!streams("/nope/Nope"));
     }
 
     #[test]

@@ -380,6 +380,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
         let access = access::access_for(req.uri().path());
+        let streaming = access::streams(req.uri().path());
         let request = tenantmesh_telemetry::incoming(req.uri().path(), req.headers());
         request.run(async move {
             let response = match access {
@@ -396,7 +397,14 @@ where
                             Err(status) => Err(status),
                         };
                         match admitted {
-                            Ok((in_flight, _seat)) => {
+                            Ok((mut in_flight, _seat)) => {
+                                // A stream holds its slot for as long as it is open.
+                                if streaming
+                                    && let (Some(guard), Some(limiter)) = (in_flight.take(), &auth.limiter)
+                                    && let Some(held) = guard.hold(limiter)
+                                {
+                                    req.extensions_mut().insert(tenantmesh_service::limits::HeldSlot::new(held));
+                                }
                                 // Timed only when per-tenant metrics are exported.
                                 let timing = tenantmesh_telemetry::metrics::enabled()
                                     .then(|| (std::time::Instant::now(), req.uri().path().to_owned(), ctx.tenant_id.clone()));

@@ -365,6 +365,13 @@ impl TestMesh {
     pub fn state_table_name(&self, name: &str) -> String {
         self.state.table_name(name)
     }
+
+    /// A service's own table while the mesh runs: on the embedded backend
+    /// through the handle this process has open (tests write to it as the
+    /// service would).
+    pub async fn running_table(&self, name: &str) -> tenantmesh_storage::DynTable {
+        self.state.table(name).await
+    }
     pub fn data_admin(&self) -> tenantmesh_proto::data::v1::data_admin_client::DataAdminClient<Channel> {
         tenantmesh_proto::data::v1::data_admin_client::DataAdminClient::new(Self::channel(self.addrs.data))
     }

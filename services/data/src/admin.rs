@@ -35,11 +35,25 @@ pub struct DataAdminService {
     /// The data service's counts of its tenants' stored bytes: forgotten
     /// (counted again at the next write) when a call here changes them.
     quotas: Option<Arc<Quotas>>,
+    /// How long an export waits for its client to read before it ends.
+    stall: std::time::Duration,
 }
 
 impl DataAdminService {
     pub fn new(stores: Arc<dyn TenantStores>, table_prefix: &str, silo_tenant: Option<String>) -> Self {
-        Self { stores, table_prefix: table_prefix.to_owned(), silo_tenant, quotas: None }
+        Self {
+            stores,
+            table_prefix: table_prefix.to_owned(),
+            silo_tenant,
+            quotas: None,
+            stall: std::time::Duration::from_secs(30),
+        }
+    }
+
+    /// How long an export waits for its client to read before it ends.
+    pub fn with_stall(mut self, stall: std::time::Duration) -> Self {
+        self.stall = stall;
+        self
     }
 
     /// The counts to forget when a call changes a tenant's stored bytes.
@@ -183,23 +197,20 @@ impl DataAdmin for DataAdminService {
         // The first page before answering: a missing table or an outage is
         // the call's status, not a broken stream.
         let first = pages.next().await.map_err(storage_status)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (mut tx, rx) = tenantmesh_service::runtime::stream(4, self.stall);
         tokio::spawn(async move {
             let mut page = first;
             while let Some(items) = page {
-                if tx.send(Ok(ExportItemsResponse { items })).await.is_err() {
+                if !tx.send(ExportItemsResponse { items }).await {
                     return;
                 }
                 page = match pages.next().await {
                     Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(Err(storage_status(e))).await;
-                        return;
-                    }
+                    Err(e) => return tx.fail(storage_status(e)),
                 };
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn import_items(

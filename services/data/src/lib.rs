@@ -117,6 +117,13 @@ pub struct Config {
     /// onboarding service, whose resource ledger says which dedicated
     /// resources a tenant held when (for its cost).
     pub onboarding_url: String,
+    /// `TENANTMESH_STREAM_STALL_MS` (default 30000): how long an export
+    /// stream (ExportUsage, ExportItems) waits for its client to read
+    /// before it ends with DEADLINE_EXCEEDED.
+    pub stream_stall: std::time::Duration,
+    /// `TENANTMESH_USAGE_RETENTION_DAYS` (default 400): usage older than
+    /// this is deleted (by the hourly stored-bytes sampler).
+    pub usage_retention_days: u32,
 }
 
 fn parse_data_faults(spec: &str) -> Result<Option<std::time::Duration>, ConfigError> {
@@ -176,6 +183,22 @@ impl Config {
             storage_sample: std::time::Duration::from_secs(
                 tenantmesh_service::config::parse_var(env, "TENANTMESH_STORAGE_SAMPLE_SECS", 3600u64)?.max(1),
             ),
+            stream_stall: std::time::Duration::from_millis(
+                tenantmesh_service::config::parse_var(env, "TENANTMESH_STREAM_STALL_MS", 30_000u64)?.max(1),
+            ),
+            usage_retention_days: match tenantmesh_service::config::parse_var(
+                env,
+                "TENANTMESH_USAGE_RETENTION_DAYS",
+                400u32,
+            )? {
+                0 => {
+                    return Err(ConfigError {
+                        var: "TENANTMESH_USAGE_RETENTION_DAYS",
+                        message: "must be at least 1".into(),
+                    });
+                }
+                n => n,
+            },
             pricing: Arc::new(match tenantmesh_service::config::var(env, "TENANTMESH_PRICING_FILE") {
                 Some(path) => tenantmesh_service::pricing::Pricing::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_PRICING_FILE", message: e.to_string() })?,
@@ -746,7 +769,8 @@ pub async fn serve(
                 config.storage_sample,
                 config.common.tiers.clone(),
             )?
-            .with_quotas(quotas.clone());
+            .with_quotas(quotas.clone())
+            .with_usage_retention(config.usage_retention_days);
             Arc::new(sampler).start(sampling_stopped);
         }
         (true, None) => {
@@ -763,7 +787,8 @@ pub async fn serve(
         .with_stalled_writes(config.stall_writes)
         .with_meters(meters.clone());
     let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone())
-        .with_quotas(quotas);
+        .with_quotas(quotas)
+        .with_stall(config.stream_stall);
     let mut routes = tonic::service::Routes::new(
         DataServer::new(data)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
@@ -784,7 +809,8 @@ pub async fn serve(
         let onboarding =
             OnboardingClient::new(client::wrap(client::channel(&config.onboarding_url)?, Identity::Caller));
         let mut service =
-            metering::MeteringService::new(table, config.pricing.clone(), config.usage_grace, registry, onboarding);
+            metering::MeteringService::new(table, config.pricing.clone(), config.usage_grace, registry, onboarding)
+                .with_stall(config.stream_stall);
         if let Some(tokens) = &tokens {
             let own = client::wrap(client::channel(&config.common.registry_url)?, Identity::Service(tokens.clone()));
             service = service.with_own_registry(TenantRegistryClient::new(own));

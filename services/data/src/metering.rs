@@ -20,8 +20,8 @@ use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
 use tenantmesh_proto::onboarding::v1::{ListTenantResourcesRequest, TenantResource};
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, ListTenantsRequest, Tenant};
-use tenantmesh_service::errors::{Violations, storage_status};
-use tenantmesh_service::metering::{self, BUILT_IN, Event, EventOutcome, MinuteUsage};
+use tenantmesh_service::errors::{Violations, invalid_field, storage_status};
+use tenantmesh_service::metering::{self, BUILT_IN, Event, EventOutcome, Read, ReadError, WindowUsage};
 use tenantmesh_service::pricing::{DEDICATED_TABLE, Pricing, SILO_INSTANCE};
 use tenantmesh_storage::DynTable;
 use tenantmesh_tenant_context::TenantContext;
@@ -37,6 +37,13 @@ pub const MAX_EVENT_VALUE: i64 = 1_000_000_000_000;
 /// Windows per GetUsage answer, and per export.
 pub const MAX_WINDOWS: i64 = 10_000;
 pub const MAX_EXPORT_WINDOWS: i64 = 100_000;
+/// The longest range any metering call reads: a year and then some.
+pub const MAX_RANGE_SECS: i64 = 400 * 86_400;
+/// Rows (windows x meters x dimension sets) one GetUsage answer, one cost,
+/// or one day of an export holds at most: what a read keeps in memory.
+pub const MAX_ROWS: usize = 100_000;
+/// An export is read and sent a day at a time (every window divides a day).
+const EXPORT_SPAN_SECS: i64 = 86_400;
 /// How far ahead of the service's clock an event may be.
 pub const MAX_FUTURE_SECS: i64 = 300;
 const MAX_DIMENSIONS: usize = 8;
@@ -54,6 +61,8 @@ pub struct MeteringService {
     /// when it has one: whether the tenants an event names exist is asked
     /// with it, so a metering writer needs no right to read tenants.
     own_registry: Option<TenantRegistryClient<PropagatedChannel>>,
+    /// How long an export waits for its client to read before it ends.
+    stall: Duration,
 }
 
 impl MeteringService {
@@ -66,7 +75,14 @@ impl MeteringService {
         registry: TenantRegistryClient<PropagatedChannel>,
         onboarding: OnboardingClient<PropagatedChannel>,
     ) -> Self {
-        Self { table, pricing, grace, registry, onboarding, own_registry: None }
+        Self { table, pricing, grace, registry, onboarding, own_registry: None, stall: Duration::from_secs(30) }
+    }
+
+    /// How long an export waits for its client to read before it ends
+    /// (`TENANTMESH_STREAM_STALL_MS`).
+    pub fn with_stall(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
     }
 
     /// Asks whether the tenants of recorded events exist as the data
@@ -101,10 +117,25 @@ impl MeteringService {
 
     async fn cost(&self, tenant: &Tenant, from: i64, to: i64) -> Result<TenantCost, Status> {
         let resources = self.resources(&tenant.tenant_id).await?;
-        let rows = metering::read_usage(&self.table, &tenant.tenant_id, None, from, to)
-            .await
-            .map_err(|e| storage_status(e, "metering"))?;
+        let rows = totals(&self.table, &tenant.tenant_id, from, to).await?;
         Ok(price(&self.pricing, tenant, &rows, &resources, from, to, metering::now_secs()))
+    }
+}
+
+/// `tenant`'s total of every meter over `[from, to)`: a row per meter.
+async fn totals(table: &DynTable, tenant: &str, from: i64, to: i64) -> Result<Vec<WindowUsage>, Status> {
+    let read = Read { meter: None, from, to, window: i64::MAX, group_by: Some(&[]), max_rows: MAX_ROWS };
+    metering::read_usage(table, tenant, read).await.map_err(|e| read_status(e, "to"))
+}
+
+/// The status of a read that failed; `field` is the request field that
+/// makes a read smaller.
+fn read_status(e: ReadError, field: &str) -> Status {
+    match e {
+        e @ ReadError::TooManyRows(_) => {
+            invalid_field(field, format!("{e}: use a longer window, a shorter range or fewer group_by dimensions"))
+        }
+        ReadError::Storage(e) => storage_status(e, "metering"),
     }
 }
 
@@ -141,7 +172,7 @@ pub(crate) async fn all_tenants(registry: &TenantRegistryClient<PropagatedChanne
 fn price(
     pricing: &Pricing,
     tenant: &Tenant,
-    rows: &[MinuteUsage],
+    rows: &[WindowUsage],
     resources: &[TenantResource],
     from: i64,
     to: i64,
@@ -149,7 +180,8 @@ fn price(
 ) -> TenantCost {
     let mut totals: BTreeMap<String, i64> = BTreeMap::new();
     for r in rows {
-        *totals.entry(r.meter.clone()).or_default() += r.value;
+        let sum = totals.entry(r.meter.clone()).or_default();
+        *sum = sum.saturating_add(r.value);
     }
     let dedicated: Vec<(&str, f64)> = [(DEDICATED_TABLE, "table"), (SILO_INSTANCE, "silo_instance")]
         .into_iter()
@@ -197,6 +229,8 @@ fn check_range(v: &mut Violations, from: i64, to: i64) {
     }
     if to <= from {
         v.add("to", "must be after from");
+    } else if to.saturating_sub(from) > MAX_RANGE_SECS {
+        v.add("to", format!("must be at most {} days after from", MAX_RANGE_SECS / 86_400));
     }
 }
 
@@ -220,24 +254,15 @@ fn check_windows(v: &mut Violations, from: i64, to: i64, window: i64, max: i64) 
     }
 }
 
-/// `rows` summed per window and per the dimensions in `group_by`.
-fn windows(tenant: &str, rows: Vec<MinuteUsage>, window: i64, group_by: Option<&[String]>) -> Vec<UsageRow> {
-    let mut sums: BTreeMap<(i64, String, BTreeMap<String, String>), i64> = BTreeMap::new();
-    for r in rows {
-        let start = r.minute - r.minute.rem_euclid(window);
-        let dims = match group_by {
-            Some(keep) => r.dimensions.into_iter().filter(|(k, _)| keep.contains(k)).collect(),
-            None => r.dimensions,
-        };
-        *sums.entry((start, r.meter, dims)).or_default() += r.value;
-    }
-    sums.into_iter()
-        .map(|((start, meter, dims), value)| UsageRow {
-            window_start: start,
-            window_end: start + window,
-            value,
-            dimensions: dims.into_iter().collect(),
-            meter,
+/// `rows` of `tenant` as answered, each window `window` long.
+fn usage_rows(tenant: &str, rows: Vec<WindowUsage>, window: i64) -> Vec<UsageRow> {
+    rows.into_iter()
+        .map(|r| UsageRow {
+            window_start: r.start,
+            window_end: r.start.saturating_add(window),
+            value: r.value,
+            dimensions: r.dimensions.into_iter().collect(),
+            meter: r.meter,
             tenant_id: tenant.to_owned(),
         })
         .collect()
@@ -248,11 +273,17 @@ fn dims_text(d: &HashMap<String, String>) -> String {
     sorted.into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(";")
 }
 
+/// The first line of an export in `format`, if it has one.
+fn export_header(format: ExportFormat) -> Option<&'static str> {
+    (format == ExportFormat::Csv).then_some("tenant_id,meter,window_start,window_end,value,dimensions")
+}
+
 /// `rows` (of one tenant, in window order) as lines of `format`.
 fn export_lines(rows: &[UsageRow], format: ExportFormat) -> Vec<String> {
     match format {
-        ExportFormat::Csv => std::iter::once("tenant_id,meter,window_start,window_end,value,dimensions".to_owned())
-            .chain(rows.iter().map(|r| {
+        ExportFormat::Csv => rows
+            .iter()
+            .map(|r| {
                 format!(
                     "{},{},{},{},{},{}",
                     r.tenant_id,
@@ -262,7 +293,7 @@ fn export_lines(rows: &[UsageRow], format: ExportFormat) -> Vec<String> {
                     r.value,
                     dims_text(&r.dimensions)
                 )
-            }))
+            })
             .collect(),
         ExportFormat::Marketplace => {
             // One record per (window, meter); its dimension sets are the
@@ -436,10 +467,17 @@ impl Metering for MeteringService {
         }
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
-        let rows = metering::read_usage(&self.table, &req.tenant_id, Some(&req.meter), req.from, req.to)
-            .await
-            .map_err(|e| storage_status(e, "metering"))?;
-        Ok(Response::new(GetUsageResponse { rows: windows(&req.tenant_id, rows, window, Some(&req.group_by)) }))
+        let read = Read {
+            meter: Some(&req.meter),
+            from: req.from,
+            to: req.to,
+            window,
+            group_by: Some(&req.group_by),
+            max_rows: MAX_ROWS,
+        };
+        let rows =
+            metering::read_usage(&self.table, &req.tenant_id, read).await.map_err(|e| read_status(e, "window"))?;
+        Ok(Response::new(GetUsageResponse { rows: usage_rows(&req.tenant_id, rows, window) }))
     }
 
     type ExportUsageStream = ReceiverStream<Result<ExportUsageResponse, Status>>;
@@ -448,6 +486,7 @@ impl Metering for MeteringService {
         &self,
         request: Request<ExportUsageRequest>,
     ) -> Result<Response<Self::ExportUsageStream>, Status> {
+        let held = tenantmesh_service::limits::HeldSlot::take(&request);
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();
@@ -461,28 +500,44 @@ impl Metering for MeteringService {
         });
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
-        let rows = metering::read_usage(&self.table, &req.tenant_id, None, req.from, req.to)
-            .await
-            .map_err(|e| storage_status(e, "metering"))?;
-        let lines = export_lines(&windows(&req.tenant_id, rows, window, None), format);
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // Read and sent a day at a time, as the client reads: memory is a
+        // day's rows, whatever the range; the stream holds the caller's
+        // place among its requests in flight until it ends, and ends if the
+        // client stops reading.
+        let (mut tx, rx) = tenantmesh_service::runtime::stream(4, self.stall);
+        let table = self.table.clone();
         tokio::spawn(async move {
+            let _held = held;
             let mut chunk = Vec::with_capacity(CHUNK_BYTES);
-            for line in lines {
-                chunk.extend_from_slice(line.as_bytes());
+            if let Some(header) = export_header(format) {
+                chunk.extend_from_slice(header.as_bytes());
                 chunk.push(b'\n');
-                if chunk.len() >= CHUNK_BYTES {
-                    let data = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
-                    if tx.send(Ok(ExportUsageResponse { data })).await.is_err() {
-                        return;
+            }
+            let mut day = req.from;
+            while day < req.to {
+                let end = (day - day.rem_euclid(EXPORT_SPAN_SECS) + EXPORT_SPAN_SECS).min(req.to);
+                let read = Read { meter: None, from: day, to: end, window, group_by: None, max_rows: MAX_ROWS };
+                let rows = match metering::read_usage(&table, &req.tenant_id, read).await {
+                    Ok(rows) => rows,
+                    Err(e) => return tx.fail(read_status(e, "window")),
+                };
+                for line in export_lines(&usage_rows(&req.tenant_id, rows, window), format) {
+                    chunk.extend_from_slice(line.as_bytes());
+                    chunk.push(b'\n');
+                    if chunk.len() >= CHUNK_BYTES {
+                        let data = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+                        if !tx.send(ExportUsageResponse { data }).await {
+                            return;
+                        }
                     }
                 }
+                day = end;
             }
             if !chunk.is_empty() {
-                let _ = tx.send(Ok(ExportUsageResponse { data: chunk })).await;
+                tx.send(ExportUsageResponse { data: chunk }).await;
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn get_tenant_cost(
@@ -526,9 +581,7 @@ impl Metering for MeteringService {
             set.spawn(ctx.clone().scope(async move {
                 let list = ListTenantResourcesRequest { tenant_id: tenant.tenant_id.clone(), include_removed: true };
                 let resources = onboarding.list_tenant_resources(list).await?.into_inner().resources;
-                let rows = metering::read_usage(&table, &tenant.tenant_id, None, req.from, req.to)
-                    .await
-                    .map_err(|e| storage_status(e, "metering"))?;
+                let rows = totals(&table, &tenant.tenant_id, req.from, req.to).await?;
                 Ok::<_, Status>(price(&pricing, &tenant, &rows, &resources, req.from, req.to, now))
             }));
         }
@@ -545,47 +598,26 @@ mod tests {
     use super::*;
     use tenantmesh_proto::registry::v1::TenantStatus;
 
-    fn minute(meter: &str, minute: i64, dims: &[(&str, &str)], value: i64) -> MinuteUsage {
-        MinuteUsage {
+    fn window(meter: &str, start: i64, dims: &[(&str, &str)], value: i64) -> WindowUsage {
+        WindowUsage {
             meter: meter.into(),
-            minute,
+            start,
             dimensions: dims.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             value,
         }
     }
 
     #[test]
-    fn windows_sum_minutes_and_keep_only_the_grouped_dimensions() {
-        let rows = vec![
-            minute("requests", 0, &[("rpc", "Get")], 2),
-            minute("requests", 60, &[("rpc", "Put")], 3),
-            minute("requests", 3600, &[("rpc", "Get")], 4),
-        ];
-        let hourly = windows("acme", rows.clone(), 3600, Some(&[]));
-        let got: Vec<_> = hourly.iter().map(|r| (r.window_start, r.window_end, r.value)).collect();
-        assert_eq!(got, [(0, 3600, 5), (3600, 7200, 4)]);
-        let by_rpc = windows("acme", rows, 3600, Some(&["rpc".to_owned()]));
-        let got: Vec<_> = by_rpc.iter().map(|r| (r.window_start, r.dimensions["rpc"].as_str(), r.value)).collect();
-        assert_eq!(got, [(0, "Get", 2), (0, "Put", 3), (3600, "Get", 4)]);
-    }
-
-    #[test]
     fn exports_in_every_format() {
-        let rows = windows(
+        let rows = usage_rows(
             "acme",
-            vec![minute("emails", 0, &[("plan", "a")], 2), minute("emails", 0, &[("plan", "b")], 3)],
+            vec![window("emails", 0, &[("plan", "a")], 2), window("emails", 0, &[("plan", "b")], 3)],
             3600,
-            None,
         );
+        assert_eq!(export_header(ExportFormat::Csv), Some("tenant_id,meter,window_start,window_end,value,dimensions"));
+        assert_eq!(export_header(ExportFormat::Jsonl), None);
         let csv = export_lines(&rows, ExportFormat::Csv);
-        assert_eq!(
-            csv,
-            [
-                "tenant_id,meter,window_start,window_end,value,dimensions",
-                "acme,emails,0,3600,2,plan=a",
-                "acme,emails,0,3600,3,plan=b"
-            ]
-        );
+        assert_eq!(csv, ["acme,emails,0,3600,2,plan=a", "acme,emails,0,3600,3,plan=b"]);
         let jsonl = export_lines(&rows, ExportFormat::Jsonl);
         let first: serde_json::Value = serde_json::from_str(&jsonl[0]).unwrap();
         assert_eq!(first["dimensions"]["plan"], "a");
@@ -663,7 +695,7 @@ mod tests {
             resource("silo_instance", 7200, 0),
             resource("export", 0, 0),
         ];
-        let rows = [minute("requests", 0, &[], 1000)];
+        let rows = [window("requests", 0, &[], 1000)];
         let c = price(&pricing, &t, &rows, &resources, 0, 4 * 3600, 10 * 3600);
         let held = |c: &TenantCost, item: &str| c.lines.iter().find(|l| l.item == item).map(|l| l.quantity);
         assert_eq!((held(&c, DEDICATED_TABLE), held(&c, SILO_INSTANCE)), (Some(3.0), Some(2.0)));

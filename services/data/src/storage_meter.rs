@@ -22,6 +22,10 @@
 //! (`TENANTMESH_METERING=off`) nothing is measured or filed, and every
 //! replica trims every tenant's history each interval (a trim is
 //! idempotent), so the history never outgrows the tiers' days.
+//!
+//! Each interval also deletes every tenant's usage older than the usage
+//! retention (`TENANTMESH_USAGE_RETENTION_DAYS`, default 400), offboarded
+//! tenants' included.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,7 +55,12 @@ pub struct StorageSampler {
     /// The data service's counts of stored bytes: a tenant's are forgotten
     /// when its history is trimmed here.
     quotas: Option<Arc<crate::quota::Quotas>>,
+    /// Usage older than this many days is deleted.
+    usage_retention_days: u32,
 }
+
+/// Tenants measured at once.
+const CONCURRENCY: usize = 8;
 
 /// Where a tenant's items are: a silo instance (its DataAdmin, the table)
 /// or a store here.
@@ -83,7 +92,14 @@ impl StorageSampler {
             interval: interval.max(Duration::from_secs(1)),
             tiers,
             quotas: None,
+            usage_retention_days: 400,
         })
+    }
+
+    /// Deletes usage older than `days` (`TENANTMESH_USAGE_RETENTION_DAYS`).
+    pub fn with_usage_retention(mut self, days: u32) -> Self {
+        self.usage_retention_days = days.max(1);
+        self
     }
 
     /// The counts to forget when a tenant's history is trimmed.
@@ -114,48 +130,83 @@ impl StorageSampler {
     }
 
     /// Measures and files every tenant for the interval starting at `start`
-    /// (with metering off, only trims); the number of tenants filed (or
-    /// trimmed) by this replica.
+    /// (with metering off, only trims), and deletes usage older than its
+    /// retention; the number of tenants filed (or trimmed) by this
+    /// replica. Tenants are done [`CONCURRENCY`] at a time, and one whose
+    /// store fails or is slow delays or stops no other: its error is
+    /// logged, and the others go on.
     pub async fn sample(&self, start: i64) -> Result<usize, String> {
+        use futures_util::StreamExt as _;
         let tenants = crate::metering::all_tenants(&self.registry)
             .await
             .map_err(|s| format!("listing tenants: {}", s.message()))?;
-        let mut filed = 0;
-        for tenant in tenants.iter().filter(|t| t.status() != TenantStatus::Deleted) {
-            if let Some(usage) = &self.usage
-                && metering::sample_filed(usage, &tenant.tenant_id, start).await.map_err(|e| e.to_string())?
-            {
-                continue;
+        let expire_before = metering::now_secs() - i64::from(self.usage_retention_days) * 86_400;
+        let (mut running, mut filed) = (futures_util::stream::FuturesUnordered::new(), 0);
+        for tenant in &tenants {
+            if running.len() >= CONCURRENCY {
+                filed += usize::from(running.next().await.unwrap_or(false));
             }
-            let kept = match self.kept(tenant) {
-                Ok(k) => k,
+            running.push(self.sample_one(tenant, start, expire_before));
+        }
+        while let Some(one) = running.next().await {
+            filed += usize::from(one);
+        }
+        Ok(filed)
+    }
+
+    /// [`StorageSampler::sample`] for one tenant: whether this replica
+    /// filed (or, with metering off, trimmed) it.
+    async fn sample_one(&self, tenant: &Tenant, start: i64, expire_before: i64) -> bool {
+        let id = tenant.tenant_id.as_str();
+        if let Some(usage) = &self.usage
+            && let Err(e) = metering::expire_usage(usage, id, expire_before).await
+        {
+            tracing::warn!(tenant_id = %id, error = %e, "old usage not expired");
+        }
+        if tenant.status() == TenantStatus::Deleted {
+            return false;
+        }
+        if let Some(usage) = &self.usage {
+            match metering::sample_filed(usage, id, start).await {
+                Ok(true) => return false,
+                Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured, history not trimmed");
-                    continue;
-                }
-            };
-            let trims = match &self.usage {
-                None => true,
-                Some(usage) => match self.measure(&kept, &tenant.tenant_id).await {
-                    Ok(bytes) => {
-                        let sample = Sample { start, secs: self.interval.as_secs() as i64, bytes };
-                        // The replica that filed the interval trims too.
-                        metering::file_sample(usage, &tenant.tenant_id, &sample).await.map_err(|e| e.to_string())?
-                    }
-                    Err(e) => {
-                        tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "stored bytes not measured");
-                        false
-                    }
-                },
-            };
-            if trims {
-                filed += 1;
-                if let Err(e) = self.trim(&kept, tenant).await {
-                    tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "change history not trimmed");
+                    tracing::warn!(tenant_id = %id, error = %e, "stored bytes not sampled");
+                    return false;
                 }
             }
         }
-        Ok(filed)
+        let kept = match self.kept(tenant) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(tenant_id = %id, error = %e, "stored bytes not measured, history not trimmed");
+                return false;
+            }
+        };
+        let trims = match &self.usage {
+            None => true,
+            Some(usage) => match self.measure(&kept, id).await {
+                Ok(bytes) => {
+                    let sample = Sample { start, secs: self.interval.as_secs() as i64, bytes };
+                    // The replica that filed the interval trims too.
+                    match metering::file_sample(usage, id, &sample).await {
+                        Ok(filed) => filed,
+                        Err(e) => {
+                            tracing::warn!(tenant_id = %id, error = %e, "stored bytes not filed");
+                            false
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(tenant_id = %id, error = %e, "stored bytes not measured");
+                    false
+                }
+            },
+        };
+        if trims && let Err(e) = self.trim(&kept, tenant).await {
+            tracing::warn!(tenant_id = %id, error = %e, "change history not trimmed");
+        }
+        trims
     }
 
     /// Where `tenant`'s placement keeps its items.
