@@ -127,7 +127,7 @@ async fn service_identities_act_within_their_grant() {
     expect_code(mesh.data_admin().export_items(authed(export, &writer)).await, Code::PermissionDenied);
     let purge = tenantmesh_proto::data::v1::PurgeItemsRequest { store: store.clone() };
     expect_code(mesh.data_admin().purge_items(authed(purge, &writer)).await, Code::PermissionDenied);
-    let rewind = tenantmesh_proto::data::v1::RewindItemsRequest { store, point_in_time_us: 1 };
+    let rewind = tenantmesh_proto::data::v1::RewindItemsRequest { store, point_in_time_us: 1, charge_tenant: false };
     expect_code(mesh.data_admin().rewind_items(authed(rewind, &writer)).await, Code::PermissionDenied);
     let placement = tenantmesh_proto::registry::v1::SetPlacementRequest {
         tenant_id: other.tenant_id.clone(),

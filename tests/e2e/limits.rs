@@ -402,6 +402,7 @@ async fn overwrites_stop_at_the_history_cap() {
         store: Some(pooled.clone()),
         include_history: true,
         as_of_us: None,
+        charge_tenant: false,
     };
     let mut pages = mesh.data_admin().export_items(authed(export, &service)).await.unwrap().into_inner();
     let (mut items, mut history) = (0u64, 0u64);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use proptest::prelude::*;
 use tenantmesh_data::{FENCE_SK, history};
-use tenantmesh_proto::data::v1::{DeleteItemRequest, Item, QueryItemsRequest};
+use tenantmesh_proto::data::v1::{DeleteItemRequest, GetItemRequest, Item, QueryItemsRequest};
 use tenantmesh_proto::onboarding::v1::{RestoreTarget, RestoreTenantRequest, WorkflowStatus};
 use tenantmesh_storage::{Condition, DynTable, Page, Query, StorageError, Table, Write};
 use tenantmesh_test_support::*;
@@ -46,6 +46,10 @@ async fn put(mesh: &TestMesh, token: &str, id: &str, value: &str) -> Item {
 async fn delete(mesh: &TestMesh, token: &str, id: &str) {
     let req = DeleteItemRequest { collection: "c".into(), id: id.into(), expected_version: None };
     mesh.data().delete_item(authed(req, token)).await.unwrap();
+}
+
+fn get_v(id: &str) -> GetItemRequest {
+    GetItemRequest { collection: "c".into(), id: id.into() }
 }
 
 fn restore(tenant: &str, at: prost_types::Timestamp, target: RestoreTarget) -> RestoreTenantRequest {
@@ -208,6 +212,94 @@ async fn restores_are_refused_to_others_and_beyond_the_history() {
     let export = restore(&premium.tenant_id, instant().await, RestoreTarget::Export);
     let wf = restored(&mesh, &admin, export).await;
     assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    // The exports that could not be made left nothing behind.
+    let exports = mesh.data_dir().join("exports");
+    let mut left: Vec<String> =
+        std::fs::read_dir(&exports).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert!(left.iter().all(|f| f.ends_with(".jsonl")) && left.len() == 1, "{left:?}");
+}
+
+/// A restore a tenant asks for itself is charged to its limits: once its
+/// in-place restore has run, the tenant owes the write units it wrote (its
+/// next call waits for them), and another restore it asks for meanwhile
+/// is rolled back saying so, while the operator's goes; one runs at a
+/// time. Its export is counted (with its size), billed by the GB-hour, and
+/// shown to it by file name only, never by host path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_a_tenant_asks_for_are_charged_to_it() {
+    use tenantmesh_proto::onboarding::v1::ListTenantResourcesRequest;
+    use tenantmesh_proto::registry::v1::{SetTenantLimitsRequest, TenantLimits};
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("charged"), "premium").await;
+    let blob = "x".repeat(8 * 1024);
+    for i in 0..20 {
+        put(&mesh, &t.token, &format!("k{i}"), &blob).await;
+    }
+    let at = instant().await;
+    for i in 0..20 {
+        put(&mesh, &t.token, &format!("k{i}"), "small").await;
+    }
+    // 20 requests a second from now on; a burst of 20.
+    let limits =
+        TenantLimits { requests_per_second: 20, burst: 20, max_concurrency: 100, storage_quota_bytes: 1 << 30 };
+    let req = SetTenantLimitsRequest { tenant_id: t.tenant_id.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // One at a time: a second restore while the first runs is refused.
+    let id = mesh
+        .onboarding()
+        .restore_tenant(authed(restore(&t.tenant_id, at, RestoreTarget::InPlace), &t.token))
+        .await
+        .unwrap()
+        .into_inner()
+        .workflow_id;
+    let other = mesh
+        .onboarding()
+        .restore_tenant(authed(restore(&t.tenant_id, instant().await, RestoreTarget::Export), &t.token))
+        .await;
+    assert!(other.is_err(), "a second restore while one runs: {other:?}");
+    let wf = mesh.wait_workflow(&id).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    // 20 items of 8 KB and the history of what they replaced: about 170
+    // write units at 20 a second.
+    let owed = expect_code(mesh.data().get_item(authed(get_v("k0"), &t.token)).await, Code::ResourceExhausted);
+    let retry = tonic_types::StatusExt::get_details_retry_info(&owed).and_then(|r| r.retry_delay).unwrap();
+    assert!(retry > Duration::from_secs(4), "the restore was not charged: {retry:?}");
+    // Owing, the tenant's next restore is rolled back, saying why...
+    let wf = restored(&mesh, &t.token, restore(&t.tenant_id, at, RestoreTarget::InPlace)).await;
+    assert_eq!(wf.status, WorkflowStatus::RolledBack as i32, "{wf:?}");
+    assert!(wf.error.contains("requests_per_second"), "{wf:?}");
+    // ...while the operator's (not charged to the tenant) goes.
+    let wf = restored(&mesh, &admin, restore(&t.tenant_id, at, RestoreTarget::Export)).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    let export_path = wf.export_path.clone();
+    assert!(export_path.contains("/exports/"), "the operator sees where it is: {wf:?}");
+    // The tenant sees its export by file name, with its size; never the host path.
+    let get = tenantmesh_proto::onboarding::v1::GetWorkflowRequest { workflow_id: wf.workflow_id.clone() };
+    let mine = mesh.onboarding().get_workflow(authed(get, &t.token)).await.unwrap().into_inner().workflow.unwrap();
+    let file_name = std::path::Path::new(&export_path).file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(mine.export_path, file_name);
+    let list = ListTenantResourcesRequest { tenant_id: t.tenant_id.clone(), include_removed: false };
+    let resources =
+        mesh.onboarding().list_tenant_resources(authed(list, &t.token)).await.unwrap().into_inner().resources;
+    let export = resources.iter().find(|r| r.kind == "export").expect("the export is counted");
+    assert_eq!(export.name, file_name);
+    assert_eq!(export.bytes, std::fs::metadata(&export_path).unwrap().len());
+    assert!(export.bytes > 20 * 8 * 1024, "{export:?}");
+    // Billed by the GB-hour it is kept (a second so far).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let now = history::now_us() / 1_000_000;
+    let cost = tenantmesh_proto::metering::v1::GetTenantCostRequest {
+        tenant_id: t.tenant_id.clone(),
+        from: now - 3600,
+        to: now + 3600,
+    };
+    let cost = mesh.metering().get_tenant_cost(authed(cost, &admin)).await.unwrap().into_inner().cost.unwrap();
+    let line = cost.lines.iter().find(|l| l.item == "export_gb_hours").expect("the export is billed");
+    assert!(line.quantity > 0.0 && line.cost > 0.0, "{line:?}");
 }
 
 /// A restore whose last step fails for good is undone: the items are as
@@ -475,6 +567,7 @@ async fn history_of(mesh: &TestMesh, tenant: &str, table: &str) -> (usize, Optio
         store: Some(StoreRef { tenant_id: tenant.into(), table: table.into() }),
         include_history: true,
         as_of_us: None,
+        charge_tenant: false,
     };
     let mut pages =
         mesh.data_admin().export_items(authed(req, &mesh.service_token().await)).await.unwrap().into_inner();
@@ -554,6 +647,7 @@ async fn trimmed_to_the_tiers_days(metering: &str) {
             table: tables[0].clone(),
         }),
         point_in_time_us: start - 1,
+        charge_tenant: false,
     };
     let r = mesh.data_admin().rewind_items(authed(rewind, &mesh.service_token().await)).await;
     let s = expect_code(r, Code::FailedPrecondition);

@@ -18,6 +18,9 @@ pub const HOURS_PER_MONTH: f64 = 730.0;
 /// A dedicated resource's item name in a cost.
 pub const DEDICATED_TABLE: &str = "dedicated_table";
 pub const SILO_INSTANCE: &str = "silo_instance";
+/// The item of exports kept (offboardings', restores into an export):
+/// their GB (10^9 bytes) times the hours they were kept.
+pub const EXPORT_GB_HOURS: &str = "export_gb_hours";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +38,9 @@ struct File {
 struct Resources {
     dedicated_table: f64,
     silo_instance: f64,
+    /// Per GB-hour of exports kept (0 when the file names no price).
+    #[serde(default)]
+    export_gb_hour: f64,
 }
 
 /// Prices in effect.
@@ -89,11 +95,11 @@ impl Pricing {
         if !(1..=8).contains(&file.currency.len()) {
             return Err(err(format!("currency {:?} must be 1-8 characters", file.currency)));
         }
-        let prices =
-            file.meters.iter().chain(&file.tiers).map(|(k, v)| (k.as_str(), *v)).chain([
-                (DEDICATED_TABLE, file.resources.dedicated_table),
-                (SILO_INSTANCE, file.resources.silo_instance),
-            ]);
+        let prices = file.meters.iter().chain(&file.tiers).map(|(k, v)| (k.as_str(), *v)).chain([
+            (DEDICATED_TABLE, file.resources.dedicated_table),
+            (SILO_INSTANCE, file.resources.silo_instance),
+            (EXPORT_GB_HOURS, file.resources.export_gb_hour),
+        ]);
         for (name, price) in prices {
             if !price.is_finite() || price < 0.0 {
                 return Err(err(format!("{name}: the price {price} must be a number at least 0")));
@@ -129,6 +135,7 @@ impl Pricing {
         for (item, held) in dedicated {
             let unit_price = match *item {
                 DEDICATED_TABLE => self.file.resources.dedicated_table,
+                EXPORT_GB_HOURS => self.file.resources.export_gb_hour,
                 _ => self.file.resources.silo_instance,
             };
             lines.push(CostLine { item: (*item).to_owned(), quantity: *held, unit_price, cost: held * unit_price });

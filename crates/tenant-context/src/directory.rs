@@ -283,3 +283,22 @@ impl TenantDirectory for RemoteDirectory {
         Ok(info)
     }
 }
+
+/// Every tenant in the registry, page by page, as `registry`'s identity
+/// may list them.
+pub async fn all_tenants(
+    registry: &tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient<
+        crate::client::PropagatedChannel,
+    >,
+) -> Result<Vec<Tenant>, Status> {
+    let (mut tenants, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let req = tenantmesh_proto::registry::v1::ListTenantsRequest { page_size: 1000, page_token };
+        let page = registry.clone().list_tenants(req).await?.into_inner();
+        tenants.extend(page.tenants);
+        if page.next_page_token.is_empty() {
+            return Ok(tenants);
+        }
+        page_token = page.next_page_token;
+    }
+}

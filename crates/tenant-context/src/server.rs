@@ -81,6 +81,17 @@ impl Authenticator {
         self
     }
 
+    /// The per-tenant limiter (`None` with limits off): to charge a tenant
+    /// for work it asked for outside its own calls (a restore it started).
+    pub fn limiter(&self) -> Option<Arc<KeyedLimiter>> {
+        self.limiter.clone()
+    }
+
+    /// Where tenants' records (their limits) come from.
+    pub fn directory(&self) -> Arc<dyn TenantDirectory> {
+        self.directory.clone()
+    }
+
     /// Holds each tenant's limits across this service's replicas: this one
     /// admits at its share (leases renewed with the others, see
     /// `tenantmesh_service::leases`).

@@ -13,8 +13,11 @@ use tenantmesh_isolation::stores::table_allowed;
 use tenantmesh_proto::data::v1::data_admin_server::DataAdmin;
 use tenantmesh_proto::data::v1::*;
 use tenantmesh_service::errors::{Violations, invalid_field};
+use tenantmesh_service::limits::{Cost, KeyedLimiter, Limit, Limits, Refusal};
+use tenantmesh_service::tiers::Tiers;
 use tenantmesh_storage::{Condition, DynTable, Item, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
+use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -37,6 +40,31 @@ pub struct DataAdminService {
     quotas: Option<Arc<Quotas>>,
     /// How long an export waits for its client to read before it ends.
     stall: std::time::Duration,
+    /// Charging tenants for the restores and exports they ask for.
+    charges: Option<TenantCharges>,
+}
+
+/// What charging a tenant for lifecycle work it asked for itself (a
+/// restore, into place or an export) takes: the service's per-tenant
+/// limiter, the tenants' records (their limits and quota), the tiers
+/// (their history caps).
+#[derive(Clone)]
+pub struct TenantCharges {
+    pub limiter: Arc<KeyedLimiter>,
+    pub directory: Arc<dyn TenantDirectory>,
+    pub tiers: Arc<Tiers>,
+}
+
+/// A charged call: where to charge, and under which limits.
+struct Charged {
+    limiter: Arc<KeyedLimiter>,
+    limits: Limits,
+}
+
+impl Charged {
+    fn charge(&self, tenant: &str, cost: Cost) {
+        self.limiter.charge(tenant, cost.0, self.limits);
+    }
 }
 
 impl DataAdminService {
@@ -47,7 +75,63 @@ impl DataAdminService {
             silo_tenant,
             quotas: None,
             stall: std::time::Duration::from_secs(30),
+            charges: None,
         }
+    }
+
+    /// Charges tenants for the restores and exports they ask for
+    /// (`charge_tenant`); without it (limits off) nothing is charged.
+    pub fn with_charges(mut self, charges: Option<TenantCharges>) -> Self {
+        self.charges = charges;
+        self
+    }
+
+    /// When `charge` (the tenant asked for this itself) and the tenant has
+    /// limits: the limits to charge it under, once it may be admitted
+    /// (RESOURCE_EXHAUSTED with RetryInfo while it owes its rate), and its
+    /// record.
+    async fn charged(
+        &self,
+        charge: bool,
+        tenant: &str,
+        ctx: &TenantContext,
+    ) -> Result<Option<(Charged, Arc<TenantInfo>)>, Status> {
+        let Some(charges) = self.charges.as_ref().filter(|_| charge) else { return Ok(None) };
+        let info = charges
+            .directory
+            .lookup(tenant, &ctx.token, None)
+            .await?
+            .ok_or_else(|| Status::failed_precondition(format!("tenant {tenant} does not exist")))?;
+        let Some(limits) = info.limits else { return Ok(None) };
+        if let Some(retry_after) = charges.limiter.owing(tenant, 1, limits) {
+            tracing::info!(target_tenant = %tenant, retry_after_ms = retry_after.as_millis() as u64, "a restore the tenant asked for waits for its rate");
+            let description = format!(
+                "{} requests per second, burst {} (a restore the tenant asks for is charged to it)",
+                limits.rate_per_second, limits.burst
+            );
+            return Err(
+                Refusal { limit: Limit::Rate, subject: format!("tenant:{tenant}"), description, retry_after }.status()
+            );
+        }
+        Ok(Some((Charged { limiter: charges.limiter.clone(), limits }, info)))
+    }
+
+    /// FAILED_PRECONDITION when `tenant`'s change history is at its cap: a
+    /// rewind it asked for would only add to it.
+    async fn within_history_cap(&self, tenant: &str, info: &TenantInfo, store: &DynTable) -> Result<(), Status> {
+        let (Some(quotas), Some(quota), Some(charges)) = (&self.quotas, info.storage_quota, &self.charges) else {
+            return Ok(());
+        };
+        let cap = charges.tiers.get(&info.tier).map_or(quota.saturating_mul(2), |t| t.history_quota(quota));
+        let stored = quotas.stored(tenant, store).await.map_err(storage_status)?;
+        if stored.history >= cap {
+            return Err(Status::failed_precondition(format!(
+                "the tenant's change history is at its cap of {cap} bytes ({} kept): a restore would add to it; \
+                 it frees as entries age past the tier's history_days",
+                stored.history
+            )));
+        }
+        Ok(())
     }
 
     /// How long an export waits for its client to read before it ends.
@@ -190,6 +274,8 @@ impl DataAdmin for DataAdminService {
             return Err(invalid_field("include_history", "cannot be set with as_of_us"));
         }
         let store = self.store(&tenant, &table).await?;
+        let charged = self.charged(req.charge_tenant, &tenant, &ctx).await?.map(|(c, _)| c);
+        let charged_tenant = tenant.clone();
         let mut pages = match req.as_of_us {
             Some(at) => Pages::At(history::ItemsAt::new(store, &tenant, at).await.map_err(history_status)?),
             None => Pages::Now { store, tenant, include_history: req.include_history, start_after: None, done: false },
@@ -201,6 +287,9 @@ impl DataAdmin for DataAdminService {
         tokio::spawn(async move {
             let mut page = first;
             while let Some(items) = page {
+                if let Some(charged) = &charged {
+                    charged.charge(&charged_tenant, Cost::read(items.iter().map(|i| i.data.len()).sum()));
+                }
                 if !tx.send(ExportItemsResponse { items }).await {
                     return;
                 }
@@ -309,21 +398,34 @@ impl DataAdmin for DataAdminService {
             return Err(invalid_field("point_in_time_us", "must be a time after the Unix epoch"));
         }
         let store = self.store(&tenant, &table).await?;
+        let charged = self.charged(req.charge_tenant, &tenant, &ctx).await?;
+        if let Some((_, info)) = &charged {
+            self.within_history_cap(&tenant, info, &store).await?;
+        }
         let started = std::time::Instant::now();
         let done = history::rewind(store.as_ref(), &tenant, req.point_in_time_us).await;
         // Whatever part of it ran changed the tenant's bytes.
         self.changed(&tenant);
         let done = done.map_err(history_status)?;
+        if let Some((charged, _)) = &charged {
+            charged.charge(&tenant, Cost::write(done.bytes as usize));
+        }
         tracing::info!(
             target_tenant = %tenant,
             table,
             point_in_time_us = req.point_in_time_us,
             restored = done.restored,
             deleted = done.deleted,
+            bytes = done.bytes,
+            charged = charged.is_some(),
             ms = started.elapsed().as_millis() as u64,
             "items rewound"
         );
-        Ok(Response::new(RewindItemsResponse { restored: done.restored, deleted: done.deleted }))
+        Ok(Response::new(RewindItemsResponse {
+            restored: done.restored,
+            deleted: done.deleted,
+            bytes_written: done.bytes,
+        }))
     }
 
     async fn trim_history(

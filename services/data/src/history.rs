@@ -180,6 +180,9 @@ pub struct Rewound {
     pub restored: u32,
     /// Items deleted (created since).
     pub deleted: u32,
+    /// Bytes written: the items put back and the history entries of what
+    /// they replaced.
+    pub bytes: u64,
 }
 
 async fn check_start<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Result<(), HistoryError> {
@@ -204,7 +207,8 @@ impl<'a, T: Table + ?Sized> FirstChanges<'a, T> {
         Self { store, pk, seen: HashSet::new(), start_after: Some(after(time_us)), done: false }
     }
 
-    async fn next_page(&mut self) -> Result<Option<Vec<Before>>, StorageError> {
+    /// The next page: each first entry's key and the before-image it holds.
+    async fn next_page(&mut self) -> Result<Option<Vec<(String, Before)>>, StorageError> {
         if self.done {
             return Ok(None);
         }
@@ -212,10 +216,10 @@ impl<'a, T: Table + ?Sized> FirstChanges<'a, T> {
             Query { pk: self.pk.into(), sk_prefix: PREFIX.into(), start_after: self.start_after.take(), limit: 500 };
         let page = self.store.query(q).await?;
         let mut first = Vec::new();
-        for entry in &page.items {
+        for entry in page.items {
             let before = Before::decode(&entry.data)?;
             if self.seen.insert(before.sk.clone()) {
-                first.push(before);
+                first.push((entry.sk, before));
             }
         }
         self.start_after = page.last_evaluated;
@@ -235,12 +239,12 @@ pub async fn rewind<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Res
         // Items are independent: several at once, so their writes share
         // commits (each item's own order, entry first, stays).
         let mut applied = futures_util::stream::iter(page)
-            .map(|target| put_back(store, pk, target))
+            .map(|(_, target)| put_back(store, pk, target))
             .buffer_unordered(REWIND_CONCURRENCY);
         while let Some(outcome) = applied.next().await {
             match outcome? {
-                Some(true) => done.restored += 1,
-                Some(false) => done.deleted += 1,
+                Some((true, bytes)) => (done.restored, done.bytes) = (done.restored + 1, done.bytes + bytes),
+                Some((false, bytes)) => (done.deleted, done.bytes) = (done.deleted + 1, done.bytes + bytes),
                 None => {}
             }
         }
@@ -252,24 +256,26 @@ pub async fn rewind<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Res
 const REWIND_CONCURRENCY: usize = 16;
 
 /// Puts one item back as `target` says, its change logged first: whether
-/// it was restored (`Some(true)`) or deleted (`Some(false)`), or already
-/// so (`None`).
-async fn put_back<T: Table + ?Sized>(store: &T, pk: &str, target: Before) -> Result<Option<bool>, StorageError> {
+/// it was restored (`true`) or deleted (`false`), with the bytes written,
+/// or `None` if it was already so.
+async fn put_back<T: Table + ?Sized>(store: &T, pk: &str, target: Before) -> Result<Option<(bool, u64)>, StorageError> {
     let current = store.get(pk, &target.sk).await?;
     if is(&target, current.as_ref()) {
         return Ok(None);
     }
     // Logged first: whatever happens next, the change can be undone.
     let entry = Before::of(&target.sk, current.as_ref()).encode();
+    let logged = entry.len() as u64;
     store.put(pk, &entry_key(now_us()), entry, Condition::NotExists).await?;
     match item(&target, pk) {
         Some(item) => {
+            let bytes = logged + item.data.len() as u64;
             store.restore(item).await?;
-            Ok(Some(true))
+            Ok(Some((true, bytes)))
         }
         None => {
             store.delete(pk, &target.sk, Condition::None).await?;
-            Ok(Some(false))
+            Ok(Some((false, logged)))
         }
     }
 }
@@ -277,12 +283,15 @@ async fn put_back<T: Table + ?Sized>(store: &T, pk: &str, target: Before) -> Res
 /// A tenant's items (not the history or the fence) as they were at an
 /// instant, in sort-key order, a bounded page at a time: its current items,
 /// read page by page, merged with the before-images of the items changed
-/// since (the only part held in memory as a whole).
+/// since, each read when its turn comes. What is held as a whole is the
+/// sort keys of the items changed since (with the keys of their entries),
+/// as a rewind holds them: never their bytes.
 pub struct ItemsAt {
     store: DynTable,
     pk: String,
-    /// Before-images of the items changed since, not yet returned.
-    changed: BTreeMap<String, Before>,
+    /// The items changed since, not yet returned: sort key -> the key of
+    /// the entry holding what the item was at the instant.
+    changed: BTreeMap<String, String>,
     /// Current items read and not yet returned.
     pending: VecDeque<Item>,
     start_after: Option<String>,
@@ -295,7 +304,7 @@ impl ItemsAt {
         let mut changed = BTreeMap::new();
         let mut changes = FirstChanges::new(store.as_ref(), pk, time_us);
         while let Some(page) = changes.next_page().await? {
-            changed.extend(page.into_iter().map(|b| (b.sk.clone(), b)));
+            changed.extend(page.into_iter().map(|(entry, b)| (b.sk, entry)));
         }
         Ok(Self { store, pk: pk.to_owned(), changed, pending: VecDeque::new(), start_after: None, read_all: false })
     }
@@ -330,8 +339,13 @@ impl ItemsAt {
                     if c == Some(b) {
                         self.pending.pop_front();
                     }
-                    let (_, b) = self.changed.pop_first().expect("a first entry");
-                    match item(&b, &self.pk) {
+                    let (sk, entry) = self.changed.pop_first().expect("a first entry");
+                    let Some(raw) = self.store.get(&self.pk, &entry).await? else {
+                        return Err(StorageError::Backend(format!(
+                            "the history entry of {sk} was deleted while it was read (trimmed?)"
+                        )));
+                    };
+                    match item(&Before::decode(&raw.data)?, &self.pk) {
                         Some(i) => i,
                         None => continue,
                     }

@@ -716,6 +716,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut authn = Authenticator::remote(&config.common)?;
+    let charges = authn.limiter().map(|limiter| admin::TenantCharges {
+        limiter,
+        directory: authn.directory(),
+        tiers: config.common.tiers.clone(),
+    });
     if let Some(shares) = rate_shares(&config).await? {
         authn = authn.with_rate_shares(shares);
     }
@@ -788,7 +793,8 @@ pub async fn serve(
         .with_meters(meters.clone());
     let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone())
         .with_quotas(quotas)
-        .with_stall(config.stream_stall);
+        .with_stall(config.stream_stall)
+        .with_charges(charges);
     let mut routes = tonic::service::Routes::new(
         DataServer::new(data)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)

@@ -19,10 +19,10 @@ use tenantmesh_proto::metering::v1::*;
 use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
 use tenantmesh_proto::onboarding::v1::{ListTenantResourcesRequest, TenantResource};
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
-use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, ListTenantsRequest, Tenant};
+use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, Tenant};
 use tenantmesh_service::errors::{Violations, invalid_field, storage_status};
 use tenantmesh_service::metering::{self, BUILT_IN, Event, EventOutcome, Read, ReadError, WindowUsage};
-use tenantmesh_service::pricing::{DEDICATED_TABLE, Pricing, SILO_INSTANCE};
+use tenantmesh_service::pricing::{DEDICATED_TABLE, EXPORT_GB_HOURS, Pricing, SILO_INSTANCE};
 use tenantmesh_storage::DynTable;
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::client::PropagatedChannel;
@@ -152,21 +152,6 @@ fn held(resources: &[TenantResource], kind: &str, from: i64, to: i64, now: i64) 
         .then(|| lives.iter().map(|&(start, end)| (end.min(to) - start.max(from)).max(0) as f64 / 3600.0).sum())
 }
 
-/// Every tenant in the registry, page by page, as `registry`'s identity
-/// may list them.
-pub(crate) async fn all_tenants(registry: &TenantRegistryClient<PropagatedChannel>) -> Result<Vec<Tenant>, Status> {
-    let (mut tenants, mut page_token) = (Vec::new(), String::new());
-    loop {
-        let page =
-            registry.clone().list_tenants(ListTenantsRequest { page_size: 1000, page_token }).await?.into_inner();
-        tenants.extend(page.tenants);
-        if page.next_page_token.is_empty() {
-            return Ok(tenants);
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 /// A tenant's cost over `[from, to)`, at `now`: its usage, and the hours
 /// it held dedicated resources (from the onboarding service's ledger).
 fn price(
@@ -183,10 +168,19 @@ fn price(
         let sum = totals.entry(r.meter.clone()).or_default();
         *sum = sum.saturating_add(r.value);
     }
-    let dedicated: Vec<(&str, f64)> = [(DEDICATED_TABLE, "table"), (SILO_INSTANCE, "silo_instance")]
+    let mut dedicated: Vec<(&str, f64)> = [(DEDICATED_TABLE, "table"), (SILO_INSTANCE, "silo_instance")]
         .into_iter()
         .filter_map(|(item, kind)| held(resources, kind, from, to, now).map(|h| (item, h)))
         .collect();
+    // Exports kept, by their GB and the hours they were kept in the period.
+    let exports: Vec<f64> = resources
+        .iter()
+        .filter(|r| r.kind == "export")
+        .filter_map(|r| held(std::slice::from_ref(r), "export", from, to, now).map(|h| h * r.bytes as f64 / 1e9))
+        .collect();
+    if !exports.is_empty() {
+        dedicated.push((EXPORT_GB_HOURS, exports.iter().sum()));
+    }
     let model = tenant.placement.as_ref().map_or(tenant.isolation_model(), |p| p.model());
     let isolation = match model {
         IsolationModel::Bridge => "bridge",
@@ -566,7 +560,7 @@ impl Metering for MeteringService {
         check_range(&mut v, req.from, req.to);
         v.check()?;
         ctx.authorize_all_tenants()?;
-        let tenants = all_tenants(&self.registry).await?;
+        let tenants = tenantmesh_tenant_context::directory::all_tenants(&self.registry).await?;
         let mut costs = Vec::with_capacity(tenants.len());
         let mut set = tokio::task::JoinSet::new();
         let pricing = self.pricing.clone();
@@ -693,12 +687,14 @@ mod tests {
             resource("table", 3600, 7200),
             resource("table", 7200, 0),
             resource("silo_instance", 7200, 0),
-            resource("export", 0, 0),
+            TenantResource { bytes: 2_000_000_000, ..resource("export", 0, 0) },
         ];
         let rows = [window("requests", 0, &[], 1000)];
         let c = price(&pricing, &t, &rows, &resources, 0, 4 * 3600, 10 * 3600);
         let held = |c: &TenantCost, item: &str| c.lines.iter().find(|l| l.item == item).map(|l| l.quantity);
         assert_eq!((held(&c, DEDICATED_TABLE), held(&c, SILO_INSTANCE)), (Some(3.0), Some(2.0)));
+        // A 2 GB export kept the whole 4 hours.
+        assert_eq!(held(&c, EXPORT_GB_HOURS), Some(8.0));
         assert_eq!(c.revenue, 1499.0 * 4.0 / 730.0);
         assert!((c.margin - (c.revenue - c.cost)).abs() < 1e-9);
         // Before the resources existed: none of their hours.

@@ -218,6 +218,13 @@ impl Quotas {
         }
     }
 
+    /// What `tenant` stores in `store` as this process counts it (counted
+    /// from a scan when it has no count).
+    pub async fn stored(&self, tenant: &str, store: &DynTable) -> Result<Stored, StorageError> {
+        let u = self.counts(tenant, store, false).await?;
+        Ok(Stored { items: u.items, history: u.history })
+    }
+
     /// Forgets what this process counted for `tenant` (its history was
     /// trimmed, its items restored): the next write scans again.
     pub fn forget(&self, tenant: &str) {

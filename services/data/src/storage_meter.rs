@@ -137,7 +137,7 @@ impl StorageSampler {
     /// logged, and the others go on.
     pub async fn sample(&self, start: i64) -> Result<usize, String> {
         use futures_util::StreamExt as _;
-        let tenants = crate::metering::all_tenants(&self.registry)
+        let tenants = tenantmesh_tenant_context::directory::all_tenants(&self.registry)
             .await
             .map_err(|s| format!("listing tenants: {}", s.message()))?;
         let expire_before = metering::now_secs() - i64::from(self.usage_retention_days) * 86_400;

@@ -39,11 +39,21 @@ pub fn line(item: &StoredItem) -> Result<String, String> {
 
 /// An export being written: lines go to `<path>.tmp` (mode 0600: tenant
 /// data), and [`ExportFile::finish`] syncs it and renames it into place,
-/// so `path` is only ever a whole export.
+/// so `path` is only ever a whole export. One dropped unfinished (an
+/// export that failed) removes its temporary file.
 pub struct ExportFile {
-    file: std::io::BufWriter<std::fs::File>,
+    file: Option<std::io::BufWriter<std::fs::File>>,
     tmp: PathBuf,
     path: PathBuf,
+    bytes: u64,
+}
+
+impl Drop for ExportFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl ExportFile {
@@ -53,29 +63,45 @@ impl ExportFile {
         tenantmesh_service::config::ensure_private_dir(dir)?;
         let tmp = path.with_extension("jsonl.tmp");
         let file = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        Ok(Self { file: std::io::BufWriter::new(file), tmp, path: path.to_owned() })
+        Ok(Self { file: Some(std::io::BufWriter::new(file)), tmp, path: path.to_owned(), bytes: 0 })
     }
 
     pub fn append(&mut self, lines: &[String]) -> std::io::Result<()> {
+        let file = self.file.as_mut().expect("an unfinished export");
         for l in lines {
-            self.file.write_all(l.as_bytes())?;
-            self.file.write_all(b"\n")?;
+            file.write_all(l.as_bytes())?;
+            file.write_all(b"\n")?;
+            self.bytes += l.len() as u64 + 1;
         }
         Ok(())
     }
 
-    pub fn finish(self) -> std::io::Result<()> {
-        let file = self.file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path)?;
-        std::fs::File::open(self.path.parent().unwrap_or(Path::new(".")))?.sync_all()
+    /// Syncs the export and renames it into place: its size in bytes.
+    pub fn finish(mut self) -> std::io::Result<u64> {
+        let file = self.file.take().expect("an unfinished export");
+        let file = match file.into_inner() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.tmp);
+                return Err(e.into_error());
+            }
+        };
+        let done = (|| {
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&self.tmp, &self.path)?;
+            std::fs::File::open(self.path.parent().unwrap_or(Path::new(".")))?.sync_all()
+        })();
+        if done.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        done.map(|()| self.bytes)
     }
 }
 
 /// Writes `lines` to `path` atomically (temporary file, fsync, rename).
 #[cfg(test)]
-fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<()> {
+fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<u64> {
     let mut file = ExportFile::create(path)?;
     file.append(lines)?;
     file.finish()
@@ -108,7 +134,14 @@ mod tests {
         write_atomically(&path, &["{}".into(), "{\"a\":1}".into()]).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n{\"a\":1}\n");
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        write_atomically(&path, &[]).unwrap();
+        assert_eq!(write_atomically(&path, &[]).unwrap(), 0);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        // One that fails (dropped unfinished) leaves no temporary file.
+        let mut failed = ExportFile::create(&dir.path().join("exports/gone.jsonl")).unwrap();
+        failed.append(&["{}".into()]).unwrap();
+        drop(failed);
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path().join("exports")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["acme.jsonl"]);
     }
 }

@@ -126,6 +126,69 @@ pub(crate) fn to_proto_status(state: WorkflowState) -> WorkflowStatus {
     }
 }
 
+/// What a tenant admin is shown of what the platform writes: host paths
+/// (a file shows by its name) and endpoints are the operator's to see.
+#[derive(Clone)]
+pub(crate) struct Redactor {
+    /// Directories whose files show by their names alone.
+    dirs: Vec<String>,
+}
+
+impl Redactor {
+    pub(crate) fn new(dirs: &[&std::path::Path]) -> Self {
+        let mut names = Vec::new();
+        for dir in dirs {
+            names.push(format!("{}/", dir.display()));
+            if let Ok(abs) = std::path::absolute(dir) {
+                names.push(format!("{}/", abs.display()));
+            }
+        }
+        // Longest first: an absolute path before its relative tail.
+        names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        names.dedup();
+        Self { dirs: names }
+    }
+
+    /// Whether `ctx` sees everything (the operator and services do).
+    fn sees_all(ctx: &TenantContext) -> bool {
+        ctx.has_role(Role::PlatformAdmin) || ctx.has_role(Role::Service)
+    }
+
+    /// `text` with host paths under the known directories shortened to
+    /// their file names, and URLs replaced by `<endpoint>`.
+    pub(crate) fn text(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for dir in &self.dirs {
+            out = out.replace(dir.as_str(), "");
+        }
+        let mut redacted = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(at) = rest.find("http://").or_else(|| rest.find("https://")) {
+            let at = [rest.find("http://"), rest.find("https://")].into_iter().flatten().min().unwrap_or(at);
+            redacted.push_str(&rest[..at]);
+            redacted.push_str("<endpoint>");
+            let end =
+                rest[at..].find(|c: char| c.is_whitespace() || "\"'),;]>".contains(c)).map_or(rest.len(), |n| at + n);
+            rest = &rest[end..];
+        }
+        redacted.push_str(rest);
+        redacted
+    }
+
+    /// `wf` as `ctx` may see it.
+    fn workflow(&self, ctx: &TenantContext, mut wf: pb::Workflow) -> pb::Workflow {
+        if Self::sees_all(ctx) {
+            return wf;
+        }
+        wf.export_path = self.text(&wf.export_path);
+        wf.error = self.text(&wf.error);
+        for step in &mut wf.steps {
+            step.last_error = self.text(&step.last_error);
+        }
+        wf
+    }
+}
+
 fn to_proto(wf: &Workflow) -> pb::Workflow {
     pb::Workflow {
         workflow_id: wf.id.clone(),
@@ -258,7 +321,7 @@ impl Onboarding for OnboardingService {
         ctx.authorize_tenant(&req.tenant_id)?;
         let id = workflow_id(&req.tenant_id, Kind::Onboard);
         let (wf, _) = self.inner.engine.load(&id).await?.ok_or_else(|| OnboardingError::NotFound(id.clone()))?;
-        let w = to_proto(&wf);
+        let w = self.inner.redactor.workflow(&ctx, to_proto(&wf));
         Ok(Response::new(GetOnboardingStatusResponse {
             tenant_id: w.tenant_id,
             status: w.status,
@@ -286,7 +349,7 @@ impl Onboarding for OnboardingService {
             .load(&req.workflow_id)
             .await?
             .ok_or_else(|| OnboardingError::NotFound(req.workflow_id.clone()))?;
-        Ok(Response::new(GetWorkflowResponse { workflow: Some(to_proto(&wf)) }))
+        Ok(Response::new(GetWorkflowResponse { workflow: Some(self.inner.redactor.workflow(&ctx, to_proto(&wf))) }))
     }
 
     async fn retry_onboarding(
@@ -355,15 +418,22 @@ impl Onboarding for OnboardingService {
         ctx.authorize_tenant(&req.tenant_id)?;
         let resources =
             self.inner.resources.list(&req.tenant_id, req.include_removed).await.map_err(OnboardingError::from)?;
+        let sees_all = Redactor::sees_all(&ctx);
         Ok(Response::new(ListTenantResourcesResponse {
             resources: resources
                 .into_iter()
                 .map(|r| TenantResource {
+                    name: match r.kind.as_str() {
+                        _ if sees_all => r.name,
+                        // Where its instance runs is the operator's to know.
+                        crate::resources::SILO_INSTANCE => String::new(),
+                        _ => self.inner.redactor.text(&r.name),
+                    },
                     kind: r.kind,
-                    name: r.name,
                     tags: r.tags.into_iter().collect(),
                     create_time: r.create_time,
                     remove_time: r.remove_time.unwrap_or_default(),
+                    bytes: r.bytes,
                 })
                 .collect(),
         }))
@@ -492,6 +562,8 @@ impl Onboarding for OnboardingService {
         wf.from = self.spot_of(&tenant);
         wf.to = wf.from.clone();
         wf.point_in_time_us = at;
+        // A restore the tenant asked for itself is charged to its limits.
+        wf.charge_tenant = !ctx.has_role(Role::PlatformAdmin);
         self.start(&wf, None).await?;
         tracing::info!(target_tenant = %tenant.tenant_id, point_in_time_us = at, export, caller = %ctx.subject, "restore started");
         self.inner.engine.spawn(id.clone());
@@ -516,6 +588,14 @@ impl Onboarding for OnboardingService {
         // Subscribe before replaying, so nothing falls between the two.
         let mut live = self.inner.events.subscribe();
         let this = self.clone();
+        // A tenant admin sees no host paths or endpoints in the details.
+        let redactor = (!Redactor::sees_all(&ctx)).then(|| self.inner.redactor.clone());
+        let shown = move |mut e: Event| {
+            if let Some(r) = &redactor {
+                e.detail = r.text(&e.detail);
+            }
+            WatchEventsResponse { event: Some(e) }
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             // Held until the stream's task ends: when the client goes away.
@@ -533,7 +613,7 @@ impl Onboarding for OnboardingService {
                     };
                     let Some(end) = batch.last().map(|e| e.sequence) else { break };
                     for e in batch.into_iter().filter(|e| wanted(e)) {
-                        if tx.send(Ok(WatchEventsResponse { event: Some(e) })).await.is_err() {
+                        if tx.send(Ok(shown(e))).await.is_err() {
                             return;
                         }
                     }
@@ -549,7 +629,7 @@ impl Onboarding for OnboardingService {
                 };
                 match next {
                     Ok(e) if e.sequence > last && wanted(&e) => {
-                        if tx.send(Ok(WatchEventsResponse { event: Some(e) })).await.is_err() {
+                        if tx.send(Ok(shown(e))).await.is_err() {
                             return;
                         }
                     }
@@ -563,5 +643,23 @@ impl Onboarding for OnboardingService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_admins_see_file_names_and_no_endpoints() {
+        let r = Redactor::new(&[std::path::Path::new(".tenantmesh/exports")]);
+        assert_eq!(r.text(".tenantmesh/exports/acme-at-17.jsonl"), "acme-at-17.jsonl");
+        let abs = std::path::absolute(".tenantmesh/exports/x.jsonl").unwrap().display().to_string();
+        assert_eq!(r.text(&format!("export {abs}: disk full")), "export x.jsonl: disk full");
+        assert_eq!(
+            r.text("Unavailable: data endpoint http://10.0.0.7:50054 (silo), https://x.example/y down"),
+            "Unavailable: data endpoint <endpoint> (silo), <endpoint> down"
+        );
+        assert_eq!(r.text("nothing to hide"), "nothing to hide");
     }
 }

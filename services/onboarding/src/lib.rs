@@ -90,6 +90,9 @@ pub struct Config {
     pub step_backoff: Duration,
     /// `TENANTMESH_FAULTS`: fault injection for tests (see [`faults`]).
     pub faults: String,
+    /// `TENANTMESH_EXPORT_SWEEP_SECS` (default 3600): how often exports
+    /// kept past their tier's `export_retention_days` are deleted.
+    pub export_sweep: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -151,6 +154,7 @@ impl Config {
             step_attempts,
             step_backoff: Duration::from_millis(parse_var(env, "TENANTMESH_STEP_BACKOFF_MS", 200)?),
             faults,
+            export_sweep: Duration::from_secs(parse_var(env, "TENANTMESH_EXPORT_SWEEP_SECS", 3600u64)?.max(1)),
         })
     }
 }
@@ -185,6 +189,8 @@ struct Inner {
     hashing: tenantmesh_credentials::HashPool,
     /// Open WatchEvents streams per caller (tenant, subject).
     watchers: handlers::Watchers,
+    /// What tenant admins are not shown (host paths, endpoints).
+    redactor: handlers::Redactor,
 }
 
 /// What the service needs besides its store.
@@ -236,6 +242,7 @@ impl OnboardingService {
                 hash_params: config.hash_params,
                 hashing: tenantmesh_credentials::HashPool::new(config.hash_pool),
                 watchers: handlers::Watchers::new(config.max_watchers),
+                redactor: handlers::Redactor::new(&[&config.common.data_dir.join("exports"), &config.common.data_dir]),
             }),
         })
     }
@@ -275,6 +282,34 @@ impl OnboardingService {
     async fn tenant(&self, tenant_id: &str) -> Result<Tenant, tonic::Status> {
         let resp = self.inner.registry.clone().get_tenant(GetTenantRequest { tenant_id: tenant_id.into() }).await?;
         resp.into_inner().tenant.ok_or_else(|| OnboardingError::TenantNotFound(tenant_id.into()).into())
+    }
+
+    /// Deletes, every `every`, the exports kept past their tier's
+    /// `export_retention_days` (every tenant's, offboarded ones' included),
+    /// recording each removal in the resource ledger.
+    fn sweep_exports(self, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let tenants = match tenantmesh_tenant_context::directory::all_tenants(&self.inner.registry).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), "exports not swept: the tenants cannot be listed");
+                        continue;
+                    }
+                };
+                for tenant in tenants {
+                    let now = now_secs();
+                    if let Err(e) =
+                        resources::expire_exports(&self.inner.resources, &self.inner.tiers, &tenant.tenant_id, now)
+                            .await
+                    {
+                        tracing::warn!(tenant_id = %tenant.tenant_id, error = %e, "exports not swept");
+                    }
+                }
+            }
+        })
     }
 
     /// Records `wf` as the tenant's active workflow (`active`: the version
@@ -324,9 +359,10 @@ pub async fn serve(
             tracing::error!(error = %e, "could not resume unfinished workflows");
         }
     });
+    let sweeper = service.clone().sweep_exports(config.export_sweep);
     let authn = Authenticator::remote(&config.common)?;
     let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-    tenantmesh_service::runtime::serve(
+    let served = tenantmesh_service::runtime::serve(
         listener,
         OnboardingServer::new(service)
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
@@ -336,6 +372,8 @@ pub async fn serve(
         config.common.shutdown_grace,
         shutdown,
     )
-    .await?;
+    .await;
+    sweeper.abort();
+    served?;
     Ok(())
 }

@@ -21,7 +21,9 @@ use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 pub const TABLE: &str = "table";
 /// A silo tenant's data-service instance (its endpoint).
 pub const SILO_INSTANCE: &str = "silo_instance";
-/// An offboarding's export of the tenant's items (its path).
+/// An export of the tenant's items, by an offboarding or a restore into an
+/// export (its path): kept, and billed by the byte-hour, for its tier's
+/// `export_retention_days`, then deleted.
 pub const EXPORT: &str = "export";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +36,13 @@ pub struct Resource {
     /// When it was removed (Unix seconds); `None` while it exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_time: Option<i64>,
+    /// Its size in bytes, where it has one (an export).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn pk(tenant: &str) -> String {
@@ -96,6 +105,18 @@ impl Ledger {
     /// Records a resource of `tenant`, unless it is recorded as existing
     /// already (a step run again).
     pub async fn add(&self, tenant: &str, kind: &str, name: &str, tier: &str) -> Result<(), StorageError> {
+        self.add_sized(tenant, kind, name, tier, 0).await
+    }
+
+    /// [`Ledger::add`], with the resource's size in bytes.
+    pub async fn add_sized(
+        &self,
+        tenant: &str,
+        kind: &str,
+        name: &str,
+        tier: &str,
+        bytes: u64,
+    ) -> Result<(), StorageError> {
         let lives = self.lives(tenant, kind, name).await?;
         if lives.iter().any(|(_, _, r)| r.remove_time.is_none()) {
             return Ok(());
@@ -106,6 +127,7 @@ impl Ledger {
             tags: tags(tenant, tier),
             create_time: crate::now_secs(),
             remove_time: None,
+            bytes,
         };
         let data = serde_json::to_vec(&r).map_err(invalid)?;
         // The name's lives are numbered: the n-th is `<kind>#<name>#<n>`.
@@ -143,6 +165,39 @@ impl Ledger {
     }
 }
 
+/// Deletes `tenant`'s exports kept longer than their tier's
+/// `export_retention_days` (the `tier` tag they were made with; a tier no
+/// longer in the file keeps the default 7 days) as of `now`, and records
+/// each removal: how many. An export file already gone is only recorded.
+pub async fn expire_exports(
+    ledger: &Ledger,
+    tiers: &tenantmesh_service::tiers::Tiers,
+    tenant: &str,
+    now: i64,
+) -> Result<usize, StorageError> {
+    const DEFAULT_RETENTION_SECS: i64 = 7 * 86_400;
+    let mut removed = 0;
+    for r in ledger.list(tenant, false).await?.into_iter().filter(|r| r.kind == EXPORT) {
+        let retention = r
+            .tags
+            .get("tier")
+            .and_then(|t| tiers.get(t))
+            .map_or(DEFAULT_RETENTION_SECS, tenantmesh_service::tiers::Tier::export_retention_secs);
+        if r.create_time.saturating_add(retention) > now {
+            continue;
+        }
+        match std::fs::remove_file(&r.name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::Backend(format!("export {}: {e}", r.name))),
+        }
+        ledger.remove(tenant, EXPORT, &r.name).await?;
+        tracing::info!(target_tenant = %tenant, bytes = r.bytes, kept_secs = now - r.create_time, "export deleted after its retention");
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +226,30 @@ mod tests {
         assert_eq!(ledger.list("acme", true).await.unwrap().len(), 3);
         assert_eq!(ledger.list("acme", false).await.unwrap().len(), 2);
         assert_eq!(ledger.list("bolt", false).await.unwrap()[0].tags["tenantId"], "bolt");
+    }
+
+    /// An export is kept for its tier's export_retention_days, then its
+    /// file is deleted and its record marked removed (once); a file
+    /// already gone is only recorded.
+    #[tokio::test]
+    async fn exports_are_deleted_after_their_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("o.redb")).unwrap());
+        let tiers = tenantmesh_service::tiers::Tiers::default();
+        let kept = dir.path().join("acme-at-1.jsonl");
+        std::fs::write(&kept, "{}\n").unwrap();
+        let path = kept.display().to_string();
+        ledger.add_sized("acme", EXPORT, &path, "premium", 3).await.unwrap();
+        ledger.add_sized("acme", EXPORT, "/gone/acme.jsonl", "basic", 9).await.unwrap();
+        let now = crate::now_secs();
+        assert_eq!(expire_exports(&ledger, &tiers, "acme", now).await.unwrap(), 0);
+        let week = 7 * 86_400;
+        assert_eq!(expire_exports(&ledger, &tiers, "acme", now + week + 1).await.unwrap(), 2);
+        assert!(!kept.exists(), "the export file is deleted");
+        assert!(ledger.list("acme", false).await.unwrap().is_empty());
+        let removed = ledger.list("acme", true).await.unwrap();
+        assert!(removed.iter().all(|r| r.remove_time.is_some()) && removed.len() == 2, "{removed:?}");
+        assert_eq!(removed.iter().map(|r| r.bytes).sum::<u64>(), 12, "sizes are kept for the bill");
+        assert_eq!(expire_exports(&ledger, &tiers, "acme", now + week + 2).await.unwrap(), 0, "once");
     }
 }

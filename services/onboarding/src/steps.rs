@@ -186,7 +186,11 @@ fn store_ref(wf: &Workflow, spot: &Spot) -> Option<StoreRef> {
 impl Steps {
     /// Puts the tenant's items back as they were at the restore's instant.
     async fn rewind_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
-        let req = RewindItemsRequest { store: store_ref(wf, &wf.from), point_in_time_us: wf.point_in_time_us };
+        let req = RewindItemsRequest {
+            store: store_ref(wf, &wf.from),
+            point_in_time_us: wf.point_in_time_us,
+            charge_tenant: wf.charge_tenant,
+        };
         let done = match self.data_admin(&wf.from)?.rewind_items(req).await {
             Ok(r) => r.into_inner(),
             // The history does not reach back: nothing was changed, and trying again changes nothing.
@@ -214,7 +218,12 @@ impl Steps {
             return Ok(());
         }
         if let Some(paused_at) = wf.outputs.get(PAUSED_AT).and_then(|t| t.parse().ok()) {
-            let req = RewindItemsRequest { store: store_ref(wf, &wf.from), point_in_time_us: paused_at };
+            // Undoing is never charged, nor refused.
+            let req = RewindItemsRequest {
+                store: store_ref(wf, &wf.from),
+                point_in_time_us: paused_at,
+                charge_tenant: false,
+            };
             match self.data_admin(&wf.from)?.rewind_items(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
@@ -361,7 +370,7 @@ impl Steps {
         let mut target = self.data_admin(&wf.to)?;
         // Items, and the history entries that move with them (`~` keys).
         let (mut copied, mut history) = (0usize, 0usize);
-        if let Some(mut pages) = self.export(&wf.from, &wf.params.tenant_id, true, None).await? {
+        if let Some(mut pages) = self.export(&wf.from, &wf.params.tenant_id, true, None, false).await? {
             while let Some(page) = pages.message().await? {
                 for batch in import_batches(page.items) {
                     let entries = batch.iter().filter(|i| i.sort_key.starts_with('~')).count();
@@ -409,13 +418,16 @@ impl Steps {
         let path = self.exports_dir.join(name);
         let io = |e: std::io::Error| StepError::transient(format!("export {}: {e}", path.display()));
         let blocking = |e: tokio::task::JoinError| StepError::permanent(e.to_string());
+        // Asked first: an export that cannot be made (an instant before the
+        // history) leaves no file behind.
+        let pages = self.export(&wf.from, &tenant, false, as_of, wf.charge_tenant).await?;
         let target = path.clone();
         let mut file = tokio::task::spawn_blocking(move || export::ExportFile::create(&target))
             .await
             .map_err(blocking)?
             .map_err(io)?;
         let mut exported = 0usize;
-        if let Some(mut pages) = self.export(&wf.from, &tenant, false, as_of).await? {
+        if let Some(mut pages) = pages {
             while let Some(page) = pages.message().await? {
                 let lines =
                     page.items.iter().map(export::line).collect::<Result<Vec<_>, _>>().map_err(StepError::permanent)?;
@@ -426,9 +438,13 @@ impl Steps {
                     .map_err(io)?;
             }
         }
-        tokio::task::spawn_blocking(move || file.finish()).await.map_err(blocking)?.map_err(io)?;
+        let bytes = tokio::task::spawn_blocking(move || file.finish()).await.map_err(blocking)?.map_err(io)?;
         wf.export_path = path.display().to_string();
-        self.resources.add(&tenant, resources::EXPORT, &wf.export_path, &wf.from_tier).await.map_err(ledger_error)?;
+        // Counted and billed (by the byte-hour) until its retention ends.
+        self.resources
+            .add_sized(&tenant, resources::EXPORT, &wf.export_path, &wf.from_tier, bytes)
+            .await
+            .map_err(ledger_error)?;
         tracing::info!(items = exported, path = %wf.export_path, as_of_us = ?as_of, "tenant items exported");
         if as_of.is_some() {
             let detail = format!("export of the items at {} µs: {}", wf.point_in_time_us, wf.export_path);
@@ -493,18 +509,21 @@ impl Steps {
     /// The pages of every item of `tenant` where `spot` keeps them (`None`
     /// if its dedicated table is gone): as they are, with their change
     /// history (`include_history`: what moves with them), or as they were
-    /// at `as_of`.
+    /// at `as_of`; `charge_tenant`: read on the tenant's own request,
+    /// charged to its limits.
     async fn export(
         &self,
         spot: &Spot,
         tenant: &str,
         include_history: bool,
         as_of: Option<i64>,
+        charge_tenant: bool,
     ) -> Result<Option<tonic::Streaming<tenantmesh_proto::data::v1::ExportItemsResponse>>, StepError> {
         let request = ExportItemsRequest {
             store: Some(StoreRef { tenant_id: tenant.into(), table: spot.table.clone() }),
             include_history,
             as_of_us: as_of,
+            charge_tenant,
         };
         match self.data_admin(spot)?.export_items(request).await {
             Ok(s) => Ok(Some(s.into_inner())),

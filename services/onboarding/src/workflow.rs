@@ -260,6 +260,10 @@ pub struct Workflow {
     /// (microseconds since the epoch).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub point_in_time_us: i64,
+    /// A restore the tenant's own admin asked for: its work is charged to
+    /// the tenant's limits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub charge_tenant: bool,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -287,6 +291,7 @@ impl Workflow {
             update_time: now,
             outputs: BTreeMap::new(),
             point_in_time_us: 0,
+            charge_tenant: false,
         }
     }
 
