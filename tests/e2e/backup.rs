@@ -38,7 +38,31 @@ async fn ids(mesh: &TestMesh, token: &str) -> BTreeSet<String> {
 /// Runs the `tenantmesh` binary. Blocking: a command that calls the mesh
 /// (which runs in this process) goes through `spawn_blocking`.
 fn tenantmesh(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(service_binary("tenantmesh")).args(args).env("RUST_LOG", "warn").output().unwrap()
+    tenantmesh_with_token(args, None)
+}
+
+/// [`tenantmesh`] with the operator's `token` in `TENANTMESH_TOKEN` (never
+/// on the command line).
+fn tenantmesh_with_token(args: &[&str], token: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(service_binary("tenantmesh"));
+    cmd.args(args).env("RUST_LOG", "warn").env_remove("TENANTMESH_TOKEN");
+    if let Some(t) = token {
+        cmd.env("TENANTMESH_TOKEN", t);
+    }
+    cmd.output().unwrap()
+}
+
+/// Every entry under `dir` with its mode: directories 0700, files 0600.
+fn modes(dir: &std::path::Path, out: &mut Vec<(String, u32)>) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        out.push((path.display().to_string(), meta.permissions().mode() & 0o777));
+        if meta.is_dir() {
+            modes(&path, out);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,9 +114,11 @@ async fn a_backup_under_load_restores_exactly_what_was_acknowledged_before_it() 
     let data_addr = mesh.addrs.data.to_string();
     let backup = {
         let (addr, admin, out) = (data_addr.clone(), admin.clone(), out.display().to_string());
-        tokio::task::spawn_blocking(move || tenantmesh(&["backup", "--addr", &addr, "--token", &admin, "--out", &out]))
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            tenantmesh_with_token(&["backup", "--addr", &addr, "--out", &out], Some(&admin))
+        })
+        .await
+        .unwrap()
     };
     let backup_ended = now_ms();
     assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
@@ -104,7 +130,8 @@ async fn a_backup_under_load_restores_exactly_what_was_acknowledged_before_it() 
     }
     assert_eq!(files.iter().filter(|f| f.starts_with("tables/")).count(), 2, "{files:?}");
     // A second backup into the same place is refused, not mixed.
-    let again = tenantmesh(&["backup", "--addr", &data_addr, "--token", &admin, "--out", &out.display().to_string()]);
+    let again =
+        tenantmesh_with_token(&["backup", "--addr", &data_addr, "--out", &out.display().to_string()], Some(&admin));
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -147,7 +174,10 @@ async fn a_backup_under_load_restores_exactly_what_was_acknowledged_before_it() 
 }
 
 /// A backup with a file changed or its manifest missing is refused, naming
-/// the problem, and the data directory is left as it was.
+/// the problem, and the data directory is left as it was. A backup, and
+/// the data directory restored from it, are the owner's alone (0700
+/// directories, 0600 files), whatever the directory was before; a link in
+/// a backup is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_or_incomplete_backup_is_refused() {
     let mesh = TestMesh::start_with(TestBackend::Embedded).await;
@@ -155,18 +185,41 @@ async fn a_damaged_or_incomplete_backup_is_refused() {
     let admin = mesh.admin_token().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b");
-    let taken = tenantmesh(&[
-        "backup",
-        "--addr",
-        &mesh.addrs.data.to_string(),
-        "--token",
-        &admin,
-        "--out",
-        &out.display().to_string(),
-    ]);
+    // Into a directory anyone may read: it ends the owner's alone, every file 0600.
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let no_token = tenantmesh(&["backup", "--addr", &mesh.addrs.data.to_string(), "--out", &out.display().to_string()]);
+    assert!(String::from_utf8_lossy(&no_token.stderr).contains("TENANTMESH_TOKEN"), "{no_token:?}");
+    let taken = tenantmesh_with_token(
+        &["backup", "--addr", &mesh.addrs.data.to_string(), "--out", &out.display().to_string()],
+        Some(&admin),
+    );
     assert!(taken.status.success(), "{}", String::from_utf8_lossy(&taken.stderr));
     let _ = tenant;
+    let mut found = vec![(out.display().to_string(), {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777
+    })];
+    modes(&out, &mut found);
+    for (path, mode) in &found {
+        let want = if std::path::Path::new(path).is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{path}: {mode:o}");
+    }
+    assert!(found.iter().any(|(p, _)| p.ends_with("auth.redb")), "{found:?}");
     let target = dir.path().join("restored");
+    // Restored, every file is the owner's alone too.
+    let restored = tenantmesh(&["restore", &out.display().to_string(), "--data-dir", &target.display().to_string()]);
+    assert!(restored.status.success(), "{restored:?}");
+    let mut found = Vec::new();
+    modes(&target, &mut found);
+    assert!(found.iter().all(|(p, m)| *m == if std::path::Path::new(p).is_dir() { 0o700 } else { 0o600 }), "{found:?}");
+    std::fs::remove_dir_all(&target).unwrap();
+    // A link in a backup is refused, not followed.
+    std::os::unix::fs::symlink("/etc/hostname", out.join("linked.redb")).unwrap();
+    let linked = tenantmesh(&["restore", &out.display().to_string(), "--data-dir", &target.display().to_string()]);
+    assert!(String::from_utf8_lossy(&linked.stderr).contains("not a regular file"), "{linked:?}");
+    assert!(!target.exists());
+    std::fs::remove_file(out.join("linked.redb")).unwrap();
 
     let mut bytes = std::fs::read(out.join("registry.redb")).unwrap();
     let last = bytes.len() - 1;

@@ -21,7 +21,8 @@ pub async fn take(addr: &str, token: &str, out: &Path) -> Result<BackupManifest,
     if out.exists() && !is_empty_dir(out) {
         return Err(format!("{} exists and is not empty", out.display()));
     }
-    tenantmesh_service::config::ensure_private_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // Every tenant's data: the owner's alone, whatever `out` was before.
+    tenantmesh_storage::files::private_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let channel = tonic::transport::Endpoint::from_shared(crate::report::url(addr))
         .map_err(|e| format!("{addr}: {e}"))?
         .connect()
@@ -45,10 +46,8 @@ pub async fn take(addr: &str, token: &str, out: &Path) -> Result<BackupManifest,
             return Err(format!("the service named an unsafe path {:?}", file.path));
         }
         let path = out.join(&file.path);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        let mut writer = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut writer =
+            tenantmesh_storage::files::create_private(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut written = 0u64;
         while written < file.size {
             let chunk =
@@ -68,7 +67,7 @@ pub async fn take(addr: &str, token: &str, out: &Path) -> Result<BackupManifest,
         return Err("more data than the manifest names".into());
     }
     let tmp = out.join(format!("{MANIFEST}.tmp"));
-    std::fs::write(&tmp, manifest_json(&manifest))
+    tenantmesh_storage::files::write_private(&tmp, manifest_json(&manifest).as_bytes())
         .and_then(|()| std::fs::rename(&tmp, out.join(MANIFEST)))
         .map_err(|e| format!("{}: {e}", out.display()))?;
     verify(out)
@@ -97,14 +96,16 @@ pub fn restore(dir: &Path, data_dir: &Path, replace: bool) -> Result<Option<Path
     // Filled beside it and renamed into place: a crash leaves no half-restored data dir.
     let staging = PathBuf::from(format!("{}.restoring-{}", data_dir.display(), std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
-    tenantmesh_service::config::ensure_private_dir(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    tenantmesh_storage::files::private_dir(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
     for file in &manifest.files {
         let to = staging.join(&file.path);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        std::fs::copy(dir.join(&file.path), &to).map_err(|e| format!("{}: {e}", to.display()))?;
-        std::fs::File::open(&to).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", to.display()))?;
+        let copied = (|| {
+            let mut from = std::fs::File::open(dir.join(&file.path))?;
+            let mut into = tenantmesh_storage::files::create_private(&to)?;
+            std::io::copy(&mut from, &mut into)?;
+            into.sync_all()
+        })();
+        copied.map_err(|e| format!("{}: {e}", to.display()))?;
     }
     if data_dir.exists() {
         std::fs::remove_dir(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;

@@ -19,6 +19,34 @@ struct Cli {
     command: Command,
 }
 
+/// A platform admin's access token (Auth/Login as the operator), from the
+/// environment or a file: never on the command line, where other users of
+/// the machine see it (`ps`).
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// The token (better from TENANTMESH_TOKEN than on the command line,
+    /// where other users of the machine see it).
+    #[arg(long, env = "TENANTMESH_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file holding the token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn read(self) -> Result<String, String> {
+        match (self.token, self.token_file) {
+            (Some(t), _) => Ok(t),
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| format!("--token-file {}: {e}", path.display())),
+            (None, None) => {
+                Err("a platform admin's token is required: set TENANTMESH_TOKEN, or pass --token-file".to_owned())
+            }
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run all four services in this process on the embedded store, until Ctrl-C.
@@ -76,9 +104,8 @@ enum Command {
         /// The data service, which hosts metering.
         #[arg(long, default_value = "localhost:50054")]
         addr: String,
-        /// A platform admin's access token (Auth/Login as the operator).
-        #[arg(long, env = "TENANTMESH_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        token: TokenArgs,
         /// End of the period, Unix seconds (default: now).
         #[arg(long)]
         to: Option<i64>,
@@ -102,9 +129,8 @@ enum Command {
         /// Any tenantmesh service (default: the data service).
         #[arg(long, default_value = "localhost:50054")]
         addr: String,
-        /// A platform admin's access token (Auth/Login as the operator).
-        #[arg(long, env = "TENANTMESH_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        token: TokenArgs,
         /// Where to write the backup (absent, or an empty directory).
         #[arg(long)]
         out: PathBuf,
@@ -170,21 +196,27 @@ async fn main() -> ExitCode {
             up(options).await
         }
         Command::Health { .. } => unreachable!("handled before telemetry"),
-        Command::Backup { addr, token, out } => match tenantmesh_cli::backup::take(&addr, &token, &out).await {
-            Ok(m) => {
-                let bytes: u64 = m.files.iter().map(|f| f.size).sum();
-                println!(
-                    "backup of {} files ({bytes} bytes) written to {}; it holds every write acknowledged before {} (Unix ms)",
-                    m.files.len(),
-                    out.display(),
-                    m.taken_at_ms
-                );
-                ExitCode::SUCCESS
-            }
+        Command::Backup { addr, token, out } => match token.read() {
             Err(e) => {
                 eprintln!("tenantmesh backup: {e}");
                 ExitCode::FAILURE
             }
+            Ok(token) => match tenantmesh_cli::backup::take(&addr, &token, &out).await {
+                Ok(m) => {
+                    let bytes: u64 = m.files.iter().map(|f| f.size).sum();
+                    println!(
+                        "backup of {} files ({bytes} bytes) written to {}; it holds every write acknowledged before {} (Unix ms)",
+                        m.files.len(),
+                        out.display(),
+                        m.taken_at_ms
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tenantmesh backup: {e}");
+                    ExitCode::FAILURE
+                }
+            },
         },
         Command::Restore { backup, data_dir, replace } => {
             match tenantmesh_cli::backup::restore(&backup, &data_dir, replace) {
@@ -202,6 +234,13 @@ async fn main() -> ExitCode {
             }
         }
         Command::CostReport { addr, token, to, hours } => {
+            let token = match token.read() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("tenantmesh cost-report: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let to = to.unwrap_or_else(tenantmesh_service::metering::now_secs);
             let from = to - hours * 3600;
             match tenantmesh_cli::report::fetch(&addr, &token, from, to).await {

@@ -36,12 +36,9 @@ impl InProcessSilos {
     }
 
     fn record(&self, ports: &BTreeMap<String, u16>) -> Result<(), String> {
-        if let Some(dir) = self.file.parent() {
-            tenantmesh_service::config::ensure_private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
         let tmp = self.file.with_extension("json.tmp");
         let data = serde_json::to_vec_pretty(ports).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, data)
+        tenantmesh_storage::files::write_private(&tmp, &data)
             .and_then(|()| std::fs::rename(&tmp, &self.file))
             .map_err(|e| format!("{}: {e}", self.file.display()))
     }

@@ -98,6 +98,18 @@ fn readme_walkthrough_passes_against_tenantmesh_up() {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let steps = walkthrough_steps(&readme);
     assert!(steps.len() >= 15, "walkthrough too short: {} steps", steps.len());
+    // No token or password on a command line, where other users of the
+    // machine see it (ps): tokens are named for grpcurl to expand from its
+    // environment, or passed to tenantmesh in TENANTMESH_TOKEN.
+    for step in &steps {
+        let c = &step.command;
+        for (at, _) in c.match_indices("authorization: Bearer ") {
+            let rest = &c[at + "authorization: Bearer ".len()..];
+            assert!(rest.starts_with("${") && c.contains("-expand-headers"), "a token on the command line: {c}");
+        }
+        assert!(!c.contains("--token"), "a token on the command line: {c}");
+        assert!(!c.contains("bootstrap-password") || c.contains("-d @"), "a password on the command line: {c}");
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let mut up = Command::new(service_binary("tenantmesh"))

@@ -168,7 +168,7 @@ impl TenantStores for EmbeddedStores {
         if path.exists() {
             return Ok(false);
         }
-        tenantmesh_service::config::ensure_private_dir(&self.dir).map_err(|e| StorageError::Backend(e.to_string()))?;
+        tenantmesh_storage::files::private_dir(&self.dir).map_err(|e| StorageError::Backend(e.to_string()))?;
         // Created under a temporary name and renamed: a crash leaves no half-made table.
         let tmp = self.dir.join(format!(".{table}.{}.tmp", std::process::id()));
         drop(EmbeddedTable::open(&tmp)?);

@@ -154,7 +154,7 @@ pub fn safe_relative(path: &str) -> bool {
 /// (`*.tmp`) and earlier stagings are left out. Blocking.
 pub fn take(data_dir: &Path, staging: &Path, taken_at_ms: i64) -> Result<BackupManifest, String> {
     let fail = |what: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", what.display());
-    std::fs::create_dir_all(staging).map_err(|e| fail(staging, &e))?;
+    tenantmesh_storage::files::private_dir(staging).map_err(|e| fail(staging, &e))?;
     let mut found = Vec::new();
     walk(data_dir, data_dir, &mut found).map_err(|e| fail(data_dir, &e))?;
     let (stores, others): (Vec<PathBuf>, Vec<PathBuf>) =
@@ -171,11 +171,12 @@ pub fn take(data_dir: &Path, staging: &Path, taken_at_ms: i64) -> Result<BackupM
     }
     for rel in others {
         let dest = staging.join(&rel);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| fail(parent, &e))?;
-        }
-        match std::fs::copy(data_dir.join(&rel), &dest) {
-            Ok(_) => files.push(rel),
+        let copied = std::fs::File::open(data_dir.join(&rel)).and_then(|mut from| {
+            let mut into = tenantmesh_storage::files::create_private(&dest)?;
+            std::io::copy(&mut from, &mut into).map(drop)
+        });
+        match copied {
+            Ok(()) => files.push(rel),
             // Removed meanwhile (a finished temporary, a dropped export).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(&dest, &e)),
@@ -226,9 +227,31 @@ pub fn manifest_json(m: &BackupManifest) -> String {
     serde_json::to_string_pretty(&doc).expect("json")
 }
 
+/// Refuses anything under `dir` that is not a directory or a regular file
+/// (a symlink, a device, a pipe): a backup holds regular files only, and
+/// restoring one must never copy what a link points at.
+fn only_regular_files(dir: &Path) -> Result<(), String> {
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        let kind = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?.file_type();
+        if kind.is_dir() {
+            only_regular_files(&path)?;
+        } else if !kind.is_file() {
+            return Err(format!("{}: not a regular file (a backup holds regular files only)", path.display()));
+        }
+    }
+    Ok(())
+}
+
 /// Reads and checks a backup directory: the manifest, and every file it
-/// names present with its size and hash. The error names what is wrong.
+/// names present with its size and hash, and nothing in it but
+/// directories and regular files. The error names what is wrong.
 pub fn verify(dir: &Path) -> Result<BackupManifest, String> {
+    let kind = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?.file_type();
+    if !kind.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    only_regular_files(dir)?;
     let path = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("{}: {e} (an incomplete backup has no manifest)", path.display()))?;
@@ -301,6 +324,21 @@ mod tests {
         // A table file that is gone is not in the backup, and not created again.
         assert!(EmbeddedTable::open_existing(&data.join("tables/gone.redb")).unwrap().is_none());
         assert!(!data.join("tables/gone.redb").exists());
+
+        // Everything is the owner's alone.
+        use std::os::unix::fs::PermissionsExt;
+        for f in &manifest.files {
+            let mode = std::fs::metadata(staging.join(&f.path)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.path);
+        }
+        // A link in a backup is refused, whatever it points at.
+        std::os::unix::fs::symlink("/etc/passwd", staging.join("tables/extra.redb")).unwrap();
+        assert!(verify(&staging).unwrap_err().contains("not a regular file"));
+        std::fs::remove_file(staging.join("tables/extra.redb")).unwrap();
+        std::fs::remove_file(staging.join("silos.json")).unwrap();
+        std::os::unix::fs::symlink(data.join("silos.json"), staging.join("silos.json")).unwrap();
+        assert!(verify(&staging).unwrap_err().contains("not a regular file"), "a file of the manifest as a link");
+        std::fs::remove_file(staging.join("silos.json")).unwrap();
 
         std::fs::write(staging.join("silos.json"), "{\"x\":1}").unwrap();
         assert!(verify(&staging).unwrap_err().contains("does not match"));

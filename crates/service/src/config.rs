@@ -216,21 +216,11 @@ impl CommonConfig {
     }
 
     /// The redb file of `service` under the data directory, creating the
-    /// directory (mode 0700) if needed.
+    /// directory, or making an existing one, readable by its owner only.
     pub fn store_path(&self, service: &str) -> std::io::Result<PathBuf> {
-        ensure_private_dir(&self.data_dir)?;
+        tenantmesh_storage::files::private_dir(&self.data_dir)?;
         Ok(self.data_dir.join(format!("{service}.redb")))
     }
-}
-
-/// Creates `dir` (and parents) readable by the owner only.
-pub fn ensure_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    // An existing folder keeps the permissions its owner gave it.
-    if !dir.exists() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -362,11 +362,14 @@ impl EmbeddedTable {
     /// Opens (or creates) the table file at `path`, creating parent folders.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(backend)?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            crate::files::private_dir(parent)
+                .map_err(|e| StorageError::Backend(format!("{}: {e}", parent.display())))?;
         }
         let db = Database::create(path)
             .map_err(|e| StorageError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        // Tenants' items: the owner's alone, whatever the umask.
+        crate::files::private(path).map_err(|e| StorageError::Backend(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(ITEMS).map_err(backend)?;
         txn.commit().map_err(backend)?;
@@ -437,9 +440,10 @@ impl EmbeddedTable {
             return Err(StorageError::Backend(format!("{} exists", dest.display())));
         }
         if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(backend)?;
+            crate::files::private_dir(parent).map_err(backend)?;
         }
         let copy = Database::create(dest).map_err(|e| StorageError::Backend(format!("{}: {e}", dest.display())))?;
+        crate::files::private(dest).map_err(backend)?;
         let txn = copy.begin_write().map_err(backend)?;
         {
             let mut out = txn.open_table(ITEMS).map_err(backend)?;

@@ -8,6 +8,7 @@ mod embedded;
 
 #[cfg(any(test, feature = "testsuite"))]
 pub mod contract;
+pub mod files;
 
 use std::sync::Arc;
 

@@ -434,14 +434,7 @@ impl AuthService {
 }
 
 fn write_private_file(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        tenantmesh_service::config::ensure_private_dir(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    writeln!(f, "{contents}")?;
-    f.sync_all()
+    tenantmesh_storage::files::write_private(path, format!("{contents}\n").as_bytes())
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {

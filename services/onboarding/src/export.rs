@@ -58,11 +58,8 @@ impl Drop for ExportFile {
 
 impl ExportFile {
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        tenantmesh_service::config::ensure_private_dir(dir)?;
         let tmp = path.with_extension("jsonl.tmp");
-        let file = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let file = tenantmesh_storage::files::create_private(&tmp)?;
         Ok(Self { file: Some(std::io::BufWriter::new(file)), tmp, path: path.to_owned(), bytes: 0 })
     }
 
