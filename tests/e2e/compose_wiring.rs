@@ -208,7 +208,25 @@ fn the_compose_file_wires_health_traces_and_profiles() {
     let endpoint = config["exporters"][jaeger.as_str()]["endpoint"].as_str().unwrap();
     assert_eq!(endpoint, "jaeger:4317");
     assert!(strings(&config["service"]["pipelines"]["metrics"]["receivers"]).contains(&"otlp".to_owned()));
-    assert!(strings(&service(&doc, "jaeger")["ports"]).contains(&"16686:16686".to_owned()));
+    assert!(strings(&service(&doc, "jaeger")["ports"]).contains(&"127.0.0.1:16686:16686".to_owned()));
+}
+
+/// Every port the file publishes listens on the host's loopback only, and
+/// the emulator (any credentials, every tenant's items) publishes none.
+#[test]
+fn published_ports_are_on_loopback_only() {
+    let doc = compose();
+    let mut published = 0;
+    for (name, svc) in entries(&doc["services"]) {
+        if let Some(ports) = field(&svc, "ports") {
+            for port in strings(&ports) {
+                assert!(port.starts_with("127.0.0.1:"), "{name} publishes {port} on every interface");
+                published += 1;
+            }
+        }
+    }
+    assert_eq!(published, 5, "the four services and the trace UI");
+    assert!(field(&service(&doc, "moto"), "ports").is_none(), "the emulator is published");
 }
 
 /// The emulator's set-up makes the tables the CloudFormation stack makes in

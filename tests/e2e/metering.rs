@@ -241,6 +241,15 @@ async fn application_events_count_once() {
     assert_eq!(by_service.code(), Code::PermissionDenied, "{by_service:?}");
     record(vec![fix], &admin).await.unwrap();
     assert_eq!(total(&mesh, &admin, &a.tenant_id, "emails.sent").await, 5 + 7 - 2);
+    // 500 events in one call, as the proto says; 501 are refused naming the field.
+    let bulk = |n: usize| -> Vec<UsageEvent> {
+        (0..n)
+            .map(|i| UsageEvent { meter: "bulk".into(), ..event(&format!("bulk-{n}-{i}"), &a.tenant_id, 1, t) })
+            .collect()
+    };
+    assert_eq!(record(bulk(500), &service).await.unwrap().into_inner().recorded, 500);
+    let e = record(bulk(501), &service).await.unwrap_err();
+    assert_eq!((e.code(), field_of(&e).as_str()), (Code::InvalidArgument, "events"), "{e:?}");
     // Tenants cannot record usage, not even their own.
     let own = record(vec![event("own", &a.tenant_id, -100, t)], &a.token).await.unwrap_err();
     assert_eq!(own.code(), Code::PermissionDenied);
@@ -425,6 +434,12 @@ async fn tenant_resources_carry_their_tags_until_removed() {
     }
     kinds.sort();
     assert_eq!(kinds, ["silo_instance", "table"]);
+    // Where the tenant's instance runs is the operator's to see, not the tenant's.
+    let endpoint = |rs: Vec<tenantmesh_proto::onboarding::v1::TenantResource>| {
+        rs.into_iter().find(|r| r.kind == "silo_instance").map(|r| r.name).unwrap_or_default()
+    };
+    assert_eq!(endpoint(list(&silo.tenant_id, &silo.token).await.unwrap()), "");
+    assert!(endpoint(list(&silo.tenant_id, &admin).await.unwrap()).starts_with("http://"));
     assert!(list(&other.tenant_id, &admin).await.unwrap().is_empty(), "a pool tenant has nothing of its own");
     let denied = list(&silo.tenant_id, &other.token).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
@@ -478,6 +493,45 @@ async fn sampled(mesh: &TestMesh, admin: &str, tenant: &str, start: i64) -> i64 
         assert!(tokio::time::Instant::now() < deadline, "no sample of {tenant} from {start} on");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A tenant whose store never answers (its silo instance hangs) holds up
+/// nobody's sample: the others are sampled every interval all the same,
+/// and later rounds leave the hung one alone while it is still busy. (On
+/// the previous main the sampler went tenant by tenant, so a hung tenant
+/// sorted first held up every other until its call timed out.)
+#[tokio::test]
+async fn a_hung_tenant_holds_up_no_other_sample() {
+    use tenantmesh_proto::registry::v1::{IsolationModel, Placement, SetPlacementRequest};
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_STORAGE_SAMPLE_SECS", "1")]).await;
+    let admin = mesh.admin_token().await;
+    // Sorted before every other tenant: listed, and sampled, first.
+    let hung = mesh.onboard_on(&format!("aaa-{}", unique_tenant("hung")), "enterprise").await;
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", black_hole.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((conn, _)) = black_hole.accept().await {
+            conns.push(conn); // accepted, never answered
+        }
+    });
+    let placement = Placement {
+        model: IsolationModel::Silo as i32,
+        table: format!("tenantmesh-tenant-{}-silo", hung.tenant_id),
+        endpoint,
+    };
+    let req =
+        SetPlacementRequest { tenant_id: hung.tenant_id.clone(), placement: Some(placement), ..Default::default() };
+    mesh.registry().set_placement(authed(req, &admin)).await.unwrap();
+    let pool = mesh.onboard(&unique_tenant("busy-pool")).await;
+    mesh.data().put_item(authed(sized("one", 36_000), &pool.token)).await.unwrap();
+    // Two intervals in a row, well within the hung call's timeout.
+    for _ in 0..2 {
+        let after = now() + 1;
+        assert!(sampled(&mesh, &admin, &pool.tenant_id, after).await > 0);
+    }
+    held.abort();
+    mesh.shutdown().await;
 }
 
 /// Every tenant's stored bytes are sampled (here every second), pool and

@@ -113,7 +113,7 @@ impl Placement {
     }
 }
 
-/// Tenant ids must match `^[a-z0-9][a-z0-9-]{2,62}$`: no `*`, `?`, `"` or
+/// Tenant ids must match `^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$`: no `*`, `?`, `"` or
 /// `$`, so a tenant id can never widen the policy it is written into.
 fn check_tenant_id(id: &str) -> Result<(), PolicyError> {
     let b = id.as_bytes();
@@ -234,7 +234,7 @@ mod tests {
         use proptest::prelude::*;
 
         fn tenant_id() -> impl Strategy<Value = String> {
-            "[a-z0-9][a-z0-9-]{2,62}"
+            "[a-z0-9][a-z0-9-]{1,61}[a-z0-9]"
         }
 
         fn table() -> impl Strategy<Value = String> {

@@ -37,12 +37,16 @@ struct CachedSet {
 }
 
 /// Verifies external tokens; JWKS per URL cached, refreshed on an unknown
-/// `kid` at most every `min_refresh_interval`, one fetch per URL at a time,
-/// each bounded in time and size.
+/// `kid` at most every `min_refresh_interval`, and whenever the known keys
+/// are older than `max_key_age` (so a key the provider retired stops
+/// verifying within that, whatever kids tokens name; if the provider
+/// cannot be reached then, the known keys stand), one fetch per URL at a
+/// time, each bounded in time and size.
 pub struct ExternalVerifier {
     /// Built on the first fetch (see [`ExternalVerifier::client`]).
     client: std::sync::OnceLock<HttpsClient>,
     min_refresh_interval: Duration,
+    max_key_age: Duration,
     /// Known key sets per URL: read without waiting for a fetch in flight.
     sets: std::sync::RwLock<HashMap<String, CachedSet>>,
     /// One lock per provider URL, held for its fetch: one fetch of a
@@ -56,6 +60,8 @@ pub struct ExternalVerifier {
 
 /// The largest JWKS read; a longer body is refused as it streams in.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
+/// How long a provider's keys are trusted before they are fetched again.
+pub const DEFAULT_MAX_KEY_AGE: Duration = Duration::from_secs(300);
 
 impl std::fmt::Debug for ExternalVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,17 +100,38 @@ pub fn is_private(ip: std::net::IpAddr) -> bool {
                 || v4.is_documentation()
                 // Shared address space (carrier-grade NAT), 100.64.0.0/10.
                 || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+                // "This network", 0.0.0.0/8.
+                || v4.octets()[0] == 0
+                // Benchmarking, 198.18.0.0/15.
+                || (v4.octets()[0] == 198 && (v4.octets()[1] & 0xfe) == 18)
+                // Reserved, 240.0.0.0/4.
+                || v4.octets()[0] >= 240
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_private(IpAddr::V4(v4)),
-            None => {
-                v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
-                    || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            // IPv4 within IPv6: mapped (::ffff:a.b.c.d), NAT64
+            // (64:ff9b::a.b.c.d and 64:ff9b:1::/48), 6to4 (2002:ab:cd::):
+            // judged by the IPv4 address they reach.
+            let embedded = |hi: u16, lo: u16| std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+            let v4 = match s {
+                _ if v6.to_ipv4_mapped().is_some() => v6.to_ipv4_mapped(),
+                [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(embedded(hi, lo)),
+                [0x64, 0xff9b, 1, ..] => Some(embedded(s[6], s[7])),
+                [0x2002, hi, lo, ..] => Some(embedded(hi, lo)),
+                _ => None,
+            };
+            match v4 {
+                Some(v4) => is_private(IpAddr::V4(v4)),
+                None => {
+                    v6.is_loopback()
+                        || v6.is_unspecified()
+                        || v6.is_multicast()
+                        || (s[0] & 0xfe00) == 0xfc00 // unique local
+                        || (s[0] & 0xffc0) == 0xfe80 // link local
+                        || s[0] == 0x2001 && s[1] == 0x0db8 // documentation
+                }
             }
-        },
+        }
     }
 }
 
@@ -185,6 +212,7 @@ impl ExternalVerifier {
         Self {
             client: std::sync::OnceLock::new(),
             min_refresh_interval: Duration::from_secs(2),
+            max_key_age: DEFAULT_MAX_KEY_AGE,
             sets: std::sync::RwLock::new(HashMap::new()),
             fetching: std::sync::Mutex::new(HashMap::new()),
             fetch_timeout: Duration::from_secs(5),
@@ -227,6 +255,14 @@ impl ExternalVerifier {
     /// Sets the time a whole JWKS fetch may take (default 5 s).
     pub fn with_fetch_timeout(mut self, timeout: Duration) -> Self {
         self.fetch_timeout = timeout;
+        self
+    }
+
+    /// Sets how long known keys are trusted before they are fetched again
+    /// (default [`DEFAULT_MAX_KEY_AGE`]).
+    pub fn with_max_key_age(mut self, age: Duration) -> Self {
+        self.max_key_age = age;
+        self.min_refresh_interval = self.min_refresh_interval.min(age);
         self
     }
 
@@ -281,8 +317,13 @@ impl ExternalVerifier {
     fn cached(&self, url: &str, kid: &str) -> Option<Result<Option<(DecodingKey, Algorithm)>, VerifyError>> {
         let sets = self.sets.read().expect("jwks lock");
         let set = sets.get(url)?;
+        // Keys are trusted for their age; after a failed fetch the known
+        // ones stand until the next try.
+        let fresh = set.fetched.elapsed() < if set.ok { self.max_key_age } else { self.min_refresh_interval };
         match set.keys.get(kid) {
-            Some(k) => Some(Ok(Some(k.clone()))),
+            Some(k) if fresh => Some(Ok(Some(k.clone()))),
+            // Known but old: fetched again (a retired key goes).
+            Some(_) => None,
             None if set.fetched.elapsed() < self.min_refresh_interval => Some(if set.ok {
                 Ok(None)
             } else {
@@ -310,7 +351,11 @@ impl ExternalVerifier {
         let found = keys.get(kid).cloned();
         let ok = fetched.is_ok();
         self.sets.write().expect("jwks lock").insert(url.to_owned(), CachedSet { fetched: Instant::now(), ok, keys });
-        fetched.map(|_| found)
+        match (fetched, found) {
+            // The provider is unreachable: the keys it published last stand.
+            (Err(_), Some(k)) => Ok(Some(k)),
+            (fetched, found) => fetched.map(|_| found),
+        }
     }
 
     /// Verifies `token` against `provider` and requires its tenant claim to
@@ -378,7 +423,14 @@ mod tests {
 
     #[test]
     fn jwks_urls_must_be_https_on_public_hosts() {
-        for ok in ["https://idp.example/jwks", "https://8.8.8.8/jwks", "https://[2001:4860::8888]/k"] {
+        for ok in [
+            "https://idp.example/jwks",
+            "https://8.8.8.8/jwks",
+            "https://[2001:4860::8888]/k",
+            "https://[64:ff9b::808:808]/jwks",
+            "https://[2002:808:808::1]/jwks",
+            "https://198.20.0.1/jwks",
+        ] {
             assert_eq!(jwks_url_refusal(ok, false), None, "{ok}");
         }
         for bad in [
@@ -395,6 +447,17 @@ mod tests {
             "https://[fd00::1]/jwks",
             "https://[::ffff:127.0.0.1]/jwks",
             "https://metadata/computeMetadata",
+            // IPv4 reached through IPv6 translation, and the reserved ranges.
+            "https://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+            "https://[64:ff9b:1::7f00:1]/jwks",
+            "https://[2002:a9fe:a9fe::1]/jwks",
+            "https://[2002:7f00:1::]/jwks",
+            "https://0.1.2.3/jwks",
+            "https://198.18.0.1/jwks",
+            "https://198.19.255.1/jwks",
+            "https://240.0.0.1/jwks",
+            "https://255.255.255.254/jwks",
+            "https://[2001:db8::1]/jwks",
         ] {
             assert!(jwks_url_refusal(bad, false).is_some(), "{bad}");
         }
@@ -493,5 +556,69 @@ mod tests {
 
         let r = tokio::time::timeout(guard, verifier.verify(&token(), &provider(huge), "acme")).await.unwrap();
         assert!(matches!(&r, Err(VerifyError::KeysUnavailable(m)) if m.contains("larger")), "{r:?}");
+    }
+
+    /// An ES256 key pair: the signing key and its public JWK under `kid`.
+    fn es256(kid: &str) -> (jsonwebtoken::EncodingKey, serde_json::Value) {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        use base64::Engine as _;
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+        let point = pair.public_key().as_ref().to_vec();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        });
+        (jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()), jwk)
+    }
+
+    /// Serves on loopback whatever JWKS `body` holds at the time of each request.
+    async fn serve_changing(body: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let body = body.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    /// A key the provider retired stops verifying once the known keys are
+    /// older than their trusted age, though tokens keep naming its kid.
+    #[tokio::test]
+    async fn a_retired_key_stops_verifying_within_the_key_age() {
+        let (key, jwk) = es256("k1");
+        let body = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!({"keys": [jwk]}).to_string()));
+        let p = provider(serve_changing(body.clone()).await);
+        let claims = serde_json::json!({
+            "iss": p.issuer, "aud": p.audience, "sub": "u1", "t": "acme",
+            "exp": jsonwebtoken::get_current_timestamp() + 600,
+        });
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        let verifier = ExternalVerifier::with_private_hosts(true).with_max_key_age(Duration::from_millis(300));
+        verifier.verify(&token, &p, "acme").await.expect("the published key verifies");
+        // Retired: the provider publishes another key only.
+        let (_, other) = es256("k2");
+        *body.lock().unwrap() = serde_json::json!({"keys": [other]}).to_string();
+        verifier.verify(&token, &p, "acme").await.expect("still trusted within its age");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = verifier.verify(&token, &p, "acme").await;
+        assert!(matches!(r, Err(VerifyError::UnknownKey)), "a retired key verified: {r:?}");
     }
 }

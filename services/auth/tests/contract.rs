@@ -143,10 +143,21 @@ async fn service_tokens_need_credentials() {
     expect_code(auth.issue_service_token(req(TEST_CLIENT_ID, "wrong-secret-0123456789")).await, Code::Unauthenticated);
     expect_code(auth.issue_service_token(req("nobody", TEST_CLIENT_SECRET)).await, Code::Unauthenticated);
     expect_invalid(auth.issue_service_token(req("", "")).await, "client_id");
+    // A client id is bounded before anything is logged of it (1 MiB from anyone, else).
+    let huge = "x".repeat(1 << 20);
+    let s = expect_invalid(auth.issue_service_token(req(&huge, TEST_CLIENT_SECRET)).await, "client_id");
+    assert!(s.message().len() < 1024, "the answer repeats the id: {} bytes", s.message().len());
+    expect_invalid(auth.issue_service_token(req(TEST_CLIENT_ID, &huge)).await, "client_secret");
+    expect_invalid(auth.issue_service_token(req("Bad Id!", TEST_CLIENT_SECRET)).await, "client_id");
     let token = auth.issue_service_token(req(TEST_CLIENT_ID, TEST_CLIENT_SECRET)).await.unwrap().into_inner();
     let claims = jsonwebtoken::dangerous::insecure_decode::<Claims>(&token.access_token).unwrap().claims;
     assert_eq!(claims.roles, vec![tenantmesh_tenant_context::Role::Service]);
     assert_eq!(claims.sub, format!("service:{TEST_CLIENT_ID}"));
+    // The token carries its declaration's scopes; one declared without any carries none.
+    assert_eq!(claims.scopes, tenantmesh_tenant_context::Scope::ALL.to_vec());
+    let bare = auth.issue_service_token(req("tests-no-scope", TEST_CLIENT_SECRET)).await.unwrap().into_inner();
+    let claims = jsonwebtoken::dangerous::insecure_decode::<Claims>(&bare.access_token).unwrap().claims;
+    assert!(claims.scopes.is_empty() && claims.tenants.is_none(), "{claims:?}");
     mesh.shutdown().await;
 }
 

@@ -57,6 +57,17 @@ pub struct StorageSampler {
     quotas: Option<Arc<crate::quota::Quotas>>,
     /// Usage older than this many days is deleted.
     usage_retention_days: u32,
+    /// Tenants being sampled now (by an earlier round still at it).
+    busy: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A tenant marked busy in a sampler until dropped.
+struct Busy<'a>(&'a std::sync::Mutex<std::collections::HashSet<String>>, &'a str);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.lock().expect("busy tenants").remove(self.1);
+    }
 }
 
 /// Tenants measured at once.
@@ -93,6 +104,7 @@ impl StorageSampler {
             tiers,
             quotas: None,
             usage_retention_days: 400,
+            busy: Default::default(),
         })
     }
 
@@ -120,11 +132,16 @@ impl StorageSampler {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return,
                 }
-                // The interval that just ended.
-                match self.sample(next - every).await {
-                    Ok(n) => tracing::debug!(tenants = n, "stored bytes sampled"),
-                    Err(e) => tracing::warn!(error = %e, "stored bytes not sampled for this interval"),
-                }
+                // The interval that just ended, in a task of its own: a
+                // round held up by one slow tenant delays no later round
+                // (which leaves that tenant alone while it is busy).
+                let round = self.clone();
+                tokio::spawn(async move {
+                    match round.sample(next - every).await {
+                        Ok(n) => tracing::debug!(tenants = n, "stored bytes sampled"),
+                        Err(e) => tracing::warn!(error = %e, "stored bytes not sampled for this interval"),
+                    }
+                });
             }
         });
     }
@@ -133,8 +150,8 @@ impl StorageSampler {
     /// (with metering off, only trims), and deletes usage older than its
     /// retention; the number of tenants filed (or trimmed) by this
     /// replica. Tenants are done [`CONCURRENCY`] at a time, and one whose
-    /// store fails or is slow delays or stops no other: its error is
-    /// logged, and the others go on.
+    /// store fails or is slow stops no other: its error is logged, and the
+    /// others go on (and later rounds leave it alone while it is busy).
     pub async fn sample(&self, start: i64) -> Result<usize, String> {
         use futures_util::StreamExt as _;
         let tenants = tenantmesh_tenant_context::directory::all_tenants(&self.registry)
@@ -158,6 +175,12 @@ impl StorageSampler {
     /// filed (or, with metering off, trimmed) it.
     async fn sample_one(&self, tenant: &Tenant, start: i64, expire_before: i64) -> bool {
         let id = tenant.tenant_id.as_str();
+        // Still at it from an earlier round: left alone until it is done.
+        if !self.busy.lock().expect("busy tenants").insert(id.to_owned()) {
+            tracing::debug!(tenant_id = %id, "still being sampled; skipped this interval");
+            return false;
+        }
+        let _busy = Busy(&self.busy, id);
         if let Some(usage) = &self.usage
             && let Err(e) = metering::expire_usage(usage, id, expire_before).await
         {

@@ -125,16 +125,19 @@ fn is_label_value(s: &str) -> bool {
         && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
 }
 
-/// The name of `tenant`'s instance objects: `data-<tenant>`, shortened with
-/// a hash where that exceeds a DNS label's 63 characters.
+/// The name of `tenant`'s instance objects: `data-<tenant>`, shortened
+/// where that exceeds a DNS label's 63 characters to its first 41
+/// characters and 64 bits of its SHA-256 (two tenants sharing a name would
+/// take some 2^32 long ids, not a few thousand).
 pub fn instance_name(tenant: &str) -> String {
     let name = format!("data-{tenant}");
     if name.len() <= 63 {
         return name;
     }
-    // FNV-1a: stable across versions and platforms.
-    let hash = tenant.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    format!("data-{}-{hash:08x}", &tenant[..49])
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, tenant.as_bytes());
+    let hash: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // Tenant ids are ASCII; a label ends alphanumeric (the hash does).
+    format!("data-{}-{hash}", &tenant[..41])
 }
 
 /// The manifests of `tenant`'s instance: file name and YAML.
@@ -445,6 +448,11 @@ mod tests {
         assert!(is_dns_label(&a) && is_dns_label(&b), "{a} {b}");
         assert_ne!(a, b);
         assert_eq!(instance_name(&"a".repeat(58)).len(), 63);
+        assert_eq!(a.len(), 63);
+        // 64 bits of hash: the shortened names of 100,000 long ids never meet.
+        let names: std::collections::HashSet<String> =
+            (0..100_000).map(|i| instance_name(&format!("{}{i:08}", "t".repeat(55)))).collect();
+        assert_eq!(names.len(), 100_000);
     }
 
     fn git(dir: &Path, args: &[&str]) -> String {
