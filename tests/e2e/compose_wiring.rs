@@ -703,6 +703,17 @@ fn kubernetes_spec(docs: &[Yaml], name: &str, secrets: &HashMap<&str, &str>, fil
     (strings(&container["command"]), env)
 }
 
+/// The Secret tenantmesh-secrets, as the README creates it.
+fn kubernetes_secrets() -> HashMap<&'static str, &'static str> {
+    [
+        ("onboarding-client-secret", "k8s-test-onboarding-secret"),
+        ("data-client-secret", "k8s-test-data-secret-0"),
+        ("auth-client-secret", "k8s-test-auth-secret-0"),
+        ("bootstrap-password", "k8s-test-bootstrap"),
+    ]
+    .into()
+}
+
 /// deploy/k8s/base, without a cluster: the four Deployments' containers run
 /// with the environment Kubernetes would give them (ConfigMap, variables,
 /// Secret, mounted tiers and pricing files), and a tenant is onboarded and
@@ -711,13 +722,7 @@ fn kubernetes_spec(docs: &[Yaml], name: &str, secrets: &HashMap<&str, &str>, fil
 async fn the_kubernetes_base_wires_the_services() {
     let docs = kubernetes_base();
     let files = tempfile::tempdir().unwrap();
-    let secrets: HashMap<&str, &str> = [
-        ("onboarding-client-secret", "k8s-test-onboarding-secret"),
-        ("data-client-secret", "k8s-test-data-secret-0"),
-        ("auth-client-secret", "k8s-test-auth-secret-0"),
-        ("bootstrap-password", "k8s-test-bootstrap"),
-    ]
-    .into();
+    let secrets = kubernetes_secrets();
     let specs: HashMap<&str, Spec> =
         SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
     assert!(!specs["auth"].1.contains_key("TENANTMESH_DEMO"), "no demo mode in a cluster");
@@ -852,13 +857,7 @@ async fn the_kubernetes_dynamodb_overlay_wires_the_services() {
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
 
     let files = tempfile::tempdir().unwrap();
-    let secrets: HashMap<&str, &str> = [
-        ("onboarding-client-secret", "k8s-test-onboarding-secret"),
-        ("data-client-secret", "k8s-test-data-secret-0"),
-        ("auth-client-secret", "k8s-test-auth-secret-0"),
-        ("bootstrap-password", "k8s-test-bootstrap"),
-    ]
-    .into();
+    let secrets = kubernetes_secrets();
     let mut specs: HashMap<&str, Spec> =
         SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
 

@@ -292,6 +292,25 @@ async fn query_pages_are_bounded_in_bytes() {
     mesh.shutdown().await;
 }
 
+/// Writes item `big/<id>` of about 150 KB for `tenant` (moto refuses an
+/// overwrite whose old and new item together pass 400 KB, which DynamoDB
+/// itself allows).
+fn put_blob(
+    mesh: &TestMesh,
+    tenant: &TestTenant,
+    id: &str,
+) -> impl std::future::Future<Output = Result<tonic::Response<tenantmesh_proto::data::v1::PutItemResponse>, tonic::Status>>
++ use<> {
+    let (mut data, token) = (mesh.data(), tenant.token.clone());
+    let req = PutItemRequest {
+        collection: "big".into(),
+        id: id.into(),
+        attributes: Some(attrs(&[("blob", &"x".repeat(150 * 1024))])),
+        expected_version: None,
+    };
+    async move { data.put_item(authed(req, &token)).await }
+}
+
 /// A tenant's writes stop at its storage quota with RESOURCE_EXHAUSTED and
 /// QuotaFailure; deleting items makes room again; another tenant is not
 /// affected; overwrites of a tenant near its quota keep working. (Items of
@@ -310,17 +329,7 @@ async fn writes_stop_at_the_storage_quota() {
     };
     let req = SetTenantLimitsRequest { tenant_id: acme.tenant_id.clone(), limits: Some(limits) };
     mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
-    let blob = "x".repeat(150 * 1024);
-    let put = |tenant: &TestTenant, id: &str| {
-        let (mut data, token) = (mesh.data(), tenant.token.clone());
-        let req = PutItemRequest {
-            collection: "big".into(),
-            id: id.into(),
-            attributes: Some(attrs(&[("blob", &blob)])),
-            expected_version: None,
-        };
-        async move { data.put_item(authed(req, &token)).await }
-    };
+    let put = |tenant: &TestTenant, id: &str| put_blob(&mesh, tenant, id);
     // The new quota reaches the data service within its cache TTL (100 ms).
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..3 {
@@ -365,18 +374,7 @@ async fn overwrites_stop_at_the_history_cap() {
     let req = SetTenantLimitsRequest { tenant_id: acme.tenant_id.clone(), limits: Some(limits) };
     mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // 150 KB (moto refuses an overwrite whose old and new item pass 400 KB).
-    let blob = "x".repeat(150 * 1024);
-    let put = |id: &str| {
-        let (mut data, token) = (mesh.data(), acme.token.clone());
-        let req = PutItemRequest {
-            collection: "big".into(),
-            id: id.into(),
-            attributes: Some(attrs(&[("blob", &blob)])),
-            expected_version: None,
-        };
-        async move { data.put_item(authed(req, &token)).await }
-    };
+    let put = |id: &str| put_blob(&mesh, &acme, id);
     let mut written = 0;
     let refused = loop {
         match put("x").await {

@@ -120,7 +120,17 @@ pub const ADMIN_PASSWORD: &str = "bench-platform-admin-password";
 /// Runs the real `tenantmesh up` on free ports with `data_dir`, plus
 /// `env` (the bootstrap password and a one-hour token lifetime are set).
 pub fn start_mesh(data_dir: &Path, env: &HashMap<String, String>) -> Result<(Proc, MeshAddrs), String> {
-    let mut cmd = Command::new(sibling("tenantmesh")?);
+    start_mesh_of(&sibling("tenantmesh")?, data_dir, env)
+}
+
+/// [`start_mesh`] with the `tenantmesh` binary at `binary` (another build's,
+/// to compare two builds in one sitting).
+pub fn start_mesh_of(
+    binary: &Path,
+    data_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<(Proc, MeshAddrs), String> {
+    let mut cmd = Command::new(binary);
     cmd.arg("up")
         .arg("--data-dir")
         .arg(data_dir)

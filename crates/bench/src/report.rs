@@ -212,6 +212,7 @@ pub fn fmt_num(v: f64) -> String {
 /// The scenarios in the order BENCHMARKS.md lists them.
 pub const ORDER: &[&str] = &[
     "isolation_tax",
+    "tax_before_after",
     "light_load",
     "h2load",
     "token_verification",

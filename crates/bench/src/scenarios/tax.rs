@@ -134,6 +134,86 @@ pub async fn isolation_tax(ctx: &Ctx) -> Result<ScenarioResult, String> {
     Ok(r)
 }
 
+/// The variable naming an earlier build's `tenantmesh` binary, for
+/// [`before_after`].
+pub const BEFORE_VAR: &str = "TENANTMESH_BENCH_BEFORE";
+
+/// The isolation tax of this build against an earlier one's, in one
+/// sitting: both meshes and the bare tonic baseline run at once, and each
+/// round measures the three in turn (so drift hits them alike). Skipped
+/// unless [`BEFORE_VAR`] names the earlier build's `tenantmesh`.
+pub async fn before_after(ctx: &Ctx) -> Result<Option<ScenarioResult>, String> {
+    let Some(before_bin) = std::env::var_os(BEFORE_VAR).map(PathBuf::from) else {
+        progress(format!("{BEFORE_VAR} names no earlier build; the before/after comparison is skipped"));
+        return Ok(None);
+    };
+    let dir = ctx.dir("before-after");
+    let (before, before_addrs) = procs::start_mesh_of(&before_bin, &dir.join("before"), &HashMap::new())?;
+    let s = Setup::start(&dir).await?;
+    let admin = platform_admin(before_addrs.auth).await?;
+    let before_token = onboard(&before_addrs, &admin, &unique("tax"), "standard").await?;
+    seed(lazy(before_addrs.data), &before_token).await?;
+    let (_, window, rounds) = ctx.window();
+    let mut r = ctx.result(
+        "tax_before_after",
+        "Isolation tax, this build against the one before it",
+        format!(
+            "The isolation tax load (closed loop, {CONNECTIONS} connections x {STREAMS} streams, {rounds} rounds of {}s, medians)              on `tenantmesh up` of this build and of an earlier one ({BEFORE_VAR}: {}), both running, with the bare tonic              baseline, measured in turn in each round: the request path's cost of the change, free of the drift between runs.",
+            window.as_secs_f64(),
+            before_bin.display()
+        ),
+    );
+    let mut details = serde_json::Map::new();
+    for op in [Op::GetItem, Op::PutItem, Op::QueryItems] {
+        let (mut base, mut old, mut new) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let b =
+                closed_run(ctx, &client::url(s.baseline_addr), &s.baseline, CONNECTIONS, STREAMS, op.call(&s.token))
+                    .await?;
+            let o =
+                closed_run(ctx, &client::url(before_addrs.data), &before, CONNECTIONS, STREAMS, op.call(&before_token))
+                    .await?;
+            let n =
+                closed_run(ctx, &client::url(s.addrs.data), &s.mesh, CONNECTIONS, STREAMS, op.call(&s.token)).await?;
+            progress(format!(
+                "  {} round {}: baseline {:.0}/s, before {:.0}/s ({:.1} us cpu), after {:.0}/s ({:.1} us cpu)",
+                op.name(),
+                round + 1,
+                b.summary.throughput,
+                o.summary.throughput,
+                o.server_cpu_us,
+                n.summary.throughput,
+                n.server_cpu_us,
+            ));
+            base.push(b);
+            old.push(o);
+            new.push(n);
+        }
+        let thr = |runs: &[Run]| med(runs, |r| r.summary.throughput);
+        let cpu = |runs: &[Run]| med(runs, |r| r.server_cpu_us);
+        let mut after_vs_before =
+            Figure::new(format!("{} throughput, after vs before", op.name()), "req/s", thr(&new)).vs(thr(&old));
+        if op != Op::QueryItems {
+            after_vs_before = after_vs_before.target(Target::RatioAtLeast(0.9));
+        }
+        r.figures.push(after_vs_before);
+        r.figures.push(
+            Figure::new(format!("{} server CPU per call, after vs before", op.name()), "us", cpu(&new)).vs(cpu(&old)),
+        );
+        r.figures.push(
+            Figure::new(format!("{} throughput before, vs bare tonic", op.name()), "req/s", thr(&old)).vs(thr(&base)),
+        );
+        r.figures.push(
+            Figure::new(format!("{} throughput after, vs bare tonic", op.name()), "req/s", thr(&new)).vs(thr(&base)),
+        );
+        details.insert(op.name().into(), json!({"baseline": base, "before": old, "after": new}));
+    }
+    r.details = serde_json::Value::Object(details);
+    s.stop()?;
+    before.stop(Duration::from_secs(15))?;
+    Ok(Some(r))
+}
+
 /// Five clients at 20 calls/s each, open loop: on their own connections,
 /// then sharing one.
 pub async fn light_load(ctx: &Ctx) -> Result<ScenarioResult, String> {
