@@ -228,7 +228,7 @@ impl InFlight<'_> {
     /// until it ends. `None` without a cap on requests in flight.
     pub fn hold(mut self, limiter: &std::sync::Arc<KeyedLimiter>) -> Option<Held> {
         (self.quota.max_in_flight > 0).then(|| {
-            let held = Held { limiter: limiter.clone(), key: self.key, quota: self.quota };
+            let held = Held { limiter: limiter.clone(), key: self.key };
             // Released by `held` from now on.
             self.quota.max_in_flight = 0;
             held
@@ -244,12 +244,11 @@ impl InFlight<'_> {
 pub struct Held {
     limiter: std::sync::Arc<KeyedLimiter>,
     key: u64,
-    quota: Quota,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        InFlight { limiter: &self.limiter, key: self.key, quota: self.quota };
+        self.limiter.release(self.key);
     }
 }
 
@@ -274,11 +273,17 @@ impl HeldSlot {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if self.quota.max_in_flight > 0 {
-            let (limiter, key) = (self.limiter, self.key);
-            let mut shard = limiter.shard(key).lock().expect("limiter lock");
-            if let Some(slot) = shard.slots.get_mut(&key) {
-                slot.in_flight = slot.in_flight.saturating_sub(1);
-            }
+            self.limiter.release(self.key);
+        }
+    }
+}
+
+impl KeyedLimiter {
+    /// Gives back one of `key`'s requests in flight.
+    fn release(&self, key: u64) {
+        let mut shard = self.shard(key).lock().expect("limiter lock");
+        if let Some(slot) = shard.slots.get_mut(&key) {
+            slot.in_flight = slot.in_flight.saturating_sub(1);
         }
     }
 }
