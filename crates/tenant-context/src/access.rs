@@ -111,35 +111,54 @@ pub const TABLE: &[(&str, Access)] = &[
 const PUBLIC_PREFIXES: &[&str] =
     &["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
 
-/// The access rule for a gRPC path; `None` for paths not in the table.
-pub fn access_for(path: &str) -> Option<Access> {
-    if PUBLIC_PREFIXES.iter().any(|p| path.starts_with(p)) {
-        return Some(Access::Public);
-    }
-    TABLE.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
+/// What the server layer needs of an RPC: who may call it, and whether it
+/// answers with a stream (its caller's slot among its tenant's requests in
+/// flight is then held, by the stream, for as long as the stream is open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub access: Access,
+    pub streams: bool,
 }
 
-/// Whether the RPC at `path` answers with a stream (from the compiled
-/// protos): its caller's slot among its tenant's requests in flight is
-/// held, by the stream, for as long as the stream is open.
-pub fn streams(path: &str) -> bool {
-    static STREAMING: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
-    STREAMING
-        .get_or_init(|| {
-            use prost::Message as _;
-            let set = prost_types::FileDescriptorSet::decode(tenantmesh_proto::FILE_DESCRIPTOR_SET)
-                .expect("the compiled descriptor set decodes");
-            let mut paths = std::collections::HashSet::new();
-            for file in &set.file {
-                for service in &file.service {
-                    for method in service.method.iter().filter(|m| m.server_streaming()) {
-                        paths.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
-                    }
+/// Every RPC's rule by path, built once from the table and the compiled
+/// protos: one lookup per request.
+fn rules() -> &'static std::collections::HashMap<&'static str, Rule> {
+    static RULES: std::sync::OnceLock<std::collections::HashMap<&'static str, Rule>> = std::sync::OnceLock::new();
+    RULES.get_or_init(|| {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(tenantmesh_proto::FILE_DESCRIPTOR_SET)
+            .expect("the compiled descriptor set decodes");
+        let mut streaming = std::collections::HashSet::new();
+        for file in &set.file {
+            for service in &file.service {
+                for method in service.method.iter().filter(|m| m.server_streaming()) {
+                    streaming.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
                 }
             }
-            paths
-        })
-        .contains(path)
+        }
+        TABLE
+            .iter()
+            .map(|(path, access)| (*path, Rule { access: *access, streams: streaming.contains(*path) }))
+            .collect()
+    })
+}
+
+/// The rule for a gRPC path; `None` for paths not in the table.
+pub fn rule_for(path: &str) -> Option<Rule> {
+    if PUBLIC_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return Some(Rule { access: Access::Public, streams: false });
+    }
+    rules().get(path).copied()
+}
+
+/// The access rule for a gRPC path; `None` for paths not in the table.
+pub fn access_for(path: &str) -> Option<Access> {
+    rule_for(path).map(|r| r.access)
+}
+
+/// Whether the RPC at `path` answers with a stream (from the compiled protos).
+pub fn streams(path: &str) -> bool {
+    rule_for(path).is_some_and(|r| r.streams)
 }
 
 impl Access {

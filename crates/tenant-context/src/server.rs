@@ -390,8 +390,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
-        let access = access::access_for(req.uri().path());
-        let streaming = access::streams(req.uri().path());
+        let rule = access::rule_for(req.uri().path());
+        let (access, streaming) = (rule.map(|r| r.access), rule.is_some_and(|r| r.streams));
         let request = tenantmesh_telemetry::incoming(req.uri().path(), req.headers());
         request.run(async move {
             let response = match access {

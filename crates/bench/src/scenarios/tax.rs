@@ -154,11 +154,16 @@ pub async fn before_after(ctx: &Ctx) -> Result<Option<ScenarioResult>, String> {
     let before_token = onboard(&before_addrs, &admin, &unique("tax"), "standard").await?;
     seed(lazy(before_addrs.data), &before_token).await?;
     let (_, window, rounds) = ctx.window();
+    // More rounds than the tax alone: two builds differ by less than the drift.
+    let rounds = ctx.pick(7, rounds);
     let mut r = ctx.result(
         "tax_before_after",
         "Isolation tax, this build against the one before it",
         format!(
-            "The isolation tax load (closed loop, {CONNECTIONS} connections x {STREAMS} streams, {rounds} rounds of {}s, medians)              on `tenantmesh up` of this build and of an earlier one ({BEFORE_VAR}: {}), both running, with the bare tonic              baseline, measured in turn in each round: the request path's cost of the change, free of the drift between runs.",
+            "The isolation tax load (closed loop, {CONNECTIONS} connections x {STREAMS} streams, {rounds} rounds of {}s, \
+             medians) on `tenantmesh up` of this build and of an earlier one ({BEFORE_VAR}: {}), both running, with the \
+             bare tonic baseline, measured in turn in each round (the two builds' order swapped every round): the request \
+             path's cost of the change, free of the drift between runs.",
             window.as_secs_f64(),
             before_bin.display()
         ),
@@ -170,11 +175,16 @@ pub async fn before_after(ctx: &Ctx) -> Result<Option<ScenarioResult>, String> {
             let b =
                 closed_run(ctx, &client::url(s.baseline_addr), &s.baseline, CONNECTIONS, STREAMS, op.call(&s.token))
                     .await?;
-            let o =
-                closed_run(ctx, &client::url(before_addrs.data), &before, CONNECTIONS, STREAMS, op.call(&before_token))
-                    .await?;
-            let n =
-                closed_run(ctx, &client::url(s.addrs.data), &s.mesh, CONNECTIONS, STREAMS, op.call(&s.token)).await?;
+            let (old_url, new_url) = (client::url(before_addrs.data), client::url(s.addrs.data));
+            let old_run = || closed_run(ctx, &old_url, &before, CONNECTIONS, STREAMS, op.call(&before_token));
+            let new_run = || closed_run(ctx, &new_url, &s.mesh, CONNECTIONS, STREAMS, op.call(&s.token));
+            let (o, n) = if round % 2 == 0 {
+                let o = old_run().await?;
+                (o, new_run().await?)
+            } else {
+                let n = new_run().await?;
+                (old_run().await?, n)
+            };
             progress(format!(
                 "  {} round {}: baseline {:.0}/s, before {:.0}/s ({:.1} us cpu), after {:.0}/s ({:.1} us cpu)",
                 op.name(),
