@@ -84,6 +84,14 @@ impl Figure {
         self
     }
 
+    /// Sets the ratio to `ratio` (one the scenario computed otherwise than
+    /// value / baseline, e.g. a median of per-round ratios).
+    pub fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = Some(ratio);
+        self.met = self.target.and_then(|t| t.met(self.value, self.ratio));
+        self
+    }
+
     pub fn target(mut self, target: Target) -> Self {
         self.target = Some(target);
         self.met = target.met(self.value, self.ratio);

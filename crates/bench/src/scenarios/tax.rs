@@ -138,6 +138,20 @@ pub async fn isolation_tax(ctx: &Ctx) -> Result<ScenarioResult, String> {
 /// [`before_after`].
 pub const BEFORE_VAR: &str = "TENANTMESH_BENCH_BEFORE";
 
+/// An earlier build by its commit (the repository its binary was built
+/// in), else by its file name.
+fn describe_build(binary: &Path) -> String {
+    let repo = binary.ancestors().find(|d| d.join("Cargo.toml").exists());
+    let commit = repo.and_then(|r| {
+        let out = std::process::Command::new("git").arg("-C").arg(r).args(["rev-parse", "--short=12", "HEAD"]).output();
+        out.ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    });
+    match commit {
+        Some(c) => format!("commit `{c}`"),
+        None => binary.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    }
+}
+
 /// The isolation tax of this build against an earlier one's, in one
 /// sitting: both meshes and the bare tonic baseline run at once, and each
 /// round measures the three in turn (so drift hits them alike). Skipped
@@ -161,11 +175,11 @@ pub async fn before_after(ctx: &Ctx) -> Result<Option<ScenarioResult>, String> {
         "Isolation tax, this build against the one before it",
         format!(
             "The isolation tax load (closed loop, {CONNECTIONS} connections x {STREAMS} streams, {rounds} rounds of {}s, \
-             medians) on `tenantmesh up` of this build and of an earlier one ({BEFORE_VAR}: {}), both running, with the \
+             medians) on `tenantmesh up` of this build and of an earlier one ({}), both running, with the \
              bare tonic baseline, measured in turn in each round (the two builds' order swapped every round): the request \
              path's cost of the change, free of the drift between runs.",
             window.as_secs_f64(),
-            before_bin.display()
+            describe_build(&before_bin)
         ),
     );
     let mut details = serde_json::Map::new();
@@ -201,14 +215,20 @@ pub async fn before_after(ctx: &Ctx) -> Result<Option<ScenarioResult>, String> {
         }
         let thr = |runs: &[Run]| med(runs, |r| r.summary.throughput);
         let cpu = |runs: &[Run]| med(runs, |r| r.server_cpu_us);
-        let mut after_vs_before =
-            Figure::new(format!("{} throughput, after vs before", op.name()), "req/s", thr(&new)).vs(thr(&old));
+        // The ratio is the median of each round's after / before: the two
+        // builds met the same moment of the machine in a round.
+        let per_round = |f: &dyn Fn(&Run) -> f64| median(new.iter().zip(&old).map(|(n, o)| f(n) / f(o)).collect());
+        let mut after_vs_before = Figure::new(format!("{} throughput, after vs before", op.name()), "req/s", thr(&new))
+            .vs(thr(&old))
+            .ratio(per_round(&|r| r.summary.throughput));
         if op != Op::QueryItems {
             after_vs_before = after_vs_before.target(Target::RatioAtLeast(0.9));
         }
-        r.figures.push(after_vs_before);
+        r.figures.push(after_vs_before.note("ratio: median of the rounds' after / before"));
         r.figures.push(
-            Figure::new(format!("{} server CPU per call, after vs before", op.name()), "us", cpu(&new)).vs(cpu(&old)),
+            Figure::new(format!("{} server CPU per call, after vs before", op.name()), "us", cpu(&new))
+                .vs(cpu(&old))
+                .ratio(per_round(&|r| r.server_cpu_us)),
         );
         r.figures.push(
             Figure::new(format!("{} throughput before, vs bare tonic", op.name()), "req/s", thr(&old)).vs(thr(&base)),
