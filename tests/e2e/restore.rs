@@ -230,7 +230,10 @@ async fn restores_are_refused_to_others_and_beyond_the_history() {
 async fn restores_a_tenant_asks_for_are_charged_to_it() {
     use tenantmesh_proto::onboarding::v1::ListTenantResourcesRequest;
     use tenantmesh_proto::registry::v1::{SetTenantLimitsRequest, TenantLimits};
-    let mesh = TestMesh::start().await;
+    // The first restore's rewind fails three times before it goes (retried
+    // with backoff): long enough for a second restore to meet it running.
+    let faults = [("TENANTMESH_FAULTS", "fail:rewind_items:3")];
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &faults).await;
     let admin = mesh.admin_token().await;
     let t = mesh.onboard_on(&unique_tenant("charged"), "premium").await;
     let blob = "x".repeat(8 * 1024);
@@ -249,6 +252,7 @@ async fn restores_a_tenant_asks_for_are_charged_to_it() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // One at a time: a second restore while the first runs is refused.
+    let later = instant().await;
     let id = mesh
         .onboarding()
         .restore_tenant(authed(restore(&t.tenant_id, at, RestoreTarget::InPlace), &t.token))
@@ -256,11 +260,11 @@ async fn restores_a_tenant_asks_for_are_charged_to_it() {
         .unwrap()
         .into_inner()
         .workflow_id;
-    let other = mesh
-        .onboarding()
-        .restore_tenant(authed(restore(&t.tenant_id, instant().await, RestoreTarget::Export), &t.token))
-        .await;
-    assert!(other.is_err(), "a second restore while one runs: {other:?}");
+    let other = restore(&t.tenant_id, later, RestoreTarget::Export);
+    let other = mesh.onboarding().restore_tenant(authed(other, &t.token)).await;
+    let other = other.expect_err("a second restore while one runs");
+    assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other:?}");
+    assert!(other.message().contains(&id), "names the running restore: {other:?}");
     let wf = mesh.wait_workflow(&id).await;
     assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
     // 20 items of 8 KB and the history of what they replaced: about 170
