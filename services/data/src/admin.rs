@@ -153,8 +153,14 @@ impl DataAdminService {
         }
     }
 
-    /// Checks `store` and returns (tenant, table).
-    fn check(&self, store: Option<&StoreRef>, dedicated: bool) -> Result<(String, String), Status> {
+    /// Checks `store`, and that the caller may act on its tenant (PERMISSION_DENIED
+    /// otherwise, after the request is found well-formed): (tenant, table).
+    fn check(
+        &self,
+        ctx: &TenantContext,
+        store: Option<&StoreRef>,
+        dedicated: bool,
+    ) -> Result<(String, String), Status> {
         let mut v = Violations::new();
         let Some(r) = store else {
             return Err(invalid_field("store", "is required"));
@@ -172,6 +178,7 @@ impl DataAdminService {
         {
             return Err(DataError::WrongSilo.into());
         }
+        ctx.authorize_tenant(&r.tenant_id)?;
         Ok((r.tenant_id.clone(), r.table.clone()))
     }
 
@@ -240,8 +247,7 @@ impl DataAdmin for DataAdminService {
     ) -> Result<Response<ProvisionStoreResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), true)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), true)?;
         if req.tier.is_empty() || req.tier.len() > 32 {
             return Err(invalid_field("tier", "is required (at most 32 characters)"));
         }
@@ -253,8 +259,7 @@ impl DataAdmin for DataAdminService {
     async fn drop_store(&self, request: Request<DropStoreRequest>) -> Result<Response<DropStoreResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), true)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), true)?;
         let dropped = self.stores.drop_table(&table).await.map_err(storage_status)?;
         tracing::info!(target_tenant = %tenant, table, dropped, "store dropped");
         Ok(Response::new(DropStoreResponse { dropped }))
@@ -268,8 +273,7 @@ impl DataAdmin for DataAdminService {
     ) -> Result<Response<Self::ExportItemsStream>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), false)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         if req.include_history && req.as_of_us.is_some() {
             return Err(invalid_field("include_history", "cannot be set with as_of_us"));
         }
@@ -308,8 +312,7 @@ impl DataAdmin for DataAdminService {
     ) -> Result<Response<ImportItemsResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), false)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         if req.items.len() > MAX_IMPORT_BATCH {
             return Err(invalid_field("items", format!("at most {MAX_IMPORT_BATCH} per call")));
         }
@@ -343,8 +346,7 @@ impl DataAdmin for DataAdminService {
     async fn purge_items(&self, request: Request<PurgeItemsRequest>) -> Result<Response<PurgeItemsResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), false)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
         let mut deleted = 0u32;
         let mut start_after = None;
@@ -370,8 +372,7 @@ impl DataAdmin for DataAdminService {
     async fn set_fence(&self, request: Request<SetFenceRequest>) -> Result<Response<SetFenceResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), false)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
         let changed = if req.raised {
             match store.put(&tenant, FENCE_SK, Vec::new(), Condition::NotExists).await {
@@ -392,8 +393,7 @@ impl DataAdmin for DataAdminService {
     ) -> Result<Response<RewindItemsResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), false)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         if req.point_in_time_us <= 0 {
             return Err(invalid_field("point_in_time_us", "must be a time after the Unix epoch"));
         }
@@ -434,8 +434,7 @@ impl DataAdmin for DataAdminService {
     ) -> Result<Response<TrimHistoryResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
-        let (tenant, table) = self.check(req.store.as_ref(), false)?;
-        ctx.authorize_tenant(&tenant)?;
+        let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
         let trimmed = history::trim(store.as_ref(), &tenant, req.before_us).await.map_err(storage_status)?;
         if trimmed > 0 {
