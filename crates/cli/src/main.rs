@@ -34,6 +34,11 @@ struct TokenArgs {
 }
 
 impl TokenArgs {
+    /// The token; `None` after telling `command`'s user why there is none.
+    fn read_for(self, command: &str) -> Option<String> {
+        self.read().map_err(|e| eprintln!("tenantmesh {command}: {e}")).ok()
+    }
+
     fn read(self) -> Result<String, String> {
         match (self.token, self.token_file) {
             (Some(t), _) => Ok(t),
@@ -196,12 +201,9 @@ async fn main() -> ExitCode {
             up(options).await
         }
         Command::Health { .. } => unreachable!("handled before telemetry"),
-        Command::Backup { addr, token, out } => match token.read() {
-            Err(e) => {
-                eprintln!("tenantmesh backup: {e}");
-                ExitCode::FAILURE
-            }
-            Ok(token) => match tenantmesh_cli::backup::take(&addr, &token, &out).await {
+        Command::Backup { addr, token, out } => {
+            let Some(token) = token.read_for("backup") else { return ExitCode::FAILURE };
+            match tenantmesh_cli::backup::take(&addr, &token, &out).await {
                 Ok(m) => {
                     let bytes: u64 = m.files.iter().map(|f| f.size).sum();
                     println!(
@@ -216,8 +218,8 @@ async fn main() -> ExitCode {
                     eprintln!("tenantmesh backup: {e}");
                     ExitCode::FAILURE
                 }
-            },
-        },
+            }
+        }
         Command::Restore { backup, data_dir, replace } => {
             match tenantmesh_cli::backup::restore(&backup, &data_dir, replace) {
                 Ok(moved) => {
@@ -234,13 +236,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::CostReport { addr, token, to, hours } => {
-            let token = match token.read() {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("tenantmesh cost-report: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+            let Some(token) = token.read_for("cost-report") else { return ExitCode::FAILURE };
             let to = to.unwrap_or_else(tenantmesh_service::metering::now_secs);
             let from = to - hours * 3600;
             match tenantmesh_cli::report::fetch(&addr, &token, from, to).await {

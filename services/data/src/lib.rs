@@ -810,15 +810,16 @@ pub async fn serve(
         <DataAdminServer<admin::DataAdminService> as tonic::server::NamedService>::NAME,
     ];
     if let Some(table) = usage {
-        let registry =
-            TenantRegistryClient::new(client::wrap(client::channel(&config.common.registry_url)?, Identity::Caller));
+        let registry_channel = client::channel(&config.common.registry_url)?;
+        let registry = TenantRegistryClient::new(client::wrap(registry_channel.clone(), Identity::Caller));
         let onboarding =
             OnboardingClient::new(client::wrap(client::channel(&config.onboarding_url)?, Identity::Caller));
         let mut service =
             metering::MeteringService::new(table, config.pricing.clone(), config.usage_grace, registry, onboarding)
                 .with_stall(config.stream_stall);
         if let Some(tokens) = &tokens {
-            let own = client::wrap(client::channel(&config.common.registry_url)?, Identity::Service(tokens.clone()));
+            // The same connection, with the data service's identity.
+            let own = client::wrap(registry_channel, Identity::Service(tokens.clone()));
             service = service.with_own_registry(TenantRegistryClient::new(own));
         }
         routes = routes.add_service(MeteringServer::new(service));

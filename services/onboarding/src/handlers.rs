@@ -163,8 +163,7 @@ impl Redactor {
         }
         let mut redacted = String::with_capacity(out.len());
         let mut rest = out.as_str();
-        while let Some(at) = rest.find("http://").or_else(|| rest.find("https://")) {
-            let at = [rest.find("http://"), rest.find("https://")].into_iter().flatten().min().unwrap_or(at);
+        while let Some(at) = ["http://", "https://"].into_iter().filter_map(|scheme| rest.find(scheme)).min() {
             redacted.push_str(&rest[..at]);
             redacted.push_str("<endpoint>");
             let end =
