@@ -125,35 +125,41 @@ async fn requests_counted(mesh: &TestMesh, admin: &str, tenant: &str) -> i64 {
 }
 
 /// PutItems from 8 writers on `data` until one fails (the process is
-/// gone) or `stop` is set; when each acknowledged write was acknowledged.
+/// gone) or `stop` is set; when each acknowledged write was acknowledged,
+/// and the errors that ended writers (for a failure's message).
 async fn write_until_gone(
     data: DataClient<tonic::transport::Channel>,
     token: String,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<tokio::time::Instant> {
+) -> (Vec<tokio::time::Instant>, Vec<String>) {
     let writers: Vec<_> = (0..8)
         .map(|w| {
             let (mut data, token, stop) = (data.clone(), token.clone(), stop.clone());
             tokio::spawn(async move {
-                let mut acks = Vec::new();
+                let (mut acks, mut ended) = (Vec::new(), None);
                 for i in 0.. {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
                     match data.put_item(authed(put_v(&format!("w{w}-{i}"), "v"), &token)).await {
                         Ok(_) => acks.push(tokio::time::Instant::now()),
-                        Err(_) => break,
+                        Err(e) => {
+                            ended = Some(format!("{:?}: {}", e.code(), e.message()));
+                            break;
+                        }
                     }
                 }
-                acks
+                (acks, ended)
             })
         })
         .collect();
-    let mut acks = Vec::new();
+    let (mut acks, mut ended) = (Vec::new(), Vec::new());
     for w in writers {
-        acks.extend(w.await.unwrap());
+        let (a, e) = w.await.unwrap();
+        acks.extend(a);
+        ended.extend(e);
     }
-    acks
+    (acks, ended)
 }
 
 /// A data-service process killed with -9 under load loses at most the
@@ -173,8 +179,8 @@ async fn a_killed_data_service_loses_at_most_one_flush_of_usage() {
     tokio::time::sleep(Duration::from_millis(5700)).await;
     let killed_at = tokio::time::Instant::now();
     drop(replica); // SIGKILL
-    let acks = load.await.unwrap();
-    assert!(acks.len() > 20, "too little load to measure: {} writes", acks.len());
+    let (acks, ended) = load.await.unwrap();
+    assert!(acks.len() > 20, "too little load to measure: {} writes (writers ended by {ended:?})", acks.len());
     // Whatever the killed process flushed is in the table by now.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let counted = requests_counted(&mesh, &admin, &acme.tenant_id).await;
@@ -194,7 +200,7 @@ async fn a_killed_data_service_loses_at_most_one_flush_of_usage() {
     let load = tokio::spawn(write_until_gone(DataClient::new(replica.channel()), acme.token.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
-    let more = load.await.unwrap().len() as i64;
+    let more = load.await.unwrap().0.len() as i64;
     replica.terminate();
     assert_eq!(
         requests_counted(&mesh, &admin, &acme.tenant_id).await,
