@@ -1,11 +1,11 @@
-//! The access table, walked through the real mesh: every RPC of every
+//! The RPCs' policies, walked through the real mesh: every RPC of every
 //! service called with a token of every role and of every service grant is
-//! let through exactly when the table in `tenant-context/src/access.rs`
-//! says so, and refused with PERMISSION_DENIED otherwise. RPCs are called generically, from the
-//! table (which a unit test holds to the protos): a new RPC needs no line
-//! here.
+//! let through exactly when the policy its proto declares
+//! (`tenantmesh.options.v1.policy`) says so, and refused with
+//! PERMISSION_DENIED otherwise. RPCs are called generically, from the
+//! compiled descriptor set: a new RPC needs no line here.
 
-use tenantmesh_tenant_context::access::TABLE;
+use tenantmesh_tenant_context::access::{Access, Policies};
 use tenantmesh_tenant_context::{Role, Scope};
 use tenantmesh_test_support::*;
 use tonic::{Code, Status};
@@ -59,12 +59,14 @@ async fn every_rpc_with_every_role_and_scope() {
             grant.split('@').next().unwrap().split('+').filter(|s| !s.is_empty()).map(|s| Scope::parse(s).unwrap());
         callers.push(((*id).into(), vec![Role::Service], scopes.collect(), mesh.service_token_as(id).await));
     }
+    let rules = Policies::mesh().expect("every RPC declares its policy").rules();
     let services: std::collections::HashSet<&str> =
-        TABLE.iter().map(|(p, _)| p.trim_start_matches('/').split('/').next().unwrap()).collect();
-    assert_eq!(services.len(), 7, "the table covers the four services, DataAdmin, Metering and Backup");
+        rules.iter().map(|(p, _)| p.trim_start_matches('/').split('/').next().unwrap()).collect();
+    assert_eq!(services.len(), 7, "the four services, DataAdmin, Metering and Backup");
     let mut checked = 0;
     let mut writer_reaches = Vec::new();
-    for (path, access) in TABLE {
+    for (path, rule) in &rules {
+        let (path, access) = (*path, rule.access);
         for (who, roles, scopes, token) in &callers {
             let outcome = call(&mesh, path, token).await;
             let allowed = access.allows(roles, scopes);
@@ -74,8 +76,8 @@ async fn every_rpc_with_every_role_and_scope() {
                     !matches!(code, Some(Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented)),
                     "{who} must reach {path}: {outcome:?}"
                 );
-                if who == "tests-metering-writer" && *access != tenantmesh_tenant_context::access::Access::Public {
-                    writer_reaches.push(*path);
+                if who == "tests-metering-writer" && access != Access::Public {
+                    writer_reaches.push(path);
                 }
             } else {
                 assert_eq!(code, Some(Code::PermissionDenied), "{who} must be refused {path}: {outcome:?}");
@@ -83,7 +85,7 @@ async fn every_rpc_with_every_role_and_scope() {
             checked += 1;
         }
     }
-    assert_eq!(checked, TABLE.len() * callers.len());
+    assert_eq!(checked, rules.len() * callers.len());
     assert_eq!(writer_reaches, ["/tenantmesh.metering.v1.Metering/RecordUsage"]);
     mesh.shutdown().await;
 }

@@ -2,6 +2,15 @@
 //! encoded descriptor set that the services serve through gRPC reflection.
 #![allow(clippy::all, missing_docs)]
 
+/// The method options every RPC declares its policy with (who may call it,
+/// how admission charges it, what it meters): see
+/// `proto/tenantmesh/options/v1/options.proto`.
+pub mod options {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.options.v1");
+    }
+}
+
 pub mod auth {
     pub mod v1 {
         tonic::include_proto!("tenantmesh.auth.v1");

@@ -8,6 +8,7 @@ pub mod backup;
 pub mod config;
 pub mod errors;
 pub mod fairq;
+pub mod handled;
 pub mod health;
 pub mod leases;
 pub mod limits;

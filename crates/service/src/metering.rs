@@ -137,7 +137,7 @@ pub type FlushHook = Box<dyn Fn(&str, &str, u64) + Send + Sync>;
 
 /// Usage counters of every tenant of this process, and their flushing.
 pub struct Meters {
-    rpcs: &'static [&'static str],
+    rpcs: Box<[Box<str>]>,
     tenants: RwLock<HashMap<Arc<str>, Counters>>,
     table: DynTable,
     replica: String,
@@ -162,9 +162,9 @@ impl Meters {
     /// Meters for a service whose RPCs are `rpcs` (by index in
     /// [`Meters::record`]), flushed to `table` every `interval`. Call
     /// [`Meters::start`] to flush in the background.
-    pub fn new(table: DynTable, rpcs: &'static [&'static str], interval: Duration) -> Self {
+    pub fn new(table: DynTable, rpcs: &[impl AsRef<str>], interval: Duration) -> Self {
         Self {
-            rpcs,
+            rpcs: rpcs.iter().map(|r| r.as_ref().into()).collect(),
             tenants: RwLock::new(HashMap::new()),
             table,
             replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
@@ -191,7 +191,11 @@ impl Meters {
     pub fn record(&self, tenant: &Arc<str>, rpc: usize, usage: Usage, handler: Duration) {
         let add = |c: &Counters| {
             let s = &c.0;
-            s[rpc.min(self.rpcs.len() - 1)].fetch_add(1, Ordering::Relaxed);
+            // An index past the RPCs is a caller's bug: counted nowhere
+            // rather than as another RPC.
+            if let Some(count) = s.get(rpc).filter(|_| rpc < self.rpcs.len()) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
             let base = self.rpcs.len();
             for (i, v) in [usage.read_units, usage.write_units, usage.bytes_returned, handler.as_micros() as u64]
                 .into_iter()
@@ -212,6 +216,20 @@ impl Meters {
         let slots = self.rpcs.len() + VALUE_METERS.len();
         let c = map.entry(tenant.clone()).or_insert_with(|| Counters((0..slots).map(|_| AtomicU64::new(0)).collect()));
         add(c);
+    }
+
+    /// What is counted for `tenant` and not yet flushed: each RPC's
+    /// requests by its name, and each value meter by its own (zeros left
+    /// out).
+    pub fn unflushed(&self, tenant: &str) -> std::collections::BTreeMap<String, u64> {
+        let map = self.tenants.read().expect("meters lock");
+        let Some(c) = map.get(tenant) else { return Default::default() };
+        let names = self.rpcs.iter().map(|r| &**r).chain(VALUE_METERS.iter().copied());
+        names
+            .zip(c.0.iter())
+            .map(|(name, v)| (name.to_owned(), v.load(Ordering::Relaxed)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
     }
 
     /// Swaps every counter to zero; the totals, filed under the minute

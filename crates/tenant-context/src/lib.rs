@@ -16,6 +16,7 @@ pub mod access;
 pub mod client;
 pub mod directory;
 pub mod external;
+pub mod meter;
 pub mod server;
 pub mod verify;
 

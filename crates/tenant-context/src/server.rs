@@ -10,16 +10,20 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::Role;
-use crate::access::{self, Access};
+use crate::access::{Access, Charge, Policies, PolicyError, Set};
 use crate::directory::TenantDirectory;
 use crate::directory::TenantInfo;
 use crate::external::ExternalVerifier;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
 use crate::{BoxFuture, TenantContext, metadata};
 use tenantmesh_service::fairq::{FairQueue, FairQueueSettings, Seat};
+use tenantmesh_service::handled::Handled;
 use tenantmesh_service::leases::RateShares;
 use tenantmesh_service::limits::{Cost, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};
 use tenantmesh_service::tiers::Tiers;
+
+/// The access of a path that declares no policy.
+const NOBODY: Access = Access::Callers { roles: Set::EMPTY, scopes: Set::EMPTY };
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
 const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
@@ -46,6 +50,8 @@ pub struct Authenticator {
     tiers: Arc<Tiers>,
     /// Hashes tenants onto the fair queue's queues (keyed per process).
     hasher: std::hash::RandomState,
+    /// Every RPC's policy (from the served protos' options).
+    policies: Arc<Policies>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -66,7 +72,23 @@ impl Authenticator {
             seats: FairQueue::new(FairQueueSettings::default()),
             tiers: Arc::new(Tiers::default()),
             hasher: std::hash::RandomState::new(),
+            // Incomplete declarations leave the table empty: every call is
+            // refused (and the service's start-up refused to serve, see
+            // `Policies::mesh`).
+            policies: Arc::new(Policies::mesh().cloned().unwrap_or_default()),
         }
+    }
+
+    /// Serves RPCs with these policies instead of the mesh's own (a service
+    /// built on the layer stack, with its own protos).
+    pub fn with_policies(mut self, policies: Arc<Policies>) -> Self {
+        self.policies = policies;
+        self
+    }
+
+    /// The policies the layer enforces.
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
     }
 
     /// Admission as `config` says: per-tenant limits on or off
@@ -184,7 +206,12 @@ impl Authenticator {
 
     /// Establishes the caller's context from request headers, or the status
     /// to refuse the request with.
-    pub async fn authenticate(&self, path: &str, headers: &http::HeaderMap) -> Result<TenantContext, Status> {
+    pub async fn authenticate(
+        &self,
+        path: &str,
+        access: Access,
+        headers: &http::HeaderMap,
+    ) -> Result<TenantContext, Status> {
         let token = bearer_token(headers)?;
         let (verified, known) = match self.verifier.remembered(token) {
             Some(v) => (v, None),
@@ -208,7 +235,7 @@ impl Authenticator {
                 return Err(Status::permission_denied("x-tenant-id does not match the token's tenant"));
             }
         }
-        if !access::allows(path, &verified.roles, verified.scopes()) {
+        if !access.allows(&verified.roles, verified.scopes()) {
             tracing::warn!(
                 security_event = "role_denied",
                 tenant_id = %verified.tenant_id,
@@ -334,13 +361,32 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
 }
 
 /// Charges the request's tenant for what it cost beyond the one token taken
-/// at admission: a [`Cost`] the handler put in its response's extensions.
+/// at admission: the cost its handler reported ([`Handled`]).
 fn charge<B, E>(in_flight: Option<&InFlight<'_>>, response: &Result<Response<B>, E>) {
     if let (Some(guard), Ok(r)) = (in_flight, response)
-        && let Some(Cost(tokens)) = r.extensions().get::<Cost>()
+        && let Some(Handled { cost: Cost(tokens), .. }) = Handled::of(r)
     {
         guard.charge(tokens.saturating_sub(1));
     }
+}
+
+/// The layers every tenantmesh service is served with, outermost first:
+/// telemetry and the tenant context (authentication, access from the RPC's
+/// policy, admission), then metering ([`crate::meter`]), then the handler.
+/// Refuses to build when the authenticator's policies are empty: the
+/// served protos' declarations are incomplete (the error names each RPC).
+pub fn stack(
+    auth: Authenticator,
+    meters: Option<Arc<tenantmesh_service::metering::Meters>>,
+) -> Result<tower::layer::util::Stack<crate::meter::MeterLayer, TenantContextLayer>, PolicyError> {
+    if auth.policies.is_empty() {
+        return Err(Policies::mesh()
+            .err()
+            .cloned()
+            .unwrap_or_else(|| PolicyError(vec!["no RPC declares a policy".into()])));
+    }
+    let policies = auth.policies.clone();
+    Ok(tower::layer::util::Stack::new(crate::meter::layer(meters, policies), layer(auth)))
 }
 
 /// The tower layer that authenticates every request (see the crate docs).
@@ -390,17 +436,18 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
-        let rule = access::rule_for(req.uri().path());
-        let (access, streaming) = (rule.map(|r| r.access), rule.is_some_and(|r| r.streams));
+        let rule = auth.policies.rule(req.uri().path());
         let request = tenantmesh_telemetry::incoming(req.uri().path(), req.headers());
         request.run(async move {
-            let response = match access {
-                Some(Access::Public) => {
+            let response = match rule {
+                Some(rule) if rule.access == Access::Public => {
                     // Identity headers on an unauthenticated call prove nothing.
                     req.headers_mut().remove(metadata::TENANT_ID);
                     inner.call(req).await
                 }
-                _ => match auth.authenticate(req.uri().path(), req.headers()).await {
+                // A path without a policy is callable by nobody (fail
+                // closed): the caller is authenticated, then refused.
+                _ => match auth.authenticate(req.uri().path(), rule.map_or(NOBODY, |r| r.access), req.headers()).await {
                     Ok(ctx) => {
                         tenantmesh_telemetry::record_tenant(&ctx.tenant_id, &ctx.tenant.tier);
                         let admitted = match auth.admit(&ctx) {
@@ -410,7 +457,7 @@ where
                         match admitted {
                             Ok((mut in_flight, _seat)) => {
                                 // A stream holds its slot for as long as it is open.
-                                if streaming
+                                if rule.is_some_and(|r| r.streams)
                                     && let (Some(guard), Some(limiter)) = (in_flight.take(), &auth.limiter)
                                     && let Some(held) = guard.hold(limiter)
                                 {
@@ -424,7 +471,9 @@ where
                                 if let Some((started, rpc, tenant)) = timing {
                                     tenantmesh_telemetry::metrics::request(&tenant, &rpc, started.elapsed().as_secs_f64());
                                 }
-                                charge(in_flight.as_ref(), &response);
+                                if rule.is_some_and(|r| r.charge == Charge::Units) {
+                                    charge(in_flight.as_ref(), &response);
+                                }
                                 response
                             }
                             Err(status) => Ok(status.into_http()),

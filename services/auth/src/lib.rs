@@ -789,7 +789,7 @@ pub async fn serve(
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
         Some(backup),
-        server::layer(authn),
+        server::stack(authn, None)?,
         grace,
         shutdown,
     )

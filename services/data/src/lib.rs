@@ -50,6 +50,7 @@ use tenantmesh_proto::registry::v1::TenantStatus;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_service::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_service::errors::{Violations, invalid_field};
+use tenantmesh_service::handled::Handled;
 use tenantmesh_service::limits::Cost;
 use tenantmesh_service::metering::{Meters, Usage};
 use tenantmesh_service::paging;
@@ -218,7 +219,6 @@ pub struct DataService {
     silos: Arc<std::sync::Mutex<HashMap<String, DataClient<PropagatedChannel>>>>,
     quotas: Arc<quota::Quotas>,
     stall_writes: Option<std::time::Duration>,
-    meters: Option<Arc<Meters>>,
     /// Tenant -> the table where this process has seen its history (see
     /// [`history`]) marked complete: looked up on every write, without
     /// allocating.
@@ -227,22 +227,12 @@ pub struct DataService {
     tiers: Arc<tenantmesh_service::tiers::Tiers>,
 }
 
-/// The data RPCs, by their index in the usage counters.
-pub const RPCS: &[&str] = &["PutItem", "GetItem", "DeleteItem", "QueryItems"];
-const PUT: usize = 0;
-const GET: usize = 1;
-const DELETE: usize = 2;
-const QUERY: usize = 3;
-
 /// Encoded bytes of a length-delimited field of `len` bytes (field numbers
 /// 1-15): a response's size from its items' sizes, each item encoded in
 /// length once.
 fn field_len(len: usize) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
-
-/// A call being metered: its tenant and when its handler began.
-struct Metered(Arc<str>, std::time::Instant);
 
 /// Where a tenant's call is served.
 enum Route {
@@ -308,7 +298,6 @@ impl DataService {
             silos: Default::default(),
             quotas: Arc::new(quota::Quotas::new(std::time::Duration::from_secs(10))),
             stall_writes: None,
-            meters: None,
             history_started: Default::default(),
             tiers: Default::default(),
         }
@@ -318,44 +307,6 @@ impl DataService {
     pub fn with_tiers(mut self, tiers: Arc<tenantmesh_service::tiers::Tiers>) -> Self {
         self.tiers = tiers;
         self
-    }
-
-    /// Counts every call's usage for its tenant (see
-    /// `tenantmesh_service::metering`).
-    pub fn with_meters(mut self, meters: Option<Arc<Meters>>) -> Self {
-        self.meters = meters;
-        self
-    }
-
-    /// Starts metering a call, when this instance meters.
-    fn metered<T>(&self, request: &Request<T>) -> Result<Option<Metered>, Status> {
-        Ok(match self.meters {
-            Some(_) => {
-                Some(Metered(TenantContext::from_request(request)?.tenant_id.clone(), std::time::Instant::now()))
-            }
-            None => None,
-        })
-    }
-
-    /// Counts a call that ended with `result`: a request whatever its
-    /// outcome, and when it succeeded its units and bytes, as the handler
-    /// measured them or (`None`: a forwarded call) from the answer.
-    fn count<T>(
-        &self,
-        call: Option<Metered>,
-        rpc: usize,
-        result: Result<(Response<T>, Option<Usage>), Status>,
-        usage: impl FnOnce(&T) -> Usage,
-    ) -> Result<Response<T>, Status> {
-        let (response, measured) = match result {
-            Ok((response, measured)) => (Ok(response), measured),
-            Err(status) => (Err(status), Some(Usage::default())),
-        };
-        if let (Some(meters), Some(Metered(tenant, started))) = (&self.meters, call) {
-            let usage = measured.unwrap_or_else(|| response.as_ref().map(|r| usage(r.get_ref())).unwrap_or_default());
-            meters.record(&tenant, rpc, usage, started.elapsed());
-        }
-        response
     }
 
     /// Test fault: see [`Config::stall_writes`].
@@ -472,50 +423,21 @@ fn forwarded<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Stat
     })
 }
 
-/// `response`, reporting what its call cost when that is more than the one
-/// token every call takes (so the common small call allocates nothing).
-fn costing<T>(mut response: Response<T>, cost: Cost) -> Response<T> {
-    if cost.0 > 1 {
-        response.extensions_mut().insert(cost);
-    }
-    response
+/// A forwarded call's answer, reporting what it returned (the silo
+/// instance charged its tenant for the rest).
+fn forwarded_as<T>(
+    result: Result<Response<T>, Status>,
+    usage: impl FnOnce(&T) -> Usage,
+) -> Result<Response<T>, Status> {
+    let response = forwarded(result)?;
+    let usage = usage(response.get_ref());
+    Ok(Handled { usage, cost: Cost(1) }.report(response))
 }
 
-#[tonic::async_trait]
-impl Data for DataService {
-    async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
-        let call = self.metered(&request)?;
-        let result = self.put_item_unmetered(request).await;
-        self.count(call, PUT, result, |r| {
-            let item = r.item.as_ref().map_or(0, |i| i.encoded_len());
-            Usage::write(item, field_len(item))
-        })
-    }
-
-    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
-        let call = self.metered(&request)?;
-        let result = self.get_item_unmetered(request).await;
-        self.count(call, GET, result, |r| {
-            let item = r.item.as_ref().map_or(0, |i| i.encoded_len());
-            Usage::read([item], field_len(item))
-        })
-    }
-
-    async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
-        let call = self.metered(&request)?;
-        let result = self.delete_item_unmetered(request).await;
-        // DeleteItemResponse is empty.
-        self.count(call, DELETE, result, |_| Usage::write(0, 0))
-    }
-
-    async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
-        let call = self.metered(&request)?;
-        let result = self.query_items_unmetered(request).await;
-        self.count(call, QUERY, result, |r| {
-            let sizes: Vec<usize> = r.items.iter().map(|i| i.encoded_len()).collect();
-            query_usage(&sizes, &r.next_page_token)
-        })
-    }
+/// What a stored item of `size` encoded bytes uses when returned.
+fn item_usage(item: Option<&Item>) -> Usage {
+    let size = item.map_or(0, |i| i.encoded_len());
+    Usage::read([size], field_len(size))
 }
 
 /// A page's read units and bytes from its items' encoded sizes.
@@ -524,22 +446,20 @@ fn query_usage(sizes: &[usize], next_page_token: &str) -> Usage {
     Usage::read(sizes.iter().copied(), sizes.iter().map(|&s| field_len(s)).sum::<usize>() + token)
 }
 
-/// A call answered here, with what it used (the handlers measure it from
-/// what they read and wrote), or forwarded to a silo instance (measured
-/// from the answer).
-type Metering<T> = Result<(Response<T>, Option<Usage>), Status>;
-
-fn forwarded_unmeasured<T>(result: Result<Response<T>, Status>) -> Metering<T> {
-    forwarded(result).map(|r| (r, None))
-}
-
-/// The handlers, metered by the trait's methods above.
-impl DataService {
-    async fn put_item_unmetered(&self, request: Request<PutItemRequest>) -> Metering<PutItemResponse> {
+/// The data RPCs. Each reports what it read and wrote ([`Handled`]), which
+/// admission charges and metering counts.
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
         let limits = self.storage_limits(TenantContext::from_request(&request)?);
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded_unmeasured(c.put_item(request.into_inner()).await),
+            Route::Forward(mut c) => {
+                return forwarded_as(c.put_item(request.into_inner()).await, |r| {
+                    let item = r.item.as_ref().map_or(0, |i| i.encoded_len());
+                    Usage::write(item, field_len(item))
+                });
+            }
         };
         let req = request.into_inner();
         let mut v = item_key(&req.collection, &req.id);
@@ -596,13 +516,15 @@ impl DataService {
         let usage = Usage::write(returned, field_len(returned));
         // What was stored: the item and the history entry of what it replaced.
         let cost = Cost::write(size + done.undo_bytes as usize);
-        Ok((costing(Response::new(PutItemResponse { item: Some(item) }), cost), Some(usage)))
+        Ok(Handled { usage, cost }.report(Response::new(PutItemResponse { item: Some(item) })))
     }
 
-    async fn get_item_unmetered(&self, request: Request<GetItemRequest>) -> Metering<GetItemResponse> {
+    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
         let (tenant, store) = match self.route(&request, false).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded_unmeasured(c.get_item(request.into_inner()).await),
+            Route::Forward(mut c) => {
+                return forwarded_as(c.get_item(request.into_inner()).await, |r| item_usage(r.item.as_ref()));
+            }
         };
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
@@ -613,14 +535,18 @@ impl DataService {
             .ok_or(DataError::NotFound)?;
         let (item, size) = decode_sized(&raw)?;
         let usage = Usage::read([size], field_len(size));
-        Ok((costing(Response::new(GetItemResponse { item: Some(item) }), Cost::read(raw.data.len())), Some(usage)))
+        let cost = Cost::read(raw.data.len());
+        Ok(Handled { usage, cost }.report(Response::new(GetItemResponse { item: Some(item) })))
     }
 
-    async fn delete_item_unmetered(&self, request: Request<DeleteItemRequest>) -> Metering<DeleteItemResponse> {
+    async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
         let counted = self.storage_limits(TenantContext::from_request(&request)?).is_some();
         let (tenant, store) = match self.route(&request, true).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded_unmeasured(c.delete_item(request.into_inner()).await),
+            // DeleteItemResponse is empty.
+            Route::Forward(mut c) => {
+                return forwarded_as(c.delete_item(request.into_inner()).await, |_| Usage::write(0, 0));
+            }
         };
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
@@ -639,7 +565,7 @@ impl DataService {
                 }
                 // A delete stores the item's bytes in the history.
                 let cost = Cost::write(done.undo_bytes as usize);
-                Ok((costing(Response::new(DeleteItemResponse {}), cost), Some(Usage::write(0, 0))))
+                Ok(Handled { usage: Usage::write(0, 0), cost }.report(Response::new(DeleteItemResponse {})))
             }
             Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
             Err(StorageError::ConditionFailed { current, .. }) => {
@@ -649,10 +575,15 @@ impl DataService {
         }
     }
 
-    async fn query_items_unmetered(&self, request: Request<QueryItemsRequest>) -> Metering<QueryItemsResponse> {
+    async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
         let (tenant, store) = match self.route(&request, false).await? {
             Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => return forwarded_unmeasured(c.query_items(request.into_inner()).await),
+            Route::Forward(mut c) => {
+                return forwarded_as(c.query_items(request.into_inner()).await, |r| {
+                    let sizes: Vec<usize> = r.items.iter().map(|i| i.encoded_len()).collect();
+                    query_usage(&sizes, &r.next_page_token)
+                });
+            }
         };
         let req = request.into_inner();
         let mut v = Violations::new();
@@ -671,7 +602,8 @@ impl DataService {
         let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
         let read: usize = page.items.iter().map(|i| i.data.len()).sum();
         let usage = query_usage(&sizes, &next_page_token);
-        Ok((costing(Response::new(QueryItemsResponse { items, next_page_token }), Cost::read(read)), Some(usage)))
+        let cost = Cost::read(read);
+        Ok(Handled { usage, cost }.report(Response::new(QueryItemsResponse { items, next_page_token })))
     }
 }
 
@@ -716,6 +648,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut authn = Authenticator::remote(&config.common)?;
+    let policies = authn.policies().clone();
     let charges = authn.limiter().map(|limiter| admin::TenantCharges {
         limiter,
         directory: authn.directory(),
@@ -742,7 +675,7 @@ pub async fn serve(
     };
     let meters = usage.clone().map(|table| {
         let hook: tenantmesh_service::metering::FlushHook = Box::new(tenantmesh_telemetry::metrics::usage);
-        let meters = Arc::new(Meters::new(table, RPCS, config.metering_flush).with_hook(hook));
+        let meters = Arc::new(Meters::new(table, policies.metered(), config.metering_flush).with_hook(hook));
         meters.start();
         tracing::info!(
             replica = %meters.replica(),
@@ -789,8 +722,7 @@ pub async fn serve(
     let data = DataService::new(stores.clone(), &config.storage.table_prefix, config.silo_tenant.clone())
         .with_quotas(quotas.clone())
         .with_tiers(config.common.tiers.clone())
-        .with_stalled_writes(config.stall_writes)
-        .with_meters(meters.clone());
+        .with_stalled_writes(config.stall_writes);
     let admin = admin::DataAdminService::new(stores, &config.storage.table_prefix, config.silo_tenant.clone())
         .with_quotas(quotas)
         .with_stall(config.stream_stall)
@@ -825,6 +757,7 @@ pub async fn serve(
         routes = routes.add_service(MeteringServer::new(service));
         names.push(<MeteringServer<metering::MeteringService> as tonic::server::NamedService>::NAME);
     }
+    let stack = tenantmesh_tenant_context::server::stack(authn, meters.clone())?;
     let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
     routes = routes.add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
     names.push(tenantmesh_service::backup::NAME);
@@ -832,7 +765,7 @@ pub async fn serve(
         listener,
         routes,
         &names,
-        tenantmesh_tenant_context::server::layer(authn),
+        stack,
         config.common.shutdown_grace,
         shutdown,
     )

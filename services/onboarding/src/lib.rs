@@ -368,7 +368,7 @@ pub async fn serve(
             .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
         Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
-        tenantmesh_tenant_context::server::layer(authn),
+        tenantmesh_tenant_context::server::stack(authn, None)?,
         config.common.shutdown_grace,
         shutdown,
     )
