@@ -133,5 +133,31 @@ async fn spans_are_exported_over_otlp() {
         })
         .collect();
     assert_eq!(requests.iter().max(), Some(&1), "the tenant's one data request, as metered usage");
+    // The request counter names the RPC as the conventions do: the service
+    // and the method apart, once for the tenant's one call.
+    let counted: Vec<(Option<String>, Option<String>)> = metrics
+        .iter()
+        .flat_map(|r| r.resource_metrics.iter().flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.iter())))
+        .filter(|m| m.name == "tenantmesh.requests")
+        .filter_map(|m| match &m.data {
+            Some(Data::Sum(sum)) => Some(sum.data_points.clone()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|p| string_attr(&p.attributes, "tenant.id").as_deref() == Some(tenant.tenant_id.as_str()))
+        .map(|p| (string_attr(&p.attributes, "rpc.service"), string_attr(&p.attributes, "rpc.method")))
+        .collect();
+    assert!(
+        counted.contains(&(Some("tenantmesh.data.v1.Data".into()), Some("GetItem".into()))),
+        "the GetItem request by service and method: {counted:?}"
+    );
+    // NOT_FOUND is the caller's outcome: the server span's status stays
+    // unset (the RPC conventions), the client's would be an error.
+    let get = resources
+        .iter()
+        .flat_map(|rs| rs.scope_spans.iter().flat_map(|s| s.spans.iter()))
+        .find(|s| s.name == "tenantmesh.data.v1.Data/GetItem" && s.kind == 2)
+        .expect("the GetItem server span was exported");
+    assert_ne!(get.status.as_ref().map(|s| s.code), Some(2), "a NOT_FOUND server span is not an error");
     drop(guard);
 }

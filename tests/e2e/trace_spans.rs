@@ -95,3 +95,45 @@ async fn forwarding_to_a_silo_instance_keeps_the_trace_and_the_tenant() {
         assert_eq!(attr(span, "rpc.grpc.status_code").as_deref(), Some("0"));
     }
 }
+
+/// The tenant lookup the server layer makes for a tenant's first call is a
+/// client span of that call's trace (and the registry's server span a
+/// child of it), tagged with the tenant; and the call's NOT_FOUND leaves
+/// the server span's status unset, as the RPC conventions say.
+#[tokio::test]
+async fn the_layers_tenant_lookup_is_a_client_span_of_the_callers_trace() {
+    use tenantmesh_proto::data::v1::GetItemRequest;
+    let (exporter, _guard) = spans::install();
+    let mesh = TestMesh::start().await;
+    let tenant = mesh.onboard(&unique_tenant("lookup")).await;
+    let get = GetItemRequest { collection: "c".into(), id: "missing".into() };
+    let missing = mesh.data().get_item(authed(get, &tenant.token)).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    mesh.shutdown().await;
+
+    let all = exporter.get_finished_spans().unwrap();
+    let get = all
+        .iter()
+        .find(|s| s.span_kind == opentelemetry::trace::SpanKind::Server && s.name == "tenantmesh.data.v1.Data/GetItem")
+        .expect("the GetItem server span");
+    assert_eq!(attr(get, "rpc.grpc.status_code").as_deref(), Some("5"));
+    assert_eq!(get.status, opentelemetry::trace::Status::Unset, "NOT_FOUND is the caller's outcome");
+    let trace: Vec<_> = all.iter().filter(|s| s.span_context.trace_id() == get.span_context.trace_id()).collect();
+    let lookup = trace
+        .iter()
+        .find(|s| {
+            s.span_kind == opentelemetry::trace::SpanKind::Client
+                && s.name == "tenantmesh.registry.v1.TenantRegistry/GetTenant"
+        })
+        .expect("the lookup's client span in the caller's trace");
+    assert_eq!(attr(lookup, "tenant.id").as_deref(), Some(tenant.tenant_id.as_str()));
+    assert_eq!(lookup.parent_span_id, get.span_context.span_id(), "a child of the GetItem server span");
+    let served = trace
+        .iter()
+        .find(|s| {
+            s.span_kind == opentelemetry::trace::SpanKind::Server
+                && s.name == "tenantmesh.registry.v1.TenantRegistry/GetTenant"
+        })
+        .expect("the registry's server span");
+    assert_eq!(served.parent_span_id, lookup.span_context.span_id());
+}

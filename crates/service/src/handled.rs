@@ -15,6 +15,10 @@ pub struct Handled {
     /// Tokens of the tenant's rate it cost in all (one of them taken at
     /// admission).
     pub cost: Cost,
+    /// Answered by another instance this one forwarded the call to (a silo
+    /// tenant's): that instance counts the request in its own metrics, so
+    /// this one does not count it again.
+    pub forwarded: bool,
 }
 
 impl Handled {

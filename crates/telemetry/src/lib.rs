@@ -211,7 +211,7 @@ pub fn record_tenant(tenant_id: &Arc<str>, tier: &Arc<str>) {
 /// Records the outcome of the current request from its response headers.
 pub fn record_response(headers: &http::HeaderMap) {
     if spans_recorded() {
-        record_response_status(&Span::current(), headers);
+        record_server_status(&Span::current(), headers);
     }
 }
 
@@ -360,6 +360,7 @@ pub fn client_span(path: &str, tenant_id: &str) -> Span {
         "grpc.client",
         otel.name = %path.trim_start_matches('/'),
         otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
@@ -368,13 +369,37 @@ pub fn client_span(path: &str, tenant_id: &str) -> Span {
     )
 }
 
-/// Records the outcome of an RPC on its span from the response headers: a
-/// `grpc-status` there is a trailers-only (immediate) answer; otherwise the
-/// status follows in the trailers and the call is counted as OK (0).
+/// The gRPC status code of a response from its headers: a `grpc-status`
+/// there is a trailers-only (immediate) answer; otherwise the status
+/// follows in the trailers and the call is counted as OK (0).
+fn status_code(headers: &http::HeaderMap) -> i32 {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Records the outcome of an outgoing RPC on its client span: any code but
+/// OK is an error of the call.
 pub fn record_response_status(span: &Span, headers: &http::HeaderMap) {
-    let code: i32 = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let code = status_code(headers);
     span.record("rpc.grpc.status_code", code);
     if code != 0 {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// Whether a server answering `code` failed, as the OpenTelemetry RPC
+/// conventions judge a server span: UNKNOWN, DEADLINE_EXCEEDED,
+/// UNIMPLEMENTED, INTERNAL, UNAVAILABLE and DATA_LOSS. The others
+/// (NOT_FOUND, PERMISSION_DENIED, INVALID_ARGUMENT, ...) are the caller's,
+/// and leave the server span's status unset.
+pub fn server_failed(code: i32) -> bool {
+    matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
+}
+
+/// Records the outcome of an incoming RPC on its server span.
+fn record_server_status(span: &Span, headers: &http::HeaderMap) {
+    let code = status_code(headers);
+    span.record("rpc.grpc.status_code", code);
+    if server_failed(code) {
         span.record("otel.status_code", "ERROR");
     }
 }

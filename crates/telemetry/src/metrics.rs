@@ -83,13 +83,21 @@ fn tenant_value(i: &Instruments, tenant: &str) -> opentelemetry::Value {
     }
 }
 
-/// A request of `tenant` to `rpc` handled in `seconds`.
-pub fn request(tenant: &str, rpc: &str, seconds: f64) {
+/// A request of `tenant` to the RPC at gRPC `path` handled in `seconds`:
+/// attributed as the RPC conventions name it (`rpc.system` grpc,
+/// `rpc.service` the full service name, `rpc.method` the method).
+pub fn request(tenant: &str, path: &str, seconds: f64) {
     if !enabled() {
         return;
     }
     let i = instruments();
-    let attrs = [KeyValue::new("tenant.id", tenant_value(i, tenant)), KeyValue::new("rpc.method", rpc.to_owned())];
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    let attrs = [
+        KeyValue::new("tenant.id", tenant_value(i, tenant)),
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service.to_owned()),
+        KeyValue::new("rpc.method", method.to_owned()),
+    ];
     i.requests.add(1, &attrs);
     i.latency.record(seconds, &attrs);
 }

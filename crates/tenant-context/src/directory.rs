@@ -197,6 +197,9 @@ async fn watch_once(
     Ok(())
 }
 
+/// The registry RPC a lookup calls.
+const GET_TENANT: &str = "/tenantmesh.registry.v1.TenantRegistry/GetTenant";
+
 #[async_trait]
 impl TenantDirectory for RemoteDirectory {
     async fn lookup(
@@ -243,14 +246,34 @@ impl TenantDirectory for RemoteDirectory {
         if let Some(v) = caller_tenant.and_then(|t| t.parse().ok()) {
             req.metadata_mut().insert(crate::metadata::TENANT_ID, v);
         }
+        // The lookup is the layer's call, not the tenant's: it is marked so
+        // the registry leaves it out of the tenant's request count, and it
+        // is a client span of its own in the caller's trace.
+        req.metadata_mut().insert(crate::metadata::LOOKUP, tonic::metadata::MetadataValue::from_static("tenant"));
         let mut headers = http::HeaderMap::new();
-        tenantmesh_telemetry::inject_trace_context(&mut headers);
+        let span = tenantmesh_telemetry::start_client_call(GET_TENANT, tenant_id, &mut headers);
         if let Some(tp) = headers.get(crate::metadata::TRACEPARENT).and_then(|v| v.to_str().ok())
             && let Ok(v) = tp.parse()
         {
             req.metadata_mut().insert(crate::metadata::TRACEPARENT, v);
         }
-        let info = match self.client.clone().get_tenant(req).await {
+        let mut client = self.client.clone();
+        let call = client.get_tenant(req);
+        let answer = match &span {
+            Some(span) => {
+                use tracing::Instrument as _;
+                call.instrument(span.clone()).await
+            }
+            None => call.await,
+        };
+        if let Some(span) = &span {
+            let code = answer.as_ref().err().map_or(0, |s| s.code() as i32);
+            span.record("rpc.grpc.status_code", code);
+            if code != 0 {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        let info = match answer {
             Ok(resp) => resp.into_inner().tenant.map(|t| Arc::new(TenantInfo::from(t))),
             Err(s) if s.code() == Code::NotFound => None,
             Err(s) => {

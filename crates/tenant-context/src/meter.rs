@@ -137,7 +137,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let policies = Arc::new(Policies::mesh().unwrap().clone());
         let meters = meters(&dir, &policies);
-        let reported = Handled { usage: Usage::read([5000], 5100), cost: Cost(2) };
+        let reported = Handled { usage: Usage::read([5000], 5100), cost: Cost(2), forwarded: false };
         let mut ok = layer(Some(meters.clone()), policies.clone()).layer(handler(Some(reported)));
         call(&mut ok, request(GET, Some("acme"))).await;
         let mut failing = layer(Some(meters.clone()), policies).layer(handler(None));
@@ -157,7 +157,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let policies = Arc::new(Policies::mesh().unwrap().clone());
         let meters = meters(&dir, &policies);
-        let reported = Handled { usage: Usage::write(10, 0), cost: Cost(1) };
+        let reported = Handled { usage: Usage::write(10, 0), cost: Cost(1), forwarded: false };
         let mut svc = layer(Some(meters.clone()), policies).layer(handler(Some(reported)));
         call(&mut svc, request("/tenantmesh.data.v1.DataAdmin/PurgeItems", Some("acme"))).await;
         call(&mut svc, request("/tenantmesh.data.v1.Data/Scan", Some("acme"))).await;

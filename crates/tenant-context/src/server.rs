@@ -464,11 +464,14 @@ where
                                     req.extensions_mut().insert(tenantmesh_service::limits::HeldSlot::new(held));
                                 }
                                 // Timed only when per-tenant metrics are exported.
-                                let timing = tenantmesh_telemetry::metrics::enabled()
-                                    .then(|| (std::time::Instant::now(), req.uri().path().to_owned(), ctx.tenant_id.clone()));
+                                let timing = (tenantmesh_telemetry::metrics::enabled()
+                                    && !req.headers().contains_key(metadata::LOOKUP))
+                                .then(|| (std::time::Instant::now(), req.uri().path().to_owned(), ctx.tenant_id.clone()));
                                 req.extensions_mut().insert(ctx.clone());
                                 let response = ctx.scope(inner.call(req)).await;
-                                if let Some((started, rpc, tenant)) = timing {
+                                // A call forwarded to another instance is counted there.
+                                let forwarded = response.as_ref().ok().and_then(Handled::of).is_some_and(|h| h.forwarded);
+                                if let Some((started, rpc, tenant)) = timing.filter(|_| !forwarded) {
                                     tenantmesh_telemetry::metrics::request(&tenant, &rpc, started.elapsed().as_secs_f64());
                                 }
                                 if rule.is_some_and(|r| r.charge == Charge::Units) {

@@ -431,7 +431,7 @@ fn forwarded_as<T>(
 ) -> Result<Response<T>, Status> {
     let response = forwarded(result)?;
     let usage = usage(response.get_ref());
-    Ok(Handled { usage, cost: Cost(1) }.report(response))
+    Ok(Handled { usage, cost: Cost(1), forwarded: true }.report(response))
 }
 
 /// What a stored item of `size` encoded bytes uses when returned.
@@ -516,7 +516,7 @@ impl Data for DataService {
         let usage = Usage::write(returned, field_len(returned));
         // What was stored: the item and the history entry of what it replaced.
         let cost = Cost::write(size + done.undo_bytes as usize);
-        Ok(Handled { usage, cost }.report(Response::new(PutItemResponse { item: Some(item) })))
+        Ok(Handled { usage, cost, forwarded: false }.report(Response::new(PutItemResponse { item: Some(item) })))
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
@@ -536,7 +536,7 @@ impl Data for DataService {
         let (item, size) = decode_sized(&raw)?;
         let usage = Usage::read([size], field_len(size));
         let cost = Cost::read(raw.data.len());
-        Ok(Handled { usage, cost }.report(Response::new(GetItemResponse { item: Some(item) })))
+        Ok(Handled { usage, cost, forwarded: false }.report(Response::new(GetItemResponse { item: Some(item) })))
     }
 
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
@@ -565,7 +565,8 @@ impl Data for DataService {
                 }
                 // A delete stores the item's bytes in the history.
                 let cost = Cost::write(done.undo_bytes as usize);
-                Ok(Handled { usage: Usage::write(0, 0), cost }.report(Response::new(DeleteItemResponse {})))
+                Ok(Handled { usage: Usage::write(0, 0), cost, forwarded: false }
+                    .report(Response::new(DeleteItemResponse {})))
             }
             Err(StorageError::ConditionFailed { current: None, .. }) => Err(DataError::NotFound.into()),
             Err(StorageError::ConditionFailed { current, .. }) => {
@@ -603,7 +604,8 @@ impl Data for DataService {
         let read: usize = page.items.iter().map(|i| i.data.len()).sum();
         let usage = query_usage(&sizes, &next_page_token);
         let cost = Cost::read(read);
-        Ok(Handled { usage, cost }.report(Response::new(QueryItemsResponse { items, next_page_token })))
+        Ok(Handled { usage, cost, forwarded: false }
+            .report(Response::new(QueryItemsResponse { items, next_page_token })))
     }
 }
 
