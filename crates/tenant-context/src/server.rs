@@ -530,3 +530,69 @@ mod properties {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::TenantInfo;
+    use crate::verify::KeySource;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct NoKeys;
+
+    #[async_trait::async_trait]
+    impl KeySource for NoKeys {
+        async fn key(&self, _kid: &str) -> Result<Option<jsonwebtoken::DecodingKey>, VerifyError> {
+            Ok(None)
+        }
+    }
+
+    struct NoTenants;
+
+    #[async_trait::async_trait]
+    impl TenantDirectory for NoTenants {
+        async fn lookup(&self, _: &str, _: &str, _: Option<&str>) -> Result<Option<Arc<TenantInfo>>, Status> {
+            Ok(None)
+        }
+    }
+
+    fn authenticator() -> Authenticator {
+        Authenticator::new(Arc::new(TokenVerifier::new(Arc::new(NoKeys), "iss", "aud")), Arc::new(NoTenants))
+    }
+
+    /// Without a complete set of declarations there is no stack to serve
+    /// with: the error says why.
+    #[test]
+    fn a_stack_without_policies_is_refused() {
+        let empty = authenticator().with_policies(Arc::new(Policies::default()));
+        let err = stack(empty, None).unwrap_err();
+        assert!(err.to_string().contains("no RPC declares a policy"), "{err}");
+        assert!(stack(authenticator(), None).is_ok(), "the mesh's own protos declare every policy");
+    }
+
+    /// A fake handler that counts its calls, behind the layer: a path
+    /// without a policy never reaches it (UNAUTHENTICATED without a token,
+    /// as any protected RPC), a public RPC does.
+    #[tokio::test]
+    async fn undeclared_rpcs_never_reach_the_handler() {
+        use tower::ServiceExt as _;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let handler = tower::service_fn(move |_req: Request<()>| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<_, Infallible>(Response::new(String::new())) }
+        });
+        let svc = layer(authenticator()).layer(handler);
+        let call = |path: &str| {
+            let req = Request::builder().uri(path).body(()).unwrap();
+            svc.clone().oneshot(req)
+        };
+        let refused = call("/tenantmesh.data.v1.Data/Scan").await.unwrap();
+        assert_eq!(refused.headers().get("grpc-status").map(|v| v.to_str().unwrap()), Some("16"));
+        assert_eq!(calls.load(Ordering::Relaxed), 0);
+        let public = call("/tenantmesh.auth.v1.Auth/GetJwks").await.unwrap();
+        assert!(public.headers().get("grpc-status").is_none(), "public RPCs need no token");
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+    }
+}
