@@ -32,12 +32,8 @@ pub async fn take(addr: &str, token: &str, out: &Path) -> Result<BackupManifest,
     let bearer = format!("Bearer {token}").parse().map_err(|_| "the token is not a valid header value".to_owned())?;
     request.metadata_mut().insert("authorization", bearer);
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
-    let mut stream = BackupClient::new(channel)
-        .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-        .take_backup(request)
-        .await
-        .map_err(status)?
-        .into_inner();
+    let mut stream =
+        tenantmesh_service::sized!(BackupClient::new(channel)).take_backup(request).await.map_err(status)?.into_inner();
     let Some(Chunk::Manifest(manifest)) = stream.message().await.map_err(status)?.and_then(|m| m.chunk) else {
         return Err("the service sent no manifest first".into());
     };
@@ -88,8 +84,7 @@ pub fn restore(dir: &Path, data_dir: &Path, replace: bool) -> Result<Option<Path
             ));
         }
         in_use(data_dir)?;
-        let aside =
-            PathBuf::from(format!("{}.replaced-{}", data_dir.display(), tenantmesh_service::metering::now_secs()));
+        let aside = PathBuf::from(format!("{}.replaced-{}", data_dir.display(), tenantmesh_service::clock::now_secs()));
         std::fs::rename(data_dir, &aside).map_err(|e| format!("cannot move {} aside: {e}", data_dir.display()))?;
         moved = Some(aside);
     }

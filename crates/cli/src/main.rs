@@ -237,7 +237,7 @@ async fn main() -> ExitCode {
         }
         Command::CostReport { addr, token, to, hours } => {
             let Some(token) = token.read_for("cost-report") else { return ExitCode::FAILURE };
-            let to = to.unwrap_or_else(tenantmesh_service::metering::now_secs);
+            let to = to.unwrap_or_else(tenantmesh_service::clock::now_secs);
             let from = to - hours * 3600;
             match tenantmesh_cli::report::fetch(&addr, &token, from, to).await {
                 Ok(costs) => {

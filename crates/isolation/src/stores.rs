@@ -46,6 +46,34 @@ pub fn table_allowed(stores: &dyn TenantStores, prefix: &str, tenant_id: &str, t
     table == stores.pooled_table() || ["bridge", "silo"].iter().any(|m| table == dedicated_table(prefix, tenant_id, m))
 }
 
+/// Where a tenant's items live, as its placement says: the one reading of
+/// a placement (`table`, `endpoint`; empty when unset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location<'a> {
+    /// At its own data-service instance (a silo tenant), in `table` there.
+    Silo { endpoint: &'a str, table: &'a str },
+    /// In `table` here: the pooled table or one of its dedicated tables.
+    Here { table: &'a str },
+}
+
+/// Where `tenant_id`'s items live, from its placement's `table` and
+/// `endpoint`: a table here must be one that may hold them
+/// ([`table_allowed`]), else `None`. A silo instance's table is judged by
+/// that instance.
+pub fn locate<'a>(
+    stores: &'a dyn TenantStores,
+    prefix: &str,
+    tenant_id: &str,
+    table: &'a str,
+    endpoint: &'a str,
+) -> Option<Location<'a>> {
+    let table = if table.is_empty() { stores.pooled_table() } else { table };
+    if !endpoint.is_empty() {
+        return Some(Location::Silo { endpoint, table });
+    }
+    table_allowed(stores, prefix, tenant_id, table).then_some(Location::Here { table })
+}
+
 /// Tenant stores built once and kept, for up to `capacity` tenants; a
 /// tenant forgotten when full is rebuilt on its next request. Looked up
 /// by borrowed names: a request allocates nothing here.
@@ -286,5 +314,24 @@ mod tests {
         assert!(!stores.drop_table(&own).await.unwrap());
         assert!(matches!(stores.store_for("acme", &own).await, Err(PolicyError::NoSuchTable(_))));
         assert!(stores.provision("acme", "../etc", "premium").await.is_err());
+    }
+
+    /// A placement read one way everywhere: no table is the pooled one, an
+    /// endpoint is a silo instance, and a table here must be the tenant's.
+    #[test]
+    fn placements_locate_the_tenants_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("t.redb")).unwrap();
+        let stores = EmbeddedStores::new(table, "data", dir.path().join("tables"), 2);
+        let own = dedicated_table("tm-", "acme", "silo");
+        assert_eq!(locate(&stores, "tm-", "acme", "", ""), Some(Location::Here { table: "data" }));
+        assert_eq!(locate(&stores, "tm-", "acme", &own, ""), Some(Location::Here { table: &own }));
+        assert_eq!(
+            locate(&stores, "tm-", "acme", &own, "http://acme:1"),
+            Some(Location::Silo { endpoint: "http://acme:1", table: &own })
+        );
+        let theirs = dedicated_table("tm-", "globex", "silo");
+        assert_eq!(locate(&stores, "tm-", "acme", &theirs, ""), None, "another tenant's table");
+        assert_eq!(locate(&stores, "tm-", "acme", "tm-auth", ""), None, "another service's table");
     }
 }

@@ -59,7 +59,7 @@ impl Backup for BackupService {
                 "backups are of the embedded store; on DynamoDB use its point-in-time recovery (on for every table)",
             ));
         }
-        let taken_at_ms = crate::metering::now_ms() as i64;
+        let taken_at_ms = crate::clock::now_ms();
         let data_dir = self.data_dir.clone();
         let staging = Staging(data_dir.join(format!("{}{}", STAGING_PREFIX, uuid::Uuid::new_v4().simple())));
         let at = staging.0.clone();

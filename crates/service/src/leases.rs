@@ -41,11 +41,14 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
+use tenantmesh_storage::{Condition, DynTable, Pages, StorageError};
 
 use crate::limits::Limits;
 // Wall-clock milliseconds: leases are compared across processes.
-use crate::metering::now_ms as wall_ms;
+/// Wall-clock milliseconds, as heartbeats and leases keep them.
+fn wall_ms() -> u64 {
+    crate::clock::now_ms().max(0) as u64
+}
 
 /// Share of an even share at which a replica asks for a lease.
 const LEASE_THRESHOLD: f64 = 0.1;
@@ -253,11 +256,10 @@ impl RateShares {
         let pk = format!("replicas#{}", self.service);
         let beat = serde_json::to_vec(&Heartbeat { expires: self.expiry() }).expect("heartbeat encodes");
         self.table.put(&pk, &self.replica, beat, Condition::None).await?;
-        let (mut live, mut start_after, now) = (0, None, wall_ms());
-        loop {
-            let page =
-                self.table.query(Query { pk: pk.clone(), sk_prefix: String::new(), start_after, limit: 1000 }).await?;
-            for item in &page.items {
+        let (mut live, now) = (0, wall_ms());
+        let mut pages = Pages::new(self.table.as_ref(), pk.clone(), "", 1000);
+        while let Some(items) = pages.next().await? {
+            for item in &items {
                 match serde_json::from_slice::<Heartbeat>(&item.data) {
                     Ok(h) if h.expires > now => live += 1,
                     // Gone for a minute: forget it (whoever sees it first).
@@ -266,10 +268,6 @@ impl RateShares {
                     }
                     _ => {}
                 }
-            }
-            match page.last_evaluated {
-                Some(last) => start_after = Some(last),
-                None => break,
             }
         }
         self.live.store(live.max(1), Ordering::Relaxed);

@@ -5,6 +5,7 @@
 //! and the one mapping of storage failures to status codes ([`errors`]).
 
 pub mod backup;
+pub mod clock;
 pub mod config;
 pub mod errors;
 pub mod fairq;

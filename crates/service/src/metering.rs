@@ -36,7 +36,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
+use tenantmesh_storage::{Condition, DynTable, Pages, Query, StorageError};
 
 use crate::limits::Cost;
 
@@ -85,16 +85,6 @@ impl Usage {
 
 /// One tenant's counters: `requests` per RPC, then [`VALUE_METERS`].
 struct Counters(Box<[AtomicU64]>);
-
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
-}
 
 /// The partition of a tenant's usage.
 pub fn usage_pk(tenant: &str) -> String {
@@ -334,6 +324,7 @@ impl Meters {
         let weak = Arc::downgrade(self);
         let mut stop = self.stop.subscribe();
         let interval = self.interval.as_millis().max(1) as u64;
+        let now_ms = || crate::clock::now_ms().max(0) as u64;
         tokio::spawn(async move {
             let mut began = now_ms();
             loop {
@@ -358,7 +349,7 @@ impl Meters {
         self.stop.send_replace(true);
         let mut last = Ok(());
         for attempt in 0..3 {
-            last = self.flush_at(now_secs()).await;
+            last = self.flush_at(crate::clock::now_secs()).await;
             if last.is_ok() {
                 break;
             }
@@ -550,20 +541,15 @@ async fn scan(
     start_after: Option<String>,
     mut each: impl FnMut(&str, &[u8]) -> Result<bool, ReadError>,
 ) -> Result<(), ReadError> {
-    let mut start_after = start_after;
-    loop {
-        let q = Query { pk: pk.to_owned(), sk_prefix: prefix.to_owned(), start_after, limit: PAGE };
-        let page = table.query(q).await?;
-        for item in &page.items {
+    let mut pages = Pages::new(table.as_ref(), pk, prefix, PAGE).after(start_after);
+    while let Some(items) = pages.next().await? {
+        for item in &items {
             if !each(&item.sk, &item.data)? {
                 return Ok(());
             }
         }
-        match page.last_evaluated {
-            Some(sk) => start_after = Some(sk),
-            None => return Ok(()),
-        }
     }
+    Ok(())
 }
 
 /// The meters with application events for `pk`, each found by one query
@@ -702,30 +688,24 @@ pub async fn expire_usage(table: &DynTable, tenant: &str, before: i64) -> Result
     };
     let mut deleted = 0;
     for prefix in ["u#", "s#"] {
-        loop {
-            let q = Query { pk: pk.clone(), sk_prefix: prefix.into(), start_after: None, limit: PAGE };
-            let page = table.query(q).await?;
-            let old: Vec<&str> = page
-                .items
-                .iter()
-                .map(|i| i.sk.as_str())
-                .take_while(|sk| ends(sk).is_some_and(|t| t <= before))
-                .collect();
+        let mut pages = Pages::new(table.as_ref(), pk.clone(), prefix, PAGE);
+        while let Some(items) = pages.next().await? {
+            let old: Vec<&str> =
+                items.iter().map(|i| i.sk.as_str()).take_while(|sk| ends(sk).is_some_and(|t| t <= before)).collect();
             for sk in &old {
                 deleted += u32::from(table.delete(&pk, sk, Condition::None).await?.is_some());
             }
-            if old.len() < page.items.len() || page.last_evaluated.is_none() {
+            if old.len() < items.len() {
                 break;
             }
         }
     }
     for meter in event_meters(table, &pk).await? {
         let prefix = format!("e#{meter}#");
-        loop {
-            let q = Query { pk: pk.clone(), sk_prefix: prefix.clone(), start_after: None, limit: PAGE };
-            let page = table.query(q).await?;
+        let mut pages = Pages::new(table.as_ref(), pk.clone(), prefix, PAGE);
+        while let Some(items) = pages.next().await? {
             let mut kept = false;
-            for item in &page.items {
+            for item in &items {
                 // e#<meter>#<minute>#<id>
                 let mut parts = item.sk.splitn(4, '#').skip(2);
                 let (minute, id) = (parts.next().and_then(|m| m.parse::<i64>().ok()), parts.next());
@@ -740,7 +720,7 @@ pub async fn expire_usage(table: &DynTable, tenant: &str, before: i64) -> Result
                     }
                 }
             }
-            if kept || page.last_evaluated.is_none() {
+            if kept {
                 break;
             }
         }

@@ -167,6 +167,18 @@ pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
 /// (`tenantmesh_storage::MAX_PAGE_BYTES`), an item at 400 KiB.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
+/// A generated gRPC client or server with both of its message limits at
+/// [`runtime::MAX_MESSAGE_BYTES`](crate::runtime::MAX_MESSAGE_BYTES):
+/// `tenantmesh_service::sized!(DataClient::new(channel))`.
+#[macro_export]
+macro_rules! sized {
+    ($grpc:expr) => {
+        $grpc
+            .max_decoding_message_size($crate::runtime::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size($crate::runtime::MAX_MESSAGE_BYTES)
+    };
+}
+
 /// The connections `listener` accepts, with `TCP_NODELAY` on. tonic's
 /// `Server::tcp_nodelay` does not apply to a listener handed in, and with
 /// Nagle's algorithm on, an answer written right after a small write (a

@@ -9,6 +9,7 @@ mod embedded;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod contract;
 pub mod files;
+mod pages;
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 
 pub use dynamodb::{ACCESS_DENIED_MARKER, DynamoTable};
 pub use embedded::EmbeddedTable;
+pub use pages::Pages;
 
 /// One stored item: `(pk, sk)` is its key, `version` counts its writes
 /// (1 on creation) and `data` is the caller's encoded payload.

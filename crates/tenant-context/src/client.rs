@@ -38,6 +38,43 @@ pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
 
 pub use tenantmesh_service::config::ServiceCredentials;
 
+/// Channels to peers by endpoint (silo instances, the data service), each
+/// wrapped to carry one identity: one connection per peer however many
+/// calls share it. Bounded: past [`Channels::CAPACITY`] peers it starts
+/// over (a cache of lazily connected channels, cheap to build again).
+pub struct Channels {
+    identity: Identity,
+    cached: std::sync::Mutex<std::collections::HashMap<String, PropagatedChannel>>,
+}
+
+impl std::fmt::Debug for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels").finish_non_exhaustive()
+    }
+}
+
+impl Channels {
+    pub const CAPACITY: usize = 1024;
+
+    pub fn new(identity: Identity) -> Self {
+        Self { identity, cached: Default::default() }
+    }
+
+    /// The channel to `endpoint` (built on first use).
+    pub fn get(&self, endpoint: &str) -> Result<PropagatedChannel, tonic::transport::Error> {
+        let mut cached = self.cached.lock().expect("channels lock");
+        if let Some(c) = cached.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = wrap(channel(endpoint)?, self.identity.clone());
+        if cached.len() >= Self::CAPACITY {
+            cached.clear();
+        }
+        cached.insert(endpoint.to_owned(), c.clone());
+        Ok(c)
+    }
+}
+
 /// Fetches and caches a service token, renewing it a minute before expiry;
 /// concurrent callers share one fetch.
 pub struct ServiceTokenSource {
@@ -56,13 +93,7 @@ impl ServiceTokenSource {
     /// `auth` must be a plain channel to the auth service (not one wrapped
     /// in this layer).
     pub fn new(auth: Channel, credentials: ServiceCredentials) -> Self {
-        Self {
-            auth: AuthClient::new(auth)
-                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
-            credentials,
-            cached: Mutex::new(None),
-        }
+        Self { auth: tenantmesh_service::sized!(AuthClient::new(auth)), credentials, cached: Mutex::new(None) }
     }
 
     pub async fn token(&self) -> Result<Arc<str>, Status> {

@@ -99,9 +99,7 @@ impl RemoteDirectory {
     /// Lookups answered from memory for `ttl`, for at most `capacity` tenants.
     pub fn new(registry: Channel, ttl: Duration, capacity: usize) -> Self {
         Self {
-            client: TenantRegistryClient::new(registry)
-                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+            client: tenantmesh_service::sized!(TenantRegistryClient::new(registry)),
             ttl,
             capacity,
             cache: Mutex::new(HashMap::new()),

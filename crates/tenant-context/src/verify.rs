@@ -162,7 +162,7 @@ impl TokenVerifier {
     }
 
     fn lookup(&self, digest: &TokenDigest, generation: u64) -> Option<Arc<Verified>> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = tenantmesh_service::clock::since_epoch();
         if !self.keys.fresh(now.as_millis() as u64) {
             return None;
         }
@@ -367,9 +367,7 @@ pub struct JwksCache {
 
 impl JwksCache {
     pub fn new(auth: Channel) -> Self {
-        let client = AuthClient::new(auth)
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
+        let client = tenantmesh_service::sized!(AuthClient::new(auth));
         Self::from_fn(Box::new(move || {
             let mut client = client.clone();
             Box::pin(async move { Ok(client.get_jwks(GetJwksRequest {}).await?.into_inner().keys) })
@@ -425,7 +423,7 @@ impl JwksCache {
 }
 
 fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    tenantmesh_service::clock::now_ms().max(0) as u64
 }
 
 #[async_trait]

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use tenantmesh_storage::{Condition, DynTable, Query, StorageError, Write};
+use tenantmesh_storage::{Condition, DynTable, Pages, StorageError, Write};
 
 /// Width of one expiry bucket: a record is purged within this long after
 /// it expires (an empty bucket costs the sweeper one query).
@@ -114,10 +114,9 @@ async fn sweep_bucket(
     swept: &mut Swept,
 ) -> Result<(), StorageError> {
     let pk = index_pk(b);
-    let mut start_after = None;
-    loop {
-        let page = store.query(Query { pk: pk.clone(), sk_prefix: String::new(), start_after, limit: 100 }).await?;
-        for e in &page.items {
+    let mut pages = Pages::new(store.as_ref(), pk.clone(), "", 100);
+    while let Some(items) = pages.next().await? {
+        for e in &items {
             if let Some((tenant, sk)) = e.sk.split_once('#')
                 && let Some(record) = store.get(tenant, sk).await?
             {
@@ -140,11 +139,8 @@ async fn sweep_bucket(
             }
             store.delete(&pk, &e.sk, Condition::None).await?;
         }
-        match page.last_evaluated {
-            Some(sk) => start_after = Some(sk),
-            None => return Ok(()),
-        }
     }
+    Ok(())
 }
 
 /// Sweeps every [`SWEEP_EVERY`] until dropped (aborted with the service).
@@ -209,7 +205,8 @@ mod tests {
         assert_eq!(sweep_to(&store, second, window).await, (1, 0));
         assert!(!exists("login#a@acme.example").await);
         for b in bucket(now)..bucket(second) {
-            let q = Query { pk: index_pk(b), sk_prefix: String::new(), start_after: None, limit: 10 };
+            let q =
+                tenantmesh_storage::Query { pk: index_pk(b), sk_prefix: String::new(), start_after: None, limit: 10 };
             assert!(store.query(q).await.unwrap().items.is_empty(), "entries left in bucket {b}");
         }
     }

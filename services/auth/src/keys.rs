@@ -17,7 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{DecodingKey, EncodingKey};
 use serde::{Deserialize, Serialize};
 use tenantmesh_proto::auth::v1::Jwk;
-use tenantmesh_storage::{Condition, DynTable, Query};
+use tenantmesh_storage::{Condition, DynTable, Pages};
 use tenantmesh_tenant_context::verify::{KeySource, VerifyError};
 
 use crate::AuthError;
@@ -147,10 +147,9 @@ impl SigningKeys {
 /// Every stored key, in activation order.
 async fn load(store: &DynTable) -> Result<Vec<KeyEntry>, AuthError> {
     let mut out = Vec::new();
-    let mut start_after = None;
-    loop {
-        let page = store.query(Query { pk: KEYS_PK.into(), sk_prefix: String::new(), start_after, limit: 100 }).await?;
-        for item in page.items {
+    let mut pages = Pages::new(store.as_ref(), KEYS_PK, "", 100);
+    while let Some(items) = pages.next().await? {
+        for item in items {
             let k: StoredKey = serde_json::from_slice(&item.data).map_err(corrupt)?;
             let der = URL_SAFE_NO_PAD.decode(&k.pkcs8).map_err(corrupt)?;
             out.push(KeyEntry {
@@ -160,10 +159,6 @@ async fn load(store: &DynTable) -> Result<Vec<KeyEntry>, AuthError> {
                 kid: k.kid,
                 x: k.x,
             });
-        }
-        match page.last_evaluated {
-            Some(sk) => start_after = Some(sk),
-            None => break,
         }
     }
     out.sort_by(|a, b| (a.active_time, &a.kid).cmp(&(b.active_time, &b.kid)));

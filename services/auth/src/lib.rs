@@ -223,9 +223,7 @@ pub fn jwks_requests() -> u64 {
     JWKS_REQUESTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-pub(crate) fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
-}
+pub(crate) use tenantmesh_service::clock::now_secs;
 
 /// `bytes` random bytes, base64url.
 pub(crate) fn random_token(bytes: usize) -> String {
@@ -785,9 +783,7 @@ pub async fn serve(
     let authn = Authenticator::new(Arc::new(verifier), directory).with_admission(&common);
     let served = tenantmesh_service::runtime::serve(
         listener,
-        AuthServer::new(service)
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+        tenantmesh_service::sized!(AuthServer::new(service)),
         Some(backup),
         server::stack(authn, None)?,
         grace,

@@ -93,9 +93,7 @@ pub(crate) fn expires_at(data: &[u8], window: Duration) -> Option<i64> {
     Some(until_ms.div_euclid(1000) + 1)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
-}
+use tenantmesh_service::clock::now_ms;
 
 fn corrupt(e: serde_json::Error) -> AuthError {
     AuthError::Corrupt(format!("login failures: {e}"))

@@ -349,19 +349,13 @@ impl DataAdmin for DataAdminService {
         let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
         let mut deleted = 0u32;
-        let mut start_after = None;
-        loop {
-            let q = Query { pk: tenant.clone(), sk_prefix: String::new(), start_after, limit: PAGE };
-            let page = store.query(q).await.map_err(storage_status)?;
+        let mut pages = tenantmesh_storage::Pages::new(store.as_ref(), tenant.clone(), "", PAGE);
+        while let Some(items) = pages.next().await.map_err(storage_status)? {
             // Items and their history; the fence stays.
-            for item in page.items.iter().filter(|i| i.sk != FENCE_SK) {
+            for item in items.iter().filter(|i| i.sk != FENCE_SK) {
                 if store.delete(&tenant, &item.sk, Condition::None).await.map_err(storage_status)?.is_some() {
                     deleted += 1;
                 }
-            }
-            match page.last_evaluated {
-                Some(sk) => start_after = Some(sk),
-                None => break,
             }
         }
         self.changed(&tenant);

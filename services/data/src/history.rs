@@ -50,10 +50,7 @@ static LAST: AtomicI64 = AtomicI64::new(0);
 /// Now, in microseconds since the epoch, later than any earlier answer
 /// of this process.
 pub fn now_us() -> i64 {
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default();
+    let wall = tenantmesh_service::clock::now_us();
     let mut last = LAST.load(Ordering::Relaxed);
     loop {
         let next = wall.max(last + 1);
@@ -195,35 +192,26 @@ async fn check_start<T: Table + ?Sized>(store: &T, pk: &str, time_us: i64) -> Re
 /// The first entry after an instant of every item changed since, in time
 /// order, a page at a time (only the sort keys already seen are held).
 struct FirstChanges<'a, T: ?Sized> {
-    store: &'a T,
-    pk: &'a str,
+    pages: tenantmesh_storage::Pages<'a, T>,
     seen: HashSet<String>,
-    start_after: Option<String>,
-    done: bool,
 }
 
 impl<'a, T: Table + ?Sized> FirstChanges<'a, T> {
     fn new(store: &'a T, pk: &'a str, time_us: i64) -> Self {
-        Self { store, pk, seen: HashSet::new(), start_after: Some(after(time_us)), done: false }
+        let pages = tenantmesh_storage::Pages::new(store, pk, PREFIX, 500).after(Some(after(time_us)));
+        Self { pages, seen: HashSet::new() }
     }
 
     /// The next page: each first entry's key and the before-image it holds.
     async fn next_page(&mut self) -> Result<Option<Vec<(String, Before)>>, StorageError> {
-        if self.done {
-            return Ok(None);
-        }
-        let q =
-            Query { pk: self.pk.into(), sk_prefix: PREFIX.into(), start_after: self.start_after.take(), limit: 500 };
-        let page = self.store.query(q).await?;
+        let Some(items) = self.pages.next().await? else { return Ok(None) };
         let mut first = Vec::new();
-        for entry in page.items {
+        for entry in items {
             let before = Before::decode(&entry.data)?;
             if self.seen.insert(before.sk.clone()) {
                 first.push((entry.sk, before));
             }
         }
-        self.start_after = page.last_evaluated;
-        self.done = self.start_after.is_none();
         Ok(Some(first))
     }
 }
@@ -376,18 +364,18 @@ pub async fn trim<T: Table + ?Sized>(store: &T, pk: &str, before_us: i64) -> Res
         }
     }
     let mut trimmed = 0;
-    loop {
-        let q = Query { pk: pk.into(), sk_prefix: PREFIX.into(), start_after: None, limit: 500 };
-        let page = store.query(q).await?;
-        let old: Vec<&Item> = page.items.iter().filter(|i| entry_time(&i.sk).is_some_and(|t| t < before_us)).collect();
+    let mut pages = tenantmesh_storage::Pages::new(store, pk, PREFIX, 500);
+    while let Some(items) = pages.next().await? {
+        let old: Vec<&Item> = items.iter().filter(|i| entry_time(&i.sk).is_some_and(|t| t < before_us)).collect();
         for entry in &old {
             store.delete(pk, &entry.sk, Condition::None).await?;
             trimmed += 1;
         }
-        if old.len() < page.items.len() || page.last_evaluated.is_none() {
-            return Ok(trimmed);
+        if old.len() < items.len() {
+            break;
         }
     }
+    Ok(trimmed)
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ use std::sync::Arc;
 use prost::Message as _;
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::backend::StorageConfig;
+use tenantmesh_isolation::stores::{Location, locate};
 use tenantmesh_proto::data::v1::data_admin_server::DataAdminServer;
 use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
@@ -216,7 +217,8 @@ pub struct DataService {
     stores: Arc<dyn TenantStores>,
     table_prefix: String,
     silo_tenant: Option<String>,
-    silos: Arc<std::sync::Mutex<HashMap<String, DataClient<PropagatedChannel>>>>,
+    /// Silo instances, called with the caller's own context.
+    silos: Arc<client::Channels>,
     quotas: Arc<quota::Quotas>,
     stall_writes: Option<std::time::Duration>,
     /// Tenant -> the table where this process has seen its history (see
@@ -240,9 +242,7 @@ enum Route {
     Forward(DataClient<PropagatedChannel>),
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
-}
+use tenantmesh_service::clock::now_ms;
 
 fn check_name(v: &mut Violations, field: &str, value: &str, max: usize, extra: &[char], required: bool) {
     if value.is_empty() {
@@ -295,7 +295,7 @@ impl DataService {
             stores,
             table_prefix: table_prefix.to_owned(),
             silo_tenant,
-            silos: Default::default(),
+            silos: Arc::new(client::Channels::new(Identity::Caller)),
             quotas: Arc::new(quota::Quotas::new(std::time::Duration::from_secs(10))),
             stall_writes: None,
             history_started: Default::default(),
@@ -337,19 +337,20 @@ impl DataService {
         if write && ctx.status() == TenantStatus::Migrating {
             return Err(DataError::Migrating.into());
         }
-        let placement = ctx.placement();
-        match &self.silo_tenant {
+        let (table, endpoint) = ctx.placement().map_or(("", ""), |p| (p.table.as_str(), p.endpoint.as_str()));
+        let endpoint = match &self.silo_tenant {
             Some(silo) if **silo != *ctx.tenant_id => return Err(DataError::WrongSilo.into()),
-            Some(_) => {}
-            None => {
-                if let Some(p) = placement.filter(|p| !p.endpoint.is_empty()) {
-                    return Ok(Route::Forward(self.silo_client(&p.endpoint)?));
-                }
-            }
-        }
-        let table = placement.map(|p| p.table.as_str()).filter(|t| !t.is_empty()).unwrap_or(self.stores.pooled_table());
+            // A silo instance serves its tenant here.
+            Some(_) => "",
+            None => endpoint,
+        };
+        let table = match locate(self.stores.as_ref(), &self.table_prefix, &ctx.tenant_id, table, endpoint) {
+            Some(Location::Silo { endpoint, .. }) => return Ok(Route::Forward(self.silo_client(endpoint)?)),
+            Some(Location::Here { table }) => table,
+            None => return Err(DataError::ForeignTable.into()),
+        };
         let tenant = ctx.tenant_id.clone();
-        let store = self.store(&tenant, table).await?;
+        let store = self.stores.store_for(&tenant, table).await.map_err(DataError::from)?;
         if write {
             self.start_history(&tenant, table, &store).await?;
         }
@@ -386,31 +387,14 @@ impl DataService {
         Some(quota::Limits { items, history: items.saturating_mul(multiple) })
     }
 
-    /// `tenant`'s view of `table`, if the table may hold its items.
-    async fn store(&self, tenant: &str, table: &str) -> Result<DynTable, Status> {
-        if !tenantmesh_isolation::stores::table_allowed(self.stores.as_ref(), &self.table_prefix, tenant, table) {
-            return Err(DataError::ForeignTable.into());
-        }
-        Ok(self.stores.store_for(tenant, table).await.map_err(DataError::from)?)
-    }
-
     /// A client of a silo tenant's instance that sends the caller's own
     /// context (token, tenant, trace).
     fn silo_client(&self, endpoint: &str) -> Result<DataClient<PropagatedChannel>, Status> {
-        let mut silos = self.silos.lock().expect("silo clients lock");
-        if let Some(c) = silos.get(endpoint) {
-            return Ok(c.clone());
-        }
-        let channel = client::channel(endpoint)
+        let channel = self
+            .silos
+            .get(endpoint)
             .map_err(|e| DataError::BadEndpoint { endpoint: endpoint.to_owned(), cause: e.to_string() })?;
-        let c = DataClient::new(client::wrap(channel, Identity::Caller))
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
-        if silos.len() >= 1024 {
-            silos.clear();
-        }
-        silos.insert(endpoint.to_owned(), c.clone());
-        Ok(c)
+        Ok(tenantmesh_service::sized!(DataClient::new(channel)))
     }
 }
 
@@ -729,16 +713,8 @@ pub async fn serve(
         .with_quotas(quotas)
         .with_stall(config.stream_stall)
         .with_charges(charges);
-    let mut routes = tonic::service::Routes::new(
-        DataServer::new(data)
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
-    )
-    .add_service(
-        DataAdminServer::new(admin)
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
-    );
+    let mut routes = tonic::service::Routes::new(tenantmesh_service::sized!(DataServer::new(data)))
+        .add_service(tenantmesh_service::sized!(DataAdminServer::new(admin)));
     let mut names = vec![
         <DataServer<DataService> as tonic::server::NamedService>::NAME,
         <DataAdminServer<admin::DataAdminService> as tonic::server::NamedService>::NAME,

@@ -118,7 +118,7 @@ impl MeteringService {
     async fn cost(&self, tenant: &Tenant, from: i64, to: i64) -> Result<TenantCost, Status> {
         let resources = self.resources(&tenant.tenant_id).await?;
         let rows = totals(&self.table, &tenant.tenant_id, from, to).await?;
-        Ok(price(&self.pricing, tenant, &rows, &resources, from, to, metering::now_secs()))
+        Ok(price(&self.pricing, tenant, &rows, &resources, from, to, tenantmesh_service::clock::now_secs()))
     }
 }
 
@@ -393,7 +393,7 @@ impl Metering for MeteringService {
         } else if req.events.len() > MAX_EVENTS {
             v.add("events", format!("at most {MAX_EVENTS} events per call"));
         }
-        let now = metering::now_secs();
+        let now = tenantmesh_service::clock::now_secs();
         let grace = self.grace.as_secs() as i64;
         for (i, e) in req.events.iter().enumerate().take(MAX_EVENTS) {
             check_event(&mut v, i, e, now, grace);
@@ -564,7 +564,7 @@ impl Metering for MeteringService {
         let mut costs = Vec::with_capacity(tenants.len());
         let mut set = tokio::task::JoinSet::new();
         let pricing = self.pricing.clone();
-        let now = metering::now_secs();
+        let now = tenantmesh_service::clock::now_secs();
         for tenant in tenants {
             if set.len() >= 16
                 && let Some(done) = set.join_next().await

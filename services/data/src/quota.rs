@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tenantmesh_storage::{DynTable, Fenced, Query, StorageError};
+use tenantmesh_storage::{DynTable, Fenced, Pages, StorageError};
 
 /// Bytes of a history entry beyond the item it holds: the before-image's
 /// header (version and key length) and the sort key.
@@ -105,22 +105,18 @@ impl Quotas {
     /// page. The fence and the history's start mark are the service's own,
     /// counted nowhere.
     pub async fn scan(store: &DynTable, pk: &str) -> Result<Stored, StorageError> {
-        let (mut stored, mut start_after) = (Stored::default(), None);
-        loop {
-            let q = Query { pk: pk.to_owned(), sk_prefix: String::new(), start_after, limit: 1000 };
-            let page = store.query(q).await?;
-            for i in &page.items {
+        let mut stored = Stored::default();
+        let mut pages = Pages::new(store.as_ref(), pk, "", 1000);
+        while let Some(items) = pages.next().await? {
+            for i in &items {
                 if !crate::reserved_sort_key(&i.sk) {
                     stored.items += i.data.len() as u64;
                 } else if i.sk.starts_with(crate::history::PREFIX) {
                     stored.history += i.data.len() as u64;
                 }
             }
-            match page.last_evaluated {
-                Some(sk) => start_after = Some(sk),
-                None => return Ok(stored),
-            }
         }
+        Ok(stored)
     }
 
     /// The counts of `tenant`, scanned when this process has none (or

@@ -27,7 +27,6 @@
 //! retention (`TENANTMESH_USAGE_RETENTION_DAYS`, default 400), offboarded
 //! tenants' included.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,9 +46,9 @@ pub struct StorageSampler {
     usage: Option<DynTable>,
     stores: Arc<dyn TenantStores>,
     table_prefix: String,
-    tokens: Arc<ServiceTokenSource>,
     registry: TenantRegistryClient<PropagatedChannel>,
-    silos: std::sync::Mutex<HashMap<String, DataAdminClient<PropagatedChannel>>>,
+    /// Silo instances' DataAdmin, called with the data service's identity.
+    silos: client::Channels,
     interval: Duration,
     tiers: Arc<tenantmesh_service::tiers::Tiers>,
     /// The data service's counts of stored bytes: a tenant's are forgotten
@@ -93,13 +92,13 @@ impl StorageSampler {
     ) -> Result<Self, tonic::transport::Error> {
         let registry =
             TenantRegistryClient::new(client::wrap(client::channel(registry_url)?, Identity::Service(tokens.clone())));
+        let silos = client::Channels::new(Identity::Service(tokens));
         Ok(Self {
             usage,
             stores,
             table_prefix: table_prefix.to_owned(),
-            tokens,
             registry,
-            silos: Default::default(),
+            silos,
             interval: interval.max(Duration::from_secs(1)),
             tiers,
             quotas: None,
@@ -125,7 +124,7 @@ impl StorageSampler {
         tokio::spawn(async move {
             let every = self.interval.as_secs() as i64;
             loop {
-                let now_ms = metering::now_ms() as i64;
+                let now_ms = tenantmesh_service::clock::now_ms();
                 let next = (now_ms / 1000 / every + 1) * every;
                 let wait = Duration::from_millis((next * 1000 - now_ms).max(0) as u64);
                 tokio::select! {
@@ -157,7 +156,7 @@ impl StorageSampler {
         let tenants = tenantmesh_tenant_context::directory::all_tenants(&self.registry)
             .await
             .map_err(|s| format!("listing tenants: {}", s.message()))?;
-        let expire_before = metering::now_secs() - i64::from(self.usage_retention_days) * 86_400;
+        let expire_before = tenantmesh_service::clock::now_secs() - i64::from(self.usage_retention_days) * 86_400;
         let (mut running, mut filed) = (futures_util::stream::FuturesUnordered::new(), 0);
         for tenant in &tenants {
             if running.len() >= CONCURRENCY {
@@ -234,16 +233,16 @@ impl StorageSampler {
 
     /// Where `tenant`'s placement keeps its items.
     fn kept(&self, tenant: &Tenant) -> Result<Kept, String> {
+        use tenantmesh_isolation::stores::{Location, locate};
         let id = tenant.tenant_id.as_str();
-        let placement = tenant.placement.clone().unwrap_or_default();
-        let table = if placement.table.is_empty() { self.stores.pooled_table().to_owned() } else { placement.table };
-        if !placement.endpoint.is_empty() {
-            return Ok(Kept::Silo(self.silo(&placement.endpoint)?, StoreRef { tenant_id: id.into(), table }));
+        let (table, endpoint) = tenant.placement.as_ref().map_or(("", ""), |p| (p.table.as_str(), p.endpoint.as_str()));
+        match locate(self.stores.as_ref(), &self.table_prefix, id, table, endpoint) {
+            Some(Location::Silo { endpoint, table }) => {
+                Ok(Kept::Silo(self.silo(endpoint)?, StoreRef { tenant_id: id.into(), table: table.into() }))
+            }
+            Some(Location::Here { table }) => Ok(Kept::Table(id.to_owned(), table.to_owned())),
+            None => Err(format!("table {table} is not one of the tenant's")),
         }
-        if !tenantmesh_isolation::stores::table_allowed(self.stores.as_ref(), &self.table_prefix, id, &table) {
-            return Err(format!("table {table} is not one of the tenant's"));
-        }
-        Ok(Kept::Table(id.to_owned(), table))
     }
 
     /// `tenant`'s stored bytes, its items' and their change history's.
@@ -291,17 +290,7 @@ impl StorageSampler {
     }
 
     fn silo(&self, endpoint: &str) -> Result<DataAdminClient<PropagatedChannel>, String> {
-        let mut silos = self.silos.lock().expect("silo clients lock");
-        if let Some(c) = silos.get(endpoint) {
-            return Ok(c.clone());
-        }
-        let channel = client::channel(endpoint).map_err(|e| format!("silo endpoint {endpoint}: {e}"))?;
-        let c = DataAdminClient::new(client::wrap(channel, Identity::Service(self.tokens.clone())))
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
-        if silos.len() >= 1024 {
-            silos.clear();
-        }
-        silos.insert(endpoint.to_owned(), c.clone());
-        Ok(c)
+        let channel = self.silos.get(endpoint).map_err(|e| format!("silo endpoint {endpoint}: {e}"))?;
+        Ok(tenantmesh_service::sized!(DataAdminClient::new(channel)))
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tenantmesh_storage::{Condition, DynTable, Query, StorageError, Write};
+use tenantmesh_storage::{Condition, DynTable, Pages, StorageError, Write};
 use tokio::sync::Mutex;
 use tonic::{Code, Status};
 use tracing::Instrument;
@@ -389,15 +389,10 @@ impl Engine {
     /// Resumes every workflow left RUNNING or ROLLING_BACK (by a crash or a
     /// shutdown); how many.
     pub async fn resume_unfinished(&self) -> Result<usize, OnboardingError> {
-        let mut start_after = None;
         let mut pending = Vec::new();
-        loop {
-            let page = self
-                .inner
-                .store
-                .query(Query { pk: WORKFLOWS_PK.into(), sk_prefix: String::new(), start_after, limit: 100 })
-                .await?;
-            for item in &page.items {
+        let mut pages = Pages::new(self.inner.store.as_ref(), WORKFLOWS_PK, "", 100);
+        while let Some(items) = pages.next().await? {
+            for item in &items {
                 // One unreadable record (e.g. from an older release) must not stop the others resuming.
                 match serde_json::from_slice::<Workflow>(&item.data) {
                     Ok(wf) if matches!(wf.state, WorkflowState::Running | WorkflowState::RollingBack) => {
@@ -406,10 +401,6 @@ impl Engine {
                     Ok(_) => {}
                     Err(e) => tracing::error!(key = %item.sk, error = %e, "unreadable workflow record; not resumed"),
                 }
-            }
-            match page.last_evaluated {
-                Some(sk) => start_after = Some(sk),
-                None => break,
             }
         }
         let n = pending.len();

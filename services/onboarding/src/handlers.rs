@@ -88,7 +88,7 @@ fn params_of(tenant: &Tenant, tier: &str) -> Params {
 }
 
 fn now_millis() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default()
+    tenantmesh_service::clock::since_epoch().as_millis()
 }
 
 fn tenant_of(workflow_id: &str) -> &str {

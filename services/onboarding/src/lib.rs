@@ -159,15 +159,8 @@ impl Config {
     }
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
-}
-
-/// Now, in microseconds since the epoch (the data service's history clock
-/// reads the same).
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
-}
+// The data service's history clock reads the same microseconds.
+use tenantmesh_service::clock::{now_secs, now_us};
 
 /// The onboarding service's state: the engine and what the handlers need.
 #[derive(Clone)]
@@ -209,23 +202,20 @@ impl OnboardingService {
             tracing::warn!(faults = %config.faults, "FAULT INJECTION IS ON (TENANTMESH_FAULTS): for tests only");
         }
         let events = Arc::new(EventLog::new(store.clone()));
-        let registry = TenantRegistryClient::new(deps.registry)
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
+        let tokens = deps.tokens;
+        let registry = tenantmesh_service::sized!(TenantRegistryClient::new(deps.registry));
         let resources = Arc::new(resources::Ledger::new(store.clone()));
         let steps = steps::Steps {
             registry: registry.clone(),
-            auth: AuthClient::new(deps.auth)
-                .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+            auth: tenantmesh_service::sized!(AuthClient::new(deps.auth)),
             data_url: config.data_url.clone(),
-            tokens: deps.tokens,
+            tokens: tokens.clone(),
             compute: deps.compute,
             tiers: config.common.tiers.clone(),
             events: events.clone(),
             drain: config.common.tenant_cache_ttl + Duration::from_millis(250),
             exports_dir: config.common.data_dir.join("exports"),
-            data_clients: Default::default(),
+            data_clients: client::Channels::new(client::Identity::Service(tokens)),
             resources: resources.clone(),
         };
         let policy = RetryPolicy { attempts: config.step_attempts, backoff: config.step_backoff };
@@ -364,9 +354,7 @@ pub async fn serve(
     let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
     let served = tenantmesh_service::runtime::serve(
         listener,
-        OnboardingServer::new(service)
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+        tenantmesh_service::sized!(OnboardingServer::new(service)),
         Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
         tenantmesh_tenant_context::server::stack(authn, None)?,
         config.common.shutdown_grace,

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
+use tenantmesh_storage::{Condition, DynTable, Pages, StorageError};
 
 /// A dedicated table (a DynamoDB table, or a redb file on the embedded store).
 pub const TABLE: &str = "table";
@@ -88,18 +88,13 @@ impl Ledger {
         prefix: &str,
         mut each: impl FnMut(&str, u64, Resource),
     ) -> Result<(), StorageError> {
-        let mut start_after = None;
-        loop {
-            let q = Query { pk: pk(tenant), sk_prefix: prefix.to_owned(), start_after, limit: 1000 };
-            let page = self.store.query(q).await?;
-            for item in &page.items {
+        let mut pages = Pages::new(self.store.as_ref(), pk(tenant), prefix, 1000);
+        while let Some(items) = pages.next().await? {
+            for item in &items {
                 each(&item.sk, item.version, serde_json::from_slice(&item.data).map_err(invalid)?);
             }
-            match page.last_evaluated {
-                Some(sk) => start_after = Some(sk),
-                None => return Ok(()),
-            }
         }
+        Ok(())
     }
 
     /// Records a resource of `tenant`, unless it is recorded as existing

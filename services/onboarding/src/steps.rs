@@ -2,7 +2,6 @@
 //! the onboarding service's platform identity. Every step is idempotent:
 //! run again after a crash, it creates nothing twice.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,7 @@ use tenantmesh_proto::registry::v1::{
     TenantStatus,
 };
 use tenantmesh_service::tiers::Tiers;
-use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel, ServiceTokenSource};
+use tenantmesh_tenant_context::client::{self, PropagatedChannel, ServiceTokenSource};
 use tonic::Code;
 
 use crate::compute::SiloCompute;
@@ -75,7 +74,9 @@ pub struct Steps {
     pub drain: Duration,
     pub exports_dir: PathBuf,
     /// DataAdmin clients by URL (the shared data service, silo instances).
-    pub data_clients: std::sync::Mutex<HashMap<String, DataAdminClient<PropagatedChannel>>>,
+    /// DataAdmin of the shared data service and the silo instances, with
+    /// the onboarding service's identity.
+    pub data_clients: client::Channels,
     /// What was created for each tenant alone, with its tags.
     pub resources: Arc<Ledger>,
 }
@@ -242,16 +243,9 @@ impl Steps {
     /// DataAdmin of the instance serving `spot`.
     fn data_admin(&self, spot: &Spot) -> Result<DataAdminClient<PropagatedChannel>, StepError> {
         let url = if spot.endpoint.is_empty() { self.data_url.as_str() } else { spot.endpoint.as_str() };
-        let mut clients = self.data_clients.lock().expect("data clients lock");
-        if let Some(c) = clients.get(url) {
-            return Ok(c.clone());
-        }
-        let channel = client::channel(url).map_err(|e| StepError::permanent(format!("data endpoint {url}: {e}")))?;
-        let c = DataAdminClient::new(client::wrap(channel, Identity::Service(self.tokens.clone())))
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES);
-        clients.insert(url.to_owned(), c.clone());
-        Ok(c)
+        let channel =
+            self.data_clients.get(url).map_err(|e| StepError::permanent(format!("data endpoint {url}: {e}")))?;
+        Ok(tenantmesh_service::sized!(DataAdminClient::new(channel)))
     }
 
     async fn set_status(&self, wf: &Workflow, status: TenantStatus) -> Result<(), StepError> {

@@ -78,9 +78,7 @@ const WATCH_BUFFER: usize = 1024;
 /// past this, a new one is RESOURCE_EXHAUSTED (the TTL still holds).
 pub const MAX_TENANT_WATCHERS: usize = 256;
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
-}
+use tenantmesh_service::clock::now_secs;
 
 impl Registry {
     pub fn new(store: DynTable, own_issuer: impl Into<String>, tiers: Arc<Tiers>) -> Self {
@@ -626,9 +624,7 @@ pub async fn serve(
     let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
     tenantmesh_service::runtime::serve(
         listener,
-        TenantRegistryServer::new(registry)
-            .max_decoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(tenantmesh_service::runtime::MAX_MESSAGE_BYTES),
+        tenantmesh_service::sized!(TenantRegistryServer::new(registry)),
         Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
         tenantmesh_tenant_context::server::stack(authn, None)?,
         config.common.shutdown_grace,

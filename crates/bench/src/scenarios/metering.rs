@@ -47,7 +47,7 @@ pub async fn metering_cost(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let two: Vec<f64> = (0..rounds).map(|r| per_call(&meters, &tenants[r % TENANTS], 2, n)).collect();
     let (one, two) = (median(one), median(two));
     let t0 = Instant::now();
-    meters.flush_at(tenantmesh_service::metering::now_secs()).await.map_err(|e| e.to_string())?;
+    meters.flush_at(tenantmesh_service::clock::now_secs()).await.map_err(|e| e.to_string())?;
     let flush = t0.elapsed();
     progress(format!(
         "  record: {one:.0} ns alone, {two:.0} ns with two threads; flush of {TENANTS} tenants {flush:?}"
