@@ -926,5 +926,5 @@ fn the_kubernetes_config_carries_the_built_in_tiers_and_prices() {
     let docs = kubernetes_base();
     let files = &object(&docs, "ConfigMap", "tenantmesh-files")["data"];
     assert_eq!(files["tiers.toml"].as_str(), Some(tenantmesh_service::tiers::DEFAULT_TIERS_TOML));
-    assert_eq!(files["pricing.toml"].as_str(), Some(tenantmesh_service::pricing::DEFAULT_PRICING_TOML));
+    assert_eq!(files["pricing.toml"].as_str(), Some(tenantmesh_metering::pricing::DEFAULT_PRICING_TOML));
 }

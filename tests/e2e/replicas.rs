@@ -1,7 +1,7 @@
 //! A tenant's limits hold for the tenant as a whole, however many replicas
 //! of the data service serve it: three data-service processes on the
 //! DynamoDB emulator share one tenant's rate through leases of each
-//! replica's share (`tenantmesh_service::leases`). Always on the emulator
+//! replica's share (`tenantmesh_admission::leases`). Always on the emulator
 //! (the embedded store is one process), so it runs in the embedded pass only.
 
 use std::sync::Arc;

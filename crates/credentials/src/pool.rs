@@ -16,8 +16,8 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tenantmesh_admission::limits::{Limit, Refusal};
 use tenantmesh_service::config::{ConfigError, parse_var};
-use tenantmesh_service::limits::{Limit, Refusal};
 
 use crate::password::{self, HashParams, PasswordError};
 

@@ -51,7 +51,7 @@ pub struct CommonConfig {
     /// `TENANTMESH_MAX_IN_FLIGHT` (default 1024) requests of tenants run at
     /// once in the service; past it they wait in the fair queue up to
     /// `TENANTMESH_QUEUE_WAIT_MS` (default 1000) or their deadline.
-    pub fair_queue: crate::fairq::FairQueueSettings,
+    pub fair_queue: FairQueueSettings,
     /// `TENANTMESH_LEASE_INTERVAL_MS` (default 2000): how often a replica
     /// renews its shares of its tenants' limits with the other replicas
     /// (on DynamoDB; see `leases`). Leases last three intervals.
@@ -188,13 +188,13 @@ impl CommonConfig {
                 }
             },
             fair_queue: {
-                let d = crate::fairq::FairQueueSettings::default();
+                let d = FairQueueSettings::default();
                 let capacity = parse_var(env, "TENANTMESH_MAX_IN_FLIGHT", d.capacity)?;
                 if capacity == 0 {
                     return Err(ConfigError { var: "TENANTMESH_MAX_IN_FLIGHT", message: "must be at least 1".into() });
                 }
                 let wait_ms = parse_var(env, "TENANTMESH_QUEUE_WAIT_MS", d.max_wait.as_millis() as u64)?;
-                crate::fairq::FairQueueSettings { capacity, max_wait: std::time::Duration::from_millis(wait_ms), ..d }
+                FairQueueSettings { capacity, max_wait: std::time::Duration::from_millis(wait_ms), ..d }
             },
             lease_interval: match parse_var(env, "TENANTMESH_LEASE_INTERVAL_MS", 2000u64)? {
                 ms @ 10..=600_000 => std::time::Duration::from_millis(ms),
@@ -220,6 +220,28 @@ impl CommonConfig {
     pub fn store_path(&self, service: &str) -> std::io::Result<PathBuf> {
         tenantmesh_storage::files::private_dir(&self.data_dir)?;
         Ok(self.data_dir.join(format!("{service}.redb")))
+    }
+}
+
+/// How the fair queue of requests waiting for a seat
+/// (`tenantmesh_admission::fairq`) is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FairQueueSettings {
+    /// Requests running at once (`TENANTMESH_MAX_IN_FLIGHT`).
+    pub capacity: usize,
+    /// Queues (a power of two is not required).
+    pub queues: usize,
+    /// Queues dealt to each tenant; it waits in the shortest.
+    pub hand: usize,
+    /// Requests waiting in one queue.
+    pub queue_length: usize,
+    /// Longest wait (`TENANTMESH_QUEUE_WAIT_MS`).
+    pub max_wait: std::time::Duration,
+}
+
+impl Default for FairQueueSettings {
+    fn default() -> Self {
+        Self { capacity: 1024, queues: 64, hand: 4, queue_length: 128, max_wait: std::time::Duration::from_secs(1) }
     }
 }
 

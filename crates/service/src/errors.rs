@@ -71,7 +71,7 @@ impl Violations {
 
     /// Adds a violation if `value` is not a valid tenant id.
     pub fn tenant_id(&mut self, field: &str, value: &str) -> &mut Self {
-        if let Err(why) = crate::validate_tenant_id(value) {
+        if let Err(why) = crate::ids::validate_tenant_id(value) {
             self.add(field, format!("{why} (pattern ^[a-z0-9][a-z0-9-]{{2,62}}$)"));
         }
         self

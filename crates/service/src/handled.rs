@@ -4,9 +4,6 @@
 //! counts its [`Handled::usage`] (for metered RPCs). No handler wraps
 //! itself to be charged or metered.
 
-use crate::limits::Cost;
-use crate::metering::Usage;
-
 /// What a call read, wrote and returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Handled {
@@ -31,5 +28,48 @@ impl Handled {
     /// What the call of `response` reported, if it did.
     pub fn of<B>(response: &http::Response<B>) -> Option<&Handled> {
         response.extensions().get::<Handled>()
+    }
+}
+
+/// What a request cost, in tokens of its tenant's rate: a handler reports
+/// it in [`Handled`], and admission charges the tokens beyond the one
+/// taken at admission, all of them: a request larger than a burst leaves
+/// its key owing, and the key's next requests wait until the debt is paid
+/// at its rate. The data service reports DynamoDB's units: a read unit per
+/// 4 KB read, a write unit per 1 KB written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost(pub u32);
+
+impl Cost {
+    /// Read units of `bytes` read (at least 1).
+    pub fn read(bytes: usize) -> Self {
+        Cost(bytes.div_ceil(4096).max(1).min(u32::MAX as usize) as u32)
+    }
+
+    /// Write units of `bytes` written (at least 1).
+    pub fn write(bytes: usize) -> Self {
+        Cost(bytes.div_ceil(1024).max(1).min(u32::MAX as usize) as u32)
+    }
+}
+
+/// One request's usage beyond its count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub read_units: u64,
+    pub write_units: u64,
+    pub bytes_returned: u64,
+}
+
+impl Usage {
+    /// Read units of items of these encoded sizes: one per 4 KB of each,
+    /// rounded up per item (DynamoDB's rule, per item).
+    pub fn read(sizes: impl IntoIterator<Item = usize>, bytes_returned: usize) -> Self {
+        let read_units = sizes.into_iter().map(|s| u64::from(Cost::read(s).0)).sum();
+        Self { read_units, write_units: 0, bytes_returned: bytes_returned as u64 }
+    }
+
+    /// Write units of an item of this encoded size: one per 1 KB, rounded up.
+    pub fn write(size: usize, bytes_returned: usize) -> Self {
+        Self { read_units: 0, write_units: u64::from(Cost::write(size).0), bytes_returned: bytes_returned as u64 }
     }
 }

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use tenantmesh_admission::limits::Limits;
 use tenantmesh_proto::registry::v1::{
     GetTenantRequest, IdentityProvider, Placement, Tenant, TenantStatus, WatchTenantsRequest,
     tenant_registry_client::TenantRegistryClient,
 };
-use tenantmesh_service::limits::Limits;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
+use tenantmesh_metering::meters::{Meters, Usage};
 use tenantmesh_service::handled::Handled;
-use tenantmesh_service::metering::{Meters, Usage};
 use tower::{Layer, Service};
 
 use crate::access::Policies;
@@ -87,8 +87,8 @@ where
 mod tests {
     use super::*;
     use std::convert::Infallible;
-    use tenantmesh_service::limits::Cost;
-    use tenantmesh_service::metering::{BYTES_RETURNED, COMPUTE_US, READ_UNITS};
+    use tenantmesh_metering::meters::{BYTES_RETURNED, COMPUTE_US, READ_UNITS};
+    use tenantmesh_service::handled::Cost;
 
     const GET: &str = "/tenantmesh.data.v1.Data/GetItem";
 

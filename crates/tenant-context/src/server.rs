@@ -16,10 +16,10 @@ use crate::directory::TenantInfo;
 use crate::external::ExternalVerifier;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
 use crate::{BoxFuture, TenantContext, metadata};
-use tenantmesh_service::fairq::{FairQueue, FairQueueSettings, Seat};
+use tenantmesh_admission::fairq::{FairQueue, FairQueueSettings, Seat};
+use tenantmesh_admission::leases::RateShares;
+use tenantmesh_admission::limits::{Cost, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};
 use tenantmesh_service::handled::Handled;
-use tenantmesh_service::leases::RateShares;
-use tenantmesh_service::limits::{Cost, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};
 use tenantmesh_service::tiers::Tiers;
 
 /// The access of a path that declares no policy.
@@ -39,7 +39,7 @@ pub struct Authenticator {
     /// `None` with limits switched off (`TENANTMESH_LIMITS=off`).
     limiter: Option<Arc<KeyedLimiter>>,
     /// This replica's shares of its tenants' limits, when several replicas
-    /// share them (see `tenantmesh_service::leases`); `None`: the whole.
+    /// share them (see `tenantmesh_admission::leases`); `None`: the whole.
     shares: Option<Arc<RateShares>>,
     /// At most one refusal log line per tenant and second (the rest are
     /// counted in the refusal metric): a flood must not become a log flood.
@@ -116,7 +116,7 @@ impl Authenticator {
 
     /// Holds each tenant's limits across this service's replicas: this one
     /// admits at its share (leases renewed with the others, see
-    /// `tenantmesh_service::leases`).
+    /// `tenantmesh_admission::leases`).
     pub fn with_rate_shares(mut self, shares: Arc<RateShares>) -> Self {
         self.shares = Some(shares);
         self
@@ -377,7 +377,7 @@ fn charge<B, E>(in_flight: Option<&InFlight<'_>>, response: &Result<Response<B>,
 /// served protos' declarations are incomplete (the error names each RPC).
 pub fn stack(
     auth: Authenticator,
-    meters: Option<Arc<tenantmesh_service::metering::Meters>>,
+    meters: Option<Arc<tenantmesh_metering::meters::Meters>>,
 ) -> Result<tower::layer::util::Stack<crate::meter::MeterLayer, TenantContextLayer>, PolicyError> {
     if auth.policies.is_empty() {
         return Err(Policies::mesh()
@@ -461,7 +461,7 @@ where
                                     && let (Some(guard), Some(limiter)) = (in_flight.take(), &auth.limiter)
                                     && let Some(held) = guard.hold(limiter)
                                 {
-                                    req.extensions_mut().insert(tenantmesh_service::limits::HeldSlot::new(held));
+                                    req.extensions_mut().insert(tenantmesh_admission::limits::HeldSlot::new(held));
                                 }
                                 // Timed only when per-tenant metrics are exported.
                                 let timing = (tenantmesh_telemetry::metrics::enabled()

@@ -20,8 +20,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tenantmesh_admission::limits::{KeyedLimiter, Limits, LogThrottle, Quota, Refusal};
 use tenantmesh_service::config::{ConfigError, parse_var};
-use tenantmesh_service::limits::{KeyedLimiter, Limits, LogThrottle, Quota, Refusal};
 use tonic::Status;
 
 /// How long an address that failed to sign in to a tenant is held to the
@@ -101,7 +101,7 @@ impl Anonymous {
             );
         }
         Refusal {
-            limit: tenantmesh_service::limits::Limit::Rate,
+            limit: tenantmesh_admission::limits::Limit::Rate,
             subject,
             description: format!("{rate} calls per second, burst {}", rate.saturating_mul(2)),
             retry_after,

@@ -8,12 +8,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use tenantmesh_admission::limits::{Cost, KeyedLimiter, Limit, Limits, Refusal};
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::stores::table_allowed;
 use tenantmesh_proto::data::v1::data_admin_server::DataAdmin;
 use tenantmesh_proto::data::v1::*;
 use tenantmesh_service::errors::{Violations, invalid_field};
-use tenantmesh_service::limits::{Cost, KeyedLimiter, Limit, Limits, Refusal};
 use tenantmesh_service::tiers::Tiers;
 use tenantmesh_storage::{Condition, DynTable, Item, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;

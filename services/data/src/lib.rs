@@ -41,6 +41,7 @@ use prost::Message as _;
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::backend::StorageConfig;
 use tenantmesh_isolation::stores::{Location, locate};
+use tenantmesh_metering::meters::{Meters, Usage};
 use tenantmesh_proto::data::v1::data_admin_server::DataAdminServer;
 use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
@@ -51,9 +52,8 @@ use tenantmesh_proto::registry::v1::TenantStatus;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_service::config::{CommonConfig, ConfigError, DATA_PORT};
 use tenantmesh_service::errors::{Violations, invalid_field};
+use tenantmesh_service::handled::Cost;
 use tenantmesh_service::handled::Handled;
-use tenantmesh_service::limits::Cost;
-use tenantmesh_service::metering::{Meters, Usage};
 use tenantmesh_service::paging;
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
@@ -111,7 +111,7 @@ pub struct Config {
     pub usage_grace: std::time::Duration,
     /// `TENANTMESH_PRICING_FILE`: unit prices, dedicated resources' hourly
     /// costs and tier prices (default: the built-in example).
-    pub pricing: Arc<tenantmesh_service::pricing::Pricing>,
+    pub pricing: Arc<tenantmesh_metering::pricing::Pricing>,
     /// `TENANTMESH_STORAGE_SAMPLE_SECS` (default 3600): how often every
     /// tenant's stored bytes are measured for `storage_byte_hours`.
     pub storage_sample: std::time::Duration,
@@ -202,9 +202,9 @@ impl Config {
                 n => n,
             },
             pricing: Arc::new(match tenantmesh_service::config::var(env, "TENANTMESH_PRICING_FILE") {
-                Some(path) => tenantmesh_service::pricing::Pricing::load(std::path::Path::new(path))
+                Some(path) => tenantmesh_metering::pricing::Pricing::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_PRICING_FILE", message: e.to_string() })?,
-                None => tenantmesh_service::pricing::Pricing::default(),
+                None => tenantmesh_metering::pricing::Pricing::default(),
             }),
         })
     }
@@ -601,12 +601,12 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn TenantStores>, Box<dy
 
 /// On DynamoDB, where the shared data service may run as several replicas,
 /// each tenant's limits are held across them: leases of each replica's
-/// share in the `leases` table (see `tenantmesh_service::leases`). On the
+/// share in the `leases` table (see `tenantmesh_admission::leases`). On the
 /// embedded store there is one process; a silo instance serves one tenant
 /// behind the shared service, which already holds that tenant's limits.
 async fn rate_shares(
     config: &Config,
-) -> Result<Option<Arc<tenantmesh_service::leases::RateShares>>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Option<Arc<tenantmesh_admission::leases::RateShares>>, Box<dyn std::error::Error + Send + Sync>> {
     if config.storage.backend != tenantmesh_isolation::backend::Backend::DynamoDb
         || config.silo_tenant.is_some()
         || !config.common.limits
@@ -619,7 +619,7 @@ async fn rate_shares(
         interval_ms = config.common.lease_interval.as_millis() as u64,
         "tenants' limits are shared with the other data-service replicas"
     );
-    Ok(Some(tenantmesh_service::leases::RateShares::start(table, "data", config.common.lease_interval)))
+    Ok(Some(tenantmesh_admission::leases::RateShares::start(table, "data", config.common.lease_interval)))
 }
 
 /// The table of the replicas' heartbeats and leases (`<prefix>leases`).
@@ -660,7 +660,7 @@ pub async fn serve(
         None => Some(config.storage.open_table(&config.common, USAGE_TABLE).await?),
     };
     let meters = usage.clone().map(|table| {
-        let hook: tenantmesh_service::metering::FlushHook = Box::new(tenantmesh_telemetry::metrics::usage);
+        let hook: tenantmesh_metering::meters::FlushHook = Box::new(tenantmesh_telemetry::metrics::usage);
         let meters = Arc::new(Meters::new(table, policies.metered(), config.metering_flush).with_hook(hook));
         meters.start();
         tracing::info!(

@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tenantmesh_metering::meters::{self as metering, BUILT_IN, Event, EventOutcome, Read, ReadError, WindowUsage};
+use tenantmesh_metering::pricing::{DEDICATED_TABLE, EXPORT_GB_HOURS, Pricing, SILO_INSTANCE};
 use tenantmesh_proto::metering::v1::metering_server::Metering;
 use tenantmesh_proto::metering::v1::*;
 use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
@@ -21,8 +23,6 @@ use tenantmesh_proto::onboarding::v1::{ListTenantResourcesRequest, TenantResourc
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_proto::registry::v1::{GetTenantRequest, IsolationModel, Tenant};
 use tenantmesh_service::errors::{Violations, invalid_field, storage_status};
-use tenantmesh_service::metering::{self, BUILT_IN, Event, EventOutcome, Read, ReadError, WindowUsage};
-use tenantmesh_service::pricing::{DEDICATED_TABLE, EXPORT_GB_HOURS, Pricing, SILO_INSTANCE};
 use tenantmesh_storage::DynTable;
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::client::PropagatedChannel;
@@ -480,7 +480,7 @@ impl Metering for MeteringService {
         &self,
         request: Request<ExportUsageRequest>,
     ) -> Result<Response<Self::ExportUsageStream>, Status> {
-        let held = tenantmesh_service::limits::HeldSlot::take(&request);
+        let held = tenantmesh_admission::limits::HeldSlot::take(&request);
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();
         let mut v = Violations::new();

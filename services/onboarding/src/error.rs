@@ -60,8 +60,8 @@ impl From<OnboardingError> for Status {
             | E::SameTier(_)) => Status::failed_precondition(e.to_string()),
             e @ E::Lagged(_) => Status::resource_exhausted(e.to_string()),
             E::HashingBusy => tenantmesh_credentials::PoolError::busy_refusal().status(),
-            E::TooManyWatchers(n) => tenantmesh_service::limits::Refusal {
-                limit: tenantmesh_service::limits::Limit::Concurrency,
+            E::TooManyWatchers(n) => tenantmesh_admission::limits::Refusal {
+                limit: tenantmesh_admission::limits::Limit::Concurrency,
                 subject: "caller:event-streams".into(),
                 description: format!("{n} WatchEvents streams per caller"),
                 retry_after: std::time::Duration::from_secs(1),

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tenantmesh_admission::limits::{KeyedLimiter, Limits};
 use tenantmesh_proto::auth::v1::LoginRequest;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
 use tenantmesh_proto::registry::v1::{SetTenantLimitsRequest, TenantLimits};
-use tenantmesh_service::limits::{KeyedLimiter, Limits};
 
 use super::{Ctx, progress, unique};
 use crate::client::{self, Op, authed, lazy, onboard_on_tier, platform_admin, seed};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tenantmesh_service::metering::{Meters, Usage};
+use tenantmesh_metering::meters::{Meters, Usage};
 
 use super::{Ctx, median, progress};
 use crate::report::{Figure, ScenarioResult, Target};

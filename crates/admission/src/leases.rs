@@ -47,7 +47,7 @@ use crate::limits::Limits;
 // Wall-clock milliseconds: leases are compared across processes.
 /// Wall-clock milliseconds, as heartbeats and leases keep them.
 fn wall_ms() -> u64 {
-    crate::clock::now_ms().max(0) as u64
+    tenantmesh_service::clock::now_ms().max(0) as u64
 }
 
 /// Share of an even share at which a replica asks for a lease.

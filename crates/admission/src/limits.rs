@@ -22,27 +22,7 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
-/// What a request cost, in tokens, when that is more than one: a handler
-/// puts it in its response's extensions (`Response::extensions_mut`) and the
-/// server layer charges the tokens beyond the one taken at admission, all
-/// of them: a request larger than a burst leaves its key owing, and the
-/// key's next requests wait until the debt is paid at its rate. The data
-/// service reports DynamoDB's units: a read unit per 4 KB read, a write
-/// unit per 1 KB written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cost(pub u32);
-
-impl Cost {
-    /// Read units of `bytes` read (at least 1).
-    pub fn read(bytes: usize) -> Self {
-        Cost(bytes.div_ceil(4096).max(1).min(u32::MAX as usize) as u32)
-    }
-
-    /// Write units of `bytes` written (at least 1).
-    pub fn write(bytes: usize) -> Self {
-        Cost(bytes.div_ceil(1024).max(1).min(u32::MAX as usize) as u32)
-    }
-}
+pub use tenantmesh_service::handled::Cost;
 
 /// A key's limits. `rate_per_second` and `burst` above 0; `max_in_flight`
 /// 0 means no cap on requests in flight.

@@ -38,8 +38,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tenantmesh_storage::{Condition, DynTable, Pages, Query, StorageError};
 
-use crate::limits::Cost;
-
 /// The built-in meters, in slot order after the per-RPC request counters.
 pub const READ_UNITS: &str = "read_units";
 pub const WRITE_UNITS: &str = "write_units";
@@ -61,27 +59,7 @@ pub const RPC_DIMENSION: &str = "rpc";
 const MINUTE: i64 = 60;
 const HOUR: i64 = 3600;
 
-/// One request's usage beyond its count.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub read_units: u64,
-    pub write_units: u64,
-    pub bytes_returned: u64,
-}
-
-impl Usage {
-    /// Read units of items of these encoded sizes: one per 4 KB of each,
-    /// rounded up per item (DynamoDB's rule, per item).
-    pub fn read(sizes: impl IntoIterator<Item = usize>, bytes_returned: usize) -> Self {
-        let read_units = sizes.into_iter().map(|s| u64::from(Cost::read(s).0)).sum();
-        Self { read_units, write_units: 0, bytes_returned: bytes_returned as u64 }
-    }
-
-    /// Write units of an item of this encoded size: one per 1 KB, rounded up.
-    pub fn write(size: usize, bytes_returned: usize) -> Self {
-        Self { read_units: 0, write_units: u64::from(Cost::write(size).0), bytes_returned: bytes_returned as u64 }
-    }
-}
+pub use tenantmesh_service::handled::Usage;
 
 /// One tenant's counters: `requests` per RPC, then [`VALUE_METERS`].
 struct Counters(Box<[AtomicU64]>);
@@ -324,7 +302,7 @@ impl Meters {
         let weak = Arc::downgrade(self);
         let mut stop = self.stop.subscribe();
         let interval = self.interval.as_millis().max(1) as u64;
-        let now_ms = || crate::clock::now_ms().max(0) as u64;
+        let now_ms = || tenantmesh_service::clock::now_ms().max(0) as u64;
         tokio::spawn(async move {
             let mut began = now_ms();
             loop {
@@ -349,7 +327,7 @@ impl Meters {
         self.stop.send_replace(true);
         let mut last = Ok(());
         for attempt in 0..3 {
-            last = self.flush_at(crate::clock::now_secs()).await;
+            last = self.flush_at(tenantmesh_service::clock::now_secs()).await;
             if last.is_ok() {
                 break;
             }

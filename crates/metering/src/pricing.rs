@@ -153,10 +153,10 @@ mod tests {
     #[test]
     fn the_built_in_file_prices_every_built_in_meter_and_tier() {
         let p = Pricing::default();
-        for m in crate::metering::BUILT_IN {
+        for m in crate::meters::BUILT_IN {
             assert!(p.meters().any(|(name, price)| name == *m && price > 0.0), "{m}");
         }
-        let tiers = crate::tiers::Tiers::default();
+        let tiers = tenantmesh_service::tiers::Tiers::default();
         for t in tiers.names() {
             assert!(p.file.tiers.contains_key(t), "{t}");
         }

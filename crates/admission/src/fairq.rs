@@ -18,32 +18,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use crate::limits::{Limit, Refusal};
 
-/// How a [`FairQueue`] is sized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FairQueueSettings {
-    /// Requests running at once (`TENANTMESH_MAX_IN_FLIGHT`).
-    pub capacity: usize,
-    /// Queues (a power of two is not required).
-    pub queues: usize,
-    /// Queues dealt to each tenant; it waits in the shortest.
-    pub hand: usize,
-    /// Requests waiting in one queue.
-    pub queue_length: usize,
-    /// Longest wait (`TENANTMESH_QUEUE_WAIT_MS`).
-    pub max_wait: Duration,
-}
-
-impl Default for FairQueueSettings {
-    fn default() -> Self {
-        Self { capacity: 1024, queues: 64, hand: 4, queue_length: 128, max_wait: Duration::from_secs(1) }
-    }
-}
+pub use tenantmesh_service::config::FairQueueSettings;
 
 struct Waiter {
     id: u64,
@@ -285,6 +266,7 @@ impl FairQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn settings(capacity: usize) -> FairQueueSettings {
         FairQueueSettings { capacity, queues: 8, hand: 2, queue_length: 1000, max_wait: Duration::from_secs(5) }
