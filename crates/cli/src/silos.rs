@@ -98,7 +98,10 @@ impl SiloCompute for InProcessSilos {
                 tracing::error!(silo_tenant = %tenant, error = %e, "silo instance stopped");
             }
         });
-        crate::wait_serving("silo data service", addr).await.map_err(|e| e.to_string())?;
+        let (ready, poll) = (std::time::Duration::from_secs(30), std::time::Duration::from_millis(50));
+        tenantmesh_service::health::wait(&addr.to_string(), ready, poll)
+            .await
+            .map_err(|e| format!("silo data service not ready: {e}"))?;
         ports.insert(tenant_id.to_owned(), addr.port());
         self.record(&ports)?;
         running.insert(tenant_id.to_owned(), Instance { addr, stop, task });

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::policy::{Effect, PolicyDocument, Statement};
+use crate::policy::{Effect, Match, PolicyDocument, SetOp, Statement, parse_operator};
 
 /// What a request does, as IAM sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,35 +53,6 @@ impl Decision {
     pub fn is_allowed(self) -> bool {
         self == Decision::Allow
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SetOp {
-    Single,
-    ForAllValues,
-    ForAnyValue,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Match {
-    Equals,
-    Like,
-}
-
-/// `(set form, comparison)` of a supported operator, `None` otherwise.
-pub(crate) fn parse_operator(op: &str) -> Option<(SetOp, Match)> {
-    let (set, base) = match op.split_once(':') {
-        Some(("ForAllValues", b)) => (SetOp::ForAllValues, b),
-        Some(("ForAnyValue", b)) => (SetOp::ForAnyValue, b),
-        Some(_) => return None,
-        None => (SetOp::Single, op),
-    };
-    let m = match base {
-        "StringEquals" => Match::Equals,
-        "StringLike" => Match::Like,
-        _ => return None,
-    };
-    Some((set, m))
 }
 
 /// Glob match with `*` (any run, possibly empty) and `?` (one character).

@@ -166,17 +166,49 @@ pub fn render(doc: &PolicyDocument) -> Result<String, PolicyError> {
     Ok(json)
 }
 
-/// Parses a policy document and checks it uses only what [`crate::eval`] supports.
+/// Parses a policy document and checks it uses only the condition operators
+/// [`parse_operator`] knows (what the evaluator supports).
 pub fn parse(json: &str) -> Result<PolicyDocument, PolicyError> {
     let doc: PolicyDocument = serde_json::from_str(json).map_err(|e| PolicyError::Json(e.to_string()))?;
     for st in &doc.statement {
         for op in st.condition.keys() {
-            if crate::eval::parse_operator(op).is_none() {
+            if parse_operator(op).is_none() {
                 return Err(PolicyError::UnsupportedOperator(op.clone()));
             }
         }
     }
     Ok(doc)
+}
+
+/// The condition operators the evaluator supports: a set form and a
+/// comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetOp {
+    Single,
+    ForAllValues,
+    ForAnyValue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Match {
+    Equals,
+    Like,
+}
+
+/// `(set form, comparison)` of a supported operator, `None` otherwise.
+pub(crate) fn parse_operator(op: &str) -> Option<(SetOp, Match)> {
+    let (set, base) = match op.split_once(':') {
+        Some(("ForAllValues", b)) => (SetOp::ForAllValues, b),
+        Some(("ForAnyValue", b)) => (SetOp::ForAnyValue, b),
+        Some(_) => return None,
+        None => (SetOp::Single, op),
+    };
+    let m = match base {
+        "StringEquals" => Match::Equals,
+        "StringLike" => Match::Like,
+        _ => return None,
+    };
+    Some((set, m))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The storage contract: behaviour every [`Table`] backend must have. Each
 //! check uses its own partition keys, so they can share one table.
 
-use crate::{Condition, Query, StorageError, Table, Write};
+use crate::table::{Condition, Query, StorageError, Table, Write};
 
 /// Runs every contract check against `table`.
 pub async fn run_all(table: &dyn Table) {
@@ -21,7 +21,7 @@ pub async fn run_all(table: &dyn Table) {
 /// A fenced write with an undo key writes, in the same step, the item as
 /// it was before; a refused one writes neither.
 pub async fn undo_records(t: &dyn Table) {
-    use crate::BeforeImage;
+    use crate::table::BeforeImage;
     const FENCE: &str = "~fence";
     let pk = "c-undo";
     let record = |sk: &'static str| async move {
@@ -30,12 +30,12 @@ pub async fn undo_records(t: &dyn Table) {
     // Each write says what it replaced and how large its record is.
     let one = t.put_fenced(pk, "k", b"one".to_vec(), Condition::None, FENCE, Some("~u1")).await.unwrap();
     assert_eq!(record("~u1").await, BeforeImage { sk: "k".into(), version: 0, data: vec![] });
-    assert_eq!(one, crate::Fenced { version: 1, previous_version: 0, previous_bytes: 0, undo_bytes: 12 + 1 });
+    assert_eq!(one, crate::table::Fenced { version: 1, previous_version: 0, previous_bytes: 0, undo_bytes: 12 + 1 });
     let two = t.put_fenced(pk, "k", b"two".to_vec(), Condition::Version(1), FENCE, Some("~u2")).await.unwrap();
     assert_eq!(
         (two, record("~u2").await),
         (
-            crate::Fenced { version: 2, previous_version: 1, previous_bytes: 3, undo_bytes: 12 + 1 + 3 },
+            crate::table::Fenced { version: 2, previous_version: 1, previous_bytes: 3, undo_bytes: 12 + 1 + 3 },
             BeforeImage { sk: "k".into(), version: 1, data: b"one".to_vec() }
         )
     );
@@ -44,12 +44,15 @@ pub async fn undo_records(t: &dyn Table) {
     assert_eq!(t.get(pk, "~u3").await.unwrap(), None);
     assert_eq!(
         t.delete_fenced(pk, "k", Condition::Exists, FENCE, Some("~u4")).await.unwrap(),
-        crate::Fenced { version: 0, previous_version: 2, previous_bytes: 3, undo_bytes: 12 + 1 + 3 }
+        crate::table::Fenced { version: 0, previous_version: 2, previous_bytes: 3, undo_bytes: 12 + 1 + 3 }
     );
     assert_eq!(record("~u4").await, BeforeImage { sk: "k".into(), version: 2, data: b"two".to_vec() });
     assert_eq!(t.get(pk, "k").await.unwrap(), None);
     // Nothing deleted, nothing recorded.
-    assert_eq!(t.delete_fenced(pk, "k", Condition::None, FENCE, Some("~u5")).await.unwrap(), crate::Fenced::default());
+    assert_eq!(
+        t.delete_fenced(pk, "k", Condition::None, FENCE, Some("~u5")).await.unwrap(),
+        crate::table::Fenced::default()
+    );
     assert_eq!(t.get(pk, "~u5").await.unwrap(), None);
     t.put(pk, FENCE, Vec::new(), Condition::NotExists).await.unwrap();
     let fenced = t.put_fenced(pk, "k", b"late".to_vec(), Condition::None, FENCE, Some("~u6")).await;
@@ -97,8 +100,12 @@ pub async fn fenced_writes(t: &dyn Table) {
 }
 
 pub async fn restore_keeps_versions(t: &dyn Table) {
-    let item =
-        |version, data: &[u8]| crate::Item { pk: "c-restore".into(), sk: "k".into(), version, data: data.into() };
+    let item = |version, data: &[u8]| crate::table::Item {
+        pk: "c-restore".into(),
+        sk: "k".into(),
+        version,
+        data: data.into(),
+    };
     t.restore(item(7, b"seven")).await.unwrap();
     t.restore(item(7, b"seven")).await.unwrap();
     let got = t.get("c-restore", "k").await.unwrap().unwrap();
@@ -180,7 +187,7 @@ pub async fn pages_are_bounded_in_bytes(t: &dyn Table) {
         let page = t.query(Query { pk: "c-big".into(), sk_prefix: String::new(), start_after, limit: 100 }).await;
         let page = page.unwrap();
         let bytes: usize = page.items.iter().map(|i| i.data.len()).sum();
-        assert!(bytes <= crate::MAX_PAGE_BYTES + 300 * 1024, "a page of {bytes} bytes");
+        assert!(bytes <= crate::table::MAX_PAGE_BYTES + 300 * 1024, "a page of {bytes} bytes");
         seen.extend(page.items.iter().map(|i| i.sk.clone()));
         pages += 1;
         match page.last_evaluated {

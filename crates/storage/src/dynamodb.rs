@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType, TableStatus, TransactWriteItem, Update,
 };
 
-use crate::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction};
+use crate::table::{Condition, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction};
 
 type Attrs = HashMap<String, AttributeValue>;
 
@@ -351,7 +351,7 @@ impl Table for DynamoTable {
         let mut items = Vec::new();
         let mut bytes = 0;
         for raw in out.items() {
-            if bytes >= crate::MAX_PAGE_BYTES {
+            if bytes >= crate::table::MAX_PAGE_BYTES {
                 // DynamoDB stops at 1 MB itself; the same bound here keeps
                 // the backends alike (and emulators that do not bound pages).
                 let last = items.last().map(|i: &Item| i.sk.clone());

@@ -22,7 +22,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{Condition, Fenced, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction};
+use crate::table::{
+    Condition, Fenced, Item, Page, Query, Result, StorageError, Table, Write, check_key, check_transaction,
+};
 
 /// Key `(pk, sk)`; value: 8-byte big-endian version followed by the data.
 const ITEMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("items");
@@ -155,7 +157,7 @@ impl Op {
                     Some(raw) => Some(decode(pk, sk, raw.value())?),
                     None => None,
                 };
-                let image = crate::BeforeImage::of(sk, before.as_ref()).encode();
+                let image = crate::table::BeforeImage::of(sk, before.as_ref()).encode();
                 table.insert((pk, undo), encode(1, &image).as_slice()).map_err(backend)?;
                 Ok((before.map_or(0, |b| b.data.len() as u64), image.len() as u64))
             };
@@ -380,9 +382,9 @@ impl EmbeddedTable {
         Self { shared: Arc::new(Shared { db: Arc::new(db), writer: Default::default(), idle: WRITER_IDLE }) }
     }
 
-    /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::DynTable),
+    /// [`EmbeddedTable::open`] as a shared [`DynTable`](crate::table::DynTable),
     /// recorded for [`EmbeddedTable::open_existing`].
-    pub fn open_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
+    pub fn open_shared(path: impl AsRef<Path>) -> Result<crate::table::DynTable> {
         Ok(Arc::new(Self::open_in_process(path.as_ref())?))
     }
 
@@ -390,7 +392,7 @@ impl EmbeddedTable {
     /// it this way while one handle is alive (a redb file can be open once
     /// per process: a silo data-service instance and the shared one both
     /// reach a dedicated table, in `tenantmesh up`).
-    pub fn open_process_shared(path: impl AsRef<Path>) -> Result<crate::DynTable> {
+    pub fn open_process_shared(path: impl AsRef<Path>) -> Result<crate::table::DynTable> {
         Ok(Arc::new(Self::open_in_process(path.as_ref())?))
     }
 
@@ -580,7 +582,7 @@ impl Table for EmbeddedTable {
             if kpk != pk || !ksk.starts_with(query.sk_prefix.as_str()) {
                 break;
             }
-            if items.len() == limit || bytes >= crate::MAX_PAGE_BYTES {
+            if items.len() == limit || bytes >= crate::table::MAX_PAGE_BYTES {
                 more = true;
                 break;
             }

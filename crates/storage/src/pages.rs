@@ -12,10 +12,10 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{Item, Query, Result, Table};
+use crate::table::{Item, Query, Result, Table};
 
 /// A query's pages in key order, each at most `limit` items (and about
-/// [`crate::MAX_PAGE_BYTES`]).
+/// [`crate::table::MAX_PAGE_BYTES`]).
 pub struct Pages<'a, T: ?Sized> {
     table: &'a T,
     query: Query,
@@ -59,7 +59,8 @@ impl<'a, T: Table + ?Sized> Pages<'a, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Condition, EmbeddedTable};
+    use crate::embedded::EmbeddedTable;
+    use crate::table::Condition;
 
     #[tokio::test]
     async fn every_item_once_in_order_across_pages() {

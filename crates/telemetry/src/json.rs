@@ -138,7 +138,7 @@ where
             }
         }
         // A request that is not a span keeps its context in a task-local scope.
-        let _ = crate::REQUEST.try_with(|r| {
+        let _ = crate::request::REQUEST.try_with(|r| {
             obj.entry("trace_id").or_insert_with(|| Value::from(r.trace.trace_id_hex()));
             if let Some((tenant, tier)) = r.tenant.get() {
                 obj.entry("tenant_id").or_insert_with(|| Value::from(&**tenant));

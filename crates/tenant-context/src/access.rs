@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use tenantmesh_proto::options::v1 as options;
 
-use crate::{Role, Scope};
+use crate::identity::{Role, Scope};
 
 /// Who may call an RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

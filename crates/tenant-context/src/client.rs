@@ -22,7 +22,9 @@ use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::{BoxFuture, PLATFORM_TENANT, TenantContext, metadata};
+use crate::context::{BoxFuture, TenantContext};
+use crate::identity::PLATFORM_TENANT;
+use crate::metadata;
 
 /// A lazily connecting channel to `url` (e.g. `http://127.0.0.1:50051`).
 pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {

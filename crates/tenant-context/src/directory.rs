@@ -57,7 +57,7 @@ pub fn platform_tenant() -> Arc<TenantInfo> {
     PLATFORM
         .get_or_init(|| {
             Arc::new(TenantInfo {
-                tier: crate::PLATFORM_TIER.into(),
+                tier: crate::identity::PLATFORM_TIER.into(),
                 status: TenantStatus::Active,
                 ..Default::default()
             })
@@ -210,7 +210,7 @@ impl TenantDirectory for RemoteDirectory {
         // limited (the registry refuses to change that): every service
         // identity and platform admin is known without asking the registry
         // (which a service identity may not ask, unless its scopes say so).
-        if tenant_id == crate::PLATFORM_TENANT {
+        if tenant_id == crate::identity::PLATFORM_TENANT {
             return Ok(Some(platform_tenant()));
         }
         let cached = || match self.cache.lock().expect("cache lock").get(tenant_id) {

@@ -176,7 +176,7 @@ struct PublicResolver {
 impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PublicResolver {
     type Response = std::vec::IntoIter<std::net::SocketAddr>;
     type Error = std::io::Error;
-    type Future = crate::BoxFuture<Result<Self::Response, Self::Error>>;
+    type Future = crate::context::BoxFuture<Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))

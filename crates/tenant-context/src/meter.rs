@@ -2,7 +2,7 @@
 //! (`meter: METER_USAGE`) is counted for its caller's tenant: one request
 //! of that RPC whatever its outcome, the handler's time, and, when it
 //! succeeded, the units and bytes its handler reported
-//! ([`Handled`](tenantmesh_service::handled::Handled)). A call forwarded to
+//! ([`tenantmesh_service::handled::Handled`]). A call forwarded to
 //! a silo instance is counted here, once, from what the forwarding handler
 //! reports of the answer.
 //!
@@ -19,7 +19,7 @@ use tenantmesh_service::handled::Handled;
 use tower::{Layer, Service};
 
 use crate::access::Policies;
-use crate::{BoxFuture, TenantContext};
+use crate::context::{BoxFuture, TenantContext};
 
 /// Meters calls with `meters` (their RPC indexes are `policies`'
 /// [`Policies::metered`] order); `None`: counts nothing (a service that

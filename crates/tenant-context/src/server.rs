@@ -9,13 +9,14 @@ use tenantmesh_proto::registry::v1::TenantStatus;
 use tonic::Status;
 use tower::{Layer, Service};
 
-use crate::Role;
 use crate::access::{Access, Charge, Policies, PolicyError, Set};
+use crate::context::{BoxFuture, TenantContext};
 use crate::directory::TenantDirectory;
 use crate::directory::TenantInfo;
 use crate::external::ExternalVerifier;
+use crate::identity::Role;
+use crate::metadata;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
-use crate::{BoxFuture, TenantContext, metadata};
 use tenantmesh_admission::fairq::{FairQueue, FairQueueSettings, Seat};
 use tenantmesh_admission::leases::RateShares;
 use tenantmesh_admission::limits::{Cost, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};

@@ -22,7 +22,7 @@ use tenantmesh_proto::auth::v1::{GetJwksRequest, Jwk, auth_client::AuthClient};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::{Claims, Role};
+use crate::identity::{Claims, Role};
 
 /// Why a token was refused. Every variant becomes UNAUTHENTICATED.
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +85,12 @@ pub struct Verified {
     /// Seconds since the epoch.
     pub exp: u64,
     /// A service identity's grant (its scopes and tenants).
-    pub grant: Option<Arc<crate::Grant>>,
+    pub grant: Option<Arc<crate::identity::Grant>>,
 }
 
 impl Verified {
     /// The scopes a service identity was granted (none for users).
-    pub fn scopes(&self) -> &[crate::Scope] {
+    pub fn scopes(&self) -> &[crate::identity::Scope] {
         self.grant.as_ref().map_or(&[], |g| g.scopes.as_slice())
     }
 }
@@ -98,7 +98,7 @@ impl Verified {
 impl From<Claims> for Verified {
     fn from(c: Claims) -> Self {
         let service = c.roles.contains(&Role::Service);
-        let grant = service.then(|| Arc::new(crate::Grant { scopes: c.scopes, tenants: c.tenants }));
+        let grant = service.then(|| Arc::new(crate::identity::Grant { scopes: c.scopes, tenants: c.tenants }));
         Verified { tenant_id: c.tenant_id.into(), subject: c.sub.into(), roles: c.roles.into(), exp: c.exp, grant }
     }
 }
@@ -196,14 +196,17 @@ impl TokenVerifier {
             return Err(VerifyError::Claims);
         }
         // Cross-tenant roles exist only in the platform tenant.
-        let platform_role = claims.roles.iter().any(|r| matches!(r, crate::Role::PlatformAdmin | crate::Role::Service));
-        if platform_role && claims.tenant_id != crate::PLATFORM_TENANT {
+        let platform_role = claims
+            .roles
+            .iter()
+            .any(|r| matches!(r, crate::identity::Role::PlatformAdmin | crate::identity::Role::Service));
+        if platform_role && claims.tenant_id != crate::identity::PLATFORM_TENANT {
             return Err(VerifyError::Claims);
         }
         // Scopes and tenant confinement belong to service identities only.
         let granted = !claims.scopes.is_empty() || claims.tenants.is_some();
         let bad_tenant = claims.tenants.iter().flatten().any(|t| tenantmesh_service::validate_tenant_id(t).is_err());
-        if (granted && !claims.roles.contains(&crate::Role::Service)) || bad_tenant {
+        if (granted && !claims.roles.contains(&crate::identity::Role::Service)) || bad_tenant {
             return Err(VerifyError::Claims);
         }
         Ok(claims)
@@ -335,7 +338,7 @@ pub fn decoding_key(jwk: &Jwk) -> Option<DecodingKey> {
 }
 
 /// Fetches the published keys (the auth service's `GetJwks`).
-type FetchJwks = Box<dyn Fn() -> crate::BoxFuture<Result<Vec<Jwk>, tonic::Status>> + Send + Sync>;
+type FetchJwks = Box<dyn Fn() -> crate::context::BoxFuture<Result<Vec<Jwk>, tonic::Status>> + Send + Sync>;
 
 /// How long a fetched key set is used before it is fetched again: a key
 /// retired from the JWKS leaves every validator within this (and, through
@@ -475,7 +478,7 @@ impl KeySource for JwksCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Role;
+    use crate::identity::Role;
     use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
     use base64::Engine as _;
     use jsonwebtoken::{EncodingKey, Header};
@@ -720,7 +723,7 @@ mod tests {
             (|c| c.roles = vec![Role::PlatformAdmin], |e| matches!(e, VerifyError::Claims)),
             (|c| c.roles = vec![Role::Service], |e| matches!(e, VerifyError::Claims)),
             // Scopes and confinement are a service identity's only.
-            (|c| c.scopes = vec![crate::Scope::Lifecycle], |e| matches!(e, VerifyError::Claims)),
+            (|c| c.scopes = vec![crate::identity::Scope::Lifecycle], |e| matches!(e, VerifyError::Claims)),
             (|c| c.tenants = Some(vec!["acme".into()]), |e| matches!(e, VerifyError::Claims)),
             // Lifetimes over a day, with or without an honest `iat`.
             (|c| c.exp = now() + 2 * 86_400, |e| matches!(e, VerifyError::Claims)),

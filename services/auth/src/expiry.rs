@@ -18,11 +18,11 @@
 
 use std::time::Duration;
 
-use tenantmesh_storage::{Condition, DynTable, Pages, StorageError, Write};
+use tenantmesh_storage::{Condition, DynTable, Pages, StorageError};
 
-/// Width of one expiry bucket: a record is purged within this long after
-/// it expires (an empty bucket costs the sweeper one query).
-pub const BUCKET_SECS: i64 = 3600;
+use crate::expiry_index::{bucket, index_pk, put_entry};
+use tenantmesh_service::clock::now_secs;
+
 /// How often the sweeper runs.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// At most a week of buckets per sweep (catching up after a longer stop
@@ -31,29 +31,7 @@ pub const MAX_BUCKETS_PER_SWEEP: i64 = 7 * 24;
 /// Where the sweeper keeps the last bucket it finished.
 const CURSOR: (&str, &str) = ("sweeper", "expiry-cursor");
 
-fn bucket(at_secs: i64) -> i64 {
-    at_secs.div_euclid(BUCKET_SECS)
-}
-
-fn index_pk(bucket: i64) -> String {
-    format!("expiry#{bucket}")
-}
-
-/// The index entry that has the sweeper look at `(tenant, sk)` once
-/// `at_secs` has passed: a write for the record's own transaction.
-pub(crate) fn entry(tenant: &str, sk: &str, at_secs: i64) -> Write {
-    let (pk, sk) = entry_key(tenant, sk, at_secs);
-    Write::Put { pk, sk, data: Vec::new(), condition: Condition::None }
-}
-
-fn entry_key(tenant: &str, sk: &str, at_secs: i64) -> (String, String) {
-    (index_pk(bucket(at_secs)), format!("{tenant}#{sk}"))
-}
-
-async fn put_entry(store: &DynTable, tenant: &str, sk: &str, at_secs: i64) -> Result<(), StorageError> {
-    let (pk, sk) = entry_key(tenant, sk, at_secs);
-    store.put(&pk, &sk, Vec::new(), Condition::None).await.map(drop)
-}
+pub use crate::expiry_index::BUCKET_SECS;
 
 /// When the record `sk` holding `data` expires (Unix seconds), if it is a
 /// kind that does.
@@ -149,7 +127,7 @@ pub fn start(store: DynTable, window: Duration) -> tokio::task::JoinHandle<()> {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         loop {
             tick.tick().await;
-            if let Err(e) = sweep(&store, crate::now_secs(), window).await {
+            if let Err(e) = sweep(&store, now_secs(), window).await {
                 tracing::warn!(error = %e, "sweeping expired auth records failed; trying again next minute");
             }
         }
@@ -182,7 +160,7 @@ mod tests {
         let store = tenantmesh_storage::EmbeddedTable::open_shared(dir.path().join("auth.redb")).unwrap();
         let policy = LockoutPolicy::default();
         let window = policy.window();
-        let now = crate::now_secs();
+        let now = now_secs();
         // One failure: the account's record and the client's, each with its entry.
         reserve(&store, policy, "acme", "a@acme.example", "10.0.0.1").await.unwrap();
         // The account's record counted again a day later.

@@ -20,7 +20,7 @@ use tenantmesh_proto::auth::v1::Jwk;
 use tenantmesh_storage::{Condition, DynTable, Pages};
 use tenantmesh_tenant_context::verify::{KeySource, VerifyError};
 
-use crate::AuthError;
+use crate::error::AuthError;
 
 /// Partition of the signing keys (sort key: kid).
 const KEYS_PK: &str = "_signing_keys";
@@ -67,7 +67,7 @@ impl SigningKeys {
     pub async fn load_or_create(store: &DynTable) -> Result<Self, AuthError> {
         let mut keys = load(store).await?;
         if keys.is_empty() {
-            generate(store, crate::now_secs()).await?;
+            generate(store, tenantmesh_service::clock::now_secs()).await?;
             keys = load(store).await?;
         }
         Ok(Self { keys: RwLock::new(keys), generation: AtomicU64::new(0) })
@@ -96,7 +96,7 @@ impl SigningKeys {
         publish_delay: Duration,
         token_ttl: Duration,
     ) -> Result<(String, i64), AuthError> {
-        let now = crate::now_secs();
+        let now = tenantmesh_service::clock::now_secs();
         let active_time = now + publish_delay.as_secs() as i64;
         let kid = generate(store, active_time).await?;
         let keys = load(store).await?;
@@ -116,7 +116,7 @@ impl SigningKeys {
     /// The kid and key that sign new tokens: the newest active key.
     pub fn signer(&self) -> (String, EncodingKey) {
         let keys = self.keys.read().expect("keys lock");
-        let now = crate::now_secs();
+        let now = tenantmesh_service::clock::now_secs();
         let k = keys.iter().rev().find(|k| k.active_time <= now).or_else(|| keys.first()).expect("a signing key");
         (k.kid.clone(), k.encoding.clone())
     }
@@ -170,12 +170,12 @@ async fn generate(store: &DynTable, active_time: i64) -> Result<String, AuthErro
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(corrupt)?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(corrupt)?;
     let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
-    let kid = crate::random_token(12);
+    let kid = crate::secrets::random_token(12);
     let stored = StoredKey {
         kid: kid.clone(),
         pkcs8: URL_SAFE_NO_PAD.encode(pkcs8.as_ref()),
         x,
-        create_time: crate::now_secs(),
+        create_time: tenantmesh_service::clock::now_secs(),
         active_time: Some(active_time),
     };
     let data = serde_json::to_vec(&stored).map_err(corrupt)?;

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tenantmesh_storage::{Condition, DynTable, StorageError, Write};
 
-use crate::AuthError;
+use crate::error::AuthError;
 
 /// The backoff settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +142,7 @@ async fn take(store: &DynTable, free: u32, policy: LockoutPolicy, tenant: &str, 
         let written = if condition == Condition::NotExists {
             // A new record gets its expiry entry with it.
             let at = expires_at(&data, policy.window()).expect("a record just encoded");
-            let expiry = crate::expiry::entry(tenant, sk, at);
+            let expiry = crate::expiry_index::entry(tenant, sk, at);
             let record = Write::Put { pk: tenant.into(), sk: sk.into(), data, condition };
             store.transact_write(vec![record, expiry]).await
         } else {

@@ -13,7 +13,9 @@
 use serde::{Deserialize, Serialize};
 use tenantmesh_storage::{Condition, DynTable, StorageError, Write};
 
-use crate::{AuthError, now_secs, random_token, sha256_hex};
+use crate::error::AuthError;
+use crate::secrets::{random_token, sha256_hex};
+use tenantmesh_service::clock::now_secs;
 
 /// How long a refresh token lives.
 pub const REFRESH_TTL_SECS: i64 = 30 * 24 * 3600;
@@ -106,8 +108,8 @@ pub(crate) async fn start_family(
                 data: json(&record)?,
                 condition: Condition::NotExists,
             },
-            crate::expiry::entry(tenant, &family_sk(&family), expire_time),
-            crate::expiry::entry(tenant, &token_sk(&token), expire_time),
+            crate::expiry_index::entry(tenant, &family_sk(&family), expire_time),
+            crate::expiry_index::entry(tenant, &token_sk(&token), expire_time),
         ])
         .await?;
     Ok(token)
@@ -125,7 +127,7 @@ async fn revoke_family(store: &DynTable, tenant: &str, family: &str) -> Result<(
                 data: json(&Family { revoked: true, expire_time: now })?,
                 condition: Condition::None,
             },
-            crate::expiry::entry(tenant, &family_sk(family), now),
+            crate::expiry_index::entry(tenant, &family_sk(family), now),
         ])
         .await?;
     Ok(())
@@ -194,7 +196,7 @@ pub(crate) async fn rotate(store: &DynTable, token: &str, live: Live) -> Result<
             data: json(&Family { revoked: false, expire_time })?,
             condition: Condition::Version(family_version),
         },
-        crate::expiry::entry(&tenant, &token_sk(&next), expire_time),
+        crate::expiry_index::entry(&tenant, &token_sk(&next), expire_time),
     ];
     // The token spent before this one goes: this one, spent now, takes its
     // place as the family's reuse tripwire.

@@ -21,9 +21,10 @@ use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::error::DataError;
 use crate::history::{self, HistoryError};
+use crate::keys::{FENCE_SK, reserved_sort_key};
 use crate::quota::Quotas;
-use crate::{DataError, FENCE_SK, reserved_sort_key};
 
 /// Largest number of items in one ImportItems call.
 pub const MAX_IMPORT_BATCH: usize = 500;

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use tenantmesh_storage::{BeforeImage, Condition, DynTable, Fenced, Item, Query, StorageError, Table, Write};
 
-use crate::reserved_sort_key;
+use crate::keys::reserved_sort_key;
 
 /// Sort-key prefix of the history entries.
 pub const PREFIX: &str = "~u#";

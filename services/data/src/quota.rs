@@ -109,7 +109,7 @@ impl Quotas {
         let mut pages = Pages::new(store.as_ref(), pk, "", 1000);
         while let Some(items) = pages.next().await? {
             for i in &items {
-                if !crate::reserved_sort_key(&i.sk) {
+                if !crate::keys::reserved_sort_key(&i.sk) {
                     stored.items += i.data.len() as u64;
                 } else if i.sk.starts_with(crate::history::PREFIX) {
                     stored.history += i.data.len() as u64;
@@ -154,7 +154,7 @@ impl Quotas {
         limits: Limits,
     ) -> Result<Result<(), OverQuota>, StorageError> {
         // The largest entry an overwrite can leave: the largest item.
-        let worst_entry = crate::MAX_ITEM_BYTES as u64 + entry_overhead(sk);
+        let worst_entry = crate::keys::MAX_ITEM_BYTES as u64 + entry_overhead(sk);
         let fits = |u: &Usage, replaced: u64| {
             let entry = if replaced == u64::MAX { worst_entry } else { replaced + entry_overhead(sk) };
             let freed = if replaced == u64::MAX { 0 } else { replaced };

@@ -70,7 +70,7 @@ impl Drop for Busy<'_> {
 }
 
 /// Tenants measured at once.
-const CONCURRENCY: usize = 8;
+pub const CONCURRENCY: usize = 8;
 
 /// Where a tenant's items are: a silo instance (its DataAdmin, the table)
 /// or a store here.

@@ -18,10 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tenantmesh_storage::{Condition, DynTable, Pages, StorageError, Write};
 use tokio::sync::Mutex;
-use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::OnboardingError;
+use crate::error::OnboardingError;
 use crate::faults::Faults;
 use crate::workflow::{Step, StepState, Workflow, WorkflowState};
 
@@ -32,32 +31,7 @@ pub const ACTIVE_PK: &str = "_active";
 /// The longest a retry backoff grows to.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// A step attempt failed; `retryable` when the cause looks transient.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepError {
-    pub reason: String,
-    pub retryable: bool,
-}
-
-impl StepError {
-    pub fn permanent(reason: impl Into<String>) -> Self {
-        StepError { reason: reason.into(), retryable: false }
-    }
-
-    pub fn transient(reason: impl Into<String>) -> Self {
-        StepError { reason: reason.into(), retryable: true }
-    }
-}
-
-impl From<Status> for StepError {
-    fn from(s: Status) -> Self {
-        let retryable = matches!(
-            s.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Unknown
-        );
-        StepError { reason: format!("{:?}: {}", s.code(), s.message()), retryable }
-    }
-}
+pub use crate::workflow::StepError;
 
 /// How a failing step is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +141,7 @@ fn jitter() -> f64 {
     (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0
 }
 
-use crate::now_secs;
+use tenantmesh_service::clock::now_secs;
 
 /// The engine (see the module docs). Cheap to clone.
 #[derive(Clone)]

@@ -22,7 +22,7 @@ fn key(sequence: u64) -> String {
 }
 
 fn now_micros() -> u64 {
-    crate::now_us().max(0) as u64
+    tenantmesh_service::clock::now_us().max(0) as u64
 }
 
 impl EventLog {

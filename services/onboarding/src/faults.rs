@@ -18,8 +18,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::engine::StepError;
-use crate::workflow::{Kind, Step};
+use crate::workflow::{Kind, Step, StepError};
 
 #[derive(Debug, Default)]
 pub struct Faults {

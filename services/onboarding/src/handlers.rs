@@ -14,8 +14,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::engine;
+use crate::error::OnboardingError;
+use crate::service::{IDEMPOTENCY_PK, OnboardingService};
 use crate::workflow::{self, Kind, Params, StepState, Workflow, WorkflowState, model_name};
-use crate::{IDEMPOTENCY_PK, OnboardingError, OnboardingService, now_secs, now_us};
+use tenantmesh_service::clock::{now_secs, now_us};
 
 const MAX_KEY_LEN: usize = 128;
 

@@ -120,7 +120,7 @@ impl Ledger {
             kind: kind.into(),
             name: name.into(),
             tags: tags(tenant, tier),
-            create_time: crate::now_secs(),
+            create_time: tenantmesh_service::clock::now_secs(),
             remove_time: None,
             bytes,
         };
@@ -138,7 +138,7 @@ impl Ledger {
     pub async fn remove(&self, tenant: &str, kind: &str, name: &str) -> Result<(), StorageError> {
         for (sk, version, mut r) in self.lives(tenant, kind, name).await? {
             if r.remove_time.is_none() {
-                r.remove_time = Some(crate::now_secs());
+                r.remove_time = Some(tenantmesh_service::clock::now_secs());
                 let data = serde_json::to_vec(&r).map_err(invalid)?;
                 self.store.put(&pk(tenant), &sk, data, Condition::Version(version)).await?;
             }
@@ -236,7 +236,7 @@ mod tests {
         let path = kept.display().to_string();
         ledger.add_sized("acme", EXPORT, &path, "premium", 3).await.unwrap();
         ledger.add_sized("acme", EXPORT, "/gone/acme.jsonl", "basic", 9).await.unwrap();
-        let now = crate::now_secs();
+        let now = tenantmesh_service::clock::now_secs();
         assert_eq!(expire_exports(&ledger, &tiers, "acme", now).await.unwrap(), 0);
         let week = 7 * 86_400;
         assert_eq!(expire_exports(&ledger, &tiers, "acme", now + week + 1).await.unwrap(), 2);

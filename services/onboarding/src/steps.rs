@@ -28,9 +28,9 @@ use crate::compute::SiloCompute;
 use crate::engine::{StepError, StepRunner};
 use crate::events::EventLog;
 use crate::export;
-use crate::now_us;
 use crate::resources::{self, Ledger};
 use crate::workflow::{Kind, Spot, Step, Workflow};
+use tenantmesh_service::clock::now_us;
 
 /// Items per ImportItems call (the data service's limit).
 const IMPORT_BATCH: usize = 500;

@@ -373,6 +373,37 @@ pub fn offboard_steps() -> Vec<Step> {
     ]
 }
 
+/// A step attempt failed; `retryable` when the cause looks transient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    pub reason: String,
+    pub retryable: bool,
+}
+
+impl StepError {
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        StepError { reason: reason.into(), retryable: false }
+    }
+
+    pub fn transient(reason: impl Into<String>) -> Self {
+        StepError { reason: reason.into(), retryable: true }
+    }
+}
+
+impl From<tonic::Status> for StepError {
+    fn from(s: tonic::Status) -> Self {
+        let retryable = matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Aborted
+                | tonic::Code::Unknown
+        );
+        StepError { reason: format!("{:?}: {}", s.code(), s.message()), retryable }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

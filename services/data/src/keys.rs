@@ -1,0 +1,52 @@
+//! A tenant's item keys and names, and the sort keys the service keeps for
+//! itself (the fence, the history).
+
+use tenantmesh_service::errors::Violations;
+
+/// The sort key of a tenant's write fence in a table (see the module
+/// docs). No item's key can take it: sort keys are `<collection>#<id>`
+/// and collections are letters, digits and `_.-`.
+pub const FENCE_SK: &str = "~fence";
+
+/// Whether `sort_key` is reserved for the service's own bookkeeping (the
+/// fence): never exported, copied, imported or purged as an item.
+pub fn reserved_sort_key(sort_key: &str) -> bool {
+    sort_key.starts_with('~')
+}
+
+/// Largest encoded item accepted: DynamoDB's item limit (400 KiB, names
+/// and values of all attributes) less 1 KiB, so that both the stored item
+/// and the history entry holding it as a before-image (its bytes plus its
+/// sort key and version) fit, whatever the tenant id and sort key.
+pub const MAX_ITEM_BYTES: usize = 399 * 1024;
+pub(crate) const MAX_COLLECTION_LEN: usize = 64;
+pub(crate) const MAX_ID_LEN: usize = 256;
+
+pub(crate) fn check_name(v: &mut Violations, field: &str, value: &str, max: usize, extra: &[char], required: bool) {
+    if value.is_empty() {
+        if required {
+            v.add(field, "is required");
+        }
+        return;
+    }
+    if value.len() > max {
+        v.add(field, format!("must be at most {max} characters"));
+    } else if !value.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(&c)) {
+        let allowed: String = extra.iter().collect();
+        v.add(field, format!("may contain only letters, digits and _.-{allowed}"));
+    }
+}
+
+pub(crate) const ID_EXTRA: &[char] = &[':', '@'];
+
+/// Violations of an item's collection and id, to add more to.
+pub(crate) fn item_key(collection: &str, id: &str) -> Violations {
+    let mut v = Violations::new();
+    check_name(&mut v, "collection", collection, MAX_COLLECTION_LEN, &[], true);
+    check_name(&mut v, "id", id, MAX_ID_LEN, ID_EXTRA, true);
+    v
+}
+
+pub(crate) fn sort_key(collection: &str, id: &str) -> String {
+    format!("{collection}#{id}")
+}
