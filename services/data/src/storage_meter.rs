@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tenantmesh_isolation::TenantStores;
-use tenantmesh_metering::meters::{self as metering, Sample};
+use tenantmesh_metering::usage::{self as metering, Sample};
 use tenantmesh_proto::data::v1::data_admin_client::DataAdminClient;
 use tenantmesh_proto::data::v1::{ExportItemsRequest, StoreRef, TrimHistoryRequest};
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;

@@ -1,223 +1,23 @@
 //! The gRPC API of the onboarding service: requests are validated, turned
 //! into workflows (started through the engine) and read back.
 
-use std::pin::Pin;
-
 use tenantmesh_credentials as credentials;
 use tenantmesh_proto::onboarding::v1::onboarding_server::Onboarding;
-use tenantmesh_proto::onboarding::v1::{self as pb, *};
-use tenantmesh_proto::registry::v1::{Tenant, TenantStatus};
+use tenantmesh_proto::onboarding::v1::*;
+use tenantmesh_proto::registry::v1::TenantStatus;
 use tenantmesh_service::errors::{Violations, invalid_field};
 use tenantmesh_storage::{Condition, StorageError, Write};
 use tenantmesh_tenant_context::{PLATFORM_TENANT, Role, TenantContext};
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::engine;
 use crate::error::OnboardingError;
 use crate::service::{IDEMPOTENCY_PK, OnboardingService};
-use crate::workflow::{self, Kind, Params, StepState, Workflow, WorkflowState, model_name};
+use crate::views::{
+    EventStream, MAX_KEY_LEN, Redactor, check_workflow_id, params_of, tenant_of, to_proto, to_proto_status, workflow_id,
+};
+use crate::workflow::{self, Kind, Params, Workflow, WorkflowState, model_name};
 use tenantmesh_service::clock::{now_secs, now_us};
-
-const MAX_KEY_LEN: usize = 128;
-
-/// Open WatchEvents streams per caller, capped.
-pub(crate) struct Watchers {
-    max: usize,
-    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
-}
-
-/// One open stream; closes its place on drop.
-pub(crate) struct Watching {
-    key: (String, String),
-    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
-}
-
-impl Drop for Watching {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().expect("watchers lock");
-        if let Some(n) = open.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl Watchers {
-    pub(crate) fn new(max: usize) -> Self {
-        Self { max, open: Default::default() }
-    }
-
-    /// A place for one more stream of the caller (tenant, subject).
-    pub(crate) fn enter(&self, tenant: &str, subject: &str) -> Result<Watching, OnboardingError> {
-        let key = (tenant.to_owned(), subject.to_owned());
-        let mut open = self.open.lock().expect("watchers lock");
-        let n = open.entry(key.clone()).or_default();
-        if *n >= self.max {
-            tracing::warn!(
-                tenant_id = tenant,
-                subject,
-                open = *n,
-                "WatchEvents refused: too many streams for the caller"
-            );
-            return Err(OnboardingError::TooManyWatchers(self.max));
-        }
-        *n += 1;
-        Ok(Watching { key, open: self.open.clone() })
-    }
-}
-
-/// Where the workflow of `kind` for `tenant_id` is recorded.
-pub(crate) fn workflow_id(tenant_id: &str, kind: Kind) -> String {
-    match kind {
-        Kind::Onboard => format!("{tenant_id}/onboard"),
-        Kind::Offboard => format!("{tenant_id}/offboard"),
-        Kind::ChangeTier => format!("{tenant_id}/change-tier/{}", now_millis()),
-        Kind::Restore => format!("{tenant_id}/restore/{}", now_millis()),
-    }
-}
-
-/// The parameters of a lifecycle workflow of a registered tenant, to `tier`.
-fn params_of(tenant: &Tenant, tier: &str) -> Params {
-    Params {
-        tenant_id: tenant.tenant_id.clone(),
-        name: tenant.name.clone(),
-        tier: tier.to_owned(),
-        admin_email: String::new(),
-    }
-}
-
-fn now_millis() -> u128 {
-    tenantmesh_service::clock::since_epoch().as_millis()
-}
-
-fn tenant_of(workflow_id: &str) -> &str {
-    workflow_id.split('/').next().unwrap_or_default()
-}
-
-/// Checks a workflow id from a request.
-fn check_workflow_id(id: &str) -> Result<(), Status> {
-    let mut parts = id.split('/');
-    let tenant = parts.next().unwrap_or_default();
-    let rest: Vec<&str> = parts.collect();
-    let ok = tenantmesh_service::validate_tenant_id(tenant).is_ok()
-        && match rest.as_slice() {
-            ["onboard"] | ["offboard"] => true,
-            ["change-tier" | "restore", n] => !n.is_empty() && n.len() <= 20 && n.bytes().all(|c| c.is_ascii_digit()),
-            _ => false,
-        };
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid_field(
-            "workflow_id",
-            "must be <tenant>/onboard, <tenant>/offboard, <tenant>/change-tier/<n> or <tenant>/restore/<n>",
-        ))
-    }
-}
-
-pub(crate) fn to_proto_status(state: WorkflowState) -> WorkflowStatus {
-    match state {
-        // Still working, towards the tenant's state before it.
-        WorkflowState::Running | WorkflowState::RollingBack => WorkflowStatus::Running,
-        WorkflowState::Succeeded => WorkflowStatus::Succeeded,
-        WorkflowState::Failed => WorkflowStatus::Failed,
-        WorkflowState::RolledBack => WorkflowStatus::RolledBack,
-    }
-}
-
-/// What a tenant admin is shown of what the platform writes: host paths
-/// (a file shows by its name) and endpoints are the operator's to see.
-#[derive(Clone)]
-pub(crate) struct Redactor {
-    /// Directories whose files show by their names alone.
-    dirs: Vec<String>,
-}
-
-impl Redactor {
-    pub(crate) fn new(dirs: &[&std::path::Path]) -> Self {
-        let mut names = Vec::new();
-        for dir in dirs {
-            names.push(format!("{}/", dir.display()));
-            if let Ok(abs) = std::path::absolute(dir) {
-                names.push(format!("{}/", abs.display()));
-            }
-        }
-        // Longest first: an absolute path before its relative tail.
-        names.sort_by_key(|n| std::cmp::Reverse(n.len()));
-        names.dedup();
-        Self { dirs: names }
-    }
-
-    /// Whether `ctx` sees everything (the operator and services do).
-    fn sees_all(ctx: &TenantContext) -> bool {
-        ctx.has_role(Role::PlatformAdmin) || ctx.has_role(Role::Service)
-    }
-
-    /// `text` with host paths under the known directories shortened to
-    /// their file names, and URLs replaced by `<endpoint>`.
-    pub(crate) fn text(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for dir in &self.dirs {
-            out = out.replace(dir.as_str(), "");
-        }
-        let mut redacted = String::with_capacity(out.len());
-        let mut rest = out.as_str();
-        while let Some(at) = ["http://", "https://"].into_iter().filter_map(|scheme| rest.find(scheme)).min() {
-            redacted.push_str(&rest[..at]);
-            redacted.push_str("<endpoint>");
-            let end =
-                rest[at..].find(|c: char| c.is_whitespace() || "\"'),;]>".contains(c)).map_or(rest.len(), |n| at + n);
-            rest = &rest[end..];
-        }
-        redacted.push_str(rest);
-        redacted
-    }
-
-    /// `wf` as `ctx` may see it.
-    fn workflow(&self, ctx: &TenantContext, mut wf: pb::Workflow) -> pb::Workflow {
-        if Self::sees_all(ctx) {
-            return wf;
-        }
-        wf.export_path = self.text(&wf.export_path);
-        wf.error = self.text(&wf.error);
-        for step in &mut wf.steps {
-            step.last_error = self.text(&step.last_error);
-        }
-        wf
-    }
-}
-
-fn to_proto(wf: &Workflow) -> pb::Workflow {
-    pb::Workflow {
-        workflow_id: wf.id.clone(),
-        kind: wf.kind.as_str().into(),
-        tenant_id: wf.params.tenant_id.clone(),
-        status: to_proto_status(wf.state) as i32,
-        steps: wf
-            .steps
-            .iter()
-            .map(|s| Step {
-                name: s.name.as_str().into(),
-                state: match s.state {
-                    StepState::Pending => pb::StepState::Pending,
-                    StepState::Done => pb::StepState::Done,
-                    StepState::Failed => pb::StepState::Failed,
-                } as i32,
-                attempts: s.attempts,
-                last_error: s.last_error.clone(),
-            })
-            .collect(),
-        error: wf.error(),
-        create_time: wf.create_time,
-        update_time: wf.update_time,
-        export_path: wf.export_path.clone(),
-    }
-}
-
-type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Onboarding for OnboardingService {
@@ -648,19 +448,4 @@ impl Onboarding for OnboardingService {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tenant_admins_see_file_names_and_no_endpoints() {
-        let r = Redactor::new(&[std::path::Path::new(".tenantmesh/exports")]);
-        assert_eq!(r.text(".tenantmesh/exports/acme-at-17.jsonl"), "acme-at-17.jsonl");
-        let abs = std::path::absolute(".tenantmesh/exports/x.jsonl").unwrap().display().to_string();
-        assert_eq!(r.text(&format!("export {abs}: disk full")), "export x.jsonl: disk full");
-        assert_eq!(
-            r.text("Unavailable: data endpoint http://10.0.0.7:50054 (silo), https://x.example/y down"),
-            "Unavailable: data endpoint <endpoint> (silo), <endpoint> down"
-        );
-        assert_eq!(r.text("nothing to hide"), "nothing to hide");
-    }
-}
+mod tests;

@@ -31,6 +31,7 @@ pub mod resources;
 mod serve;
 mod service;
 pub mod steps;
+mod views;
 pub mod workflow;
 
 pub use config::Config;

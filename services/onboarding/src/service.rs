@@ -20,7 +20,7 @@ use crate::error::OnboardingError;
 use crate::events::EventLog;
 use crate::faults::Faults;
 use crate::workflow::{Spot, Workflow};
-use crate::{handlers, resources, steps, workflow};
+use crate::{resources, steps, views, workflow};
 use tenantmesh_service::clock::now_secs;
 
 /// Partition of the RegisterTenant idempotency keys (data: the request's [`workflow::Params`]).
@@ -45,9 +45,9 @@ pub(crate) struct Inner {
     pub(crate) hash_params: tenantmesh_credentials::HashParams,
     pub(crate) hashing: tenantmesh_credentials::HashPool,
     /// Open WatchEvents streams per caller (tenant, subject).
-    pub(crate) watchers: handlers::Watchers,
+    pub(crate) watchers: views::Watchers,
     /// What tenant admins are not shown (host paths, endpoints).
-    pub(crate) redactor: handlers::Redactor,
+    pub(crate) redactor: views::Redactor,
 }
 
 /// What the service needs besides its store.
@@ -95,8 +95,8 @@ impl OnboardingService {
                 pooled_table: config.storage.table_name("data"),
                 hash_params: config.hash_params,
                 hashing: tenantmesh_credentials::HashPool::new(config.hash_pool),
-                watchers: handlers::Watchers::new(config.max_watchers),
-                redactor: handlers::Redactor::new(&[&config.common.data_dir.join("exports"), &config.common.data_dir]),
+                watchers: views::Watchers::new(config.max_watchers),
+                redactor: views::Redactor::new(&[&config.common.data_dir.join("exports"), &config.common.data_dir]),
             }),
         })
     }

@@ -1,0 +1,40 @@
+//! How usage is kept in its table: the meters' names, the partition of a
+//! tenant's usage and the item of a flushed hour.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The built-in meters, in slot order after the per-RPC request counters.
+pub const READ_UNITS: &str = "read_units";
+pub const WRITE_UNITS: &str = "write_units";
+pub const BYTES_RETURNED: &str = "bytes_returned";
+pub const COMPUTE_US: &str = "compute_us";
+pub const REQUESTS: &str = "requests";
+/// Stored item bytes × hours, from periodic samples ([`file_sample`]).
+pub const STORAGE_BYTE_HOURS: &str = "storage_byte_hours";
+/// Every built-in meter (reserved: applications cannot record them).
+pub const BUILT_IN: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, STORAGE_BYTE_HOURS];
+/// The meters counted per request (the others come from samples).
+pub(crate) const COUNTED: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US];
+pub(crate) const VALUE_METERS: &[&str] = &[READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US];
+
+/// The dimension of `requests` that names the RPC.
+pub const RPC_DIMENSION: &str = "rpc";
+
+/// Minute and hour in seconds.
+pub(crate) const MINUTE: i64 = 60;
+pub(crate) const HOUR: i64 = 3600;
+
+/// The partition of a tenant's usage.
+pub fn usage_pk(tenant: &str) -> String {
+    format!("usage#{tenant}")
+}
+
+/// A flushed hour: values by `"<minute of the hour>|<meter>[|rpc=<name>]"`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct HourItem {
+    /// The last flush applied.
+    pub(crate) seq: u64,
+    pub(crate) values: BTreeMap<String, i64>,
+}
