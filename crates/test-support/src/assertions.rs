@@ -39,3 +39,37 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Asserts that a contract suite (`suite`: its source, `include_str!`)
+/// calls every RPC of `services` (full names, as in the compiled protos):
+/// each method's client call, `.snake_case_name(`, appears in it. A new RPC
+/// without a contract test fails here, naming it.
+pub fn assert_contract_covers(suite: &str, services: &[&str]) {
+    use prost::Message as _;
+    let set = prost_types::FileDescriptorSet::decode(tenantmesh_proto::FILE_DESCRIPTOR_SET).expect("descriptor set");
+    let mut missing = Vec::new();
+    let mut found = 0;
+    for file in &set.file {
+        for service in &file.service {
+            let name = format!("{}.{}", file.package(), service.name());
+            if !services.contains(&name.as_str()) {
+                continue;
+            }
+            found += 1;
+            for method in &service.method {
+                let mut snake = String::new();
+                for (i, c) in method.name().chars().enumerate() {
+                    if c.is_ascii_uppercase() && i > 0 {
+                        snake.push('_');
+                    }
+                    snake.push(c.to_ascii_lowercase());
+                }
+                if !suite.contains(&format!(".{snake}(")) {
+                    missing.push(format!("{name}/{}", method.name()));
+                }
+            }
+        }
+    }
+    assert_eq!(found, services.len(), "a service named is not in the protos: {services:?}");
+    assert!(missing.is_empty(), "RPCs without a contract test: {missing:?}");
+}

@@ -475,3 +475,9 @@ async fn rotated_keys_are_published_before_they_sign() {
     expect_code(mesh.data().get_item(authed(get(), &fresh)).await, Code::NotFound);
     mesh.shutdown().await;
 }
+
+/// Every RPC of the auth service has a test here.
+#[test]
+fn every_rpc_has_a_contract_test() {
+    tenantmesh_test_support::assert_contract_covers(include_str!("contract.rs"), &["tenantmesh.auth.v1.Auth"]);
+}

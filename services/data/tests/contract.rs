@@ -268,3 +268,152 @@ async fn data_admin_checks_its_input() {
     assert_eq!(purged.into_inner().deleted, 1);
     mesh.shutdown().await;
 }
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+/// SetFence keeps a tenant's writes out of a table until it is lowered;
+/// RewindItems puts its items back as they were at an instant (refusing
+/// an instant before its history starts); TrimHistory drops the history
+/// before an instant, after which that instant cannot be restored.
+#[tokio::test]
+async fn fence_rewind_and_trim() {
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("fence")).await;
+    let (svc, mut admin, mut data) = (mesh.service_token().await, mesh.data_admin(), mesh.data());
+    let store = Some(StoreRef { tenant_id: t.tenant_id.clone(), table: mesh.state_table_name("data") });
+    let fence = |raised: bool| SetFenceRequest { store: store.clone(), raised };
+
+    data.put_item(authed(put("notes", "n1", &[("title", "one")], None), &t.token)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let before_two = now_us();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    data.put_item(authed(put("notes", "n1", &[("title", "two")], None), &t.token)).await.unwrap();
+    data.put_item(authed(put("notes", "n2", &[("title", "new")], None), &t.token)).await.unwrap();
+
+    assert!(admin.set_fence(authed(fence(true), &svc)).await.unwrap().into_inner().changed);
+    assert!(!admin.set_fence(authed(fence(true), &svc)).await.unwrap().into_inner().changed, "raised twice");
+    let fenced = data.put_item(authed(put("notes", "n3", &[("title", "x")], None), &t.token)).await;
+    expect_code(fenced, Code::Unavailable);
+
+    let rewind = |at: i64| RewindItemsRequest { store: store.clone(), point_in_time_us: at, charge_tenant: false };
+    let done = admin.rewind_items(authed(rewind(before_two), &svc)).await.unwrap().into_inner();
+    assert_eq!((done.restored, done.deleted), (1, 1), "n1 back to one, n2 gone");
+    assert!(admin.set_fence(authed(fence(false), &svc)).await.unwrap().into_inner().changed);
+    let n1 = data.get_item(authed(get("notes", "n1"), &t.token)).await.unwrap().into_inner().item.unwrap();
+    assert_eq!(title(&n1), "one");
+    expect_code(data.get_item(authed(get("notes", "n2"), &t.token)).await, Code::NotFound);
+    expect_invalid(admin.rewind_items(authed(rewind(0), &svc)).await, "point_in_time_us");
+    expect_code(admin.rewind_items(authed(rewind(1), &svc)).await, Code::FailedPrecondition);
+
+    let trim = TrimHistoryRequest { store: store.clone(), before_us: now_us() };
+    assert!(admin.trim_history(authed(trim, &svc)).await.unwrap().into_inner().trimmed >= 3);
+    expect_code(admin.rewind_items(authed(rewind(before_two), &svc)).await, Code::FailedPrecondition);
+    expect_invalid(admin.trim_history(authed(TrimHistoryRequest { store: None, before_us: 1 }, &svc)).await, "store");
+    mesh.shutdown().await;
+}
+
+/// Metering: application events count once and are read back per window,
+/// exported, priced per tenant and across tenants; a tenant admin reads
+/// only its own tenant.
+#[tokio::test]
+async fn usage_is_recorded_read_exported_and_priced() {
+    use tenantmesh_proto::metering::v1::*;
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("meter")).await;
+    let other = mesh.onboard(&unique_tenant("other")).await;
+    let (svc, admin, mut m) = (mesh.service_token().await, mesh.admin_token().await, mesh.metering());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let event = |id: &str, value: i64| UsageEvent {
+        id: id.into(),
+        tenant_id: t.tenant_id.clone(),
+        meter: "orders".into(),
+        value,
+        time: now,
+        ..Default::default()
+    };
+    let recorded = m.record_usage(authed(RecordUsageRequest { events: vec![event("o1", 3), event("o2", 4)] }, &svc));
+    assert_eq!(recorded.await.unwrap().into_inner().recorded, 2);
+    let again = m.record_usage(authed(RecordUsageRequest { events: vec![event("o1", 3)] }, &svc)).await.unwrap();
+    assert_eq!(again.into_inner().duplicates, 1);
+    let bad = m.record_usage(authed(RecordUsageRequest { events: vec![event("", 1)] }, &svc)).await;
+    expect_invalid(bad, "events[0].id");
+
+    let usage = |tenant: &str| GetUsageRequest {
+        tenant_id: tenant.into(),
+        meter: "orders".into(),
+        from: now - 3600,
+        to: now + 60,
+        window: Window::Hour as i32,
+        group_by: vec![],
+    };
+    let rows = m.get_usage(authed(usage(&t.tenant_id), &t.token)).await.unwrap().into_inner().rows;
+    assert_eq!(rows.iter().map(|r| r.value).sum::<i64>(), 7);
+    expect_code(m.get_usage(authed(usage(&other.tenant_id), &t.token)).await, Code::PermissionDenied);
+    let empty = GetUsageRequest { from: now, to: now - 1, ..usage(&t.tenant_id) };
+    expect_code(m.get_usage(authed(empty, &t.token)).await, Code::InvalidArgument);
+
+    let export = ExportUsageRequest {
+        tenant_id: t.tenant_id.clone(),
+        from: now - 3600,
+        to: now + 60,
+        window: Window::Hour as i32,
+        format: ExportFormat::Jsonl as i32,
+    };
+    let mut stream = m.export_usage(authed(export, &t.token)).await.unwrap().into_inner();
+    let mut jsonl = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        jsonl.extend(chunk.data);
+    }
+    let text = String::from_utf8(jsonl).unwrap();
+    assert!(text.lines().any(|l| l.contains("\"orders\"")), "{text}");
+
+    let cost = GetTenantCostRequest { tenant_id: t.tenant_id.clone(), from: now - 3600, to: now + 60 };
+    let cost = m.get_tenant_cost(authed(cost, &t.token)).await.unwrap().into_inner().cost.unwrap();
+    assert_eq!(cost.tenant_id, t.tenant_id);
+    assert!((cost.margin - (cost.revenue - cost.cost)).abs() < 1e-9, "{cost:?}");
+    let all = ListTenantCostsRequest { from: now - 3600, to: now + 60 };
+    expect_code(m.list_tenant_costs(authed(all, &t.token)).await, Code::PermissionDenied);
+    let all = m.list_tenant_costs(authed(all, &admin)).await.unwrap().into_inner().tenants;
+    assert!(all.iter().any(|c| c.tenant_id == t.tenant_id) && all.iter().any(|c| c.tenant_id == other.tenant_id));
+    mesh.shutdown().await;
+}
+
+/// TakeBackup streams a manifest and then the files it lists, for the
+/// operator only.
+#[tokio::test]
+async fn backups_stream_a_manifest_then_its_files() {
+    use tenantmesh_proto::backup::v1::backup_client::BackupClient;
+    use tenantmesh_proto::backup::v1::{TakeBackupRequest, take_backup_response::Chunk as Part};
+    let mesh = TestMesh::start().await;
+    let t = mesh.onboard(&unique_tenant("backup")).await;
+    let mut backup = BackupClient::new(TestMesh::channel(mesh.addrs.data));
+    expect_code(backup.take_backup(authed(TakeBackupRequest {}, &t.token)).await.map(drop), Code::PermissionDenied);
+    let mut stream = backup.take_backup(authed(TakeBackupRequest {}, &mesh.admin_token().await)).await.unwrap();
+    let first = stream.get_mut().message().await.unwrap().and_then(|r| r.chunk);
+    let Some(Part::Manifest(manifest)) = first else { panic!("the manifest comes first: {first:?}") };
+    assert!(manifest.taken_at_ms > 0 && !manifest.files.is_empty());
+    let mut bytes = 0u64;
+    while let Some(r) = stream.get_mut().message().await.unwrap() {
+        if let Some(Part::Data(d)) = r.chunk {
+            bytes += d.len() as u64;
+        }
+    }
+    assert_eq!(bytes, manifest.files.iter().map(|f| f.size).sum::<u64>(), "every listed byte, once");
+    mesh.shutdown().await;
+}
+
+/// Every RPC of the services the data service hosts has a test here.
+#[test]
+fn every_rpc_has_a_contract_test() {
+    assert_contract_covers(
+        include_str!("contract.rs"),
+        &[
+            "tenantmesh.data.v1.Data",
+            "tenantmesh.data.v1.DataAdmin",
+            "tenantmesh.metering.v1.Metering",
+            "tenantmesh.backup.v1.Backup",
+        ],
+    );
+}

@@ -280,3 +280,82 @@ async fn lifecycle_rpcs_validate_and_guard() {
     expect_code(onb.change_tier(authed(change(&a.tenant_id, "basic"), &admin)).await, Code::FailedPrecondition);
     mesh.shutdown().await;
 }
+
+/// RestoreTenant puts a tenant's items back as they were at an instant, as
+/// a workflow; its input names the field when wrong, and no tenant
+/// restores another.
+#[tokio::test]
+async fn restore_puts_items_back_at_an_instant() {
+    use tenantmesh_proto::data::v1::{GetItemRequest, PutItemRequest};
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("restore"), "premium").await;
+    let other = mesh.onboard(&unique_tenant("other")).await;
+    let put = |title: &str| {
+        let req = PutItemRequest {
+            collection: "notes".into(),
+            id: "n1".into(),
+            attributes: Some(attrs(&[("title", title)])),
+            expected_version: None,
+        };
+        let (mut data, token) = (mesh.data(), t.token.clone());
+        async move { data.put_item(authed(req, &token)).await.unwrap() }
+    };
+    put("one").await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let at = prost_types::Timestamp { seconds: us / 1_000_000, nanos: (us % 1_000_000) as i32 * 1000 };
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    put("two").await;
+    let restore = |tenant: &str, at: Option<prost_types::Timestamp>| RestoreTenantRequest {
+        tenant_id: tenant.into(),
+        point_in_time: at,
+        target: RestoreTarget::InPlace as i32,
+    };
+    let mut o = mesh.onboarding();
+    expect_invalid(o.restore_tenant(authed(restore(&t.tenant_id, None), &admin)).await, "point_in_time");
+    expect_invalid(o.restore_tenant(authed(restore("Not A Tenant", Some(at)), &admin)).await, "tenant_id");
+    let theirs = o.restore_tenant(authed(restore(&t.tenant_id, Some(at)), &other.token)).await;
+    expect_code(theirs, Code::PermissionDenied);
+    let started = o.restore_tenant(authed(restore(&t.tenant_id, Some(at)), &admin)).await.unwrap().into_inner();
+    let wf = mesh.wait_workflow(&started.workflow_id).await;
+    assert_eq!(wf.status, WorkflowStatus::Succeeded as i32, "{wf:?}");
+    let get = GetItemRequest { collection: "notes".into(), id: "n1".into() };
+    let item = mesh.data().get_item(authed(get, &t.token)).await.unwrap().into_inner().item.unwrap();
+    let title = item.attributes.unwrap().fields["title"].kind.clone();
+    assert_eq!(title, Some(prost_types::value::Kind::StringValue("one".into())));
+    mesh.shutdown().await;
+}
+
+/// RetryOnboarding takes only a failed workflow; ListTenantResources shows
+/// what a tenant holds alone, tagged, to its admin and the operator.
+#[tokio::test]
+async fn retry_and_resources() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard_on(&unique_tenant("res"), "premium").await;
+    let other = mesh.onboard(&unique_tenant("other")).await;
+    let mut o = mesh.onboarding();
+    let retry = |id: &str| RetryOnboardingRequest { workflow_id: id.into() };
+    let done = format!("{}/onboard", t.tenant_id);
+    expect_code(o.retry_onboarding(authed(retry(&done), &admin)).await, Code::FailedPrecondition);
+    expect_invalid(o.retry_onboarding(authed(retry("x"), &admin)).await, "workflow_id");
+    expect_code(o.retry_onboarding(authed(retry(&done), &t.token)).await, Code::PermissionDenied);
+
+    let list = |tenant: &str| ListTenantResourcesRequest { tenant_id: tenant.into(), include_removed: false };
+    let resources = o.list_tenant_resources(authed(list(&t.tenant_id), &t.token)).await.unwrap().into_inner();
+    assert!(!resources.resources.is_empty(), "a premium tenant's own table");
+    for r in &resources.resources {
+        assert_eq!(r.tags.get("tenantId"), Some(&t.tenant_id), "{r:?}");
+        assert!(r.create_time > 0, "{r:?}");
+    }
+    expect_code(o.list_tenant_resources(authed(list(&t.tenant_id), &other.token)).await, Code::PermissionDenied);
+    expect_invalid(o.list_tenant_resources(authed(list("Not A Tenant"), &admin)).await, "tenant_id");
+    mesh.shutdown().await;
+}
+
+/// Every RPC of the onboarding service has a test here.
+#[test]
+fn every_rpc_has_a_contract_test() {
+    assert_contract_covers(include_str!("contract.rs"), &["tenantmesh.onboarding.v1.Onboarding"]);
+}

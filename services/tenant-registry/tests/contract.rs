@@ -248,3 +248,64 @@ async fn placement_and_limits() {
     expect_code(reg.set_placement(authed(own, &tenant.token)).await, Code::PermissionDenied);
     mesh.shutdown().await;
 }
+
+/// SetIdentityProvider binds a tenant to an external identity provider
+/// (checked: https keys, a tenant claim) and unbinds it; only the platform
+/// may.
+#[tokio::test]
+async fn identity_providers_are_bound_and_unbound() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard(&unique_tenant("idp")).await;
+    let mut reg = mesh.registry();
+    let idp = IdentityProvider {
+        issuer: "https://idp.example/pool".into(),
+        jwks_url: "https://idp.example/pool/.well-known/jwks.json".into(),
+        audience: "app-client".into(),
+        tenant_claim: "custom:tenant_id".into(),
+    };
+    let bind = |p: Option<IdentityProvider>| SetIdentityProviderRequest {
+        tenant_id: t.tenant_id.clone(),
+        identity_provider: p,
+    };
+    let bound = reg.set_identity_provider(authed(bind(Some(idp.clone())), &admin)).await.unwrap();
+    assert_eq!(bound.into_inner().tenant.unwrap().identity_provider, Some(idp.clone()));
+    expect_code(reg.set_identity_provider(authed(bind(Some(idp.clone())), &t.token)).await, Code::PermissionDenied);
+    let plain_http = IdentityProvider { jwks_url: "http://idp.example/jwks.json".into(), ..idp.clone() };
+    expect_code(reg.set_identity_provider(authed(bind(Some(plain_http)), &admin)).await, Code::InvalidArgument);
+    let no_claim = IdentityProvider { tenant_claim: String::new(), ..idp };
+    expect_code(reg.set_identity_provider(authed(bind(Some(no_claim)), &admin)).await, Code::InvalidArgument);
+    let unbound = reg.set_identity_provider(authed(bind(None), &admin)).await.unwrap();
+    assert_eq!(unbound.into_inner().tenant.unwrap().identity_provider, None);
+    mesh.shutdown().await;
+}
+
+/// WatchTenants, for service identities with the directory scope: a reset
+/// first, then the id of each tenant whose record changes.
+#[tokio::test]
+async fn watchers_hear_of_each_change() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard(&unique_tenant("watched")).await;
+    let mut reg = mesh.registry();
+    expect_code(reg.watch_tenants(authed(WatchTenantsRequest {}, &admin)).await.map(drop), Code::PermissionDenied);
+    let directory = mesh.service_token_as("tests-directory").await;
+    let mut stream = reg.watch_tenants(authed(WatchTenantsRequest {}, &directory)).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().unwrap().reset, "a reset comes first");
+    let suspend = SetTenantStatusRequest { tenant_id: t.tenant_id.clone(), status: TenantStatus::Suspended as i32 };
+    reg.set_tenant_status(authed(suspend, &admin)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.message()).await.expect("the change is heard");
+        if next.unwrap().unwrap().tenant_ids.contains(&t.tenant_id) {
+            break;
+        }
+    }
+    mesh.shutdown().await;
+}
+
+/// Every RPC of the registry has a test here.
+#[test]
+fn every_rpc_has_a_contract_test() {
+    assert_contract_covers(include_str!("contract.rs"), &["tenantmesh.registry.v1.TenantRegistry"]);
+}
