@@ -132,7 +132,7 @@ where
                 }
                 if let Some(captured) = span.extensions().get::<Captured>() {
                     for (key, value) in &captured.0 {
-                        obj.entry(*key).or_insert_with(|| Value::from(value.as_str()));
+                        request_field(&mut obj, key, value);
                     }
                 }
             }
@@ -141,13 +141,31 @@ where
         let _ = crate::request::REQUEST.try_with(|r| {
             obj.entry("trace_id").or_insert_with(|| Value::from(r.trace.trace_id_hex()));
             if let Some((tenant, tier)) = r.tenant.get() {
-                obj.entry("tenant_id").or_insert_with(|| Value::from(&**tenant));
-                obj.entry("tenant_tier").or_insert_with(|| Value::from(&**tier));
+                request_field(&mut obj, "tenant_id", tenant);
+                request_field(&mut obj, "tenant_tier", tier);
             }
         });
         let Ok(mut line) = serde_json::to_vec(&Value::Object(obj)) else { return };
         line.push(b'\n');
         let _ = self.make_writer.make_writer_for(event.metadata()).write_all(&line);
+    }
+}
+
+/// Puts a field of the request's context on a log line. The request's
+/// tenant is the line's tenant: a log call that names another one in its
+/// own `tenant_id` (a platform call acting on a tenant) keeps it as
+/// `event_tenant_id`, so a line is never filed under a tenant whose
+/// request it was not.
+fn request_field(obj: &mut serde_json::Map<String, Value>, key: &str, value: &str) {
+    match obj.get(key) {
+        None => {
+            obj.insert(key.to_owned(), Value::from(value));
+        }
+        Some(own) if (key == "tenant_id" || key == "tenant_tier") && own.as_str() != Some(value) => {
+            let own = obj.insert(key.to_owned(), Value::from(value)).unwrap_or_default();
+            obj.insert(format!("event_{key}"), own);
+        }
+        Some(_) => {}
     }
 }
 
@@ -198,5 +216,29 @@ mod tests {
         assert_eq!(lines[1]["level"], "WARN");
         assert_eq!(lines[1]["service"], "test-svc");
         assert_eq!(lines[1]["span"], "inner");
+    }
+
+    /// The request's tenant is the line's tenant: a log call naming another
+    /// tenant keeps it as `event_tenant_id` and cannot file the line under
+    /// it; a call naming the same tenant changes nothing.
+    #[test]
+    fn a_log_calls_own_tenant_never_overrides_the_requests() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new("test-svc", move || writer.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("req", tenant.id = "acme", trace_id = "abc");
+            let _g = span.enter();
+            tracing::info!(tenant_id = "globex", "acting on another tenant");
+            tracing::info!(tenant_id = "acme", "its own");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(
+            (&lines[0]["tenant_id"], &lines[0]["event_tenant_id"]),
+            (&Value::from("acme"), &Value::from("globex"))
+        );
+        assert_eq!(lines[1]["tenant_id"], "acme");
+        assert!(lines[1].get("event_tenant_id").is_none());
     }
 }

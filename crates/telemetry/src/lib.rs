@@ -13,6 +13,7 @@
 //! request across services, for a fraction of a span's cost.
 
 mod json;
+pub mod layer;
 pub mod metrics;
 mod request;
 mod setup;

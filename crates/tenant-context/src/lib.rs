@@ -18,6 +18,8 @@
 //!   `traceparent`, and fails closed when it has neither.
 
 pub mod access;
+pub mod admission;
+pub mod authorize;
 pub mod client;
 pub mod context;
 pub mod directory;

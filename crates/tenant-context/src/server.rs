@@ -1,5 +1,13 @@
-//! The server layer: every request either carries a verified tenant context
-//! into its handler or is refused before the handler runs.
+//! The authentication layer, and the stack every service is served with.
+//!
+//! [`stack`] layers, outermost first: telemetry (the request's span or
+//! scope, `tenantmesh_telemetry::layer`) -> authentication (here: the
+//! verified token and the tenant's record become the call's
+//! [`TenantContext`], or the call is refused) -> access (the RPC's
+//! policy, [`crate::authorize`]) -> admission (the tenant's limits and the
+//! service's seats, [`crate::admission`]) -> metering ([`crate::meter`]) ->
+//! the handler. Each is a tower layer of its own, testable alone with a
+//! fake inner service.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -9,7 +17,8 @@ use tenantmesh_proto::registry::v1::TenantStatus;
 use tonic::Status;
 use tower::{Layer, Service};
 
-use crate::access::{Access, Charge, Policies, PolicyError, Set};
+use crate::access::{Access, Policies, PolicyError};
+use crate::admission::Admission;
 use crate::context::{BoxFuture, TenantContext};
 use crate::directory::TenantDirectory;
 use crate::directory::TenantInfo;
@@ -17,40 +26,20 @@ use crate::external::ExternalVerifier;
 use crate::identity::Role;
 use crate::metadata;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
-use tenantmesh_admission::fairq::{FairQueue, FairQueueSettings, Seat};
 use tenantmesh_admission::leases::RateShares;
-use tenantmesh_admission::limits::{Cost, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};
+use tenantmesh_admission::limits::KeyedLimiter;
 use tenantmesh_service::handled::Handled;
-use tenantmesh_service::tiers::Tiers;
-
-/// The access of a path that declares no policy.
-const NOBODY: Access = Access::Callers { roles: Set::EMPTY, scopes: Set::EMPTY };
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
 const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
 
-/// What the layer needs: a token verifier and a tenant directory; and,
-/// once a caller is known, the admission of its tenant's requests.
-#[derive(Clone)]
+/// What the layers need: a token verifier and a tenant directory, the
+/// admission of known callers' requests, and every RPC's policy.
 pub struct Authenticator {
     verifier: Arc<TokenVerifier>,
     directory: Arc<dyn TenantDirectory>,
     external: Arc<ExternalVerifier>,
-    /// Per-tenant rate and requests in flight, from the tenant's limits;
-    /// `None` with limits switched off (`TENANTMESH_LIMITS=off`).
-    limiter: Option<Arc<KeyedLimiter>>,
-    /// This replica's shares of its tenants' limits, when several replicas
-    /// share them (see `tenantmesh_admission::leases`); `None`: the whole.
-    shares: Option<Arc<RateShares>>,
-    /// At most one refusal log line per tenant and second (the rest are
-    /// counted in the refusal metric): a flood must not become a log flood.
-    refusal_logs: Arc<LogThrottle>,
-    /// The service's seats, shared fairly (by tier weight) when they run out.
-    seats: Arc<FairQueue>,
-    /// Tier weights for the fair queue.
-    tiers: Arc<Tiers>,
-    /// Hashes tenants onto the fair queue's queues (keyed per process).
-    hasher: std::hash::RandomState,
+    admission: Admission,
     /// Every RPC's policy (from the served protos' options).
     policies: Arc<Policies>,
 }
@@ -67,12 +56,7 @@ impl Authenticator {
             verifier,
             directory,
             external: Arc::new(ExternalVerifier::new()),
-            limiter: Some(Arc::new(KeyedLimiter::new())),
-            shares: None,
-            refusal_logs: Arc::new(LogThrottle::new()),
-            seats: FairQueue::new(FairQueueSettings::default()),
-            tiers: Arc::new(Tiers::default()),
-            hasher: std::hash::RandomState::new(),
+            admission: Admission::default(),
             // Incomplete declarations leave the table empty: every call is
             // refused (and the service's start-up refused to serve, see
             // `Policies::mesh`).
@@ -97,17 +81,15 @@ impl Authenticator {
     /// (`TENANTMESH_MAX_IN_FLIGHT`, `TENANTMESH_QUEUE_WAIT_MS`), and the
     /// tiers whose weights share the seats.
     pub fn with_admission(mut self, config: &tenantmesh_service::config::CommonConfig) -> Self {
-        self.limiter = config.limits.then(|| Arc::new(KeyedLimiter::new()));
         self.external = Arc::new(ExternalVerifier::with_private_hosts(config.jwks_allow_private));
-        self.seats = FairQueue::new(config.fair_queue);
-        self.tiers = config.tiers.clone();
+        self.admission = Admission::new(config.limits, config.fair_queue, config.tiers.clone());
         self
     }
 
     /// The per-tenant limiter (`None` with limits off): to charge a tenant
     /// for work it asked for outside its own calls (a restore it started).
     pub fn limiter(&self) -> Option<Arc<KeyedLimiter>> {
-        self.limiter.clone()
+        self.admission.limiter()
     }
 
     /// Where tenants' records (their limits) come from.
@@ -119,74 +101,8 @@ impl Authenticator {
     /// admits at its share (leases renewed with the others, see
     /// `tenantmesh_admission::leases`).
     pub fn with_rate_shares(mut self, shares: Arc<RateShares>) -> Self {
-        self.shares = Some(shares);
+        self.admission = self.admission.with_rate_shares(shares);
         self
-    }
-
-    /// A seat for the caller's request among the service's, waiting in the
-    /// fair queue (weighted by tier) when they are all taken, until the
-    /// call's `grpc-timeout` at the latest.
-    pub async fn seat(&self, ctx: &TenantContext, headers: &http::HeaderMap) -> Result<Seat<'_>, Status> {
-        use std::hash::BuildHasher;
-        // Not saturated (the common case): no weight, deadline or hash needed.
-        if let Some(seat) = self.seats.try_acquire() {
-            return Ok(seat);
-        }
-        let weight = match ctx.tenant.limits {
-            Some(_) => self.tiers.get(&ctx.tenant.tier).map_or(1, |t| t.weight),
-            // The platform (onboarding, operators) counts as the heaviest tier.
-            None => self.tiers.max_weight(),
-        };
-        let deadline = tenantmesh_service::runtime::grpc_timeout(headers).map(|t| std::time::Instant::now() + t);
-        match self.seats.acquire(self.hasher.hash_one(&*ctx.tenant_id), weight, deadline).await {
-            Ok(seat) => Ok(seat),
-            Err(refusal) => {
-                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, refusal.limit.name());
-                if self.refusal_logs.allow(&*ctx.tenant_id) {
-                    tracing::warn!(
-                        tenant_id = %ctx.tenant_id,
-                        limit = refusal.limit.name(),
-                        reason = %refusal.description,
-                        "request refused: the service is saturated (further refusals within a second are counted, not logged)"
-                    );
-                }
-                Err(refusal.status())
-            }
-        }
-    }
-
-    /// Admits a request of the caller's tenant under its limits (rate and
-    /// requests in flight); the guard holds its slot until dropped. Tenants
-    /// without limits (the platform) are not limited.
-    pub fn admit(&self, ctx: &TenantContext) -> Result<Option<InFlight<'_>>, Status> {
-        let (Some(limiter), Some(limits)) = (&self.limiter, ctx.tenant.limits) else { return Ok(None) };
-        let share = self.shares.as_ref().map_or(1.0, |s| s.share(&ctx.tenant_id, limits));
-        match limiter.admit(&*ctx.tenant_id, 1, limits.share(share)) {
-            Ok(guard) => Ok(Some(guard)),
-            Err((limit, retry_after)) => {
-                if let Some(shares) = &self.shares {
-                    shares.refused(&ctx.tenant_id);
-                }
-                let mut description = match limit {
-                    Limit::Concurrency => format!("{} requests in flight", limits.max_in_flight),
-                    _ => format!("{} requests per second, burst {}", limits.rate_per_second, limits.burst),
-                };
-                if share < 1.0 {
-                    description.push_str(&format!(" (across replicas; this one's share {:.0}%)", share * 100.0));
-                }
-                let refusal = Refusal { limit, subject: format!("tenant:{}", ctx.tenant_id), description, retry_after };
-                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, limit.name());
-                if self.refusal_logs.allow(&*ctx.tenant_id) {
-                    tracing::warn!(
-                        tenant_id = %ctx.tenant_id,
-                        limit = limit.name(),
-                        retry_after_ms = retry_after.as_millis() as u64,
-                        "request refused by the tenant's limit (further refusals within a second are counted, not logged)"
-                    );
-                }
-                Err(refusal.status())
-            }
-        }
     }
 
     /// The authenticator of a service that is neither auth nor registry:
@@ -207,12 +123,7 @@ impl Authenticator {
 
     /// Establishes the caller's context from request headers, or the status
     /// to refuse the request with.
-    pub async fn authenticate(
-        &self,
-        path: &str,
-        access: Access,
-        headers: &http::HeaderMap,
-    ) -> Result<TenantContext, Status> {
+    pub async fn authenticate(&self, path: &str, headers: &http::HeaderMap) -> Result<TenantContext, Status> {
         let token = bearer_token(headers)?;
         let (verified, known) = match self.verifier.remembered(token) {
             Some(v) => (v, None),
@@ -235,16 +146,6 @@ impl Authenticator {
                 );
                 return Err(Status::permission_denied("x-tenant-id does not match the token's tenant"));
             }
-        }
-        if !access.allows(&verified.roles, verified.scopes()) {
-            tracing::warn!(
-                security_event = "role_denied",
-                tenant_id = %verified.tenant_id,
-                subject = %verified.subject,
-                rpc = path,
-                "caller's roles do not allow this rpc"
-            );
-            return Err(Status::permission_denied("caller's role may not call this rpc"));
         }
         let info = match known {
             Some(info) => info,
@@ -361,25 +262,14 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))
 }
 
-/// Charges the request's tenant for what it cost beyond the one token taken
-/// at admission: the cost its handler reported ([`Handled`]).
-fn charge<B, E>(in_flight: Option<&InFlight<'_>>, response: &Result<Response<B>, E>) {
-    if let (Some(guard), Ok(r)) = (in_flight, response)
-        && let Some(Handled { cost: Cost(tokens), .. }) = Handled::of(r)
-    {
-        guard.charge(tokens.saturating_sub(1));
-    }
-}
-
-/// The layers every tenantmesh service is served with, outermost first:
-/// telemetry and the tenant context (authentication, access from the RPC's
-/// policy, admission), then metering ([`crate::meter`]), then the handler.
-/// Refuses to build when the authenticator's policies are empty: the
-/// served protos' declarations are incomplete (the error names each RPC).
+/// The layers every tenantmesh service is served with (see the module
+/// docs). Refuses to build when the authenticator's policies are empty:
+/// the served protos' declarations are incomplete (the error names each
+/// RPC).
 pub fn stack(
-    auth: Authenticator,
+    mut auth: Authenticator,
     meters: Option<Arc<tenantmesh_metering::meters::Meters>>,
-) -> Result<tower::layer::util::Stack<crate::meter::MeterLayer, TenantContextLayer>, PolicyError> {
+) -> Result<ServerStack, PolicyError> {
     if auth.policies.is_empty() {
         return Err(Policies::mesh()
             .err()
@@ -387,37 +277,61 @@ pub fn stack(
             .unwrap_or_else(|| PolicyError(vec!["no RPC declares a policy".into()])));
     }
     let policies = auth.policies.clone();
-    Ok(tower::layer::util::Stack::new(crate::meter::layer(meters, policies), layer(auth)))
+    let admission = Arc::new(std::mem::take(&mut auth.admission));
+    Ok(ServerStack {
+        authentication: AuthenticationLayer { auth: Arc::new(auth) },
+        access: crate::authorize::layer(policies.clone()),
+        admission: crate::admission::layer(admission, policies.clone()),
+        metering: crate::meter::layer(meters, policies),
+    })
 }
 
-/// The tower layer that authenticates every request (see the crate docs).
-pub fn layer(auth: Authenticator) -> TenantContextLayer {
-    // One Arc for the whole authenticator: a request clones one reference
-    // count, not one per cache and limiter (shared counters that every
-    // core would otherwise bounce between them on every call).
-    TenantContextLayer { auth: Arc::new(auth) }
-}
-
+/// The stack [`stack`] builds: one tower layer of them all.
 #[derive(Clone, Debug)]
-pub struct TenantContextLayer {
+pub struct ServerStack {
+    authentication: AuthenticationLayer,
+    access: crate::authorize::AccessLayer,
+    admission: crate::admission::AdmissionLayer,
+    metering: crate::meter::MeterLayer,
+}
+
+/// The service a handler is wrapped in by [`ServerStack`].
+pub type Stacked<S> = tenantmesh_telemetry::layer::TelemetryService<
+    AuthenticationService<
+        crate::authorize::AccessService<crate::admission::AdmissionService<crate::meter::MeterService<S>>>,
+    >,
+>;
+
+impl<S> Layer<S> for ServerStack {
+    type Service = Stacked<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let inner = self.admission.layer(self.metering.layer(inner));
+        tenantmesh_telemetry::layer::layer().layer(self.authentication.layer(self.access.layer(inner)))
+    }
+}
+
+/// The authentication layer (see the module docs).
+#[derive(Clone, Debug)]
+pub struct AuthenticationLayer {
     auth: Arc<Authenticator>,
 }
 
-impl<S> Layer<S> for TenantContextLayer {
-    type Service = TenantContextService<S>;
+impl<S> Layer<S> for AuthenticationLayer {
+    type Service = AuthenticationService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TenantContextService { inner, auth: self.auth.clone() }
+        AuthenticationService { inner, auth: self.auth.clone() }
     }
 }
 
 #[derive(Clone, Debug)]
-pub struct TenantContextService<S> {
+pub struct AuthenticationService<S> {
     inner: S,
     auth: Arc<Authenticator>,
 }
 
-impl<S, B, ResBody> Service<Request<B>> for TenantContextService<S>
+impl<S, B, ResBody> Service<Request<B>> for AuthenticationService<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -436,61 +350,31 @@ where
         // Take the service that was driven to readiness; leave a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        if self.auth.policies.rule(req.uri().path()).is_some_and(|r| r.access == Access::Public) {
+            // Identity headers on an unauthenticated call prove nothing.
+            req.headers_mut().remove(metadata::TENANT_ID);
+            return Box::pin(inner.call(req));
+        }
         let auth = self.auth.clone();
-        let rule = auth.policies.rule(req.uri().path());
-        let request = tenantmesh_telemetry::incoming(req.uri().path(), req.headers());
-        request.run(async move {
-            let response = match rule {
-                Some(rule) if rule.access == Access::Public => {
-                    // Identity headers on an unauthenticated call prove nothing.
-                    req.headers_mut().remove(metadata::TENANT_ID);
-                    inner.call(req).await
+        Box::pin(async move {
+            let ctx = match auth.authenticate(req.uri().path(), req.headers()).await {
+                Ok(ctx) => ctx,
+                Err(status) => {
+                    tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");
+                    return Ok(status.into_http());
                 }
-                // A path without a policy is callable by nobody (fail
-                // closed): the caller is authenticated, then refused.
-                _ => match auth.authenticate(req.uri().path(), rule.map_or(NOBODY, |r| r.access), req.headers()).await {
-                    Ok(ctx) => {
-                        tenantmesh_telemetry::record_tenant(&ctx.tenant_id, &ctx.tenant.tier);
-                        let admitted = match auth.admit(&ctx) {
-                            Ok(in_flight) => auth.seat(&ctx, req.headers()).await.map(|seat| (in_flight, seat)),
-                            Err(status) => Err(status),
-                        };
-                        match admitted {
-                            Ok((mut in_flight, _seat)) => {
-                                // A stream holds its slot for as long as it is open.
-                                if rule.is_some_and(|r| r.streams)
-                                    && let (Some(guard), Some(limiter)) = (in_flight.take(), &auth.limiter)
-                                    && let Some(held) = guard.hold(limiter)
-                                {
-                                    req.extensions_mut().insert(tenantmesh_admission::limits::HeldSlot::new(held));
-                                }
-                                // Timed only when per-tenant metrics are exported.
-                                let timing = (tenantmesh_telemetry::metrics::enabled()
-                                    && !req.headers().contains_key(metadata::LOOKUP))
-                                .then(|| (std::time::Instant::now(), req.uri().path().to_owned(), ctx.tenant_id.clone()));
-                                req.extensions_mut().insert(ctx.clone());
-                                let response = ctx.scope(inner.call(req)).await;
-                                // A call forwarded to another instance is counted there.
-                                let forwarded = response.as_ref().ok().and_then(Handled::of).is_some_and(|h| h.forwarded);
-                                if let Some((started, rpc, tenant)) = timing.filter(|_| !forwarded) {
-                                    tenantmesh_telemetry::metrics::request(&tenant, &rpc, started.elapsed().as_secs_f64());
-                                }
-                                if rule.is_some_and(|r| r.charge == Charge::Units) {
-                                    charge(in_flight.as_ref(), &response);
-                                }
-                                response
-                            }
-                            Err(status) => Ok(status.into_http()),
-                        }
-                    }
-                    Err(status) => {
-                        tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");
-                        Ok(status.into_http())
-                    }
-                },
             };
-            if let Ok(resp) = &response {
-                tenantmesh_telemetry::record_response(resp.headers());
+            tenantmesh_telemetry::record_tenant(&ctx.tenant_id, &ctx.tenant.tier);
+            // Timed only when per-tenant metrics are exported; the layer's
+            // own lookups are not the tenant's requests.
+            let timing = (tenantmesh_telemetry::metrics::enabled() && !req.headers().contains_key(metadata::LOOKUP))
+                .then(|| (std::time::Instant::now(), req.uri().path().to_owned(), ctx.tenant_id.clone()));
+            req.extensions_mut().insert(ctx.clone());
+            let response = ctx.scope(inner.call(req)).await;
+            // A call forwarded to another instance is counted there.
+            let forwarded = response.as_ref().ok().and_then(Handled::of).is_some_and(|h| h.forwarded);
+            if let Some((started, rpc, tenant)) = timing.filter(|_| !forwarded) {
+                tenantmesh_telemetry::metrics::request(&tenant, &rpc, started.elapsed().as_secs_f64());
             }
             response
         })
@@ -584,7 +468,7 @@ mod tests {
             counted.fetch_add(1, Ordering::Relaxed);
             async { Ok::<_, Infallible>(Response::new(String::new())) }
         });
-        let svc = layer(authenticator()).layer(handler);
+        let svc = stack(authenticator(), None).unwrap().layer(handler);
         let call = |path: &str| {
             let req = Request::builder().uri(path).body(()).unwrap();
             svc.clone().oneshot(req)

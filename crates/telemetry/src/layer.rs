@@ -1,0 +1,67 @@
+//! The telemetry layer, outermost in every service's stack: each call is
+//! one request (a server span made a child of the caller's `traceparent`,
+//! or, with nothing exporting spans, a task-local scope holding its trace),
+//! and its outcome is recorded from the response (`rpc.grpc.status_code`;
+//! ERROR only for the codes that are the server's, see
+//! [`crate::server_failed`]).
+
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use crate::request::{BoxFuture, incoming, record_response};
+
+/// Makes each call a request of its own (see the module docs).
+pub fn layer() -> TelemetryLayer {
+    TelemetryLayer
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TelemetryLayer;
+
+impl<S> Layer<S> for TelemetryLayer {
+    type Service = TelemetryService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TelemetryService { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TelemetryService<S> {
+    inner: S,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for TelemetryService<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    B: Send + 'static,
+    ResBody: 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let request = incoming(req.uri().path(), req.headers());
+        // Take the service that was driven to readiness; leave a fresh
+        // clone. It is called inside the request, so that whatever it logs
+        // carries the request's trace.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        request.run(async move {
+            let response = inner.call(req).await;
+            if let Ok(resp) = &response {
+                record_response(resp.headers());
+            }
+            response
+        })
+    }
+}

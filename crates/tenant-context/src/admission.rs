@@ -1,0 +1,292 @@
+//! The admission layer: a call of a known tenant runs when its tenant's
+//! limits (rate, requests in flight, this replica's share) admit it and the
+//! service has a seat for it (waiting in the fair queue, weighted by tier,
+//! when the seats run out); otherwise it is refused with
+//! RESOURCE_EXHAUSTED, QuotaFailure and RetryInfo. A stream holds its slot
+//! for as long as it is open. Once the handler answers, the tenant is
+//! charged what the call cost beyond its one token (RPCs declared
+//! `CHARGE_UNITS`, from the handler's [`Handled`] report).
+//!
+//! Calls without a tenant context (public RPCs) pass untouched.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tenantmesh_admission::fairq::{FairQueue, FairQueueSettings, Seat};
+use tenantmesh_admission::leases::RateShares;
+use tenantmesh_admission::limits::{Cost, HeldSlot, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};
+use tenantmesh_service::handled::Handled;
+use tenantmesh_service::tiers::Tiers;
+use tonic::Status;
+use tower::{Layer, Service};
+
+use crate::access::{Charge, Policies};
+use crate::context::{BoxFuture, TenantContext};
+
+/// Per-tenant limits and the service's seats.
+pub struct Admission {
+    /// Per-tenant rate and requests in flight, from the tenant's limits;
+    /// `None` with limits switched off (`TENANTMESH_LIMITS=off`).
+    limiter: Option<Arc<KeyedLimiter>>,
+    /// This replica's shares of its tenants' limits, when several replicas
+    /// share them (see `tenantmesh_admission::leases`); `None`: the whole.
+    shares: Option<Arc<RateShares>>,
+    /// At most one refusal log line per tenant and second (the rest are
+    /// counted in the refusal metric): a flood must not become a log flood.
+    refusal_logs: LogThrottle,
+    /// The service's seats, shared fairly (by tier weight) when they run out.
+    seats: Arc<FairQueue>,
+    /// Tier weights for the fair queue.
+    tiers: Arc<Tiers>,
+    /// Hashes tenants onto the fair queue's queues (keyed per process).
+    hasher: std::hash::RandomState,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").field("limits", &self.limiter.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self::new(true, FairQueueSettings::default(), Arc::new(Tiers::default()))
+    }
+}
+
+impl Admission {
+    /// Limits on or off, the service's seats, and the tiers whose weights
+    /// share them.
+    pub fn new(limits: bool, seats: FairQueueSettings, tiers: Arc<Tiers>) -> Self {
+        Self {
+            limiter: limits.then(|| Arc::new(KeyedLimiter::new())),
+            shares: None,
+            refusal_logs: LogThrottle::new(),
+            seats: FairQueue::new(seats),
+            tiers,
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// Holds each tenant's limits across replicas: this one admits at its
+    /// share.
+    pub fn with_rate_shares(mut self, shares: Arc<RateShares>) -> Self {
+        self.shares = Some(shares);
+        self
+    }
+
+    /// The per-tenant limiter (`None` with limits off).
+    pub fn limiter(&self) -> Option<Arc<KeyedLimiter>> {
+        self.limiter.clone()
+    }
+
+    /// A seat for the caller's request among the service's, waiting in the
+    /// fair queue (weighted by tier) when they are all taken, until the
+    /// call's `grpc-timeout` at the latest.
+    pub async fn seat(&self, ctx: &TenantContext, headers: &http::HeaderMap) -> Result<Seat<'_>, Status> {
+        use std::hash::BuildHasher;
+        // Not saturated (the common case): no weight, deadline or hash needed.
+        if let Some(seat) = self.seats.try_acquire() {
+            return Ok(seat);
+        }
+        let weight = match ctx.tenant.limits {
+            Some(_) => self.tiers.get(&ctx.tenant.tier).map_or(1, |t| t.weight),
+            // The platform (onboarding, operators) counts as the heaviest tier.
+            None => self.tiers.max_weight(),
+        };
+        let deadline = tenantmesh_service::runtime::grpc_timeout(headers).map(|t| std::time::Instant::now() + t);
+        match self.seats.acquire(self.hasher.hash_one(&*ctx.tenant_id), weight, deadline).await {
+            Ok(seat) => Ok(seat),
+            Err(refusal) => {
+                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, refusal.limit.name());
+                if self.refusal_logs.allow(&*ctx.tenant_id) {
+                    tracing::warn!(
+                        tenant_id = %ctx.tenant_id,
+                        limit = refusal.limit.name(),
+                        reason = %refusal.description,
+                        "request refused: the service is saturated (further refusals within a second are counted, not logged)"
+                    );
+                }
+                Err(refusal.status())
+            }
+        }
+    }
+
+    /// Admits a request of the caller's tenant under its limits (rate and
+    /// requests in flight); the guard holds its slot until dropped. Tenants
+    /// without limits (the platform) are not limited.
+    pub fn admit(&self, ctx: &TenantContext) -> Result<Option<InFlight<'_>>, Status> {
+        let (Some(limiter), Some(limits)) = (&self.limiter, ctx.tenant.limits) else { return Ok(None) };
+        let share = self.shares.as_ref().map_or(1.0, |s| s.share(&ctx.tenant_id, limits));
+        match limiter.admit(&*ctx.tenant_id, 1, limits.share(share)) {
+            Ok(guard) => Ok(Some(guard)),
+            Err((limit, retry_after)) => {
+                if let Some(shares) = &self.shares {
+                    shares.refused(&ctx.tenant_id);
+                }
+                let mut description = match limit {
+                    Limit::Concurrency => format!("{} requests in flight", limits.max_in_flight),
+                    _ => format!("{} requests per second, burst {}", limits.rate_per_second, limits.burst),
+                };
+                if share < 1.0 {
+                    description.push_str(&format!(" (across replicas; this one's share {:.0}%)", share * 100.0));
+                }
+                let refusal = Refusal { limit, subject: format!("tenant:{}", ctx.tenant_id), description, retry_after };
+                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, limit.name());
+                if self.refusal_logs.allow(&*ctx.tenant_id) {
+                    tracing::warn!(
+                        tenant_id = %ctx.tenant_id,
+                        limit = limit.name(),
+                        retry_after_ms = retry_after.as_millis() as u64,
+                        "request refused by the tenant's limit (further refusals within a second are counted, not logged)"
+                    );
+                }
+                Err(refusal.status())
+            }
+        }
+    }
+}
+
+/// Charges the request's tenant for what it cost beyond the one token taken
+/// at admission: the cost its handler reported ([`Handled`]).
+fn charge<B, E>(in_flight: Option<&InFlight<'_>>, response: &Result<Response<B>, E>) {
+    if let (Some(guard), Ok(r)) = (in_flight, response)
+        && let Some(Handled { cost: Cost(tokens), .. }) = Handled::of(r)
+    {
+        guard.charge(tokens.saturating_sub(1));
+    }
+}
+
+/// Admits calls with `admission`, by the RPCs' `policies` (which stream,
+/// which are charged by units).
+pub fn layer(admission: Arc<Admission>, policies: Arc<Policies>) -> AdmissionLayer {
+    AdmissionLayer { admission, policies }
+}
+
+#[derive(Clone, Debug)]
+pub struct AdmissionLayer {
+    admission: Arc<Admission>,
+    policies: Arc<Policies>,
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = AdmissionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AdmissionService { inner, admission: self.admission.clone(), policies: self.policies.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AdmissionService<S> {
+    inner: S,
+    admission: Arc<Admission>,
+    policies: Arc<Policies>,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for AdmissionService<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Take the service that was driven to readiness; leave a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(ctx) = req.extensions().get::<TenantContext>().cloned() else { return Box::pin(inner.call(req)) };
+        let rule = self.policies.rule(req.uri().path());
+        let (streams, units) = (rule.is_some_and(|r| r.streams), rule.is_some_and(|r| r.charge == Charge::Units));
+        let admission = self.admission.clone();
+        Box::pin(async move {
+            let mut in_flight = match admission.admit(&ctx) {
+                Ok(guard) => guard,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let _seat = match admission.seat(&ctx, req.headers()).await {
+                Ok(seat) => seat,
+                Err(status) => return Ok(status.into_http()),
+            };
+            // A stream holds its slot for as long as it is open.
+            if streams
+                && let (Some(guard), Some(limiter)) = (in_flight.take(), &admission.limiter)
+                && let Some(held) = guard.hold(limiter)
+            {
+                req.extensions_mut().insert(HeldSlot::new(held));
+            }
+            let response = inner.call(req).await;
+            if units {
+                charge(in_flight.as_ref(), &response);
+            }
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::TenantInfo;
+    use std::convert::Infallible;
+    use tenantmesh_admission::limits::Limits;
+    use tenantmesh_service::handled::Usage;
+    use tower::ServiceExt as _;
+
+    const GET: &str = "/tenantmesh.data.v1.Data/GetItem";
+
+    fn tenant(id: &str) -> TenantContext {
+        let limits = Some(Limits { rate_per_second: 1, burst: 2, max_in_flight: 0 });
+        let tenant = Arc::new(TenantInfo { tier: "standard".into(), limits, ..Default::default() });
+        TenantContext { tenant_id: id.into(), tenant, ..Default::default() }
+    }
+
+    /// A fake handler reporting that each call cost `cost` tokens.
+    fn stacked(admission: &Arc<Admission>, cost: u32) -> impl Fn(&str, &str) -> BoxFuture<Option<String>> {
+        let handler = tower::service_fn(move |_req: Request<()>| async move {
+            let mut response = Response::new(String::new());
+            response.extensions_mut().insert(Handled { usage: Usage::default(), cost: Cost(cost), forwarded: false });
+            Ok::<_, Infallible>(response)
+        });
+        let svc = layer(admission.clone(), Arc::new(Policies::mesh().unwrap().clone())).layer(handler);
+        move |path: &str, id: &str| {
+            let mut req = Request::builder().uri(path).body(()).unwrap();
+            req.extensions_mut().insert(tenant(id));
+            let svc = svc.clone();
+            Box::pin(async move {
+                let resp = svc.oneshot(req).await.unwrap();
+                resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned())
+            })
+        }
+    }
+
+    /// A tenant's burst is admitted and the next call refused
+    /// (RESOURCE_EXHAUSTED, 8), another tenant unaffected; a call of an RPC
+    /// charged by units leaves its tenant owing what its handler reported.
+    #[tokio::test]
+    async fn limits_refuse_and_reported_costs_are_charged() {
+        let admission = Arc::new(Admission::default());
+        let call = stacked(&admission, 1);
+        assert_eq!(call(GET, "acme").await, None);
+        assert_eq!(call(GET, "acme").await, None);
+        assert_eq!(call(GET, "acme").await.as_deref(), Some("8"));
+        assert_eq!(call(GET, "bolt").await, None, "another tenant's limit");
+
+        let costly = stacked(&admission, 5);
+        assert_eq!(costly(GET, "carl").await, None, "admitted on one token, then owes four");
+        assert_eq!(costly(GET, "carl").await.as_deref(), Some("8"));
+        // A one-token RPC's report is not charged.
+        let purge = "/tenantmesh.data.v1.DataAdmin/PurgeItems";
+        assert_eq!(costly(purge, "dora").await, None);
+        assert_eq!(costly(purge, "dora").await, None, "charged one token each");
+    }
+}
