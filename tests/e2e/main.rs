@@ -5,38 +5,56 @@
 //! Run by cargo-nextest (`cargo xtask test` installs it when missing), which
 //! gives every test a process of its own. The modules marked "own process"
 //! rely on that: they install the global telemetry or read a process-wide
-//! counter.
+//! counter. One folder per theme.
 //!
 //! The services' contract suites stay beside their services
 //! (`services/<service>/tests/contract.rs`) and the README walk-through
 //! beside the CLI; they are compiled here.
 
-mod access;
-mod attacks;
-mod auth_records;
-mod backup;
-mod compose_wiring;
-mod crash_recovery;
-mod cross_service;
-mod external_idp;
-/// Own process: reads the auth service's process-wide JWKS request counter.
-mod isolation_model;
-mod jwks_flood;
-mod lifecycle;
-mod limits;
-mod metering;
-/// Own process: installs the global telemetry (OTLP exporter).
-mod otlp_export;
-mod outage;
-mod replicas;
-mod restore;
-mod storage_backends;
-/// Own process: reads the process-wide AssumeRole counter.
-mod sts_calls;
-mod tenant_watch;
-/// Own process: installs the global telemetry (in-memory span exporter).
-mod trace_spans;
-mod workflow_faults;
+/// Who may do what: roles and scopes, attacks, tokens, runtime isolation.
+mod security {
+    mod access;
+    mod attacks;
+    mod auth_records;
+    mod external_idp;
+    mod isolation_model;
+    /// Own process: reads the auth service's process-wide JWKS request counter.
+    mod jwks_flood;
+    /// Own process: reads the process-wide AssumeRole counter.
+    mod sts_calls;
+}
+/// Crashes, outages, replicas and failing workflow steps.
+mod faults {
+    mod crash_recovery;
+    mod outage;
+    mod replicas;
+    mod workflow_faults;
+}
+/// Tenants' lives: onboarding to offboarding, tier changes, backup and restore, watching changes.
+mod lifecycle {
+    mod backup;
+    mod cross_service;
+    mod restore;
+    mod tenant_watch;
+    mod workflows;
+}
+/// The deploy files (compose, Kubernetes, CloudFormation) and the storage backends.
+mod deploy {
+    mod compose_wiring;
+    mod storage_backends;
+}
+/// Spans, metrics and logs.
+mod observability {
+    /// Own process: installs the global telemetry (OTLP exporter).
+    mod otlp_export;
+    /// Own process: installs the global telemetry (in-memory span exporter).
+    mod trace_spans;
+}
+/// Limits, fair sharing, metering and cost.
+mod usage {
+    mod limits;
+    mod metering;
+}
 
 // The services' contract suites: each service's gRPC contract, through
 // the real mesh.

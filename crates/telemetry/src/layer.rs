@@ -35,10 +35,9 @@ pub struct TelemetryService<S> {
 
 impl<S, B, ResBody> Service<Request<B>> for TelemetryService<S>
 where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: 'static,
-    B: Send + 'static,
     ResBody: 'static,
 {
     type Response = Response<ResBody>;
@@ -51,13 +50,12 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let request = incoming(req.uri().path(), req.headers());
-        // Take the service that was driven to readiness; leave a fresh
-        // clone. It is called inside the request, so that whatever it logs
-        // carries the request's trace.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Called here, not cloned into the future: the inner layers only
+        // build their futures when called (they log when those run, inside
+        // the request), and a clone of the whole stack per call costs.
+        let call = self.inner.call(req);
         request.run(async move {
-            let response = inner.call(req).await;
+            let response = call.await;
             if let Ok(resp) = &response {
                 record_response(resp.headers());
             }

@@ -204,16 +204,21 @@ where
         // Take the service that was driven to readiness; leave a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(ctx) = req.extensions().get::<TenantContext>().cloned() else { return Box::pin(inner.call(req)) };
+        if req.extensions().get::<TenantContext>().is_none() {
+            return Box::pin(inner.call(req));
+        }
         let rule = self.policies.rule(req.uri().path());
         let (streams, units) = (rule.is_some_and(|r| r.streams), rule.is_some_and(|r| r.charge == Charge::Units));
         let admission = self.admission.clone();
         Box::pin(async move {
-            let mut in_flight = match admission.admit(&ctx) {
+            // Read in place, not cloned: the guards borrow the admission,
+            // not the context.
+            let ctx = req.extensions().get::<TenantContext>().expect("checked above");
+            let mut in_flight = match admission.admit(ctx) {
                 Ok(guard) => guard,
                 Err(status) => return Ok(status.into_http()),
             };
-            let _seat = match admission.seat(&ctx, req.headers()).await {
+            let _seat = match admission.seat(ctx, req.headers()).await {
                 Ok(seat) => seat,
                 Err(status) => return Ok(status.into_http()),
             };

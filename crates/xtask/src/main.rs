@@ -50,7 +50,7 @@ type Result<T = ()> = std::result::Result<T, String>;
 /// that pick their backends themselves, or the memory bound of metering
 /// reads (the service's, whatever the store; a year of usage written to the
 /// emulator takes minutes).
-const DYNAMODB_SUITES: &str = "package(tenantmesh-e2e) & not test(/^(compose_wiring|readme_walkthrough|storage_backends|sts_calls|otlp_export|replicas|outage|backup)::/) & not test(=metering::reads_are_bounded_over_a_year_of_usage)";
+const DYNAMODB_SUITES: &str = "package(tenantmesh-e2e) & not test(/^(deploy::compose_wiring|readme_walkthrough|deploy::storage_backends|security::sts_calls|observability::otlp_export|faults::replicas|faults::outage|lifecycle::backup)::/) & not test(=usage::metering::reads_are_bounded_over_a_year_of_usage)";
 
 fn usage() -> &'static str {
     "usage: cargo xtask <command>
