@@ -2,9 +2,10 @@
 //! only when the RPC's policy (its proto's `tenantmesh.options.v1.policy`,
 //! see [`crate::access`]) lets the caller's roles, or a service identity's
 //! scopes, call it; otherwise it is PERMISSION_DENIED and logged as a
-//! security event. A path without a policy is callable by nobody. Calls
-//! without a tenant context (public RPCs, which the authentication layer
-//! lets through unauthenticated) pass.
+//! security event. A path without a policy is callable by nobody. A call
+//! without a tenant context passes only to a public RPC (the only calls
+//! the authentication layer lets through unauthenticated); any other is
+//! UNAUTHENTICATED.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,7 +15,7 @@ use http::{Request, Response};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use crate::access::Policies;
+use crate::access::{Access, Policies};
 use crate::context::TenantContext;
 
 /// Checks each call against `policies`.
@@ -71,12 +72,17 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(ctx) = req.extensions().get::<TenantContext>()
-            && let Some(status) = refused(&self.policies, req.uri().path(), ctx)
-        {
-            return Either::Left(ready(Ok(status.into_http())));
+        let refusal = match req.extensions().get::<TenantContext>() {
+            Some(ctx) => refused(&self.policies, req.uri().path(), ctx),
+            // Fail closed even if no authentication layer ran before this
+            // one: only a public RPC goes on without a caller.
+            None => (!self.policies.rule(req.uri().path()).is_some_and(|r| r.access == Access::Public))
+                .then(|| Status::unauthenticated("no verified caller")),
+        };
+        match refusal {
+            Some(status) => Either::Left(ready(Ok(status.into_http()))),
+            None => Either::Right(self.inner.call(req)),
         }
-        Either::Right(self.inner.call(req))
     }
 }
 
@@ -106,7 +112,8 @@ mod tests {
 
     /// A fake handler behind the layer: the roles and scopes a policy names
     /// reach it, others are PERMISSION_DENIED (7), undeclared paths reach it
-    /// for nobody, and calls without a context (public) pass.
+    /// for nobody, and calls without a context reach only public RPCs
+    /// (otherwise UNAUTHENTICATED, 16).
     #[tokio::test]
     async fn policies_decide_who_reaches_the_handler() {
         let put = "/tenantmesh.data.v1.Data/PutItem";
@@ -118,5 +125,8 @@ mod tests {
         let undeclared = "/tenantmesh.data.v1.Data/Scan";
         assert_eq!(code(undeclared, Some(ctx(&Role::ALL, &Scope::ALL))).await.as_deref(), Some("7"));
         assert_eq!(code("/tenantmesh.auth.v1.Auth/GetJwks", None).await, None);
+        assert_eq!(code("/grpc.health.v1.Health/Check", None).await, None);
+        assert_eq!(code(put, None).await.as_deref(), Some("16"), "no caller, no data");
+        assert_eq!(code(undeclared, None).await.as_deref(), Some("16"));
     }
 }
