@@ -156,10 +156,15 @@ fn status_code(headers: &http::HeaderMap) -> i32 {
     headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-/// Records the outcome of an outgoing RPC on its client span: any code but
-/// OK is an error of the call.
+/// Records the outcome of an outgoing RPC on its client span from the
+/// response headers (see [`record_client_status`]).
 pub fn record_response_status(span: &Span, headers: &http::HeaderMap) {
-    let code = status_code(headers);
+    record_client_status(span, status_code(headers));
+}
+
+/// Records an outgoing RPC's gRPC status `code` on its client span: any
+/// code but OK is an error of the call.
+pub fn record_client_status(span: &Span, code: i32) {
     span.record("rpc.grpc.status_code", code);
     if code != 0 {
         span.record("otel.status_code", "ERROR");

@@ -306,22 +306,6 @@ pub fn assert_declared(descriptor_set: &[u8]) {
     }
 }
 
-/// The rule for a gRPC path of the mesh's own services; `None` for paths
-/// that declare none (or when the mesh's declarations are incomplete).
-pub fn rule_for(path: &str) -> Option<Rule> {
-    Policies::mesh().ok()?.rule(path)
-}
-
-/// The access rule for a gRPC path of the mesh; `None` for unknown paths.
-pub fn access_for(path: &str) -> Option<Access> {
-    rule_for(path).map(|r| r.access)
-}
-
-/// Whether the mesh's RPC at `path` answers with a stream.
-pub fn streams(path: &str) -> bool {
-    rule_for(path).is_some_and(|r| r.streams)
-}
-
 impl Access {
     /// Whether a caller holding `roles` (and, for a service identity,
     /// granted `scopes`) may call an RPC with this rule. A service identity
@@ -340,17 +324,24 @@ impl Access {
     }
 }
 
-/// Whether a caller holding `roles` and `scopes` may call the mesh's `path`.
-pub fn allows(path: &str, roles: &[Role], scopes: &[Scope]) -> bool {
-    access_for(path).is_some_and(|a| a.allows(roles, scopes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn mesh() -> &'static Policies {
         Policies::mesh().unwrap()
+    }
+
+    fn access_for(path: &str) -> Option<Access> {
+        mesh().rule(path).map(|r| r.access)
+    }
+
+    fn streams(path: &str) -> bool {
+        mesh().rule(path).is_some_and(|r| r.streams)
+    }
+
+    fn allows(path: &str, roles: &[Role], scopes: &[Scope]) -> bool {
+        access_for(path).is_some_and(|a| a.allows(roles, scopes))
     }
 
     fn paths(prefix: &str) -> Vec<&'static str> {

@@ -265,11 +265,7 @@ impl TenantDirectory for RemoteDirectory {
             None => call.await,
         };
         if let Some(span) = &span {
-            let code = answer.as_ref().err().map_or(0, |s| s.code() as i32);
-            span.record("rpc.grpc.status_code", code);
-            if code != 0 {
-                span.record("otel.status_code", "ERROR");
-            }
+            tenantmesh_telemetry::record_client_status(span, answer.as_ref().err().map_or(0, |s| s.code() as i32));
         }
         let info = match answer {
             Ok(resp) => resp.into_inner().tenant.map(|t| Arc::new(TenantInfo::from(t))),

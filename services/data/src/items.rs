@@ -182,27 +182,23 @@ impl DataService {
     }
 }
 
-/// A forwarded call's answer; an unreachable silo is UNAVAILABLE.
-fn forwarded<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
-    result.inspect_err(|s| {
-        if s.code() == tonic::Code::Unavailable {
-            tracing::warn!(error = %s.message(), "the tenant's silo instance is unreachable");
-        }
-    })
-}
-
-/// A forwarded call's answer, reporting what it returned (the silo
-/// instance charged its tenant for the rest).
+/// A call forwarded to the tenant's silo instance: its answer, reporting
+/// what it returned (the silo instance charged its tenant for the rest);
+/// an unreachable silo is UNAVAILABLE, and logged.
 fn forwarded_as<T>(
     result: Result<Response<T>, Status>,
     usage: impl FnOnce(&T) -> Usage,
 ) -> Result<Response<T>, Status> {
-    let response = forwarded(result)?;
+    let response = result.inspect_err(|s| {
+        if s.code() == tonic::Code::Unavailable {
+            tracing::warn!(error = %s.message(), "the tenant's silo instance is unreachable");
+        }
+    })?;
     let usage = usage(response.get_ref());
     Ok(Handled { usage, cost: Cost(1), forwarded: true }.report(response))
 }
 
-/// What a stored item of `size` encoded bytes uses when returned.
+/// What returning `item` uses: its read units and encoded bytes.
 fn item_usage(item: Option<&Item>) -> Usage {
     let size = item.map_or(0, |i| i.encoded_len());
     Usage::read([size], field_len(size))
