@@ -173,7 +173,7 @@ impl RateShares {
             tenants: RwLock::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         });
-        tokio::spawn(renewals(Arc::downgrade(&shares)));
+        tenantmesh_telemetry::spawn(renewals(Arc::downgrade(&shares)));
         shares
     }
 

@@ -134,7 +134,8 @@ pub async fn serve(
             listener,
             data,
             None,
-            tenantmesh_tenant_context::server::stack(auth, None).map_err(|x| e(&x))?,
+            tenantmesh_tenant_context::server::stack(tenantmesh_telemetry::Service::new("bench"), auth, None)
+                .map_err(|x| e(&x))?,
             std::time::Duration::from_secs(5),
             crate::procs::shutdown_signal(),
         )

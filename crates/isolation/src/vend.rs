@@ -44,7 +44,6 @@ pub struct CredentialVendor {
     role_arn: String,
     capacity: usize,
     slots: Mutex<HashMap<(String, u64), Slot>>,
-    counter: opentelemetry::metrics::Counter<u64>,
 }
 
 impl std::fmt::Debug for CredentialVendor {
@@ -66,11 +65,7 @@ fn fresh(c: &Credentials) -> bool {
 impl CredentialVendor {
     /// `capacity` bounds the number of cached (tenant, policy) entries.
     pub fn new(sts: aws_sdk_sts::Client, role_arn: impl Into<String>, capacity: usize) -> Self {
-        let counter = opentelemetry::global::meter("tenantmesh")
-            .u64_counter("tenantmesh.sts.assume_role.calls")
-            .with_description("STS AssumeRole calls made to vend tenant-scoped credentials")
-            .build();
-        Self { sts, role_arn: role_arn.into(), capacity: capacity.max(1), slots: Mutex::new(HashMap::new()), counter }
+        Self { sts, role_arn: role_arn.into(), capacity: capacity.max(1), slots: Mutex::new(HashMap::new()) }
     }
 
     fn slot(&self, key: (String, u64)) -> Slot {
@@ -95,7 +90,13 @@ impl CredentialVendor {
             return Ok(c.clone());
         }
         ASSUME_ROLE_CALLS.fetch_add(1, Ordering::Relaxed);
-        self.counter.add(1, &[]);
+        // Counted by the meter of the service at work (a call is rare: the
+        // credentials are cached), so the instrument is looked up here.
+        tenantmesh_telemetry::metrics::meter()
+            .u64_counter("tenantmesh.sts.assume_role.calls")
+            .with_description("STS AssumeRole calls made to vend tenant-scoped credentials")
+            .build()
+            .add(1, &[]);
         let session: String = format!("tenant-{tenant_id}").chars().take(64).collect();
         let tag = Tag::builder().key("tenant").value(tenant_id).build().map_err(|e| VendError::Sts(e.to_string()))?;
         let out = self

@@ -254,7 +254,7 @@ impl Meters {
             let (table, pk) = (self.table.clone(), usage_pk(tenant));
             let sk = format!("u#{hour:013}#{}", self.replica);
             let (values, seq) = (values.clone(), batch.seq);
-            set.spawn(async move { apply_item(&table, &pk, &sk, seq, values).await });
+            set.spawn(tenantmesh_telemetry::carried(async move { apply_item(&table, &pk, &sk, seq, values).await }));
         }
         while let Some(r) = set.join_next().await {
             if let Ok(Err(e)) = r {
@@ -274,7 +274,7 @@ impl Meters {
         let mut stop = self.stop.subscribe();
         let interval = self.interval.as_millis().max(1) as u64;
         let now_ms = || tenantmesh_service::clock::now_ms().max(0) as u64;
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let mut began = now_ms();
             loop {
                 let now = now_ms();

@@ -80,7 +80,7 @@ impl Backup for BackupService {
             "backup taken; streaming it"
         );
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let staging = staging;
             let paths: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
             if tx.send(Ok(TakeBackupResponse { chunk: Some(Chunk::Manifest(manifest)) })).await.is_err() {

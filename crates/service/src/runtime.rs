@@ -393,7 +393,7 @@ mod stream_tests {
     #[tokio::test]
     async fn a_stream_ends_when_its_client_stops_reading() {
         let (mut tx, mut rx) = stream::<u32>(2, std::time::Duration::from_millis(50));
-        let sender = tokio::spawn(async move {
+        let sender = tenantmesh_telemetry::spawn(async move {
             let mut sent = 0;
             while tx.send(sent).await {
                 sent += 1;

@@ -1,5 +1,6 @@
 //! The JSON log layer: one object per line with `timestamp`, `level`,
-//! `service`, `target`, `message`, the event's fields, and the request
+//! `service` (the [`crate::Service`] at work, and `service_instance` for
+//! one instance of it; the process's name outside any), `target`, `message`, the event's fields, and the request
 //! context captured from enclosing spans (`tenant_id`, `tenant_tier`,
 //! `trace_id`) at the top level, so log queries can filter on them directly.
 //!
@@ -120,7 +121,11 @@ where
         let _ = tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut ts));
         obj.insert("timestamp".into(), Value::from(ts));
         obj.insert("level".into(), Value::from(event.metadata().level().as_str()));
-        obj.insert("service".into(), Value::from(self.service.as_str()));
+        let service = crate::service::Service::current();
+        obj.insert("service".into(), Value::from(service.as_ref().map_or(self.service.as_str(), |s| s.name())));
+        if let Some(instance) = service.as_ref().and_then(|s| s.instance_id()) {
+            obj.insert("service_instance".into(), Value::from(instance));
+        }
         obj.insert("target".into(), Value::from(event.metadata().target()));
         event.record(&mut FieldsToJson(&mut obj));
         if let Some(scope) = ctx.event_scope(event) {
@@ -137,12 +142,20 @@ where
                 }
             }
         }
-        // A request that is not a span keeps its context in a task-local scope.
+        // A request that is not a span keeps its context in a task-local
+        // scope; so does the tenant a request names before it proves one.
         let _ = crate::request::REQUEST.try_with(|r| {
-            obj.entry("trace_id").or_insert_with(|| Value::from(r.trace.trace_id_hex()));
+            if let Some(trace) = &r.trace {
+                obj.entry("trace_id").or_insert_with(|| Value::from(trace.trace_id_hex()));
+            }
             if let Some((tenant, tier)) = r.tenant.get() {
                 request_field(&mut obj, "tenant_id", tenant);
                 request_field(&mut obj, "tenant_tier", tier);
+            } else if let Some(named) = &*r.named.lock().expect("named tenant lock") {
+                request_field(&mut obj, "tenant_id", &named.tenant);
+                if !named.proven {
+                    obj.insert("tenant_claimed".into(), Value::from(true));
+                }
             }
         });
         let Ok(mut line) = serde_json::to_vec(&Value::Object(obj)) else { return };

@@ -1,5 +1,5 @@
 //! The telemetry layer, outermost in every service's stack: each call is
-//! one request (a server span made a child of the caller's `traceparent`,
+//! one request of the layer's [`crate::Service`] (a server span made a child of the caller's `traceparent`,
 //! or, with nothing exporting spans, a task-local scope holding its trace),
 //! and its outcome is recorded from the response (`rpc.grpc.status_code`;
 //! ERROR only for the codes that are the server's, see
@@ -11,26 +11,31 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::request::{BoxFuture, incoming, record_response};
+use crate::service::Service as Named;
 
-/// Makes each call a request of its own (see the module docs).
-pub fn layer() -> TelemetryLayer {
-    TelemetryLayer
+/// Makes each call a request of its own, done by `service` (see the
+/// module docs).
+pub fn layer(service: Named) -> TelemetryLayer {
+    TelemetryLayer { service }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TelemetryLayer;
+#[derive(Clone, Debug)]
+pub struct TelemetryLayer {
+    service: Named,
+}
 
 impl<S> Layer<S> for TelemetryLayer {
     type Service = TelemetryService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TelemetryService { inner }
+        TelemetryService { inner, service: self.service.clone() }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct TelemetryService<S> {
     inner: S,
+    service: Named,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for TelemetryService<S>
@@ -49,7 +54,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let request = incoming(req.uri().path(), req.headers());
+        let request = incoming(req.uri().path(), req.headers(), &self.service);
         // Called here, not cloned into the future: the inner layers only
         // build their futures when called (they log when those run, inside
         // the request), and a clone of the whole stack per call costs.

@@ -12,10 +12,12 @@
 //! and downstream calls read them from there. Trace ids still follow a
 //! request across services, for a fraction of a span's cost.
 
+mod export;
 mod json;
 pub mod layer;
 pub mod metrics;
 mod request;
+mod service;
 mod setup;
 mod w3c;
 
@@ -23,7 +25,8 @@ pub use json::JsonLayer;
 pub use opentelemetry::Context as OtelContext;
 pub use request::{
     BoxFuture, Incoming, adopt_remote_parent, client_span, incoming, inject_span_context, inject_trace_context,
-    record_client_status, record_response, record_response_status, record_tenant, server_failed, server_span,
-    spans_recorded, start_client_call,
+    record_claimed_tenant, record_client_status, record_proven_tenant, record_response, record_response_status,
+    record_tenant, server_failed, server_span, spans_recorded, start_client_call,
 };
+pub use service::{Service, carried, spawn};
 pub use setup::{Config, LogTarget, NoExporter, TelemetryError, TelemetryGuard, init, init_with_exporter};

@@ -12,6 +12,7 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Span;
 
+use crate::service::Service;
 use crate::w3c;
 
 /// Whether requests are recorded as OpenTelemetry spans (something exports
@@ -23,11 +24,26 @@ pub fn spans_recorded() -> bool {
     OTEL.load(Ordering::Relaxed)
 }
 
-/// What a request carries when it is not a span: its trace and, once
-/// authenticated, its tenant.
+/// What a request carries besides its span: its trace when it is not a
+/// span, its tenant once authenticated, and the tenant it names before a
+/// token proves one.
 pub(crate) struct RequestScope {
-    pub(crate) trace: w3c::Trace,
+    pub(crate) trace: Option<w3c::Trace>,
     pub(crate) tenant: std::sync::OnceLock<(Arc<str>, Arc<str>)>,
+    pub(crate) named: std::sync::Mutex<Option<Named>>,
+}
+
+/// A tenant a request names: claimed (a sign-in's tenant, a token's
+/// unverified claim), or proven by the handler (a password checked).
+pub(crate) struct Named {
+    pub(crate) tenant: Arc<str>,
+    pub(crate) proven: bool,
+}
+
+impl RequestScope {
+    fn new(trace: Option<w3c::Trace>) -> Self {
+        Self { trace, tenant: Default::default(), named: Default::default() }
+    }
 }
 
 tokio::task_local! {
@@ -38,35 +54,43 @@ tokio::task_local! {
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// An incoming RPC, before it is handled (see [`incoming`]).
-pub struct Incoming(IncomingKind);
+pub struct Incoming {
+    kind: IncomingKind,
+    service: Service,
+}
 
 enum IncomingKind {
     Span(Span),
     Scope(w3c::Trace),
 }
 
-/// The incoming RPC `path` with request `headers`: its server span, made a
-/// child of the caller's trace, when spans are recorded; else its trace.
-pub fn incoming(path: &str, headers: &http::HeaderMap) -> Incoming {
-    Incoming(if spans_recorded() {
-        let span = server_span(path);
+/// The incoming RPC `path` of `service` with request `headers`: its server
+/// span, made a child of the caller's trace, when spans are recorded; else
+/// its trace.
+pub fn incoming(path: &str, headers: &http::HeaderMap, service: &Service) -> Incoming {
+    let kind = if spans_recorded() {
+        let span = server_span(path, service);
         adopt_remote_parent(&span, headers);
         IncomingKind::Span(span)
     } else {
         IncomingKind::Scope(w3c::Trace::from_headers(headers).unwrap_or_else(w3c::Trace::new))
-    })
+    };
+    Incoming { kind, service: service.clone() }
 }
 
 impl Incoming {
-    /// Runs `fut`, the handling of this RPC, as one request (see the crate docs).
+    /// Runs `fut`, the handling of this RPC, as one request of its service
+    /// (see the crate docs).
     pub fn run<F>(self, fut: F) -> BoxFuture<F::Output>
     where
         F: Future + Send + 'static,
     {
-        match self.0 {
-            IncomingKind::Span(span) => Box::pin(fut.instrument(span)),
+        match self.kind {
+            IncomingKind::Span(span) => {
+                Box::pin(self.service.run(REQUEST.scope(RequestScope::new(None), fut.instrument(span))))
+            }
             IncomingKind::Scope(trace) => {
-                Box::pin(REQUEST.scope(RequestScope { trace, tenant: Default::default() }, fut))
+                Box::pin(self.service.run(REQUEST.scope(RequestScope::new(Some(trace)), fut)))
             }
         }
     }
@@ -78,8 +102,38 @@ pub fn record_tenant(tenant_id: &Arc<str>, tier: &Arc<str>) {
         let span = Span::current();
         span.record("tenant.id", &**tenant_id);
         span.record("tenant.tier", &**tier);
-    } else {
-        let _ = REQUEST.try_with(|r| r.tenant.set((tenant_id.clone(), tier.clone())));
+    }
+    let _ = REQUEST.try_with(|r| r.tenant.set((tenant_id.clone(), tier.clone())));
+}
+
+/// Records the tenant the current request names without proof yet: a
+/// sign-in's tenant, the tenant a token claims before it is verified (or
+/// when it is refused). Until a token proves a tenant ([`record_tenant`])
+/// or the handler does ([`record_proven_tenant`]), its log lines carry it
+/// as `tenant_id` with `tenant_claimed: true`, and its span as `tenant.id`.
+pub fn record_claimed_tenant(tenant_id: &str) {
+    name_tenant(tenant_id, false);
+}
+
+/// Records the tenant the handler of the current request has proven
+/// without a token (a password or a refresh token checked): its log lines
+/// carry it as `tenant_id`, with no tier.
+pub fn record_proven_tenant(tenant_id: &str) {
+    name_tenant(tenant_id, true);
+}
+
+fn name_tenant(tenant_id: &str, proven: bool) {
+    let named = REQUEST.try_with(|r| {
+        let mut named = r.named.lock().expect("named tenant lock");
+        // A claim never replaces a proof, nor a tenant a token proved.
+        if r.tenant.get().is_some() || named.as_ref().is_some_and(|n| n.proven && !proven) {
+            return false;
+        }
+        *named = Some(Named { tenant: tenant_id.into(), proven });
+        true
+    });
+    if named == Ok(true) && spans_recorded() {
+        Span::current().record("tenant.id", tenant_id);
     }
 }
 
@@ -108,29 +162,36 @@ pub fn start_client_call(path: &str, tenant_id: &str, headers: &mut http::Header
 pub fn inject_trace_context(headers: &mut http::HeaderMap) {
     if spans_recorded() {
         inject_span_context(&Span::current(), headers);
-    } else if let Ok(Some(value)) = REQUEST.try_with(|r| r.trace.child_traceparent()) {
+    } else if let Ok(Some(value)) = REQUEST.try_with(|r| r.trace.as_ref().and_then(w3c::Trace::child_traceparent)) {
         headers.insert("traceparent", value);
     }
 }
 
-/// The span of one incoming RPC. `path` is the gRPC path
+/// The span of one incoming RPC of `service`. `path` is the gRPC path
 /// `/package.Service/Method`. `tenant.id`, `tenant.tier`, `trace_id` and
-/// `rpc.grpc.status_code` are recorded once known.
-pub fn server_span(path: &str) -> Span {
-    let (service, method) = split_path(path);
-    tracing::info_span!(
+/// `rpc.grpc.status_code` are recorded once known; `service.name` (and
+/// `service.instance.id`) go to the resource it is exported under.
+pub fn server_span(path: &str, service: &Service) -> Span {
+    let (rpc_service, method) = split_path(path);
+    let span = tracing::info_span!(
         "grpc.server",
         otel.name = %path.trim_start_matches('/'),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
-        rpc.service = %service,
+        rpc.service = %rpc_service,
         rpc.method = %method,
         rpc.grpc.status_code = tracing::field::Empty,
         tenant.id = tracing::field::Empty,
         tenant.tier = tracing::field::Empty,
         trace_id = tracing::field::Empty,
-    )
+        service.name = service.name(),
+        service.instance.id = tracing::field::Empty,
+    );
+    if let Some(instance) = service.instance_id() {
+        span.record("service.instance.id", instance);
+    }
+    span
 }
 
 /// The span of one outgoing RPC made on behalf of `tenant_id`.
@@ -259,17 +320,19 @@ mod tests {
     /// With nothing exporting spans, a request runs in a scope that keeps
     /// the trace context: it adopts the caller's trace id (or makes one
     /// up), its log lines carry it and its tenant once authenticated, and
-    /// calls it makes downstream pass the trace on with its flags.
+    /// calls it makes downstream pass the trace on with its flags; each
+    /// line names the request's service.
     #[tokio::test]
     async fn without_spans_trace_ids_and_tenants_still_follow_a_request() {
         OTEL.store(false, Ordering::Relaxed);
         let buf = Buf::default();
         let writer = buf.clone();
-        let subscriber = tracing_subscriber::registry().with(JsonLayer::new("svc", move || writer.clone()));
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new("process", move || writer.clone()));
         let _default = tracing::subscriber::set_default(subscriber);
         let mut incoming = http::HeaderMap::new();
         incoming.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
-        let outgoing = super::incoming("/pkg.Svc/Call", &incoming)
+        let svc = Service::new("svc");
+        let outgoing = super::incoming("/pkg.Svc/Call", &incoming, &svc)
             .run(async {
                 tracing::info!("before authentication");
                 record_tenant(&Arc::from("acme"), &Arc::from("premium"));
@@ -280,12 +343,27 @@ mod tests {
             })
             .await;
         // No traceparent: a fresh trace, the same id in logs and downstream.
-        let fresh = super::incoming("/pkg.Svc/Call", &http::HeaderMap::new())
+        let fresh = super::incoming("/pkg.Svc/Call", &http::HeaderMap::new(), &Service::instance("other", "one"))
             .run(async {
                 tracing::info!("fresh");
                 let mut headers = http::HeaderMap::new();
                 inject_trace_context(&mut headers);
                 headers
+            })
+            .await;
+        // A tenant named before a token proves one: claimed, then proven
+        // by the handler; a later claim changes nothing, a token's tenant
+        // wins.
+        super::incoming("/pkg.Auth/Login", &http::HeaderMap::new(), &svc)
+            .run(async {
+                record_claimed_tenant("acme");
+                tracing::info!("claimed");
+                record_proven_tenant("acme");
+                record_claimed_tenant("globex");
+                tracing::info!("proven");
+                record_tenant(&Arc::from("initech"), &Arc::from("basic"));
+                record_claimed_tenant("globex");
+                tracing::info!("authenticated");
             })
             .await;
         tracing::info!("outside");
@@ -304,6 +382,24 @@ mod tests {
         assert_ne!(fresh_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         let tp = fresh.get("traceparent").unwrap().to_str().unwrap();
         assert!(tp.starts_with(&format!("00-{fresh_id}-")) && tp.ends_with("-00"), "{tp}");
+        let named: Vec<_> = lines[3..6]
+            .iter()
+            .map(|l| (l["tenant_id"].as_str(), l.get("tenant_claimed"), l.get("tenant_tier")))
+            .collect();
+        let yes = serde_json::Value::from(true);
+        assert_eq!(
+            named,
+            [
+                (Some("acme"), Some(&yes), None),
+                (Some("acme"), None, None),
+                (Some("initech"), None, Some(&"basic".into()))
+            ]
+        );
+        let lines = [&lines[..3], &lines[6..]].concat();
         assert!(lines[3].get("trace_id").is_none() && lines[3].get("tenant_id").is_none(), "{}", lines[3]);
+        // Each line names the service at work; the process outside any.
+        assert_eq!((&lines[0]["service"], lines[0].get("service_instance")), (&"svc".into(), None));
+        assert_eq!((&lines[2]["service"], &lines[2]["service_instance"]), (&"other".into(), &"one".into()));
+        assert_eq!((&lines[3]["service"], lines[3].get("service_instance")), (&"process".into(), None));
     }
 }

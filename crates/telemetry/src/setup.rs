@@ -11,6 +11,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use crate::export::{ByService, Tagger};
 use crate::json::JsonLayer;
 use crate::metrics;
 use crate::request::OTEL;
@@ -25,7 +26,8 @@ pub enum LogTarget {
 /// Telemetry settings; `Default` reads nothing from the environment.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `service.name` of the OTel resource and the `service` of log lines.
+    /// `service.name` of the OTel resource and the `service` of log lines,
+    /// for work done outside any [`crate::Service`] scope.
     pub service: String,
     /// An `EnvFilter` directive, e.g. `info` (from `RUST_LOG`).
     pub filter: String,
@@ -101,9 +103,16 @@ impl TelemetryGuard {
         &self.provider
     }
 
-    /// The meter provider, when metrics are exported (OTLP endpoint set).
-    pub fn meters(&self) -> Option<&opentelemetry_sdk::metrics::SdkMeterProvider> {
-        self.meters.as_ref()
+    /// Exports what is buffered now: spans, and every service's metrics
+    /// when metrics are exported. Blocks until done.
+    pub fn force_flush(&self) -> Result<(), TelemetryError> {
+        let failed = |e: String| TelemetryError::Exporter(e);
+        self.provider.force_flush().map_err(|e| failed(e.to_string()))?;
+        if let Some(m) = &self.meters {
+            m.force_flush().map_err(|e| failed(e.to_string()))?;
+            metrics::flush_services().map_err(failed)?;
+        }
+        Ok(())
     }
 }
 
@@ -112,6 +121,7 @@ impl Drop for TelemetryGuard {
         let _ = self.provider.force_flush();
         let _ = self.provider.shutdown();
         if let Some(m) = &self.meters {
+            metrics::shut_down_services();
             let _ = m.force_flush();
             let _ = m.shutdown();
         }
@@ -136,36 +146,51 @@ pub fn init_with_exporter<E: SpanExporter + 'static>(
     let filter =
         EnvFilter::try_new(&config.filter).map_err(|e| TelemetryError::Filter(config.filter.clone(), e.to_string()))?;
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service.clone()).build();
-    let mut builder = SdkTracerProvider::builder().with_resource(resource.clone());
+    // Spans started in a service's scope are marked with it, and exported
+    // under its resource (see `crate::export`).
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.clone()).with_span_processor(Tagger);
     let mut meters = None;
     if let Some(endpoint) = &config.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig;
         // The tonic exporters need a tokio reactor: the SDK's thread-based
         // processors have none and panic, so both export on the tokio runtime.
-        let spans = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-        let metrics = opentelemetry_otlp::MetricExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let span_endpoint = endpoint.clone();
+        let spans = ByService::new(move || {
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(span_endpoint.clone())
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .map_err(TelemetryError::Exporter)?;
         let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
             spans,
             opentelemetry_sdk::runtime::Tokio,
         )
         .build();
         builder = builder.with_span_processor(processor);
-        let reader = opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
-            metrics,
-            opentelemetry_sdk::runtime::Tokio,
-        )
-        .build();
-        let provider =
-            opentelemetry_sdk::metrics::SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
+        let metric_provider = |endpoint: &str, resource: opentelemetry_sdk::Resource| {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let reader = opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
+                exporter,
+                opentelemetry_sdk::runtime::Tokio,
+            )
+            .build();
+            Ok::<_, String>(
+                opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+                    .with_resource(resource)
+                    .with_reader(reader)
+                    .build(),
+            )
+        };
+        let provider = metric_provider(endpoint, resource).map_err(TelemetryError::Exporter)?;
         opentelemetry::global::set_meter_provider(provider.clone());
+        let endpoint = endpoint.clone();
+        metrics::per_service(Box::new(move |service| metric_provider(&endpoint, service.resource())));
         metrics::enable(config.metrics_tenant_cap);
         meters = Some(provider);
     }

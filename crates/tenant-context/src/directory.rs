@@ -128,7 +128,7 @@ impl RemoteDirectory {
     pub fn watch(self: &Arc<Self>, tokens: Arc<crate::client::ServiceTokenSource>) -> tokio::task::JoinHandle<()> {
         let directory = Arc::downgrade(self);
         let client = self.client.clone();
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let mut backoff = WATCH_BACKOFF_MIN;
             while directory.strong_count() > 0 {
                 match watch_once(&directory, client.clone(), &tokens).await {

@@ -185,12 +185,16 @@ impl Authenticator {
 
 impl Authenticator {
     /// Whether `token` claims to come from our auth service (its `iss`).
-    /// Unverified: it only picks which verification applies.
+    /// Unverified: it only picks which verification applies, and names the
+    /// tenant the request's log lines are about until it is verified or
+    /// refused (see `tenantmesh_telemetry::record_claimed_tenant`).
     fn is_ours(&self, token: &str) -> bool {
-        let iss = jsonwebtoken::dangerous::insecure_decode_claims::<serde_json::Value>(token)
-            .ok()
-            .and_then(|c| c.get("iss").and_then(|i| i.as_str()).map(str::to_owned));
-        iss.is_none_or(|iss| iss == self.verifier.issuer())
+        let claims = jsonwebtoken::dangerous::insecure_decode_claims::<serde_json::Value>(token).ok();
+        let claim = |name: &str| claims.as_ref().and_then(|c| c.get(name)?.as_str());
+        if let Some(tenant) = claim("tenant_id").filter(|t| tenantmesh_service::validate_tenant_id(t).is_ok()) {
+            tenantmesh_telemetry::record_claimed_tenant(tenant);
+        }
+        claim("iss").is_none_or(|iss| iss == self.verifier.issuer())
     }
 
     /// A token from another issuer: only valid for the tenant named in
@@ -207,6 +211,7 @@ impl Authenticator {
             .and_then(|v| v.to_str().ok())
             .filter(|t| tenantmesh_service::validate_tenant_id(t).is_ok())
             .ok_or_else(|| Status::unauthenticated("tokens of an external identity provider need x-tenant-id"))?;
+        tenantmesh_telemetry::record_claimed_tenant(tenant);
         let info = self.directory.lookup(tenant, token, Some(tenant)).await?.ok_or_else(|| {
             tracing::info!(
                 security_event = "token_rejected",
@@ -263,10 +268,11 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
 }
 
 /// The layers every tenantmesh service is served with (see the module
-/// docs). Refuses to build when the authenticator's policies are empty:
-/// the served protos' declarations are incomplete (the error names each
-/// RPC).
+/// docs), as `service` (the name its spans, logs and metrics carry).
+/// Refuses to build when the authenticator's policies are empty: the
+/// served protos' declarations are incomplete (the error names each RPC).
 pub fn stack(
+    service: tenantmesh_telemetry::Service,
     mut auth: Authenticator,
     meters: Option<Arc<tenantmesh_metering::meters::Meters>>,
 ) -> Result<ServerStack, PolicyError> {
@@ -279,6 +285,7 @@ pub fn stack(
     let policies = auth.policies.clone();
     let admission = Arc::new(std::mem::take(&mut auth.admission));
     Ok(ServerStack {
+        telemetry: tenantmesh_telemetry::layer::layer(service),
         authentication: AuthenticationLayer { auth: Arc::new(auth) },
         access: crate::authorize::layer(policies.clone()),
         admission: crate::admission::layer(admission, policies.clone()),
@@ -289,6 +296,7 @@ pub fn stack(
 /// The stack [`stack`] builds: one tower layer of them all.
 #[derive(Clone, Debug)]
 pub struct ServerStack {
+    telemetry: tenantmesh_telemetry::layer::TelemetryLayer,
     authentication: AuthenticationLayer,
     access: crate::authorize::AccessLayer,
     admission: crate::admission::AdmissionLayer,
@@ -307,7 +315,7 @@ impl<S> Layer<S> for ServerStack {
 
     fn layer(&self, inner: S) -> Self::Service {
         let inner = self.admission.layer(self.metering.layer(inner));
-        tenantmesh_telemetry::layer::layer().layer(self.authentication.layer(self.access.layer(inner)))
+        self.telemetry.layer(self.authentication.layer(self.access.layer(inner)))
     }
 }
 
@@ -360,6 +368,13 @@ where
             let ctx = match auth.authenticate(req.uri().path(), req.headers()).await {
                 Ok(ctx) => ctx,
                 Err(status) => {
+                    // Filed under the tenant the call names (unproven), if
+                    // its token did not name one already.
+                    if let Some(tenant) = req.headers().get(metadata::TENANT_ID).and_then(|v| v.to_str().ok())
+                        && tenantmesh_service::validate_tenant_id(tenant).is_ok()
+                    {
+                        tenantmesh_telemetry::record_claimed_tenant(tenant);
+                    }
                     tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");
                     return Ok(status.into_http());
                 }
@@ -451,9 +466,12 @@ mod tests {
     #[test]
     fn a_stack_without_policies_is_refused() {
         let empty = authenticator().with_policies(Arc::new(Policies::default()));
-        let err = stack(empty, None).unwrap_err();
+        let err = stack(tenantmesh_telemetry::Service::new("test"), empty, None).unwrap_err();
         assert!(err.to_string().contains("no RPC declares a policy"), "{err}");
-        assert!(stack(authenticator(), None).is_ok(), "the mesh's own protos declare every policy");
+        assert!(
+            stack(tenantmesh_telemetry::Service::new("test"), authenticator(), None).is_ok(),
+            "the mesh's own protos declare every policy"
+        );
     }
 
     /// A fake handler that counts its calls, behind the layer: a path
@@ -468,7 +486,7 @@ mod tests {
             counted.fetch_add(1, Ordering::Relaxed);
             async { Ok::<_, Infallible>(Response::new(String::new())) }
         });
-        let svc = stack(authenticator(), None).unwrap().layer(handler);
+        let svc = stack(tenantmesh_telemetry::Service::new("test"), authenticator(), None).unwrap().layer(handler);
         let call = |path: &str| {
             let req = Request::builder().uri(path).body(()).unwrap();
             svc.clone().oneshot(req)

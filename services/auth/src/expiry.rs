@@ -123,7 +123,7 @@ async fn sweep_bucket(
 
 /// Sweeps every [`SWEEP_EVERY`] until dropped (aborted with the service).
 pub fn start(store: DynTable, window: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    tenantmesh_telemetry::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         loop {
             tick.tick().await;

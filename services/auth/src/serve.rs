@@ -9,6 +9,7 @@ use crate::expiry;
 use crate::service::AuthService;
 use tenantmesh_proto::auth::v1::auth_server::AuthServer;
 use tenantmesh_storage::DynTable;
+use tenantmesh_telemetry::Service;
 use tenantmesh_tenant_context::directory::{RemoteDirectory, TenantDirectory};
 use tenantmesh_tenant_context::server::{self, Authenticator};
 use tenantmesh_tenant_context::verify::TokenVerifier;
@@ -16,6 +17,18 @@ use tokio::net::TcpListener;
 
 /// Runs the auth service on `listener` until `shutdown` completes.
 pub async fn serve(
+    config: Config,
+    store: DynTable,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = Service::new("auth");
+    service.clone().run(serving(service, config, store, listener, shutdown)).await
+}
+
+/// [`serve`], inside the service's telemetry scope.
+async fn serving(
+    named: Service,
     config: Config,
     store: DynTable,
     listener: TcpListener,
@@ -63,7 +76,7 @@ pub async fn serve(
     }
     // Another replica may rotate: pick up its keys.
     let (keys, key_store) = (service.keys(), service.inner.store.clone());
-    let reloader = tokio::spawn(async move {
+    let reloader = tenantmesh_telemetry::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         tick.tick().await;
         loop {
@@ -80,7 +93,7 @@ pub async fn serve(
         listener,
         tenantmesh_service::sized!(AuthServer::new(service)),
         Some(backup),
-        server::stack(authn, None)?,
+        server::stack(named, authn, None)?,
         grace,
         shutdown,
     )

@@ -238,7 +238,7 @@ impl Auth for AuthService {
             v.add("password", "is too long");
         }
         v.check()?;
-        tracing::Span::current().record("tenant.id", req.tenant_id.as_str());
+        tenantmesh_telemetry::record_claimed_tenant(&req.tenant_id);
         self.inner.anonymous.admit(anonymous::Call::Credentials, peer)?;
         self.inner.anonymous.admit_sign_in(peer, &req.tenant_id)?;
         let email = normalize_email(&req.email);
@@ -264,6 +264,7 @@ impl Auth for AuthService {
                 return Err(AuthError::InvalidCredentials.into());
             }
         };
+        tenantmesh_telemetry::record_proven_tenant(&user.tenant_id);
         lockout::clear(&self.inner.store, &user.tenant_id, &email, &client).await?;
         let (access_token, expires_in) = self.sign(user.user_id.clone(), user.tenant_id.clone(), user.roles.clone())?;
         let refresh_token =
@@ -350,9 +351,14 @@ impl Auth for AuthService {
         // by its hash, no password check) before anything about the tenant
         // it names is trusted, so made-up tokens naming a tenant spend
         // nothing of that tenant's.
+        if let Some((tenant, _)) = req.refresh_token.split_once('.')
+            && tenantmesh_service::validate_tenant_id(tenant).is_ok()
+        {
+            tenantmesh_telemetry::record_claimed_tenant(tenant);
+        }
         self.inner.anonymous.admit(anonymous::Call::Credentials, peer)?;
         let live = refresh::live(&self.inner.store, &req.refresh_token).await?;
-        tracing::Span::current().record("tenant.id", live.tenant.as_str());
+        tenantmesh_telemetry::record_proven_tenant(&live.tenant);
         // Disabling or deleting a user stops refresh at once; a user deleted
         // and re-created under the same email is somebody else.
         let user = match self.get_user(&live.tenant, &live.record.email).await? {
@@ -477,7 +483,7 @@ impl Auth for AuthService {
             v.add("client_secret", format!("must be at most {MAX_CLIENT_SECRET_LEN} characters"));
         }
         v.check()?;
-        tracing::Span::current().record("tenant.id", PLATFORM_TENANT);
+        tenantmesh_telemetry::record_claimed_tenant(PLATFORM_TENANT);
         self.inner.anonymous.admit(anonymous::Call::Credentials, peer)?;
         let known = self.inner.config.service_clients.get(&req.client_id);
         let ok = match known {
@@ -491,6 +497,7 @@ impl Auth for AuthService {
             tracing::warn!(security_event = "service_login_failed", client_id = %req.client_id, "bad client credentials");
             return Err(AuthError::InvalidCredentials.into());
         };
+        tenantmesh_telemetry::record_proven_tenant(PLATFORM_TENANT);
         let (access_token, expires_in) = self.sign_granted(
             format!("service:{}", req.client_id),
             PLATFORM_TENANT.into(),

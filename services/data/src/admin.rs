@@ -289,7 +289,7 @@ impl DataAdmin for DataAdminService {
         // the call's status, not a broken stream.
         let first = pages.next().await.map_err(storage_status)?;
         let (mut tx, rx) = tenantmesh_service::runtime::stream(4, self.stall);
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let mut page = first;
             while let Some(items) = page {
                 if let Some(charged) = &charged {

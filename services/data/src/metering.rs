@@ -501,7 +501,7 @@ impl Metering for MeteringService {
         // client stops reading.
         let (mut tx, rx) = tenantmesh_service::runtime::stream(4, self.stall);
         let table = self.table.clone();
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let _held = held;
             let mut chunk = Vec::with_capacity(CHUNK_BYTES);
             if let Some(header) = export_header(format) {
@@ -573,12 +573,12 @@ impl Metering for MeteringService {
                 costs.push(done.map_err(|e| Status::internal(e.to_string()))??);
             }
             let (table, pricing, mut onboarding) = (self.table.clone(), pricing.clone(), self.onboarding.clone());
-            set.spawn(ctx.clone().scope(async move {
+            set.spawn(tenantmesh_telemetry::carried(ctx.clone().scope(async move {
                 let list = ListTenantResourcesRequest { tenant_id: tenant.tenant_id.clone(), include_removed: true };
                 let resources = onboarding.list_tenant_resources(list).await?.into_inner().resources;
                 let rows = totals(&table, &tenant.tenant_id, req.from, req.to).await?;
                 Ok::<_, Status>(price(&pricing, &tenant, &rows, &resources, req.from, req.to, now))
-            }));
+            })));
         }
         while let Some(done) = set.join_next().await {
             costs.push(done.map_err(|e| Status::internal(e.to_string()))??);

@@ -14,6 +14,7 @@ use tenantmesh_proto::data::v1::data_server::DataServer;
 use tenantmesh_proto::metering::v1::metering_server::MeteringServer;
 use tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient;
 use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
+use tenantmesh_telemetry::Service;
 use tenantmesh_tenant_context::client::{self, Identity};
 use tenantmesh_tenant_context::server::Authenticator;
 use tokio::net::TcpListener;
@@ -53,6 +54,21 @@ pub const LEASES_TABLE: &str = "leases";
 /// Runs the data service (and its DataAdmin) on `listener` until
 /// `shutdown` completes.
 pub async fn serve(
+    config: Config,
+    stores: Arc<dyn TenantStores>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = match &config.silo_tenant {
+        Some(tenant) => Service::instance("data", format!("silo-{tenant}")),
+        None => Service::new("data"),
+    };
+    service.clone().run(serving(service, config, stores, listener, shutdown)).await
+}
+
+/// [`serve`], inside the service's telemetry scope.
+async fn serving(
+    named: Service,
     config: Config,
     stores: Arc<dyn TenantStores>,
     listener: TcpListener,
@@ -160,7 +176,7 @@ pub async fn serve(
         routes = routes.add_service(MeteringServer::new(service));
         names.push(<MeteringServer<metering::MeteringService> as tonic::server::NamedService>::NAME);
     }
-    let stack = tenantmesh_tenant_context::server::stack(authn, meters.clone())?;
+    let stack = tenantmesh_tenant_context::server::stack(named, authn, meters.clone())?;
     let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
     routes = routes.add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
     names.push(tenantmesh_service::backup::NAME);

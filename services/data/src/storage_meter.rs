@@ -121,7 +121,7 @@ impl StorageSampler {
 
     /// Samples at every interval boundary until `stop` changes.
     pub fn start(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let every = self.interval.as_secs() as i64;
             loop {
                 let now_ms = tenantmesh_service::clock::now_ms();
@@ -135,7 +135,7 @@ impl StorageSampler {
                 // round held up by one slow tenant delays no later round
                 // (which leaves that tenant alone while it is busy).
                 let round = self.clone();
-                tokio::spawn(async move {
+                tenantmesh_telemetry::spawn(async move {
                     match round.sample(next - every).await {
                         Ok(n) => tracing::debug!(tenants = n, "stored bytes sampled"),
                         Err(e) => tracing::warn!(error = %e, "stored bytes not sampled for this interval"),

@@ -245,7 +245,7 @@ impl Engine {
         let this = self.clone();
         let tenant = id.split('/').next().unwrap_or_default().to_owned();
         let span = tracing::info_span!("workflow", workflow_id = %id, tenant.id = %tenant);
-        tokio::spawn(
+        tenantmesh_telemetry::spawn(
             async move {
                 match this.run(&id).await {
                     Ok(_) | Err(OnboardingError::Superseded(_)) => {}

@@ -398,7 +398,7 @@ impl Onboarding for OnboardingService {
             WatchEventsResponse { event: Some(e) }
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             // Held until the stream's task ends: when the client goes away.
             let _watching = watching;
             let wanted = |e: &Event| filter.as_ref().is_none_or(|t| *t == e.tenant_id);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tenantmesh_proto::onboarding::v1::onboarding_server::OnboardingServer;
 use tenantmesh_storage::DynTable;
+use tenantmesh_telemetry::Service;
 use tenantmesh_tenant_context::client::{self, Identity, ServiceTokenSource};
 use tenantmesh_tenant_context::server::Authenticator;
 use tokio::net::TcpListener;
@@ -19,6 +20,19 @@ use crate::{compute, gitops};
 /// `compute`, else from the GitOps repository, else from the endpoint
 /// template, else is unavailable.
 pub async fn serve(
+    config: Config,
+    store: DynTable,
+    listener: TcpListener,
+    compute: Option<Arc<dyn SiloCompute>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = Service::new("onboarding");
+    service.clone().run(serving(service, config, store, listener, compute, shutdown)).await
+}
+
+/// [`serve`], inside the service's telemetry scope.
+async fn serving(
+    named: Service,
     config: Config,
     store: DynTable,
     listener: TcpListener,
@@ -45,7 +59,7 @@ pub async fn serve(
         },
     )?;
     let resumer = service.clone();
-    tokio::spawn(async move {
+    tenantmesh_telemetry::spawn(async move {
         if let Err(e) = resumer.resume_unfinished().await {
             tracing::error!(error = %e, "could not resume unfinished workflows");
         }
@@ -57,7 +71,7 @@ pub async fn serve(
         listener,
         tenantmesh_service::sized!(OnboardingServer::new(service)),
         Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
-        tenantmesh_tenant_context::server::stack(authn, None)?,
+        tenantmesh_tenant_context::server::stack(named, authn, None)?,
         config.common.shutdown_grace,
         shutdown,
     )

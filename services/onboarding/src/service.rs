@@ -142,7 +142,7 @@ impl OnboardingService {
     /// `export_retention_days` (every tenant's, offboarded ones' included),
     /// recording each removal in the resource ledger.
     pub(crate) fn sweep_exports(self, every: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;

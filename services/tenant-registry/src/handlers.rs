@@ -289,7 +289,7 @@ impl TenantRegistry for Registry {
         let mut changes = self.changes.subscribe();
         let mut stopping = self.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let _permit = permit;
             // Whatever changed before the subscription is unknown to the watcher.
             let mut next = Some(WatchTenantsResponse { tenant_ids: Vec::new(), reset: true });

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tenantmesh_proto::registry::v1::tenant_registry_server::TenantRegistryServer;
 use tenantmesh_storage::DynTable;
+use tenantmesh_telemetry::Service;
 use tenantmesh_tenant_context::server::Authenticator;
 use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
 use tokio::net::TcpListener;
@@ -14,6 +15,18 @@ use crate::registry::Registry;
 
 /// Runs the registry on `listener` until `shutdown` completes.
 pub async fn serve(
+    config: Config,
+    store: DynTable,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = Service::new("tenant-registry");
+    service.clone().run(serving(service, config, store, listener, shutdown)).await
+}
+
+/// [`serve`], inside the service's telemetry scope.
+async fn serving(
+    named: Service,
     config: Config,
     store: DynTable,
     listener: TcpListener,
@@ -38,7 +51,7 @@ pub async fn serve(
         listener,
         tenantmesh_service::sized!(TenantRegistryServer::new(registry)),
         Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
-        tenantmesh_tenant_context::server::stack(authn, None)?,
+        tenantmesh_tenant_context::server::stack(named, authn, None)?,
         config.common.shutdown_grace,
         shutdown,
     )

@@ -1,6 +1,7 @@
 //! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans reach an OTLP/gRPC
-//! collector, tagged with the service name and the tenant, and so does the
-//! STS call counter of the data service.
+//! collector, tagged with the tenant, each under the resource of the
+//! service that made it (one process hosts the four), and so do the data
+//! service's metrics.
 
 use std::sync::{Arc, Mutex};
 
@@ -46,8 +47,8 @@ fn string_attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: 
     })
 }
 
-/// A login through the mesh is exported over OTLP with `service.name` and
-/// `tenant.id` once the provider flushes; a tenant's first data request on
+/// A login through the mesh is exported over OTLP under `service.name`
+/// auth with `tenant.id` once the provider flushes; a tenant's first data request on
 /// DynamoDB shows up in the exported STS call counter, and in its metered
 /// usage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,31 +74,50 @@ async fn spans_are_exported_over_otlp() {
     let missing = mesh.data().get_item(authed(get, &tenant.token)).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     mesh.shutdown().await;
-    let provider = guard.provider().clone();
-    tokio::task::spawn_blocking(move || provider.force_flush()).await.unwrap().unwrap();
-    let meters = guard.meters().expect("metrics exported").clone();
-    tokio::task::spawn_blocking(move || meters.force_flush()).await.unwrap().unwrap();
+    let guard = tokio::task::spawn_blocking(move || guard.force_flush().map(|()| guard)).await.unwrap().unwrap();
 
     let received = collector.0.lock().unwrap().clone();
     let resources: Vec<_> = received.iter().flat_map(|r| r.resource_spans.iter()).collect();
     assert!(!resources.is_empty(), "nothing exported");
-    for rs in &resources {
-        let attrs = &rs.resource.as_ref().unwrap().attributes;
-        assert_eq!(string_attr(attrs, "service.name").as_deref(), Some("otlp-test"));
-    }
-    let login = resources
-        .iter()
-        .flat_map(|rs| rs.scope_spans.iter().flat_map(|s| s.spans.iter()))
+    // One process hosts the four services: each span is exported under
+    // the resource of the service that made it, none under the process's.
+    let service_of = |rs: &&opentelemetry_proto::tonic::trace::v1::ResourceSpans| {
+        string_attr(&rs.resource.as_ref().unwrap().attributes, "service.name")
+    };
+    let spans_of = |service: &str| {
+        resources
+            .iter()
+            .filter(|rs| service_of(rs).as_deref() == Some(service))
+            .flat_map(|rs| rs.scope_spans.iter().flat_map(|s| s.spans.iter()))
+            .collect::<Vec<_>>()
+    };
+    let names: std::collections::BTreeSet<_> = resources.iter().filter_map(service_of).collect();
+    assert!(names.is_subset(&["auth", "data", "onboarding", "tenant-registry"].map(String::from).into()), "{names:?}");
+    assert!(
+        resources
+            .iter()
+            .flat_map(|rs| rs.scope_spans.iter().flat_map(|s| s.spans.iter()))
+            .all(|s| s.attributes.iter().all(|kv| kv.key != "service.name")),
+        "the service is on the resource, not on the span"
+    );
+    let login = spans_of("auth")
+        .into_iter()
         .find(|s| s.name == "tenantmesh.auth.v1.Auth/Login")
-        .expect("the login span was exported");
+        .expect("the login span was exported under the auth service");
     assert_eq!(string_attr(&login.attributes, "tenant.id").as_deref(), Some("platform"));
     assert_eq!(string_attr(&login.attributes, "rpc.method").as_deref(), Some("Login"));
 
     use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value as Number};
     let metrics = collector.1.lock().unwrap().clone();
-    let sts_calls: i64 = metrics
+    // The data service's metrics are exported under its own name.
+    let data_metrics: Vec<_> = metrics
         .iter()
-        .flat_map(|r| r.resource_metrics.iter().flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.iter())))
+        .flat_map(|r| r.resource_metrics.iter())
+        .filter(|rm| string_attr(&rm.resource.as_ref().unwrap().attributes, "service.name").as_deref() == Some("data"))
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.iter()))
+        .collect();
+    let sts_calls: i64 = data_metrics
+        .iter()
         .filter(|m| m.name == "tenantmesh.sts.assume_role.calls")
         .filter_map(|m| match &m.data {
             Some(Data::Sum(sum)) => sum
@@ -114,9 +134,8 @@ async fn spans_are_exported_over_otlp() {
         .expect("the STS call counter was exported");
     assert_eq!(sts_calls, 1, "one AssumeRole for the tenant's first data request");
     // The usage the data service flushed on its way down, per tenant.
-    let requests: Vec<i64> = metrics
+    let requests: Vec<i64> = data_metrics
         .iter()
-        .flat_map(|r| r.resource_metrics.iter().flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.iter())))
         .filter(|m| m.name == "tenantmesh.usage")
         .filter_map(|m| match &m.data {
             Some(Data::Sum(sum)) => Some(sum.data_points.clone()),
@@ -135,9 +154,8 @@ async fn spans_are_exported_over_otlp() {
     assert_eq!(requests.iter().max(), Some(&1), "the tenant's one data request, as metered usage");
     // The request counter names the RPC as the conventions do: the service
     // and the method apart, once for the tenant's one call.
-    let counted: Vec<(Option<String>, Option<String>)> = metrics
+    let counted: Vec<(Option<String>, Option<String>)> = data_metrics
         .iter()
-        .flat_map(|r| r.resource_metrics.iter().flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.iter())))
         .filter(|m| m.name == "tenantmesh.requests")
         .filter_map(|m| match &m.data {
             Some(Data::Sum(sum)) => Some(sum.data_points.clone()),
@@ -153,11 +171,14 @@ async fn spans_are_exported_over_otlp() {
     );
     // NOT_FOUND is the caller's outcome: the server span's status stays
     // unset (the RPC conventions), the client's would be an error.
-    let get = resources
-        .iter()
-        .flat_map(|rs| rs.scope_spans.iter().flat_map(|s| s.spans.iter()))
+    let get = spans_of("data")
+        .into_iter()
         .find(|s| s.name == "tenantmesh.data.v1.Data/GetItem" && s.kind == 2)
-        .expect("the GetItem server span was exported");
+        .expect("the GetItem server span was exported under the data service");
+    assert!(
+        spans_of("tenant-registry").iter().any(|s| s.name == "tenantmesh.registry.v1.TenantRegistry/GetTenant"),
+        "the registry's spans under its own name"
+    );
     assert_ne!(get.status.as_ref().map(|s| s.code), Some(2), "a NOT_FOUND server span is not an error");
     drop(guard);
 }

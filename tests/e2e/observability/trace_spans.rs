@@ -66,11 +66,25 @@ async fn one_trace_across_onboarding_registry_and_auth() {
     let steps: Vec<_> = trace.iter().filter(|s| s.name == "workflow.step").collect();
     assert_eq!(steps.len(), 5, "{:?}", steps.iter().map(|s| attr(s, "step")).collect::<Vec<_>>());
     assert!(steps.iter().all(|s| attr(s, "tenant.id").as_deref() == Some(id.as_str())));
+    // One process hosts them all; each span names the service that made
+    // it (exported as its resource's `service.name`), the workflow's
+    // background steps included.
+    let service = |rpc: &str| {
+        let span = trace.iter().find(|s| s.span_kind == opentelemetry::trace::SpanKind::Server && s.name == rpc);
+        span.and_then(|s| attr(s, "service.name"))
+    };
+    assert_eq!(service("tenantmesh.onboarding.v1.Onboarding/RegisterTenant").as_deref(), Some("onboarding"));
+    assert_eq!(service("tenantmesh.registry.v1.TenantRegistry/CreateTenant").as_deref(), Some("tenant-registry"));
+    assert_eq!(service("tenantmesh.auth.v1.Auth/CreateUser").as_deref(), Some("auth"));
+    assert!(steps.iter().all(|s| attr(s, "service.name").as_deref() == Some("onboarding")));
+    let calls = trace.iter().filter(|s| s.span_kind == opentelemetry::trace::SpanKind::Client);
+    assert!(calls.clone().count() > 0 && calls.clone().all(|s| attr(s, "service.name").is_some()), "client spans");
 }
 
 /// A silo tenant's call reaches the shared data service, which forwards it
 /// to the tenant's own instance: both server spans are in one trace, both
-/// tagged with the tenant, and the instance saw the caller's own identity.
+/// tagged with the tenant and the data service, the instance's as its own
+/// `service.instance.id`.
 #[tokio::test]
 async fn forwarding_to_a_silo_instance_keeps_the_trace_and_the_tenant() {
     use tenantmesh_proto::data::v1::PutItemRequest;
@@ -90,10 +104,15 @@ async fn forwarding_to_a_silo_instance_keeps_the_trace_and_the_tenant() {
         .collect();
     assert_eq!(puts.len(), 2, "the shared service's span and the silo instance's");
     assert_eq!(puts[0].span_context.trace_id(), puts[1].span_context.trace_id());
-    for span in puts {
+    for span in &puts {
         assert_eq!(attr(span, "tenant.id").as_deref(), Some(silo.tenant_id.as_str()));
         assert_eq!(attr(span, "rpc.grpc.status_code").as_deref(), Some("0"));
+        assert_eq!(attr(span, "service.name").as_deref(), Some("data"));
     }
+    // The silo instance is an instance of the data service of its own.
+    let mut instances: Vec<_> = puts.iter().map(|s| attr(s, "service.instance.id")).collect();
+    instances.sort();
+    assert_eq!(instances, [None, Some(format!("silo-{}", silo.tenant_id))]);
 }
 
 /// The tenant lookup the server layer makes for a tenant's first call is a
