@@ -463,6 +463,7 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
     let mut data = tenantmesh_proto::data::v1::data_client::DataClient::new(mesh.channel("data"));
     let pool_tenant = unique_tenant("compose");
     let tenants = [(&pool_tenant, "basic"), (&silo_tenant, "enterprise")];
+    let mut pool_token = String::new();
     for &(tenant, tier) in &tenants[..if silo { 2 } else { 1 }] {
         let register = RegisterTenantRequest {
             tenant_id: tenant.clone(),
@@ -500,6 +501,9 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
             expected_version: None,
         };
         data.put_item(authed(put, &token)).await.unwrap();
+        if tenant == &pool_tenant {
+            pool_token = token.clone();
+        }
         let req = authed(GetItemRequest { collection: "c".into(), id: "1".into() }, &token);
         let got = data.get_item(req).await.unwrap().into_inner().item.unwrap();
         assert_eq!(
@@ -552,10 +556,24 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
     let mut req = tonic::Request::new(GetItemRequest { collection: "c".into(), id: "1".into() });
     req.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
     expect_code(data.get_item(req).await, tonic::Code::Unauthenticated);
+    // A call nobody proved: a token with a broken signature, a wrong
+    // password. Their lines are filed under the tenant they claim, marked
+    // as claimed.
+    let mut forged = pool_token.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let req = authed(GetItemRequest { collection: "c".into(), id: "1".into() }, &forged);
+    expect_code(data.get_item(req).await, tonic::Code::Unauthenticated);
+    let wrong = auth.login(login(&pool_tenant, "admin@compose.example", "not-the-password")).await;
+    expect_code(wrong, tonic::Code::Unauthenticated);
 
     // SIGTERM, callers first (as an orchestrator stops them): every service
     // stops and exits 0, bounded by its grace period.
     drop((auth, onboarding, data));
+    let line_of = |log: &str, message: &str| -> serde_json::Value {
+        let found = log.lines().find(|l| l.contains(message)).unwrap_or_else(|| panic!("no {message:?} in {log}"));
+        serde_json::from_str(found).unwrap()
+    };
     for (name, child) in mesh.procs.0.iter_mut().rev() {
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         let status = child.wait().unwrap();
@@ -573,6 +591,27 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
                 (Some(pool_tenant.as_str()), Some("basic"))
             );
             assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{written}");
+            let refused = line_of(&log, "refused a token");
+            assert_eq!(
+                (refused["tenant_id"].as_str(), &refused["tenant_claimed"]),
+                (Some(pool_tenant.as_str()), &true.into())
+            );
+            assert_eq!(refused["service"], "data");
+        }
+        if name == "auth" {
+            // A sign-in is filed under its tenant: claimed until the
+            // password is checked.
+            let refused = line_of(&log, "login refused");
+            assert_eq!(
+                (refused["tenant_id"].as_str(), &refused["tenant_claimed"]),
+                (Some(pool_tenant.as_str()), &true.into())
+            );
+            let signed_in = log
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .find(|l| l["message"] == "login succeeded" && l["tenant_id"] == pool_tenant.as_str())
+                .expect("the tenant admin's sign-in is filed under the tenant");
+            assert!(signed_in.get("tenant_claimed").is_none(), "{signed_in}");
         }
     }
 }
