@@ -26,57 +26,48 @@ pub async fn serve(
     compute: Option<Arc<dyn SiloCompute>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let service = Service::new("onboarding");
-    service.clone().run(serving(service, config, store, listener, compute, shutdown)).await
-}
-
-/// [`serve`], inside the service's telemetry scope.
-async fn serving(
-    named: Service,
-    config: Config,
-    store: DynTable,
-    listener: TcpListener,
-    compute: Option<Arc<dyn SiloCompute>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let auth = client::channel(&config.common.auth_url)?;
-    let registry = client::channel(&config.common.registry_url)?;
-    let tokens = Arc::new(ServiceTokenSource::new(auth.clone(), config.credentials.clone()));
-    let compute: Arc<dyn SiloCompute> = match (compute, &config.gitops, &config.silo_endpoint_template) {
-        (Some(c), _, _) => c,
-        (None, Some(g), _) => Arc::new(gitops::GitOps::open(g.clone()).await?),
-        (None, None, Some(t)) => Arc::new(compute::EndpointTemplate(t.clone())),
-        (None, None, None) => Arc::new(compute::Unconfigured),
-    };
-    let service = OnboardingService::new(
-        &config,
-        store,
-        Dependencies {
-            registry: client::wrap(registry, Identity::Service(tokens.clone())),
-            auth: client::wrap(auth, Identity::Service(tokens.clone())),
-            tokens,
-            compute,
-        },
-    )?;
-    let resumer = service.clone();
-    tenantmesh_telemetry::spawn(async move {
-        if let Err(e) = resumer.resume_unfinished().await {
-            tracing::error!(error = %e, "could not resume unfinished workflows");
-        }
-    });
-    let sweeper = service.clone().sweep_exports(config.export_sweep);
-    let authn = Authenticator::remote(&config.common)?;
-    let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-    let served = tenantmesh_service::runtime::serve(
-        listener,
-        tenantmesh_service::sized!(OnboardingServer::new(service)),
-        Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
-        tenantmesh_tenant_context::server::stack(named, authn, None)?,
-        config.common.shutdown_grace,
-        shutdown,
-    )
-    .await;
-    sweeper.abort();
-    served?;
-    Ok(())
+    let named = Service::new("onboarding");
+    Service::run(named.clone(), async move {
+        let auth = client::channel(&config.common.auth_url)?;
+        let registry = client::channel(&config.common.registry_url)?;
+        let tokens = Arc::new(ServiceTokenSource::new(auth.clone(), config.credentials.clone()));
+        let compute: Arc<dyn SiloCompute> = match (compute, &config.gitops, &config.silo_endpoint_template) {
+            (Some(c), _, _) => c,
+            (None, Some(g), _) => Arc::new(gitops::GitOps::open(g.clone()).await?),
+            (None, None, Some(t)) => Arc::new(compute::EndpointTemplate(t.clone())),
+            (None, None, None) => Arc::new(compute::Unconfigured),
+        };
+        let service = OnboardingService::new(
+            &config,
+            store,
+            Dependencies {
+                registry: client::wrap(registry, Identity::Service(tokens.clone())),
+                auth: client::wrap(auth, Identity::Service(tokens.clone())),
+                tokens,
+                compute,
+            },
+        )?;
+        let resumer = service.clone();
+        tenantmesh_telemetry::spawn(async move {
+            if let Err(e) = resumer.resume_unfinished().await {
+                tracing::error!(error = %e, "could not resume unfinished workflows");
+            }
+        });
+        let sweeper = service.clone().sweep_exports(config.export_sweep);
+        let authn = Authenticator::remote(&config.common)?;
+        let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
+        let served = tenantmesh_service::runtime::serve(
+            listener,
+            tenantmesh_service::sized!(OnboardingServer::new(service)),
+            Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
+            tenantmesh_tenant_context::server::stack(named, authn, None)?,
+            config.common.shutdown_grace,
+            shutdown,
+        )
+        .await;
+        sweeper.abort();
+        served?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await
 }

@@ -20,41 +20,33 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let service = Service::new("tenant-registry");
-    service.clone().run(serving(service, config, store, listener, shutdown)).await
-}
-
-/// [`serve`], inside the service's telemetry scope.
-async fn serving(
-    named: Service,
-    config: Config,
-    store: DynTable,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    };
-    let registry = Registry::new(store, &config.common.issuer, config.common.tiers.clone())
-        .with_private_jwks(config.common.jwks_allow_private)
-        .with_stopping(stopping);
-    registry.bootstrap().await?;
-    let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
-    let verifier =
-        TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience)
-            .with_cache_capacity(config.common.token_cache_capacity);
-    let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone())).with_admission(&config.common);
-    let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-    tenantmesh_service::runtime::serve(
-        listener,
-        tenantmesh_service::sized!(TenantRegistryServer::new(registry)),
-        Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
-        tenantmesh_tenant_context::server::stack(named, authn, None)?,
-        config.common.shutdown_grace,
-        shutdown,
-    )
-    .await?;
-    Ok(())
+    let named = Service::new("tenant-registry");
+    Service::run(named.clone(), async move {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        let registry = Registry::new(store, &config.common.issuer, config.common.tiers.clone())
+            .with_private_jwks(config.common.jwks_allow_private)
+            .with_stopping(stopping);
+        registry.bootstrap().await?;
+        let auth_channel = tenantmesh_tenant_context::client::channel(&config.common.auth_url)?;
+        let verifier =
+            TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience)
+                .with_cache_capacity(config.common.token_cache_capacity);
+        let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone())).with_admission(&config.common);
+        let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
+        tenantmesh_service::runtime::serve(
+            listener,
+            tenantmesh_service::sized!(TenantRegistryServer::new(registry)),
+            Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
+            tenantmesh_tenant_context::server::stack(named, authn, None)?,
+            config.common.shutdown_grace,
+            shutdown,
+        )
+        .await?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await
 }
