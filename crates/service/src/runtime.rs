@@ -61,18 +61,21 @@ where
     match backup {
         Some(backup) => {
             let routes = Routes::new(service).add_service(backup);
-            serve_routes(listener, routes, &[S::NAME, crate::backup::NAME], layer, grace, shutdown).await
+            serve_routes(listener, routes, &[S::NAME, crate::backup::NAME], &[], layer, grace, shutdown).await
         }
-        None => serve_routes(listener, Routes::new(service), &[S::NAME], layer, grace, shutdown).await,
+        None => serve_routes(listener, Routes::new(service), &[S::NAME], &[], layer, grace, shutdown).await,
     }
 }
 
 /// [`serve`] for several services on one listener; `names` are theirs,
-/// for health and reflection.
+/// for health and reflection, which also describes the messages of the
+/// encoded descriptor sets in `descriptors` (services whose protos are not
+/// the mesh's).
 pub async fn serve_routes<L>(
     listener: TcpListener,
     routes: Routes,
-    names: &[&'static str],
+    names: &[&str],
+    descriptors: &[&'static [u8]],
     layer: L,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -97,6 +100,9 @@ where
             // google.rpc error details, so clients can decode BadRequest & co.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health");
+        for set in descriptors {
+            b = b.register_encoded_file_descriptor_set(set);
+        }
         for name in names {
             b = b.with_service_name(*name);
         }

@@ -174,6 +174,7 @@ pub async fn serve(
             listener,
             routes,
             &names,
+            &[],
             stack,
             config.common.shutdown_grace,
             shutdown,
