@@ -74,11 +74,42 @@ struct Pending {
 /// What a flush reports to whoever exports usage as metrics.
 pub type FlushHook = Box<dyn Fn(&str, &str, u64) + Send + Sync>;
 
+/// One total of a flush, as a [`UsageSink`] receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushedUsage {
+    /// Unique to this total of this flush, and the same when the flush is
+    /// retried (`<replica>:<seq>:<hour>:<n>`): a sink that deduplicates by
+    /// it counts a retried flush once.
+    pub id: String,
+    pub tenant: Arc<str>,
+    /// A built-in meter (`requests`, `read_units`, ...).
+    pub meter: &'static str,
+    /// For `requests`, the RPC (as the service's meters name it).
+    pub rpc: Option<String>,
+    /// The minute it was counted in (Unix seconds).
+    pub minute: i64,
+    pub value: i64,
+}
+
+/// Where a service that does not own the usage table sends its flushes
+/// (an application service: to the metering service). A flush whose
+/// outcome is unknown is sent again with the same ids.
+pub trait UsageSink: Send + Sync + 'static {
+    fn send(&self, usage: Vec<FlushedUsage>)
+    -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// Where flushes are written.
+enum Destination {
+    Table(DynTable),
+    Sink(Box<dyn UsageSink>),
+}
+
 /// Usage counters of every tenant of this process, and their flushing.
 pub struct Meters {
     rpcs: Box<[Box<str>]>,
     tenants: RwLock<HashMap<Arc<str>, Counters>>,
-    table: DynTable,
+    destination: Destination,
     replica: String,
     interval: Duration,
     pending: tokio::sync::Mutex<Pending>,
@@ -102,10 +133,19 @@ impl Meters {
     /// [`Meters::record`]), flushed to `table` every `interval`. Call
     /// [`Meters::start`] to flush in the background.
     pub fn new(table: DynTable, rpcs: &[impl AsRef<str>], interval: Duration) -> Self {
+        Self::to(Destination::Table(table), rpcs, interval)
+    }
+
+    /// Meters like [`Meters::new`] whose flushes go to `sink`.
+    pub fn with_sink(sink: impl UsageSink, rpcs: &[impl AsRef<str>], interval: Duration) -> Self {
+        Self::to(Destination::Sink(Box::new(sink)), rpcs, interval)
+    }
+
+    fn to(destination: Destination, rpcs: &[impl AsRef<str>], interval: Duration) -> Self {
         Self {
             rpcs: rpcs.iter().map(|r| r.as_ref().into()).collect(),
             tenants: RwLock::new(HashMap::new()),
-            table,
+            destination,
             replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             interval: interval.max(Duration::from_millis(10)),
             pending: tokio::sync::Mutex::new(Pending { next_seq: 1, ..Pending::default() }),
@@ -118,6 +158,14 @@ impl Meters {
     pub fn with_hook(mut self, hook: FlushHook) -> Self {
         self.hook = Some(hook);
         self
+    }
+
+    #[cfg(test)]
+    fn table(&self) -> &DynTable {
+        match &self.destination {
+            Destination::Table(t) => t,
+            Destination::Sink(_) => panic!("meters with a sink"),
+        }
     }
 
     /// This process's replica id (in the keys of what it flushes).
@@ -241,8 +289,16 @@ impl Meters {
         outcome
     }
 
-    /// Writes every item of `batch` that does not hold it yet.
+    /// Writes every item of `batch` that does not hold it yet (or sends
+    /// it to the sink).
     async fn apply(&self, batch: &Batch) -> Result<(), FlushError> {
+        let table = match &self.destination {
+            Destination::Table(table) => table,
+            Destination::Sink(sink) => {
+                let usage = self.flushed(batch);
+                return sink.send(usage).await.map_err(|e| FlushError(StorageError::Backend(e)));
+            }
+        };
         let mut set = tokio::task::JoinSet::new();
         let mut first_error = None;
         for ((tenant, hour), values) in &batch.rows {
@@ -251,7 +307,7 @@ impl Meters {
             {
                 first_error.get_or_insert(e);
             }
-            let (table, pk) = (self.table.clone(), usage_pk(tenant));
+            let (table, pk) = (table.clone(), usage_pk(tenant));
             let sk = format!("u#{hour:013}#{}", self.replica);
             let (values, seq) = (values.clone(), batch.seq);
             set.spawn(tenantmesh_telemetry::carried(async move { apply_item(&table, &pk, &sk, seq, values).await }));
@@ -265,6 +321,31 @@ impl Meters {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+
+    /// The totals of `batch`, as a sink receives them.
+    fn flushed(&self, batch: &Batch) -> Vec<FlushedUsage> {
+        let mut usage = Vec::new();
+        for ((tenant, hour), values) in &batch.rows {
+            for (n, (key, value)) in values.iter().enumerate() {
+                // `<offset>|<meter>` or `<offset>|requests|rpc=<path>`.
+                let mut parts = key.splitn(3, '|');
+                let offset: i64 = parts.next().and_then(|o| o.parse().ok()).unwrap_or(0);
+                let Some(meter) = parts.next().and_then(|m| BUILT_IN.iter().copied().find(|b| *b == m)) else {
+                    continue;
+                };
+                let rpc = parts.next().and_then(|d| d.strip_prefix(&format!("{RPC_DIMENSION}="))).map(str::to_owned);
+                usage.push(FlushedUsage {
+                    id: format!("{}:{}:{hour}:{n}", self.replica, batch.seq),
+                    tenant: tenant.clone(),
+                    meter,
+                    rpc,
+                    minute: hour + offset * MINUTE,
+                    value: *value,
+                });
+            }
+        }
+        usage
     }
 
     /// Flushes every interval (aligned to the wall clock) until

@@ -50,7 +50,7 @@ async fn counts_are_flushed_once_per_minute_and_tenant() {
     // Nothing new: nothing written, nothing counted twice.
     meters.flush_at(minute + 60).await.unwrap();
 
-    let rows = read_usage(&meters.table, "acme", None, minute, minute + 120).await.unwrap();
+    let rows = read_usage(meters.table(), "acme", None, minute, minute + 120).await.unwrap();
     assert_eq!(total(&rows, REQUESTS), 4);
     assert_eq!(total(&rows, READ_UNITS), 6);
     assert_eq!(total(&rows, WRITE_UNITS), 2);
@@ -60,9 +60,9 @@ async fn counts_are_flushed_once_per_minute_and_tenant() {
     assert_eq!(gets, [(minute, 3), (minute + 60, 1)]);
     assert_eq!(rows.iter().find(|r| r.meter == REQUESTS).unwrap().dimensions["rpc"], "Get");
     // Only the range asked for, only the tenant asked for.
-    let later = read_usage(&meters.table, "acme", Some(REQUESTS), minute + 60, minute + 61).await.unwrap();
+    let later = read_usage(meters.table(), "acme", Some(REQUESTS), minute + 60, minute + 61).await.unwrap();
     assert_eq!(total(&later, REQUESTS), 1);
-    let bolt = read_usage(&meters.table, "bolt", None, 0, i64::MAX / 2).await.unwrap();
+    let bolt = read_usage(meters.table(), "bolt", None, 0, i64::MAX / 2).await.unwrap();
     assert_eq!((total(&bolt, REQUESTS), total(&bolt, WRITE_UNITS), total(&bolt, READ_UNITS)), (1, 1, 0));
 }
 
@@ -203,4 +203,57 @@ async fn old_usage_expires() {
     // The expired event's id went with it: the same event again is new (and late, upstream).
     let again = record_event(&t, &event(&format!("e{}", now - 7200), "emails", now - 7200, 1, &[])).await.unwrap();
     assert_eq!(again, EventOutcome::Recorded);
+}
+
+/// Keeps what it is sent; fails while `down`.
+#[derive(Clone, Default)]
+struct Kept {
+    sent: Arc<std::sync::Mutex<Vec<FlushedUsage>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UsageSink for Kept {
+    fn send(
+        &self,
+        usage: Vec<FlushedUsage>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            if self.down.load(Ordering::Relaxed) {
+                return Err("unreachable".into());
+            }
+            self.sent.lock().unwrap().extend(usage);
+            Ok(())
+        })
+    }
+}
+
+/// A flush to a sink sends each total with its meter, RPC and minute; one
+/// whose outcome is unknown is sent again with the same ids (so a sink
+/// that deduplicates by id counts it once), before anything newer.
+#[tokio::test]
+async fn a_sink_gets_each_total_and_a_retry_keeps_its_ids() {
+    let kept = Kept::default();
+    let meters = Meters::with_sink(kept.clone(), RPCS, Duration::from_secs(10));
+    let a: Arc<str> = "acme".into();
+    meters.record(&a, 1, Usage::write(2048, 0), Duration::ZERO);
+    meters.record(&a, 1, Usage::write(10, 0), Duration::ZERO);
+    let minute = 1_700_000_040;
+    kept.down.store(true, Ordering::Relaxed);
+    assert!(meters.flush_at(minute).await.is_err(), "the sink is down");
+    meters.record(&a, 0, Usage::default(), Duration::ZERO);
+    kept.down.store(false, Ordering::Relaxed);
+    meters.flush_at(minute + 60).await.unwrap();
+    let sent = kept.sent.lock().unwrap().clone();
+    let of = |meter: &str, minute: i64| -> Vec<(i64, Option<&str>)> {
+        sent.iter().filter(|u| u.meter == meter && u.minute == minute).map(|u| (u.value, u.rpc.as_deref())).collect()
+    };
+    assert_eq!(of(REQUESTS, minute), [(2, Some("Put"))]);
+    assert_eq!(of(WRITE_UNITS, minute), [(3, None)]);
+    assert_eq!(of(REQUESTS, minute + 60), [(1, Some("Get"))]);
+    assert!(sent.iter().all(|u| &*u.tenant == "acme"));
+    let ids: std::collections::HashSet<_> = sent.iter().map(|u| &u.id).collect();
+    assert_eq!(ids.len(), sent.len(), "one id per total");
+    // The batch in doubt went first, alone: its ids name the first flush.
+    let first = sent.iter().filter(|u| u.minute == minute).map(|u| u.id.split(':').nth(1)).collect::<Vec<_>>();
+    assert!(first.iter().all(|seq| *seq == Some("1")), "{first:?}");
 }
