@@ -64,6 +64,8 @@ mod auth_contract;
 mod data_contract;
 #[path = "../../services/onboarding/tests/contract.rs"]
 mod onboarding_contract;
+#[path = "../../services/orders/tests/contract.rs"]
+mod orders_contract;
 #[path = "../../services/tenant-registry/tests/contract.rs"]
 mod registry_contract;
 

@@ -45,8 +45,14 @@ where
 /// each method's client call, `.snake_case_name(`, appears in it. A new RPC
 /// without a contract test fails here, naming it.
 pub fn assert_contract_covers(suite: &str, services: &[&str]) {
+    assert_contract_covers_in(tenantmesh_proto::FILE_DESCRIPTOR_SET, suite, services);
+}
+
+/// [`assert_contract_covers`] for the services of another descriptor set
+/// (an application service's).
+pub fn assert_contract_covers_in(descriptor_set: &[u8], suite: &str, services: &[&str]) {
     use prost::Message as _;
-    let set = prost_types::FileDescriptorSet::decode(tenantmesh_proto::FILE_DESCRIPTOR_SET).expect("descriptor set");
+    let set = prost_types::FileDescriptorSet::decode(descriptor_set).expect("descriptor set");
     let mut missing = Vec::new();
     let mut found = 0;
     for file in &set.file {

@@ -269,6 +269,25 @@ impl TestMesh {
         TestMesh { addrs: mesh.addrs, mesh: Some(mesh), state }
     }
 
+    /// The settings of an application service `name` joining this mesh:
+    /// the mesh's URLs, tiers and store (its emulator on DynamoDB), its own
+    /// data directory and identity, usage flushed every second.
+    pub fn app_env(&self, name: &str) -> HashMap<String, String> {
+        let mut env = self.state.env.clone();
+        let dir = self.state.dir.path().join("apps").join(name);
+        env.insert("TENANTMESH_DATA_DIR".into(), dir.display().to_string());
+        env.insert("TENANTMESH_LISTEN_ADDR".into(), "127.0.0.1:0".into());
+        env.insert("TENANTMESH_AUTH_URL".into(), format!("http://{}", self.addrs.auth));
+        env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://{}", self.addrs.registry));
+        env.insert("TENANTMESH_DATA_URL".into(), format!("http://{}", self.addrs.data));
+        env.insert("TENANTMESH_METERING_URL".into(), format!("http://{}", self.addrs.data));
+        // Its own identity: the test client (every scope; a deployment
+        // grants an application `directory+metering_writer`).
+        env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), TEST_CLIENT_ID.into());
+        env.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), TEST_CLIENT_SECRET.into());
+        env
+    }
+
     /// The running mesh's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.state.data_dir()

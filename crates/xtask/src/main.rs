@@ -64,7 +64,8 @@ commands:
                   spec's schema (and docker-compose config where installed),
                   deploy/k8s rendered by kubectl kustomize and checked by
                   kubernetes-validate --strict, hadolint on the Dockerfile,
-                  every test (nextest)
+                  every test (nextest), the docs and doctests of
+                  tenantmesh-app,
                   the README's start command (release build), for real, and
                   bench --quick
   bench [--quick] [--only a,b]
@@ -304,6 +305,11 @@ fn test(extra: &[String]) -> Result {
         .env("TENANTMESH_TEST_STORAGE", "embedded")
         .args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"])
         .args(extra))?;
+    // The public crate teams build their services on: its docs build
+    // without a warning and their examples compile and run (nextest runs
+    // no doctests), as do the tenant-context ones it points to.
+    run(cargo().env("RUSTDOCFLAGS", "-D warnings").args(["doc", "--no-deps", "--locked", "-p", "tenantmesh-app"]))?;
+    run(cargo().args(["test", "--doc", "--locked", "-p", "tenantmesh-app", "-p", "tenantmesh-tenant-context"]))?;
     // The end-to-end suites again, on DynamoDB + STS (a moto emulator per test).
     run(cargo()
         .env("PATH", &path)

@@ -1,0 +1,272 @@
+//! An application service: what it declares, and serving it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use std::time::Duration;
+use tenantmesh_isolation::backend::{Backend, StorageConfig};
+
+use tenantmesh_metering::meters::Meters;
+use tenantmesh_proto::metering::v1::metering_client::MeteringClient;
+use tenantmesh_service::config::{self, CommonConfig};
+use tenantmesh_telemetry::Service;
+use tenantmesh_tenant_context::access::{Policies, PolicyError};
+use tenantmesh_tenant_context::client::{self, Identity, ServiceTokenSource};
+use tenantmesh_tenant_context::server::{self, Authenticator};
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+use crate::error::AppError;
+use crate::tables::Tables;
+
+/// The port an application service listens on unless
+/// `TENANTMESH_LISTEN_ADDR` says otherwise (loopback).
+pub const DEFAULT_PORT: u16 = 50060;
+
+/// Longest name of a service or of one of its tables.
+const MAX_NAME_LEN: usize = 40;
+
+/// An application service: its name, its protos' descriptor set, its
+/// tables and its settings. See the crate docs.
+pub struct App {
+    name: String,
+    descriptor_set: &'static [u8],
+    /// The gRPC services its descriptor set declares (served, health).
+    services: Vec<String>,
+    tables: Vec<String>,
+    common: CommonConfig,
+    storage: StorageConfig,
+    metering: Metering,
+}
+
+/// Where and how often the service's calls' usage goes.
+#[derive(Debug, Clone)]
+struct Metering {
+    url: String,
+    flush: Duration,
+}
+
+impl Metering {
+    fn from_env(env: &HashMap<String, String>) -> Result<Self, AppError> {
+        Ok(Self {
+            url: config::url_var(env, "TENANTMESH_METERING_URL", config::DATA_PORT)?,
+            flush: Duration::from_millis(config::parse_var(env, "TENANTMESH_METERING_FLUSH_MS", 10_000u64)?.max(10)),
+        })
+    }
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("name", &self.name).field("tables", &self.tables).finish_non_exhaustive()
+    }
+}
+
+/// What a service's handlers are built from (see [`App::serve`]).
+#[derive(Debug)]
+pub struct Context {
+    tables: Tables,
+}
+
+impl Context {
+    /// The service's tables, each seen by a call as its tenant's.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), AppError> {
+    let ok = name.len() <= MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::Name(format!("{what} {name:?}: 1-{MAX_NAME_LEN} of a-z, 0-9 and -, starting with a letter")))
+    }
+}
+
+/// The full names of the gRPC services a descriptor set declares.
+fn services_of(descriptor_set: &[u8]) -> Result<Vec<String>, PolicyError> {
+    use prost::Message as _;
+    let set = prost_types::FileDescriptorSet::decode(descriptor_set)
+        .map_err(|e| PolicyError(vec![format!("the descriptor set does not decode: {e}")]))?;
+    Ok(set.file.iter().flat_map(|f| f.service.iter().map(move |s| format!("{}.{}", f.package(), s.name()))).collect())
+}
+
+impl App {
+    /// The service `name` (1-40 of a-z, 0-9 and -: its telemetry's
+    /// `service.name` and its tables' prefix), serving the gRPC services of
+    /// `descriptor_set` (compiled with their imports). Every RPC there must
+    /// declare its policy: otherwise [`AppError::Policies`] names each
+    /// one. Settings are the defaults until [`App::configure`].
+    pub fn new(name: &str, descriptor_set: &'static [u8]) -> Result<Self, AppError> {
+        check_name("service name", name)?;
+        let services = services_of(descriptor_set)?;
+        if services.is_empty() {
+            return Err(PolicyError(vec!["the descriptor set declares no gRPC service".into()]).into());
+        }
+        Policies::from_descriptor_sets(&[descriptor_set])?;
+        let env = HashMap::new();
+        Ok(Self {
+            name: name.to_owned(),
+            descriptor_set,
+            services,
+            tables: Vec::new(),
+            common: CommonConfig::from_env(&env, DEFAULT_PORT)?,
+            storage: StorageConfig::from_env(&env)?,
+            metering: Metering::from_env(&env)?,
+        })
+    }
+
+    /// Declares the table `name` (1-40 of a-z, 0-9 and -): one table in the
+    /// store (`<data dir>/<service>-<name>.redb`, or the DynamoDB table
+    /// `<prefix><service>-<name>`) holding every tenant's items, each
+    /// tenant confined to its own (see [`crate::Tables`]).
+    pub fn table(mut self, name: &str) -> Result<Self, AppError> {
+        check_name("table name", name)?;
+        if self.tables.iter().any(|t| t == name) {
+            return Err(AppError::Name(format!("table {name:?} is declared twice")));
+        }
+        self.tables.push(name.to_owned());
+        Ok(self)
+    }
+
+    /// Reads the settings from `env`, as the mesh's services do:
+    /// `TENANTMESH_LISTEN_ADDR` (default `127.0.0.1:50060`),
+    /// `TENANTMESH_DATA_DIR`, `TENANTMESH_AUTH_URL`,
+    /// `TENANTMESH_REGISTRY_URL`, the token issuer and audience, the tiers
+    /// file, the service's own identity
+    /// (`TENANTMESH_SERVICE_CLIENT_ID`/`_SECRET`, granted `directory` to
+    /// learn of tenant changes at once and `metering_writer` to record its
+    /// calls' usage), where usage goes (`TENANTMESH_METERING_URL`, the data
+    /// service by default; every `TENANTMESH_METERING_FLUSH_MS`, default
+    /// 10000), and the store (`TENANTMESH_STORAGE`,
+    /// `TENANTMESH_TABLE_PREFIX`, the AWS settings).
+    pub fn configure(mut self, env: &HashMap<String, String>) -> Result<Self, AppError> {
+        self.common = CommonConfig::from_env(env, DEFAULT_PORT)?;
+        self.storage = StorageConfig::from_env(env)?;
+        self.metering = Metering::from_env(env)?;
+        Ok(self)
+    }
+
+    /// Where the service listens (`TENANTMESH_LISTEN_ADDR`).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.common.listen_addr
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains
+    /// in-flight calls for the grace period. `routes` builds the service's
+    /// generated servers from the [`Context`]; health, reflection and
+    /// backup are added, and every call passes the mesh's layers first.
+    pub async fn serve<F>(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        routes: F,
+    ) -> Result<(), AppError>
+    where
+        F: FnOnce(&Context) -> Result<Routes, AppError>,
+    {
+        let named = Service::new(self.name.clone());
+        Service::run(named.clone(), async move {
+            let policies =
+                Policies::from_descriptor_sets(&[tenantmesh_proto::FILE_DESCRIPTOR_SET, self.descriptor_set])?;
+            let meters = self.meters(&policies)?;
+            let authn = Authenticator::remote(&self.common)?.with_policies(Arc::new(policies));
+            let mut tables = Tables::new(&self.name);
+            for table in &self.tables {
+                let pooled = format!("{}-{table}", self.name);
+                let stores = self
+                    .storage
+                    .tenant_stores(&self.common, &pooled)
+                    .await
+                    .map_err(|e| AppError::Storage(format!("table {table}: {e}")))?;
+                tables.add(table, stores);
+            }
+            let routes = routes(&Context { tables })?;
+            let embedded = self.storage.backend == Backend::Embedded;
+            let routes = routes.add_service(tenantmesh_service::backup::server(self.common.data_dir.clone(), embedded));
+            let mut names: Vec<&str> = self.services.iter().map(String::as_str).collect();
+            names.push(tenantmesh_service::backup::NAME);
+            tracing::info!(tables = ?self.tables, "application service starting");
+            let served = tenantmesh_service::runtime::serve_routes(
+                listener,
+                routes,
+                &names,
+                &[self.descriptor_set],
+                server::stack(named, authn, meters.clone())?,
+                self.common.shutdown_grace,
+                shutdown,
+            )
+            .await;
+            // Whatever the outcome, what was counted is sent.
+            if let Some(meters) = meters {
+                match meters.shutdown().await {
+                    Ok(()) => tracing::info!("usage flushed"),
+                    Err(e) => tracing::error!(error = %e, "usage counted since the last flush is lost"),
+                }
+            }
+            served?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl App {
+    /// The meters of the service's calls, flushing to the metering service
+    /// with the service's identity; none without one (logged).
+    fn meters(&self, policies: &Policies) -> Result<Option<Arc<Meters>>, AppError> {
+        let Some(credentials) = self.common.service_client.clone() else {
+            tracing::warn!(
+                "no service identity (TENANTMESH_SERVICE_CLIENT_ID/_SECRET): this service's calls are not metered"
+            );
+            return Ok(None);
+        };
+        let tokens = Arc::new(ServiceTokenSource::new(client::channel(&self.common.auth_url)?, credentials));
+        let channel = client::wrap(client::channel(&self.metering.url)?, Identity::Service(tokens));
+        let sink = crate::metering::RecordUsage {
+            service: self.name.clone(),
+            client: tenantmesh_service::sized!(MeteringClient::new(channel)),
+        };
+        let meters = Arc::new(Meters::with_sink(sink, policies.metered(), self.metering.flush));
+        meters.start();
+        tracing::info!(
+            replica = %meters.replica(),
+            to = %self.metering.url,
+            flush_ms = self.metering.flush.as_millis() as u64,
+            "metering this service's calls"
+        );
+        Ok(Some(meters))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_declarations_are_checked_before_serving() {
+        let set = tenantmesh_proto::FILE_DESCRIPTOR_SET;
+        for bad in ["", "Orders", "9lives", "a_b", &"x".repeat(41)] {
+            let err = App::new(bad, set).unwrap_err();
+            assert!(matches!(err, AppError::Name(_)), "{bad:?}: {err}");
+        }
+        let app = App::new("orders", set).unwrap().table("orders").unwrap();
+        assert!(app.services.iter().any(|s| s == "tenantmesh.data.v1.Data"), "{:?}", app.services);
+        let twice = app.table("orders").unwrap_err();
+        assert!(twice.to_string().contains("declared twice"), "{twice}");
+        let garbage = App::new("orders", b"\xff\xff").unwrap_err();
+        assert!(matches!(garbage, AppError::Policies(_)), "{garbage}");
+        let env = HashMap::from([("TENANTMESH_LISTEN_ADDR".to_owned(), "nowhere".to_owned())]);
+        let refused = App::new("orders", set).unwrap().configure(&env).unwrap_err();
+        assert!(refused.to_string().contains("TENANTMESH_LISTEN_ADDR"), "{refused}");
+    }
+}
