@@ -10,12 +10,15 @@ use tenantmesh_isolation::backend::{Backend, StorageConfig};
 
 use tenantmesh_metering::meters::Meters;
 use tenantmesh_proto::metering::v1::metering_client::MeteringClient;
+use tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient;
+use tenantmesh_proto::registry::v1::{ApplicationService, RegisterServiceRequest};
 use tenantmesh_service::config::{self, CommonConfig};
 use tenantmesh_telemetry::Service;
 use tenantmesh_tenant_context::access::{Policies, PolicyError};
 use tenantmesh_tenant_context::client::{self, Identity, ServiceTokenSource};
 use tenantmesh_tenant_context::server::{self, Authenticator};
 use tokio::net::TcpListener;
+use tonic::Code;
 use tonic::service::Routes;
 
 use crate::error::AppError;
@@ -39,6 +42,9 @@ pub struct App {
     common: CommonConfig,
     storage: StorageConfig,
     metering: Metering,
+    /// `TENANTMESH_ADVERTISE_URL`: where others reach it (the catalog's
+    /// endpoint); default `http://<the address it listens on>`.
+    advertise: Option<String>,
 }
 
 /// Where and how often the service's calls' usage goes.
@@ -117,6 +123,7 @@ impl App {
             common: CommonConfig::from_env(&env, DEFAULT_PORT)?,
             storage: StorageConfig::from_env(&env)?,
             metering: Metering::from_env(&env)?,
+            advertise: None,
         })
     }
 
@@ -139,15 +146,28 @@ impl App {
     /// `TENANTMESH_REGISTRY_URL`, the token issuer and audience, the tiers
     /// file, the service's own identity
     /// (`TENANTMESH_SERVICE_CLIENT_ID`/`_SECRET`, granted `directory` to
-    /// learn of tenant changes at once and `metering_writer` to record its
-    /// calls' usage), where usage goes (`TENANTMESH_METERING_URL`, the data
+    /// learn of tenant changes at once, `metering_writer` to record its
+    /// calls' usage and `catalog` to register itself; the client id is the
+    /// service's name), where usage goes (`TENANTMESH_METERING_URL`, the data
     /// service by default; every `TENANTMESH_METERING_FLUSH_MS`, default
-    /// 10000), and the store (`TENANTMESH_STORAGE`,
+    /// 10000), where others reach it (`TENANTMESH_ADVERTISE_URL`, for the
+    /// service catalog; default the address it listens on), and the store (`TENANTMESH_STORAGE`,
     /// `TENANTMESH_TABLE_PREFIX`, the AWS settings).
     pub fn configure(mut self, env: &HashMap<String, String>) -> Result<Self, AppError> {
         self.common = CommonConfig::from_env(env, DEFAULT_PORT)?;
         self.storage = StorageConfig::from_env(env)?;
         self.metering = Metering::from_env(env)?;
+        self.advertise = match config::var(env, "TENANTMESH_ADVERTISE_URL") {
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url.to_owned()),
+            Some(_) => {
+                return Err(config::ConfigError {
+                    var: "TENANTMESH_ADVERTISE_URL",
+                    message: "must be an http:// or https:// URL".into(),
+                }
+                .into());
+            }
+            None => None,
+        };
         Ok(self)
     }
 
@@ -178,7 +198,20 @@ impl App {
         Service::run(named.clone(), async move {
             let policies =
                 Policies::from_descriptor_sets(&[tenantmesh_proto::FILE_DESCRIPTOR_SET, self.descriptor_set])?;
-            let meters = self.meters(&policies)?;
+            let tokens = self.common.service_client.clone().map(|credentials| {
+                client::channel(&self.common.auth_url).map(|auth| Arc::new(ServiceTokenSource::new(auth, credentials)))
+            });
+            let tokens = tokens.transpose()?;
+            let meters = match &tokens {
+                Some(tokens) => Some(self.meters(&policies, tokens)?),
+                None => {
+                    tracing::warn!(
+                        "no service identity (TENANTMESH_SERVICE_CLIENT_ID/_SECRET): this service's calls are not \
+                         metered, and it is not registered in the service catalog"
+                    );
+                    None
+                }
+            };
             let authn = Authenticator::remote(&self.common)?.with_policies(Arc::new(policies));
             let mut tables = Tables::new(&self.name);
             for table in &self.tables {
@@ -196,6 +229,9 @@ impl App {
             let mut names: Vec<&str> = self.services.iter().map(String::as_str).collect();
             names.push(tenantmesh_service::backup::NAME);
             tracing::info!(tables = ?self.tables, "application service starting");
+            if let Some(tokens) = &tokens {
+                self.register(self.registration(listener.local_addr().ok()), tokens)?;
+            }
             let served = tenantmesh_service::runtime::serve_routes(
                 listener,
                 routes,
@@ -223,15 +259,8 @@ impl App {
 impl App {
     /// The meters of the service's calls, flushing to the metering service
     /// with the service's identity; none without one (logged).
-    fn meters(&self, policies: &Policies) -> Result<Option<Arc<Meters>>, AppError> {
-        let Some(credentials) = self.common.service_client.clone() else {
-            tracing::warn!(
-                "no service identity (TENANTMESH_SERVICE_CLIENT_ID/_SECRET): this service's calls are not metered"
-            );
-            return Ok(None);
-        };
-        let tokens = Arc::new(ServiceTokenSource::new(client::channel(&self.common.auth_url)?, credentials));
-        let channel = client::wrap(client::channel(&self.metering.url)?, Identity::Service(tokens));
+    fn meters(&self, policies: &Policies, tokens: &Arc<ServiceTokenSource>) -> Result<Arc<Meters>, AppError> {
+        let channel = client::wrap(client::channel(&self.metering.url)?, Identity::Service(tokens.clone()));
         let sink = crate::metering::RecordUsage {
             service: self.name.clone(),
             client: tenantmesh_service::sized!(MeteringClient::new(channel)),
@@ -244,7 +273,61 @@ impl App {
             flush_ms = self.metering.flush.as_millis() as u64,
             "metering this service's calls"
         );
-        Ok(Some(meters))
+        Ok(meters)
+    }
+
+    /// What the catalog is told of this service, served at `addr`.
+    fn registration(&self, addr: Option<SocketAddr>) -> ApplicationService {
+        let endpoint = match (&self.advertise, addr) {
+            (Some(url), _) => url.clone(),
+            (None, Some(addr)) => format!("http://{addr}"),
+            (None, None) => format!("http://{}", self.common.listen_addr),
+        };
+        ApplicationService {
+            name: self.name.clone(),
+            endpoint,
+            grpc_services: self.services.clone(),
+            tables: self.tables.clone(),
+            silo_instances: false,
+            ..Default::default()
+        }
+    }
+
+    /// Registers the service in the registry's catalog, with its own
+    /// identity, retrying (1 s, doubling to 30 s) until the registry
+    /// answers; a refusal that retrying cannot change is logged and ends it.
+    fn register(&self, service: ApplicationService, tokens: &Arc<ServiceTokenSource>) -> Result<(), AppError> {
+        let channel = client::wrap(client::channel(&self.common.registry_url)?, Identity::Service(tokens.clone()));
+        let mut registry = tenantmesh_service::sized!(TenantRegistryClient::new(channel));
+        tenantmesh_telemetry::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let request = RegisterServiceRequest { service: Some(service.clone()) };
+                match registry.register_service(request).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        let version = r.service.map_or(0, |s| s.version);
+                        tracing::info!(endpoint = %service.endpoint, version, changed = r.changed, "registered in the service catalog");
+                        return;
+                    }
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated
+                        ) =>
+                    {
+                        tracing::error!(code = ?s.code(), error = %s.message(), "the service catalog refused this service's registration");
+                        return;
+                    }
+                    Err(s) => {
+                        tracing::warn!(code = ?s.code(), error = %s.message(), retry_ms = backoff.as_millis() as u64, "registering in the service catalog failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 }
 

@@ -16,6 +16,9 @@
 //!   as `<service>.<meter>` usage, with the service's own identity; a
 //!   retried flush counts once. The pricing file prices those meters like
 //!   any other.
+//! - **The service catalog**: on start, a service with an identity
+//!   registers itself with the control plane (name, endpoint, gRPC
+//!   services, tables), idempotently, retrying until the registry answers.
 //! - **Health, reflection, backup, graceful shutdown**: `grpc.health.v1`
 //!   per service, server reflection for `grpcurl`, the mesh's `Backup`
 //!   service over the service's local store, and draining in-flight calls

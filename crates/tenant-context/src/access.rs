@@ -179,6 +179,7 @@ fn rule(policy: Option<&options::Policy>, streams: bool) -> Result<(Access, Char
             options::Scope::DataPlane => Ok(Scope::DataPlane),
             options::Scope::MeteringWriter => Ok(Scope::MeteringWriter),
             options::Scope::UsageReader => Ok(Scope::UsageReader),
+            options::Scope::Catalog => Ok(Scope::Catalog),
             options::Scope::Unspecified => Err("a scope is SCOPE_UNSPECIFIED"),
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -53,11 +53,20 @@ pub enum Scope {
     /// Read usage and cost (GetUsage, ExportUsage, GetTenantCost,
     /// ListTenantCosts), e.g. for a billing system.
     UsageReader,
+    /// Register the service itself in the control plane's catalog
+    /// (RegisterService, for the service its client id names).
+    Catalog,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] =
-        [Scope::Directory, Scope::Lifecycle, Scope::DataPlane, Scope::MeteringWriter, Scope::UsageReader];
+    pub const ALL: [Scope; 6] = [
+        Scope::Directory,
+        Scope::Lifecycle,
+        Scope::DataPlane,
+        Scope::MeteringWriter,
+        Scope::UsageReader,
+        Scope::Catalog,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,6 +75,7 @@ impl Scope {
             Scope::DataPlane => "data_plane",
             Scope::MeteringWriter => "metering_writer",
             Scope::UsageReader => "usage_reader",
+            Scope::Catalog => "catalog",
         }
     }
 

@@ -35,7 +35,13 @@ pub const SCOPED_CLIENTS: &[(&str, &str)] = &[
     ("tests-metering-writer", "metering_writer"),
     ("tests-usage-reader", "usage_reader"),
     ("tests-confined-writer", "metering_writer@confined-a"),
+    ("tests-catalog", "catalog"),
 ];
+
+/// Application services' own identities in a test mesh (client id = the
+/// service's name, [`TEST_CLIENT_SECRET`]), granted what an application
+/// needs: `directory+metering_writer+catalog`.
+pub const APPLICATION_CLIENTS: &[&str] = &["orders"];
 
 /// `TENANTMESH_SERVICE_CLIENTS` of a test mesh.
 fn test_clients() -> String {
@@ -45,6 +51,9 @@ fn test_clients() -> String {
             "" => format!("{id}:{TEST_CLIENT_SECRET}"),
             grant => format!("{id}:{TEST_CLIENT_SECRET}:{grant}"),
         }))
+        .chain(
+            APPLICATION_CLIENTS.iter().map(|id| format!("{id}:{TEST_CLIENT_SECRET}:directory+metering_writer+catalog")),
+        )
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -281,9 +290,8 @@ impl TestMesh {
         env.insert("TENANTMESH_REGISTRY_URL".into(), format!("http://{}", self.addrs.registry));
         env.insert("TENANTMESH_DATA_URL".into(), format!("http://{}", self.addrs.data));
         env.insert("TENANTMESH_METERING_URL".into(), format!("http://{}", self.addrs.data));
-        // Its own identity: the test client (every scope; a deployment
-        // grants an application `directory+metering_writer`).
-        env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), TEST_CLIENT_ID.into());
+        // Its own identity (one of APPLICATION_CLIENTS).
+        env.insert("TENANTMESH_SERVICE_CLIENT_ID".into(), name.into());
         env.insert("TENANTMESH_SERVICE_CLIENT_SECRET".into(), TEST_CLIENT_SECRET.into());
         env
     }

@@ -206,6 +206,29 @@ async fn bad_input_and_callers_the_policy_refuses() {
     expect_code(client.list_orders(authed(list(0, ""), &admin)).await, Code::PermissionDenied);
 }
 
+/// On start the service registers itself in the control plane's catalog,
+/// with its own identity: what it serves, where, and its tables.
+#[tokio::test]
+async fn it_registers_itself_in_the_catalog() {
+    use tenantmesh_proto::registry::v1::ListServicesRequest;
+    let mesh = TestMesh::start().await;
+    let orders = start(&mesh).await;
+    let admin = mesh.admin_token().await;
+    let listed = || {
+        let (mut registry, admin) = (mesh.registry(), admin.clone());
+        async move { registry.list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner().services }
+    };
+    eventually(std::time::Duration::from_secs(10), || async { !listed().await.is_empty() }).await;
+    let services = listed().await;
+    let orders_entry = services.iter().find(|s| s.name == "orders").expect("orders in the catalog");
+    assert_eq!(orders_entry.endpoint, format!("http://{}", orders.addr));
+    assert_eq!(orders_entry.grpc_services, ["example.orders.v1.Orders"]);
+    assert_eq!(
+        (orders_entry.tables.as_slice(), orders_entry.registered_by.as_str()),
+        (&["orders".to_owned()][..], "service:orders")
+    );
+}
+
 /// The README's "Build your own service" shows the example's own `main`,
 /// not a copy that drifts.
 #[test]

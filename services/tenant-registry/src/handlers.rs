@@ -273,6 +273,22 @@ impl TenantRegistry for Registry {
         Ok(Response::new(SetPlacementResponse { tenant: Some(tenant) }))
     }
 
+    async fn register_service(
+        &self,
+        request: Request<RegisterServiceRequest>,
+    ) -> Result<Response<RegisterServiceResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        Ok(Response::new(self.catalog_register(&ctx, request.into_inner()).await?))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        TenantContext::from_request(&request)?.authorize_all_tenants()?;
+        Ok(Response::new(self.catalog_list().await?))
+    }
+
     type WatchTenantsStream =
         std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchTenantsResponse, Status>> + Send>>;
 

@@ -309,3 +309,73 @@ async fn watchers_hear_of_each_change() {
 fn every_rpc_has_a_contract_test() {
     assert_contract_covers(include_str!("contract.rs"), &["tenantmesh.registry.v1.TenantRegistry"]);
 }
+
+/// The service catalog: a registration is idempotent, a changed one is a
+/// new version, bad input names its field; a service identity registers
+/// itself only, and tenants see nothing of the catalog.
+#[tokio::test]
+async fn the_service_catalog() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let mut reg = mesh.registry();
+    let invoices = |endpoint: &str| ApplicationService {
+        name: "invoices".into(),
+        endpoint: endpoint.into(),
+        grpc_services: vec!["acme.invoices.v1.Invoices".into()],
+        tables: vec!["invoices".into(), "lines".into()],
+        ..Default::default()
+    };
+    let register =
+        |service: ApplicationService, token: &str| authed(RegisterServiceRequest { service: Some(service) }, token);
+    let first = reg.register_service(register(invoices("http://invoices:50060"), &admin)).await.unwrap().into_inner();
+    let stored = first.service.clone().unwrap();
+    assert!(first.changed);
+    assert_eq!(stored.version, 1);
+    assert!(!stored.registered_by.is_empty() && !stored.registered_by.starts_with("service:"), "{stored:?}");
+    assert!(stored.registered_at > 0);
+    let again = reg.register_service(register(invoices("http://invoices:50060"), &admin)).await.unwrap().into_inner();
+    assert_eq!(
+        (again.changed, again.service.as_ref()),
+        (false, Some(&stored)),
+        "the same registration changes nothing"
+    );
+    let moved =
+        reg.register_service(register(invoices("https://invoices.internal"), &admin)).await.unwrap().into_inner();
+    assert_eq!((moved.changed, moved.service.unwrap().version), (true, 2));
+
+    let bad = |f: fn(&mut ApplicationService)| {
+        let mut s = invoices("http://invoices:50060");
+        f(&mut s);
+        s
+    };
+    expect_invalid(reg.register_service(register(bad(|s| s.name = "Invoices".into()), &admin)).await, "service.name");
+    expect_invalid(
+        reg.register_service(register(bad(|s| s.endpoint = "invoices:1".into()), &admin)).await,
+        "service.endpoint",
+    );
+    expect_invalid(
+        reg.register_service(register(bad(|s| s.grpc_services.clear()), &admin)).await,
+        "service.grpc_services",
+    );
+    expect_invalid(
+        reg.register_service(register(bad(|s| s.tables = vec!["a b".into()]), &admin)).await,
+        "service.tables[0]",
+    );
+    expect_invalid(reg.register_service(authed(RegisterServiceRequest { service: None }, &admin)).await, "service");
+
+    // A service identity with the catalog scope registers only the
+    // service its client id names; a tenant admin nothing.
+    let catalog = mesh.service_token_as("tests-catalog").await;
+    expect_code(reg.register_service(register(invoices("http://evil:1"), &catalog)).await, Code::PermissionDenied);
+    let own = ApplicationService { name: "tests-catalog".into(), ..invoices("http://catalog:1") };
+    let own = reg.register_service(register(own, &catalog)).await.unwrap().into_inner().service.unwrap();
+    assert_eq!(own.registered_by, "service:tests-catalog");
+    let tenant = mesh.onboard(&unique_tenant("nosy")).await;
+    expect_code(reg.register_service(register(invoices("http://x:1"), &tenant.token)).await, Code::PermissionDenied);
+    expect_code(reg.list_services(authed(ListServicesRequest {}, &tenant.token)).await, Code::PermissionDenied);
+
+    let listed = reg.list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner().services;
+    let names: Vec<(&str, &str, u64)> =
+        listed.iter().map(|s| (s.name.as_str(), s.endpoint.as_str(), s.version)).collect();
+    assert_eq!(names, [("invoices", "https://invoices.internal", 2), ("tests-catalog", "http://catalog:1", 1)]);
+}

@@ -1,0 +1,143 @@
+//! The service catalog: the application services that joined the mesh
+//! (`RegisterService`, `ListServices`), one item each under
+//! [`SERVICES_PK`], keyed by name.
+
+use prost::Message as _;
+use tenantmesh_proto::registry::v1::*;
+use tenantmesh_service::errors::Violations;
+use tenantmesh_storage::{Condition, Pages, StorageError};
+use tenantmesh_tenant_context::{Role, TenantContext};
+use tonic::Status;
+
+use crate::error::RegistryError;
+use crate::registry::Registry;
+
+/// The partition of the catalog.
+pub const SERVICES_PK: &str = "_services";
+
+const MAX_NAME_LEN: usize = 40;
+const MAX_ENDPOINT_LEN: usize = 512;
+const MAX_LISTED: usize = 64;
+
+fn name_ok(name: &str) -> bool {
+    name.len() <= MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check(service: &ApplicationService) -> Result<(), Status> {
+    let mut v = Violations::new();
+    if !name_ok(&service.name) {
+        v.add("service.name", format!("must be 1-{MAX_NAME_LEN} of a-z, 0-9 and -, starting with a letter"));
+    }
+    let scheme_ok = service.endpoint.starts_with("http://") || service.endpoint.starts_with("https://");
+    if !scheme_ok || service.endpoint.len() > MAX_ENDPOINT_LEN || service.endpoint.contains(char::is_whitespace) {
+        v.add(
+            "service.endpoint",
+            format!("must be an http:// or https:// URL of at most {MAX_ENDPOINT_LEN} characters"),
+        );
+    }
+    if service.grpc_services.is_empty() || service.grpc_services.len() > MAX_LISTED {
+        v.add("service.grpc_services", format!("must name 1-{MAX_LISTED} gRPC services"));
+    }
+    for (i, s) in service.grpc_services.iter().enumerate() {
+        let ok = !s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._".contains(&b));
+        if !ok {
+            v.add(&format!("service.grpc_services[{i}]"), "must be a full gRPC service name");
+        }
+    }
+    if service.tables.len() > MAX_LISTED {
+        v.add("service.tables", format!("at most {MAX_LISTED}"));
+    }
+    for (i, t) in service.tables.iter().enumerate() {
+        if !name_ok(t) {
+            v.add(&format!("service.tables[{i}]"), format!("must be 1-{MAX_NAME_LEN} of a-z, 0-9 and -"));
+        }
+    }
+    v.check()
+}
+
+/// Whether two registrations say the same (what the registry sets aside).
+fn same(a: &ApplicationService, b: &ApplicationService) -> bool {
+    (&a.name, &a.endpoint, &a.grpc_services, &a.tables, a.silo_instances)
+        == (&b.name, &b.endpoint, &b.grpc_services, &b.tables, b.silo_instances)
+}
+
+fn decode(item: tenantmesh_storage::Item) -> Result<ApplicationService, RegistryError> {
+    let mut s = ApplicationService::decode(item.data.as_slice()).map_err(|e| RegistryError::Corrupt(e.to_string()))?;
+    s.version = item.version;
+    Ok(s)
+}
+
+impl Registry {
+    /// `RegisterService` (see the proto): idempotent, a change is a new
+    /// version.
+    pub(crate) async fn catalog_register(
+        &self,
+        ctx: &TenantContext,
+        req: RegisterServiceRequest,
+    ) -> Result<RegisterServiceResponse, Status> {
+        let mut service =
+            req.service.ok_or_else(|| tenantmesh_service::errors::invalid_field("service", "is required"))?;
+        check(&service)?;
+        // A service identity registers itself only: the name its client id gives.
+        if !ctx.has_role(Role::PlatformAdmin) && ctx.subject.strip_prefix("service:") != Some(service.name.as_str()) {
+            tracing::warn!(
+                security_event = "catalog_refused",
+                subject = %ctx.subject,
+                service = %service.name,
+                "a service identity tried to register another service"
+            );
+            return Err(Status::permission_denied("a service identity registers only the service its client id names"));
+        }
+        service.registered_by = ctx.subject.to_string();
+        service.registered_at = tenantmesh_service::clock::now_ms();
+        // Two tries: a concurrent registration of the same name wins once.
+        for _ in 0..2 {
+            let current = self.store.get(SERVICES_PK, &service.name).await.map_err(RegistryError::from)?;
+            let expected = match current {
+                Some(item) => {
+                    let existing = decode(item)?;
+                    if same(&existing, &service) {
+                        return Ok(RegisterServiceResponse { service: Some(existing), changed: false });
+                    }
+                    existing.version
+                }
+                None => 0,
+            };
+            service.version = 0;
+            match self
+                .store
+                .put(SERVICES_PK, &service.name, service.encode_to_vec(), Condition::Version(expected))
+                .await
+            {
+                Ok(item) => {
+                    service.version = item.version;
+                    tracing::info!(
+                        service = %service.name,
+                        endpoint = %service.endpoint,
+                        version = item.version,
+                        registered_by = %service.registered_by,
+                        "application service registered"
+                    );
+                    return Ok(RegisterServiceResponse { service: Some(service), changed: true });
+                }
+                Err(StorageError::ConditionFailed { .. }) => continue,
+                Err(e) => return Err(RegistryError::from(e).into()),
+            }
+        }
+        Err(Status::aborted("the service was registered concurrently; retry"))
+    }
+
+    /// `ListServices`: the whole catalog, by name.
+    pub(crate) async fn catalog_list(&self) -> Result<ListServicesResponse, Status> {
+        let mut services = Vec::new();
+        let mut pages = Pages::new(self.store.as_ref(), SERVICES_PK, "", 100);
+        while let Some(items) = pages.next().await.map_err(RegistryError::from)? {
+            for item in items {
+                services.push(decode(item)?);
+            }
+        }
+        Ok(ListServicesResponse { services })
+    }
+}
