@@ -9,6 +9,10 @@
 //!   the same durability (one committed, fsynced write transaction per
 //!   call, on the blocking pool, as a plain tonic server would).
 //! - `QueryItems` reads the page from redb in key order.
+//!
+//! It also serves the example application's `example.orders.v1.Orders`
+//! the same way (`CreateOrder` keeps the order in memory, `GetOrder`
+//! answers it), the baseline of an application service's request path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +21,11 @@ use std::sync::{Arc, RwLock};
 
 use prost::Message as _;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tenantmesh_orders::proto::orders_server::{Orders, OrdersServer};
+use tenantmesh_orders::proto::{
+    CancelOrderRequest, CancelOrderResponse, CreateOrderRequest, CreateOrderResponse, GetOrderRequest,
+    GetOrderResponse, ListOrdersRequest, ListOrdersResponse, Order, OrderStatus,
+};
 use tenantmesh_proto::data::v1::data_server::{Data, DataServer};
 use tenantmesh_proto::data::v1::*;
 use tonic::{Request, Response, Status};
@@ -27,6 +36,7 @@ const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
 pub struct Baseline {
     db: Arc<Database>,
     items: Arc<RwLock<HashMap<String, Item>>>,
+    orders: Arc<RwLock<HashMap<String, Order>>>,
 }
 
 fn key(collection: &str, id: &str) -> String {
@@ -43,7 +53,7 @@ impl Baseline {
         let txn = db.begin_write().map_err(|e| e.to_string())?;
         txn.open_table(ITEMS).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
-        Ok(Self { db: Arc::new(db), items: Default::default() })
+        Ok(Self { db: Arc::new(db), items: Default::default(), orders: Default::default() })
     }
 }
 
@@ -115,6 +125,46 @@ impl Data for Baseline {
     }
 }
 
+#[tonic::async_trait]
+impl Orders for Baseline {
+    async fn create_order(
+        &self,
+        request: Request<CreateOrderRequest>,
+    ) -> Result<Response<CreateOrderResponse>, Status> {
+        let req = request.into_inner();
+        let order = Order {
+            order_id: req.order_id.clone(),
+            product_id: req.product_id,
+            quantity: req.quantity,
+            status: OrderStatus::Placed.into(),
+            version: 1,
+            // As large as the mesh's: a time and a user id.
+            created_at: 1_765_000_000_000,
+            created_by: "0".repeat(36),
+        };
+        self.orders.write().expect("orders lock").insert(req.order_id, order.clone());
+        Ok(Response::new(CreateOrderResponse { order: Some(order) }))
+    }
+
+    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<GetOrderResponse>, Status> {
+        match self.orders.read().expect("orders lock").get(&request.get_ref().order_id) {
+            Some(order) => Ok(Response::new(GetOrderResponse { order: Some(order.clone()) })),
+            None => Err(Status::not_found("no such order")),
+        }
+    }
+
+    async fn list_orders(&self, _request: Request<ListOrdersRequest>) -> Result<Response<ListOrdersResponse>, Status> {
+        Err(Status::unimplemented("not part of the baseline"))
+    }
+
+    async fn cancel_order(
+        &self,
+        _request: Request<CancelOrderRequest>,
+    ) -> Result<Response<CancelOrderResponse>, Status> {
+        Err(Status::unimplemented("not part of the baseline"))
+    }
+}
+
 /// Serves the baseline on `addr` (TCP_NODELAY on, as `Server::serve` sets
 /// it) and prints `listening <addr>` once bound.
 pub async fn serve(addr: SocketAddr, data_dir: &Path) -> Result<(), String> {
@@ -124,7 +174,8 @@ pub async fn serve(addr: SocketAddr, data_dir: &Path) -> Result<(), String> {
     println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .add_service(DataServer::new(service))
+        .add_service(DataServer::new(service.clone()))
+        .add_service(OrdersServer::new(service))
         .serve_with_incoming_shutdown(incoming, crate::procs::shutdown_signal())
         .await
         .map_err(|e| e.to_string())

@@ -209,6 +209,29 @@ impl Op {
     }
 }
 
+/// The example application's `GetOrder` of order `o1`, carrying `token`.
+pub fn get_order(token: &str) -> CallFn {
+    let method = Method::new("/example.orders.v1.Orders/GetOrder", token);
+    let body = frame(&tenantmesh_orders::proto::GetOrderRequest { order_id: "o1".into() });
+    Arc::new(move |conn, _| {
+        let (method, body) = (method.clone(), body.clone());
+        Box::pin(async move { method.call(conn, body).await })
+    })
+}
+
+/// Order `o1` of product `p1` (which it puts in the tenant's catalog at
+/// `data`, when given) at the orders service on `orders`.
+pub async fn seed_order(data: Option<Channel>, orders: Channel, token: &str) -> Result<(), String> {
+    use tenantmesh_orders::proto::{CreateOrderRequest, orders_client::OrdersClient};
+    if let Some(data) = data {
+        put(data, token, PutItemRequest { collection: "products".into(), id: "p1".into(), ..Default::default() })
+            .await?;
+    }
+    let create = CreateOrderRequest { order_id: "o1".into(), product_id: "p1".into(), quantity: 2 };
+    OrdersClient::new(orders).create_order(authed(create, token)).await.map_err(|s| format!("CreateOrder: {s:?}"))?;
+    Ok(())
+}
+
 pub fn code<T>(r: Result<T, tonic::Status>) -> tonic::Code {
     match r {
         Ok(_) => tonic::Code::Ok,

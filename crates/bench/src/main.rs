@@ -140,6 +140,7 @@ async fn run(
         let result = match *name {
             "isolation_tax" => scenarios::tax::isolation_tax(&ctx).await.map(Some),
             "tax_before_after" => scenarios::tax::before_after(&ctx).await,
+            "app_tax" => scenarios::app::app_tax(&ctx).await.map(Some),
             "light_load" => scenarios::tax::light_load(&ctx).await.map(Some),
             "h2load" => scenarios::tax::h2load_crosscheck(&ctx).await,
             "sts_calls" => scenarios::sts::sts_calls(&ctx).await.map(Some),

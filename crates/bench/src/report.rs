@@ -221,6 +221,7 @@ pub fn fmt_num(v: f64) -> String {
 pub const ORDER: &[&str] = &[
     "isolation_tax",
     "tax_before_after",
+    "app_tax",
     "light_load",
     "h2load",
     "token_verification",

@@ -338,6 +338,8 @@ fn bench(extra: &[String]) -> Result {
         "-p",
         "tenantmesh-data",
         "-p",
+        "tenantmesh-orders",
+        "-p",
         "tenantmesh-bench",
     ]))?;
     let root = root();

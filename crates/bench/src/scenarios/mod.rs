@@ -1,6 +1,7 @@
 //! The benchmark scenarios. Each returns a [`ScenarioResult`]; the driver
 //! writes it and regenerates BENCHMARKS.md.
 
+pub mod app;
 pub mod backup;
 pub mod fairness;
 pub mod hop;
