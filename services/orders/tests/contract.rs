@@ -295,3 +295,102 @@ async fn grpcurl_lists_describes_and_calls_it() {
     let stderr = String::from_utf8_lossy(&missing.stderr).to_string();
     assert!(!missing.status.success() && stderr.contains("NotFound") && stderr.contains("no order g1"), "{stderr}");
 }
+
+/// Random operations of three tenants on the data service (their product
+/// catalogs) and the orders service, against a model of what each tenant
+/// wrote: every answer is the model's, so no tenant ever sees, changes or
+/// collides with another's orders or products, and no write is lost or
+/// stale. The ids are drawn from a few names, so the tenants keep using
+/// the same ones. The seed is printed; `TENANTMESH_TEST_SEED` replays one.
+#[tokio::test]
+async fn random_operations_of_several_tenants_stay_apart() {
+    use std::collections::{BTreeMap, HashSet};
+    let seed: u64 = std::env::var("TENANTMESH_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    eprintln!("TENANTMESH_TEST_SEED={seed}");
+    let mut state = seed;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mesh = TestMesh::start().await;
+    let orders = start(&mesh).await;
+    let mut client = orders.client.clone();
+    let mut tenants = Vec::new();
+    for name in ["alpha", "beta", "gamma"] {
+        tenants.push(mesh.onboard(&unique_tenant(name)).await);
+    }
+    // Per tenant: its products, and its orders (product, quantity, cancelled).
+    let mut products: Vec<HashSet<String>> = vec![HashSet::new(); 3];
+    let mut placed: Vec<BTreeMap<String, (String, u32, bool)>> = vec![BTreeMap::new(); 3];
+    for step in 0..150 {
+        let t = next(3) as usize;
+        let token = &tenants[t].token;
+        let (order_id, product_id) = (format!("o{}", next(5)), format!("p{}", next(3)));
+        let context = format!("seed {seed}, step {step}, tenant {t}");
+        match next(5) {
+            0 => {
+                add_product(&mesh, token, &product_id).await;
+                products[t].insert(product_id);
+            }
+            1 => {
+                let quantity = 1 + next(3) as u32;
+                let got = client.create_order(authed(create(&order_id, &product_id, quantity), token)).await;
+                let want = match placed[t].get(&order_id) {
+                    _ if !products[t].contains(&product_id) => Err(Code::FailedPrecondition),
+                    Some((p, q, _)) if (p, *q) == (&product_id, quantity) => Ok(()),
+                    Some(_) => Err(Code::AlreadyExists),
+                    None => Ok(()),
+                };
+                assert_eq!(got.as_ref().map(|_| ()).map_err(|s| s.code()), want, "{context}: create {order_id}");
+                if want.is_ok() {
+                    placed[t].entry(order_id).or_insert((product_id, quantity, false));
+                }
+            }
+            2 => {
+                let got = client.get_order(authed(get(&order_id), token)).await;
+                match placed[t].get(&order_id) {
+                    Some((p, q, cancelled)) => {
+                        let o = got.unwrap().into_inner().order.unwrap();
+                        let status = if *cancelled { OrderStatus::Cancelled } else { OrderStatus::Placed };
+                        assert_eq!(
+                            (&o.product_id, o.quantity, o.status()),
+                            (p, *q, status),
+                            "{context}: get {order_id}"
+                        );
+                    }
+                    None => assert_eq!(got.map(|_| ()).map_err(|s| s.code()), Err(Code::NotFound), "{context}"),
+                }
+            }
+            3 => {
+                let got = client.cancel_order(authed(CancelOrderRequest { order_id: order_id.clone() }, token)).await;
+                match placed[t].get_mut(&order_id) {
+                    Some(order) => {
+                        assert_eq!(
+                            got.unwrap().into_inner().order.unwrap().status(),
+                            OrderStatus::Cancelled,
+                            "{context}"
+                        );
+                        order.2 = true;
+                    }
+                    None => assert_eq!(got.map(|_| ()).map_err(|s| s.code()), Err(Code::NotFound), "{context}"),
+                }
+            }
+            _ => {
+                let listed = client.list_orders(authed(list(100, ""), token)).await.unwrap().into_inner().orders;
+                let got: Vec<(String, String, u32, bool)> = listed
+                    .iter()
+                    .map(|o| {
+                        (o.order_id.clone(), o.product_id.clone(), o.quantity, o.status() == OrderStatus::Cancelled)
+                    })
+                    .collect();
+                let want: Vec<(String, String, u32, bool)> =
+                    placed[t].iter().map(|(id, (p, q, c))| (id.clone(), p.clone(), *q, *c)).collect();
+                assert_eq!(got, want, "{context}: list");
+            }
+        }
+    }
+}
