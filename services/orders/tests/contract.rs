@@ -12,13 +12,13 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 /// The orders service, serving next to `mesh` until dropped.
-struct Running {
-    client: OrdersClient<Channel>,
-    addr: std::net::SocketAddr,
+pub(crate) struct Running {
+    pub(crate) client: OrdersClient<Channel>,
+    pub(crate) addr: std::net::SocketAddr,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start(mesh: &TestMesh) -> Running {
+pub(crate) async fn start(mesh: &TestMesh) -> Running {
     let env = mesh.app_env("orders");
     let app = tenantmesh_orders::app().unwrap().configure(&env).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
