@@ -28,9 +28,6 @@ use crate::tables::Tables;
 /// `TENANTMESH_LISTEN_ADDR` says otherwise (loopback).
 pub const DEFAULT_PORT: u16 = 50060;
 
-/// Longest name of a service or of one of its tables.
-const MAX_NAME_LEN: usize = 40;
-
 /// An application service: its name, its protos' descriptor set, its
 /// tables and its settings. See the crate docs.
 pub struct App {
@@ -58,7 +55,7 @@ impl Metering {
     fn from_env(env: &HashMap<String, String>) -> Result<Self, AppError> {
         Ok(Self {
             url: config::url_var(env, "TENANTMESH_METERING_URL", config::DATA_PORT)?,
-            flush: Duration::from_millis(config::parse_var(env, "TENANTMESH_METERING_FLUSH_MS", 10_000u64)?.max(10)),
+            flush: config::metering_flush(env)?,
         })
     }
 }
@@ -83,13 +80,13 @@ impl Context {
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), AppError> {
-    let ok = name.len() <= MAX_NAME_LEN
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+    use tenantmesh_service::ids::{MAX_SERVICE_NAME_LEN, valid_service_name};
+    if valid_service_name(name) {
         Ok(())
     } else {
-        Err(AppError::Name(format!("{what} {name:?}: 1-{MAX_NAME_LEN} of a-z, 0-9 and -, starting with a letter")))
+        Err(AppError::Name(format!(
+            "{what} {name:?}: 1-{MAX_SERVICE_NAME_LEN} of a-z, 0-9 and -, starting with a letter"
+        )))
     }
 }
 
@@ -258,7 +255,7 @@ impl App {
 
 impl App {
     /// The meters of the service's calls, flushing to the metering service
-    /// with the service's identity; none without one (logged).
+    /// with the service's identity (`tokens`).
     fn meters(&self, policies: &Policies, tokens: &Arc<ServiceTokenSource>) -> Result<Arc<Meters>, AppError> {
         let channel = client::wrap(client::channel(&self.metering.url)?, Identity::Service(tokens.clone()));
         let sink = crate::metering::RecordUsage {

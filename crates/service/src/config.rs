@@ -103,6 +103,12 @@ pub const AUTH_PORT: u16 = 50052;
 pub const ONBOARDING_PORT: u16 = 50053;
 pub const DATA_PORT: u16 = 50054;
 
+/// `TENANTMESH_METERING_FLUSH_MS` (default 10000, at least 10): how often
+/// a service sends what its meters counted.
+pub fn metering_flush(env: &HashMap<String, String>) -> Result<std::time::Duration, ConfigError> {
+    Ok(std::time::Duration::from_millis(parse_var(env, "TENANTMESH_METERING_FLUSH_MS", 10_000u64)?.max(10)))
+}
+
 /// The process environment as a map (for `main`).
 pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()

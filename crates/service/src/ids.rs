@@ -1,4 +1,5 @@
-//! Tenant ids: safe in keys, table names, tags and policy documents.
+//! Tenant ids: safe in keys, table names, tags and policy documents; and
+//! the names of application services and their tables.
 
 /// Checks a tenant id against `^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$`, so it is safe in
 /// keys, table names, tags and policy documents.
@@ -20,9 +21,31 @@ pub fn validate_tenant_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Longest name of an application service or of one of its tables.
+pub const MAX_SERVICE_NAME_LEN: usize = 40;
+
+/// Whether `name` may name an application service or one of its tables:
+/// 1-[`MAX_SERVICE_NAME_LEN`] of a-z, 0-9 and -, starting with a letter
+/// (safe in table names, metric names and event ids).
+pub fn valid_service_name(name: &str) -> bool {
+    name.len() <= MAX_SERVICE_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_name_pattern() {
+        for ok in ["orders", "a", "a-1", &"a".repeat(40)] {
+            assert!(valid_service_name(ok), "{ok}");
+        }
+        for bad in ["", "Orders", "9lives", "a_b", "a.b", &"a".repeat(41)] {
+            assert!(!valid_service_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn tenant_id_pattern() {

@@ -92,9 +92,7 @@ impl Config {
                     });
                 }
             },
-            metering_flush: std::time::Duration::from_millis(
-                tenantmesh_service::config::parse_var(env, "TENANTMESH_METERING_FLUSH_MS", 10_000u64)?.max(10),
-            ),
+            metering_flush: tenantmesh_service::config::metering_flush(env)?,
             usage_grace: std::time::Duration::from_secs(tenantmesh_service::config::parse_var(
                 env,
                 "TENANTMESH_USAGE_GRACE_SECS",

@@ -5,6 +5,7 @@
 use prost::Message as _;
 use tenantmesh_proto::registry::v1::*;
 use tenantmesh_service::errors::Violations;
+use tenantmesh_service::ids::{MAX_SERVICE_NAME_LEN, valid_service_name};
 use tenantmesh_storage::{Condition, Pages, StorageError};
 use tenantmesh_tenant_context::{Role, TenantContext};
 use tonic::Status;
@@ -15,20 +16,13 @@ use crate::registry::Registry;
 /// The partition of the catalog.
 pub const SERVICES_PK: &str = "_services";
 
-const MAX_NAME_LEN: usize = 40;
 const MAX_ENDPOINT_LEN: usize = 512;
 const MAX_LISTED: usize = 64;
 
-fn name_ok(name: &str) -> bool {
-    name.len() <= MAX_NAME_LEN
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 fn check(service: &ApplicationService) -> Result<(), Status> {
     let mut v = Violations::new();
-    if !name_ok(&service.name) {
-        v.add("service.name", format!("must be 1-{MAX_NAME_LEN} of a-z, 0-9 and -, starting with a letter"));
+    if !valid_service_name(&service.name) {
+        v.add("service.name", format!("must be 1-{MAX_SERVICE_NAME_LEN} of a-z, 0-9 and -, starting with a letter"));
     }
     let scheme_ok = service.endpoint.starts_with("http://") || service.endpoint.starts_with("https://");
     if !scheme_ok || service.endpoint.len() > MAX_ENDPOINT_LEN || service.endpoint.contains(char::is_whitespace) {
@@ -50,8 +44,8 @@ fn check(service: &ApplicationService) -> Result<(), Status> {
         v.add("service.tables", format!("at most {MAX_LISTED}"));
     }
     for (i, t) in service.tables.iter().enumerate() {
-        if !name_ok(t) {
-            v.add(&format!("service.tables[{i}]"), format!("must be 1-{MAX_NAME_LEN} of a-z, 0-9 and -"));
+        if !valid_service_name(t) {
+            v.add(&format!("service.tables[{i}]"), format!("must be 1-{MAX_SERVICE_NAME_LEN} of a-z, 0-9 and -"));
         }
     }
     v.check()
