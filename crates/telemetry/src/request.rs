@@ -300,22 +300,9 @@ impl Injector for HeaderInjector<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json::JsonLayer;
-    use std::sync::{Arc, Mutex};
+    use crate::json::{Buf, JsonLayer};
+    use std::sync::Arc;
     use tracing_subscriber::layer::SubscriberExt;
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// With nothing exporting spans, a request runs in a scope that keeps
     /// the trace context: it adopts the caller's trace id (or makes one

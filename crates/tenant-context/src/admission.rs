@@ -201,9 +201,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // Take the service that was driven to readiness; leave a fresh clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::context::take_ready(&mut self.inner);
         if req.extensions().get::<TenantContext>().is_none() {
             return Box::pin(inner.call(req));
         }

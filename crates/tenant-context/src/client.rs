@@ -194,8 +194,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::context::take_ready(&mut self.inner);
         let identity = self.identity.clone();
         // Read the task-local now: the returned future may be polled elsewhere.
         let current = TenantContext::current();

@@ -33,6 +33,14 @@ pub struct TenantContext {
 /// The future type of the tower services in this crate.
 pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// The inner service a layer's `call` uses: the one `poll_ready` drove to
+/// readiness, leaving a fresh clone in its place (tower's rule for a
+/// service whose future outlives `call`).
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
 tokio::task_local! {
     static CURRENT: TenantContext;
 }

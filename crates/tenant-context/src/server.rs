@@ -355,9 +355,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // Take the service that was driven to readiness; leave a fresh clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::context::take_ready(&mut self.inner);
         if self.auth.policies.rule(req.uri().path()).is_some_and(|r| r.access == Access::Public) {
             // Identity headers on an unauthenticated call prove nothing.
             req.headers_mut().remove(metadata::TENANT_ID);

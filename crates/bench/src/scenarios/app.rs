@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::tax::{CONNECTIONS, STREAMS};
-use super::{Ctx, Run, closed_run, median, progress, unique};
+use super::tax::{CONNECTIONS, STREAMS, med};
+use super::{Ctx, closed_run, progress, unique};
 use crate::client::{self, lazy, onboard, platform_admin};
 use crate::procs::{self, Proc};
 use crate::report::{Figure, ScenarioResult, Target};
@@ -36,10 +36,6 @@ fn start_orders(dir: &std::path::Path, addrs: &procs::MeshAddrs) -> Result<(Proc
         line.contains("registered in the service catalog").then_some(())
     })?;
     Ok((proc, addr))
-}
-
-fn med(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
-    median(runs.iter().map(f).collect())
 }
 
 pub async fn app_tax(ctx: &Ctx) -> Result<ScenarioResult, String> {

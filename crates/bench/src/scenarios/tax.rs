@@ -77,7 +77,8 @@ async fn compare(ctx: &Ctx, s: &Setup, op: Op) -> Result<(Vec<Run>, Vec<Run>), S
     Ok((base, mesh))
 }
 
-fn med(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
+/// The median of `f` over `runs`.
+pub(super) fn med(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
     median(runs.iter().map(f).collect())
 }
 
