@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos: Vec<PathBuf> = ["options", "auth", "registry", "onboarding", "data", "metering", "backup"]
+    let protos: Vec<PathBuf> = ["options", "auth", "registry", "onboarding", "data", "metering", "backup", "lifecycle"]
         .iter()
         .map(|svc| root.join(format!("tenantmesh/{svc}/v1/{svc}.proto")))
         .collect();

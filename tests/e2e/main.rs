@@ -32,6 +32,7 @@ mod faults {
 }
 /// Tenants' lives: onboarding to offboarding, tier changes, backup and restore, watching changes.
 mod lifecycle {
+    mod application;
     mod backup;
     mod cross_service;
     mod restore;

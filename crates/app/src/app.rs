@@ -22,7 +22,14 @@ use tonic::Code;
 use tonic::service::Routes;
 
 use crate::error::AppError;
+use crate::lifecycle::Lifecycle;
 use crate::tables::Tables;
+use tenantmesh_proto::lifecycle::v1::tenant_lifecycle_server::TenantLifecycleServer;
+
+/// The full name of the lifecycle service every application serves (see
+/// `proto/tenantmesh/lifecycle/v1/lifecycle.proto`); the catalog lists it
+/// among the service's gRPC services.
+pub const LIFECYCLE: &str = "tenantmesh.lifecycle.v1.TenantLifecycle";
 
 /// The port an application service listens on unless
 /// `TENANTMESH_LISTEN_ADDR` says otherwise (loopback).
@@ -210,7 +217,7 @@ impl App {
                 }
             };
             let authn = Authenticator::remote(&self.common)?.with_policies(Arc::new(policies));
-            let mut tables = Tables::new(&self.name);
+            let mut tables = Tables::new(&self.name, &self.storage.table_prefix);
             for table in &self.tables {
                 let pooled = format!("{}-{table}", self.name);
                 let stores = self
@@ -220,11 +227,14 @@ impl App {
                     .map_err(|e| AppError::Storage(format!("table {table}: {e}")))?;
                 tables.add(table, stores);
             }
+            let lifecycle = TenantLifecycleServer::new(Lifecycle::new(tables.clone()));
             let routes = routes(&Context { tables })?;
             let embedded = self.storage.backend == Backend::Embedded;
-            let routes = routes.add_service(tenantmesh_service::backup::server(self.common.data_dir.clone(), embedded));
+            let routes = routes
+                .add_service(tenantmesh_service::backup::server(self.common.data_dir.clone(), embedded))
+                .add_service(tenantmesh_service::sized!(lifecycle));
             let mut names: Vec<&str> = self.services.iter().map(String::as_str).collect();
-            names.push(tenantmesh_service::backup::NAME);
+            names.extend([tenantmesh_service::backup::NAME, LIFECYCLE]);
             tracing::info!(tables = ?self.tables, "application service starting");
             if let Some(tokens) = &tokens {
                 self.register(self.registration(listener.local_addr().ok()), tokens)?;
@@ -283,7 +293,7 @@ impl App {
         ApplicationService {
             name: self.name.clone(),
             endpoint,
-            grpc_services: self.services.clone(),
+            grpc_services: self.services.iter().cloned().chain([LIFECYCLE.to_owned()]).collect(),
             tables: self.tables.clone(),
             silo_instances: false,
             ..Default::default()

@@ -50,10 +50,12 @@
 mod app;
 pub mod client;
 mod error;
+pub mod history;
+mod lifecycle;
 mod metering;
 mod tables;
 
-pub use app::{App, Context};
+pub use app::{App, Context, LIFECYCLE};
 pub use error::AppError;
 pub use tables::{MAX_KEY_LEN, Tables, TenantTable, storage_status};
 

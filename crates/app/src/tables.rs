@@ -1,13 +1,16 @@
 //! Tenant-scoped tables: a service's own tables, each call confined to
 //! its caller's tenant.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tenantmesh_isolation::TenantStores;
+use tenantmesh_isolation::{PolicyError, TenantStores, stores::dedicated_table};
+use tenantmesh_proto::registry::v1::{IsolationModel, Placement, TenantStatus};
 use tenantmesh_storage::{Condition, DynTable, Item, Page, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
 use tonic::Status;
+
+use crate::history;
 
 /// Longest key of an item in a [`TenantTable`].
 pub const MAX_KEY_LEN: usize = 512;
@@ -16,14 +19,47 @@ pub const MAX_KEY_LEN: usize = 512;
 #[derive(Clone)]
 pub struct Tables {
     service: Arc<str>,
-    stores: Arc<HashMap<String, Table>>,
+    /// The store's table-name prefix (`TENANTMESH_TABLE_PREFIX`).
+    prefix: Arc<str>,
+    tables: Arc<BTreeMap<String, Table>>,
 }
 
 #[derive(Clone)]
-struct Table {
+pub(crate) struct Table {
     /// The pooled table's name in the store (`<prefix><service>-<table>`).
     pooled: String,
+    /// `<service>-<table>`: the end of the tenant's dedicated table's name.
+    suffix: String,
     stores: Arc<dyn TenantStores>,
+    /// Where this process has seen tenants' history marked complete.
+    started: Arc<history::Started>,
+}
+
+impl Table {
+    /// The name in the store of this table for `tenant` placed as `model`:
+    /// the pooled table, or the tenant's own
+    /// (`<prefix>tenant-<tenant>-<model>-<service>-<table>`). Derived from
+    /// the model alone: a placement's table names the data service's.
+    pub(crate) fn at(&self, prefix: &str, tenant: &str, model: IsolationModel) -> String {
+        match model {
+            IsolationModel::Bridge => format!("{}-{}", dedicated_table(prefix, tenant, "bridge"), self.suffix),
+            IsolationModel::Silo => format!("{}-{}", dedicated_table(prefix, tenant, "silo"), self.suffix),
+            IsolationModel::Pool | IsolationModel::Unspecified => self.pooled.clone(),
+        }
+    }
+
+    pub(crate) fn dedicated(&self, name: &str) -> bool {
+        name != self.pooled
+    }
+
+    pub(crate) fn stores(&self) -> &Arc<dyn TenantStores> {
+        &self.stores
+    }
+}
+
+/// The isolation model of a placement (none: pooled).
+pub(crate) fn model_of(placement: Option<&Placement>) -> IsolationModel {
+    placement.and_then(|p| IsolationModel::try_from(p.model).ok()).unwrap_or(IsolationModel::Pool)
 }
 
 impl std::fmt::Debug for Tables {
@@ -33,47 +69,86 @@ impl std::fmt::Debug for Tables {
 }
 
 impl Tables {
-    pub(crate) fn new(service: &str) -> Self {
-        Self { service: service.into(), stores: Default::default() }
+    pub(crate) fn new(service: &str, prefix: &str) -> Self {
+        Self { service: service.into(), prefix: prefix.into(), tables: Default::default() }
     }
 
     pub(crate) fn add(&mut self, name: &str, stores: Arc<dyn TenantStores>) {
         let pooled = stores.pooled_table().to_owned();
-        Arc::make_mut(&mut self.stores).insert(name.to_owned(), Table { pooled, stores });
+        let table = Table { pooled, suffix: format!("{}-{name}", self.service), stores, started: Default::default() };
+        Arc::make_mut(&mut self.tables).insert(name.to_owned(), table);
     }
 
-    /// The caller's view of the table `name`: every read and write of it is
-    /// confined to the caller's tenant (a key of another tenant is refused
-    /// by the isolation policy before it reaches the store).
+    /// The declared tables, by name.
+    pub(crate) fn declared(&self) -> impl Iterator<Item = (&str, &Table)> {
+        self.tables.iter().map(|(name, t)| (name.as_str(), t))
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The caller's view of the table `name`, where its tenant's placement
+    /// keeps it (the pooled table, or the tenant's own under a bridge or
+    /// silo tier): every read and write of it is confined to the caller's
+    /// tenant (a key of another tenant is refused by the isolation policy
+    /// before it reaches the store). While the tenant is being moved, its
+    /// writes are refused (UNAVAILABLE, retry) and its reads served.
     ///
-    /// Errors: UNAUTHENTICATED outside an authenticated call; INTERNAL for
-    /// a table the service did not declare.
+    /// Errors: UNAUTHENTICATED outside an authenticated call;
+    /// FAILED_PRECONDITION when the tenant's dedicated table does not exist
+    /// (the tenant was not provisioned for this service); INTERNAL for a
+    /// table the service did not declare.
     pub async fn of<T>(&self, request: &tonic::Request<T>, name: &str) -> Result<TenantTable, Status> {
         let ctx = TenantContext::from_request(request)?;
-        let table = self.stores.get(name).ok_or_else(|| {
+        let table = self.tables.get(name).ok_or_else(|| {
             tracing::error!(table = name, service = %self.service, "a handler asked for a table the service did not declare");
             Status::internal("internal error")
         })?;
-        let store = table.stores.store_for(&ctx.tenant_id, &table.pooled).await.map_err(|e| {
-            tracing::error!(error = %e, table = name, "no tenant-scoped view of the table");
-            Status::internal("internal error")
+        let physical = table.at(&self.prefix, &ctx.tenant_id, model_of(ctx.placement()));
+        let store = table.stores.store_for(&ctx.tenant_id, &physical).await.map_err(|e| match e {
+            PolicyError::NoSuchTable(t) => storage_status(StorageError::NoSuchTable(t)),
+            e => {
+                tracing::error!(error = %e, table = name, "no tenant-scoped view of the table");
+                Status::internal("internal error")
+            }
         })?;
-        Ok(TenantTable { tenant: ctx.tenant_id.clone(), store })
+        Ok(TenantTable {
+            tenant: ctx.tenant_id.clone(),
+            store,
+            migrating: ctx.status() == TenantStatus::Migrating,
+            started: table.started.clone(),
+            physical: physical.into(),
+        })
     }
 }
 
 /// One table as one tenant sees it: items by key, confined to the tenant.
 /// Keys are 1-[`MAX_KEY_LEN`] bytes and never start with `~` (reserved
-/// for the mesh's bookkeeping).
+/// for the mesh's bookkeeping). Every write is logged in the tenant's
+/// change history (so a restore to an instant covers it) and checked
+/// against the tenant's write fence, in one atomic step.
 #[derive(Clone)]
 pub struct TenantTable {
     tenant: Arc<str>,
     store: DynTable,
+    /// The tenant is being moved: its writes are refused.
+    migrating: bool,
+    started: Arc<history::Started>,
+    /// The table's name in the store.
+    physical: Arc<str>,
 }
 
 impl std::fmt::Debug for TenantTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantTable").field("tenant", &self.tenant).finish_non_exhaustive()
+        f.debug_struct("TenantTable")
+            .field("tenant", &self.tenant)
+            .field("table", &self.physical)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,34 +171,59 @@ impl TenantTable {
         self.store.get(&self.tenant, key).await
     }
 
-    /// Writes `data` at `key` if `condition` holds; the stored item.
-    pub async fn put(&self, key: &str, data: Vec<u8>, condition: Condition) -> Result<Item, StorageError> {
+    /// Before a write: refused while the tenant moves; its history marked.
+    async fn writable(&self) -> Result<(), StorageError> {
+        if self.migrating {
+            return Err(StorageError::Fenced);
+        }
+        self.started.ensure(self.store.as_ref(), &self.tenant, &self.physical).await
+    }
+
+    /// Writes `data` at `key` if `condition` holds; the stored version.
+    /// [`StorageError::Fenced`] while the tenant is being moved or restored.
+    pub async fn put(&self, key: &str, data: Vec<u8>, condition: Condition) -> Result<u64, StorageError> {
         check_key(key)?;
-        self.store.put(&self.tenant, key, data, condition).await
+        self.writable().await?;
+        let done = history::put(self.store.as_ref(), &self.tenant, key, data, condition, history::FENCE_SK).await?;
+        Ok(done.version)
     }
 
     /// Deletes the item at `key` if `condition` holds; its last version,
     /// `None` when there was none.
     pub async fn delete(&self, key: &str, condition: Condition) -> Result<Option<u64>, StorageError> {
         check_key(key)?;
-        self.store.delete(&self.tenant, key, condition).await
+        self.writable().await?;
+        let done = history::delete(self.store.as_ref(), &self.tenant, key, condition, history::FENCE_SK).await?;
+        Ok((done.previous_version > 0).then_some(done.previous_version))
     }
 
     /// One page of the items whose keys start with `prefix`, in key order,
-    /// after `start_after`, at most `limit` (and about 1 MiB) of them.
+    /// after `start_after`, at most `limit` (and about 1 MiB) of them;
+    /// `last_evaluated` is the key to continue after, `None` at the end.
     pub async fn query(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<Page, StorageError> {
-        let page = self
-            .store
-            .query(Query {
+        /// After every reserved key (`~` and ASCII): they are skipped at once.
+        const PAST_RESERVED: &str = "~\u{10FFFF}";
+        let limit = limit.max(1);
+        let (mut items, mut start) = (Vec::new(), start_after.map(str::to_owned));
+        loop {
+            let query = Query {
                 pk: self.tenant.to_string(),
                 sk_prefix: prefix.to_owned(),
-                start_after: start_after.map(str::to_owned),
-                limit: limit.max(1),
-            })
-            .await?;
-        // The mesh's own bookkeeping is never an item of the service.
-        let items = page.items.into_iter().filter(|i| !i.sk.starts_with('~')).collect();
-        Ok(Page { items, last_evaluated: page.last_evaluated })
+                start_after: start.take(),
+                limit: limit - items.len(),
+            };
+            let page = self.store.query(query).await?;
+            // The mesh's own bookkeeping is never an item of the service.
+            items.extend(page.items.into_iter().filter(|i| !history::reserved_sort_key(&i.sk)));
+            let Some(last) = page.last_evaluated else { return Ok(Page { items, last_evaluated: None }) };
+            let reserved = history::reserved_sort_key(&last);
+            if items.len() >= limit || (!items.is_empty() && !reserved) {
+                // Full, or cut at the page's size: go on after its last item.
+                let last_evaluated = items.last().map(|i| i.sk.clone());
+                return Ok(Page { items, last_evaluated });
+            }
+            start = Some(if reserved { PAST_RESERVED.to_owned() } else { last });
+        }
     }
 }
 

@@ -41,6 +41,13 @@ pub mod metering {
     }
 }
 
+/// What every application service serves for the lifecycle workflows.
+pub mod lifecycle {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.lifecycle.v1");
+    }
+}
+
 pub mod backup {
     pub mod v1 {
         tonic::include_proto!("tenantmesh.backup.v1");

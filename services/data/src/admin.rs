@@ -15,16 +15,15 @@ use tenantmesh_proto::data::v1::data_admin_server::DataAdmin;
 use tenantmesh_proto::data::v1::*;
 use tenantmesh_service::errors::{Violations, invalid_field};
 use tenantmesh_service::tiers::Tiers;
-use tenantmesh_storage::{Condition, DynTable, Item, Query, StorageError};
+use tenantmesh_storage::{DynTable, Item, StorageError};
 use tenantmesh_tenant_context::TenantContext;
 use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::DataError;
-use crate::history::{self, HistoryError};
-use crate::keys::{FENCE_SK, reserved_sort_key};
 use crate::quota::Quotas;
+use tenantmesh_app::history::{self, HistoryError};
 
 /// Largest number of items in one ImportItems call.
 pub const MAX_IMPORT_BATCH: usize = 500;
@@ -210,36 +209,6 @@ fn stored(i: Item) -> StoredItem {
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportItemsResponse, Status>> + Send>>;
 
-/// The pages of an export: the tenant's items as they are (with their
-/// history when asked), or as they were at an instant.
-enum Pages {
-    Now { store: DynTable, tenant: String, include_history: bool, start_after: Option<String>, done: bool },
-    At(history::ItemsAt),
-}
-
-impl Pages {
-    /// The next page (`None` after the last; an empty page may come first).
-    async fn next(&mut self) -> Result<Option<Vec<StoredItem>>, StorageError> {
-        match self {
-            Pages::Now { done: true, .. } => Ok(None),
-            Pages::Now { store, tenant, include_history, start_after, done } => {
-                let q = Query {
-                    pk: tenant.clone(),
-                    sk_prefix: String::new(),
-                    start_after: start_after.take(),
-                    limit: PAGE,
-                };
-                let page = store.query(q).await?;
-                let exported = |sk: &str| !reserved_sort_key(sk) || (*include_history && history::is_history(sk));
-                *start_after = page.last_evaluated;
-                *done = start_after.is_none();
-                Ok(Some(page.items.into_iter().filter(|i| exported(&i.sk)).map(stored).collect()))
-            }
-            Pages::At(at) => Ok(at.next_page(PAGE).await?.map(|items| items.into_iter().map(stored).collect())),
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl DataAdmin for DataAdminService {
     async fn provision_store(
@@ -282,12 +251,17 @@ impl DataAdmin for DataAdminService {
         let charged = self.charged(req.charge_tenant, &tenant, &ctx).await?.map(|(c, _)| c);
         let charged_tenant = tenant.clone();
         let mut pages = match req.as_of_us {
-            Some(at) => Pages::At(history::ItemsAt::new(store, &tenant, at).await.map_err(history_status)?),
-            None => Pages::Now { store, tenant, include_history: req.include_history, start_after: None, done: false },
+            Some(at) => history::ExportPages::at(store, &tenant, at).await.map_err(history_status)?,
+            None => history::ExportPages::now(store, &tenant, req.include_history),
         };
         // The first page before answering: a missing table or an outage is
         // the call's status, not a broken stream.
-        let first = pages.next().await.map_err(storage_status)?;
+        let next = async |pages: &mut history::ExportPages| {
+            Ok::<_, StorageError>(
+                pages.next(PAGE).await?.map(|items| items.into_iter().map(stored).collect::<Vec<_>>()),
+            )
+        };
+        let first = next(&mut pages).await.map_err(storage_status)?;
         let (mut tx, rx) = tenantmesh_service::runtime::stream(4, self.stall);
         tenantmesh_telemetry::spawn(async move {
             let mut page = first;
@@ -298,7 +272,7 @@ impl DataAdmin for DataAdminService {
                 if !tx.send(ExportItemsResponse { items }).await {
                     return;
                 }
-                page = match pages.next().await {
+                page = match next(&mut pages).await {
                     Ok(p) => p,
                     Err(e) => return tx.fail(storage_status(e)),
                 };
@@ -321,7 +295,7 @@ impl DataAdmin for DataAdminService {
         for (i, item) in req.items.iter().enumerate() {
             if item.sort_key.is_empty() || item.sort_key.len() > MAX_SORT_KEY_LEN {
                 v.add(&format!("items[{i}].sort_key"), format!("must be 1 to {MAX_SORT_KEY_LEN} bytes"));
-            } else if reserved_sort_key(&item.sort_key) && !history::is_history(&item.sort_key) {
+            } else if !history::importable(&item.sort_key) {
                 v.add(
                     &format!("items[{i}].sort_key"),
                     "must not start with '~' (reserved for the service), unless it is change history",
@@ -349,17 +323,10 @@ impl DataAdmin for DataAdminService {
         let req = request.into_inner();
         let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
-        let mut deleted = 0u32;
-        let mut pages = tenantmesh_storage::Pages::new(store.as_ref(), tenant.clone(), "", PAGE);
-        while let Some(items) = pages.next().await.map_err(storage_status)? {
-            // Items and their history; the fence stays.
-            for item in items.iter().filter(|i| i.sk != FENCE_SK) {
-                if store.delete(&tenant, &item.sk, Condition::None).await.map_err(storage_status)?.is_some() {
-                    deleted += 1;
-                }
-            }
-        }
+        // Items and their history; the fence stays.
+        let deleted = history::purge(store.as_ref(), &tenant).await;
         self.changed(&tenant);
+        let deleted = deleted.map_err(storage_status)?;
         tracing::info!(target_tenant = %tenant, table, deleted, "items purged");
         Ok(Response::new(PurgeItemsResponse { deleted }))
     }
@@ -369,15 +336,7 @@ impl DataAdmin for DataAdminService {
         let req = request.into_inner();
         let (tenant, table) = self.check(&ctx, req.store.as_ref(), false)?;
         let store = self.store(&tenant, &table).await?;
-        let changed = if req.raised {
-            match store.put(&tenant, FENCE_SK, Vec::new(), Condition::NotExists).await {
-                Ok(_) => true,
-                Err(StorageError::ConditionFailed { .. }) => false,
-                Err(e) => return Err(storage_status(e)),
-            }
-        } else {
-            store.delete(&tenant, FENCE_SK, Condition::None).await.map_err(storage_status)?.is_some()
-        };
+        let changed = history::set_fence(store.as_ref(), &tenant, req.raised).await.map_err(storage_status)?;
         tracing::info!(target_tenant = %tenant, table, raised = req.raised, changed, "write fence set");
         Ok(Response::new(SetFenceResponse { changed }))
     }

@@ -1,13 +1,13 @@
 //! The `Data` RPCs: a tenant's items, served here or forwarded to its
 //! silo instance.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::DataError;
 use crate::keys::*;
-use crate::{history, quota};
+use crate::quota;
 use prost::Message as _;
+use tenantmesh_app::history;
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::stores::{Location, locate};
 use tenantmesh_metering::meters::Usage;
@@ -36,10 +36,9 @@ pub struct DataService {
     silos: Arc<client::Channels>,
     quotas: Arc<quota::Quotas>,
     stall_writes: Option<std::time::Duration>,
-    /// Tenant -> the table where this process has seen its history (see
-    /// [`history`]) marked complete: looked up on every write, without
-    /// allocating.
-    history_started: Arc<std::sync::Mutex<HashMap<Arc<str>, String>>>,
+    /// Where this process has seen its tenants' history (see [`history`])
+    /// marked complete.
+    history_started: Arc<history::Started>,
     /// The tiers: each one's cap on its tenants' history.
     tiers: Arc<tenantmesh_service::tiers::Tiers>,
 }
@@ -136,30 +135,9 @@ impl DataService {
         let tenant = ctx.tenant_id.clone();
         let store = self.stores.store_for(&tenant, table).await.map_err(DataError::from)?;
         if write {
-            self.start_history(&tenant, table, &store).await?;
+            self.history_started.ensure(store.as_ref(), &tenant, table).await.map_err(DataError::from)?;
         }
         Ok(Route::Local { store, tenant })
-    }
-
-    /// Before this process's first write of `tenant` in `table`: marks its
-    /// history complete from now, unless it already was (one conditional
-    /// write per tenant and process, while the fence is down).
-    async fn start_history(&self, tenant: &Arc<str>, table: &str, store: &DynTable) -> Result<(), Status> {
-        if self.history_started.lock().expect("history lock").get(tenant).is_some_and(|t| t == table) {
-            return Ok(());
-        }
-        match history::mark_start(store.as_ref(), tenant, FENCE_SK).await {
-            // Fenced: the write is refused below, and the next one marks.
-            Ok(false) => return Ok(()),
-            Ok(true) => {}
-            Err(e) => return Err(DataError::from(e).into()),
-        }
-        let mut started = self.history_started.lock().expect("history lock");
-        if started.len() >= 100_000 {
-            started.clear();
-        }
-        started.insert(tenant.clone(), table.to_owned());
-        Ok(())
     }
 
     /// The byte limits of the caller's tenant: its storage quota and its

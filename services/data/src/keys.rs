@@ -3,16 +3,10 @@
 
 use tenantmesh_service::errors::Violations;
 
-/// The sort key of a tenant's write fence in a table (see the module
-/// docs). No item's key can take it: sort keys are `<collection>#<id>`
-/// and collections are letters, digits and `_.-`.
-pub const FENCE_SK: &str = "~fence";
-
-/// Whether `sort_key` is reserved for the service's own bookkeeping (the
-/// fence): never exported, copied, imported or purged as an item.
-pub fn reserved_sort_key(sort_key: &str) -> bool {
-    sort_key.starts_with('~')
-}
+/// The fence and the reserved keys, shared with every application
+/// service. No item's key can take them: sort keys are
+/// `<collection>#<id>` and collections are letters, digits and `_.-`.
+pub use tenantmesh_app::history::{FENCE_SK, reserved_sort_key};
 
 /// Largest encoded item accepted: DynamoDB's item limit (400 KiB, names
 /// and values of all attributes) less 1 KiB, so that both the stored item

@@ -29,7 +29,6 @@
 pub mod admin;
 mod config;
 mod error;
-pub mod history;
 mod items;
 mod keys;
 pub mod metering;
@@ -42,3 +41,6 @@ pub use error::DataError;
 pub use items::DataService;
 pub use keys::{FENCE_SK, MAX_ITEM_BYTES, reserved_sort_key};
 pub use serve::{LEASES_TABLE, USAGE_TABLE, open_store, serve};
+/// Each tenant's change history (kept by the application crate, which
+/// every service's tables share).
+pub use tenantmesh_app::history;

@@ -1,7 +1,7 @@
 //! Storage quotas: every byte a tenant causes to be stored counts against
 //! it. Its items stop at its `storage_quota_bytes`; its change history
 //! (the before-images its overwrites and deletes leave, see
-//! [`crate::history`]) at the tier's `history_quota_multiple` times that.
+//! [`tenantmesh_app::history`]) at the tier's `history_quota_multiple` times that.
 //!
 //! Each tenant's bytes are tracked in memory, without a scan per write:
 //! the counts start from one scan of the tenant's partition (its first
@@ -111,7 +111,7 @@ impl Quotas {
             for i in &items {
                 if !crate::keys::reserved_sort_key(&i.sk) {
                     stored.items += i.data.len() as u64;
-                } else if i.sk.starts_with(crate::history::PREFIX) {
+                } else if i.sk.starts_with(tenantmesh_app::history::PREFIX) {
                     stored.history += i.data.len() as u64;
                 }
             }

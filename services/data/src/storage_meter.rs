@@ -17,7 +17,7 @@
 //! interval.
 //!
 //! Stored bytes include the tenant's change history (see
-//! [`crate::history`]), which the replica that filed the interval then
+//! [`tenantmesh_app::history`]), which the replica that filed the interval then
 //! trims to the tier's `history_days`. With metering off
 //! (`TENANTMESH_METERING=off`) nothing is measured or filed, and every
 //! replica trims every tenant's history each interval (a trim is
@@ -270,7 +270,7 @@ impl StorageSampler {
         let Some(tier) = self.tiers.get(&tenant.tier) else {
             return Err(format!("tier {} is not in the tiers file", tenant.tier));
         };
-        let before_us = crate::history::now_us() - tier.history_us();
+        let before_us = tenantmesh_app::history::now_us() - tier.history_us();
         let trimmed = match kept {
             Kept::Silo(admin, store) => {
                 let req = TrimHistoryRequest { store: Some(store.clone()), before_us };
@@ -278,7 +278,8 @@ impl StorageSampler {
             }
             Kept::Table(id, table) => {
                 let store = self.stores.store_for(id, table).await.map_err(|e| e.to_string())?;
-                let trimmed = crate::history::trim(store.as_ref(), id, before_us).await.map_err(|e| e.to_string())?;
+                let trimmed =
+                    tenantmesh_app::history::trim(store.as_ref(), id, before_us).await.map_err(|e| e.to_string())?;
                 if let (Some(q), true) = (&self.quotas, trimmed > 0) {
                     q.forget(id);
                 }

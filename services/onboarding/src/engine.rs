@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::error::OnboardingError;
 use crate::faults::Faults;
-use crate::workflow::{Step, StepState, Workflow, WorkflowState};
+use crate::workflow::{StepState, Workflow, WorkflowState};
 
 /// Partition of the workflow records (sort key: workflow id).
 pub const WORKFLOWS_PK: &str = "_workflows";
@@ -121,12 +121,12 @@ pub fn retry(wf: &mut Workflow) -> Result<(), WorkflowState> {
 /// Does the steps.
 #[async_trait]
 pub trait StepRunner: Send + Sync + 'static {
-    /// Performs `step` of `wf` (idempotently: it may run again after a
+    /// Performs step `at` of `wf` (idempotently: it may run again after a
     /// crash); it may record outputs in `wf`.
-    async fn run(&self, step: Step, wf: &mut Workflow) -> Result<(), StepError>;
+    async fn run(&self, at: usize, wf: &mut Workflow) -> Result<(), StepError>;
 
-    /// Called once `wf` has failed for good at `step`.
-    async fn failed(&self, _wf: &Workflow, _step: Step, _reason: &str) {}
+    /// Called once `wf` has failed for good at step `at`.
+    async fn failed(&self, _wf: &Workflow, _at: usize, _reason: &str) {}
 
     /// Undoes what `wf` did (see [`Workflow::must_roll_back`]),
     /// idempotently: it may run again after a crash, or after an attempt
@@ -283,15 +283,15 @@ impl Engine {
         let (kind, faults) = (wf.kind, &self.inner.faults);
         while let Some(i) = wf.next_step() {
             let step = wf.steps[i].name;
-            let span =
-                tracing::info_span!("workflow.step", step = %step, workflow_id = %id, tenant.id = %wf.params.tenant_id);
+            let label = wf.steps[i].label();
+            let span = tracing::info_span!("workflow.step", step = %label, workflow_id = %id, tenant.id = %wf.params.tenant_id);
             let mut attempt = 0;
             loop {
                 attempt += 1;
                 wf.steps[i].attempts += 1;
                 let outcome = match faults.before(step) {
                     Some(fault) => Err(fault),
-                    None => self.inner.runner.run(step, &mut wf).instrument(span.clone()).await,
+                    None => self.inner.runner.run(i, &mut wf).instrument(span.clone()).await,
                 };
                 if outcome.is_ok() && faults.halt_unsaved(kind, step) {
                     tracing::warn!(%step, workflow_id = id, "fault injection: halting before saving the step");
@@ -300,13 +300,13 @@ impl Engine {
                 match record(&mut wf, i, attempt, outcome, &self.inner.policy, jitter()) {
                     Transition::Next | Transition::Succeeded => {
                         self.save(&mut wf, &mut version).await?;
-                        tracing::info!(%step, workflow_id = id, kind = kind.as_str(), attempt, "workflow step done");
+                        tracing::info!(step = %label, workflow_id = id, kind = kind.as_str(), attempt, "workflow step done");
                         break;
                     }
                     Transition::Retry(wait) => {
                         self.save(&mut wf, &mut version).await?;
                         let reason = &wf.steps[i].last_error;
-                        tracing::warn!(%step, workflow_id = id, attempt, %reason, ?wait, "step failed; retrying");
+                        tracing::warn!(step = %label, workflow_id = id, attempt, %reason, ?wait, "step failed; retrying");
                         tokio::time::sleep(wait).await;
                     }
                     Transition::Failed(reason) => {
@@ -316,8 +316,8 @@ impl Engine {
                         }
                         // Saved first: a crash from here on resumes the rollback.
                         self.save(&mut wf, &mut version).await?;
-                        tracing::warn!(%step, workflow_id = id, attempt, %reason, rolling_back = undo, "workflow FAILED");
-                        self.inner.runner.failed(&wf, step, &reason).await;
+                        tracing::warn!(step = %label, workflow_id = id, attempt, %reason, rolling_back = undo, "workflow FAILED");
+                        self.inner.runner.failed(&wf, i, &reason).await;
                         if undo {
                             return self.roll_back(wf, version).await;
                         }

@@ -49,6 +49,7 @@ impl Onboarding for OnboardingService {
         let id = workflow_id(&params.tenant_id, Kind::Onboard);
 
         let mut hash = None;
+        let mut hooks = None;
         loop {
             if let Some(item) =
                 self.inner.store.get(IDEMPOTENCY_PK, &req.idempotency_key).await.map_err(OnboardingError::from)?
@@ -76,8 +77,13 @@ impl Onboarding for OnboardingService {
                     hash.insert(h.map_err(OnboardingError::from)?)
                 }
             };
-            let mut wf =
-                Workflow::new(id.clone(), Kind::Onboard, params.clone(), &workflow::onboard_steps(&to), now_secs());
+            let hooks = match &hooks {
+                Some(h) => h,
+                None => hooks.insert(self.hooks().await?),
+            };
+            let steps = workflow::onboard_steps(&to, &names(hooks));
+            let mut wf = Workflow::new(id.clone(), Kind::Onboard, params.clone(), &steps, now_secs());
+            wf.services = hooks.clone();
             wf.admin_password_hash = password_hash.clone();
             wf.idempotency_key = req.idempotency_key.clone();
             wf.to = to.clone();
@@ -198,7 +204,10 @@ impl Onboarding for OnboardingService {
             return Err(OnboardingError::InProgress { id: running.id.clone(), state: running.state }.into());
         }
         let params = params_of(&tenant, &tenant.tier);
-        let mut wf = Workflow::new(id.clone(), Kind::Offboard, params, &workflow::offboard_steps(), now_secs());
+        let hooks = self.hooks().await?;
+        let steps = workflow::offboard_steps(&names(&hooks));
+        let mut wf = Workflow::new(id.clone(), Kind::Offboard, params, &steps, now_secs());
+        wf.services = hooks;
         wf.from_tier = tenant.tier.clone();
         wf.from = self.spot_of(&tenant);
         self.start(&wf, active.map(|(_, v)| v)).await?;
@@ -272,8 +281,10 @@ impl Onboarding for OnboardingService {
         let to = if target.model == from.model { from.clone() } else { target };
         let params = params_of(&tenant, &req.tier);
         let id = workflow_id(&tenant.tenant_id, Kind::ChangeTier);
-        let steps = workflow::change_tier_steps(&from, &to);
+        let hooks = self.hooks().await?;
+        let steps = workflow::change_tier_steps(&from, &to, &names(&hooks));
         let mut wf = Workflow::new(id.clone(), Kind::ChangeTier, params, &steps, now_secs());
+        wf.services = hooks;
         wf.from_tier = tenant.tier.clone();
         wf.from = from;
         wf.to = to;
@@ -344,7 +355,7 @@ impl Onboarding for OnboardingService {
         if let Some((wf, _)) = self.inner.engine.active(&req.tenant_id).await? {
             if wf.kind == Kind::Restore
                 && wf.point_in_time_us == at
-                && wf.steps.len() == workflow::restore_steps(export).len()
+                && wf.steps.iter().all(|s| s.name != workflow::Step::PauseWrites) == export
             {
                 return Ok(Response::new(RestoreTenantResponse {
                     workflow_id: wf.id,
@@ -358,7 +369,10 @@ impl Onboarding for OnboardingService {
         }
         let params = params_of(&tenant, &tenant.tier);
         let id = workflow_id(&tenant.tenant_id, Kind::Restore);
-        let mut wf = Workflow::new(id.clone(), Kind::Restore, params, &workflow::restore_steps(export), now_secs());
+        let hooks = self.hooks().await?;
+        let steps = workflow::restore_steps(export, &names(&hooks));
+        let mut wf = Workflow::new(id.clone(), Kind::Restore, params, &steps, now_secs());
+        wf.services = hooks;
         wf.from_tier = tenant.tier.clone();
         wf.from = self.spot_of(&tenant);
         wf.to = wf.from.clone();
@@ -445,6 +459,11 @@ impl Onboarding for OnboardingService {
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
+}
+
+/// The services' names, for their steps.
+fn names(hooks: &[workflow::Hook]) -> Vec<String> {
+    hooks.iter().map(|h| h.name.clone()).collect()
 }
 
 #[cfg(test)]

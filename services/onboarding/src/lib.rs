@@ -11,6 +11,12 @@
 //! - Offboarding: suspend -> export items to JSONL -> delete items ->
 //!   delete dedicated resources -> delete users -> mark deleted.
 //!
+//! Every registered application service (the service catalog) takes part
+//! in each of these through its `TenantLifecycle` ([`hooks`]): one step per
+//! service next to the data step it mirrors (provision, fence, copy,
+//! export, rewind, purge), with the same retries, rollback and crash
+//! guarantees; a failed one is shown with the service's name.
+//!
 //! The crate is in three parts: [`engine`] runs workflows (persist after
 //! every step, retry with backoff, FAILED with the reason, resume after a
 //! restart) and knows nothing of what steps do; [`steps`] does them; the
@@ -27,6 +33,7 @@ pub mod export;
 pub mod faults;
 pub mod gitops;
 mod handlers;
+pub mod hooks;
 pub mod resources;
 mod serve;
 mod service;

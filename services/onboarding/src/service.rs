@@ -32,6 +32,9 @@ pub struct OnboardingService {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// The lifecycle service every application serves (the `tenantmesh-app` crate's).
+pub(crate) const LIFECYCLE: &str = "tenantmesh.lifecycle.v1.TenantLifecycle";
+
 pub(crate) struct Inner {
     pub(crate) engine: Engine,
     /// The idempotency keys and the event log live here too.
@@ -133,6 +136,19 @@ impl OnboardingService {
     }
 
     /// The tenant's registry record (as the service identity).
+    /// The application services the workflow of a tenant includes: every
+    /// registered one that serves the lifecycle service (from the service
+    /// catalog, now).
+    pub(crate) async fn hooks(&self) -> Result<Vec<crate::workflow::Hook>, tonic::Status> {
+        use tenantmesh_proto::registry::v1::ListServicesRequest;
+        let services = self.inner.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
+        Ok(services
+            .into_iter()
+            .filter(|s| s.grpc_services.iter().any(|g| g == LIFECYCLE))
+            .map(|s| crate::workflow::Hook { name: s.name, endpoint: s.endpoint })
+            .collect())
+    }
+
     pub(crate) async fn tenant(&self, tenant_id: &str) -> Result<Tenant, tonic::Status> {
         let resp = self.inner.registry.clone().get_tenant(GetTenantRequest { tenant_id: tenant_id.into() }).await?;
         resp.into_inner().tenant.ok_or_else(|| OnboardingError::TenantNotFound(tenant_id.into()).into())

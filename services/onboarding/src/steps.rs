@@ -32,19 +32,20 @@ use crate::resources::{self, Ledger};
 use crate::workflow::{Kind, Spot, Step, Workflow};
 use tenantmesh_service::clock::now_us;
 
-/// Items per ImportItems call (the data service's limit).
+/// Items per ImportItems (and ImportTenant) call: the services' limit.
 const IMPORT_BATCH: usize = 500;
 /// Bytes of items per ImportItems call: half the 4 MiB message limit, so a
 /// batch of items at DynamoDB's 400 KiB limit still fits, whatever the mix.
 const IMPORT_BATCH_BYTES: usize = 2 << 20;
 
-/// Splits `items` into ImportItems batches: at most [`IMPORT_BATCH`] items
-/// and [`IMPORT_BATCH_BYTES`] each (an item larger than that goes alone).
-fn import_batches(items: Vec<StoredItem>) -> Vec<Vec<StoredItem>> {
+/// Splits `items` into import batches: at most [`IMPORT_BATCH`] items
+/// and [`IMPORT_BATCH_BYTES`] each by `size` (an item larger than that
+/// goes alone).
+pub(crate) fn import_batches<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut batches = Vec::new();
     let (mut batch, mut bytes) = (Vec::new(), 0);
     for item in items {
-        let size = item.data.len() + item.sort_key.len() + 16;
+        let size = size(&item);
         if !batch.is_empty() && (batch.len() == IMPORT_BATCH || bytes + size > IMPORT_BATCH_BYTES) {
             batches.push(std::mem::take(&mut batch));
             bytes = 0;
@@ -81,14 +82,22 @@ pub struct Steps {
     pub resources: Arc<Ledger>,
 }
 
-fn ledger_error(e: tenantmesh_storage::StorageError) -> StepError {
+/// What an item of the data service weighs in an import batch.
+fn stored_size(item: &StoredItem) -> usize {
+    item.data.len() + item.sort_key.len() + 16
+}
+
+pub(crate) fn ledger_error(e: tenantmesh_storage::StorageError) -> StepError {
     StepError::transient(format!("resource ledger: {e}"))
 }
 
 #[async_trait]
 impl StepRunner for Steps {
-    async fn run(&self, step: Step, wf: &mut Workflow) -> Result<(), StepError> {
-        match step {
+    async fn run(&self, at: usize, wf: &mut Workflow) -> Result<(), StepError> {
+        if !wf.steps[at].service.is_empty() {
+            return self.run_hook(at, wf).await;
+        }
+        match wf.steps[at].name {
             Step::CreateTenant => self.create_tenant(wf).await,
             Step::ProvisionCompute => self.provision_compute(wf).await,
             Step::ProvisionStorage => self.provision_storage(wf).await,
@@ -151,11 +160,18 @@ impl StepRunner for Steps {
                 self.events.emit(EventKind::TenantOffboarded, tenant, &wf.id, path).await;
                 Ok(())
             }
+            step @ (Step::ProvisionService
+            | Step::FenceService
+            | Step::CopyService
+            | Step::UnfenceService
+            | Step::ExportService
+            | Step::RewindService
+            | Step::PurgeService) => Err(StepError::permanent(format!("{step} names no application service"))),
         }
     }
 
-    async fn failed(&self, wf: &Workflow, step: Step, reason: &str) {
-        let detail = format!("{step}: {reason}");
+    async fn failed(&self, wf: &Workflow, at: usize, reason: &str) {
+        let detail = format!("{}: {reason}", wf.steps[at].label());
         self.events.emit(EventKind::StepFailed, &wf.params.tenant_id, &wf.id, detail).await;
     }
 
@@ -171,6 +187,7 @@ impl StepRunner for Steps {
         // Through the shared data service: a silo instance may never have started.
         let to = Spot { endpoint: String::new(), ..wf.to.clone() };
         self.remove_copy(&to, &tenant, true).await?;
+        self.roll_back_hooks(wf).await?;
         self.resume_writes(wf).await?;
         tracing::warn!(from = %wf.from_tier, to = %wf.params.tier, "tier change rolled back: the tenant is ACTIVE on its old placement");
         Ok(())
@@ -178,7 +195,7 @@ impl StepRunner for Steps {
 }
 
 /// The output of a restore's PauseWrites: when writes stopped (µs).
-const PAUSED_AT: &str = "paused_at_us";
+pub(crate) const PAUSED_AT: &str = "paused_at_us";
 
 fn store_ref(wf: &Workflow, spot: &Spot) -> Option<StoreRef> {
     Some(StoreRef { tenant_id: wf.params.tenant_id.clone(), table: spot.table.clone() })
@@ -235,6 +252,7 @@ impl Steps {
                 Err(s) => return Err(s.into()),
             }
         }
+        self.roll_back_hooks(wf).await?;
         self.resume_writes(wf).await?;
         tracing::warn!("restore rolled back: the tenant's items are as they were before it, and it takes writes");
         Ok(())
@@ -366,7 +384,7 @@ impl Steps {
         let (mut copied, mut history) = (0usize, 0usize);
         if let Some(mut pages) = self.export(&wf.from, &wf.params.tenant_id, true, None, false).await? {
             while let Some(page) = pages.message().await? {
-                for batch in import_batches(page.items) {
+                for batch in import_batches(page.items, stored_size) {
                     let entries = batch.iter().filter(|i| i.sort_key.starts_with('~')).count();
                     (copied, history) = (copied + batch.len() - entries, history + entries);
                     target.import_items(ImportItemsRequest { store: store_ref(wf, &wf.to), items: batch }).await?;
@@ -561,16 +579,16 @@ mod tests {
     fn import_batches_are_bounded_in_items_and_bytes() {
         // Items at the 400 KiB limit: 5 per 2 MiB batch, every item once, in order.
         let big: Vec<_> = (0..12).map(|i| item(i, 400 * 1024)).collect();
-        let batches = import_batches(big);
+        let batches = import_batches(big, stored_size);
         assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [5, 5, 2]);
         let keys: Vec<_> = batches.iter().flatten().map(|i| i.sort_key.clone()).collect();
         assert_eq!(keys, (0..12).map(|i| format!("c#{i}")).collect::<Vec<_>>());
         // Many small ones: 500 per batch.
         let small: Vec<_> = (0..1200).map(|i| item(i, 10)).collect();
-        assert_eq!(import_batches(small).iter().map(Vec::len).collect::<Vec<_>>(), [500, 500, 200]);
+        assert_eq!(import_batches(small, stored_size).iter().map(Vec::len).collect::<Vec<_>>(), [500, 500, 200]);
         // One item over the byte bound still goes, alone.
-        let batches = import_batches(vec![item(0, 10), item(1, 3 << 20), item(2, 10)]);
+        let batches = import_batches(vec![item(0, 10), item(1, 3 << 20), item(2, 10)], stored_size);
         assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
-        assert!(import_batches(Vec::new()).is_empty());
+        assert!(import_batches(Vec::new(), stored_size).is_empty());
     }
 }

@@ -180,6 +180,7 @@ impl Redactor {
         wf.error = self.text(&wf.error);
         for step in &mut wf.steps {
             step.last_error = self.text(&step.last_error);
+            step.detail = self.text(&step.detail);
         }
         wf
     }
@@ -203,6 +204,8 @@ pub(crate) fn to_proto(wf: &Workflow) -> pb::Workflow {
                 } as i32,
                 attempts: s.attempts,
                 last_error: s.last_error.clone(),
+                service: s.service.clone(),
+                detail: s.detail.clone(),
             })
             .collect(),
         error: wf.error(),

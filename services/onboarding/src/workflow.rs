@@ -64,10 +64,19 @@ pub enum Step {
     MarkDeleted,
     RewindItems,
     ResumeWrites,
+    /// The steps of an application service (its `TenantLifecycle`), one
+    /// per registered service ([`StepRecord::service`]).
+    ProvisionService,
+    FenceService,
+    CopyService,
+    UnfenceService,
+    ExportService,
+    RewindService,
+    PurgeService,
 }
 
 impl Step {
-    pub const ALL: [Step; 19] = [
+    pub const ALL: [Step; 26] = [
         Step::CreateTenant,
         Step::ProvisionCompute,
         Step::ProvisionStorage,
@@ -87,6 +96,13 @@ impl Step {
         Step::MarkDeleted,
         Step::RewindItems,
         Step::ResumeWrites,
+        Step::ProvisionService,
+        Step::FenceService,
+        Step::CopyService,
+        Step::UnfenceService,
+        Step::ExportService,
+        Step::RewindService,
+        Step::PurgeService,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -110,6 +126,13 @@ impl Step {
             Step::MarkDeleted => "mark_deleted",
             Step::RewindItems => "rewind_items",
             Step::ResumeWrites => "resume_writes",
+            Step::ProvisionService => "provision_service",
+            Step::FenceService => "fence_service",
+            Step::CopyService => "copy_service",
+            Step::UnfenceService => "unfence_service",
+            Step::ExportService => "export_service",
+            Step::RewindService => "rewind_service",
+            Step::PurgeService => "purge_service",
         }
     }
 }
@@ -156,6 +179,41 @@ pub struct StepRecord {
     pub state: StepState,
     pub attempts: u32,
     pub last_error: String,
+    /// A step of an application service: its name in the service catalog.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+    /// What the step reported (e.g. how a service serves the tenant).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl StepRecord {
+    /// The step as shown: its name, and the service it calls (`provision_service (orders)`).
+    pub fn label(&self) -> String {
+        if self.service.is_empty() { self.name.to_string() } else { format!("{} ({})", self.name, self.service) }
+    }
+}
+
+/// One step to run: a mesh step, or one of an application service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub step: Step,
+    pub service: String,
+}
+
+impl From<Step> for Planned {
+    fn from(step: Step) -> Self {
+        Planned { step, service: String::new() }
+    }
+}
+
+/// An application service the workflow includes: its name and where its
+/// `TenantLifecycle` is served (from the service catalog, when the
+/// workflow started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    pub name: String,
+    pub endpoint: String,
 }
 
 /// The parameters that make two RegisterTenant calls "the same request".
@@ -264,6 +322,9 @@ pub struct Workflow {
     /// the tenant's limits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub charge_tenant: bool,
+    /// The application services whose steps the workflow runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Hook>,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -271,7 +332,7 @@ fn is_zero(v: &i64) -> bool {
 }
 
 impl Workflow {
-    pub fn new(id: String, kind: Kind, params: Params, steps: &[Step], now: i64) -> Self {
+    pub fn new(id: String, kind: Kind, params: Params, steps: &[Planned], now: i64) -> Self {
         Self {
             id,
             kind,
@@ -284,7 +345,14 @@ impl Workflow {
             state: WorkflowState::Running,
             steps: steps
                 .iter()
-                .map(|s| StepRecord { name: *s, state: StepState::Pending, attempts: 0, last_error: String::new() })
+                .map(|s| StepRecord {
+                    name: s.step,
+                    state: StepState::Pending,
+                    attempts: 0,
+                    last_error: String::new(),
+                    service: s.service.clone(),
+                    detail: String::new(),
+                })
                 .collect(),
             export_path: String::new(),
             create_time: now,
@@ -292,7 +360,13 @@ impl Workflow {
             outputs: BTreeMap::new(),
             point_in_time_us: 0,
             charge_tenant: false,
+            services: Vec::new(),
         }
+    }
+
+    /// Where the application service `name` is served.
+    pub fn hook(&self, name: &str) -> Option<&Hook> {
+        self.services.iter().find(|h| h.name == name)
     }
 
     /// The index of the first step not yet done.
@@ -320,57 +394,76 @@ impl Workflow {
         self.steps
             .iter()
             .find(|s| s.state == StepState::Failed)
-            .map(|s| format!("{}: {}", s.name, s.last_error))
+            .map(|s| format!("{}: {}", s.label(), s.last_error))
             .unwrap_or_default()
     }
 }
 
-/// The steps of onboarding a tenant into `to`.
-pub fn onboard_steps(to: &Spot) -> Vec<Step> {
-    let mut steps = vec![Step::CreateTenant];
+/// `step` once per application service, after the mesh's own.
+fn each(step: Step, services: &[String]) -> impl Iterator<Item = Planned> + '_ {
+    services.iter().map(move |s| Planned { step, service: s.clone() })
+}
+
+/// The steps of onboarding a tenant into `to`, with `services`.
+pub fn onboard_steps(to: &Spot, services: &[String]) -> Vec<Planned> {
+    let mut steps = vec![Step::CreateTenant.into()];
     if to.silo() {
-        steps.push(Step::ProvisionCompute);
+        steps.push(Step::ProvisionCompute.into());
     }
-    steps.extend([Step::ProvisionStorage, Step::CreateAdminUser, Step::ApplyLimits, Step::ActivateTenant]);
+    steps.push(Step::ProvisionStorage.into());
+    steps.extend(each(Step::ProvisionService, services));
+    steps.extend([Step::CreateAdminUser, Step::ApplyLimits, Step::ActivateTenant].map(Planned::from));
     steps
 }
 
-/// The steps of moving a tenant from `from` to `to`.
-pub fn change_tier_steps(from: &Spot, to: &Spot) -> Vec<Step> {
+/// The steps of moving a tenant from `from` to `to`, with `services`.
+pub fn change_tier_steps(from: &Spot, to: &Spot, services: &[String]) -> Vec<Planned> {
     if from.model == to.model {
-        return vec![Step::SwitchPlacement, Step::ApplyLimits];
+        return vec![Step::SwitchPlacement.into(), Step::ApplyLimits.into()];
     }
-    let mut steps = vec![Step::PauseWrites];
+    let mut steps = vec![Step::PauseWrites.into()];
+    steps.extend(each(Step::FenceService, services));
     if to.silo() {
-        steps.push(Step::ProvisionCompute);
+        steps.push(Step::ProvisionCompute.into());
     }
-    steps.extend([
-        Step::ProvisionStorage,
-        Step::CopyItems,
-        Step::SwitchPlacement,
-        Step::ApplyLimits,
-        Step::Drain,
-        Step::RemoveOldCopy,
-    ]);
+    steps.push(Step::ProvisionStorage.into());
+    steps.extend(each(Step::ProvisionService, services));
+    steps.push(Step::CopyItems.into());
+    steps.extend(each(Step::CopyService, services));
+    // The new place takes the tenant's writes before the switch sends them there.
+    steps.extend(each(Step::UnfenceService, services));
+    steps.extend([Step::SwitchPlacement, Step::ApplyLimits, Step::Drain, Step::RemoveOldCopy].map(Planned::from));
+    steps.extend(each(Step::PurgeService, services));
     steps
 }
 
-/// The steps of restoring a tenant to an instant: in place, or (`export`)
-/// into an export file, the tenant untouched.
-pub fn restore_steps(export: bool) -> Vec<Step> {
-    if export { vec![Step::ExportItems] } else { vec![Step::PauseWrites, Step::RewindItems, Step::ResumeWrites] }
+/// The steps of restoring a tenant to an instant, with `services`: in
+/// place, or (`export`) into export files, the tenant untouched.
+pub fn restore_steps(export: bool, services: &[String]) -> Vec<Planned> {
+    if export {
+        let mut steps = vec![Step::ExportItems.into()];
+        steps.extend(each(Step::ExportService, services));
+        return steps;
+    }
+    let mut steps = vec![Step::PauseWrites.into()];
+    steps.extend(each(Step::FenceService, services));
+    steps.push(Step::RewindItems.into());
+    steps.extend(each(Step::RewindService, services));
+    steps.extend(each(Step::UnfenceService, services));
+    steps.push(Step::ResumeWrites.into());
+    steps
 }
 
-/// The steps of offboarding a tenant.
-pub fn offboard_steps() -> Vec<Step> {
-    vec![
-        Step::SuspendTenant,
-        Step::ExportItems,
-        Step::DeleteItems,
-        Step::DeleteResources,
-        Step::DeleteUsers,
-        Step::MarkDeleted,
-    ]
+/// The steps of offboarding a tenant, with `services`.
+pub fn offboard_steps(services: &[String]) -> Vec<Planned> {
+    let mut steps = vec![Step::SuspendTenant.into()];
+    steps.extend(each(Step::FenceService, services));
+    steps.push(Step::ExportItems.into());
+    steps.extend(each(Step::ExportService, services));
+    steps.push(Step::DeleteItems.into());
+    steps.extend(each(Step::PurgeService, services));
+    steps.extend([Step::DeleteResources, Step::DeleteUsers, Step::MarkDeleted].map(Planned::from));
+    steps
 }
 
 /// A step attempt failed; `retryable` when the cause looks transient.
@@ -415,8 +508,9 @@ mod tests {
     #[test]
     fn steps_follow_the_models() {
         use IsolationModel::{Bridge, Pool, Silo};
+        let names = |planned: Vec<Planned>| planned.into_iter().map(|p| p.step).collect::<Vec<_>>();
         assert_eq!(
-            onboard_steps(&spot(Pool)),
+            names(onboard_steps(&spot(Pool), &[])),
             [
                 Step::CreateTenant,
                 Step::ProvisionStorage,
@@ -425,23 +519,60 @@ mod tests {
                 Step::ActivateTenant
             ]
         );
-        assert_eq!(onboard_steps(&spot(Silo))[1], Step::ProvisionCompute);
-        assert_eq!(change_tier_steps(&spot(Pool), &spot(Pool)), [Step::SwitchPlacement, Step::ApplyLimits]);
-        let up = change_tier_steps(&spot(Pool), &spot(Bridge));
+        assert_eq!(onboard_steps(&spot(Silo), &[])[1].step, Step::ProvisionCompute);
+        assert_eq!(names(change_tier_steps(&spot(Pool), &spot(Pool), &[])), [Step::SwitchPlacement, Step::ApplyLimits]);
+        let up = names(change_tier_steps(&spot(Pool), &spot(Bridge), &[]));
         assert_eq!(up.first(), Some(&Step::PauseWrites));
         assert!(up.contains(&Step::CopyItems) && !up.contains(&Step::ProvisionCompute));
-        assert!(change_tier_steps(&spot(Bridge), &spot(Silo)).contains(&Step::ProvisionCompute));
+        assert!(names(change_tier_steps(&spot(Bridge), &spot(Silo), &[])).contains(&Step::ProvisionCompute));
+    }
+
+    /// Each application service gets its steps, each right after the mesh
+    /// step it mirrors, in the services' order.
+    #[test]
+    fn application_services_get_their_steps() {
+        use IsolationModel::{Bridge, Pool};
+        let services = ["orders".to_owned(), "invoices".to_owned()];
+        let show = |planned: Vec<Planned>| {
+            planned
+                .into_iter()
+                .map(|p| if p.service.is_empty() { p.step.to_string() } else { format!("{}:{}", p.step, p.service) })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            show(onboard_steps(&spot(Pool), &services)),
+            "create_tenant provision_storage provision_service:orders provision_service:invoices \
+             create_admin_user apply_limits activate_tenant"
+        );
+        assert_eq!(
+            show(change_tier_steps(&spot(Pool), &spot(Bridge), &services[..1])),
+            "pause_writes fence_service:orders provision_storage provision_service:orders copy_items \
+             copy_service:orders unfence_service:orders switch_placement apply_limits drain remove_old_copy \
+             purge_service:orders"
+        );
+        assert_eq!(show(change_tier_steps(&spot(Pool), &spot(Pool), &services)), "switch_placement apply_limits");
+        assert_eq!(
+            show(restore_steps(false, &services[..1])),
+            "pause_writes fence_service:orders rewind_items rewind_service:orders unfence_service:orders resume_writes"
+        );
+        assert_eq!(show(restore_steps(true, &services[..1])), "export_items export_service:orders");
+        assert_eq!(
+            show(offboard_steps(&services[..1])),
+            "suspend_tenant fence_service:orders export_items export_service:orders delete_items \
+             purge_service:orders delete_resources delete_users mark_deleted"
+        );
     }
 
     #[test]
     fn next_step_and_error() {
-        let mut wf =
-            Workflow::new("a/onboard".into(), Kind::Onboard, params(), &[Step::CreateTenant, Step::ApplyLimits], 0);
+        let steps = [Step::CreateTenant.into(), Planned { step: Step::ProvisionService, service: "orders".into() }];
+        let mut wf = Workflow::new("a/onboard".into(), Kind::Onboard, params(), &steps, 0);
         assert_eq!(wf.next_step(), Some(0));
         wf.steps[0].state = StepState::Done;
         wf.steps[1].state = StepState::Failed;
         wf.steps[1].last_error = "boom".into();
-        assert_eq!((wf.next_step(), wf.error().as_str()), (Some(1), "apply_limits: boom"));
+        assert_eq!((wf.next_step(), wf.error().as_str()), (Some(1), "provision_service (orders): boom"));
     }
 
     /// Records written before steps and models were types read back the

@@ -171,7 +171,7 @@ async fn unfinished_workflows_resume_on_start() {
             table: state.table_name("data"),
             endpoint: String::new(),
         };
-        let mut wf = Workflow::new(format!("{id}/onboard"), Kind::Onboard, params, &onboard_steps(&to), 0);
+        let mut wf = Workflow::new(format!("{id}/onboard"), Kind::Onboard, params, &onboard_steps(&to, &[]), 0);
         wf.admin_password_hash = hash;
         wf.to = to;
         let pk = tenantmesh_onboarding::engine::WORKFLOWS_PK;

@@ -90,7 +90,7 @@ impl orders_server::Orders for Orders {
             version: 0,
         };
         let order = match table.put(&req.order_id, prost::Message::encode_to_vec(&order), Condition::NotExists).await {
-            Ok(item) => Order { version: item.version, ..order },
+            Ok(version) => Order { version, ..order },
             // A retry of the same order returns it; another order by that id is refused.
             Err(StorageError::ConditionFailed { .. }) => {
                 let existing = read(&table, &req.order_id).await?;
@@ -143,7 +143,7 @@ impl orders_server::Orders for Orders {
             order.set_status(OrderStatus::Cancelled);
             let written =
                 table.put(&order.order_id, prost::Message::encode_to_vec(&order), Condition::Version(order.version));
-            order.version = written.await.map_err(storage_status)?.version;
+            order.version = written.await.map_err(storage_status)?;
         }
         Ok(Response::new(CancelOrderResponse { order: Some(order) }))
     }

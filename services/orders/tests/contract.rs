@@ -35,12 +35,30 @@ pub(crate) async fn start(mesh: &TestMesh) -> Running {
     Running { client: OrdersClient::new(TestMesh::channel(addr)), addr, _stop: stop }
 }
 
-async fn add_product(mesh: &TestMesh, token: &str, id: &str) {
+/// The orders service, serving next to `mesh` and listed in its service
+/// catalog at this instance's address: workflows started from now on
+/// include it.
+pub(crate) async fn start_registered(mesh: &TestMesh) -> Running {
+    use tenantmesh_proto::registry::v1::ListServicesRequest;
+    let orders = start(mesh).await;
+    let (admin, endpoint) = (mesh.admin_token().await, format!("http://{}", orders.addr));
+    eventually(std::time::Duration::from_secs(10), || {
+        let (mut registry, admin, endpoint) = (mesh.registry(), admin.clone(), endpoint.clone());
+        async move {
+            let listed = registry.list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner();
+            listed.services.iter().any(|s| s.name == "orders" && s.endpoint == endpoint)
+        }
+    })
+    .await;
+    orders
+}
+
+pub(crate) async fn add_product(mesh: &TestMesh, token: &str, id: &str) {
     let put = PutItemRequest { collection: "products".into(), id: id.into(), attributes: None, expected_version: None };
     mesh.data().put_item(authed(put, token)).await.unwrap();
 }
 
-fn create(order_id: &str, product_id: &str, quantity: u32) -> CreateOrderRequest {
+pub(crate) fn create(order_id: &str, product_id: &str, quantity: u32) -> CreateOrderRequest {
     CreateOrderRequest { order_id: order_id.into(), product_id: product_id.into(), quantity }
 }
 
@@ -48,11 +66,11 @@ fn get(order_id: &str) -> GetOrderRequest {
     GetOrderRequest { order_id: order_id.into() }
 }
 
-fn list(page_size: u32, page_token: &str) -> ListOrdersRequest {
+pub(crate) fn list(page_size: u32, page_token: &str) -> ListOrdersRequest {
     ListOrdersRequest { page_size, page_token: page_token.into() }
 }
 
-fn ids(orders: &[Order]) -> Vec<&str> {
+pub(crate) fn ids(orders: &[Order]) -> Vec<&str> {
     orders.iter().map(|o| o.order_id.as_str()).collect()
 }
 
@@ -252,7 +270,7 @@ async fn it_registers_itself_in_the_catalog() {
     let services = listed().await;
     let orders_entry = services.iter().find(|s| s.name == "orders").expect("orders in the catalog");
     assert_eq!(orders_entry.endpoint, format!("http://{}", orders.addr));
-    assert_eq!(orders_entry.grpc_services, ["example.orders.v1.Orders"]);
+    assert_eq!(orders_entry.grpc_services, ["example.orders.v1.Orders", tenantmesh_app::LIFECYCLE]);
     assert_eq!(
         (orders_entry.tables.as_slice(), orders_entry.registered_by.as_str()),
         (&["orders".to_owned()][..], "service:orders")

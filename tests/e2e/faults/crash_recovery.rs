@@ -383,11 +383,11 @@ fn step_names(kind: &str, model_from: IsolationModel, model_to: IsolationModel) 
     use tenantmesh_onboarding::workflow::{Spot, change_tier_steps, offboard_steps, onboard_steps};
     let spot = |model| Spot { model, ..Default::default() };
     let steps = match kind {
-        "onboard" => onboard_steps(&spot(model_to)),
-        "change_tier" => change_tier_steps(&spot(model_from), &spot(model_to)),
-        _ => offboard_steps(),
+        "onboard" => onboard_steps(&spot(model_to), &[]),
+        "change_tier" => change_tier_steps(&spot(model_from), &spot(model_to), &[]),
+        _ => offboard_steps(&[]),
     };
-    steps.into_iter().map(|s| s.as_str()).collect()
+    steps.into_iter().map(|s| s.step.as_str()).collect()
 }
 
 fn assert_log_mentions(path: &Path, needle: &str) {
@@ -538,7 +538,7 @@ async fn restore_completes_after_kill_9_at_every_step() {
     let neighbour_token = cluster.tenant_token(&neighbour).await;
     cluster.put_items(&neighbour_token, 3).await;
     cluster.kill_9("onboarding");
-    let steps: Vec<&str> = restore_steps(false).into_iter().map(|s| s.as_str()).collect();
+    let steps: Vec<&str> = restore_steps(false, &[]).into_iter().map(|s| s.step.as_str()).collect();
     for (mode, step) in crash_points(steps) {
         let tenant = unique_tenant("rst");
         let fault = format!("{mode}:restore:{step}");

@@ -27,6 +27,9 @@ async fn call(mesh: &TestMesh, path: &str, token: &str) -> Result<(), Status> {
     call_at(addr, path, token).await
 }
 
+/// The lifecycle service every application serves (not the mesh's own).
+const LIFECYCLE_PATH: &str = "/tenantmesh.lifecycle.v1.TenantLifecycle/";
+
 /// [`call`], to the service at `addr`.
 async fn call_at(addr: std::net::SocketAddr, path: &str, token: &str) -> Result<(), Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
@@ -74,7 +77,9 @@ async fn every_rpc_with_every_role_and_scope() {
     let mesh = TestMesh::start().await;
     let tenant = mesh.onboard(&unique_tenant("roles")).await;
     let callers = callers(&mesh, &tenant).await;
-    let rules = Policies::mesh().expect("every RPC declares its policy").rules();
+    let mut rules = Policies::mesh().expect("every RPC declares its policy").rules();
+    // Served by every application service, and walked there.
+    rules.retain(|(p, _)| !p.starts_with(LIFECYCLE_PATH));
     let services: std::collections::HashSet<&str> =
         rules.iter().map(|(p, _)| p.trim_start_matches('/').split('/').next().unwrap()).collect();
     assert_eq!(services.len(), 7, "the four services, DataAdmin, Metering and Backup");
@@ -173,9 +178,13 @@ async fn every_rpc_of_an_application_service_with_every_role_and_scope() {
     let tenant = mesh.onboard(&unique_tenant("approles")).await;
     let callers = callers(&mesh, &tenant).await;
     let policies = Policies::from_descriptor_sets(&[tenantmesh_orders::proto::FILE_DESCRIPTOR_SET]).unwrap();
-    let rules: Vec<_> =
+    let mut rules: Vec<_> =
         policies.rules().into_iter().filter(|(p, _)| p.starts_with("/example.orders.v1.Orders/")).collect();
     assert_eq!(rules.len(), 4);
+    // And the lifecycle service every application serves.
+    let mesh_policies = Policies::mesh().unwrap();
+    rules.extend(mesh_policies.rules().into_iter().filter(|(p, _)| p.starts_with(LIFECYCLE_PATH)));
+    assert_eq!(rules.len(), 10);
     let mut reached = std::collections::BTreeSet::new();
     for (path, rule) in &rules {
         for (who, roles, scopes, token) in &callers {
@@ -193,8 +202,13 @@ async fn every_rpc_of_an_application_service_with_every_role_and_scope() {
         }
         expect_code(call_at(orders.addr, path, "").await, Code::Unauthenticated);
     }
+    // The lifecycle: the workflows' identity (scope lifecycle) only.
+    let lifecycle: Vec<&(String, String)> = reached.iter().filter(|(_, m)| m.ends_with("Tenant")).collect();
+    assert_eq!(lifecycle.len(), 6, "{lifecycle:?}");
+    assert!(lifecycle.iter().all(|(w, _)| w == "tests-lifecycle"), "{lifecycle:?}");
     // Tenant users everything but CancelOrder, tenant admins everything, nobody else anything.
-    let who: Vec<String> = reached.iter().map(|(w, m)| format!("{w}:{m}")).collect();
+    let who: Vec<String> =
+        reached.iter().filter(|(_, m)| !m.ends_with("Tenant")).map(|(w, m)| format!("{w}:{m}")).collect();
     assert_eq!(who.len(), 7, "{who:?}");
     assert!(
         !who.iter()

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 
 use super::*;
-use crate::workflow::{Kind, Params};
+use crate::workflow::{Kind, Params, Step};
 
 /// Steps that do nothing but what the test scripted: each attempt of a
 /// step takes the next scripted outcome (Ok once the script runs out).
@@ -34,15 +34,16 @@ impl Scripted {
 
 #[async_trait]
 impl StepRunner for Scripted {
-    async fn run(&self, step: Step, _wf: &mut Workflow) -> Result<(), StepError> {
+    async fn run(&self, at: usize, wf: &mut Workflow) -> Result<(), StepError> {
+        let step = wf.steps[at].name;
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
         self.ran.lock().unwrap().push(step);
         self.script.lock().unwrap().get_mut(&step).and_then(VecDeque::pop_front).unwrap_or(Ok(()))
     }
-    async fn failed(&self, _wf: &Workflow, step: Step, reason: &str) {
-        self.failed.lock().unwrap().push((step, reason.to_owned()));
+    async fn failed(&self, wf: &Workflow, at: usize, reason: &str) {
+        self.failed.lock().unwrap().push((wf.steps[at].name, reason.to_owned()));
     }
     async fn roll_back(&self, _wf: &mut Workflow) -> Result<(), StepError> {
         *self.rolled_back.lock().unwrap() += 1;
@@ -62,7 +63,8 @@ fn temp_store() -> (tempfile::TempDir, DynTable) {
 fn workflow(steps: &[Step]) -> Workflow {
     let params =
         Params { tenant_id: "acme".into(), name: "Acme".into(), tier: "basic".into(), admin_email: String::new() };
-    Workflow::new("acme/onboard".into(), Kind::Onboard, params, steps, 0)
+    let steps: Vec<_> = steps.iter().map(|s| crate::workflow::Planned::from(*s)).collect();
+    Workflow::new("acme/onboard".into(), Kind::Onboard, params, &steps, 0)
 }
 
 async fn engine_with(store: &DynTable, runner: Arc<Scripted>, policy: RetryPolicy) -> Engine {
@@ -152,7 +154,7 @@ fn tier_change() -> Workflow {
         Params { tenant_id: "acme".into(), name: "Acme".into(), tier: "premium".into(), admin_email: String::new() };
     let from = crate::workflow::Spot::default();
     let to = crate::workflow::Spot { model: tenantmesh_proto::registry::v1::IsolationModel::Bridge, ..from.clone() };
-    Workflow::new("acme/change-tier/1".into(), Kind::ChangeTier, params, &change_tier_steps(&from, &to), 0)
+    Workflow::new("acme/change-tier/1".into(), Kind::ChangeTier, params, &change_tier_steps(&from, &to, &[]), 0)
 }
 
 /// A tier change that fails for good before its switch is rolled back

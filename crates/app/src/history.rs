@@ -32,7 +32,18 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use tenantmesh_storage::{BeforeImage, Condition, DynTable, Fenced, Item, Query, StorageError, Table, Write};
 
-use crate::keys::reserved_sort_key;
+/// The sort key of a tenant's write fence in a table: while it exists,
+/// every logged write of the tenant there is refused
+/// ([`StorageError::Fenced`]). A workflow raises it before it copies,
+/// exports or rewinds the tenant's items, so no late write is lost.
+pub const FENCE_SK: &str = "~fence";
+
+/// Whether `sort_key` is reserved for the mesh's own bookkeeping (the
+/// fence, the history): keys starting with `~`, never an item of a
+/// service.
+pub fn reserved_sort_key(sort_key: &str) -> bool {
+    sort_key.starts_with('~')
+}
 
 /// Sort-key prefix of the history entries.
 pub const PREFIX: &str = "~u#";
@@ -64,7 +75,7 @@ pub fn now_us() -> i64 {
 /// A new entry's sort key at `time_us`: in time order, and unique (two
 /// replicas writing one tenant in the same microsecond differ by the
 /// random part; a clash fails the transaction, which is tried again).
-pub(crate) fn entry_key(time_us: i64) -> String {
+pub fn entry_key(time_us: i64) -> String {
     format!("{PREFIX}{time_us:016}#{:08x}", uuid::Uuid::new_v4().as_u128() as u32)
 }
 
@@ -145,6 +156,42 @@ pub async fn mark_start<T: Table + ?Sized>(store: &T, pk: &str, fence_sk: &str) 
         // Marked now, or earlier.
         Ok(()) | Err(StorageError::ConditionFailed { .. }) => Ok(true),
         Err(e) => Err(e),
+    }
+}
+
+/// The (tenant, table) pairs whose history this process has seen marked
+/// complete ([`mark_start`]): looked up before every logged write, so
+/// only a process's first write of a tenant in a table pays the marking.
+#[derive(Debug, Default)]
+pub struct Started {
+    /// Tenant -> the table where it was marked (a tenant writes to one
+    /// table per service at a time: its placement's).
+    marked: std::sync::Mutex<std::collections::HashMap<std::sync::Arc<str>, String>>,
+}
+
+impl Started {
+    /// Before a logged write of `tenant` in `table`: marks its history
+    /// complete from now, unless this process has done so already. A raised
+    /// fence marks nothing (the write is refused by it anyway, and the next
+    /// one marks).
+    pub async fn ensure<T: Table + ?Sized>(
+        &self,
+        store: &T,
+        tenant: &std::sync::Arc<str>,
+        table: &str,
+    ) -> Result<(), StorageError> {
+        if self.marked.lock().expect("history lock").get(tenant).is_some_and(|t| t == table) {
+            return Ok(());
+        }
+        if !mark_start(store, tenant, FENCE_SK).await? {
+            return Ok(());
+        }
+        let mut marked = self.marked.lock().expect("history lock");
+        if marked.len() >= 100_000 {
+            marked.clear();
+        }
+        marked.insert(tenant.clone(), table.to_owned());
+        Ok(())
     }
 }
 
@@ -344,6 +391,76 @@ impl ItemsAt {
             out.push(next);
         }
         Ok((!out.is_empty()).then_some(out))
+    }
+}
+
+/// Whether an item with sort key `sk` may be written by an import: an
+/// item, or its change history (which moves with it); never the fence.
+pub fn importable(sk: &str) -> bool {
+    !reserved_sort_key(sk) || is_history(sk)
+}
+
+/// The pages of an export of one tenant's items in one table: as they are
+/// (with their history when asked: what moves with them), or as they were
+/// at an instant. Never the fence.
+pub enum ExportPages {
+    Now { store: DynTable, pk: String, include_history: bool, start_after: Option<String>, done: bool },
+    At(ItemsAt),
+}
+
+impl ExportPages {
+    /// The items as they are.
+    pub fn now(store: DynTable, pk: &str, include_history: bool) -> Self {
+        ExportPages::Now { store, pk: pk.to_owned(), include_history, start_after: None, done: false }
+    }
+
+    /// The items as they were at `time_us`.
+    pub async fn at(store: DynTable, pk: &str, time_us: i64) -> Result<Self, HistoryError> {
+        Ok(ExportPages::At(ItemsAt::new(store, pk, time_us).await?))
+    }
+
+    /// The next page of at most `limit` items (`None` after the last; a
+    /// page may be empty).
+    pub async fn next(&mut self, limit: usize) -> Result<Option<Vec<Item>>, StorageError> {
+        match self {
+            ExportPages::Now { done: true, .. } => Ok(None),
+            ExportPages::Now { store, pk, include_history, start_after, done } => {
+                let q = Query { pk: pk.clone(), sk_prefix: String::new(), start_after: start_after.take(), limit };
+                let page = store.query(q).await?;
+                let exported = |sk: &str| !reserved_sort_key(sk) || (*include_history && is_history(sk));
+                *start_after = page.last_evaluated;
+                *done = start_after.is_none();
+                Ok(Some(page.items.into_iter().filter(|i| exported(&i.sk)).collect()))
+            }
+            ExportPages::At(at) => at.next_page(limit).await,
+        }
+    }
+}
+
+/// Deletes every item of `pk` and its history, leaving the fence; how many.
+pub async fn purge<T: Table + ?Sized>(store: &T, pk: &str) -> Result<u32, StorageError> {
+    let mut deleted = 0u32;
+    let mut pages = tenantmesh_storage::Pages::new(store, pk, "", 100);
+    while let Some(items) = pages.next().await? {
+        for item in items.iter().filter(|i| i.sk != FENCE_SK) {
+            if store.delete(pk, &item.sk, Condition::None).await?.is_some() {
+                deleted += 1;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Raises (or lowers) `pk`'s write fence; whether that changed it.
+pub async fn set_fence<T: Table + ?Sized>(store: &T, pk: &str, raised: bool) -> Result<bool, StorageError> {
+    if raised {
+        match store.put(pk, FENCE_SK, Vec::new(), Condition::NotExists).await {
+            Ok(_) => Ok(true),
+            Err(StorageError::ConditionFailed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    } else {
+        Ok(store.delete(pk, FENCE_SK, Condition::None).await?.is_some())
     }
 }
 

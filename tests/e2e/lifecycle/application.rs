@@ -1,0 +1,143 @@
+//! An application service (the example `orders`, built only on
+//! `tenantmesh-app`) goes through every workflow of its tenants' lives
+//! with the mesh's own data, on the backend `TENANTMESH_TEST_STORAGE`
+//! names: onboarding provisions the tenant in it, a restore to an instant
+//! rewinds its orders, a tier change moves them to the tenant's own table,
+//! offboarding exports and removes them; a neighbour never notices; and a
+//! service step that fails is shown with the service's name, and retried.
+
+use std::time::Duration;
+
+use tenantmesh_orders::proto::{CancelOrderRequest, Order, OrderStatus};
+use tenantmesh_proto::onboarding::v1::*;
+use tenantmesh_test_support::*;
+
+use crate::orders_contract::{Running, add_product, create, ids, list, start_registered};
+
+async fn orders_of(orders: &Running, token: &str) -> Vec<Order> {
+    orders.client.clone().list_orders(authed(list(100, ""), token)).await.unwrap().into_inner().orders
+}
+
+async fn order(orders: &Running, token: &str, id: &str) {
+    orders.client.clone().create_order(authed(create(id, "p1", 1), token)).await.unwrap();
+}
+
+/// The step of `wf` that `service` ran as `name`.
+fn service_step<'a>(wf: &'a Workflow, name: &str, service: &str) -> &'a Step {
+    wf.steps
+        .iter()
+        .find(|s| s.name == name && s.service == service)
+        .unwrap_or_else(|| panic!("no {name} ({service}) in {wf:?}"))
+}
+
+async fn resources(mesh: &TestMesh, tenant: &str) -> Vec<String> {
+    let admin = mesh.admin_token().await;
+    let req = ListTenantResourcesRequest { tenant_id: tenant.into(), include_removed: false };
+    let listed = mesh.onboarding().list_tenant_resources(authed(req, &admin)).await.unwrap().into_inner();
+    listed.resources.into_iter().map(|r| r.name).collect()
+}
+
+#[tokio::test]
+async fn an_application_service_follows_its_tenants_through_every_workflow() {
+    let mesh = TestMesh::start_with(TestBackend::from_env()).await;
+    let orders = start_registered(&mesh).await;
+    let admin = mesh.admin_token().await;
+    let (a, b) = (mesh.onboard(&unique_tenant("app")).await, mesh.onboard(&unique_tenant("nbr")).await);
+    let onboarded = mesh.wait_workflow(&format!("{}/onboard", a.tenant_id)).await;
+    let provisioned = service_step(&onboarded, "provision_service", "orders");
+    assert_eq!((provisioned.state(), provisioned.detail.as_str()), (StepState::Done, "in the pooled tables"));
+    for t in [&a, &b] {
+        add_product(&mesh, &t.token, "p1").await;
+    }
+    for id in ["o1", "o2"] {
+        order(&orders, &a.token, id).await;
+    }
+    order(&orders, &b.token, "o1").await;
+    let neighbour = orders_of(&orders, &b.token).await;
+
+    // A restore to an instant rewinds the tenant's orders with its items.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let at = tenantmesh_app::history::now_us();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    order(&orders, &a.token, "o3").await;
+    orders.client.clone().cancel_order(authed(CancelOrderRequest { order_id: "o1".into() }, &a.token)).await.unwrap();
+    let point_in_time = prost_types::Timestamp { seconds: at / 1_000_000, nanos: (at % 1_000_000) as i32 * 1000 };
+    let req = RestoreTenantRequest { tenant_id: a.tenant_id.clone(), point_in_time: Some(point_in_time), target: 0 };
+    let id = mesh.onboarding().restore_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let restored = mesh.wait_workflow(&id).await;
+    assert_eq!(restored.status(), WorkflowStatus::Succeeded, "{restored:?}");
+    assert_eq!(service_step(&restored, "rewind_service", "orders").detail, "1 items put back, 1 deleted");
+    let back = orders_of(&orders, &a.token).await;
+    assert_eq!(ids(&back), ["o1", "o2"]);
+    assert_eq!((back[0].status(), back[0].version), (OrderStatus::Placed, 1), "o1 as it was");
+    assert_eq!(orders_of(&orders, &b.token).await, neighbour, "the neighbour is untouched");
+
+    // A tier change to a bridge tier moves them to the tenant's own table.
+    let req = ChangeTierRequest { tenant_id: a.tenant_id.clone(), tier: "premium".into() };
+    let id = mesh.onboarding().change_tier(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let moved = mesh.wait_workflow(&id).await;
+    assert_eq!(moved.status(), WorkflowStatus::Succeeded, "{moved:?}");
+    assert_eq!(service_step(&moved, "provision_service", "orders").detail, "on its own tables");
+    let own = format!("tenant-{}-bridge-orders-orders", a.tenant_id);
+    assert!(resources(&mesh, &a.tenant_id).await.iter().any(|r| r.ends_with(&own)), "its table is listed");
+    let login = mesh.login(&a.tenant_id, &a.admin_email, &a.admin_password).await.unwrap();
+    eventually(Duration::from_secs(10), || async { ids(&orders_of(&orders, &login).await) == ["o1", "o2"] }).await;
+    eventually(Duration::from_secs(10), || async {
+        let mut client = orders.client.clone();
+        client.create_order(authed(create("o4", "p1", 1), &login)).await.is_ok()
+    })
+    .await;
+    assert_eq!(ids(&orders_of(&orders, &login).await), ["o1", "o2", "o4"]);
+    assert_eq!(orders_of(&orders, &b.token).await, neighbour);
+
+    // Offboarding exports them beside the items, then removes them.
+    let req = OffboardTenantRequest { tenant_id: a.tenant_id.clone() };
+    let id = mesh.onboarding().offboard_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let gone = mesh.wait_workflow(&id).await;
+    assert_eq!(gone.status(), WorkflowStatus::Succeeded, "{gone:?}");
+    let exported = &service_step(&gone, "export_service", "orders").detail;
+    let path = exported.split(" to ").nth(1).expect("the export's path");
+    assert!(path.ends_with(&format!("{}.orders.jsonl", a.tenant_id)), "{exported}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let keys: Vec<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["o1", "o2", "o4"]);
+    assert!(lines.iter().all(|l| l["table"] == "orders" && l["version"].as_u64() >= Some(1)), "{lines:?}");
+    assert!(!resources(&mesh, &a.tenant_id).await.iter().any(|r| r.ends_with(&own)), "its table is removed");
+    assert_eq!(orders_of(&orders, &b.token).await, neighbour);
+}
+
+/// A service that cannot be reached fails the tenant's onboarding at its
+/// step, named with the service and its error; once it serves again (at
+/// another address: the catalog says where), a retry finishes it.
+#[tokio::test]
+async fn a_failing_service_step_names_the_service_and_is_retried() {
+    let mesh = TestMesh::start().await;
+    drop(start_registered(&mesh).await);
+    let admin = mesh.admin_token().await;
+    let tenant = unique_tenant("hook");
+    let req = RegisterTenantRequest {
+        tenant_id: tenant.clone(),
+        name: "Hook".into(),
+        tier: "standard".into(),
+        admin_email: format!("admin@{tenant}.example"),
+        admin_password: "hook-password-1".into(),
+        idempotency_key: format!("onboard-{tenant}"),
+    };
+    let id = mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let failed = mesh.wait_workflow(&id).await;
+    assert_eq!(failed.status(), WorkflowStatus::Failed, "{failed:?}");
+    assert!(failed.error.starts_with("provision_service (orders): Unavailable"), "{}", failed.error);
+    let step = service_step(&failed, "provision_service", "orders");
+    assert_eq!(step.state(), StepState::Failed);
+
+    let orders = start_registered(&mesh).await;
+    let retry = RetryOnboardingRequest { workflow_id: id.clone() };
+    mesh.onboarding().retry_onboarding(authed(retry, &admin)).await.unwrap();
+    let done = mesh.wait_workflow(&id).await;
+    assert_eq!(done.status(), WorkflowStatus::Succeeded, "{done:?}");
+    let token = mesh.login(&tenant, &format!("admin@{tenant}.example"), "hook-password-1").await.unwrap();
+    add_product(&mesh, &token, "p1").await;
+    order(&orders, &token, "o1").await;
+    assert_eq!(ids(&orders_of(&orders, &token).await), ["o1"]);
+}
