@@ -108,6 +108,8 @@ pub fn test_env() -> HashMap<String, String> {
         ("TENANTMESH_SERVICE_CLIENTS", &test_clients()),
         ("TENANTMESH_TENANT_CACHE_TTL_MS", "100"),
         ("TENANTMESH_STEP_BACKOFF_MS", "20"),
+        // An application service registered late catches up within a second.
+        ("TENANTMESH_CATCH_UP_MS", "300"),
         // Usage shows within a second or two.
         ("TENANTMESH_METERING_FLUSH_MS", "1000"),
         // The tests' identity providers serve on loopback.

@@ -46,6 +46,10 @@ pub struct Config {
     /// `TENANTMESH_EXPORT_SWEEP_SECS` (default 3600): how often exports
     /// kept past their tier's `export_retention_days` are deleted.
     pub export_sweep: Duration,
+    /// `TENANTMESH_CATCH_UP_MS` (default 10000): how often the service
+    /// catalog is checked for application services that existing tenants
+    /// must be provisioned in (see `catch_up`).
+    pub catch_up: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -108,6 +112,7 @@ impl Config {
             step_backoff: Duration::from_millis(parse_var(env, "TENANTMESH_STEP_BACKOFF_MS", 200)?),
             faults,
             export_sweep: Duration::from_secs(parse_var(env, "TENANTMESH_EXPORT_SWEEP_SECS", 3600u64)?.max(1)),
+            catch_up: Duration::from_millis(parse_var(env, "TENANTMESH_CATCH_UP_MS", 10_000u64)?.max(10)),
         })
     }
 }

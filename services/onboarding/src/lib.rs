@@ -24,6 +24,7 @@
 //! workflow runs per tenant at a time (an `_active` record, written in the
 //! same transaction as the workflow, guards it).
 
+mod catch_up;
 pub mod compute;
 mod config;
 pub mod engine;

@@ -54,6 +54,7 @@ pub async fn serve(
             }
         });
         let sweeper = service.clone().sweep_exports(config.export_sweep);
+        let catching_up = service.clone().catch_up(config.catch_up);
         let authn = Authenticator::remote(&config.common)?;
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
         let served = tenantmesh_service::runtime::serve(
@@ -66,6 +67,7 @@ pub async fn serve(
         )
         .await;
         sweeper.abort();
+        catching_up.abort();
         served?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })

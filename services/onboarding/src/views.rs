@@ -71,6 +71,8 @@ pub(crate) fn workflow_id(tenant_id: &str, kind: Kind) -> String {
         Kind::Offboard => format!("{tenant_id}/offboard"),
         Kind::ChangeTier => format!("{tenant_id}/change-tier/{}", now_millis()),
         Kind::Restore => format!("{tenant_id}/restore/{}", now_millis()),
+        // One per service: see `catch_up`.
+        Kind::CatchUp => format!("{tenant_id}/catch-up"),
     }
 }
 
@@ -101,6 +103,7 @@ pub(crate) fn check_workflow_id(id: &str) -> Result<(), Status> {
         && match rest.as_slice() {
             ["onboard"] | ["offboard"] => true,
             ["change-tier" | "restore", n] => !n.is_empty() && n.len() <= 20 && n.bytes().all(|c| c.is_ascii_digit()),
+            ["catch-up", service] => tenantmesh_service::ids::valid_service_name(service),
             _ => false,
         };
     if ok {
@@ -108,7 +111,8 @@ pub(crate) fn check_workflow_id(id: &str) -> Result<(), Status> {
     } else {
         Err(invalid_field(
             "workflow_id",
-            "must be <tenant>/onboard, <tenant>/offboard, <tenant>/change-tier/<n> or <tenant>/restore/<n>",
+            "must be <tenant>/onboard, <tenant>/offboard, <tenant>/change-tier/<n>, <tenant>/restore/<n> or \
+             <tenant>/catch-up/<service>",
         ))
     }
 }

@@ -15,10 +15,13 @@ pub enum Kind {
     ChangeTier,
     Offboard,
     Restore,
+    /// An application service registered after the tenant existed:
+    /// provisioning the tenant in it.
+    CatchUp,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Onboard, Kind::ChangeTier, Kind::Offboard, Kind::Restore];
+    pub const ALL: [Kind; 5] = [Kind::Onboard, Kind::ChangeTier, Kind::Offboard, Kind::Restore, Kind::CatchUp];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,6 +29,7 @@ impl Kind {
             Kind::ChangeTier => "change_tier",
             Kind::Offboard => "offboard",
             Kind::Restore => "restore",
+            Kind::CatchUp => "catch_up",
         }
     }
 }
@@ -290,7 +294,8 @@ pub mod model_name {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Workflow {
     /// `<tenant>/onboard`, `<tenant>/change-tier/<ms>`,
-    /// `<tenant>/restore/<ms>`, `<tenant>/offboard`.
+    /// `<tenant>/restore/<ms>`, `<tenant>/offboard`,
+    /// `<tenant>/catch-up/<service>`.
     pub id: String,
     pub kind: Kind,
     pub params: Params,
@@ -385,7 +390,7 @@ impl Workflow {
         match self.kind {
             Kind::ChangeTier => self.steps.iter().any(|s| s.name == Step::CopyItems) && before(Step::SwitchPlacement),
             Kind::Restore => self.next_step().is_some(),
-            Kind::Onboard | Kind::Offboard => false,
+            Kind::Onboard | Kind::Offboard | Kind::CatchUp => false,
         }
     }
 
@@ -452,6 +457,12 @@ pub fn restore_steps(export: bool, services: &[String]) -> Vec<Planned> {
     steps.extend(each(Step::UnfenceService, services));
     steps.push(Step::ResumeWrites.into());
     steps
+}
+
+/// The steps of provisioning an existing tenant in a service registered
+/// since it was onboarded.
+pub fn catch_up_steps(service: &str) -> Vec<Planned> {
+    vec![Planned { step: Step::ProvisionService, service: service.to_owned() }]
 }
 
 /// The steps of offboarding a tenant, with `services`.

@@ -3,8 +3,9 @@
 //! with the mesh's own data, on the backend `TENANTMESH_TEST_STORAGE`
 //! names: onboarding provisions the tenant in it, a restore to an instant
 //! rewinds its orders, a tier change moves them to the tenant's own table,
-//! offboarding exports and removes them; a neighbour never notices; and a
-//! service step that fails is shown with the service's name, and retried.
+//! offboarding exports and removes them; a neighbour never notices; a
+//! service step that fails is shown with the service's name, and retried;
+//! and a service registered after tenants exist catches them up.
 
 use std::time::Duration;
 
@@ -140,4 +141,37 @@ async fn a_failing_service_step_names_the_service_and_is_retried() {
     add_product(&mesh, &token, "p1").await;
     order(&orders, &token, "o1").await;
     assert_eq!(ids(&orders_of(&orders, &token).await), ["o1"]);
+}
+
+/// Tenants onboarded before the service registered are provisioned in it
+/// by a catch-up workflow each (a bridge tenant gets its own table, listed
+/// as its resource); one onboarded after needs none.
+#[tokio::test]
+async fn a_service_registered_later_catches_up_existing_tenants() {
+    let mesh = TestMesh::start_with(TestBackend::from_env()).await;
+    let pooled = mesh.onboard(&unique_tenant("early")).await;
+    let bridged = mesh.onboard_on(&unique_tenant("earlyb"), "premium").await;
+    let orders = start_registered(&mesh).await;
+    for t in [&pooled, &bridged] {
+        let id = format!("{}/catch-up/orders", t.tenant_id);
+        let admin = mesh.admin_token().await;
+        eventually(Duration::from_secs(20), || {
+            let (mut onboarding, admin, id) = (mesh.onboarding(), admin.clone(), id.clone());
+            async move { onboarding.get_workflow(authed(GetWorkflowRequest { workflow_id: id }, &admin)).await.is_ok() }
+        })
+        .await;
+        let wf = mesh.wait_workflow(&id).await;
+        assert_eq!((wf.status(), wf.kind.as_str()), (WorkflowStatus::Succeeded, "catch_up"), "{wf:?}");
+        add_product(&mesh, &t.token, "p1").await;
+        order(&orders, &t.token, "o1").await;
+        assert_eq!(ids(&orders_of(&orders, &t.token).await), ["o1"]);
+    }
+    let own = format!("tenant-{}-bridge-orders-orders", bridged.tenant_id);
+    assert!(resources(&mesh, &bridged.tenant_id).await.iter().any(|r| r.ends_with(&own)));
+
+    let late = mesh.onboard(&unique_tenant("late")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let admin = mesh.admin_token().await;
+    let none = GetWorkflowRequest { workflow_id: format!("{}/catch-up/orders", late.tenant_id) };
+    expect_code(mesh.onboarding().get_workflow(authed(none, &admin)).await, tonic::Code::NotFound);
 }
