@@ -55,7 +55,7 @@ mod lifecycle;
 mod metering;
 mod tables;
 
-pub use app::{App, Context, LIFECYCLE};
+pub use app::{App, Context, DEFAULT_PORT, LIFECYCLE};
 pub use error::AppError;
 pub use tables::{MAX_KEY_LEN, Tables, TenantTable, storage_status};
 

@@ -1,6 +1,7 @@
 //! The whole tenantmesh mesh in one process: the four services on their own
 //! listeners, wired to each other over gRPC exactly as separate processes
-//! would be. Used by `tenantmesh up` and by the test harness.
+//! would be (and, for `tenantmesh up`, the example application service).
+//! Used by `tenantmesh up` and by the test harness.
 
 pub mod backup;
 pub mod health;
@@ -31,12 +32,22 @@ pub struct MeshOptions {
     /// (e.g. `TENANTMESH_BOOTSTRAP_PASSWORD`); addresses and the data dir
     /// are set from the fields above.
     pub env: HashMap<String, String>,
+    /// Also run the example application service (`orders`, built only on
+    /// `tenantmesh-app`) on this port (0: any free port), with its own
+    /// identity, registered in the service catalog.
+    pub example: Option<u16>,
 }
 
 impl MeshOptions {
     /// Loopback, ephemeral ports, the given data dir, no extra settings.
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
-        Self { data_dir: data_dir.into(), host: IpAddr::from([127, 0, 0, 1]), ports: [0; 4], env: HashMap::new() }
+        Self {
+            data_dir: data_dir.into(),
+            host: IpAddr::from([127, 0, 0, 1]),
+            ports: [0; 4],
+            env: HashMap::new(),
+            example: None,
+        }
     }
 }
 
@@ -47,6 +58,8 @@ pub struct MeshAddrs {
     pub auth: SocketAddr,
     pub onboarding: SocketAddr,
     pub data: SocketAddr,
+    /// The example application service, when it runs.
+    pub orders: Option<SocketAddr>,
 }
 
 /// A running mesh; [`Mesh::shutdown`] stops it gracefully.
@@ -94,11 +107,16 @@ impl Mesh {
         let auth_l = bind("auth", SocketAddr::new(host, ap)).await?;
         let onboarding_l = bind("onboarding", SocketAddr::new(host, op)).await?;
         let data_l = bind("data", SocketAddr::new(host, dp)).await?;
+        let orders_l = match options.example {
+            Some(port) => Some(bind("orders", SocketAddr::new(host, port)).await?),
+            None => None,
+        };
         let addrs = MeshAddrs {
             registry: addr_of("tenant-registry", &registry_l)?,
             auth: addr_of("auth", &auth_l)?,
             onboarding: addr_of("onboarding", &onboarding_l)?,
             data: addr_of("data", &data_l)?,
+            orders: orders_l.as_ref().map(|l| addr_of("orders", l)).transpose()?,
         };
 
         let mut env = options.env.clone();
@@ -113,11 +131,15 @@ impl Mesh {
         // and _SECRET), for processes of it started elsewhere.
         let onboarding_id = env.remove("TENANTMESH_SERVICE_CLIENT_ID").unwrap_or_else(|| "onboarding".into());
         let onboarding_secret = env.remove("TENANTMESH_SERVICE_CLIENT_SECRET").unwrap_or_else(random_secret);
-        let identities = [
+        let mut identities = vec![
             ("onboarding", onboarding_id, onboarding_secret, "lifecycle"),
             ("data", "data".to_owned(), random_secret(), "directory+data_plane"),
             ("auth", "auth".to_owned(), random_secret(), "directory"),
         ];
+        if orders_l.is_some() {
+            // What an application needs: tenant changes, recording usage, registering itself.
+            identities.push(("orders", "orders".to_owned(), random_secret(), "directory+metering_writer+catalog"));
+        }
         let declared = identities.iter().map(|(_, id, secret, scopes)| format!("{id}:{secret}:{scopes}"));
         let clients: Vec<String> = env
             .get("TENANTMESH_SERVICE_CLIENTS")
@@ -169,6 +191,17 @@ impl Mesh {
             tenantmesh_onboarding::serve(onboarding, onboarding_store, onboarding_l, Some(compute), signal());
         spawn("onboarding", Box::pin(onboarding_run));
         spawn("data", Box::pin(tenantmesh_data::serve(data, data_stores, data_l, signal())));
+        if let (Some(listener), Some(addr)) = (orders_l, addrs.orders) {
+            let mut orders_env = with_listen("orders", addr);
+            orders_env.insert("TENANTMESH_DATA_DIR".into(), options.data_dir.join("apps/orders").display().to_string());
+            orders_env.insert("TENANTMESH_METERING_URL".into(), format!("http://{}", addrs.data));
+            let app = tenantmesh_orders::app()
+                .and_then(|app| app.configure(&orders_env))
+                .map_err(|e| MeshError::Service { service: "orders", message: e.to_string() })?;
+            let data_url = format!("http://{}", addrs.data);
+            let run = app.serve(listener, signal(), move |ctx| tenantmesh_orders::routes(ctx, &data_url));
+            spawn("orders", Box::pin(async move { run.await.map_err(BoxError::from) }));
+        }
 
         let storage = env.get("TENANTMESH_STORAGE").cloned().unwrap_or_else(|| "embedded".into());
         let mut mesh = Mesh { addrs, data_dir: options.data_dir, storage, stop, tasks, silos };
@@ -179,7 +212,10 @@ impl Mesh {
                 ("auth", addrs.auth),
                 ("onboarding", addrs.onboarding),
                 ("data", addrs.data),
-            ] {
+            ]
+            .into_iter()
+            .chain(addrs.orders.map(|a| ("orders", a)))
+            {
                 wait_serving(service, addr).await?;
             }
             let restored = mesh_silos.restore().await;

@@ -95,6 +95,14 @@ enum Command {
         /// credentials vended from TENANTMESH_TENANT_ROLE_ARN).
         #[arg(long, value_parser = ["embedded", "dynamodb"], env = "TENANTMESH_STORAGE", default_value = "embedded")]
         storage: String,
+        /// Port of the example application service `orders` (built only on
+        /// the tenantmesh-app crate, registered in the service catalog, so
+        /// every tenant's workflows include it); 0: any free port.
+        #[arg(long, default_value_t = tenantmesh_app::DEFAULT_PORT)]
+        orders_port: u16,
+        /// Do not run the example application service.
+        #[arg(long)]
+        no_example: bool,
     },
     /// Print every tenant's cost to serve, its tier's price and the margin over
     /// a period, lowest margin first: which tenants cost more than they pay.
@@ -193,11 +201,22 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Up { data_dir, host, registry_port, auth_port, onboarding_port, data_port, storage } => {
+        Command::Up {
+            data_dir,
+            host,
+            registry_port,
+            auth_port,
+            onboarding_port,
+            data_port,
+            storage,
+            orders_port,
+            no_example,
+        } => {
             let mut env = env;
             env.insert("TENANTMESH_STORAGE".into(), storage);
             let ports = [registry_port, auth_port, onboarding_port, data_port];
-            let options = MeshOptions { data_dir, host, ports, env };
+            let example = (!no_example).then_some(orders_port);
+            let options = MeshOptions { data_dir, host, ports, env, example };
             up(options).await
         }
         Command::Health { .. } => unreachable!("handled before telemetry"),
@@ -299,6 +318,9 @@ async fn up(options: MeshOptions) -> ExitCode {
     println!("  auth             {}", a.auth);
     println!("  onboarding       {}", a.onboarding);
     println!("  data             {}", a.data);
+    if let Some(orders) = a.orders {
+        println!("  orders           {orders}");
+    }
     println!("Log in as the platform operator (tenant 'platform') with {password_hint}:");
     println!(
         "  grpcurl -plaintext -d '{{\"tenant_id\":\"platform\",\"email\":\"{email}\",\"password\":\"...\"}}' {} tenantmesh.auth.v1.Auth/Login",

@@ -114,6 +114,7 @@ fn readme_walkthrough_passes_against_tenantmesh_up() {
     let dir = tempfile::tempdir().unwrap();
     let mut up = Command::new(service_binary("tenantmesh"))
         .args(["up", "--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
+        .args(["--orders-port", "0"])
         .current_dir(dir.path())
         .env_remove("TENANTMESH_BOOTSTRAP_PASSWORD")
         .env_remove("TENANTMESH_DATA_DIR")
@@ -125,7 +126,8 @@ fn readme_walkthrough_passes_against_tenantmesh_up() {
     let mut stdout = BufReader::new(up.stdout.take().unwrap());
     let mut banner = String::new();
     let mut ports = Vec::new();
-    for (name, default) in [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054)] {
+    let services = [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054), ("orders", 50060)];
+    for (name, default) in services {
         loop {
             let mut line = String::new();
             assert!(stdout.read_line(&mut line).unwrap() > 0, "tenantmesh up exited early; printed:\n{banner}");
@@ -195,6 +197,8 @@ fn help_explains_the_command() {
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "TENANTMESH_TIERS_FILE",
         "silos.json",
+        "--orders-port",
+        "--no-example",
     ] {
         assert!(up.contains(needle), "`tenantmesh up --help` does not mention {needle}:\n{up}");
     }
