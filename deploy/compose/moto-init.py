@@ -28,6 +28,8 @@ TABLES = {
     "leases": False,
     "usage": True,
     "data": True,
+    # The example application service's one table (services/orders).
+    "orders-orders": True,
 }
 ROLE = "tenantmesh-tenant-access"
 

@@ -126,7 +126,8 @@ fn readme_walkthrough_passes_against_tenantmesh_up() {
     let mut stdout = BufReader::new(up.stdout.take().unwrap());
     let mut banner = String::new();
     let mut ports = Vec::new();
-    let services = [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054), ("orders", 50060)];
+    let services =
+        [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054), ("orders", 50060)];
     for (name, default) in services {
         loop {
             let mut line = String::new();

@@ -23,9 +23,10 @@ use tenantmesh_test_support::*;
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// The compose services that are tenantmesh binaries, with their ports, in
-/// the order their `depends_on` starts them.
-const SERVICES: [(&str, u16); 4] =
-    [("tenant-registry", 50051), ("auth", 50052), ("data", 50054), ("onboarding", 50053)];
+/// the order their `depends_on` starts them (the example application
+/// service last).
+const SERVICES: [(&str, u16); 5] =
+    [("tenant-registry", 50051), ("auth", 50052), ("data", 50054), ("onboarding", 50053), ("orders", 50060)];
 
 /// The shell's variables, as the README's commands set them.
 type Shell<'a> = &'a [(&'a str, &'a str)];
@@ -133,6 +134,7 @@ fn placeholder_secrets_are_refused_outside_a_demo() {
         ("auth", "TENANTMESH_SERVICE_CLIENTS"),
         ("onboarding", "TENANTMESH_SERVICE_CLIENT_SECRET"),
         ("data", "TENANTMESH_SERVICE_CLIENT_SECRET"),
+        ("orders", "TENANTMESH_SERVICE_CLIENT_SECRET"),
     ] {
         let (command, env) = environment(&doc, name, &[]);
         assert_eq!(env["TENANTMESH_DEMO"], "false", "{name}");
@@ -225,7 +227,7 @@ fn published_ports_are_on_loopback_only() {
             }
         }
     }
-    assert_eq!(published, 5, "the four services and the trace UI");
+    assert_eq!(published, 6, "the four services, the example application service and the trace UI");
     assert!(field(&service(&doc, "moto"), "ports").is_none(), "the emulator is published");
 }
 
@@ -314,7 +316,7 @@ fn the_cloudformation_stack_replicates_every_table_to_the_replica_region() {
             assert_eq!(resource[policy].as_str() == Some("Retain"), holds_data, "{name}: {policy}");
         }
     }
-    assert_eq!(tables.len(), 6, "{tables:?}");
+    assert_eq!(tables.len(), 7, "{tables:?}");
 
     // Every ARN granted in the stack's region has its twin in the replica's.
     fn arns(node: &Yaml, out: &mut Vec<(bool, String)>) {
@@ -461,6 +463,24 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
     let mut onboarding =
         tenantmesh_proto::onboarding::v1::onboarding_client::OnboardingClient::new(mesh.channel("onboarding"));
     let mut data = tenantmesh_proto::data::v1::data_client::DataClient::new(mesh.channel("data"));
+    // The example service is in the catalog where the onboarding service
+    // reaches it (its advertised compose name), before any tenant exists.
+    let advertised = mesh.remap(&spec("orders").1["TENANTMESH_ADVERTISE_URL"]);
+    let mut registry = tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient::new(
+        mesh.channel("tenant-registry"),
+    );
+    eventually(std::time::Duration::from_secs(30), || {
+        let (mut registry, admin, advertised) = (registry.clone(), admin.clone(), advertised.clone());
+        async move {
+            let req = authed(tenantmesh_proto::registry::v1::ListServicesRequest {}, &admin);
+            let listed = registry.list_services(req).await.unwrap().into_inner().services;
+            listed.iter().any(|s| s.name == "orders" && s.endpoint == advertised)
+        }
+    })
+    .await;
+    drop(registry);
+    let mut orders = tenantmesh_orders::proto::orders_client::OrdersClient::new(mesh.channel("orders"));
+    let mut order_tokens = Vec::new();
     let pool_tenant = unique_tenant("compose");
     let tenants = [(&pool_tenant, "basic"), (&silo_tenant, "enterprise")];
     let mut pool_token = String::new();
@@ -504,12 +524,32 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
         if tenant == &pool_tenant {
             pool_token = token.clone();
         }
+        // An order for a product of its catalog: in the pooled orders
+        // table, or (silo) the tenant's own, provisioned by its onboarding.
+        let product =
+            PutItemRequest { collection: "products".into(), id: "p1".into(), attributes: None, expected_version: None };
+        data.put_item(authed(product, &token)).await.unwrap();
+        let order = tenantmesh_orders::proto::CreateOrderRequest {
+            order_id: format!("o-{tier}"),
+            product_id: "p1".into(),
+            quantity: 1,
+        };
+        orders.create_order(authed(order, &token)).await.unwrap();
+        order_tokens.push((tier, token.clone()));
         let req = authed(GetItemRequest { collection: "c".into(), id: "1".into() }, &token);
         let got = data.get_item(req).await.unwrap().into_inner().item.unwrap();
         assert_eq!(
             (got.version, got.attributes.unwrap().fields["tier"].clone()),
             (1, attrs(&[("tier", tier)]).fields["tier"].clone())
         );
+    }
+    // Each tenant sees its own order only.
+    for (tier, token) in &order_tokens {
+        let req =
+            authed(tenantmesh_orders::proto::ListOrdersRequest { page_size: 10, page_token: String::new() }, token);
+        let listed = orders.list_orders(req).await.unwrap().into_inner().orders;
+        let ids: Vec<&str> = listed.iter().map(|o| o.order_id.as_str()).collect();
+        assert_eq!(ids, [format!("o-{tier}")], "{tier}");
     }
     if moto.is_some() {
         let mut files = Vec::new();
@@ -539,6 +579,7 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
         ("auth", "auth.redb"),
         ("onboarding", "onboarding.redb"),
         ("data", "data.redb"),
+        ("orders", "orders-orders.redb"),
     ] {
         let out = mesh.dir.path().join(format!("backup-{name}"));
         let taken = tenantmesh_cli::backup::take(&format!("127.0.0.1:{}", mesh.ports[name]), &admin, &out).await;
@@ -569,7 +610,7 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
 
     // SIGTERM, callers first (as an orchestrator stops them): every service
     // stops and exits 0, bounded by its grace period.
-    drop((auth, onboarding, data));
+    drop((auth, onboarding, data, orders));
     let line_of = |log: &str, message: &str| -> serde_json::Value {
         let found = log.lines().find(|l| l.contains(message)).unwrap_or_else(|| panic!("no {message:?} in {log}"));
         serde_json::from_str(found).unwrap()
@@ -748,6 +789,7 @@ fn kubernetes_secrets() -> HashMap<&'static str, &'static str> {
         ("onboarding-client-secret", "k8s-test-onboarding-secret"),
         ("data-client-secret", "k8s-test-data-secret-0"),
         ("auth-client-secret", "k8s-test-auth-secret-0"),
+        ("orders-client-secret", "k8s-test-orders-secret"),
         ("bootstrap-password", "k8s-test-bootstrap"),
     ]
     .into()
