@@ -466,7 +466,7 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
     // The example service is in the catalog where the onboarding service
     // reaches it (its advertised compose name), before any tenant exists.
     let advertised = mesh.remap(&spec("orders").1["TENANTMESH_ADVERTISE_URL"]);
-    let mut registry = tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient::new(
+    let registry = tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient::new(
         mesh.channel("tenant-registry"),
     );
     eventually(std::time::Duration::from_secs(30), || {

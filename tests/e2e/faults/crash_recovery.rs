@@ -122,6 +122,7 @@ impl Cluster {
             "registry" => tenantmesh_proto::registry::v1::tenant_registry_server::SERVICE_NAME,
             "auth" => tenantmesh_proto::auth::v1::auth_server::SERVICE_NAME,
             "onboarding" => tenantmesh_proto::onboarding::v1::onboarding_server::SERVICE_NAME,
+            "orders" => tenantmesh_orders::proto::orders_server::SERVICE_NAME,
             _ => tenantmesh_proto::data::v1::data_server::SERVICE_NAME,
         };
         let mut cmd = Command::new(service_binary(&format!("tenantmesh-{binary}")));
@@ -181,6 +182,33 @@ impl Cluster {
         self.spawn(&name, "data", port, &[("TENANTMESH_SILO_TENANT", tenant), ("TENANTMESH_DATA_DIR", &dir_setting)])
             .await;
         format!("http://127.0.0.1:{port}")
+    }
+
+    /// The example application service as its own process (its own
+    /// identity and data dir), listed in the catalog before this returns.
+    async fn start_orders(&mut self) -> u16 {
+        let port = free_port();
+        let dir = self.dir.path().join("orders").display().to_string();
+        let metering = self.env["TENANTMESH_DATA_URL"].clone();
+        let settings = [
+            ("TENANTMESH_SERVICE_CLIENT_ID", "orders"),
+            ("TENANTMESH_SERVICE_CLIENT_SECRET", TEST_CLIENT_SECRET),
+            ("TENANTMESH_DATA_DIR", dir.as_str()),
+            ("TENANTMESH_METERING_URL", metering.as_str()),
+        ];
+        self.spawn("orders", "orders", port, &settings).await;
+        let admin = self.admin().await;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        eventually(Duration::from_secs(20), || {
+            let (mut registry, admin, endpoint) = (self.registry(), admin.clone(), endpoint.clone());
+            async move {
+                let req = authed(tenantmesh_proto::registry::v1::ListServicesRequest {}, &admin);
+                let listed = registry.list_services(req).await.unwrap().into_inner().services;
+                listed.iter().any(|s| s.name == "orders" && s.endpoint == endpoint)
+            }
+        })
+        .await;
+        port
     }
 
     fn registry(&self) -> TenantRegistryClient<Channel> {
@@ -339,6 +367,18 @@ impl Cluster {
         self.login(tenant, &format!("admin@{tenant}.example"), &format!("{tenant}-password")).await.unwrap()
     }
 
+    /// The product `p1` in the tenant's catalog (an order names one).
+    async fn put_product(&self, token: &str) {
+        let req =
+            PutItemRequest { collection: "products".into(), id: "p1".into(), attributes: None, expected_version: None };
+        self.data().put_item(authed(req, token)).await.unwrap();
+    }
+
+    async fn service_token_as(&self, client_id: &str) -> String {
+        let req = IssueServiceTokenRequest { client_id: client_id.into(), client_secret: TEST_CLIENT_SECRET.into() };
+        self.auth().issue_service_token(req).await.unwrap().into_inner().access_token
+    }
+
     async fn put_items(&self, token: &str, n: usize) {
         for i in 0..n {
             let req = PutItemRequest {
@@ -380,12 +420,21 @@ fn crash_points(steps: Vec<&'static str>) -> Vec<(&'static str, &'static str)> {
 }
 
 fn step_names(kind: &str, model_from: IsolationModel, model_to: IsolationModel) -> Vec<&'static str> {
+    steps_of(kind, model_from, model_to, &[])
+}
+
+/// [`step_names`] of a mesh with one application service registered.
+fn step_names_with(kind: &str, model_from: IsolationModel, model_to: IsolationModel) -> Vec<&'static str> {
+    steps_of(kind, model_from, model_to, &["orders".to_owned()])
+}
+
+fn steps_of(kind: &str, from: IsolationModel, to: IsolationModel, services: &[String]) -> Vec<&'static str> {
     use tenantmesh_onboarding::workflow::{Spot, change_tier_steps, offboard_steps, onboard_steps};
     let spot = |model| Spot { model, ..Default::default() };
     let steps = match kind {
-        "onboard" => onboard_steps(&spot(model_to), &[]),
-        "change_tier" => change_tier_steps(&spot(model_from), &spot(model_to), &[]),
-        _ => offboard_steps(&[]),
+        "onboard" => onboard_steps(&spot(to), services),
+        "change_tier" => change_tier_steps(&spot(from), &spot(to), services),
+        _ => offboard_steps(services),
     };
     steps.into_iter().map(|s| s.step.as_str()).collect()
 }
@@ -805,4 +854,89 @@ async fn a_silo_tenants_manifests_are_committed_once_and_removed_when_it_leaves_
     let removed = git(&repo, &["show", "--name-status", "--format=", "HEAD"]);
     assert_eq!(removed.lines().filter(|l| l.starts_with('D')).count(), 4, "{removed}");
     assert_eq!(cluster.item_ids(&token).await.len(), 3, "the items moved with the tenant");
+}
+
+/// The steps of an application service (the example `orders`, its own
+/// process) in onboarding and a tier change pool -> bridge, the onboarding
+/// process killed after each in turn: every order is in the tenant's new
+/// orders table once, none is left in the pooled one, its table exists
+/// once, and it takes orders again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_service_steps_complete_after_kill_9() {
+    use tenantmesh_orders::proto::{CreateOrderRequest, ListOrdersRequest, orders_client::OrdersClient};
+    use tenantmesh_proto::lifecycle::v1::{ExportTenantRequest, tenant_lifecycle_client::TenantLifecycleClient};
+    let mut cluster = Cluster::start().await;
+    let port = cluster.start_orders().await;
+    let orders = || OrdersClient::new(channel(port));
+    let ids = |token: String| async move {
+        let req = authed(ListOrdersRequest { page_size: 100, page_token: String::new() }, &token);
+        let listed = orders().list_orders(req).await.unwrap().into_inner().orders;
+        listed.into_iter().map(|o| o.order_id).collect::<Vec<_>>()
+    };
+    let service_steps = |steps: Vec<&'static str>| steps.into_iter().filter(|s| s.ends_with("_service")).collect();
+    let onboard = crash_points(service_steps(step_names_with("onboard", IsolationModel::Pool, IsolationModel::Pool)));
+    let moves =
+        crash_points(service_steps(step_names_with("change_tier", IsolationModel::Pool, IsolationModel::Bridge)));
+    let points = onboard.into_iter().map(|p| ("onboard", p)).chain(moves.into_iter().map(|p| ("change_tier", p)));
+    for (kind, (mode, step)) in points {
+        let tenant = unique_tenant("app");
+        let fault = format!("{mode}:{kind}:{step}");
+        cluster.start_onboarding(&[("TENANTMESH_FAULTS", &fault)]).await;
+        cluster.register(&tenant, "standard").await;
+        let mut id = format!("{tenant}/onboard");
+        if kind == "change_tier" {
+            cluster.until_succeeded(&id).await;
+            let token = cluster.tenant_token(&tenant).await;
+            cluster.put_product(&token).await;
+            for i in 0..5 {
+                let req = CreateOrderRequest { order_id: format!("o{i}"), product_id: "p1".into(), quantity: 1 };
+                orders().create_order(authed(req, &token)).await.unwrap();
+            }
+            let admin = cluster.admin().await;
+            let req = authed(ChangeTierRequest { tenant_id: tenant.clone(), tier: "premium".into() }, &admin);
+            id = cluster.onboarding().change_tier(req).await.unwrap().into_inner().workflow_id;
+        }
+        cluster.until_halted(mode, &id, step).await;
+        cluster.kill_9("onboarding");
+        cluster.start_onboarding(&[]).await;
+        let wf = cluster.until_succeeded(&id).await;
+        let at = format!("{kind} {step} ({mode})");
+        assert!(wf.steps.iter().any(|s| s.service == "orders"), "{at}: {wf:?}");
+
+        let token = cluster.tenant_token(&tenant).await;
+        if kind == "onboard" {
+            cluster.put_product(&token).await;
+            let req = CreateOrderRequest { order_id: "o0".into(), product_id: "p1".into(), quantity: 1 };
+            orders().create_order(authed(req, &token)).await.unwrap();
+            assert_eq!(ids(token).await, ["o0"], "{at}");
+        } else {
+            let own = format!("tenant-{tenant}-bridge-orders-orders");
+            let tables = cluster.dedicated_tables(&tenant).await;
+            assert_eq!(tables.iter().filter(|t| t.ends_with(&own)).count(), 1, "{at}: {tables:?}");
+            assert_eq!(ids(token.clone()).await, ["o0", "o1", "o2", "o3", "o4"], "{at}");
+            // Nothing of the tenant is left in the pooled orders table.
+            let pooled =
+                tenantmesh_proto::registry::v1::Placement { model: IsolationModel::Pool as i32, ..Default::default() };
+            let req = ExportTenantRequest {
+                tenant_id: tenant.clone(),
+                placement: Some(pooled),
+                include_history: true,
+                as_of_us: None,
+            };
+            let lifecycle = cluster.service_token_as("tests-lifecycle").await;
+            let mut pages = TenantLifecycleClient::new(channel(port))
+                .export_tenant(authed(req, &lifecycle))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut left = 0;
+            while let Some(page) = pages.message().await.unwrap() {
+                left += page.items.len();
+            }
+            assert_eq!(left, 0, "{at}: left in the pool");
+            let req = CreateOrderRequest { order_id: "o5".into(), product_id: "p1".into(), quantity: 1 };
+            orders().create_order(authed(req, &token)).await.unwrap();
+        }
+        cluster.kill_9("onboarding");
+    }
 }
