@@ -98,10 +98,10 @@ enum Command {
         /// Port of the example application service `orders` (built only on
         /// the tenantmesh-app crate, registered in the service catalog, so
         /// every tenant's workflows include it); 0: any free port.
-        #[arg(long, default_value_t = tenantmesh_app::DEFAULT_PORT)]
+        #[arg(long, default_value_t = tenantmesh_app::DEFAULT_PORT, env = "TENANTMESH_ORDERS_PORT")]
         orders_port: u16,
         /// Do not run the example application service.
-        #[arg(long)]
+        #[arg(long, env = "TENANTMESH_NO_EXAMPLE")]
         no_example: bool,
     },
     /// Print every tenant's cost to serve, its tier's price and the margin over

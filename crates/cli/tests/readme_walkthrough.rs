@@ -218,6 +218,7 @@ async fn up_runs_on_dynamodb() {
     let mut up = Command::new(service_binary("tenantmesh"));
     up.args(["up", "--storage", "dynamodb"])
         .args(["--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
+        .args(["--orders-port", "0"])
         .current_dir(dir.path())
         .env("TENANTMESH_BOOTSTRAP_PASSWORD", "dynamo-admin-password")
         .env("RUST_LOG", "warn")

@@ -51,6 +51,23 @@ async fn in_a_row(addrs: &procs::MeshAddrs, admin: &str, tier: &str, n: usize) -
     Ok((Stats::from_latencies(&latencies), started.elapsed()))
 }
 
+/// Waits (up to 30 s) until the catalog lists the application service `name`.
+async fn registered(addrs: &procs::MeshAddrs, admin: &str, name: &str) -> Result<(), String> {
+    use tenantmesh_proto::registry::v1::{ListServicesRequest, tenant_registry_client::TenantRegistryClient};
+    let mut registry = TenantRegistryClient::new(lazy(addrs.registry));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = registry.list_services(authed(ListServicesRequest {}, admin)).await;
+        if listed.is_ok_and(|r| r.get_ref().services.iter().any(|s| s.name == name)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{name} is not in the service catalog after 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn onboarding(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let dir = ctx.dir("onboarding");
     // Production settings: argon2id at its default cost.
@@ -59,11 +76,23 @@ pub async fn onboarding(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let (pool_n, bridge_n) = ctx.pick((1000, 50), (10, 3));
     let (pool, pool_total) = in_a_row(&addrs, &admin, "standard", pool_n).await?;
     let (bridge, _) = in_a_row(&addrs, &admin, "premium", bridge_n).await?;
+    mesh.stop(Duration::from_secs(15))?;
+
+    // The same with one application service registered (the example, in
+    // `tenantmesh up`): its provisioning step is in every onboarding.
+    let with_app = HashMap::from([("TENANTMESH_NO_EXAMPLE".to_owned(), "false".to_owned())]);
+    let (mesh, addrs) = procs::start_mesh(&dir.join("mesh-app"), &with_app)?;
+    let admin = platform_admin(addrs.auth).await?;
+    registered(&addrs, &admin, "orders").await?;
+    let app_n = ctx.pick(200, 10);
+    let (app, _) = in_a_row(&addrs, &admin, "standard", app_n).await?;
+    mesh.stop(Duration::from_secs(15))?;
     progress(format!(
-        "  pool p50 {:.1} ms p99 {:.1} ms; bridge p50 {:.1} ms",
+        "  pool p50 {:.1} ms p99 {:.1} ms; bridge p50 {:.1} ms; pool with an application service p50 {:.1} ms",
         pool.quantile_ms(0.5),
         pool.quantile_ms(0.99),
-        bridge.quantile_ms(0.5)
+        bridge.quantile_ms(0.5),
+        app.quantile_ms(0.5)
     ));
     let mut r = ctx.result(
         "onboarding",
@@ -71,7 +100,9 @@ pub async fn onboarding(ctx: &Ctx) -> Result<ScenarioResult, String> {
         format!(
             "`tenantmesh up` (release, embedded store, default argon2id cost for the admin user). {pool_n} standard (pool) \
              tenants onboarded one after another, then {bridge_n} premium (bridge) ones: time from sending \
-             RegisterTenant to the TENANT_ONBOARDED lifecycle event (WatchEvents), which follows activation."
+             RegisterTenant to the TENANT_ONBOARDED lifecycle event (WatchEvents), which follows activation. Then \
+             {app_n} standard tenants on a mesh with one application service registered (the example `orders`, \
+             in-process under `tenantmesh up`): its `provision_service` step is in each onboarding."
         ),
     );
     r.figures.push(Figure::new("pool tenant p50", "ms", pool.quantile_ms(0.5)).target(Target::AtMost(50.0)));
@@ -79,7 +110,12 @@ pub async fn onboarding(ctx: &Ctx) -> Result<ScenarioResult, String> {
     r.figures.push(Figure::new(format!("{pool_n} pool tenants in a row"), "s", pool_total.as_secs_f64()));
     r.figures.push(Figure::new("bridge tenant p50", "ms", bridge.quantile_ms(0.5)));
     r.figures.push(Figure::new("bridge tenant p99", "ms", bridge.quantile_ms(0.99)));
-    r.details = json!({"pool": pool.summary(), "bridge": bridge.summary()});
-    mesh.stop(Duration::from_secs(15))?;
+    r.figures.push(Figure::new("pool tenant p50, one application service", "ms", app.quantile_ms(0.5)));
+    r.figures.push(Figure::new(
+        "pool tenant p50, one application service / none",
+        "x",
+        app.quantile_ms(0.5) / pool.quantile_ms(0.5).max(f64::EPSILON),
+    ));
+    r.details = json!({"pool": pool.summary(), "bridge": bridge.summary(), "pool_with_app": app.summary()});
     Ok(r)
 }
