@@ -51,11 +51,13 @@ pub struct App {
     advertise: Option<String>,
 }
 
-/// Where and how often the service's calls' usage goes.
+/// Where and how often the service's calls' usage goes, and how often its
+/// tenants' stored bytes are sampled.
 #[derive(Debug, Clone)]
 struct Metering {
     url: String,
     flush: Duration,
+    storage_sample: Duration,
 }
 
 impl Metering {
@@ -63,6 +65,7 @@ impl Metering {
         Ok(Self {
             url: config::url_var(env, "TENANTMESH_METERING_URL", config::DATA_PORT)?,
             flush: config::metering_flush(env)?,
+            storage_sample: config::storage_sample(env)?,
         })
     }
 }
@@ -217,7 +220,7 @@ impl App {
                 }
             };
             let authn = Authenticator::remote(&self.common)?.with_policies(Arc::new(policies));
-            let mut tables = Tables::new(&self.name, &self.storage.table_prefix);
+            let mut tables = Tables::new(&self.name, &self.storage.table_prefix, self.common.tiers.clone());
             for table in &self.tables {
                 let pooled = format!("{}-{table}", self.name);
                 let stores = self
@@ -228,6 +231,7 @@ impl App {
                 tables.add(table, stores);
             }
             let lifecycle = TenantLifecycleServer::new(Lifecycle::new(tables.clone()));
+            let upkeep_tables = tables.clone();
             let routes = routes(&Context { tables })?;
             let embedded = self.storage.backend == Backend::Embedded;
             let routes = routes
@@ -236,9 +240,22 @@ impl App {
             let mut names: Vec<&str> = self.services.iter().map(String::as_str).collect();
             names.extend([tenantmesh_service::backup::NAME, LIFECYCLE]);
             tracing::info!(tables = ?self.tables, "application service starting");
-            if let Some(tokens) = &tokens {
-                self.register(self.registration(listener.local_addr().ok()), tokens)?;
-            }
+            let upkeep = match &tokens {
+                Some(tokens) => {
+                    self.register(self.registration(listener.local_addr().ok()), tokens)?;
+                    let upkeep = crate::upkeep::Upkeep {
+                        tables: upkeep_tables,
+                        registry: TenantRegistryClient::new(self.with_identity(&self.common.registry_url, tokens)?),
+                        metering: MeteringClient::new(self.with_identity(&self.metering.url, tokens)?),
+                        interval: self.metering.storage_sample,
+                    };
+                    Some(upkeep.start())
+                }
+                None => {
+                    tracing::warn!("without a service identity, the tables' stored bytes are not metered and their change history is not trimmed");
+                    None
+                }
+            };
             let served = tenantmesh_service::runtime::serve_routes(
                 listener,
                 routes,
@@ -249,6 +266,9 @@ impl App {
                 shutdown,
             )
             .await;
+            if let Some(upkeep) = upkeep {
+                upkeep.abort();
+            }
             // Whatever the outcome, what was counted is sent.
             if let Some(meters) = meters {
                 match meters.shutdown().await {
@@ -264,13 +284,21 @@ impl App {
 }
 
 impl App {
+    /// A channel to `url` whose calls carry the service's own identity.
+    fn with_identity(
+        &self,
+        url: &str,
+        tokens: &Arc<ServiceTokenSource>,
+    ) -> Result<client::PropagatedChannel, AppError> {
+        Ok(client::wrap(client::channel(url)?, Identity::Service(tokens.clone())))
+    }
+
     /// The meters of the service's calls, flushing to the metering service
     /// with the service's identity (`tokens`).
     fn meters(&self, policies: &Policies, tokens: &Arc<ServiceTokenSource>) -> Result<Arc<Meters>, AppError> {
-        let channel = client::wrap(client::channel(&self.metering.url)?, Identity::Service(tokens.clone()));
         let sink = crate::metering::RecordUsage {
             service: self.name.clone(),
-            client: tenantmesh_service::sized!(MeteringClient::new(channel)),
+            client: tenantmesh_service::sized!(MeteringClient::new(self.with_identity(&self.metering.url, tokens)?)),
         };
         let meters = Arc::new(Meters::with_sink(sink, policies.metered(), self.metering.flush));
         meters.start();
@@ -304,7 +332,7 @@ impl App {
     /// identity, retrying (1 s, doubling to 30 s) until the registry
     /// answers; a refusal that retrying cannot change is logged and ends it.
     fn register(&self, service: ApplicationService, tokens: &Arc<ServiceTokenSource>) -> Result<(), AppError> {
-        let channel = client::wrap(client::channel(&self.common.registry_url)?, Identity::Service(tokens.clone()));
+        let channel = self.with_identity(&self.common.registry_url, tokens)?;
         let mut registry = tenantmesh_service::sized!(TenantRegistryClient::new(channel));
         tenantmesh_telemetry::spawn(async move {
             let mut backoff = Duration::from_secs(1);

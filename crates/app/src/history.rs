@@ -38,6 +38,12 @@ use tenantmesh_storage::{BeforeImage, Condition, DynTable, Fenced, Item, Query, 
 /// exports or rewinds the tenant's items, so no late write is lost.
 pub const FENCE_SK: &str = "~fence";
 
+/// Largest item stored: DynamoDB's item limit (400 KiB, names and values
+/// of all attributes) less 1 KiB, so that both the stored item and the
+/// history entry holding it as a before-image (its bytes plus its sort key
+/// and version) fit, whatever the tenant id and key.
+pub const MAX_ITEM_BYTES: usize = 399 * 1024;
+
 /// Whether `sort_key` is reserved for the mesh's own bookkeeping (the
 /// fence, the history): keys starting with `~`, never an item of a
 /// service.

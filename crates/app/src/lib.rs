@@ -53,11 +53,13 @@ mod error;
 pub mod history;
 mod lifecycle;
 mod metering;
+pub mod quota;
 mod tables;
+mod upkeep;
 
 pub use app::{App, Context, DEFAULT_PORT, LIFECYCLE};
 pub use error::AppError;
-pub use tables::{MAX_KEY_LEN, Tables, TenantTable, storage_status};
+pub use tables::{MAX_KEY_LEN, TableError, Tables, TenantTable, storage_status};
 
 /// The caller of the current request: its tenant, roles and placement.
 pub use tenantmesh_tenant_context::TenantContext;

@@ -254,6 +254,9 @@ impl TenantLifecycle for Lifecycle {
             stores.push((*name, store));
         }
         let imported = req.items.len() as u32;
+        for (_, table, _) in &tables {
+            table.changed(&tenant);
+        }
         for item in req.items {
             let (_, store) = stores.iter().find(|(name, _)| *name == item.table).expect("checked above");
             let item = Item { pk: tenant.clone(), sk: item.key, version: item.version, data: item.data };
@@ -275,6 +278,7 @@ impl TenantLifecycle for Lifecycle {
         let (mut restored, mut deleted) = (0, 0);
         for (_, table, physical) in self.at(&tenant, model) {
             let Some(store) = Self::store(table, &tenant, &physical).await? else { continue };
+            table.changed(&tenant);
             match history::rewind(store.as_ref(), &tenant, at).await {
                 Ok(done) => (restored, deleted) = (restored + done.restored, deleted + done.deleted),
                 // Never written and empty: nothing to put back.
@@ -301,6 +305,7 @@ impl TenantLifecycle for Lifecycle {
                 }
                 tables.push(physical);
             } else if let Some(store) = Self::store(table, &tenant, &physical).await? {
+                table.changed(&tenant);
                 deleted += history::purge(store.as_ref(), &tenant).await.map_err(storage_status)?;
             }
         }

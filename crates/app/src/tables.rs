@@ -11,6 +11,11 @@ use tenantmesh_tenant_context::TenantContext;
 use tonic::Status;
 
 use crate::history;
+use crate::quota::{self, OverQuota, Quotas};
+use tenantmesh_service::tiers::Tiers;
+
+/// How often a tenant refused by its quota may have its bytes counted again.
+const QUOTA_RESCAN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Longest key of an item in a [`TenantTable`].
 pub const MAX_KEY_LEN: usize = 512;
@@ -22,6 +27,8 @@ pub struct Tables {
     /// The store's table-name prefix (`TENANTMESH_TABLE_PREFIX`).
     prefix: Arc<str>,
     tables: Arc<BTreeMap<String, Table>>,
+    /// Each tier's cap on its tenants' change history.
+    tiers: Arc<Tiers>,
 }
 
 #[derive(Clone)]
@@ -33,6 +40,8 @@ pub(crate) struct Table {
     stores: Arc<dyn TenantStores>,
     /// Where this process has seen tenants' history marked complete.
     started: Arc<history::Started>,
+    /// The tenants' stored bytes in this table, as this process counts them.
+    quotas: Arc<Quotas>,
 }
 
 impl Table {
@@ -55,6 +64,12 @@ impl Table {
     pub(crate) fn stores(&self) -> &Arc<dyn TenantStores> {
         &self.stores
     }
+
+    /// `tenant`'s bytes here changed outside its writes (an import, a
+    /// rewind, a purge, a trim): counted again at its next write.
+    pub(crate) fn changed(&self, tenant: &str) {
+        self.quotas.forget(tenant);
+    }
 }
 
 /// The isolation model of a placement (none: pooled).
@@ -69,14 +84,24 @@ impl std::fmt::Debug for Tables {
 }
 
 impl Tables {
-    pub(crate) fn new(service: &str, prefix: &str) -> Self {
-        Self { service: service.into(), prefix: prefix.into(), tables: Default::default() }
+    pub(crate) fn new(service: &str, prefix: &str, tiers: Arc<Tiers>) -> Self {
+        Self { service: service.into(), prefix: prefix.into(), tables: Default::default(), tiers }
     }
 
     pub(crate) fn add(&mut self, name: &str, stores: Arc<dyn TenantStores>) {
         let pooled = stores.pooled_table().to_owned();
-        let table = Table { pooled, suffix: format!("{}-{name}", self.service), stores, started: Default::default() };
+        let table = Table {
+            pooled,
+            suffix: format!("{}-{name}", self.service),
+            stores,
+            started: Default::default(),
+            quotas: Arc::new(Quotas::new(QUOTA_RESCAN)),
+        };
         Arc::make_mut(&mut self.tables).insert(name.to_owned(), table);
+    }
+
+    pub(crate) fn tiers(&self) -> &Tiers {
+        &self.tiers
     }
 
     /// The declared tables, by name.
@@ -117,12 +142,19 @@ impl Tables {
                 Status::internal("internal error")
             }
         })?;
+        // Its quota, and its history's cap (the tier's multiple of it).
+        let limits = ctx.tenant.storage_quota.map(|items| {
+            let multiple = self.tiers.get(ctx.tier()).map_or(2, |t| u64::from(t.history_quota_multiple));
+            quota::Limits { items, history: items.saturating_mul(multiple) }
+        });
         Ok(TenantTable {
             tenant: ctx.tenant_id.clone(),
             store,
             migrating: ctx.status() == TenantStatus::Migrating,
             started: table.started.clone(),
             physical: physical.into(),
+            quotas: table.quotas.clone(),
+            limits,
         })
     }
 }
@@ -141,6 +173,9 @@ pub struct TenantTable {
     started: Arc<history::Started>,
     /// The table's name in the store.
     physical: Arc<str>,
+    quotas: Arc<Quotas>,
+    /// The tenant's storage limits, when it has any.
+    limits: Option<quota::Limits>,
 }
 
 impl std::fmt::Debug for TenantTable {
@@ -180,20 +215,36 @@ impl TenantTable {
     }
 
     /// Writes `data` at `key` if `condition` holds; the stored version.
-    /// [`StorageError::Fenced`] while the tenant is being moved or restored.
-    pub async fn put(&self, key: &str, data: Vec<u8>, condition: Condition) -> Result<u64, StorageError> {
+    /// Refused while the tenant is being moved or restored
+    /// ([`StorageError::Fenced`]), past its storage quota
+    /// ([`TableError::OverQuota`]), and for an item over
+    /// [`history::MAX_ITEM_BYTES`] ([`TableError::TooLarge`]).
+    pub async fn put(&self, key: &str, data: Vec<u8>, condition: Condition) -> Result<u64, TableError> {
         check_key(key)?;
+        if data.len() > history::MAX_ITEM_BYTES {
+            return Err(TableError::TooLarge { size: data.len(), limit: history::MAX_ITEM_BYTES });
+        }
         self.writable().await?;
+        if let Some(limits) = self.limits {
+            let admitted = self.quotas.admit(&self.tenant, &self.store, key, data.len() as u64, limits).await?;
+            admitted.map_err(TableError::OverQuota)?;
+        }
         let done = history::put(self.store.as_ref(), &self.tenant, key, data, condition, history::FENCE_SK).await?;
+        if self.limits.is_some() {
+            self.quotas.settle(&self.tenant, &done);
+        }
         Ok(done.version)
     }
 
     /// Deletes the item at `key` if `condition` holds; its last version,
-    /// `None` when there was none.
-    pub async fn delete(&self, key: &str, condition: Condition) -> Result<Option<u64>, StorageError> {
+    /// `None` when there was none. Never refused by the quota: it makes room.
+    pub async fn delete(&self, key: &str, condition: Condition) -> Result<Option<u64>, TableError> {
         check_key(key)?;
         self.writable().await?;
         let done = history::delete(self.store.as_ref(), &self.tenant, key, condition, history::FENCE_SK).await?;
+        if self.limits.is_some() {
+            self.quotas.settle(&self.tenant, &done);
+        }
         Ok((done.previous_version > 0).then_some(done.previous_version))
     }
 
@@ -227,10 +278,44 @@ impl TenantTable {
     }
 }
 
-/// The status a storage error is answered with: a failed condition is
+/// Why a write to a [`TenantTable`] did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// The store refused or failed (a failed condition is
+    /// [`StorageError::ConditionFailed`]; see [`TableError::condition_failed`]).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The write would take the tenant's items past its storage quota, or
+    /// its change history past its cap.
+    #[error("{0}")]
+    OverQuota(OverQuota),
+    /// The item is larger than an item may be.
+    #[error("an item of {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+}
+
+impl TableError {
+    /// Whether the write's condition did not hold (the item exists, or is
+    /// at another version).
+    pub fn condition_failed(&self) -> bool {
+        matches!(self, TableError::Storage(StorageError::ConditionFailed { .. }))
+    }
+}
+
+/// The status a table's error is answered with: a failed condition is
 /// ABORTED (a concurrent write), a refused key PERMISSION_DENIED (and
-/// logged as a security event), a backend failure UNAVAILABLE, an invalid
-/// key INTERNAL (a handler's bug; validate input first).
-pub fn storage_status(e: StorageError) -> Status {
-    tenantmesh_service::errors::storage_status(e, "application")
+/// logged as a security event), a backend failure or a write while the
+/// tenant moves UNAVAILABLE (retry), a write past the tenant's storage
+/// quota RESOURCE_EXHAUSTED (with a `QuotaFailure`), an item too large
+/// INVALID_ARGUMENT, an invalid key INTERNAL (a handler's bug; validate
+/// input first).
+pub fn storage_status(e: impl Into<TableError>) -> Status {
+    match e.into() {
+        TableError::Storage(e) => tenantmesh_service::errors::storage_status(e, "application"),
+        TableError::OverQuota(over) => {
+            tracing::warn!(limit = ?over.over, quota = over.quota, stored = over.stored, "write refused by the storage quota");
+            over.status()
+        }
+        e @ TableError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
+    }
 }

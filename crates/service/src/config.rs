@@ -109,6 +109,13 @@ pub fn metering_flush(env: &HashMap<String, String>) -> Result<std::time::Durati
     Ok(std::time::Duration::from_millis(parse_var(env, "TENANTMESH_METERING_FLUSH_MS", 10_000u64)?.max(10)))
 }
 
+/// `TENANTMESH_STORAGE_SAMPLE_SECS` (default 3600, at least 1): how often
+/// every tenant's stored bytes are measured (`storage_byte_hours`) and its
+/// change history trimmed.
+pub fn storage_sample(env: &HashMap<String, String>) -> Result<std::time::Duration, ConfigError> {
+    Ok(std::time::Duration::from_secs(parse_var(env, "TENANTMESH_STORAGE_SAMPLE_SECS", 3600u64)?.max(1)))
+}
+
 /// The process environment as a map (for `main`).
 pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()

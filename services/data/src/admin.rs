@@ -22,8 +22,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::DataError;
-use crate::quota::Quotas;
 use tenantmesh_app::history::{self, HistoryError};
+use tenantmesh_app::quota::Quotas;
 
 /// Largest number of items in one ImportItems call.
 pub const MAX_IMPORT_BATCH: usize = 500;

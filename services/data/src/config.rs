@@ -103,9 +103,7 @@ impl Config {
                 "TENANTMESH_ONBOARDING_URL",
                 tenantmesh_service::config::ONBOARDING_PORT,
             )?,
-            storage_sample: std::time::Duration::from_secs(
-                tenantmesh_service::config::parse_var(env, "TENANTMESH_STORAGE_SAMPLE_SECS", 3600u64)?.max(1),
-            ),
+            storage_sample: tenantmesh_service::config::storage_sample(env)?,
             stream_stall: std::time::Duration::from_millis(
                 tenantmesh_service::config::parse_var(env, "TENANTMESH_STREAM_STALL_MS", 30_000u64)?.max(1),
             ),

@@ -33,47 +33,19 @@ pub enum DataError {
     Policy(#[from] tenantmesh_isolation::PolicyError),
     /// The write would take the tenant's items past its storage quota, or
     /// its change history past its cap.
-    #[error("{}", over_quota_message(.0))]
-    OverQuota(crate::quota::OverQuota),
+    #[error("{0}")]
+    OverQuota(tenantmesh_app::quota::OverQuota),
     #[error("bad silo endpoint {endpoint}: {cause}")]
     BadEndpoint { endpoint: String, cause: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
 
-fn over_quota_message(over: &crate::quota::OverQuota) -> String {
-    let crate::quota::OverQuota { quota, stored, size, .. } = over;
-    match over.over {
-        crate::quota::Over::Items => {
-            format!(
-                "storage quota of {quota} bytes reached ({stored} stored, {size} more asked); deleting items makes room"
-            )
-        }
-        crate::quota::Over::History => format!(
-            "change history cap of {quota} bytes reached ({stored} kept, {size} more asked): every overwrite and delete \
-             keeps the item's earlier bytes for restores for the tier's history_days, and they free as they age out"
-        ),
-    }
-}
-
 impl From<DataError> for Status {
     fn from(e: DataError) -> Self {
         match e {
             DataError::NotFound => Status::not_found("item not found"),
-            DataError::OverQuota(ref over) => {
-                use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
-                // No RetryInfo: waiting does not help (or only after days,
-                // for the history), deleting items does.
-                let limit = match over.over {
-                    crate::quota::Over::Items => "storage_quota_bytes",
-                    crate::quota::Over::History => "history_quota_bytes",
-                };
-                let details = ErrorDetails::with_quota_failure(vec![QuotaViolation::new(
-                    format!("tenant:{}", over.tenant),
-                    format!("{limit} {}", over.quota),
-                )]);
-                Status::with_error_details(tonic::Code::ResourceExhausted, e.to_string(), details)
-            }
+            DataError::OverQuota(over) => over.status(),
             e @ DataError::VersionMismatch { .. } => Status::aborted(e.to_string()),
             DataError::Corrupt(cause) => {
                 tracing::error!(cause, "corrupt item");
@@ -127,9 +99,9 @@ mod tests {
             (DataError::Migrating, Code::Unavailable),
             (DataError::Storage(StorageError::Fenced), Code::Unavailable),
             (
-                DataError::OverQuota(crate::quota::OverQuota {
+                DataError::OverQuota(tenantmesh_app::quota::OverQuota {
                     tenant: "a".into(),
-                    over: crate::quota::Over::History,
+                    over: tenantmesh_app::quota::Over::History,
                     quota: 10,
                     stored: 9,
                     size: 2,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use crate::error::DataError;
 use crate::keys::*;
-use crate::quota;
 use prost::Message as _;
 use tenantmesh_app::history;
+use tenantmesh_app::quota;
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::stores::{Location, locate};
 use tenantmesh_metering::meters::Usage;

@@ -8,11 +8,8 @@ use tenantmesh_service::errors::Violations;
 /// `<collection>#<id>` and collections are letters, digits and `_.-`.
 pub use tenantmesh_app::history::{FENCE_SK, reserved_sort_key};
 
-/// Largest encoded item accepted: DynamoDB's item limit (400 KiB, names
-/// and values of all attributes) less 1 KiB, so that both the stored item
-/// and the history entry holding it as a before-image (its bytes plus its
-/// sort key and version) fit, whatever the tenant id and sort key.
-pub const MAX_ITEM_BYTES: usize = 399 * 1024;
+/// Largest encoded item accepted (see the app crate's).
+pub use tenantmesh_app::history::MAX_ITEM_BYTES;
 pub(crate) const MAX_COLLECTION_LEN: usize = 64;
 pub(crate) const MAX_ID_LEN: usize = 256;
 

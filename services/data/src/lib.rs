@@ -32,7 +32,6 @@ mod error;
 mod items;
 mod keys;
 pub mod metering;
-pub mod quota;
 mod serve;
 pub mod storage_meter;
 
@@ -43,4 +42,4 @@ pub use keys::{FENCE_SK, MAX_ITEM_BYTES, reserved_sort_key};
 pub use serve::{LEASES_TABLE, USAGE_TABLE, open_store, serve};
 /// Each tenant's change history (kept by the application crate, which
 /// every service's tables share).
-pub use tenantmesh_app::history;
+pub use tenantmesh_app::{history, quota};

@@ -53,7 +53,7 @@ pub struct StorageSampler {
     tiers: Arc<tenantmesh_service::tiers::Tiers>,
     /// The data service's counts of stored bytes: a tenant's are forgotten
     /// when its history is trimmed here.
-    quotas: Option<Arc<crate::quota::Quotas>>,
+    quotas: Option<Arc<tenantmesh_app::quota::Quotas>>,
     /// Usage older than this many days is deleted.
     usage_retention_days: u32,
     /// Tenants being sampled now (by an earlier round still at it).
@@ -114,7 +114,7 @@ impl StorageSampler {
     }
 
     /// The counts to forget when a tenant's history is trimmed.
-    pub fn with_quotas(mut self, quotas: Arc<crate::quota::Quotas>) -> Self {
+    pub fn with_quotas(mut self, quotas: Arc<tenantmesh_app::quota::Quotas>) -> Self {
         self.quotas = Some(quotas);
         self
     }
@@ -260,7 +260,7 @@ impl StorageSampler {
             }
             Kept::Table(_, table) => {
                 let store = self.stores.store_for(id, table).await.map_err(|e| e.to_string())?;
-                Ok(crate::quota::Quotas::scan(&store, id).await.map_err(|e| e.to_string())?.total())
+                Ok(tenantmesh_app::quota::Quotas::scan(&store, id).await.map_err(|e| e.to_string())?.total())
             }
         }
     }

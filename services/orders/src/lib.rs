@@ -3,7 +3,7 @@
 //! tenant. See the README's "Build your own service".
 
 use tenantmesh_app::mesh::data::v1::{GetItemRequest, data_client::DataClient};
-use tenantmesh_app::{Condition, StorageError, TenantContext, TenantTable, Violations, storage_status};
+use tenantmesh_app::{Condition, TenantContext, TenantTable, Violations, storage_status};
 use tonic::{Request, Response, Status};
 
 pub mod proto {
@@ -92,7 +92,7 @@ impl orders_server::Orders for Orders {
         let order = match table.put(&req.order_id, prost::Message::encode_to_vec(&order), Condition::NotExists).await {
             Ok(version) => Order { version, ..order },
             // A retry of the same order returns it; another order by that id is refused.
-            Err(StorageError::ConditionFailed { .. }) => {
+            Err(e) if e.condition_failed() => {
                 let existing = read(&table, &req.order_id).await?;
                 if (&existing.product_id, existing.quantity) != (&order.product_id, order.quantity) {
                     return Err(Status::already_exists(format!("order {} exists with other contents", req.order_id)));

@@ -19,7 +19,13 @@ pub(crate) struct Running {
 }
 
 pub(crate) async fn start(mesh: &TestMesh) -> Running {
-    let env = mesh.app_env("orders");
+    start_with(mesh, &[]).await
+}
+
+/// [`start`] with `extra` settings.
+pub(crate) async fn start_with(mesh: &TestMesh, extra: &[(&str, &str)]) -> Running {
+    let mut env = mesh.app_env("orders");
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let app = tenantmesh_orders::app().unwrap().configure(&env).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

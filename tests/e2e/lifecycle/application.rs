@@ -13,7 +13,7 @@ use tenantmesh_orders::proto::{CancelOrderRequest, Order, OrderStatus};
 use tenantmesh_proto::onboarding::v1::*;
 use tenantmesh_test_support::*;
 
-use crate::orders_contract::{Running, add_product, create, ids, list, start_registered};
+use crate::orders_contract::{Running, add_product, create, ids, list, start_registered, start_with};
 
 async fn orders_of(orders: &Running, token: &str) -> Vec<Order> {
     orders.client.clone().list_orders(authed(list(100, ""), token)).await.unwrap().into_inner().orders
@@ -174,4 +174,78 @@ async fn a_service_registered_later_catches_up_existing_tenants() {
     let admin = mesh.admin_token().await;
     let none = GetWorkflowRequest { workflow_id: format!("{}/catch-up/orders", late.tenant_id) };
     expect_code(mesh.onboarding().get_workflow(authed(none, &admin)).await, tonic::Code::NotFound);
+}
+
+/// The tenant's storage quota holds in the service's tables too (a write
+/// past it is RESOURCE_EXHAUSTED with a QuotaFailure; a delete makes room),
+/// and what it stores there is metered by the byte-hour for it alone
+/// (`orders.storage_byte_hours`, here sampled every second) and priced.
+#[tokio::test]
+async fn its_tables_keep_the_storage_quota_and_are_metered_by_the_byte_hour() {
+    use tenantmesh_proto::metering::v1::{GetUsageRequest, Window};
+    use tenantmesh_proto::registry::v1::{SetTenantLimitsRequest, TenantLimits};
+    let mesh = TestMesh::start().await;
+    let orders = start_with(&mesh, &[("TENANTMESH_STORAGE_SAMPLE_SECS", "1")]).await;
+    let (a, b) = (mesh.onboard(&unique_tenant("quota")).await, mesh.onboard(&unique_tenant("free")).await);
+    for t in [&a, &b] {
+        add_product(&mesh, &t.token, "p1").await;
+    }
+    let admin = mesh.admin_token().await;
+    let limits = TenantLimits {
+        requests_per_second: 10_000,
+        burst: 10_000,
+        max_concurrency: 100,
+        storage_quota_bytes: 300,
+    };
+    let req = SetTenantLimitsRequest { tenant_id: a.tenant_id.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    // Orders of ~70 bytes each until the quota refuses one (once every
+    // service has seen the new limits).
+    let mut client = orders.client.clone();
+    let mut placed = 0;
+    let refused = loop {
+        match client.create_order(authed(create(&format!("q{placed}"), "p1", 1), &a.token)).await {
+            Ok(_) => placed += 1,
+            Err(s) => break s,
+        }
+        assert!(placed < 100, "never refused");
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("storage quota of 300 bytes"), "{refused:?}");
+    use tonic_types::StatusExt as _;
+    let quota = refused.get_details_quota_failure().expect("a QuotaFailure");
+    assert_eq!(quota.violations[0].subject, format!("tenant:{}", a.tenant_id));
+    assert!((2..=5).contains(&placed), "{placed} orders of ~70 bytes under 300");
+    // The neighbour, without a quota, is not held to it.
+    for i in 0..placed + 2 {
+        client.create_order(authed(create(&format!("q{i}"), "p1", 1), &b.token)).await.unwrap();
+    }
+
+    // Stored bytes, metered per tenant and priced.
+    let now = tenantmesh_service::clock::now_secs();
+    let usage = |t: &TestTenant| {
+        let req = GetUsageRequest {
+            tenant_id: t.tenant_id.clone(),
+            meter: "orders.storage_byte_hours".into(),
+            from: now - 3600,
+            to: now + 3600,
+            window: Window::Hour as i32,
+            group_by: vec![],
+        };
+        authed(req, &t.token)
+    };
+    let metering = mesh.metering();
+    let stored = |t: TestTenant| {
+        let mut metering = metering.clone();
+        async move { metering.get_usage(usage(&t)).await.unwrap().into_inner().rows.iter().map(|r| r.value).sum::<i64>() }
+    };
+    eventually(Duration::from_secs(20), || async { stored(a.clone()).await > 0 && stored(b.clone()).await > 0 }).await;
+    let cost = tenantmesh_proto::metering::v1::GetTenantCostRequest {
+        tenant_id: a.tenant_id.clone(),
+        from: now - 3600,
+        to: now + 3600,
+    };
+    let cost = mesh.metering().get_tenant_cost(authed(cost, &admin)).await.unwrap().into_inner().cost.unwrap();
+    let line = cost.lines.iter().find(|l| l.item == "orders.storage_byte_hours").expect("a storage line");
+    assert!(line.cost > 0.0, "{line:?}");
 }

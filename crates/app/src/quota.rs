@@ -1,7 +1,7 @@
 //! Storage quotas: every byte a tenant causes to be stored counts against
 //! it. Its items stop at its `storage_quota_bytes`; its change history
 //! (the before-images its overwrites and deletes leave, see
-//! [`tenantmesh_app::history`]) at the tier's `history_quota_multiple` times that.
+//! [`crate::history`]) at the tier's `history_quota_multiple` times that.
 //!
 //! Each tenant's bytes are tracked in memory, without a scan per write:
 //! the counts start from one scan of the tenant's partition (its first
@@ -21,7 +21,7 @@
 //! the deleted bytes, so the history may pass its cap by at most what the
 //! tenant deletes while there; puts are refused until it trims).
 //!
-//! The bound is per data-service instance: replicas count separately, each
+//! The bound is per service instance: replicas count separately, each
 //! starting from the store's truth, so the quota holds to within the writes
 //! in flight on other replicas between two of their scans.
 
@@ -83,6 +83,42 @@ pub struct OverQuota {
     pub size: u64,
 }
 
+impl std::fmt::Display for OverQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let OverQuota { quota, stored, size, .. } = self;
+        match self.over {
+            Over::Items => write!(
+                f,
+                "storage quota of {quota} bytes reached ({stored} stored, {size} more asked); deleting items makes room"
+            ),
+            Over::History => write!(
+                f,
+                "change history cap of {quota} bytes reached ({stored} kept, {size} more asked): every overwrite and \
+                 delete keeps the item's earlier bytes for restores for the tier's history_days, and they free as \
+                 they age out"
+            ),
+        }
+    }
+}
+
+impl OverQuota {
+    /// RESOURCE_EXHAUSTED with a `QuotaFailure` naming the limit. No
+    /// RetryInfo: waiting does not help (or only after days, for the
+    /// history), deleting items does.
+    pub fn status(&self) -> tonic::Status {
+        use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+        let limit = match self.over {
+            Over::Items => "storage_quota_bytes",
+            Over::History => "history_quota_bytes",
+        };
+        let details = ErrorDetails::with_quota_failure(vec![QuotaViolation::new(
+            format!("tenant:{}", self.tenant),
+            format!("{limit} {}", self.quota),
+        )]);
+        tonic::Status::with_error_details(tonic::Code::ResourceExhausted, self.to_string(), details)
+    }
+}
+
 /// The bytes of `pk`'s items and of its change history in a store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stored {
@@ -109,9 +145,9 @@ impl Quotas {
         let mut pages = Pages::new(store.as_ref(), pk, "", 1000);
         while let Some(items) = pages.next().await? {
             for i in &items {
-                if !crate::keys::reserved_sort_key(&i.sk) {
+                if !crate::history::reserved_sort_key(&i.sk) {
                     stored.items += i.data.len() as u64;
-                } else if i.sk.starts_with(tenantmesh_app::history::PREFIX) {
+                } else if i.sk.starts_with(crate::history::PREFIX) {
                     stored.history += i.data.len() as u64;
                 }
             }
@@ -154,7 +190,7 @@ impl Quotas {
         limits: Limits,
     ) -> Result<Result<(), OverQuota>, StorageError> {
         // The largest entry an overwrite can leave: the largest item.
-        let worst_entry = crate::keys::MAX_ITEM_BYTES as u64 + entry_overhead(sk);
+        let worst_entry = crate::history::MAX_ITEM_BYTES as u64 + entry_overhead(sk);
         let fits = |u: &Usage, replaced: u64| {
             let entry = if replaced == u64::MAX { worst_entry } else { replaced + entry_overhead(sk) };
             let freed = if replaced == u64::MAX { 0 } else { replaced };
