@@ -191,12 +191,8 @@ async fn its_tables_keep_the_storage_quota_and_are_metered_by_the_byte_hour() {
         add_product(&mesh, &t.token, "p1").await;
     }
     let admin = mesh.admin_token().await;
-    let limits = TenantLimits {
-        requests_per_second: 10_000,
-        burst: 10_000,
-        max_concurrency: 100,
-        storage_quota_bytes: 300,
-    };
+    let limits =
+        TenantLimits { requests_per_second: 10_000, burst: 10_000, max_concurrency: 100, storage_quota_bytes: 300 };
     let req = SetTenantLimitsRequest { tenant_id: a.tenant_id.clone(), limits: Some(limits) };
     mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
     // Orders of ~70 bytes each until the quota refuses one (once every

@@ -1,7 +1,8 @@
 //! The attack suite: forged, altered, stale and misdirected credentials
-//! against the running mesh, each refused with its exact status code.
-//! Tokens that must get past the signature check are minted with the
-//! mesh's real signing key.
+//! against the running mesh, each refused with its exact status code, by
+//! the mesh's own services and by an application service built on the
+//! app crate (the example `orders`) alike. Tokens that must get past the
+//! signature check are minted with the mesh's real signing key.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,6 +17,7 @@ use tonic::Code;
 
 struct Fixture {
     mesh: TestMesh,
+    orders: crate::orders_contract::Running,
     kid: String,
     key: EncodingKey,
     acme: TestTenant,
@@ -26,8 +28,10 @@ async fn fixture() -> Fixture {
     let mut mesh = TestMesh::start().await;
     let acme = mesh.onboard(&unique_tenant("acme")).await;
     let globex = mesh.onboard(&unique_tenant("globex")).await;
+    // (Reading the key restarts the mesh on new ports: the service comes after.)
     let (kid, key) = mesh.signing_key().await;
-    Fixture { mesh, kid, key, acme, globex }
+    let orders = crate::orders_contract::start(&mesh).await;
+    Fixture { mesh, orders, kid, key, acme, globex }
 }
 
 fn now() -> u64 {
@@ -51,13 +55,13 @@ fn b64(v: &Value) -> String {
     URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
-/// The status of a data read with `token`.
-async fn probe(f: &Fixture, token: &str) -> Code {
+/// The statuses of a data read and an order read with `token`.
+async fn probe(f: &Fixture, token: &str) -> (Code, Code) {
     let get = GetItemRequest { collection: "notes".into(), id: "n1".into() };
-    match f.mesh.data().get_item(authed(get, token)).await {
-        Ok(_) => Code::Ok,
-        Err(s) => s.code(),
-    }
+    let data = f.mesh.data().get_item(authed(get, token)).await.map_or_else(|s| s.code(), |_| Code::Ok);
+    let order = tenantmesh_orders::proto::GetOrderRequest { order_id: "o1".into() };
+    let orders = f.orders.client.clone().get_order(authed(order, token)).await.map_or_else(|s| s.code(), |_| Code::Ok);
+    (data, orders)
 }
 
 /// Forged and altered tokens are UNAUTHENTICATED; a correctly minted one
@@ -67,7 +71,8 @@ async fn probe(f: &Fixture, token: &str) -> Code {
 async fn forged_and_altered_tokens_are_unauthenticated() {
     let f = Box::pin(fixture()).await;
     let tenant = f.acme.tenant_id.as_str();
-    assert_eq!(probe(&f, &mint(&f.kid, &f.key, &claims(tenant))).await, Code::NotFound, "control");
+    let control = probe(&f, &mint(&f.kid, &f.key, &claims(tenant))).await;
+    assert_eq!(control, (Code::NotFound, Code::NotFound), "control");
 
     let with = |k: &str, v: Value| {
         let mut c = claims(tenant);
@@ -111,7 +116,7 @@ async fn forged_and_altered_tokens_are_unauthenticated() {
         ("garbage", "not.a.jwt".to_owned()),
     ];
     for (name, token) in cases {
-        assert_eq!(probe(&f, &token).await, Code::Unauthenticated, "{name}");
+        assert_eq!(probe(&f, &token).await, (Code::Unauthenticated, Code::Unauthenticated), "{name}");
     }
     f.mesh.shutdown().await;
 }
@@ -125,13 +130,13 @@ async fn suspended_tenant_tokens_are_refused() {
         SetTenantStatusRequest { tenant_id: f.globex.tenant_id.clone(), status: TenantStatus::Suspended as i32 };
     f.mesh.registry().set_tenant_status(authed(suspend, &admin)).await.unwrap();
     eventually(std::time::Duration::from_secs(5), || async {
-        probe(&f, &f.globex.token).await == Code::PermissionDenied
+        probe(&f, &f.globex.token).await == (Code::PermissionDenied, Code::PermissionDenied)
     })
     .await;
     let own = GetTenantRequest { tenant_id: f.globex.tenant_id.clone() };
     let s = f.mesh.registry().get_tenant(authed(own, &f.globex.token)).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
-    assert_eq!(probe(&f, &f.acme.token).await, Code::NotFound, "other tenants are unaffected");
+    assert_eq!(probe(&f, &f.acme.token).await, (Code::NotFound, Code::NotFound), "other tenants are unaffected");
     f.mesh.shutdown().await;
 }
 
@@ -172,6 +177,18 @@ async fn other_tenants_named_in_headers_or_bodies_are_refused() {
                 .map(drop),
         ),
         ("data", f.mesh.data().get_item(spoofed(authed(data, &a.token), b)).await.map(drop)),
+        (
+            "orders",
+            f.orders
+                .client
+                .clone()
+                .get_order(spoofed(
+                    authed(tenantmesh_orders::proto::GetOrderRequest { order_id: "o1".into() }, &a.token),
+                    b,
+                ))
+                .await
+                .map(drop),
+        ),
     ];
     for (service, outcome) in header_cases {
         assert_eq!(outcome.unwrap_err().code(), Code::PermissionDenied, "x-tenant-id spoofing on {service}");
