@@ -7,6 +7,7 @@ use tenantmesh_orders::proto::orders_client::OrdersClient;
 use tenantmesh_orders::proto::*;
 use tenantmesh_proto::auth::v1::Role;
 use tenantmesh_proto::data::v1::PutItemRequest;
+use tenantmesh_proto::onboarding::v1::{ChangeTierRequest, RestoreTenantRequest, WorkflowStatus};
 use tenantmesh_test_support::*;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -322,10 +323,13 @@ async fn grpcurl_lists_describes_and_calls_it() {
 
 /// Random operations of three tenants on the data service (their product
 /// catalogs) and the orders service, against a model of what each tenant
-/// wrote: every answer is the model's, so no tenant ever sees, changes or
-/// collides with another's orders or products, and no write is lost or
-/// stale. The ids are drawn from a few names, so the tenants keep using
-/// the same ones. The seed is printed; `TENANTMESH_TEST_SEED` replays one.
+/// wrote, with tier changes (pool, bridge, silo) and restores to an
+/// earlier instant in between: every answer is the model's, so no tenant
+/// ever sees, changes or collides with another's orders or products, no
+/// write is lost or stale across a move, and a restore brings back exactly
+/// what the tenant had then, in both services. The ids are drawn from a few
+/// names, so the tenants keep using the same ones. The seed is printed;
+/// `TENANTMESH_TEST_SEED` replays one.
 #[tokio::test]
 async fn random_operations_of_several_tenants_stay_apart() {
     use std::collections::{BTreeMap, HashSet};
@@ -341,8 +345,9 @@ async fn random_operations_of_several_tenants_stay_apart() {
         state % n
     };
     let mesh = TestMesh::start().await;
-    let orders = start(&mesh).await;
+    let orders = start_registered(&mesh).await;
     let mut client = orders.client.clone();
+    let admin = mesh.admin_token().await;
     let mut tenants = Vec::new();
     for name in ["alpha", "beta", "gamma"] {
         tenants.push(mesh.onboard(&unique_tenant(name)).await);
@@ -350,12 +355,62 @@ async fn random_operations_of_several_tenants_stay_apart() {
     // Per tenant: its products, and its orders (product, quantity, cancelled).
     let mut products: Vec<HashSet<String>> = vec![HashSet::new(); 3];
     let mut placed: Vec<BTreeMap<String, (String, u32, bool)>> = vec![BTreeMap::new(); 3];
+    // Per tenant: its tier, and an instant with what it had then.
+    let mut tiers = ["standard"; 3];
+    type Snapshot = (prost_types::Timestamp, HashSet<String>, BTreeMap<String, (String, u32, bool)>);
+    let mut snapshots: Vec<Option<Snapshot>> = vec![None; 3];
+    let (mut moves, mut restores) = (0, 0);
     for step in 0..150 {
         let t = next(3) as usize;
         let token = &tenants[t].token;
         let (order_id, product_id) = (format!("o{}", next(5)), format!("p{}", next(3)));
-        let context = format!("seed {seed}, step {step}, tenant {t}");
-        match next(5) {
+        let context = format!("seed {seed}, step {step}, tenant {t} ({})", tiers[t]);
+        let op = match next(40) {
+            // A lifecycle change now and then; the tenant's own operations otherwise.
+            0 | 1 => 5,
+            2..=5 => 6,
+            n => n % 5,
+        };
+        match op {
+            5 => {
+                let tier = ["basic", "premium", "enterprise"][next(3) as usize];
+                if tier == tiers[t] {
+                    continue;
+                }
+                let req = ChangeTierRequest { tenant_id: tenants[t].tenant_id.clone(), tier: tier.into() };
+                let id = mesh.onboarding().change_tier(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+                let wf = mesh.wait_workflow(&id).await;
+                assert_eq!(wf.status(), WorkflowStatus::Succeeded, "{context}: to {tier}: {wf:?}");
+                tiers[t] = tier;
+                moves += 1;
+                // Every service's view of the tenant catches up (its cache's TTL).
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            6 => match snapshots[t].take() {
+                // Back to the instant: products and orders as they were then.
+                Some((at, then_products, then_placed)) => {
+                    let req = RestoreTenantRequest {
+                        tenant_id: tenants[t].tenant_id.clone(),
+                        point_in_time: Some(at),
+                        target: 0,
+                    };
+                    let id = mesh.onboarding().restore_tenant(authed(req, &admin)).await.unwrap().into_inner();
+                    let wf = mesh.wait_workflow(&id.workflow_id).await;
+                    assert_eq!(wf.status(), WorkflowStatus::Succeeded, "{context}: restore: {wf:?}");
+                    (products[t], placed[t]) = (then_products, then_placed);
+                    restores += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                // An instant to come back to, once the tenant has written to both.
+                None if !products[t].is_empty() && !placed[t].is_empty() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    let us = tenantmesh_app::history::now_us();
+                    let at = prost_types::Timestamp { seconds: us / 1_000_000, nanos: (us % 1_000_000) as i32 * 1000 };
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    snapshots[t] = Some((at, products[t].clone(), placed[t].clone()));
+                }
+                None => {}
+            },
             0 => {
                 add_product(&mesh, token, &product_id).await;
                 products[t].insert(product_id);
@@ -416,5 +471,18 @@ async fn random_operations_of_several_tenants_stay_apart() {
                 assert_eq!(got, want, "{context}: list");
             }
         }
+    }
+    eprintln!("{moves} tier changes, {restores} restores");
+    // Each tenant's products, as the data service has them, are the model's.
+    for (t, tenant) in tenants.iter().enumerate() {
+        let req = tenantmesh_proto::data::v1::QueryItemsRequest {
+            collection: "products".into(),
+            id_prefix: String::new(),
+            page_size: 100,
+            page_token: String::new(),
+        };
+        let items = mesh.data().query_items(authed(req, &tenant.token)).await.unwrap().into_inner().items;
+        let got: HashSet<String> = items.into_iter().map(|i| i.id).collect();
+        assert_eq!(got, products[t], "seed {seed}: tenant {t}'s products");
     }
 }
