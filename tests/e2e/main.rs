@@ -63,6 +63,9 @@ mod usage {
 mod auth_contract;
 #[path = "../../services/data/tests/contract.rs"]
 mod data_contract;
+/// The lifecycle service every application serves (through the example).
+#[path = "../../crates/app/tests/lifecycle_contract.rs"]
+mod lifecycle_contract;
 #[path = "../../services/onboarding/tests/contract.rs"]
 mod onboarding_contract;
 #[path = "../../services/orders/tests/contract.rs"]

@@ -26,8 +26,18 @@
 //! - **Tenant-scoped tables** ([`Tables`]): each call gets a view of a
 //!   table confined to the caller's tenant, by the same session policy
 //!   (`dynamodb:LeadingKeys`), scoped STS credentials and in-process guard
-//!   as the data service, on the embedded store or DynamoDB. Handler code
-//!   never passes a tenant id.
+//!   as the data service, on the embedded store or DynamoDB, in the table
+//!   the tenant's tier places it in (the pooled one, or the tenant's own).
+//!   Every write is logged in the tenant's change [`history`], checked
+//!   against its write fence and held to its storage [`quota`]; stored
+//!   bytes are metered (`<service>.storage_byte_hours`) and the history
+//!   trimmed to the tier's days. Handler code never passes a tenant id.
+//! - **The tenant's lifecycle**: the service serves
+//!   `tenantmesh.lifecycle.v1.TenantLifecycle` ([`LIFECYCLE`]) for its
+//!   declared tables (provision, fence, export, import, rewind, purge), so
+//!   the control plane's workflows (onboarding, tier changes, restores,
+//!   offboarding, and a catch-up for tenants that existed before it)
+//!   include it as durable steps.
 //! - **Calls to other services** ([`client`]) that carry the caller's
 //!   token, tenant, trace and deadline.
 //!
