@@ -29,7 +29,7 @@ use tenantmesh_proto::lifecycle::v1::tenant_lifecycle_server::TenantLifecycleSer
 /// The full name of the lifecycle service every application serves (see
 /// `proto/tenantmesh/lifecycle/v1/lifecycle.proto`); the catalog lists it
 /// among the service's gRPC services.
-pub const LIFECYCLE: &str = "tenantmesh.lifecycle.v1.TenantLifecycle";
+pub const LIFECYCLE: &str = tenantmesh_proto::lifecycle::v1::tenant_lifecycle_server::SERVICE_NAME;
 
 /// The port an application service listens on unless
 /// `TENANTMESH_LISTEN_ADDR` says otherwise (loopback).
@@ -240,20 +240,21 @@ impl App {
             let mut names: Vec<&str> = self.services.iter().map(String::as_str).collect();
             names.extend([tenantmesh_service::backup::NAME, LIFECYCLE]);
             tracing::info!(tables = ?self.tables, "application service starting");
-            let upkeep = match &tokens {
+            // Background work that ends with serving: registering, upkeep.
+            let background = match &tokens {
                 Some(tokens) => {
-                    self.register(self.registration(listener.local_addr().ok()), tokens)?;
+                    let registering = self.register(self.registration(listener.local_addr().ok()), tokens)?;
                     let upkeep = crate::upkeep::Upkeep {
                         tables: upkeep_tables,
                         registry: TenantRegistryClient::new(self.with_identity(&self.common.registry_url, tokens)?),
                         metering: MeteringClient::new(self.with_identity(&self.metering.url, tokens)?),
                         interval: self.metering.storage_sample,
                     };
-                    Some(upkeep.start())
+                    vec![registering, upkeep.start()]
                 }
                 None => {
                     tracing::warn!("without a service identity, the tables' stored bytes are not metered and their change history is not trimmed");
-                    None
+                    Vec::new()
                 }
             };
             let served = tenantmesh_service::runtime::serve_routes(
@@ -266,8 +267,8 @@ impl App {
                 shutdown,
             )
             .await;
-            if let Some(upkeep) = upkeep {
-                upkeep.abort();
+            for task in background {
+                task.abort();
             }
             // Whatever the outcome, what was counted is sent.
             if let Some(meters) = meters {
@@ -331,10 +332,14 @@ impl App {
     /// Registers the service in the registry's catalog, with its own
     /// identity, retrying (1 s, doubling to 30 s) until the registry
     /// answers; a refusal that retrying cannot change is logged and ends it.
-    fn register(&self, service: ApplicationService, tokens: &Arc<ServiceTokenSource>) -> Result<(), AppError> {
+    fn register(
+        &self,
+        service: ApplicationService,
+        tokens: &Arc<ServiceTokenSource>,
+    ) -> Result<tokio::task::JoinHandle<()>, AppError> {
         let channel = self.with_identity(&self.common.registry_url, tokens)?;
         let mut registry = tenantmesh_service::sized!(TenantRegistryClient::new(channel));
-        tenantmesh_telemetry::spawn(async move {
+        Ok(tenantmesh_telemetry::spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
                 let request = RegisterServiceRequest { service: Some(service.clone()) };
@@ -361,8 +366,7 @@ impl App {
                     }
                 }
             }
-        });
-        Ok(())
+        }))
     }
 }
 

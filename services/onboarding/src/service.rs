@@ -33,7 +33,7 @@ pub struct OnboardingService {
 }
 
 /// The lifecycle service every application serves (the `tenantmesh-app` crate's).
-pub(crate) const LIFECYCLE: &str = "tenantmesh.lifecycle.v1.TenantLifecycle";
+pub(crate) const LIFECYCLE: &str = tenantmesh_proto::lifecycle::v1::tenant_lifecycle_server::SERVICE_NAME;
 
 pub(crate) struct Inner {
     pub(crate) engine: Engine,
