@@ -66,7 +66,7 @@ impl Lifecycle {
         &'a self,
         tenant: &'a str,
         model: IsolationModel,
-    ) -> impl Iterator<Item = (&'a str, &'a Table, String)> + 'a {
+    ) -> impl Iterator<Item = (&'a str, &'a Table, std::sync::Arc<str>)> + 'a {
         self.tables.declared().map(move |(name, t)| (name, t, t.at(self.tables.prefix(), tenant, model)))
     }
 
@@ -132,7 +132,7 @@ impl TenantLifecycle for Lifecycle {
             if let Some(store) = Self::store(table, &tenant, &physical).await? {
                 history::mark_start(store.as_ref(), &tenant, history::FENCE_SK).await.map_err(storage_status)?;
             }
-            tables.push(physical);
+            tables.push(physical.to_string());
         }
         let detail = match model {
             IsolationModel::Silo => format!(
@@ -250,7 +250,7 @@ impl TenantLifecycle for Lifecycle {
         for (name, table, physical) in &tables {
             let store = Self::store(table, &tenant, physical)
                 .await?
-                .ok_or_else(|| storage_status(StorageError::NoSuchTable(physical.clone())))?;
+                .ok_or_else(|| storage_status(StorageError::NoSuchTable(physical.to_string())))?;
             stores.push((*name, store));
         }
         let imported = req.items.len() as u32;
@@ -303,7 +303,7 @@ impl TenantLifecycle for Lifecycle {
                 if table.stores().drop_table(&physical).await.map_err(storage_status)? {
                     dropped += 1;
                 }
-                tables.push(physical);
+                tables.push(physical.to_string());
             } else if let Some(store) = Self::store(table, &tenant, &physical).await? {
                 table.changed(&tenant);
                 deleted += history::purge(store.as_ref(), &tenant).await.map_err(storage_status)?;

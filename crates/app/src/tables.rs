@@ -34,7 +34,7 @@ pub struct Tables {
 #[derive(Clone)]
 pub(crate) struct Table {
     /// The pooled table's name in the store (`<prefix><service>-<table>`).
-    pooled: String,
+    pooled: Arc<str>,
     /// `<service>-<table>`: the end of the tenant's dedicated table's name.
     suffix: String,
     stores: Arc<dyn TenantStores>,
@@ -49,16 +49,17 @@ impl Table {
     /// the pooled table, or the tenant's own
     /// (`<prefix>tenant-<tenant>-<model>-<service>-<table>`). Derived from
     /// the model alone: a placement's table names the data service's.
-    pub(crate) fn at(&self, prefix: &str, tenant: &str, model: IsolationModel) -> String {
+    /// (The pooled table's name is shared: a pool tenant's call allocates none.)
+    pub(crate) fn at(&self, prefix: &str, tenant: &str, model: IsolationModel) -> Arc<str> {
         match model {
-            IsolationModel::Bridge => format!("{}-{}", dedicated_table(prefix, tenant, "bridge"), self.suffix),
-            IsolationModel::Silo => format!("{}-{}", dedicated_table(prefix, tenant, "silo"), self.suffix),
+            IsolationModel::Bridge => format!("{}-{}", dedicated_table(prefix, tenant, "bridge"), self.suffix).into(),
+            IsolationModel::Silo => format!("{}-{}", dedicated_table(prefix, tenant, "silo"), self.suffix).into(),
             IsolationModel::Pool | IsolationModel::Unspecified => self.pooled.clone(),
         }
     }
 
     pub(crate) fn dedicated(&self, name: &str) -> bool {
-        name != self.pooled
+        name != &*self.pooled
     }
 
     pub(crate) fn stores(&self) -> &Arc<dyn TenantStores> {
@@ -89,7 +90,7 @@ impl Tables {
     }
 
     pub(crate) fn add(&mut self, name: &str, stores: Arc<dyn TenantStores>) {
-        let pooled = stores.pooled_table().to_owned();
+        let pooled = stores.pooled_table().into();
         let table = Table {
             pooled,
             suffix: format!("{}-{name}", self.service),
@@ -152,7 +153,7 @@ impl Tables {
             store,
             migrating: ctx.status() == TenantStatus::Migrating,
             started: table.started.clone(),
-            physical: physical.into(),
+            physical,
             quotas: table.quotas.clone(),
             limits,
         })
