@@ -245,3 +245,55 @@ async fn its_tables_keep_the_storage_quota_and_are_metered_by_the_byte_hour() {
     let line = cost.lines.iter().find(|l| l.item == "orders.storage_byte_hours").expect("a storage line");
     assert!(line.cost > 0.0, "{line:?}");
 }
+
+/// A tier change whose service step fails for good before the switch, and
+/// a restore whose service step fails, are rolled back in the service too:
+/// the tenant is ACTIVE where it was, its orders (and items) as before,
+/// writable in both services, the new copy removed; the status names the
+/// service's step.
+#[tokio::test]
+async fn a_failed_service_step_is_rolled_back_in_the_service_too() {
+    let faults = "fail-permanent:copy_service:1;fail-permanent:rewind_service:1";
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_FAULTS", faults)]).await;
+    let orders = start_registered(&mesh).await;
+    let admin = mesh.admin_token().await;
+    let (a, b) = (mesh.onboard(&unique_tenant("undo")).await, mesh.onboard(&unique_tenant("undor")).await);
+    for t in [&a, &b] {
+        add_product(&mesh, &t.token, "p1").await;
+        order(&orders, &t.token, "o1").await;
+    }
+
+    // The tier change: rolled back at copy_service, before the switch.
+    let req = ChangeTierRequest { tenant_id: a.tenant_id.clone(), tier: "premium".into() };
+    let id = mesh.onboarding().change_tier(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let undone = mesh.wait_workflow(&id).await;
+    assert_eq!(undone.status(), WorkflowStatus::RolledBack, "{undone:?}");
+    assert!(undone.error.starts_with("copy_service (orders): "), "{}", undone.error);
+    let own = format!("tenant-{}-bridge-orders-orders", a.tenant_id);
+    assert!(!resources(&mesh, &a.tenant_id).await.iter().any(|r| r.ends_with(&own)), "the new copy is removed");
+    eventually(Duration::from_secs(10), || async {
+        let mut client = orders.client.clone();
+        client.create_order(authed(create("o2", "p1", 1), &a.token)).await.is_ok()
+    })
+    .await;
+    assert_eq!(ids(&orders_of(&orders, &a.token).await), ["o1", "o2"]);
+
+    // The restore: rolled back at rewind_service, the data's rewind undone.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let at = tenantmesh_app::history::now_us();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    order(&orders, &b.token, "o2").await;
+    let point_in_time = prost_types::Timestamp { seconds: at / 1_000_000, nanos: (at % 1_000_000) as i32 * 1000 };
+    let req = RestoreTenantRequest { tenant_id: b.tenant_id.clone(), point_in_time: Some(point_in_time), target: 0 };
+    let id = mesh.onboarding().restore_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let undone = mesh.wait_workflow(&id).await;
+    assert_eq!(undone.status(), WorkflowStatus::RolledBack, "{undone:?}");
+    assert!(undone.error.starts_with("rewind_service (orders): "), "{}", undone.error);
+    eventually(Duration::from_secs(10), || async {
+        let mut client = orders.client.clone();
+        client.create_order(authed(create("o3", "p1", 1), &b.token)).await.is_ok()
+    })
+    .await;
+    assert_eq!(ids(&orders_of(&orders, &b.token).await), ["o1", "o2", "o3"], "as before the restore, and writable");
+    assert_eq!(ids(&orders_of(&orders, &a.token).await), ["o1", "o2"], "the other tenant is untouched");
+}
