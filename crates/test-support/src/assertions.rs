@@ -79,3 +79,19 @@ pub fn assert_contract_covers_in(descriptor_set: &[u8], suite: &str, services: &
     assert_eq!(found, services.len(), "a service named is not in the protos: {services:?}");
     assert!(missing.is_empty(), "RPCs without a contract test: {missing:?}");
 }
+
+/// Waits (up to 30 s) until the service catalog of the registry behind
+/// `registry` lists the application service `name` at `endpoint`, asked
+/// with `admin`'s token.
+pub async fn until_listed(registry: tonic::transport::Channel, admin: &str, name: &str, endpoint: &str) {
+    use tenantmesh_proto::registry::v1::{ListServicesRequest, tenant_registry_client::TenantRegistryClient};
+    eventually(Duration::from_secs(30), || {
+        let mut registry = TenantRegistryClient::new(registry.clone());
+        let req = crate::authed(ListServicesRequest {}, admin);
+        async move {
+            let listed = registry.list_services(req).await.unwrap().into_inner().services;
+            listed.iter().any(|s| s.name == name && s.endpoint == endpoint)
+        }
+    })
+    .await;
+}

@@ -96,6 +96,55 @@ impl ExportFile {
     }
 }
 
+/// An [`ExportFile`] written from async code: each write runs on the
+/// blocking pool. Dropped unfinished, it leaves nothing behind.
+pub struct Writer {
+    file: Option<ExportFile>,
+    path: PathBuf,
+    lines: usize,
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> crate::engine::StepError + '_ {
+    move |e| crate::engine::StepError::transient(format!("export {}: {e}", path.display()))
+}
+
+fn join_error(e: tokio::task::JoinError) -> crate::engine::StepError {
+    crate::engine::StepError::permanent(e.to_string())
+}
+
+impl Writer {
+    pub async fn create(path: PathBuf) -> Result<Self, crate::engine::StepError> {
+        let target = path.clone();
+        let file = tokio::task::spawn_blocking(move || ExportFile::create(&target))
+            .await
+            .map_err(join_error)?
+            .map_err(io_error(&path))?;
+        Ok(Self { file: Some(file), path, lines: 0 })
+    }
+
+    pub async fn append(&mut self, lines: Vec<String>) -> Result<(), crate::engine::StepError> {
+        let mut file = self.file.take().expect("an unfinished export");
+        let n = lines.len();
+        let file = tokio::task::spawn_blocking(move || file.append(&lines).map(|()| file))
+            .await
+            .map_err(join_error)?
+            .map_err(io_error(&self.path))?;
+        self.file = Some(file);
+        self.lines += n;
+        Ok(())
+    }
+
+    /// Syncs it and renames it into place: its path, size in bytes and lines.
+    pub async fn finish(mut self) -> Result<(PathBuf, u64, usize), crate::engine::StepError> {
+        let file = self.file.take().expect("an unfinished export");
+        let bytes = tokio::task::spawn_blocking(move || file.finish())
+            .await
+            .map_err(join_error)?
+            .map_err(io_error(&self.path))?;
+        Ok((self.path, bytes, self.lines))
+    }
+}
+
 /// Writes `lines` to `path` atomically (temporary file, fsync, rename).
 #[cfg(test)]
 fn write_atomically(path: &Path, lines: &[String]) -> std::io::Result<u64> {

@@ -11,7 +11,6 @@ use tenantmesh_tenant_context::client::PropagatedChannel;
 use tonic::Code;
 
 use crate::engine::StepError;
-use crate::export;
 use crate::resources;
 use crate::steps::{Steps, ledger_error};
 use crate::workflow::{Kind, Spot, Step, Workflow};
@@ -162,56 +161,35 @@ impl Steps {
         Ok(format!("{copied} items and history entries copied"))
     }
 
-    /// Writes the service's items of the tenant to its own JSONL export:
-    /// as they are (offboarding), or as they were at the restore's instant.
+    /// Writes the service's items of the tenant to its own JSONL export
+    /// (`<tenant>.<service>.jsonl`, beside the items'): as they are
+    /// (offboarding), or as they were at the restore's instant.
     async fn export_service(
         &self,
         client: &mut TenantLifecycleClient<PropagatedChannel>,
         wf: &Workflow,
         service: &str,
     ) -> Result<String, StepError> {
-        let tenant = &wf.params.tenant_id;
         let as_of = (wf.kind == Kind::Restore).then_some(wf.point_in_time_us);
-        let name = match as_of {
-            Some(t) => format!("{tenant}-at-{t}.{service}.jsonl"),
-            None => format!("{tenant}.{service}.jsonl"),
-        };
-        let path = self.exports_dir.join(name);
-        let io = |e: std::io::Error| StepError::transient(format!("export {}: {e}", path.display()));
-        let blocking = |e: tokio::task::JoinError| StepError::permanent(e.to_string());
         let req = ExportTenantRequest {
-            tenant_id: tenant.clone(),
+            tenant_id: wf.params.tenant_id.clone(),
             placement: placement(&wf.from),
             include_history: false,
             as_of_us: as_of,
         };
+        // Asked first: an export that cannot be made leaves no file behind.
         let mut pages = match client.export_tenant(req).await {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == Code::FailedPrecondition => return Err(StepError::permanent(s.message())),
             Err(s) => return Err(s.into()),
         };
-        let target = path.clone();
-        let mut file = tokio::task::spawn_blocking(move || export::ExportFile::create(&target))
-            .await
-            .map_err(blocking)?
-            .map_err(io)?;
-        let mut exported = 0usize;
+        let mut file = self.export_file(wf, &format!("{service}.jsonl")).await?;
         while let Some(page) = pages.message().await? {
-            let lines: Vec<String> = page.items.iter().map(line).collect();
-            exported += lines.len();
-            file = tokio::task::spawn_blocking(move || file.append(&lines).map(|()| file))
-                .await
-                .map_err(blocking)?
-                .map_err(io)?;
+            file.append(page.items.iter().map(line).collect()).await?;
         }
-        let bytes = tokio::task::spawn_blocking(move || file.finish()).await.map_err(blocking)?.map_err(io)?;
-        let shown = path.display().to_string();
-        self.resources
-            .add_sized(tenant, resources::EXPORT, &shown, &wf.from_tier, bytes)
-            .await
-            .map_err(ledger_error)?;
-        tracing::info!(%service, items = exported, path = %shown, as_of_us = ?as_of, "service items exported");
-        Ok(format!("{exported} items exported to {shown}"))
+        let (path, exported) = self.finish_export(wf, file).await?;
+        tracing::info!(%service, items = exported, path = %path, as_of_us = ?as_of, "service items exported");
+        Ok(format!("{exported} items exported to {path}"))
     }
 
     /// Undoes a tier change's service steps before its switch: the new

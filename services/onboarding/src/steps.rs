@@ -423,46 +423,53 @@ impl Steps {
     async fn export_items(&self, wf: &mut Workflow) -> Result<(), StepError> {
         let tenant = wf.params.tenant_id.clone();
         let as_of = (wf.kind == Kind::Restore).then_some(wf.point_in_time_us);
-        let name = match as_of {
-            Some(t) => format!("{tenant}-at-{t}.jsonl"),
-            None => format!("{tenant}.jsonl"),
-        };
-        let path = self.exports_dir.join(name);
-        let io = |e: std::io::Error| StepError::transient(format!("export {}: {e}", path.display()));
-        let blocking = |e: tokio::task::JoinError| StepError::permanent(e.to_string());
         // Asked first: an export that cannot be made (an instant before the
         // history) leaves no file behind.
         let pages = self.export(&wf.from, &tenant, false, as_of, wf.charge_tenant).await?;
-        let target = path.clone();
-        let mut file = tokio::task::spawn_blocking(move || export::ExportFile::create(&target))
-            .await
-            .map_err(blocking)?
-            .map_err(io)?;
-        let mut exported = 0usize;
+        let mut file = self.export_file(wf, "jsonl").await?;
         if let Some(mut pages) = pages {
             while let Some(page) = pages.message().await? {
                 let lines =
                     page.items.iter().map(export::line).collect::<Result<Vec<_>, _>>().map_err(StepError::permanent)?;
-                exported += lines.len();
-                file = tokio::task::spawn_blocking(move || file.append(&lines).map(|()| file))
-                    .await
-                    .map_err(blocking)?
-                    .map_err(io)?;
+                file.append(lines).await?;
             }
         }
-        let bytes = tokio::task::spawn_blocking(move || file.finish()).await.map_err(blocking)?.map_err(io)?;
-        wf.export_path = path.display().to_string();
-        // Counted and billed (by the byte-hour) until its retention ends.
-        self.resources
-            .add_sized(&tenant, resources::EXPORT, &wf.export_path, &wf.from_tier, bytes)
-            .await
-            .map_err(ledger_error)?;
+        let (path, exported) = self.finish_export(wf, file).await?;
+        wf.export_path = path;
         tracing::info!(items = exported, path = %wf.export_path, as_of_us = ?as_of, "tenant items exported");
         if as_of.is_some() {
             let detail = format!("export of the items at {} µs: {}", wf.point_in_time_us, wf.export_path);
             self.events.emit(EventKind::TenantRestored, &tenant, &wf.id, detail).await;
         }
         Ok(())
+    }
+
+    /// A new export of `wf`'s tenant: `<tenant>.<extension>`, or a
+    /// restore's `<tenant>-at-<µs>.<extension>`.
+    pub(crate) async fn export_file(&self, wf: &Workflow, extension: &str) -> Result<export::Writer, StepError> {
+        let tenant = &wf.params.tenant_id;
+        let name = match wf.kind {
+            Kind::Restore => format!("{tenant}-at-{}.{extension}", wf.point_in_time_us),
+            _ => format!("{tenant}.{extension}"),
+        };
+        export::Writer::create(self.exports_dir.join(name)).await
+    }
+
+    /// Puts the export in place and in the ledger (counted and billed by
+    /// the byte-hour until its retention ends): its path and its lines.
+    pub(crate) async fn finish_export(
+        &self,
+        wf: &Workflow,
+        file: export::Writer,
+    ) -> Result<(String, usize), StepError> {
+        let (path, bytes, lines) = file.finish().await?;
+        let shown = path.display().to_string();
+        let tenant = &wf.params.tenant_id;
+        self.resources
+            .add_sized(tenant, resources::EXPORT, &shown, &wf.from_tier, bytes)
+            .await
+            .map_err(ledger_error)?;
+        Ok((shown, lines))
     }
 
     async fn delete_items(&self, wf: &Workflow) -> Result<(), StepError> {

@@ -46,17 +46,9 @@ pub(crate) async fn start_with(mesh: &TestMesh, extra: &[(&str, &str)]) -> Runni
 /// catalog at this instance's address: workflows started from now on
 /// include it.
 pub(crate) async fn start_registered(mesh: &TestMesh) -> Running {
-    use tenantmesh_proto::registry::v1::ListServicesRequest;
     let orders = start(mesh).await;
-    let (admin, endpoint) = (mesh.admin_token().await, format!("http://{}", orders.addr));
-    eventually(std::time::Duration::from_secs(10), || {
-        let (mut registry, admin, endpoint) = (mesh.registry(), admin.clone(), endpoint.clone());
-        async move {
-            let listed = registry.list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner();
-            listed.services.iter().any(|s| s.name == "orders" && s.endpoint == endpoint)
-        }
-    })
-    .await;
+    let endpoint = format!("http://{}", orders.addr);
+    until_listed(TestMesh::channel(mesh.addrs.registry), &mesh.admin_token().await, "orders", &endpoint).await;
     orders
 }
 

@@ -466,19 +466,7 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
     // The example service is in the catalog where the onboarding service
     // reaches it (its advertised compose name), before any tenant exists.
     let advertised = mesh.remap(&spec("orders").1["TENANTMESH_ADVERTISE_URL"]);
-    let registry = tenantmesh_proto::registry::v1::tenant_registry_client::TenantRegistryClient::new(
-        mesh.channel("tenant-registry"),
-    );
-    eventually(std::time::Duration::from_secs(30), || {
-        let (mut registry, admin, advertised) = (registry.clone(), admin.clone(), advertised.clone());
-        async move {
-            let req = authed(tenantmesh_proto::registry::v1::ListServicesRequest {}, &admin);
-            let listed = registry.list_services(req).await.unwrap().into_inner().services;
-            listed.iter().any(|s| s.name == "orders" && s.endpoint == advertised)
-        }
-    })
-    .await;
-    drop(registry);
+    until_listed(mesh.channel("tenant-registry"), &admin, "orders", &advertised).await;
     let mut orders = tenantmesh_orders::proto::orders_client::OrdersClient::new(mesh.channel("orders"));
     let mut order_tokens = Vec::new();
     let pool_tenant = unique_tenant("compose");

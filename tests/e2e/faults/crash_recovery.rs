@@ -197,17 +197,8 @@ impl Cluster {
             ("TENANTMESH_METERING_URL", metering.as_str()),
         ];
         self.spawn("orders", "orders", port, &settings).await;
-        let admin = self.admin().await;
         let endpoint = format!("http://127.0.0.1:{port}");
-        eventually(Duration::from_secs(20), || {
-            let (mut registry, admin, endpoint) = (self.registry(), admin.clone(), endpoint.clone());
-            async move {
-                let req = authed(tenantmesh_proto::registry::v1::ListServicesRequest {}, &admin);
-                let listed = registry.list_services(req).await.unwrap().into_inner().services;
-                listed.iter().any(|s| s.name == "orders" && s.endpoint == endpoint)
-            }
-        })
-        .await;
+        until_listed(channel(self.ports["registry"]), &self.admin().await, "orders", &endpoint).await;
         port
     }
 
