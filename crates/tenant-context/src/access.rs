@@ -353,7 +353,11 @@ mod tests {
     #[test]
     fn every_rpc_of_the_mesh_declares_its_policy() {
         assert_declared(tenantmesh_proto::FILE_DESCRIPTOR_SET);
-        assert_eq!(paths("/tenantmesh.").len(), 48);
+        assert_eq!(
+            paths("/tenantmesh.").len(),
+            54,
+            "the four services, DataAdmin, Metering, Backup and the lifecycle service of applications"
+        );
     }
 
     /// A descriptor set with an RPC that declares nothing, and one whose
