@@ -420,11 +420,12 @@ fn step_names_with(kind: &str, model_from: IsolationModel, model_to: IsolationMo
 }
 
 fn steps_of(kind: &str, from: IsolationModel, to: IsolationModel, services: &[String]) -> Vec<&'static str> {
-    use tenantmesh_onboarding::workflow::{Spot, change_tier_steps, offboard_steps, onboard_steps};
+    use tenantmesh_onboarding::workflow::{Spot, change_tier_steps, offboard_steps, onboard_steps, restore_steps};
     let spot = |model| Spot { model, ..Default::default() };
     let steps = match kind {
         "onboard" => onboard_steps(&spot(to), services),
         "change_tier" => change_tier_steps(&spot(from), &spot(to), services),
+        "restore" => restore_steps(false, services),
         _ => offboard_steps(services),
     };
     steps.into_iter().map(|s| s.step.as_str()).collect()
@@ -848,14 +849,15 @@ async fn a_silo_tenants_manifests_are_committed_once_and_removed_when_it_leaves_
 }
 
 /// The steps of an application service (the example `orders`, its own
-/// process) in onboarding and a tier change pool -> bridge, the onboarding
-/// process killed after each in turn: every order is in the tenant's new
-/// orders table once, none is left in the pooled one, its table exists
-/// once, and it takes orders again.
+/// process) in onboarding, a tier change pool -> bridge, a restore in place
+/// and offboarding, the onboarding process killed after each in turn: each
+/// workflow completes with the orders exactly as it promises (every order
+/// in the new table once and none left in the pool; back as they were at
+/// the instant; exported once, then gone), and the tenant takes orders
+/// again where it still exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_service_steps_complete_after_kill_9() {
     use tenantmesh_orders::proto::{CreateOrderRequest, ListOrdersRequest, orders_client::OrdersClient};
-    use tenantmesh_proto::lifecycle::v1::{ExportTenantRequest, tenant_lifecycle_client::TenantLifecycleClient};
     let mut cluster = Cluster::start().await;
     let port = cluster.start_orders().await;
     let orders = || OrdersClient::new(channel(port));
@@ -868,14 +870,18 @@ async fn application_service_steps_complete_after_kill_9() {
     let onboard = crash_points(service_steps(step_names_with("onboard", IsolationModel::Pool, IsolationModel::Pool)));
     let moves =
         crash_points(service_steps(step_names_with("change_tier", IsolationModel::Pool, IsolationModel::Bridge)));
+    let restores = crash_points(service_steps(step_names_with("restore", IsolationModel::Pool, IsolationModel::Pool)));
+    let leaves = crash_points(service_steps(step_names_with("offboard", IsolationModel::Pool, IsolationModel::Pool)));
     let points = onboard.into_iter().map(|p| ("onboard", p)).chain(moves.into_iter().map(|p| ("change_tier", p)));
+    let points =
+        points.chain(restores.into_iter().map(|p| ("restore", p))).chain(leaves.into_iter().map(|p| ("offboard", p)));
     for (kind, (mode, step)) in points {
         let tenant = unique_tenant("app");
         let fault = format!("{mode}:{kind}:{step}");
         cluster.start_onboarding(&[("TENANTMESH_FAULTS", &fault)]).await;
         cluster.register(&tenant, "standard").await;
         let mut id = format!("{tenant}/onboard");
-        if kind == "change_tier" {
+        if kind != "onboard" {
             cluster.until_succeeded(&id).await;
             let token = cluster.tenant_token(&tenant).await;
             cluster.put_product(&token).await;
@@ -884,8 +890,32 @@ async fn application_service_steps_complete_after_kill_9() {
                 orders().create_order(authed(req, &token)).await.unwrap();
             }
             let admin = cluster.admin().await;
-            let req = authed(ChangeTierRequest { tenant_id: tenant.clone(), tier: "premium".into() }, &admin);
-            id = cluster.onboarding().change_tier(req).await.unwrap().into_inner().workflow_id;
+            id = match kind {
+                "change_tier" => {
+                    let req = authed(ChangeTierRequest { tenant_id: tenant.clone(), tier: "premium".into() }, &admin);
+                    cluster.onboarding().change_tier(req).await.unwrap().into_inner().workflow_id
+                }
+                "restore" => {
+                    // o5 and o6 come after the instant, and o0 is cancelled after it.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let instant = timestamp_now();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    for i in 5..7 {
+                        let req =
+                            CreateOrderRequest { order_id: format!("o{i}"), product_id: "p1".into(), quantity: 1 };
+                        orders().create_order(authed(req, &token)).await.unwrap();
+                    }
+                    let cancel = tenantmesh_orders::proto::CancelOrderRequest { order_id: "o0".into() };
+                    orders().cancel_order(authed(cancel, &token)).await.unwrap();
+                    let req =
+                        RestoreTenantRequest { tenant_id: tenant.clone(), point_in_time: Some(instant), target: 0 };
+                    cluster.onboarding().restore_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id
+                }
+                _ => {
+                    let req = authed(OffboardTenantRequest { tenant_id: tenant.clone() }, &admin);
+                    cluster.onboarding().offboard_tenant(req).await.unwrap().into_inner().workflow_id
+                }
+            };
         }
         cluster.until_halted(mode, &id, step).await;
         cluster.kill_9("onboarding");
@@ -894,40 +924,70 @@ async fn application_service_steps_complete_after_kill_9() {
         let at = format!("{kind} {step} ({mode})");
         assert!(wf.steps.iter().any(|s| s.service == "orders"), "{at}: {wf:?}");
 
+        if kind == "offboard" {
+            // Exported once each, then nothing of the tenant left.
+            let detail = &wf.steps.iter().find(|s| s.name == "export_service").unwrap().detail;
+            let path = detail.split(" to ").nth(1).unwrap_or_else(|| panic!("{at}: {detail}"));
+            let keys: Vec<String> = std::fs::read_to_string(path)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["key"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(keys, ["o0", "o1", "o2", "o3", "o4"], "{at}");
+            let lifecycle = cluster.service_token_as("tests-lifecycle").await;
+            assert_eq!(pooled_items(port, &lifecycle, &tenant).await, 0, "{at}: left in the pool");
+            cluster.kill_9("onboarding");
+            continue;
+        }
         let token = cluster.tenant_token(&tenant).await;
         if kind == "onboard" {
             cluster.put_product(&token).await;
             let req = CreateOrderRequest { order_id: "o0".into(), product_id: "p1".into(), quantity: 1 };
             orders().create_order(authed(req, &token)).await.unwrap();
             assert_eq!(ids(token).await, ["o0"], "{at}");
+        } else if kind == "restore" {
+            // As at the instant: o5 and o6 gone, o0 placed again; writable.
+            assert_eq!(ids(token.clone()).await, ["o0", "o1", "o2", "o3", "o4"], "{at}");
+            let get = tenantmesh_orders::proto::GetOrderRequest { order_id: "o0".into() };
+            let o0 = orders().get_order(authed(get, &token)).await.unwrap().into_inner().order.unwrap();
+            assert_eq!(o0.status(), tenantmesh_orders::proto::OrderStatus::Placed, "{at}");
+            let req = CreateOrderRequest { order_id: "o9".into(), product_id: "p1".into(), quantity: 1 };
+            eventually(Duration::from_secs(10), || {
+                let (mut client, req) = (orders(), authed(req.clone(), &token));
+                async move { client.create_order(req).await.is_ok() }
+            })
+            .await;
         } else {
             let own = format!("tenant-{tenant}-bridge-orders-orders");
             let tables = cluster.dedicated_tables(&tenant).await;
             assert_eq!(tables.iter().filter(|t| t.ends_with(&own)).count(), 1, "{at}: {tables:?}");
             assert_eq!(ids(token.clone()).await, ["o0", "o1", "o2", "o3", "o4"], "{at}");
             // Nothing of the tenant is left in the pooled orders table.
-            let pooled =
-                tenantmesh_proto::registry::v1::Placement { model: IsolationModel::Pool as i32, ..Default::default() };
-            let req = ExportTenantRequest {
-                tenant_id: tenant.clone(),
-                placement: Some(pooled),
-                include_history: true,
-                as_of_us: None,
-            };
             let lifecycle = cluster.service_token_as("tests-lifecycle").await;
-            let mut pages = TenantLifecycleClient::new(channel(port))
-                .export_tenant(authed(req, &lifecycle))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut left = 0;
-            while let Some(page) = pages.message().await.unwrap() {
-                left += page.items.len();
-            }
-            assert_eq!(left, 0, "{at}: left in the pool");
+            assert_eq!(pooled_items(port, &lifecycle, &tenant).await, 0, "{at}: left in the pool");
             let req = CreateOrderRequest { order_id: "o5".into(), product_id: "p1".into(), quantity: 1 };
             orders().create_order(authed(req, &token)).await.unwrap();
         }
         cluster.kill_9("onboarding");
     }
+}
+
+/// How many items and history entries of `tenant` the orders service at
+/// `port` keeps in its pooled table (asked with a lifecycle `token`).
+async fn pooled_items(port: u16, token: &str, tenant: &str) -> usize {
+    use tenantmesh_proto::lifecycle::v1::{ExportTenantRequest, tenant_lifecycle_client::TenantLifecycleClient};
+    let pooled = tenantmesh_proto::registry::v1::Placement { model: IsolationModel::Pool as i32, ..Default::default() };
+    let req = ExportTenantRequest {
+        tenant_id: tenant.into(),
+        placement: Some(pooled),
+        include_history: true,
+        as_of_us: None,
+    };
+    let mut pages =
+        TenantLifecycleClient::new(channel(port)).export_tenant(authed(req, token)).await.unwrap().into_inner();
+    let mut items = 0;
+    while let Some(page) = pages.message().await.unwrap() {
+        items += page.items.len();
+    }
+    items
 }
