@@ -56,6 +56,10 @@ impl TokenArgs {
 enum Command {
     /// Run all four services in this process on the embedded store, until Ctrl-C.
     ///
+    /// Beside them runs the example application service, orders (built
+    /// only on the tenantmesh-app crate, registered in the service catalog,
+    /// so every tenant's workflows include it), unless --no-example.
+    ///
     /// On first start it creates the `platform` operator tenant and its admin
     /// (email admin@platform.local, or TENANTMESH_BOOTSTRAP_EMAIL). The admin
     /// password is TENANTMESH_BOOTSTRAP_PASSWORD, or is generated, printed
