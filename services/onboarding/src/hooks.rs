@@ -38,29 +38,35 @@ fn placement(spot: &Spot) -> Option<Placement> {
 impl Steps {
     /// The lifecycle client of the workflow's service `name`, where the
     /// catalog says it serves now (it may have moved since the workflow
-    /// started; where the workflow started, if it is no longer listed).
+    /// started); `None` when the operator has deregistered it since.
     async fn lifecycle(
         &self,
         wf: &Workflow,
         name: &str,
-    ) -> Result<TenantLifecycleClient<PropagatedChannel>, StepError> {
-        let hook =
-            wf.hook(name).ok_or_else(|| StepError::permanent(format!("service {name} is not in this workflow")))?;
+    ) -> Result<Option<TenantLifecycleClient<PropagatedChannel>>, StepError> {
+        if wf.hook(name).is_none() {
+            return Err(StepError::permanent(format!("service {name} is not in this workflow")));
+        }
         let listed = self.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
-        let endpoint =
-            listed.into_iter().find(|s| s.name == name).map_or_else(|| hook.endpoint.clone(), |s| s.endpoint);
+        let Some(endpoint) = listed.into_iter().find(|s| s.name == name).map(|s| s.endpoint) else {
+            return Ok(None);
+        };
         let channel = self
             .data_clients
             .get(&endpoint)
             .map_err(|e| StepError::permanent(format!("service endpoint {endpoint}: {e}")))?;
-        Ok(tenantmesh_service::sized!(TenantLifecycleClient::new(channel)))
+        Ok(Some(tenantmesh_service::sized!(TenantLifecycleClient::new(channel))))
     }
 
     /// Step `at` of `wf`, one of an application service.
     pub(crate) async fn run_hook(&self, at: usize, wf: &mut Workflow) -> Result<(), StepError> {
         let (step, service) = (wf.steps[at].name, wf.steps[at].service.clone());
         let tenant = wf.params.tenant_id.clone();
-        let mut client = self.lifecycle(wf, &service).await?;
+        let Some(mut client) = self.lifecycle(wf, &service).await? else {
+            tracing::warn!(%service, step = %step, "the service is no longer in the catalog: its step is skipped");
+            wf.steps[at].detail = format!("skipped: {service} is no longer in the service catalog");
+            return Ok(());
+        };
         let detail = match step {
             Step::ProvisionService => {
                 let req = ProvisionTenantRequest {
@@ -196,7 +202,8 @@ impl Steps {
     /// copy removed, the old place's fence lowered. Idempotent.
     pub(crate) async fn roll_back_hooks(&self, wf: &Workflow) -> Result<(), StepError> {
         for hook in services_with_steps(wf) {
-            let mut client = self.lifecycle(wf, &hook).await?;
+            // Deregistered since: nothing of it to undo.
+            let Some(mut client) = self.lifecycle(wf, &hook).await? else { continue };
             let tenant = &wf.params.tenant_id;
             if wf.kind == Kind::Restore {
                 // Back to when writes paused, then writes again.

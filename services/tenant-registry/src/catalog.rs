@@ -1,6 +1,6 @@
 //! The service catalog: the application services that joined the mesh
-//! (`RegisterService`, `ListServices`), one item each under
-//! [`SERVICES_PK`], keyed by name.
+//! (`RegisterService`, `ListServices`, `DeregisterService`), one item each
+//! under [`SERVICES_PK`], keyed by name.
 
 use prost::Message as _;
 use tenantmesh_proto::registry::v1::*;
@@ -121,6 +121,24 @@ impl Registry {
             }
         }
         Err(Status::aborted("the service was registered concurrently; retry"))
+    }
+
+    /// `DeregisterService` (see the proto): idempotent.
+    pub(crate) async fn catalog_deregister(
+        &self,
+        ctx: &TenantContext,
+        req: DeregisterServiceRequest,
+    ) -> Result<DeregisterServiceResponse, Status> {
+        if !valid_service_name(&req.name) {
+            return Err(tenantmesh_service::errors::invalid_field(
+                "name",
+                format!("must be 1-{MAX_SERVICE_NAME_LEN} of a-z, 0-9 and -, starting with a letter"),
+            ));
+        }
+        let removed = self.store.delete(SERVICES_PK, &req.name, Condition::None).await.map_err(RegistryError::from)?;
+        let removed = removed.is_some();
+        tracing::info!(service = %req.name, removed, by = %ctx.subject, "application service deregistered");
+        Ok(DeregisterServiceResponse { removed })
     }
 
     /// `ListServices`: the whole catalog, by name.

@@ -289,6 +289,15 @@ impl TenantRegistry for Registry {
         Ok(Response::new(self.catalog_list().await?))
     }
 
+    async fn deregister_service(
+        &self,
+        request: Request<DeregisterServiceRequest>,
+    ) -> Result<Response<DeregisterServiceResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        ctx.authorize_all_tenants()?;
+        Ok(Response::new(self.catalog_deregister(&ctx, request.into_inner()).await?))
+    }
+
     type WatchTenantsStream =
         std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchTenantsResponse, Status>> + Send>>;
 

@@ -378,4 +378,14 @@ async fn the_service_catalog() {
     let names: Vec<(&str, &str, u64)> =
         listed.iter().map(|s| (s.name.as_str(), s.endpoint.as_str(), s.version)).collect();
     assert_eq!(names, [("invoices", "https://invoices.internal", 2), ("tests-catalog", "http://catalog:1", 1)]);
+
+    // DeregisterService: the operator only, idempotent, the name checked.
+    let deregister = |name: &str, token: &str| authed(DeregisterServiceRequest { name: name.into() }, token);
+    expect_code(reg.deregister_service(deregister("invoices", &tenant.token)).await, Code::PermissionDenied);
+    expect_code(reg.deregister_service(deregister("invoices", &catalog)).await, Code::PermissionDenied);
+    expect_invalid(reg.deregister_service(deregister("Invoices!", &admin)).await, "name");
+    assert!(reg.deregister_service(deregister("invoices", &admin)).await.unwrap().into_inner().removed);
+    assert!(!reg.deregister_service(deregister("invoices", &admin)).await.unwrap().into_inner().removed);
+    let listed = reg.list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner().services;
+    assert_eq!(listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["tests-catalog"]);
 }

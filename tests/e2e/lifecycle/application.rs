@@ -297,3 +297,36 @@ async fn a_failed_service_step_is_rolled_back_in_the_service_too() {
     assert_eq!(ids(&orders_of(&orders, &b.token).await), ["o1", "o2", "o3"], "as before the restore, and writable");
     assert_eq!(ids(&orders_of(&orders, &a.token).await), ["o1", "o2"], "the other tenant is untouched");
 }
+
+/// The operator decommissions a service that is gone: DeregisterService
+/// takes it out of the catalog, a workflow failed at its step is retried
+/// past it (the step says it was skipped), and later workflows leave it out.
+#[tokio::test]
+async fn a_deregistered_service_is_left_out_of_the_workflows() {
+    let mesh = TestMesh::start().await;
+    drop(start_registered(&mesh).await);
+    let admin = mesh.admin_token().await;
+    let tenant = unique_tenant("gone");
+    let req = RegisterTenantRequest {
+        tenant_id: tenant.clone(),
+        name: "Gone".into(),
+        tier: "standard".into(),
+        admin_email: format!("admin@{tenant}.example"),
+        admin_password: "gone-password-1".into(),
+        idempotency_key: format!("onboard-{tenant}"),
+    };
+    let id = mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    assert_eq!(mesh.wait_workflow(&id).await.status(), WorkflowStatus::Failed);
+
+    let req = tenantmesh_proto::registry::v1::DeregisterServiceRequest { name: "orders".into() };
+    assert!(mesh.registry().deregister_service(authed(req, &admin)).await.unwrap().into_inner().removed);
+    let retry = RetryOnboardingRequest { workflow_id: id.clone() };
+    mesh.onboarding().retry_onboarding(authed(retry, &admin)).await.unwrap();
+    let done = mesh.wait_workflow(&id).await;
+    assert_eq!(done.status(), WorkflowStatus::Succeeded, "{done:?}");
+    let skipped = service_step(&done, "provision_service", "orders");
+    assert_eq!(skipped.detail, "skipped: orders is no longer in the service catalog");
+    let later = mesh.onboard(&unique_tenant("later")).await;
+    let onboarded = mesh.wait_workflow(&format!("{}/onboard", later.tenant_id)).await;
+    assert!(onboarded.steps.iter().all(|s| s.service.is_empty()), "{onboarded:?}");
+}
