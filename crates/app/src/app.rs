@@ -23,6 +23,7 @@ use tonic::service::Routes;
 
 use crate::error::AppError;
 use crate::lifecycle::Lifecycle;
+use crate::silo::{Mode, SiloLayer};
 use crate::tables::Tables;
 use tenantmesh_proto::lifecycle::v1::tenant_lifecycle_server::TenantLifecycleServer;
 
@@ -49,6 +50,11 @@ pub struct App {
     /// `TENANTMESH_ADVERTISE_URL`: where others reach it (the catalog's
     /// endpoint); default `http://<the address it listens on>`.
     advertise: Option<String>,
+    /// `TENANTMESH_SILO_TENANT`: this instance serves that silo tenant alone.
+    silo_tenant: Option<String>,
+    /// `TENANTMESH_SILO_INSTANCES`: the deployment starts an instance per
+    /// silo tenant (the shared instance forwards to them).
+    silo_instances: bool,
 }
 
 /// Where and how often the service's calls' usage goes, and how often its
@@ -131,6 +137,8 @@ impl App {
             storage: StorageConfig::from_env(&env)?,
             metering: Metering::from_env(&env)?,
             advertise: None,
+            silo_tenant: None,
+            silo_instances: false,
         })
     }
 
@@ -158,7 +166,10 @@ impl App {
     /// service's name), where usage goes (`TENANTMESH_METERING_URL`, the data
     /// service by default; every `TENANTMESH_METERING_FLUSH_MS`, default
     /// 10000), where others reach it (`TENANTMESH_ADVERTISE_URL`, for the
-    /// service catalog; default the address it listens on), and the store (`TENANTMESH_STORAGE`,
+    /// service catalog; default the address it listens on), whether it is
+    /// one silo tenant's instance (`TENANTMESH_SILO_TENANT`) or a shared
+    /// instance whose deployment starts such instances
+    /// (`TENANTMESH_SILO_INSTANCES=true`), and the store (`TENANTMESH_STORAGE`,
     /// `TENANTMESH_TABLE_PREFIX`, the AWS settings).
     pub fn configure(mut self, env: &HashMap<String, String>) -> Result<Self, AppError> {
         self.common = CommonConfig::from_env(env, DEFAULT_PORT)?;
@@ -175,6 +186,18 @@ impl App {
             }
             None => None,
         };
+        self.silo_tenant = match config::var(env, "TENANTMESH_SILO_TENANT") {
+            Some(t) if tenantmesh_service::validate_tenant_id(t).is_ok() => Some(t.to_owned()),
+            Some(_) => {
+                return Err(config::ConfigError {
+                    var: "TENANTMESH_SILO_TENANT",
+                    message: "must be a tenant id (^[a-z0-9][a-z0-9-]{2,62}$)".into(),
+                }
+                .into());
+            }
+            None => None,
+        };
+        self.silo_instances = config::parse_var(env, "TENANTMESH_SILO_INSTANCES", false)?;
         Ok(self)
     }
 
@@ -210,6 +233,8 @@ impl App {
             });
             let tokens = tokens.transpose()?;
             let meters = match &tokens {
+                // The shared instance counts a silo tenant's calls, once, as it forwards them.
+                Some(_) if self.silo_tenant.is_some() => None,
                 Some(tokens) => Some(self.meters(&policies, tokens)?),
                 None => {
                     tracing::warn!(
@@ -230,6 +255,16 @@ impl App {
                     .map_err(|e| AppError::Storage(format!("table {table}: {e}")))?;
                 tables.add(table, stores);
             }
+            let mode = match &self.silo_tenant {
+                Some(tenant) => {
+                    tracing::info!(silo_tenant = %tenant, "an instance of one silo tenant: it serves that tenant alone");
+                    Mode::Silo { tenant: tenant.as_str().into() }
+                }
+                None => Mode::Shared {
+                    instances: Default::default(),
+                    forwarded: self.services.iter().map(|s| format!("/{s}/")).collect(),
+                },
+            };
             let lifecycle = TenantLifecycleServer::new(Lifecycle::new(tables.clone()));
             let upkeep_tables = tables.clone();
             let routes = routes(&Context { tables })?;
@@ -249,8 +284,14 @@ impl App {
                         registry: TenantRegistryClient::new(self.with_identity(&self.common.registry_url, tokens)?),
                         metering: MeteringClient::new(self.with_identity(&self.metering.url, tokens)?),
                         interval: self.metering.storage_sample,
+                        silo_tenant: self.silo_tenant.clone(),
                     };
-                    vec![registering, upkeep.start()]
+                    let mut tasks = vec![registering, upkeep.start()];
+                    if let Mode::Shared { instances, .. } = &mode {
+                        let registry = TenantRegistryClient::new(self.with_identity(&self.common.registry_url, tokens)?);
+                        tasks.push(instances.watch(self.name.clone(), registry));
+                    }
+                    tasks
                 }
                 None => {
                     tracing::warn!("without a service identity, the tables' stored bytes are not metered and their change history is not trimmed");
@@ -262,7 +303,9 @@ impl App {
                 routes,
                 &names,
                 &[self.descriptor_set],
-                server::stack(named, authn, meters.clone())?,
+                tower::ServiceBuilder::new()
+                    .layer(server::stack(named, authn, meters.clone())?)
+                    .layer(SiloLayer(mode)),
                 self.common.shutdown_grace,
                 shutdown,
             )
@@ -324,7 +367,8 @@ impl App {
             endpoint,
             grpc_services: self.services.iter().cloned().chain([LIFECYCLE.to_owned()]).collect(),
             tables: self.tables.clone(),
-            silo_instances: false,
+            silo_instances: self.silo_instances,
+            silo_tenant: self.silo_tenant.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -390,5 +434,11 @@ mod tests {
         let env = HashMap::from([("TENANTMESH_LISTEN_ADDR".to_owned(), "nowhere".to_owned())]);
         let refused = App::new("orders", set).unwrap().configure(&env).unwrap_err();
         assert!(refused.to_string().contains("TENANTMESH_LISTEN_ADDR"), "{refused}");
+        let env = HashMap::from([("TENANTMESH_SILO_TENANT".to_owned(), "Not A Tenant".to_owned())]);
+        let refused = App::new("orders", set).unwrap().configure(&env).unwrap_err();
+        assert!(refused.to_string().contains("TENANTMESH_SILO_TENANT"), "{refused}");
+        let env = HashMap::from([("TENANTMESH_SILO_TENANT".to_owned(), "acme".to_owned())]);
+        let silo = App::new("orders", set).unwrap().configure(&env).unwrap();
+        assert_eq!(silo.registration(None).silo_tenant, "acme", "it registers as acme's instance");
     }
 }

@@ -38,6 +38,11 @@
 //!   the control plane's workflows (onboarding, tier changes, restores,
 //!   offboarding, and a catch-up for tenants that existed before it)
 //!   include it as durable steps.
+//! - **Silo instances**: started for one silo tenant
+//!   (`TENANTMESH_SILO_TENANT`), an instance serves that tenant alone and
+//!   registers as its instance; the shared instance forwards that tenant's
+//!   calls to it by itself, per call, whatever the RPC (the call as it
+//!   came: token, tenant, trace, deadline), counted once.
 //! - **Calls to other services** ([`client`]) that carry the caller's
 //!   token, tenant, trace and deadline.
 //!
@@ -64,6 +69,7 @@ pub mod history;
 mod lifecycle;
 mod metering;
 pub mod quota;
+mod silo;
 mod tables;
 mod upkeep;
 

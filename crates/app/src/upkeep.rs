@@ -35,6 +35,8 @@ pub(crate) struct Upkeep {
     pub(crate) registry: TenantRegistryClient<PropagatedChannel>,
     pub(crate) metering: MeteringClient<PropagatedChannel>,
     pub(crate) interval: Duration,
+    /// An instance of one silo tenant measures that tenant alone.
+    pub(crate) silo_tenant: Option<String>,
 }
 
 impl Upkeep {
@@ -70,7 +72,12 @@ impl Upkeep {
             }
             match self.keep(tenant).await {
                 Ok(bytes) => events.push(UsageEvent {
-                    id: format!("{}:storage:{}:{start}", self.tables.service(), tenant.tenant_id),
+                    // The shared instance's and a silo instance's are
+                    // different events (each measures its own stores).
+                    id: match &self.silo_tenant {
+                        None => format!("{}:storage:{}:{start}", self.tables.service(), tenant.tenant_id),
+                        Some(_) => format!("{}@:storage:{}:{start}", self.tables.service(), tenant.tenant_id),
+                    },
                     tenant_id: tenant.tenant_id.clone(),
                     meter: format!("{}.{STORAGE_BYTE_HOURS}", self.tables.service()),
                     value: (u128::from(bytes) * secs as u128).div_ceil(3600).min(1_000_000_000_000) as i64,

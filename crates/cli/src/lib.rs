@@ -136,11 +136,22 @@ impl Mesh {
             ("data", "data".to_owned(), random_secret(), "directory+data_plane"),
             ("auth", "auth".to_owned(), random_secret(), "directory"),
         ];
+        // The example's identity, unless the settings declare one already.
+        let given_orders = env.get("TENANTMESH_SERVICE_CLIENTS").and_then(|clients| {
+            clients
+                .split(',')
+                .find_map(|c| c.strip_prefix("orders:"))
+                .and_then(|rest| rest.split(':').next())
+                .map(str::to_owned)
+        });
+        let declared_before = identities.len();
         if orders_l.is_some() {
             // What an application needs: tenant changes, recording usage, registering itself.
-            identities.push(("orders", "orders".to_owned(), random_secret(), "directory+metering_writer+catalog"));
+            let secret = given_orders.clone().unwrap_or_else(random_secret);
+            identities.push(("orders", "orders".to_owned(), secret, "directory+metering_writer+catalog"));
         }
-        let declared = identities.iter().map(|(_, id, secret, scopes)| format!("{id}:{secret}:{scopes}"));
+        let undeclared = if given_orders.is_some() { declared_before } else { identities.len() };
+        let declared = identities[..undeclared].iter().map(|(_, id, secret, scopes)| format!("{id}:{secret}:{scopes}"));
         let clients: Vec<String> = env
             .get("TENANTMESH_SERVICE_CLIENTS")
             .filter(|c| !c.is_empty())
@@ -195,10 +206,38 @@ impl Mesh {
             let mut orders_env = with_listen("orders", addr);
             orders_env.insert("TENANTMESH_DATA_DIR".into(), options.data_dir.join("apps/orders").display().to_string());
             orders_env.insert("TENANTMESH_METERING_URL".into(), format!("http://{}", addrs.data));
+            let data_url = format!("http://{}", addrs.data);
+            // Silo tenants get an instance of their own, here, with the same
+            // identity, each on its own port and store.
+            let (silo_env, silo_data_url) = (orders_env.clone(), data_url.clone());
+            let data_dir = options.data_dir.clone();
+            silos.with_app(
+                "orders",
+                Arc::new(move |tenant: String, listener: TcpListener, mut stop: watch::Receiver<bool>| {
+                    let mut env = silo_env.clone();
+                    env.insert("TENANTMESH_SILO_TENANT".into(), tenant.clone());
+                    let dir = data_dir.join(format!("apps/orders-{tenant}"));
+                    env.insert("TENANTMESH_DATA_DIR".into(), dir.display().to_string());
+                    if let Ok(addr) = listener.local_addr() {
+                        env.insert("TENANTMESH_LISTEN_ADDR".into(), addr.to_string());
+                    }
+                    let data_url = silo_data_url.clone();
+                    Box::pin(async move {
+                        let app =
+                            tenantmesh_orders::app().and_then(|a| a.configure(&env)).map_err(|e| e.to_string())?;
+                        let shutdown = async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        };
+                        app.serve(listener, shutdown, move |ctx| tenantmesh_orders::routes(ctx, &data_url))
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                }),
+            );
+            orders_env.insert("TENANTMESH_SILO_INSTANCES".into(), "true".into());
             let app = tenantmesh_orders::app()
                 .and_then(|app| app.configure(&orders_env))
                 .map_err(|e| MeshError::Service { service: "orders", message: e.to_string() })?;
-            let data_url = format!("http://{}", addrs.data);
             let run = app.serve(listener, signal(), move |ctx| tenantmesh_orders::routes(ctx, &data_url));
             spawn("orders", Box::pin(async move { run.await.map_err(BoxError::from) }));
         }

@@ -206,6 +206,10 @@ impl MeshState {
     async fn start(&self) -> Mesh {
         let mut options = MeshOptions::ephemeral(self.dir.path().join("data"));
         options.env = self.env.clone();
+        // As `tenantmesh up` reads it: the example application service too.
+        if self.env.get("TENANTMESH_NO_EXAMPLE").is_some_and(|v| v == "false") {
+            options.example = Some(0);
+        }
         Box::pin(Mesh::start(options)).await.expect("mesh starts")
     }
 }

@@ -56,7 +56,7 @@ impl OnboardingService {
         let services = self.inner.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
         let due: Vec<_> = services
             .into_iter()
-            .filter(|s| s.grpc_services.iter().any(|g| g == crate::service::LIFECYCLE))
+            .filter(|s| s.silo_tenant.is_empty() && s.grpc_services.iter().any(|g| g == crate::service::LIFECYCLE))
             .filter(|s| done.get(&s.name) != Some(&s.version))
             .collect();
         if due.is_empty() {

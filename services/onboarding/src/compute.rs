@@ -14,6 +14,19 @@ pub trait SiloCompute: Send + Sync + 'static {
     async fn provision(&self, tenant_id: &str, tier: &str) -> Result<String, String>;
     /// Stops and forgets the tenant's instance. Idempotent.
     async fn deprovision(&self, tenant_id: &str) -> Result<(), String>;
+
+    /// Makes sure the application service `service` runs an instance of
+    /// its own for silo tenant `tenant_id`, where the deployment can start
+    /// one: its endpoint, or `None` when it cannot (the shared instance then
+    /// serves the tenant, on the tenant's own tables). Idempotent.
+    async fn provision_service(&self, _service: &str, _tenant_id: &str, _tier: &str) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+
+    /// Stops and forgets `service`'s instance of the tenant. Idempotent.
+    async fn deprovision_service(&self, _service: &str, _tenant_id: &str) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Endpoints from a template; the instances are the deployment's job.

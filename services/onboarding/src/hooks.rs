@@ -6,7 +6,7 @@
 
 use tenantmesh_proto::lifecycle::v1::tenant_lifecycle_client::TenantLifecycleClient;
 use tenantmesh_proto::lifecycle::v1::*;
-use tenantmesh_proto::registry::v1::{ListServicesRequest, Placement};
+use tenantmesh_proto::registry::v1::{ApplicationService, DeregisterServiceRequest, ListServicesRequest, Placement};
 use tenantmesh_tenant_context::client::PropagatedChannel;
 use tonic::Code;
 
@@ -36,45 +36,131 @@ fn placement(spot: &Spot) -> Option<Placement> {
 }
 
 impl Steps {
-    /// The lifecycle client of the workflow's service `name`, where the
-    /// catalog says it serves now (it may have moved since the workflow
-    /// started); `None` when the operator has deregistered it since.
-    async fn lifecycle(
+    /// The catalog's entries of the workflow's service `name` for its
+    /// tenant: the shared instance's (`None` when the operator has
+    /// deregistered the service since the workflow started) and the
+    /// tenant's own instance's, if it has one.
+    async fn entries(
         &self,
         wf: &Workflow,
         name: &str,
-    ) -> Result<Option<TenantLifecycleClient<PropagatedChannel>>, StepError> {
+    ) -> Result<(Option<ApplicationService>, Option<ApplicationService>), StepError> {
         if wf.hook(name).is_none() {
             return Err(StepError::permanent(format!("service {name} is not in this workflow")));
         }
         let listed = self.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
-        let Some(endpoint) = listed.into_iter().find(|s| s.name == name).map(|s| s.endpoint) else {
-            return Ok(None);
-        };
+        let (mut shared, mut own) = (None, None);
+        for s in listed.into_iter().filter(|s| s.name == name) {
+            if s.silo_tenant.is_empty() {
+                shared = Some(s);
+            } else if s.silo_tenant == wf.params.tenant_id {
+                own = Some(s);
+            }
+        }
+        Ok((shared, own))
+    }
+
+    /// A lifecycle client of the instance at `endpoint`.
+    fn client(&self, endpoint: &str) -> Result<TenantLifecycleClient<PropagatedChannel>, StepError> {
         let channel = self
             .data_clients
-            .get(&endpoint)
+            .get(endpoint)
             .map_err(|e| StepError::permanent(format!("service endpoint {endpoint}: {e}")))?;
-        Ok(Some(tenantmesh_service::sized!(TenantLifecycleClient::new(channel))))
+        Ok(tenantmesh_service::sized!(TenantLifecycleClient::new(channel)))
+    }
+
+    /// The lifecycle client of the workflow's service `name` that keeps the
+    /// tenant's items at `spot`, where the catalog says it serves now: a
+    /// silo tenant's own instance if it has one, else the shared instance;
+    /// `None` when the service has been deregistered.
+    async fn lifecycle(
+        &self,
+        wf: &Workflow,
+        name: &str,
+        spot: &Spot,
+    ) -> Result<Option<TenantLifecycleClient<PropagatedChannel>>, StepError> {
+        let (shared, own) = self.entries(wf, name).await?;
+        let Some(shared) = shared else { return Ok(None) };
+        let endpoint = match own.filter(|_| spot.silo()) {
+            Some(own) => own.endpoint,
+            None => shared.endpoint,
+        };
+        Ok(Some(self.client(&endpoint)?))
+    }
+
+    /// For a silo tenant of a service whose deployment starts instances:
+    /// its own instance, started (or found) and listed in the catalog.
+    async fn own_instance(&self, wf: &Workflow, service: &str) -> Result<Option<String>, StepError> {
+        let (Some(shared), _) = self.entries(wf, service).await? else { return Ok(None) };
+        if !(wf.to.silo() && shared.silo_instances) {
+            return Ok(None);
+        }
+        let tenant = &wf.params.tenant_id;
+        let Some(endpoint) =
+            self.compute.provision_service(service, tenant, &wf.params.tier).await.map_err(StepError::transient)?
+        else {
+            return Ok(None);
+        };
+        self.resources
+            .add(tenant, resources::SILO_INSTANCE, &format!("{service} {endpoint}"), &wf.params.tier)
+            .await
+            .map_err(ledger_error)?;
+        // Listed once it registers itself (a few seconds at most); the step
+        // is retried if it takes longer.
+        for _ in 0..50 {
+            if let (_, Some(own)) = self.entries(wf, service).await?
+                && own.endpoint == endpoint
+            {
+                return Ok(Some(endpoint));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Err(StepError::transient(format!("{service}'s instance at {endpoint} is not in the catalog yet")))
+    }
+
+    /// Removes `service`'s own instance of the tenant, if it has one.
+    async fn remove_instance(&self, wf: &Workflow, service: &str) -> Result<bool, StepError> {
+        let tenant = &wf.params.tenant_id;
+        let (_, own) = self.entries(wf, service).await?;
+        self.compute.deprovision_service(service, tenant).await.map_err(StepError::transient)?;
+        let Some(own) = own else { return Ok(false) };
+        let req = DeregisterServiceRequest { name: service.to_owned(), silo_tenant: tenant.clone() };
+        self.registry.clone().deregister_service(req).await?;
+        let name = format!("{service} {}", own.endpoint);
+        self.resources.remove(tenant, resources::SILO_INSTANCE, &name).await.map_err(ledger_error)?;
+        tracing::info!(%service, "the tenant's own instance of the service removed");
+        Ok(true)
     }
 
     /// Step `at` of `wf`, one of an application service.
     pub(crate) async fn run_hook(&self, at: usize, wf: &mut Workflow) -> Result<(), StepError> {
         let (step, service) = (wf.steps[at].name, wf.steps[at].service.clone());
         let tenant = wf.params.tenant_id.clone();
-        let Some(mut client) = self.lifecycle(wf, &service).await? else {
+        // The instance that keeps the tenant's items where this step acts.
+        let spot = match step {
+            Step::ProvisionService | Step::UnfenceService => wf.to.clone(),
+            _ => wf.from.clone(),
+        };
+        let Some(mut client) = self.lifecycle(wf, &service, &spot).await? else {
             tracing::warn!(%service, step = %step, "the service is no longer in the catalog: its step is skipped");
             wf.steps[at].detail = format!("skipped: {service} is no longer in the service catalog");
             return Ok(());
         };
         let detail = match step {
             Step::ProvisionService => {
+                let own = self.own_instance(wf, &service).await?;
+                if let Some(endpoint) = &own {
+                    client = self.client(endpoint)?;
+                }
                 let req = ProvisionTenantRequest {
                     tenant_id: tenant.clone(),
                     tier: wf.params.tier.clone(),
                     placement: placement(&wf.to),
                 };
-                let done = client.provision_tenant(req).await?.into_inner();
+                let mut done = client.provision_tenant(req).await?.into_inner();
+                if own.is_some() {
+                    done.detail = format!("a silo tenant: served by its own instance of {service}");
+                }
                 if wf.to.dedicated() {
                     for table in &done.tables {
                         self.resources
@@ -89,7 +175,12 @@ impl Steps {
             Step::FenceService => self.fence(&mut client, &tenant, &wf.from, true).await?,
             // A tier change's new place, or a restore's own (`to` is `from`).
             Step::UnfenceService => self.fence(&mut client, &tenant, &wf.to, false).await?,
-            Step::CopyService => self.copy(&mut client, wf).await?,
+            Step::CopyService => {
+                let Some(mut target) = self.lifecycle(wf, &service, &wf.to.clone()).await? else {
+                    return Err(StepError::permanent(format!("{service} left the catalog during the move")));
+                };
+                self.copy(&mut client, &mut target, wf).await?
+            }
             Step::ExportService => self.export_service(&mut client, wf, &service).await?,
             Step::RewindService => {
                 let req = RewindTenantRequest {
@@ -106,7 +197,14 @@ impl Steps {
                     Err(s) => return Err(s.into()),
                 }
             }
-            Step::PurgeService => self.purge(&mut client, &tenant, &wf.from).await?,
+            Step::PurgeService => {
+                let purged = self.purge(&mut client, &tenant, &wf.from).await?;
+                if wf.from.silo() && self.remove_instance(wf, &service).await? {
+                    format!("{purged}; its own instance removed")
+                } else {
+                    purged
+                }
+            }
             other => return Err(StepError::permanent(format!("{other} is not a step of an application service"))),
         };
         wf.steps[at].detail = detail;
@@ -144,6 +242,7 @@ impl Steps {
     async fn copy(
         &self,
         client: &mut TenantLifecycleClient<PropagatedChannel>,
+        target: &mut TenantLifecycleClient<PropagatedChannel>,
         wf: &Workflow,
     ) -> Result<String, StepError> {
         let tenant = &wf.params.tenant_id;
@@ -154,7 +253,6 @@ impl Steps {
             as_of_us: None,
         };
         let mut pages = client.export_tenant(req).await?.into_inner();
-        let mut target = client.clone();
         let mut copied = 0usize;
         while let Some(page) = pages.message().await? {
             let size = |i: &TableItem| i.data.len() + i.key.len() + i.table.len() + 16;
@@ -203,7 +301,7 @@ impl Steps {
     pub(crate) async fn roll_back_hooks(&self, wf: &Workflow) -> Result<(), StepError> {
         for hook in services_with_steps(wf) {
             // Deregistered since: nothing of it to undo.
-            let Some(mut client) = self.lifecycle(wf, &hook).await? else { continue };
+            let Some(mut from) = self.lifecycle(wf, &hook, &wf.from).await? else { continue };
             let tenant = &wf.params.tenant_id;
             if wf.kind == Kind::Restore {
                 // Back to when writes paused, then writes again.
@@ -213,16 +311,22 @@ impl Steps {
                         placement: placement(&wf.from),
                         point_in_time_us: paused_at,
                     };
-                    match client.rewind_tenant(req).await {
+                    match from.rewind_tenant(req).await {
                         Ok(_) => {}
                         Err(s) if s.code() == Code::FailedPrecondition => {}
                         Err(s) => return Err(s.into()),
                     }
                 }
             } else {
-                self.purge(&mut client, tenant, &wf.to).await?;
+                // The new copy, and (into a silo) the instance made for it.
+                if let Some(mut to) = self.lifecycle(wf, &hook, &wf.to).await? {
+                    self.purge(&mut to, tenant, &wf.to).await?;
+                }
+                if wf.to.silo() && !wf.from.silo() {
+                    self.remove_instance(wf, &hook).await?;
+                }
             }
-            self.fence(&mut client, tenant, &wf.from, false).await?;
+            self.fence(&mut from, tenant, &wf.from, false).await?;
         }
         Ok(())
     }

@@ -144,7 +144,7 @@ impl OnboardingService {
         let services = self.inner.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
         Ok(services
             .into_iter()
-            .filter(|s| s.grpc_services.iter().any(|g| g == LIFECYCLE))
+            .filter(|s| s.silo_tenant.is_empty() && s.grpc_services.iter().any(|g| g == LIFECYCLE))
             .map(|s| crate::workflow::Hook { name: s.name, endpoint: s.endpoint })
             .collect())
     }

@@ -48,13 +48,22 @@ fn check(service: &ApplicationService) -> Result<(), Status> {
             v.add(&format!("service.tables[{i}]"), format!("must be 1-{MAX_SERVICE_NAME_LEN} of a-z, 0-9 and -"));
         }
     }
+    if !service.silo_tenant.is_empty() {
+        v.tenant_id("service.silo_tenant", &service.silo_tenant);
+    }
     v.check()
+}
+
+/// The catalog key of a service's entry: its name, or `<name>@<tenant>`
+/// for the instance of one silo tenant.
+fn key(name: &str, silo_tenant: &str) -> String {
+    if silo_tenant.is_empty() { name.to_owned() } else { format!("{name}@{silo_tenant}") }
 }
 
 /// Whether two registrations say the same (what the registry sets aside).
 fn same(a: &ApplicationService, b: &ApplicationService) -> bool {
-    (&a.name, &a.endpoint, &a.grpc_services, &a.tables, a.silo_instances)
-        == (&b.name, &b.endpoint, &b.grpc_services, &b.tables, b.silo_instances)
+    (&a.name, &a.endpoint, &a.grpc_services, &a.tables, a.silo_instances, &a.silo_tenant)
+        == (&b.name, &b.endpoint, &b.grpc_services, &b.tables, b.silo_instances, &b.silo_tenant)
 }
 
 fn decode(item: tenantmesh_storage::Item) -> Result<ApplicationService, RegistryError> {
@@ -86,9 +95,10 @@ impl Registry {
         }
         service.registered_by = ctx.subject.to_string();
         service.registered_at = tenantmesh_service::clock::now_ms();
+        let at = key(&service.name, &service.silo_tenant);
         // Two tries: a concurrent registration of the same name wins once.
         for _ in 0..2 {
-            let current = self.store.get(SERVICES_PK, &service.name).await.map_err(RegistryError::from)?;
+            let current = self.store.get(SERVICES_PK, &at).await.map_err(RegistryError::from)?;
             let expected = match current {
                 Some(item) => {
                     let existing = decode(item)?;
@@ -100,16 +110,13 @@ impl Registry {
                 None => 0,
             };
             service.version = 0;
-            match self
-                .store
-                .put(SERVICES_PK, &service.name, service.encode_to_vec(), Condition::Version(expected))
-                .await
-            {
+            match self.store.put(SERVICES_PK, &at, service.encode_to_vec(), Condition::Version(expected)).await {
                 Ok(item) => {
                     service.version = item.version;
                     tracing::info!(
                         service = %service.name,
                         endpoint = %service.endpoint,
+                        silo_tenant = %service.silo_tenant,
                         version = item.version,
                         registered_by = %service.registered_by,
                         "application service registered"
@@ -129,15 +136,18 @@ impl Registry {
         ctx: &TenantContext,
         req: DeregisterServiceRequest,
     ) -> Result<DeregisterServiceResponse, Status> {
+        let mut v = Violations::new();
         if !valid_service_name(&req.name) {
-            return Err(tenantmesh_service::errors::invalid_field(
-                "name",
-                format!("must be 1-{MAX_SERVICE_NAME_LEN} of a-z, 0-9 and -, starting with a letter"),
-            ));
+            v.add("name", format!("must be 1-{MAX_SERVICE_NAME_LEN} of a-z, 0-9 and -, starting with a letter"));
         }
-        let removed = self.store.delete(SERVICES_PK, &req.name, Condition::None).await.map_err(RegistryError::from)?;
+        if !req.silo_tenant.is_empty() {
+            v.tenant_id("silo_tenant", &req.silo_tenant);
+        }
+        v.check()?;
+        let at = key(&req.name, &req.silo_tenant);
+        let removed = self.store.delete(SERVICES_PK, &at, Condition::None).await.map_err(RegistryError::from)?;
         let removed = removed.is_some();
-        tracing::info!(service = %req.name, removed, by = %ctx.subject, "application service deregistered");
+        tracing::info!(service = %req.name, silo_tenant = %req.silo_tenant, removed, by = %ctx.subject, "application service deregistered");
         Ok(DeregisterServiceResponse { removed })
     }
 

@@ -380,7 +380,9 @@ async fn the_service_catalog() {
     assert_eq!(names, [("invoices", "https://invoices.internal", 2), ("tests-catalog", "http://catalog:1", 1)]);
 
     // DeregisterService: the operator only, idempotent, the name checked.
-    let deregister = |name: &str, token: &str| authed(DeregisterServiceRequest { name: name.into() }, token);
+    let deregister = |name: &str, token: &str| {
+        authed(DeregisterServiceRequest { name: name.into(), silo_tenant: String::new() }, token)
+    };
     expect_code(reg.deregister_service(deregister("invoices", &tenant.token)).await, Code::PermissionDenied);
     expect_code(reg.deregister_service(deregister("invoices", &catalog)).await, Code::PermissionDenied);
     expect_invalid(reg.deregister_service(deregister("Invoices!", &admin)).await, "name");

@@ -318,7 +318,8 @@ async fn a_deregistered_service_is_left_out_of_the_workflows() {
     let id = mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
     assert_eq!(mesh.wait_workflow(&id).await.status(), WorkflowStatus::Failed);
 
-    let req = tenantmesh_proto::registry::v1::DeregisterServiceRequest { name: "orders".into() };
+    let req =
+        tenantmesh_proto::registry::v1::DeregisterServiceRequest { name: "orders".into(), silo_tenant: String::new() };
     assert!(mesh.registry().deregister_service(authed(req, &admin)).await.unwrap().into_inner().removed);
     let retry = RetryOnboardingRequest { workflow_id: id.clone() };
     mesh.onboarding().retry_onboarding(authed(retry, &admin)).await.unwrap();
@@ -329,4 +330,96 @@ async fn a_deregistered_service_is_left_out_of_the_workflows() {
     let later = mesh.onboard(&unique_tenant("later")).await;
     let onboarded = mesh.wait_workflow(&format!("{}/onboard", later.tenant_id)).await;
     assert!(onboarded.steps.iter().all(|s| s.service.is_empty()), "{onboarded:?}");
+}
+
+/// Under `tenantmesh up` a silo tenant gets an instance of its own of the
+/// example service: its onboarding starts it (the catalog lists it for the
+/// tenant), the shared instance forwards the tenant's calls there by
+/// itself (counted once, there), the instance serves nobody else, and a
+/// tier change out of the silo moves the orders back and removes it.
+#[tokio::test]
+async fn a_silo_tenant_is_served_by_its_own_instance() {
+    use tenantmesh_orders::proto::orders_client::OrdersClient;
+    use tenantmesh_proto::registry::v1::ListServicesRequest;
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &[("TENANTMESH_NO_EXAMPLE", "false")]).await;
+    let shared_addr = mesh.addrs.orders.expect("the example runs");
+    let admin = mesh.admin_token().await;
+    until_listed(TestMesh::channel(mesh.addrs.registry), &admin, "orders", &format!("http://{shared_addr}")).await;
+    let shared = OrdersClient::new(TestMesh::channel(shared_addr));
+    let silo = mesh.onboard_on(&unique_tenant("silo"), "enterprise").await;
+    let pool = mesh.onboard(&unique_tenant("pool")).await;
+    let onboarded = mesh.wait_workflow(&format!("{}/onboard", silo.tenant_id)).await;
+    let step = service_step(&onboarded, "provision_service", "orders");
+    assert_eq!(step.detail, "a silo tenant: served by its own instance of orders");
+    let listed = mesh.registry().list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner();
+    let own = listed.services.iter().find(|s| s.silo_tenant == silo.tenant_id).expect("its instance is listed");
+    assert_ne!(own.endpoint, format!("http://{shared_addr}"));
+    let instance =
+        OrdersClient::new(tonic::transport::Endpoint::from_shared(own.endpoint.clone()).unwrap().connect_lazy());
+
+    // Through the shared port: forwarded to its instance, which holds the order.
+    for t in [&silo, &pool] {
+        add_product(&mesh, &t.token, "p1").await;
+    }
+    eventually(Duration::from_secs(10), || {
+        let mut client = shared.clone();
+        let req = authed(create("o1", "p1", 2), &silo.token);
+        async move { client.create_order(req).await.is_ok() }
+    })
+    .await;
+    let listed = shared.clone().list_orders(authed(list(10, ""), &silo.token)).await.unwrap().into_inner().orders;
+    assert_eq!(ids(&listed), ["o1"]);
+    let direct = instance.clone().list_orders(authed(list(10, ""), &silo.token)).await.unwrap().into_inner().orders;
+    assert_eq!(ids(&direct), ["o1"], "the instance holds it");
+    // On the embedded store the instance's store is its own (on DynamoDB
+    // both reach the tenant's one table).
+    if mesh.backend() == TestBackend::Embedded {
+        let lifecycle = mesh.service_token_as("tests-lifecycle").await;
+        let silo_at = tenantmesh_proto::registry::v1::Placement {
+            model: tenantmesh_proto::registry::v1::IsolationModel::Silo as i32,
+            ..Default::default()
+        };
+        let export = |tenant: &str| tenantmesh_proto::lifecycle::v1::ExportTenantRequest {
+            tenant_id: tenant.into(),
+            placement: Some(silo_at.clone()),
+            include_history: false,
+            as_of_us: None,
+        };
+        let mut at_shared = tenantmesh_proto::lifecycle::v1::tenant_lifecycle_client::TenantLifecycleClient::new(
+            TestMesh::channel(shared_addr),
+        );
+        let mut pages =
+            at_shared.export_tenant(authed(export(&silo.tenant_id), &lifecycle)).await.unwrap().into_inner();
+        assert!(
+            pages.message().await.unwrap().is_none_or(|p| p.items.is_empty()),
+            "nothing of it at the shared instance"
+        );
+    }
+    // The instance serves its tenant alone; the pool tenant is served by the shared one.
+    let refused = instance.clone().list_orders(authed(list(10, ""), &pool.token)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    shared.clone().create_order(authed(create("o1", "p1", 9), &pool.token)).await.unwrap();
+    let theirs = shared
+        .clone()
+        .get_order(authed(tenantmesh_orders::proto::GetOrderRequest { order_id: "o1".into() }, &pool.token))
+        .await
+        .unwrap();
+    assert_eq!(theirs.into_inner().order.unwrap().quantity, 9);
+
+    // Out of the silo: the orders come back to the shared instance, the instance goes.
+    let req = ChangeTierRequest { tenant_id: silo.tenant_id.clone(), tier: "premium".into() };
+    let id = mesh.onboarding().change_tier(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let moved = mesh.wait_workflow(&id).await;
+    assert_eq!(moved.status(), WorkflowStatus::Succeeded, "{moved:?}");
+    let purged = service_step(&moved, "purge_service", "orders");
+    assert!(purged.detail.ends_with("its own instance removed"), "{}", purged.detail);
+    let listed = mesh.registry().list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner();
+    assert!(listed.services.iter().all(|s| s.silo_tenant.is_empty()), "{listed:?}");
+    let login = mesh.login(&silo.tenant_id, &silo.admin_email, &silo.admin_password).await.unwrap();
+    eventually(Duration::from_secs(10), || {
+        let mut client = shared.clone();
+        let req = authed(list(10, ""), &login);
+        async move { client.list_orders(req).await.is_ok_and(|r| ids(&r.into_inner().orders) == ["o1"]) }
+    })
+    .await;
 }
