@@ -285,6 +285,10 @@ impl App {
                         metering: MeteringClient::new(self.with_identity(&self.metering.url, tokens)?),
                         interval: self.metering.storage_sample,
                         silo_tenant: self.silo_tenant.clone(),
+                        instances: match &mode {
+                            Mode::Shared { instances, .. } => Some(instances.clone()),
+                            Mode::Silo { .. } => None,
+                        },
                     };
                     let mut tasks = vec![registering, upkeep.start()];
                     if let Mode::Shared { instances, .. } = &mode {

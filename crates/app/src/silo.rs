@@ -42,6 +42,11 @@ pub(crate) struct Instances {
 }
 
 impl Instances {
+    /// Whether `tenant` has an instance of its own.
+    pub(crate) fn has(&self, tenant: &str) -> bool {
+        self.by_tenant.read().expect("instances lock").contains_key(tenant)
+    }
+
     fn get(&self, tenant: &str) -> Option<Channel> {
         self.by_tenant.read().expect("instances lock").get(tenant).map(|(_, c)| c.clone())
     }

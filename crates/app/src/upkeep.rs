@@ -37,6 +37,10 @@ pub(crate) struct Upkeep {
     pub(crate) interval: Duration,
     /// An instance of one silo tenant measures that tenant alone.
     pub(crate) silo_tenant: Option<String>,
+    /// The shared instance's silo instances: a tenant that has one is
+    /// measured (and trimmed) there, not here (on DynamoDB both reach its
+    /// one table).
+    pub(crate) instances: Option<crate::silo::Instances>,
 }
 
 impl Upkeep {
@@ -65,8 +69,12 @@ impl Upkeep {
             .map_err(|s| format!("listing tenants: {}", s.message()))?;
         let mut events = Vec::new();
         for tenant in &tenants {
+            // A silo instance measures its tenant alone; the shared instance
+            // every tenant but those an instance of their own measures.
             if tenant.status() == TenantStatus::Deleted
                 || tenant.tenant_id == tenantmesh_tenant_context::PLATFORM_TENANT
+                || self.silo_tenant.as_ref().is_some_and(|t| *t != tenant.tenant_id)
+                || self.instances.as_ref().is_some_and(|i| i.has(&tenant.tenant_id))
             {
                 continue;
             }
