@@ -216,6 +216,8 @@ impl Mesh {
                 Arc::new(move |tenant: String, listener: TcpListener, mut stop: watch::Receiver<bool>| {
                     let mut env = silo_env.clone();
                     env.insert("TENANTMESH_SILO_TENANT".into(), tenant.clone());
+                    // Reached where it listens, not where the shared one is.
+                    env.remove("TENANTMESH_ADVERTISE_URL");
                     let dir = data_dir.join(format!("apps/orders-{tenant}"));
                     env.insert("TENANTMESH_DATA_DIR".into(), dir.display().to_string());
                     if let Ok(addr) = listener.local_addr() {

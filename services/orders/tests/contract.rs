@@ -175,10 +175,15 @@ async fn each_call_is_metered_once_for_its_tenant() {
         authed(req, &tenant.token)
     };
     let mut metering = mesh.metering();
+    // Both tenants' counts are in (a later flush may carry B's).
     eventually(std::time::Duration::from_secs(20), || {
         let mut metering = metering.clone();
-        let req = usage(&a, vec![]);
-        async move { metering.get_usage(req).await.unwrap().into_inner().rows.iter().map(|r| r.value).sum::<i64>() >= 4 }
+        let (a_req, b_req) = (usage(&a, vec![]), usage(&b, vec![]));
+        async move {
+            let sum = |rows: Vec<tenantmesh_proto::metering::v1::UsageRow>| rows.iter().map(|r| r.value).sum::<i64>();
+            sum(metering.get_usage(a_req).await.unwrap().into_inner().rows) >= 4
+                && sum(metering.get_usage(b_req).await.unwrap().into_inner().rows) >= 1
+        }
     })
     .await;
     let rows = metering.get_usage(usage(&a, vec!["rpc".into()])).await.unwrap().into_inner().rows;
