@@ -223,6 +223,23 @@ pub enum HistoryError {
     Storage(#[from] StorageError),
 }
 
+impl HistoryError {
+    /// The status it is answered with: an instant the history does not
+    /// reach is FAILED_PRECONDITION saying where it starts; a store's
+    /// failure as `storage` answers it.
+    pub fn status(self, storage: impl FnOnce(StorageError) -> tonic::Status) -> tonic::Status {
+        match self {
+            HistoryError::TooOld { start_us } => tonic::Status::failed_precondition(match start_us {
+                Some(s) => format!(
+                    "the tenant's change history starts at {s} µs since the epoch; no earlier instant can be restored"
+                ),
+                None => "the tenant has no change history yet (none of its writes has been logged)".to_owned(),
+            }),
+            HistoryError::Storage(e) => storage(e),
+        }
+    }
+}
+
 /// What a rewind did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Rewound {

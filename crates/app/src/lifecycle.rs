@@ -86,13 +86,7 @@ impl Lifecycle {
 }
 
 fn history_status(e: HistoryError) -> Status {
-    match e {
-        HistoryError::TooOld { start_us } => Status::failed_precondition(match start_us {
-            Some(s) => format!("the tenant's change history starts at {s} µs since the epoch; no earlier instant"),
-            None => "the tenant has no change history here".to_owned(),
-        }),
-        HistoryError::Storage(e) => storage_status(e),
-    }
+    e.status(storage_status)
 }
 
 /// Whether `store` holds no item of `tenant` (its history aside).

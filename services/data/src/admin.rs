@@ -192,15 +192,7 @@ fn storage_status(e: StorageError) -> Status {
 }
 
 fn history_status(e: HistoryError) -> Status {
-    match e {
-        HistoryError::TooOld { start_us } => Status::failed_precondition(match start_us {
-            Some(s) => format!(
-                "the tenant's change history starts at {s} µs since the epoch; no earlier instant can be restored"
-            ),
-            None => "the tenant has no change history yet (none of its writes has been logged)".to_owned(),
-        }),
-        HistoryError::Storage(e) => storage_status(e),
-    }
+    e.status(storage_status)
 }
 
 fn stored(i: Item) -> StoredItem {
