@@ -21,7 +21,7 @@ use tenantmesh_proto::registry::v1::{Tenant, TenantStatus};
 use crate::OnboardingError;
 use crate::service::OnboardingService;
 use crate::views::{params_of, workflow_id};
-use crate::workflow::{Hook, Kind, Step, Workflow, catch_up_steps};
+use crate::workflow::{Kind, Step, Workflow, catch_up_steps};
 
 /// What a tenant needs for a service.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl OnboardingService {
         let services = self.inner.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
         let due: Vec<_> = services
             .into_iter()
-            .filter(|s| s.silo_tenant.is_empty() && s.grpc_services.iter().any(|g| g == crate::service::LIFECYCLE))
+            .filter(crate::service::takes_part)
             .filter(|s| done.get(&s.name) != Some(&s.version))
             .collect();
         if due.is_empty() {
@@ -64,7 +64,7 @@ impl OnboardingService {
         }
         let tenants = tenantmesh_tenant_context::directory::all_tenants(&self.inner.registry).await?;
         for service in due {
-            let hook = Hook { name: service.name.clone(), endpoint: service.endpoint.clone() };
+            let hook = service.name.clone();
             let (mut started, mut later) = (0, 0);
             for tenant in &tenants {
                 match self.catch_up_tenant(tenant, &hook).await {
@@ -72,13 +72,13 @@ impl OnboardingService {
                     Ok(Need::Started) => started += 1,
                     Ok(Need::Later) => later += 1,
                     Err(e) => {
-                        tracing::warn!(target_tenant = %tenant.tenant_id, service = %hook.name, error = %e, "catch-up not started");
+                        tracing::warn!(target_tenant = %tenant.tenant_id, service = %hook, error = %e, "catch-up not started");
                         later += 1;
                     }
                 }
             }
             if started > 0 || later > 0 {
-                tracing::info!(service = %hook.name, started, later, "catching up tenants in an application service");
+                tracing::info!(service = %hook, started, later, "catching up tenants in an application service");
             }
             if later == 0 {
                 done.insert(service.name, service.version);
@@ -87,7 +87,7 @@ impl OnboardingService {
         Ok(())
     }
 
-    async fn catch_up_tenant(&self, tenant: &Tenant, hook: &Hook) -> Result<Need, OnboardingError> {
+    async fn catch_up_tenant(&self, tenant: &Tenant, hook: &str) -> Result<Need, OnboardingError> {
         if tenant.tenant_id == tenantmesh_tenant_context::PLATFORM_TENANT {
             return Ok(Need::Nothing);
         }
@@ -97,14 +97,13 @@ impl OnboardingService {
             Ok(TenantStatus::Suspended | TenantStatus::Deleted) => return Ok(Need::Nothing),
             _ => return Ok(Need::Later),
         }
-        let id = format!("{}/{}", workflow_id(&tenant.tenant_id, Kind::CatchUp), hook.name);
+        let id = format!("{}/{}", workflow_id(&tenant.tenant_id, Kind::CatchUp), hook);
         let engine = &self.inner.engine;
         if engine.load(&id).await?.is_some() {
             return Ok(Need::Nothing);
         }
         let onboarded = engine.load(&workflow_id(&tenant.tenant_id, Kind::Onboard)).await?;
-        let included =
-            |wf: &Workflow| wf.steps.iter().any(|s| s.name == Step::ProvisionService && s.service == hook.name);
+        let included = |wf: &Workflow| wf.steps.iter().any(|s| s.name == Step::ProvisionService && s.service == hook);
         if onboarded.is_some_and(|(wf, _)| included(&wf)) {
             return Ok(Need::Nothing);
         }
@@ -115,20 +114,19 @@ impl OnboardingService {
             id.clone(),
             Kind::CatchUp,
             params_of(tenant, &tenant.tier),
-            &catch_up_steps(&hook.name),
+            &catch_up_steps(hook),
             tenantmesh_service::clock::now_secs(),
         );
         wf.from_tier = tenant.tier.clone();
         wf.from = self.spot_of(tenant);
         wf.to = wf.from.clone();
-        wf.services = vec![hook.clone()];
         match self.start(&wf, None).await {
             Ok(()) => {}
             // Another replica, or a workflow the tenant began meanwhile.
             Err(OnboardingError::Busy) => return Ok(Need::Later),
             Err(e) => return Err(e),
         }
-        tracing::info!(target_tenant = %tenant.tenant_id, service = %hook.name, workflow_id = %id, "catch-up started");
+        tracing::info!(target_tenant = %tenant.tenant_id, service = %hook, workflow_id = %id, "catch-up started");
         engine.spawn(id);
         Ok(Need::Started)
     }

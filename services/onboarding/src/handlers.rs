@@ -81,9 +81,8 @@ impl Onboarding for OnboardingService {
                 Some(h) => h,
                 None => hooks.insert(self.hooks().await?),
             };
-            let steps = workflow::onboard_steps(&to, &names(hooks));
+            let steps = workflow::onboard_steps(&to, hooks);
             let mut wf = Workflow::new(id.clone(), Kind::Onboard, params.clone(), &steps, now_secs());
-            wf.services = hooks.clone();
             wf.admin_password_hash = password_hash.clone();
             wf.idempotency_key = req.idempotency_key.clone();
             wf.to = to.clone();
@@ -205,9 +204,8 @@ impl Onboarding for OnboardingService {
         }
         let params = params_of(&tenant, &tenant.tier);
         let hooks = self.hooks().await?;
-        let steps = workflow::offboard_steps(&names(&hooks));
+        let steps = workflow::offboard_steps(&hooks);
         let mut wf = Workflow::new(id.clone(), Kind::Offboard, params, &steps, now_secs());
-        wf.services = hooks;
         wf.from_tier = tenant.tier.clone();
         wf.from = self.spot_of(&tenant);
         self.start(&wf, active.map(|(_, v)| v)).await?;
@@ -282,9 +280,8 @@ impl Onboarding for OnboardingService {
         let params = params_of(&tenant, &req.tier);
         let id = workflow_id(&tenant.tenant_id, Kind::ChangeTier);
         let hooks = self.hooks().await?;
-        let steps = workflow::change_tier_steps(&from, &to, &names(&hooks));
+        let steps = workflow::change_tier_steps(&from, &to, &hooks);
         let mut wf = Workflow::new(id.clone(), Kind::ChangeTier, params, &steps, now_secs());
-        wf.services = hooks;
         wf.from_tier = tenant.tier.clone();
         wf.from = from;
         wf.to = to;
@@ -370,9 +367,8 @@ impl Onboarding for OnboardingService {
         let params = params_of(&tenant, &tenant.tier);
         let id = workflow_id(&tenant.tenant_id, Kind::Restore);
         let hooks = self.hooks().await?;
-        let steps = workflow::restore_steps(export, &names(&hooks));
+        let steps = workflow::restore_steps(export, &hooks);
         let mut wf = Workflow::new(id.clone(), Kind::Restore, params, &steps, now_secs());
-        wf.services = hooks;
         wf.from_tier = tenant.tier.clone();
         wf.from = self.spot_of(&tenant);
         wf.to = wf.from.clone();
@@ -459,11 +455,6 @@ impl Onboarding for OnboardingService {
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
-}
-
-/// The services' names, for their steps.
-fn names(hooks: &[workflow::Hook]) -> Vec<String> {
-    hooks.iter().map(|h| h.name.clone()).collect()
 }
 
 #[cfg(test)]

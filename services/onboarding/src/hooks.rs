@@ -6,7 +6,7 @@
 
 use tenantmesh_proto::lifecycle::v1::tenant_lifecycle_client::TenantLifecycleClient;
 use tenantmesh_proto::lifecycle::v1::*;
-use tenantmesh_proto::registry::v1::{ApplicationService, DeregisterServiceRequest, ListServicesRequest, Placement};
+use tenantmesh_proto::registry::v1::{ApplicationService, DeregisterServiceRequest, ListServicesRequest};
 use tenantmesh_tenant_context::client::PropagatedChannel;
 use tonic::Code;
 
@@ -28,36 +28,38 @@ pub fn line(item: &TableItem) -> String {
     .to_string()
 }
 
-/// Where a service keeps a tenant placed at `spot`: the service's
-/// placement is the model alone (its tables' names derive from it), and
-/// it is served by the service's shared instance.
-fn placement(spot: &Spot) -> Option<Placement> {
-    Some(Placement { model: spot.model as i32, table: String::new(), endpoint: String::new() })
+/// A service's entries in the catalog for one tenant: its shared
+/// instance's (`None` when the operator has deregistered the service) and
+/// the tenant's own instance's, if it has one.
+struct Entries {
+    shared: Option<ApplicationService>,
+    own: Option<ApplicationService>,
+}
+
+impl Entries {
+    /// Where the tenant's items at `spot` are served: its own instance
+    /// (a silo tenant that has one), else the shared one; `None` when the
+    /// service is deregistered.
+    fn endpoint(&self, spot: &Spot) -> Option<&str> {
+        let shared = self.shared.as_ref()?;
+        Some(self.own.as_ref().filter(|_| spot.silo()).unwrap_or(shared).endpoint.as_str())
+    }
 }
 
 impl Steps {
-    /// The catalog's entries of the workflow's service `name` for its
-    /// tenant: the shared instance's (`None` when the operator has
-    /// deregistered the service since the workflow started) and the
-    /// tenant's own instance's, if it has one.
-    async fn entries(
-        &self,
-        wf: &Workflow,
-        name: &str,
-    ) -> Result<(Option<ApplicationService>, Option<ApplicationService>), StepError> {
-        if wf.hook(name).is_none() {
-            return Err(StepError::permanent(format!("service {name} is not in this workflow")));
-        }
+    /// The catalog's entries of the service `name` for `tenant`, now (the
+    /// service may have moved, or left, since the workflow started).
+    async fn entries(&self, tenant: &str, name: &str) -> Result<Entries, StepError> {
         let listed = self.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
         let (mut shared, mut own) = (None, None);
         for s in listed.into_iter().filter(|s| s.name == name) {
             if s.silo_tenant.is_empty() {
                 shared = Some(s);
-            } else if s.silo_tenant == wf.params.tenant_id {
+            } else if s.silo_tenant == tenant {
                 own = Some(s);
             }
         }
-        Ok((shared, own))
+        Ok(Entries { shared, own })
     }
 
     /// A lifecycle client of the instance at `endpoint`.
@@ -69,30 +71,10 @@ impl Steps {
         Ok(tenantmesh_service::sized!(TenantLifecycleClient::new(channel)))
     }
 
-    /// The lifecycle client of the workflow's service `name` that keeps the
-    /// tenant's items at `spot`, where the catalog says it serves now: a
-    /// silo tenant's own instance if it has one, else the shared instance;
-    /// `None` when the service has been deregistered.
-    async fn lifecycle(
-        &self,
-        wf: &Workflow,
-        name: &str,
-        spot: &Spot,
-    ) -> Result<Option<TenantLifecycleClient<PropagatedChannel>>, StepError> {
-        let (shared, own) = self.entries(wf, name).await?;
-        let Some(shared) = shared else { return Ok(None) };
-        let endpoint = match own.filter(|_| spot.silo()) {
-            Some(own) => own.endpoint,
-            None => shared.endpoint,
-        };
-        Ok(Some(self.client(&endpoint)?))
-    }
-
     /// For a silo tenant of a service whose deployment starts instances:
     /// its own instance, started (or found) and listed in the catalog.
-    async fn own_instance(&self, wf: &Workflow, service: &str) -> Result<Option<String>, StepError> {
-        let (Some(shared), _) = self.entries(wf, service).await? else { return Ok(None) };
-        if !(wf.to.silo() && shared.silo_instances) {
+    async fn own_instance(&self, wf: &Workflow, service: &str, found: &Entries) -> Result<Option<String>, StepError> {
+        if !(wf.to.silo() && found.shared.as_ref().is_some_and(|s| s.silo_instances)) {
             return Ok(None);
         }
         let tenant = &wf.params.tenant_id;
@@ -108,9 +90,7 @@ impl Steps {
         // Listed once it registers itself (a few seconds at most); the step
         // is retried if it takes longer.
         for _ in 0..50 {
-            if let (_, Some(own)) = self.entries(wf, service).await?
-                && own.endpoint == endpoint
-            {
+            if self.entries(tenant, service).await?.own.is_some_and(|own| own.endpoint == endpoint) {
                 return Ok(Some(endpoint));
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -118,10 +98,15 @@ impl Steps {
         Err(StepError::transient(format!("{service}'s instance at {endpoint} is not in the catalog yet")))
     }
 
-    /// Removes `service`'s own instance of the tenant, if it has one.
-    async fn remove_instance(&self, wf: &Workflow, service: &str) -> Result<bool, StepError> {
+    /// Removes `service`'s instance of the tenant (`own`, its catalog
+    /// entry, if it has one); whether there was one.
+    async fn remove_instance(
+        &self,
+        wf: &Workflow,
+        service: &str,
+        own: Option<&ApplicationService>,
+    ) -> Result<bool, StepError> {
         let tenant = &wf.params.tenant_id;
-        let (_, own) = self.entries(wf, service).await?;
         self.compute.deprovision_service(service, tenant).await.map_err(StepError::transient)?;
         let Some(own) = own else { return Ok(false) };
         let req = DeregisterServiceRequest { name: service.to_owned(), silo_tenant: tenant.clone() };
@@ -141,21 +126,23 @@ impl Steps {
             Step::ProvisionService | Step::UnfenceService => wf.to.clone(),
             _ => wf.from.clone(),
         };
-        let Some(mut client) = self.lifecycle(wf, &service, &spot).await? else {
+        let found = self.entries(&tenant, &service).await?;
+        let Some(endpoint) = found.endpoint(&spot) else {
             tracing::warn!(%service, step = %step, "the service is no longer in the catalog: its step is skipped");
             wf.steps[at].detail = format!("skipped: {service} is no longer in the service catalog");
             return Ok(());
         };
+        let mut client = self.client(endpoint)?;
         let detail = match step {
             Step::ProvisionService => {
-                let own = self.own_instance(wf, &service).await?;
+                let own = self.own_instance(wf, &service, &found).await?;
                 if let Some(endpoint) = &own {
                     client = self.client(endpoint)?;
                 }
                 let req = ProvisionTenantRequest {
                     tenant_id: tenant.clone(),
                     tier: wf.params.tier.clone(),
-                    placement: placement(&wf.to),
+                    placement: Some(wf.to.placement()),
                 };
                 let mut done = client.provision_tenant(req).await?.into_inner();
                 if own.is_some() {
@@ -176,16 +163,14 @@ impl Steps {
             // A tier change's new place, or a restore's own (`to` is `from`).
             Step::UnfenceService => self.fence(&mut client, &tenant, &wf.to, false).await?,
             Step::CopyService => {
-                let Some(mut target) = self.lifecycle(wf, &service, &wf.to.clone()).await? else {
-                    return Err(StepError::permanent(format!("{service} left the catalog during the move")));
-                };
-                self.copy(&mut client, &mut target, wf).await?
+                let to = found.endpoint(&wf.to).expect("listed: the step is not skipped");
+                self.copy(&mut client, &mut self.client(to)?, wf).await?
             }
             Step::ExportService => self.export_service(&mut client, wf, &service).await?,
             Step::RewindService => {
                 let req = RewindTenantRequest {
                     tenant_id: tenant.clone(),
-                    placement: placement(&wf.from),
+                    placement: Some(wf.from.placement()),
                     point_in_time_us: wf.point_in_time_us,
                 };
                 match client.rewind_tenant(req).await {
@@ -199,7 +184,7 @@ impl Steps {
             }
             Step::PurgeService => {
                 let purged = self.purge(&mut client, &tenant, &wf.from).await?;
-                if wf.from.silo() && self.remove_instance(wf, &service).await? {
+                if wf.from.silo() && self.remove_instance(wf, &service, found.own.as_ref()).await? {
                     format!("{purged}; its own instance removed")
                 } else {
                     purged
@@ -218,7 +203,7 @@ impl Steps {
         spot: &Spot,
         raised: bool,
     ) -> Result<String, StepError> {
-        let req = FenceTenantRequest { tenant_id: tenant.to_owned(), placement: placement(spot), raised };
+        let req = FenceTenantRequest { tenant_id: tenant.to_owned(), placement: Some(spot.placement()), raised };
         let changed = client.fence_tenant(req).await?.into_inner().changed;
         Ok(format!("fence {} in {changed} tables", if raised { "raised" } else { "lowered" }))
     }
@@ -229,7 +214,7 @@ impl Steps {
         tenant: &str,
         spot: &Spot,
     ) -> Result<String, StepError> {
-        let req = PurgeTenantRequest { tenant_id: tenant.to_owned(), placement: placement(spot) };
+        let req = PurgeTenantRequest { tenant_id: tenant.to_owned(), placement: Some(spot.placement()) };
         let done = client.purge_tenant(req).await?.into_inner();
         for table in &done.tables {
             self.resources.remove(tenant, resources::TABLE, table).await.map_err(ledger_error)?;
@@ -248,7 +233,7 @@ impl Steps {
         let tenant = &wf.params.tenant_id;
         let req = ExportTenantRequest {
             tenant_id: tenant.clone(),
-            placement: placement(&wf.from),
+            placement: Some(wf.from.placement()),
             include_history: true,
             as_of_us: None,
         };
@@ -258,7 +243,7 @@ impl Steps {
             let size = |i: &TableItem| i.data.len() + i.key.len() + i.table.len() + 16;
             for items in crate::steps::import_batches(page.items, size) {
                 copied += items.len();
-                let req = ImportTenantRequest { tenant_id: tenant.clone(), placement: placement(&wf.to), items };
+                let req = ImportTenantRequest { tenant_id: tenant.clone(), placement: Some(wf.to.placement()), items };
                 target.import_tenant(req).await?;
             }
         }
@@ -277,7 +262,7 @@ impl Steps {
         let as_of = (wf.kind == Kind::Restore).then_some(wf.point_in_time_us);
         let req = ExportTenantRequest {
             tenant_id: wf.params.tenant_id.clone(),
-            placement: placement(&wf.from),
+            placement: Some(wf.from.placement()),
             include_history: false,
             as_of_us: as_of,
         };
@@ -300,15 +285,17 @@ impl Steps {
     /// copy removed, the old place's fence lowered. Idempotent.
     pub(crate) async fn roll_back_hooks(&self, wf: &Workflow) -> Result<(), StepError> {
         for hook in services_with_steps(wf) {
-            // Deregistered since: nothing of it to undo.
-            let Some(mut from) = self.lifecycle(wf, &hook, &wf.from).await? else { continue };
             let tenant = &wf.params.tenant_id;
+            let found = self.entries(tenant, &hook).await?;
+            // Deregistered since: nothing of it to undo.
+            let (Some(from), Some(to)) = (found.endpoint(&wf.from), found.endpoint(&wf.to)) else { continue };
+            let mut from = self.client(from)?;
             if wf.kind == Kind::Restore {
                 // Back to when writes paused, then writes again.
                 if let Some(paused_at) = wf.outputs.get(crate::steps::PAUSED_AT).and_then(|t| t.parse().ok()) {
                     let req = RewindTenantRequest {
                         tenant_id: tenant.clone(),
-                        placement: placement(&wf.from),
+                        placement: Some(wf.from.placement()),
                         point_in_time_us: paused_at,
                     };
                     match from.rewind_tenant(req).await {
@@ -319,11 +306,9 @@ impl Steps {
                 }
             } else {
                 // The new copy, and (into a silo) the instance made for it.
-                if let Some(mut to) = self.lifecycle(wf, &hook, &wf.to).await? {
-                    self.purge(&mut to, tenant, &wf.to).await?;
-                }
+                self.purge(&mut self.client(to)?, tenant, &wf.to).await?;
                 if wf.to.silo() && !wf.from.silo() {
-                    self.remove_instance(wf, &hook).await?;
+                    self.remove_instance(wf, &hook, found.own.as_ref()).await?;
                 }
             }
             self.fence(&mut from, tenant, &wf.from, false).await?;

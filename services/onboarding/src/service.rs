@@ -35,6 +35,13 @@ pub struct OnboardingService {
 /// The lifecycle service every application serves (the `tenantmesh-app` crate's).
 pub(crate) const LIFECYCLE: &str = tenantmesh_proto::lifecycle::v1::tenant_lifecycle_server::SERVICE_NAME;
 
+/// Whether a catalog entry is an application service that takes part in
+/// the workflows: a shared instance (not one silo tenant's) serving the
+/// lifecycle service.
+pub(crate) fn takes_part(service: &tenantmesh_proto::registry::v1::ApplicationService) -> bool {
+    service.silo_tenant.is_empty() && service.grpc_services.iter().any(|g| g == LIFECYCLE)
+}
+
 pub(crate) struct Inner {
     pub(crate) engine: Engine,
     /// The idempotency keys and the event log live here too.
@@ -136,17 +143,12 @@ impl OnboardingService {
     }
 
     /// The tenant's registry record (as the service identity).
-    /// The application services the workflow of a tenant includes: every
-    /// registered one that serves the lifecycle service (from the service
-    /// catalog, now).
-    pub(crate) async fn hooks(&self) -> Result<Vec<crate::workflow::Hook>, tonic::Status> {
+    /// The application services the workflow of a tenant includes, by
+    /// name: every one of the catalog that takes part ([`takes_part`]), now.
+    pub(crate) async fn hooks(&self) -> Result<Vec<String>, tonic::Status> {
         use tenantmesh_proto::registry::v1::ListServicesRequest;
         let services = self.inner.registry.clone().list_services(ListServicesRequest {}).await?.into_inner().services;
-        Ok(services
-            .into_iter()
-            .filter(|s| s.silo_tenant.is_empty() && s.grpc_services.iter().any(|g| g == LIFECYCLE))
-            .map(|s| crate::workflow::Hook { name: s.name, endpoint: s.endpoint })
-            .collect())
+        Ok(services.into_iter().filter(takes_part).map(|s| s.name).collect())
     }
 
     pub(crate) async fn tenant(&self, tenant_id: &str) -> Result<Tenant, tonic::Status> {

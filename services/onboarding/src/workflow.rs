@@ -211,15 +211,6 @@ impl From<Step> for Planned {
     }
 }
 
-/// An application service the workflow includes: its name and where its
-/// `TenantLifecycle` is served (from the service catalog, when the
-/// workflow started).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hook {
-    pub name: String,
-    pub endpoint: String,
-}
-
 /// The parameters that make two RegisterTenant calls "the same request".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Params {
@@ -327,9 +318,6 @@ pub struct Workflow {
     /// the tenant's limits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub charge_tenant: bool,
-    /// The application services whose steps the workflow runs.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub services: Vec<Hook>,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -365,13 +353,7 @@ impl Workflow {
             outputs: BTreeMap::new(),
             point_in_time_us: 0,
             charge_tenant: false,
-            services: Vec::new(),
         }
-    }
-
-    /// Where the application service `name` is served.
-    pub fn hook(&self, name: &str) -> Option<&Hook> {
-        self.services.iter().find(|h| h.name == name)
     }
 
     /// The index of the first step not yet done.
