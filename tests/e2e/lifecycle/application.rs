@@ -31,6 +31,20 @@ fn service_step<'a>(wf: &'a Workflow, name: &str, service: &str) -> &'a Step {
         .unwrap_or_else(|| panic!("no {name} ({service}) in {wf:?}"))
 }
 
+/// Starts onboarding `tenant` (standard tier, admin `admin@<tenant>.example`
+/// with `password`) without waiting for it: its workflow's id.
+async fn register(mesh: &TestMesh, admin: &str, tenant: &str, password: &str) -> String {
+    let req = RegisterTenantRequest {
+        tenant_id: tenant.into(),
+        name: format!("Tenant {tenant}"),
+        tier: "standard".into(),
+        admin_email: format!("admin@{tenant}.example"),
+        admin_password: password.into(),
+        idempotency_key: format!("onboard-{tenant}"),
+    };
+    mesh.onboarding().register_tenant(authed(req, admin)).await.unwrap().into_inner().workflow_id
+}
+
 async fn resources(mesh: &TestMesh, tenant: &str) -> Vec<String> {
     let admin = mesh.admin_token().await;
     let req = ListTenantResourcesRequest { tenant_id: tenant.into(), include_removed: false };
@@ -117,15 +131,7 @@ async fn a_failing_service_step_names_the_service_and_is_retried() {
     drop(start_registered(&mesh).await);
     let admin = mesh.admin_token().await;
     let tenant = unique_tenant("hook");
-    let req = RegisterTenantRequest {
-        tenant_id: tenant.clone(),
-        name: "Hook".into(),
-        tier: "standard".into(),
-        admin_email: format!("admin@{tenant}.example"),
-        admin_password: "hook-password-1".into(),
-        idempotency_key: format!("onboard-{tenant}"),
-    };
-    let id = mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let id = register(&mesh, &admin, &tenant, "hook-password-1").await;
     let failed = mesh.wait_workflow(&id).await;
     assert_eq!(failed.status(), WorkflowStatus::Failed, "{failed:?}");
     assert!(failed.error.starts_with("provision_service (orders): Unavailable"), "{}", failed.error);
@@ -307,15 +313,7 @@ async fn a_deregistered_service_is_left_out_of_the_workflows() {
     drop(start_registered(&mesh).await);
     let admin = mesh.admin_token().await;
     let tenant = unique_tenant("gone");
-    let req = RegisterTenantRequest {
-        tenant_id: tenant.clone(),
-        name: "Gone".into(),
-        tier: "standard".into(),
-        admin_email: format!("admin@{tenant}.example"),
-        admin_password: "gone-password-1".into(),
-        idempotency_key: format!("onboard-{tenant}"),
-    };
-    let id = mesh.onboarding().register_tenant(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
+    let id = register(&mesh, &admin, &tenant, "gone-password-1").await;
     assert_eq!(mesh.wait_workflow(&id).await.status(), WorkflowStatus::Failed);
 
     let req =
