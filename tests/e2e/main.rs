@@ -51,6 +51,10 @@ mod observability {
     /// Own process: installs the global telemetry (in-memory span exporter).
     mod trace_spans;
 }
+/// The operator's `tenantmesh` commands.
+mod operator {
+    mod cli;
+}
 /// Limits, fair sharing, metering and cost.
 mod usage {
     mod limits;

@@ -23,7 +23,7 @@ pub async fn take(addr: &str, token: &str, out: &Path) -> Result<BackupManifest,
     }
     // Every tenant's data: the owner's alone, whatever `out` was before.
     tenantmesh_storage::files::private_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let channel = tonic::transport::Endpoint::from_shared(crate::report::url(addr))
+    let channel = tonic::transport::Endpoint::from_shared(crate::ops::client::url(addr))
         .map_err(|e| format!("{addr}: {e}"))?
         .connect()
         .await

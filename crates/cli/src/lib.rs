@@ -5,6 +5,7 @@
 
 pub mod backup;
 pub mod health;
+pub mod ops;
 pub mod report;
 pub mod silos;
 

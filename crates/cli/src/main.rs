@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use tenantmesh_cli::ops::OpsCommand;
 use tenantmesh_cli::{Mesh, MeshOptions};
 use tenantmesh_service::config::{AUTH_PORT, DATA_PORT, ONBOARDING_PORT, REGISTRY_PORT, process_env};
 
@@ -35,25 +36,36 @@ struct TokenArgs {
 
 impl TokenArgs {
     /// The token; `None` after telling `command`'s user why there is none.
-    fn read_for(self, command: &str) -> Option<String> {
-        self.read().map_err(|e| eprintln!("tenantmesh {command}: {e}")).ok()
+    async fn read_for(self, command: &str, env: &HashMap<String, String>) -> Option<String> {
+        self.read(env).await.map_err(|e| eprintln!("tenantmesh {command}: {e}")).ok()
     }
 
-    fn read(self) -> Result<String, String> {
+    /// The token given, else the signed-in session's (`tenantmesh login`).
+    async fn read(self, env: &HashMap<String, String>) -> Result<String, String> {
         match (self.token, self.token_file) {
             (Some(t), _) => Ok(t),
             (None, Some(path)) => std::fs::read_to_string(&path)
                 .map(|t| t.trim().to_owned())
                 .map_err(|e| format!("--token-file {}: {e}", path.display())),
-            (None, None) => {
-                Err("a platform admin's token is required: set TENANTMESH_TOKEN, or pass --token-file".to_owned())
-            }
+            (None, None) => match tenantmesh_cli::ops::client::Ops::load(env).await {
+                Ok(ops) => Ok(ops.session.access_token),
+                Err(e) => Err(format!(
+                    "a platform admin's token is required: sign in (`tenantmesh login`), set TENANTMESH_TOKEN, or pass --token-file ({e})"
+                )),
+            },
         }
     }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    #[command(flatten)]
+    Ops(OpsCommand),
+    /// Print a shell completion script for tenantmesh.
+    #[command(
+        after_help = "Examples:\n  tenantmesh completion bash > ~/.local/share/bash-completion/completions/tenantmesh\n  tenantmesh completion zsh > \"${fpath[1]}/_tenantmesh\""
+    )]
+    Completion { shell: clap_complete::Shell },
     /// Run all four services in this process on the embedded store, until Ctrl-C.
     ///
     /// Beside them runs the example application service, orders (built
@@ -191,10 +203,40 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = process_env();
-    if let Command::Health { addr, service, timeout_ms } = &cli.command {
-        // Runs every few seconds in every container: no telemetry set-up.
-        return health(addr.clone(), service, *timeout_ms, &env).await;
+    match cli.command {
+        Command::Health { addr, service, timeout_ms } => {
+            // Runs every few seconds in every container: no telemetry set-up.
+            return health(addr, &service, timeout_ms, &env).await;
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "tenantmesh", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Ops(command) => {
+            // An operator's command prints for people: no JSON logs.
+            let name = command_name(&command);
+            return match tenantmesh_cli::ops::run(command, &env).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tenantmesh {name}: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        command => run_with_telemetry(command, env).await,
     }
+}
+
+/// The words of the command line that name the subcommand, for errors.
+fn command_name(command: &OpsCommand) -> String {
+    let words = match command {
+        OpsCommand::Tenant(_) | OpsCommand::User(_) | OpsCommand::Workflow(_) | OpsCommand::Cost(_) => 2,
+        _ => 1,
+    };
+    std::env::args().skip(1).filter(|a| !a.starts_with('-')).take(words).collect::<Vec<_>>().join(" ")
+}
+
+async fn run_with_telemetry(command: Command, env: HashMap<String, String>) -> ExitCode {
     let mut telemetry_config = tenantmesh_telemetry::Config::from_env("tenantmesh", &env);
     telemetry_config.log_target = tenantmesh_telemetry::LogTarget::Stderr;
     let _telemetry = match tenantmesh_telemetry::init(telemetry_config) {
@@ -204,7 +246,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    match command {
         Command::Up {
             data_dir,
             host,
@@ -223,9 +265,11 @@ async fn main() -> ExitCode {
             let options = MeshOptions { data_dir, host, ports, env, example };
             up(options).await
         }
-        Command::Health { .. } => unreachable!("handled before telemetry"),
+        Command::Health { .. } | Command::Completion { .. } | Command::Ops(_) => {
+            unreachable!("handled before telemetry")
+        }
         Command::Backup { addr, token, out } => {
-            let Some(token) = token.read_for("backup") else { return ExitCode::FAILURE };
+            let Some(token) = token.read_for("backup", &env).await else { return ExitCode::FAILURE };
             match tenantmesh_cli::backup::take(&addr, &token, &out).await {
                 Ok(m) => {
                     let bytes: u64 = m.files.iter().map(|f| f.size).sum();
@@ -259,7 +303,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::CostReport { addr, token, to, hours } => {
-            let Some(token) = token.read_for("cost-report") else { return ExitCode::FAILURE };
+            let Some(token) = token.read_for("cost-report", &env).await else { return ExitCode::FAILURE };
             let to = to.unwrap_or_else(tenantmesh_service::clock::now_secs);
             let from = to - hours * 3600;
             match tenantmesh_cli::report::fetch(&addr, &token, from, to).await {

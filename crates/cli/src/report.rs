@@ -7,15 +7,10 @@ use tenantmesh_proto::metering::v1::{ListTenantCostsRequest, TenantCost};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// `addr` as a URL: `host:port` gets `http://`.
-pub(crate) fn url(addr: &str) -> String {
-    if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") }
-}
-
 /// Asks the metering service at `addr` (the data service) for every
 /// tenant's cost over `[from, to)` with `token` (a platform admin's).
 pub async fn fetch(addr: &str, token: &str, from: i64, to: i64) -> Result<Vec<TenantCost>, BoxError> {
-    let channel = tonic::transport::Endpoint::from_shared(url(addr))?.connect().await?;
+    let channel = tonic::transport::Endpoint::from_shared(crate::ops::client::url(addr))?.connect().await?;
     let mut request = tonic::Request::new(ListTenantCostsRequest { from, to });
     request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
     let costs = MeteringClient::new(channel)
@@ -77,6 +72,5 @@ mod tests {
         assert!(lines[1].starts_with("TENANT"), "{text}");
         assert!(lines[2].starts_with("loss") && lines[2].ends_with("costs more than it pays"), "{text}");
         assert!(lines[3].starts_with("gain") && lines[3].contains("2.000000"), "{text}");
-        assert_eq!(url("localhost:50054"), "http://localhost:50054");
     }
 }

@@ -1,6 +1,8 @@
-//! Runs the README's grpcurl walk-through verbatim, with the real grpcurl,
-//! against the real `tenantmesh up` binary (only the ports are swapped for
-//! free ones), and checks that Ctrl-C stops the mesh cleanly.
+//! Runs the README's walk-throughs verbatim against the real `tenantmesh
+//! up` binary: the grpcurl one with the real grpcurl (only the ports are
+//! swapped for free ones), and the operator's with the `tenantmesh` CLI
+//! (pointed at the mesh by its TENANTMESH_*_ADDR variables); and checks
+//! that Ctrl-C stops the mesh cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -9,6 +11,8 @@ use tenantmesh_test_support::service_binary;
 
 const START: &str = "<!-- walkthrough:start -->";
 const END: &str = "<!-- walkthrough:end -->";
+const OPERATOR_START: &str = "<!-- operator-walkthrough:start -->";
+const OPERATOR_END: &str = "<!-- operator-walkthrough:end -->";
 
 /// One command of the walk-through with what its output must (not) contain.
 struct Step {
@@ -20,9 +24,9 @@ struct Step {
 /// The steps of every walk-through block of the README, in order: one
 /// shell session, so a later section goes on with the tokens of an
 /// earlier one.
-fn walkthrough_steps(readme: &str) -> Vec<Step> {
+fn walkthrough_steps(readme: &str, start: &str, end: &str) -> Vec<Step> {
     let blocks: Vec<&str> =
-        readme.split(START).skip(1).map(|rest| rest.split(END).next().expect("walkthrough end marker")).collect();
+        readme.split(start).skip(1).map(|rest| rest.split(end).next().expect("walkthrough end marker")).collect();
     assert!(!blocks.is_empty(), "walkthrough markers");
     let mut steps: Vec<Step> = Vec::new();
     let mut pending = String::new();
@@ -90,90 +94,144 @@ fn script(steps: &[Step], ports: &[(u16, u16)]) -> String {
     out
 }
 
-/// The README walk-through passes end to end against `tenantmesh up`.
-#[test]
-fn readme_walkthrough_passes_against_tenantmesh_up() {
-    let root = tenantmesh_test_support::workspace_root();
-    let grpcurl = tenantmesh_test_support::tool("grpcurl");
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let steps = walkthrough_steps(&readme);
-    assert!(steps.len() >= 15, "walkthrough too short: {} steps", steps.len());
-    // No token or password on a command line, where other users of the
-    // machine see it (ps): tokens are named for grpcurl to expand from its
-    // environment, or passed to tenantmesh in TENANTMESH_TOKEN.
-    for step in &steps {
+/// No token or password on a command line, where other users of the
+/// machine see it (ps): tokens are named for grpcurl to expand from its
+/// environment, or passed to tenantmesh in TENANTMESH_TOKEN; passwords go
+/// in on stdin.
+fn assert_no_secret_on_a_command_line(steps: &[Step]) {
+    for step in steps {
         let c = &step.command;
         for (at, _) in c.match_indices("authorization: Bearer ") {
             let rest = &c[at + "authorization: Bearer ".len()..];
             assert!(rest.starts_with("${") && c.contains("-expand-headers"), "a token on the command line: {c}");
         }
         assert!(!c.contains("--token"), "a token on the command line: {c}");
-        assert!(!c.contains("bootstrap-password") || c.contains("-d @"), "a password on the command line: {c}");
+        assert!(
+            !c.contains("bootstrap-password") || c.contains("-d @") || c.contains("< "),
+            "a password on the command line: {c}"
+        );
+        assert!(!c.contains("--password ") && !c.contains("--admin-password "), "a password on the command line: {c}");
     }
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut up = Command::new(service_binary("tenantmesh"))
-        .args(["up", "--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
-        .args(["--orders-port", "0"])
-        .current_dir(dir.path())
-        .env_remove("TENANTMESH_BOOTSTRAP_PASSWORD")
-        .env_remove("TENANTMESH_DATA_DIR")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(up.stdout.take().unwrap());
-    let mut banner = String::new();
-    let mut ports = Vec::new();
-    let services =
-        [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054), ("orders", 50060)];
-    for (name, default) in services {
-        loop {
-            let mut line = String::new();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "tenantmesh up exited early; printed:\n{banner}");
-            banner.push_str(&line);
-            if let Some(addr) = line.trim().strip_prefix(name) {
-                let port: u16 = addr.trim().rsplit(':').next().unwrap().parse().unwrap();
-                ports.push((default, port));
-                break;
+/// `tenantmesh up` running in a temp dir on free ports.
+struct Up {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+    /// (the README's port, the port it listens on), per service.
+    ports: Vec<(u16, u16)>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Up {
+    fn start() -> Up {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(service_binary("tenantmesh"))
+            .args(["up", "--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
+            .args(["--orders-port", "0"])
+            .current_dir(dir.path())
+            .env_remove("TENANTMESH_BOOTSTRAP_PASSWORD")
+            .env_remove("TENANTMESH_DATA_DIR")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        let mut ports = Vec::new();
+        let services =
+            [("tenant-registry", 50051), ("auth", 50052), ("onboarding", 50053), ("data", 50054), ("orders", 50060)];
+        for (name, default) in services {
+            loop {
+                let mut line = String::new();
+                assert!(stdout.read_line(&mut line).unwrap() > 0, "tenantmesh up exited early; printed:\n{banner}");
+                banner.push_str(&line);
+                if let Some(addr) = line.trim().strip_prefix(name) {
+                    let port: u16 = addr.trim().rsplit(':').next().unwrap().parse().unwrap();
+                    ports.push((default, port));
+                    break;
+                }
             }
         }
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        assert!(banner.starts_with("tenantmesh is up"), "{banner}");
+        Up { dir, child, ports, stderr }
     }
-    let mut stderr = up.stderr.take().unwrap();
-    let stderr_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
-        s
-    });
-    assert!(banner.starts_with("tenantmesh is up"), "{banner}");
-    let password_file = dir.path().join(".tenantmesh/bootstrap-password");
+
+    /// Runs `steps` as one bash session in the mesh's directory, with
+    /// `path` first on the PATH and the CLI pointed at the mesh; then
+    /// stops the mesh with Ctrl-C. The transcript and the mesh's logs.
+    fn run(mut self, steps: &[Step], path: &std::path::Path) -> (String, String) {
+        let path = format!("{}:{}", path.display(), std::env::var("PATH").unwrap_or_default());
+        let port = |default: u16| self.ports.iter().find(|(d, _)| *d == default).unwrap().1;
+        let config = self.dir.path().join("config");
+        let output = Command::new("bash")
+            .arg("-c")
+            .arg(script(steps, &self.ports))
+            .current_dir(self.dir.path())
+            .env("PATH", path)
+            .env("TENANTMESH_CONFIG_DIR", &config)
+            .env("TENANTMESH_REGISTRY_ADDR", format!("127.0.0.1:{}", port(50051)))
+            .env("TENANTMESH_AUTH_ADDR", format!("127.0.0.1:{}", port(50052)))
+            .env("TENANTMESH_ONBOARDING_ADDR", format!("127.0.0.1:{}", port(50053)))
+            .env("TENANTMESH_DATA_ADDR", format!("127.0.0.1:{}", port(50054)))
+            .env_remove("TENANTMESH_PASSWORD")
+            .output()
+            .unwrap();
+        let transcript =
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        // Ctrl-C: the mesh drains and exits 0.
+        Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        let logs = self.stderr.join().unwrap();
+        assert!(
+            output.status.success() && transcript.contains("WALKTHROUGH-OK"),
+            "walkthrough failed:\n{transcript}\n--- tenantmesh up stderr:\n{logs}"
+        );
+        assert!(status.success(), "tenantmesh up did not exit cleanly on SIGINT: {status:?}\n{logs}");
+        (transcript, logs)
+    }
+}
+
+/// The README walk-through passes end to end against `tenantmesh up`.
+#[test]
+fn readme_walkthrough_passes_against_tenantmesh_up() {
+    let root = tenantmesh_test_support::workspace_root();
+    let grpcurl = tenantmesh_test_support::tool("grpcurl");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let steps = walkthrough_steps(&readme, START, END);
+    assert!(steps.len() >= 15, "walkthrough too short: {} steps", steps.len());
+    assert_no_secret_on_a_command_line(&steps);
+    let up = Up::start();
+    let password_file = up.dir.path().join(".tenantmesh/bootstrap-password");
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&password_file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "bootstrap password file must be private");
     }
-
-    let path = format!("{}:{}", grpcurl.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
-    let output = Command::new("bash")
-        .arg("-c")
-        .arg(script(&steps, &ports))
-        .current_dir(dir.path())
-        .env("PATH", path)
-        .output()
-        .unwrap();
-    let transcript = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-
-    // Ctrl-C: the mesh drains and exits 0.
-    Command::new("kill").args(["-INT", &up.id().to_string()]).status().unwrap();
-    let status = up.wait().unwrap();
-    let logs = stderr_reader.join().unwrap();
-    assert!(
-        output.status.success() && transcript.contains("WALKTHROUGH-OK"),
-        "walkthrough failed:\n{transcript}\n--- tenantmesh up stderr:\n{logs}"
-    );
-    assert!(status.success(), "tenantmesh up did not exit cleanly on SIGINT: {status:?}\n{logs}");
+    let (_, logs) = up.run(&steps, grpcurl.parent().unwrap());
     assert!(logs.contains("generated the platform admin password"), "{logs}");
+}
+
+/// The README's operator walk-through (the `tenantmesh` CLI) passes end to
+/// end against `tenantmesh up`, and leaves the session file private.
+#[test]
+fn readme_operator_walkthrough_passes_against_tenantmesh_up() {
+    let readme = std::fs::read_to_string(tenantmesh_test_support::workspace_root().join("README.md")).unwrap();
+    let steps = walkthrough_steps(&readme, OPERATOR_START, OPERATOR_END);
+    assert!(steps.len() >= 15, "operator walkthrough too short: {} steps", steps.len());
+    assert!(steps.iter().all(|s| s.command.contains("tenantmesh ")), "only the CLI here");
+    assert_no_secret_on_a_command_line(&steps);
+    let up = Up::start();
+    let binary = service_binary("tenantmesh");
+    let (transcript, _) = up.run(&steps, binary.parent().unwrap());
+    assert!(transcript.contains("initech/offboard SUCCEEDED"), "{transcript}");
 }
 
 /// `tenantmesh --help` and `tenantmesh up --help` explain the command, its
@@ -187,6 +245,16 @@ fn help_explains_the_command() {
     };
     let top = help(&["--help"]);
     assert!(top.contains("up") && top.contains("Run all four services"), "{top}");
+    for command in ["login", "tenant", "user", "workflow", "usage", "cost", "completion"] {
+        assert!(
+            top.lines().any(|l| l.trim_start().starts_with(command)),
+            "`tenantmesh --help` lacks {command}:\n{top}"
+        );
+    }
+    let restore = help(&["tenant", "restore", "--help"]);
+    assert!(restore.contains("RFC 3339") && restore.contains("tenantmesh tenant restore acme --to"), "{restore}");
+    let bash = help(&["completion", "bash"]);
+    assert!(bash.contains("change-tier") && bash.contains("set-limits"), "bash completions");
     let up = help(&["up", "--help"]);
     for needle in [
         "--data-dir",

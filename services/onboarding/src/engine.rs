@@ -360,6 +360,18 @@ impl Engine {
         Ok(wf)
     }
 
+    /// Every workflow of `tenant_id` (ids are `<tenant>/...`), in id order.
+    pub async fn of_tenant(&self, tenant_id: &str) -> Result<Vec<Workflow>, OnboardingError> {
+        let mut all = Vec::new();
+        let mut pages = Pages::new(self.inner.store.as_ref(), WORKFLOWS_PK, format!("{tenant_id}/"), 100);
+        while let Some(items) = pages.next().await? {
+            for item in &items {
+                all.push(serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?);
+            }
+        }
+        Ok(all)
+    }
+
     /// Resumes every workflow left RUNNING or ROLLING_BACK (by a crash or a
     /// shutdown); how many.
     pub async fn resume_unfinished(&self) -> Result<usize, OnboardingError> {

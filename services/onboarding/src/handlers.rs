@@ -158,6 +158,40 @@ impl Onboarding for OnboardingService {
         Ok(Response::new(GetWorkflowResponse { workflow: Some(self.inner.redactor.workflow(&ctx, to_proto(&wf))) }))
     }
 
+    async fn list_workflows(
+        &self,
+        request: Request<ListWorkflowsRequest>,
+    ) -> Result<Response<ListWorkflowsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        if !(0..=1000).contains(&req.limit) {
+            v.add("limit", "must be 1..=1000 (0 means 100)");
+        }
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let limit = if req.limit == 0 { 100 } else { req.limit as usize };
+        let mut all = self.inner.engine.of_tenant(&req.tenant_id).await?;
+        // Newest first. Within one second: a tenant's onboarding came
+        // first and its offboarding last; the others' ids end in their
+        // start in milliseconds.
+        let order = |wf: &Workflow| {
+            let rank = match wf.kind {
+                Kind::Onboard => 0,
+                Kind::Offboard => 2,
+                _ => 1,
+            };
+            let ms: i64 = wf.id.rsplit('/').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            std::cmp::Reverse((wf.create_time, rank, ms, wf.id.clone()))
+        };
+        all.sort_by_cached_key(order);
+        let more = all.len() > limit;
+        let workflows =
+            all.into_iter().take(limit).map(|wf| self.inner.redactor.workflow(&ctx, to_proto(&wf))).collect();
+        Ok(Response::new(ListWorkflowsResponse { workflows, more }))
+    }
+
     async fn retry_onboarding(
         &self,
         request: Request<RetryOnboardingRequest>,

@@ -228,7 +228,7 @@ async fn validation_and_access() {
     mesh.shutdown().await;
 }
 
-/// ChangeTier, OffboardTenant, GetWorkflow and WatchEvents: bad input names
+/// ChangeTier, OffboardTenant, GetWorkflow, ListWorkflows and WatchEvents: bad input names
 /// the field, the platform tenant is never moved or offboarded, unknown
 /// tenants are NOT_FOUND, only platform admins start workflows, and a
 /// tenant cannot start a second workflow while one runs.
@@ -263,6 +263,15 @@ async fn lifecycle_rpcs_validate_and_guard() {
     let b = mesh.onboard(&unique_tenant("globex")).await;
     let theirs = GetWorkflowRequest { workflow_id: format!("{}/onboard", b.tenant_id) };
     expect_code(onb.get_workflow(authed(theirs, &a.token)).await, Code::PermissionDenied);
+    let list = |t: &str, limit: i32| ListWorkflowsRequest { tenant_id: t.into(), limit };
+    expect_code(onb.list_workflows(authed(list(&b.tenant_id, 0), &a.token)).await, Code::PermissionDenied);
+    expect_invalid(onb.list_workflows(authed(list("Bad!", 0), &admin)).await, "tenant_id");
+    expect_invalid(onb.list_workflows(authed(list(&a.tenant_id, 1001), &admin)).await, "limit");
+    let own = onb.list_workflows(authed(list(&a.tenant_id, 0), &a.token)).await.unwrap().into_inner();
+    let ids: Vec<&str> = own.workflows.iter().map(|w| w.workflow_id.as_str()).collect();
+    assert_eq!((ids, own.more), (vec![format!("{}/onboard", a.tenant_id).as_str()], false));
+    let none = onb.list_workflows(authed(list(&unique_tenant("none"), 0), &admin)).await.unwrap().into_inner();
+    assert!(none.workflows.is_empty());
     let watch = WatchEventsRequest { tenant_id: "Bad!".into(), after_sequence: None };
     expect_invalid(onb.watch_events(authed(watch, &admin)).await, "tenant_id");
 
@@ -278,6 +287,13 @@ async fn lifecycle_rpcs_validate_and_guard() {
     assert_eq!(mesh.wait_workflow(&done.workflow_id).await.status, WorkflowStatus::Succeeded as i32);
     // A deleted tenant changes tier no more.
     expect_code(onb.change_tier(authed(change(&a.tenant_id, "basic"), &admin)).await, Code::FailedPrecondition);
+    // Its workflows, newest first, each with its steps; a limit says there are more.
+    let all = onb.list_workflows(authed(list(&a.tenant_id, 0), &admin)).await.unwrap().into_inner().workflows;
+    let kinds: Vec<&str> = all.iter().map(|w| w.kind.as_str()).collect();
+    assert_eq!(kinds, ["offboard", "change_tier", "onboard"], "{all:?}");
+    assert!(all.iter().all(|w| !w.steps.is_empty() && w.status == WorkflowStatus::Succeeded as i32));
+    let newest = onb.list_workflows(authed(list(&a.tenant_id, 1), &admin)).await.unwrap().into_inner();
+    assert_eq!((newest.workflows.len(), newest.workflows[0].kind.as_str(), newest.more), (1, "offboard", true));
     mesh.shutdown().await;
 }
 
