@@ -53,7 +53,10 @@ mod observability {
 }
 /// The operator's `tenantmesh` commands.
 mod operator {
+    /// The console in a real browser (Chromium, selenium).
+    mod browser;
     mod cli;
+    mod console;
 }
 /// Limits, fair sharing, metering and cost.
 mod usage {

@@ -37,6 +37,9 @@ pub struct MeshOptions {
     /// `tenantmesh-app`) on this port (0: any free port), with its own
     /// identity, registered in the service catalog.
     pub example: Option<u16>,
+    /// Also serve the operator's web console on this port (0: any free
+    /// port), beside the services.
+    pub console: Option<u16>,
 }
 
 impl MeshOptions {
@@ -48,6 +51,7 @@ impl MeshOptions {
             ports: [0; 4],
             env: HashMap::new(),
             example: None,
+            console: None,
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct MeshAddrs {
     pub data: SocketAddr,
     /// The example application service, when it runs.
     pub orders: Option<SocketAddr>,
+    /// The web console, when it runs.
+    pub console: Option<SocketAddr>,
 }
 
 /// A running mesh; [`Mesh::shutdown`] stops it gracefully.
@@ -112,12 +118,17 @@ impl Mesh {
             Some(port) => Some(bind("orders", SocketAddr::new(host, port)).await?),
             None => None,
         };
+        let console_l = match options.console {
+            Some(port) => Some(bind("console", SocketAddr::new(host, port)).await?),
+            None => None,
+        };
         let addrs = MeshAddrs {
             registry: addr_of("tenant-registry", &registry_l)?,
             auth: addr_of("auth", &auth_l)?,
             onboarding: addr_of("onboarding", &onboarding_l)?,
             data: addr_of("data", &data_l)?,
             orders: orders_l.as_ref().map(|l| addr_of("orders", l)).transpose()?,
+            console: console_l.as_ref().map(|l| addr_of("console", l)).transpose()?,
         };
 
         let mut env = options.env.clone();
@@ -243,6 +254,15 @@ impl Mesh {
                 .map_err(|e| MeshError::Service { service: "orders", message: e.to_string() })?;
             let run = app.serve(listener, signal(), move |ctx| tenantmesh_orders::routes(ctx, &data_url));
             spawn("orders", Box::pin(async move { run.await.map_err(BoxError::from) }));
+        }
+
+        if let Some(listener) = console_l {
+            let config = tenantmesh_console::ConsoleConfig::from_env(&env)
+                .map_err(|message| MeshError::Service { service: "console", message })?;
+            let console = tenantmesh_console::Console::new(config)
+                .map_err(|message| MeshError::Service { service: "console", message })?;
+            let run = tenantmesh_console::serve(listener, console, signal());
+            spawn("console", Box::pin(async move { run.await.map_err(BoxError::from) }));
         }
 
         let storage = env.get("TENANTMESH_STORAGE").cloned().unwrap_or_else(|| "embedded".into());

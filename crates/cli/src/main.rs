@@ -119,6 +119,14 @@ enum Command {
         /// Do not run the example application service.
         #[arg(long, env = "TENANTMESH_NO_EXAMPLE")]
         no_example: bool,
+        /// Port of the operator's web console (on --host, loopback by
+        /// default; sign in as the platform admin or a tenant's admin);
+        /// 0: any free port.
+        #[arg(long, default_value_t = tenantmesh_console::DEFAULT_PORT, env = "TENANTMESH_CONSOLE_PORT")]
+        console_port: u16,
+        /// Do not serve the web console.
+        #[arg(long, env = "TENANTMESH_NO_CONSOLE")]
+        no_console: bool,
     },
     /// Print every tenant's cost to serve, its tier's price and the margin over
     /// a period, lowest margin first: which tenants cost more than they pay.
@@ -257,12 +265,15 @@ async fn run_with_telemetry(command: Command, env: HashMap<String, String>) -> E
             storage,
             orders_port,
             no_example,
+            console_port,
+            no_console,
         } => {
             let mut env = env;
             env.insert("TENANTMESH_STORAGE".into(), storage);
             let ports = [registry_port, auth_port, onboarding_port, data_port];
             let example = (!no_example).then_some(orders_port);
-            let options = MeshOptions { data_dir, host, ports, env, example };
+            let console = (!no_console).then_some(console_port);
+            let options = MeshOptions { data_dir, host, ports, env, example, console };
             up(options).await
         }
         Command::Health { .. } | Command::Completion { .. } | Command::Ops(_) => {
@@ -368,6 +379,9 @@ async fn up(options: MeshOptions) -> ExitCode {
     println!("  data             {}", a.data);
     if let Some(orders) = a.orders {
         println!("  orders           {orders}");
+    }
+    if let Some(console) = a.console {
+        println!("  console          http://{console}/");
     }
     println!("Log in as the platform operator (tenant 'platform') with {password_hint}:");
     println!(

@@ -128,7 +128,7 @@ impl Up {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(service_binary("tenantmesh"))
             .args(["up", "--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
-            .args(["--orders-port", "0"])
+            .args(["--orders-port", "0", "--console-port", "0"])
             .current_dir(dir.path())
             .env_remove("TENANTMESH_BOOTSTRAP_PASSWORD")
             .env_remove("TENANTMESH_DATA_DIR")
@@ -286,7 +286,7 @@ async fn up_runs_on_dynamodb() {
     let mut up = Command::new(service_binary("tenantmesh"));
     up.args(["up", "--storage", "dynamodb"])
         .args(["--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
-        .args(["--orders-port", "0"])
+        .args(["--orders-port", "0", "--console-port", "0"])
         .current_dir(dir.path())
         .env("TENANTMESH_BOOTSTRAP_PASSWORD", "dynamo-admin-password")
         .env("RUST_LOG", "warn")

@@ -364,7 +364,7 @@ fn readme_start_command() -> Result {
         .arg("--data-dir")
         .arg(&data)
         .args(["--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
-        .args(["--orders-port", "0"])
+        .args(["--orders-port", "0", "--console-port", "0"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped());
     eprintln!("xtask: $ {}", describe(&cmd));
