@@ -52,11 +52,11 @@ mod observability {
     mod trace_spans;
 }
 /// The operator's `tenantmesh` commands.
-mod operator {
+pub(crate) mod operator {
     /// The console in a real browser (Chromium, selenium).
     mod browser;
     mod cli;
-    mod console;
+    pub(crate) mod console;
 }
 /// Limits, fair sharing, metering and cost.
 mod usage {

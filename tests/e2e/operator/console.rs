@@ -36,20 +36,20 @@ pub async fn start_console(mesh: &TestMesh) -> SocketAddr {
 }
 
 /// A browser's worth of HTTP: one cookie jar of one session.
-struct Browser {
+pub(crate) struct Browser {
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
     cookie: String,
 }
 
-struct Page {
+pub(crate) struct Page {
     status: StatusCode,
     location: String,
     body: String,
 }
 
 impl Browser {
-    fn new(addr: SocketAddr) -> Browser {
+    pub(crate) fn new(addr: SocketAddr) -> Browser {
         Browser {
             client: Client::builder(TokioExecutor::new()).build_http(),
             base: format!("http://{addr}"),
@@ -87,7 +87,7 @@ impl Browser {
         self.send(request, body).await
     }
 
-    async fn sign_in(&mut self, tenant: &str, email: &str, password: &str) {
+    pub(crate) async fn sign_in(&mut self, tenant: &str, email: &str, password: &str) {
         let page = self.post("/login", &[("tenant", tenant), ("email", email), ("password", password)]).await;
         assert_eq!((page.status, page.location.as_str()), (StatusCode::SEE_OTHER, "/"), "{}", page.body);
     }
@@ -99,7 +99,7 @@ impl Browser {
         page.body[at..].split('"').next().unwrap().to_owned()
     }
 
-    async fn json(&mut self, path: &str) -> serde_json::Value {
+    pub(crate) async fn json(&mut self, path: &str) -> serde_json::Value {
         let page = self.get(path).await;
         assert_eq!(page.status, StatusCode::OK, "{path}: {}", page.body);
         serde_json::from_str(&page.body).unwrap()
