@@ -290,7 +290,7 @@ struct LoginPage {
 pub struct FleetPage {
     pub who: Option<Who>,
     pub fleet: Fleet,
-    pub sorts: [&'static str; 7],
+    pub sorts: [&'static str; 8],
 }
 
 #[derive(Template)]
@@ -460,7 +460,7 @@ fn window_for(hours: i64) -> (Window, i64) {
 }
 
 /// The meters the data service records for every tenant.
-pub const METERS: [&str; 5] = ["requests", "read_units", "write_units", "bytes_returned", "compute_us"];
+pub const METERS: [&str; 6] = ["requests", "read_units", "write_units", "bytes_returned", "compute_us", "refused"];
 
 async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Result<TenantPage, Fail> {
     // Another tenant's page does not exist for a tenant's admin: not even its name.
@@ -492,6 +492,22 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         }
         Ok::<_, Fail>(all)
     };
+    let refusals = async {
+        let request = GetUsageRequest {
+            tenant_id: id.into(),
+            meter: "refused".into(),
+            from,
+            to,
+            window: Window::Day as i32,
+            group_by: vec!["limit".into()],
+        };
+        let rows = c.metering().get_usage(authed(s, request)).await.map_err(fail)?.into_inner().rows;
+        let mut by_limit: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+        for r in rows {
+            *by_limit.entry(r.dimensions.get("limit").cloned().unwrap_or_default()).or_default() += r.value;
+        }
+        Ok::<_, Fail>(by_limit.into_iter().collect::<Vec<_>>())
+    };
     let cost = async {
         let request = GetTenantCostRequest { tenant_id: id.into(), from, to };
         let answer = c.metering().get_tenant_cost(authed(s, request)).await.map_err(fail)?;
@@ -510,8 +526,8 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         let answer = c.onboarding().list_tenant_resources(authed(s, request)).await.map_err(fail)?;
         Ok::<_, Fail>(answer.into_inner().resources)
     };
-    let (tenant, usage, cost, users, workflows, resources) =
-        tokio::try_join!(tenant, usage, cost, users, workflows, resources)?;
+    let (tenant, usage, refusals, cost, users, workflows, resources) =
+        tokio::try_join!(tenant, usage, refusals, cost, users, workflows, resources)?;
     let limits = tenant.limits.unwrap_or_default();
     let placement = tenant.placement.clone().unwrap_or_default();
     Ok(TenantPage {
@@ -530,6 +546,7 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         from,
         to,
         usage,
+        refusals,
         cost: CostView::from(&cost),
         users: users.iter().map(UserView::from).collect(),
         workflows: workflows.iter().map(WorkflowView::from).collect(),

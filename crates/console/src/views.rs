@@ -63,6 +63,8 @@ pub struct TenantRow {
     /// Over the fleet's period.
     pub requests: i64,
     pub requests_per_minute: f64,
+    /// Calls refused by a limit over the period.
+    pub refused: i64,
     pub cost: f64,
     pub revenue: f64,
     pub margin: f64,
@@ -70,8 +72,10 @@ pub struct TenantRow {
 
 impl TenantRow {
     pub fn new(t: &Tenant, cost: Option<&TenantCost>, minutes: f64) -> Self {
-        let requests =
-            cost.and_then(|c| c.lines.iter().find(|l| l.item == "requests")).map_or(0, |l| l.quantity.round() as i64);
+        let quantity = |item: &str| {
+            cost.and_then(|c| c.lines.iter().find(|l| l.item == item)).map_or(0, |l| l.quantity.round() as i64)
+        };
+        let requests = quantity("requests");
         TenantRow {
             tenant_id: t.tenant_id.clone(),
             name: t.name.clone(),
@@ -80,6 +84,7 @@ impl TenantRow {
             model: model(t.isolation_model),
             requests,
             requests_per_minute: (requests as f64 / minutes.max(1.0) * 10.0).round() / 10.0,
+            refused: quantity("refused"),
             cost: cost.map_or(0.0, |c| c.cost),
             revenue: cost.map_or(0.0, |c| c.revenue),
             margin: cost.map_or(0.0, |c| c.margin),
@@ -88,7 +93,7 @@ impl TenantRow {
 }
 
 /// Columns the fleet sorts by.
-pub const SORTS: [&str; 7] = ["tenant", "status", "tier", "requests", "cost", "revenue", "margin"];
+pub const SORTS: [&str; 8] = ["tenant", "status", "tier", "requests", "refused", "cost", "revenue", "margin"];
 
 /// Sorts `rows` by `key` (one of [`SORTS`]; margin ascending and the
 /// numbers descending by default, `desc` flips).
@@ -99,6 +104,7 @@ pub fn sort_rows(rows: &mut [TenantRow], key: &str, desc: bool) {
             "status" => a.status.cmp(b.status),
             "tier" => a.tier.cmp(&b.tier),
             "requests" => a.requests.cmp(&b.requests),
+            "refused" => a.refused.cmp(&b.refused),
             "cost" => cmp_f(a.cost, b.cost),
             "revenue" => cmp_f(a.revenue, b.revenue),
             "margin" => cmp_f(a.margin, b.margin),
@@ -344,6 +350,8 @@ pub struct TenantPage {
     pub from: i64,
     pub to: i64,
     pub usage: Vec<MeterUsage>,
+    /// Calls refused over the period, by the limit that refused them.
+    pub refusals: Vec<(String, i64)>,
     pub cost: CostView,
     pub users: Vec<UserView>,
     pub workflows: Vec<WorkflowView>,
@@ -363,6 +371,7 @@ mod tests {
             model: "pool",
             requests,
             requests_per_minute: 0.0,
+            refused: 0,
             cost: requests as f64,
             revenue: 1.0,
             margin,

@@ -43,9 +43,10 @@ pub use crate::schema::{
 };
 pub use tenantmesh_service::handled::Usage;
 
-use crate::schema::{HOUR, HourItem, MINUTE, VALUE_METERS};
+use crate::schema::{HOUR, HourItem, MINUTE, REFUSAL_DIMENSION, REFUSAL_LIMITS, REFUSED, VALUE_METERS};
 
-/// One tenant's counters: `requests` per RPC, then [`VALUE_METERS`].
+/// One tenant's counters: `requests` per RPC, then [`VALUE_METERS`], then
+/// `refused` per limit ([`REFUSAL_LIMITS`]).
 struct Counters(Box<[AtomicU64]>);
 
 /// Totals waiting to be written: `(tenant, hour start)` to the values of
@@ -199,10 +200,32 @@ impl Meters {
                 return add(c);
             }
         }
+        self.with_new(tenant, add);
+    }
+
+    /// Runs `add` on `tenant`'s counters, made first.
+    fn with_new(&self, tenant: &Arc<str>, add: impl Fn(&Counters)) {
         let mut map = self.tenants.write().expect("meters lock");
-        let slots = self.rpcs.len() + VALUE_METERS.len();
+        let slots = self.rpcs.len() + VALUE_METERS.len() + REFUSAL_LIMITS.len();
         let c = map.entry(tenant.clone()).or_insert_with(|| Counters((0..slots).map(|_| AtomicU64::new(0)).collect()));
         add(c);
+    }
+
+    /// Counts one call of `tenant` refused by `limit` (one of
+    /// [`REFUSAL_LIMITS`]; another name counts nowhere) before it ran.
+    pub fn refused(&self, tenant: &Arc<str>, limit: &str) {
+        let Some(i) = REFUSAL_LIMITS.iter().position(|l| *l == limit) else { return };
+        let slot = self.rpcs.len() + VALUE_METERS.len() + i;
+        let add = |c: &Counters| {
+            c.0[slot].fetch_add(1, Ordering::Relaxed);
+        };
+        {
+            let map = self.tenants.read().expect("meters lock");
+            if let Some(c) = map.get(tenant) {
+                return add(c);
+            }
+        }
+        self.with_new(tenant, add);
     }
 
     /// What is counted for `tenant` and not yet flushed: each RPC's
@@ -211,12 +234,10 @@ impl Meters {
     pub fn unflushed(&self, tenant: &str) -> std::collections::BTreeMap<String, u64> {
         let map = self.tenants.read().expect("meters lock");
         let Some(c) = map.get(tenant) else { return Default::default() };
-        let names = self.rpcs.iter().map(|r| &**r).chain(VALUE_METERS.iter().copied());
-        names
-            .zip(c.0.iter())
-            .map(|(name, v)| (name.to_owned(), v.load(Ordering::Relaxed)))
-            .filter(|(_, v)| *v > 0)
-            .collect()
+        let refused = REFUSAL_LIMITS.iter().map(|l| format!("{REFUSED}|{REFUSAL_DIMENSION}={l}"));
+        let names =
+            self.rpcs.iter().map(|r| r.to_string()).chain(VALUE_METERS.iter().map(|m| (*m).to_owned())).chain(refused);
+        names.zip(c.0.iter()).map(|(name, v)| (name, v.load(Ordering::Relaxed))).filter(|(_, v)| *v > 0).collect()
     }
 
     /// Swaps every counter to zero; the totals, filed under the minute
@@ -236,11 +257,15 @@ impl Meters {
                         continue;
                     }
                     any = true;
+                    let values = self.rpcs.len() + VALUE_METERS.len();
                     let (meter, key) = if i < self.rpcs.len() {
                         (REQUESTS, format!("{offset:02}|{REQUESTS}|{RPC_DIMENSION}={}", self.rpcs[i]))
-                    } else {
+                    } else if i < values {
                         let m = VALUE_METERS[i - self.rpcs.len()];
                         (m, format!("{offset:02}|{m}"))
+                    } else {
+                        let limit = REFUSAL_LIMITS[i - values];
+                        (REFUSED, format!("{offset:02}|{REFUSED}|{REFUSAL_DIMENSION}={limit}"))
                     };
                     if let Some(hook) = &self.hook {
                         hook(tenant, meter, v);

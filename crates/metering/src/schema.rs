@@ -13,14 +13,23 @@ pub const COMPUTE_US: &str = "compute_us";
 pub const REQUESTS: &str = "requests";
 /// Stored item bytes × hours, from periodic samples ([`file_sample`]).
 pub const STORAGE_BYTE_HOURS: &str = "storage_byte_hours";
+/// Calls refused by a limit before they ran, by the limit (dimension
+/// [`REFUSAL_DIMENSION`]).
+pub const REFUSED: &str = "refused";
 /// Every built-in meter (reserved: applications cannot record them).
-pub const BUILT_IN: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, STORAGE_BYTE_HOURS];
+pub const BUILT_IN: &[&str] =
+    &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, STORAGE_BYTE_HOURS, REFUSED];
 /// The meters counted per request (the others come from samples).
-pub(crate) const COUNTED: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US];
+pub(crate) const COUNTED: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, REFUSED];
 pub(crate) const VALUE_METERS: &[&str] = &[READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US];
 
 /// The dimension of `requests` that names the RPC.
 pub const RPC_DIMENSION: &str = "rpc";
+/// The dimension of `refused` that names the limit.
+pub const REFUSAL_DIMENSION: &str = "limit";
+/// The limits a call can be refused by, as `refused` names them (the
+/// admission limits' names).
+pub const REFUSAL_LIMITS: &[&str] = &["requests_per_second", "max_concurrency", "capacity", "storage_quota_bytes"];
 
 /// Minute and hour in seconds.
 pub(crate) const MINUTE: i64 = 60;

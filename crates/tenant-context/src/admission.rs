@@ -41,6 +41,9 @@ pub struct Admission {
     tiers: Arc<Tiers>,
     /// Hashes tenants onto the fair queue's queues (keyed per process).
     hasher: std::hash::RandomState,
+    /// Where refusals are counted per tenant and limit (the `refused`
+    /// meter), in a service that meters.
+    meters: Option<Arc<tenantmesh_metering::meters::Meters>>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -66,6 +69,22 @@ impl Admission {
             seats: FairQueue::new(seats),
             tiers,
             hasher: std::hash::RandomState::new(),
+            meters: None,
+        }
+    }
+
+    /// Counts refusals in `meters` (the `refused` meter), per tenant and limit.
+    pub fn with_meters(mut self, meters: Option<Arc<tenantmesh_metering::meters::Meters>>) -> Self {
+        self.meters = meters;
+        self
+    }
+
+    /// A refusal of the caller's call by `limit`: in the metrics, and in the
+    /// tenant's usage where the service meters.
+    fn count_refusal(&self, ctx: &TenantContext, limit: Limit) {
+        tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, limit.name());
+        if let Some(meters) = &self.meters {
+            meters.refused(&ctx.tenant_id, limit.name());
         }
     }
 
@@ -99,7 +118,7 @@ impl Admission {
         match self.seats.acquire(self.hasher.hash_one(&*ctx.tenant_id), weight, deadline).await {
             Ok(seat) => Ok(seat),
             Err(refusal) => {
-                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, refusal.limit.name());
+                self.count_refusal(ctx, refusal.limit);
                 if self.refusal_logs.allow(&*ctx.tenant_id) {
                     tracing::warn!(
                         tenant_id = %ctx.tenant_id,
@@ -133,7 +152,7 @@ impl Admission {
                     description.push_str(&format!(" (across replicas; this one's share {:.0}%)", share * 100.0));
                 }
                 let refusal = Refusal { limit, subject: format!("tenant:{}", ctx.tenant_id), description, retry_after };
-                tenantmesh_telemetry::metrics::refused(&ctx.tenant_id, limit.name());
+                self.count_refusal(ctx, limit);
                 if self.refusal_logs.allow(&*ctx.tenant_id) {
                     tracing::warn!(
                         tenant_id = %ctx.tenant_id,

@@ -283,7 +283,7 @@ pub fn stack(
             .unwrap_or_else(|| PolicyError(vec!["no RPC declares a policy".into()])));
     }
     let policies = auth.policies.clone();
-    let admission = Arc::new(std::mem::take(&mut auth.admission));
+    let admission = Arc::new(std::mem::take(&mut auth.admission).with_meters(meters.clone()));
     Ok(ServerStack {
         telemetry: tenantmesh_telemetry::layer::layer(service),
         authentication: AuthenticationLayer { auth: Arc::new(auth) },

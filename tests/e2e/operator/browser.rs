@@ -15,7 +15,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use tenantmesh_proto::data::v1::GetItemRequest;
 use tenantmesh_proto::metering::v1::{GetUsageRequest, Window};
+use tenantmesh_proto::registry::v1::{SetTenantLimitsRequest, TenantLimits};
 use tenantmesh_test_support::*;
 
 /// What is missing to drive a browser, if anything.
@@ -99,24 +101,36 @@ async fn the_console_in_a_real_browser() {
         mesh.data().put_item(authed(put_v(&format!("b{i}"), "v"), &token)).await.unwrap();
     }
     let admin = mesh.admin_token().await;
-    eventually(Duration::from_secs(30), || {
+    // Then, held to one call a second, calls refused.
+    let limits = TenantLimits { requests_per_second: 1, burst: 1, max_concurrency: 4, storage_quota_bytes: 1 << 20 };
+    let set = SetTenantLimitsRequest { tenant_id: tenant.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(set, &admin)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut refused = 0i64;
+    for _ in 0..10 {
+        let get = GetItemRequest { collection: "c".into(), id: "b0".into() };
+        refused += i64::from(mesh.data().get_item(authed(get, &token)).await.is_err());
+    }
+    assert!(refused > 0);
+    let metered = |meter: &'static str, expected: i64| {
         let (mut metering, admin, tenant) = (mesh.metering(), admin.clone(), tenant.clone());
         async move {
             let now = tenantmesh_service::clock::now_secs();
             let request = GetUsageRequest {
                 tenant_id: tenant,
-                meter: "requests".into(),
+                meter: meter.into(),
                 from: now - 3600,
                 to: now + 60,
                 window: Window::Minute as i32,
                 group_by: vec![],
             };
             let rows = metering.get_usage(authed(request, &admin)).await.unwrap().into_inner().rows;
-            rows.iter().map(|r| r.value).sum::<i64>() == N
+            rows.iter().map(|r| r.value).sum::<i64>() == expected
         }
-    })
-    .await;
-    writeln!(stdin, "SENT {N}").unwrap();
+    };
+    eventually(Duration::from_secs(30), || metered("requests", N + 10 - refused)).await;
+    eventually(Duration::from_secs(30), || metered("refused", refused)).await;
+    writeln!(stdin, "SENT {} {refused}", N + 10 - refused).unwrap();
     let done = next_line(&mut rx).await;
     let status = script.wait().unwrap();
     let errors = errors.join().unwrap();

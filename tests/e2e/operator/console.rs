@@ -214,7 +214,60 @@ async fn the_console_runs_a_tenants_life_and_shows_the_metering_numbers() {
     let page = operator.get(&format!("/tenants/{id}?hours=1")).await;
     assert!(page.body.contains(&format!(r#"data-meter="requests" data-total="{N}""#)), "{}", page.body);
     assert!(page.body.contains("Web &#60;Co&#62;") || page.body.contains("Web &lt;Co&gt;"), "escaped name");
-    assert_eq!(page.body.matches(r#"<svg xmlns="http://www.w3.org/2000/svg" id="plot-"#).count(), 5);
+    assert_eq!(page.body.matches(r#"<svg xmlns="http://www.w3.org/2000/svg" id="plot-"#).count(), 6);
+
+    // Limits set from the form hold the tenant to one call a second: the
+    // calls refused are counted by limit, as the Metering API says.
+    let csrf = operator.csrf(&format!("/tenants/{id}")).await;
+    let limits = [
+        ("csrf", csrf.as_str()),
+        ("requests_per_second", "1"),
+        ("burst", "1"),
+        ("max_concurrency", "4"),
+        ("storage_quota_bytes", "1000000"),
+        ("confirm", "on"),
+    ];
+    let set = operator.post(&format!("/tenants/{id}/limits"), &limits).await;
+    assert_eq!((set.status, set.location.as_str()), (StatusCode::SEE_OTHER, format!("/tenants/{id}").as_str()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut refused = 0;
+    for _ in 0..10 {
+        let get = tenantmesh_proto::data::v1::GetItemRequest { collection: "c".into(), id: "i0".into() };
+        if let Err(s) = mesh.data().get_item(authed(get, &token)).await {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+            refused += 1;
+        }
+    }
+    assert!(refused >= 8, "{refused} of 10 refused at one call a second");
+    let mut shown = serde_json::Value::Null;
+    for _ in 0..100 {
+        shown = operator.json(&format!("/api/tenants/{id}?hours=1")).await;
+        if shown["refusals"][0][1] == refused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(shown["refusals"], serde_json::json!([["requests_per_second", refused]]), "{shown}");
+    let (from, to) = (shown["from"].as_i64().unwrap(), shown["to"].as_i64().unwrap());
+    let usage = GetUsageRequest {
+        tenant_id: id.clone(),
+        meter: "refused".into(),
+        from,
+        to,
+        window: Window::Minute as i32,
+        group_by: vec![],
+    };
+    let rows = mesh.metering().get_usage(authed(usage, &admin)).await.unwrap().into_inner().rows;
+    assert_eq!(rows.iter().map(|r| r.value).sum::<i64>(), refused);
+    let plotted = shown["usage"].as_array().unwrap().iter().find(|u| u["meter"] == "refused").unwrap().clone();
+    assert_eq!(plotted["total"], refused);
+    let fleet = operator.json("/api/fleet?hours=1&sort=refused&desc=1").await;
+    assert_eq!(
+        (fleet["rows"][0]["tenant_id"].as_str(), &fleet["rows"][0]["refused"]),
+        (Some(id.as_str()), &refused.into())
+    );
+    let page = operator.get(&format!("/tenants/{id}?hours=1")).await;
+    assert!(page.body.contains(r#"<table id="refusals">"#) && page.body.contains("requests_per_second"));
 
     // A tier change from the form, followed to its end.
     let csrf = operator.csrf(&format!("/tenants/{id}")).await;

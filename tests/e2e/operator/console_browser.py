@@ -4,8 +4,9 @@ run by tests/e2e/operator/browser.rs against a real mesh.
 The Rust side starts the mesh and the console and owns the gRPC calls; this
 script owns the browser. They talk over stdin/stdout: the script prints
 `REGISTERED <tenant>` once the tenant's onboarding has finished on the page,
-then waits for `SENT <n>` (the Rust side made n requests as the tenant and
-waited for them to be metered), and prints `BROWSER-OK` at the end.
+then waits for `SENT <n> <r>` (the Rust side made n requests as the tenant,
+r more were refused by its limits, and waited for them all to be metered),
+and prints `BROWSER-OK` at the end.
 Screenshots of each page go to $SCREENSHOTS.
 """
 
@@ -108,7 +109,7 @@ def main():
 
         line = sys.stdin.readline().split()
         assert line and line[0] == "SENT", line
-        sent = int(line[1])
+        sent, refused = int(line[1]), int(line[2])
 
         # The usage table and the plot show the n requests.
         driver.get(URL + "/tenants/" + TENANT + "?hours=1")
@@ -118,6 +119,11 @@ def main():
         assert sum(values) == sent and values, values
         cells = driver.find_elements(By.CSS_SELECTOR, "#usage-requests tbody td.num")
         assert sum(int(c.get_attribute("textContent")) for c in cells) == sent
+        # The refusals: their plot, its numbers, and the table by limit.
+        assert driver.find_element(By.ID, "usage-refused").get_attribute("data-total") == str(refused)
+        values = [int(c.get_attribute("data-v")) for c in driver.find_elements(By.CSS_SELECTOR, "#plot-refused circle")]
+        assert sum(values) == refused, values
+        assert "requests_per_second " + str(refused) in driver.find_element(By.ID, "refusals").text
         assert driver.find_element(By.ID, "cost-total").text
         labelled(driver)
         shot(driver, "tenant")

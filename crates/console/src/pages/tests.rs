@@ -20,6 +20,7 @@ fn row(id: &str, name: &str) -> TenantRow {
         model: "pool",
         requests: 3,
         requests_per_minute: 0.1,
+        refused: 2,
         cost: 0.5,
         revenue: 1.0,
         margin: 0.5,

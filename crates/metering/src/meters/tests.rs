@@ -66,6 +66,28 @@ async fn counts_are_flushed_once_per_minute_and_tenant() {
     assert_eq!((total(&bolt, REQUESTS), total(&bolt, WRITE_UNITS), total(&bolt, READ_UNITS)), (1, 1, 0));
 }
 
+/// Refusals are counted per tenant and limit, flushed as `refused` with the
+/// limit as its dimension; an unknown limit counts nowhere.
+#[tokio::test]
+async fn refusals_are_counted_by_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let meters = Meters::new(table(&dir), RPCS, Duration::from_secs(10));
+    let a: Arc<str> = "acme".into();
+    for _ in 0..3 {
+        meters.refused(&a, "requests_per_second");
+    }
+    meters.refused(&a, "max_concurrency");
+    meters.refused(&a, "no such limit");
+    assert_eq!(meters.unflushed("acme").get("refused|limit=requests_per_second"), Some(&3));
+    let minute = 1_700_000_040;
+    meters.flush_at(minute).await.unwrap();
+    let rows = read_usage(meters.table(), "acme", Some(REFUSED), minute, minute + 60).await.unwrap();
+    let mut by_limit: Vec<(String, i64)> = rows.iter().map(|r| (r.dimensions["limit"].clone(), r.value)).collect();
+    by_limit.sort();
+    assert_eq!(by_limit, [("max_concurrency".to_owned(), 1), ("requests_per_second".to_owned(), 3)]);
+    assert_eq!(total(&read_usage(meters.table(), "acme", None, minute, minute + 60).await.unwrap(), REQUESTS), 0);
+}
+
 /// A flush whose write landed but whose answer was lost is sent again:
 /// the item already holds its sequence number, so it counts once.
 #[tokio::test]
