@@ -941,29 +941,14 @@ async fn offboard(
     })
 }
 
-/// An instant typed in the restore form: RFC 3339 in UTC
-/// (`2026-12-07T09:30:00Z`), or `@<unix seconds>`.
+/// An instant typed in the restore form: RFC 3339 (`2026-12-07T09:30:00Z`),
+/// or `@<unix seconds>`.
 pub fn parse_instant(s: &str) -> Option<i64> {
     let s = s.trim();
-    if let Some(unix) = s.strip_prefix('@') {
-        return unix.parse().ok();
+    match s.strip_prefix('@') {
+        Some(unix) => unix.parse().ok(),
+        None => tenantmesh_service::clock::parse_rfc3339(s).map(|(secs, _)| secs),
     }
-    let b = s.as_bytes();
-    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z'
-    {
-        return None;
-    }
-    let n = |a: usize, z: usize| s[a..z].parse::<i64>().ok();
-    let (y, m, d, hh, mm, ss) = (n(0, 4)?, n(5, 7)?, n(8, 10)?, n(11, 13)?, n(14, 16)?, n(17, 19)?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
-        return None;
-    }
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
 async fn restore(

@@ -42,15 +42,7 @@ pub fn short_number(v: f64) -> String {
 fn time_label(t: i64, days: bool) -> String {
     let (day, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
     if days {
-        // Month and day of the date (civil_from_days, as in the CLI).
-        let z = day + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let (_, m, d) = tenantmesh_service::clock::civil_from_days(day);
         format!("{m:02}-{d:02}")
     } else {
         format!("{:02}:{:02}", secs / 3600, secs % 3600 / 60)

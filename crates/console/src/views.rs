@@ -3,54 +3,17 @@
 //! scripts and tests).
 
 use serde::Serialize;
-use tenantmesh_proto::auth::v1::{Role, User};
+use tenantmesh_proto::auth::v1::User;
 use tenantmesh_proto::metering::v1::TenantCost;
-use tenantmesh_proto::onboarding::v1::{StepState, TenantResource, Workflow, WorkflowStatus};
-use tenantmesh_proto::registry::v1::{IsolationModel, Tenant, TenantStatus};
+use tenantmesh_proto::onboarding::v1::{TenantResource, Workflow};
+use tenantmesh_proto::registry::v1::Tenant;
 
-fn short(name: &'static str, prefix: &str) -> &'static str {
-    name.strip_prefix(prefix).unwrap_or(name)
-}
+pub use tenantmesh_proto::names::{model, role, step_state, tenant_status, workflow_status};
 
-pub fn workflow_status(v: i32) -> &'static str {
-    WorkflowStatus::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "WORKFLOW_STATUS_"))
-}
-
-pub fn step_state(v: i32) -> &'static str {
-    StepState::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "STEP_STATE_"))
-}
-
-pub fn tenant_status(v: i32) -> &'static str {
-    TenantStatus::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "TENANT_STATUS_"))
-}
-
-pub fn model(v: i32) -> &'static str {
-    match IsolationModel::try_from(v) {
-        Ok(IsolationModel::Pool) => "pool",
-        Ok(IsolationModel::Bridge) => "bridge",
-        Ok(IsolationModel::Silo) => "silo",
-        _ => "-",
-    }
-}
-
-/// `secs` as `2026-12-07 09:30:00Z`; 0 as `-` (by reference, as the
+/// `secs` as `2026-12-07T09:30:00Z`; 0 as `-` (by reference, as the
 /// templates pass it).
 pub fn time(secs: &i64) -> String {
-    let secs = *secs;
-    if secs == 0 {
-        return "-".into();
-    }
-    let (day, s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
+    if *secs == 0 { "-".into() } else { tenantmesh_service::clock::rfc3339(*secs) }
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -299,17 +262,7 @@ pub struct UserView {
 
 impl From<&User> for UserView {
     fn from(u: &User) -> Self {
-        let roles = u
-            .roles
-            .iter()
-            .map(|r| match Role::try_from(*r) {
-                Ok(Role::PlatformAdmin) => "platform-admin",
-                Ok(Role::TenantAdmin) => "admin",
-                Ok(Role::TenantUser) => "user",
-                Ok(Role::Service) => "service",
-                _ => "-",
-            })
-            .collect();
+        let roles = u.roles.iter().map(|r| role(*r)).collect();
         UserView { email: u.email.clone(), roles, disabled: u.disabled, create_time: u.create_time }
     }
 }
@@ -390,6 +343,6 @@ mod tests {
         assert_eq!((fleet.sort.as_str(), fleet.page, fleet.rows[0].tenant_id.as_str()), ("tenant", 3, "t200"));
         let empty = Fleet::new(Vec::new(), 1, 3600, String::new(), "tenant", false, 1);
         assert_eq!((empty.pages, empty.rows.len(), empty.top_by_cost.len()), (1, 0, 0));
-        assert_eq!(time(&951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(time(&951_782_400), "2000-02-29T00:00:00Z");
     }
 }

@@ -54,6 +54,8 @@ pub mod backup {
     }
 }
 
+pub mod names;
+
 /// Encoded `FileDescriptorSet` of every tenantmesh contract, for
 /// `tonic_reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tenantmesh_descriptor");

@@ -2,49 +2,15 @@
 //! UTC, and one JSON shape per record for scripts.
 
 use serde_json::{Value, json};
-use tenantmesh_proto::auth::v1::{Role, User};
+use tenantmesh_proto::auth::v1::User;
 use tenantmesh_proto::metering::v1::TenantCost;
-use tenantmesh_proto::onboarding::v1::{Step, StepState, TenantResource, Workflow, WorkflowStatus};
-use tenantmesh_proto::registry::v1::{IsolationModel, Tenant, TenantStatus};
+use tenantmesh_proto::onboarding::v1::{Step, TenantResource, Workflow};
+use tenantmesh_proto::registry::v1::Tenant;
 
 use super::output::clean;
 use super::when;
 
-/// `WORKFLOW_STATUS_RUNNING` -> `RUNNING`: the enum's name without its prefix.
-fn short(name: &'static str, prefix: &str) -> &'static str {
-    name.strip_prefix(prefix).unwrap_or(name)
-}
-
-pub fn workflow_status(v: i32) -> &'static str {
-    WorkflowStatus::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "WORKFLOW_STATUS_"))
-}
-
-pub fn step_state(v: i32) -> &'static str {
-    StepState::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "STEP_STATE_"))
-}
-
-pub fn tenant_status(v: i32) -> &'static str {
-    TenantStatus::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "TENANT_STATUS_"))
-}
-
-pub fn model(v: i32) -> &'static str {
-    IsolationModel::try_from(v).map_or("unknown", |m| match m {
-        IsolationModel::Pool => "pool",
-        IsolationModel::Bridge => "bridge",
-        IsolationModel::Silo => "silo",
-        IsolationModel::Unspecified => "-",
-    })
-}
-
-pub fn role(v: i32) -> &'static str {
-    Role::try_from(v).map_or("unknown", |r| match r {
-        Role::PlatformAdmin => "platform-admin",
-        Role::TenantAdmin => "admin",
-        Role::TenantUser => "user",
-        Role::Service => "service",
-        Role::Unspecified => "-",
-    })
-}
+pub use tenantmesh_proto::names::{model, role, step_state, tenant_status, workflow_status};
 
 /// A step's name, with its application service when it has one.
 pub fn step_name(s: &Step) -> String {
@@ -174,13 +140,10 @@ pub fn cost_json(c: &TenantCost) -> Value {
 mod tests {
     use super::*;
 
+    use tenantmesh_proto::onboarding::v1::{StepState, WorkflowStatus};
+
     #[test]
-    fn names_are_short_and_steps_name_their_service() {
-        assert_eq!(workflow_status(WorkflowStatus::RolledBack as i32), "ROLLED_BACK");
-        assert_eq!(workflow_status(99), "UNKNOWN");
-        assert_eq!(tenant_status(TenantStatus::Migrating as i32), "MIGRATING");
-        assert_eq!(model(IsolationModel::Bridge as i32), "bridge");
-        assert_eq!(role(Role::TenantAdmin as i32), "admin");
+    fn steps_name_their_service() {
         let step = Step { name: "provision_service".into(), service: "orders".into(), ..Default::default() };
         assert_eq!(step_name(&step), "provision_service (orders)");
     }

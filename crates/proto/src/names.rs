@@ -1,0 +1,63 @@
+//! The contracts' enums as operators read them: the value's name without
+//! its enum's prefix (`WORKFLOW_STATUS_ROLLED_BACK` is `ROLLED_BACK`), and
+//! the isolation models and roles in lower case as the tiers file and the
+//! CLI's flags write them. A value this build does not know reads
+//! `UNKNOWN`.
+
+use crate::auth::v1::Role;
+use crate::onboarding::v1::{StepState, WorkflowStatus};
+use crate::registry::v1::{IsolationModel, TenantStatus};
+
+fn short(name: &'static str, prefix: &str) -> &'static str {
+    name.strip_prefix(prefix).unwrap_or(name)
+}
+
+pub fn workflow_status(v: i32) -> &'static str {
+    WorkflowStatus::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "WORKFLOW_STATUS_"))
+}
+
+pub fn step_state(v: i32) -> &'static str {
+    StepState::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "STEP_STATE_"))
+}
+
+pub fn tenant_status(v: i32) -> &'static str {
+    TenantStatus::try_from(v).map_or("UNKNOWN", |s| short(s.as_str_name(), "TENANT_STATUS_"))
+}
+
+/// `pool`, `bridge` or `silo` (`-` when unset).
+pub fn model(v: i32) -> &'static str {
+    match IsolationModel::try_from(v) {
+        Ok(IsolationModel::Pool) => "pool",
+        Ok(IsolationModel::Bridge) => "bridge",
+        Ok(IsolationModel::Silo) => "silo",
+        Ok(IsolationModel::Unspecified) => "-",
+        Err(_) => "unknown",
+    }
+}
+
+/// `platform-admin`, `admin`, `user` or `service`.
+pub fn role(v: i32) -> &'static str {
+    match Role::try_from(v) {
+        Ok(Role::PlatformAdmin) => "platform-admin",
+        Ok(Role::TenantAdmin) => "admin",
+        Ok(Role::TenantUser) => "user",
+        Ok(Role::Service) => "service",
+        Ok(Role::Unspecified) => "-",
+        Err(_) => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_short() {
+        assert_eq!(workflow_status(WorkflowStatus::RolledBack as i32), "ROLLED_BACK");
+        assert_eq!(workflow_status(99), "UNKNOWN");
+        assert_eq!(step_state(StepState::Done as i32), "DONE");
+        assert_eq!(tenant_status(TenantStatus::Migrating as i32), "MIGRATING");
+        assert_eq!(model(IsolationModel::Bridge as i32), "bridge");
+        assert_eq!(role(Role::TenantAdmin as i32), "admin");
+    }
+}
