@@ -280,7 +280,7 @@ async fn identity_providers_are_bound_and_unbound() {
     mesh.shutdown().await;
 }
 
-/// WatchTenants, for service identities with the directory scope: a reset
+/// WatchTenants, for service identities with the directory scope and the platform admin: a reset
 /// first, then the id of each tenant whose record changes.
 #[tokio::test]
 async fn watchers_hear_of_each_change() {
