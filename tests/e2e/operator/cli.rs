@@ -126,6 +126,37 @@ async fn a_failing_workflow_is_followed_and_retried() {
     assert!(out.contains("not found"), "{out}");
     let out = cli.fails(&["tenant", "offboard", &id], "");
     assert!(out.contains("pass --yes"), "{out}");
+
+    // --watch: the list, then a line per tenant as it changes.
+    let mut watch = Command::new(service_binary("tenantmesh"))
+        .args(["tenant", "list", "--watch", "-o", "json"])
+        .envs(cli.addrs.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("TENANTMESH_CONFIG_DIR", cli.config.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(watch.stdout.take().unwrap()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+    });
+    let listed = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    assert!(listed.contains("\"tenant_id\""), "{listed}");
+    // Once the watch is open (its first lines are the list), a change.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    cli.ok(&["tenant", "suspend", &id], "");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).expect("the change");
+        let t: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if t["tenant_id"] == id.as_str() && t["status"] == "SUSPENDED" {
+            break;
+        }
+    }
+    watch.kill().unwrap();
+    let _ = watch.wait();
     mesh.shutdown().await;
 }
 
