@@ -43,10 +43,14 @@ pub use crate::schema::{
 };
 pub use tenantmesh_service::handled::Usage;
 
-use crate::schema::{HOUR, HourItem, MINUTE, REFUSAL_DIMENSION, REFUSAL_LIMITS, REFUSED, VALUE_METERS};
+use crate::schema::{
+    HOUR, HourItem, LATENCY, LATENCY_BOUNDS_US, LATENCY_DIMENSION, MINUTE, REFUSAL_DIMENSION, REFUSAL_LIMITS, REFUSED,
+    VALUE_METERS,
+};
 
 /// One tenant's counters: `requests` per RPC, then [`VALUE_METERS`], then
-/// `refused` per limit ([`REFUSAL_LIMITS`]).
+/// `refused` per limit ([`REFUSAL_LIMITS`]), then `latency` per bucket
+/// ([`LATENCY_BOUNDS_US`]).
 struct Counters(Box<[AtomicU64]>);
 
 /// Totals waiting to be written: `(tenant, hour start)` to the values of
@@ -98,6 +102,11 @@ pub struct FlushedUsage {
 pub trait UsageSink: Send + Sync + 'static {
     fn send(&self, usage: Vec<FlushedUsage>)
     -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// A latency bucket's name: its bound in microseconds, or `inf`.
+fn bound_name(bound: u64) -> String {
+    if bound == u64::MAX { "inf".to_owned() } else { bound.to_string() }
 }
 
 /// Where flushes are written.
@@ -174,21 +183,38 @@ impl Meters {
         &self.replica
     }
 
+    /// Where the value meters' slots start.
+    fn values_at(&self) -> usize {
+        self.rpcs.len()
+    }
+
+    /// Where the refusals' slots start.
+    fn refused_at(&self) -> usize {
+        self.values_at() + VALUE_METERS.len()
+    }
+
+    /// Where the latency buckets' slots start.
+    fn latency_at(&self) -> usize {
+        self.refused_at() + REFUSAL_LIMITS.len()
+    }
+
     /// Counts one request of `tenant` to RPC number `rpc` (an index into
-    /// the service's RPCs), with its usage and handler time.
+    /// the service's RPCs), with its usage and handler time (also counted
+    /// in its `latency` bucket).
     pub fn record(&self, tenant: &Arc<str>, rpc: usize, usage: Usage, handler: Duration) {
+        let micros = handler.as_micros().min(u128::from(u64::MAX)) as u64;
+        let bucket = self.latency_at()
+            + LATENCY_BOUNDS_US.iter().position(|b| micros <= *b).unwrap_or(LATENCY_BOUNDS_US.len() - 1);
         let add = |c: &Counters| {
             let s = &c.0;
             // An index past the RPCs is a caller's bug: counted nowhere
             // rather than as another RPC.
             if rpc < self.rpcs.len() {
                 s[rpc].fetch_add(1, Ordering::Relaxed);
+                s[bucket].fetch_add(1, Ordering::Relaxed);
             }
             let base = self.rpcs.len();
-            for (i, v) in [usage.read_units, usage.write_units, usage.bytes_returned, handler.as_micros() as u64]
-                .into_iter()
-                .enumerate()
-            {
+            for (i, v) in [usage.read_units, usage.write_units, usage.bytes_returned, micros].into_iter().enumerate() {
                 if v > 0 {
                     s[base + i].fetch_add(v, Ordering::Relaxed);
                 }
@@ -206,7 +232,7 @@ impl Meters {
     /// Runs `add` on `tenant`'s counters, made first.
     fn with_new(&self, tenant: &Arc<str>, add: impl Fn(&Counters)) {
         let mut map = self.tenants.write().expect("meters lock");
-        let slots = self.rpcs.len() + VALUE_METERS.len() + REFUSAL_LIMITS.len();
+        let slots = self.latency_at() + LATENCY_BOUNDS_US.len();
         let c = map.entry(tenant.clone()).or_insert_with(|| Counters((0..slots).map(|_| AtomicU64::new(0)).collect()));
         add(c);
     }
@@ -215,7 +241,7 @@ impl Meters {
     /// [`REFUSAL_LIMITS`]; another name counts nowhere) before it ran.
     pub fn refused(&self, tenant: &Arc<str>, limit: &str) {
         let Some(i) = REFUSAL_LIMITS.iter().position(|l| *l == limit) else { return };
-        let slot = self.rpcs.len() + VALUE_METERS.len() + i;
+        let slot = self.refused_at() + i;
         let add = |c: &Counters| {
             c.0[slot].fetch_add(1, Ordering::Relaxed);
         };
@@ -257,17 +283,20 @@ impl Meters {
                         continue;
                     }
                     any = true;
-                    let values = self.rpcs.len() + VALUE_METERS.len();
-                    let (meter, key) = if i < self.rpcs.len() {
+                    let (meter, key) = if i < self.values_at() {
                         (REQUESTS, format!("{offset:02}|{REQUESTS}|{RPC_DIMENSION}={}", self.rpcs[i]))
-                    } else if i < values {
-                        let m = VALUE_METERS[i - self.rpcs.len()];
+                    } else if i < self.refused_at() {
+                        let m = VALUE_METERS[i - self.values_at()];
                         (m, format!("{offset:02}|{m}"))
-                    } else {
-                        let limit = REFUSAL_LIMITS[i - values];
+                    } else if i < self.latency_at() {
+                        let limit = REFUSAL_LIMITS[i - self.refused_at()];
                         (REFUSED, format!("{offset:02}|{REFUSED}|{REFUSAL_DIMENSION}={limit}"))
+                    } else {
+                        let bound = bound_name(LATENCY_BOUNDS_US[i - self.latency_at()]);
+                        (LATENCY, format!("{offset:02}|{LATENCY}|{LATENCY_DIMENSION}={bound}"))
                     };
-                    if let Some(hook) = &self.hook {
+                    // The buckets are requests counted again: not usage.
+                    if let Some(hook) = self.hook.as_ref().filter(|_| meter != LATENCY) {
                         hook(tenant, meter, v);
                     }
                     let row = waiting.rows.entry((tenant.clone(), hour)).or_default();

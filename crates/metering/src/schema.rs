@@ -16,15 +16,27 @@ pub const STORAGE_BYTE_HOURS: &str = "storage_byte_hours";
 /// Calls refused by a limit before they ran, by the limit (dimension
 /// [`REFUSAL_DIMENSION`]).
 pub const REFUSED: &str = "refused";
+/// Requests by how long they took from admission to the handler's answer:
+/// a count per bucket (dimension [`LATENCY_DIMENSION`], the bucket's upper
+/// bound in microseconds, [`LATENCY_BOUNDS_US`]), from which a period's
+/// percentiles are read. Not priced.
+pub const LATENCY: &str = "latency";
 /// Every built-in meter (reserved: applications cannot record them).
 pub const BUILT_IN: &[&str] =
-    &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, STORAGE_BYTE_HOURS, REFUSED];
+    &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, STORAGE_BYTE_HOURS, REFUSED, LATENCY];
 /// The meters counted per request (the others come from samples).
-pub(crate) const COUNTED: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, REFUSED];
+pub(crate) const COUNTED: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, REFUSED, LATENCY];
 pub(crate) const VALUE_METERS: &[&str] = &[READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US];
 
 /// The dimension of `requests` that names the RPC.
 pub const RPC_DIMENSION: &str = "rpc";
+/// The dimension of `latency` that names the bucket: its upper bound in
+/// microseconds, or `inf`.
+pub const LATENCY_DIMENSION: &str = "le_us";
+/// The upper bounds of the `latency` buckets, in microseconds (the last
+/// takes the rest).
+pub const LATENCY_BOUNDS_US: &[u64] =
+    &[250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, u64::MAX];
 /// The dimension of `refused` that names the limit.
 pub const REFUSAL_DIMENSION: &str = "limit";
 /// The limits a call can be refused by, as `refused` names them (the

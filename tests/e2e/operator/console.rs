@@ -268,6 +268,12 @@ async fn the_console_runs_a_tenants_life_and_shows_the_metering_numbers() {
     );
     let page = operator.get(&format!("/tenants/{id}?hours=1")).await;
     assert!(page.body.contains(r#"<table id="refusals">"#) && page.body.contains("requests_per_second"));
+    // Every request served is in a latency bucket; the percentiles are read from them.
+    let served = shown["usage"][0]["total"].as_i64().unwrap();
+    let bucketed: i64 = shown["latency"].as_array().unwrap().iter().map(|b| b[1].as_i64().unwrap()).sum();
+    assert_eq!(bucketed, served, "{shown}");
+    assert!(shown["p99"].as_str().unwrap().starts_with("<= "), "{shown}");
+    assert!(fleet["rows"][0]["p99"].as_str().unwrap().starts_with("<= "), "{fleet}");
 
     // A tier change from the form, followed to its end.
     let csrf = operator.csrf(&format!("/tenants/{id}")).await;

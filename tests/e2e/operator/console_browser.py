@@ -124,6 +124,7 @@ def main():
         values = [int(c.get_attribute("data-v")) for c in driver.find_elements(By.CSS_SELECTOR, "#plot-refused circle")]
         assert sum(values) == refused, values
         assert "requests_per_second " + str(refused) in driver.find_element(By.ID, "refusals").text
+        assert driver.find_element(By.ID, "p99").text.startswith("<= "), driver.find_element(By.ID, "p99").text
         assert driver.find_element(By.ID, "cost-total").text
         labelled(driver)
         shot(driver, "tenant")

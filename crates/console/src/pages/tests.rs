@@ -21,6 +21,7 @@ fn row(id: &str, name: &str) -> TenantRow {
         requests: 3,
         requests_per_minute: 0.1,
         refused: 2,
+        p99: "<= 1 ms".into(),
         cost: 0.5,
         revenue: 1.0,
         margin: 0.5,

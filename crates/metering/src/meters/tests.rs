@@ -1,7 +1,7 @@
 //! Unit tests of [`super`].
 
 use super::*;
-use crate::schema::MINUTE;
+use crate::schema::{LATENCY, MINUTE, REFUSED};
 use crate::usage::*;
 use tenantmesh_storage::EmbeddedTable;
 
@@ -64,6 +64,24 @@ async fn counts_are_flushed_once_per_minute_and_tenant() {
     assert_eq!(total(&later, REQUESTS), 1);
     let bolt = read_usage(meters.table(), "bolt", None, 0, i64::MAX / 2).await.unwrap();
     assert_eq!((total(&bolt, REQUESTS), total(&bolt, WRITE_UNITS), total(&bolt, READ_UNITS)), (1, 1, 0));
+}
+
+/// Each request is counted in the bucket of its time, flushed as `latency`
+/// with the bucket's bound as its dimension.
+#[tokio::test]
+async fn requests_are_counted_by_latency_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let meters = Meters::new(table(&dir), RPCS, Duration::from_secs(10));
+    let a: Arc<str> = "acme".into();
+    for micros in [100, 250, 251, 40_000, 5_000_000] {
+        meters.record(&a, 0, Usage::default(), Duration::from_micros(micros));
+    }
+    let minute = 1_700_000_040;
+    meters.flush_at(minute).await.unwrap();
+    let rows = read_usage(meters.table(), "acme", Some(LATENCY), minute, minute + 60).await.unwrap();
+    let mut buckets: Vec<(String, i64)> = rows.iter().map(|r| (r.dimensions["le_us"].clone(), r.value)).collect();
+    buckets.sort();
+    assert_eq!(buckets, [("250".into(), 2), ("500".into(), 1), ("50000".into(), 1), ("inf".into(), 1)]);
 }
 
 /// Refusals are counted per tenant and limit, flushed as `refused` with the
