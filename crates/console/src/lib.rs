@@ -41,6 +41,9 @@ pub struct ConsoleConfig {
     pub origin: Option<String>,
     /// The tiers offered in the forms.
     pub tiers: Vec<String>,
+    /// How many days of change history each tier keeps (how far back a
+    /// restore reaches), and whether its tenants' admins may restore.
+    pub history: std::collections::HashMap<String, (u32, bool)>,
     /// A session ends after this long without a request.
     pub idle: Duration,
 }
@@ -77,6 +80,10 @@ impl ConsoleConfig {
             onboarding: url("TENANTMESH_ONBOARDING_URL", 50053)?,
             data: url("TENANTMESH_DATA_URL", 50054)?,
             origin: origin.map(|o| o.trim_end_matches('/').to_owned()),
+            history: tiers
+                .names()
+                .filter_map(|n| tiers.get(n).map(|t| (n.to_owned(), (t.history_days, t.tenant_restore))))
+                .collect(),
             tiers: tiers.names().map(str::to_owned).collect(),
             idle: Duration::from_secs(8 * 3600),
         })

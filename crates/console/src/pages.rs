@@ -543,6 +543,9 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         tokio::try_join!(tenant, usage, refusals, latency, cost, users, workflows, resources)?;
     let limits = tenant.limits.unwrap_or_default();
     let placement = tenant.placement.clone().unwrap_or_default();
+    let (history_days, tenant_restore) = c.config.history.get(&tenant.tier).copied().unwrap_or((7, false));
+    let now = tenantmesh_service::clock::now_secs();
+    let restore_from = tenant.create_time.max(now - i64::from(history_days) * 86_400);
     let mut row = TenantRow::new(&tenant, Some(&cost), (hours * 60) as f64);
     row.p99 = quantile(&latency, 0.99);
     Ok(TenantPage {
@@ -569,6 +572,9 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         users: users.iter().map(UserView::from).collect(),
         workflows: workflows.iter().map(WorkflowView::from).collect(),
         resources: resources.iter().map(ResourceView::from).collect(),
+        restore_from,
+        history_days,
+        tenant_restore,
     })
 }
 

@@ -320,6 +320,12 @@ pub struct TenantPage {
     pub users: Vec<UserView>,
     pub workflows: Vec<WorkflowView>,
     pub resources: Vec<ResourceView>,
+    /// Its restore points: any instant from `restore_from` to now (its
+    /// tier keeps `history_days` of change history, and none before the
+    /// tenant existed); whether its own admins may restore.
+    pub restore_from: i64,
+    pub history_days: u32,
+    pub tenant_restore: bool,
 }
 
 /// The `q` quantile (0..=1) of requests counted in latency `buckets`

@@ -18,16 +18,18 @@ use tenantmesh_test_support::*;
 
 /// The console of `mesh`, served in this process; its address.
 pub async fn start_console(mesh: &TestMesh) -> SocketAddr {
+    // As the process reads its environment, with the mesh's tiers file.
     let a = mesh.addrs;
-    let config = tenantmesh_console::ConsoleConfig {
-        registry: format!("http://{}", a.registry),
-        auth: format!("http://{}", a.auth),
-        onboarding: format!("http://{}", a.onboarding),
-        data: format!("http://{}", a.data),
-        origin: None,
-        tiers: ["basic", "standard", "premium", "enterprise"].map(String::from).to_vec(),
-        idle: Duration::from_secs(600),
-    };
+    let mut env = test_env();
+    for (var, addr) in [
+        ("TENANTMESH_REGISTRY_URL", a.registry),
+        ("TENANTMESH_AUTH_URL", a.auth),
+        ("TENANTMESH_ONBOARDING_URL", a.onboarding),
+        ("TENANTMESH_DATA_URL", a.data),
+    ] {
+        env.insert(var.into(), format!("http://{addr}"));
+    }
+    let config = tenantmesh_console::ConsoleConfig::from_env(&env).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let console = tenantmesh_console::Console::new(config).unwrap();
@@ -215,6 +217,9 @@ async fn the_console_runs_a_tenants_life_and_shows_the_metering_numbers() {
     assert!(page.body.contains(&format!(r#"data-meter="requests" data-total="{N}""#)), "{}", page.body);
     assert!(page.body.contains("Web &#60;Co&#62;") || page.body.contains("Web &lt;Co&gt;"), "escaped name");
     assert_eq!(page.body.matches(r#"<svg xmlns="http://www.w3.org/2000/svg" id="plot-"#).count(), 6);
+    // Its restore points: from its creation (younger than its tier's history).
+    assert_eq!(shown["restore_from"], shown["create_time"]);
+    assert!(shown["history_days"].as_u64().unwrap() > 0 && page.body.contains(r#"id="restore-points""#));
 
     // Limits set from the form hold the tenant to one call a second: the
     // calls refused are counted by limit, as the Metering API says.

@@ -99,6 +99,7 @@ fn console() -> Arc<Console> {
         data: "http://127.0.0.1:1".into(),
         origin: None,
         tiers: vec!["basic".into()],
+        history: HashMap::new(),
         idle: Duration::from_secs(60),
     };
     Console::new(config).unwrap()
