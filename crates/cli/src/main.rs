@@ -70,7 +70,9 @@ enum Command {
     ///
     /// Beside them runs the example application service, orders (built
     /// only on the tenantmesh-app crate, registered in the service catalog,
-    /// so every tenant's workflows include it), unless --no-example.
+    /// so every tenant's workflows include it), unless --no-example, and
+    /// the operator's web console (http://127.0.0.1:50080/), unless
+    /// --no-console.
     ///
     /// On first start it creates the `platform` operator tenant and its admin
     /// (email admin@platform.local, or TENANTMESH_BOOTSTRAP_EMAIL). The admin

@@ -268,6 +268,8 @@ fn help_explains_the_command() {
         "silos.json",
         "--orders-port",
         "--no-example",
+        "--console-port",
+        "--no-console",
     ] {
         assert!(up.contains(needle), "`tenantmesh up --help` does not mention {needle}:\n{up}");
     }
