@@ -10,6 +10,7 @@
 //!   prices (`pricing.toml`, or `TENANTMESH_PRICING_FILE`), and the cost and
 //!   margin of a tenant's usage.
 
+pub mod latency;
 pub mod meters;
 pub mod pricing;
 pub mod schema;

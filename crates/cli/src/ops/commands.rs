@@ -26,6 +26,7 @@ use super::progress;
 use super::session::{self, Endpoints, Session};
 use super::views::*;
 use super::when;
+use tenantmesh_metering::latency;
 
 /// `-o table|json`.
 #[derive(Args, Debug, Clone, Copy)]
@@ -971,7 +972,7 @@ async fn workflow(command: WorkflowCommand, ops: &Ops) -> Result<(), CliError> {
 }
 
 /// The meters the data service records for every tenant.
-const BUILT_IN_METERS: [&str; 5] = ["requests", "read_units", "write_units", "bytes_returned", "compute_us"];
+const BUILT_IN_METERS: [&str; 6] = ["requests", "read_units", "write_units", "bytes_returned", "compute_us", "refused"];
 
 async fn usage(args: UsageArgs, ops: &Ops) -> Result<(), CliError> {
     let to = tenantmesh_service::clock::now_secs() + 60;
@@ -1002,14 +1003,31 @@ async fn usage(args: UsageArgs, ops: &Ops) -> Result<(), CliError> {
     if args.meter.is_none() {
         let totals: Vec<(String, i64)> =
             all.iter().map(|(m, rows)| (m.clone(), rows.iter().map(|r| r.value).sum())).collect();
+        // The time per request, from the latency meter's buckets.
+        let request = GetUsageRequest {
+            tenant_id: args.tenant.clone(),
+            meter: "latency".into(),
+            from,
+            to,
+            window: Window::Day as i32,
+            group_by: vec!["le_us".into()],
+        };
+        let rows = client.get_usage(ops.request(request)).await.map_err(ops.error(Service::Data))?.into_inner().rows;
+        let buckets = tenantmesh_metering::latency::buckets(
+            rows.iter().map(|r| (r.dimensions.get("le_us").map_or("", String::as_str), r.value)),
+        );
+        let (p50, p99) = (latency::quantile(&buckets, 0.5), latency::quantile(&buckets, 0.99));
         if args.out.json() {
             let map: serde_json::Map<String, Value> = totals.iter().map(|(m, v)| (m.clone(), json!(v))).collect();
-            print_json(&json!({ "tenant_id": args.tenant, "from": from, "to": to, "totals": map }));
+            let doc =
+                json!({ "tenant_id": args.tenant, "from": from, "to": to, "totals": map, "p50": p50, "p99": p99 });
+            print_json(&doc);
         } else {
             println!("{}'s usage from {} to {}", args.tenant, when::format(from), when::format(to));
             let mut table = Table::new(&["METER", "TOTAL"]);
             totals.iter().for_each(|(m, v)| table.row(vec![m.clone(), v.to_string()]));
             print!("{}", table.render(""));
+            println!("time per request: p50 {p50}, p99 {p99}");
         }
         return Ok(());
     }
