@@ -120,7 +120,7 @@ pub const ADMIN_PASSWORD: &str = "bench-platform-admin-password";
 /// Runs the real `tenantmesh up` on free ports with `data_dir`, plus
 /// `env` (the bootstrap password and a one-hour token lifetime are set;
 /// the example application service runs only if `env` asks for it with
-/// `TENANTMESH_NO_EXAMPLE=false`, on a free port).
+/// `TENANTMESH_NO_EXAMPLE=false`, on a free port; the console never).
 pub fn start_mesh(data_dir: &Path, env: &HashMap<String, String>) -> Result<(Proc, MeshAddrs), String> {
     start_mesh_of(&sibling("tenantmesh")?, data_dir, env)
 }
@@ -139,9 +139,12 @@ pub fn start_mesh_of(
         .args(["--registry-port", "0", "--auth-port", "0", "--onboarding-port", "0", "--data-port", "0"])
         .env("TENANTMESH_BOOTSTRAP_PASSWORD", ADMIN_PASSWORD)
         .env("TENANTMESH_ACCESS_TOKEN_TTL_SECS", "3600")
-        // Variables, not flags: a build from before the example ignores them.
+        // Variables, not flags: a build from before the example (or the
+        // console) ignores them. No console: it is not on the request path.
         .env("TENANTMESH_NO_EXAMPLE", "true")
         .env("TENANTMESH_ORDERS_PORT", "0")
+        .env("TENANTMESH_NO_CONSOLE", "true")
+        .env("TENANTMESH_CONSOLE_PORT", "0")
         .envs(env);
     let mut found: HashMap<String, SocketAddr> = HashMap::new();
     let log = data_dir.with_extension("log");
