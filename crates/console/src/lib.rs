@@ -109,6 +109,8 @@ pub struct Console {
     /// Fleet pages following the registry at once: each holds one of the
     /// registry's tenant watches, which the services need for their caches.
     fleet_watches: Arc<tokio::sync::Semaphore>,
+    /// Held while a session's tokens are refreshed (see `session_by_id`).
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 /// Fleet pages of one console that follow the registry live at once; more
@@ -138,6 +140,7 @@ impl Console {
             config,
             channels,
             fleet_watches: Arc::new(tokio::sync::Semaphore::new(MAX_FLEET_WATCHES)),
+            refreshing: tokio::sync::Mutex::new(()),
         }))
     }
 }

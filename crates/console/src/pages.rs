@@ -214,24 +214,38 @@ impl Console {
     /// when it is about to expire.
     async fn session(&self, headers: &HeaderMap) -> Result<(String, WebSession), Fail> {
         let id = cookie_of(headers).ok_or(Fail::SignIn)?;
-        let mut s = self.sessions.get(&id).ok_or(Fail::SignIn)?;
+        let s = self.session_by_id(&id).await?;
+        Ok((id, s))
+    }
+
+    /// The session `id`, its access token refreshed when it is about to
+    /// expire. Refreshes are one at a time: a refresh token is good for
+    /// one use (a second use would end the session), and two requests of
+    /// one browser may both find the token about to expire.
+    async fn session_by_id(&self, id: &str) -> Result<WebSession, Fail> {
+        let s = self.sessions.get(id).ok_or(Fail::SignIn)?;
+        if s.expires_at - tenantmesh_service::clock::now_secs() >= 60 {
+            return Ok(s);
+        }
+        let _one_at_a_time = self.refreshing.lock().await;
+        // Another request may have refreshed it meanwhile.
+        let s = self.sessions.get(id).ok_or(Fail::SignIn)?;
         let now = tenantmesh_service::clock::now_secs();
-        if s.expires_at - now < 60 {
-            let answer = self.auth().refresh(RefreshRequest { refresh_token: s.refresh_token.clone() }).await;
-            match answer {
-                Ok(a) => {
-                    let a = a.into_inner();
-                    self.sessions.update(&id, a.access_token, a.refresh_token, now + a.expires_in);
-                    s = self.sessions.get(&id).ok_or(Fail::SignIn)?;
-                }
-                Err(e) => {
-                    tracing::info!(tenant.id = %s.tenant_id, error = %e.message(), "console: session ended (refresh refused)");
-                    self.sessions.remove(&id);
-                    return Err(Fail::SignIn);
-                }
+        if s.expires_at - now >= 60 {
+            return Ok(s);
+        }
+        match self.auth().refresh(RefreshRequest { refresh_token: s.refresh_token.clone() }).await {
+            Ok(a) => {
+                let a = a.into_inner();
+                self.sessions.update(id, a.access_token, a.refresh_token, now + a.expires_in);
+                self.sessions.get(id).ok_or(Fail::SignIn)
+            }
+            Err(e) => {
+                tracing::info!(tenant.id = %s.tenant_id, error = %e.message(), "console: session ended (refresh refused)");
+                self.sessions.remove(id);
+                Err(Fail::SignIn)
             }
         }
-        Ok((id, s))
     }
 
     /// The origin browsers reach the console at, for a request's headers.
@@ -352,6 +366,10 @@ async fn login(State(c): State<Shared>, headers: HeaderMap, Form(form): Form<Has
             let a = answer.into_inner();
             let expires_at = tenantmesh_service::clock::now_secs() + a.expires_in;
             let session = WebSession::new(tenant.clone(), email.clone(), a.access_token, a.refresh_token, expires_at);
+            // A new id for every sign-in; the browser's previous session ends.
+            if let Some(previous) = cookie_of(&headers) {
+                c.sessions.remove(&previous);
+            }
             let id = c.sessions.create(session);
             tracing::info!(tenant.id = %tenant, "console: signed in");
             let mut response = Redirect::to("/").into_response();
@@ -710,7 +728,7 @@ fn events() -> (tokio::sync::mpsc::Sender<Result<Event, Infallible>>, Response) 
 
 /// The workflow, each time it changes, until it ends (or the page goes).
 async fn workflow_events(State(c): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let (_, s) = match c.session(&headers).await {
+    let (session_id, s) = match c.session(&headers).await {
         Ok(v) => v,
         Err(f) => return f.json(),
     };
@@ -738,6 +756,8 @@ async fn workflow_events(State(c): State<Shared>, headers: HeaderMap, Path(id): 
             if tx.is_closed() {
                 return;
             }
+            // The session as it is now: refreshed, or ended by a sign-out.
+            let Ok(s) = c.session_by_id(&session_id).await else { return };
             w = match workflow_data(&c, &s, &id).await {
                 Ok(w) => w,
                 Err(_) => return,
@@ -749,7 +769,7 @@ async fn workflow_events(State(c): State<Shared>, headers: HeaderMap, Path(id): 
 
 /// Each tenant as the registry reports it changed (the platform admin only).
 async fn fleet_events(State(c): State<Shared>, headers: HeaderMap) -> Response {
-    let (_, s) = match c.session(&headers).await {
+    let (session_id, s) = match c.session(&headers).await {
         Ok(v) => v,
         Err(f) => return f.json(),
     };
@@ -770,6 +790,8 @@ async fn fleet_events(State(c): State<Shared>, headers: HeaderMap) -> Response {
         let _permit = permit;
         let mut stream = stream;
         while let Ok(Some(changed)) = stream.message().await {
+            // The session as it is now: refreshed, or ended by a sign-out.
+            let Ok(s) = c.session_by_id(&session_id).await else { return };
             for id in changed.tenant_ids {
                 let Ok(t) = c.registry().get_tenant(authed(&s, GetTenantRequest { tenant_id: id })).await else {
                     continue;

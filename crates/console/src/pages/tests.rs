@@ -217,3 +217,15 @@ fn instants_of_the_restore_form() {
     assert_eq!(parse_instant("2000-13-01T00:00:00Z"), None);
     assert_eq!(parse_instant("yesterday"), None);
 }
+
+/// A session whose token cannot be refreshed ends: the request is sent to
+/// sign in, and the session is gone.
+#[tokio::test]
+async fn a_session_that_cannot_be_refreshed_ends() {
+    let c = console();
+    let s = WebSession::new("platform".into(), "admin@platform.local".into(), "at".into(), "rt".into(), 0);
+    let cookie = c.sessions.create(s);
+    let (status, _, _) = send(&c, get("/api/fleet", &cookie)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(c.sessions.get(&cookie).is_none());
+}
