@@ -187,6 +187,21 @@ async fn the_session_is_private_refreshed_and_revoked() {
     assert_ne!(saved["access_token"], "expired");
     assert!(saved["expires_at"].as_i64().unwrap() > tenantmesh_service::clock::now_secs());
 
+    // Commands run at once with an expired token refresh it once between
+    // them (a refresh token is good for one use): all work, and so does the next.
+    let mut expired = saved.clone();
+    expired["expires_at"] = 0.into();
+    std::fs::write(&path, serde_json::to_vec(&expired).unwrap()).unwrap();
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..4).map(|_| scope.spawn(|| cli.run(&["tenant", "list", "-o", "json"], ""))).collect();
+        for run in runs {
+            let out = run.join().unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+        }
+    });
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(cli.ok(&["tenant", "list"], "").contains("platform"));
+
     // logout revokes the refresh token: the copy kept aside is refused.
     let mut copy = saved.clone();
     copy["expires_at"] = 0.into();

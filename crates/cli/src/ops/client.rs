@@ -133,7 +133,16 @@ impl Ops {
         };
         let mut ops = Ops { session, path };
         if ops.session.needs_refresh(tenantmesh_service::clock::now_secs()) {
-            ops.refresh().await?;
+            // One process at a time (a refresh token is good for one use:
+            // two commands refreshing with it would end the session); the
+            // one that waited finds the session refreshed.
+            let _lock = session::lock(&ops.path)?;
+            if let Some(now) = Session::load(&ops.path)? {
+                ops.session = now;
+            }
+            if ops.session.needs_refresh(tenantmesh_service::clock::now_secs()) {
+                ops.refresh().await?;
+            }
         }
         Ok(ops)
     }

@@ -102,6 +102,21 @@ impl Session {
     }
 }
 
+/// Holds the lock beside the session at `path` (exclusive, across
+/// processes) until dropped.
+pub fn lock(path: &Path) -> Result<std::fs::File, String> {
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
