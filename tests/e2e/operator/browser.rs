@@ -47,9 +47,9 @@ async fn the_console_in_a_real_browser() {
         eprintln!("SKIPPED the browser test: {why}");
         return;
     }
-    // The first onboarding's last step fails three times (retried with
-    // backoff), so the page is seen RUNNING and then turning DONE.
-    let settings = [("TENANTMESH_FAULTS", "fail:activate_tenant:3"), ("TENANTMESH_STEP_BACKOFF_MS", "400")];
+    // The first onboarding's last step fails three times (retried after
+    // up to 1, 2 and 4 s), so its page is seen RUNNING, then turning DONE.
+    let settings = [("TENANTMESH_FAULTS", "fail:activate_tenant:3"), ("TENANTMESH_STEP_BACKOFF_MS", "1000")];
     let mesh = TestMesh::start_with_env(TestBackend::from_env(), &settings).await;
     let console = super::console::start_console(&mesh).await;
     // Onboarded once the browser's has run (the faults are the first onboarding's).

@@ -243,7 +243,7 @@ async fn the_console_runs_a_tenants_life_and_shows_the_metering_numbers() {
             refused += 1;
         }
     }
-    assert!(refused >= 8, "{refused} of 10 refused at one call a second");
+    assert!(refused >= 5, "{refused} of 10 refused at one call a second");
     let mut shown = serde_json::Value::Null;
     for _ in 0..100 {
         shown = operator.json(&format!("/api/tenants/{id}?hours=1")).await;
