@@ -12,7 +12,7 @@ use tenantmesh_proto::auth::v1::{
 use tenantmesh_proto::metering::v1::{GetTenantCostRequest, GetUsageRequest, ListTenantCostsRequest, Window};
 use tenantmesh_proto::onboarding::v1::{
     ChangeTierRequest, GetWorkflowRequest, ListTenantResourcesRequest, ListWorkflowsRequest, OffboardTenantRequest,
-    RegisterTenantRequest, RestoreTarget, RestoreTenantRequest, RetryOnboardingRequest, Workflow,
+    RegisterTenantRequest, RestoreTarget, RestoreTenantRequest, RetryOnboardingRequest, WatchEventsRequest, Workflow,
 };
 use tenantmesh_proto::registry::v1::{
     GetTenantRequest, ListTenantsRequest, SetTenantLimitsRequest, SetTenantStatusRequest, Tenant, TenantLimits,
@@ -81,6 +81,20 @@ pub enum OpsCommand {
     /// Who is signed in, to which tenant, and where the mesh is.
     #[command(after_help = "Example:\n  tenantmesh whoami -o json")]
     Whoami(Output),
+    /// Lifecycle events as they happen (onboarded, suspended, tier changed,
+    /// offboarded, restored, a step failed), until Ctrl-C: every tenant's
+    /// for the platform admin, a tenant admin's own tenant's.
+    #[command(after_help = "Examples:\n  tenantmesh events\n  tenantmesh events --tenant acme --all -o json")]
+    Events {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The stored events first (from the oldest), then the live ones.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Tenants: list, show, register, change tier, set limits, suspend,
     /// resume, offboard, restore to an instant, resources.
     #[command(subcommand)]
@@ -402,6 +416,7 @@ pub async fn run(command: OpsCommand, env: &Env) -> Result<(), CliError> {
         OpsCommand::Login(args) => login(args, env).await,
         OpsCommand::Logout => logout(env).await,
         OpsCommand::Whoami(out) => whoami(env, out),
+        OpsCommand::Events { tenant, all, out } => events(&Ops::load(env).await?, tenant, all, out).await,
         OpsCommand::Tenant(c) => tenant(c, &Ops::load(env).await?, env).await,
         OpsCommand::User(c) => user(c, &Ops::load(env).await?, env).await,
         OpsCommand::Workflow(c) => workflow(c, &Ops::load(env).await?).await,
@@ -535,6 +550,38 @@ fn whoami(env: &Env, out: Output) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// A line per lifecycle event, until Ctrl-C or the stream ends.
+async fn events(ops: &Ops, tenant: Option<String>, all: bool, out: Output) -> Result<(), CliError> {
+    let request = WatchEventsRequest { tenant_id: tenant.unwrap_or_default(), after_sequence: all.then_some(0) };
+    let mut stream = ops
+        .onboarding()?
+        .watch_events(ops.request(request))
+        .await
+        .map_err(ops.error(Service::Onboarding))?
+        .into_inner();
+    loop {
+        let message = tokio::select! {
+            m = stream.message() => m.map_err(ops.error(Service::Onboarding))?,
+            () = tenantmesh_service::runtime::shutdown_signal() => return Ok(()),
+        };
+        let Some(e) = message.and_then(|m| m.event) else {
+            return Err(CliError("the onboarding service ended the stream: run the command again".into()));
+        };
+        let kind = tenantmesh_proto::onboarding::v1::EventKind::try_from(e.kind)
+            .map_or("UNKNOWN", |k| k.as_str_name().strip_prefix("EVENT_KIND_").unwrap_or("UNKNOWN"));
+        if out.json() {
+            let line = json!({
+                "sequence": e.sequence, "time": e.time, "kind": kind, "tenant_id": e.tenant_id,
+                "workflow_id": e.workflow_id, "detail": e.detail,
+            });
+            println!("{line}");
+        } else {
+            println!("{}  {kind}  {}  {}  {}", when::format(e.time), e.tenant_id, e.workflow_id, clean(&e.detail));
+        }
+        let _ = std::io::stdout().flush();
+    }
 }
 
 fn tenant_row(t: &Tenant) -> Vec<String> {
