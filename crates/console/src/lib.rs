@@ -54,31 +54,20 @@ impl ConsoleConfig {
     /// (default: localhost's 50051-50054), TENANTMESH_CONSOLE_ORIGIN and
     /// TENANTMESH_TIERS_FILE.
     pub fn from_env(env: &HashMap<String, String>) -> Result<Self, String> {
-        let url = |var: &str, port: u16| -> Result<String, String> {
-            let v =
-                env.get(var).filter(|v| !v.is_empty()).cloned().unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
-            if v.starts_with("http://") || v.starts_with("https://") {
-                Ok(v)
-            } else {
-                Err(format!("{var}: {v:?} is not an http:// or https:// URL"))
-            }
-        };
-        let tiers = match env.get("TENANTMESH_TIERS_FILE").filter(|v| !v.is_empty()) {
-            Some(path) => tenantmesh_service::tiers::Tiers::load(std::path::Path::new(path))
-                .map_err(|e| format!("TENANTMESH_TIERS_FILE: {e}"))?,
-            None => tenantmesh_service::tiers::Tiers::default(),
-        };
-        let origin = env.get("TENANTMESH_CONSOLE_ORIGIN").filter(|v| !v.is_empty()).cloned();
+        use tenantmesh_service::config::{AUTH_PORT, DATA_PORT, ONBOARDING_PORT, REGISTRY_PORT, url_var, var};
+        let url = |name, port| url_var(env, name, port).map_err(|e| e.to_string());
+        let tiers = tenantmesh_service::config::tiers_var(env).map_err(|e| e.to_string())?;
+        let origin = var(env, "TENANTMESH_CONSOLE_ORIGIN").map(str::to_owned);
         if let Some(o) = &origin
             && !(o.starts_with("http://") || o.starts_with("https://"))
         {
             return Err(format!("TENANTMESH_CONSOLE_ORIGIN: {o:?} is not an http:// or https:// origin"));
         }
         Ok(ConsoleConfig {
-            registry: url("TENANTMESH_REGISTRY_URL", 50051)?,
-            auth: url("TENANTMESH_AUTH_URL", 50052)?,
-            onboarding: url("TENANTMESH_ONBOARDING_URL", 50053)?,
-            data: url("TENANTMESH_DATA_URL", 50054)?,
+            registry: url("TENANTMESH_REGISTRY_URL", REGISTRY_PORT)?,
+            auth: url("TENANTMESH_AUTH_URL", AUTH_PORT)?,
+            onboarding: url("TENANTMESH_ONBOARDING_URL", ONBOARDING_PORT)?,
+            data: url("TENANTMESH_DATA_URL", DATA_PORT)?,
             origin: origin.map(|o| o.trim_end_matches('/').to_owned()),
             history: tiers
                 .names()

@@ -27,10 +27,8 @@ async fn main() -> ExitCode {
 
 /// The listen address, from TENANTMESH_LISTEN_ADDR or the default.
 fn listen_addr(env: &std::collections::HashMap<String, String>) -> Result<std::net::SocketAddr, String> {
-    match env.get("TENANTMESH_LISTEN_ADDR").filter(|v| !v.is_empty()) {
-        Some(a) => a.parse().map_err(|e| format!("TENANTMESH_LISTEN_ADDR: {a:?}: {e}")),
-        None => Ok(([127, 0, 0, 1], tenantmesh_console::DEFAULT_PORT).into()),
-    }
+    let default = std::net::SocketAddr::from(([127, 0, 0, 1], tenantmesh_console::DEFAULT_PORT));
+    tenantmesh_service::config::parse_var(env, "TENANTMESH_LISTEN_ADDR", default).map_err(|e| e.to_string())
 }
 
 /// GET /healthz of the console in this container, in three seconds.

@@ -35,6 +35,7 @@ use crate::Console;
 use crate::plot;
 use crate::sessions::{WebSession, cookie_of, same_secret, set_cookie};
 use crate::views::*;
+use tenantmesh_metering::schema::{CALL_METERS, REFUSAL_DIMENSION, REFUSED};
 
 type Shared = Arc<Console>;
 type Params = Query<HashMap<String, String>>;
@@ -489,9 +490,6 @@ fn window_for(hours: i64) -> (Window, i64) {
     }
 }
 
-/// The meters the data service records for every tenant.
-pub const METERS: [&str; 6] = ["requests", "read_units", "write_units", "bytes_returned", "compute_us", "refused"];
-
 async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Result<TenantPage, Fail> {
     // Another tenant's page does not exist for a tenant's admin: not even its name.
     if !s.may_see(id) || tenantmesh_service::ids::validate_tenant_id(id).is_err() {
@@ -506,7 +504,7 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
     };
     let usage = async {
         let mut all = Vec::new();
-        for meter in METERS {
+        for &meter in CALL_METERS {
             let request = GetUsageRequest {
                 tenant_id: id.into(),
                 meter: meter.into(),
@@ -525,16 +523,16 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
     let refusals = async {
         let request = GetUsageRequest {
             tenant_id: id.into(),
-            meter: "refused".into(),
+            meter: REFUSED.into(),
             from,
             to,
             window: Window::Day as i32,
-            group_by: vec!["limit".into()],
+            group_by: vec![REFUSAL_DIMENSION.into()],
         };
         let rows = c.metering().get_usage(authed(s, request)).await.map_err(fail)?.into_inner().rows;
         let mut by_limit: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
         for r in rows {
-            *by_limit.entry(r.dimensions.get("limit").cloned().unwrap_or_default()).or_default() += r.value;
+            *by_limit.entry(r.dimensions.get(REFUSAL_DIMENSION).cloned().unwrap_or_default()).or_default() += r.value;
         }
         Ok::<_, Fail>(by_limit.into_iter().collect::<Vec<_>>())
     };
@@ -604,16 +602,9 @@ async fn latency_buckets(
     from: i64,
     to: i64,
 ) -> Result<Vec<(u64, i64)>, Fail> {
-    let request = GetUsageRequest {
-        tenant_id: tenant.into(),
-        meter: "latency".into(),
-        from,
-        to,
-        window: Window::Day as i32,
-        group_by: vec!["le_us".into()],
-    };
+    let request = tenantmesh_metering::latency::usage_request(tenant, from, to);
     let rows = c.metering().get_usage(authed(s, request)).await.map_err(fail)?.into_inner().rows;
-    Ok(buckets(rows.iter().map(|r| (r.dimensions.get("le_us").map_or("", String::as_str), r.value))))
+    Ok(tenantmesh_metering::latency::of_rows(&rows))
 }
 
 /// The tenant page's plots, one per meter.

@@ -328,7 +328,7 @@ pub struct TenantPage {
     pub tenant_restore: bool,
 }
 
-pub use tenantmesh_metering::latency::{buckets, quantile};
+pub use tenantmesh_metering::latency::quantile;
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,24 @@ fn micros(us: u64) -> String {
     }
 }
 
+/// The GetUsage request for `tenant`'s requests by latency bucket over
+/// `[from, to)` (one row per bucket and day).
+pub fn usage_request(tenant: &str, from: i64, to: i64) -> GetUsageRequest {
+    GetUsageRequest {
+        tenant_id: tenant.to_owned(),
+        meter: LATENCY.to_owned(),
+        from,
+        to,
+        window: Window::Day as i32,
+        group_by: vec![LATENCY_DIMENSION.to_owned()],
+    }
+}
+
+/// The buckets of the rows answering [`usage_request`].
+pub fn of_rows(rows: &[UsageRow]) -> Vec<(u64, i64)> {
+    buckets(rows.iter().map(|r| (r.dimensions.get(LATENCY_DIMENSION).map_or("", String::as_str), r.value)))
+}
+
 /// Latency buckets from GetUsage rows' `le_us` dimension, summed per bound.
 pub fn buckets<'a>(rows: impl IntoIterator<Item = (&'a str, i64)>) -> Vec<(u64, i64)> {
     let mut sums: std::collections::BTreeMap<u64, i64> = std::collections::BTreeMap::new();
@@ -45,6 +63,10 @@ pub fn buckets<'a>(rows: impl IntoIterator<Item = (&'a str, i64)>) -> Vec<(u64, 
     }
     sums.into_iter().collect()
 }
+
+use tenantmesh_proto::metering::v1::{GetUsageRequest, UsageRow, Window};
+
+use crate::schema::{LATENCY, LATENCY_DIMENSION};
 
 #[cfg(test)]
 mod tests {

@@ -24,6 +24,9 @@ pub const LATENCY: &str = "latency";
 /// Every built-in meter (reserved: applications cannot record them).
 pub const BUILT_IN: &[&str] =
     &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, STORAGE_BYTE_HOURS, REFUSED, LATENCY];
+/// The meters counted per call, each a total over a period (the
+/// `latency` buckets aside): what an operator's view shows per tenant.
+pub const CALL_METERS: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, REFUSED];
 /// The meters counted per request (the others come from samples).
 pub(crate) const COUNTED: &[&str] = &[REQUESTS, READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US, REFUSED, LATENCY];
 pub(crate) const VALUE_METERS: &[&str] = &[READ_UNITS, WRITE_UNITS, BYTES_RETURNED, COMPUTE_US];

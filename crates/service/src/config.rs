@@ -172,6 +172,15 @@ pub fn url_var(env: &HashMap<String, String>, name: &'static str, default_port: 
     Ok(url)
 }
 
+/// The tiers of `TENANTMESH_TIERS_FILE`, else the built-in ones.
+pub fn tiers_var(env: &HashMap<String, String>) -> Result<crate::tiers::Tiers, ConfigError> {
+    match var(env, "TENANTMESH_TIERS_FILE") {
+        Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
+            .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() }),
+        None => Ok(crate::tiers::Tiers::default()),
+    }
+}
+
 impl CommonConfig {
     pub fn from_env(env: &HashMap<String, String>, default_port: u16) -> Result<Self, ConfigError> {
         Ok(Self {
@@ -220,11 +229,7 @@ impl CommonConfig {
             },
             jwks_allow_private: parse_var(env, "TENANTMESH_JWKS_ALLOW_PRIVATE", false)?,
             service_client: service_client(env)?,
-            tiers: std::sync::Arc::new(match var(env, "TENANTMESH_TIERS_FILE") {
-                Some(path) => crate::tiers::Tiers::load(std::path::Path::new(path))
-                    .map_err(|e| ConfigError { var: "TENANTMESH_TIERS_FILE", message: e.to_string() })?,
-                None => crate::tiers::Tiers::default(),
-            }),
+            tiers: std::sync::Arc::new(tiers_var(env)?),
         })
     }
 

@@ -1018,9 +1018,6 @@ async fn workflow(command: WorkflowCommand, ops: &Ops) -> Result<(), CliError> {
     }
 }
 
-/// The meters the data service records for every tenant.
-const BUILT_IN_METERS: [&str; 6] = ["requests", "read_units", "write_units", "bytes_returned", "compute_us", "refused"];
-
 async fn usage(args: UsageArgs, ops: &Ops) -> Result<(), CliError> {
     let to = tenantmesh_service::clock::now_secs() + 60;
     let from = to - args.hours * 3600;
@@ -1032,7 +1029,7 @@ async fn usage(args: UsageArgs, ops: &Ops) -> Result<(), CliError> {
     let mut client = ops.metering()?;
     let meters: Vec<String> = match &args.meter {
         Some(m) => vec![m.clone()],
-        None => BUILT_IN_METERS.iter().map(|m| (*m).to_owned()).collect(),
+        None => tenantmesh_metering::schema::CALL_METERS.iter().map(|m| (*m).to_owned()).collect(),
     };
     let mut all = Vec::new();
     for meter in &meters {
@@ -1051,18 +1048,9 @@ async fn usage(args: UsageArgs, ops: &Ops) -> Result<(), CliError> {
         let totals: Vec<(String, i64)> =
             all.iter().map(|(m, rows)| (m.clone(), rows.iter().map(|r| r.value).sum())).collect();
         // The time per request, from the latency meter's buckets.
-        let request = GetUsageRequest {
-            tenant_id: args.tenant.clone(),
-            meter: "latency".into(),
-            from,
-            to,
-            window: Window::Day as i32,
-            group_by: vec!["le_us".into()],
-        };
+        let request = latency::usage_request(&args.tenant, from, to);
         let rows = client.get_usage(ops.request(request)).await.map_err(ops.error(Service::Data))?.into_inner().rows;
-        let buckets = tenantmesh_metering::latency::buckets(
-            rows.iter().map(|r| (r.dimensions.get("le_us").map_or("", String::as_str), r.value)),
-        );
+        let buckets = latency::of_rows(&rows);
         let (p50, p99) = (latency::quantile(&buckets, 0.5), latency::quantile(&buckets, 0.99));
         if args.out.json() {
             let map: serde_json::Map<String, Value> = totals.iter().map(|(m, v)| (m.clone(), json!(v))).collect();
