@@ -1,7 +1,7 @@
 //! The console's routes: pages, their JSON twins, server-sent events and
 //! the forms' POSTs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -502,39 +502,35 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         let t = c.registry().get_tenant(authed(s, GetTenantRequest { tenant_id: id.into() })).await.map_err(fail)?;
         t.into_inner().tenant.ok_or_else(|| Fail::NotFound(format!("no tenant {id}")))
     };
+    // Each meter once, per window; `refused` split by limit, which gives
+    // both its plot (summed per window) and its table (summed per limit).
     let usage = async {
         let mut all = Vec::new();
+        let mut refusals: BTreeMap<String, i64> = BTreeMap::new();
         for &meter in CALL_METERS {
+            let group_by = if meter == REFUSED { vec![REFUSAL_DIMENSION.into()] } else { Vec::new() };
             let request = GetUsageRequest {
                 tenant_id: id.into(),
                 meter: meter.into(),
                 from,
                 to,
                 window: window as i32,
-                group_by: Vec::new(),
+                group_by,
             };
             let rows = c.metering().get_usage(authed(s, request)).await.map_err(fail)?.into_inner().rows;
-            let points: Vec<Point> = rows.iter().map(|r| Point { t: r.window_start, v: r.value }).collect();
+            let mut per_window: BTreeMap<i64, i64> = BTreeMap::new();
+            for r in &rows {
+                *per_window.entry(r.window_start).or_default() += r.value;
+                if meter == REFUSED {
+                    *refusals.entry(r.dimensions.get(REFUSAL_DIMENSION).cloned().unwrap_or_default()).or_default() +=
+                        r.value;
+                }
+            }
+            let points: Vec<Point> = per_window.into_iter().map(|(t, v)| Point { t, v }).collect();
             let total = points.iter().map(|p| p.v).sum();
             all.push(MeterUsage { meter: meter.into(), total, window_secs, points });
         }
-        Ok::<_, Fail>(all)
-    };
-    let refusals = async {
-        let request = GetUsageRequest {
-            tenant_id: id.into(),
-            meter: REFUSED.into(),
-            from,
-            to,
-            window: Window::Day as i32,
-            group_by: vec![REFUSAL_DIMENSION.into()],
-        };
-        let rows = c.metering().get_usage(authed(s, request)).await.map_err(fail)?.into_inner().rows;
-        let mut by_limit: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
-        for r in rows {
-            *by_limit.entry(r.dimensions.get(REFUSAL_DIMENSION).cloned().unwrap_or_default()).or_default() += r.value;
-        }
-        Ok::<_, Fail>(by_limit.into_iter().collect::<Vec<_>>())
+        Ok::<_, Fail>((all, refusals.into_iter().collect::<Vec<_>>()))
     };
     let cost = async {
         let request = GetTenantCostRequest { tenant_id: id.into(), from, to };
@@ -555,8 +551,8 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         Ok::<_, Fail>(answer.into_inner().resources)
     };
     let latency = latency_buckets(c, s, id, from, to);
-    let (tenant, usage, refusals, latency, cost, users, workflows, resources) =
-        tokio::try_join!(tenant, usage, refusals, latency, cost, users, workflows, resources)?;
+    let (tenant, (usage, refusals), latency, cost, users, workflows, resources) =
+        tokio::try_join!(tenant, usage, latency, cost, users, workflows, resources)?;
     let limits = tenant.limits.unwrap_or_default();
     let placement = tenant.placement.clone().unwrap_or_default();
     let (history_days, tenant_restore) = c.config.history.get(&tenant.tier).copied().unwrap_or((7, false));
