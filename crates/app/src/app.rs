@@ -55,6 +55,11 @@ pub struct App {
     /// `TENANTMESH_SILO_INSTANCES`: the deployment starts an instance per
     /// silo tenant (the shared instance forwards to them).
     silo_instances: bool,
+    /// `TENANTMESH_SERVICE_IMAGE` and `TENANTMESH_SERVICE_COMMAND`: what a
+    /// deployment that starts silo instances from the registration (GitOps
+    /// on Kubernetes) runs.
+    image: String,
+    command: Vec<String>,
 }
 
 /// Where and how often the service's calls' usage goes, and how often its
@@ -139,6 +144,8 @@ impl App {
             advertise: None,
             silo_tenant: None,
             silo_instances: false,
+            image: String::new(),
+            command: Vec::new(),
         })
     }
 
@@ -169,7 +176,10 @@ impl App {
     /// service catalog; default the address it listens on), whether it is
     /// one silo tenant's instance (`TENANTMESH_SILO_TENANT`) or a shared
     /// instance whose deployment starts such instances
-    /// (`TENANTMESH_SILO_INSTANCES=true`), and the store (`TENANTMESH_STORAGE`,
+    /// (`TENANTMESH_SILO_INSTANCES=true`; on Kubernetes the onboarding
+    /// service starts them from the image and command the service registers,
+    /// `TENANTMESH_SERVICE_IMAGE` and `TENANTMESH_SERVICE_COMMAND`, words
+    /// split on spaces), and the store (`TENANTMESH_STORAGE`,
     /// `TENANTMESH_TABLE_PREFIX`, the AWS settings).
     pub fn configure(mut self, env: &HashMap<String, String>) -> Result<Self, AppError> {
         self.common = CommonConfig::from_env(env, DEFAULT_PORT)?;
@@ -198,6 +208,24 @@ impl App {
             None => None,
         };
         self.silo_instances = config::parse_var(env, "TENANTMESH_SILO_INSTANCES", false)?;
+        self.image = config::var(env, "TENANTMESH_SERVICE_IMAGE").unwrap_or_default().to_owned();
+        if self.image.contains(char::is_whitespace) {
+            return Err(config::ConfigError {
+                var: "TENANTMESH_SERVICE_IMAGE",
+                message: "must be a container image reference (no spaces)".into(),
+            }
+            .into());
+        }
+        self.command = config::var(env, "TENANTMESH_SERVICE_COMMAND")
+            .map(|c| c.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        if self.image.is_empty() && !self.command.is_empty() {
+            return Err(config::ConfigError {
+                var: "TENANTMESH_SERVICE_COMMAND",
+                message: "is the command in TENANTMESH_SERVICE_IMAGE: set the image too".into(),
+            }
+            .into());
+        }
         Ok(self)
     }
 
@@ -373,6 +401,8 @@ impl App {
             tables: self.tables.clone(),
             silo_instances: self.silo_instances,
             silo_tenant: self.silo_tenant.clone().unwrap_or_default(),
+            image: self.image.clone(),
+            command: self.command.clone(),
             ..Default::default()
         }
     }
@@ -444,5 +474,17 @@ mod tests {
         let env = HashMap::from([("TENANTMESH_SILO_TENANT".to_owned(), "acme".to_owned())]);
         let silo = App::new("orders", set).unwrap().configure(&env).unwrap();
         assert_eq!(silo.registration(None).silo_tenant, "acme", "it registers as acme's instance");
+        let env = HashMap::from([("TENANTMESH_SERVICE_COMMAND".to_owned(), "tenantmesh-orders".to_owned())]);
+        let refused = App::new("orders", set).unwrap().configure(&env).unwrap_err();
+        assert!(refused.to_string().contains("TENANTMESH_SERVICE_COMMAND"), "{refused}");
+        let env = HashMap::from([
+            ("TENANTMESH_SERVICE_IMAGE".to_owned(), "registry.example/shop:2".to_owned()),
+            ("TENANTMESH_SERVICE_COMMAND".to_owned(), " tenantmesh-orders  --quiet ".to_owned()),
+        ]);
+        let imaged = App::new("orders", set).unwrap().configure(&env).unwrap().registration(None);
+        assert_eq!(
+            (imaged.image.as_str(), imaged.command.as_slice()),
+            ("registry.example/shop:2", &["tenantmesh-orders".to_owned(), "--quiet".to_owned()][..])
+        );
     }
 }

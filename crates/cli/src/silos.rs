@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tenantmesh_onboarding::compute::SiloCompute;
+use tenantmesh_proto::registry::v1::ApplicationService;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
@@ -100,7 +101,8 @@ impl InProcessSilos {
         let apps = self.recorded_apps();
         for key in &apps {
             let Some((service, tenant)) = key.split_once('@') else { continue };
-            if let Err(e) = self.provision_service(service, tenant, "").await {
+            let entry = ApplicationService { name: service.to_owned(), ..Default::default() };
+            if let Err(e) = self.provision_service(&entry, tenant, "").await {
                 tracing::error!(silo_tenant = %tenant, %service, error = %e, "could not restart a silo instance");
             }
         }
@@ -177,7 +179,13 @@ impl SiloCompute for InProcessSilos {
         Ok(())
     }
 
-    async fn provision_service(&self, service: &str, tenant_id: &str, _tier: &str) -> Result<Option<String>, String> {
+    async fn provision_service(
+        &self,
+        service: &ApplicationService,
+        tenant_id: &str,
+        _tier: &str,
+    ) -> Result<Option<String>, String> {
+        let service = service.name.as_str();
         let Some(start) = self.apps.lock().expect("apps lock").get(service).cloned() else { return Ok(None) };
         let key = format!("{service}@{tenant_id}");
         let mut running = self.app_instances.lock().await;

@@ -5,6 +5,16 @@
 //! Removing the tenant's instance (offboarding, a tier change away from
 //! silo) removes the files in another commit.
 //!
+//! Each registered application service whose shared instance says it has
+//! silo instances (`silo_instances`) and names an image gets the same for
+//! the tenant, in `<path>/<tenant>/<service>/`: its instance runs the image
+//! and command it registered, with its settings from the ConfigMaps
+//! `tenantmesh-config` and `<service>-config`, its identity's secret from
+//! the key `<service>-client-secret` of `tenantmesh-secrets`, and a
+//! NetworkPolicy that lets only its shared instance and onboarding call
+//! it. A service that registered no image gets no instance: its shared
+//! instance serves the tenant, on the tenant's own tables.
+//!
 //! Every step is idempotent, like every workflow step: the files are
 //! written only where they differ, and a commit is made only when the
 //! tenant's directory has staged changes, so running a step twice (after a
@@ -25,6 +35,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use tenantmesh_proto::registry::v1::ApplicationService;
 use tenantmesh_service::config::{ConfigError, var};
 use tokio::sync::Mutex;
 
@@ -56,6 +67,12 @@ pub struct GitOpsConfig {
     /// `http://{name}.{namespace}.svc.cluster.local:50054`): the endpoint the
     /// registry records (`{tenant}`, `{name}`, `{namespace}` replaced).
     pub endpoint_template: String,
+    /// `TENANTMESH_SILO_SERVICE_ENDPOINT_TEMPLATE` (default
+    /// `http://{name}.{namespace}.svc.cluster.local:{port}`): where an
+    /// application service's instance is reached (`{service}`, `{tenant}`,
+    /// `{name}`, `{namespace}`, `{port}` replaced); the instance registers
+    /// there.
+    pub service_endpoint_template: String,
     /// `TENANTMESH_SILO_READY_TIMEOUT_SECS` (default 600): how long the
     /// step waits for the reconciler to run the instance (it answers
     /// grpc.health.v1 SERVING) before it fails, to be retried.
@@ -87,6 +104,9 @@ impl GitOpsConfig {
         let endpoint_template = var(env, "TENANTMESH_SILO_ENDPOINT_TEMPLATE")
             .unwrap_or("http://{name}.{namespace}.svc.cluster.local:50054")
             .to_owned();
+        let service_endpoint_template = var(env, "TENANTMESH_SILO_SERVICE_ENDPOINT_TEMPLATE")
+            .unwrap_or("http://{name}.{namespace}.svc.cluster.local:{port}")
+            .to_owned();
         let ready_timeout =
             match tenantmesh_service::config::parse_var(env, "TENANTMESH_SILO_READY_TIMEOUT_SECS", 600u64)? {
                 0 => {
@@ -106,6 +126,7 @@ impl GitOpsConfig {
             namespace,
             role_arn: var(env, "TENANTMESH_SILO_ROLE_ARN").map(str::to_owned),
             endpoint_template,
+            service_endpoint_template,
         }))
     }
 }
@@ -134,26 +155,71 @@ pub fn instance_name(tenant: &str) -> String {
     if name.len() <= 63 {
         return name;
     }
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, tenant.as_bytes());
-    let hash: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
     // Tenant ids are ASCII; a label ends alphanumeric (the hash does).
-    format!("data-{}-{hash}", &tenant[..41])
+    format!("data-{}-{}", &tenant[..41], hash16(tenant))
 }
 
-/// The manifests of `tenant`'s instance: file name and YAML.
-pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'static str, String)> {
-    let name = instance_name(tenant);
+/// The name of the objects of `service`'s instance of `tenant`:
+/// `<service>-<tenant>-<16 hex digits of SHA-256 of both>`, the readable
+/// part cut to fit a DNS label. The digest keeps two pairs apart that read
+/// alike (service `orders` of tenant `x-acme`, `orders-x` of `acme`).
+pub fn service_instance_name(service: &str, tenant: &str) -> String {
+    let readable = format!("{service}-{tenant}");
+    let cut = &readable[..readable.len().min(63 - 17)];
+    format!("{cut}-{}", hash16(&format!("{service}@{tenant}")))
+}
+
+fn hash16(text: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A variable of an instance's container: a value, or a key of the
+/// `tenantmesh-secrets` Secret.
+enum Env {
+    Value(String),
+    Secret(String),
+}
+
+/// One silo instance as Kubernetes objects: what differs between the data
+/// service's and an application service's.
+struct Workload<'a> {
+    name: String,
+    /// `app.kubernetes.io/component` of the instance (`silo-data`,
+    /// `silo-<service>`), its selector with the tenant label.
+    component: String,
+    container: &'a str,
+    image: &'a str,
+    command: &'a [String],
+    port: u16,
+    /// ConfigMaps its environment comes from (name, optional).
+    config_maps: Vec<(String, bool)>,
+    env: Vec<(&'static str, Env)>,
+    /// The components whose pods may call it.
+    callers: Vec<String>,
+    /// The mesh's components (and ports) it calls.
+    calls: &'static [(&'static str, u16)],
+    what: String,
+}
+
+fn yaml_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+fn render(config: &GitOpsConfig, w: &Workload<'_>, tenant: &str, tier: &str) -> Vec<(&'static str, String)> {
+    let Workload { name, component, port, .. } = w;
     let ns = &config.namespace;
     let labels = format!(
-        "    app.kubernetes.io/name: tenantmesh\n    app.kubernetes.io/component: silo-data\n    \
+        "    app.kubernetes.io/name: tenantmesh\n    app.kubernetes.io/component: {component}\n    \
          app.kubernetes.io/instance: {name}\n    app.kubernetes.io/managed-by: tenantmesh-onboarding\n    \
-         tenantmesh.io/tenant: {tenant}\n    tenantmesh.io/tier: {tier}\n    tenantId: {tenant}\n    tier: {tier}\n"
+         tenantmesh.io/role: silo-instance\n    tenantmesh.io/tenant: {tenant}\n    tenantmesh.io/tier: {tier}\n    tenantId: {tenant}\n    tier: {tier}\n"
     );
-    let selector = format!("      app.kubernetes.io/component: silo-data\n      tenantmesh.io/tenant: {tenant}\n");
+    let selector = format!("      app.kubernetes.io/component: {component}\n      tenantmesh.io/tenant: {tenant}\n");
     let pod_labels = labels.replace("\n    ", "\n        ").replacen("    ", "        ", 1);
+    let what = &w.what;
     let header = |kind: &str, api: &str| {
         format!(
-            "# Generated by tenantmesh onboarding for tenant {tenant} (tier {tier}): do not edit;\n\
+            "# Generated by tenantmesh onboarding for tenant {tenant} (tier {tier}): {what}; do not edit;\n\
              # removed when the tenant leaves the silo model.\napiVersion: {api}\nkind: {kind}\nmetadata:\n  \
              name: {name}\n  namespace: {ns}\n  labels:\n{labels}"
         )
@@ -163,7 +229,52 @@ pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'stat
         .as_deref()
         .map(|arn| format!("  annotations:\n    eks.amazonaws.com/role-arn: {arn}\n"))
         .unwrap_or_default();
-    let image = &config.image;
+    let image = w.image;
+    let container = w.container;
+    let command = if w.command.is_empty() {
+        String::new()
+    } else {
+        let words: Vec<String> = w.command.iter().map(|c| yaml_string(c)).collect();
+        format!("          command: [{}]\n", words.join(", "))
+    };
+    let env_from: String = w
+        .config_maps
+        .iter()
+        .map(|(map, optional)| {
+            let optional = if *optional { "\n                optional: true" } else { "" };
+            format!("            - configMapRef:\n                name: {map}{optional}\n")
+        })
+        .collect();
+    let env: String = w
+        .env
+        .iter()
+        .map(|(var, value)| match value {
+            Env::Value(v) => format!("            - name: {var}\n              value: {}\n", yaml_string(v)),
+            Env::Secret(key) => format!(
+                "            - name: {var}\n              valueFrom:\n                secretKeyRef:\n                  \
+                 name: tenantmesh-secrets\n                  key: {key}\n"
+            ),
+        })
+        .collect();
+    let callers: String = w
+        .callers
+        .iter()
+        .map(|c| {
+            format!(
+                "        - podSelector:\n            matchLabels:\n              app.kubernetes.io/component: {c}\n"
+            )
+        })
+        .collect();
+    let calls: String = w
+        .calls
+        .iter()
+        .map(|(c, p)| {
+            format!(
+                "    - to:\n        - podSelector:\n            matchLabels:\n              \
+                 app.kubernetes.io/component: {c}\n      ports:\n        - port: {p}\n          protocol: TCP\n"
+            )
+        })
+        .collect();
     vec![
         (
             "serviceaccount.yaml",
@@ -176,14 +287,11 @@ pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'stat
                  labels:\n{pod_labels}    spec:\n      serviceAccountName: {name}\n      \
                  automountServiceAccountToken: false\n      securityContext:\n        runAsNonRoot: true\n        \
                  runAsUser: 10001\n        runAsGroup: 10001\n        fsGroup: 10001\n        seccompProfile:\n          \
-                 type: RuntimeDefault\n      containers:\n        - name: data\n          image: {image}\n          \
-                 command: [\"tenantmesh-data\"]\n          envFrom:\n            - configMapRef:\n                \
-                 name: tenantmesh-config\n          env:\n            - name: TENANTMESH_LISTEN_ADDR\n              \
-                 value: \"0.0.0.0:{SILO_PORT}\"\n            - name: TENANTMESH_SILO_TENANT\n              \
-                 value: \"{tenant}\"\n          ports:\n            - name: grpc\n              \
-                 containerPort: {SILO_PORT}\n          readinessProbe:\n            grpc:\n              \
-                 port: {SILO_PORT}\n            periodSeconds: 5\n          livenessProbe:\n            grpc:\n              \
-                 port: {SILO_PORT}\n            initialDelaySeconds: 10\n            periodSeconds: 10\n          \
+                 type: RuntimeDefault\n      containers:\n        - name: {container}\n          image: {image}\n\
+                 {command}          envFrom:\n{env_from}          env:\n{env}          ports:\n            - name: grpc\n              \
+                 containerPort: {port}\n          readinessProbe:\n            grpc:\n              \
+                 port: {port}\n            periodSeconds: 5\n          livenessProbe:\n            grpc:\n              \
+                 port: {port}\n            initialDelaySeconds: 10\n            periodSeconds: 10\n          \
                  resources:\n            requests:\n              cpu: 250m\n              memory: 128Mi\n            \
                  limits:\n              memory: 512Mi\n          securityContext:\n            \
                  allowPrivilegeEscalation: false\n            readOnlyRootFilesystem: true\n            \
@@ -195,7 +303,7 @@ pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'stat
         (
             "service.yaml",
             format!(
-                "{}spec:\n  selector:\n{}  ports:\n    - name: grpc\n      port: {SILO_PORT}\n      \
+                "{}spec:\n  selector:\n{}  ports:\n    - name: grpc\n      port: {port}\n      \
                  targetPort: grpc\n      appProtocol: grpc\n",
                 header("Service", "v1"),
                 selector.replace("      ", "    ")
@@ -205,17 +313,12 @@ pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'stat
             "networkpolicy.yaml",
             format!(
                 "{}spec:\n  podSelector:\n    matchLabels:\n{selector}  policyTypes: [\"Ingress\", \"Egress\"]\n  \
-                 # Only the shared data service (which forwards the tenant's calls) and\n  \
-                 # onboarding (which provisions and removes its store) call it.\n  \
-                 ingress:\n    - from:\n        - podSelector:\n            matchLabels:\n              \
-                 app.kubernetes.io/component: data\n        - podSelector:\n            matchLabels:\n              \
-                 app.kubernetes.io/component: onboarding\n      ports:\n        - port: {SILO_PORT}\n          \
-                 protocol: TCP\n  # It calls auth (keys) and the registry (tenants), DNS, the collector\n  \
-                 # and, on DynamoDB, the AWS APIs over HTTPS.\n  egress:\n    - to:\n        - podSelector:\n            \
-                 matchLabels:\n              app.kubernetes.io/component: auth\n      ports:\n        - port: 50052\n          \
-                 protocol: TCP\n    - to:\n        - podSelector:\n            matchLabels:\n              \
-                 app.kubernetes.io/component: tenant-registry\n      ports:\n        - port: 50051\n          \
-                 protocol: TCP\n    - to:\n        - namespaceSelector: {{}}\n          podSelector:\n            \
+                 # Only the shared instance (which forwards the tenant's calls) and\n  \
+                 # onboarding (which runs the tenant's lifecycle there) call it.\n  \
+                 ingress:\n    - from:\n{callers}      ports:\n        - port: {port}\n          \
+                 protocol: TCP\n  # It calls the mesh's services it needs, DNS, the collector\n  \
+                 # and, on DynamoDB, the AWS APIs over HTTPS.\n  egress:\n{calls}    - to:\n        \
+                 - namespaceSelector: {{}}\n          podSelector:\n            \
                  matchLabels:\n              k8s-app: kube-dns\n      ports:\n        - port: 53\n          \
                  protocol: UDP\n        - port: 53\n          protocol: TCP\n    - to:\n        - namespaceSelector: {{}}\n      \
                  ports:\n        - port: 4317\n          protocol: TCP\n    - ports:\n        - port: 443\n          protocol: TCP\n",
@@ -223,6 +326,84 @@ pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'stat
             ),
         ),
     ]
+}
+
+/// The manifests of `tenant`'s data-service instance: file name and YAML.
+pub fn manifests(config: &GitOpsConfig, tenant: &str, tier: &str) -> Vec<(&'static str, String)> {
+    let workload = Workload {
+        name: instance_name(tenant),
+        component: "silo-data".into(),
+        container: "data",
+        image: &config.image,
+        command: &["tenantmesh-data".to_owned()],
+        port: SILO_PORT,
+        config_maps: vec![("tenantmesh-config".into(), false)],
+        env: vec![
+            ("TENANTMESH_LISTEN_ADDR", Env::Value(format!("0.0.0.0:{SILO_PORT}"))),
+            ("TENANTMESH_SILO_TENANT", Env::Value(tenant.to_owned())),
+        ],
+        callers: vec!["data".into(), "onboarding".into()],
+        calls: &[("auth", 50052), ("tenant-registry", 50051)],
+        what: "its data-service instance".into(),
+    };
+    render(config, &workload, tenant, tier)
+}
+
+/// The port of an application service's instances: its shared instance's
+/// (from the endpoint it registered), else [`DEFAULT_SERVICE_PORT`].
+fn service_port(endpoint: &str) -> u16 {
+    endpoint.parse::<tonic::codegen::http::Uri>().ok().and_then(|u| u.port_u16()).unwrap_or(DEFAULT_SERVICE_PORT)
+}
+
+/// The port of an application service whose endpoint names none.
+pub const DEFAULT_SERVICE_PORT: u16 = 50060;
+
+/// The manifests of `service`'s instance of `tenant` (from the image and
+/// command it registered): its settings from the ConfigMaps
+/// `tenantmesh-config` and `<service>-config` (optional), its identity's
+/// secret from the key `<service>-client-secret` of `tenantmesh-secrets`,
+/// called by the shared instance's pods (component `<service>`) and
+/// onboarding.
+pub fn service_manifests(
+    config: &GitOpsConfig,
+    service: &ApplicationService,
+    tenant: &str,
+    tier: &str,
+) -> Vec<(&'static str, String)> {
+    let name = service_instance_name(&service.name, tenant);
+    let port = service_port(&service.endpoint);
+    let workload = Workload {
+        component: format!("silo-{}", service.name),
+        container: &service.name,
+        image: &service.image,
+        command: &service.command,
+        port,
+        config_maps: vec![("tenantmesh-config".into(), false), (format!("{}-config", service.name), true)],
+        env: vec![
+            ("TENANTMESH_LISTEN_ADDR", Env::Value(format!("0.0.0.0:{port}"))),
+            ("TENANTMESH_ADVERTISE_URL", Env::Value(service_endpoint(config, &service.name, tenant, port))),
+            ("TENANTMESH_SILO_TENANT", Env::Value(tenant.to_owned())),
+            ("TENANTMESH_SILO_INSTANCES", Env::Value("false".into())),
+            ("TENANTMESH_SERVICE_CLIENT_ID", Env::Value(service.name.clone())),
+            ("TENANTMESH_SERVICE_CLIENT_SECRET", Env::Secret(format!("{}-client-secret", service.name))),
+        ],
+        callers: vec![service.name.clone(), "onboarding".into()],
+        calls: &[("auth", 50052), ("tenant-registry", 50051), ("data", 50054)],
+        what: format!("its instance of {}", service.name),
+        name,
+    };
+    render(config, &workload, tenant, tier)
+}
+
+/// Where `service`'s instance of `tenant` is reached.
+fn service_endpoint(config: &GitOpsConfig, service: &str, tenant: &str, port: u16) -> String {
+    config
+        .service_endpoint_template
+        .replace("{tenant}", tenant)
+        .replace("{service}", service)
+        .replace("{name}", &service_instance_name(service, tenant))
+        .replace("{namespace}", &config.namespace)
+        .replace("{port}", &port.to_string())
 }
 
 /// Writes silo tenants' manifests into a git working tree (see the module).
@@ -257,6 +438,12 @@ impl GitOps {
     /// `<path>/<tenant>` relative to the working tree.
     pub fn tenant_dir(&self, tenant: &str) -> String {
         format!("{}/{tenant}", self.config.path)
+    }
+
+    /// `<path>/<tenant>/<service>` relative to the working tree: a
+    /// service's instance beside the tenant's data-service instance.
+    pub fn service_dir(&self, service: &str, tenant: &str) -> String {
+        format!("{}/{tenant}/{service}", self.config.path)
     }
 
     fn endpoint(&self, tenant: &str) -> String {
@@ -351,6 +538,31 @@ fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes `files` into `abs` (only those that differ) and removes any
+/// other file there (an older layout, a stray file); subdirectories stay.
+fn write_files(abs: &Path, files: &[(&'static str, String)]) -> Result<(), String> {
+    std::fs::create_dir_all(abs).map_err(|e| format!("{}: {e}", abs.display()))?;
+    for (file, text) in files {
+        write_if_changed(&abs.join(file), text)?;
+    }
+    for entry in std::fs::read_dir(abs).map_err(|e| format!("{}: {e}", abs.display()))?.flatten() {
+        let name = entry.file_name();
+        if entry.file_type().is_ok_and(|t| t.is_file()) && !files.iter().any(|(f, _)| name.to_str() == Some(f)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Removes `abs` and everything in it, if it is there.
+fn remove_dir(abs: &Path) -> Result<(), String> {
+    match std::fs::remove_dir_all(abs) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", abs.display())),
+    }
+}
+
 #[async_trait]
 impl SiloCompute for GitOps {
     async fn provision(&self, tenant_id: &str, tier: &str) -> Result<String, String> {
@@ -360,19 +572,7 @@ impl SiloCompute for GitOps {
         let _one = self.lock.lock().await;
         self.pull().await?;
         let dir = self.tenant_dir(tenant_id);
-        let abs = self.config.repo.join(&dir);
-        std::fs::create_dir_all(&abs).map_err(|e| format!("{}: {e}", abs.display()))?;
-        let files = manifests(&self.config, tenant_id, tier);
-        for (file, text) in &files {
-            write_if_changed(&abs.join(file), text)?;
-        }
-        // Anything else there (an older layout, a stray file) goes.
-        for entry in std::fs::read_dir(&abs).map_err(|e| format!("{}: {e}", abs.display()))?.flatten() {
-            let name = entry.file_name();
-            if !files.iter().any(|(f, _)| name.to_str() == Some(f)) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+        write_files(&self.config.repo.join(&dir), &manifests(&self.config, tenant_id, tier))?;
         let committed =
             self.commit(&dir, &format!("silo tenant {tenant_id}: data-service instance (tier {tier})")).await?;
         tracing::info!(silo_tenant = tenant_id, dir = %dir, committed, "silo instance manifests in git");
@@ -382,18 +582,68 @@ impl SiloCompute for GitOps {
         Ok(endpoint)
     }
 
+    /// The data-service instance's files go; the tenant's instances of
+    /// application services (subdirectories) are their own steps' to remove.
     async fn deprovision(&self, tenant_id: &str) -> Result<(), String> {
         let _one = self.lock.lock().await;
         self.pull().await?;
         let dir = self.tenant_dir(tenant_id);
         let abs = self.config.repo.join(&dir);
-        match std::fs::remove_dir_all(&abs) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", abs.display())),
+        if let Ok(entries) = std::fs::read_dir(&abs) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    std::fs::remove_file(entry.path()).map_err(|e| format!("{}: {e}", entry.path().display()))?;
+                }
+            }
+            // Empty now (no application service's instance left): gone.
+            let _ = std::fs::remove_dir(&abs);
         }
         let committed = self.commit(&dir, &format!("silo tenant {tenant_id}: remove data-service instance")).await?;
         tracing::info!(silo_tenant = tenant_id, dir = %dir, committed, "silo instance manifests removed from git");
+        Ok(())
+    }
+
+    /// From the image and command the service registered; `None` (the
+    /// shared instance serves the tenant) when it registered no image.
+    async fn provision_service(
+        &self,
+        service: &ApplicationService,
+        tenant_id: &str,
+        tier: &str,
+    ) -> Result<Option<String>, String> {
+        if service.image.is_empty() {
+            tracing::info!(
+                service = %service.name,
+                silo_tenant = tenant_id,
+                "the service registered no image (TENANTMESH_SERVICE_IMAGE): no instance of its own is started"
+            );
+            return Ok(None);
+        }
+        if !is_label_value(tenant_id) || !is_label_value(tier) {
+            return Err(format!("tenant {tenant_id:?} or tier {tier:?} is not a valid Kubernetes label value"));
+        }
+        let _one = self.lock.lock().await;
+        self.pull().await?;
+        let dir = self.service_dir(&service.name, tenant_id);
+        write_files(&self.config.repo.join(&dir), &service_manifests(&self.config, service, tenant_id, tier))?;
+        let message = format!("silo tenant {tenant_id}: {} instance (tier {tier}, {})", service.name, service.image);
+        let committed = self.commit(&dir, &message).await?;
+        tracing::info!(service = %service.name, silo_tenant = tenant_id, dir = %dir, committed, "silo instance manifests in git");
+        drop(_one);
+        let endpoint = service_endpoint(&self.config, &service.name, tenant_id, service_port(&service.endpoint));
+        wait_serving(&endpoint, self.config.ready_timeout).await?;
+        Ok(Some(endpoint))
+    }
+
+    async fn deprovision_service(&self, service: &str, tenant_id: &str) -> Result<(), String> {
+        let _one = self.lock.lock().await;
+        self.pull().await?;
+        let dir = self.service_dir(service, tenant_id);
+        remove_dir(&self.config.repo.join(&dir))?;
+        let committed = self.commit(&dir, &format!("silo tenant {tenant_id}: remove {service} instance")).await?;
+        // The tenant's directory goes with its last instance.
+        let _ = std::fs::remove_dir(self.config.repo.join(self.tenant_dir(tenant_id)));
+        tracing::info!(%service, silo_tenant = tenant_id, dir = %dir, committed, "silo instance manifests removed from git");
         Ok(())
     }
 }

@@ -74,12 +74,12 @@ impl Steps {
     /// For a silo tenant of a service whose deployment starts instances:
     /// its own instance, started (or found) and listed in the catalog.
     async fn own_instance(&self, wf: &Workflow, service: &str, found: &Entries) -> Result<Option<String>, StepError> {
-        if !(wf.to.silo() && found.shared.as_ref().is_some_and(|s| s.silo_instances)) {
+        let Some(shared) = found.shared.as_ref().filter(|s| wf.to.silo() && s.silo_instances) else {
             return Ok(None);
-        }
+        };
         let tenant = &wf.params.tenant_id;
         let Some(endpoint) =
-            self.compute.provision_service(service, tenant, &wf.params.tier).await.map_err(StepError::transient)?
+            self.compute.provision_service(shared, tenant, &wf.params.tier).await.map_err(StepError::transient)?
         else {
             return Ok(None);
         };

@@ -18,6 +18,7 @@ pub const SERVICES_PK: &str = "_services";
 
 const MAX_ENDPOINT_LEN: usize = 512;
 const MAX_LISTED: usize = 64;
+const MAX_IMAGE_LEN: usize = 255;
 
 fn check(service: &ApplicationService) -> Result<(), Status> {
     let mut v = Violations::new();
@@ -51,6 +52,23 @@ fn check(service: &ApplicationService) -> Result<(), Status> {
     if !service.silo_tenant.is_empty() {
         v.tenant_id("service.silo_tenant", &service.silo_tenant);
     }
+    // An image reference: registry/name[:tag][@digest], no spaces.
+    let image_ok = service.image.len() <= MAX_IMAGE_LEN
+        && service.image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@+".contains(&b));
+    if !image_ok {
+        v.add("service.image", format!("must be a container image reference of at most {MAX_IMAGE_LEN} characters"));
+    }
+    if service.image.is_empty() && !service.command.is_empty() {
+        v.add("service.command", "is the command in service.image: set the image too");
+    }
+    if service.command.len() > MAX_LISTED {
+        v.add("service.command", format!("at most {MAX_LISTED} words"));
+    }
+    for (i, word) in service.command.iter().enumerate() {
+        if word.is_empty() || word.len() > MAX_ENDPOINT_LEN || word.chars().any(char::is_control) {
+            v.add(&format!("service.command[{i}]"), format!("must be 1-{MAX_ENDPOINT_LEN} printable characters"));
+        }
+    }
     v.check()
 }
 
@@ -62,8 +80,8 @@ fn key(name: &str, silo_tenant: &str) -> String {
 
 /// Whether two registrations say the same (what the registry sets aside).
 fn same(a: &ApplicationService, b: &ApplicationService) -> bool {
-    (&a.name, &a.endpoint, &a.grpc_services, &a.tables, a.silo_instances, &a.silo_tenant)
-        == (&b.name, &b.endpoint, &b.grpc_services, &b.tables, b.silo_instances, &b.silo_tenant)
+    (&a.name, &a.endpoint, &a.grpc_services, &a.tables, a.silo_instances, &a.silo_tenant, &a.image, &a.command)
+        == (&b.name, &b.endpoint, &b.grpc_services, &b.tables, b.silo_instances, &b.silo_tenant, &b.image, &b.command)
 }
 
 fn decode(item: tenantmesh_storage::Item) -> Result<ApplicationService, RegistryError> {

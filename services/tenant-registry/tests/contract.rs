@@ -365,6 +365,33 @@ async fn the_service_catalog() {
         "service.tables[0]",
     );
     expect_invalid(reg.register_service(authed(RegisterServiceRequest { service: None }, &admin)).await, "service");
+    expect_invalid(
+        reg.register_service(register(bad(|s| s.image = "registry.example/invoices 1.0".into()), &admin)).await,
+        "service.image",
+    );
+    expect_invalid(
+        reg.register_service(register(bad(|s| s.command = vec!["invoices".into()]), &admin)).await,
+        "service.command",
+    );
+    expect_invalid(
+        reg.register_service(register(
+            bad(|s| (s.image, s.command) = ("registry.example/invoices:1.0".into(), vec!["run".into(), String::new()])),
+            &admin,
+        ))
+        .await,
+        "service.command[1]",
+    );
+    // The image its silo instances run is part of the registration.
+    let imaged = |s: &mut ApplicationService| {
+        (s.image, s.command) = ("registry.example/invoices:1.0".into(), vec!["invoices".into()]);
+    };
+    let with_image = reg.register_service(register(bad(imaged), &admin)).await.unwrap().into_inner();
+    assert_eq!(
+        (with_image.changed, with_image.service.unwrap().image.as_str()),
+        (true, "registry.example/invoices:1.0")
+    );
+    let back = reg.register_service(register(invoices("https://invoices.internal"), &admin)).await.unwrap();
+    assert!(back.into_inner().changed, "dropping the image is a change");
 
     // A service identity with the catalog scope registers only the
     // service its client id names; a tenant admin nothing.
@@ -380,7 +407,7 @@ async fn the_service_catalog() {
     let listed = reg.list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner().services;
     let names: Vec<(&str, &str, u64)> =
         listed.iter().map(|s| (s.name.as_str(), s.endpoint.as_str(), s.version)).collect();
-    assert_eq!(names, [("invoices", "https://invoices.internal", 2), ("tests-catalog", "http://catalog:1", 1)]);
+    assert_eq!(names, [("invoices", "https://invoices.internal", 4), ("tests-catalog", "http://catalog:1", 1)]);
 
     // DeregisterService: the operator only, idempotent, the name checked.
     let deregister = |name: &str, token: &str| {

@@ -53,6 +53,13 @@ fn instance_names_are_dns_labels_and_distinct() {
     let names: std::collections::HashSet<String> =
         (0..100_000).map(|i| instance_name(&format!("{}{i:08}", "t".repeat(55)))).collect();
     assert_eq!(names.len(), 100_000);
+    // An application service's: readable, a label, and two pairs that read
+    // alike stay apart.
+    let orders = service_instance_name("orders", "bigco");
+    assert!(orders.starts_with("orders-bigco-") && is_dns_label(&orders), "{orders}");
+    assert_ne!(service_instance_name("orders", "x-acme"), service_instance_name("orders-x", "acme"));
+    let long = service_instance_name(&"s".repeat(40), &"t".repeat(63));
+    assert!(long.len() <= 63 && is_dns_label(&long), "{long}");
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -214,4 +221,94 @@ async fn not_a_working_tree_is_refused_at_start() {
     let mut c = bare_config(dir.path());
     c.repo = dir.path().join("missing");
     assert!(GitOps::open(c).await.is_err());
+}
+
+/// The application service as it registered: its instances run `image`.
+fn orders(image: &str) -> ApplicationService {
+    ApplicationService {
+        name: "orders".into(),
+        endpoint: "http://orders:50061".into(),
+        image: image.into(),
+        command: if image.is_empty() { vec![] } else { vec!["tenantmesh-orders".into()] },
+        silo_instances: true,
+        ..Default::default()
+    }
+}
+
+/// kubernetes-validate (installed by `cargo xtask setup`) on `files`,
+/// strict: what a reconciler would apply must be valid objects. Required
+/// under CI; skipped, saying so, where the tool is not installed.
+fn validate(files: &[PathBuf]) {
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/kubernetes-validate");
+    if !tool.exists() {
+        assert!(std::env::var("CI").is_err(), "{} is missing under CI: run `cargo xtask setup`", tool.display());
+        eprintln!("kubernetes-validate not installed: the generated manifests are not validated");
+        return;
+    }
+    let out =
+        std::process::Command::new(tool).args(["--strict", "--quiet", "-k", "1.34.0"]).args(files).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn an_application_services_instance_is_committed_from_its_registration() {
+    let root = tempfile::tempdir().unwrap();
+    let work = repo(root.path());
+    let mut c = config(&work).await;
+    c.service_endpoint_template = c.endpoint_template.clone();
+    let gitops = GitOps::open(c).await.unwrap();
+    let entry = orders("registry.example/shop:2");
+
+    gitops.provision("bigco", "enterprise").await.unwrap();
+    let endpoint = gitops.provision_service(&entry, "bigco", "enterprise").await.unwrap();
+    assert_eq!(endpoint.as_deref(), Some(gitops.config.endpoint_template.as_str()));
+    assert_eq!(commits(&work), 3, "init, the data instance, the orders instance");
+    gitops.provision_service(&entry, "bigco", "enterprise").await.unwrap();
+    assert_eq!(commits(&work), 3, "a retried step commits nothing");
+    let changed = git(&work, &["show", "--name-only", "--format=", "HEAD"]);
+    assert!(changed.lines().all(|l| l.starts_with("clusters/prod/tenants/bigco/orders/")), "{changed}");
+
+    let dir = work.join("clusters/prod/tenants/bigco/orders");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let deployment = read("deployment.yaml");
+    let name = service_instance_name("orders", "bigco");
+    let cluster = bare_config(&work);
+    let default = service_endpoint(&cluster, "orders", "bigco", service_port(&entry.endpoint));
+    assert_eq!(default, format!("http://{name}.tenantmesh.svc.cluster.local:50061"));
+    assert_eq!(service_port("https://orders.example"), DEFAULT_SERVICE_PORT);
+    for expected in [
+        "image: registry.example/shop:2",
+        "command: [\"tenantmesh-orders\"]",
+        "app.kubernetes.io/component: silo-orders",
+        "tenantmesh.io/tenant: bigco",
+        "name: orders-config\n                optional: true",
+        "key: orders-client-secret",
+        "containerPort: 50061",
+        // It registers where onboarding waits for it.
+        &format!("- name: TENANTMESH_ADVERTISE_URL\n              value: \"{}\"", endpoint.as_deref().unwrap()),
+    ] {
+        assert!(deployment.contains(expected), "deployment lacks {expected}:\n{deployment}");
+    }
+    assert!(deployment.contains("- name: TENANTMESH_SILO_TENANT\n              value: \"bigco\""), "{deployment}");
+    let policy = read("networkpolicy.yaml");
+    assert!(policy.contains("app.kubernetes.io/component: orders\n") && policy.contains("port: 50054"), "{policy}");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.extend(std::fs::read_dir(dir.parent().unwrap()).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()));
+    assert_eq!(files.len(), 8);
+    validate(&files);
+
+    // Leaving the silo: the data instance's removal leaves the service's
+    // instance to its own step, whose removal takes the tenant's directory.
+    gitops.deprovision("bigco").await.unwrap();
+    assert!(dir.join("deployment.yaml").exists() && !dir.parent().unwrap().join("deployment.yaml").exists());
+    assert_eq!(commits(&work), 4);
+    gitops.deprovision_service("orders", "bigco").await.unwrap();
+    gitops.deprovision_service("orders", "bigco").await.unwrap();
+    assert_eq!(commits(&work), 5);
+    assert!(!dir.parent().unwrap().exists());
+    assert_eq!(commits(&root.path().join("remote.git")), 5, "every change pushed");
+
+    // A service that registered no image: no instance, nothing committed.
+    assert_eq!(gitops.provision_service(&orders(""), "acme", "enterprise").await.unwrap(), None);
+    assert_eq!(commits(&work), 5);
 }
