@@ -23,7 +23,7 @@ use tonic::service::Routes;
 
 use crate::error::AppError;
 use crate::lifecycle::Lifecycle;
-use crate::silo::{Mode, SiloLayer};
+use crate::silo::{Mode, Resolve, SiloLayer};
 use crate::tables::Tables;
 use tenantmesh_proto::lifecycle::v1::tenant_lifecycle_server::TenantLifecycleServer;
 
@@ -289,7 +289,7 @@ impl App {
                     Mode::Silo { tenant: tenant.as_str().into() }
                 }
                 None => Mode::Shared {
-                    instances: Default::default(),
+                    resolve: Resolve::Catalog(Default::default()),
                     forwarded: self.services.iter().map(|s| format!("/{s}/")).collect(),
                 },
             };
@@ -314,12 +314,12 @@ impl App {
                         interval: self.metering.storage_sample,
                         silo_tenant: self.silo_tenant.clone(),
                         instances: match &mode {
-                            Mode::Shared { instances, .. } => Some(instances.clone()),
-                            Mode::Silo { .. } => None,
+                            Mode::Shared { resolve: Resolve::Catalog(instances), .. } => Some(instances.clone()),
+                            _ => None,
                         },
                     };
                     let mut tasks = vec![registering, upkeep.start()];
-                    if let Mode::Shared { instances, .. } = &mode {
+                    if let Mode::Shared { resolve: Resolve::Catalog(instances), .. } = &mode {
                         let registry = TenantRegistryClient::new(self.with_identity(&self.common.registry_url, tokens)?);
                         tasks.push(instances.watch(self.name.clone(), registry));
                     }

@@ -42,7 +42,9 @@
 //!   (`TENANTMESH_SILO_TENANT`), an instance serves that tenant alone and
 //!   registers as its instance; the shared instance forwards that tenant's
 //!   calls to it by itself, per call, whatever the RPC (the call as it
-//!   came: token, tenant, trace, deadline), counted once.
+//!   came: token, tenant, trace, deadline), metered once, to the unit, with
+//!   the usage the instance reports ([`silo::SiloLayer`], which the data
+//!   service uses too).
 //! - **Calls to other services** ([`client`]) that carry the caller's
 //!   token, tenant, trace and deadline.
 //!
@@ -69,7 +71,7 @@ pub mod history;
 mod lifecycle;
 mod metering;
 pub mod quota;
-mod silo;
+pub mod silo;
 mod tables;
 mod upkeep;
 

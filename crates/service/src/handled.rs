@@ -73,3 +73,40 @@ impl Usage {
         Self { read_units: 0, write_units: u64::from(Cost::write(size).0), bytes_returned: bytes_returned as u64 }
     }
 }
+
+/// The response header in which an instance that serves one silo tenant
+/// reports a call's [`Usage`] to the shared instance that forwarded it:
+/// `<read units>,<write units>,<bytes returned>`. The shared instance
+/// counts the call (the silo instance meters nothing) and removes the
+/// header before the answer goes on.
+pub const USAGE_HEADER: &str = "tenantmesh-usage";
+
+impl Usage {
+    /// The [`USAGE_HEADER`] value of this usage.
+    pub fn header_value(&self) -> http::HeaderValue {
+        let text = format!("{},{},{}", self.read_units, self.write_units, self.bytes_returned);
+        http::HeaderValue::from_str(&text).expect("digits and commas are a header value")
+    }
+
+    /// The usage a [`USAGE_HEADER`] value reports; `None` when it is not one.
+    pub fn from_header(value: &http::HeaderValue) -> Option<Self> {
+        let mut parts = value.to_str().ok()?.split(',').map(|p| p.parse::<u64>().ok());
+        let usage = Usage { read_units: parts.next()??, write_units: parts.next()??, bytes_returned: parts.next()?? };
+        parts.next().is_none().then_some(usage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_goes_through_its_header_unchanged() {
+        let usage = Usage { read_units: 3, write_units: 0, bytes_returned: 12_345 };
+        assert_eq!(Usage::from_header(&usage.header_value()), Some(usage));
+        assert_eq!(Usage::from_header(&Usage::default().header_value()), Some(Usage::default()));
+        for bad in ["", "1,2", "1,2,3,4", "a,b,c", "-1,0,0", "1, 2,3"] {
+            assert_eq!(Usage::from_header(&http::HeaderValue::from_static(bad)), None, "{bad:?}");
+        }
+    }
+}

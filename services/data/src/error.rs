@@ -35,8 +35,6 @@ pub enum DataError {
     /// its change history past its cap.
     #[error("{0}")]
     OverQuota(tenantmesh_app::quota::OverQuota),
-    #[error("bad silo endpoint {endpoint}: {cause}")]
-    BadEndpoint { endpoint: String, cause: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -72,10 +70,6 @@ impl From<DataError> for Status {
             }
             DataError::Policy(e) => {
                 tracing::error!(error = %e, "cannot build the tenant's session policy");
-                Status::internal("internal error")
-            }
-            DataError::BadEndpoint { endpoint, cause } => {
-                tracing::error!(endpoint, cause, "bad silo endpoint");
                 Status::internal("internal error")
             }
             DataError::Storage(e) => tenantmesh_service::errors::storage_status(e, "data"),

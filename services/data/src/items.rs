@@ -1,5 +1,6 @@
-//! The `Data` RPCs: a tenant's items, served here or forwarded to its
-//! silo instance.
+//! The `Data` RPCs: a tenant's items. A silo tenant's calls reach its own
+//! instance without coming here: the application crate's silo layer
+//! forwards them, per call, before any handler runs (see `serve`).
 
 use std::sync::Arc;
 
@@ -11,7 +12,6 @@ use tenantmesh_app::quota;
 use tenantmesh_isolation::TenantStores;
 use tenantmesh_isolation::stores::{Location, locate};
 use tenantmesh_metering::meters::Usage;
-use tenantmesh_proto::data::v1::data_client::DataClient;
 use tenantmesh_proto::data::v1::data_server::Data;
 use tenantmesh_proto::data::v1::*;
 use tenantmesh_proto::registry::v1::TenantStatus;
@@ -22,18 +22,14 @@ use tenantmesh_service::handled::Handled;
 use tenantmesh_service::paging;
 use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
 use tenantmesh_tenant_context::TenantContext;
-use tenantmesh_tenant_context::client::{self, Identity, PropagatedChannel};
 use tonic::{Request, Response, Status};
 
-/// The data service's state: tenant-confined views of its tables, and
-/// clients of silo tenants' instances.
+/// The data service's state: tenant-confined views of its tables.
 #[derive(Clone)]
 pub struct DataService {
     stores: Arc<dyn TenantStores>,
     table_prefix: String,
     silo_tenant: Option<String>,
-    /// Silo instances, called with the caller's own context.
-    silos: Arc<client::Channels>,
     quotas: Arc<quota::Quotas>,
     stall_writes: Option<std::time::Duration>,
     /// Where this process has seen its tenants' history (see [`history`])
@@ -48,12 +44,6 @@ pub struct DataService {
 /// length once.
 fn field_len(len: usize) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
-}
-
-/// Where a tenant's call is served.
-enum Route {
-    Local { tenant: Arc<str>, store: DynTable },
-    Forward(DataClient<PropagatedChannel>),
 }
 
 /// Bytes of an item's `version` field (field 4) when it is `version`.
@@ -78,7 +68,6 @@ impl DataService {
             stores,
             table_prefix: table_prefix.to_owned(),
             silo_tenant,
-            silos: Arc::new(client::Channels::new(Identity::Caller)),
             quotas: Arc::new(quota::Quotas::new(std::time::Duration::from_secs(10))),
             stall_writes: None,
             history_started: Default::default(),
@@ -112,10 +101,9 @@ impl DataService {
         self
     }
 
-    /// Where the calling tenant's request is served: here, on the store
-    /// the tenant may see, or at its silo instance. `write`: refused while
-    /// the tenant is being moved.
-    async fn route<T>(&self, request: &Request<T>, write: bool) -> Result<Route, Status> {
+    /// The store the calling tenant may see, where its placement puts its
+    /// items. `write`: refused while the tenant is being moved.
+    async fn route<T>(&self, request: &Request<T>, write: bool) -> Result<(Arc<str>, DynTable), Status> {
         let ctx = TenantContext::from_request(request)?;
         if write && ctx.status() == TenantStatus::Migrating {
             return Err(DataError::Migrating.into());
@@ -128,8 +116,13 @@ impl DataService {
             None => endpoint,
         };
         let table = match locate(self.stores.as_ref(), &self.table_prefix, &ctx.tenant_id, table, endpoint) {
-            Some(Location::Silo { endpoint, .. }) => return Ok(Route::Forward(self.silo_client(endpoint)?)),
             Some(Location::Here { table }) => table,
+            // The silo layer forwards every such call; this is a bug, and
+            // the shared table must not serve it.
+            Some(Location::Silo { .. }) => {
+                tracing::error!("a silo tenant's call reached the shared instance's handler instead of its instance");
+                return Err(Status::internal("internal error"));
+            }
             None => return Err(DataError::ForeignTable.into()),
         };
         let tenant = ctx.tenant_id.clone();
@@ -137,7 +130,7 @@ impl DataService {
         if write {
             self.history_started.ensure(store.as_ref(), &tenant, table).await.map_err(DataError::from)?;
         }
-        Ok(Route::Local { store, tenant })
+        Ok((tenant, store))
     }
 
     /// The byte limits of the caller's tenant: its storage quota and its
@@ -148,38 +141,6 @@ impl DataService {
         let multiple = self.tiers.get(ctx.tier()).map_or(2, |t| u64::from(t.history_quota_multiple));
         Some(quota::Limits { items, history: items.saturating_mul(multiple) })
     }
-
-    /// A client of a silo tenant's instance that sends the caller's own
-    /// context (token, tenant, trace).
-    fn silo_client(&self, endpoint: &str) -> Result<DataClient<PropagatedChannel>, Status> {
-        let channel = self
-            .silos
-            .get(endpoint)
-            .map_err(|e| DataError::BadEndpoint { endpoint: endpoint.to_owned(), cause: e.to_string() })?;
-        Ok(tenantmesh_service::sized!(DataClient::new(channel)))
-    }
-}
-
-/// A call forwarded to the tenant's silo instance: its answer, reporting
-/// what it returned (the silo instance charged its tenant for the rest);
-/// an unreachable silo is UNAVAILABLE, and logged.
-fn forwarded_as<T>(
-    result: Result<Response<T>, Status>,
-    usage: impl FnOnce(&T) -> Usage,
-) -> Result<Response<T>, Status> {
-    let response = result.inspect_err(|s| {
-        if s.code() == tonic::Code::Unavailable {
-            tracing::warn!(error = %s.message(), "the tenant's silo instance is unreachable");
-        }
-    })?;
-    let usage = usage(response.get_ref());
-    Ok(Handled { usage, cost: Cost(1), forwarded: true }.report(response))
-}
-
-/// What returning `item` uses: its read units and encoded bytes.
-fn item_usage(item: Option<&Item>) -> Usage {
-    let size = item.map_or(0, |i| i.encoded_len());
-    Usage::read([size], field_len(size))
 }
 
 /// A page's read units and bytes from its items' encoded sizes.
@@ -194,15 +155,7 @@ fn query_usage(sizes: &[usize], next_page_token: &str) -> Usage {
 impl Data for DataService {
     async fn put_item(&self, request: Request<PutItemRequest>) -> Result<Response<PutItemResponse>, Status> {
         let limits = self.storage_limits(TenantContext::from_request(&request)?);
-        let (tenant, store) = match self.route(&request, true).await? {
-            Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => {
-                return forwarded_as(c.put_item(request.into_inner()).await, |r| {
-                    let item = r.item.as_ref().map_or(0, |i| i.encoded_len());
-                    Usage::write(item, field_len(item))
-                });
-            }
-        };
+        let (tenant, store) = self.route(&request, true).await?;
         let req = request.into_inner();
         let mut v = item_key(&req.collection, &req.id);
         let mut item = Item {
@@ -262,12 +215,7 @@ impl Data for DataService {
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<GetItemResponse>, Status> {
-        let (tenant, store) = match self.route(&request, false).await? {
-            Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => {
-                return forwarded_as(c.get_item(request.into_inner()).await, |r| item_usage(r.item.as_ref()));
-            }
-        };
+        let (tenant, store) = self.route(&request, false).await?;
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
         let raw = store
@@ -283,13 +231,7 @@ impl Data for DataService {
 
     async fn delete_item(&self, request: Request<DeleteItemRequest>) -> Result<Response<DeleteItemResponse>, Status> {
         let counted = self.storage_limits(TenantContext::from_request(&request)?).is_some();
-        let (tenant, store) = match self.route(&request, true).await? {
-            Route::Local { tenant, store } => (tenant, store),
-            // DeleteItemResponse is empty.
-            Route::Forward(mut c) => {
-                return forwarded_as(c.delete_item(request.into_inner()).await, |_| Usage::write(0, 0));
-            }
-        };
+        let (tenant, store) = self.route(&request, true).await?;
         let req = request.into_inner();
         item_key(&req.collection, &req.id).check()?;
         let condition = match req.expected_version {
@@ -319,15 +261,7 @@ impl Data for DataService {
     }
 
     async fn query_items(&self, request: Request<QueryItemsRequest>) -> Result<Response<QueryItemsResponse>, Status> {
-        let (tenant, store) = match self.route(&request, false).await? {
-            Route::Local { tenant, store } => (tenant, store),
-            Route::Forward(mut c) => {
-                return forwarded_as(c.query_items(request.into_inner()).await, |r| {
-                    let sizes: Vec<usize> = r.items.iter().map(|i| i.encoded_len()).collect();
-                    query_usage(&sizes, &r.next_page_token)
-                });
-            }
-        };
+        let (tenant, store) = self.route(&request, false).await?;
         let req = request.into_inner();
         let mut v = Violations::new();
         check_name(&mut v, "collection", &req.collection, MAX_COLLECTION_LEN, &[], true);

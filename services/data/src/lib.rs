@@ -11,7 +11,9 @@
 //! tenant's in its dedicated table; a silo tenant's in its dedicated table
 //! behind its own data-service instance (`TENANTMESH_SILO_TENANT`), to which
 //! this service forwards the tenant's calls with their context (same token,
-//! same trace). While a tier change moves a tenant (status MIGRATING),
+//! the trace continued, what is left of the deadline) by the application
+//! crate's silo layer, which meters each with the units the instance
+//! reports. While a tier change moves a tenant (status MIGRATING),
 //! reads are served and writes are UNAVAILABLE with RetryInfo.
 //!
 //! The fence: a service that has not yet seen MIGRATING (its cached record

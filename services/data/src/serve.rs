@@ -166,7 +166,18 @@ pub async fn serve(
             routes = routes.add_service(MeteringServer::new(service));
             names.push(<MeteringServer<metering::MeteringService> as tonic::server::NamedService>::NAME);
         }
-        let stack = tenantmesh_tenant_context::server::stack(named, authn, meters.clone())?;
+        // A silo tenant's Data calls go to its own instance (its
+        // placement's endpoint) before any handler; a silo instance serves
+        // its tenant alone and reports each call's usage to the shared one.
+        let silo = match &config.silo_tenant {
+            Some(tenant) => tenantmesh_app::silo::SiloLayer::silo(tenant),
+            None => tenantmesh_app::silo::SiloLayer::by_placement(&[
+                <DataServer<DataService> as tonic::server::NamedService>::NAME,
+            ]),
+        };
+        let stack = tower::ServiceBuilder::new()
+            .layer(tenantmesh_tenant_context::server::stack(named, authn, meters.clone())?)
+            .layer(silo);
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
         routes = routes.add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
         names.push(tenantmesh_service::backup::NAME);
