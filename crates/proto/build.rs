@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos: Vec<PathBuf> = ["options", "auth", "registry", "onboarding", "data", "metering", "backup", "lifecycle"]
-        .iter()
-        .map(|svc| root.join(format!("tenantmesh/{svc}/v1/{svc}.proto")))
-        .collect();
+    let protos: Vec<PathBuf> =
+        ["options", "auth", "registry", "onboarding", "data", "metering", "backup", "lifecycle", "audit"]
+            .iter()
+            .map(|svc| root.join(format!("tenantmesh/{svc}/v1/{svc}.proto")))
+            .collect();
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

@@ -77,6 +77,8 @@ mod lifecycle_contract;
 mod onboarding_contract;
 #[path = "../../services/orders/tests/contract.rs"]
 mod orders_contract;
+#[path = "../../services/tenant-registry/tests/audit_contract.rs"]
+mod registry_audit_contract;
 #[path = "../../services/tenant-registry/tests/contract.rs"]
 mod registry_contract;
 

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use tenantmesh_proto::audit::v1::ListAuditEventsRequest;
+use tenantmesh_proto::audit::v1::audit_client::AuditClient;
 
 use askama::Template;
 use axum::extract::{Form, Path, Query, State};
@@ -203,6 +205,9 @@ impl Console {
     }
     fn auth(&self) -> AuthClient<tonic::transport::Channel> {
         AuthClient::new(self.channels.auth.clone())
+    }
+    fn audit(&self) -> AuditClient<tonic::transport::Channel> {
+        AuditClient::new(self.channels.registry.clone())
     }
     fn onboarding(&self) -> OnboardingClient<tonic::transport::Channel> {
         OnboardingClient::new(self.channels.onboarding.clone())
@@ -545,14 +550,18 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         let request = ListWorkflowsRequest { tenant_id: id.into(), limit: 10 };
         Ok::<_, Fail>(c.onboarding().list_workflows(authed(s, request)).await.map_err(fail)?.into_inner().workflows)
     };
+    let changes = async {
+        let request = ListAuditEventsRequest { tenant_id: id.into(), last: SHOWN_CHANGES, ..Default::default() };
+        Ok::<_, Fail>(c.audit().list_audit_events(authed(s, request)).await.map_err(fail)?.into_inner().events)
+    };
     let resources = async {
         let request = ListTenantResourcesRequest { tenant_id: id.into(), include_removed: false };
         let answer = c.onboarding().list_tenant_resources(authed(s, request)).await.map_err(fail)?;
         Ok::<_, Fail>(answer.into_inner().resources)
     };
     let latency = latency_buckets(c, s, id, from, to);
-    let (tenant, (usage, refusals), latency, cost, users, workflows, resources) =
-        tokio::try_join!(tenant, usage, latency, cost, users, workflows, resources)?;
+    let (tenant, (usage, refusals), latency, cost, users, workflows, changes, resources) =
+        tokio::try_join!(tenant, usage, latency, cost, users, workflows, changes, resources)?;
     let limits = tenant.limits.unwrap_or_default();
     let placement = tenant.placement.clone().unwrap_or_default();
     let (history_days, tenant_restore) = c.config.history.get(&tenant.tier).copied().unwrap_or((7, false));
@@ -583,12 +592,16 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         cost: CostView::from(&cost),
         users: users.iter().map(UserView::from).collect(),
         workflows: workflows.iter().map(WorkflowView::from).collect(),
+        changes: changes.iter().map(ChangeView::from).collect(),
         resources: resources.iter().map(ResourceView::from).collect(),
         restore_from,
         history_days,
         tenant_restore,
     })
 }
+
+/// How many of a tenant's latest changes its page lists.
+const SHOWN_CHANGES: u32 = 10;
 
 /// `tenant`'s requests over `[from, to)` by latency bucket.
 async fn latency_buckets(

@@ -157,6 +157,30 @@ pub struct StepView {
     pub detail: String,
 }
 
+/// One audit event of a tenant, as its page lists it.
+#[derive(Serialize, Debug, Clone)]
+pub struct ChangeView {
+    pub sequence: u64,
+    pub time: i64,
+    pub who: String,
+    pub action: String,
+    pub outcome: &'static str,
+    pub change: String,
+}
+
+impl From<&tenantmesh_proto::audit::v1::AuditEvent> for ChangeView {
+    fn from(e: &tenantmesh_proto::audit::v1::AuditEvent) -> Self {
+        ChangeView {
+            sequence: e.sequence,
+            time: e.time_us / 1_000_000,
+            who: e.actor.as_ref().map(|a| a.subject.clone()).unwrap_or_default(),
+            action: e.action.clone(),
+            outcome: tenantmesh_proto::names::outcome(e.outcome),
+            change: tenantmesh_proto::names::audit_change(e),
+        }
+    }
+}
+
 #[derive(Serialize, Debug, Clone)]
 pub struct WorkflowView {
     pub workflow_id: String,
@@ -319,6 +343,8 @@ pub struct TenantPage {
     pub cost: CostView,
     pub users: Vec<UserView>,
     pub workflows: Vec<WorkflowView>,
+    /// Its last changes, from the registry's audit log (oldest first).
+    pub changes: Vec<ChangeView>,
     pub resources: Vec<ResourceView>,
     /// Its restore points: any instant from `restore_from` to now (its
     /// tier keeps `history_days` of change history, and none before the

@@ -48,6 +48,12 @@ pub mod lifecycle {
     }
 }
 
+pub mod audit {
+    pub mod v1 {
+        tonic::include_proto!("tenantmesh.audit.v1");
+    }
+}
+
 pub mod backup {
     pub mod v1 {
         tonic::include_proto!("tenantmesh.backup.v1");

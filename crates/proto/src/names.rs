@@ -4,6 +4,7 @@
 //! CLI's flags write them. A value this build does not know reads
 //! `UNKNOWN`.
 
+use crate::audit::v1::{AuditEvent, Outcome};
 use crate::auth::v1::Role;
 use crate::onboarding::v1::{StepState, WorkflowStatus};
 use crate::registry::v1::{IsolationModel, TenantStatus};
@@ -59,5 +60,30 @@ mod tests {
         assert_eq!(tenant_status(TenantStatus::Migrating as i32), "MIGRATING");
         assert_eq!(model(IsolationModel::Bridge as i32), "bridge");
         assert_eq!(role(Role::TenantAdmin as i32), "admin");
+    }
+}
+
+/// An audit event's outcome: `ok`, `denied` or `failed`.
+pub fn outcome(v: i32) -> &'static str {
+    match Outcome::try_from(v) {
+        Ok(Outcome::Succeeded) => "ok",
+        Ok(Outcome::Denied) => "denied",
+        Ok(Outcome::Failed) => "failed",
+        Ok(Outcome::Unspecified) => "-",
+        Err(_) => "unknown",
+    }
+}
+
+/// What an audit event says happened: `before -> after` for a change, the
+/// error for a refused or failed attempt.
+pub fn audit_change(e: &AuditEvent) -> String {
+    if !e.error.is_empty() {
+        return e.error.clone();
+    }
+    match (e.before.is_empty(), e.after.is_empty()) {
+        (true, true) => String::new(),
+        (true, false) => e.after.clone(),
+        (false, true) => format!("{} -> (removed)", e.before),
+        (false, false) => format!("{} -> {}", e.before, e.after),
     }
 }

@@ -12,6 +12,7 @@
 //!   and cost).
 //! - [`ids`]: tenant ids.
 
+pub mod audit;
 pub mod backup;
 pub mod clock;
 pub mod config;

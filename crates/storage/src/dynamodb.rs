@@ -413,20 +413,33 @@ impl Table for DynamoTable {
             };
             items.push(item);
         }
-        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let reasons: Vec<Option<String>> = match e.as_service_error() {
-                    Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(t)) => {
-                        t.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect()
+        // A transaction that met another one on an item (TransactionConflict)
+        // changed nothing and may go again at once: a few times, briefly apart.
+        let mut conflicts = 0;
+        loop {
+            match self.client.transact_write_items().set_transact_items(Some(items.clone())).send().await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    let reasons: Vec<Option<String>> = match e.as_service_error() {
+                        Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(t)) => {
+                            t.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    if let Some(index) = reasons.iter().position(|c| c.as_deref() == Some("ConditionalCheckFailed")) {
+                        let (pk, sk) = writes[index].key();
+                        return Err(StorageError::ConditionFailed {
+                            index,
+                            current: self.current_version(pk, sk).await,
+                        });
                     }
-                    _ => Vec::new(),
-                };
-                if let Some(index) = reasons.iter().position(|c| c.as_deref() == Some("ConditionalCheckFailed")) {
-                    let (pk, sk) = writes[index].key();
-                    return Err(StorageError::ConditionFailed { index, current: self.current_version(pk, sk).await });
+                    if conflicts < 5 && reasons.iter().any(|c| c.as_deref() == Some("TransactionConflict")) {
+                        conflicts += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(5 << conflicts)).await;
+                        continue;
+                    }
+                    return Err(map_err(e, || backend("transaction cancelled")));
                 }
-                Err(map_err(e, || backend("transaction cancelled")))
             }
         }
     }

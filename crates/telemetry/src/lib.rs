@@ -24,9 +24,9 @@ mod w3c;
 pub use json::JsonLayer;
 pub use opentelemetry::Context as OtelContext;
 pub use request::{
-    BoxFuture, Incoming, adopt_remote_parent, client_span, incoming, inject_span_context, inject_trace_context,
-    record_claimed_tenant, record_client_status, record_proven_tenant, record_response, record_response_status,
-    record_tenant, server_failed, server_span, spans_recorded, start_client_call,
+    BoxFuture, Incoming, adopt_remote_parent, client_span, current_trace_id, incoming, inject_span_context,
+    inject_trace_context, record_claimed_tenant, record_client_status, record_proven_tenant, record_response,
+    record_response_status, record_tenant, server_failed, server_span, spans_recorded, start_client_call,
 };
 pub use service::{Service, carried, spawn};
 pub use setup::{Config, LogTarget, NoExporter, TelemetryError, TelemetryGuard, init, init_with_exporter};

@@ -267,6 +267,17 @@ pub fn adopt_remote_parent(span: &Span, headers: &http::HeaderMap) {
     span.record("trace_id", tracing::field::display(trace_id));
 }
 
+/// The trace id of the current span (32 hex digits), if it has one: what
+/// an audit event or an error report names to find the request's trace.
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context.is_valid().then(|| span_context.trace_id().to_string())
+}
+
 /// Writes the W3C `traceparent` of `span` into `headers`.
 pub fn inject_span_context(span: &Span, headers: &mut http::HeaderMap) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -20,19 +20,42 @@ use crate::context::TenantContext;
 
 /// Checks each call against `policies`.
 pub fn layer(policies: Arc<Policies>) -> AccessLayer {
-    AccessLayer { policies }
+    AccessLayer { policies, refusals: None }
+}
+
+/// What is told of a refused call: the caller, the RPC's path and the answer.
+pub type OnRefusal = Arc<dyn Fn(&TenantContext, &str, &Status) + Send + Sync>;
+
+/// Told of each authenticated call the policy refuses (how a service
+/// audits refused attempts).
+#[derive(Clone)]
+pub struct Refusals(pub OnRefusal);
+
+impl std::fmt::Debug for Refusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refusals")
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct AccessLayer {
     policies: Arc<Policies>,
+    refusals: Option<Refusals>,
+}
+
+impl AccessLayer {
+    /// Tells `refusals` of every refused call of an authenticated caller.
+    pub fn with_refusals(mut self, refusals: Option<Refusals>) -> Self {
+        self.refusals = refusals;
+        self
+    }
 }
 
 impl<S> Layer<S> for AccessLayer {
     type Service = AccessService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AccessService { inner, policies: self.policies.clone() }
+        AccessService { inner, policies: self.policies.clone(), refusals: self.refusals.clone() }
     }
 }
 
@@ -40,6 +63,7 @@ impl<S> Layer<S> for AccessLayer {
 pub struct AccessService<S> {
     inner: S,
     policies: Arc<Policies>,
+    refusals: Option<Refusals>,
 }
 
 /// Why `ctx` may not call `path` under `policies`, if it may not.
@@ -73,7 +97,13 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let refusal = match req.extensions().get::<TenantContext>() {
-            Some(ctx) => refused(&self.policies, req.uri().path(), ctx),
+            Some(ctx) => {
+                let refusal = refused(&self.policies, req.uri().path(), ctx);
+                if let (Some(status), Some(Refusals(tell))) = (&refusal, &self.refusals) {
+                    tell(ctx, req.uri().path(), status);
+                }
+                refusal
+            }
             // Fail closed even if no authentication layer ran before this
             // one: only a public RPC goes on without a caller.
             None => (!self.policies.rule(req.uri().path()).is_some_and(|r| r.access == Access::Public))

@@ -42,6 +42,8 @@ pub struct Authenticator {
     admission: Admission,
     /// Every RPC's policy (from the served protos' options).
     policies: Arc<Policies>,
+    /// Told of refused calls (see [`Authenticator::with_refusals`]).
+    refusals: Option<crate::authorize::Refusals>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -61,7 +63,16 @@ impl Authenticator {
             // refused (and the service's start-up refused to serve, see
             // `Policies::mesh`).
             policies: Arc::new(Policies::mesh().cloned().unwrap_or_default()),
+            refusals: None,
         }
+    }
+
+    /// Tells `tell` of every call of an authenticated caller that the RPC's
+    /// policy refuses (PERMISSION_DENIED): the caller, the path and the
+    /// answer. It runs on the request path: it must not block.
+    pub fn with_refusals(mut self, tell: crate::authorize::OnRefusal) -> Self {
+        self.refusals = Some(crate::authorize::Refusals(tell));
+        self
     }
 
     /// Serves RPCs with these policies instead of the mesh's own (a service
@@ -283,11 +294,12 @@ pub fn stack(
             .unwrap_or_else(|| PolicyError(vec!["no RPC declares a policy".into()])));
     }
     let policies = auth.policies.clone();
+    let refusals = auth.refusals.clone();
     let admission = Arc::new(std::mem::take(&mut auth.admission).with_meters(meters.clone()));
     Ok(ServerStack {
         telemetry: tenantmesh_telemetry::layer::layer(service),
         authentication: AuthenticationLayer { auth: Arc::new(auth) },
-        access: crate::authorize::layer(policies.clone()),
+        access: crate::authorize::layer(policies.clone()).with_refusals(refusals),
         admission: crate::admission::layer(admission, policies.clone()),
         metering: crate::meter::layer(meters, policies),
     })

@@ -40,6 +40,23 @@ where
     }
 }
 
+/// Polls `check` until it returns something, failing after `timeout`;
+/// what it returned.
+pub async fn eventually_some<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing found within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Asserts that a contract suite (`suite`: its source, `include_str!`)
 /// calls every RPC of `services` (full names, as in the compiled protos):
 /// each method's client call, `.snake_case_name(`, appears in it. A new RPC

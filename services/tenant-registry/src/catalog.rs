@@ -4,10 +4,11 @@
 
 use prost::Message as _;
 use tenantmesh_proto::registry::v1::*;
+use tenantmesh_service::audit::{AppendError, Caller};
 use tenantmesh_service::errors::Violations;
 use tenantmesh_service::ids::{MAX_SERVICE_NAME_LEN, valid_service_name};
-use tenantmesh_storage::{Condition, Pages, StorageError};
-use tenantmesh_tenant_context::{Role, TenantContext};
+use tenantmesh_storage::{Condition, Pages, Write};
+use tenantmesh_tenant_context::{PLATFORM_TENANT, Role, TenantContext};
 use tonic::Status;
 
 use crate::error::RegistryError;
@@ -78,6 +79,18 @@ fn key(name: &str, silo_tenant: &str) -> String {
     if silo_tenant.is_empty() { name.to_owned() } else { format!("{name}@{silo_tenant}") }
 }
 
+/// The audit chain of a catalog change: the silo tenant's, for its own
+/// instance; the platform's otherwise.
+fn chain_of(silo_tenant: &str) -> &str {
+    if silo_tenant.is_empty() { PLATFORM_TENANT } else { silo_tenant }
+}
+
+/// A registration in summary, for its audit event.
+fn summary(s: &ApplicationService) -> String {
+    let image = if s.image.is_empty() { String::new() } else { format!(", image {}", s.image) };
+    format!("endpoint {}, services {}, tables {}{image}", s.endpoint, s.grpc_services.join(" "), s.tables.join(" "))
+}
+
 /// Whether two registrations say the same (what the registry sets aside).
 fn same(a: &ApplicationService, b: &ApplicationService) -> bool {
     (&a.name, &a.endpoint, &a.grpc_services, &a.tables, a.silo_instances, &a.silo_tenant, &a.image, &a.command)
@@ -96,11 +109,30 @@ impl Registry {
     pub(crate) async fn catalog_register(
         &self,
         ctx: &TenantContext,
+        caller: &Caller,
         req: RegisterServiceRequest,
     ) -> Result<RegisterServiceResponse, Status> {
-        let mut service =
-            req.service.ok_or_else(|| tenantmesh_service::errors::invalid_field("service", "is required"))?;
+        let service = req.service.ok_or_else(|| tenantmesh_service::errors::invalid_field("service", "is required"))?;
         check(&service)?;
+        let chain = chain_of(&service.silo_tenant).to_owned();
+        let target = format!("service/{}", key(&service.name, &service.silo_tenant));
+        self.audited(
+            caller,
+            &chain,
+            "service.register",
+            target.clone(),
+            self.register_checked(ctx, caller, service, target),
+        )
+        .await
+    }
+
+    async fn register_checked(
+        &self,
+        ctx: &TenantContext,
+        caller: &Caller,
+        mut service: ApplicationService,
+        target: String,
+    ) -> Result<RegisterServiceResponse, Status> {
         // A service identity registers itself only: the name its client id gives.
         if !ctx.has_role(Role::PlatformAdmin) && ctx.subject.strip_prefix("service:") != Some(service.name.as_str()) {
             tracing::warn!(
@@ -117,32 +149,41 @@ impl Registry {
         // Two tries: a concurrent registration of the same name wins once.
         for _ in 0..2 {
             let current = self.store.get(SERVICES_PK, &at).await.map_err(RegistryError::from)?;
-            let expected = match current {
+            let (expected, before) = match current {
                 Some(item) => {
                     let existing = decode(item)?;
                     if same(&existing, &service) {
                         return Ok(RegisterServiceResponse { service: Some(existing), changed: false });
                     }
-                    existing.version
+                    (existing.version, summary(&existing))
                 }
-                None => 0,
+                None => (0, String::new()),
             };
             service.version = 0;
-            match self.store.put(SERVICES_PK, &at, service.encode_to_vec(), Condition::Version(expected)).await {
-                Ok(item) => {
-                    service.version = item.version;
+            let write = Write::Put {
+                pk: SERVICES_PK.into(),
+                sk: at.clone(),
+                data: service.encode_to_vec(),
+                condition: Condition::Version(expected),
+            };
+            let mut event = caller.event(chain_of(&service.silo_tenant), "service.register", target.clone());
+            event.before = before;
+            event.after = summary(&service);
+            match self.audit.commit(vec![write], event).await {
+                Ok(_) => {
+                    service.version = expected + 1;
                     tracing::info!(
                         service = %service.name,
                         endpoint = %service.endpoint,
                         silo_tenant = %service.silo_tenant,
-                        version = item.version,
+                        version = service.version,
                         registered_by = %service.registered_by,
                         "application service registered"
                     );
                     return Ok(RegisterServiceResponse { service: Some(service), changed: true });
                 }
-                Err(StorageError::ConditionFailed { .. }) => continue,
-                Err(e) => return Err(RegistryError::from(e).into()),
+                Err(AppendError::Change { .. }) => continue,
+                Err(AppendError::Store(e)) => return Err(RegistryError::from(e).into()),
             }
         }
         Err(Status::aborted("the service was registered concurrently; retry"))
@@ -152,6 +193,7 @@ impl Registry {
     pub(crate) async fn catalog_deregister(
         &self,
         ctx: &TenantContext,
+        caller: &Caller,
         req: DeregisterServiceRequest,
     ) -> Result<DeregisterServiceResponse, Status> {
         let mut v = Violations::new();
@@ -163,8 +205,33 @@ impl Registry {
         }
         v.check()?;
         let at = key(&req.name, &req.silo_tenant);
-        let removed = self.store.delete(SERVICES_PK, &at, Condition::None).await.map_err(RegistryError::from)?;
-        let removed = removed.is_some();
+        let chain = chain_of(&req.silo_tenant);
+        let target = format!("service/{at}");
+        let removed = self
+            .audited(caller, chain, "service.deregister", target.clone(), async {
+                ctx.authorize_all_tenants()?;
+                // Two tries: a registration racing this one wins once.
+                for _ in 0..2 {
+                    let Some(item) = self.store.get(SERVICES_PK, &at).await.map_err(RegistryError::from)? else {
+                        // Nothing there: nothing changes, and no event.
+                        return Ok(false);
+                    };
+                    let mut event = caller.event(chain, "service.deregister", target.clone());
+                    event.before = summary(&decode(item.clone())?);
+                    let write = Write::Delete {
+                        pk: SERVICES_PK.into(),
+                        sk: at.clone(),
+                        condition: Condition::Version(item.version),
+                    };
+                    match self.audit.commit(vec![write], event).await {
+                        Ok(_) => return Ok(true),
+                        Err(AppendError::Change { .. }) => continue,
+                        Err(AppendError::Store(e)) => return Err(Status::from(RegistryError::from(e))),
+                    }
+                }
+                Err(Status::aborted("the service was registered concurrently; retry"))
+            })
+            .await?;
         tracing::info!(service = %req.name, silo_tenant = %req.silo_tenant, removed, by = %ctx.subject, "application service deregistered");
         Ok(DeregisterServiceResponse { removed })
     }

@@ -9,6 +9,7 @@ use tenantmesh_storage::Query;
 use tenantmesh_tenant_context::{PLATFORM_TENANT, TenantContext};
 use tonic::{Request, Response, Status};
 
+use crate::audit::{Audited, summary};
 use crate::error::RegistryError;
 use crate::registry::*;
 use tenantmesh_service::clock::now_secs;
@@ -20,6 +21,7 @@ impl TenantRegistry for Registry {
         request: Request<CreateTenantRequest>,
     ) -> Result<Response<CreateTenantResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = Self::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -37,22 +39,32 @@ impl TenantRegistry for Registry {
             Ok(s) => s,
         };
         v.check()?;
-        ctx.authorize_tenant(&req.tenant_id)?;
-        let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
-        let now = now_secs();
+        let target = format!("tenant/{}", req.tenant_id);
+        let id = req.tenant_id.clone();
         let tenant = self
-            .insert(Tenant {
-                tenant_id: req.tenant_id,
-                name: req.name,
-                tier: req.tier,
-                isolation_model: model as i32,
-                status: status as i32,
-                create_time: now,
-                update_time: now,
-                version: 0,
-                identity_provider: None,
-                placement: req.placement,
-                limits: None,
+            .audited(&caller, &id, "tenant.register", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
+                let now = now_secs();
+                let audited = Audited { caller: &caller, action: "tenant.register", summary: summary::all };
+                Ok(self
+                    .insert(
+                        Tenant {
+                            tenant_id: req.tenant_id,
+                            name: req.name,
+                            tier: req.tier,
+                            isolation_model: model as i32,
+                            status: status as i32,
+                            create_time: now,
+                            update_time: now,
+                            version: 0,
+                            identity_provider: None,
+                            placement: req.placement,
+                            limits: None,
+                        },
+                        Some(audited),
+                    )
+                    .await?)
             })
             .await?;
         tracing::info!(created_tenant = %tenant.tenant_id, tier = %tenant.tier, "tenant created");
@@ -105,6 +117,7 @@ impl TenantRegistry for Registry {
         request: Request<UpdateTenantRequest>,
     ) -> Result<Response<UpdateTenantResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = Self::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -116,20 +129,26 @@ impl TenantRegistry for Registry {
             v.add("name", "name or tier must be set");
         }
         v.check()?;
-        ctx.authorize_tenant(&req.tenant_id)?;
+        let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
-            .modify(&req.tenant_id, req.expected_version, |t| {
-                if !req.name.is_empty() {
-                    t.name = req.name.clone();
-                }
-                if !req.tier.is_empty() && req.tier != t.tier {
-                    let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
-                    if model as i32 != t.isolation_model {
-                        return Err(RegistryError::ModelChange { from: t.tier.clone(), to: req.tier.clone() });
-                    }
-                    t.tier = req.tier.clone();
-                }
-                Ok(())
+            .audited(&caller, &req.tenant_id, "tenant.update", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                let audited = Audited { caller: &caller, action: "tenant.update", summary: summary::name_and_tier };
+                Ok(self
+                    .modify(&req.tenant_id, req.expected_version, audited, |t| {
+                        if !req.name.is_empty() {
+                            t.name = req.name.clone();
+                        }
+                        if !req.tier.is_empty() && req.tier != t.tier {
+                            let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
+                            if model as i32 != t.isolation_model {
+                                return Err(RegistryError::ModelChange { from: t.tier.clone(), to: req.tier.clone() });
+                            }
+                            t.tier = req.tier.clone();
+                        }
+                        Ok(())
+                    })
+                    .await?)
             })
             .await?;
         tracing::info!(updated_tenant = %tenant.tenant_id, version = tenant.version, "tenant updated");
@@ -141,6 +160,7 @@ impl TenantRegistry for Registry {
         request: Request<SetTenantStatusRequest>,
     ) -> Result<Response<SetTenantStatusResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = Self::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -152,14 +172,20 @@ impl TenantRegistry for Registry {
             Ok(s) => s,
         };
         v.check()?;
-        ctx.authorize_tenant(&req.tenant_id)?;
-        if req.tenant_id == PLATFORM_TENANT && status != TenantStatus::Active {
-            return Err(RegistryError::PlatformTenant("cannot be deactivated").into());
-        }
+        let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
-            .modify(&req.tenant_id, None, |t| {
-                t.status = status as i32;
-                Ok(())
+            .audited(&caller, &req.tenant_id, "tenant.status", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                if req.tenant_id == PLATFORM_TENANT && status != TenantStatus::Active {
+                    return Err(RegistryError::PlatformTenant("cannot be deactivated").into());
+                }
+                let audited = Audited { caller: &caller, action: "tenant.status", summary: summary::status };
+                Ok(self
+                    .modify(&req.tenant_id, None, audited, |t| {
+                        t.status = status as i32;
+                        Ok(())
+                    })
+                    .await?)
             })
             .await?;
         tracing::info!(target_tenant = %tenant.tenant_id, status = ?status, "tenant status changed");
@@ -171,6 +197,7 @@ impl TenantRegistry for Registry {
         request: Request<SetIdentityProviderRequest>,
     ) -> Result<Response<SetIdentityProviderResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = Self::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -197,15 +224,24 @@ impl TenantRegistry for Registry {
             }
         }
         v.check()?;
-        ctx.authorize_tenant(&req.tenant_id)?;
-        if req.tenant_id == PLATFORM_TENANT {
-            return Err(RegistryError::PlatformTenant("signs in with platform tokens only").into());
-        }
-        let provider = req.identity_provider;
+        let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
-            .modify(&req.tenant_id, None, |t| {
-                t.identity_provider = provider.clone();
-                Ok(())
+            .audited(&caller, &req.tenant_id, "tenant.identity_provider", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                if req.tenant_id == PLATFORM_TENANT {
+                    return Err(RegistryError::PlatformTenant("signs in with platform tokens only").into());
+                }
+                let audited = Audited {
+                    caller: &caller,
+                    action: "tenant.identity_provider",
+                    summary: summary::identity_provider,
+                };
+                Ok(self
+                    .modify(&req.tenant_id, None, audited, |t| {
+                        t.identity_provider = req.identity_provider.clone();
+                        Ok(())
+                    })
+                    .await?)
             })
             .await?;
         tracing::info!(
@@ -221,6 +257,7 @@ impl TenantRegistry for Registry {
         request: Request<SetPlacementRequest>,
     ) -> Result<Response<SetPlacementResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = Self::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -242,25 +279,31 @@ impl TenantRegistry for Registry {
             Ok(s) => s,
         };
         v.check()?;
-        ctx.authorize_tenant(&req.tenant_id)?;
-        if req.tenant_id == PLATFORM_TENANT {
-            return Err(RegistryError::PlatformTenant("keeps its placement").into());
-        }
-        let placement = req.placement.expect("validated");
+        let target = format!("tenant/{}", req.tenant_id);
+        let placement = req.placement.clone().expect("validated");
         let tenant = self
-            .modify(&req.tenant_id, req.expected_version, |t| {
-                let tier = if req.tier.is_empty() { t.tier.clone() } else { req.tier.clone() };
-                let model = self.tiers.isolation_model(&tier);
-                if model.is_some_and(|m| m as i32 != placement.model) {
-                    return Err(RegistryError::PlacementMismatch { tier });
+            .audited(&caller, &req.tenant_id, "tenant.placement", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                if req.tenant_id == PLATFORM_TENANT {
+                    return Err(RegistryError::PlatformTenant("keeps its placement").into());
                 }
-                t.tier = tier;
-                t.isolation_model = placement.model;
-                t.placement = Some(placement.clone());
-                if status != TenantStatus::Unspecified {
-                    t.status = status as i32;
-                }
-                Ok(())
+                let audited = Audited { caller: &caller, action: "tenant.placement", summary: summary::placement };
+                Ok(self
+                    .modify(&req.tenant_id, req.expected_version, audited, |t| {
+                        let tier = if req.tier.is_empty() { t.tier.clone() } else { req.tier.clone() };
+                        let model = self.tiers.isolation_model(&tier);
+                        if model.is_some_and(|m| m as i32 != placement.model) {
+                            return Err(RegistryError::PlacementMismatch { tier });
+                        }
+                        t.tier = tier;
+                        t.isolation_model = placement.model;
+                        t.placement = Some(placement.clone());
+                        if status != TenantStatus::Unspecified {
+                            t.status = status as i32;
+                        }
+                        Ok(())
+                    })
+                    .await?)
             })
             .await?;
         tracing::info!(
@@ -278,7 +321,8 @@ impl TenantRegistry for Registry {
         request: Request<RegisterServiceRequest>,
     ) -> Result<Response<RegisterServiceResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        Ok(Response::new(self.catalog_register(&ctx, request.into_inner()).await?))
+        let caller = Self::caller(&request, &ctx);
+        Ok(Response::new(self.catalog_register(&ctx, &caller, request.into_inner()).await?))
     }
 
     async fn list_services(
@@ -294,8 +338,8 @@ impl TenantRegistry for Registry {
         request: Request<DeregisterServiceRequest>,
     ) -> Result<Response<DeregisterServiceResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        ctx.authorize_all_tenants()?;
-        Ok(Response::new(self.catalog_deregister(&ctx, request.into_inner()).await?))
+        let caller = Self::caller(&request, &ctx);
+        Ok(Response::new(self.catalog_deregister(&ctx, &caller, request.into_inner()).await?))
     }
 
     type WatchTenantsStream =
@@ -354,6 +398,7 @@ impl TenantRegistry for Registry {
         request: Request<SetTenantLimitsRequest>,
     ) -> Result<Response<SetTenantLimitsResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = Self::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -375,15 +420,20 @@ impl TenantRegistry for Registry {
             }
         }
         v.check()?;
-        ctx.authorize_tenant(&req.tenant_id)?;
-        if req.tenant_id == PLATFORM_TENANT {
-            return Err(RegistryError::PlatformTenant("is not limited").into());
-        }
-        let limits = req.limits;
+        let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
-            .modify(&req.tenant_id, None, |t| {
-                t.limits = limits;
-                Ok(())
+            .audited(&caller, &req.tenant_id, "tenant.limits", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                if req.tenant_id == PLATFORM_TENANT {
+                    return Err(RegistryError::PlatformTenant("is not limited").into());
+                }
+                let audited = Audited { caller: &caller, action: "tenant.limits", summary: summary::limits };
+                Ok(self
+                    .modify(&req.tenant_id, None, audited, |t| {
+                        t.limits = req.limits;
+                        Ok(())
+                    })
+                    .await?)
             })
             .await?;
         tracing::info!(target_tenant = %tenant.tenant_id, "limits set");

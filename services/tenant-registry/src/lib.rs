@@ -1,8 +1,10 @@
 //! The tenant registry: the system of record for tenants (id, name, tier,
 //! isolation model, lifecycle status). It also answers the tenant-context
 //! layer's lookups for its own requests straight from its store, and keeps
-//! the catalog of the application services that joined the mesh.
+//! the catalog of the application services that joined the mesh, and the
+//! audit log of every change to them ([`audit`]).
 
+pub mod audit;
 mod catalog;
 mod config;
 mod error;

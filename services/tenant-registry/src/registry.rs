@@ -6,9 +6,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use prost::Message as _;
 use tenantmesh_proto::registry::v1::*;
+use tenantmesh_service::audit::AppendError;
 use tenantmesh_service::errors::Violations;
 use tenantmesh_service::tiers::Tiers;
-use tenantmesh_storage::{Condition, DynTable};
+use tenantmesh_storage::{Condition, DynTable, StorageError, Write};
+
+use crate::audit::Audited;
 use tenantmesh_tenant_context::PLATFORM_TENANT;
 use tenantmesh_tenant_context::directory::{TenantDirectory, TenantInfo};
 use tonic::Status;
@@ -35,6 +38,9 @@ pub struct Registry {
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
     /// One permit per open watch stream.
     pub(crate) watchers: Arc<tokio::sync::Semaphore>,
+    /// The audit log, in the same table: each change and its event are
+    /// one transaction.
+    pub(crate) audit: tenantmesh_service::audit::AuditLog,
 }
 
 /// Changes a watcher may fall behind by before it is told to reset.
@@ -48,6 +54,7 @@ use tenantmesh_service::clock::now_secs;
 impl Registry {
     pub fn new(store: DynTable, own_issuer: impl Into<String>, tiers: Arc<Tiers>) -> Self {
         Self {
+            audit: tenantmesh_service::audit::AuditLog::new(store.clone()),
             store,
             own_issuer: own_issuer.into(),
             tiers,
@@ -99,24 +106,51 @@ impl Registry {
         Ok(Some(tenant))
     }
 
-    pub(crate) async fn insert(&self, mut tenant: Tenant) -> Result<Tenant, RegistryError> {
-        let item = self
-            .store
-            .put(TENANTS_PK, &tenant.tenant_id, tenant.encode_to_vec(), Condition::NotExists)
-            .await
-            .map_err(|e| RegistryError::from_write(e, &tenant.tenant_id))?;
-        tenant.version = item.version;
-        self.changed(&tenant.tenant_id);
+    /// Creates `tenant` (its id must be free), with its audit event in the
+    /// same transaction; without `audited` (the platform's own record at
+    /// first start), alone.
+    pub(crate) async fn insert(
+        &self,
+        mut tenant: Tenant,
+        audited: Option<Audited<'_>>,
+    ) -> Result<Tenant, RegistryError> {
+        let id = tenant.tenant_id.clone();
+        let write = Write::Put {
+            pk: TENANTS_PK.into(),
+            sk: id.clone(),
+            data: tenant.encode_to_vec(),
+            condition: Condition::NotExists,
+        };
+        match audited {
+            Some(a) => {
+                let mut event = a.caller.event(&id, a.action, format!("tenant/{id}"));
+                event.after = (a.summary)(&tenant);
+                self.audit.commit(vec![write], event).await.map_err(|e| match e {
+                    AppendError::Change { source, .. } => RegistryError::from_write(source, &id),
+                    AppendError::Store(e) => e.into(),
+                })?;
+            }
+            None => {
+                let Write::Put { data, .. } = write else { unreachable!("a put") };
+                self.store
+                    .put(TENANTS_PK, &id, data, Condition::NotExists)
+                    .await
+                    .map_err(|e| RegistryError::from_write(e, &id))?;
+            }
+        }
+        tenant.version = 1;
+        self.changed(&id);
         Ok(tenant)
     }
 
-    /// Applies `change` to the stored tenant; with `expected` the write
-    /// applies only at that version, otherwise it retries on a concurrent
-    /// write.
+    /// Applies `change` to the stored tenant, and records it (`audited`) in
+    /// the same transaction; with `expected` the write applies only at
+    /// that version, otherwise it retries on a concurrent write.
     pub(crate) async fn modify(
         &self,
         tenant_id: &str,
         expected: Option<u64>,
+        audited: Audited<'_>,
         change: impl Fn(&mut Tenant) -> Result<(), RegistryError>,
     ) -> Result<Tenant, RegistryError> {
         loop {
@@ -126,25 +160,37 @@ impl Registry {
             {
                 return Err(RegistryError::VersionMismatch { expected: v, current: tenant.version });
             }
+            let mut event = audited.caller.event(tenant_id, audited.action, format!("tenant/{tenant_id}"));
+            event.before = (audited.summary)(&tenant);
             change(&mut tenant)?;
+            event.after = (audited.summary)(&tenant);
             tenant.update_time = now_secs();
             let version = tenant.version;
-            match self.store.put(TENANTS_PK, tenant_id, tenant.encode_to_vec(), Condition::Version(version)).await {
-                Ok(item) => {
-                    tenant.version = item.version;
+            let write = Write::Put {
+                pk: TENANTS_PK.into(),
+                sk: tenant_id.into(),
+                data: tenant.encode_to_vec(),
+                condition: Condition::Version(version),
+            };
+            match self.audit.commit(vec![write], event).await {
+                Ok(_) => {
+                    // A write makes the next version.
+                    tenant.version = version + 1;
                     self.changed(tenant_id);
                     return Ok(tenant);
                 }
-                Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. }) if expected.is_none() => {
+                Err(AppendError::Change { source: StorageError::ConditionFailed { current, .. }, .. })
+                    if expected.is_none() =>
+                {
                     tracing::debug!(tenant_id, ?current, "concurrent tenant update; retrying");
                 }
-                Err(tenantmesh_storage::StorageError::ConditionFailed { current, .. }) => {
+                Err(AppendError::Change { source: StorageError::ConditionFailed { current, .. }, .. }) => {
                     return Err(RegistryError::VersionMismatch {
                         expected: version,
                         current: current.unwrap_or_default(),
                     });
                 }
-                Err(e) => return Err(e.into()),
+                Err(AppendError::Change { source, .. } | AppendError::Store(source)) => return Err(source.into()),
             }
         }
     }
@@ -168,7 +214,7 @@ impl Registry {
             placement: None,
             limits: None,
         };
-        match self.insert(tenant).await {
+        match self.insert(tenant, None).await {
             Ok(_) => tracing::info!(tenant_id = PLATFORM_TENANT, "bootstrap: created the platform tenant"),
             Err(RegistryError::AlreadyExists(_)) => {}
             Err(e) => return Err(e),
@@ -255,7 +301,7 @@ mod watch_tests {
         assert!(first.next().await.unwrap().unwrap().reset);
         let tenant =
             Tenant { tenant_id: "acme".into(), name: "Acme".into(), tier: "basic".into(), ..Default::default() };
-        r.insert(tenant).await.unwrap();
+        r.insert(tenant, None).await.unwrap();
         let change = first.next().await.unwrap().unwrap();
         assert_eq!((change.reset, change.tenant_ids), (false, vec!["acme".to_owned()]));
 

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use tenantmesh_proto::audit::v1::audit_server::AuditServer;
 use tenantmesh_proto::registry::v1::tenant_registry_server::TenantRegistryServer;
 use tenantmesh_storage::DynTable;
 use tenantmesh_telemetry::Service;
@@ -10,6 +11,7 @@ use tenantmesh_tenant_context::server::Authenticator;
 use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
 use tokio::net::TcpListener;
 
+use crate::audit::AuditService;
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -35,12 +37,24 @@ pub async fn serve(
         let verifier =
             TokenVerifier::new(Arc::new(JwksCache::new(auth_channel)), &config.common.issuer, &config.common.audience)
                 .with_cache_capacity(config.common.token_cache_capacity);
-        let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone())).with_admission(&config.common);
+        let authn = Authenticator::new(Arc::new(verifier), Arc::new(registry.clone()))
+            .with_admission(&config.common)
+            .with_refusals(registry.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-        tenantmesh_service::runtime::serve(
+        let audit = AuditServer::new(AuditService::new(&registry));
+        let routes = tonic::service::Routes::new(tenantmesh_service::sized!(TenantRegistryServer::new(registry)))
+            .add_service(tenantmesh_service::sized!(audit))
+            .add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
+        let names = [
+            <TenantRegistryServer<Registry> as tonic::server::NamedService>::NAME,
+            <AuditServer<AuditService> as tonic::server::NamedService>::NAME,
+            tenantmesh_service::backup::NAME,
+        ];
+        tenantmesh_service::runtime::serve_routes(
             listener,
-            tenantmesh_service::sized!(TenantRegistryServer::new(registry)),
-            Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
+            routes,
+            &names,
+            &[],
             tenantmesh_tenant_context::server::stack(named, authn, None)?,
             config.common.shutdown_grace,
             shutdown,

@@ -283,6 +283,30 @@ impl Cluster {
         panic!("{id} did not finish; see {}", self.log("onboarding").display());
     }
 
+    /// The tenant's audit log has one successful event per version of its
+    /// record (each committed change), and its chain holds.
+    async fn assert_one_event_per_change(&self, id: &str) {
+        use tenantmesh_proto::audit::v1::audit_client::AuditClient;
+        use tenantmesh_proto::audit::v1::{ListAuditEventsRequest, Outcome, VerifyAuditChainRequest};
+        let admin = self.admin().await;
+        let mut audit = AuditClient::new(channel(self.ports["registry"]));
+        let (mut succeeded, mut page_token) = (0u64, String::new());
+        loop {
+            let req = ListAuditEventsRequest { tenant_id: id.into(), page_size: 100, page_token, ..Default::default() };
+            let page = audit.list_audit_events(authed(req, &admin)).await.unwrap().into_inner();
+            succeeded += page.events.iter().filter(|e| e.outcome() == Outcome::Succeeded).count() as u64;
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let version = self.tenant(id).await.version;
+        assert_eq!(succeeded, version, "{id}: one event per committed change");
+        let verified = audit.verify_audit_chain(authed(VerifyAuditChainRequest { tenant_id: id.into() }, &admin)).await;
+        let verified = verified.unwrap().into_inner();
+        assert!(verified.intact, "{id}: {verified:?}");
+    }
+
     async fn tenant(&self, id: &str) -> Tenant {
         let req = authed(GetTenantRequest { tenant_id: id.into() }, &self.admin().await);
         self.registry().get_tenant(req).await.unwrap().into_inner().tenant.unwrap()
@@ -537,7 +561,59 @@ async fn tier_change_completes_after_kill_9_at_every_step() {
         assert_eq!(cluster.stored(&tenant, &table).await.unwrap(), 25, "after {step} ({mode})");
         assert_eq!(cluster.stored(&tenant, &pooled).await.unwrap(), 0, "after {step} ({mode}): items left in the pool");
         assert_eq!(cluster.records(&tenant).await, 1);
+        cluster.assert_one_event_per_change(&tenant).await;
         cluster.kill_9("onboarding");
+    }
+}
+
+/// kill -9 of the registry, three times, while an operator keeps changing a
+/// tenant's status and limits: after each restart the tenant's audit log
+/// has exactly one event per committed change (as many successful events
+/// as the record has versions) and its chain holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_keeps_one_event_per_change_through_kill_9_of_the_registry() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tenantmesh_proto::registry::v1::{
+        CreateTenantRequest, SetTenantLimitsRequest, SetTenantStatusRequest, TenantLimits,
+    };
+    let mut cluster = Cluster::start().await;
+    let admin = cluster.admin().await;
+    let tenant = unique_tenant("audit-kill");
+    let create = CreateTenantRequest {
+        tenant_id: tenant.clone(),
+        name: "Audited".into(),
+        tier: "basic".into(),
+        ..Default::default()
+    };
+    cluster.registry().create_tenant(authed(create, &admin)).await.unwrap();
+    for round in 0..3 {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let changer = {
+            let (stop, registry, admin, tenant) = (stop.clone(), cluster.registry(), admin.clone(), tenant.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let status = if n.is_multiple_of(2) { TenantStatus::Active } else { TenantStatus::Suspended };
+                    let req = SetTenantStatusRequest { tenant_id: tenant.clone(), status: status as i32 };
+                    let _ = registry.clone().set_tenant_status(authed(req, &admin)).await;
+                    let limits = TenantLimits {
+                        requests_per_second: n,
+                        burst: n,
+                        max_concurrency: 1,
+                        storage_quota_bytes: 1 << 20,
+                    };
+                    let req = SetTenantLimitsRequest { tenant_id: tenant.clone(), limits: Some(limits) };
+                    let _ = registry.clone().set_tenant_limits(authed(req, &admin)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(400 + 150 * round)).await;
+        cluster.kill_9("registry");
+        stop.store(true, Ordering::Relaxed);
+        changer.await.unwrap();
+        cluster.spawn("registry", "registry", cluster.ports["registry"], &[]).await;
+        cluster.assert_one_event_per_change(&tenant).await;
     }
 }
 

@@ -273,6 +273,15 @@ async fn the_console_runs_a_tenants_life_and_shows_the_metering_numbers() {
     );
     let page = operator.get(&format!("/tenants/{id}?hours=1")).await;
     assert!(page.body.contains(r#"<table id="refusals">"#) && page.body.contains("requests_per_second"));
+    // The limits just set are its latest change in the audit log, by the operator.
+    let changes = shown["changes"].as_array().unwrap();
+    let last = changes.last().unwrap();
+    assert_eq!((last["action"].as_str(), last["outcome"].as_str()), (Some("tenant.limits"), Some("ok")), "{shown}");
+    assert!(
+        last["change"].as_str().unwrap().ends_with("1 requests/s, burst 1, 4 in flight, 1000000 bytes stored"),
+        "{last}"
+    );
+    assert!(page.body.contains(r#"<table id="changes">"#) && page.body.contains("tenant.limits"));
     // Every request served is in a latency bucket; the percentiles are read from them.
     let served = shown["usage"][0]["total"].as_i64().unwrap();
     let bucketed: i64 = shown["latency"].as_array().unwrap().iter().map(|b| b[1].as_i64().unwrap()).sum();

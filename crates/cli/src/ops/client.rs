@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
+use tenantmesh_proto::audit::v1::audit_client::AuditClient;
 
 use tenantmesh_proto::auth::v1::RefreshRequest;
 use tenantmesh_proto::auth::v1::auth_client::AuthClient;
@@ -184,6 +185,11 @@ impl Ops {
 
     pub fn registry(&self) -> Result<TenantRegistryClient<Channel>, CliError> {
         Ok(TenantRegistryClient::new(channel(&self.session.endpoints.registry)?))
+    }
+
+    /// The registry's audit log.
+    pub fn audit(&self) -> Result<AuditClient<Channel>, CliError> {
+        Ok(AuditClient::new(channel(&self.session.endpoints.registry)?))
     }
 
     pub fn auth(&self) -> Result<AuthClient<Channel>, CliError> {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
+use tenantmesh_proto::audit::v1::{AuditEvent, ListAuditEventsRequest, VerifyAuditChainRequest};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -117,6 +118,46 @@ pub enum OpsCommand {
     /// What tenants cost to serve, what their tier pays, and the margin.
     #[command(subcommand)]
     Cost(CostCommand),
+    /// Who changed what: a tenant's audit log (every change to its record,
+    /// each refused or failed attempt), and a check of its hash chain.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// A tenant's audit events, oldest first: when, who, what, the
+    /// outcome, and what changed. `platform` holds the service catalog's
+    /// changes and attempts that named no tenant.
+    #[command(after_help = "Examples:\n  \
+        tenantmesh audit list acme\n  \
+        tenantmesh audit list acme --action tenant.tier --hours 24 -o json\n  \
+        tenantmesh audit list acme --last 10")]
+    List {
+        tenant: String,
+        /// Only this action (e.g. tenant.status, tenant.limits, service.register).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this actor (a user id, or service:<client id>).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only the last this many hours.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=87_600))]
+        hours: Option<i64>,
+        /// Only the last this many events (a tail), instead of all of them.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        last: Option<u32>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Recompute a tenant's hash chain: exit 0 when every event holds, 1
+    /// naming the first that does not (changed, removed or reordered).
+    #[command(after_help = "Example:\n  tenantmesh audit verify acme")]
+    Verify {
+        tenant: String,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -422,6 +463,7 @@ pub async fn run(command: OpsCommand, env: &Env) -> Result<(), CliError> {
         OpsCommand::Workflow(c) => workflow(c, &Ops::load(env).await?).await,
         OpsCommand::Usage(args) => usage(args, &Ops::load(env).await?).await,
         OpsCommand::Cost(c) => cost(c, &Ops::load(env).await?).await,
+        OpsCommand::Audit(c) => audit(c, &Ops::load(env).await?).await,
     }
 }
 
@@ -803,10 +845,12 @@ async fn show_tenant(ops: &Ops, id: &str, out: Output) -> Result<(), CliError> {
         Err(s) if s.code() == Code::NotFound => Vec::new(),
         Err(s) => return Err(ops.error(Service::Onboarding)(s)),
     };
+    let changes = audit_tail(ops, id, SHOWN_CHANGES).await?;
     if out.json() {
         print_json(&json!({
             "tenant": tenant_json(&t),
             "workflow": workflow.as_ref().map(workflow_json),
+            "changes": changes.iter().map(audit_json).collect::<Vec<_>>(),
             "resources": resources.iter().map(resource_json).collect::<Vec<_>>(),
         }));
         return Ok(());
@@ -843,6 +887,10 @@ async fn show_tenant(ops: &Ops, id: &str, out: Output) -> Result<(), CliError> {
         pairs.push(("latest workflow", line));
     }
     print!("{}", fields(&pairs));
+    if !changes.is_empty() {
+        println!();
+        print!("{}", audit_table(&changes).render(""));
+    }
     if !resources.is_empty() {
         println!();
         let mut table = Table::new(&["RESOURCE", "NAME", "CREATED"]);
@@ -852,6 +900,108 @@ async fn show_tenant(ops: &Ops, id: &str, out: Output) -> Result<(), CliError> {
         print!("{}", table.render(""));
     }
     Ok(())
+}
+
+/// How many of a tenant's latest audit events `tenant show` shows.
+const SHOWN_CHANGES: u32 = 5;
+
+/// A tenant's last `n` audit events, oldest first.
+async fn audit_tail(ops: &Ops, tenant: &str, n: u32) -> Result<Vec<AuditEvent>, CliError> {
+    let request = ops.request(ListAuditEventsRequest { tenant_id: tenant.to_owned(), last: n, ..Default::default() });
+    let answer = ops.audit()?.list_audit_events(request).await.map_err(ops.error(Service::Registry))?;
+    Ok(answer.into_inner().events)
+}
+
+fn audit_table(events: &[AuditEvent]) -> Table {
+    let mut table = Table::new(&["#", "WHEN", "WHO", "ACTION", "OUTCOME", "CHANGE"]);
+    for e in events {
+        table.row(vec![
+            e.sequence.to_string(),
+            when::format(e.time_us / 1_000_000),
+            clean(e.actor.as_ref().map(|a| a.subject.as_str()).unwrap_or_default()),
+            clean(&e.action),
+            tenantmesh_proto::names::outcome(e.outcome).to_owned(),
+            clean(&tenantmesh_proto::names::audit_change(e)),
+        ]);
+    }
+    table
+}
+
+fn audit_json(e: &AuditEvent) -> Value {
+    let actor = e.actor.clone().unwrap_or_default();
+    json!({
+        "sequence": e.sequence,
+        "id": e.id,
+        "time": tenantmesh_service::clock::rfc3339(e.time_us / 1_000_000),
+        "tenant_id": e.tenant_id,
+        "actor": {"subject": actor.subject, "tenant_id": actor.tenant_id, "roles": actor.roles},
+        "action": e.action,
+        "target": e.target,
+        "outcome": tenantmesh_proto::names::outcome(e.outcome),
+        "error": e.error,
+        "before": e.before,
+        "after": e.after,
+        "request_id": e.request_id,
+        "trace_id": e.trace_id,
+        "source": e.source,
+        "prev_hash": e.prev_hash,
+        "hash": e.hash,
+    })
+}
+
+async fn audit(command: AuditCommand, ops: &Ops) -> Result<(), CliError> {
+    match command {
+        AuditCommand::List { tenant, action, actor, hours, last, out } => {
+            let from_us = hours.map_or(0, |h| (tenantmesh_service::clock::now_ms() - h * 3_600_000) * 1000);
+            let mut events = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = ops.request(ListAuditEventsRequest {
+                    tenant_id: tenant.clone(),
+                    action: action.clone().unwrap_or_default(),
+                    actor: actor.clone().unwrap_or_default(),
+                    from_us,
+                    to_us: 0,
+                    page_size: 100,
+                    page_token,
+                    last: last.unwrap_or(0),
+                });
+                let page = ops.audit()?.list_audit_events(request).await.map_err(ops.error(Service::Registry))?;
+                let page = page.into_inner();
+                events.extend(page.events);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if out.json() {
+                print_json(&Value::Array(events.iter().map(audit_json).collect()));
+            } else {
+                print!("{}", audit_table(&events).render(&format!("no audit events for {tenant}")));
+            }
+            Ok(())
+        }
+        AuditCommand::Verify { tenant, out } => {
+            let request = ops.request(VerifyAuditChainRequest { tenant_id: tenant.clone() });
+            let v = ops.audit()?.verify_audit_chain(request).await.map_err(ops.error(Service::Registry))?.into_inner();
+            if out.json() {
+                print_json(&json!({
+                    "tenant_id": tenant, "intact": v.intact, "events": v.events,
+                    "first_broken": v.first_broken, "reason": v.reason,
+                }));
+            } else if v.intact {
+                println!("{tenant}: the audit chain holds ({} events)", v.events);
+            }
+            if v.intact {
+                Ok(())
+            } else {
+                Err(CliError(format!(
+                    "{tenant}: the audit chain is broken at event {}: {} ({} events before it hold)",
+                    v.first_broken, v.reason, v.events
+                )))
+            }
+        }
+    }
 }
 
 /// A line per tenant as the registry reports it changed, until Ctrl-C.
