@@ -15,6 +15,7 @@
 mod security {
     mod access;
     mod attacks;
+    mod audit_log;
     mod auth_records;
     mod external_idp;
     mod isolation_model;

@@ -154,6 +154,9 @@ impl Up {
                 }
             }
         }
+        // The rest of what it prints is read (and dropped) to its end: a
+        // pipe closed under it would fail its next line (EPIPE).
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         let mut stderr = child.stderr.take().unwrap();
         let stderr = std::thread::spawn(move || {
             let mut s = String::new();

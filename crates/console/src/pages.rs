@@ -206,8 +206,9 @@ impl Console {
     fn auth(&self) -> AuthClient<tonic::transport::Channel> {
         AuthClient::new(self.channels.auth.clone())
     }
-    fn audit(&self) -> AuditClient<tonic::transport::Channel> {
-        AuditClient::new(self.channels.registry.clone())
+    /// The services that keep an audit log: the registry, auth, onboarding.
+    fn audit_logs(&self) -> [AuditClient<tonic::transport::Channel>; 3] {
+        [&self.channels.registry, &self.channels.auth, &self.channels.onboarding].map(|c| AuditClient::new(c.clone()))
     }
     fn onboarding(&self) -> OnboardingClient<tonic::transport::Channel> {
         OnboardingClient::new(self.channels.onboarding.clone())
@@ -550,9 +551,15 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
         let request = ListWorkflowsRequest { tenant_id: id.into(), limit: 10 };
         Ok::<_, Fail>(c.onboarding().list_workflows(authed(s, request)).await.map_err(fail)?.into_inner().workflows)
     };
+    // The last changes across the services' audit logs, oldest first.
     let changes = async {
-        let request = ListAuditEventsRequest { tenant_id: id.into(), last: SHOWN_CHANGES, ..Default::default() };
-        Ok::<_, Fail>(c.audit().list_audit_events(authed(s, request)).await.map_err(fail)?.into_inner().events)
+        let mut events = Vec::new();
+        for mut log in c.audit_logs() {
+            let request = ListAuditEventsRequest { tenant_id: id.into(), last: SHOWN_CHANGES, ..Default::default() };
+            events.extend(log.list_audit_events(authed(s, request)).await.map_err(fail)?.into_inner().events);
+        }
+        events.sort_by_key(|e| e.time_us);
+        Ok::<_, Fail>(events.split_off(events.len().saturating_sub(SHOWN_CHANGES as usize)))
     };
     let resources = async {
         let request = ListTenantResourcesRequest { tenant_id: id.into(), include_removed: false };

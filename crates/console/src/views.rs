@@ -160,6 +160,8 @@ pub struct StepView {
 /// One audit event of a tenant, as its page lists it.
 #[derive(Serialize, Debug, Clone)]
 pub struct ChangeView {
+    /// The log it is in (registry, auth, onboarding), and its place there.
+    pub service: String,
     pub sequence: u64,
     pub time: i64,
     pub who: String,
@@ -171,6 +173,7 @@ pub struct ChangeView {
 impl From<&tenantmesh_proto::audit::v1::AuditEvent> for ChangeView {
     fn from(e: &tenantmesh_proto::audit::v1::AuditEvent) -> Self {
         ChangeView {
+            service: e.service.clone(),
             sequence: e.sequence,
             time: e.time_us / 1_000_000,
             who: e.actor.as_ref().map(|a| a.subject.clone()).unwrap_or_default(),

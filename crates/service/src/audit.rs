@@ -108,6 +108,8 @@ struct Head {
 #[derive(Clone)]
 pub struct AuditLog {
     store: DynTable,
+    /// The service whose log it is (each event says so).
+    service: &'static str,
 }
 
 /// A failed append: the change's own write refused (`Change`, with the
@@ -122,8 +124,13 @@ pub enum AppendError {
 }
 
 impl AuditLog {
-    pub fn new(store: DynTable) -> Self {
-        Self { store }
+    pub fn new(store: DynTable, service: &'static str) -> Self {
+        Self { store, service }
+    }
+
+    /// The service whose log it is.
+    pub fn service(&self) -> &'static str {
+        self.service
     }
 
     async fn head(&self, tenant_id: &str) -> Result<Head, StorageError> {
@@ -145,6 +152,7 @@ impl AuditLog {
     pub async fn commit(&self, writes: Vec<Write>, mut event: AuditEvent) -> Result<AuditEvent, AppendError> {
         let pk = partition(&event.tenant_id);
         let changes = writes.len();
+        event.service = self.service.to_owned();
         for _ in 0..HEAD_RETRIES {
             let head = self.head(&event.tenant_id).await?;
             event.sequence = head.sequence + 1;
@@ -298,7 +306,7 @@ mod tests {
     fn log() -> (tempfile::TempDir, AuditLog, DynTable) {
         let dir = tempfile::tempdir().unwrap();
         let store: DynTable = Arc::new(EmbeddedTable::open(dir.path().join("t.redb")).unwrap());
-        (dir, AuditLog::new(store.clone()), store)
+        (dir, AuditLog::new(store.clone(), "registry"), store)
     }
 
     fn caller() -> Caller {

@@ -355,8 +355,8 @@ mod tests {
         assert_declared(tenantmesh_proto::FILE_DESCRIPTOR_SET);
         assert_eq!(
             paths("/tenantmesh.").len(),
-            56,
-            "the four services, DataAdmin, Metering, Backup and the lifecycle service of applications"
+            58,
+            "the four services, DataAdmin, Metering, Backup, Audit and the lifecycle service of applications"
         );
     }
 

@@ -19,6 +19,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod audit;
 pub mod authorize;
 pub mod client;
 pub mod context;

@@ -9,6 +9,9 @@
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tenantmesh_proto::audit::v1::AuditEvent;
+use tenantmesh_service::audit::{AppendError, AuditLog};
+use tenantmesh_storage::Write;
 
 use async_trait::async_trait;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -67,7 +70,7 @@ impl SigningKeys {
     pub async fn load_or_create(store: &DynTable) -> Result<Self, AuthError> {
         let mut keys = load(store).await?;
         if keys.is_empty() {
-            generate(store, tenantmesh_service::clock::now_secs()).await?;
+            generate(store, tenantmesh_service::clock::now_secs(), None).await?;
             keys = load(store).await?;
         }
         Ok(Self { keys: RwLock::new(keys), generation: AtomicU64::new(0) })
@@ -90,15 +93,19 @@ impl SigningKeys {
     /// Adds a key that signs from `publish_delay` on, and deletes keys no
     /// unexpired token can carry any more. Returns the new kid and when it
     /// becomes active.
+    ///
+    /// With `audit`, the new key and the audit event (its `after` set to
+    /// the new kid here) are written in one transaction.
     pub async fn rotate(
         &self,
         store: &DynTable,
         publish_delay: Duration,
         token_ttl: Duration,
+        audit: Option<(&AuditLog, AuditEvent)>,
     ) -> Result<(String, i64), AuthError> {
         let now = tenantmesh_service::clock::now_secs();
         let active_time = now + publish_delay.as_secs() as i64;
-        let kid = generate(store, active_time).await?;
+        let kid = generate(store, active_time, audit).await?;
         let keys = load(store).await?;
         // Key i is retired once key i+1 has signed for longer than a token lives.
         for pair in keys.windows(2) {
@@ -165,7 +172,11 @@ async fn load(store: &DynTable) -> Result<Vec<KeyEntry>, AuthError> {
     Ok(out)
 }
 
-async fn generate(store: &DynTable, active_time: i64) -> Result<String, AuthError> {
+async fn generate(
+    store: &DynTable,
+    active_time: i64,
+    audit: Option<(&AuditLog, AuditEvent)>,
+) -> Result<String, AuthError> {
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(corrupt)?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(corrupt)?;
@@ -179,7 +190,18 @@ async fn generate(store: &DynTable, active_time: i64) -> Result<String, AuthErro
         active_time: Some(active_time),
     };
     let data = serde_json::to_vec(&stored).map_err(corrupt)?;
-    store.put(KEYS_PK, &kid, data, Condition::NotExists).await?;
+    match audit {
+        Some((log, mut event)) => {
+            event.after = format!("kid {kid}, signing from {active_time}");
+            let write = Write::Put { pk: KEYS_PK.into(), sk: kid.clone(), data, condition: Condition::NotExists };
+            log.commit(vec![write], event).await.map_err(|e| match e {
+                AppendError::Change { source, .. } | AppendError::Store(source) => AuthError::from(source),
+            })?;
+        }
+        None => {
+            store.put(KEYS_PK, &kid, data, Condition::NotExists).await?;
+        }
+    }
     tracing::info!(kid = %kid, "generated a new Ed25519 signing key");
     Ok(kid)
 }

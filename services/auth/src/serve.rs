@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::expiry;
 use crate::service::AuthService;
+use tenantmesh_proto::audit::v1::audit_server::AuditServer;
 use tenantmesh_proto::auth::v1::auth_server::AuthServer;
 use tenantmesh_storage::DynTable;
 use tenantmesh_telemetry::Service;
@@ -78,11 +79,22 @@ pub async fn serve(
         });
         let sweeper = expiry::start(sweep_store, window);
         let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
-        let authn = Authenticator::new(Arc::new(verifier), directory).with_admission(&common);
-        let served = tenantmesh_service::runtime::serve(
+        let authn =
+            Authenticator::new(Arc::new(verifier), directory).with_admission(&common).with_refusals(service.refusals());
+        let audit = AuditServer::new(service.audit_service());
+        let routes = tonic::service::Routes::new(tenantmesh_service::sized!(AuthServer::new(service)))
+            .add_service(tenantmesh_service::sized!(audit))
+            .add_service(backup);
+        let names = [
+            tenantmesh_proto::auth::v1::auth_server::SERVICE_NAME,
+            tenantmesh_proto::audit::v1::audit_server::SERVICE_NAME,
+            tenantmesh_service::backup::NAME,
+        ];
+        let served = tenantmesh_service::runtime::serve_routes(
             listener,
-            tenantmesh_service::sized!(AuthServer::new(service)),
-            Some(backup),
+            routes,
+            &names,
+            &[],
             server::stack(named, authn, None)?,
             grace,
             shutdown,

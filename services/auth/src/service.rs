@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use tenantmesh_credentials::{HashPool, check_email, check_password, normalize_email, password};
+use tenantmesh_proto::audit::v1::AuditEvent;
+use tenantmesh_service::audit::{AppendError, AuditLog, Caller};
+use tenantmesh_storage::Write;
+use tenantmesh_tenant_context::audit::Auditor;
 
 use crate::config::{BOOTSTRAP_PASSWORD_FILE, Config, MAX_CLIENT_ID_LEN, MAX_CLIENT_SECRET_LEN, valid_client_id};
 use crate::error::AuthError;
@@ -83,6 +87,29 @@ pub(crate) struct Inner {
     /// Password hashing, bounded: never on the stores' blocking pool.
     hashing: HashPool,
     anonymous: anonymous::Anonymous,
+    /// The audit log, in the same table: each change and its event are
+    /// one transaction.
+    auditor: Auditor,
+}
+
+/// The auth RPCs that change something, by path: their audit actions.
+const AUDITED: [(&str, &str); 4] = [
+    ("/tenantmesh.auth.v1.Auth/CreateUser", "user.create"),
+    ("/tenantmesh.auth.v1.Auth/DisableUser", "user.disable"),
+    ("/tenantmesh.auth.v1.Auth/DeleteUser", "user.delete"),
+    ("/tenantmesh.auth.v1.Auth/RotateSigningKey", "key.rotate"),
+];
+
+/// A user as an audit event names it.
+fn user_target(email: &str) -> String {
+    format!("user/{email}")
+}
+
+/// A user in summary, for its audit events (never its password hash).
+fn user_summary(user: &UserRecord) -> String {
+    let roles: Vec<&str> = user.roles.iter().map(|r| r.as_str()).collect();
+    let state = if user.disabled { "disabled" } else { "enabled" };
+    format!("id {}, roles {}, {state}", user.user_id, roles.join(" "))
 }
 
 impl AuthService {
@@ -91,7 +118,8 @@ impl AuthService {
         let hashing = HashPool::new(config.hash_pool);
         let dummy_hash = hashing.hash(random_token(16), config.hash_params).await?;
         let anonymous = anonymous::Anonymous::new(config.anonymous);
-        Ok(Self { inner: Arc::new(Inner { store, keys, config, directory, dummy_hash, hashing, anonymous }) })
+        let auditor = Auditor::new(AuditLog::new(store.clone(), "auth"));
+        Ok(Self { inner: Arc::new(Inner { store, keys, config, directory, dummy_hash, hashing, anonymous, auditor }) })
     }
 
     pub fn keys(&self) -> Arc<SigningKeys> {
@@ -143,14 +171,36 @@ impl AuthService {
         }
     }
 
-    async fn insert_user(&self, user: &UserRecord) -> Result<(), AuthError> {
+    /// Creates `user`; with `caller`, its audit event in the same transaction.
+    async fn insert_user(&self, user: &UserRecord, caller: Option<&Caller>) -> Result<(), AuthError> {
         let data = serde_json::to_vec(user).map_err(|e| AuthError::Internal(e.to_string()))?;
-        match self.inner.store.put(&user.tenant_id, &user_sk(&user.email), data, Condition::NotExists).await {
+        let Some(caller) = caller else {
+            return match self.inner.store.put(&user.tenant_id, &user_sk(&user.email), data, Condition::NotExists).await
+            {
+                Ok(_) => Ok(()),
+                Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
+                    Err(AuthError::UserExists(user.email.clone()))
+                }
+                Err(e) => Err(e.into()),
+            };
+        };
+        let mut event = caller.event(&user.tenant_id, "user.create", user_target(&user.email));
+        event.after = user_summary(user);
+        let write =
+            Write::Put { pk: user.tenant_id.clone(), sk: user_sk(&user.email), data, condition: Condition::NotExists };
+        self.commit_audited(write, event, &user.email).await
+    }
+
+    /// Writes `write` (a change of the user `email`) and `event` in one
+    /// transaction: its condition failing is the user existing already (a
+    /// creation) or a concurrent change.
+    async fn commit_audited(&self, write: Write, event: AuditEvent, email: &str) -> Result<(), AuthError> {
+        let creating = matches!(write, Write::Put { condition: Condition::NotExists, .. });
+        match self.inner.auditor.log.commit(vec![write], event).await {
             Ok(_) => Ok(()),
-            Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
-                Err(AuthError::UserExists(user.email.clone()))
-            }
-            Err(e) => Err(e.into()),
+            Err(AppendError::Change { .. }) if creating => Err(AuthError::UserExists(email.to_owned())),
+            Err(AppendError::Change { .. }) => Err(AuthError::ConcurrentChange),
+            Err(AppendError::Store(e)) => Err(e.into()),
         }
     }
 
@@ -178,7 +228,7 @@ impl AuthService {
             disabled: false,
             create_time: now_secs(),
         };
-        match self.insert_user(&user).await {
+        match self.insert_user(&user, None).await {
             Ok(()) => {
                 tracing::info!(email = %email, generated_password = generated, "bootstrap: created the platform admin");
                 Ok(generated.then_some(password))
@@ -215,6 +265,16 @@ impl AuthService {
             return Err(AuthError::OwnAccount.into());
         }
         Ok((email, item.version, user))
+    }
+
+    /// The refusals of the auth RPCs that change something, for its audit log.
+    pub fn refusals(&self) -> tenantmesh_tenant_context::authorize::OnRefusal {
+        self.inner.auditor.refusals(&AUDITED)
+    }
+
+    /// The `Audit` service over the auth service's log.
+    pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
+        tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)
     }
 
     /// Where a generated bootstrap password is written.
@@ -275,6 +335,7 @@ impl Auth for AuthService {
 
     async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -306,37 +367,47 @@ impl Auth for AuthService {
             }
         }
         v.check()?;
-        if !req.password_hash.is_empty() && !ctx.has_scope(tenantmesh_tenant_context::Scope::Lifecycle) {
-            return Err(AuthError::HashNotAllowed.into());
-        }
-        ctx.authorize_tenant(&req.tenant_id)?;
-        if *ctx.tenant_id != *req.tenant_id {
-            // Platform callers: the target tenant must exist.
-            match self.inner.directory.lookup(&req.tenant_id, &ctx.token, None).await? {
-                None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
-                Some(info) if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted => {
-                    return Err(AuthError::TenantDeleted(req.tenant_id).into());
+        let (tenant_id, target) = (req.tenant_id.clone(), user_target(&email));
+        let auditor = &self.inner.auditor;
+        let user = auditor
+            .audited(&caller, &tenant_id, "user.create", target, async {
+                if !req.password_hash.is_empty() && !ctx.has_scope(tenantmesh_tenant_context::Scope::Lifecycle) {
+                    return Err(AuthError::HashNotAllowed.into());
                 }
-                Some(_) => {}
-            }
-        }
-        roles.sort_by_key(|r| *r as u8);
-        roles.dedup();
-        if roles.is_empty() {
-            roles.push(Role::TenantUser);
-        }
-        let password_hash =
-            if req.password_hash.is_empty() { self.hash_password(req.password).await? } else { req.password_hash };
-        let user = UserRecord {
-            user_id: uuid::Uuid::new_v4().to_string(),
-            tenant_id: req.tenant_id,
-            email,
-            password_hash,
-            roles,
-            disabled: false,
-            create_time: now_secs(),
-        };
-        self.insert_user(&user).await?;
+                ctx.authorize_tenant(&req.tenant_id)?;
+                if *ctx.tenant_id != *req.tenant_id {
+                    // Platform callers: the target tenant must exist.
+                    match self.inner.directory.lookup(&req.tenant_id, &ctx.token, None).await? {
+                        None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
+                        Some(info) if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted => {
+                            return Err(AuthError::TenantDeleted(req.tenant_id).into());
+                        }
+                        Some(_) => {}
+                    }
+                }
+                roles.sort_by_key(|r| *r as u8);
+                roles.dedup();
+                if roles.is_empty() {
+                    roles.push(Role::TenantUser);
+                }
+                let password_hash = if req.password_hash.is_empty() {
+                    self.hash_password(req.password).await?
+                } else {
+                    req.password_hash
+                };
+                let user = UserRecord {
+                    user_id: uuid::Uuid::new_v4().to_string(),
+                    tenant_id: req.tenant_id,
+                    email,
+                    password_hash,
+                    roles,
+                    disabled: false,
+                    create_time: now_secs(),
+                };
+                self.insert_user(&user, Some(&caller)).await?;
+                Ok(user)
+            })
+            .await?;
         tracing::info!(user_id = %user.user_id, target_tenant = %user.tenant_id, "user created");
         Ok(Response::new(CreateUserResponse { user: Some(user.to_proto()) }))
     }
@@ -414,44 +485,71 @@ impl Auth for AuthService {
         request: Request<DisableUserRequest>,
     ) -> Result<Response<DisableUserResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
-        let (email, version, mut user) = self.managed_user(&ctx, &req.tenant_id, &req.email).await?;
-        user.disabled = true;
-        let data = serde_json::to_vec(&user).map_err(|e| AuthError::Internal(e.to_string()))?;
-        match self.inner.store.put(&req.tenant_id, &user_sk(&email), data, Condition::Version(version)).await {
-            Ok(_) => {}
-            Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
-                return Err(AuthError::ConcurrentChange.into());
-            }
-            Err(e) => return Err(AuthError::from(e).into()),
-        }
+        let target = user_target(&normalize_email(&req.email));
+        let user = self
+            .inner
+            .auditor
+            .audited(&caller, &req.tenant_id, "user.disable", target.clone(), async {
+                let (email, version, mut user) = self.managed_user(&ctx, &req.tenant_id, &req.email).await?;
+                let mut event = caller.event(&req.tenant_id, "user.disable", target.clone());
+                event.before = user_summary(&user);
+                user.disabled = true;
+                event.after = user_summary(&user);
+                let data = serde_json::to_vec(&user).map_err(|e| AuthError::Internal(e.to_string()))?;
+                let write = Write::Put {
+                    pk: req.tenant_id.clone(),
+                    sk: user_sk(&email),
+                    data,
+                    condition: Condition::Version(version),
+                };
+                self.commit_audited(write, event, &email).await?;
+                Ok(user)
+            })
+            .await?;
         tracing::info!(user_id = %user.user_id, target_tenant = %req.tenant_id, "user disabled");
         Ok(Response::new(DisableUserResponse { user: Some(user.to_proto()) }))
     }
 
     async fn delete_user(&self, request: Request<DeleteUserRequest>) -> Result<Response<DeleteUserResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
-        let (email, version, user) = self.managed_user(&ctx, &req.tenant_id, &req.email).await?;
-        match self.inner.store.delete(&req.tenant_id, &user_sk(&email), Condition::Version(version)).await {
-            Ok(_) => {}
-            Err(tenantmesh_storage::StorageError::ConditionFailed { .. }) => {
-                return Err(AuthError::ConcurrentChange.into());
-            }
-            Err(e) => return Err(AuthError::from(e).into()),
-        }
+        let target = user_target(&normalize_email(&req.email));
+        let user = self
+            .inner
+            .auditor
+            .audited(&caller, &req.tenant_id, "user.delete", target.clone(), async {
+                let (email, version, user) = self.managed_user(&ctx, &req.tenant_id, &req.email).await?;
+                let mut event = caller.event(&req.tenant_id, "user.delete", target.clone());
+                event.before = user_summary(&user);
+                let write = Write::Delete {
+                    pk: req.tenant_id.clone(),
+                    sk: user_sk(&email),
+                    condition: Condition::Version(version),
+                };
+                self.commit_audited(write, event, &email).await?;
+                Ok(user)
+            })
+            .await?;
         tracing::info!(user_id = %user.user_id, target_tenant = %req.tenant_id, "user deleted");
         Ok(Response::new(DeleteUserResponse {}))
     }
 
     async fn rotate_signing_key(
         &self,
-        _request: Request<RotateSigningKeyRequest>,
+        request: Request<RotateSigningKeyRequest>,
     ) -> Result<Response<RotateSigningKeyResponse>, Status> {
-        let (kid, active_time) = self
-            .inner
-            .keys
-            .rotate(&self.inner.store, self.inner.config.key_publish_delay, self.inner.config.access_token_ttl)
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
+        let auditor = &self.inner.auditor;
+        let (kid, active_time) = auditor
+            .audited(&caller, PLATFORM_TENANT, "key.rotate", "signing-key".into(), async {
+                let event = caller.event(PLATFORM_TENANT, "key.rotate", "signing-key".into());
+                let (publish, ttl) = (self.inner.config.key_publish_delay, self.inner.config.access_token_ttl);
+                Ok(self.inner.keys.rotate(&self.inner.store, publish, ttl, Some((&auditor.log, event))).await?)
+            })
             .await?;
         Ok(Response::new(RotateSigningKeyResponse { kid, active_time, published_kids: self.inner.keys.kids() }))
     }

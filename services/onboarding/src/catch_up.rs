@@ -120,7 +120,7 @@ impl OnboardingService {
         wf.from_tier = tenant.tier.clone();
         wf.from = self.spot_of(tenant);
         wf.to = wf.from.clone();
-        match self.start(&wf, None).await {
+        match self.start(&wf, None, None).await {
             Ok(()) => {}
             // Another replica, or a workflow the tenant began meanwhile.
             Err(OnboardingError::Busy) => return Ok(Need::Later),

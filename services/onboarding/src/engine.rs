@@ -14,6 +14,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tenantmesh_proto::audit::v1::AuditEvent;
+use tenantmesh_service::audit::{AppendError, AuditLog};
 
 use async_trait::async_trait;
 use tenantmesh_storage::{Condition, DynTable, Pages, StorageError, Write};
@@ -213,11 +215,41 @@ impl Engine {
         }
     }
 
+    /// [`Engine::save`] of a RUNNING (retried) workflow, with `event` (who
+    /// retried it) in the same transaction.
+    pub async fn save_audited(
+        &self,
+        wf: &mut Workflow,
+        version: &mut u64,
+        log: &AuditLog,
+        event: AuditEvent,
+    ) -> Result<(), OnboardingError> {
+        wf.update_time = now_secs();
+        let data = Self::encode(wf)?;
+        let write =
+            Write::Put { pk: WORKFLOWS_PK.into(), sk: wf.id.clone(), data, condition: Condition::Version(*version) };
+        match log.commit(vec![write], event).await {
+            Ok(_) => {
+                *version += 1;
+                Ok(())
+            }
+            Err(AppendError::Change { .. }) => Err(OnboardingError::Superseded(wf.id.clone())),
+            Err(AppendError::Store(e)) => Err(e.into()),
+        }
+    }
+
     /// Records the new workflow `wf` and makes it its tenant's active one
     /// (`active`: the version of the active record it replaces), in one
     /// transaction after `first` (writes of the caller's). A condition that
     /// fails says which write (`first` come first).
-    pub async fn start(&self, wf: &Workflow, active: Option<u64>, mut first: Vec<Write>) -> Result<(), StorageError> {
+    /// With `audit`, the writes and the audit event are one transaction.
+    pub async fn start(
+        &self,
+        wf: &Workflow,
+        active: Option<u64>,
+        mut first: Vec<Write>,
+        audit: Option<(&AuditLog, AuditEvent)>,
+    ) -> Result<(), StorageError> {
         let data = Self::encode(wf).map_err(|e| StorageError::Invalid(e.to_string()))?;
         first.extend([
             Write::Put {
@@ -228,7 +260,12 @@ impl Engine {
             },
             Write::Put { pk: WORKFLOWS_PK.into(), sk: wf.id.clone(), data, condition: Condition::NotExists },
         ]);
-        self.inner.store.transact_write(first).await
+        match audit {
+            None => self.inner.store.transact_write(first).await,
+            Some((log, event)) => log.commit(first, event).await.map(drop).map_err(|e| match e {
+                AppendError::Change { source, .. } | AppendError::Store(source) => source,
+            }),
+        }
     }
 
     /// The workflow the tenant is in, with the active record's version.

@@ -1,6 +1,7 @@
 //! The gRPC API of the onboarding service: requests are validated, turned
 //! into workflows (started through the engine) and read back.
 
+use crate::service::started;
 use tenantmesh_credentials as credentials;
 use tenantmesh_proto::onboarding::v1::onboarding_server::Onboarding;
 use tenantmesh_proto::onboarding::v1::*;
@@ -25,94 +26,103 @@ impl Onboarding for OnboardingService {
         &self,
         request: Request<RegisterTenantRequest>,
     ) -> Result<Response<RegisterTenantResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
-        let mut v = Violations::new();
-        v.tenant_id("tenant_id", &req.tenant_id);
-        v.tenant_name("name", &req.name, true);
-        if self.inner.tiers.get(&req.tier).is_none() {
-            v.add("tier", self.inner.tiers.unknown_tier_message());
-        }
-        let email = credentials::normalize_email(&req.admin_email);
-        credentials::check_email(&mut v, "admin_email", &email);
-        credentials::check_password(&mut v, "admin_password", &req.admin_password);
-        if req.idempotency_key.is_empty() || req.idempotency_key.len() > MAX_KEY_LEN {
-            v.add("idempotency_key", format!("must be 1 to {MAX_KEY_LEN} bytes"));
-        } else if req.idempotency_key.chars().any(char::is_control) {
-            v.add("idempotency_key", "must not contain control characters");
-        }
-        v.check()?;
-        if req.tenant_id == PLATFORM_TENANT {
-            return Err(OnboardingError::TenantTaken(req.tenant_id).into());
-        }
-        let to = self.spot_for(&req.tenant_id, &req.tier).expect("tier validated");
-        let params = Params { tenant_id: req.tenant_id.clone(), name: req.name, tier: req.tier, admin_email: email };
-        let id = workflow_id(&params.tenant_id, Kind::Onboard);
+        let (audited_tenant, target) = (req.tenant_id.clone(), format!("tenant/{}", req.tenant_id));
+        let who = &caller;
+        self.inner.auditor.audited(who, &audited_tenant, "tenant.onboard", target, async move {
+            let mut v = Violations::new();
+            v.tenant_id("tenant_id", &req.tenant_id);
+            v.tenant_name("name", &req.name, true);
+            if self.inner.tiers.get(&req.tier).is_none() {
+                v.add("tier", self.inner.tiers.unknown_tier_message());
+            }
+            let email = credentials::normalize_email(&req.admin_email);
+            credentials::check_email(&mut v, "admin_email", &email);
+            credentials::check_password(&mut v, "admin_password", &req.admin_password);
+            if req.idempotency_key.is_empty() || req.idempotency_key.len() > MAX_KEY_LEN {
+                v.add("idempotency_key", format!("must be 1 to {MAX_KEY_LEN} bytes"));
+            } else if req.idempotency_key.chars().any(char::is_control) {
+                v.add("idempotency_key", "must not contain control characters");
+            }
+            v.check()?;
+            if req.tenant_id == PLATFORM_TENANT {
+                return Err(OnboardingError::TenantTaken(req.tenant_id).into());
+            }
+            let to = self.spot_for(&req.tenant_id, &req.tier).expect("tier validated");
+            let params = Params { tenant_id: req.tenant_id.clone(), name: req.name, tier: req.tier, admin_email: email };
+            let id = workflow_id(&params.tenant_id, Kind::Onboard);
 
-        let mut hash = None;
-        let mut hooks = None;
-        loop {
-            if let Some(item) =
-                self.inner.store.get(IDEMPOTENCY_PK, &req.idempotency_key).await.map_err(OnboardingError::from)?
-            {
-                let recorded: Params =
-                    serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
-                if recorded != params {
-                    return Err(invalid_field(
-                        "idempotency_key",
-                        "was already used for a different RegisterTenant request",
-                    ));
+            let mut hash = None;
+            let mut hooks = None;
+            loop {
+                if let Some(item) =
+                    self.inner.store.get(IDEMPOTENCY_PK, &req.idempotency_key).await.map_err(OnboardingError::from)?
+                {
+                    let recorded: Params =
+                        serde_json::from_slice(&item.data).map_err(|e| OnboardingError::Corrupt(e.to_string()))?;
+                    if recorded != params {
+                        return Err(invalid_field(
+                            "idempotency_key",
+                            "was already used for a different RegisterTenant request",
+                        ));
+                    }
+                    let (wf, _) =
+                        self.inner.engine.load(&id).await?.ok_or_else(|| OnboardingError::NotFound(id.clone()))?;
+                    return Ok(Response::new(RegisterTenantResponse {
+                        tenant_id: params.tenant_id,
+                        status: to_proto_status(wf.state) as i32,
+                        workflow_id: id,
+                    }));
                 }
-                let (wf, _) =
-                    self.inner.engine.load(&id).await?.ok_or_else(|| OnboardingError::NotFound(id.clone()))?;
-                return Ok(Response::new(RegisterTenantResponse {
-                    tenant_id: params.tenant_id,
-                    status: to_proto_status(wf.state) as i32,
-                    workflow_id: id,
-                }));
+                let password_hash = match &hash {
+                    Some(h) => h,
+                    None => {
+                        let h = self.inner.hashing.hash(req.admin_password.clone(), self.inner.hash_params).await;
+                        hash.insert(h.map_err(OnboardingError::from)?)
+                    }
+                };
+                let hooks = match &hooks {
+                    Some(h) => h,
+                    None => hooks.insert(self.hooks().await?),
+                };
+                let steps = workflow::onboard_steps(&to, hooks);
+                let mut wf = Workflow::new(id.clone(), Kind::Onboard, params.clone(), &steps, now_secs());
+                wf.admin_password_hash = password_hash.clone();
+                wf.idempotency_key = req.idempotency_key.clone();
+                wf.to = to.clone();
+                // Idempotency: the key's record, the tenant's active record and
+                // the workflow are created together.
+                let key = Write::Put {
+                    pk: IDEMPOTENCY_PK.into(),
+                    sk: req.idempotency_key.clone(),
+                    data: serde_json::to_vec(&params).map_err(|e| OnboardingError::Internal(e.to_string()))?,
+                    condition: Condition::NotExists,
+                };
+                let event = started(who, &wf, "tenant.onboard", String::new(), format!("tier {}, admin {}", params.tier, params.admin_email));
+            let audit = Some((&self.inner.auditor.log, event));
+            match self.inner.engine.start(&wf, None, vec![key], audit).await {
+                    Ok(()) => {
+                        tracing::info!(onboarded_tenant = %params.tenant_id, tier = %params.tier, model = %model_name::as_str(to.model), "onboarding started");
+                        break;
+                    }
+                    // A concurrent call with the same key won: compare with it.
+                    Err(StorageError::ConditionFailed { index: 0, .. }) => continue,
+                    Err(StorageError::ConditionFailed { .. }) => {
+                        return Err(OnboardingError::TenantTaken(params.tenant_id).into());
+                    }
+                    Err(e) => return Err(OnboardingError::from(e).into()),
+                }
             }
-            let password_hash = match &hash {
-                Some(h) => h,
-                None => {
-                    let h = self.inner.hashing.hash(req.admin_password.clone(), self.inner.hash_params).await;
-                    hash.insert(h.map_err(OnboardingError::from)?)
-                }
-            };
-            let hooks = match &hooks {
-                Some(h) => h,
-                None => hooks.insert(self.hooks().await?),
-            };
-            let steps = workflow::onboard_steps(&to, hooks);
-            let mut wf = Workflow::new(id.clone(), Kind::Onboard, params.clone(), &steps, now_secs());
-            wf.admin_password_hash = password_hash.clone();
-            wf.idempotency_key = req.idempotency_key.clone();
-            wf.to = to.clone();
-            // Idempotency: the key's record, the tenant's active record and
-            // the workflow are created together.
-            let key = Write::Put {
-                pk: IDEMPOTENCY_PK.into(),
-                sk: req.idempotency_key.clone(),
-                data: serde_json::to_vec(&params).map_err(|e| OnboardingError::Internal(e.to_string()))?,
-                condition: Condition::NotExists,
-            };
-            match self.inner.engine.start(&wf, None, vec![key]).await {
-                Ok(()) => {
-                    tracing::info!(onboarded_tenant = %params.tenant_id, tier = %params.tier, model = %model_name::as_str(to.model), "onboarding started");
-                    break;
-                }
-                // A concurrent call with the same key won: compare with it.
-                Err(StorageError::ConditionFailed { index: 0, .. }) => continue,
-                Err(StorageError::ConditionFailed { .. }) => {
-                    return Err(OnboardingError::TenantTaken(params.tenant_id).into());
-                }
-                Err(e) => return Err(OnboardingError::from(e).into()),
-            }
-        }
-        self.inner.engine.spawn(id.clone());
-        Ok(Response::new(RegisterTenantResponse {
-            tenant_id: params.tenant_id,
-            status: WorkflowStatus::Running as i32,
-            workflow_id: id,
-        }))
+            self.inner.engine.spawn(id.clone());
+            Ok(Response::new(RegisterTenantResponse {
+                tenant_id: params.tenant_id,
+                status: WorkflowStatus::Running as i32,
+                workflow_id: id,
+            }))
+        })
+        .await
     }
 
     async fn get_onboarding_status(
@@ -196,56 +206,86 @@ impl Onboarding for OnboardingService {
         &self,
         request: Request<RetryOnboardingRequest>,
     ) -> Result<Response<RetryOnboardingResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
-        check_workflow_id(&req.workflow_id)?;
-        let engine = &self.inner.engine;
-        let (mut wf, mut version) =
-            engine.load(&req.workflow_id).await?.ok_or_else(|| OnboardingError::NotFound(req.workflow_id.clone()))?;
-        if let Some((active, _)) = engine.active(&wf.params.tenant_id).await?
-            && active.id != wf.id
-        {
-            return Err(OnboardingError::Replaced { id: wf.id, by: active.id }.into());
-        }
-        engine::retry(&mut wf).map_err(|state| OnboardingError::NotRetryable { id: wf.id.clone(), state })?;
-        engine.save(&mut wf, &mut version).await?;
-        tracing::info!(workflow_id = %wf.id, "workflow retried");
-        engine.spawn(wf.id.clone());
-        Ok(Response::new(RetryOnboardingResponse { workflow: Some(to_proto(&wf)) }))
+        let (audited_tenant, target) =
+            (req.workflow_id.split('/').next().unwrap_or_default().to_owned(), format!("workflow/{}", req.workflow_id));
+        let who = &caller;
+        self.inner
+            .auditor
+            .audited(who, &audited_tenant, "workflow.retry", target, async move {
+                check_workflow_id(&req.workflow_id)?;
+                let engine = &self.inner.engine;
+                let (mut wf, mut version) = engine
+                    .load(&req.workflow_id)
+                    .await?
+                    .ok_or_else(|| OnboardingError::NotFound(req.workflow_id.clone()))?;
+                if let Some((active, _)) = engine.active(&wf.params.tenant_id).await?
+                    && active.id != wf.id
+                {
+                    return Err(OnboardingError::Replaced { id: wf.id, by: active.id }.into());
+                }
+                let failed = wf.error();
+                engine::retry(&mut wf).map_err(|state| OnboardingError::NotRetryable { id: wf.id.clone(), state })?;
+                let event = started(who, &wf, "workflow.retry", format!("failed at {failed}"), "resumed".into());
+                engine.save_audited(&mut wf, &mut version, &self.inner.auditor.log, event).await?;
+                tracing::info!(workflow_id = %wf.id, "workflow retried");
+                engine.spawn(wf.id.clone());
+                Ok(Response::new(RetryOnboardingResponse { workflow: Some(to_proto(&wf)) }))
+            })
+            .await
     }
 
     async fn offboard_tenant(
         &self,
         request: Request<OffboardTenantRequest>,
     ) -> Result<Response<OffboardTenantResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
-        let mut v = Violations::new();
-        v.tenant_id("tenant_id", &req.tenant_id);
-        v.check()?;
-        if req.tenant_id == PLATFORM_TENANT {
-            return Err(OnboardingError::PlatformTenant("cannot be offboarded").into());
-        }
-        let id = workflow_id(&req.tenant_id, Kind::Offboard);
-        if let Some((wf, _)) = self.inner.engine.load(&id).await? {
-            return Ok(Response::new(OffboardTenantResponse {
-                workflow_id: id,
-                status: to_proto_status(wf.state) as i32,
-            }));
-        }
-        let tenant = self.tenant(&req.tenant_id).await?;
-        let active = self.inner.engine.active(&req.tenant_id).await?;
-        if let Some((running, _)) = active.as_ref().filter(|(w, _)| w.state == WorkflowState::Running) {
-            return Err(OnboardingError::InProgress { id: running.id.clone(), state: running.state }.into());
-        }
-        let params = params_of(&tenant, &tenant.tier);
-        let hooks = self.hooks().await?;
-        let steps = workflow::offboard_steps(&hooks);
-        let mut wf = Workflow::new(id.clone(), Kind::Offboard, params, &steps, now_secs());
-        wf.from_tier = tenant.tier.clone();
-        wf.from = self.spot_of(&tenant);
-        self.start(&wf, active.map(|(_, v)| v)).await?;
-        tracing::info!(offboarded_tenant = %req.tenant_id, "offboarding started");
-        self.inner.engine.spawn(id.clone());
-        Ok(Response::new(OffboardTenantResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+        let (audited_tenant, target) = (req.tenant_id.clone(), format!("tenant/{}", req.tenant_id));
+        let who = &caller;
+        self.inner
+            .auditor
+            .audited(who, &audited_tenant, "tenant.offboard", target, async move {
+                let mut v = Violations::new();
+                v.tenant_id("tenant_id", &req.tenant_id);
+                v.check()?;
+                if req.tenant_id == PLATFORM_TENANT {
+                    return Err(OnboardingError::PlatformTenant("cannot be offboarded").into());
+                }
+                let id = workflow_id(&req.tenant_id, Kind::Offboard);
+                if let Some((wf, _)) = self.inner.engine.load(&id).await? {
+                    return Ok(Response::new(OffboardTenantResponse {
+                        workflow_id: id,
+                        status: to_proto_status(wf.state) as i32,
+                    }));
+                }
+                let tenant = self.tenant(&req.tenant_id).await?;
+                let active = self.inner.engine.active(&req.tenant_id).await?;
+                if let Some((running, _)) = active.as_ref().filter(|(w, _)| w.state == WorkflowState::Running) {
+                    return Err(OnboardingError::InProgress { id: running.id.clone(), state: running.state }.into());
+                }
+                let params = params_of(&tenant, &tenant.tier);
+                let hooks = self.hooks().await?;
+                let steps = workflow::offboard_steps(&hooks);
+                let mut wf = Workflow::new(id.clone(), Kind::Offboard, params, &steps, now_secs());
+                wf.from_tier = tenant.tier.clone();
+                wf.from = self.spot_of(&tenant);
+                let event = started(
+                    who,
+                    &wf,
+                    "tenant.offboard",
+                    format!("tier {}", wf.from_tier),
+                    "offboarded, its items exported".into(),
+                );
+                self.start(&wf, active.map(|(_, v)| v), Some(event)).await?;
+                tracing::info!(offboarded_tenant = %req.tenant_id, "offboarding started");
+                self.inner.engine.spawn(id.clone());
+                Ok(Response::new(OffboardTenantResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+            })
+            .await
     }
 
     async fn list_tenant_resources(
@@ -282,47 +322,55 @@ impl Onboarding for OnboardingService {
     }
 
     async fn change_tier(&self, request: Request<ChangeTierRequest>) -> Result<Response<ChangeTierResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
-        let mut v = Violations::new();
-        v.tenant_id("tenant_id", &req.tenant_id);
-        if self.inner.tiers.get(&req.tier).is_none() {
-            v.add("tier", self.inner.tiers.unknown_tier_message());
-        }
-        v.check()?;
-        if req.tenant_id == PLATFORM_TENANT {
-            return Err(OnboardingError::PlatformTenant("cannot change tier").into());
-        }
-        if let Some((wf, _)) = self.inner.engine.active(&req.tenant_id).await? {
-            if wf.kind == Kind::ChangeTier && wf.params.tier == req.tier {
-                return Ok(Response::new(ChangeTierResponse {
-                    workflow_id: wf.id,
-                    status: to_proto_status(wf.state) as i32,
-                }));
+        let (audited_tenant, target) = (req.tenant_id.clone(), format!("tenant/{}", req.tenant_id));
+        let who = &caller;
+        self.inner.auditor.audited(who, &audited_tenant, "tenant.change_tier", target, async move {
+            let mut v = Violations::new();
+            v.tenant_id("tenant_id", &req.tenant_id);
+            if self.inner.tiers.get(&req.tier).is_none() {
+                v.add("tier", self.inner.tiers.unknown_tier_message());
             }
-            return Err(OnboardingError::InProgress { id: wf.id, state: wf.state }.into());
-        }
-        let tenant = self.tenant(&req.tenant_id).await?;
-        if tenant.status != TenantStatus::Active as i32 {
-            return Err(OnboardingError::NotActive.into());
-        }
-        if tenant.tier == req.tier {
-            return Err(OnboardingError::SameTier(req.tier).into());
-        }
-        let from = self.spot_of(&tenant);
-        let target = self.spot_for(&tenant.tenant_id, &req.tier).expect("tier validated");
-        let to = if target.model == from.model { from.clone() } else { target };
-        let params = params_of(&tenant, &req.tier);
-        let id = workflow_id(&tenant.tenant_id, Kind::ChangeTier);
-        let hooks = self.hooks().await?;
-        let steps = workflow::change_tier_steps(&from, &to, &hooks);
-        let mut wf = Workflow::new(id.clone(), Kind::ChangeTier, params, &steps, now_secs());
-        wf.from_tier = tenant.tier.clone();
-        wf.from = from;
-        wf.to = to;
-        self.start(&wf, None).await?;
-        tracing::info!(target_tenant = %tenant.tenant_id, from = %wf.from_tier, to = %req.tier, "tier change started");
-        self.inner.engine.spawn(id.clone());
-        Ok(Response::new(ChangeTierResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+            v.check()?;
+            if req.tenant_id == PLATFORM_TENANT {
+                return Err(OnboardingError::PlatformTenant("cannot change tier").into());
+            }
+            if let Some((wf, _)) = self.inner.engine.active(&req.tenant_id).await? {
+                if wf.kind == Kind::ChangeTier && wf.params.tier == req.tier {
+                    return Ok(Response::new(ChangeTierResponse {
+                        workflow_id: wf.id,
+                        status: to_proto_status(wf.state) as i32,
+                    }));
+                }
+                return Err(OnboardingError::InProgress { id: wf.id, state: wf.state }.into());
+            }
+            let tenant = self.tenant(&req.tenant_id).await?;
+            if tenant.status != TenantStatus::Active as i32 {
+                return Err(OnboardingError::NotActive.into());
+            }
+            if tenant.tier == req.tier {
+                return Err(OnboardingError::SameTier(req.tier).into());
+            }
+            let from = self.spot_of(&tenant);
+            let target = self.spot_for(&tenant.tenant_id, &req.tier).expect("tier validated");
+            let to = if target.model == from.model { from.clone() } else { target };
+            let params = params_of(&tenant, &req.tier);
+            let id = workflow_id(&tenant.tenant_id, Kind::ChangeTier);
+            let hooks = self.hooks().await?;
+            let steps = workflow::change_tier_steps(&from, &to, &hooks);
+            let mut wf = Workflow::new(id.clone(), Kind::ChangeTier, params, &steps, now_secs());
+            wf.from_tier = tenant.tier.clone();
+            wf.from = from;
+            wf.to = to;
+            let event = started(who, &wf, "tenant.change_tier", format!("tier {}", wf.from_tier), format!("tier {}", req.tier));
+            self.start(&wf, None, Some(event)).await?;
+            tracing::info!(target_tenant = %tenant.tenant_id, from = %wf.from_tier, to = %req.tier, "tier change started");
+            self.inner.engine.spawn(id.clone());
+            Ok(Response::new(ChangeTierResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+        })
+        .await
     }
 
     async fn restore_tenant(
@@ -330,89 +378,98 @@ impl Onboarding for OnboardingService {
         request: Request<RestoreTenantRequest>,
     ) -> Result<Response<RestoreTenantResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
-        let now = now_us();
-        let mut v = Violations::new();
-        v.tenant_id("tenant_id", &req.tenant_id);
-        let at = match &req.point_in_time {
-            None => {
-                v.add("point_in_time", "is required");
-                0
+        let (audited_tenant, target) = (req.tenant_id.clone(), format!("tenant/{}", req.tenant_id));
+        let who = &caller;
+        self.inner.auditor.audited(who, &audited_tenant, "tenant.restore", target, async move {
+            let now = now_us();
+            let mut v = Violations::new();
+            v.tenant_id("tenant_id", &req.tenant_id);
+            let at = match &req.point_in_time {
+                None => {
+                    v.add("point_in_time", "is required");
+                    0
+                }
+                Some(t) if t.seconds <= 0 || !(0..1_000_000_000).contains(&t.nanos) => {
+                    v.add("point_in_time", "must be a valid time after the Unix epoch");
+                    0
+                }
+                Some(t) => t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos / 1000)),
+            };
+            if at > now {
+                v.add("point_in_time", "is in the future");
             }
-            Some(t) if t.seconds <= 0 || !(0..1_000_000_000).contains(&t.nanos) => {
-                v.add("point_in_time", "must be a valid time after the Unix epoch");
-                0
+            let export = match RestoreTarget::try_from(req.target) {
+                Ok(RestoreTarget::Unspecified | RestoreTarget::InPlace) => false,
+                Ok(RestoreTarget::Export) => true,
+                Err(_) => {
+                    v.add("target", "must be RESTORE_TARGET_IN_PLACE or RESTORE_TARGET_EXPORT");
+                    false
+                }
+            };
+            v.check()?;
+            if req.tenant_id == PLATFORM_TENANT {
+                return Err(OnboardingError::PlatformTenant("cannot be restored").into());
             }
-            Some(t) => t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos / 1000)),
-        };
-        if at > now {
-            v.add("point_in_time", "is in the future");
-        }
-        let export = match RestoreTarget::try_from(req.target) {
-            Ok(RestoreTarget::Unspecified | RestoreTarget::InPlace) => false,
-            Ok(RestoreTarget::Export) => true,
-            Err(_) => {
-                v.add("target", "must be RESTORE_TARGET_IN_PLACE or RESTORE_TARGET_EXPORT");
-                false
+            ctx.authorize_tenant(&req.tenant_id)?;
+            let tenant = self.tenant(&req.tenant_id).await?;
+            let tier = self
+                .inner
+                .tiers
+                .get(&tenant.tier)
+                .ok_or_else(|| OnboardingError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
+            if !ctx.has_role(Role::PlatformAdmin) && !tier.tenant_restore {
+                return Err(Status::permission_denied(format!(
+                    "tier {} does not let a tenant restore itself (tenant_restore); ask a platform admin",
+                    tenant.tier
+                )));
             }
-        };
-        v.check()?;
-        if req.tenant_id == PLATFORM_TENANT {
-            return Err(OnboardingError::PlatformTenant("cannot be restored").into());
-        }
-        ctx.authorize_tenant(&req.tenant_id)?;
-        let tenant = self.tenant(&req.tenant_id).await?;
-        let tier = self
-            .inner
-            .tiers
-            .get(&tenant.tier)
-            .ok_or_else(|| OnboardingError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
-        if !ctx.has_role(Role::PlatformAdmin) && !tier.tenant_restore {
-            return Err(Status::permission_denied(format!(
-                "tier {} does not let a tenant restore itself (tenant_restore); ask a platform admin",
-                tenant.tier
-            )));
-        }
-        let earliest = now - tier.history_us();
-        if at < earliest {
-            return Err(invalid_field(
-                "point_in_time",
-                format!(
-                    "is older than the tier's history of {} days (the earliest instant is {} µs since the epoch)",
-                    tier.history_days, earliest
-                ),
-            ));
-        }
-        if let Some((wf, _)) = self.inner.engine.active(&req.tenant_id).await? {
-            if wf.kind == Kind::Restore
-                && wf.point_in_time_us == at
-                && wf.steps.iter().all(|s| s.name != workflow::Step::PauseWrites) == export
-            {
-                return Ok(Response::new(RestoreTenantResponse {
-                    workflow_id: wf.id,
-                    status: to_proto_status(wf.state) as i32,
-                }));
+            let earliest = now - tier.history_us();
+            if at < earliest {
+                return Err(invalid_field(
+                    "point_in_time",
+                    format!(
+                        "is older than the tier's history of {} days (the earliest instant is {} µs since the epoch)",
+                        tier.history_days, earliest
+                    ),
+                ));
             }
-            return Err(OnboardingError::InProgress { id: wf.id, state: wf.state }.into());
-        }
-        if !export && tenant.status != TenantStatus::Active as i32 {
-            return Err(OnboardingError::NotActive.into());
-        }
-        let params = params_of(&tenant, &tenant.tier);
-        let id = workflow_id(&tenant.tenant_id, Kind::Restore);
-        let hooks = self.hooks().await?;
-        let steps = workflow::restore_steps(export, &hooks);
-        let mut wf = Workflow::new(id.clone(), Kind::Restore, params, &steps, now_secs());
-        wf.from_tier = tenant.tier.clone();
-        wf.from = self.spot_of(&tenant);
-        wf.to = wf.from.clone();
-        wf.point_in_time_us = at;
-        // A restore the tenant asked for itself is charged to its limits.
-        wf.charge_tenant = !ctx.has_role(Role::PlatformAdmin);
-        self.start(&wf, None).await?;
-        tracing::info!(target_tenant = %tenant.tenant_id, point_in_time_us = at, export, caller = %ctx.subject, "restore started");
-        self.inner.engine.spawn(id.clone());
-        Ok(Response::new(RestoreTenantResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+            if let Some((wf, _)) = self.inner.engine.active(&req.tenant_id).await? {
+                if wf.kind == Kind::Restore
+                    && wf.point_in_time_us == at
+                    && wf.steps.iter().all(|s| s.name != workflow::Step::PauseWrites) == export
+                {
+                    return Ok(Response::new(RestoreTenantResponse {
+                        workflow_id: wf.id,
+                        status: to_proto_status(wf.state) as i32,
+                    }));
+                }
+                return Err(OnboardingError::InProgress { id: wf.id, state: wf.state }.into());
+            }
+            if !export && tenant.status != TenantStatus::Active as i32 {
+                return Err(OnboardingError::NotActive.into());
+            }
+            let params = params_of(&tenant, &tenant.tier);
+            let id = workflow_id(&tenant.tenant_id, Kind::Restore);
+            let hooks = self.hooks().await?;
+            let steps = workflow::restore_steps(export, &hooks);
+            let mut wf = Workflow::new(id.clone(), Kind::Restore, params, &steps, now_secs());
+            wf.from_tier = tenant.tier.clone();
+            wf.from = self.spot_of(&tenant);
+            wf.to = wf.from.clone();
+            wf.point_in_time_us = at;
+            // A restore the tenant asked for itself is charged to its limits.
+            wf.charge_tenant = !ctx.has_role(Role::PlatformAdmin);
+            let into = if export { "into an export" } else { "in place" };
+            let after = format!("as it was at {} ({at} us), {into}", tenantmesh_service::clock::rfc3339(at / 1_000_000));
+            let event = started(who, &wf, "tenant.restore", String::new(), after);
+            self.start(&wf, None, Some(event)).await?;
+            tracing::info!(target_tenant = %tenant.tenant_id, point_in_time_us = at, export, caller = %ctx.subject, "restore started");
+            self.inner.engine.spawn(id.clone());
+            Ok(Response::new(RestoreTenantResponse { workflow_id: id, status: WorkflowStatus::Running as i32 }))
+        })
+        .await
     }
 
     type WatchEventsStream = EventStream;

@@ -55,12 +55,22 @@ pub async fn serve(
         });
         let sweeper = service.clone().sweep_exports(config.export_sweep);
         let catching_up = service.clone().catch_up(config.catch_up);
-        let authn = Authenticator::remote(&config.common)?;
+        let authn = Authenticator::remote(&config.common)?.with_refusals(service.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-        let served = tenantmesh_service::runtime::serve(
+        let audit = tenantmesh_proto::audit::v1::audit_server::AuditServer::new(service.audit_service());
+        let routes = tonic::service::Routes::new(tenantmesh_service::sized!(OnboardingServer::new(service)))
+            .add_service(tenantmesh_service::sized!(audit))
+            .add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
+        let names = [
+            tenantmesh_proto::onboarding::v1::onboarding_server::SERVICE_NAME,
+            tenantmesh_proto::audit::v1::audit_server::SERVICE_NAME,
+            tenantmesh_service::backup::NAME,
+        ];
+        let served = tenantmesh_service::runtime::serve_routes(
             listener,
-            tenantmesh_service::sized!(OnboardingServer::new(service)),
-            Some(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded)),
+            routes,
+            &names,
+            &[],
             tenantmesh_tenant_context::server::stack(named, authn, None)?,
             config.common.shutdown_grace,
             shutdown,

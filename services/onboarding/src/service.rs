@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tenantmesh_proto::audit::v1::AuditEvent;
+use tenantmesh_service::audit::Caller;
 
 use tenantmesh_isolation::stores::dedicated_table;
 use tenantmesh_proto::auth::v1::auth_client::AuthClient;
@@ -42,6 +44,24 @@ pub(crate) fn takes_part(service: &tenantmesh_proto::registry::v1::ApplicationSe
     service.silo_tenant.is_empty() && service.grpc_services.iter().any(|g| g == LIFECYCLE)
 }
 
+/// The RPCs that start workflows, by path: their audit actions.
+const AUDITED: [(&str, &str); 5] = [
+    ("/tenantmesh.onboarding.v1.Onboarding/RegisterTenant", "tenant.onboard"),
+    ("/tenantmesh.onboarding.v1.Onboarding/RetryOnboarding", "workflow.retry"),
+    ("/tenantmesh.onboarding.v1.Onboarding/OffboardTenant", "tenant.offboard"),
+    ("/tenantmesh.onboarding.v1.Onboarding/ChangeTier", "tenant.change_tier"),
+    ("/tenantmesh.onboarding.v1.Onboarding/RestoreTenant", "tenant.restore"),
+];
+
+/// The audit event of starting `wf` for `caller`: `action`, from `before`
+/// to `after`.
+pub(crate) fn started(caller: &Caller, wf: &Workflow, action: &str, before: String, after: String) -> AuditEvent {
+    let mut event = caller.event(&wf.params.tenant_id, action, format!("workflow/{}", wf.id));
+    event.before = before;
+    event.after = after;
+    event
+}
+
 pub(crate) struct Inner {
     pub(crate) engine: Engine,
     /// The idempotency keys and the event log live here too.
@@ -58,6 +78,9 @@ pub(crate) struct Inner {
     pub(crate) watchers: views::Watchers,
     /// What tenant admins are not shown (host paths, endpoints).
     pub(crate) redactor: views::Redactor,
+    /// The audit log, in the same table: a workflow's start and its event
+    /// (who asked for it) are one transaction.
+    pub(crate) auditor: tenantmesh_tenant_context::audit::Auditor,
 }
 
 /// What the service needs besides its store.
@@ -96,6 +119,10 @@ impl OnboardingService {
         Ok(Self {
             inner: Arc::new(Inner {
                 engine: Engine::new(store.clone(), Arc::new(steps), policy, faults),
+                auditor: tenantmesh_tenant_context::audit::Auditor::new(tenantmesh_service::audit::AuditLog::new(
+                    store.clone(),
+                    "onboarding",
+                )),
                 store,
                 registry,
                 events,
@@ -109,6 +136,16 @@ impl OnboardingService {
                 redactor: views::Redactor::new(&[&config.common.data_dir.join("exports"), &config.common.data_dir]),
             }),
         })
+    }
+
+    /// The refusals of the RPCs that start workflows, for the audit log.
+    pub fn refusals(&self) -> tenantmesh_tenant_context::authorize::OnRefusal {
+        self.inner.auditor.refusals(&AUDITED)
+    }
+
+    /// The `Audit` service over the onboarding service's log.
+    pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
+        tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)
     }
 
     /// Resumes every workflow left RUNNING (by a crash or a shutdown).
@@ -185,9 +222,16 @@ impl OnboardingService {
     }
 
     /// Records `wf` as the tenant's active workflow (`active`: the version
-    /// of the record it replaces); `Busy` if another one started meanwhile.
-    pub(crate) async fn start(&self, wf: &Workflow, active: Option<u64>) -> Result<(), OnboardingError> {
-        match self.inner.engine.start(wf, active, Vec::new()).await {
+    /// of the record it replaces), with `event` (who asked for it) in the
+    /// same transaction; `Busy` if another one started meanwhile.
+    pub(crate) async fn start(
+        &self,
+        wf: &Workflow,
+        active: Option<u64>,
+        event: Option<AuditEvent>,
+    ) -> Result<(), OnboardingError> {
+        let audit = event.map(|e| (&self.inner.auditor.log, e));
+        match self.inner.engine.start(wf, active, Vec::new(), audit).await {
             Ok(()) => Ok(()),
             Err(StorageError::ConditionFailed { .. }) => Err(OnboardingError::Busy),
             Err(e) => Err(e.into()),

@@ -169,7 +169,7 @@ impl Registry {
             let mut event = caller.event(chain_of(&service.silo_tenant), "service.register", target.clone());
             event.before = before;
             event.after = summary(&service);
-            match self.audit.commit(vec![write], event).await {
+            match self.auditor.log.commit(vec![write], event).await {
                 Ok(_) => {
                     service.version = expected + 1;
                     tracing::info!(
@@ -223,7 +223,7 @@ impl Registry {
                         sk: at.clone(),
                         condition: Condition::Version(item.version),
                     };
-                    match self.audit.commit(vec![write], event).await {
+                    match self.auditor.log.commit(vec![write], event).await {
                         Ok(_) => return Ok(true),
                         Err(AppendError::Change { .. }) => continue,
                         Err(AppendError::Store(e)) => return Err(Status::from(RegistryError::from(e))),

@@ -40,7 +40,7 @@ pub struct Registry {
     pub(crate) watchers: Arc<tokio::sync::Semaphore>,
     /// The audit log, in the same table: each change and its event are
     /// one transaction.
-    pub(crate) audit: tenantmesh_service::audit::AuditLog,
+    pub(crate) auditor: tenantmesh_tenant_context::audit::Auditor,
 }
 
 /// Changes a watcher may fall behind by before it is told to reset.
@@ -54,7 +54,10 @@ use tenantmesh_service::clock::now_secs;
 impl Registry {
     pub fn new(store: DynTable, own_issuer: impl Into<String>, tiers: Arc<Tiers>) -> Self {
         Self {
-            audit: tenantmesh_service::audit::AuditLog::new(store.clone()),
+            auditor: tenantmesh_tenant_context::audit::Auditor::new(tenantmesh_service::audit::AuditLog::new(
+                store.clone(),
+                "registry",
+            )),
             store,
             own_issuer: own_issuer.into(),
             tiers,
@@ -125,7 +128,7 @@ impl Registry {
             Some(a) => {
                 let mut event = a.caller.event(&id, a.action, format!("tenant/{id}"));
                 event.after = (a.summary)(&tenant);
-                self.audit.commit(vec![write], event).await.map_err(|e| match e {
+                self.auditor.log.commit(vec![write], event).await.map_err(|e| match e {
                     AppendError::Change { source, .. } => RegistryError::from_write(source, &id),
                     AppendError::Store(e) => e.into(),
                 })?;
@@ -172,7 +175,7 @@ impl Registry {
                 data: tenant.encode_to_vec(),
                 condition: Condition::Version(version),
             };
-            match self.audit.commit(vec![write], event).await {
+            match self.auditor.log.commit(vec![write], event).await {
                 Ok(_) => {
                     // A write makes the next version.
                     tenant.version = version + 1;

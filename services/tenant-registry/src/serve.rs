@@ -11,7 +11,6 @@ use tenantmesh_tenant_context::server::Authenticator;
 use tenantmesh_tenant_context::verify::{JwksCache, TokenVerifier};
 use tokio::net::TcpListener;
 
-use crate::audit::AuditService;
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -41,13 +40,13 @@ pub async fn serve(
             .with_admission(&config.common)
             .with_refusals(registry.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-        let audit = AuditServer::new(AuditService::new(&registry));
+        let audit = AuditServer::new(registry.audit_service());
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(TenantRegistryServer::new(registry)))
             .add_service(tenantmesh_service::sized!(audit))
             .add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
         let names = [
-            <TenantRegistryServer<Registry> as tonic::server::NamedService>::NAME,
-            <AuditServer<AuditService> as tonic::server::NamedService>::NAME,
+            tenantmesh_proto::registry::v1::tenant_registry_server::SERVICE_NAME,
+            tenantmesh_proto::audit::v1::audit_server::SERVICE_NAME,
             tenantmesh_service::backup::NAME,
         ];
         tenantmesh_service::runtime::serve_routes(

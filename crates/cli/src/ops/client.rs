@@ -44,6 +44,16 @@ pub enum Service {
 }
 
 impl Service {
+    /// The name of its audit log (as the events say).
+    pub fn log(self) -> &'static str {
+        match self {
+            Service::Registry => "registry",
+            Service::Auth => "auth",
+            Service::Onboarding => "onboarding",
+            Service::Data => "data",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Service::Registry => "tenant registry",
@@ -187,9 +197,13 @@ impl Ops {
         Ok(TenantRegistryClient::new(channel(&self.session.endpoints.registry)?))
     }
 
-    /// The registry's audit log.
-    pub fn audit(&self) -> Result<AuditClient<Channel>, CliError> {
-        Ok(AuditClient::new(channel(&self.session.endpoints.registry)?))
+    /// The services that keep an audit log (the registry, auth and
+    /// onboarding: each its own changes), with a client of each.
+    pub fn audit_logs(&self) -> Result<Vec<(Service, AuditClient<Channel>)>, CliError> {
+        [Service::Registry, Service::Auth, Service::Onboarding]
+            .into_iter()
+            .map(|s| Ok((s, AuditClient::new(channel(s.addr(&self.session.endpoints))?))))
+            .collect()
     }
 
     pub fn auth(&self) -> Result<AuthClient<Channel>, CliError> {

@@ -905,19 +905,26 @@ async fn show_tenant(ops: &Ops, id: &str, out: Output) -> Result<(), CliError> {
 /// How many of a tenant's latest audit events `tenant show` shows.
 const SHOWN_CHANGES: u32 = 5;
 
-/// A tenant's last `n` audit events, oldest first.
+/// A tenant's last `n` audit events across the services' logs, oldest first.
 async fn audit_tail(ops: &Ops, tenant: &str, n: u32) -> Result<Vec<AuditEvent>, CliError> {
-    let request = ops.request(ListAuditEventsRequest { tenant_id: tenant.to_owned(), last: n, ..Default::default() });
-    let answer = ops.audit()?.list_audit_events(request).await.map_err(ops.error(Service::Registry))?;
-    Ok(answer.into_inner().events)
+    let mut events = Vec::new();
+    for (service, mut client) in ops.audit_logs()? {
+        let request =
+            ops.request(ListAuditEventsRequest { tenant_id: tenant.to_owned(), last: n, ..Default::default() });
+        events.extend(client.list_audit_events(request).await.map_err(ops.error(service))?.into_inner().events);
+    }
+    events.sort_by_key(|e| e.time_us);
+    let extra = events.len().saturating_sub(n as usize);
+    Ok(events.split_off(extra))
 }
 
 fn audit_table(events: &[AuditEvent]) -> Table {
-    let mut table = Table::new(&["#", "WHEN", "WHO", "ACTION", "OUTCOME", "CHANGE"]);
+    let mut table = Table::new(&["WHEN", "LOG", "#", "WHO", "ACTION", "OUTCOME", "CHANGE"]);
     for e in events {
         table.row(vec![
-            e.sequence.to_string(),
             when::format(e.time_us / 1_000_000),
+            clean(&e.service),
+            e.sequence.to_string(),
             clean(e.actor.as_ref().map(|a| a.subject.as_str()).unwrap_or_default()),
             clean(&e.action),
             tenantmesh_proto::names::outcome(e.outcome).to_owned(),
@@ -930,6 +937,7 @@ fn audit_table(events: &[AuditEvent]) -> Table {
 fn audit_json(e: &AuditEvent) -> Value {
     let actor = e.actor.clone().unwrap_or_default();
     json!({
+        "service": e.service,
         "sequence": e.sequence,
         "id": e.id,
         "time": tenantmesh_service::clock::rfc3339(e.time_us / 1_000_000),
@@ -954,25 +962,31 @@ async fn audit(command: AuditCommand, ops: &Ops) -> Result<(), CliError> {
         AuditCommand::List { tenant, action, actor, hours, last, out } => {
             let from_us = hours.map_or(0, |h| (tenantmesh_service::clock::now_ms() - h * 3_600_000) * 1000);
             let mut events = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let request = ops.request(ListAuditEventsRequest {
-                    tenant_id: tenant.clone(),
-                    action: action.clone().unwrap_or_default(),
-                    actor: actor.clone().unwrap_or_default(),
-                    from_us,
-                    to_us: 0,
-                    page_size: 100,
-                    page_token,
-                    last: last.unwrap_or(0),
-                });
-                let page = ops.audit()?.list_audit_events(request).await.map_err(ops.error(Service::Registry))?;
-                let page = page.into_inner();
-                events.extend(page.events);
-                if page.next_page_token.is_empty() {
-                    break;
+            for (service, mut client) in ops.audit_logs()? {
+                let mut page_token = String::new();
+                loop {
+                    let request = ops.request(ListAuditEventsRequest {
+                        tenant_id: tenant.clone(),
+                        action: action.clone().unwrap_or_default(),
+                        actor: actor.clone().unwrap_or_default(),
+                        from_us,
+                        to_us: 0,
+                        page_size: 100,
+                        page_token,
+                        last: last.unwrap_or(0),
+                    });
+                    let page = client.list_audit_events(request).await.map_err(ops.error(service))?.into_inner();
+                    events.extend(page.events);
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
                 }
-                page_token = page.next_page_token;
+            }
+            // One timeline across the logs.
+            events.sort_by_key(|e| e.time_us);
+            if let Some(n) = last {
+                events = events.split_off(events.len().saturating_sub(n as usize));
             }
             if out.json() {
                 print_json(&Value::Array(events.iter().map(audit_json).collect()));
@@ -982,24 +996,38 @@ async fn audit(command: AuditCommand, ops: &Ops) -> Result<(), CliError> {
             Ok(())
         }
         AuditCommand::Verify { tenant, out } => {
-            let request = ops.request(VerifyAuditChainRequest { tenant_id: tenant.clone() });
-            let v = ops.audit()?.verify_audit_chain(request).await.map_err(ops.error(Service::Registry))?.into_inner();
+            let mut chains = Vec::new();
+            for (service, mut client) in ops.audit_logs()? {
+                let request = ops.request(VerifyAuditChainRequest { tenant_id: tenant.clone() });
+                let v = client.verify_audit_chain(request).await.map_err(ops.error(service))?.into_inner();
+                chains.push((service, v));
+            }
+            let broken: Vec<String> = chains
+                .iter()
+                .filter(|(_, v)| !v.intact)
+                .map(|(s, v)| {
+                    format!(
+                        "{} log broken at event {}: {} ({} events before it hold)",
+                        s.log(),
+                        v.first_broken,
+                        v.reason,
+                        v.events
+                    )
+                })
+                .collect();
             if out.json() {
-                print_json(&json!({
-                    "tenant_id": tenant, "intact": v.intact, "events": v.events,
-                    "first_broken": v.first_broken, "reason": v.reason,
-                }));
-            } else if v.intact {
-                println!("{tenant}: the audit chain holds ({} events)", v.events);
+                let logs: Vec<Value> = chains
+                    .iter()
+                    .map(|(s, v)| {
+                        json!({"log": s.log(), "intact": v.intact, "events": v.events, "first_broken": v.first_broken, "reason": v.reason})
+                    })
+                    .collect();
+                print_json(&json!({"tenant_id": tenant, "intact": broken.is_empty(), "logs": logs}));
+            } else if broken.is_empty() {
+                let events: u64 = chains.iter().map(|(_, v)| v.events).sum();
+                println!("{tenant}: the audit chain holds ({events} events in {} logs)", chains.len());
             }
-            if v.intact {
-                Ok(())
-            } else {
-                Err(CliError(format!(
-                    "{tenant}: the audit chain is broken at event {}: {} ({} events before it hold)",
-                    v.first_broken, v.reason, v.events
-                )))
-            }
+            if broken.is_empty() { Ok(()) } else { Err(CliError(format!("{tenant}: {}", broken.join("; ")))) }
         }
     }
 }

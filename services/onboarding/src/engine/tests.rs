@@ -113,7 +113,7 @@ async fn a_failing_step_is_retried_until_it_succeeds() {
     let flaky = vec![Err(StepError::transient("down")), Err(StepError::transient("down"))];
     let runner = Arc::new(Scripted::with(&[(Step::ProvisionStorage, flaky)]));
     let engine = engine_with(&store, runner.clone(), FAST).await;
-    engine.start(&workflow(&STEPS), None, Vec::new()).await.unwrap();
+    engine.start(&workflow(&STEPS), None, Vec::new(), None).await.unwrap();
     let wf = engine.run("acme/onboard").await.unwrap();
     assert_eq!(wf.state, WorkflowState::Succeeded);
     assert_eq!(wf.steps.iter().map(|s| s.attempts).collect::<Vec<_>>(), [1, 3, 1]);
@@ -131,7 +131,7 @@ async fn a_step_that_keeps_failing_fails_the_workflow_with_the_reason() {
     let down = vec![Err(StepError::transient("storage unavailable")); 10];
     let runner = Arc::new(Scripted::with(&[(Step::ProvisionStorage, down)]));
     let engine = engine_with(&store, runner.clone(), FAST).await;
-    engine.start(&workflow(&STEPS), None, Vec::new()).await.unwrap();
+    engine.start(&workflow(&STEPS), None, Vec::new(), None).await.unwrap();
     let wf = engine.run("acme/onboard").await.unwrap();
     assert_eq!((wf.state, wf.error().as_str()), (WorkflowState::Failed, "provision_storage: storage unavailable"));
     assert_eq!(wf.steps[1].attempts, FAST.attempts);
@@ -143,7 +143,7 @@ async fn a_step_that_keeps_failing_fails_the_workflow_with_the_reason() {
     let (_dir, store) = temp_store();
     let runner = Arc::new(Scripted::with(&[(Step::CreateTenant, vec![Err(StepError::permanent("taken"))])]));
     let engine = engine_with(&store, runner.clone(), FAST).await;
-    engine.start(&workflow(&STEPS), None, Vec::new()).await.unwrap();
+    engine.start(&workflow(&STEPS), None, Vec::new(), None).await.unwrap();
     let wf = engine.run("acme/onboard").await.unwrap();
     assert_eq!((wf.state, wf.steps[0].attempts), (WorkflowState::Failed, 1));
 }
@@ -167,7 +167,7 @@ async fn a_tier_change_that_fails_before_its_switch_is_rolled_back() {
     let runner = Arc::new(Scripted::with(&[(Step::CopyItems, vec![Err(StepError::permanent("too large"))])]));
     *runner.rollbacks.lock().unwrap() = [Err(StepError::transient("registry down"))].into();
     let engine = engine_with(&store, runner.clone(), FAST).await;
-    engine.start(&tier_change(), None, Vec::new()).await.unwrap();
+    engine.start(&tier_change(), None, Vec::new(), None).await.unwrap();
     let wf = engine.run("acme/change-tier/1").await.unwrap();
     assert_eq!((wf.state, wf.error().as_str()), (WorkflowState::RolledBack, "copy_items: too large"));
     assert_eq!(*runner.rolled_back.lock().unwrap(), 2, "the failed rollback attempt was retried");
@@ -181,7 +181,7 @@ async fn a_tier_change_that_fails_before_its_switch_is_rolled_back() {
     let (_dir, store) = temp_store();
     let runner = Arc::new(Scripted::with(&[(Step::RemoveOldCopy, vec![Err(StepError::permanent("denied"))])]));
     let engine = engine_with(&store, runner.clone(), FAST).await;
-    engine.start(&tier_change(), None, Vec::new()).await.unwrap();
+    engine.start(&tier_change(), None, Vec::new(), None).await.unwrap();
     let wf = engine.run("acme/change-tier/1").await.unwrap();
     assert_eq!(wf.state, WorkflowState::Failed);
     assert_eq!(*runner.rolled_back.lock().unwrap(), 0);
@@ -198,7 +198,7 @@ async fn a_rollback_interrupted_by_a_crash_is_resumed() {
     wf.steps[1].last_error = "boom".into();
     wf.state = WorkflowState::RollingBack;
     let first = Engine::new(store.clone(), Arc::new(Scripted::default()), FAST, Faults::default());
-    first.start(&wf, None, Vec::new()).await.unwrap();
+    first.start(&wf, None, Vec::new(), None).await.unwrap();
     drop(first);
     let runner = Arc::new(Scripted::default());
     let engine = engine_with(&store, runner.clone(), FAST).await;
@@ -222,12 +222,12 @@ async fn a_restarted_engine_resumes_from_the_first_unfinished_step() {
     wf.steps[0].state = StepState::Done;
     wf.steps[0].attempts = 1;
     let first = Engine::new(store.clone(), Arc::new(Scripted::default()), FAST, Faults::default());
-    first.start(&wf, None, Vec::new()).await.unwrap();
+    first.start(&wf, None, Vec::new(), None).await.unwrap();
     let mut done = workflow(&STEPS);
     done.id = "globex/onboard".into();
     done.params.tenant_id = "globex".into();
     done.state = WorkflowState::Failed;
-    first.start(&done, None, Vec::new()).await.unwrap();
+    first.start(&done, None, Vec::new(), None).await.unwrap();
     drop(first);
 
     let runner = Arc::new(Scripted::default());
@@ -252,7 +252,7 @@ async fn two_runners_racing_on_one_workflow_finish_it_once() {
     let (a, b) = (slow(), slow());
     let one = engine_with(&store, a.clone(), FAST).await;
     let two = engine_with(&store, b.clone(), FAST).await;
-    one.start(&workflow(&STEPS), None, Vec::new()).await.unwrap();
+    one.start(&workflow(&STEPS), None, Vec::new(), None).await.unwrap();
     let (r1, r2) = tokio::join!(one.run("acme/onboard"), two.run("acme/onboard"));
     let outcomes = [&r1, &r2];
     assert!(

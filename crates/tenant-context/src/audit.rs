@@ -1,0 +1,203 @@
+//! Auditing a control-plane service's changes with the caller's context:
+//! the actor of a request, the events of attempts that were refused or
+//! failed (those of committed changes are written with the change, see
+//! [`tenantmesh_service::audit`]), the access layer's refusals, and the
+//! `tenantmesh.audit.v1.Audit` service over a service's log.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tenantmesh_proto::audit::v1::audit_server::Audit;
+use tenantmesh_proto::audit::v1::*;
+use tenantmesh_service::audit::{AuditLog, Caller};
+use tenantmesh_service::errors::Violations;
+use tenantmesh_service::paging;
+use tonic::{Code, Request, Response, Status};
+
+use crate::authorize::OnRefusal;
+use crate::{PLATFORM_TENANT, TenantContext};
+
+/// The actor of `ctx`.
+pub fn actor(ctx: &TenantContext) -> Actor {
+    Actor {
+        subject: ctx.subject.to_string(),
+        tenant_id: ctx.tenant_id.to_string(),
+        roles: ctx.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+    }
+}
+
+/// The caller of `request`, authenticated as `ctx`.
+pub fn caller<T>(request: &Request<T>, ctx: &TenantContext) -> Caller {
+    Caller::of(request, actor(ctx))
+}
+
+/// A service's audit log, as its handlers use it.
+#[derive(Clone)]
+pub struct Auditor {
+    pub log: AuditLog,
+}
+
+impl Auditor {
+    pub fn new(log: AuditLog) -> Self {
+        Self { log }
+    }
+
+    /// Runs `work`, an audited change of `tenant_id`'s `target`: when it
+    /// fails or is refused, records that attempt (a committed change
+    /// records its own event with it).
+    pub async fn audited<T>(
+        &self,
+        caller: &Caller,
+        tenant_id: &str,
+        action: &str,
+        target: String,
+        work: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let result = work.await;
+        if let Err(status) = &result {
+            self.attempted(caller, tenant_id, action, target, status).await;
+        }
+        result
+    }
+
+    /// Records a refused or failed attempt (nothing changed): on
+    /// `tenant_id`'s chain, or the platform's when that is not a tenant id.
+    pub async fn attempted(&self, caller: &Caller, tenant_id: &str, action: &str, target: String, status: &Status) {
+        let chain = if tenantmesh_service::validate_tenant_id(tenant_id).is_ok() { tenant_id } else { PLATFORM_TENANT };
+        let mut event = caller.event(chain, action, target);
+        event.outcome = match status.code() {
+            Code::PermissionDenied | Code::Unauthenticated => Outcome::Denied,
+            _ => Outcome::Failed,
+        } as i32;
+        event.error = format!("{:?}: {}", status.code(), status.message());
+        if let Err(e) = self.log.record(event).await {
+            tracing::error!(
+                error = %e,
+                service = self.log.service(),
+                action,
+                tenant_id,
+                "a refused attempt could not be recorded in the audit log"
+            );
+        }
+    }
+
+    /// What the access layer calls for a refused call of one of `actions`
+    /// (RPC path, action): an event on the caller's own tenant's chain (the
+    /// refused request's body, which names its target, is not read),
+    /// recorded in the background.
+    pub fn refusals(&self, actions: &'static [(&'static str, &'static str)]) -> OnRefusal {
+        let auditor = self.clone();
+        Arc::new(move |ctx: &TenantContext, path: &str, status: &Status| {
+            let Some((_, action)) = actions.iter().find(|(p, _)| *p == path) else { return };
+            let caller = Caller {
+                actor: actor(ctx),
+                trace_id: tenantmesh_telemetry::current_trace_id().unwrap_or_default(),
+                ..Default::default()
+            };
+            let (auditor, status, tenant) = (auditor.clone(), status.clone(), ctx.tenant_id.to_string());
+            tenantmesh_telemetry::spawn(async move {
+                auditor.attempted(&caller, &tenant, action, String::new(), &status).await;
+            });
+        })
+    }
+}
+
+/// `tenantmesh.audit.v1.Audit` over a service's log: a tenant admin reads
+/// their own tenant's events, the platform admin any tenant's.
+#[derive(Clone)]
+pub struct AuditService {
+    log: AuditLog,
+    /// The store's name, in errors.
+    store: &'static str,
+}
+
+impl AuditService {
+    pub fn new(auditor: &Auditor) -> Self {
+        Self { log: auditor.log.clone(), store: auditor.log.service() }
+    }
+}
+
+/// Events a page reads at most to fill itself (a filter that keeps few of
+/// them ends the page early, with a token to go on).
+const MAX_SCAN: usize = 1000;
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    async fn list_audit_events(
+        &self,
+        request: Request<ListAuditEventsRequest>,
+    ) -> Result<Response<ListAuditEventsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        let limit = paging::page_size(&mut v, req.page_size);
+        // A tail ignores the token.
+        let token = if req.last > 0 { "" } else { req.page_token.as_str() };
+        let after = match paging::decode_token(&mut v, token, "") {
+            None => 0,
+            Some(sequence) => sequence.parse::<u64>().unwrap_or_else(|_| {
+                v.add("page_token", "is not a token from a previous response to this query");
+                0
+            }),
+        };
+        if req.from_us < 0 || req.to_us < 0 || (req.to_us > 0 && req.to_us <= req.from_us) {
+            v.add("to_us", "must be after from_us (both Unix microseconds, 0 for unbounded)");
+        }
+        if req.last > 100 {
+            v.add("last", "must be at most 100");
+        }
+        if req.action.len() > 64 {
+            v.add("action", "must be at most 64 characters");
+        }
+        if req.actor.len() > 256 {
+            v.add("actor", "must be at most 256 characters");
+        }
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let keep = |e: &AuditEvent| {
+            (req.action.is_empty() || e.action == req.action)
+                && (req.actor.is_empty() || e.actor.as_ref().is_some_and(|a| a.subject == req.actor))
+                && e.time_us >= req.from_us
+                && (req.to_us == 0 || e.time_us < req.to_us)
+        };
+        let stored = |e| tenantmesh_service::errors::storage_status(e, self.store);
+        if req.last > 0 {
+            let end = self.log.last_sequence(&req.tenant_id).await.map_err(stored)?;
+            let from = end.saturating_sub(u64::from(req.last));
+            let (events, _) =
+                self.log.list(&req.tenant_id, from, req.last as usize, MAX_SCAN, keep).await.map_err(stored)?;
+            return Ok(Response::new(ListAuditEventsResponse { events, next_page_token: String::new() }));
+        }
+        let (events, next) = self.log.list(&req.tenant_id, after, limit, MAX_SCAN, keep).await.map_err(stored)?;
+        let next_page_token = next.map(|s| paging::encode_token(&s.to_string())).unwrap_or_default();
+        Ok(Response::new(ListAuditEventsResponse { events, next_page_token }))
+    }
+
+    async fn verify_audit_chain(
+        &self,
+        request: Request<VerifyAuditChainRequest>,
+    ) -> Result<Response<VerifyAuditChainResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let verified = self
+            .log
+            .verify(&req.tenant_id)
+            .await
+            .map_err(|e| tenantmesh_service::errors::storage_status(e, self.store))?;
+        if !verified.intact {
+            tracing::error!(
+                security_event = "audit_chain_broken",
+                tenant_id = %req.tenant_id,
+                first_broken = verified.first_broken,
+                reason = %verified.reason,
+                "a tenant's audit chain does not hold"
+            );
+        }
+        Ok(Response::new(verified))
+    }
+}
