@@ -61,14 +61,24 @@ impl Auditor {
     }
 
     /// Records a refused or failed attempt (nothing changed): on
-    /// `tenant_id`'s chain, or the platform's when that is not a tenant id.
+    /// `tenant_id`'s chain (the platform's when that is not a tenant id);
+    /// a tenant's user refused at another tenant on their own tenant's
+    /// chain, so that neither tenant learns of the other from its log.
     pub async fn attempted(&self, caller: &Caller, tenant_id: &str, action: &str, target: String, status: &Status) {
-        let chain = if tenantmesh_service::validate_tenant_id(tenant_id).is_ok() { tenant_id } else { PLATFORM_TENANT };
-        let mut event = caller.event(chain, action, target);
-        event.outcome = match status.code() {
+        let outcome = match status.code() {
             Code::PermissionDenied | Code::Unauthenticated => Outcome::Denied,
             _ => Outcome::Failed,
-        } as i32;
+        };
+        let own = caller.actor.tenant_id.as_str();
+        let chain = if outcome == Outcome::Denied && own != PLATFORM_TENANT && own != tenant_id {
+            own
+        } else if tenantmesh_service::validate_tenant_id(tenant_id).is_ok() {
+            tenant_id
+        } else {
+            PLATFORM_TENANT
+        };
+        let mut event = caller.event(chain, action, target);
+        event.outcome = outcome as i32;
         event.error = format!("{:?}: {}", status.code(), status.message());
         if let Err(e) = self.log.record(event).await {
             tracing::error!(

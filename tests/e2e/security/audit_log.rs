@@ -76,6 +76,17 @@ async fn users_keys_and_workflows_have_one_event_where_they_change() {
     let rotation = keys.iter().rev().find(|e| e.action == "key.rotate" && e.outcome() == Outcome::Succeeded).unwrap();
     assert!(rotation.after.starts_with(&format!("kid {}", rotated.kid)), "{rotation:?}");
 
+    // A tenant's admin refused at another tenant: recorded on their own
+    // tenant's chain, never on the other's (neither learns of the other).
+    let other = mesh.onboard(&unique_tenant("audit-other")).await;
+    let intrude = CreateUserRequest { tenant_id: other.tenant_id.clone(), ..create() };
+    expect_code(mesh.auth().create_user(authed(intrude, &t.token)).await, Code::PermissionDenied);
+    let own = events(auth, &t.tenant_id, &t.token).await;
+    let refused = of(&own, "user.create", Outcome::Denied);
+    assert_eq!(refused.len(), 1, "{own:#?}");
+    let theirs = events(auth, &other.tenant_id, &other.token).await;
+    assert!(theirs.iter().all(|e| e.actor.as_ref().unwrap().tenant_id != t.tenant_id), "{theirs:#?}");
+
     // Workflows: who started each, in onboarding's log, with the workflow.
     let req = ChangeTierRequest { tenant_id: t.tenant_id.clone(), tier: "premium".into() };
     let id = mesh.onboarding().change_tier(authed(req, &admin)).await.unwrap().into_inner().workflow_id;
