@@ -293,6 +293,33 @@ impl AuditLog {
     }
 }
 
+/// `event` as a JSON object (its export line), its fields named as in the
+/// proto; the outcome by name (`ok`, `denied`, `failed`), the time also in
+/// RFC 3339.
+pub fn to_json(event: &AuditEvent) -> serde_json::Value {
+    let actor = event.actor.clone().unwrap_or_default();
+    serde_json::json!({
+        "service": event.service,
+        "sequence": event.sequence,
+        "id": event.id,
+        "time_us": event.time_us,
+        "time": crate::clock::rfc3339(event.time_us.div_euclid(1_000_000)),
+        "tenant_id": event.tenant_id,
+        "actor": {"subject": actor.subject, "tenant_id": actor.tenant_id, "roles": actor.roles},
+        "action": event.action,
+        "target": event.target,
+        "outcome": tenantmesh_proto::names::outcome(event.outcome),
+        "error": event.error,
+        "before": event.before,
+        "after": event.after,
+        "request_id": event.request_id,
+        "trace_id": event.trace_id,
+        "source": event.source,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    })
+}
+
 fn decode(data: &[u8]) -> Result<AuditEvent, StorageError> {
     AuditEvent::decode(data).map_err(|e| StorageError::Backend(format!("an audit event does not decode: {e}")))
 }

@@ -184,6 +184,28 @@ impl Audit for AuditService {
         Ok(Response::new(ListAuditEventsResponse { events, next_page_token }))
     }
 
+    type ExportAuditEventsStream =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<ExportAuditEventsResponse, Status>> + Send>>;
+
+    async fn export_audit_events(
+        &self,
+        request: Request<ExportAuditEventsRequest>,
+    ) -> Result<Response<Self::ExportAuditEventsStream>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        if req.from_us < 0 || req.to_us < 0 || (req.to_us > 0 && req.to_us <= req.from_us) {
+            v.add("to_us", "must be after from_us (both Unix microseconds, 0 for unbounded)");
+        }
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let (log, store) = (self.log.clone(), self.store);
+        // A page of events at a time, each a chunk of lines.
+        let stream = export_pages(log, req, store);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn verify_audit_chain(
         &self,
         request: Request<VerifyAuditChainRequest>,
@@ -210,4 +232,36 @@ impl Audit for AuditService {
         }
         Ok(Response::new(verified))
     }
+}
+
+/// The export of `req` as a stream of chunks: one page of the log per
+/// chunk, read as the client takes them.
+fn export_pages(
+    log: AuditLog,
+    req: ExportAuditEventsRequest,
+    store: &'static str,
+) -> impl futures_util::Stream<Item = Result<ExportAuditEventsResponse, Status>> + Send {
+    let keep = move |e: &AuditEvent| e.time_us >= req.from_us && (req.to_us == 0 || e.time_us < req.to_us);
+    futures_util::stream::unfold(Some(0u64), move |after| {
+        let (log, tenant) = (log.clone(), req.tenant_id.clone());
+        async move {
+            let after = after?;
+            let page = log.list(&tenant, after, 500, MAX_SCAN, keep).await;
+            match page {
+                Err(e) => Some((Err(tenantmesh_service::errors::storage_status(e, store)), None)),
+                Ok((events, next)) => {
+                    if events.is_empty() && next.is_none() {
+                        return None;
+                    }
+                    let mut jsonl = Vec::new();
+                    for e in &events {
+                        serde_json::to_writer(&mut jsonl, &tenantmesh_service::audit::to_json(e))
+                            .expect("JSON of an event");
+                        jsonl.push(b'\n');
+                    }
+                    Some((Ok(ExportAuditEventsResponse { jsonl }), next))
+                }
+            }
+        }
+    })
 }

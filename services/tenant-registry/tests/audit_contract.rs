@@ -90,6 +90,23 @@ async fn every_change_has_one_event_and_the_chain_holds() {
     let verified = verified.unwrap().into_inner();
     assert!(verified.intact && verified.events == 5 && verified.first_broken == 0, "{verified:?}");
 
+    // The export: one JSON line per event, as listed.
+    let export = ExportAuditEventsRequest { tenant_id: id.clone(), from_us: 0, to_us: 0 };
+    let mut chunks = audit.export_audit_events(authed(export, &admin)).await.unwrap().into_inner();
+    let mut lines = Vec::new();
+    while let Some(chunk) = chunks.message().await.unwrap() {
+        let text = String::from_utf8(chunk.jsonl).unwrap();
+        assert!(text.is_empty() || text.ends_with('\n'), "whole lines: {text:?}");
+        lines.extend(text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()));
+    }
+    let exported: Vec<(&str, &str)> =
+        lines.iter().map(|l| (l["action"].as_str().unwrap(), l["hash"].as_str().unwrap())).collect();
+    let listed: Vec<(&str, &str)> = events.iter().map(|e| (e.action.as_str(), e.hash.as_str())).collect();
+    assert_eq!(exported, listed);
+    assert_eq!((lines[2]["outcome"].as_str(), lines[0]["service"].as_str()), (Some("failed"), Some("registry")));
+    let backwards = ExportAuditEventsRequest { tenant_id: id.clone(), from_us: 10, to_us: 5 };
+    expect_invalid(audit.export_audit_events(authed(backwards, &admin)).await, "to_us");
+
     // Filters and pages.
     let only = ListAuditEventsRequest { action: "tenant.update".into(), ..list(&id) };
     let updates = audit.list_audit_events(authed(only, &admin)).await.unwrap().into_inner().events;
@@ -147,6 +164,8 @@ async fn tenant_admins_read_their_own_and_refusals_are_recorded() {
     assert!(actions.contains(&"tenant.status"), "onboarding activates it: {actions:?}");
     assert!(own.iter().all(|e| e.actor.as_ref().unwrap().subject == "service:onboarding"), "{own:?}");
     expect_code(audit.list_audit_events(authed(list(&b.tenant_id), &a.token)).await, Code::PermissionDenied);
+    let theirs = ExportAuditEventsRequest { tenant_id: b.tenant_id.clone(), from_us: 0, to_us: 0 };
+    expect_code(audit.export_audit_events(authed(theirs, &a.token)).await, Code::PermissionDenied);
     expect_code(
         audit.verify_audit_chain(authed(VerifyAuditChainRequest { tenant_id: b.tenant_id.clone() }, &a.token)).await,
         Code::PermissionDenied,

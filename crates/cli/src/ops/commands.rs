@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
-use tenantmesh_proto::audit::v1::{AuditEvent, ListAuditEventsRequest, VerifyAuditChainRequest};
+use tenantmesh_proto::audit::v1::{
+    AuditEvent, ExportAuditEventsRequest, ListAuditEventsRequest, VerifyAuditChainRequest,
+};
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -149,6 +151,20 @@ pub enum AuditCommand {
         last: Option<u32>,
         #[command(flatten)]
         out: Output,
+    },
+    /// Write a tenant's audit events as JSON Lines (one object per event,
+    /// the three logs in one timeline) to stdout, or to --file.
+    #[command(after_help = "Examples:\n  \
+        tenantmesh audit export acme > acme-audit.jsonl\n  \
+        tenantmesh audit export acme --hours 720 --file acme-audit.jsonl")]
+    Export {
+        tenant: String,
+        /// Only the last this many hours.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=87_600))]
+        hours: Option<i64>,
+        /// Write here instead of stdout (created, or replaced).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
     },
     /// Recompute a tenant's hash chain: exit 0 when every event holds, 1
     /// naming the first that does not (changed, removed or reordered).
@@ -850,7 +866,7 @@ async fn show_tenant(ops: &Ops, id: &str, out: Output) -> Result<(), CliError> {
         print_json(&json!({
             "tenant": tenant_json(&t),
             "workflow": workflow.as_ref().map(workflow_json),
-            "changes": changes.iter().map(audit_json).collect::<Vec<_>>(),
+            "changes": changes.iter().map(tenantmesh_service::audit::to_json).collect::<Vec<_>>(),
             "resources": resources.iter().map(resource_json).collect::<Vec<_>>(),
         }));
         return Ok(());
@@ -934,29 +950,6 @@ fn audit_table(events: &[AuditEvent]) -> Table {
     table
 }
 
-fn audit_json(e: &AuditEvent) -> Value {
-    let actor = e.actor.clone().unwrap_or_default();
-    json!({
-        "service": e.service,
-        "sequence": e.sequence,
-        "id": e.id,
-        "time": tenantmesh_service::clock::rfc3339(e.time_us / 1_000_000),
-        "tenant_id": e.tenant_id,
-        "actor": {"subject": actor.subject, "tenant_id": actor.tenant_id, "roles": actor.roles},
-        "action": e.action,
-        "target": e.target,
-        "outcome": tenantmesh_proto::names::outcome(e.outcome),
-        "error": e.error,
-        "before": e.before,
-        "after": e.after,
-        "request_id": e.request_id,
-        "trace_id": e.trace_id,
-        "source": e.source,
-        "prev_hash": e.prev_hash,
-        "hash": e.hash,
-    })
-}
-
 async fn audit(command: AuditCommand, ops: &Ops) -> Result<(), CliError> {
     match command {
         AuditCommand::List { tenant, action, actor, hours, last, out } => {
@@ -989,9 +982,40 @@ async fn audit(command: AuditCommand, ops: &Ops) -> Result<(), CliError> {
                 events = events.split_off(events.len().saturating_sub(n as usize));
             }
             if out.json() {
-                print_json(&Value::Array(events.iter().map(audit_json).collect()));
+                print_json(&Value::Array(events.iter().map(tenantmesh_service::audit::to_json).collect()));
             } else {
                 print!("{}", audit_table(&events).render(&format!("no audit events for {tenant}")));
+            }
+            Ok(())
+        }
+        AuditCommand::Export { tenant, hours, file } => {
+            let from_us = hours.map_or(0, |h| (tenantmesh_service::clock::now_ms() - h * 3_600_000) * 1000);
+            let mut lines: Vec<(i64, Vec<u8>)> = Vec::new();
+            for (service, mut client) in ops.audit_logs()? {
+                let request = ops.request(ExportAuditEventsRequest { tenant_id: tenant.clone(), from_us, to_us: 0 });
+                let mut chunks = client.export_audit_events(request).await.map_err(ops.error(service))?.into_inner();
+                while let Some(chunk) = chunks.message().await.map_err(ops.error(service))? {
+                    for line in chunk.jsonl.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                        let time = serde_json::from_slice::<Value>(line).ok().and_then(|v| v["time_us"].as_i64());
+                        lines.push((time.unwrap_or_default(), line.to_vec()));
+                    }
+                }
+            }
+            // One timeline across the logs.
+            lines.sort_by_key(|(time, _)| *time);
+            let mut out: Box<dyn std::io::Write> = match &file {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let written = lines.iter().try_for_each(|(_, line)| {
+                out.write_all(line)?;
+                out.write_all(b"\n")
+            });
+            written.and_then(|()| out.flush()).map_err(|e| CliError(format!("writing the export: {e}")))?;
+            if let Some(path) = &file {
+                eprintln!("{} audit events of {tenant} written to {}", lines.len(), path.display());
             }
             Ok(())
         }
