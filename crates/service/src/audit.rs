@@ -20,7 +20,16 @@ use tenantmesh_storage::{Condition, DynTable, Query, StorageError, Write};
 
 /// The partition prefix of the tenants' chains.
 pub const PARTITION_PREFIX: &str = "_audit#";
+/// The partition listing every tenant that has a chain (for the purge).
+const CHAINS_PK: &str = "_audit_chains";
 const HEAD: &str = "~head";
+/// Where a chain starts once its oldest events were purged:
+/// `<first kept sequence> <hash of the last purged event>`.
+const FLOOR: &str = "~floor";
+/// Events deleted per transaction by a purge (DynamoDB takes 100 writes).
+const PURGE_BATCH: usize = 90;
+/// The action of the event that records a purge.
+pub const PURGE_ACTION: &str = "audit.purge";
 const EVENT_PREFIX: &str = "e#";
 /// How often a transaction is made again when another writer moved the
 /// tenant's chain on meanwhile.
@@ -165,6 +174,15 @@ impl AuditLog {
                 data: event.encode_to_vec(),
                 condition: Condition::NotExists,
             });
+            if head.version == 0 {
+                // A new chain: listed, for the purge to find.
+                all.push(Write::Put {
+                    pk: CHAINS_PK.into(),
+                    sk: event.tenant_id.clone(),
+                    data: Vec::new(),
+                    condition: Condition::None,
+                });
+            }
             all.push(Write::Put {
                 pk: pk.clone(),
                 sk: HEAD.into(),
@@ -208,6 +226,9 @@ impl AuditLog {
         let pk = partition(tenant_id);
         let mut events = Vec::new();
         let mut last = after;
+        if self.store.get(&pk, FLOOR).await?.is_some() {
+            last = last.max(self.floor(tenant_id).await?.0 - 1);
+        }
         let mut scanned = 0;
         loop {
             let start_after = (last > 0).then(|| event_key(last));
@@ -237,6 +258,89 @@ impl AuditLog {
         }
     }
 
+    /// Every tenant with a chain in this log.
+    pub async fn chains(&self) -> Result<Vec<String>, StorageError> {
+        let mut tenants = Vec::new();
+        let mut pages = tenantmesh_storage::Pages::new(self.store.as_ref(), CHAINS_PK, "", 1000);
+        while let Some(items) = pages.next().await? {
+            tenants.extend(items.into_iter().map(|i| i.sk));
+        }
+        Ok(tenants)
+    }
+
+    /// Where `tenant_id`'s chain starts: the first kept sequence and the
+    /// hash its first event links to (1 and "" until a purge).
+    async fn floor(&self, tenant_id: &str) -> Result<(u64, String, u64), StorageError> {
+        let Some(item) = self.store.get(&partition(tenant_id), FLOOR).await? else {
+            return Ok((1, String::new(), 0));
+        };
+        let text = String::from_utf8_lossy(&item.data);
+        let (sequence, hash) = text.split_once(' ').unwrap_or(("1", ""));
+        let sequence = sequence
+            .parse()
+            .map_err(|_| StorageError::Backend(format!("the audit chain floor of {tenant_id} is unreadable")))?;
+        Ok((sequence, hash.to_owned(), item.version))
+    }
+
+    /// Deletes `tenant_id`'s events older than `cutoff_us`, batch by batch,
+    /// each batch with the chain's floor moved past it in the same
+    /// transaction (the head keeps naming the last event, so the chain
+    /// still verifies from its floor); then records `purged(first, last)`
+    /// (the range removed) as an event of the chain. Earlier purges' own
+    /// records alone are not purged again (which would only record another
+    /// purge). How many events went.
+    pub async fn purge_before(
+        &self,
+        tenant_id: &str,
+        cutoff_us: i64,
+        purged: impl FnOnce(u64, u64) -> AuditEvent,
+    ) -> Result<u64, StorageError> {
+        let pk = partition(tenant_id);
+        let (first, _, _) = self.floor(tenant_id).await?;
+        let mut removed = 0u64;
+        loop {
+            let (floor, _, floor_version) = self.floor(tenant_id).await?;
+            let start_after = (floor > 1).then(|| event_key(floor - 1));
+            let page = self
+                .store
+                .query(Query { pk: pk.clone(), sk_prefix: EVENT_PREFIX.into(), start_after, limit: PURGE_BATCH })
+                .await?;
+            let mut writes = Vec::new();
+            let mut next = (floor, String::new());
+            let mut only_purges = true;
+            for item in &page.items {
+                let event = decode(&item.data)?;
+                if event.time_us >= cutoff_us {
+                    break;
+                }
+                only_purges &= event.action == PURGE_ACTION;
+                writes.push(Write::Delete { pk: pk.clone(), sk: item.sk.clone(), condition: Condition::Exists });
+                next = (event.sequence + 1, event.hash);
+            }
+            if writes.is_empty() || (only_purges && removed == 0) {
+                break;
+            }
+            let batch = writes.len() as u64;
+            writes.push(Write::Put {
+                pk: pk.clone(),
+                sk: FLOOR.into(),
+                data: format!("{} {}", next.0, next.1).into_bytes(),
+                condition: Condition::Version(floor_version),
+            });
+            match self.store.transact_write(writes).await {
+                Ok(()) => removed += batch,
+                // Another purge moved on meanwhile: go on from where it is.
+                Err(StorageError::ConditionFailed { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if removed > 0 {
+            let event = purged(first, first + removed - 1);
+            self.record(event).await?;
+        }
+        Ok(removed)
+    }
+
     /// The sequence of `tenant_id`'s last event (0: none yet).
     pub async fn last_sequence(&self, tenant_id: &str) -> Result<u64, StorageError> {
         Ok(self.head(tenant_id).await?.sequence)
@@ -252,16 +356,17 @@ impl AuditLog {
             first_broken: at,
             reason,
         };
-        let mut expected = 1u64;
-        let mut prev = String::new();
-        let mut start_after = None;
+        let (floor, floor_hash, _) = self.floor(tenant_id).await?;
+        let mut expected = floor;
+        let mut prev = floor_hash;
+        let mut start_after = (floor > 1).then(|| event_key(floor - 1));
         loop {
             let page = self
                 .store
                 .query(Query { pk: pk.clone(), sk_prefix: EVENT_PREFIX.into(), start_after, limit: 1000 })
                 .await?;
             for item in &page.items {
-                let checked = expected - 1;
+                let checked = expected - floor;
                 let Ok(event) = decode(&item.data) else {
                     return Ok(broken(expected, checked, format!("{} does not decode", item.sk)));
                 };
@@ -283,11 +388,12 @@ impl AuditLog {
                 None => break,
             }
         }
-        let events = expected - 1;
+        let events = expected - floor;
+        let last = expected - 1;
         let head = self.head(tenant_id).await?;
-        if head.sequence != events || head.hash != prev {
-            let reason = format!("the chain's head names event {} but {events} are there", head.sequence);
-            return Ok(broken(events.min(head.sequence) + 1, events, reason));
+        if head.sequence != last || head.hash != prev {
+            let reason = format!("the chain's head names event {} but it ends at {last}", head.sequence);
+            return Ok(broken(last.min(head.sequence) + 1, events, reason));
         }
         Ok(VerifyAuditChainResponse { intact: true, events, first_broken: 0, reason: String::new() })
     }
@@ -418,6 +524,52 @@ mod tests {
         store.delete(&pk, &event_key(2), Condition::None).await.unwrap();
         let v = log.verify("acme").await.unwrap();
         assert_eq!((v.intact, v.first_broken), (false, 2), "{v:?}");
+    }
+
+    /// Events older than the cutoff go, batch by batch (never the last);
+    /// the purge is an event of its own, and the chain still holds from
+    /// where it now starts. A change to a kept event still shows.
+    #[tokio::test]
+    async fn a_purge_keeps_the_chain_verifiable_from_its_new_start() {
+        let (_dir, log, store) = log();
+        for i in 0..200 {
+            let mut event = caller().event("acme", "tenant.status", format!("#{i}"));
+            event.time_us = if i < 190 { 1_000 + i } else { 10_000_000 + i };
+            log.record(event).await.unwrap();
+        }
+        let purge = |first: u64, last: u64| {
+            let mut e = caller().event("acme", PURGE_ACTION, "audit/acme".into());
+            e.before = format!("events {first}-{last}");
+            e
+        };
+        assert_eq!(log.purge_before("acme", 5_000_000, purge).await.unwrap(), 190);
+        assert_eq!(log.purge_before("acme", 5_000_000, purge).await.unwrap(), 0, "nothing twice");
+        let v = log.verify("acme").await.unwrap();
+        assert!(v.intact && v.events == 11, "{v:?}");
+        let (events, _) = log.list("acme", 0, 100, 1000, |_| true).await.unwrap();
+        assert_eq!(events.first().map(|e| e.sequence), Some(191));
+        assert_eq!(
+            (events.last().unwrap().action.as_str(), events.last().unwrap().before.as_str()),
+            ("audit.purge", "events 1-190")
+        );
+        assert_eq!(log.chains().await.unwrap(), ["acme"]);
+        // Tampering with a kept event still breaks the chain.
+        let pk = partition("acme");
+        let item = store.get(&pk, &event_key(195)).await.unwrap().unwrap();
+        let good = item.data.clone();
+        let mut event = AuditEvent::decode(item.data.as_slice()).unwrap();
+        event.after = "forged".into();
+        store.put(&pk, &event_key(195), event.encode_to_vec(), Condition::None).await.unwrap();
+        assert_eq!(log.verify("acme").await.unwrap().first_broken, 195);
+        store.put(&pk, &event_key(195), good, Condition::None).await.unwrap();
+        // Everything is older than the cutoff: every event goes, the last
+        // too; the chain is then its purge's record alone, and holds.
+        assert_eq!(log.purge_before("acme", i64::MAX, purge).await.unwrap(), 11);
+        let v = log.verify("acme").await.unwrap();
+        assert!(v.intact && v.events == 1, "{v:?}");
+        // A purge record alone is not purged again (no purge of purges).
+        assert_eq!(log.purge_before("acme", i64::MAX, purge).await.unwrap(), 0);
+        assert_eq!(log.last_sequence("acme").await.unwrap(), 202);
     }
 
     #[tokio::test]

@@ -62,6 +62,10 @@ pub struct CommonConfig {
     /// otherwise a provider URL could reach the mesh's own network or the
     /// cloud metadata service.
     pub jwks_allow_private: bool,
+    /// `TENANTMESH_AUDIT_SWEEP_MS` (default 3600000, an hour): how often a
+    /// service with an audit log purges events past their tenants' tiers'
+    /// `audit_retention_days`.
+    pub audit_sweep: std::time::Duration,
     /// `TENANTMESH_SERVICE_CLIENT_ID` / `TENANTMESH_SERVICE_CLIENT_SECRET`:
     /// the platform service identity this service acts as when it calls
     /// for no tenant (the onboarding workflows; every service's watch of
@@ -228,6 +232,12 @@ impl CommonConfig {
                 }
             },
             jwks_allow_private: parse_var(env, "TENANTMESH_JWKS_ALLOW_PRIVATE", false)?,
+            audit_sweep: match parse_var(env, "TENANTMESH_AUDIT_SWEEP_MS", 3_600_000u64)? {
+                0 => {
+                    return Err(ConfigError { var: "TENANTMESH_AUDIT_SWEEP_MS", message: "must be at least 1".into() });
+                }
+                ms => std::time::Duration::from_millis(ms),
+            },
             service_client: service_client(env)?,
             tiers: std::sync::Arc::new(tiers_var(env)?),
         })

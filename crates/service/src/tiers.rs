@@ -50,6 +50,14 @@ pub struct Tier {
     /// (default 7 days); it is billed while it is kept.
     #[serde(default = "seven")]
     pub export_retention_days: u32,
+    /// How long a tenant's audit events are kept (default 365 days); older
+    /// ones are purged, the purge itself recorded.
+    #[serde(default = "year")]
+    pub audit_retention_days: u32,
+}
+
+fn year() -> u32 {
+    365
 }
 
 fn one() -> u32 {
@@ -82,6 +90,11 @@ impl Tier {
     /// `storage_quota_bytes` (its own, or the tier's).
     pub fn history_quota(&self, storage_quota_bytes: u64) -> u64 {
         storage_quota_bytes.saturating_mul(u64::from(self.history_quota_multiple))
+    }
+
+    /// How long audit events are kept, in microseconds.
+    pub fn audit_retention_us(&self) -> i64 {
+        i64::from(self.audit_retention_days) * 86_400 * 1_000_000
     }
 
     /// How long an export is kept, in seconds.
@@ -174,6 +187,12 @@ impl Tiers {
 
     pub fn get(&self, tier: &str) -> Option<&Tier> {
         self.tiers.iter().find(|t| t.name == tier)
+    }
+
+    /// The longest audit retention of any tier, in days: what the
+    /// platform's own chain and a tenant no longer known keep.
+    pub fn longest_audit_retention_days(&self) -> u32 {
+        self.tiers.iter().map(|t| t.audit_retention_days).max().unwrap_or(365)
     }
 
     /// The isolation model of `tier`, or `None` for an unknown tier.

@@ -112,6 +112,62 @@ impl Auditor {
     }
 }
 
+/// How many days a tenant's audit events are kept, as the service can
+/// tell from the tenant's tier.
+pub type Retention = Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, u32> + Send + Sync>;
+
+impl Auditor {
+    /// Every `every`, purges each chain's events older than its tenant's
+    /// retention (`retention`); each purge is an event of the chain
+    /// (`audit.purge`, by the service itself), and the chain verifies from
+    /// where it now starts. Replicas may purge at once: a batch another
+    /// already removed is passed over.
+    pub fn sweep(&self, retention: Retention, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let log = self.log.clone();
+        tenantmesh_telemetry::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let chains = match log.chains().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit purge: the chains could not be listed; next time");
+                        continue;
+                    }
+                };
+                for tenant in chains {
+                    let days = retention(tenant.clone()).await;
+                    let cutoff = tenantmesh_service::clock::now_ms() * 1000 - i64::from(days) * 86_400_000_000;
+                    let service = log.service();
+                    let purged = |first: u64, last: u64| {
+                        let who = Caller {
+                            actor: Actor {
+                                subject: format!("service:{service}"),
+                                tenant_id: PLATFORM_TENANT.into(),
+                                roles: vec!["service".into()],
+                            },
+                            ..Default::default()
+                        };
+                        let mut event =
+                            who.event(&tenant, tenantmesh_service::audit::PURGE_ACTION, format!("audit/{tenant}"));
+                        event.before = format!("events {first}-{last}");
+                        event.after = format!("removed: older than {days} days");
+                        event
+                    };
+                    match log.purge_before(&tenant, cutoff, purged).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(tenant_id = %tenant, events = n, days, "purged audit events past their retention");
+                        }
+                        Err(e) => tracing::warn!(tenant_id = %tenant, error = %e, "audit purge failed; next time"),
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// `tenantmesh.audit.v1.Audit` over a service's log: a tenant admin reads
 /// their own tenant's events, the platform admin any tenant's.
 #[derive(Clone)]

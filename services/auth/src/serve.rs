@@ -82,6 +82,7 @@ pub async fn serve(
         let authn =
             Authenticator::new(Arc::new(verifier), directory).with_admission(&common).with_refusals(service.refusals());
         let audit = AuditServer::new(service.audit_service());
+        let purging = service.sweep_audit(common.audit_sweep);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(AuthServer::new(service)))
             .add_service(tenantmesh_service::sized!(audit))
             .add_service(backup);
@@ -101,7 +102,7 @@ pub async fn serve(
         )
         .await;
         // The reloader and the sweeper hold the store: they end with the service.
-        for task in [reloader, sweeper] {
+        for task in [reloader, sweeper, purging] {
             task.abort();
             let _ = task.await;
         }

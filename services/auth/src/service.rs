@@ -272,6 +272,36 @@ impl AuthService {
         self.inner.auditor.refusals(&AUDITED)
     }
 
+    /// Purges, every `every`, each tenant's audit events past its tier's
+    /// `audit_retention_days`: the tenant's tier is asked of the registry
+    /// with a token the auth service signs for itself (scope `directory`;
+    /// the platform's chain, and a tenant no longer known, keep the longest
+    /// of any tier).
+    pub fn sweep_audit(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        let retention: tenantmesh_tenant_context::audit::Retention = Arc::new(move |tenant: String| {
+            let this = this.clone();
+            Box::pin(async move {
+                let tiers = &this.inner.config.common.tiers;
+                let longest = tiers.longest_audit_retention_days();
+                let grant = tenantmesh_tenant_context::Grant {
+                    scopes: vec![tenantmesh_tenant_context::Scope::Directory],
+                    tenants: None,
+                };
+                let Ok((token, _)) =
+                    this.sign_granted("service:auth".into(), PLATFORM_TENANT.into(), vec![Role::Service], grant)
+                else {
+                    return longest;
+                };
+                match this.inner.directory.lookup(&tenant, &token, None).await {
+                    Ok(Some(info)) => tiers.get(&info.tier).map_or(longest, |tier| tier.audit_retention_days),
+                    _ => longest,
+                }
+            })
+        });
+        self.inner.auditor.sweep(retention, every)
+    }
+
     /// The `Audit` service over the auth service's log.
     pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
         tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)

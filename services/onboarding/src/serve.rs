@@ -55,6 +55,7 @@ pub async fn serve(
         });
         let sweeper = service.clone().sweep_exports(config.export_sweep);
         let catching_up = service.clone().catch_up(config.catch_up);
+        let purging = service.sweep_audit(config.common.audit_sweep);
         let authn = Authenticator::remote(&config.common)?.with_refusals(service.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
         let audit = tenantmesh_proto::audit::v1::audit_server::AuditServer::new(service.audit_service());
@@ -78,6 +79,7 @@ pub async fn serve(
         .await;
         sweeper.abort();
         catching_up.abort();
+        purging.abort();
         served?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })

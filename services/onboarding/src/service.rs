@@ -143,6 +143,26 @@ impl OnboardingService {
         self.inner.auditor.refusals(&AUDITED)
     }
 
+    /// Purges, every `every`, each tenant's audit events past its tier's
+    /// `audit_retention_days`, the tenant's tier asked of the registry (the
+    /// platform's chain, and a tenant it no longer knows, keep the longest
+    /// of any tier).
+    pub fn sweep_audit(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        let retention: tenantmesh_tenant_context::audit::Retention = Arc::new(move |tenant: String| {
+            let this = this.clone();
+            Box::pin(async move {
+                let tiers = &this.inner.tiers;
+                let longest = tiers.longest_audit_retention_days();
+                match this.tenant(&tenant).await {
+                    Ok(t) => tiers.get(&t.tier).map_or(longest, |tier| tier.audit_retention_days),
+                    Err(_) => longest,
+                }
+            })
+        });
+        self.inner.auditor.sweep(retention, every)
+    }
+
     /// The `Audit` service over the onboarding service's log.
     pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
         tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)

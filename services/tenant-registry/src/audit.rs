@@ -95,6 +95,24 @@ impl Registry {
         self.auditor.refusals(&ACTIONS)
     }
 
+    /// Purges, every `every`, each tenant's audit events past its tier's
+    /// `audit_retention_days` (the platform's chain, and a tenant no longer
+    /// in the registry, keep the longest of any tier).
+    pub fn sweep_audit(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let registry = self.clone();
+        let retention: tenantmesh_tenant_context::audit::Retention = std::sync::Arc::new(move |tenant: String| {
+            let registry = registry.clone();
+            Box::pin(async move {
+                let longest = registry.tiers.longest_audit_retention_days();
+                match registry.get(&tenant).await {
+                    Ok(Some(t)) => registry.tiers.get(&t.tier).map_or(longest, |tier| tier.audit_retention_days),
+                    _ => longest,
+                }
+            })
+        });
+        self.auditor.sweep(retention, every)
+    }
+
     /// The `Audit` service over the registry's log.
     pub fn audit_service(&self) -> AuditService {
         AuditService::new(&self.auditor)

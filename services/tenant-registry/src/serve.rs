@@ -41,6 +41,7 @@ pub async fn serve(
             .with_refusals(registry.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
         let audit = AuditServer::new(registry.audit_service());
+        let purging = registry.sweep_audit(config.common.audit_sweep);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(TenantRegistryServer::new(registry)))
             .add_service(tenantmesh_service::sized!(audit))
             .add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
@@ -49,7 +50,7 @@ pub async fn serve(
             tenantmesh_proto::audit::v1::audit_server::SERVICE_NAME,
             tenantmesh_service::backup::NAME,
         ];
-        tenantmesh_service::runtime::serve_routes(
+        let served = tenantmesh_service::runtime::serve_routes(
             listener,
             routes,
             &names,
@@ -58,7 +59,9 @@ pub async fn serve(
             config.common.shutdown_grace,
             shutdown,
         )
-        .await?;
+        .await;
+        purging.abort();
+        served?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })
     .await

@@ -133,3 +133,43 @@ async fn users_keys_and_workflows_have_one_event_where_they_change() {
         }
     }
 }
+
+/// A tier with `audit_retention_days = 0`: every log purges its tenants'
+/// events (each purge an event of its own, by the service), the chains
+/// still verify, and a tier that keeps them keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_past_the_tiers_retention_are_purged_and_the_purge_recorded() {
+    let tiers = std::fs::read_to_string(test_tiers_file()).unwrap();
+    let standard = tiers.find("name = \"standard\"").unwrap();
+    let at = standard + tiers[standard..].find("history_days = 7").unwrap();
+    let tiers = format!("{}audit_retention_days = 0\n{}", &tiers[..at], &tiers[at..]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiers.toml");
+    std::fs::write(&path, tiers).unwrap();
+    let settings = [("TENANTMESH_TIERS_FILE", path.to_str().unwrap()), ("TENANTMESH_AUDIT_SWEEP_MS", "200")];
+    let mesh = TestMesh::start_with_env(TestBackend::from_env(), &settings).await;
+    let admin = mesh.admin_token().await;
+    let gone = mesh.onboard_on(&unique_tenant("audit-gone"), "standard").await;
+    let kept = mesh.onboard_on(&unique_tenant("audit-kept"), "basic").await;
+    for addr in [mesh.addrs.registry, mesh.addrs.auth, mesh.addrs.onboarding] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let purged = loop {
+            let events = events(addr, &gone.tenant_id, &admin).await;
+            if events.iter().all(|e| e.action == "audit.purge") {
+                break events;
+            }
+            let actions: Vec<(u64, &str)> = events.iter().map(|e| (e.sequence, e.action.as_str())).collect();
+            assert!(tokio::time::Instant::now() < deadline, "{addr}: never purged: {actions:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let purge = &purged[0];
+        assert!(purge.before.starts_with("events ") && purge.after == "removed: older than 0 days", "{purge:?}");
+        assert!(purge.actor.as_ref().unwrap().subject.starts_with("service:"), "{purge:?}");
+        let req = VerifyAuditChainRequest { tenant_id: gone.tenant_id.clone() };
+        let v = AuditClient::new(TestMesh::channel(addr)).verify_audit_chain(authed(req, &admin)).await.unwrap();
+        assert!(v.get_ref().intact, "{addr}: {:?}", v.get_ref());
+        let theirs = events(addr, &kept.tenant_id, &admin).await;
+        assert!(!theirs.is_empty() && theirs.iter().all(|e| e.action != "audit.purge"), "{addr}: {theirs:#?}");
+        assert_eq!(theirs[0].sequence, 1, "{addr}: nothing of a basic tenant's purged");
+    }
+}
