@@ -115,22 +115,51 @@ pub(crate) async fn start_family(
     Ok(token)
 }
 
-/// Revokes the family; it expires at once, so the sweeper purges it
-/// within about a minute (its tokens, unusable now, at their expiry).
-async fn revoke_family(store: &DynTable, tenant: &str, family: &str) -> Result<(), AuthError> {
-    let now = now_secs();
-    store
-        .transact_write(vec![
+/// Revokes the family of `record` (`why`, for the audit log); it expires
+/// at once, so the sweeper purges it within about a minute (its tokens,
+/// unusable now, at their expiry). The revocation and its audit event
+/// (`session.revoke`, by the token's user) are one transaction; a family
+/// revoked already changes no more, and records nothing.
+async fn revoke_family(store: &DynTable, tenant: &str, record: &RefreshRecord, why: &str) -> Result<(), AuthError> {
+    use tenantmesh_service::audit::{AppendError, AuditLog, Caller};
+    let sk = family_sk(&record.family);
+    let log = AuditLog::new(store.clone(), "auth");
+    // A rotation racing this may move the family's version: read again.
+    for _ in 0..4 {
+        let now = now_secs();
+        let condition = match store.get(tenant, &sk).await? {
+            Some(item) if parse::<Family>(&item.data)?.revoked => return Ok(()),
+            Some(item) => Condition::Version(item.version),
+            None => Condition::NotExists,
+        };
+        let writes = vec![
             Write::Put {
                 pk: tenant.into(),
-                sk: family_sk(family),
+                sk: sk.clone(),
                 data: json(&Family { revoked: true, expire_time: now })?,
-                condition: Condition::None,
+                condition,
             },
-            crate::expiry_index::entry(tenant, &family_sk(family), now),
-        ])
-        .await?;
-    Ok(())
+            crate::expiry_index::entry(tenant, &sk, now),
+        ];
+        let who = Caller {
+            actor: tenantmesh_proto::audit::v1::Actor {
+                subject: record.user_id.clone(),
+                tenant_id: tenant.to_owned(),
+                roles: Vec::new(),
+            },
+            trace_id: tenantmesh_telemetry::current_trace_id().unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut event = who.event(tenant, "session.revoke", format!("user/{}", record.email));
+        event.before = "signed in".into();
+        event.after = format!("signed out: {why}");
+        match log.commit(writes, event).await {
+            Ok(_) => return Ok(()),
+            Err(AppendError::Change { .. }) => continue,
+            Err(AppendError::Store(e)) => return Err(e.into()),
+        }
+    }
+    Err(AuthError::ConcurrentChange)
 }
 
 /// A refresh token found live, with the versions its rotation must see.
@@ -157,7 +186,7 @@ pub(crate) async fn live(store: &DynTable, token: &str) -> Result<Live, AuthErro
             user_id = %record.user_id,
             "a spent refresh token was presented again; revoking its family"
         );
-        revoke_family(store, &tenant, &record.family).await?;
+        revoke_family(store, &tenant, &record, "a spent refresh token was presented again").await?;
         return Err(AuthError::InvalidCredentials);
     }
     if record.expire_time <= now_secs() {
@@ -207,7 +236,7 @@ pub(crate) async fn rotate(store: &DynTable, token: &str, live: Live) -> Result<
         Ok(()) => Ok(next),
         Err(StorageError::ConditionFailed { index: 0, .. }) => {
             tracing::warn!(security_event = "refresh_token_reuse", user_id = %record.user_id, "concurrent refresh; revoking family");
-            revoke_family(store, &tenant, &record.family).await?;
+            revoke_family(store, &tenant, &record, "the same refresh token was used twice at once").await?;
             Err(AuthError::InvalidCredentials)
         }
         Err(StorageError::ConditionFailed { .. }) => Err(AuthError::InvalidCredentials),
@@ -220,12 +249,12 @@ pub(crate) async fn revoke(store: &DynTable, token: &str) -> Result<(), AuthErro
     let Some(tenant) = tenant_of(token) else { return Ok(()) };
     let Some(item) = store.get(tenant, &token_sk(token)).await? else { return Ok(()) };
     let record: RefreshRecord = parse(&item.data)?;
-    revoke_family(store, tenant, &record.family).await
+    revoke_family(store, tenant, &record, "the session was revoked").await
 }
 
 /// Revokes a family from a record already read (the user is gone).
 pub(crate) async fn revoke_record(store: &DynTable, tenant: &str, record: &RefreshRecord) -> Result<(), AuthError> {
-    revoke_family(store, tenant, &record.family).await
+    revoke_family(store, tenant, record, "the user is disabled or deleted").await
 }
 
 #[cfg(test)]

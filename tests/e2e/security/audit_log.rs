@@ -1,6 +1,6 @@
 //! The audit logs of auth and onboarding (the registry's has its contract
-//! suite): users created, disabled and deleted, signing keys rotated, and
-//! who started each workflow, each with one event written with the change;
+//! suite): users created, disabled and deleted, sessions ended, signing
+//! keys rotated, and who started each workflow, each with one event written with the change;
 //! refused and failed attempts recorded; every chain holds; no event holds
 //! a password or a token.
 
@@ -9,7 +9,8 @@ use std::time::Duration;
 use tenantmesh_proto::audit::v1::audit_client::AuditClient;
 use tenantmesh_proto::audit::v1::*;
 use tenantmesh_proto::auth::v1::{
-    CreateUserRequest, DeleteUserRequest, DisableUserRequest, Role, RotateSigningKeyRequest,
+    CreateUserRequest, DeleteUserRequest, DisableUserRequest, LoginRequest, RevokeRequest, Role,
+    RotateSigningKeyRequest,
 };
 use tenantmesh_proto::onboarding::v1::{ChangeTierRequest, RestoreTarget, RestoreTenantRequest, WorkflowStatus};
 use tenantmesh_test_support::*;
@@ -43,6 +44,13 @@ async fn users_keys_and_workflows_have_one_event_where_they_change() {
     };
     mesh.auth().create_user(authed(create(), &t.token)).await.unwrap();
     expect_code(mesh.auth().create_user(authed(create(), &t.token)).await, Code::AlreadyExists);
+    // The user signs in and out: the session's end is recorded once.
+    let login = LoginRequest { tenant_id: t.tenant_id.clone(), email: email.clone(), password: password.into() };
+    let session = mesh.auth().login(login).await.unwrap().into_inner();
+    for _ in 0..2 {
+        let revoke = RevokeRequest { refresh_token: session.refresh_token.clone() };
+        mesh.auth().revoke(revoke).await.unwrap();
+    }
     let disable = DisableUserRequest { tenant_id: t.tenant_id.clone(), email: email.clone() };
     mesh.auth().disable_user(authed(disable, &t.token)).await.unwrap();
     let delete = DeleteUserRequest { tenant_id: t.tenant_id.clone(), email: email.clone() };
@@ -65,6 +73,12 @@ async fn users_keys_and_workflows_have_one_event_where_they_change() {
     let disabled = of(&users, "user.disable", Outcome::Succeeded);
     assert!(disabled.len() == 1 && disabled[0].before.ends_with("enabled") && disabled[0].after.ends_with("disabled"));
     assert_eq!(of(&users, "user.delete", Outcome::Succeeded).len(), 1);
+    let ended = of(&users, "session.revoke", Outcome::Succeeded);
+    assert_eq!(ended.len(), 1, "revoked twice, one change: {users:#?}");
+    assert_eq!(
+        (ended[0].after.as_str(), ended[0].target.as_str()),
+        ("signed out: the session was revoked", created[1].target.as_str())
+    );
     assert!(users.iter().all(|e| e.service == "auth"), "{users:#?}");
     let denied = eventually_some(Duration::from_secs(10), || async {
         let users = events(auth, &t.tenant_id, &t.token).await;
@@ -126,7 +140,15 @@ async fn users_keys_and_workflows_have_one_event_where_they_change() {
             assert!(v.get_ref().intact, "{addr} {tenant}: {:?}", v.get_ref());
             for e in events(addr, tenant, token).await {
                 let text = format!("{e:?}");
-                for secret in [password, t.admin_password.as_str(), ADMIN_PASSWORD, t.token.as_str(), admin.as_str()] {
+                for secret in [
+                    password,
+                    t.admin_password.as_str(),
+                    ADMIN_PASSWORD,
+                    t.token.as_str(),
+                    admin.as_str(),
+                    session.refresh_token.as_str(),
+                    session.access_token.as_str(),
+                ] {
                     assert!(!text.contains(secret), "an event holds a secret: {text}");
                 }
             }
