@@ -287,7 +287,7 @@ impl Cluster {
     /// record (each committed change), and its chain holds.
     async fn assert_one_event_per_change(&self, id: &str) {
         use tenantmesh_proto::audit::v1::audit_client::AuditClient;
-        use tenantmesh_proto::audit::v1::{ListAuditEventsRequest, Outcome, VerifyAuditChainRequest};
+        use tenantmesh_proto::audit::v1::{ListAuditEventsRequest, Outcome};
         let admin = self.admin().await;
         let mut audit = AuditClient::new(channel(self.ports["registry"]));
         let (mut succeeded, mut page_token) = (0u64, String::new());
@@ -302,9 +302,27 @@ impl Cluster {
         }
         let version = self.tenant(id).await.version;
         assert_eq!(succeeded, version, "{id}: one event per committed change");
-        let verified = audit.verify_audit_chain(authed(VerifyAuditChainRequest { tenant_id: id.into() }, &admin)).await;
-        let verified = verified.unwrap().into_inner();
-        assert!(verified.intact, "{id}: {verified:?}");
+        self.assert_chain_holds("registry", id).await;
+    }
+
+    /// The actions of `id`'s successful events in `service`'s audit log.
+    async fn audit_actions(&self, service: &str, id: &str) -> Vec<String> {
+        use tenantmesh_proto::audit::v1::audit_client::AuditClient;
+        use tenantmesh_proto::audit::v1::{ListAuditEventsRequest, Outcome};
+        let mut audit = AuditClient::new(channel(self.ports[service]));
+        let req = ListAuditEventsRequest { tenant_id: id.into(), page_size: 1000, ..Default::default() };
+        let events = audit.list_audit_events(authed(req, &self.admin().await)).await.unwrap().into_inner().events;
+        events.into_iter().filter(|e| e.outcome() == Outcome::Succeeded).map(|e| e.action).collect()
+    }
+
+    /// `id`'s chain in `service`'s audit log holds.
+    async fn assert_chain_holds(&self, service: &str, id: &str) {
+        use tenantmesh_proto::audit::v1::VerifyAuditChainRequest;
+        use tenantmesh_proto::audit::v1::audit_client::AuditClient;
+        let mut audit = AuditClient::new(channel(self.ports[service]));
+        let req = authed(VerifyAuditChainRequest { tenant_id: id.into() }, &self.admin().await);
+        let verified = audit.verify_audit_chain(req).await.unwrap().into_inner();
+        assert!(verified.intact, "{service} {id}: {verified:?}");
     }
 
     async fn tenant(&self, id: &str) -> Tenant {
@@ -562,7 +580,58 @@ async fn tier_change_completes_after_kill_9_at_every_step() {
         assert_eq!(cluster.stored(&tenant, &pooled).await.unwrap(), 0, "after {step} ({mode}): items left in the pool");
         assert_eq!(cluster.records(&tenant).await, 1);
         cluster.assert_one_event_per_change(&tenant).await;
+        // Who started them: one event per workflow, whatever was killed when.
+        let started = cluster.audit_actions("onboarding", &tenant).await;
+        assert_eq!(started, ["tenant.onboard", "tenant.change_tier"], "after {step} ({mode})");
         cluster.kill_9("onboarding");
+    }
+}
+
+/// kill -9 of the auth service, three times, while a tenant's admin keeps
+/// creating users: after each restart the auth log has exactly one
+/// `user.create` event per user that exists, and its chain holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_keeps_one_event_per_user_through_kill_9_of_auth() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tenantmesh_proto::auth::v1::CreateUserRequest;
+    let mut cluster = Cluster::start().await;
+    cluster.start_onboarding(&[]).await;
+    let tenant = unique_tenant("audit-users");
+    cluster.register(&tenant, "standard").await;
+    cluster.until_succeeded(&format!("{tenant}/onboard")).await;
+    let mut before = 1; // its admin
+    for round in 0..3 {
+        let token = cluster.tenant_token(&tenant).await;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let creator = {
+            let (stop, auth, tenant) = (stop.clone(), cluster.auth(), tenant.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let req = CreateUserRequest {
+                        tenant_id: tenant.clone(),
+                        email: format!("u{round}-{n}@{tenant}.example"),
+                        password: "a-user-password-123".into(),
+                        ..Default::default()
+                    };
+                    let _ = auth.clone().create_user(authed(req, &token)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500 + 150 * round)).await;
+        cluster.kill_9("auth");
+        stop.store(true, Ordering::Relaxed);
+        creator.await.unwrap();
+        cluster.spawn("auth", "auth", cluster.ports["auth"], &[]).await;
+        let created = cluster.audit_actions("auth", &tenant).await.iter().filter(|a| *a == "user.create").count();
+        let list = ListUsersRequest { tenant_id: tenant.clone(), page_size: 1000, ..Default::default() };
+        let users = cluster.auth().list_users(authed(list, &cluster.admin().await)).await.unwrap().into_inner();
+        assert!(users.next_page_token.is_empty());
+        assert_eq!(created, users.users.len(), "round {round}: one event per user");
+        assert!(created > before, "round {round}: no user was created before the kill");
+        before = created;
+        cluster.assert_chain_holds("auth", &tenant).await;
     }
 }
 
