@@ -95,22 +95,58 @@ impl Auditor {
     /// (RPC path, action): an event on the caller's own tenant's chain (the
     /// refused request's body, which names its target, is not read),
     /// recorded in the background.
+    ///
+    /// A refused call costs its caller no admission (refusals come first),
+    /// so a flood of them must not become a flood of writes: at most
+    /// [`REFUSALS_IN_FLIGHT`] are being recorded at once; one refused while
+    /// they are is counted instead, and the next one recorded says how many
+    /// went uncounted one by one (never silently dropped).
     pub fn refusals(&self, actions: &'static [(&'static str, &'static str)]) -> OnRefusal {
         let auditor = self.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(REFUSALS_IN_FLIGHT));
+        let unrecorded = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Arc::new(move |ctx: &TenantContext, path: &str, status: &Status| {
+            use std::sync::atomic::Ordering::Relaxed;
             let Some((_, action)) = actions.iter().find(|(p, _)| *p == path) else { return };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if unrecorded.fetch_add(1, Relaxed) == 0 {
+                    tracing::warn!(
+                        security_event = "refusal_flood",
+                        tenant_id = %ctx.tenant_id,
+                        subject = %ctx.subject,
+                        "refused calls come faster than the audit log records them: counted, recorded in summary"
+                    );
+                }
+                return;
+            };
             let caller = Caller {
                 actor: actor(ctx),
                 trace_id: tenantmesh_telemetry::current_trace_id().unwrap_or_default(),
                 ..Default::default()
             };
-            let (auditor, status, tenant) = (auditor.clone(), status.clone(), ctx.tenant_id.to_string());
+            let missed = unrecorded.swap(0, Relaxed);
+            let status = match missed {
+                0 => status.clone(),
+                n => Status::new(
+                    status.code(),
+                    format!(
+                        "{} (and {n} more refused attempts, on this service, not recorded one by one)",
+                        status.message()
+                    ),
+                ),
+            };
+            let (auditor, tenant) = (auditor.clone(), ctx.tenant_id.to_string());
             tenantmesh_telemetry::spawn(async move {
                 auditor.attempted(&caller, &tenant, action, String::new(), &status).await;
+                drop(slot);
             });
         })
     }
 }
+
+/// Refused calls being recorded at once by one service (see
+/// [`Auditor::refusals`]).
+pub const REFUSALS_IN_FLIGHT: usize = 16;
 
 /// How many days a tenant's audit events are kept, as the service can
 /// tell from the tenant's tier.
@@ -320,4 +356,55 @@ fn export_pages(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Role;
+
+    /// A burst of refused calls: some recorded one by one, the rest counted
+    /// and named by the next one recorded; none lost.
+    #[tokio::test]
+    async fn a_flood_of_refusals_is_recorded_in_summary_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: tenantmesh_storage::DynTable =
+            Arc::new(tenantmesh_storage::EmbeddedTable::open(dir.path().join("t.redb")).unwrap());
+        let auditor = Auditor::new(AuditLog::new(store, "registry"));
+        const PATH: &str = "/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus";
+        let tell = auditor.refusals(&[(PATH, "tenant.status")]);
+        let ctx = TenantContext {
+            tenant_id: "acme".into(),
+            subject: "u-1".into(),
+            roles: [Role::TenantUser].into(),
+            ..Default::default()
+        };
+        let denied = Status::permission_denied("caller's role may not call this rpc");
+        for _ in 0..200 {
+            tell(&ctx, PATH, &denied);
+        }
+        // Another path is not audited at all.
+        tell(&ctx, "/tenantmesh.registry.v1.TenantRegistry/GetTenant", &denied);
+        let recorded = |n: usize| {
+            let log = auditor.log.clone();
+            async move {
+                for _ in 0..200 {
+                    let (events, _) = log.list("acme", 0, 1000, 1000, |_| true).await.unwrap();
+                    if events.len() >= n {
+                        return events;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                panic!("fewer than {n} events recorded");
+            }
+        };
+        let first = recorded(REFUSALS_IN_FLIGHT).await;
+        assert_eq!(first.len(), REFUSALS_IN_FLIGHT, "the burst: as many as there are slots");
+        tell(&ctx, PATH, &denied);
+        let all = recorded(REFUSALS_IN_FLIGHT + 1).await;
+        let summary = &all.last().unwrap().error;
+        let missed = 200 - REFUSALS_IN_FLIGHT;
+        assert!(summary.contains(&format!("and {missed} more refused attempts")), "{summary}");
+        assert!(all.iter().all(|e| e.outcome() == Outcome::Denied && e.action == "tenant.status"));
+    }
 }
