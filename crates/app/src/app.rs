@@ -272,7 +272,13 @@ impl App {
                     None
                 }
             };
-            let authn = Authenticator::remote(&self.common)?.with_policies(Arc::new(policies));
+            let mut authn = Authenticator::remote(&self.common)?.with_policies(Arc::new(policies));
+            let shares = crate::replicas::rate_shares(&self.storage, &self.common, &self.name, self.silo_tenant.is_some())
+                .await
+                .map_err(|e| AppError::Storage(format!("the replicas' leases: {e}")))?;
+            if let Some(shares) = shares {
+                authn = authn.with_rate_shares(shares);
+            }
             let mut tables = Tables::new(&self.name, &self.storage.table_prefix, self.common.tiers.clone());
             for table in &self.tables {
                 let pooled = format!("{}-{table}", self.name);

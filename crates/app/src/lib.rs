@@ -7,7 +7,8 @@
 //!   mesh's issuer (or the tenant's own identity provider), checked against
 //!   the policy its RPC declares in the service's proto
 //!   (`tenantmesh.options.v1.policy`: roles, scopes, charge, meter), held
-//!   to its tenant's rate and in-flight limits and fair-queue share, and
+//!   to its tenant's rate and in-flight limits and fair-queue share (on
+//!   DynamoDB shared across the service's replicas, [`replicas`]), and
 //!   traced and logged with its tenant. An RPC without a policy stops the
 //!   service at start-up ([`AppError::Policies`] names it).
 //! - **Metering**: each call of an RPC that declares `METER_USAGE` is
@@ -71,6 +72,7 @@ pub mod history;
 mod lifecycle;
 mod metering;
 pub mod quota;
+pub mod replicas;
 pub mod silo;
 mod tables;
 mod upkeep;

@@ -12,6 +12,12 @@
 //! is not retried (the caller's condition decides), and nothing of it, the
 //! event included, is written. So a change and its event are committed
 //! together or not at all, whatever kills the process when.
+//!
+//! A tenant's first event also lists the tenant under `_audit_chains`
+//! (how the purge finds the chains). A purge deletes the oldest events in
+//! batches, each batch in one transaction with the chain's floor
+//! (`~floor`: the first kept sequence and the hash it links to), so the
+//! chain verifies from its floor on, and then records itself as an event.
 
 use aws_lc_rs::digest;
 use prost::Message as _;

@@ -25,31 +25,8 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn TenantStores>, Box<dy
     config.storage.tenant_stores(&config.common, "data").await
 }
 
-/// On DynamoDB, where the shared data service may run as several replicas,
-/// each tenant's limits are held across them: leases of each replica's
-/// share in the `leases` table (see `tenantmesh_admission::leases`). On the
-/// embedded store there is one process; a silo instance serves one tenant
-/// behind the shared service, which already holds that tenant's limits.
-async fn rate_shares(
-    config: &Config,
-) -> Result<Option<Arc<tenantmesh_admission::leases::RateShares>>, Box<dyn std::error::Error + Send + Sync>> {
-    if config.storage.backend != tenantmesh_isolation::backend::Backend::DynamoDb
-        || config.silo_tenant.is_some()
-        || !config.common.limits
-    {
-        return Ok(None);
-    }
-    let table = config.storage.open_table(&config.common, LEASES_TABLE).await?;
-    tracing::info!(
-        table = %config.storage.table_name(LEASES_TABLE),
-        interval_ms = config.common.lease_interval.as_millis() as u64,
-        "tenants' limits are shared with the other data-service replicas"
-    );
-    Ok(Some(tenantmesh_admission::leases::RateShares::start(table, "data", config.common.lease_interval)))
-}
-
 /// The table of the replicas' heartbeats and leases (`<prefix>leases`).
-pub const LEASES_TABLE: &str = "leases";
+pub use tenantmesh_app::replicas::LEASES_TABLE;
 
 /// Runs the data service (and its DataAdmin) on `listener` until
 /// `shutdown` completes.
@@ -71,7 +48,14 @@ pub async fn serve(
             directory: authn.directory(),
             tiers: config.common.tiers.clone(),
         });
-        if let Some(shares) = rate_shares(&config).await? {
+        let shares = tenantmesh_app::replicas::rate_shares(
+            &config.storage,
+            &config.common,
+            "data",
+            config.silo_tenant.is_some(),
+        )
+        .await?;
+        if let Some(shares) = shares {
             authn = authn.with_rate_shares(shares);
         }
         if let Some(t) = &config.silo_tenant {
