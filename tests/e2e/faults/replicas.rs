@@ -1,7 +1,8 @@
 //! A tenant's limits hold for the tenant as a whole, however many replicas
-//! of the data service serve it: three data-service processes on the
-//! DynamoDB emulator share one tenant's rate through leases of each
-//! replica's share (`tenantmesh_admission::leases`). Always on the emulator
+//! of the data service (or of an application service) serve it: three
+//! data-service processes on the DynamoDB emulator share one tenant's rate
+//! through leases of each replica's share (`tenantmesh_admission::leases`),
+//! and two replicas of the example application likewise. Always on the emulator
 //! (the embedded store is one process), so it runs in the embedded pass only.
 
 use std::sync::Arc;
@@ -208,4 +209,80 @@ async fn a_killed_data_service_loses_at_most_one_flush_of_usage() {
         "graceful stop after {more} writes"
     );
     mesh.shutdown().await;
+}
+
+/// An application service built on the crate shares a tenant's rate
+/// across its replicas as the data service does: two replicas of the
+/// example, each offered three quarters of the tenant's rate, together
+/// admit the rate (without the leases each would admit it whole: 1.5
+/// times in all).
+#[tokio::test]
+async fn a_tenants_rate_holds_across_two_replicas_of_an_application() {
+    use tenantmesh_orders::proto::GetOrderRequest;
+    use tenantmesh_orders::proto::orders_client::OrdersClient;
+    let lease = [("TENANTMESH_LEASE_INTERVAL_MS", "500")];
+    let mesh = TestMesh::start_with_env(TestBackend::DynamoDb, &lease).await;
+    let admin = mesh.admin_token().await;
+    let acme = mesh.onboard(&unique_tenant("acme-app")).await;
+    let limits =
+        TenantLimits { requests_per_second: RATE, burst: RATE / 2, max_concurrency: 100, storage_quota_bytes: 1 << 30 };
+    let req = SetTenantLimitsRequest { tenant_id: acme.tenant_id.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    let settings = [
+        ("TENANTMESH_LEASE_INTERVAL_MS", "500"),
+        ("TENANTMESH_SERVICE_CLIENT_ID", "orders"),
+        ("TENANTMESH_SERVICE_CLIENT_SECRET", TEST_CLIENT_SECRET),
+    ];
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(mesh.spawn_replica("orders", &settings).await);
+    }
+    let counts: Vec<Arc<Counts>> = (0..2).map(|_| Arc::new(Counts::default())).collect();
+    let per_replica = RATE * 3 / 4;
+    let load: Vec<_> = replicas
+        .iter()
+        .zip(&counts)
+        .map(|(r, counts)| {
+            let (orders, token, counts) = (OrdersClient::new(r.channel()), acme.token.clone(), counts.clone());
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let mut ticks = tokio::time::interval(Duration::from_secs(1) / per_replica);
+                let mut calls = Vec::new();
+                loop {
+                    let sent = ticks.tick().await;
+                    if sent >= start + WARM_UP + MEASURED {
+                        break;
+                    }
+                    let measured = sent >= start + WARM_UP;
+                    let (mut orders, token, counts) = (orders.clone(), token.clone(), counts.clone());
+                    calls.push(tokio::spawn(async move {
+                        let req = authed(GetOrderRequest { order_id: "none".into() }, &token);
+                        let counted = match orders.get_order(req).await {
+                            // Not found is served: it passed admission.
+                            Err(s) if s.code() == Code::ResourceExhausted => &counts.refused,
+                            Ok(_) => &counts.admitted,
+                            Err(s) if s.code() == Code::NotFound => &counts.admitted,
+                            Err(s) => panic!("neither served nor refused for the rate: {s:?}"),
+                        };
+                        if measured {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }));
+                }
+                for c in calls {
+                    c.await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for l in load {
+        l.await.unwrap();
+    }
+    let admitted: u32 = counts.iter().map(|c| c.admitted.load(Ordering::Relaxed)).sum();
+    let refused: u32 = counts.iter().map(|c| c.refused.load(Ordering::Relaxed)).sum();
+    let rate = f64::from(admitted) / MEASURED.as_secs_f64();
+    let summary = format!("admitted {admitted}, refused {refused}: {rate:.1}/s of {RATE}/s");
+    eprintln!("{summary}");
+    assert!((rate - f64::from(RATE)).abs() <= f64::from(RATE) * 0.15, "{summary}");
+    assert!(refused > 0, "{summary}");
 }
