@@ -32,11 +32,40 @@ pub struct BackupService {
     /// On DynamoDB there is nothing here to copy: its point-in-time
     /// recovery covers the tables.
     embedded: bool,
+    /// Where each backup taken (or refused) is recorded, and who asked.
+    audit: Option<(crate::audit::AuditLog, CallerOf)>,
 }
+
+/// Who made a backup request (from its verified context), for the audit log.
+pub type CallerOf = std::sync::Arc<dyn Fn(&Request<TakeBackupRequest>) -> Option<crate::audit::Caller> + Send + Sync>;
 
 impl BackupService {
     pub fn new(data_dir: PathBuf, embedded: bool) -> Self {
-        Self { data_dir, embedded }
+        Self { data_dir, embedded, audit: None }
+    }
+
+    /// Records each backup taken, or refused, in `log` (the platform's
+    /// chain, `backup.take`), as the caller `caller_of` names.
+    pub fn with_audit(mut self, log: crate::audit::AuditLog, caller_of: CallerOf) -> Self {
+        self.audit = Some((log, caller_of));
+        self
+    }
+
+    /// Records the backup `request` asked for: taken (`after`) or not (`error`).
+    async fn record(&self, request: &Request<TakeBackupRequest>, outcome: Result<String, &Status>) {
+        let Some((log, caller_of)) = &self.audit else { return };
+        let caller = caller_of(request).unwrap_or_default();
+        let mut event = caller.event("platform", "backup.take", "backup".into());
+        match outcome {
+            Ok(after) => event.after = after,
+            Err(status) => {
+                event.outcome = tenantmesh_proto::audit::v1::Outcome::Failed as i32;
+                event.error = format!("{:?}: {}", status.code(), status.message());
+            }
+        }
+        if let Err(e) = log.record(event).await {
+            tracing::error!(error = %e, "a backup could not be recorded in the audit log");
+        }
     }
 }
 
@@ -53,7 +82,22 @@ impl Drop for Staging {
 impl Backup for BackupService {
     type TakeBackupStream = tokio_stream::wrappers::ReceiverStream<Result<TakeBackupResponse, Status>>;
 
-    async fn take_backup(&self, _req: Request<TakeBackupRequest>) -> Result<Response<Self::TakeBackupStream>, Status> {
+    async fn take_backup(&self, req: Request<TakeBackupRequest>) -> Result<Response<Self::TakeBackupStream>, Status> {
+        let taken = self.take_backup_of(&req).await;
+        match &taken {
+            Ok((_, files, bytes)) => self.record(&req, Ok(format!("{files} files, {bytes} bytes"))).await,
+            Err(status) => self.record(&req, Err(status)).await,
+        }
+        taken.map(|(stream, _, _)| stream)
+    }
+}
+
+impl BackupService {
+    /// The backup: its stream, and how many files and bytes it holds.
+    async fn take_backup_of(
+        &self,
+        _req: &Request<TakeBackupRequest>,
+    ) -> Result<(Response<<Self as Backup>::TakeBackupStream>, usize, u64), Status> {
         if !self.embedded {
             return Err(Status::failed_precondition(
                 "backups are of the embedded store; on DynamoDB use its point-in-time recovery (on for every table)",
@@ -72,6 +116,7 @@ impl Backup for BackupService {
                 Status::unavailable(format!("backup failed: {e}"))
             })?;
         let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+        let files = manifest.files.len();
         tracing::info!(
             files = manifest.files.len(),
             bytes,
@@ -111,7 +156,7 @@ impl Backup for BackupService {
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok((Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)), files, bytes))
     }
 }
 

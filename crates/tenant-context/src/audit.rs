@@ -144,6 +144,23 @@ impl Auditor {
     }
 }
 
+impl Auditor {
+    /// The `Backup` service of a process whose stores are under
+    /// `data_dir`, each backup taken (or refused) recorded in this log, by
+    /// its caller.
+    pub fn backup_server(
+        &self,
+        data_dir: std::path::PathBuf,
+        embedded: bool,
+    ) -> tenantmesh_proto::backup::v1::backup_server::BackupServer<tenantmesh_service::backup::BackupService> {
+        let caller_of: tenantmesh_service::backup::CallerOf =
+            Arc::new(|request| TenantContext::from_request(request).ok().map(|ctx| caller(request, ctx)));
+        let service =
+            tenantmesh_service::backup::BackupService::new(data_dir, embedded).with_audit(self.log.clone(), caller_of);
+        tenantmesh_proto::backup::v1::backup_server::BackupServer::new(service)
+    }
+}
+
 /// Refused calls being recorded at once by one service (see
 /// [`Auditor::refusals`]).
 pub const REFUSALS_IN_FLIGHT: usize = 16;

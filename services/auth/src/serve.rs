@@ -39,7 +39,7 @@ pub async fn serve(
                 tracing::info!(client_id = %id, scopes = %scopes.join("+"), tenants = ?client.grant.tenants, "service client");
             }
         }
-        let backup = tenantmesh_service::backup::server(
+        let (data_dir, embedded) = (
             config.common.data_dir.clone(),
             config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded,
         );
@@ -82,6 +82,7 @@ pub async fn serve(
         let authn =
             Authenticator::new(Arc::new(verifier), directory).with_admission(&common).with_refusals(service.refusals());
         let audit = AuditServer::new(service.audit_service());
+        let backup = service.backup_server(data_dir, embedded);
         let purging = service.sweep_audit(common.audit_sweep);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(AuthServer::new(service)))
             .add_service(tenantmesh_service::sized!(audit))

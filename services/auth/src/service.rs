@@ -302,6 +302,15 @@ impl AuthService {
         self.inner.auditor.sweep(retention, every)
     }
 
+    /// The `Backup` service, each backup recorded in the auth service's log.
+    pub fn backup_server(
+        &self,
+        data_dir: std::path::PathBuf,
+        embedded: bool,
+    ) -> tenantmesh_proto::backup::v1::backup_server::BackupServer<tenantmesh_service::backup::BackupService> {
+        self.inner.auditor.backup_server(data_dir, embedded)
+    }
+
     /// The `Audit` service over the auth service's log.
     pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
         tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)

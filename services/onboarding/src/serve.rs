@@ -59,9 +59,10 @@ pub async fn serve(
         let authn = Authenticator::remote(&config.common)?.with_refusals(service.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
         let audit = tenantmesh_proto::audit::v1::audit_server::AuditServer::new(service.audit_service());
+        let backup = service.backup_server(config.common.data_dir.clone(), embedded);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(OnboardingServer::new(service)))
             .add_service(tenantmesh_service::sized!(audit))
-            .add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
+            .add_service(backup);
         let names = [
             tenantmesh_proto::onboarding::v1::onboarding_server::SERVICE_NAME,
             tenantmesh_proto::audit::v1::audit_server::SERVICE_NAME,

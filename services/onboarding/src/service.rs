@@ -163,6 +163,15 @@ impl OnboardingService {
         self.inner.auditor.sweep(retention, every)
     }
 
+    /// The `Backup` service, each backup recorded in onboarding's log.
+    pub fn backup_server(
+        &self,
+        data_dir: std::path::PathBuf,
+        embedded: bool,
+    ) -> tenantmesh_proto::backup::v1::backup_server::BackupServer<tenantmesh_service::backup::BackupService> {
+        self.inner.auditor.backup_server(data_dir, embedded)
+    }
+
     /// The `Audit` service over the onboarding service's log.
     pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
         tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)

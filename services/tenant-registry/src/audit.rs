@@ -113,6 +113,15 @@ impl Registry {
         self.auditor.sweep(retention, every)
     }
 
+    /// The `Backup` service, each backup recorded in the registry's log.
+    pub fn backup_server(
+        &self,
+        data_dir: std::path::PathBuf,
+        embedded: bool,
+    ) -> tenantmesh_proto::backup::v1::backup_server::BackupServer<tenantmesh_service::backup::BackupService> {
+        self.auditor.backup_server(data_dir, embedded)
+    }
+
     /// The `Audit` service over the registry's log.
     pub fn audit_service(&self) -> AuditService {
         AuditService::new(&self.auditor)

@@ -41,10 +41,11 @@ pub async fn serve(
             .with_refusals(registry.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
         let audit = AuditServer::new(registry.audit_service());
+        let backup = registry.backup_server(config.common.data_dir.clone(), embedded);
         let purging = registry.sweep_audit(config.common.audit_sweep);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(TenantRegistryServer::new(registry)))
             .add_service(tenantmesh_service::sized!(audit))
-            .add_service(tenantmesh_service::backup::server(config.common.data_dir.clone(), embedded));
+            .add_service(backup);
         let names = [
             tenantmesh_proto::registry::v1::tenant_registry_server::SERVICE_NAME,
             tenantmesh_proto::audit::v1::audit_server::SERVICE_NAME,

@@ -132,6 +132,29 @@ async fn users_keys_and_workflows_have_one_event_where_they_change() {
     assert!(workflows.iter().take(3).all(|e| e.target.starts_with(&format!("workflow/{}/", t.tenant_id))));
     assert!(workflows.iter().all(|e| e.actor.as_ref().unwrap().roles == ["platform_admin"]));
 
+    // A backup of the registry's store: recorded on its platform chain, by
+    // the operator (refused on DynamoDB, whose PITR backs it: recorded so).
+    let mut backup =
+        tenantmesh_proto::backup::v1::backup_client::BackupClient::new(TestMesh::channel(mesh.addrs.registry));
+    let taken = match backup.take_backup(authed(tenantmesh_proto::backup::v1::TakeBackupRequest {}, &admin)).await {
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            while stream.message().await.unwrap().is_some() {}
+            Outcome::Succeeded
+        }
+        Err(s) => {
+            assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+            Outcome::Failed
+        }
+    };
+    let platform = events(mesh.addrs.registry, "platform", &admin).await;
+    let recorded = platform.iter().rev().find(|e| e.action == "backup.take").expect("the backup is recorded");
+    assert_eq!(recorded.outcome(), taken, "{recorded:?}");
+    assert_eq!(recorded.actor.as_ref().unwrap().roles, ["platform_admin"]);
+    if taken == Outcome::Succeeded {
+        assert!(recorded.after.contains(" files, ") && recorded.after.ends_with(" bytes"), "{recorded:?}");
+    }
+
     // Every chain holds; no event holds a secret.
     for addr in [mesh.addrs.registry, auth, onboarding] {
         for (tenant, token) in [(&t.tenant_id, &t.token), (&"platform".to_owned(), &admin)] {
