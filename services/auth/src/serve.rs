@@ -11,6 +11,7 @@ use tenantmesh_proto::audit::v1::audit_server::AuditServer;
 use tenantmesh_proto::auth::v1::auth_server::AuthServer;
 use tenantmesh_storage::DynTable;
 use tenantmesh_telemetry::Service;
+use tenantmesh_tenant_context::audit::AuditService;
 use tenantmesh_tenant_context::directory::{RemoteDirectory, TenantDirectory};
 use tenantmesh_tenant_context::server::{self, Authenticator};
 use tenantmesh_tenant_context::verify::TokenVerifier;
@@ -81,8 +82,8 @@ pub async fn serve(
         let verifier = TokenVerifier::new(service.keys(), &issuer, &audience).with_cache_capacity(tokens);
         let authn =
             Authenticator::new(Arc::new(verifier), directory).with_admission(&common).with_refusals(service.refusals());
-        let audit = AuditServer::new(service.audit_service());
-        let backup = service.backup_server(data_dir, embedded);
+        let audit = AuditServer::new(AuditService::new(service.auditor()));
+        let backup = service.auditor().backup_server(data_dir, embedded);
         let purging = service.sweep_audit(common.audit_sweep);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(AuthServer::new(service)))
             .add_service(tenantmesh_service::sized!(audit))

@@ -302,18 +302,9 @@ impl AuthService {
         self.inner.auditor.sweep(retention, every)
     }
 
-    /// The `Backup` service, each backup recorded in the auth service's log.
-    pub fn backup_server(
-        &self,
-        data_dir: std::path::PathBuf,
-        embedded: bool,
-    ) -> tenantmesh_proto::backup::v1::backup_server::BackupServer<tenantmesh_service::backup::BackupService> {
-        self.inner.auditor.backup_server(data_dir, embedded)
-    }
-
-    /// The `Audit` service over the auth service's log.
-    pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
-        tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)
+    /// The auth service's audit log (its `Audit` and `Backup` services).
+    pub fn auditor(&self) -> &Auditor {
+        &self.inner.auditor
     }
 
     /// Where a generated bootstrap password is written.

@@ -58,8 +58,9 @@ pub async fn serve(
         let purging = service.sweep_audit(config.common.audit_sweep);
         let authn = Authenticator::remote(&config.common)?.with_refusals(service.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-        let audit = tenantmesh_proto::audit::v1::audit_server::AuditServer::new(service.audit_service());
-        let backup = service.backup_server(config.common.data_dir.clone(), embedded);
+        let audit = tenantmesh_tenant_context::audit::AuditService::new(service.auditor());
+        let audit = tenantmesh_proto::audit::v1::audit_server::AuditServer::new(audit);
+        let backup = service.auditor().backup_server(config.common.data_dir.clone(), embedded);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(OnboardingServer::new(service)))
             .add_service(tenantmesh_service::sized!(audit))
             .add_service(backup);

@@ -163,18 +163,9 @@ impl OnboardingService {
         self.inner.auditor.sweep(retention, every)
     }
 
-    /// The `Backup` service, each backup recorded in onboarding's log.
-    pub fn backup_server(
-        &self,
-        data_dir: std::path::PathBuf,
-        embedded: bool,
-    ) -> tenantmesh_proto::backup::v1::backup_server::BackupServer<tenantmesh_service::backup::BackupService> {
-        self.inner.auditor.backup_server(data_dir, embedded)
-    }
-
-    /// The `Audit` service over the onboarding service's log.
-    pub fn audit_service(&self) -> tenantmesh_tenant_context::audit::AuditService {
-        tenantmesh_tenant_context::audit::AuditService::new(&self.inner.auditor)
+    /// Onboarding's audit log (its `Audit` and `Backup` services).
+    pub fn auditor(&self) -> &tenantmesh_tenant_context::audit::Auditor {
+        &self.inner.auditor
     }
 
     /// Resumes every workflow left RUNNING (by a crash or a shutdown).

@@ -6,7 +6,6 @@
 use tenantmesh_proto::registry::v1::Tenant;
 use tenantmesh_service::audit::Caller;
 use tenantmesh_tenant_context::TenantContext;
-use tenantmesh_tenant_context::audit::AuditService;
 
 use crate::registry::Registry;
 
@@ -113,17 +112,8 @@ impl Registry {
         self.auditor.sweep(retention, every)
     }
 
-    /// The `Backup` service, each backup recorded in the registry's log.
-    pub fn backup_server(
-        &self,
-        data_dir: std::path::PathBuf,
-        embedded: bool,
-    ) -> tenantmesh_proto::backup::v1::backup_server::BackupServer<tenantmesh_service::backup::BackupService> {
-        self.auditor.backup_server(data_dir, embedded)
-    }
-
-    /// The `Audit` service over the registry's log.
-    pub fn audit_service(&self) -> AuditService {
-        AuditService::new(&self.auditor)
+    /// The registry's audit log (its `Audit` and `Backup` services).
+    pub fn auditor(&self) -> &tenantmesh_tenant_context::audit::Auditor {
+        &self.auditor
     }
 }

@@ -40,8 +40,8 @@ pub async fn serve(
             .with_admission(&config.common)
             .with_refusals(registry.refusals());
         let embedded = config.storage.backend == tenantmesh_isolation::backend::Backend::Embedded;
-        let audit = AuditServer::new(registry.audit_service());
-        let backup = registry.backup_server(config.common.data_dir.clone(), embedded);
+        let audit = AuditServer::new(tenantmesh_tenant_context::audit::AuditService::new(registry.auditor()));
+        let backup = registry.auditor().backup_server(config.common.data_dir.clone(), embedded);
         let purging = registry.sweep_audit(config.common.audit_sweep);
         let routes = tonic::service::Routes::new(tenantmesh_service::sized!(TenantRegistryServer::new(registry)))
             .add_service(tenantmesh_service::sized!(audit))

@@ -19,6 +19,22 @@ const RATE: u32 = 40;
 const WARM_UP: Duration = Duration::from_secs(4);
 const MEASURED: Duration = Duration::from_secs(8);
 
+/// Leases renewed twice a second (the default is every two seconds).
+const LEASE: (&str, &str) = ("TENANTMESH_LEASE_INTERVAL_MS", "500");
+
+/// A mesh on the emulator with leases renewed every half second, and a
+/// tenant limited to `RATE` calls a second.
+async fn limited_tenant(name: &str) -> (TestMesh, TestTenant) {
+    let mesh = TestMesh::start_with_env(TestBackend::DynamoDb, &[LEASE]).await;
+    let admin = mesh.admin_token().await;
+    let tenant = mesh.onboard(&unique_tenant(name)).await;
+    let limits =
+        TenantLimits { requests_per_second: RATE, burst: RATE / 2, max_concurrency: 100, storage_quota_bytes: 1 << 30 };
+    let req = SetTenantLimitsRequest { tenant_id: tenant.tenant_id.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    (mesh, tenant)
+}
+
 /// Admitted and refused calls sent within the measured window.
 #[derive(Default)]
 struct Counts {
@@ -66,14 +82,8 @@ async fn offer(data: DataClient<tonic::transport::Channel>, token: String, per_s
 /// each, about 0.6 times; the quieter replicas are (nearly) never refused.
 #[tokio::test]
 async fn a_tenants_rate_holds_across_three_data_service_replicas() {
-    let lease = [("TENANTMESH_LEASE_INTERVAL_MS", "500")];
-    let mesh = TestMesh::start_with_env(TestBackend::DynamoDb, &lease).await;
-    let admin = mesh.admin_token().await;
-    let acme = mesh.onboard(&unique_tenant("acme")).await;
-    let limits =
-        TenantLimits { requests_per_second: RATE, burst: RATE / 2, max_concurrency: 100, storage_quota_bytes: 1 << 30 };
-    let req = SetTenantLimitsRequest { tenant_id: acme.tenant_id.clone(), limits: Some(limits) };
-    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
+    let (mesh, acme) = limited_tenant("acme").await;
+    let lease = [LEASE];
 
     let mut replicas = Vec::new();
     for _ in 0..3 {
@@ -220,19 +230,9 @@ async fn a_killed_data_service_loses_at_most_one_flush_of_usage() {
 async fn a_tenants_rate_holds_across_two_replicas_of_an_application() {
     use tenantmesh_orders::proto::GetOrderRequest;
     use tenantmesh_orders::proto::orders_client::OrdersClient;
-    let lease = [("TENANTMESH_LEASE_INTERVAL_MS", "500")];
-    let mesh = TestMesh::start_with_env(TestBackend::DynamoDb, &lease).await;
-    let admin = mesh.admin_token().await;
-    let acme = mesh.onboard(&unique_tenant("acme-app")).await;
-    let limits =
-        TenantLimits { requests_per_second: RATE, burst: RATE / 2, max_concurrency: 100, storage_quota_bytes: 1 << 30 };
-    let req = SetTenantLimitsRequest { tenant_id: acme.tenant_id.clone(), limits: Some(limits) };
-    mesh.registry().set_tenant_limits(authed(req, &admin)).await.unwrap();
-    let settings = [
-        ("TENANTMESH_LEASE_INTERVAL_MS", "500"),
-        ("TENANTMESH_SERVICE_CLIENT_ID", "orders"),
-        ("TENANTMESH_SERVICE_CLIENT_SECRET", TEST_CLIENT_SECRET),
-    ];
+    let (mesh, acme) = limited_tenant("acme-app").await;
+    let settings =
+        [LEASE, ("TENANTMESH_SERVICE_CLIENT_ID", "orders"), ("TENANTMESH_SERVICE_CLIENT_SECRET", TEST_CLIENT_SECRET)];
     let mut replicas = Vec::new();
     for _ in 0..2 {
         replicas.push(mesh.spawn_replica("orders", &settings).await);
