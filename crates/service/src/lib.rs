@@ -16,6 +16,7 @@ pub mod audit;
 pub mod backup;
 pub mod clock;
 pub mod config;
+pub mod entitlements;
 pub mod errors;
 pub mod handled;
 pub mod health;

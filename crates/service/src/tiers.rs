@@ -54,6 +54,10 @@ pub struct Tier {
     /// ones are purged, the purge itself recorded.
     #[serde(default = "year")]
     pub audit_retention_days: u32,
+    /// What the tier's plan includes (`[tier.entitlements]`; absent:
+    /// everything, no cap). See [`crate::entitlements`].
+    #[serde(default)]
+    pub entitlements: crate::entitlements::Plan,
 }
 
 fn year() -> u32 {
@@ -170,6 +174,9 @@ impl Tiers {
                 || t.history_quota_multiple == 0
             {
                 return Err(err(format!("tier {:?}: every limit must be above 0", t.name)));
+            }
+            if t.entitlements.max_users == Some(0) {
+                return Err(err(format!("tier {:?}: entitlements.max_users must be at least 1 (its admin)", t.name)));
             }
         }
         Ok(Self { tiers: file.tier })

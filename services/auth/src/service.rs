@@ -405,15 +405,31 @@ impl Auth for AuthService {
                     return Err(AuthError::HashNotAllowed.into());
                 }
                 ctx.authorize_tenant(&req.tenant_id)?;
-                if *ctx.tenant_id != *req.tenant_id {
-                    // Platform callers: the target tenant must exist.
+                // The target tenant's tier: the caller's own (a tenant admin),
+                // or as the registry has it (platform callers; it must exist).
+                let tier: std::sync::Arc<str> = if *ctx.tenant_id != *req.tenant_id {
                     match self.inner.directory.lookup(&req.tenant_id, &ctx.token, None).await? {
                         None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
                         Some(info) if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted => {
                             return Err(AuthError::TenantDeleted(req.tenant_id).into());
                         }
-                        Some(_) => {}
+                        Some(info) => info.tier.clone(),
                     }
+                } else {
+                    ctx.tier().into()
+                };
+                // What the tier's plan includes: at most max_users users.
+                if let Some(plan) = self.inner.config.common.tiers.get(&tier).map(|t| &t.entitlements)
+                    && let Some(max) = plan.max_users
+                {
+                    let query = tenantmesh_storage::Query {
+                        pk: req.tenant_id.clone(),
+                        sk_prefix: "user#".into(),
+                        start_after: None,
+                        limit: usize::try_from(max).unwrap_or(usize::MAX).min(10_000),
+                    };
+                    let users = self.inner.store.query(query).await.map_err(AuthError::from)?.items.len() as u64;
+                    plan.check_users(&req.tenant_id, &tier, users)?;
                 }
                 roles.sort_by_key(|r| *r as u8);
                 roles.dedup();

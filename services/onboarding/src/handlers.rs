@@ -419,6 +419,12 @@ impl Onboarding for OnboardingService {
                 .tiers
                 .get(&tenant.tier)
                 .ok_or_else(|| OnboardingError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
+            // What the tier's plan includes, whoever asks.
+            use tenantmesh_service::entitlements::Feature;
+            tier.entitlements.check(Feature::Restore, &tenant.tier)?;
+            if export {
+                tier.entitlements.check(Feature::Export, &tenant.tier)?;
+            }
             if !ctx.has_role(Role::PlatformAdmin) && !tier.tenant_restore {
                 return Err(Status::permission_denied(format!(
                     "tier {} does not let a tenant restore itself (tenant_restore); ask a platform admin",

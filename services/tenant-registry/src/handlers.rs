@@ -231,6 +231,15 @@ impl TenantRegistry for Registry {
                 if req.tenant_id == PLATFORM_TENANT {
                     return Err(RegistryError::PlatformTenant("signs in with platform tokens only").into());
                 }
+                // Binding one is what the tier's plan must include (removing one never is).
+                if req.identity_provider.is_some() {
+                    let tenant =
+                        self.get(&req.tenant_id).await?.ok_or(RegistryError::NotFound(req.tenant_id.clone()))?;
+                    if let Some(tier) = self.tiers.get(&tenant.tier) {
+                        use tenantmesh_service::entitlements::Feature;
+                        tier.entitlements.check(Feature::ExternalIdp, &tenant.tier)?;
+                    }
+                }
                 let audited = Audited {
                     caller: &caller,
                     action: "tenant.identity_provider",

@@ -1,0 +1,128 @@
+//! Entitlements: what a tier's plan includes beyond its isolation model
+//! and limits, declared per tier in the tiers file (`[tier.entitlements]`)
+//! and checked in-process where each feature is used, from the tier the
+//! caller's tenant record (cached) names: no call to anyone.
+//!
+//! - `restore`, `export`, `external_idp` (booleans, default granted): a
+//!   restore to an instant, a restore into an export, binding the tenant's
+//!   own identity provider. Refused: PERMISSION_DENIED with a google.rpc
+//!   `ErrorInfo` (reason `FEATURE_NOT_ENTITLED`, the feature named).
+//! - `max_users` (default unlimited): creating a user past it is
+//!   RESOURCE_EXHAUSTED with `ErrorInfo` (reason `ENTITLEMENT_EXHAUSTED`)
+//!   and a `QuotaFailure`.
+
+use serde::Deserialize;
+
+/// The error domain of entitlement refusals.
+pub const DOMAIN: &str = "tenantmesh.io";
+
+/// A tier's plan. Absent from a tier: everything granted, nothing capped.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default = "granted")]
+    pub restore: bool,
+    #[serde(default = "granted")]
+    pub export: bool,
+    #[serde(default = "granted")]
+    pub external_idp: bool,
+    /// At most this many users in a tenant (its admin included).
+    #[serde(default)]
+    pub max_users: Option<u64>,
+}
+
+fn granted() -> bool {
+    true
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self { restore: true, export: true, external_idp: true, max_users: None }
+    }
+}
+
+/// A feature a plan grants or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    Restore,
+    Export,
+    ExternalIdp,
+}
+
+impl Feature {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Restore => "restore",
+            Feature::Export => "export",
+            Feature::ExternalIdp => "external_idp",
+        }
+    }
+}
+
+impl Plan {
+    /// Whether the plan grants `feature`.
+    pub fn grants(&self, feature: Feature) -> bool {
+        match feature {
+            Feature::Restore => self.restore,
+            Feature::Export => self.export,
+            Feature::ExternalIdp => self.external_idp,
+        }
+    }
+
+    /// `Ok` when the plan of `tier` grants `feature`; otherwise the
+    /// refusal (PERMISSION_DENIED, `ErrorInfo` naming the feature).
+    pub fn check(&self, feature: Feature, tier: &str) -> Result<(), tonic::Status> {
+        if self.grants(feature) {
+            return Ok(());
+        }
+        use tonic_types::{ErrorDetails, StatusExt};
+        let metadata = [("feature".to_owned(), feature.as_str().to_owned()), ("tier".to_owned(), tier.to_owned())];
+        let details = ErrorDetails::with_error_info("FEATURE_NOT_ENTITLED", DOMAIN, metadata);
+        Err(tonic::Status::with_error_details(
+            tonic::Code::PermissionDenied,
+            format!("tier {tier} does not include {}: change tier, or ask the operator", feature.as_str()),
+            details,
+        ))
+    }
+
+    /// `Ok` when a tenant with `users` users may have one more; otherwise
+    /// RESOURCE_EXHAUSTED with `ErrorInfo` and a `QuotaFailure`.
+    pub fn check_users(&self, tenant: &str, tier: &str, users: u64) -> Result<(), tonic::Status> {
+        let Some(max) = self.max_users.filter(|max| users >= *max) else { return Ok(()) };
+        use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+        let mut details = ErrorDetails::with_error_info(
+            "ENTITLEMENT_EXHAUSTED",
+            DOMAIN,
+            [("feature".to_owned(), "max_users".to_owned()), ("tier".to_owned(), tier.to_owned())],
+        );
+        details.set_quota_failure(vec![QuotaViolation::new(format!("tenant:{tenant}"), format!("max_users {max}"))]);
+        Err(tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            format!("tier {tier} includes at most {max} users ({users} exist): delete one, or change tier"),
+            details,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn refusals_name_the_feature() {
+        let plan = Plan { restore: false, max_users: Some(2), ..Plan::default() };
+        assert!(plan.check(Feature::Export, "basic").is_ok());
+        let refused = plan.check(Feature::Restore, "basic").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        let info = refused.get_error_details().error_info().cloned().unwrap();
+        assert_eq!((info.reason.as_str(), info.metadata["feature"].as_str()), ("FEATURE_NOT_ENTITLED", "restore"));
+        assert!(plan.check_users("acme", "basic", 1).is_ok());
+        let full = plan.check_users("acme", "basic", 2).unwrap_err();
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        let details = full.get_error_details();
+        assert_eq!(details.error_info().unwrap().metadata["feature"], "max_users");
+        assert_eq!(details.quota_failure().unwrap().violations[0].subject, "tenant:acme");
+        assert!(Plan::default().check_users("acme", "basic", u64::MAX - 1).is_ok(), "unlimited by default");
+    }
+}
