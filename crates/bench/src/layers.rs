@@ -153,6 +153,7 @@ pub async fn serve(
             table: pooled.into(),
             endpoint: String::new(),
         }),
+        entitlement_overrides: Vec::new(),
     };
     let ctx = TenantContext {
         tenant_id: tenant.into(),

@@ -12,6 +12,7 @@
 //!   and a `QuotaFailure`.
 
 use serde::Deserialize;
+use tenantmesh_proto::registry::v1::EntitlementOverride;
 
 /// The error domain of entitlement refusals.
 pub const DOMAIN: &str = "tenantmesh.io";
@@ -59,7 +60,61 @@ impl Feature {
     }
 }
 
+/// Every feature a plan holds, by name.
+pub const FEATURES: [&str; 4] = ["restore", "export", "external_idp", "max_users"];
+
+impl Feature {
+    fn of(name: &str) -> Option<Self> {
+        match name {
+            "restore" => Some(Feature::Restore),
+            "export" => Some(Feature::Export),
+            "external_idp" => Some(Feature::ExternalIdp),
+            _ => None,
+        }
+    }
+}
+
+/// The violations of an override (`field` names it in them).
+pub fn check_override(v: &mut crate::errors::Violations, field: &str, o: &EntitlementOverride) {
+    match o.feature.as_str() {
+        "max_users" => {
+            if o.limit.is_none_or(|l| l == 0) {
+                v.add(&format!("{field}.limit"), "must be at least 1 for max_users");
+            }
+            if o.granted.is_some() {
+                v.add(&format!("{field}.granted"), "is for restore, export and external_idp");
+            }
+        }
+        name if Feature::of(name).is_some() => {
+            if o.granted.is_none() {
+                v.add(&format!("{field}.granted"), format!("is required for {name}"));
+            }
+            if o.limit.is_some() {
+                v.add(&format!("{field}.limit"), "is for max_users");
+            }
+        }
+        _ => {
+            v.add(&format!("{field}.feature"), format!("must be one of {}", FEATURES.join(", ")));
+        }
+    }
+}
+
 impl Plan {
+    /// This plan with a tenant's `overrides` applied.
+    pub fn with(&self, overrides: &[EntitlementOverride]) -> Plan {
+        let mut plan = self.clone();
+        for o in overrides {
+            match (o.feature.as_str(), o.granted, o.limit) {
+                ("restore", Some(g), _) => plan.restore = g,
+                ("export", Some(g), _) => plan.export = g,
+                ("external_idp", Some(g), _) => plan.external_idp = g,
+                ("max_users", _, Some(l)) => plan.max_users = Some(l),
+                _ => {}
+            }
+        }
+        plan
+    }
+
     /// Whether the plan grants `feature`.
     pub fn grants(&self, feature: Feature) -> bool {
         match feature {
@@ -104,6 +159,53 @@ impl Plan {
     }
 }
 
+/// A tenant's entitlements as `GetEntitlements` answers them: the plan of
+/// `tier` with `overrides`, and `users` (how many it has, when counted).
+pub fn listed(
+    tier: &crate::tiers::Tier,
+    overrides: &[EntitlementOverride],
+    users: Option<u64>,
+) -> Vec<tenantmesh_proto::auth::v1::Entitlement> {
+    use tenantmesh_proto::auth::v1::{Entitlement, EntitlementKind, EntitlementSource};
+    let plan = tier.entitlements.with(overrides);
+    let source = |feature: &str| {
+        if overrides.iter().any(|o| o.feature == feature) {
+            EntitlementSource::Override
+        } else {
+            EntitlementSource::Tier
+        }
+    };
+    let boolean = |feature: Feature| Entitlement {
+        feature: feature.as_str().into(),
+        kind: EntitlementKind::Boolean as i32,
+        granted: plan.grants(feature),
+        source: source(feature.as_str()) as i32,
+        ..Default::default()
+    };
+    vec![
+        boolean(Feature::Restore),
+        boolean(Feature::Export),
+        boolean(Feature::ExternalIdp),
+        Entitlement {
+            feature: "max_users".into(),
+            kind: EntitlementKind::Numeric as i32,
+            granted: plan.max_users.is_none_or(|max| users.is_none_or(|u| u < max)),
+            limit: plan.max_users,
+            used: users,
+            source: source("max_users") as i32,
+            ..Default::default()
+        },
+        Entitlement {
+            feature: "history_days".into(),
+            kind: EntitlementKind::Numeric as i32,
+            granted: true,
+            limit: Some(u64::from(tier.history_days)),
+            source: EntitlementSource::Tier as i32,
+            ..Default::default()
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +226,30 @@ mod tests {
         assert_eq!(details.error_info().unwrap().metadata["feature"], "max_users");
         assert_eq!(details.quota_failure().unwrap().violations[0].subject, "tenant:acme");
         assert!(Plan::default().check_users("acme", "basic", u64::MAX - 1).is_ok(), "unlimited by default");
+    }
+
+    #[test]
+    fn overrides_apply_feature_by_feature_and_are_checked() {
+        let plan = Plan { restore: false, max_users: Some(2), ..Plan::default() };
+        let o = |feature: &str, granted: Option<bool>, limit: Option<u64>| EntitlementOverride {
+            feature: feature.into(),
+            granted,
+            limit,
+        };
+        let with = plan.with(&[o("restore", Some(true), None), o("max_users", None, Some(10))]);
+        assert!(with.restore && with.max_users == Some(10) && with.export);
+        assert_eq!(plan.with(&[]), plan);
+        for (bad, field) in [
+            (o("max_users", None, None), "o.limit"),
+            (o("max_users", Some(true), Some(3)), "o.granted"),
+            (o("restore", None, None), "o.granted"),
+            (o("export", Some(true), Some(1)), "o.limit"),
+            (o("gold", Some(true), None), "o.feature"),
+        ] {
+            let mut v = crate::errors::Violations::new();
+            check_override(&mut v, "o", &bad);
+            let status = v.check().unwrap_err();
+            assert!(format!("{status:?}").contains(field), "{bad:?}: {status:?}");
+        }
     }
 }

@@ -30,6 +30,8 @@ pub struct TenantInfo {
     pub limits: Option<Limits>,
     /// The tenant's storage quota in bytes, if the registry holds one.
     pub storage_quota: Option<u64>,
+    /// The operator's exceptions to its tier's plan (entitlements).
+    pub entitlement_overrides: Vec<tenantmesh_proto::registry::v1::EntitlementOverride>,
 }
 
 impl From<Tenant> for TenantInfo {
@@ -42,6 +44,7 @@ impl From<Tenant> for TenantInfo {
             // The registry accepts only limits above 0; `max(1)` keeps an
             // older record from meaning "no cap".
             storage_quota: t.limits.map(|l| l.storage_quota_bytes.max(1)),
+            entitlement_overrides: t.entitlement_overrides,
             limits: t.limits.map(|l| Limits {
                 rate_per_second: l.requests_per_second.max(1),
                 burst: l.burst.max(1),

@@ -307,6 +307,36 @@ impl AuthService {
         &self.inner.auditor
     }
 
+    /// The record of `tenant_id` as the caller's layer holds it (the
+    /// caller's own tenant) or as the registry has it (a platform caller's
+    /// target: it must exist).
+    async fn target_tenant(
+        &self,
+        ctx: &TenantContext,
+        tenant_id: &str,
+    ) -> Result<Arc<tenantmesh_tenant_context::directory::TenantInfo>, Status> {
+        if *ctx.tenant_id == *tenant_id {
+            return Ok(ctx.tenant.clone());
+        }
+        self.inner
+            .directory
+            .lookup(tenant_id, &ctx.token, None)
+            .await?
+            .ok_or_else(|| AuthError::TenantNotFound(tenant_id.to_owned()).into())
+    }
+
+    /// How many users `tenant_id` has, counted up to `at_most` (and never
+    /// past 10,000: a cap beyond that is not counted to its end).
+    async fn users_counted(&self, tenant_id: &str, at_most: u64) -> Result<u64, Status> {
+        let query = tenantmesh_storage::Query {
+            pk: tenant_id.to_owned(),
+            sk_prefix: "user#".into(),
+            start_after: None,
+            limit: usize::try_from(at_most).unwrap_or(usize::MAX).clamp(1, 10_000),
+        };
+        Ok(self.inner.store.query(query).await.map_err(AuthError::from)?.items.len() as u64)
+    }
+
     /// Where a generated bootstrap password is written.
     pub fn bootstrap_password_path(&self) -> PathBuf {
         self.inner.config.common.data_dir.join(BOOTSTRAP_PASSWORD_FILE)
@@ -405,31 +435,17 @@ impl Auth for AuthService {
                     return Err(AuthError::HashNotAllowed.into());
                 }
                 ctx.authorize_tenant(&req.tenant_id)?;
-                // The target tenant's tier: the caller's own (a tenant admin),
-                // or as the registry has it (platform callers; it must exist).
-                let tier: std::sync::Arc<str> = if *ctx.tenant_id != *req.tenant_id {
-                    match self.inner.directory.lookup(&req.tenant_id, &ctx.token, None).await? {
-                        None => return Err(AuthError::TenantNotFound(req.tenant_id).into()),
-                        Some(info) if info.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted => {
-                            return Err(AuthError::TenantDeleted(req.tenant_id).into());
-                        }
-                        Some(info) => info.tier.clone(),
-                    }
-                } else {
-                    ctx.tier().into()
-                };
+                let tenant = self.target_tenant(&ctx, &req.tenant_id).await?;
+                if tenant.status == tenantmesh_proto::registry::v1::TenantStatus::Deleted {
+                    return Err(AuthError::TenantDeleted(req.tenant_id).into());
+                }
                 // What the tier's plan includes: at most max_users users.
-                if let Some(plan) = self.inner.config.common.tiers.get(&tier).map(|t| &t.entitlements)
-                    && let Some(max) = plan.max_users
-                {
-                    let query = tenantmesh_storage::Query {
-                        pk: req.tenant_id.clone(),
-                        sk_prefix: "user#".into(),
-                        start_after: None,
-                        limit: usize::try_from(max).unwrap_or(usize::MAX).min(10_000),
-                    };
-                    let users = self.inner.store.query(query).await.map_err(AuthError::from)?.items.len() as u64;
-                    plan.check_users(&req.tenant_id, &tier, users)?;
+                if let Some(tier) = self.inner.config.common.tiers.get(&tenant.tier) {
+                    let plan = tier.entitlements.with(&tenant.entitlement_overrides);
+                    if let Some(max) = plan.max_users {
+                        let users = self.users_counted(&req.tenant_id, max).await?;
+                        plan.check_users(&req.tenant_id, &tenant.tier, users)?;
+                    }
                 }
                 roles.sort_by_key(|r| *r as u8);
                 roles.dedup();
@@ -524,6 +540,33 @@ impl Auth for AuthService {
         }
         let next_page_token = page.last_evaluated.as_deref().map(paging::encode_token).unwrap_or_default();
         Ok(Response::new(ListUsersResponse { users, next_page_token }))
+    }
+
+    async fn get_entitlements(
+        &self,
+        request: Request<GetEntitlementsRequest>,
+    ) -> Result<Response<GetEntitlementsResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        if req.tenant_id == PLATFORM_TENANT {
+            return Err(Status::failed_precondition("the platform tenant has no plan"));
+        }
+        let tenant = self.target_tenant(&ctx, &req.tenant_id).await?;
+        let tier = self
+            .inner
+            .config
+            .common
+            .tiers
+            .get(&tenant.tier)
+            .ok_or_else(|| AuthError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
+        let plan = tier.entitlements.with(&tenant.entitlement_overrides);
+        let users = self.users_counted(&req.tenant_id, plan.max_users.unwrap_or(10_000)).await?;
+        let entitlements = tenantmesh_service::entitlements::listed(tier, &tenant.entitlement_overrides, Some(users));
+        Ok(Response::new(GetEntitlementsResponse { entitlements }))
     }
 
     async fn disable_user(

@@ -481,3 +481,34 @@ async fn rotated_keys_are_published_before_they_sign() {
 fn every_rpc_has_a_contract_test() {
     tenantmesh_test_support::assert_contract_covers(include_str!("contract.rs"), &["tenantmesh.auth.v1.Auth"]);
 }
+
+/// GetEntitlements: a tenant's users read their own tenant's plan (the
+/// built-in tiers include everything, uncapped), with how many users it
+/// has; another tenant's is refused, bad input names its field, and the
+/// platform has no plan.
+#[tokio::test]
+async fn entitlements_are_read_by_the_tenants_own_users() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let a = mesh.onboard(&unique_tenant("plan")).await;
+    let b = mesh.onboard(&unique_tenant("other")).await;
+    let user = mesh.user_token(&a, &[Role::TenantUser]).await;
+    let mut auth = mesh.auth();
+    let get = |tenant: &str| GetEntitlementsRequest { tenant_id: tenant.into() };
+    let listed = auth.get_entitlements(authed(get(&a.tenant_id), &user)).await.unwrap().into_inner().entitlements;
+    let by: std::collections::HashMap<&str, &Entitlement> = listed.iter().map(|e| (e.feature.as_str(), e)).collect();
+    for feature in ["restore", "export", "external_idp"] {
+        let e = by[feature];
+        assert!(e.granted && e.kind() == EntitlementKind::Boolean && e.source() == EntitlementSource::Tier, "{e:?}");
+    }
+    let users = by["max_users"];
+    assert_eq!((users.granted, users.limit, users.used), (true, None, Some(2)), "its admin and one user: {users:?}");
+    assert_eq!(by["history_days"].limit, Some(7), "standard keeps 7 days");
+    assert_eq!(
+        auth.get_entitlements(authed(get(&a.tenant_id), &admin)).await.unwrap().into_inner().entitlements,
+        listed
+    );
+    expect_code(auth.get_entitlements(authed(get(&b.tenant_id), &user)).await, Code::PermissionDenied);
+    expect_invalid(auth.get_entitlements(authed(get("Not A Tenant"), &admin)).await, "tenant_id");
+    expect_code(auth.get_entitlements(authed(get("platform"), &admin)).await, Code::FailedPrecondition);
+}

@@ -421,9 +421,10 @@ impl Onboarding for OnboardingService {
                 .ok_or_else(|| OnboardingError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
             // What the tier's plan includes, whoever asks.
             use tenantmesh_service::entitlements::Feature;
-            tier.entitlements.check(Feature::Restore, &tenant.tier)?;
+            let plan = tier.entitlements.with(&tenant.entitlement_overrides);
+            plan.check(Feature::Restore, &tenant.tier)?;
             if export {
-                tier.entitlements.check(Feature::Export, &tenant.tier)?;
+                plan.check(Feature::Export, &tenant.tier)?;
             }
             if !ctx.has_role(Role::PlatformAdmin) && !tier.tenant_restore {
                 return Err(Status::permission_denied(format!(

@@ -18,13 +18,14 @@ pub(crate) struct Audited<'a> {
 }
 
 /// The registry's RPCs that change something, by path: their actions.
-const ACTIONS: [(&str, &str); 8] = [
+const ACTIONS: [(&str, &str); 9] = [
     ("/tenantmesh.registry.v1.TenantRegistry/CreateTenant", "tenant.register"),
     ("/tenantmesh.registry.v1.TenantRegistry/UpdateTenant", "tenant.update"),
     ("/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus", "tenant.status"),
     ("/tenantmesh.registry.v1.TenantRegistry/SetIdentityProvider", "tenant.identity_provider"),
     ("/tenantmesh.registry.v1.TenantRegistry/SetPlacement", "tenant.placement"),
     ("/tenantmesh.registry.v1.TenantRegistry/SetTenantLimits", "tenant.limits"),
+    ("/tenantmesh.registry.v1.TenantRegistry/SetEntitlementOverride", "tenant.entitlement"),
     ("/tenantmesh.registry.v1.TenantRegistry/RegisterService", "service.register"),
     ("/tenantmesh.registry.v1.TenantRegistry/DeregisterService", "service.deregister"),
 ];
@@ -58,6 +59,21 @@ pub(crate) mod summary {
             }
             None => format!("tier {}, {model}, no placement, {}", t.tier, status(t)),
         }
+    }
+    pub(crate) fn entitlements(t: &Tenant) -> String {
+        if t.entitlement_overrides.is_empty() {
+            return "the tier's plan".into();
+        }
+        let each: Vec<String> = t
+            .entitlement_overrides
+            .iter()
+            .map(|o| match (o.granted, o.limit) {
+                (Some(g), _) => format!("{} {}", o.feature, if g { "granted" } else { "not granted" }),
+                (_, Some(l)) => format!("{} {l}", o.feature),
+                _ => o.feature.clone(),
+            })
+            .collect();
+        format!("the tier's plan but {}", each.join(", "))
     }
     pub(crate) fn limits(t: &Tenant) -> String {
         match &t.limits {

@@ -61,6 +61,7 @@ impl TenantRegistry for Registry {
                             identity_provider: None,
                             placement: req.placement,
                             limits: None,
+                            entitlement_overrides: Vec::new(),
                         },
                         Some(audited),
                     )
@@ -237,7 +238,8 @@ impl TenantRegistry for Registry {
                         self.get(&req.tenant_id).await?.ok_or(RegistryError::NotFound(req.tenant_id.clone()))?;
                     if let Some(tier) = self.tiers.get(&tenant.tier) {
                         use tenantmesh_service::entitlements::Feature;
-                        tier.entitlements.check(Feature::ExternalIdp, &tenant.tier)?;
+                        let plan = tier.entitlements.with(&tenant.entitlement_overrides);
+                        plan.check(Feature::ExternalIdp, &tenant.tier)?;
                     }
                 }
                 let audited = Audited {
@@ -400,6 +402,53 @@ impl TenantRegistry for Registry {
         });
         tracing::info!("a service is watching tenant changes");
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn set_entitlement_override(
+        &self,
+        request: Request<SetEntitlementOverrideRequest>,
+    ) -> Result<Response<SetEntitlementOverrideResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = Self::caller(&request, &ctx);
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        match &req.r#override {
+            None => {
+                v.add("override", "is required");
+            }
+            Some(o) if req.clear => {
+                if !tenantmesh_service::entitlements::FEATURES.contains(&o.feature.as_str()) {
+                    let features = tenantmesh_service::entitlements::FEATURES.join(", ");
+                    v.add("override.feature", format!("must be one of {features}"));
+                }
+            }
+            Some(o) => tenantmesh_service::entitlements::check_override(&mut v, "override", o),
+        }
+        v.check()?;
+        let o = req.r#override.clone().expect("validated");
+        let target = format!("tenant/{}", req.tenant_id);
+        let tenant = self
+            .audited(&caller, &req.tenant_id, "tenant.entitlement", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                if req.tenant_id == PLATFORM_TENANT {
+                    return Err(RegistryError::PlatformTenant("has no plan").into());
+                }
+                let audited = Audited { caller: &caller, action: "tenant.entitlement", summary: summary::entitlements };
+                Ok(self
+                    .modify(&req.tenant_id, None, audited, |t| {
+                        t.entitlement_overrides.retain(|x| x.feature != o.feature);
+                        if !req.clear {
+                            t.entitlement_overrides.push(o.clone());
+                            t.entitlement_overrides.sort_by(|a, b| a.feature.cmp(&b.feature));
+                        }
+                        Ok(())
+                    })
+                    .await?)
+            })
+            .await?;
+        tracing::info!(target_tenant = %tenant.tenant_id, feature = %o.feature, clear = req.clear, "entitlement override set");
+        Ok(Response::new(SetEntitlementOverrideResponse { tenant: Some(tenant) }))
     }
 
     async fn set_tenant_limits(

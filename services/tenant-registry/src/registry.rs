@@ -216,6 +216,7 @@ impl Registry {
             identity_provider: None,
             placement: None,
             limits: None,
+            entitlement_overrides: Vec::new(),
         };
         match self.insert(tenant, None).await {
             Ok(_) => tracing::info!(tenant_id = PLATFORM_TENANT, "bootstrap: created the platform tenant"),

@@ -421,3 +421,63 @@ async fn the_service_catalog() {
     let listed = reg.list_services(authed(ListServicesRequest {}, &admin)).await.unwrap().into_inner().services;
     assert_eq!(listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["tests-catalog"]);
 }
+
+/// SetEntitlementOverride: the operator sets, replaces and clears a
+/// tenant's exception to its tier's plan, one per feature; bad overrides
+/// name their field; a tenant admin is refused; the platform has no plan;
+/// each change is an audit event.
+#[tokio::test]
+async fn entitlement_overrides() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard(&unique_tenant("exceptions")).await;
+    let mut reg = mesh.registry();
+    let set = |feature: &str, granted: Option<bool>, limit: Option<u64>, clear: bool| SetEntitlementOverrideRequest {
+        tenant_id: t.tenant_id.clone(),
+        r#override: Some(EntitlementOverride { feature: feature.into(), granted, limit }),
+        clear,
+    };
+    let overrides = |r: SetEntitlementOverrideResponse| r.tenant.unwrap().entitlement_overrides;
+    reg.set_entitlement_override(authed(set("restore", Some(false), None, false), &admin)).await.unwrap();
+    let now = reg.set_entitlement_override(authed(set("max_users", None, Some(3), false), &admin)).await.unwrap();
+    let now = overrides(now.into_inner());
+    assert_eq!(now.iter().map(|o| o.feature.as_str()).collect::<Vec<_>>(), ["max_users", "restore"]);
+    let replaced = reg.set_entitlement_override(authed(set("max_users", None, Some(9), false), &admin)).await.unwrap();
+    let replaced = overrides(replaced.into_inner());
+    assert_eq!((replaced.len(), replaced[0].limit), (2, Some(9)), "one per feature: {replaced:?}");
+    let cleared = reg.set_entitlement_override(authed(set("restore", None, None, true), &admin)).await.unwrap();
+    assert_eq!(overrides(cleared.into_inner()).len(), 1);
+
+    expect_invalid(
+        reg.set_entitlement_override(authed(set("gold", Some(true), None, false), &admin)).await,
+        "override.feature",
+    );
+    expect_invalid(
+        reg.set_entitlement_override(authed(set("max_users", None, Some(0), false), &admin)).await,
+        "override.limit",
+    );
+    expect_invalid(
+        reg.set_entitlement_override(authed(set("export", None, None, false), &admin)).await,
+        "override.granted",
+    );
+    let none = SetEntitlementOverrideRequest { tenant_id: t.tenant_id.clone(), r#override: None, clear: false };
+    expect_invalid(reg.set_entitlement_override(authed(none, &admin)).await, "override");
+    expect_code(
+        reg.set_entitlement_override(authed(set("export", Some(true), None, false), &t.token)).await,
+        Code::PermissionDenied,
+    );
+    let platform =
+        SetEntitlementOverrideRequest { tenant_id: "platform".into(), ..set("export", Some(true), None, false) };
+    expect_code(reg.set_entitlement_override(authed(platform, &admin)).await, Code::FailedPrecondition);
+
+    let audit = tenantmesh_proto::audit::v1::ListAuditEventsRequest {
+        tenant_id: t.tenant_id.clone(),
+        action: "tenant.entitlement".into(),
+        ..Default::default()
+    };
+    let mut log = tenantmesh_proto::audit::v1::audit_client::AuditClient::new(TestMesh::channel(mesh.addrs.registry));
+    let events = log.list_audit_events(authed(audit, &admin)).await.unwrap().into_inner().events;
+    let done: Vec<&str> = events.iter().filter(|e| e.error.is_empty()).map(|e| e.after.as_str()).collect();
+    assert_eq!(done.len(), 4, "{events:#?}");
+    assert_eq!(done[3], "the tier's plan but max_users 9");
+}

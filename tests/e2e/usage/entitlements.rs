@@ -2,11 +2,15 @@
 //! enforced where each feature is used: a tier without `restore`, `export`
 //! or `external_idp` is refused those (PERMISSION_DENIED, `ErrorInfo`
 //! naming the feature), and one with `max_users` stops creating users there
-//! (RESOURCE_EXHAUSTED, `QuotaFailure`); another tier is untouched.
+//! (RESOURCE_EXHAUSTED, `QuotaFailure`); another tier is untouched; the
+//! operator's overrides for one tenant take effect in every service at
+//! once, and `GetEntitlements` says what the tenant has and uses.
 
-use tenantmesh_proto::auth::v1::{CreateUserRequest, Role};
+use tenantmesh_proto::auth::v1::{CreateUserRequest, EntitlementSource, GetEntitlementsRequest, Role};
 use tenantmesh_proto::onboarding::v1::{RestoreTarget, RestoreTenantRequest};
-use tenantmesh_proto::registry::v1::{IdentityProvider, SetIdentityProviderRequest};
+use tenantmesh_proto::registry::v1::{
+    EntitlementOverride, IdentityProvider, SetEntitlementOverrideRequest, SetIdentityProviderRequest,
+};
 use tenantmesh_test_support::*;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -73,4 +77,32 @@ async fn each_feature_is_enforced_where_it_is_used() {
     assert_eq!(feature(&refused).as_deref(), Some("external_idp"), "{refused:?}");
     let bind = SetIdentityProviderRequest { tenant_id: standard.tenant_id.clone(), identity_provider: Some(idp) };
     mesh.registry().set_identity_provider(authed(bind, &admin)).await.unwrap();
+
+    // The operator's overrides for the basic tenant: they take effect at
+    // once in every service (the registry's watch), without a restart.
+    let set = |feature: &str, granted: Option<bool>, limit: Option<u64>| SetEntitlementOverrideRequest {
+        tenant_id: basic.tenant_id.clone(),
+        r#override: Some(EntitlementOverride { feature: feature.into(), granted, limit }),
+        clear: false,
+    };
+    for o in [set("max_users", None, Some(3)), set("restore", Some(true), None), set("export", Some(true), None)] {
+        mesh.registry().set_entitlement_override(authed(o, &admin)).await.unwrap();
+    }
+    eventually(std::time::Duration::from_secs(10), || {
+        let (mut auth, req) = (mesh.auth(), authed(user(&basic, 2), &basic.token));
+        async move { auth.create_user(req).await.is_ok() }
+    })
+    .await;
+    expect_code(mesh.auth().create_user(authed(user(&basic, 3), &basic.token)).await, Code::ResourceExhausted);
+    let listed = GetEntitlementsRequest { tenant_id: basic.tenant_id.clone() };
+    let listed = mesh.auth().get_entitlements(authed(listed, &basic.token)).await.unwrap().into_inner().entitlements;
+    let users = listed.iter().find(|e| e.feature == "max_users").unwrap();
+    assert_eq!((users.granted, users.limit, users.used), (false, Some(3), Some(3)), "full: {users:?}");
+    assert_eq!(users.source(), EntitlementSource::Override);
+    let idp = listed.iter().find(|e| e.feature == "external_idp").unwrap();
+    assert_eq!((idp.granted, idp.source()), (false, EntitlementSource::Tier));
+    // A restore into an export is now the tenant's to have.
+    let id = mesh.onboarding().restore_tenant(authed(restore(&basic.tenant_id, RestoreTarget::Export), &admin)).await;
+    let id = id.unwrap().into_inner().workflow_id;
+    mesh.wait_workflow(&id).await;
 }
