@@ -10,7 +10,8 @@ use tenantmesh_proto::audit::v1::{
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tenantmesh_proto::auth::v1::{
-    CreateUserRequest, DeleteUserRequest, DisableUserRequest, ListUsersRequest, LoginRequest, RevokeRequest, Role,
+    CreateUserRequest, DeleteUserRequest, DisableUserRequest, EntitlementSource, GetEntitlementsRequest,
+    ListUsersRequest, LoginRequest, RevokeRequest, Role,
 };
 use tenantmesh_proto::metering::v1::{GetTenantCostRequest, GetUsageRequest, ListTenantCostsRequest, Window};
 use tenantmesh_proto::onboarding::v1::{
@@ -18,8 +19,8 @@ use tenantmesh_proto::onboarding::v1::{
     RegisterTenantRequest, RestoreTarget, RestoreTenantRequest, RetryOnboardingRequest, WatchEventsRequest, Workflow,
 };
 use tenantmesh_proto::registry::v1::{
-    GetTenantRequest, ListTenantsRequest, SetTenantLimitsRequest, SetTenantStatusRequest, Tenant, TenantLimits,
-    TenantStatus, WatchTenantsRequest,
+    EntitlementOverride, GetTenantRequest, ListTenantsRequest, SetEntitlementOverrideRequest, SetTenantLimitsRequest,
+    SetTenantStatusRequest, Tenant, TenantLimits, TenantStatus, WatchTenantsRequest,
 };
 use tonic::Code;
 
@@ -98,8 +99,9 @@ pub enum OpsCommand {
         #[command(flatten)]
         out: Output,
     },
-    /// Tenants: list, show, register, change tier, set limits, suspend,
-    /// resume, offboard, restore to an instant, resources.
+    /// Tenants: list, show, register, change tier, set limits, entitlements
+    /// (and the operator's exceptions to them), suspend, resume, offboard,
+    /// restore to an instant, resources.
     #[command(subcommand)]
     Tenant(TenantCommand),
     /// A tenant's users: list, create, disable, delete.
@@ -270,6 +272,38 @@ pub enum TenantCommand {
         /// Stored item bytes.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         storage_quota_bytes: Option<u64>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// What a tenant's plan includes (its tier's, with the operator's
+    /// overrides): each feature, granted or not, its cap, what the tenant
+    /// uses of it, and where it comes from.
+    #[command(after_help = "Example:\n  tenantmesh tenant entitlements acme -o json")]
+    Entitlements {
+        tenant: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Set (or --clear) the operator's exception to a tenant's plan for one
+    /// feature: restore, export or external_idp with --granted, max_users
+    /// with --limit. Takes effect in every service at once; audited.
+    #[command(after_help = "Examples:\n  \
+        tenantmesh tenant set-entitlement globex restore --granted true\n  \
+        tenantmesh tenant set-entitlement globex max_users --limit 25\n  \
+        tenantmesh tenant set-entitlement globex max_users --clear")]
+    SetEntitlement {
+        tenant: String,
+        /// restore, export, external_idp or max_users.
+        feature: String,
+        /// Whether the feature is granted (restore, export, external_idp).
+        #[arg(long, conflicts_with_all = ["limit", "clear"])]
+        granted: Option<bool>,
+        /// The cap (max_users).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "clear")]
+        limit: Option<u64>,
+        /// Remove the exception: the tier's plan holds again.
+        #[arg(long)]
+        clear: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -766,6 +800,54 @@ async fn tenant(command: TenantCommand, ops: &Ops, env: &Env) -> Result<(), CliE
                 l.requests_per_second, l.burst, l.max_concurrency, l.storage_quota_bytes
             );
             print_tenant_change(&Tenant { limits: Some(l), ..t }, out, &what);
+            Ok(())
+        }
+        TenantCommand::Entitlements { tenant, out } => {
+            let request = ops.request(GetEntitlementsRequest { tenant_id: tenant.clone() });
+            let answer = ops.auth()?.get_entitlements(request).await.map_err(ops.error(Service::Auth))?;
+            let entitlements = answer.into_inner().entitlements;
+            if out.json() {
+                let rows = entitlements.iter().map(|e| {
+                    json!({
+                        "feature": e.feature, "granted": e.granted, "limit": e.limit, "used": e.used,
+                        "reset_period": e.reset_period,
+                        "source": if e.source() == EntitlementSource::Override { "override" } else { "tier" },
+                    })
+                });
+                print_json(&Value::Array(rows.collect()));
+                return Ok(());
+            }
+            let mut table = Table::new(&["FEATURE", "GRANTED", "LIMIT", "USED", "FROM"]);
+            let number = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
+            for e in &entitlements {
+                table.row(vec![
+                    e.feature.clone(),
+                    if e.granted { "yes" } else { "no" }.to_owned(),
+                    number(e.limit),
+                    number(e.used),
+                    if e.source() == EntitlementSource::Override { "override" } else { "tier" }.to_owned(),
+                ]);
+            }
+            print!("{}", table.render(&format!("no entitlements for {tenant}")));
+            Ok(())
+        }
+        TenantCommand::SetEntitlement { tenant, feature, granted, limit, clear, out } => {
+            if !clear && granted.is_none() && limit.is_none() {
+                return Err(CliError("nothing to set: give --granted true|false, --limit N or --clear".into()));
+            }
+            let r#override = EntitlementOverride { feature: feature.clone(), granted, limit };
+            let request =
+                ops.request(SetEntitlementOverrideRequest { tenant_id: tenant, r#override: Some(r#override), clear });
+            let answer =
+                ops.registry()?.set_entitlement_override(request).await.map_err(ops.error(Service::Registry))?;
+            let t = answer.into_inner().tenant.unwrap_or_default();
+            let what = match (clear, granted, limit) {
+                (true, _, _) => format!("{feature}: as its tier's plan says"),
+                (_, Some(g), _) => format!("{feature}: {}", if g { "granted" } else { "not granted" }),
+                (_, _, Some(l)) => format!("{feature}: at most {l}"),
+                _ => feature,
+            };
+            print_tenant_change(&t, out, &what);
             Ok(())
         }
         TenantCommand::Suspend { tenant, out } => {
