@@ -151,6 +151,7 @@ async fn run(
             "metering_cost" => scenarios::metering::metering_cost(&ctx).await.map(Some),
             "layers" => scenarios::layers::layers(&ctx).await.map(Some),
             "limiter_cost" => scenarios::fairness::limiter_cost(&ctx).await.map(Some),
+            "entitlement_check" => scenarios::fairness::entitlement_check(&ctx).await.map(Some),
             "noisy_neighbour" => scenarios::fairness::noisy_neighbour(&ctx).await.map(Some),
             "saturation" => scenarios::fairness::saturation(&ctx).await.map(Some),
             "login_flood" => scenarios::fairness::login_flood(&ctx).await.map(Some),

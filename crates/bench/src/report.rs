@@ -220,6 +220,7 @@ pub const ORDER: &[&str] = &[
     "silo_hop",
     "layers",
     "limiter_cost",
+    "entitlement_check",
     "noisy_neighbour",
     "saturation",
     "login_flood",

@@ -414,6 +414,45 @@ impl RssSampler {
     }
 }
 
+/// An entitlement check as a service makes it at a point of use, in this
+/// process: the plan of the tenant's tier (from the tiers file in memory)
+/// with the tenant's overrides (from its cached record) applied, then the
+/// feature checked; with no override, and with two.
+pub async fn entitlement_check(ctx: &Ctx) -> Result<ScenarioResult, String> {
+    use tenantmesh_proto::registry::v1::EntitlementOverride;
+    use tenantmesh_service::entitlements::Feature;
+    let mut r = ctx.result(
+        "entitlement_check",
+        "Entitlements: cost of a check",
+        "What a service does where a feature is used (a restore, binding an identity provider, creating a user): \
+         the tenant's tier's plan from the tiers file in memory, the tenant's overrides from its cached record \
+         applied, the feature checked. No network call. Timed in a loop in one thread."
+            .into(),
+    );
+    let n = if ctx.quick { 200_000 } else { 5_000_000 };
+    let tiers = tenantmesh_service::tiers::Tiers::default();
+    let overrides = vec![
+        EntitlementOverride { feature: "max_users".into(), granted: None, limit: Some(50) },
+        EntitlementOverride { feature: "restore".into(), granted: Some(true), limit: None },
+    ];
+    let time = |overrides: &[EntitlementOverride]| -> Result<f64, String> {
+        let t0 = Instant::now();
+        for i in 0..n {
+            let tier = tiers.get(if i % 2 == 0 { "standard" } else { "premium" }).ok_or("no tier")?;
+            let plan = tier.entitlements.with(std::hint::black_box(overrides));
+            plan.check(Feature::Restore, &tier.name).map_err(|e| e.to_string())?;
+            plan.check_users("acme", &tier.name, std::hint::black_box(10)).map_err(|e| e.to_string())?;
+        }
+        Ok(t0.elapsed().as_nanos() as f64 / n as f64)
+    };
+    let plain = time(&[])?;
+    let overridden = time(&overrides)?;
+    progress(format!("  {plain:.0} ns per check, {overridden:.0} ns with two overrides"));
+    r.figures.push(Figure::new("check, the tier's plan", "ns", plain).target(Target::AtMost(1000.0)));
+    r.figures.push(Figure::new("check, with two overrides", "ns", overridden).target(Target::AtMost(1000.0)));
+    Ok(r)
+}
+
 /// The limiter's check, in this process: one tenant admitted over and over,
 /// and 100,000 tenants in turn.
 pub async fn limiter_cost(ctx: &Ctx) -> Result<ScenarioResult, String> {
