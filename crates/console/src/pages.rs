@@ -558,8 +558,7 @@ async fn tenant_data(c: &Console, s: &WebSession, id: &str, hours: i64) -> Resul
             let request = ListAuditEventsRequest { tenant_id: id.into(), last: SHOWN_CHANGES, ..Default::default() };
             events.extend(log.list_audit_events(authed(s, request)).await.map_err(fail)?.into_inner().events);
         }
-        events.sort_by_key(|e| e.time_us);
-        Ok::<_, Fail>(events.split_off(events.len().saturating_sub(SHOWN_CHANGES as usize)))
+        Ok::<_, Fail>(tenantmesh_service::audit::timeline(events, Some(SHOWN_CHANGES as usize)))
     };
     let resources = async {
         let request = ListTenantResourcesRequest { tenant_id: id.into(), include_removed: false };

@@ -7,7 +7,7 @@
 use crate::audit::v1::{AuditEvent, Outcome};
 use crate::auth::v1::Role;
 use crate::onboarding::v1::{StepState, WorkflowStatus};
-use crate::registry::v1::{IsolationModel, TenantStatus};
+use crate::registry::v1::{IsolationModel, TenantLimits, TenantStatus};
 
 fn short(name: &'static str, prefix: &str) -> &'static str {
     name.strip_prefix(prefix).unwrap_or(name)
@@ -86,4 +86,12 @@ pub fn audit_change(e: &AuditEvent) -> String {
         (false, true) => format!("{} -> (removed)", e.before),
         (false, false) => format!("{} -> {}", e.before, e.after),
     }
+}
+
+/// A tenant's limits as operators read them.
+pub fn limits(l: &TenantLimits) -> String {
+    format!(
+        "{} requests/s, burst {}, {} in flight, {} bytes stored",
+        l.requests_per_second, l.burst, l.max_concurrency, l.storage_quota_bytes
+    )
 }

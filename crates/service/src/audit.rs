@@ -148,16 +148,24 @@ impl AuditLog {
         self.service
     }
 
-    async fn head(&self, tenant_id: &str) -> Result<Head, StorageError> {
-        let Some(item) = self.store.get(&partition(tenant_id), HEAD).await? else {
-            return Ok(Head { sequence: 0, hash: String::new(), version: 0 });
-        };
+    /// A chain's marker item `sk` (its head or its floor, both
+    /// `<sequence> <hash>`): sequence, hash and item version; `None` when
+    /// there is none.
+    async fn marker(&self, tenant_id: &str, sk: &str) -> Result<Option<(u64, String, u64)>, StorageError> {
+        let Some(item) = self.store.get(&partition(tenant_id), sk).await? else { return Ok(None) };
         let text = String::from_utf8_lossy(&item.data);
-        let (sequence, hash) = text.split_once(' ').unwrap_or(("0", ""));
+        let (sequence, hash) = text.split_once(' ').unwrap_or_default();
         let sequence = sequence
             .parse()
-            .map_err(|_| StorageError::Backend(format!("the audit chain head of {tenant_id} is unreadable")))?;
-        Ok(Head { sequence, hash: hash.to_owned(), version: item.version })
+            .map_err(|_| StorageError::Backend(format!("the audit chain {sk} of {tenant_id} is unreadable")))?;
+        Ok(Some((sequence, hash.to_owned(), item.version)))
+    }
+
+    async fn head(&self, tenant_id: &str) -> Result<Head, StorageError> {
+        Ok(match self.marker(tenant_id, HEAD).await? {
+            Some((sequence, hash, version)) => Head { sequence, hash, version },
+            None => Head { sequence: 0, hash: String::new(), version: 0 },
+        })
     }
 
     /// Commits `writes` (the change) and `event` in one transaction, the
@@ -231,10 +239,8 @@ impl AuditLog {
     ) -> Result<(Vec<AuditEvent>, Option<u64>), StorageError> {
         let pk = partition(tenant_id);
         let mut events = Vec::new();
-        let mut last = after;
-        if self.store.get(&pk, FLOOR).await?.is_some() {
-            last = last.max(self.floor(tenant_id).await?.0 - 1);
-        }
+        // Nothing below the chain's floor is left to read.
+        let mut last = after.max(self.floor(tenant_id).await?.0 - 1);
         let mut scanned = 0;
         loop {
             let start_after = (last > 0).then(|| event_key(last));
@@ -277,15 +283,7 @@ impl AuditLog {
     /// Where `tenant_id`'s chain starts: the first kept sequence and the
     /// hash its first event links to (1 and "" until a purge).
     async fn floor(&self, tenant_id: &str) -> Result<(u64, String, u64), StorageError> {
-        let Some(item) = self.store.get(&partition(tenant_id), FLOOR).await? else {
-            return Ok((1, String::new(), 0));
-        };
-        let text = String::from_utf8_lossy(&item.data);
-        let (sequence, hash) = text.split_once(' ').unwrap_or(("1", ""));
-        let sequence = sequence
-            .parse()
-            .map_err(|_| StorageError::Backend(format!("the audit chain floor of {tenant_id} is unreadable")))?;
-        Ok((sequence, hash.to_owned(), item.version))
+        Ok(self.marker(tenant_id, FLOOR).await?.unwrap_or((1, String::new(), 0)))
     }
 
     /// Deletes `tenant_id`'s events older than `cutoff_us`, batch by batch,
@@ -402,6 +400,16 @@ impl AuditLog {
             return Ok(broken(last.min(head.sequence) + 1, events, reason));
         }
         Ok(VerifyAuditChainResponse { intact: true, events, first_broken: 0, reason: String::new() })
+    }
+}
+
+/// Events of several logs (the services' of one tenant) as one timeline,
+/// oldest first: all of them, or the last `last`.
+pub fn timeline(mut events: Vec<AuditEvent>, last: Option<usize>) -> Vec<AuditEvent> {
+    events.sort_by_key(|e| e.time_us);
+    match last {
+        Some(n) => events.split_off(events.len().saturating_sub(n)),
+        None => events,
     }
 }
 

@@ -31,6 +31,13 @@ pub fn caller<T>(request: &Request<T>, ctx: &TenantContext) -> Caller {
     Caller::of(request, actor(ctx))
 }
 
+/// Refused calls being recorded at once by one service (see
+/// [`Auditor::refusals`]).
+pub const REFUSALS_IN_FLIGHT: usize = 16;
+
+/// The tier of a tenant, as the service can tell (`None`: not known).
+pub type TierOf = Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, Option<String>> + Send + Sync>;
+
 /// A service's audit log, as its handlers use it.
 #[derive(Clone)]
 pub struct Auditor {
@@ -142,9 +149,7 @@ impl Auditor {
             });
         })
     }
-}
 
-impl Auditor {
     /// The `Backup` service of a process whose stores are under
     /// `data_dir`, each backup taken (or refused) recorded in this log, by
     /// its caller.
@@ -159,23 +164,19 @@ impl Auditor {
             tenantmesh_service::backup::BackupService::new(data_dir, embedded).with_audit(self.log.clone(), caller_of);
         tenantmesh_proto::backup::v1::backup_server::BackupServer::new(service)
     }
-}
 
-/// Refused calls being recorded at once by one service (see
-/// [`Auditor::refusals`]).
-pub const REFUSALS_IN_FLIGHT: usize = 16;
-
-/// How many days a tenant's audit events are kept, as the service can
-/// tell from the tenant's tier.
-pub type Retention = Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, u32> + Send + Sync>;
-
-impl Auditor {
     /// Every `every`, purges each chain's events older than its tenant's
-    /// retention (`retention`); each purge is an event of the chain
-    /// (`audit.purge`, by the service itself), and the chain verifies from
-    /// where it now starts. Replicas may purge at once: a batch another
-    /// already removed is passed over.
-    pub fn sweep(&self, retention: Retention, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    /// tier's `audit_retention_days` (`tier_of` says the tier; a tenant it
+    /// does not know, and the platform, keep the longest of any tier); each
+    /// purge is an event of the chain (`audit.purge`, by the service
+    /// itself), and the chain verifies from where it now starts. Replicas
+    /// may purge at once: a batch another already removed is passed over.
+    pub fn sweep(
+        &self,
+        tiers: Arc<tenantmesh_service::tiers::Tiers>,
+        tier_of: TierOf,
+        every: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let log = self.log.clone();
         tenantmesh_telemetry::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -190,7 +191,10 @@ impl Auditor {
                     }
                 };
                 for tenant in chains {
-                    let days = retention(tenant.clone()).await;
+                    let tier = tier_of(tenant.clone()).await;
+                    let days = tier
+                        .and_then(|t| tiers.get(&t).map(|t| t.audit_retention_days))
+                        .unwrap_or_else(|| tiers.longest_audit_retention_days());
                     let cutoff = tenantmesh_service::clock::now_ms() * 1000 - i64::from(days) * 86_400_000_000;
                     let service = log.service();
                     let purged = |first: u64, last: u64| {
@@ -260,9 +264,7 @@ impl Audit for AuditService {
                 0
             }),
         };
-        if req.from_us < 0 || req.to_us < 0 || (req.to_us > 0 && req.to_us <= req.from_us) {
-            v.add("to_us", "must be after from_us (both Unix microseconds, 0 for unbounded)");
-        }
+        let window = Window::checked(&mut v, req.from_us, req.to_us);
         if req.last > 100 {
             v.add("last", "must be at most 100");
         }
@@ -277,8 +279,7 @@ impl Audit for AuditService {
         let keep = |e: &AuditEvent| {
             (req.action.is_empty() || e.action == req.action)
                 && (req.actor.is_empty() || e.actor.as_ref().is_some_and(|a| a.subject == req.actor))
-                && e.time_us >= req.from_us
-                && (req.to_us == 0 || e.time_us < req.to_us)
+                && window.holds(e)
         };
         let stored = |e| tenantmesh_service::errors::storage_status(e, self.store);
         if req.last > 0 {
@@ -304,14 +305,12 @@ impl Audit for AuditService {
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
-        if req.from_us < 0 || req.to_us < 0 || (req.to_us > 0 && req.to_us <= req.from_us) {
-            v.add("to_us", "must be after from_us (both Unix microseconds, 0 for unbounded)");
-        }
+        let window = Window::checked(&mut v, req.from_us, req.to_us);
         v.check()?;
         ctx.authorize_tenant(&req.tenant_id)?;
         let (log, store) = (self.log.clone(), self.store);
         // A page of events at a time, each a chunk of lines.
-        let stream = export_pages(log, req, store);
+        let stream = export_pages(log, req.tenant_id, window, store);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -343,16 +342,39 @@ impl Audit for AuditService {
     }
 }
 
-/// The export of `req` as a stream of chunks: one page of the log per
-/// chunk, read as the client takes them.
+/// A request's time range, `[from_us, to_us)` in Unix microseconds (0:
+/// unbounded).
+#[derive(Clone, Copy)]
+struct Window {
+    from_us: i64,
+    to_us: i64,
+}
+
+impl Window {
+    /// The range, its violation added to `v` when it is not one.
+    fn checked(v: &mut Violations, from_us: i64, to_us: i64) -> Self {
+        if from_us < 0 || to_us < 0 || (to_us > 0 && to_us <= from_us) {
+            v.add("to_us", "must be after from_us (both Unix microseconds, 0 for unbounded)");
+        }
+        Self { from_us, to_us }
+    }
+
+    fn holds(self, e: &AuditEvent) -> bool {
+        e.time_us >= self.from_us && (self.to_us == 0 || e.time_us < self.to_us)
+    }
+}
+
+/// The export of `tenant`'s events in `window` as a stream of chunks: one
+/// page of the log per chunk, read as the client takes them.
 fn export_pages(
     log: AuditLog,
-    req: ExportAuditEventsRequest,
+    tenant: String,
+    window: Window,
     store: &'static str,
 ) -> impl futures_util::Stream<Item = Result<ExportAuditEventsResponse, Status>> + Send {
-    let keep = move |e: &AuditEvent| e.time_us >= req.from_us && (req.to_us == 0 || e.time_us < req.to_us);
+    let keep = move |e: &AuditEvent| window.holds(e);
     futures_util::stream::unfold(Some(0u64), move |after| {
-        let (log, tenant) = (log.clone(), req.tenant_id.clone());
+        let (log, tenant) = (log.clone(), tenant.clone());
         async move {
             let after = after?;
             let page = log.list(&tenant, after, 500, MAX_SCAN, keep).await;

@@ -121,9 +121,9 @@ pub(crate) async fn start_family(
 /// (`session.revoke`, by the token's user) are one transaction; a family
 /// revoked already changes no more, and records nothing.
 async fn revoke_family(store: &DynTable, tenant: &str, record: &RefreshRecord, why: &str) -> Result<(), AuthError> {
-    use tenantmesh_service::audit::{AppendError, AuditLog, Caller};
+    use tenantmesh_service::audit::{AppendError, Caller};
     let sk = family_sk(&record.family);
-    let log = AuditLog::new(store.clone(), "auth");
+    let log = crate::service::audit_log(store);
     // A rotation racing this may move the family's version: read again.
     for _ in 0..4 {
         let now = now_secs();

@@ -100,6 +100,11 @@ const AUDITED: [(&str, &str); 4] = [
     ("/tenantmesh.auth.v1.Auth/RotateSigningKey", "key.rotate"),
 ];
 
+/// The auth service's audit log, in its table `store`.
+pub(crate) fn audit_log(store: &DynTable) -> AuditLog {
+    AuditLog::new(store.clone(), "auth")
+}
+
 /// A user as an audit event names it.
 fn user_target(email: &str) -> String {
     format!("user/{email}")
@@ -118,7 +123,7 @@ impl AuthService {
         let hashing = HashPool::new(config.hash_pool);
         let dummy_hash = hashing.hash(random_token(16), config.hash_params).await?;
         let anonymous = anonymous::Anonymous::new(config.anonymous);
-        let auditor = Auditor::new(AuditLog::new(store.clone(), "auth"));
+        let auditor = Auditor::new(audit_log(&store));
         Ok(Self { inner: Arc::new(Inner { store, keys, config, directory, dummy_hash, hashing, anonymous, auditor }) })
     }
 
@@ -188,18 +193,16 @@ impl AuthService {
         event.after = user_summary(user);
         let write =
             Write::Put { pk: user.tenant_id.clone(), sk: user_sk(&user.email), data, condition: Condition::NotExists };
-        self.commit_audited(write, event, &user.email).await
+        self.commit_audited(write, event, AuthError::UserExists(user.email.clone())).await
     }
 
-    /// Writes `write` (a change of the user `email`) and `event` in one
-    /// transaction: its condition failing is the user existing already (a
-    /// creation) or a concurrent change.
-    async fn commit_audited(&self, write: Write, event: AuditEvent, email: &str) -> Result<(), AuthError> {
-        let creating = matches!(write, Write::Put { condition: Condition::NotExists, .. });
+    /// Writes `write` (a change of a user) and `event` in one transaction;
+    /// `conflict` when the write's condition fails (the user exists
+    /// already, or changed meanwhile).
+    async fn commit_audited(&self, write: Write, event: AuditEvent, conflict: AuthError) -> Result<(), AuthError> {
         match self.inner.auditor.log.commit(vec![write], event).await {
             Ok(_) => Ok(()),
-            Err(AppendError::Change { .. }) if creating => Err(AuthError::UserExists(email.to_owned())),
-            Err(AppendError::Change { .. }) => Err(AuthError::ConcurrentChange),
+            Err(AppendError::Change { .. }) => Err(conflict),
             Err(AppendError::Store(e)) => Err(e.into()),
         }
     }
@@ -279,27 +282,21 @@ impl AuthService {
     /// of any tier).
     pub fn sweep_audit(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        let retention: tenantmesh_tenant_context::audit::Retention = Arc::new(move |tenant: String| {
+        let tier_of: tenantmesh_tenant_context::audit::TierOf = Arc::new(move |tenant: String| {
             let this = this.clone();
             Box::pin(async move {
-                let tiers = &this.inner.config.common.tiers;
-                let longest = tiers.longest_audit_retention_days();
                 let grant = tenantmesh_tenant_context::Grant {
                     scopes: vec![tenantmesh_tenant_context::Scope::Directory],
                     tenants: None,
                 };
-                let Ok((token, _)) =
-                    this.sign_granted("service:auth".into(), PLATFORM_TENANT.into(), vec![Role::Service], grant)
-                else {
-                    return longest;
-                };
-                match this.inner.directory.lookup(&tenant, &token, None).await {
-                    Ok(Some(info)) => tiers.get(&info.tier).map_or(longest, |tier| tier.audit_retention_days),
-                    _ => longest,
-                }
+                let signed =
+                    this.sign_granted("service:auth".into(), PLATFORM_TENANT.into(), vec![Role::Service], grant);
+                let (token, _) = signed.ok()?;
+                let info = this.inner.directory.lookup(&tenant, &token, None).await.ok()??;
+                Some(info.tier.to_string())
             })
         });
-        self.inner.auditor.sweep(retention, every)
+        self.inner.auditor.sweep(self.inner.config.common.tiers.clone(), tier_of, every)
     }
 
     /// The auth service's audit log (its `Audit` and `Backup` services).
@@ -325,16 +322,18 @@ impl AuthService {
             .ok_or_else(|| AuthError::TenantNotFound(tenant_id.to_owned()).into())
     }
 
-    /// How many users `tenant_id` has, counted up to `at_most` (and never
-    /// past 10,000: a cap beyond that is not counted to its end).
+    /// How many users `tenant_id` has, counted page by page up to
+    /// `at_most` (a page stops at a byte bound too, so one query would
+    /// undercount a large tenant).
     async fn users_counted(&self, tenant_id: &str, at_most: u64) -> Result<u64, Status> {
-        let query = tenantmesh_storage::Query {
-            pk: tenant_id.to_owned(),
-            sk_prefix: "user#".into(),
-            start_after: None,
-            limit: usize::try_from(at_most).unwrap_or(usize::MAX).clamp(1, 10_000),
-        };
-        Ok(self.inner.store.query(query).await.map_err(AuthError::from)?.items.len() as u64)
+        let mut pages = tenantmesh_storage::Pages::new(self.inner.store.as_ref(), tenant_id, "user#", 1000);
+        let mut users = 0u64;
+        while users < at_most
+            && let Some(page) = pages.next().await.map_err(AuthError::from)?
+        {
+            users += page.len() as u64;
+        }
+        Ok(users.min(at_most))
     }
 
     /// Where a generated bootstrap password is written.
@@ -593,7 +592,7 @@ impl Auth for AuthService {
                     data,
                     condition: Condition::Version(version),
                 };
-                self.commit_audited(write, event, &email).await?;
+                self.commit_audited(write, event, AuthError::ConcurrentChange).await?;
                 Ok(user)
             })
             .await?;
@@ -618,7 +617,7 @@ impl Auth for AuthService {
                     sk: user_sk(&email),
                     condition: Condition::Version(version),
                 };
-                self.commit_audited(write, event, &email).await?;
+                self.commit_audited(write, event, AuthError::ConcurrentChange).await?;
                 Ok(user)
             })
             .await?;

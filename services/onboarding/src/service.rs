@@ -149,18 +149,11 @@ impl OnboardingService {
     /// of any tier).
     pub fn sweep_audit(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        let retention: tenantmesh_tenant_context::audit::Retention = Arc::new(move |tenant: String| {
+        let tier_of: tenantmesh_tenant_context::audit::TierOf = Arc::new(move |tenant: String| {
             let this = this.clone();
-            Box::pin(async move {
-                let tiers = &this.inner.tiers;
-                let longest = tiers.longest_audit_retention_days();
-                match this.tenant(&tenant).await {
-                    Ok(t) => tiers.get(&t.tier).map_or(longest, |tier| tier.audit_retention_days),
-                    Err(_) => longest,
-                }
-            })
+            Box::pin(async move { this.tenant(&tenant).await.ok().map(|t| t.tier) })
         });
-        self.inner.auditor.sweep(retention, every)
+        self.inner.auditor.sweep(self.inner.tiers.clone(), tier_of, every)
     }
 
     /// Onboarding's audit log (its `Audit` and `Backup` services).

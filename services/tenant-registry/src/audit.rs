@@ -5,7 +5,6 @@
 
 use tenantmesh_proto::registry::v1::Tenant;
 use tenantmesh_service::audit::Caller;
-use tenantmesh_tenant_context::TenantContext;
 
 use crate::registry::Registry;
 
@@ -76,34 +75,11 @@ pub(crate) mod summary {
         format!("the tier's plan but {}", each.join(", "))
     }
     pub(crate) fn limits(t: &Tenant) -> String {
-        match &t.limits {
-            Some(l) => format!(
-                "{} requests/s, burst {}, {} in flight, {} bytes stored",
-                l.requests_per_second, l.burst, l.max_concurrency, l.storage_quota_bytes
-            ),
-            None => "the tier's limits".into(),
-        }
+        t.limits.as_ref().map_or_else(|| "the tier's limits".into(), tenantmesh_proto::names::limits)
     }
 }
 
 impl Registry {
-    /// The caller of `request` (authenticated: `ctx`).
-    pub(crate) fn caller<T>(request: &tonic::Request<T>, ctx: &TenantContext) -> Caller {
-        tenantmesh_tenant_context::audit::caller(request, ctx)
-    }
-
-    /// See [`tenantmesh_tenant_context::audit::Auditor::audited`].
-    pub(crate) async fn audited<T>(
-        &self,
-        caller: &Caller,
-        tenant_id: &str,
-        action: &str,
-        target: String,
-        work: impl std::future::Future<Output = Result<T, tonic::Status>>,
-    ) -> Result<T, tonic::Status> {
-        self.auditor.audited(caller, tenant_id, action, target, work).await
-    }
-
     /// What the access layer calls for a refused call of a registry RPC
     /// that changes something.
     pub fn refusals(&self) -> tenantmesh_tenant_context::authorize::OnRefusal {
@@ -115,17 +91,11 @@ impl Registry {
     /// in the registry, keep the longest of any tier).
     pub fn sweep_audit(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
         let registry = self.clone();
-        let retention: tenantmesh_tenant_context::audit::Retention = std::sync::Arc::new(move |tenant: String| {
+        let tier_of: tenantmesh_tenant_context::audit::TierOf = std::sync::Arc::new(move |tenant: String| {
             let registry = registry.clone();
-            Box::pin(async move {
-                let longest = registry.tiers.longest_audit_retention_days();
-                match registry.get(&tenant).await {
-                    Ok(Some(t)) => registry.tiers.get(&t.tier).map_or(longest, |tier| tier.audit_retention_days),
-                    _ => longest,
-                }
-            })
+            Box::pin(async move { registry.get(&tenant).await.ok().flatten().map(|t| t.tier) })
         });
-        self.auditor.sweep(retention, every)
+        self.auditor.sweep(self.tiers.clone(), tier_of, every)
     }
 
     /// The registry's audit log (its `Audit` and `Backup` services).

@@ -116,14 +116,15 @@ impl Registry {
         check(&service)?;
         let chain = chain_of(&service.silo_tenant).to_owned();
         let target = format!("service/{}", key(&service.name, &service.silo_tenant));
-        self.audited(
-            caller,
-            &chain,
-            "service.register",
-            target.clone(),
-            self.register_checked(ctx, caller, service, target),
-        )
-        .await
+        self.auditor
+            .audited(
+                caller,
+                &chain,
+                "service.register",
+                target.clone(),
+                self.register_checked(ctx, caller, service, target),
+            )
+            .await
     }
 
     async fn register_checked(
@@ -208,6 +209,7 @@ impl Registry {
         let chain = chain_of(&req.silo_tenant);
         let target = format!("service/{at}");
         let removed = self
+            .auditor
             .audited(caller, chain, "service.deregister", target.clone(), async {
                 ctx.authorize_all_tenants()?;
                 // Two tries: a registration racing this one wins once.
@@ -216,12 +218,13 @@ impl Registry {
                         // Nothing there: nothing changes, and no event.
                         return Ok(false);
                     };
+                    let version = item.version;
                     let mut event = caller.event(chain, "service.deregister", target.clone());
-                    event.before = summary(&decode(item.clone())?);
+                    event.before = summary(&decode(item)?);
                     let write = Write::Delete {
                         pk: SERVICES_PK.into(),
                         sk: at.clone(),
-                        condition: Condition::Version(item.version),
+                        condition: Condition::Version(version),
                     };
                     match self.auditor.log.commit(vec![write], event).await {
                         Ok(_) => return Ok(true),

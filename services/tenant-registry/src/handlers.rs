@@ -21,7 +21,7 @@ impl TenantRegistry for Registry {
         request: Request<CreateTenantRequest>,
     ) -> Result<Response<CreateTenantResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -42,6 +42,7 @@ impl TenantRegistry for Registry {
         let target = format!("tenant/{}", req.tenant_id);
         let id = req.tenant_id.clone();
         let tenant = self
+            .auditor
             .audited(&caller, &id, "tenant.register", target, async {
                 ctx.authorize_tenant(&req.tenant_id)?;
                 let model = self.tiers.isolation_model(&req.tier).expect("tier validated");
@@ -118,7 +119,7 @@ impl TenantRegistry for Registry {
         request: Request<UpdateTenantRequest>,
     ) -> Result<Response<UpdateTenantResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -132,6 +133,7 @@ impl TenantRegistry for Registry {
         v.check()?;
         let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
+            .auditor
             .audited(&caller, &req.tenant_id, "tenant.update", target, async {
                 ctx.authorize_tenant(&req.tenant_id)?;
                 let audited = Audited { caller: &caller, action: "tenant.update", summary: summary::name_and_tier };
@@ -161,7 +163,7 @@ impl TenantRegistry for Registry {
         request: Request<SetTenantStatusRequest>,
     ) -> Result<Response<SetTenantStatusResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -175,6 +177,7 @@ impl TenantRegistry for Registry {
         v.check()?;
         let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
+            .auditor
             .audited(&caller, &req.tenant_id, "tenant.status", target, async {
                 ctx.authorize_tenant(&req.tenant_id)?;
                 if req.tenant_id == PLATFORM_TENANT && status != TenantStatus::Active {
@@ -198,7 +201,7 @@ impl TenantRegistry for Registry {
         request: Request<SetIdentityProviderRequest>,
     ) -> Result<Response<SetIdentityProviderResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -227,6 +230,7 @@ impl TenantRegistry for Registry {
         v.check()?;
         let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
+            .auditor
             .audited(&caller, &req.tenant_id, "tenant.identity_provider", target, async {
                 ctx.authorize_tenant(&req.tenant_id)?;
                 if req.tenant_id == PLATFORM_TENANT {
@@ -268,7 +272,7 @@ impl TenantRegistry for Registry {
         request: Request<SetPlacementRequest>,
     ) -> Result<Response<SetPlacementResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -293,6 +297,7 @@ impl TenantRegistry for Registry {
         let target = format!("tenant/{}", req.tenant_id);
         let placement = req.placement.clone().expect("validated");
         let tenant = self
+            .auditor
             .audited(&caller, &req.tenant_id, "tenant.placement", target, async {
                 ctx.authorize_tenant(&req.tenant_id)?;
                 if req.tenant_id == PLATFORM_TENANT {
@@ -332,7 +337,7 @@ impl TenantRegistry for Registry {
         request: Request<RegisterServiceRequest>,
     ) -> Result<Response<RegisterServiceResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         Ok(Response::new(self.catalog_register(&ctx, &caller, request.into_inner()).await?))
     }
 
@@ -349,7 +354,7 @@ impl TenantRegistry for Registry {
         request: Request<DeregisterServiceRequest>,
     ) -> Result<Response<DeregisterServiceResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         Ok(Response::new(self.catalog_deregister(&ctx, &caller, request.into_inner()).await?))
     }
 
@@ -409,7 +414,7 @@ impl TenantRegistry for Registry {
         request: Request<SetEntitlementOverrideRequest>,
     ) -> Result<Response<SetEntitlementOverrideResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -429,6 +434,7 @@ impl TenantRegistry for Registry {
         let o = req.r#override.clone().expect("validated");
         let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
+            .auditor
             .audited(&caller, &req.tenant_id, "tenant.entitlement", target, async {
                 ctx.authorize_tenant(&req.tenant_id)?;
                 if req.tenant_id == PLATFORM_TENANT {
@@ -456,7 +462,7 @@ impl TenantRegistry for Registry {
         request: Request<SetTenantLimitsRequest>,
     ) -> Result<Response<SetTenantLimitsResponse>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
-        let caller = Self::caller(&request, &ctx);
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
         let req = request.into_inner();
         let mut v = Violations::new();
         v.tenant_id("tenant_id", &req.tenant_id);
@@ -480,6 +486,7 @@ impl TenantRegistry for Registry {
         v.check()?;
         let target = format!("tenant/{}", req.tenant_id);
         let tenant = self
+            .auditor
             .audited(&caller, &req.tenant_id, "tenant.limits", target, async {
                 ctx.authorize_tenant(&req.tenant_id)?;
                 if req.tenant_id == PLATFORM_TENANT {

@@ -118,27 +118,20 @@ impl Registry {
         audited: Option<Audited<'_>>,
     ) -> Result<Tenant, RegistryError> {
         let id = tenant.tenant_id.clone();
-        let write = Write::Put {
-            pk: TENANTS_PK.into(),
-            sk: id.clone(),
-            data: tenant.encode_to_vec(),
-            condition: Condition::NotExists,
-        };
+        let data = tenant.encode_to_vec();
         match audited {
             Some(a) => {
                 let mut event = a.caller.event(&id, a.action, format!("tenant/{id}"));
                 event.after = (a.summary)(&tenant);
+                let write = Write::Put { pk: TENANTS_PK.into(), sk: id.clone(), data, condition: Condition::NotExists };
                 self.auditor.log.commit(vec![write], event).await.map_err(|e| match e {
                     AppendError::Change { source, .. } => RegistryError::from_write(source, &id),
                     AppendError::Store(e) => e.into(),
                 })?;
             }
             None => {
-                let Write::Put { data, .. } = write else { unreachable!("a put") };
-                self.store
-                    .put(TENANTS_PK, &id, data, Condition::NotExists)
-                    .await
-                    .map_err(|e| RegistryError::from_write(e, &id))?;
+                let put = self.store.put(TENANTS_PK, &id, data, Condition::NotExists).await;
+                put.map_err(|e| RegistryError::from_write(e, &id))?;
             }
         }
         tenant.version = 1;

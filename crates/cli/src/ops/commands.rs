@@ -795,10 +795,7 @@ async fn tenant(command: TenantCommand, ops: &Ops, env: &Env) -> Result<(), CliE
             let answer = ops.registry()?.set_tenant_limits(request).await.map_err(ops.error(Service::Registry))?;
             let t = answer.into_inner().tenant.unwrap_or_default();
             let l = t.limits.unwrap_or_default();
-            let what = format!(
-                "limits: {} requests/s, burst {}, {} in flight, {} bytes stored",
-                l.requests_per_second, l.burst, l.max_concurrency, l.storage_quota_bytes
-            );
+            let what = format!("limits: {}", tenantmesh_proto::names::limits(&l));
             print_tenant_change(&Tenant { limits: Some(l), ..t }, out, &what);
             Ok(())
         }
@@ -965,13 +962,7 @@ async fn show_tenant(ops: &Ops, id: &str, out: Output) -> Result<(), CliError> {
         ("updated", format!("{} (version {})", when::format(t.update_time), t.version)),
         ("table", if p.table.is_empty() { "-".to_owned() } else { clean(&p.table) }),
         ("instance", if p.endpoint.is_empty() { "shared".to_owned() } else { clean(&p.endpoint) }),
-        (
-            "limits",
-            format!(
-                "{} requests/s, burst {}, {} in flight, {} bytes stored",
-                l.requests_per_second, l.burst, l.max_concurrency, l.storage_quota_bytes
-            ),
-        ),
+        ("limits", tenantmesh_proto::names::limits(&l)),
     ];
     if let Some(idp) = &t.identity_provider {
         pairs
@@ -1011,9 +1002,7 @@ async fn audit_tail(ops: &Ops, tenant: &str, n: u32) -> Result<Vec<AuditEvent>, 
             ops.request(ListAuditEventsRequest { tenant_id: tenant.to_owned(), last: n, ..Default::default() });
         events.extend(client.list_audit_events(request).await.map_err(ops.error(service))?.into_inner().events);
     }
-    events.sort_by_key(|e| e.time_us);
-    let extra = events.len().saturating_sub(n as usize);
-    Ok(events.split_off(extra))
+    Ok(tenantmesh_service::audit::timeline(events, Some(n as usize)))
 }
 
 fn audit_table(events: &[AuditEvent]) -> Table {
@@ -1059,10 +1048,7 @@ async fn audit(command: AuditCommand, ops: &Ops) -> Result<(), CliError> {
                 }
             }
             // One timeline across the logs.
-            events.sort_by_key(|e| e.time_us);
-            if let Some(n) = last {
-                events = events.split_off(events.len().saturating_sub(n as usize));
-            }
+            let events = tenantmesh_service::audit::timeline(events, last.map(|n| n as usize));
             if out.json() {
                 print_json(&Value::Array(events.iter().map(tenantmesh_service::audit::to_json).collect()));
             } else {
