@@ -61,6 +61,7 @@ pub(crate) mod operator {
 }
 /// Limits, fair sharing, metering and cost.
 mod usage {
+    mod alerts;
     mod entitlements;
     mod limits;
     mod metering;

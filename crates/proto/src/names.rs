@@ -95,3 +95,13 @@ pub fn limits(l: &TenantLimits) -> String {
         l.requests_per_second, l.burst, l.max_concurrency, l.storage_quota_bytes
     )
 }
+
+/// A usage alert as operators read it: "warn-50: write_units at 50%".
+pub fn usage_alert(a: &crate::registry::v1::UsageAlert) -> String {
+    use crate::registry::v1::usage_alert::Threshold;
+    match a.threshold {
+        Some(Threshold::Percent(p)) => format!("{}: {} at {p}%", a.alert_id, a.meter),
+        Some(Threshold::Absolute(n)) => format!("{}: {} at {n}", a.alert_id, a.meter),
+        None => format!("{}: {}", a.alert_id, a.meter),
+    }
+}

@@ -10,6 +10,12 @@
 //! - `max_users` (default unlimited): creating a user past it is
 //!   RESOURCE_EXHAUSTED with `ErrorInfo` (reason `ENTITLEMENT_EXHAUSTED`)
 //!   and a `QuotaFailure`.
+//! - `requests`, `write_units` (metered, per calendar month UTC; default
+//!   uncapped): `{ per_month = N, hard = true|false }`. Hard: once the
+//!   month's usage reaches N, the data service refuses the tenant's calls
+//!   (`requests`) or writes (`write_units`) until the month ends, with the
+//!   same details as `max_users`; soft: only reported (and what a usage
+//!   alert's percentage is of).
 
 use serde::Deserialize;
 use tenantmesh_proto::registry::v1::EntitlementOverride;
@@ -30,6 +36,45 @@ pub struct Plan {
     /// At most this many users in a tenant (its admin included).
     #[serde(default)]
     pub max_users: Option<u64>,
+    /// Requests per calendar month (every metered RPC of every service).
+    #[serde(default)]
+    pub requests: Option<Metered>,
+    /// Write units per calendar month (a unit per KiB written).
+    #[serde(default)]
+    pub write_units: Option<Metered>,
+}
+
+/// A monthly quantity of a meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metered {
+    pub per_month: u64,
+    /// Refused past `per_month` (else only reported).
+    #[serde(default)]
+    pub hard: bool,
+}
+
+/// A metered feature: a meter counted per calendar month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MeteredFeature {
+    Requests,
+    WriteUnits,
+}
+
+impl MeteredFeature {
+    pub const ALL: [MeteredFeature; 2] = [MeteredFeature::Requests, MeteredFeature::WriteUnits];
+
+    /// Its name, which is also its meter's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeteredFeature::Requests => "requests",
+            MeteredFeature::WriteUnits => "write_units",
+        }
+    }
+
+    pub fn of(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == name)
+    }
 }
 
 fn granted() -> bool {
@@ -38,7 +83,7 @@ fn granted() -> bool {
 
 impl Default for Plan {
     fn default() -> Self {
-        Self { restore: true, export: true, external_idp: true, max_users: None }
+        Self { restore: true, export: true, external_idp: true, max_users: None, requests: None, write_units: None }
     }
 }
 
@@ -61,7 +106,7 @@ impl Feature {
 }
 
 /// Every feature a plan holds, by name.
-pub const FEATURES: [&str; 4] = ["restore", "export", "external_idp", "max_users"];
+pub const FEATURES: [&str; 6] = ["restore", "export", "external_idp", "max_users", "requests", "write_units"];
 
 impl Feature {
     fn of(name: &str) -> Option<Self> {
@@ -77,12 +122,15 @@ impl Feature {
 /// The violations of an override (`field` names it in them).
 pub fn check_override(v: &mut crate::errors::Violations, field: &str, o: &EntitlementOverride) {
     match o.feature.as_str() {
-        "max_users" => {
+        name @ ("max_users" | "requests" | "write_units") => {
             if o.limit.is_none_or(|l| l == 0) {
-                v.add(&format!("{field}.limit"), "must be at least 1 for max_users");
+                v.add(&format!("{field}.limit"), format!("must be at least 1 for {name}"));
             }
             if o.granted.is_some() {
                 v.add(&format!("{field}.granted"), "is for restore, export and external_idp");
+            }
+            if o.hard.is_some() && name == "max_users" {
+                v.add(&format!("{field}.hard"), "is for requests and write_units");
             }
         }
         name if Feature::of(name).is_some() => {
@@ -90,7 +138,10 @@ pub fn check_override(v: &mut crate::errors::Violations, field: &str, o: &Entitl
                 v.add(&format!("{field}.granted"), format!("is required for {name}"));
             }
             if o.limit.is_some() {
-                v.add(&format!("{field}.limit"), "is for max_users");
+                v.add(&format!("{field}.limit"), "is for max_users, requests and write_units");
+            }
+            if o.hard.is_some() {
+                v.add(&format!("{field}.hard"), "is for requests and write_units");
             }
         }
         _ => {
@@ -109,10 +160,32 @@ impl Plan {
                 ("export", Some(g), _) => plan.export = g,
                 ("external_idp", Some(g), _) => plan.external_idp = g,
                 ("max_users", _, Some(l)) => plan.max_users = Some(l),
+                (name, _, Some(per_month)) => {
+                    if let Some(f) = MeteredFeature::of(name) {
+                        let slot = plan.metered_mut(f);
+                        let hard = o.hard.unwrap_or(slot.is_some_and(|m| m.hard));
+                        *slot = Some(Metered { per_month, hard });
+                    }
+                }
                 _ => {}
             }
         }
         plan
+    }
+
+    /// The plan's monthly quantity of `feature`, if it caps it.
+    pub fn metered(&self, feature: MeteredFeature) -> Option<Metered> {
+        match feature {
+            MeteredFeature::Requests => self.requests,
+            MeteredFeature::WriteUnits => self.write_units,
+        }
+    }
+
+    fn metered_mut(&mut self, feature: MeteredFeature) -> &mut Option<Metered> {
+        match feature {
+            MeteredFeature::Requests => &mut self.requests,
+            MeteredFeature::WriteUnits => &mut self.write_units,
+        }
     }
 
     /// Whether the plan grants `feature`.
@@ -159,12 +232,40 @@ impl Plan {
     }
 }
 
+/// The refusal of a call past a hard monthly quantity of `feature`
+/// (RESOURCE_EXHAUSTED, `ErrorInfo` and a `QuotaFailure`).
+pub fn metered_refusal(tenant: &str, feature: MeteredFeature, per_month: u64) -> tonic::Status {
+    use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+    let name = feature.as_str();
+    let mut details = ErrorDetails::with_error_info(
+        "ENTITLEMENT_EXHAUSTED",
+        DOMAIN,
+        [("feature".to_owned(), name.to_owned()), ("reset_period".to_owned(), "month".to_owned())],
+    );
+    details
+        .set_quota_failure(vec![QuotaViolation::new(format!("tenant:{tenant}"), format!("{name} {per_month}/month"))]);
+    let what = match feature {
+        MeteredFeature::Requests => "calls",
+        MeteredFeature::WriteUnits => "writes",
+    };
+    tonic::Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "the tenant's plan includes {per_month} {name} a month and this month's are used: \
+             {what} are refused until the month ends (UTC), or the operator raises it"
+        ),
+        details,
+    )
+}
+
 /// A tenant's entitlements as `GetEntitlements` answers them: the plan of
-/// `tier` with `overrides`, and `users` (how many it has, when counted).
+/// `tier` with `overrides`, `users` (how many it has, when counted) and
+/// `monthly` (this month's usage of the metered features, when read).
 pub fn listed(
     tier: &crate::tiers::Tier,
     overrides: &[EntitlementOverride],
     users: Option<u64>,
+    monthly: &[(MeteredFeature, u64)],
 ) -> Vec<tenantmesh_proto::auth::v1::Entitlement> {
     use tenantmesh_proto::auth::v1::{Entitlement, EntitlementKind, EntitlementSource};
     let plan = tier.entitlements.with(overrides);
@@ -173,6 +274,20 @@ pub fn listed(
             EntitlementSource::Override
         } else {
             EntitlementSource::Tier
+        }
+    };
+    let metered = |feature: MeteredFeature| {
+        let m = plan.metered(feature);
+        let used = monthly.iter().find(|(f, _)| *f == feature).map(|(_, used)| *used);
+        Entitlement {
+            feature: feature.as_str().into(),
+            kind: EntitlementKind::Metered as i32,
+            granted: m.is_none_or(|m| !m.hard || used.is_none_or(|u| u < m.per_month)),
+            limit: m.map(|m| m.per_month),
+            used,
+            reset_period: "month".into(),
+            source: source(feature.as_str()) as i32,
+            hard: m.is_some_and(|m| m.hard),
         }
     };
     let boolean = |feature: Feature| Entitlement {
@@ -195,6 +310,8 @@ pub fn listed(
             source: source("max_users") as i32,
             ..Default::default()
         },
+        metered(MeteredFeature::Requests),
+        metered(MeteredFeature::WriteUnits),
         Entitlement {
             feature: "history_days".into(),
             kind: EntitlementKind::Numeric as i32,
@@ -210,6 +327,18 @@ pub fn listed(
 mod tests {
     use super::*;
     use tonic_types::StatusExt;
+
+    #[test]
+    fn metered_refusals_say_when_they_end() {
+        let refused = metered_refusal("acme", MeteredFeature::WriteUnits, 1000);
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let details = refused.get_error_details();
+        let info = details.error_info().unwrap();
+        assert_eq!((info.reason.as_str(), info.metadata["feature"].as_str()), ("ENTITLEMENT_EXHAUSTED", "write_units"));
+        assert_eq!(info.metadata["reset_period"], "month");
+        assert_eq!(details.quota_failure().unwrap().violations[0].description, "write_units 1000/month");
+        assert!(refused.message().contains("writes are refused until the month ends"), "{}", refused.message());
+    }
 
     #[test]
     fn refusals_name_the_feature() {
@@ -235,16 +364,29 @@ mod tests {
             feature: feature.into(),
             granted,
             limit,
+            hard: None,
         };
         let with = plan.with(&[o("restore", Some(true), None), o("max_users", None, Some(10))]);
         assert!(with.restore && with.max_users == Some(10) && with.export);
         assert_eq!(plan.with(&[]), plan);
+        // A metered override keeps the tier's hardness unless it says.
+        let metered = Plan { write_units: Some(Metered { per_month: 5, hard: true }), ..Plan::default() };
+        let raised = metered.with(&[o("write_units", None, Some(50))]);
+        assert_eq!(raised.write_units, Some(Metered { per_month: 50, hard: true }));
+        let soft = metered.with(&[EntitlementOverride { hard: Some(false), ..o("write_units", None, Some(50)) }]);
+        assert_eq!(soft.write_units, Some(Metered { per_month: 50, hard: false }));
+        let new = Plan::default().with(&[o("requests", None, Some(9))]);
+        assert_eq!(new.requests, Some(Metered { per_month: 9, hard: false }), "soft unless said");
         for (bad, field) in [
             (o("max_users", None, None), "o.limit"),
             (o("max_users", Some(true), Some(3)), "o.granted"),
             (o("restore", None, None), "o.granted"),
             (o("export", Some(true), Some(1)), "o.limit"),
             (o("gold", Some(true), None), "o.feature"),
+            (o("write_units", None, None), "o.limit"),
+            (o("requests", Some(true), Some(3)), "o.granted"),
+            (EntitlementOverride { hard: Some(true), ..o("max_users", None, Some(3)) }, "o.hard"),
+            (EntitlementOverride { hard: Some(true), ..o("restore", Some(true), None) }, "o.hard"),
         ] {
             let mut v = crate::errors::Violations::new();
             check_override(&mut v, "o", &bad);

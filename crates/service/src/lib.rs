@@ -11,7 +11,10 @@
 //! - [`handled`]: what a handler reports to the layers around it (usage
 //!   and cost).
 //! - [`ids`]: tenant ids.
+//! - [`entitlements`]: what each plan includes; [`alerts`]: usage alerts
+//!   and the billing period.
 
+pub mod alerts;
 pub mod audit;
 pub mod backup;
 pub mod clock;

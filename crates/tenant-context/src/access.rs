@@ -355,7 +355,7 @@ mod tests {
         assert_declared(tenantmesh_proto::FILE_DESCRIPTOR_SET);
         assert_eq!(
             paths("/tenantmesh.").len(),
-            61,
+            63,
             "the four services, DataAdmin, Metering, Backup, Audit and the lifecycle service of applications"
         );
     }

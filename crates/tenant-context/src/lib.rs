@@ -30,6 +30,7 @@ pub mod metadata;
 pub mod meter;
 pub mod server;
 pub mod verify;
+pub mod webhook;
 
 pub use context::TenantContext;
 pub use identity::{Claims, Grant, PLATFORM_TENANT, PLATFORM_TIER, Role, Scope};

@@ -564,7 +564,8 @@ impl Auth for AuthService {
             .ok_or_else(|| AuthError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
         let plan = tier.entitlements.with(&tenant.entitlement_overrides);
         let users = self.users_counted(&req.tenant_id, plan.max_users.unwrap_or(10_000)).await?;
-        let entitlements = tenantmesh_service::entitlements::listed(tier, &tenant.entitlement_overrides, Some(users));
+        let entitlements =
+            tenantmesh_service::entitlements::listed(tier, &tenant.entitlement_overrides, Some(users), &[]);
         Ok(Response::new(GetEntitlementsResponse { entitlements }))
     }
 

@@ -49,6 +49,48 @@ pub struct Config {
     /// `TENANTMESH_USAGE_RETENTION_DAYS` (default 400): usage older than
     /// this is deleted (by the hourly stored-bytes sampler).
     pub usage_retention_days: u32,
+    /// `TENANTMESH_USAGE_CHECK_MS` (default 30000): how often this month's
+    /// usage is read for the tenants with hard monthly limits or usage
+    /// alerts (see [`crate::monthly`]).
+    pub usage_check: std::time::Duration,
+    /// `TENANTMESH_ALERT_WEBHOOK_URL` with `TENANTMESH_ALERT_WEBHOOK_SECRET`
+    /// (or `_SECRET_FILE`, at least 16 bytes): where usage alerts are
+    /// posted, signed (none: only the lifecycle event).
+    pub alert_webhook: Option<tenantmesh_tenant_context::webhook::Webhook>,
+}
+
+/// The usage alerts' webhook, if one is set.
+fn alert_webhook(
+    env: &HashMap<String, String>,
+) -> Result<Option<tenantmesh_tenant_context::webhook::Webhook>, ConfigError> {
+    use tenantmesh_service::config::var;
+    const URL: &str = "TENANTMESH_ALERT_WEBHOOK_URL";
+    let Some(url) = var(env, URL) else { return Ok(None) };
+    let secret = match (var(env, "TENANTMESH_ALERT_WEBHOOK_SECRET"), var(env, "TENANTMESH_ALERT_WEBHOOK_SECRET_FILE")) {
+        (Some(s), None) => s.as_bytes().to_vec(),
+        (None, Some(path)) => std::fs::read(path).map(|b| b.trim_ascii().to_vec()).map_err(|e| ConfigError {
+            var: "TENANTMESH_ALERT_WEBHOOK_SECRET_FILE",
+            message: format!("{path}: {e}"),
+        })?,
+        (Some(_), Some(_)) => {
+            return Err(ConfigError {
+                var: "TENANTMESH_ALERT_WEBHOOK_SECRET",
+                message: "set it or TENANTMESH_ALERT_WEBHOOK_SECRET_FILE, not both".into(),
+            });
+        }
+        (None, None) => {
+            return Err(ConfigError {
+                var: "TENANTMESH_ALERT_WEBHOOK_SECRET",
+                message: format!(
+                    "is required with {URL} (or TENANTMESH_ALERT_WEBHOOK_SECRET_FILE): the webhooks' signing key"
+                ),
+            });
+        }
+    };
+    tenantmesh_tenant_context::webhook::Webhook::new(url, &secret).map(Some).map_err(|message| {
+        let var = if message.contains("secret") { "TENANTMESH_ALERT_WEBHOOK_SECRET" } else { URL };
+        ConfigError { var, message }
+    })
 }
 
 fn parse_data_faults(spec: &str) -> Result<Option<std::time::Duration>, ConfigError> {
@@ -120,6 +162,10 @@ impl Config {
                 }
                 n => n,
             },
+            usage_check: std::time::Duration::from_millis(
+                tenantmesh_service::config::parse_var(env, "TENANTMESH_USAGE_CHECK_MS", 30_000u64)?.max(10),
+            ),
+            alert_webhook: alert_webhook(env)?,
             pricing: Arc::new(match tenantmesh_service::config::var(env, "TENANTMESH_PRICING_FILE") {
                 Some(path) => tenantmesh_metering::pricing::Pricing::load(std::path::Path::new(path))
                     .map_err(|e| ConfigError { var: "TENANTMESH_PRICING_FILE", message: e.to_string() })?,
@@ -147,9 +193,21 @@ mod tests {
             ("TENANTMESH_METERING_FLUSH_MS", "soon"),
             ("TENANTMESH_PRICING_FILE", "/no/such/pricing.toml"),
             ("TENANTMESH_ONBOARDING_URL", "ftp://x"),
+            ("TENANTMESH_USAGE_CHECK_MS", "often"),
+            ("TENANTMESH_ALERT_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
         ] {
             let e = Config::from_env(&env(&[(var, value)])).unwrap_err();
-            assert_eq!(e.var, var, "{e:?}");
+            let want = if var == "TENANTMESH_ALERT_WEBHOOK_URL" { "TENANTMESH_ALERT_WEBHOOK_SECRET" } else { var };
+            assert_eq!(e.var, want, "{e:?}");
         }
+        let hook = |url: &str, secret: &str| {
+            Config::from_env(&env(&[
+                ("TENANTMESH_ALERT_WEBHOOK_URL", url),
+                ("TENANTMESH_ALERT_WEBHOOK_SECRET", secret),
+            ]))
+        };
+        assert_eq!(hook("http://127.0.0.1:9/hook", "short").unwrap_err().var, "TENANTMESH_ALERT_WEBHOOK_SECRET");
+        assert_eq!(hook("gopher://x", "0123456789abcdef").unwrap_err().var, "TENANTMESH_ALERT_WEBHOOK_URL");
+        assert!(hook("http://127.0.0.1:9/hook", "0123456789abcdef").unwrap().alert_webhook.is_some());
     }
 }

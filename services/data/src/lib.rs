@@ -25,6 +25,8 @@
 //! refused (UNAVAILABLE with RetryInfo) instead of landing where no copy
 //! will see it. The client's retry reaches the new placement.
 //!
+//! Hard monthly entitlements and usage alerts: [`monthly`].
+//!
 //! [`DataAdminService`](admin::DataAdminService) is the lifecycle side, for the onboarding workflows
 //! only: provision and drop dedicated tables, export, import and purge.
 
@@ -34,6 +36,7 @@ mod error;
 mod items;
 mod keys;
 pub mod metering;
+pub mod monthly;
 mod serve;
 pub mod storage_meter;
 

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message as _;
 use tenantmesh_proto::onboarding::v1::{Event, EventKind};
-use tenantmesh_storage::{Condition, DynTable, Query, StorageError};
+use tenantmesh_storage::{Condition, DynTable, Query, StorageError, Write};
 use tokio::sync::broadcast;
 
 const EVENTS_PK: &str = "_events";
+/// Keys of events recorded at most once (see [`EventLog::emit_once`]).
+const ONCE_PK: &str = "_event_once";
 
 pub struct EventLog {
     store: DynTable,
@@ -43,10 +45,7 @@ impl EventLog {
             time: (now_micros() / 1_000_000) as i64,
         };
         for _ in 0..16 {
-            let now = now_micros();
-            let next = |last: u64| last.max(now) + 1;
-            let seq =
-                next(self.last.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(next(l))).unwrap_or(now));
+            let seq = self.next_sequence();
             event.sequence = seq;
             match self.store.put(EVENTS_PK, &key(seq), event.encode_to_vec(), Condition::NotExists).await {
                 Ok(_) => {
@@ -63,6 +62,64 @@ impl EventLog {
                 }
             }
         }
+    }
+
+    /// The next sequence: a microsecond clock reading, above every one
+    /// this process used.
+    fn next_sequence(&self) -> u64 {
+        let now = now_micros();
+        let next = |last: u64| last.max(now) + 1;
+        next(self.last.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(next(l))).unwrap_or(now))
+    }
+
+    /// Records and broadcasts an event once for `once`, however often it is
+    /// called, by however many callers: the event and the key's marker are
+    /// one transaction. `None`: the key's event was recorded before.
+    pub async fn emit_once(
+        &self,
+        once: &str,
+        kind: EventKind,
+        tenant_id: &str,
+        workflow_id: &str,
+        detail: String,
+    ) -> Result<Option<Event>, StorageError> {
+        let mut event = Event {
+            sequence: 0,
+            kind: kind as i32,
+            tenant_id: tenant_id.to_owned(),
+            workflow_id: workflow_id.to_owned(),
+            detail,
+            time: (now_micros() / 1_000_000) as i64,
+        };
+        for _ in 0..16 {
+            event.sequence = self.next_sequence();
+            let writes = vec![
+                Write::Put {
+                    pk: ONCE_PK.into(),
+                    sk: once.into(),
+                    data: key(event.sequence).into_bytes(),
+                    condition: Condition::NotExists,
+                },
+                Write::Put {
+                    pk: EVENTS_PK.into(),
+                    sk: key(event.sequence),
+                    data: event.encode_to_vec(),
+                    condition: Condition::NotExists,
+                },
+            ];
+            match self.store.transact_write(writes).await {
+                Ok(()) => {
+                    tracing::info!(event = ?kind, target_tenant = tenant_id, workflow_id, detail = %event.detail, "lifecycle event");
+                    let _ = self.live.send(event.clone());
+                    return Ok(Some(event));
+                }
+                Err(StorageError::ConditionFailed { index: 0, .. }) => return Ok(None),
+                // Another event took the sequence: a new one.
+                Err(StorageError::ConditionFailed { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StorageError::Backend("no free event sequence after 16 tries".into()))
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -481,6 +481,39 @@ impl Onboarding for OnboardingService {
 
     type WatchEventsStream = EventStream;
 
+    async fn record_usage_threshold(
+        &self,
+        request: Request<RecordUsageThresholdRequest>,
+    ) -> Result<Response<RecordUsageThresholdResponse>, Status> {
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        v.require("alert_id", &req.alert_id);
+        if req.alert_id.len() > 32 || req.alert_id.contains(['@', '/']) {
+            v.add("alert_id", "must be at most 32 characters, without @ or /");
+        }
+        if tenantmesh_service::alerts::period(req.period_start).0 != req.period_start {
+            v.add("period_start", "must be the first second of a calendar month (UTC)");
+        }
+        v.require("detail", &req.detail);
+        if req.detail.len() > 1024 {
+            v.add("detail", "must be at most 1024 bytes");
+        }
+        v.check()?;
+        ctx.authorize_tenant(&req.tenant_id)?;
+        let period = tenantmesh_service::alerts::period_name(req.period_start);
+        let workflow_id = format!("{}@{period}", req.alert_id);
+        let once = format!("usage/{}/{}/{}/{}", req.tenant_id, req.alert_id, req.alert_create_time, req.period_start);
+        let event = self
+            .inner
+            .events
+            .emit_once(&once, EventKind::UsageThresholdReached, &req.tenant_id, &workflow_id, req.detail)
+            .await
+            .map_err(OnboardingError::from)?;
+        Ok(Response::new(RecordUsageThresholdResponse { recorded: event.is_some(), event }))
+    }
+
     async fn watch_events(&self, request: Request<WatchEventsRequest>) -> Result<Response<EventStream>, Status> {
         let ctx = TenantContext::from_request(&request)?.clone();
         let req = request.into_inner();

@@ -375,3 +375,64 @@ async fn retry_and_resources() {
 fn every_rpc_has_a_contract_test() {
     assert_contract_covers(include_str!("contract.rs"), &["tenantmesh.onboarding.v1.Onboarding"]);
 }
+
+/// RecordUsageThreshold: the data plane's call (a tenant's admin and the
+/// operator are refused), fields named when bad, and one event per alert,
+/// set and period however often it is called; an alert set again is
+/// another alert.
+#[tokio::test]
+async fn usage_thresholds_are_recorded_once() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let a = mesh.onboard(&unique_tenant("alerted")).await;
+    let data_plane = mesh.service_token_as("tests-data-plane").await;
+    let mut onb = mesh.onboarding();
+    let (period, _) = tenantmesh_service::alerts::period(tenantmesh_service::clock::now_secs());
+    let req = |alert_create_time: i64| RecordUsageThresholdRequest {
+        tenant_id: a.tenant_id.clone(),
+        alert_id: "half".into(),
+        period_start: period,
+        alert_create_time,
+        detail: "write_units reached 20 of 40 (24 used) in this month".into(),
+    };
+    for token in [&a.token, &admin] {
+        expect_code(onb.record_usage_threshold(authed(req(1), token)).await, Code::PermissionDenied);
+    }
+    type Mutation = Box<dyn Fn(&mut RecordUsageThresholdRequest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("tenant_id", Box::new(|r| r.tenant_id = "Bad!".into())),
+        ("alert_id", Box::new(|r| r.alert_id.clear())),
+        ("alert_id", Box::new(|r| r.alert_id = "a@b".into())),
+        ("period_start", Box::new(|r| r.period_start += 1)),
+        ("detail", Box::new(|r| r.detail.clear())),
+    ];
+    for (field, mutate) in cases {
+        let mut r = req(1);
+        mutate(&mut r);
+        expect_invalid(onb.record_usage_threshold(authed(r, &data_plane)).await, field);
+    }
+    let first = onb.record_usage_threshold(authed(req(1), &data_plane)).await.unwrap().into_inner();
+    assert!(first.recorded);
+    let event = first.event.unwrap();
+    assert_eq!(event.kind, EventKind::UsageThresholdReached as i32);
+    let name = tenantmesh_service::alerts::period_name(period);
+    assert_eq!(
+        (event.tenant_id.as_str(), event.workflow_id.as_str()),
+        (a.tenant_id.as_str(), format!("half@{name}").as_str())
+    );
+    for _ in 0..3 {
+        let again = onb.record_usage_threshold(authed(req(1), &data_plane)).await.unwrap().into_inner();
+        assert!(!again.recorded && again.event.is_none(), "{again:?}");
+    }
+    assert!(onb.record_usage_threshold(authed(req(2), &data_plane)).await.unwrap().into_inner().recorded);
+    // Stored: a replay finds the two, once each.
+    use tokio_stream::StreamExt;
+    let watch = WatchEventsRequest { tenant_id: a.tenant_id.clone(), after_sequence: Some(0) };
+    let mut stream = onb.watch_events(authed(watch, &a.token)).await.unwrap().into_inner();
+    let mut found = 0;
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(std::time::Duration::from_millis(500), stream.next()).await {
+        found += usize::from(e.event.unwrap().kind == EventKind::UsageThresholdReached as i32);
+    }
+    assert_eq!(found, 2);
+    mesh.shutdown().await;
+}

@@ -17,7 +17,7 @@ pub(crate) struct Audited<'a> {
 }
 
 /// The registry's RPCs that change something, by path: their actions.
-const ACTIONS: [(&str, &str); 9] = [
+const ACTIONS: [(&str, &str); 10] = [
     ("/tenantmesh.registry.v1.TenantRegistry/CreateTenant", "tenant.register"),
     ("/tenantmesh.registry.v1.TenantRegistry/UpdateTenant", "tenant.update"),
     ("/tenantmesh.registry.v1.TenantRegistry/SetTenantStatus", "tenant.status"),
@@ -25,6 +25,7 @@ const ACTIONS: [(&str, &str); 9] = [
     ("/tenantmesh.registry.v1.TenantRegistry/SetPlacement", "tenant.placement"),
     ("/tenantmesh.registry.v1.TenantRegistry/SetTenantLimits", "tenant.limits"),
     ("/tenantmesh.registry.v1.TenantRegistry/SetEntitlementOverride", "tenant.entitlement"),
+    ("/tenantmesh.registry.v1.TenantRegistry/SetUsageAlert", "tenant.usage_alert"),
     ("/tenantmesh.registry.v1.TenantRegistry/RegisterService", "service.register"),
     ("/tenantmesh.registry.v1.TenantRegistry/DeregisterService", "service.deregister"),
 ];
@@ -68,11 +69,19 @@ pub(crate) mod summary {
             .iter()
             .map(|o| match (o.granted, o.limit) {
                 (Some(g), _) => format!("{} {}", o.feature, if g { "granted" } else { "not granted" }),
+                (_, Some(l)) if o.hard == Some(true) => format!("{} {l} (hard)", o.feature),
                 (_, Some(l)) => format!("{} {l}", o.feature),
                 _ => o.feature.clone(),
             })
             .collect();
         format!("the tier's plan but {}", each.join(", "))
+    }
+    pub(crate) fn usage_alerts(t: &Tenant) -> String {
+        if t.usage_alerts.is_empty() {
+            return "no usage alerts".into();
+        }
+        let each: Vec<String> = t.usage_alerts.iter().map(tenantmesh_proto::names::usage_alert).collect();
+        format!("usage alerts {}", each.join(", "))
     }
     pub(crate) fn limits(t: &Tenant) -> String {
         t.limits.as_ref().map_or_else(|| "the tier's limits".into(), tenantmesh_proto::names::limits)

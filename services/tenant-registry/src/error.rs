@@ -19,6 +19,11 @@ pub enum RegistryError {
     PlatformTenant(&'static str),
     #[error("corrupt tenant record: {0}")]
     Corrupt(String),
+    #[error("the tenant has no usage alert {0}")]
+    NoSuchAlert(String),
+    /// Field violations found once the record was read.
+    #[error("{}", .0.message())]
+    Invalid(Status),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -50,6 +55,8 @@ impl From<RegistryError> for Status {
                 Status::internal("internal error")
             }
             RegistryError::Storage(e) => tenantmesh_service::errors::storage_status(e, "registry"),
+            e @ RegistryError::NoSuchAlert(_) => Status::not_found(e.to_string()),
+            RegistryError::Invalid(status) => status,
         }
     }
 }

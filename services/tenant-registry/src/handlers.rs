@@ -63,6 +63,7 @@ impl TenantRegistry for Registry {
                             placement: req.placement,
                             limits: None,
                             entitlement_overrides: Vec::new(),
+                            usage_alerts: Vec::new(),
                         },
                         Some(audited),
                     )
@@ -455,6 +456,67 @@ impl TenantRegistry for Registry {
             .await?;
         tracing::info!(target_tenant = %tenant.tenant_id, feature = %o.feature, clear = req.clear, "entitlement override set");
         Ok(Response::new(SetEntitlementOverrideResponse { tenant: Some(tenant) }))
+    }
+
+    async fn set_usage_alert(
+        &self,
+        request: Request<SetUsageAlertRequest>,
+    ) -> Result<Response<SetUsageAlertResponse>, Status> {
+        use tenantmesh_service::alerts;
+        let ctx = TenantContext::from_request(&request)?.clone();
+        let caller = tenantmesh_tenant_context::audit::caller(&request, &ctx);
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.tenant_id("tenant_id", &req.tenant_id);
+        match &req.alert {
+            None => {
+                v.add("alert", "is required");
+            }
+            Some(a) if req.clear => {
+                v.require("alert.alert_id", &a.alert_id);
+            }
+            // Checked against the plan once the tenant is read.
+            Some(_) => {}
+        }
+        v.check()?;
+        let mut alert = req.alert.clone().expect("validated");
+        alert.create_time = tenantmesh_service::clock::now_secs();
+        let target = format!("tenant/{}/alert/{}", req.tenant_id, alert.alert_id);
+        let tenant = self
+            .auditor
+            .audited(&caller, &req.tenant_id, "tenant.usage_alert", target, async {
+                ctx.authorize_tenant(&req.tenant_id)?;
+                if req.tenant_id == PLATFORM_TENANT {
+                    return Err(RegistryError::PlatformTenant("has no usage alerts").into());
+                }
+                let audited = Audited { caller: &caller, action: "tenant.usage_alert", summary: summary::usage_alerts };
+                Ok(self
+                    .modify(&req.tenant_id, None, audited, |t| {
+                        let known = t.usage_alerts.iter().any(|x| x.alert_id == alert.alert_id);
+                        if req.clear {
+                            if !known {
+                                return Err(RegistryError::NoSuchAlert(alert.alert_id.clone()));
+                            }
+                            t.usage_alerts.retain(|x| x.alert_id != alert.alert_id);
+                            return Ok(());
+                        }
+                        let mut v = Violations::new();
+                        let plan = self.tiers.get(&t.tier).map(|tier| tier.entitlements.with(&t.entitlement_overrides));
+                        alerts::check_alert(&mut v, "alert", &alert, &plan.unwrap_or_default());
+                        if !known && t.usage_alerts.len() >= alerts::MAX_ALERTS {
+                            v.add("alert", format!("a tenant holds at most {} usage alerts", alerts::MAX_ALERTS));
+                        }
+                        v.check().map_err(RegistryError::Invalid)?;
+                        t.usage_alerts.retain(|x| x.alert_id != alert.alert_id);
+                        t.usage_alerts.push(alert.clone());
+                        t.usage_alerts.sort_by(|a, b| a.alert_id.cmp(&b.alert_id));
+                        Ok(())
+                    })
+                    .await?)
+            })
+            .await?;
+        tracing::info!(target_tenant = %tenant.tenant_id, alert_id = %alert.alert_id, clear = req.clear, "usage alert set");
+        Ok(Response::new(SetUsageAlertResponse { tenant: Some(tenant) }))
     }
 
     async fn set_tenant_limits(

@@ -210,6 +210,7 @@ impl Registry {
             placement: None,
             limits: None,
             entitlement_overrides: Vec::new(),
+            usage_alerts: Vec::new(),
         };
         match self.insert(tenant, None).await {
             Ok(_) => tracing::info!(tenant_id = PLATFORM_TENANT, "bootstrap: created the platform tenant"),

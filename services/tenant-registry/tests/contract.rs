@@ -434,7 +434,7 @@ async fn entitlement_overrides() {
     let mut reg = mesh.registry();
     let set = |feature: &str, granted: Option<bool>, limit: Option<u64>, clear: bool| SetEntitlementOverrideRequest {
         tenant_id: t.tenant_id.clone(),
-        r#override: Some(EntitlementOverride { feature: feature.into(), granted, limit }),
+        r#override: Some(EntitlementOverride { feature: feature.into(), granted, limit, hard: None }),
         clear,
     };
     let overrides = |r: SetEntitlementOverrideResponse| r.tenant.unwrap().entitlement_overrides;
@@ -480,4 +480,75 @@ async fn entitlement_overrides() {
     let done: Vec<&str> = events.iter().filter(|e| e.error.is_empty()).map(|e| e.after.as_str()).collect();
     assert_eq!(done.len(), 4, "{events:#?}");
     assert_eq!(done[3], "the tier's plan but max_users 9");
+}
+
+/// SetUsageAlert: set by the tenant's own admin or the operator (another
+/// tenant's admin and users refused), one per alert_id, bad alerts named
+/// by field (a percentage needs a monthly quantity in the plan), removal
+/// of an unknown one NOT_FOUND, and each change audited.
+#[tokio::test]
+async fn usage_alerts() {
+    use tenantmesh_proto::registry::v1::usage_alert::Threshold;
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let t = mesh.onboard(&unique_tenant("alerts")).await;
+    let other = mesh.onboard(&unique_tenant("alerts-other")).await;
+    let mut reg = mesh.registry();
+    let alert = |id: &str, meter: &str, threshold: Option<Threshold>| UsageAlert {
+        alert_id: id.into(),
+        meter: meter.into(),
+        threshold,
+        create_time: 0,
+    };
+    let set =
+        |a: UsageAlert, clear: bool| SetUsageAlertRequest { tenant_id: t.tenant_id.clone(), alert: Some(a), clear };
+    let reads = alert("reads", "read_units", Some(Threshold::Absolute(1000)));
+    let answer = reg.set_usage_alert(authed(set(reads.clone(), false), &t.token)).await.unwrap().into_inner();
+    let alerts = answer.tenant.unwrap().usage_alerts;
+    assert_eq!(alerts.len(), 1);
+    assert!(alerts[0].create_time > 0, "the registry stamps when it was set: {alerts:?}");
+    let calls = alert("calls", "requests", Some(Threshold::Absolute(50)));
+    reg.set_usage_alert(authed(set(calls, false), &admin)).await.unwrap();
+    let raised = alert("reads", "read_units", Some(Threshold::Absolute(2000)));
+    let answer = reg.set_usage_alert(authed(set(raised, false), &admin)).await.unwrap().into_inner();
+    let alerts = answer.tenant.unwrap().usage_alerts;
+    let ids: Vec<&str> = alerts.iter().map(|a| a.alert_id.as_str()).collect();
+    assert_eq!(ids, ["calls", "reads"], "one per alert_id, in order");
+    assert_eq!(alerts[1].threshold, Some(Threshold::Absolute(2000)));
+
+    for (bad, field) in [
+        (alert("Bad Id", "requests", Some(Threshold::Absolute(1))), "alert.alert_id"),
+        (alert("x", "gold", Some(Threshold::Absolute(1))), "alert.meter"),
+        (alert("x", "requests", None), "alert.threshold"),
+        (alert("x", "requests", Some(Threshold::Absolute(0))), "alert.absolute"),
+        // The built-in tiers cap no monthly quantity: nothing to take a percentage of.
+        (alert("x", "write_units", Some(Threshold::Percent(80))), "alert.percent"),
+    ] {
+        expect_invalid(reg.set_usage_alert(authed(set(bad, false), &admin)).await, field);
+    }
+    let none = SetUsageAlertRequest { tenant_id: t.tenant_id.clone(), alert: None, clear: false };
+    expect_invalid(reg.set_usage_alert(authed(none, &admin)).await, "alert");
+    let bad_tenant = SetUsageAlertRequest { tenant_id: "Bad!".into(), ..set(reads.clone(), false) };
+    expect_invalid(reg.set_usage_alert(authed(bad_tenant, &admin)).await, "tenant_id");
+    expect_code(reg.set_usage_alert(authed(set(reads.clone(), false), &other.token)).await, Code::PermissionDenied);
+    let user = mesh.user_token(&t, &[tenantmesh_proto::auth::v1::Role::TenantUser]).await;
+    expect_code(reg.set_usage_alert(authed(set(reads.clone(), false), &user)).await, Code::PermissionDenied);
+    let platform = SetUsageAlertRequest { tenant_id: "platform".into(), ..set(reads.clone(), false) };
+    expect_code(reg.set_usage_alert(authed(platform, &admin)).await, Code::FailedPrecondition);
+    expect_code(reg.set_usage_alert(authed(set(alert("never-set", "", None), true), &admin)).await, Code::NotFound);
+    let cleared = reg.set_usage_alert(authed(set(alert("calls", "", None), true), &t.token)).await.unwrap();
+    assert_eq!(cleared.into_inner().tenant.unwrap().usage_alerts.len(), 1);
+
+    let audit = tenantmesh_proto::audit::v1::ListAuditEventsRequest {
+        tenant_id: t.tenant_id.clone(),
+        action: "tenant.usage_alert".into(),
+        ..Default::default()
+    };
+    let mut log = tenantmesh_proto::audit::v1::audit_client::AuditClient::new(TestMesh::channel(mesh.addrs.registry));
+    let events = log.list_audit_events(authed(audit, &admin)).await.unwrap().into_inner().events;
+    let done: Vec<&str> = events.iter().filter(|e| e.error.is_empty()).map(|e| e.after.as_str()).collect();
+    assert_eq!(done.len(), 4, "{events:#?}");
+    assert_eq!(done[2], "usage alerts calls: requests at 50, reads: read_units at 2000");
+    assert_eq!(done[3], "usage alerts reads: read_units at 2000");
+    assert!(events.iter().any(|e| !e.error.is_empty()), "refused attempts are recorded too: {events:#?}");
 }

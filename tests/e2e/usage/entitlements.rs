@@ -82,7 +82,7 @@ async fn each_feature_is_enforced_where_it_is_used() {
     // once in every service (the registry's watch), without a restart.
     let set = |feature: &str, granted: Option<bool>, limit: Option<u64>| SetEntitlementOverrideRequest {
         tenant_id: basic.tenant_id.clone(),
-        r#override: Some(EntitlementOverride { feature: feature.into(), granted, limit }),
+        r#override: Some(EntitlementOverride { feature: feature.into(), granted, limit, hard: None }),
         clear: false,
     };
     for o in [set("max_users", None, Some(3)), set("restore", Some(true), None), set("export", Some(true), None)] {

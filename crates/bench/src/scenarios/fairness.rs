@@ -426,14 +426,16 @@ pub async fn entitlement_check(ctx: &Ctx) -> Result<ScenarioResult, String> {
         "Entitlements: cost of a check",
         "What a service does where a feature is used (a restore, binding an identity provider, creating a user): \
          the tenant's tier's plan from the tiers file in memory, the tenant's overrides from its cached record \
-         applied, the feature checked. No network call. Timed in a loop in one thread."
+         applied, the feature checked. No network call. Timed in a loop in one thread. Then the check every Data \
+         call passes for hard monthly limits (requests, write_units): whether the caller's tenant is at one, from \
+         what the data service's last round of usage found."
             .into(),
     );
     let n = if ctx.quick { 200_000 } else { 5_000_000 };
     let tiers = tenantmesh_service::tiers::Tiers::default();
     let overrides = vec![
-        EntitlementOverride { feature: "max_users".into(), granted: None, limit: Some(50) },
-        EntitlementOverride { feature: "restore".into(), granted: Some(true), limit: None },
+        EntitlementOverride { feature: "max_users".into(), granted: None, limit: Some(50), hard: None },
+        EntitlementOverride { feature: "restore".into(), granted: Some(true), limit: None, hard: None },
     ];
     let time = |overrides: &[EntitlementOverride]| -> Result<f64, String> {
         let t0 = Instant::now();
@@ -450,6 +452,29 @@ pub async fn entitlement_check(ctx: &Ctx) -> Result<ScenarioResult, String> {
     progress(format!("  {plain:.0} ns per check, {overridden:.0} ns with two overrides"));
     r.figures.push(Figure::new("check, the tier's plan", "ns", plain).target(Target::AtMost(1000.0)));
     r.figures.push(Figure::new("check, with two overrides", "ns", overridden).target(Target::AtMost(1000.0)));
+    // The hard monthly limits' check, on every Data call: with no tenant
+    // at a limit (one load), and with 1,000 tenants at one (a map lookup).
+    use tenantmesh_data::monthly::Exhausted;
+    use tenantmesh_service::entitlements::MeteredFeature;
+    let exhausted = Exhausted::default();
+    let path = "/tenantmesh.data.v1.Data/PutItem";
+    let monthly = |exhausted: &Exhausted| -> Result<f64, String> {
+        let t0 = Instant::now();
+        for i in 0..n {
+            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            exhausted.check(std::hint::black_box(tenant), std::hint::black_box(path)).map_err(|e| e.to_string())?;
+        }
+        Ok(t0.elapsed().as_nanos() as f64 / n as f64)
+    };
+    let none_at = monthly(&exhausted)?;
+    exhausted.replace(
+        (0..1000).map(|i| (format!("tenant-{i:04}"), vec![(MeteredFeature::WriteUnits, 1_000_000)])).collect(),
+    );
+    let some_at = monthly(&exhausted)?;
+    progress(format!("  monthly limit: {none_at:.1} ns, {some_at:.0} ns with 1,000 tenants at their limit"));
+    r.figures.push(Figure::new("hard monthly limit, no tenant at one", "ns", none_at).target(Target::AtMost(1000.0)));
+    r.figures
+        .push(Figure::new("hard monthly limit, 1,000 tenants at one", "ns", some_at).target(Target::AtMost(1000.0)));
     Ok(r)
 }
 

@@ -20,7 +20,7 @@ use tenantmesh_proto::onboarding::v1::{
 };
 use tenantmesh_proto::registry::v1::{
     EntitlementOverride, GetTenantRequest, ListTenantsRequest, SetEntitlementOverrideRequest, SetTenantLimitsRequest,
-    SetTenantStatusRequest, Tenant, TenantLimits, TenantStatus, WatchTenantsRequest,
+    SetTenantStatusRequest, SetUsageAlertRequest, Tenant, TenantLimits, TenantStatus, UsageAlert, WatchTenantsRequest,
 };
 use tonic::Code;
 
@@ -286,22 +286,63 @@ pub enum TenantCommand {
     },
     /// Set (or --clear) the operator's exception to a tenant's plan for one
     /// feature: restore, export or external_idp with --granted, max_users
-    /// with --limit. Takes effect in every service at once; audited.
+    /// with --limit, requests or write_units (per calendar month) with
+    /// --limit and --hard. Takes effect in every service at once; audited.
     #[command(after_help = "Examples:\n  \
         tenantmesh tenant set-entitlement globex restore --granted true\n  \
         tenantmesh tenant set-entitlement globex max_users --limit 25\n  \
+        tenantmesh tenant set-entitlement globex write_units --limit 1000000 --hard true\n  \
         tenantmesh tenant set-entitlement globex max_users --clear")]
     SetEntitlement {
         tenant: String,
-        /// restore, export, external_idp or max_users.
+        /// restore, export, external_idp, max_users, requests or write_units.
         feature: String,
         /// Whether the feature is granted (restore, export, external_idp).
-        #[arg(long, conflicts_with_all = ["limit", "clear"])]
+        #[arg(long, conflicts_with_all = ["limit", "clear", "hard"])]
         granted: Option<bool>,
-        /// The cap (max_users).
+        /// The cap (max_users), or the monthly quantity (requests, write_units).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "clear")]
         limit: Option<u64>,
+        /// requests, write_units: whether passing --limit is refused (true)
+        /// or only reported (false); unset keeps the tier's.
+        #[arg(long, requires = "limit")]
+        hard: Option<bool>,
         /// Remove the exception: the tier's plan holds again.
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// A tenant's usage alerts: the thresholds on its monthly usage that
+    /// each fire once per calendar month (a USAGE_THRESHOLD_REACHED event,
+    /// and the data service's signed webhook where it has one).
+    #[command(after_help = "Example:\n  tenantmesh tenant alerts acme")]
+    Alerts {
+        tenant: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Set (or --clear) one of a tenant's usage alerts: a percentage of its
+    /// plan's monthly requests or write_units, or an absolute quantity of a
+    /// meter. Setting an alert again starts it over; audited.
+    #[command(after_help = "Examples:\n  \
+        tenantmesh tenant set-alert acme writes-80 --meter write_units --percent 80\n  \
+        tenantmesh tenant set-alert acme reads-1m --meter read_units --absolute 1000000\n  \
+        tenantmesh tenant set-alert acme writes-80 --clear")]
+    SetAlert {
+        tenant: String,
+        /// Names the alert: ^[a-z0-9][a-z0-9-]{0,31}$.
+        alert_id: String,
+        /// requests, read_units, write_units, bytes_returned or compute_us.
+        #[arg(long, required_unless_present = "clear")]
+        meter: Option<String>,
+        /// A percentage (1-1000) of the plan's monthly quantity of the meter.
+        #[arg(long, conflicts_with_all = ["absolute", "clear"], required_unless_present_any = ["absolute", "clear"])]
+        percent: Option<u32>,
+        /// An absolute quantity of the meter.
+        #[arg(long, conflicts_with = "clear")]
+        absolute: Option<u64>,
+        /// Remove the alert.
         #[arg(long)]
         clear: bool,
         #[command(flatten)]
@@ -807,7 +848,7 @@ async fn tenant(command: TenantCommand, ops: &Ops, env: &Env) -> Result<(), CliE
                 let rows = entitlements.iter().map(|e| {
                     json!({
                         "feature": e.feature, "granted": e.granted, "limit": e.limit, "used": e.used,
-                        "reset_period": e.reset_period,
+                        "reset_period": e.reset_period, "hard": e.hard,
                         "source": if e.source() == EntitlementSource::Override { "override" } else { "tier" },
                     })
                 });
@@ -817,10 +858,15 @@ async fn tenant(command: TenantCommand, ops: &Ops, env: &Env) -> Result<(), CliE
             let mut table = Table::new(&["FEATURE", "GRANTED", "LIMIT", "USED", "FROM"]);
             let number = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
             for e in &entitlements {
+                let limit = match (e.limit, e.reset_period.as_str()) {
+                    (Some(l), "") => l.to_string(),
+                    (Some(l), period) => format!("{l}/{period}{}", if e.hard { " (hard)" } else { "" }),
+                    (None, _) => "-".to_owned(),
+                };
                 table.row(vec![
                     e.feature.clone(),
                     if e.granted { "yes" } else { "no" }.to_owned(),
-                    number(e.limit),
+                    limit,
                     number(e.used),
                     if e.source() == EntitlementSource::Override { "override" } else { "tier" }.to_owned(),
                 ]);
@@ -828,11 +874,11 @@ async fn tenant(command: TenantCommand, ops: &Ops, env: &Env) -> Result<(), CliE
             print!("{}", table.render(&format!("no entitlements for {tenant}")));
             Ok(())
         }
-        TenantCommand::SetEntitlement { tenant, feature, granted, limit, clear, out } => {
+        TenantCommand::SetEntitlement { tenant, feature, granted, limit, hard, clear, out } => {
             if !clear && granted.is_none() && limit.is_none() {
                 return Err(CliError("nothing to set: give --granted true|false, --limit N or --clear".into()));
             }
-            let r#override = EntitlementOverride { feature: feature.clone(), granted, limit };
+            let r#override = EntitlementOverride { feature: feature.clone(), granted, limit, hard };
             let request =
                 ops.request(SetEntitlementOverrideRequest { tenant_id: tenant, r#override: Some(r#override), clear });
             let answer =
@@ -841,8 +887,65 @@ async fn tenant(command: TenantCommand, ops: &Ops, env: &Env) -> Result<(), CliE
             let what = match (clear, granted, limit) {
                 (true, _, _) => format!("{feature}: as its tier's plan says"),
                 (_, Some(g), _) => format!("{feature}: {}", if g { "granted" } else { "not granted" }),
+                (_, _, Some(l)) if tenantmesh_service::entitlements::MeteredFeature::of(&feature).is_some() => {
+                    format!("{feature}: {l} a month{}", if hard == Some(true) { ", refused past it" } else { "" })
+                }
                 (_, _, Some(l)) => format!("{feature}: at most {l}"),
                 _ => feature,
+            };
+            print_tenant_change(&t, out, &what);
+            Ok(())
+        }
+        TenantCommand::Alerts { tenant, out } => {
+            let request = ops.request(GetTenantRequest { tenant_id: tenant.clone() });
+            let answer = ops.registry()?.get_tenant(request).await.map_err(ops.error(Service::Registry))?;
+            let alerts = answer.into_inner().tenant.unwrap_or_default().usage_alerts;
+            if out.json() {
+                let rows = alerts.iter().map(|a| {
+                    use tenantmesh_proto::registry::v1::usage_alert::Threshold;
+                    let (percent, absolute) = match a.threshold {
+                        Some(Threshold::Percent(p)) => (Some(p), None),
+                        Some(Threshold::Absolute(n)) => (None, Some(n)),
+                        None => (None, None),
+                    };
+                    json!({
+                        "alert_id": a.alert_id, "meter": a.meter, "percent": percent, "absolute": absolute,
+                        "create_time": tenantmesh_service::clock::rfc3339(a.create_time),
+                    })
+                });
+                print_json(&Value::Array(rows.collect()));
+                return Ok(());
+            }
+            let mut table = Table::new(&["ALERT", "METER", "AT", "SET"]);
+            for a in &alerts {
+                use tenantmesh_proto::registry::v1::usage_alert::Threshold;
+                let at = match a.threshold {
+                    Some(Threshold::Percent(p)) => format!("{p}% of the month's"),
+                    Some(Threshold::Absolute(n)) => n.to_string(),
+                    None => "-".into(),
+                };
+                table.row(vec![
+                    a.alert_id.clone(),
+                    a.meter.clone(),
+                    at,
+                    tenantmesh_service::clock::rfc3339(a.create_time),
+                ]);
+            }
+            print!("{}", table.render(&format!("no usage alerts for {tenant}")));
+            Ok(())
+        }
+        TenantCommand::SetAlert { tenant, alert_id, meter, percent, absolute, clear, out } => {
+            use tenantmesh_proto::registry::v1::usage_alert::Threshold;
+            let threshold = percent.map(Threshold::Percent).or(absolute.map(Threshold::Absolute));
+            let alert =
+                UsageAlert { alert_id: alert_id.clone(), meter: meter.unwrap_or_default(), threshold, create_time: 0 };
+            let request = ops.request(SetUsageAlertRequest { tenant_id: tenant, alert: Some(alert.clone()), clear });
+            let answer = ops.registry()?.set_usage_alert(request).await.map_err(ops.error(Service::Registry))?;
+            let t = answer.into_inner().tenant.unwrap_or_default();
+            let what = if clear {
+                format!("usage alert {alert_id} removed")
+            } else {
+                format!("usage alert {}: fires once a month", tenantmesh_proto::names::usage_alert(&alert))
             };
             print_tenant_change(&t, out, &what);
             Ok(())
