@@ -146,7 +146,7 @@ impl Mesh {
         let mut identities = vec![
             ("onboarding", onboarding_id, onboarding_secret, "lifecycle"),
             ("data", "data".to_owned(), random_secret(), "directory+data_plane"),
-            ("auth", "auth".to_owned(), random_secret(), "directory"),
+            ("auth", "auth".to_owned(), random_secret(), "directory+usage_reader"),
         ];
         // The example's identity, unless the settings declare one already.
         let given_orders = env.get("TENANTMESH_SERVICE_CLIENTS").and_then(|clients| {

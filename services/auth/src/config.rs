@@ -21,6 +21,10 @@ pub(crate) const MAX_CLIENT_SECRET_LEN: usize = 1024;
 #[derive(Clone)]
 pub struct Config {
     pub common: CommonConfig,
+    /// `TENANTMESH_DATA_URL` (default `http://127.0.0.1:50054`): the data
+    /// service, whose Metering says a tenant's use of its monthly
+    /// quantities (`GetEntitlements`).
+    pub data_url: String,
     pub storage: StorageConfig,
     /// `TENANTMESH_BOOTSTRAP_EMAIL`.
     pub bootstrap_email: String,
@@ -168,6 +172,11 @@ impl Config {
         }
         Ok(Self {
             common: CommonConfig::from_env(env, AUTH_PORT)?,
+            data_url: tenantmesh_service::config::url_var(
+                env,
+                "TENANTMESH_DATA_URL",
+                tenantmesh_service::config::DATA_PORT,
+            )?,
             storage: StorageConfig::from_env(env)?,
             bootstrap_email: normalize_email(var(env, "TENANTMESH_BOOTSTRAP_EMAIL").unwrap_or(DEFAULT_BOOTSTRAP_EMAIL)),
             bootstrap_password,

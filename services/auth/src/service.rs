@@ -4,9 +4,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tenantmesh_credentials::{HashPool, check_email, check_password, normalize_email, password};
 use tenantmesh_proto::audit::v1::AuditEvent;
+use tenantmesh_proto::metering::v1::metering_client::MeteringClient;
 use tenantmesh_service::audit::{AppendError, AuditLog, Caller};
+use tenantmesh_service::entitlements::MeteredFeature;
 use tenantmesh_storage::Write;
 use tenantmesh_tenant_context::audit::Auditor;
+use tenantmesh_tenant_context::client::PropagatedChannel;
 
 use crate::config::{BOOTSTRAP_PASSWORD_FILE, Config, MAX_CLIENT_ID_LEN, MAX_CLIENT_SECRET_LEN, valid_client_id};
 use crate::error::AuthError;
@@ -90,6 +93,9 @@ pub(crate) struct Inner {
     /// The audit log, in the same table: each change and its event are
     /// one transaction.
     auditor: Auditor,
+    /// The data service's Metering, as auth itself (`usage_reader`): a
+    /// tenant's use of its monthly quantities. None without an identity.
+    metering: Option<MeteringClient<PropagatedChannel>>,
 }
 
 /// The auth RPCs that change something, by path: their audit actions.
@@ -124,7 +130,50 @@ impl AuthService {
         let dummy_hash = hashing.hash(random_token(16), config.hash_params).await?;
         let anonymous = anonymous::Anonymous::new(config.anonymous);
         let auditor = Auditor::new(audit_log(&store));
-        Ok(Self { inner: Arc::new(Inner { store, keys, config, directory, dummy_hash, hashing, anonymous, auditor }) })
+        let metering = match &config.common.service_client {
+            Some(credentials) => {
+                use tenantmesh_tenant_context::client;
+                let channel = |url: &str| client::channel(url).map_err(|e| AuthError::Internal(e.to_string()));
+                let tokens =
+                    Arc::new(client::ServiceTokenSource::new(channel(&config.common.auth_url)?, credentials.clone()));
+                Some(MeteringClient::new(client::wrap(channel(&config.data_url)?, client::Identity::Service(tokens))))
+            }
+            None => None,
+        };
+        let inner = Inner { store, keys, config, directory, dummy_hash, hashing, anonymous, auditor, metering };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// `tenant`'s use this month of each metered feature, as the data
+    /// service's Metering reads it; a feature it could not read is left
+    /// out (its `used` unset), never an error of the caller's call.
+    async fn monthly_usage(&self, tenant: &str) -> Vec<(MeteredFeature, u64)> {
+        use tenantmesh_proto::metering::v1::{GetUsageRequest, Window};
+        let Some(metering) = &self.inner.metering else { return Vec::new() };
+        let now = now_secs();
+        let (start, _) = tenantmesh_service::alerts::period(now);
+        let reads = MeteredFeature::ALL.map(|feature| {
+            let req = GetUsageRequest {
+                tenant_id: tenant.to_owned(),
+                meter: feature.as_str().to_owned(),
+                from: start,
+                to: now + 60,
+                window: Window::Day as i32,
+                group_by: Vec::new(),
+            };
+            let mut metering = metering.clone();
+            async move { (feature, metering.get_usage(req).await) }
+        });
+        let mut used = Vec::new();
+        for (feature, answer) in futures_util::future::join_all(reads).await {
+            match answer {
+                Ok(r) => used.push((feature, r.into_inner().rows.iter().map(|r| r.value.max(0) as u64).sum())),
+                Err(status) => {
+                    tracing::warn!(target_tenant = tenant, feature = feature.as_str(), code = ?status.code(), error = %status.message(), "could not read this month's usage for GetEntitlements");
+                }
+            }
+        }
+        used
     }
 
     pub fn keys(&self) -> Arc<SigningKeys> {
@@ -564,8 +613,9 @@ impl Auth for AuthService {
             .ok_or_else(|| AuthError::Internal(format!("tier {} is not in the tiers file", tenant.tier)))?;
         let plan = tier.entitlements.with(&tenant.entitlement_overrides);
         let users = self.users_counted(&req.tenant_id, plan.max_users.unwrap_or(10_000)).await?;
+        let monthly = self.monthly_usage(&req.tenant_id).await;
         let entitlements =
-            tenantmesh_service::entitlements::listed(tier, &tenant.entitlement_overrides, Some(users), &[]);
+            tenantmesh_service::entitlements::listed(tier, &tenant.entitlement_overrides, Some(users), &monthly);
         Ok(Response::new(GetEntitlementsResponse { entitlements }))
     }
 

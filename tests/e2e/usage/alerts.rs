@@ -324,6 +324,7 @@ async fn a_hard_monthly_write_limit_refuses_writes_until_raised() {
     let listed = mesh.auth().get_entitlements(authed(listed, &capped.token)).await.unwrap().into_inner().entitlements;
     let writes = listed.iter().find(|e| e.feature == "write_units").unwrap();
     assert_eq!((writes.limit, writes.hard, writes.reset_period.as_str()), (Some(8), true, "month"), "{writes:?}");
+    assert!(!writes.granted && writes.used >= Some(8), "this month's use, read from Metering: {writes:?}");
     let requests = listed.iter().find(|e| e.feature == "requests").unwrap();
     assert_eq!((requests.limit, requests.hard), (Some(1_000_000), false), "{requests:?}");
 
