@@ -41,6 +41,8 @@ pub fn entry_overhead(sk: &str) -> u64 {
 struct Usage {
     /// Bytes of the tenant's items.
     items: u64,
+    /// How many items it has.
+    count: u64,
     /// Bytes of its change history.
     history: u64,
     /// When the counts were last the store's exact figures (a scan).
@@ -54,6 +56,8 @@ pub struct Limits {
     pub items: u64,
     /// Its change history: the tier's `history_quota_multiple` times the quota.
     pub history: u64,
+    /// How many items it may have (its plan's `max_items`), if capped.
+    pub count: Option<u64>,
 }
 
 /// Stored bytes per tenant of this instance.
@@ -69,6 +73,8 @@ pub enum Over {
     Items,
     /// The history's cap.
     History,
+    /// The plan's `max_items` (an entitlement): the number of items.
+    Count,
 }
 
 /// A write refused by a quota.
@@ -97,6 +103,10 @@ impl std::fmt::Display for OverQuota {
                  delete keeps the item's earlier bytes for restores for the tier's history_days, and they free as \
                  they age out"
             ),
+            Over::Count => write!(
+                f,
+                "the tenant's plan includes at most {quota} items ({stored} stored): delete one, or change tier"
+            ),
         }
     }
 }
@@ -110,11 +120,22 @@ impl OverQuota {
         let limit = match self.over {
             Over::Items => "storage_quota_bytes",
             Over::History => "history_quota_bytes",
+            Over::Count => "max_items",
         };
-        let details = ErrorDetails::with_quota_failure(vec![QuotaViolation::new(
-            format!("tenant:{}", self.tenant),
-            format!("{limit} {}", self.quota),
-        )]);
+        let violation = QuotaViolation::new(format!("tenant:{}", self.tenant), format!("{limit} {}", self.quota));
+        let details = match self.over {
+            // An entitlement: named as the plan's other refusals are.
+            Over::Count => {
+                let mut d = ErrorDetails::with_error_info(
+                    "ENTITLEMENT_EXHAUSTED",
+                    tenantmesh_service::entitlements::DOMAIN,
+                    [("feature".to_owned(), "max_items".to_owned())],
+                );
+                d.set_quota_failure(vec![violation]);
+                d
+            }
+            _ => ErrorDetails::with_quota_failure(vec![violation]),
+        };
         tonic::Status::with_error_details(tonic::Code::ResourceExhausted, self.to_string(), details)
     }
 }
@@ -124,6 +145,8 @@ impl OverQuota {
 pub struct Stored {
     pub items: u64,
     pub history: u64,
+    /// How many items.
+    pub count: u64,
 }
 
 impl Stored {
@@ -147,6 +170,7 @@ impl Quotas {
             for i in &items {
                 if !crate::history::reserved_sort_key(&i.sk) {
                     stored.items += i.data.len() as u64;
+                    stored.count += 1;
                 } else if i.sk.starts_with(crate::history::PREFIX) {
                     stored.history += i.data.len() as u64;
                 }
@@ -169,7 +193,7 @@ impl Quotas {
             // Bounded: forget the others; they scan again on their next write.
             usage.clear();
         }
-        let u = Usage { items: stored.items, history: stored.history, scanned: Instant::now() };
+        let u = Usage { items: stored.items, history: stored.history, count: stored.count, scanned: Instant::now() };
         usage.insert(tenant.to_owned(), u);
         Ok(u)
     }
@@ -191,44 +215,41 @@ impl Quotas {
     ) -> Result<Result<(), OverQuota>, StorageError> {
         // The largest entry an overwrite can leave: the largest item.
         let worst_entry = crate::history::MAX_ITEM_BYTES as u64 + entry_overhead(sk);
-        let fits = |u: &Usage, replaced: u64| {
-            let entry = if replaced == u64::MAX { worst_entry } else { replaced + entry_overhead(sk) };
-            let freed = if replaced == u64::MAX { 0 } else { replaced };
+        // What the write replaces: `None` while unknown (the worst: a
+        // new item, and the largest entry), `Some(None)` nothing.
+        let fits = |u: &Usage, replaced: Option<Option<u64>>| {
+            let (freed, entry, new) = match replaced {
+                None => (0, worst_entry, 1),
+                Some(None) => (0, entry_overhead(sk), 1),
+                Some(Some(bytes)) => (bytes, bytes + entry_overhead(sk), 0),
+            };
+            let over = |over, quota, stored, size| OverQuota { tenant: tenant.to_owned(), over, quota, stored, size };
             if u.items.saturating_sub(freed) + size > limits.items {
-                Err(OverQuota {
-                    tenant: tenant.to_owned(),
-                    over: Over::Items,
-                    quota: limits.items,
-                    stored: u.items.saturating_sub(freed),
-                    size,
-                })
+                Err(over(Over::Items, limits.items, u.items.saturating_sub(freed), size))
             } else if u.history + entry > limits.history {
-                Err(OverQuota {
-                    tenant: tenant.to_owned(),
-                    over: Over::History,
-                    quota: limits.history,
-                    stored: u.history,
-                    size: entry,
-                })
+                Err(over(Over::History, limits.history, u.history, entry))
+            } else if let Some(max) = limits.count.filter(|max| u.count + new > *max) {
+                Err(over(Over::Count, max, u.count, 1))
             } else {
                 Ok(())
             }
         };
-        // Well within both (the common case): the counts decide, whatever
-        // the write replaces, under one lock.
+        // Well within every limit (the common case): the counts decide,
+        // whatever the write replaces, under one lock.
         if let Some(u) = self.usage.lock().expect("quota lock").get_mut(tenant)
-            && fits(u, u64::MAX).is_ok()
+            && fits(u, None).is_ok()
         {
             u.items += size;
+            u.count += 1;
             return Ok(Ok(()));
         }
         let u = self.counts(tenant, store, false).await?;
-        if fits(&u, u64::MAX).is_ok() {
+        if fits(&u, None).is_ok() {
             return self.add(tenant, size);
         }
         // Near a limit: what the write replaces decides, from the counts
         // and, if they still say no, from a fresh scan.
-        let replaced = store.get(tenant, sk).await?.map_or(0, |i| i.data.len() as u64);
+        let replaced = Some(store.get(tenant, sk).await?.map(|i| i.data.len() as u64));
         if fits(&u, replaced).is_ok() {
             return self.add(tenant, size);
         }
@@ -242,17 +263,21 @@ impl Quotas {
     fn add(&self, tenant: &str, size: u64) -> Result<Result<(), OverQuota>, StorageError> {
         if let Some(u) = self.usage.lock().expect("quota lock").get_mut(tenant) {
             u.items += size;
+            u.count += 1;
         }
         Ok(Ok(()))
     }
 
     /// Settles a write that landed (`done`, of `tenant`): the item it
     /// replaced or deleted leaves the items, and its history entry joins
-    /// the history. A put was counted whole when admitted.
+    /// the history. A put was counted whole, as a new item, when admitted.
     pub fn settle(&self, tenant: &str, done: &Fenced) {
         if let Some(u) = self.usage.lock().expect("quota lock").get_mut(tenant) {
             u.items = u.items.saturating_sub(done.previous_bytes);
             u.history += done.undo_bytes;
+            if done.previous_version != 0 {
+                u.count = u.count.saturating_sub(1);
+            }
         }
     }
 
@@ -260,7 +285,7 @@ impl Quotas {
     /// from a scan when it has no count).
     pub async fn stored(&self, tenant: &str, store: &DynTable) -> Result<Stored, StorageError> {
         let u = self.counts(tenant, store, false).await?;
-        Ok(Stored { items: u.items, history: u.history })
+        Ok(Stored { items: u.items, history: u.history, count: u.count })
     }
 
     /// Forgets what this process counted for `tenant` (its history was
@@ -271,7 +296,11 @@ impl Quotas {
 
     /// What this process counts for `tenant`, if anything: its items and its history.
     pub fn counted(&self, tenant: &str) -> Option<Stored> {
-        self.usage.lock().expect("quota lock").get(tenant).map(|u| Stored { items: u.items, history: u.history })
+        self.usage.lock().expect("quota lock").get(tenant).map(|u| Stored {
+            items: u.items,
+            history: u.history,
+            count: u.count,
+        })
     }
 }
 
@@ -283,7 +312,7 @@ mod tests {
     const FENCE: &str = "~fence";
 
     fn limits(items: u64, history: u64) -> Limits {
-        Limits { items, history }
+        Limits { items, history, count: None }
     }
 
     async fn put(q: &Quotas, store: &DynTable, sk: &str, size: usize, undo: &str) -> Fenced {
@@ -356,6 +385,35 @@ mod tests {
             store.delete("acme", &format!("~u#{i:04}"), Condition::None).await.unwrap();
         }
         assert_eq!(q.admit("acme", &store, "c#big", 50_000, l).await.unwrap(), Ok(()));
+    }
+
+    /// `max_items`: a new item past it is refused, naming the feature; an
+    /// overwrite at it is not; a delete makes room at once.
+    #[tokio::test]
+    async fn the_plan_caps_the_number_of_items() {
+        use tonic_types::StatusExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store: DynTable = std::sync::Arc::new(EmbeddedTable::open(dir.path().join("t.redb")).unwrap());
+        let q = Quotas::new(Duration::from_secs(3600));
+        let l = Limits { count: Some(2), ..limits(1 << 20, 1 << 30) };
+        for i in 0..2 {
+            assert_eq!(q.admit("acme", &store, &format!("i#{i}"), 10, l).await.unwrap(), Ok(()));
+            put(&q, &store, &format!("i#{i}"), 10, &format!("~u#{i}")).await;
+        }
+        let refused = q.admit("acme", &store, "i#2", 10, l).await.unwrap().unwrap_err();
+        assert_eq!((refused.over, refused.quota, refused.stored), (Over::Count, 2, 2));
+        let status = refused.status();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.get_error_details().error_info().unwrap().metadata["feature"], "max_items");
+        for n in 0..3 {
+            assert_eq!(q.admit("acme", &store, "i#1", 10, l).await.unwrap(), Ok(()), "an overwrite at the cap");
+            put(&q, &store, "i#1", 10, &format!("~u#o{n}")).await;
+        }
+        assert_eq!(q.counted("acme").unwrap().count, 2, "overwrites add no item");
+        let done = store.delete_fenced("acme", "i#0", Condition::None, FENCE, Some("~u#d")).await.unwrap();
+        q.settle("acme", &done);
+        assert_eq!(q.admit("acme", &store, "i#2", 10, l).await.unwrap(), Ok(()), "the delete made room");
+        assert_eq!(Quotas::scan(&store, "acme").await.unwrap().count, 1, "the scan counts items, not history");
     }
 
     #[tokio::test]

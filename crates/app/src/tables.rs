@@ -146,7 +146,7 @@ impl Tables {
         // Its quota, and its history's cap (the tier's multiple of it).
         let limits = ctx.tenant.storage_quota.map(|items| {
             let multiple = self.tiers.get(ctx.tier()).map_or(2, |t| u64::from(t.history_quota_multiple));
-            quota::Limits { items, history: items.saturating_mul(multiple) }
+            quota::Limits { items, history: items.saturating_mul(multiple), count: None }
         });
         Ok(TenantTable {
             tenant: ctx.tenant_id.clone(),

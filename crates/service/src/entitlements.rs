@@ -10,6 +10,9 @@
 //! - `max_users` (default unlimited): creating a user past it is
 //!   RESOURCE_EXHAUSTED with `ErrorInfo` (reason `ENTITLEMENT_EXHAUSTED`)
 //!   and a `QuotaFailure`.
+//! - `max_items` (default unlimited): the data service refuses a new
+//!   item past it (an overwrite or a delete is never refused), with the
+//!   same details as `max_users`.
 //! - `requests`, `write_units` (metered, per calendar month UTC; default
 //!   uncapped): `{ per_month = N, hard = true|false }`. Hard: once the
 //!   month's usage reaches N, the data service refuses the tenant's calls
@@ -36,6 +39,9 @@ pub struct Plan {
     /// At most this many users in a tenant (its admin included).
     #[serde(default)]
     pub max_users: Option<u64>,
+    /// At most this many items in the data service.
+    #[serde(default)]
+    pub max_items: Option<u64>,
     /// Requests per calendar month (every metered RPC of every service).
     #[serde(default)]
     pub requests: Option<Metered>,
@@ -83,7 +89,15 @@ fn granted() -> bool {
 
 impl Default for Plan {
     fn default() -> Self {
-        Self { restore: true, export: true, external_idp: true, max_users: None, requests: None, write_units: None }
+        Self {
+            restore: true,
+            export: true,
+            external_idp: true,
+            max_users: None,
+            max_items: None,
+            requests: None,
+            write_units: None,
+        }
     }
 }
 
@@ -106,7 +120,8 @@ impl Feature {
 }
 
 /// Every feature a plan holds, by name.
-pub const FEATURES: [&str; 6] = ["restore", "export", "external_idp", "max_users", "requests", "write_units"];
+pub const FEATURES: [&str; 7] =
+    ["restore", "export", "external_idp", "max_users", "max_items", "requests", "write_units"];
 
 impl Feature {
     fn of(name: &str) -> Option<Self> {
@@ -122,14 +137,14 @@ impl Feature {
 /// The violations of an override (`field` names it in them).
 pub fn check_override(v: &mut crate::errors::Violations, field: &str, o: &EntitlementOverride) {
     match o.feature.as_str() {
-        name @ ("max_users" | "requests" | "write_units") => {
+        name @ ("max_users" | "max_items" | "requests" | "write_units") => {
             if o.limit.is_none_or(|l| l == 0) {
                 v.add(&format!("{field}.limit"), format!("must be at least 1 for {name}"));
             }
             if o.granted.is_some() {
                 v.add(&format!("{field}.granted"), "is for restore, export and external_idp");
             }
-            if o.hard.is_some() && name == "max_users" {
+            if o.hard.is_some() && matches!(name, "max_users" | "max_items") {
                 v.add(&format!("{field}.hard"), "is for requests and write_units");
             }
         }
@@ -138,7 +153,7 @@ pub fn check_override(v: &mut crate::errors::Violations, field: &str, o: &Entitl
                 v.add(&format!("{field}.granted"), format!("is required for {name}"));
             }
             if o.limit.is_some() {
-                v.add(&format!("{field}.limit"), "is for max_users, requests and write_units");
+                v.add(&format!("{field}.limit"), "is for max_users, max_items, requests and write_units");
             }
             if o.hard.is_some() {
                 v.add(&format!("{field}.hard"), "is for requests and write_units");
@@ -160,6 +175,7 @@ impl Plan {
                 ("export", Some(g), _) => plan.export = g,
                 ("external_idp", Some(g), _) => plan.external_idp = g,
                 ("max_users", _, Some(l)) => plan.max_users = Some(l),
+                ("max_items", _, Some(l)) => plan.max_items = Some(l),
                 (name, _, Some(per_month)) => {
                     if let Some(f) = MeteredFeature::of(name) {
                         let slot = plan.metered_mut(f);
@@ -312,6 +328,14 @@ pub fn listed(
         },
         metered(MeteredFeature::Requests),
         metered(MeteredFeature::WriteUnits),
+        Entitlement {
+            feature: "max_items".into(),
+            kind: EntitlementKind::Numeric as i32,
+            granted: true,
+            limit: plan.max_items,
+            source: source("max_items") as i32,
+            ..Default::default()
+        },
         Entitlement {
             feature: "history_days".into(),
             kind: EntitlementKind::Numeric as i32,

@@ -178,6 +178,9 @@ impl Tiers {
             if t.entitlements.max_users == Some(0) {
                 return Err(err(format!("tier {:?}: entitlements.max_users must be at least 1 (its admin)", t.name)));
             }
+            if t.entitlements.max_items == Some(0) {
+                return Err(err(format!("tier {:?}: entitlements.max_items must be at least 1", t.name)));
+            }
             for f in crate::entitlements::MeteredFeature::ALL {
                 if t.entitlements.metered(f).is_some_and(|m| m.per_month == 0) {
                     let name = f.as_str();

@@ -133,13 +133,21 @@ impl DataService {
         Ok((tenant, store))
     }
 
-    /// The byte limits of the caller's tenant: its storage quota and its
-    /// history's cap (its tier's multiple of the quota); `None` when it has
-    /// none (the platform).
+    /// The storage limits of the caller's tenant: its storage quota, its
+    /// history's cap (its tier's multiple of the quota) and its plan's
+    /// `max_items`; `None` when it has none (the platform).
     fn storage_limits(&self, ctx: &TenantContext) -> Option<quota::Limits> {
         let items = ctx.tenant.storage_quota?;
-        let multiple = self.tiers.get(ctx.tier()).map_or(2, |t| u64::from(t.history_quota_multiple));
-        Some(quota::Limits { items, history: items.saturating_mul(multiple) })
+        let tier = self.tiers.get(ctx.tier());
+        let multiple = tier.map_or(2, |t| u64::from(t.history_quota_multiple));
+        // The plan's cap on items (an entitlement), with the tenant's override.
+        let overrides = &ctx.tenant.entitlement_overrides;
+        let count = match tier {
+            Some(t) if overrides.is_empty() => t.entitlements.max_items,
+            Some(t) => t.entitlements.with(overrides).max_items,
+            None => None,
+        };
+        Some(quota::Limits { items, history: items.saturating_mul(multiple), count })
     }
 }
 

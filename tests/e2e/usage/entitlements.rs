@@ -1,7 +1,7 @@
 //! What a tier's plan includes (`[tier.entitlements]` in the tiers file),
 //! enforced where each feature is used: a tier without `restore`, `export`
 //! or `external_idp` is refused those (PERMISSION_DENIED, `ErrorInfo`
-//! naming the feature), and one with `max_users` stops creating users there
+//! naming the feature), and one with `max_users` (`max_items`) stops creating users (items) there
 //! (RESOURCE_EXHAUSTED, `QuotaFailure`); another tier is untouched; the
 //! operator's overrides for one tenant take effect in every service at
 //! once, and `GetEntitlements` says what the tenant has and uses.
@@ -19,7 +19,8 @@ use tonic_types::StatusExt;
 async fn each_feature_is_enforced_where_it_is_used() {
     let tiers = std::fs::read_to_string(test_tiers_file()).unwrap();
     let standard = tiers.find("[[tier]]\nname = \"standard\"").unwrap();
-    let plan = "[tier.entitlements]\nrestore = false\nexport = false\nexternal_idp = false\nmax_users = 2\n\n";
+    let plan =
+        "[tier.entitlements]\nrestore = false\nexport = false\nexternal_idp = false\nmax_users = 2\nmax_items = 2\n\n";
     let tiers = format!("{}{plan}{}", &tiers[..standard], &tiers[standard..]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiers.toml");
@@ -50,6 +51,18 @@ async fn each_feature_is_enforced_where_it_is_used() {
     // Another tier's plan: no cap.
     for n in 1..=3 {
         mesh.auth().create_user(authed(user(&standard, n), &standard.token)).await.unwrap();
+    }
+
+    // Items: two; a third new one is refused, naming the feature; an
+    // overwrite is not; the other tier writes on.
+    for id in ["a", "b", "a"] {
+        mesh.data().put_item(authed(put_v(id, "v"), &basic.token)).await.unwrap();
+    }
+    let full = expect_code(mesh.data().put_item(authed(put_v("c", "v"), &basic.token)).await, Code::ResourceExhausted);
+    assert_eq!(feature(&full).as_deref(), Some("max_items"), "{full:?}");
+    assert_eq!(full.get_error_details().quota_failure().unwrap().violations[0].description, "max_items 2");
+    for id in ["a", "b", "c"] {
+        mesh.data().put_item(authed(put_v(id, "v"), &standard.token)).await.unwrap();
     }
 
     // Restores and exports: refused on basic, for the operator as well.
@@ -85,7 +98,12 @@ async fn each_feature_is_enforced_where_it_is_used() {
         r#override: Some(EntitlementOverride { feature: feature.into(), granted, limit, hard: None }),
         clear: false,
     };
-    for o in [set("max_users", None, Some(3)), set("restore", Some(true), None), set("export", Some(true), None)] {
+    for o in [
+        set("max_users", None, Some(3)),
+        set("restore", Some(true), None),
+        set("export", Some(true), None),
+        set("max_items", None, Some(3)),
+    ] {
         mesh.registry().set_entitlement_override(authed(o, &admin)).await.unwrap();
     }
     eventually(std::time::Duration::from_secs(10), || {
@@ -94,11 +112,18 @@ async fn each_feature_is_enforced_where_it_is_used() {
     })
     .await;
     expect_code(mesh.auth().create_user(authed(user(&basic, 3), &basic.token)).await, Code::ResourceExhausted);
+    eventually(std::time::Duration::from_secs(10), || {
+        let (mut data, req) = (mesh.data(), authed(put_v("c", "v"), &basic.token));
+        async move { data.put_item(req).await.is_ok() }
+    })
+    .await;
     let listed = GetEntitlementsRequest { tenant_id: basic.tenant_id.clone() };
     let listed = mesh.auth().get_entitlements(authed(listed, &basic.token)).await.unwrap().into_inner().entitlements;
     let users = listed.iter().find(|e| e.feature == "max_users").unwrap();
     assert_eq!((users.granted, users.limit, users.used), (false, Some(3), Some(3)), "full: {users:?}");
     assert_eq!(users.source(), EntitlementSource::Override);
+    let items = listed.iter().find(|e| e.feature == "max_items").unwrap();
+    assert_eq!((items.limit, items.source()), (Some(3), EntitlementSource::Override), "{items:?}");
     let idp = listed.iter().find(|e| e.feature == "external_idp").unwrap();
     assert_eq!((idp.granted, idp.source()), (false, EntitlementSource::Tier));
     // A restore into an export is now the tenant's to have.
