@@ -18,6 +18,7 @@ mod security {
     mod audit_log;
     mod auth_records;
     mod external_idp;
+    mod floods;
     mod isolation_model;
     /// Own process: reads the auth service's process-wide JWKS request counter.
     mod jwks_flood;

@@ -21,6 +21,30 @@ use tower::Layer;
 /// lower still by the tenant-context layer.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
+/// HTTP/2 streams one connection may have open at once (advertised in
+/// SETTINGS; a compliant client queues the rest). tonic's default is no
+/// bound, so one connection could hold any number of calls in flight.
+/// High enough that a gateway multiplexing many tenants' calls on one
+/// connection (an application calling the data service) is never held by
+/// it, and that a burst a client sends before it has read the server's
+/// SETTINGS (which it may) is rarely over it: streams over it are refused
+/// (REFUSED_STREAM, safe to retry) and count as local resets (below).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+
+/// Streams a connection's server side may reset for the peer's protocol
+/// errors (and refuse, over [`MAX_STREAMS_PER_CONNECTION`]) before it ends
+/// the connection with GOAWAY ENHANCE_YOUR_CALM. hyper's default, which
+/// tonic 0.14 replaces with no limit unless it is set: without one, a peer
+/// can make the server reset streams whose handlers keep running
+/// (MadeYouReset, CVE-2025-8671). A refused call (admission, policy) is
+/// answered, not reset, so it never counts.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// Streams the peer opened and reset before they were accepted that a
+/// connection tolerates at once before GOAWAY (rapid reset,
+/// CVE-2023-44487): h2's default, set here so it is one.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("reflection: {0}")]
@@ -118,6 +142,9 @@ where
     let routes = routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
     let server = Server::builder()
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
         .layer(layer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), async {

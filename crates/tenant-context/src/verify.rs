@@ -398,9 +398,16 @@ impl JwksCache {
     }
 
     /// Fetches the keys and replaces the known ones (the refresh lock held).
+    ///
+    /// Cancel-safe: a caller that goes away mid-fetch (its client reset the
+    /// stream, or gave up) leaves no failure behind. Noting the attempt
+    /// before its outcome would have made every caller for the next
+    /// `min_refresh_interval` UNAVAILABLE ("auth service unreachable") on
+    /// the word of one cancelled call: with a cold cache, one reset stream
+    /// took every new token's verification down for two seconds.
     async fn refresh(&self, last_refresh: &mut Option<(Instant, bool)>) -> Result<(), VerifyError> {
-        *last_refresh = Some((Instant::now(), false));
         let jwks = (self.fetch)().await.map_err(|e| {
+            *last_refresh = Some((Instant::now(), false));
             tracing::warn!(error = %e.message(), code = ?e.code(), "jwks refresh failed");
             if self.fresh_until_ms.load(Ordering::Relaxed) != 0 {
                 let retry = wall_ms() + self.min_refresh_interval.as_millis() as u64;

@@ -71,6 +71,37 @@ async fn an_unreachable_auth_service_is_unavailable_not_unknown() {
     }
 }
 
+/// A caller that goes away while the keys are being fetched (its stream
+/// reset) leaves nothing behind: the next caller fetches and is served,
+/// rather than told the auth service is unreachable.
+#[tokio::test]
+async fn a_cancelled_fetch_is_not_a_failed_one() {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = calls.clone();
+    let cache = JwksCache::from_fn(Box::new(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            if n == 0 {
+                // The first fetch never finishes: its caller gives up.
+                std::future::pending::<()>().await;
+            }
+            Ok(vec![Jwk {
+                kty: "OKP".into(),
+                crv: "Ed25519".into(),
+                x: "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo".into(),
+                kid: "k1".into(),
+                alg: "EdDSA".into(),
+                r#use: "sig".into(),
+            }])
+        })
+    }));
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), cache.key("k1")).await;
+    assert!(gave_up.is_err(), "the first caller waited on a fetch that never ends");
+    let key = cache.key("k1").await;
+    assert!(matches!(key, Ok(Some(_))), "the next caller is served: {key:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// A key retired from the JWKS leaves the cache once the set is older
 /// than its maximum age, and so do the tokens it signed; while the auth
 /// service is down, the known keys stand.

@@ -1,0 +1,276 @@
+//! HTTP/2 itself as the attack surface: streams that cost the server more
+//! than the client. Each test floods one connection and checks that the
+//! service holds for everyone else (and, where it can, for the flooder's
+//! own calls): a tenant's thousands of concurrent calls on one connection
+//! are answered one by one, never by resetting the connection; streams
+//! opened and reset at once (rapid reset, CVE-2023-44487) leave other
+//! tenants served.
+
+use std::time::Duration;
+
+use tenantmesh_proto::data::v1::GetItemRequest;
+use tenantmesh_proto::registry::v1::{SetTenantLimitsRequest, TenantLimits};
+use tenantmesh_test_support::*;
+use tonic::Code;
+
+/// Holds `tenant` to 20 calls a second, 4 at once.
+async fn held(mesh: &TestMesh, admin: &str, tenant: &TestTenant) {
+    let limits = TenantLimits { requests_per_second: 20, burst: 20, max_concurrency: 4, storage_quota_bytes: 1 << 30 };
+    let req = SetTenantLimitsRequest { tenant_id: tenant.tenant_id.clone(), limits: Some(limits) };
+    mesh.registry().set_tenant_limits(authed(req, admin)).await.unwrap();
+    // Applied once a burst is refused (the tenant cache's TTL).
+    eventually(Duration::from_secs(10), || {
+        let (mut data, token) = (mesh.data(), tenant.token.clone());
+        async move {
+            let mut refused = false;
+            for i in 0..30 {
+                let req = authed(GetItemRequest { collection: "c".into(), id: format!("{i}") }, &token);
+                refused |= data.get_item(req).await.is_err_and(|s| s.code() == Code::ResourceExhausted);
+            }
+            refused
+        }
+    })
+    .await;
+}
+
+/// One tenant's 2,000 concurrent calls on one new HTTP/2 connection, nearly
+/// all refused by its limits, each get an answer (served, or
+/// RESOURCE_EXHAUSTED): the connection is never reset under them (h2
+/// resets a connection that resets more than its guard's streams, and an
+/// answer sent before a request's body was read resets the stream), and
+/// another tenant's calls on the same connection are served throughout.
+#[tokio::test]
+async fn a_flood_on_one_connection_is_answered_call_by_call() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let (acme, globex) = (mesh.onboard(&unique_tenant("flood")).await, mesh.onboard(&unique_tenant("bystander")).await);
+    held(&mesh, &admin, &acme).await;
+    // One new connection for both tenants, its first calls the flood.
+    let data = tenantmesh_proto::data::v1::data_client::DataClient::new(TestMesh::channel(mesh.addrs.data));
+    let get = |token: &str, i: usize| authed(GetItemRequest { collection: "c".into(), id: format!("{i}") }, token);
+    let flood: Vec<_> = (0..2000)
+        .map(|i| {
+            let (mut data, req) = (data.clone(), get(&acme.token, i));
+            tokio::spawn(async move { data.get_item(req).await.map(|_| ()) })
+        })
+        .collect();
+    let bystander: Vec<_> = (0..50)
+        .map(|i| {
+            let (mut data, req) = (data.clone(), get(&globex.token, i));
+            tokio::spawn(async move { data.get_item(req).await.map(|_| ()) })
+        })
+        .collect();
+    let (mut refused, mut other) = (0, Vec::new());
+    for c in flood {
+        match c.await.unwrap() {
+            Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => other.push(format!("{:?}: {}", s.code(), s.message())),
+            Ok(()) => {}
+        }
+    }
+    other.dedup();
+    assert!(other.is_empty(), "calls that got no answer of their own ({refused} refused): {other:?}");
+    assert!(refused > 1000, "the flood was not held to its limits: {refused} refused");
+    for c in bystander {
+        let answer = c.await.unwrap();
+        assert!(answer.is_err_and(|s| s.code() == Code::NotFound), "the other tenant on the connection was not served");
+    }
+}
+
+/// Rapid reset: one connection opens GetItem streams with a valid token
+/// and resets each at once, as fast as it can, 20,000 times (or until the
+/// server ends the connection). Meanwhile another tenant's calls, on
+/// their own connection, are all served; and afterwards the service
+/// serves the flooder's tenant again on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_leaves_others_served() {
+    let mesh = TestMesh::start().await;
+    let (attacker, victim) =
+        (mesh.onboard(&unique_tenant("resetter")).await, mesh.onboard(&unique_tenant("victim")).await);
+    let addr = mesh.addrs.data;
+    let token = attacker.token.clone();
+    let flood = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(connection);
+        let (mut sender, mut opened, mut ended) = (Some(client), 0u32, None);
+        while let Some(client) = sender.take().filter(|_| opened < 20_000) {
+            let mut client = match client.ready().await {
+                Ok(c) => c,
+                Err(e) => {
+                    ended = Some(e.to_string());
+                    break;
+                }
+            };
+            let request = http::Request::post(format!("http://{addr}/tenantmesh.data.v1.Data/GetItem"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .header("authorization", format!("Bearer {token}"))
+                .body(())
+                .unwrap();
+            match client.send_request(request, false) {
+                Ok((_response, mut stream)) => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    sender = Some(client);
+                    opened += 1;
+                    // Let the connection's task write what is queued.
+                    if opened % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Err(e) => {
+                    ended = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        // Everything queued reaches the server before the connection goes.
+        drop(sender);
+        let closed = tokio::time::timeout(Duration::from_secs(10), driver).await;
+        if let Ok(Ok(Err(e))) = closed {
+            ended.get_or_insert(e.to_string());
+        }
+        (opened, ended)
+    });
+    // The victim, meanwhile: every call answered, none lost.
+    let mut data = mesh.data();
+    let mut served = 0;
+    while !flood.is_finished() || served < 50 {
+        let req = authed(GetItemRequest { collection: "c".into(), id: format!("v{served}") }, &victim.token);
+        let answer = tokio::time::timeout(Duration::from_secs(10), data.get_item(req)).await;
+        let answer = answer.expect("a victim's call waited 10 s during the flood");
+        assert!(answer.is_err_and(|s| s.code() == Code::NotFound), "a victim's call was not served");
+        served += 1;
+    }
+    let (opened, ended) = flood.await.unwrap();
+    eprintln!(
+        "rapid reset: {opened} streams opened and reset; the connection ended: {ended:?}; the victim was served {served} times meanwhile"
+    );
+    assert!(opened > 0, "no stream was opened: {ended:?}");
+    // The flooder's tenant is served again on a new connection.
+    let req = authed(GetItemRequest { collection: "c".into(), id: "after".into() }, &attacker.token);
+    let answer = mesh.data().get_item(req).await;
+    assert!(answer.is_err_and(|s| s.code() == Code::NotFound));
+}
+
+/// One HTTP/2 frame: header (length, type, flags, stream) and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK integer with a 7-bit prefix.
+fn hpack_int(out: &mut Vec<u8>, mut v: usize) {
+    if v < 127 {
+        out.push(v as u8);
+        return;
+    }
+    out.push(127);
+    v -= 127;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A header block of literal fields, never indexed (no HPACK state).
+fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0x00);
+        hpack_int(&mut out, name.len());
+        out.extend_from_slice(name.as_bytes());
+        hpack_int(&mut out, value.len());
+        out.extend_from_slice(value.as_bytes());
+    }
+    out
+}
+
+/// MadeYouReset (CVE-2025-8671): a peer makes the server reset streams
+/// itself, here with a WINDOW_UPDATE that overflows each stream's window,
+/// so the calls' handlers may outlive their streams. The server allows
+/// 1,024 such resets on a connection, then ends it with GOAWAY
+/// ENHANCE_YOUR_CALM (tonic's default is no limit); another tenant is
+/// served meanwhile. The server advertises its bound on concurrent
+/// streams (tonic's default: none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_you_reset_ends_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = TestMesh::start().await;
+    let (attacker, victim) = (mesh.onboard(&unique_tenant("made")).await, mesh.onboard(&unique_tenant("victim")).await);
+    let tcp = tokio::net::TcpStream::connect(mesh.addrs.data).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    write.write_all(&hello).await.unwrap();
+    // The server's frames: its SETTINGS acknowledged, a GOAWAY's code kept.
+    let (settings_tx, mut settings_rx) = tokio::sync::mpsc::channel::<Option<u32>>(4);
+    let reader = tokio::spawn(async move {
+        let mut head = [0u8; 9];
+        loop {
+            if read.read_exact(&mut head).await.is_err() {
+                return None;
+            }
+            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if read.read_exact(&mut payload).await.is_err() {
+                return None;
+            }
+            match head[3] {
+                0x4 if head[4] & 1 == 0 => {
+                    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3), if it is there.
+                    let max = payload
+                        .chunks_exact(6)
+                        .find(|s| s[..2] == [0, 3])
+                        .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+                    let _ = settings_tx.send(max).await;
+                }
+                0x7 => return Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])),
+                _ => {}
+            }
+        }
+    });
+    let max_streams = settings_rx.recv().await.expect("the server's SETTINGS");
+    assert_eq!(
+        max_streams,
+        Some(tenantmesh_service::runtime::MAX_STREAMS_PER_CONNECTION),
+        "streams per connection are bounded"
+    );
+    write.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap();
+    let addr = mesh.addrs.data.to_string();
+    let bearer = format!("Bearer {}", attacker.token);
+    let block = header_block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/tenantmesh.data.v1.Data/GetItem"),
+        (":authority", &addr),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("authorization", &bearer),
+    ]);
+    let mut sent = 0;
+    for i in 0..1500u32 {
+        let stream = 2 * i + 1;
+        let mut frames = frame(0x1, 0x4, stream, &block);
+        frames.extend(frame(0x8, 0, stream, &0x7fff_ffffu32.to_be_bytes()));
+        if write.write_all(&frames).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if i % 100 == 0 {
+            // The victim, meanwhile, on a connection of its own.
+            let req = authed(GetItemRequest { collection: "c".into(), id: format!("v{i}") }, &victim.token);
+            let answer = mesh.data().get_item(req).await;
+            assert!(matches!(&answer, Err(s) if s.code() == Code::NotFound), "the victim was not served: {answer:?}");
+        }
+    }
+    let goaway =
+        tokio::time::timeout(Duration::from_secs(10), reader).await.expect("the connection stays open").unwrap();
+    eprintln!("made-you-reset: {sent} streams sent; GOAWAY {goaway:?}");
+    assert_eq!(goaway, Some(0xb), "no GOAWAY ENHANCE_YOUR_CALM after {sent} streams the server had to reset");
+}
