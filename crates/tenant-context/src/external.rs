@@ -199,6 +199,29 @@ impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PublicRe
     }
 }
 
+/// `connector` with TLS for https URLs (plain http passes through), the
+/// host's root certificates trusted; without any, https fails (`what`
+/// names who would, in the warning).
+pub(crate) fn https<C>(connector: C, what: &str) -> hyper_rustls::HttpsConnector<C> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+        Ok(b) => b.https_or_http().enable_http1().wrap_connector(connector),
+        Err(e) => {
+            tracing::warn!(error = %e, "no native root certificates; {what} over https will fail");
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("default protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(connector)
+        }
+    }
+}
+
 impl ExternalVerifier {
     /// A verifier that fetches JWKS from public hosts only.
     pub fn new() -> Self {
@@ -225,30 +248,9 @@ impl ExternalVerifier {
     /// service builds a verifier at start-up.
     fn client(&self) -> &HttpsClient {
         self.client.get_or_init(|| {
-            let allow_private = self.allow_private;
-            let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let connector = || {
-                let mut http = HttpConnector::new_with_resolver(PublicResolver { allow_private });
-                http.enforce_http(false);
-                http
-            };
-            let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_native_roots(provider.clone())
-                .map(|b| b.https_or_http().enable_http1().wrap_connector(connector()))
-                .unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "no native root certificates; external identity providers over https will fail");
-                    let tls = rustls::ClientConfig::builder_with_provider(provider)
-                        .with_safe_default_protocol_versions()
-                        .expect("default protocol versions")
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth();
-                    hyper_rustls::HttpsConnectorBuilder::new()
-                        .with_tls_config(tls)
-                        .https_or_http()
-                        .enable_http1()
-                        .wrap_connector(connector())
-                });
-            Client::builder(TokioExecutor::new()).build(https)
+            let mut http = HttpConnector::new_with_resolver(PublicResolver { allow_private: self.allow_private });
+            http.enforce_http(false);
+            Client::builder(TokioExecutor::new()).build(https(http, "external identity providers"))
         })
     }
 

@@ -116,26 +116,10 @@ impl Webhook {
         if secret.len() < MIN_SECRET_LEN {
             return Err(format!("the signing secret must be at least {MIN_SECRET_LEN} bytes"));
         }
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let https = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
-            Ok(b) => b.https_or_http().enable_http1().wrap_connector(http),
-            Err(e) => {
-                tracing::warn!(error = %e, "no native root certificates; webhooks over https will fail");
-                let tls = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| e.to_string())?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth();
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls)
-                    .https_or_http()
-                    .enable_http1()
-                    .wrap_connector(http)
-            }
-        };
+        let https = crate::external::https(http, "webhooks");
         Ok(Self {
             url: uri,
             secret: secret.into(),

@@ -245,7 +245,7 @@ impl Monitor {
 
     /// Runs a round every interval until `stop` turns true.
     pub fn start(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+        tenantmesh_telemetry::spawn(async move {
             let mut tick = tokio::time::interval(self.every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -372,7 +372,8 @@ impl Monitor {
                 continue;
             };
             let now_ms = tenantmesh_service::clock::now_ms();
-            let webhook_due = claim.webhook == "pending" && claim.next_attempt_ms <= now_ms;
+            // A replica without the webhook leaves its delivery to one with it.
+            let webhook_due = self.webhook.is_some() && claim.webhook == "pending" && claim.next_attempt_ms <= now_ms;
             if !claim.pending() || claim.lease_until_ms > now_ms || (claim.event && !webhook_due) {
                 continue;
             }

@@ -27,6 +27,18 @@ fn now_micros() -> u64 {
     tenantmesh_service::clock::now_us().max(0) as u64
 }
 
+/// An event as of now, its sequence not yet chosen.
+fn new_event(kind: EventKind, tenant_id: &str, workflow_id: &str, detail: String) -> Event {
+    Event {
+        sequence: 0,
+        kind: kind as i32,
+        tenant_id: tenant_id.to_owned(),
+        workflow_id: workflow_id.to_owned(),
+        detail,
+        time: (now_micros() / 1_000_000) as i64,
+    }
+}
+
 impl EventLog {
     pub fn new(store: DynTable) -> Self {
         Self { store, live: broadcast::channel(1024).0, last: AtomicU64::new(0) }
@@ -36,14 +48,7 @@ impl EventLog {
     /// readings made unique (a taken one is skipped), so they increase
     /// across restarts and replicas.
     pub async fn emit(&self, kind: EventKind, tenant_id: &str, workflow_id: &str, detail: String) {
-        let mut event = Event {
-            sequence: 0,
-            kind: kind as i32,
-            tenant_id: tenant_id.to_owned(),
-            workflow_id: workflow_id.to_owned(),
-            detail,
-            time: (now_micros() / 1_000_000) as i64,
-        };
+        let mut event = new_event(kind, tenant_id, workflow_id, detail);
         for _ in 0..16 {
             let seq = self.next_sequence();
             event.sequence = seq;
@@ -83,14 +88,7 @@ impl EventLog {
         workflow_id: &str,
         detail: String,
     ) -> Result<Option<Event>, StorageError> {
-        let mut event = Event {
-            sequence: 0,
-            kind: kind as i32,
-            tenant_id: tenant_id.to_owned(),
-            workflow_id: workflow_id.to_owned(),
-            detail,
-            time: (now_micros() / 1_000_000) as i64,
-        };
+        let mut event = new_event(kind, tenant_id, workflow_id, detail);
         for _ in 0..16 {
             event.sequence = self.next_sequence();
             let writes = vec![
