@@ -155,6 +155,7 @@ async fn run(
             "noisy_neighbour" => scenarios::fairness::noisy_neighbour(&ctx).await.map(Some),
             "saturation" => scenarios::fairness::saturation(&ctx).await.map(Some),
             "login_flood" => scenarios::fairness::login_flood(&ctx).await.map(Some),
+            "rapid_reset" => scenarios::floods::rapid_reset(&ctx).await.map(Some),
             "backup_restore" => scenarios::backup::backup_restore(&ctx).await.map(Some),
             "tenant_restore" => scenarios::restore::tenant_restore(&ctx).await.map(Some),
             other => return Err(format!("scenario {other} is not implemented")),

@@ -224,6 +224,7 @@ pub const ORDER: &[&str] = &[
     "noisy_neighbour",
     "saturation",
     "login_flood",
+    "rapid_reset",
     "backup_restore",
     "tenant_restore",
 ];

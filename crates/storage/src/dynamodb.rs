@@ -417,7 +417,14 @@ impl Table for DynamoTable {
         // changed nothing and may go again at once: a few times, briefly apart.
         let mut conflicts = 0;
         loop {
-            match self.client.transact_write_items().set_transact_items(Some(items.clone())).send().await {
+            // The SDK retries an attempt that timed out, which may have been
+            // applied: with the same token, DynamoDB answers the retry with
+            // the first attempt's success instead of applying it again (and
+            // failing its own conditions). A new token per try of ours.
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let send =
+                self.client.transact_write_items().set_transact_items(Some(items.clone())).client_request_token(token);
+            match send.send().await {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     let reasons: Vec<Option<String>> = match e.as_service_error() {

@@ -434,5 +434,7 @@ async fn usage_thresholds_are_recorded_once() {
         found += usize::from(e.event.unwrap().kind == EventKind::UsageThresholdReached as i32);
     }
     assert_eq!(found, 2);
+    // An open stream would hold the shutdown for its grace period.
+    drop(stream);
     mesh.shutdown().await;
 }

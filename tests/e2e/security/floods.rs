@@ -115,7 +115,7 @@ async fn rapid_reset_leaves_others_served() {
                     sender = Some(client);
                     opened += 1;
                     // Let the connection's task write what is queued.
-                    if opened % 64 == 0 {
+                    if opened.is_multiple_of(64) {
                         tokio::task::yield_now().await;
                     }
                 }
@@ -262,7 +262,7 @@ async fn made_you_reset_ends_the_connection() {
             break;
         }
         sent += 1;
-        if i % 100 == 0 {
+        if i.is_multiple_of(100) {
             // The victim, meanwhile, on a connection of its own.
             let req = authed(GetItemRequest { collection: "c".into(), id: format!("v{i}") }, &victim.token);
             let answer = mesh.data().get_item(req).await;

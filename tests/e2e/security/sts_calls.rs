@@ -28,6 +28,13 @@ async fn sts_calls_per_tenant_not_per_request() {
         ("TENANTMESH_TENANT_CACHE_TTL_MS", "5000"),
         ("TENANTMESH_METERING", "off"),
         ("TENANTMESH_STORAGE_SAMPLE_SECS", "315360000"),
+        // The emulator copies a table for each transaction, so its
+        // transactions slow down as the run adds tenants: past the SDK's
+        // attempt timeout (3 s) it retries one that is still being applied,
+        // and the retry fails the first one's conditions (the emulator
+        // ignores the idempotency token that DynamoDB honours).
+        ("TENANTMESH_AWS_ATTEMPT_TIMEOUT_MS", "20000"),
+        ("TENANTMESH_AWS_TIMEOUT_MS", "60000"),
     ];
     let mesh = TestMesh::start_with_env(TestBackend::DynamoDb, &settings).await;
 

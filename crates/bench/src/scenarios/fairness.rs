@@ -22,8 +22,8 @@ use crate::report::{Figure, ScenarioResult, Target};
 const RATE: u32 = 200;
 const BURST: u32 = 20;
 /// Each steady tenant's open-loop rate: a quarter of its quota.
-const STEADY: f64 = 50.0;
-const TENANTS: usize = 10;
+pub(crate) const STEADY: f64 = 50.0;
+pub(crate) const TENANTS: usize = 10;
 
 async fn set_limits(
     addrs: &MeshAddrs,
@@ -45,7 +45,7 @@ async fn set_limits(
 
 /// A mesh with `n` tenants on `tier`s (cycled), each with an item to read
 /// and the given limits; returns the tenants' tokens.
-async fn tenants(
+pub(crate) async fn tenants(
     addrs: &MeshAddrs,
     tiers: &[&str],
     n: usize,
@@ -65,7 +65,7 @@ async fn tenants(
     Ok(out)
 }
 
-fn steady_clients(conns: &[load::Conn], tokens: &[(String, String)], rate: f64) -> Vec<OpenClient> {
+pub(crate) fn steady_clients(conns: &[load::Conn], tokens: &[(String, String)], rate: f64) -> Vec<OpenClient> {
     tokens
         .iter()
         .enumerate()
@@ -387,13 +387,13 @@ pub async fn login_flood(ctx: &Ctx) -> Result<ScenarioResult, String> {
 }
 
 /// Samples a process's resident memory every 100 ms; keeps the peak.
-struct RssSampler {
+pub(crate) struct RssSampler {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<u64>,
 }
 
 impl RssSampler {
-    fn start(proc: &Proc) -> Self {
+    pub(crate) fn start(proc: &Proc) -> Self {
         let pid = proc.pid();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
@@ -408,7 +408,7 @@ impl RssSampler {
         Self { stop, thread }
     }
 
-    fn stop(self) -> u64 {
+    pub(crate) fn stop(self) -> u64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().unwrap_or(0)
     }

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod backup;
 pub mod fairness;
+pub mod floods;
 pub mod hop;
 pub mod layers;
 pub mod memory;

@@ -1,0 +1,151 @@
+//! HTTP/2 as the attack surface: a client that opens streams and resets
+//! them at once (rapid reset, CVE-2023-44487), reconnecting whenever the
+//! server ends its connection, while ten tenants work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::fairness::{RssSampler, STEADY, TENANTS, steady_clients, tenants};
+use super::{Ctx, progress};
+use crate::client;
+use crate::load;
+use crate::procs;
+use crate::report::{Figure, ScenarioResult, Target};
+
+/// What the resetting client did.
+#[derive(Default)]
+struct Resets {
+    streams: AtomicU64,
+    /// Connections the server ended (GOAWAY, or closed).
+    ended: AtomicU64,
+}
+
+/// Opens GetItem streams with `token` on `addr` and resets each at once,
+/// as fast as one task can, until `stop`; a new connection whenever the
+/// server ends one.
+async fn reset_streams(addr: std::net::SocketAddr, token: String, stop: Arc<AtomicBool>, counts: Arc<Resets>) {
+    let uri = format!("http://{addr}/tenantmesh.data.v1.Data/GetItem");
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let Ok((client, connection)) = h2::client::handshake(tcp).await else { continue };
+        let driver = tokio::spawn(connection);
+        let mut sender = Some(client);
+        let mut opened = 0u64;
+        while let Some(client) = sender.take().filter(|_| !stop.load(Ordering::Relaxed)) {
+            let Ok(mut client) = client.ready().await else { break };
+            let request = http::Request::post(&uri)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .header("authorization", format!("Bearer {token}"))
+                .body(())
+                .expect("a request");
+            let Ok((_response, mut stream)) = client.send_request(request, false) else { break };
+            stream.send_reset(h2::Reason::CANCEL);
+            sender = Some(client);
+            opened += 1;
+            counts.streams.fetch_add(1, Ordering::Relaxed);
+            if opened.is_multiple_of(64) {
+                tokio::task::yield_now().await;
+            }
+        }
+        if !stop.load(Ordering::Relaxed) {
+            counts.ended.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(sender);
+        driver.abort();
+    }
+}
+
+/// Ten tenants' GetItem latency (open loop) alone and while four tasks
+/// open and reset streams as fast as they can; the mesh's memory.
+pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
+    let (warmup, window) = (
+        ctx.pick(Duration::from_secs(2), Duration::from_millis(300)),
+        ctx.pick(Duration::from_secs(15), Duration::from_secs(2)),
+    );
+    const RESETTERS: usize = 4;
+    let mut r = ctx.result(
+        "rapid_reset",
+        "Rapid reset: streams opened and cancelled at once",
+        format!(
+            "`tenantmesh up`; {TENANTS} tenants at {STEADY} GetItem/s each (open loop) for {}s, alone and then while \
+             {RESETTERS} tasks of this process (another tenant's valid token) open GetItem streams on the data \
+             service and reset each at once (RST_STREAM CANCEL), as fast as they can, each on a new connection \
+             whenever the server ends its own. Resident memory of the mesh sampled every 100 ms.",
+            window.as_secs()
+        ),
+    );
+    let dir = ctx.dir("rapid-reset");
+    let (mesh, addrs) = procs::start_mesh(&dir.join("mesh"), &HashMap::new())?;
+    let mut tokens = tenants(&addrs, &["standard"], TENANTS + 1, (1_000, 1_000, 64)).await?;
+    let (_, attacker) = tokens.pop().ok_or("no tenants")?;
+    let url = client::url(addrs.data);
+    let mut p99s = Vec::new();
+    let mut peaks = Vec::new();
+    let mut details = serde_json::Map::new();
+    for flood in [false, true] {
+        let sampler = RssSampler::start(&mesh);
+        let (stop, counts) = (Arc::new(AtomicBool::new(false)), Arc::new(Resets::default()));
+        let resetters: Vec<_> = (0..if flood { RESETTERS } else { 0 })
+            .map(|_| tokio::spawn(reset_streams(addrs.data, attacker.clone(), stop.clone(), counts.clone())))
+            .collect();
+        let conns = load::connect(&url, 4).await?;
+        let stats =
+            load::merged(&load::open_loop(steady_clients(&conns, &tokens, STEADY), warmup, window, 20_000).await);
+        stop.store(true, Ordering::Relaxed);
+        for t in resetters {
+            let _ = t.await;
+        }
+        let peak = sampler.stop();
+        let label = if flood { "rapid reset" } else { "no flood" };
+        let (streams, ended) = (counts.streams.load(Ordering::Relaxed), counts.ended.load(Ordering::Relaxed));
+        let span = (warmup + window).as_secs_f64();
+        progress(format!(
+            "  {label}: tenants p99 {:.2} ms, errors {:?}; {:.0} streams reset/s, {ended} connections ended by the \
+             server; mesh RSS peak {:.0} MiB",
+            stats.quantile_ms(0.99),
+            stats.errors,
+            streams as f64 / span,
+            peak as f64 / (1 << 20) as f64
+        ));
+        p99s.push(stats.quantile_ms(0.99));
+        peaks.push(peak as f64 / (1 << 20) as f64);
+        let mut p99 = Figure::new(format!("tenants' GetItem p99, {label}"), "ms", stats.quantile_ms(0.99));
+        let mut rss = Figure::new(format!("mesh resident memory peak, {label}"), "MiB", peaks[peaks.len() - 1]);
+        if flood {
+            p99 = p99.vs(p99s[0]).target(Target::RatioAtMost(1.5));
+            rss = rss.vs(peaks[0]).target(Target::RatioAtMost(1.1));
+        }
+        r.figures.push(p99);
+        r.figures.push(
+            Figure::new(
+                format!("tenants' refusals and errors, {label}"),
+                "calls",
+                (stats.errors.values().sum::<u64>()) as f64,
+            )
+            .target(Target::AtMost(0.0)),
+        );
+        r.figures.push(rss);
+        if flood {
+            r.figures.push(
+                Figure::new("streams opened and reset by the flooder", "streams/s", streams as f64 / span)
+                    .note(format!("connections the server ended: {ended}")),
+            );
+        }
+        details.insert(
+            label.into(),
+            json!({"tenants": stats.summary(), "streams": streams, "ended": ended, "rss_peak": peak}),
+        );
+    }
+    r.details = serde_json::Value::Object(details);
+    mesh.stop(Duration::from_secs(15))?;
+    Ok(r)
+}
