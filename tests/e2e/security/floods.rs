@@ -35,10 +35,11 @@ async fn held(mesh: &TestMesh, admin: &str, tenant: &TestTenant) {
 
 /// One tenant's 2,000 concurrent calls on one new HTTP/2 connection, nearly
 /// all refused by its limits, each get an answer (served, or
-/// RESOURCE_EXHAUSTED): the connection is never reset under them (h2
-/// resets a connection that resets more than its guard's streams, and an
-/// answer sent before a request's body was read resets the stream), and
-/// another tenant's calls on the same connection are served throughout.
+/// RESOURCE_EXHAUSTED): the connection is never reset under them (a
+/// refusal is answered before the request's body is read, and h2 ends
+/// such a stream with RST_STREAM NO_ERROR, which the local-reset guard
+/// does not count), and another tenant's calls on the same connection are
+/// served throughout.
 #[tokio::test]
 async fn a_flood_on_one_connection_is_answered_call_by_call() {
     let mesh = TestMesh::start().await;

@@ -136,8 +136,11 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
         r.figures.push(rss);
         if flood {
             r.figures.push(
-                Figure::new("streams opened and reset by the flooder", "streams/s", streams as f64 / span)
-                    .note(format!("connections the server ended: {ended}")),
+                Figure::new("streams the flooder opened and reset", "streams/s", streams as f64 / span).note(format!(
+                    "counted by the client, so those still queued when a GOAWAY came never reached the server; \
+                     connections the server ended: {ended}, {:.0}/s",
+                    ended as f64 / span
+                )),
             );
         }
         details.insert(
