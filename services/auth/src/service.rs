@@ -98,6 +98,9 @@ pub(crate) struct Inner {
     metering: Option<MeteringClient<PropagatedChannel>>,
 }
 
+/// How long GetEntitlements waits for the month's usage from Metering.
+const METERING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The auth RPCs that change something, by path: their audit actions.
 const AUDITED: [(&str, &str); 4] = [
     ("/tenantmesh.auth.v1.Auth/CreateUser", "user.create"),
@@ -164,8 +167,18 @@ impl AuthService {
             let mut metering = metering.clone();
             async move { (feature, metering.get_usage(req).await) }
         });
+        // GetEntitlements answers without this month's use rather than wait
+        // on a slow data service.
+        let Ok(answers) = tokio::time::timeout(METERING_WAIT, futures_util::future::join_all(reads)).await else {
+            tracing::warn!(
+                target_tenant = tenant,
+                wait_ms = METERING_WAIT.as_millis() as u64,
+                "this month's usage was not read in time for GetEntitlements"
+            );
+            return Vec::new();
+        };
         let mut used = Vec::new();
-        for (feature, answer) in futures_util::future::join_all(reads).await {
+        for (feature, answer) in answers {
             match answer {
                 Ok(r) => used.push((feature, r.into_inner().rows.iter().map(|r| r.value.max(0) as u64).sum())),
                 Err(status) => {
