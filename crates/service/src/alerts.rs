@@ -92,15 +92,6 @@ pub fn threshold(a: &UsageAlert, plan: &Plan) -> Option<u64> {
     }
 }
 
-/// How an alert reads: "write_units at 50% (500 of 1000)" or
-/// "requests at 1200".
-pub fn describe(a: &UsageAlert, at: u64) -> String {
-    match a.threshold {
-        Some(Threshold::Percent(p)) => format!("{} at {p}% ({at})", a.meter),
-        _ => format!("{} at {at}", a.meter),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

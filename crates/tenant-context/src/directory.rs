@@ -154,22 +154,27 @@ impl RemoteDirectory {
 /// Has `directory` forget tenants as the registry reports their changes,
 /// when the service has a platform identity to watch with
 /// (`TENANTMESH_SERVICE_CLIENT_ID`/`_SECRET`); otherwise the cache TTL
-/// alone bounds how long a change takes to show.
+/// alone bounds how long a change takes to show. Returns that identity's
+/// token source, for the service's other calls as itself.
 pub fn watch_changes(
     directory: &Arc<RemoteDirectory>,
     config: &tenantmesh_service::config::CommonConfig,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<Option<Arc<crate::client::ServiceTokenSource>>, tonic::transport::Error> {
     match &config.service_client {
         Some(credentials) => {
             let auth = crate::client::channel(&config.auth_url)?;
-            directory.watch(Arc::new(crate::client::ServiceTokenSource::new(auth, credentials.clone())));
+            let tokens = Arc::new(crate::client::ServiceTokenSource::new(auth, credentials.clone()));
+            directory.watch(tokens.clone());
+            Ok(Some(tokens))
         }
-        None => tracing::info!(
-            ttl_ms = config.tenant_cache_ttl.as_millis() as u64,
-            "no service identity: tenant changes show when the cache TTL ends"
-        ),
+        None => {
+            tracing::info!(
+                ttl_ms = config.tenant_cache_ttl.as_millis() as u64,
+                "no service identity: tenant changes show when the cache TTL ends"
+            );
+            Ok(None)
+        }
     }
-    Ok(())
 }
 
 const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);

@@ -47,7 +47,7 @@ pub async fn serve(
         let registry = tenantmesh_tenant_context::client::channel(&config.common.registry_url)?;
         let remote =
             Arc::new(RemoteDirectory::new(registry, config.common.tenant_cache_ttl, config.common.tenant_cache_capacity));
-        tenantmesh_tenant_context::directory::watch_changes(&remote, &config.common)?;
+        let own_tokens = tenantmesh_tenant_context::directory::watch_changes(&remote, &config.common)?;
         let directory: Arc<dyn TenantDirectory> = remote;
         let (issuer, audience, grace, tokens, common) = (
             config.common.issuer.clone(),
@@ -57,7 +57,7 @@ pub async fn serve(
             config.common.clone(),
         );
         let (sweep_store, window) = (store.clone(), config.lockout.window());
-        let service = AuthService::new(config, store, directory.clone()).await?;
+        let service = AuthService::new(config, store, directory.clone(), own_tokens).await?;
         if let Some(password) = service.bootstrap_admin().await? {
             // Printed once, on the terminal only: never into the JSON logs.
             eprintln!(

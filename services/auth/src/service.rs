@@ -127,19 +127,24 @@ fn user_summary(user: &UserRecord) -> String {
 }
 
 impl AuthService {
-    pub async fn new(config: Config, store: DynTable, directory: Arc<dyn TenantDirectory>) -> Result<Self, AuthError> {
+    /// `own_tokens`: the service's own identity (from its tenant watch),
+    /// with which it reads tenants' monthly usage for GetEntitlements.
+    pub async fn new(
+        config: Config,
+        store: DynTable,
+        directory: Arc<dyn TenantDirectory>,
+        own_tokens: Option<Arc<tenantmesh_tenant_context::client::ServiceTokenSource>>,
+    ) -> Result<Self, AuthError> {
         let keys = Arc::new(SigningKeys::load_or_create(&store).await?);
         let hashing = HashPool::new(config.hash_pool);
         let dummy_hash = hashing.hash(random_token(16), config.hash_params).await?;
         let anonymous = anonymous::Anonymous::new(config.anonymous);
         let auditor = Auditor::new(audit_log(&store));
-        let metering = match &config.common.service_client {
-            Some(credentials) => {
+        let metering = match own_tokens {
+            Some(tokens) => {
                 use tenantmesh_tenant_context::client;
-                let channel = |url: &str| client::channel(url).map_err(|e| AuthError::Internal(e.to_string()));
-                let tokens =
-                    Arc::new(client::ServiceTokenSource::new(channel(&config.common.auth_url)?, credentials.clone()));
-                Some(MeteringClient::new(client::wrap(channel(&config.data_url)?, client::Identity::Service(tokens))))
+                let data = client::channel(&config.data_url).map_err(|e| AuthError::Internal(e.to_string()))?;
+                Some(MeteringClient::new(client::wrap(data, client::Identity::Service(tokens))))
             }
             None => None,
         };

@@ -160,8 +160,17 @@ struct Claim {
 }
 
 impl Claim {
-    fn pending(&self) -> bool {
-        !self.event || self.webhook == "pending"
+    /// Whether its webhook's next attempt is due at `now_ms` (`hook`: this
+    /// replica has the webhook; one without it leaves the delivery to one
+    /// with it).
+    fn webhook_due(&self, now_ms: i64, hook: bool) -> bool {
+        hook && self.webhook == "pending" && self.next_attempt_ms <= now_ms
+    }
+
+    /// Whether a replica should deliver it at `now_ms`: not leased, and its
+    /// event or its webhook's next attempt is owed.
+    fn due(&self, now_ms: i64, hook: bool) -> bool {
+        self.lease_until_ms <= now_ms && (!self.event || self.webhook_due(now_ms, hook))
     }
 
     /// The id of the event and of its webhook delivery.
@@ -372,11 +381,10 @@ impl Monitor {
                 continue;
             };
             let now_ms = tenantmesh_service::clock::now_ms();
-            // A replica without the webhook leaves its delivery to one with it.
-            let webhook_due = self.webhook.is_some() && claim.webhook == "pending" && claim.next_attempt_ms <= now_ms;
-            if !claim.pending() || claim.lease_until_ms > now_ms || (claim.event && !webhook_due) {
+            if !claim.due(now_ms, self.webhook.is_some()) {
                 continue;
             }
+            let webhook_due = claim.webhook_due(now_ms, self.webhook.is_some());
             // The lease: another replica finding it now leaves it alone.
             claim.lease_until_ms = now_ms + LEASE_MS;
             let leased = serde_json::to_vec(&claim).expect("a claim serializes");
@@ -483,9 +491,16 @@ mod tests {
         assert_eq!(body["type"], "usage.threshold_reached");
         assert_eq!(body["period_start"], "2026-12-01T00:00:00Z");
         assert_eq!((body["usage"].as_u64(), body["limit"].as_u64()), (Some(612), Some(1000)));
-        assert!(claim.pending());
+        assert!(claim.due(0, true));
         let done = Claim { event: true, webhook: "delivered".into(), ..claim.clone() };
-        assert!(!done.pending());
-        assert!(!Claim { event: true, webhook: "none".into(), ..claim }.pending(), "no webhook: done once recorded");
+        assert!(!done.due(0, true));
+        assert!(
+            !Claim { event: true, webhook: "none".into(), ..claim.clone() }.due(0, true),
+            "no webhook: done once recorded"
+        );
+        let recorded = Claim { event: true, ..claim.clone() };
+        assert!(recorded.due(0, true) && !recorded.due(0, false), "the webhook is left to a replica that has it");
+        assert!(!Claim { lease_until_ms: 10, ..claim.clone() }.due(0, true), "leased by another replica");
+        assert!(!Claim { event: true, next_attempt_ms: 10, ..claim }.due(0, true), "its retry is not due yet");
     }
 }
