@@ -71,6 +71,11 @@ pub struct CommonConfig {
     /// for no tenant (the onboarding workflows; every service's watch of
     /// tenant changes). None: the service has no such identity.
     pub service_client: Option<ServiceCredentials>,
+    /// `TENANTMESH_PEER_CONNECTIONS_PER_SECOND` (default 100; 0: no bound):
+    /// new connections one peer address may open per second, after a burst
+    /// of twice as many; faster ones wait (see `connection`). Behind a
+    /// proxy or load balancer that opens a connection per client, raise it.
+    pub peer_connections_per_second: u32,
 }
 
 /// Client credentials of a platform service (the secret never shows in
@@ -239,6 +244,11 @@ impl CommonConfig {
                 ms => std::time::Duration::from_millis(ms),
             },
             service_client: service_client(env)?,
+            peer_connections_per_second: parse_var(
+                env,
+                "TENANTMESH_PEER_CONNECTIONS_PER_SECOND",
+                crate::connection::SETUPS_PER_SECOND_PER_PEER,
+            )?,
             tiers: std::sync::Arc::new(tiers_var(env)?),
         })
     }
@@ -290,6 +300,7 @@ mod tests {
         assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, "TENANTMESH_AUTH_URL");
         assert_eq!((c.tenant_cache_capacity, c.token_cache_capacity), (100_000, 100_000));
         assert_eq!(c.lease_interval, std::time::Duration::from_secs(2));
+        assert_eq!(c.peer_connections_per_second, 100);
         refuse_placeholder(&env, "S", "a-real-secret").unwrap();
         assert_eq!(refuse_placeholder(&env, "S", "change-me-secret").unwrap_err().var, "S");
         let demo: HashMap<_, _> = [("TENANTMESH_DEMO".to_owned(), "true".to_owned())].into();
@@ -299,6 +310,7 @@ mod tests {
             ("TENANTMESH_TOKEN_CACHE_CAPACITY", "-1"),
             ("TENANTMESH_LEASE_INTERVAL_MS", "5"),
             ("TENANTMESH_LEASE_INTERVAL_MS", "soon"),
+            ("TENANTMESH_PEER_CONNECTIONS_PER_SECOND", "-1"),
         ] {
             let bad: HashMap<_, _> = [(var.to_owned(), value.to_owned())].into();
             assert_eq!(CommonConfig::from_env(&bad, DATA_PORT).unwrap_err().var, var);

@@ -3,7 +3,9 @@
 //! - [`config`]: settings read from an injected environment, named by their
 //!   variable when wrong; [`tiers`]: the tiers file.
 //! - [`runtime`]: serving with health, reflection and a graceful shutdown,
-//!   the gRPC message limits ([`sized!`]); [`health`]: the health service.
+//!   the gRPC message limits ([`sized!`]); [`health`]: the health service;
+//!   [`connection`]: shedding by connection (pausing a flooding one, a
+//!   bound on each peer's connection setups).
 //! - [`errors`]: field violations and the one mapping of storage failures
 //!   to status codes; [`paging`]: page sizes and page tokens.
 //! - [`backup`]: a consistent copy of a process's embedded stores.
@@ -19,6 +21,7 @@ pub mod audit;
 pub mod backup;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod entitlements;
 pub mod errors;
 pub mod handled;

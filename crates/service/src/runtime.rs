@@ -12,7 +12,6 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tower::Layer;
 
@@ -145,6 +144,7 @@ where
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .layer(PeerLayer)
         .layer(layer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), async {
@@ -212,13 +212,54 @@ macro_rules! sized {
     };
 }
 
-/// The connections `listener` accepts, with `TCP_NODELAY` on. tonic's
-/// `Server::tcp_nodelay` does not apply to a listener handed in, and with
-/// Nagle's algorithm on, an answer written right after a small write (a
-/// PING ack, which gRPC C-core and grpc-go clients ask for after every
-/// call) waits for the client's delayed ACK: 40 ms.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// The connections `listener` accepts, with `TCP_NODELAY` on, each with
+/// its standing and at most so many per peer and second (see
+/// [`crate::connection`]). tonic's `Server::tcp_nodelay` does not apply
+/// to a listener handed in, and with Nagle's algorithm on, an answer
+/// written right after a small write (a PING ack, which gRPC C-core and
+/// grpc-go clients ask for after every call) waits for the client's
+/// delayed ACK: 40 ms.
+pub fn incoming(listener: TcpListener) -> crate::connection::Incoming {
+    crate::connection::incoming(listener)
+}
+
+/// Puts each call's [`tonic::transport::server::TcpConnectInfo`] beside its
+/// [`ConnectionInfo`](crate::connection::ConnectionInfo), so that
+/// `tonic::Request::remote_addr` works as with tonic's own listener.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeerLayer;
+
+impl<S> Layer<S> for PeerLayer {
+    type Service = PeerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PeerService(inner)
+    }
+}
+
+/// See [`PeerLayer`].
+#[derive(Clone, Debug)]
+pub struct PeerService<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for PeerService<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if let Some(info) = req.extensions().get::<crate::connection::ConnectionInfo>() {
+            let tcp = info.tcp.clone();
+            req.extensions_mut().insert(tcp);
+        }
+        self.0.call(req)
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -361,7 +402,7 @@ mod tests {
         let mut incoming = super::incoming(listener);
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap(), "accepted socket keeps Nagle on");
+        assert!(accepted.stream().nodelay().unwrap(), "accepted socket keeps Nagle on");
     }
 }
 

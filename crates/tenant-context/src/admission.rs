@@ -16,6 +16,7 @@ use http::{Request, Response};
 use tenantmesh_admission::fairq::{FairQueue, FairQueueSettings, Seat};
 use tenantmesh_admission::leases::RateShares;
 use tenantmesh_admission::limits::{Cost, HeldSlot, InFlight, KeyedLimiter, Limit, LogThrottle, Refusal};
+use tenantmesh_service::connection::Connection;
 use tenantmesh_service::handled::Handled;
 use tenantmesh_service::tiers::Tiers;
 use tonic::Status;
@@ -167,6 +168,14 @@ impl Admission {
     }
 }
 
+/// The time `limits`' bucket takes to fill from empty.
+fn refill(limits: tenantmesh_admission::limits::Limits) -> std::time::Duration {
+    match limits.rate_per_second {
+        0 => tenantmesh_service::connection::MAX_PAUSE,
+        rate => std::time::Duration::from_secs_f64(f64::from(limits.burst.max(1)) / f64::from(rate)),
+    }
+}
+
 /// Charges the request's tenant for what it cost beyond the one token taken
 /// at admission: the cost its handler reported ([`Handled`]).
 fn charge<B, E>(in_flight: Option<&InFlight<'_>>, response: &Result<Response<B>, E>) {
@@ -231,9 +240,23 @@ where
             // Read in place, not cloned: the guards borrow the admission,
             // not the context.
             let ctx = req.extensions().get::<TenantContext>().expect("checked above");
+            let connection = Connection::of(&req);
             let mut in_flight = match admission.admit(ctx) {
-                Ok(guard) => guard,
-                Err(status) => return Ok(status.into_http()),
+                Ok(guard) => {
+                    if let Some(c) = connection {
+                        c.admitted(Connection::identity(&ctx.tenant_id));
+                    }
+                    guard
+                }
+                Err(status) => {
+                    // Pausing the connection for the time the tenant's
+                    // bucket takes to refill costs it nothing it would
+                    // have been admitted.
+                    if let (Some(c), Some(limits)) = (connection, ctx.tenant.limits) {
+                        c.refused(Connection::identity(&ctx.tenant_id), refill(limits));
+                    }
+                    return Ok(status.into_http());
+                }
             };
             let _seat = match admission.seat(ctx, req.headers()).await {
                 Ok(seat) => seat,

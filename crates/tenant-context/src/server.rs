@@ -28,6 +28,7 @@ use crate::metadata;
 use crate::verify::{TokenVerifier, Verified, VerifyError};
 use tenantmesh_admission::leases::RateShares;
 use tenantmesh_admission::limits::KeyedLimiter;
+use tenantmesh_service::connection::{ANONYMOUS, Connection, MAX_PAUSE};
 use tenantmesh_service::handled::Handled;
 
 /// Longest `authorization` value accepted; longer is refused unparsed.
@@ -91,7 +92,11 @@ impl Authenticator {
     /// (`TENANTMESH_LIMITS`), the service's seats and wait
     /// (`TENANTMESH_MAX_IN_FLIGHT`, `TENANTMESH_QUEUE_WAIT_MS`), and the
     /// tiers whose weights share the seats.
+    /// It also bounds the process's connection setups per peer
+    /// (`TENANTMESH_PEER_CONNECTIONS_PER_SECOND`, see
+    /// `tenantmesh_service::connection`).
     pub fn with_admission(mut self, config: &tenantmesh_service::config::CommonConfig) -> Self {
+        tenantmesh_service::connection::bound_peer_setups(config.peer_connections_per_second);
         self.external = Arc::new(ExternalVerifier::with_private_hosts(config.jwks_allow_private));
         self.admission = Admission::new(config.limits, config.fair_queue, config.tiers.clone());
         self
@@ -371,13 +376,30 @@ where
         if self.auth.policies.rule(req.uri().path()).is_some_and(|r| r.access == Access::Public) {
             // Identity headers on an unauthenticated call prove nothing.
             req.headers_mut().remove(metadata::TENANT_ID);
-            return Box::pin(inner.call(req));
+            let Some(connection) = Connection::of(&req).cloned() else { return Box::pin(inner.call(req)) };
+            return Box::pin(async move {
+                let response = inner.call(req).await;
+                // Public RPCs refuse anonymous callers by their own limits
+                // (logins per address): told to the connection too.
+                match response.as_ref().map(|r| r.headers().get("grpc-status").map(http::HeaderValue::as_bytes)) {
+                    Ok(Some(b"8")) => connection.refused(ANONYMOUS, MAX_PAUSE),
+                    _ => connection.admitted(ANONYMOUS),
+                }
+                response
+            });
         }
         let auth = self.auth.clone();
         Box::pin(async move {
             let ctx = match auth.authenticate(req.uri().path(), req.headers()).await {
                 Ok(ctx) => ctx,
                 Err(status) => {
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument
+                    ) && let Some(connection) = Connection::of(&req)
+                    {
+                        connection.refused(ANONYMOUS, MAX_PAUSE);
+                    }
                     // Filed under the tenant the call names (unproven), if
                     // its token did not name one already.
                     if let Some(tenant) = req.headers().get(metadata::TENANT_ID).and_then(|v| v.to_str().ok())

@@ -301,6 +301,11 @@ fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    // A CI run builds once from a clean clone: incremental state would only
+    // take disk (gigabytes for the workspace's test targets) and time.
+    if std::env::var_os("CI").is_some() && std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        c.env("CARGO_INCREMENTAL", "0");
+    }
     c
 }
 

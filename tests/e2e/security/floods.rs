@@ -79,6 +79,68 @@ async fn a_flood_on_one_connection_is_answered_call_by_call() {
     }
 }
 
+/// A closed-loop flood by one tenant on a connection of its own (64 calls
+/// in flight, each sent again as soon as it is answered), nearly every
+/// call refused by its limits: the server stops reading that connection
+/// for a while, again and again (up to the second its bucket takes to
+/// refill), so in 3 s it answers a few hundred of the flood's calls
+/// instead of thousands a second. The flooder is still admitted at its
+/// quota; another tenant, on its own connection, is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_connection_is_paused_and_keeps_its_quota() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin_token().await;
+    let (acme, globex) = (mesh.onboard(&unique_tenant("flood")).await, mesh.onboard(&unique_tenant("bystander")).await);
+    held(&mesh, &admin, &acme).await;
+    // The bucket refills: the flood starts with its burst.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    const FLOOD: Duration = Duration::from_secs(3);
+    let flooder = tenantmesh_proto::data::v1::data_client::DataClient::new(TestMesh::channel(mesh.addrs.data));
+    let end = std::time::Instant::now() + FLOOD;
+    let flood: Vec<_> = (0..64)
+        .map(|t| {
+            let (mut data, token) = (flooder.clone(), acme.token.clone());
+            tokio::spawn(async move {
+                let (mut admitted, mut refused, mut other) = (0u32, 0u32, Vec::new());
+                while std::time::Instant::now() < end {
+                    let req = authed(GetItemRequest { collection: "c".into(), id: format!("{t}") }, &token);
+                    match data.get_item(req).await {
+                        Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
+                        Err(s) if s.code() == Code::NotFound => admitted += 1,
+                        Ok(_) => admitted += 1,
+                        Err(s) => other.push(format!("{:?}: {}", s.code(), s.message())),
+                    }
+                }
+                (admitted, refused, other)
+            })
+        })
+        .collect();
+    let mut data = mesh.data();
+    let mut served = 0;
+    while std::time::Instant::now() < end {
+        let req = authed(GetItemRequest { collection: "c".into(), id: format!("v{served}") }, &globex.token);
+        let answer = data.get_item(req).await;
+        assert!(answer.is_err_and(|s| s.code() == Code::NotFound), "the other tenant was not served");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut admitted, mut refused, mut other) = (0, 0, Vec::new());
+    for task in flood {
+        let (a, r, o) = task.await.unwrap();
+        (admitted, refused) = (admitted + a, refused + r);
+        other.extend(o);
+    }
+    eprintln!("flood: {admitted} admitted, {refused} refused in {FLOOD:?}; the other tenant served {served} times");
+    other.dedup();
+    assert!(other.is_empty(), "the flood's calls got answers other than served or refused: {other:?}");
+    // Quota: 20/s after a burst of 20 = 80 in 3 s (the replica's share is
+    // the whole): the pauses cost it nothing it would have been admitted.
+    assert!((60..=100).contains(&admitted), "the flooder was admitted {admitted} times, not at its quota");
+    // Unpaused, the server answers thousands of refusals a second here.
+    assert!(admitted + refused < 2_500, "the flooding connection was not paused: {refused} refused in {FLOOD:?}");
+    assert!(served > 50, "the other tenant was served {served} times in {FLOOD:?}");
+}
+
 /// Rapid reset: one connection opens GetItem streams with a valid token
 /// and resets each at once, as fast as it can, 20,000 times (or until the
 /// server ends the connection). Meanwhile another tenant's calls, on
@@ -274,4 +336,59 @@ async fn made_you_reset_ends_the_connection() {
         tokio::time::timeout(Duration::from_secs(10), reader).await.expect("the connection stays open").unwrap();
     eprintln!("made-you-reset: {sent} streams sent; GOAWAY {goaway:?}");
     assert_eq!(goaway, Some(0xb), "no GOAWAY ENHANCE_YOUR_CALM after {sent} streams the server had to reset");
+}
+
+/// A peer that opens 600 connections at once (as a client the
+/// server keeps ending for rapid reset does, reconnecting): its first 200
+/// are served at once, the next wait their turn (100 a second), and
+/// past 64 waiting the rest are closed without being served, so
+/// reconnecting in a loop costs the server little. Connections already
+/// open are served throughout, and once the burst is over the peer is
+/// served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_connection_setups_are_bounded() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mesh = TestMesh::start().await;
+    let victim = mesh.onboard(&unique_tenant("victim")).await;
+    let mut data = mesh.data();
+    let get = |id: &str| authed(GetItemRequest { collection: "c".into(), id: id.into() }, &victim.token);
+    assert!(data.get_item(get("before")).await.is_err_and(|s| s.code() == Code::NotFound));
+    let addr = mesh.addrs.data;
+    let setups: Vec<_> = (0..600)
+        .map(|_| {
+            tokio::spawn(async move {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .timeout(Duration::from_secs(20))
+                    .connect()
+                    .await;
+                match channel {
+                    Ok(channel) => HealthClient::new(channel).check(HealthCheckRequest::default()).await.map(|_| ()),
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                }
+            })
+        })
+        .collect();
+    let (mut served, mut closed, mut other) = (0, 0, Vec::new());
+    for s in setups {
+        match s.await.unwrap() {
+            Ok(()) => served += 1,
+            // Closed before (Unavailable) or right after (Cancelled: the
+            // client's HTTP/2 handshake is lazy) the client saw it open.
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::Cancelled | Code::Unknown) => closed += 1,
+            Err(s) => other.push(format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+    eprintln!("connection setups: {served} served, {closed} closed");
+    assert!(other.is_empty(), "{other:?}");
+    assert!(served >= 200, "the burst was not served: {served} of 600");
+    assert!(closed > 0, "all 600 connections opened at once were served: setups are not bounded");
+    // The connection already open was served throughout.
+    assert!(data.get_item(get("during")).await.is_err_and(|s| s.code() == Code::NotFound));
+    // And, the burst over, the peer's new connections are served again.
+    eventually(Duration::from_secs(5), || async move {
+        let channel = TestMesh::channel(addr);
+        HealthClient::new(channel).check(HealthCheckRequest::default()).await.is_ok()
+    })
+    .await;
 }

@@ -1,0 +1,597 @@
+//! Shedding by connection: what a server does about a connection rather
+//! than a call.
+//!
+//! Refusing a call still costs the server its HTTP/2 framing, header
+//! decoding, authentication from the caches and the limiter (about 13 us):
+//! a client that sends as fast as it can, nearly every call refused, takes
+//! the CPU from everyone though every one of its calls is refused. So each
+//! accepted connection carries a [`Connection`] that the layers tell of
+//! each call's outcome (which identity, admitted or refused), and:
+//!
+//! - **A connection whose calls are overwhelmingly refused, all of one
+//!   identity,** is not read from for a while: at least
+//!   [`SHED_REFUSED_PERCENT`] of a window of [`WINDOW`] calls refused, and
+//!   no other identity's call admitted in it. The pause starts at
+//!   [`FIRST_PAUSE`] and doubles while the connection goes on (until a
+//!   window under [`WELL_BEHAVED_PERCENT`] refused), up to what
+//!   the refusing layer says costs the caller nothing (the time its tenant's
+//!   bucket takes to refill: its calls are still admitted at its quota) and
+//!   never more than [`MAX_PAUSE`]. Unread, its next calls wait in the
+//!   kernel's socket buffer and the client's, not in the server's memory or
+//!   CPU.
+//! - **A gateway** (a connection multiplexing several tenants' calls, as an
+//!   application service calling the data service) is never paused for one
+//!   tenant's flood on it: another identity's admitted call in the window
+//!   keeps it read. Its flooding tenant is refused call by call, as before.
+//! - **Connection setups per peer address** are bounded
+//!   ([`SETUPS_PER_SECOND_PER_PEER`] by default, after a burst of
+//!   [`SETUP_BURST_SECONDS`] seconds' worth; see [`bound_peer_setups`]): a
+//!   peer that opens connections faster (a client the server keeps ending
+//!   for rapid reset, which reconnects at once) waits for its next one to
+//!   be served; at most [`HELD_PER_PEER`] of its connections wait, the rest
+//!   are closed at once.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Calls per window over which a connection is judged.
+pub const WINDOW: u32 = 64;
+/// The share of a window's calls that must be refused for a pause. (A
+/// paused tenant's bucket refills during the pause: its next window admits
+/// a burst, so this is well under 100.)
+pub const SHED_REFUSED_PERCENT: u32 = 75;
+/// A window with fewer refused than this share ends the pauses; one in
+/// between neither pauses the connection nor forgets its pauses.
+pub const WELL_BEHAVED_PERCENT: u32 = 50;
+/// The first pause of a connection judged to be flooding.
+pub const FIRST_PAUSE: Duration = Duration::from_millis(10);
+/// The longest pause.
+pub const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// New connections per second one peer address may open, after a burst.
+pub const SETUPS_PER_SECOND_PER_PEER: u32 = 100;
+/// The burst of new connections a peer address may open at once (as a
+/// multiple of the rate).
+pub const SETUP_BURST_SECONDS: u32 = 2;
+/// Connections of one peer address held back at once; more are closed.
+pub const HELD_PER_PEER: u32 = 64;
+/// Connections held back at once, all peers together.
+const HELD_IN_ALL: usize = 4096;
+
+/// The identity of unauthenticated callers (public RPCs, refused tokens):
+/// on one connection they are one identity.
+pub const ANONYMOUS: u64 = 1;
+const NONE: u64 = 0;
+const MIXED: u64 = u64::MAX;
+
+/// Nanoseconds since the process's first use of it (never 0).
+fn now_nanos() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| Instant::now() - Duration::from_nanos(1));
+    epoch.elapsed().as_nanos() as u64
+}
+
+/// One accepted connection's standing, shared by its IO (which pauses
+/// reading) and its calls (which report their outcome).
+#[derive(Debug)]
+pub struct Connection {
+    calls: AtomicU32,
+    refused: AtomicU32,
+    refused_by: AtomicU64,
+    admitted_by: AtomicU64,
+    /// The longest pause the window's refusals allow (ns).
+    cap: AtomicU64,
+    /// Pauses in a row (0: not paused).
+    level: AtomicU32,
+    /// Read nothing before this instant ([`now_nanos`]; 0: no pause).
+    pause_until: AtomicU64,
+    /// Pauses so far.
+    pauses: AtomicU64,
+}
+
+impl Connection {
+    /// The connection `request` came on, when it was accepted by
+    /// [`incoming`].
+    pub fn of<B>(request: &http::Request<B>) -> Option<&Arc<Connection>> {
+        request.extensions().get::<ConnectionInfo>().map(|i| &i.connection)
+    }
+
+    /// An identity for [`Connection::admitted`] and [`Connection::refused`]:
+    /// a tenant id's (or any caller key's) hash, never [`ANONYMOUS`].
+    pub fn identity(key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        static HASHER: OnceLock<std::hash::RandomState> = OnceLock::new();
+        HASHER.get_or_init(std::hash::RandomState::new).hash_one(key).clamp(ANONYMOUS + 1, MIXED - 1)
+    }
+
+    /// A call of `identity` on this connection was admitted.
+    pub fn admitted(&self, identity: u64) {
+        note(&self.admitted_by, identity);
+        self.count();
+    }
+
+    /// A call of `identity` on this connection was refused; pausing the
+    /// connection for up to `cap` costs the caller nothing it would have
+    /// been admitted (its limit's refill time).
+    pub fn refused(&self, identity: u64, cap: Duration) {
+        note(&self.refused_by, identity);
+        self.refused.fetch_add(1, Relaxed);
+        self.cap.fetch_min(cap.min(MAX_PAUSE).as_nanos() as u64, Relaxed);
+        self.count();
+    }
+
+    /// How many times this connection has been paused.
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(Relaxed)
+    }
+
+    fn count(&self) {
+        if self.calls.fetch_add(1, Relaxed) + 1 >= WINDOW {
+            self.judge();
+        }
+    }
+
+    /// The window is full: pause the connection, or end its pauses.
+    fn judge(&self) {
+        let calls = self.calls.swap(0, Relaxed);
+        if calls < WINDOW {
+            return; // another call judged this window
+        }
+        let refused = self.refused.swap(0, Relaxed);
+        let refused_by = self.refused_by.swap(NONE, Relaxed);
+        let admitted_by = self.admitted_by.swap(NONE, Relaxed);
+        let cap = self.cap.swap(u64::MAX, Relaxed);
+        let one_identity =
+            refused_by != NONE && refused_by != MIXED && (admitted_by == NONE || admitted_by == refused_by);
+        let percent = u64::from(refused) * 100 / u64::from(calls);
+        if !one_identity || percent < u64::from(WELL_BEHAVED_PERCENT) {
+            self.level.store(0, Relaxed);
+            return;
+        }
+        if percent < u64::from(SHED_REFUSED_PERCENT) {
+            return;
+        }
+        let now = now_nanos();
+        if now < self.pause_until.load(Relaxed) {
+            return; // calls read before the pause began
+        }
+        let level = (self.level.load(Relaxed) + 1).min(16);
+        self.level.store(level, Relaxed);
+        let pause = (FIRST_PAUSE.as_nanos() as u64).saturating_mul(1 << (level - 1)).min(cap);
+        self.pause_until.store(now.saturating_add(pause), Relaxed);
+        if self.pauses.fetch_add(1, Relaxed) == 0 {
+            tracing::warn!(
+                refused,
+                calls,
+                anonymous = refused_by == ANONYMOUS,
+                "a connection's calls are nearly all refused: reading from it is paused while that lasts"
+            );
+        }
+    }
+
+    /// The instant reading may resume, if the connection is paused now.
+    fn paused_until(&self) -> Option<u64> {
+        let until = self.pause_until.load(Relaxed);
+        (until != 0 && now_nanos() < until).then_some(until)
+    }
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self {
+            calls: AtomicU32::new(0),
+            refused: AtomicU32::new(0),
+            refused_by: AtomicU64::new(NONE),
+            admitted_by: AtomicU64::new(NONE),
+            cap: AtomicU64::new(u64::MAX),
+            level: AtomicU32::new(0),
+            pause_until: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Records `identity` in `slot`: the first one seen, or [`MIXED`].
+fn note(slot: &AtomicU64, identity: u64) {
+    let seen = slot.load(Relaxed);
+    if seen == identity || seen == MIXED {
+        return;
+    }
+    if seen != NONE || slot.compare_exchange(NONE, identity, Relaxed, Relaxed).is_err_and(|now| now != identity) {
+        slot.store(MIXED, Relaxed);
+    }
+}
+
+/// What a call knows of its connection (a request extension): its
+/// addresses, and its [`Connection`].
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    pub tcp: TcpConnectInfo,
+    pub connection: Arc<Connection>,
+}
+
+/// An accepted connection: reads pause while its [`Connection`] says so.
+#[derive(Debug)]
+pub struct ShedIo {
+    stream: TcpStream,
+    info: ConnectionInfo,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ShedIo {
+    pub fn new(stream: TcpStream) -> Self {
+        let tcp = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
+        Self { stream, info: ConnectionInfo { tcp, connection: Arc::default() }, sleep: None }
+    }
+
+    /// The socket.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// The connection's standing.
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.info.connection
+    }
+}
+
+impl Connected for ShedIo {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for ShedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(until) = self.info.connection.paused_until() {
+            let deadline = tokio::time::Instant::now() + Duration::from_nanos(until.saturating_sub(now_nanos()));
+            let sleep = match &mut self.sleep {
+                Some(sleep) => {
+                    sleep.as_mut().reset(deadline);
+                    sleep
+                }
+                none => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ShedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+use std::future::Future as _;
+
+/// A peer's connection setups: a token bucket, and how many of its
+/// connections are held back now.
+#[derive(Debug)]
+struct Setups {
+    tokens: f64,
+    at: Instant,
+    held: u32,
+}
+
+/// A connection held back until `at`.
+struct Held {
+    at: Instant,
+    stream: TcpStream,
+    ip: IpAddr,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at) // earliest first in a max-heap
+    }
+}
+
+/// The connections a listener accepts (`TCP_NODELAY` on, see
+/// [`crate::runtime::incoming`]), each with its [`Connection`], at most
+/// [`SETUPS_PER_SECOND_PER_PEER`] per peer address after a burst.
+pub struct Incoming {
+    listener: TcpListener,
+    setups: HashMap<IpAddr, Setups>,
+    held: BinaryHeap<Held>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// None: no bound.
+    rate: Option<f64>,
+    burst: f64,
+    logged: Option<Instant>,
+}
+
+/// The process's bound on connection setups per peer (0: none).
+static SETUP_RATE: AtomicU32 = AtomicU32::new(SETUPS_PER_SECOND_PER_PEER);
+
+/// Bounds each peer address to `per_second` new connections a second
+/// (after a burst of [`SETUP_BURST_SECONDS`] seconds' worth) on the
+/// listeners [`incoming`] makes from now on; 0: no bound. The process's
+/// `TENANTMESH_PEER_CONNECTIONS_PER_SECOND`, set when its authenticator
+/// is configured (`Authenticator::with_admission`).
+pub fn bound_peer_setups(per_second: u32) {
+    SETUP_RATE.store(per_second, Relaxed);
+}
+
+/// [`Incoming`] on `listener`, with the process's bound on setups.
+pub fn incoming(listener: TcpListener) -> Incoming {
+    let rate = SETUP_RATE.load(Relaxed);
+    Incoming::with_rate(listener, rate, rate.saturating_mul(SETUP_BURST_SECONDS))
+}
+
+impl Incoming {
+    /// At most `rate` new connections per second per peer address, after
+    /// `burst` (0: no bound).
+    pub fn with_rate(listener: TcpListener, rate: u32, burst: u32) -> Self {
+        Self {
+            listener,
+            setups: HashMap::new(),
+            held: BinaryHeap::new(),
+            timer: None,
+            rate: (rate > 0).then_some(f64::from(rate)),
+            burst: f64::from(burst.max(1)),
+            logged: None,
+        }
+    }
+
+    /// When `ip`'s new connection may be served: now (`None`), later, or
+    /// never (`Some(None)`: too many of its connections wait already).
+    fn admit(&mut self, ip: IpAddr, now: Instant) -> Option<Option<Instant>> {
+        let rate = self.rate?;
+        if self.setups.len() >= 4096 {
+            let burst = self.burst;
+            self.setups.retain(|_, s| s.held > 0 || s.tokens + now.duration_since(s.at).as_secs_f64() * rate < burst);
+        }
+        let burst = self.burst;
+        let s = self.setups.entry(ip).or_insert(Setups { tokens: burst, at: now, held: 0 });
+        s.tokens = (s.tokens + now.duration_since(s.at).as_secs_f64() * rate).min(burst);
+        s.at = now;
+        if s.tokens >= 1.0 && s.held == 0 {
+            s.tokens -= 1.0;
+            return None;
+        }
+        if s.held >= HELD_PER_PEER || self.held.len() >= HELD_IN_ALL {
+            return Some(None);
+        }
+        // Served in turn: after the ones already waiting.
+        s.tokens -= 1.0;
+        s.held += 1;
+        Some(Some(now + Duration::from_secs_f64((-s.tokens).max(0.0) / rate)))
+    }
+
+    fn accepted(stream: TcpStream) -> ShedIo {
+        // Best effort: a socket that refuses it still works.
+        let _ = stream.set_nodelay(true);
+        ShedIo::new(stream)
+    }
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = std::io::Result<ShedIo>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let now = Instant::now();
+            if this.held.peek().is_some_and(|h| h.at <= now) {
+                let held = this.held.pop().expect("peeked");
+                if let Some(s) = this.setups.get_mut(&held.ip) {
+                    s.held = s.held.saturating_sub(1);
+                }
+                return Poll::Ready(Some(Ok(Self::accepted(held.stream))));
+            }
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((stream, addr))) => match this.admit(addr.ip(), now) {
+                    None => return Poll::Ready(Some(Ok(Self::accepted(stream)))),
+                    Some(at) => {
+                        if this.logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+                            this.logged = Some(now);
+                            tracing::warn!(
+                                peer = %addr.ip(),
+                                per_second = this.rate.unwrap_or_default(),
+                                "a peer opens connections faster than a peer may: its next ones wait{} (logged once in 10 s)",
+                                if at.is_none() { ", and are closed when too many wait" } else { "" }
+                            );
+                        }
+                        if let Some(at) = at {
+                            this.held.push(Held { at, stream, ip: addr.ip() });
+                        }
+                        // A connection not held is dropped: closed.
+                    }
+                },
+                // An accept error (out of descriptors, a connection reset
+                // before it was accepted) is the server's to log and go on.
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {
+                    let Some(next) = this.held.peek().map(|h| h.at) else { return Poll::Pending };
+                    let timer = match &mut this.timer {
+                        Some(t) => {
+                            t.as_mut().reset(next.into());
+                            t
+                        }
+                        none => none.insert(Box::pin(tokio::time::sleep_until(next.into()))),
+                    };
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection() -> Connection {
+        Connection::default()
+    }
+
+    /// A window of one identity's refusals pauses the connection, for no
+    /// longer than the refusals' cap; a well-behaved window ends it.
+    #[test]
+    fn one_identitys_refusals_pause_a_connection() {
+        let c = connection();
+        let flooder = Connection::identity("acme");
+        for _ in 0..WINDOW - 4 {
+            c.refused(flooder, Duration::from_millis(5));
+        }
+        for _ in 0..4 {
+            c.admitted(flooder);
+        }
+        assert_eq!(c.pauses(), 1);
+        let until = c.paused_until().expect("paused");
+        assert!(until - now_nanos() <= 5_000_000, "capped at the refill time");
+        // A window of admitted calls: no pause after it.
+        std::thread::sleep(Duration::from_millis(6));
+        for _ in 0..WINDOW {
+            c.admitted(flooder);
+        }
+        assert_eq!(c.pauses(), 1);
+        assert_eq!(c.level.load(Relaxed), 0);
+    }
+
+    /// A gateway: another tenant's admitted calls on the connection keep it
+    /// read, however many of one tenant's calls are refused; so do
+    /// refusals of several identities, and a window mostly admitted.
+    #[test]
+    fn gateways_and_mixed_windows_are_not_paused() {
+        let (flooder, other) = (Connection::identity("acme"), Connection::identity("bolt"));
+        let c = connection();
+        for i in 0..WINDOW * 10 {
+            if i % 50 == 0 {
+                c.admitted(other);
+            } else {
+                c.refused(flooder, MAX_PAUSE);
+            }
+        }
+        assert_eq!(c.pauses(), 0, "a gateway");
+        let c = connection();
+        for i in 0..WINDOW * 10 {
+            c.refused(if i % 2 == 0 { flooder } else { other }, MAX_PAUSE);
+        }
+        assert_eq!(c.pauses(), 0, "two refused identities");
+        let c = connection();
+        for i in 0..WINDOW * 10 {
+            if i % 5 == 0 {
+                c.refused(flooder, MAX_PAUSE);
+            } else {
+                c.admitted(flooder);
+            }
+        }
+        assert_eq!(c.pauses(), 0, "80% admitted");
+    }
+
+    /// Pauses double while the flood goes on, up to the cap.
+    #[test]
+    fn pauses_double_up_to_the_cap() {
+        let c = connection();
+        let mut pauses = Vec::new();
+        for _ in 0..5 {
+            for _ in 0..WINDOW {
+                c.refused(ANONYMOUS, Duration::from_millis(50));
+            }
+            let until = c.paused_until().expect("paused");
+            pauses.push((until - now_nanos()).div_ceil(1_000_000));
+            std::thread::sleep(Duration::from_nanos(until - now_nanos() + 100_000));
+        }
+        assert_eq!(pauses, [10, 20, 40, 50, 50]);
+        // A window between well-behaved and flooding (its tenant's bucket
+        // refilled during the pause): no pause, none forgotten.
+        for i in 0..WINDOW {
+            if i % 5 < 3 {
+                c.refused(ANONYMOUS, Duration::from_millis(50));
+            } else {
+                c.admitted(ANONYMOUS);
+            }
+        }
+        assert_eq!((c.pauses(), c.level.load(Relaxed)), (5, 5));
+    }
+
+    /// A paused connection's reads wait; its writes do not.
+    #[tokio::test]
+    async fn a_paused_connection_is_not_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut io = ShedIo::new(server);
+        io.connection().pause_until.store(now_nanos() + 200_000_000, Relaxed);
+        client.write_all(b"hello").await.unwrap();
+        io.write_all(b"answer").await.unwrap();
+        let mut buf = [0u8; 6];
+        client.read_exact(&mut buf).await.unwrap();
+        let started = Instant::now();
+        let mut got = [0u8; 5];
+        io.read_exact(&mut got).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(150), "read during the pause");
+        assert_eq!(&got, b"hello");
+    }
+
+    /// A peer past its burst of setups waits for its next connection; past
+    /// the held bound its connections are closed; another peer is not held.
+    #[test]
+    fn setups_per_peer_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let _guard = rt.enter();
+        let mut incoming = Incoming::with_rate(listener, 10, 2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let now = Instant::now();
+        assert_eq!(incoming.admit(a, now), None);
+        assert_eq!(incoming.admit(a, now), None);
+        let later = incoming.admit(a, now).expect("held").expect("not closed");
+        assert!(later > now && later <= now + Duration::from_millis(101), "{:?}", later - now);
+        let next = incoming.admit(a, now).expect("held").expect("not closed");
+        assert!(next > later, "in turn");
+        assert_eq!(incoming.admit(b, now), None, "another peer");
+        incoming.setups.get_mut(&a).unwrap().held = HELD_PER_PEER;
+        assert_eq!(incoming.admit(a, now), Some(None), "too many wait: closed");
+    }
+}
