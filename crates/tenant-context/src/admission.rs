@@ -218,9 +218,10 @@ where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
-    ResBody: Default + Send + 'static,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
@@ -231,7 +232,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mut inner = crate::context::take_ready(&mut self.inner);
         if req.extensions().get::<TenantContext>().is_none() {
-            return Box::pin(inner.call(req));
+            return Box::pin(async move { inner.call(req).await.map(|r| r.map(tonic::body::Body::new)) });
         }
         let rule = self.policies.rule(req.uri().path());
         let (streams, units) = (rule.is_some_and(|r| r.streams), rule.is_some_and(|r| r.charge == Charge::Units));
@@ -249,11 +250,12 @@ where
                     guard
                 }
                 Err(status) => {
-                    // Pausing the connection for the time the tenant's
-                    // bucket takes to refill costs it nothing it would
-                    // have been admitted.
+                    // Pausing the connection for half the time the
+                    // tenant's bucket takes to refill costs it nothing it
+                    // would have been admitted (the bucket is not full
+                    // before it is read again).
                     if let (Some(c), Some(limits)) = (connection, ctx.tenant.limits) {
-                        c.refused(Connection::identity(&ctx.tenant_id), refill(limits));
+                        c.refused(Connection::identity(&ctx.tenant_id), refill(limits) / 2);
                     }
                     return Ok(status.into_http());
                 }
@@ -273,8 +275,44 @@ where
             if units {
                 charge(in_flight.as_ref(), &response);
             }
-            response
+            // An answer holds its tenant's slot until it is sent (or its
+            // stream ends): a client that reads none of its answers holds
+            // its own tenant's requests in flight, not the server's memory.
+            let held = in_flight.and_then(|guard| guard.hold(admission.limiter.as_ref()?));
+            response.map(|r| {
+                r.map(|body| match held {
+                    Some(slot) => tonic::body::Body::new(Sending { body, _slot: slot }),
+                    None => tonic::body::Body::new(body),
+                })
+            })
         })
+    }
+}
+
+/// An answer's body, holding its call's slot until it is dropped (sent,
+/// or its stream ended).
+struct Sending<B> {
+    body: B,
+    _slot: tenantmesh_admission::limits::Held,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Sending<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
