@@ -13,7 +13,8 @@
 //!   [`SHED_REFUSED_PERCENT`] of a window of [`WINDOW`] calls refused, and
 //!   no other identity's call admitted in it. The pause starts at
 //!   [`FIRST_PAUSE`] and doubles while the connection goes on (until a
-//!   window under [`WELL_BEHAVED_PERCENT`] refused), up to what
+//!   window under [`WELL_BEHAVED_PERCENT`] refused); the first refusal read
+//!   after a pause starts the next one. Pauses last up to what
 //!   the refusing layer says costs the caller nothing (half the time its
 //!   tenant's bucket takes to refill: its calls are still admitted at its
 //!   quota) and
@@ -23,8 +24,10 @@
 //!   so that what it sent meanwhile is not one burst everyone waits behind.
 //! - **A gateway** (a connection multiplexing several tenants' calls, as an
 //!   application service calling the data service) is never paused for one
-//!   tenant's flood on it: another identity's admitted call in the window
-//!   keeps it read. Its flooding tenant is refused call by call, as before.
+//!   tenant's flood on it: two identities' calls admitted one after the
+//!   other in the last [`GATEWAY_MEMORY`] keep it read, however small a
+//!   share of its calls the others are. Its flooding tenant is refused call
+//!   by call, as before.
 //! - **Connection setups per peer address** are bounded
 //!   ([`SETUPS_PER_SECOND_PER_PEER`] by default, after a burst of
 //!   [`SETUP_BURST_SECONDS`] seconds' worth; see [`bound_peer_setups`]): a
@@ -58,6 +61,9 @@ pub const WELL_BEHAVED_PERCENT: u32 = 50;
 pub const FIRST_PAUSE: Duration = Duration::from_millis(10);
 /// The longest pause.
 pub const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// How long a connection that carried two identities' admitted calls one
+/// after the other counts as a gateway's (never paused).
+pub const GATEWAY_MEMORY: Duration = Duration::from_secs(2);
 /// New connections per second one peer address may open, after a burst.
 pub const SETUPS_PER_SECOND_PER_PEER: u32 = 100;
 /// The burst of new connections a peer address may open at once (as a
@@ -95,6 +101,16 @@ pub struct Connection {
     level: AtomicU32,
     /// Read nothing before this instant ([`now_nanos`]; 0: no pause).
     pause_until: AtomicU64,
+    /// The current pause's length (ns): a refusal after it ends starts the
+    /// next one at once.
+    pause_len: AtomicU64,
+    /// When the last pause was set by a window ([`now_nanos`]).
+    judged_at: AtomicU64,
+    /// The identity of the last admitted call.
+    last_admitted: AtomicU64,
+    /// When two identities' calls were last admitted one after the other
+    /// ([`now_nanos`]; 0: never): a gateway.
+    mixed_at: AtomicU64,
     /// Pauses so far.
     pauses: AtomicU64,
 }
@@ -117,7 +133,21 @@ impl Connection {
     /// A call of `identity` on this connection was admitted.
     pub fn admitted(&self, identity: u64) {
         note(&self.admitted_by, identity);
+        let last = self.last_admitted.load(Relaxed);
+        if last != identity {
+            self.last_admitted.store(identity, Relaxed);
+            if last != NONE {
+                self.mixed_at.store(now_nanos(), Relaxed);
+            }
+        }
         self.count();
+    }
+
+    /// Whether two identities' calls were admitted on this connection in
+    /// the last [`GATEWAY_MEMORY`]: a gateway's, never paused.
+    fn gateway(&self, now: u64) -> bool {
+        let at = self.mixed_at.load(Relaxed);
+        at != 0 && now.saturating_sub(at) < GATEWAY_MEMORY.as_nanos() as u64
     }
 
     /// A call of `identity` on this connection was refused; pausing the
@@ -127,6 +157,16 @@ impl Connection {
         note(&self.refused_by, identity);
         self.refused.fetch_add(1, Relaxed);
         self.cap.fetch_min(cap.min(MAX_PAUSE).as_nanos() as u64, Relaxed);
+        // Being shed: the first refusal read after a pause starts the next
+        // (a connection with few calls in flight would otherwise send a
+        // whole window between pauses).
+        if self.shedding() {
+            let now = now_nanos();
+            let len = self.pause_len.load(Relaxed);
+            if len > 0 && now >= self.pause_until.load(Relaxed) && !self.gateway(now) {
+                self.pause_until.store(now.saturating_add(len.min(cap.as_nanos() as u64)), Relaxed);
+            }
+        }
         self.count();
     }
 
@@ -154,20 +194,25 @@ impl Connection {
         let one_identity =
             refused_by != NONE && refused_by != MIXED && (admitted_by == NONE || admitted_by == refused_by);
         let percent = u64::from(refused) * 100 / u64::from(calls);
-        if !one_identity || percent < u64::from(WELL_BEHAVED_PERCENT) {
+        let now = now_nanos();
+        if !one_identity || percent < u64::from(WELL_BEHAVED_PERCENT) || self.gateway(now) {
             self.level.store(0, Relaxed);
+            self.pause_len.store(0, Relaxed);
             return;
         }
         if percent < u64::from(SHED_REFUSED_PERCENT) {
             return;
         }
-        let now = now_nanos();
-        if now < self.pause_until.load(Relaxed) {
-            return; // calls read before the pause began
+        // One step up per pause: the windows read while one is being set
+        // (before it, or just after a refusal renewed it) are covered.
+        if now.saturating_sub(self.judged_at.load(Relaxed)) < self.pause_len.load(Relaxed) {
+            return;
         }
+        self.judged_at.store(now, Relaxed);
         let level = (self.level.load(Relaxed) + 1).min(16);
         self.level.store(level, Relaxed);
         let pause = (FIRST_PAUSE.as_nanos() as u64).saturating_mul(1 << (level - 1)).min(cap);
+        self.pause_len.store(pause, Relaxed);
         self.pause_until.store(now.saturating_add(pause), Relaxed);
         if self.pauses.fetch_add(1, Relaxed) == 0 {
             tracing::warn!(
@@ -202,6 +247,10 @@ impl Default for Connection {
             cap: AtomicU64::new(u64::MAX),
             level: AtomicU32::new(0),
             pause_until: AtomicU64::new(0),
+            pause_len: AtomicU64::new(0),
+            judged_at: AtomicU64::new(0),
+            last_admitted: AtomicU64::new(NONE),
+            mixed_at: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
         }
     }
@@ -543,6 +592,20 @@ mod tests {
             }
         }
         assert_eq!(c.pauses(), 0, "a gateway");
+        // Another tenant's calls a small share of the connection's (one in
+        // a thousand): still a gateway.
+        let c = connection();
+        for i in 0..WINDOW * 40 {
+            if i % 1000 == 999 {
+                c.admitted(other);
+            } else if i % 10 == 0 {
+                c.admitted(flooder);
+            } else {
+                c.refused(flooder, MAX_PAUSE);
+            }
+        }
+        assert!(c.pauses() <= 1, "a gateway (paused only before the other tenant's first call)");
+        assert_eq!(c.level.load(Relaxed), 0, "no longer shed once it is seen to be a gateway");
         let c = connection();
         for i in 0..WINDOW * 10 {
             c.refused(if i % 2 == 0 { flooder } else { other }, MAX_PAUSE);

@@ -4,7 +4,11 @@
 //! own calls): a tenant's thousands of concurrent calls on one connection
 //! are answered one by one, never by resetting the connection; streams
 //! opened and reset at once (rapid reset, CVE-2023-44487) leave other
-//! tenants served.
+//! tenants served; a connection whose calls are nearly all refused is
+//! paused (and its tenant still admitted at its quota); a peer's
+//! connection setups are bounded; a client that reads no answers holds
+//! its own tenant's slots, not the server's memory; PING and SETTINGS
+//! floods stop being read when their answers cannot be written.
 
 use std::time::Duration;
 
@@ -444,7 +448,8 @@ async fn a_slow_reader_holds_its_tenants_slots_not_the_servers_memory() {
     let addr = mesh.addrs.data;
     let (mut waiting, mut refused, mut other, mut unread) = (0, 0, Vec::new(), Vec::new());
     let mut client = client;
-    for i in 0..300 {
+    let mut answers = Vec::new();
+    for _ in 0..300 {
         client = client.ready().await.unwrap();
         let request = http::Request::post(format!("http://{addr}/tenantmesh.data.v1.Data/QueryItems"))
             .header("content-type", "application/grpc")
@@ -455,6 +460,9 @@ async fn a_slow_reader_holds_its_tenants_slots_not_the_servers_memory() {
         let (response, mut send) = client.send_request(request, false).unwrap();
         // A refusal may come (and end the stream) before the body is sent.
         let _ = send.send_data(body.clone(), true);
+        answers.push((response, send));
+    }
+    for (i, (response, send)) in answers.into_iter().enumerate() {
         let response = tokio::time::timeout(Duration::from_secs(10), response).await.expect("an answer's headers");
         let response = match response {
             Ok(r) => r,
@@ -493,4 +501,63 @@ async fn a_slow_reader_holds_its_tenants_slots_not_the_servers_memory() {
         }
     })
     .await;
+}
+
+/// PING and SETTINGS floods from a client that never reads (CVE-2019-9512,
+/// -9515): each needs an answer, and the server answers one at a time, so
+/// the answers it cannot write stop it reading the flood (the client's
+/// writes stall) instead of piling up in its memory. A header list over
+/// the advertised bound is refused without costing the connection.
+/// Another tenant is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_settings_floods_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let mesh = TestMesh::start().await;
+    let victim = mesh.onboard(&unique_tenant("victim")).await;
+    let before = peak_rss();
+    let tcp = tokio::net::TcpStream::connect(mesh.addrs.data).await.unwrap();
+    // Never read: the server's answers stay unread.
+    let (_read, mut write) = tcp.into_split();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    write.write_all(&hello).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..500u64 {
+        batch.extend(frame(0x6, 0, 0, &i.to_be_bytes()));
+        batch.extend(frame(0x4, 0, 0, &[]));
+    }
+    // 20,000 batches: 10 million frames, 130 MB, if the server read them all.
+    let (mut sent, mut stalled) = (0, false);
+    for b in 0..20_000 {
+        match tokio::time::timeout(Duration::from_secs(2), write.write_all(&batch)).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(_)) => break, // the server ended the connection
+            Err(_) => {
+                stalled = true;
+                break;
+            }
+        }
+        if b % 500 == 0 {
+            let req = authed(GetItemRequest { collection: "c".into(), id: format!("v{b}") }, &victim.token);
+            let answer = tokio::time::timeout(Duration::from_secs(10), mesh.data().get_item(req)).await;
+            assert!(answer.unwrap().is_err_and(|s| s.code() == Code::NotFound), "the victim was not served");
+        }
+    }
+    let grown = peak_rss().saturating_sub(before);
+    eprintln!(
+        "ping/settings flood: {sent} batches of 1,000 frames written, stalled: {stalled}; peak RSS grew {} MB",
+        grown >> 20
+    );
+    assert!(sent < 20_000, "the server read 10 million frames it could not answer");
+    assert!(grown < 64 << 20, "the flood grew the server by {} MB", grown >> 20);
+    // A header list over the bound: that call is refused, the connection
+    // (and the next call on it) is not.
+    let mut data = mesh.data();
+    let mut big = authed(GetItemRequest { collection: "c".into(), id: "big".into() }, &victim.token);
+    let padding = "x".repeat(tenantmesh_service::runtime::MAX_HEADER_LIST_BYTES as usize);
+    big.metadata_mut().insert("x-padding", padding.parse().unwrap());
+    let refused = data.get_item(big).await;
+    assert!(refused.is_err_and(|s| s.code() != Code::NotFound), "a header list over the bound was served");
+    let req = authed(GetItemRequest { collection: "c".into(), id: "after".into() }, &victim.token);
+    assert!(data.get_item(req).await.is_err_and(|s| s.code() == Code::NotFound));
 }

@@ -17,6 +17,7 @@ use crate::client::{self, Op, authed, lazy, onboard_on_tier, platform_admin, see
 use crate::load::{self, CallFn, Method, OpenClient, Stats, frame};
 use crate::procs::{self, MeshAddrs, Proc};
 use crate::report::{Figure, ScenarioResult, Target};
+use crate::scenarios::floods::Flooder;
 
 /// Each steady tenant's limits in the noisy-neighbour runs.
 const RATE: u32 = 200;
@@ -89,26 +90,64 @@ fn errors(s: &Stats) -> u64 {
 /// calls/s (open loop) or, with `flood = None`, none. Returns the steady
 /// tenants' merged stats (the flooder's own steady client excluded) and
 /// the flooder's (its steady and flood calls together).
+/// How tenant 0 floods in a noisy-neighbour run.
+#[derive(Clone, Copy)]
+enum Flood {
+    None,
+    /// Open loop at this rate, on 4 connections of its own.
+    Open(f64),
+    /// A closed loop in a flooder process: connections x calls in flight.
+    Closed {
+        connections: usize,
+        streams: usize,
+    },
+    /// A closed loop of 4 x 125 on the connections the others' calls use.
+    Shared,
+}
+
 async fn noisy_run(
-    url: &str,
+    addr: std::net::SocketAddr,
     tokens: &[(String, String)],
-    flood: Option<f64>,
+    flood: Flood,
     warmup: Duration,
     window: Duration,
 ) -> Result<(Stats, Stats), String> {
-    let conns = load::connect(url, 4).await?;
+    let url = client::url(addr);
+    let conns = load::connect(&url, 4).await?;
     let mut clients = steady_clients(&conns, tokens, STEADY);
-    if let Some(rate) = flood {
-        // The flooder (tenant 0) on connections of its own.
-        let own = load::connect(url, 4).await?;
-        for conn in own {
-            clients.push(OpenClient { channel: conn, rate_per_s: rate / 4.0, call: Op::GetItem.call(&tokens[0].1) });
+    let (mut process, mut task) = (None, None);
+    match flood {
+        Flood::None => {}
+        Flood::Open(rate) => {
+            // The flooder (tenant 0) on connections of its own.
+            let own = load::connect(&url, 4).await?;
+            for conn in own {
+                clients.push(OpenClient {
+                    channel: conn,
+                    rate_per_s: rate / 4.0,
+                    call: Op::GetItem.call(&tokens[0].1),
+                });
+            }
+        }
+        Flood::Closed { connections, streams } => {
+            process = Some(Flooder::start("get-item", addr, &tokens[0].1, connections, streams, warmup, window)?);
+        }
+        Flood::Shared => {
+            let (shared, call) = (conns.clone(), Op::GetItem.call(&tokens[0].1));
+            task = Some(tokio::spawn(async move { load::closed_loop(&shared, 125, warmup, window, call).await }));
         }
     }
     let stats = load::open_loop(clients, warmup, window, 20_000).await;
     let others = load::merged(&stats[1..tokens.len()]);
+    // Tenant 0's calls: its steady ones and its flood's.
     let mut flooder = vec![stats[0].clone()];
     flooder.extend(stats[tokens.len()..].iter().cloned());
+    if let Some(p) = process {
+        flooder.push(p.report().await?.stats(window));
+    }
+    if let Some(t) = task {
+        flooder.push(t.await.map_err(|e| e.to_string())?);
+    }
     Ok((others, load::merged(&flooder)))
 }
 
@@ -127,9 +166,11 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
         format!(
             "`tenantmesh up`; {TENANTS} pool tenants, each limited to {RATE} requests/s (burst {BURST}), each sending \
              GetItem at {STEADY}/s open loop for {}s; then tenant 0 adds a flood at 10x its quota (open loop, on \
-             connections of its own); then tenant 0 floods with a closed loop of 4 connections x 125 streams \
-             instead (as fast as this machine lets a client send); then the 10x flood on a mesh with \
-             TENANTMESH_LIMITS=off, as the control. The others' latency is from the intended send time.",
+             connections of its own); then tenant 0 floods with a closed loop (each call sent again as soon as it \
+             is answered) from a flooder process of its own: 4 connections x 125 streams, then 100 connections x \
+             5; then the closed loop of 4 x 125 on the very connections the others' calls use (from the measuring \
+             process); then the 10x flood on a mesh with TENANTMESH_LIMITS=off, as the control. The others' \
+             latency is from the intended send time. The flooder's admitted calls include its steady ones.",
             window.as_secs()
         ),
     );
@@ -141,29 +182,20 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
             if limits_on { HashMap::new() } else { [("TENANTMESH_LIMITS".to_owned(), "off".to_owned())].into() };
         let (mesh, addrs) = procs::start_mesh(&dir.join("mesh"), &env)?;
         let tokens = tenants(&addrs, &["standard"], TENANTS, (RATE, BURST, 64)).await?;
-        let url = client::url(addrs.data);
-        let runs: Vec<(&str, Option<f64>)> = if limits_on {
+        let runs: Vec<(&str, Flood)> = if limits_on {
             vec![
-                ("no flood", None),
-                ("flood at 10x quota", Some(10.0 * f64::from(RATE))),
-                ("closed-loop flood", Some(-1.0)),
+                ("no flood", Flood::None),
+                ("flood at 10x quota", Flood::Open(10.0 * f64::from(RATE))),
+                ("closed-loop flood", Flood::Closed { connections: 4, streams: 125 }),
+                ("closed-loop flood on 100 connections", Flood::Closed { connections: 100, streams: 5 }),
+                ("closed-loop flood on the others' connections", Flood::Shared),
             ]
         } else {
-            vec![("limits off, flood at 10x quota", Some(10.0 * f64::from(RATE)))]
+            vec![("limits off, flood at 10x quota", Flood::Open(10.0 * f64::from(RATE)))]
         };
         for (label, flood) in runs {
             let cpu0 = mesh.cpu_time();
-            let (others, flooder) = match flood {
-                Some(rate) if rate < 0.0 => {
-                    // Closed-loop flood alongside the steady tenants.
-                    let conns = load::connect(&url, 4).await?;
-                    let call = Op::GetItem.call(&tokens[0].1);
-                    let flood = tokio::spawn(async move { load::closed_loop(&conns, 125, warmup, window, call).await });
-                    let (others, _) = noisy_run(&url, &tokens, None, warmup, window).await?;
-                    (others, flood.await.map_err(|e| e.to_string())?)
-                }
-                _ => noisy_run(&url, &tokens, flood, warmup, window).await?,
-            };
+            let (others, flooder) = noisy_run(addrs.data, &tokens, flood, warmup, window).await?;
             // Server CPU per call over the whole run (warm-up included).
             let calls = (others.all_calls + flooder.all_calls).max(1) as f64;
             let cpu_us = (mesh.cpu_time() - cpu0).as_secs_f64() * 1e6 / calls;
@@ -180,21 +212,24 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
                 refused(&flooder)
             ));
             let p99 = others.quantile_ms(0.99);
-            if flood.is_none() {
+            if matches!(flood, Flood::None) {
                 baseline_p99 = p99;
                 r.figures.push(Figure::new("others' GetItem p99, no flood", "ms", p99));
             } else {
-                if limits_on && flood.is_some_and(|x| x < 0.0) {
+                if limits_on && matches!(flood, Flood::Closed { connections: 4, .. }) {
                     r.figures.push(
                         Figure::new("server CPU per call, closed-loop flood (almost all refused)", "us", cpu_us).note(
-                            "what refusing costs (HTTP/2, authentication from the caches, the limiter, the status); \
-                             compare `GetItem server CPU per call` of isolation_tax, a call served under load",
+                            "the mesh's CPU over the run divided by every call answered, the others' and the \
+                             flooder's; compare `GetItem server CPU per call` of isolation_tax, a call served under \
+                             load",
                         ),
                     );
                 }
                 let mut f = Figure::new(format!("others' GetItem p99, {label}"), "ms", p99).vs(baseline_p99);
                 if limits_on {
-                    f = f.target(Target::RatioAtMost(1.2));
+                    // The issue's bound for a closed loop is 2x (1.2x is
+                    // what CockroachDB's admission control reaches).
+                    f = f.target(Target::RatioAtMost(if matches!(flood, Flood::Open(_)) { 1.2 } else { 2.0 }));
                 }
                 r.figures.push(f);
                 r.figures.push({
@@ -208,11 +243,7 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
                     let f = Figure::new(format!("flooder admitted, {label}"), "calls/s", admitted)
                         .vs(quota)
                         .note(format!("quota {RATE}/s + burst {BURST} over the window; offered {offered:.0}/s"));
-                    r.figures.push(if flood.is_some_and(|x| x > 0.0) {
-                        f.target(Target::RatioBetween(0.95, 1.05))
-                    } else {
-                        f
-                    });
+                    r.figures.push(f.target(Target::RatioBetween(0.95, 1.05)));
                 }
             }
             details.insert(
@@ -295,7 +326,7 @@ pub async fn saturation(ctx: &Ctx) -> Result<ScenarioResult, String> {
     Ok(r)
 }
 
-fn login_flood_call() -> CallFn {
+pub(crate) fn login_flood_call() -> CallFn {
     let method = Method::new("/tenantmesh.auth.v1.Auth/Login", "");
     Arc::new(move |conn, seq| {
         let req = LoginRequest {
@@ -321,8 +352,9 @@ pub async fn login_flood(ctx: &Ctx) -> Result<ScenarioResult, String> {
         "Anonymous login flood",
         format!(
             "`tenantmesh up` with the default argon2id cost (19 MiB, 2 passes); {TENANTS} tenants at {STEADY} \
-             GetItem/s each (open loop) for {}s, alone and then with 128 streams (4 connections x 32) sending \
-             Auth.Login with random emails in a closed loop. Resident memory of the mesh sampled every 100 ms.",
+             GetItem/s each (open loop) for {}s, alone and then with 128 streams (4 connections x 32) of a \
+             flooder process sending Auth.Login with random emails in a closed loop. Resident memory of the mesh \
+             sampled every 100 ms.",
             window.as_secs()
         ),
     );
@@ -335,17 +367,12 @@ pub async fn login_flood(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let mut details = serde_json::Map::new();
     for flood in [false, true] {
         let sampler = RssSampler::start(&mesh);
-        let flooding = if flood {
-            let conns = load::connect(&client::url(addrs.auth), 4).await?;
-            Some(tokio::spawn(async move { load::closed_loop(&conns, 32, warmup, window, login_flood_call()).await }))
-        } else {
-            None
-        };
+        let flooding = if flood { Some(Flooder::start("login", addrs.auth, "", 4, 32, warmup, window)?) } else { None };
         let conns = load::connect(&url, 4).await?;
         let stats =
             load::merged(&load::open_loop(steady_clients(&conns, &tokens, STEADY), warmup, window, 20_000).await);
         let logins = match flooding {
-            Some(f) => Some(f.await.map_err(|e| e.to_string())?),
+            Some(f) => Some(f.report().await?.stats(window)),
             None => None,
         };
         let peak = sampler.stop();

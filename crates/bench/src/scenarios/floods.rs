@@ -64,6 +64,128 @@ async fn reset_streams(addr: std::net::SocketAddr, token: String, stop: Arc<Atom
     }
 }
 
+/// What a flood does, in a process of its own (`tenantmesh-bench flood`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FloodKind {
+    /// GetItem with a tenant's token, in a closed loop.
+    GetItem,
+    /// Auth.Login with random emails (anonymous), in a closed loop.
+    Login,
+    /// GetItem streams opened and reset at once (rapid reset), a new
+    /// connection whenever the server ends one.
+    Reset,
+}
+
+/// What a flooder process did: its one line of JSON on stdout.
+#[derive(serde::Serialize, serde::Deserialize, Default, Debug)]
+pub struct FloodReport {
+    /// Calls answered OK in the window (closed loops).
+    pub ok: u64,
+    /// Calls refused or failed in the window, by code.
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Every call answered, warm-up included.
+    pub all_calls: u64,
+    /// Streams opened and reset (rapid reset).
+    pub streams: u64,
+    /// Connections the server ended (rapid reset).
+    pub ended: u64,
+}
+
+impl FloodReport {
+    /// The flood's window statistics as the scenarios' [`load::Stats`]
+    /// (no latencies: a flooder's are not measured).
+    pub fn stats(&self, window: Duration) -> load::Stats {
+        let mut s = load::Stats::from_latencies(&[]);
+        s.ok = self.ok;
+        s.errors = self.errors.clone();
+        s.all_calls = self.all_calls;
+        s.window = window;
+        s
+    }
+}
+
+/// The `flood` command: floods `addr` for `warmup + window`, then prints
+/// a [`FloodReport`].
+pub async fn flood(
+    kind: FloodKind,
+    addr: std::net::SocketAddr,
+    token: &str,
+    connections: usize,
+    streams: usize,
+    warmup: Duration,
+    window: Duration,
+) -> Result<(), String> {
+    let report = match kind {
+        FloodKind::GetItem | FloodKind::Login => {
+            let conns = load::connect(&client::url(addr), connections).await?;
+            let call = match kind {
+                FloodKind::Login => super::fairness::login_flood_call(),
+                _ => client::Op::GetItem.call(token),
+            };
+            let s = load::closed_loop(&conns, streams, warmup, window, call).await;
+            FloodReport { ok: s.ok, errors: s.errors, all_calls: s.all_calls, ..Default::default() }
+        }
+        FloodKind::Reset => {
+            let (stop, counts) = (Arc::new(AtomicBool::new(false)), Arc::new(Resets::default()));
+            let tasks: Vec<_> = (0..connections)
+                .map(|_| tokio::spawn(reset_streams(addr, token.to_owned(), stop.clone(), counts.clone())))
+                .collect();
+            tokio::time::sleep(warmup + window).await;
+            stop.store(true, Ordering::Relaxed);
+            for t in tasks {
+                let _ = t.await;
+            }
+            FloodReport {
+                streams: counts.streams.load(Ordering::Relaxed),
+                ended: counts.ended.load(Ordering::Relaxed),
+                ..Default::default()
+            }
+        }
+    };
+    println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// A flooder: this binary's `flood` command, a process of its own on this
+/// machine (as an attacker's client would be: its CPU is not the
+/// measuring process's).
+pub struct Flooder(std::process::Child);
+
+impl Flooder {
+    pub fn start(
+        kind: &str,
+        addr: std::net::SocketAddr,
+        token: &str,
+        connections: usize,
+        streams: usize,
+        warmup: Duration,
+        window: Duration,
+    ) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(exe)
+            .args(["flood", "--kind", kind, "--addr", &addr.to_string(), "--token", token])
+            .args(["--connections", &connections.to_string(), "--streams", &streams.to_string()])
+            .args(["--warmup-ms", &warmup.as_millis().to_string(), "--window-ms", &window.as_millis().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the flooder: {e}"))?;
+        Ok(Self(child))
+    }
+
+    /// Waits for the flood to end; what it did.
+    pub async fn report(self) -> Result<FloodReport, String> {
+        let out = tokio::task::spawn_blocking(move || self.0.wait_with_output())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("flooder: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("the flooder failed: {}", out.status));
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(line.trim()).map_err(|e| format!("the flooder's report {line:?}: {e}"))
+    }
+}
+
 /// Ten tenants' GetItem latency (open loop) alone and while four tasks
 /// open and reset streams as fast as they can; the mesh's memory.
 pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
@@ -77,7 +199,7 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
         "Rapid reset: streams opened and cancelled at once",
         format!(
             "`tenantmesh up`; {TENANTS} tenants at {STEADY} GetItem/s each (open loop) for {}s, alone and then while \
-             {RESETTERS} tasks of this process (another tenant's valid token) open GetItem streams on the data \
+             {RESETTERS} tasks of a flooder process (another tenant's valid token) open GetItem streams on the data \
              service and reset each at once (RST_STREAM CANCEL), as fast as they can, each on a new connection \
              whenever the server ends its own. Resident memory of the mesh sampled every 100 ms.",
             window.as_secs()
@@ -93,20 +215,21 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let mut details = serde_json::Map::new();
     for flood in [false, true] {
         let sampler = RssSampler::start(&mesh);
-        let (stop, counts) = (Arc::new(AtomicBool::new(false)), Arc::new(Resets::default()));
-        let resetters: Vec<_> = (0..if flood { RESETTERS } else { 0 })
-            .map(|_| tokio::spawn(reset_streams(addrs.data, attacker.clone(), stop.clone(), counts.clone())))
-            .collect();
+        let resetter = if flood {
+            Some(Flooder::start("reset", addrs.data, &attacker, RESETTERS, 0, warmup, window)?)
+        } else {
+            None
+        };
         let conns = load::connect(&url, 4).await?;
         let stats =
             load::merged(&load::open_loop(steady_clients(&conns, &tokens, STEADY), warmup, window, 20_000).await);
-        stop.store(true, Ordering::Relaxed);
-        for t in resetters {
-            let _ = t.await;
-        }
+        let resets = match resetter {
+            Some(f) => f.report().await?,
+            None => FloodReport::default(),
+        };
         let peak = sampler.stop();
         let label = if flood { "rapid reset" } else { "no flood" };
-        let (streams, ended) = (counts.streams.load(Ordering::Relaxed), counts.ended.load(Ordering::Relaxed));
+        let (streams, ended) = (resets.streams, resets.ended);
         let span = (warmup + window).as_secs_f64();
         progress(format!(
             "  {label}: tenants p99 {:.2} ms, errors {:?}; {:.0} streams reset/s, {ended} connections ended by the \
