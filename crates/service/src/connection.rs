@@ -9,7 +9,8 @@
 //! each call's outcome (which identity, admitted or refused), and:
 //!
 //! - **A connection whose calls are overwhelmingly refused, all of one
-//!   identity,** is not read from for a while: at least
+//!   identity,** (a call its client resets before its answer, as in rapid
+//!   reset, counts as refused) is not read from for a while: at least
 //!   [`SHED_REFUSED_PERCENT`] of a window of [`WINDOW`] calls refused, and
 //!   no other identity's call admitted in it. The pause starts at
 //!   [`FIRST_PAUSE`] and doubles while the connection goes on (until a
@@ -154,6 +155,18 @@ impl Connection {
     /// connection for up to `cap` costs the caller nothing it would have
     /// been admitted (half its limit's refill time).
     pub fn refused(&self, identity: u64, cap: Duration) {
+        self.wasted(identity, cap);
+        self.count();
+    }
+
+    /// A call of `identity` admitted on this connection (and counted by
+    /// [`Connection::admitted`]) was reset by its client before its answer:
+    /// work for nothing, counted as refused.
+    pub fn abandoned(&self, identity: u64, cap: Duration) {
+        self.wasted(identity, cap);
+    }
+
+    fn wasted(&self, identity: u64, cap: Duration) {
         note(&self.refused_by, identity);
         self.refused.fetch_add(1, Relaxed);
         self.cap.fetch_min(cap.min(MAX_PAUSE).as_nanos() as u64, Relaxed);
@@ -167,7 +180,6 @@ impl Connection {
                 self.pause_until.store(now.saturating_add(len.min(cap.as_nanos() as u64)), Relaxed);
             }
         }
-        self.count();
     }
 
     /// How many times this connection has been paused.
@@ -620,6 +632,27 @@ mod tests {
             }
         }
         assert_eq!(c.pauses(), 0, "80% admitted");
+    }
+
+    /// Calls admitted and then reset by their client before the answer
+    /// (rapid reset) count as refused: such a connection is paused too.
+    #[test]
+    fn abandoned_calls_pause_a_connection() {
+        let c = connection();
+        let resetter = Connection::identity("acme");
+        for _ in 0..WINDOW {
+            c.admitted(resetter);
+            c.abandoned(resetter, MAX_PAUSE);
+        }
+        assert_eq!(c.pauses(), 1);
+        let c = connection();
+        for i in 0..WINDOW {
+            c.admitted(resetter);
+            if i % 10 == 0 {
+                c.abandoned(resetter, MAX_PAUSE);
+            }
+        }
+        assert_eq!(c.pauses(), 0, "a client that gives up on a call in ten is not paused");
     }
 
     /// Pauses double while the flood goes on, up to the cap.

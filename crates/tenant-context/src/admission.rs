@@ -242,10 +242,17 @@ where
             // not the context.
             let ctx = req.extensions().get::<TenantContext>().expect("checked above");
             let connection = Connection::of(&req);
+            // A call its client resets before the answer (rapid reset) was
+            // work for nothing: its connection is told, as of a refusal.
+            let mut abandoned = None;
             let mut in_flight = match admission.admit(ctx) {
                 Ok(guard) => {
                     if let Some(c) = connection {
-                        c.admitted(Connection::identity(&ctx.tenant_id));
+                        let identity = Connection::identity(&ctx.tenant_id);
+                        c.admitted(identity);
+                        let cap =
+                            ctx.tenant.limits.map_or(tenantmesh_service::connection::MAX_PAUSE, |l| refill(l) / 2);
+                        abandoned = Some(Abandoned { connection: c.clone(), identity, cap, answered: false });
                     }
                     guard
                 }
@@ -272,6 +279,9 @@ where
                 req.extensions_mut().insert(HeldSlot::new(held));
             }
             let response = inner.call(req).await;
+            if let Some(a) = &mut abandoned {
+                a.answered = true;
+            }
             if units {
                 charge(in_flight.as_ref(), &response);
             }
@@ -286,6 +296,23 @@ where
                 })
             })
         })
+    }
+}
+
+/// Tells a call's connection, when dropped before its call was answered
+/// (its client reset the stream), that the call was abandoned.
+struct Abandoned {
+    connection: Arc<Connection>,
+    identity: u64,
+    cap: std::time::Duration,
+    answered: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.connection.abandoned(self.identity, self.cap);
+        }
     }
 }
 
