@@ -15,11 +15,10 @@
 //!   no other identity's call admitted in it. The pause starts at
 //!   [`FIRST_PAUSE`] and doubles while the connection goes on (until a
 //!   window under [`WELL_BEHAVED_PERCENT`] refused); the first refusal read
-//!   after a pause starts the next one. Pauses last up to what
-//!   the refusing layer says costs the caller nothing (half the time its
+//!   after a pause starts the next one. Pauses last up to what the
+//!   refusing layer says costs the caller nothing (half the time its
 //!   tenant's bucket takes to refill: its calls are still admitted at its
-//!   quota) and
-//!   never more than [`MAX_PAUSE`]. Unread, its next calls wait in the
+//!   quota), never more than [`MAX_PAUSE`]. Unread, its next calls wait in the
 //!   kernel's socket buffer and the client's, not in the server's memory or
 //!   CPU. Between pauses it is read 2 KiB at a time, yielding in between,
 //!   so that what it sent meanwhile is not one burst everyone waits behind.

@@ -217,7 +217,7 @@ impl<S, B, ResBody> Service<Request<B>> for AdmissionService<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: http_body::Body + Unpin + Send + 'static,
     ResBody: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
     ResBody::Error: Into<tonic::codegen::StdError>,
 {
@@ -264,12 +264,20 @@ where
                     if let (Some(c), Some(limits)) = (connection, ctx.tenant.limits) {
                         c.refused(Connection::identity(&ctx.tenant_id), refill(limits) / 2);
                     }
+                    if !streams {
+                        crate::context::drain(req.into_body()).await;
+                    }
                     return Ok(status.into_http());
                 }
             };
             let _seat = match admission.seat(ctx, req.headers()).await {
                 Ok(seat) => seat,
-                Err(status) => return Ok(status.into_http()),
+                Err(status) => {
+                    if !streams {
+                        crate::context::drain(req.into_body()).await;
+                    }
+                    return Ok(status.into_http());
+                }
             };
             // A stream holds its slot for as long as it is open.
             if streams
@@ -362,14 +370,14 @@ mod tests {
 
     /// A fake handler reporting that each call cost `cost` tokens.
     fn stacked(admission: &Arc<Admission>, cost: u32) -> impl Fn(&str, &str) -> BoxFuture<Option<String>> {
-        let handler = tower::service_fn(move |_req: Request<()>| async move {
+        let handler = tower::service_fn(move |_req: Request<tonic::body::Body>| async move {
             let mut response = Response::new(String::new());
             response.extensions_mut().insert(Handled { usage: Usage::default(), cost: Cost(cost), forwarded: false });
             Ok::<_, Infallible>(response)
         });
         let svc = layer(admission.clone(), Arc::new(Policies::mesh().unwrap().clone())).layer(handler);
         move |path: &str, id: &str| {
-            let mut req = Request::builder().uri(path).body(()).unwrap();
+            let mut req = Request::builder().uri(path).body(tonic::body::Body::empty()).unwrap();
             req.extensions_mut().insert(tenant(id));
             let svc = svc.clone();
             Box::pin(async move {

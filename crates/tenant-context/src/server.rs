@@ -360,7 +360,7 @@ impl<S, B, ResBody> Service<Request<B>> for AuthenticationService<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: http_body::Body + Unpin + Send + 'static,
     ResBody: Default + Send + 'static,
 {
     type Response = Response<ResBody>;
@@ -408,6 +408,9 @@ where
                         tenantmesh_telemetry::record_claimed_tenant(tenant);
                     }
                     tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");
+                    if !auth.policies.rule(req.uri().path()).is_some_and(|r| r.streams) {
+                        crate::context::drain(req.into_body()).await;
+                    }
                     return Ok(status.into_http());
                 }
             };
@@ -514,13 +517,13 @@ mod tests {
         use tower::ServiceExt as _;
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
-        let handler = tower::service_fn(move |_req: Request<()>| {
+        let handler = tower::service_fn(move |_req: Request<tonic::body::Body>| {
             counted.fetch_add(1, Ordering::Relaxed);
             async { Ok::<_, Infallible>(Response::new(String::new())) }
         });
         let svc = stack(tenantmesh_telemetry::Service::new("test"), authenticator(), None).unwrap().layer(handler);
         let call = |path: &str| {
-            let req = Request::builder().uri(path).body(()).unwrap();
+            let req = Request::builder().uri(path).body(tonic::body::Body::empty()).unwrap();
             svc.clone().oneshot(req)
         };
         let refused = call("/tenantmesh.data.v1.Data/Scan").await.unwrap();
