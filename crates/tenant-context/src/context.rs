@@ -128,6 +128,35 @@ impl TenantContext {
     }
 }
 
+/// The request of a call refused before its body was read, read to its end
+/// (at most 100 ms and 64 KiB) and discarded: answered before the client's
+/// END_STREAM, the stream would be reset by the server, and a DATA frame of
+/// the client's arriving after many more such resets counts as a protocol
+/// error of the peer's; 1,024 of those end the connection (the guard
+/// against MadeYouReset), every call on it with them. A unary request's
+/// body is a few bytes, usually read with its headers.
+pub async fn drain<B>(body: B)
+where
+    B: http_body::Body + Unpin,
+{
+    use http_body_util::BodyExt as _;
+    let mut body = body;
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), async {
+        let mut read = 0usize;
+        while read < 64 * 1024 {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        read += bytes::Buf::remaining(data);
+                    }
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,33 +201,4 @@ mod tests {
         }
         assert_eq!(Scope::parse("admin"), None);
     }
-}
-
-/// The request of a call refused before its body was read, read to its end
-/// (at most 100 ms and 64 KiB) and discarded: answered before the client's
-/// END_STREAM, the stream would be reset by the server, and a DATA frame of
-/// the client's arriving after many more such resets counts as a protocol
-/// error of the peer's; 1,024 of those end the connection (the guard
-/// against MadeYouReset), every call on it with them. A unary request's
-/// body is a few bytes, usually read with its headers.
-pub async fn drain<B>(body: B)
-where
-    B: http_body::Body + Unpin,
-{
-    use http_body_util::BodyExt as _;
-    let mut body = body;
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), async {
-        let mut read = 0usize;
-        while read < 64 * 1024 {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        read += bytes::Buf::remaining(data);
-                    }
-                }
-                _ => return,
-            }
-        }
-    })
-    .await;
 }
