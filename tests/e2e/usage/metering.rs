@@ -590,18 +590,6 @@ async fn stored_bytes_are_sampled_for_every_tenant() {
     mesh.shutdown().await;
 }
 
-/// This process's peak resident memory since the last reset, in bytes
-/// (Linux: `VmHWM`, reset by writing 5 to `clear_refs`).
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
-fn reset_peak_rss() {
-    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
-}
-
 /// Reads are bounded by what they return, never by what they read: with a
 /// year of per-minute usage in the store (six meters every minute,
 /// written straight into it as flushes would), an all-time cost and a
