@@ -264,20 +264,12 @@ where
                     if let (Some(c), Some(limits)) = (connection, ctx.tenant.limits) {
                         c.refused(Connection::identity(&ctx.tenant_id), refill(limits) / 2);
                     }
-                    if !streams {
-                        crate::context::drain(req.into_body()).await;
-                    }
-                    return Ok(status.into_http());
+                    return Ok(crate::context::refuse(status, req, streams).await);
                 }
             };
             let _seat = match admission.seat(ctx, req.headers()).await {
                 Ok(seat) => seat,
-                Err(status) => {
-                    if !streams {
-                        crate::context::drain(req.into_body()).await;
-                    }
-                    return Ok(status.into_http());
-                }
+                Err(status) => return Ok(crate::context::refuse(status, req, streams).await),
             };
             // A stream holds its slot for as long as it is open.
             if streams

@@ -135,7 +135,7 @@ impl TenantContext {
 /// error of the peer's; 1,024 of those end the connection (the guard
 /// against MadeYouReset), every call on it with them. A unary request's
 /// body is a few bytes, usually read with its headers.
-pub async fn drain<B>(body: B)
+async fn drain<B>(body: B)
 where
     B: http_body::Body + Unpin,
 {
@@ -155,6 +155,19 @@ where
         }
     })
     .await;
+}
+
+/// The answer refusing a call with `status`: a unary call's request
+/// [`drain`]ed first (a streaming one's is not: its client may never end it).
+pub async fn refuse<B, R>(status: tonic::Status, request: http::Request<B>, streaming: bool) -> http::Response<R>
+where
+    B: http_body::Body + Unpin,
+    R: Default,
+{
+    if !streaming {
+        drain(request.into_body()).await;
+    }
+    status.into_http()
 }
 
 #[cfg(test)]

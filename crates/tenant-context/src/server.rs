@@ -408,10 +408,8 @@ where
                         tenantmesh_telemetry::record_claimed_tenant(tenant);
                     }
                     tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");
-                    if !auth.policies.rule(req.uri().path()).is_some_and(|r| r.streams) {
-                        crate::context::drain(req.into_body()).await;
-                    }
-                    return Ok(status.into_http());
+                    let streaming = auth.policies.rule(req.uri().path()).is_some_and(|r| r.streams);
+                    return Ok(crate::context::refuse(status, req, streaming).await);
                 }
             };
             tenantmesh_telemetry::record_tenant(&ctx.tenant_id, &ctx.tenant.tier);
