@@ -60,25 +60,7 @@ enum Cmd {
     },
     /// Flood a service for a while, then print what was done (one line of
     /// JSON): a scenario's attacker, in a process of its own.
-    Flood {
-        #[arg(long, value_enum)]
-        kind: scenarios::floods::FloodKind,
-        #[arg(long)]
-        addr: std::net::SocketAddr,
-        /// The flooding tenant's access token (unused by `login`).
-        #[arg(long, default_value = "")]
-        token: String,
-        /// Connections (`reset`: tasks, each on its own connection).
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        /// Calls in flight per connection (closed loops).
-        #[arg(long, default_value_t = 125)]
-        streams: usize,
-        #[arg(long, default_value_t = 2000)]
-        warmup_ms: u64,
-        #[arg(long, default_value_t = 15000)]
-        window_ms: u64,
-    },
+    Flood(scenarios::floods::FloodSpec),
     /// Serve the bare tonic baseline (prints `listening ADDR`).
     Baseline {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -126,11 +108,7 @@ async fn main() -> ExitCode {
             layers::serve(n.into(), addr, &data_dir, &tenant, registry.zip(auth), otlp).await
         }
         Cmd::Run { quick, only, root, results, markdown } => run(quick, only, root, results, markdown).await,
-        Cmd::Flood { kind, addr, token, connections, streams, warmup_ms, window_ms } => {
-            use std::time::Duration;
-            let (warmup, window) = (Duration::from_millis(warmup_ms), Duration::from_millis(window_ms));
-            scenarios::floods::flood(kind, addr, &token, connections, streams, warmup, window).await
-        }
+        Cmd::Flood(spec) => scenarios::floods::flood(&spec).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

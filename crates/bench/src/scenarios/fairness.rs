@@ -17,7 +17,7 @@ use crate::client::{self, Op, authed, lazy, onboard_on_tier, platform_admin, see
 use crate::load::{self, CallFn, Method, OpenClient, Stats, frame};
 use crate::procs::{self, MeshAddrs, Proc};
 use crate::report::{Figure, ScenarioResult, Target};
-use crate::scenarios::floods::Flooder;
+use crate::scenarios::floods::{FloodKind, FloodSpec, Flooder};
 
 /// Each steady tenant's limits in the noisy-neighbour runs.
 const RATE: u32 = 200;
@@ -130,7 +130,8 @@ async fn noisy_run(
             }
         }
         Flood::Closed { connections, streams } => {
-            process = Some(Flooder::start("get-item", addr, &tokens[0].1, connections, streams, warmup, window)?);
+            let (kind, token) = (FloodKind::GetItem, tokens[0].1.clone());
+            process = Some(Flooder::start(&FloodSpec { kind, addr, token, connections, streams, warmup, window })?);
         }
         Flood::Shared => {
             let (shared, call) = (conns.clone(), Op::GetItem.call(&tokens[0].1));
@@ -367,7 +368,16 @@ pub async fn login_flood(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let mut details = serde_json::Map::new();
     for flood in [false, true] {
         let sampler = RssSampler::start(&mesh);
-        let flooding = if flood { Some(Flooder::start("login", addrs.auth, "", 4, 32, warmup, window)?) } else { None };
+        let login = FloodSpec {
+            kind: FloodKind::Login,
+            addr: addrs.auth,
+            token: String::new(),
+            connections: 4,
+            streams: 32,
+            warmup,
+            window,
+        };
+        let flooding = if flood { Some(Flooder::start(&login)?) } else { None };
         let conns = load::connect(&url, 4).await?;
         let stats =
             load::merged(&load::open_loop(steady_clients(&conns, &tokens, STEADY), warmup, window, 20_000).await);

@@ -104,17 +104,37 @@ impl FloodReport {
     }
 }
 
-/// The `flood` command: floods `addr` for `warmup + window`, then prints
-/// a [`FloodReport`].
-pub async fn flood(
-    kind: FloodKind,
-    addr: std::net::SocketAddr,
-    token: &str,
-    connections: usize,
-    streams: usize,
-    warmup: Duration,
-    window: Duration,
-) -> Result<(), String> {
+/// A flood: what, where, how wide and how long (the `flood` command's
+/// arguments).
+#[derive(clap::Args, Clone, Debug)]
+pub struct FloodSpec {
+    #[arg(long, value_enum)]
+    pub kind: FloodKind,
+    #[arg(long)]
+    pub addr: std::net::SocketAddr,
+    /// The flooding tenant's access token (unused by `login`).
+    #[arg(long, default_value = "")]
+    pub token: String,
+    /// Connections (`reset`: tasks, each on its own connection).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Calls in flight per connection (closed loops).
+    #[arg(long, default_value_t = 125)]
+    pub streams: usize,
+    #[arg(long = "warmup-ms", default_value = "2000", value_parser = millis)]
+    pub warmup: Duration,
+    #[arg(long = "window-ms", default_value = "15000", value_parser = millis)]
+    pub window: Duration,
+}
+
+fn millis(s: &str) -> Result<Duration, String> {
+    s.parse().map(Duration::from_millis).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// The `flood` command: floods for `warmup + window`, then prints a
+/// [`FloodReport`].
+pub async fn flood(spec: &FloodSpec) -> Result<(), String> {
+    let FloodSpec { kind, addr, ref token, connections, streams, warmup, window } = *spec;
     let report = match kind {
         FloodKind::GetItem | FloodKind::Login => {
             let conns = load::connect(&client::url(addr), connections).await?;
@@ -128,7 +148,7 @@ pub async fn flood(
         FloodKind::Reset => {
             let (stop, counts) = (Arc::new(AtomicBool::new(false)), Arc::new(Resets::default()));
             let tasks: Vec<_> = (0..connections)
-                .map(|_| tokio::spawn(reset_streams(addr, token.to_owned(), stop.clone(), counts.clone())))
+                .map(|_| tokio::spawn(reset_streams(addr, token.clone(), stop.clone(), counts.clone())))
                 .collect();
             tokio::time::sleep(warmup + window).await;
             stop.store(true, Ordering::Relaxed);
@@ -152,20 +172,15 @@ pub async fn flood(
 pub struct Flooder(std::process::Child);
 
 impl Flooder {
-    pub fn start(
-        kind: &str,
-        addr: std::net::SocketAddr,
-        token: &str,
-        connections: usize,
-        streams: usize,
-        warmup: Duration,
-        window: Duration,
-    ) -> Result<Self, String> {
+    pub fn start(spec: &FloodSpec) -> Result<Self, String> {
+        use clap::ValueEnum as _;
+        let kind = spec.kind.to_possible_value().expect("every kind has a name");
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let child = std::process::Command::new(exe)
-            .args(["flood", "--kind", kind, "--addr", &addr.to_string(), "--token", token])
-            .args(["--connections", &connections.to_string(), "--streams", &streams.to_string()])
-            .args(["--warmup-ms", &warmup.as_millis().to_string(), "--window-ms", &window.as_millis().to_string()])
+            .args(["flood", "--kind", kind.get_name(), "--addr", &spec.addr.to_string(), "--token", &spec.token])
+            .args(["--connections", &spec.connections.to_string(), "--streams", &spec.streams.to_string()])
+            .args(["--warmup-ms", &spec.warmup.as_millis().to_string()])
+            .args(["--window-ms", &spec.window.as_millis().to_string()])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the flooder: {e}"))?;
@@ -216,7 +231,9 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
     for flood in [false, true] {
         let sampler = RssSampler::start(&mesh);
         let resetter = if flood {
-            Some(Flooder::start("reset", addrs.data, &attacker, RESETTERS, 0, warmup, window)?)
+            let kind = FloodKind::Reset;
+            let (addr, token) = (addrs.data, attacker.clone());
+            Some(Flooder::start(&FloodSpec { kind, addr, token, connections: RESETTERS, streams: 0, warmup, window })?)
         } else {
             None
         };
