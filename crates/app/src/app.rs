@@ -348,9 +348,7 @@ impl App {
                 shutdown,
             )
             .await;
-            for task in background {
-                task.abort();
-            }
+            tenantmesh_service::runtime::end_tasks(background).await;
             // Whatever the outcome, what was counted is sent.
             if let Some(meters) = meters {
                 match meters.shutdown().await {

@@ -170,6 +170,19 @@ where
     }
 }
 
+/// Ends a service's background tasks when it stops serving: each is
+/// aborted *and awaited*, so whatever it holds (the service's store among
+/// it) is dropped when this returns. An aborted task's future is otherwise
+/// dropped later, on some worker: an embedded store opened again at once in
+/// the same process (a restart of `tenantmesh up`, a test mesh) would find
+/// its file still locked.
+pub async fn end_tasks<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) {
+    for task in tasks {
+        task.abort();
+        let _ = task.await;
+    }
+}
+
 /// The call's `grpc-timeout` (for example `250m`, `5S`), if it has a valid one.
 pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;

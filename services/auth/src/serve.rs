@@ -104,10 +104,7 @@ pub async fn serve(
         )
         .await;
         // The reloader and the sweeper hold the store: they end with the service.
-        for task in [reloader, sweeper, purging] {
-            task.abort();
-            let _ = task.await;
-        }
+        tenantmesh_service::runtime::end_tasks([reloader, sweeper, purging]).await;
         served?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })

@@ -79,9 +79,8 @@ pub async fn serve(
             shutdown,
         )
         .await;
-        sweeper.abort();
-        catching_up.abort();
-        purging.abort();
+        // They hold the store: they end with the service.
+        tenantmesh_service::runtime::end_tasks([sweeper, catching_up, purging]).await;
         served?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })

@@ -61,7 +61,8 @@ pub async fn serve(
             shutdown,
         )
         .await;
-        purging.abort();
+        // It holds the store: it ends with the service.
+        tenantmesh_service::runtime::end_tasks([purging]).await;
         served?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })
