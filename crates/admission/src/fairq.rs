@@ -14,11 +14,27 @@
 //! A tenant's waiting requests stay in one queue (the one its first waiting
 //! request chose) until none waits: a tenant's share is its queue's share,
 //! whatever the number of requests it sends.
+//!
+//! **When the process is short of CPU** (`tenantmesh_service::load`) the
+//! queue takes over admission for every request (the layers no longer take
+//! the lock-free seat), and:
+//! - the seats shrink to what is running, by an eighth per probe, down to a
+//!   floor of twice the machine's cores (at least 4): work past that waits
+//!   here, in turn, instead of slowing every running request; they grow
+//!   back by an eighth per probe once the CPU is available again;
+//! - a freed seat goes to the waiting tenant with the least recent usage
+//!   for its weight (seconds of seats held, decayed over
+//!   [`USAGE_HALF_LIFE`], as Kueue's admission fair sharing orders by
+//!   usage): a tenant that used more recently waits behind one of the same
+//!   weight that did not, and a tenant well within its quota behind none.
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tenantmesh_service::load::{self, LoadListener};
 
 use tokio::sync::oneshot;
 
@@ -46,10 +62,49 @@ struct State {
     turn: usize,
     next_id: u64,
     /// The queue each tenant with requests waiting waits in, and how many.
-    sticky: std::collections::HashMap<u64, (usize, usize)>,
+    sticky: HashMap<u64, (usize, usize)>,
+    /// Tenants' recent usage (seconds of seats held, decayed), counted
+    /// while the process is short of CPU.
+    usage: HashMap<u64, Usage>,
+}
+
+/// The half-life of a tenant's recorded usage.
+pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(10);
+/// Tenants whose usage is remembered at once; past it the smallest
+/// (decayed under a millisecond) are forgotten.
+const USAGE_TENANTS: usize = 4096;
+
+#[derive(Clone, Copy)]
+struct Usage {
+    seconds: f64,
+    at: Instant,
+}
+
+impl Usage {
+    fn now(self, now: Instant) -> f64 {
+        let age = now.saturating_duration_since(self.at).as_secs_f64();
+        self.seconds * 0.5f64.powf(age / USAGE_HALF_LIFE.as_secs_f64())
+    }
 }
 
 impl State {
+    /// `tenant`'s recent usage now.
+    fn usage(&self, tenant: u64, now: Instant) -> f64 {
+        self.usage.get(&tenant).map_or(0.0, |u| u.now(now))
+    }
+
+    /// `tenant` held a seat for `held`.
+    fn used(&mut self, tenant: u64, held: Duration, now: Instant) {
+        if self.usage.len() >= USAGE_TENANTS && !self.usage.contains_key(&tenant) {
+            self.usage.retain(|_, u| u.now(now) >= 1e-3);
+            if self.usage.len() >= USAGE_TENANTS {
+                return;
+            }
+        }
+        let u = self.usage.entry(tenant).or_insert(Usage { seconds: 0.0, at: now });
+        *u = Usage { seconds: u.now(now) + held.as_secs_f64(), at: now };
+    }
+
     /// One waiter of `tenant` left the queues.
     fn left(&mut self, tenant: u64) {
         if let Some((_, n)) = self.sticky.get_mut(&tenant) {
@@ -64,6 +119,10 @@ impl State {
 /// Seats of one service process, shared fairly when they run out.
 pub struct FairQueue {
     settings: FairQueueSettings,
+    /// Seats now: the capacity, or fewer while the process is short of CPU.
+    limit: AtomicUsize,
+    /// The fewest seats it shrinks to.
+    floor: usize,
     running: AtomicUsize,
     waiting: AtomicUsize,
     state: Mutex<State>,
@@ -73,6 +132,7 @@ impl std::fmt::Debug for FairQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FairQueue")
             .field("settings", &self.settings)
+            .field("limit", &self.limit.load(Ordering::Relaxed))
             .field("running", &self.running.load(Ordering::Relaxed))
             .field("waiting", &self.waiting.load(Ordering::Relaxed))
             .finish()
@@ -84,13 +144,42 @@ impl std::fmt::Debug for FairQueue {
 #[derive(Debug)]
 pub struct Seat<'a> {
     queue: &'a FairQueue,
+    /// The tenant and when it took the seat, when its usage is counted.
+    used_by: Option<(u64, Instant)>,
 }
 
 impl Drop for Seat<'_> {
     fn drop(&mut self) {
         self.queue.running.fetch_sub(1, Ordering::SeqCst);
-        if self.queue.waiting.load(Ordering::SeqCst) > 0 {
-            self.queue.dispatch(&mut self.queue.state.lock().expect("fair queue lock"));
+        let used = self.used_by.take();
+        if used.is_some() || self.queue.waiting.load(Ordering::SeqCst) > 0 {
+            let mut state = self.queue.state.lock().expect("fair queue lock");
+            if let Some((tenant, since)) = used {
+                let now = Instant::now();
+                state.used(tenant, now.saturating_duration_since(since), now);
+            }
+            if self.queue.waiting.load(Ordering::SeqCst) > 0 {
+                self.queue.dispatch(&mut state);
+            }
+        }
+    }
+}
+
+impl LoadListener for FairQueue {
+    fn tick(&self, short_of_cpu: bool) {
+        let (limit, capacity) = (self.limit.load(Ordering::SeqCst), self.settings.capacity);
+        if short_of_cpu {
+            let running = self.running.load(Ordering::SeqCst);
+            if running > self.floor {
+                let base = running.min(limit);
+                let shrunk = (base - (base / 8).max(1)).max(self.floor);
+                self.limit.store(shrunk, Ordering::SeqCst);
+            }
+        } else if limit < capacity {
+            self.limit.store((limit + (limit / 8).max(1)).min(capacity), Ordering::SeqCst);
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                self.dispatch(&mut self.state.lock().expect("fair queue lock"));
+            }
         }
     }
 }
@@ -103,17 +192,24 @@ impl FairQueue {
             hand: settings.hand.clamp(1, settings.queues.max(1)),
             ..settings
         };
-        Arc::new(Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let queue = Arc::new(Self {
             settings,
+            limit: AtomicUsize::new(settings.capacity),
+            floor: (2 * cores).max(4).min(settings.capacity),
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             state: Mutex::new(State {
                 queues: (0..settings.queues).map(|_| Queue::default()).collect(),
                 turn: 0,
                 next_id: 0,
-                sticky: std::collections::HashMap::new(),
+                sticky: HashMap::new(),
+                usage: HashMap::new(),
             }),
-        })
+        });
+        let listener: Weak<dyn LoadListener> = Arc::downgrade(&queue) as Weak<FairQueue>;
+        load::listen(listener);
+        queue
     }
 
     pub fn settings(&self) -> FairQueueSettings {
@@ -125,24 +221,33 @@ impl FairQueue {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// Seats now (fewer than the capacity while the process is short of
+    /// CPU, or just after).
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     fn try_take(&self) -> bool {
-        self.running
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.settings.capacity).then_some(n + 1))
-            .is_ok()
+        let limit = self.limit.load(Ordering::SeqCst);
+        self.running.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)).is_ok()
     }
 
     /// A seat at once if one is free and nobody waits (two atomic
     /// operations, no lock): callers try this before working out what
-    /// [`FairQueue::acquire`] needs.
+    /// [`FairQueue::acquire`] needs, unless the process is short of CPU.
     pub fn try_acquire(&self) -> Option<Seat<'_>> {
-        (self.waiting.load(Ordering::SeqCst) == 0 && self.try_take()).then(|| Seat { queue: self })
+        (self.waiting.load(Ordering::SeqCst) == 0 && self.try_take()).then(|| Seat { queue: self, used_by: None })
     }
 
     /// A seat for a request of the tenant hashed to `tenant`, with its
     /// tier's `weight`, waiting at most until `deadline` (and `max_wait`).
+    /// While the process is short of CPU, the seat's time counts in the
+    /// tenant's usage.
     pub async fn acquire(&self, tenant: u64, weight: u32, deadline: Option<Instant>) -> Result<Seat<'_>, Refusal> {
-        if let Some(seat) = self.try_acquire() {
-            return Ok(seat);
+        let counted = load::short_of_cpu();
+        let seat = |queue| Seat { queue, used_by: counted.then(|| (tenant, Instant::now())) };
+        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_take() {
+            return Ok(seat(self));
         }
         let (id, rx) = {
             let mut state = self.state.lock().expect("fair queue lock");
@@ -150,7 +255,7 @@ impl FairQueue {
             // Seats freed since the check above (nobody else waits for them).
             if state.queues.iter().all(|q| q.waiters.is_empty()) && self.try_take() {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Ok(Seat { queue: self });
+                return Ok(seat(self));
             }
             let q = match state.sticky.get(&tenant) {
                 Some(&(q, _)) => q,
@@ -172,12 +277,12 @@ impl FairQueue {
             .map_or(self.settings.max_wait, |d| d.min(self.settings.max_wait));
         let mut rx = rx;
         match tokio::time::timeout(wait, &mut rx).await {
-            Ok(Ok(())) => Ok(Seat { queue: self }),
+            Ok(Ok(())) => Ok(seat(self)),
             _ => {
                 let mut state = self.state.lock().expect("fair queue lock");
                 // Granted just as the wait ended: take it.
                 if rx.try_recv().is_ok() {
-                    return Ok(Seat { queue: self });
+                    return Ok(seat(self));
                 }
                 let mut gone = None;
                 for q in state.queues.iter_mut() {
@@ -199,7 +304,13 @@ impl FairQueue {
         Refusal {
             limit: Limit::Capacity,
             subject: "service:capacity".into(),
-            description: format!("{} requests at once on this instance; {why}", self.settings.capacity),
+            description: match self.limit() {
+                limit if limit < self.settings.capacity => format!(
+                    "{limit} requests at once on this instance while it is short of CPU (of {}); {why}",
+                    self.settings.capacity
+                ),
+                limit => format!("{limit} requests at once on this instance; {why}"),
+            },
             retry_after: self.settings.max_wait,
         }
     }
@@ -228,7 +339,31 @@ impl FairQueue {
             // Until a live waiter has the seat; waiters whose callers went
             // away (their requests dropped) are skipped and forgotten.
             let mut empty_visits = 0;
+            let by_usage = load::short_of_cpu();
             while self.waiting.load(Ordering::SeqCst) > 0 && empty_visits <= queues {
+                if by_usage {
+                    // The head with the least recent usage for its weight;
+                    // among equals, the first from the turn on.
+                    let now = Instant::now();
+                    let best = (0..queues)
+                        .map(|k| (state.turn + k) % queues)
+                        .filter_map(|i| {
+                            let head = state.queues[i].waiters.front()?;
+                            Some((i, state.usage(head.tenant, now) / f64::from(head.weight)))
+                        })
+                        .min_by(|a, b| a.1.total_cmp(&b.1));
+                    let Some((i, _)) = best else { break };
+                    let waiter = state.queues[i].waiters.pop_front().expect("a head");
+                    state.queues[i].deficit = 0;
+                    state.turn = (i + 1) % queues;
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    state.left(waiter.tenant);
+                    if waiter.seat.send(()).is_ok() {
+                        granted = true;
+                        break;
+                    }
+                    continue;
+                }
                 let turn = state.turn;
                 let q = &mut state.queues[turn];
                 let Some(head) = q.waiters.front() else {
@@ -354,6 +489,91 @@ mod tests {
             w.await.unwrap().unwrap();
         }
         assert!(q.state.lock().unwrap().sticky.is_empty(), "no tenant waits: nothing kept");
+    }
+
+    /// Short of CPU, a freed seat goes to the waiting tenant with the least
+    /// recent usage: a tenant that held seats for 100 ms just before waits
+    /// behind one of the same weight that held none, however long it waited.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_of_cpu_seats_go_to_the_least_recent_usage_first() {
+        use tenantmesh_service::load::{Overload, OverloadSettings, configure};
+        configure(OverloadSettings { mode: Overload::On, ..Default::default() });
+        let q = FairQueue::new(FairQueueSettings { hand: 1, ..settings(1) });
+        let used = q.acquire(11, 1, None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(used);
+        let first = q.acquire(0, 1, None).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (tenant, n) in [(11u64, 20), (22, 20)] {
+            for _ in 0..n {
+                let (q, order) = (q.clone(), order.clone());
+                tasks.push(tokio::spawn(async move {
+                    let seat = q.acquire(tenant, 1, None).await.unwrap();
+                    order.lock().unwrap().push(tenant);
+                    drop(seat);
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(first);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let order = order.lock().unwrap();
+        assert_eq!(order[..20], [22; 20], "the quiet tenant first: {order:?}");
+        configure(OverloadSettings::default());
+    }
+
+    /// Short of CPU, the seats shrink to what is running (by an eighth a
+    /// probe, not under the floor): new requests wait; with CPU again they
+    /// grow back to the capacity and the waiters are seated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seats_shrink_while_short_of_cpu_and_grow_back() {
+        let q = FairQueue::new(settings(64));
+        let held: Vec<_> = (0..40).map(|t| q.try_acquire().unwrap_or_else(|| panic!("seat {t}"))).collect();
+        q.tick(true);
+        assert_eq!(q.limit(), 35, "an eighth under what runs");
+        q.tick(true);
+        assert_eq!(q.limit(), 31, "an eighth a probe");
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move { q2.acquire(7, 1, None).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "seated past the limit");
+        for _ in 0..100 {
+            q.tick(true);
+        }
+        assert_eq!(q.limit(), q.floor, "down to the floor, not under it");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("seated once seats are freed")
+            .unwrap()
+            .unwrap();
+        q.tick(true);
+        assert_eq!(q.limit(), q.floor, "nothing runs past the floor: no change");
+        for _ in 0..100 {
+            q.tick(false);
+        }
+        assert_eq!(q.limit(), 64, "back to the capacity");
+        // Growing back seats the waiters at once.
+        let held: Vec<_> = (0..40).map(|_| q.try_acquire().unwrap()).collect();
+        for _ in 0..100 {
+            q.tick(true);
+        }
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move { q2.acquire(7, 1, None).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        for _ in 0..100 {
+            q.tick(false);
+        }
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("seated when the seats grew")
+            .unwrap()
+            .unwrap();
+        drop(held);
     }
 
     /// One seat; a flooder (weight 1) with 200 requests waiting, then a

@@ -76,6 +76,11 @@ pub struct CommonConfig {
     /// of twice as many; faster ones wait (see `connection`). Behind a
     /// proxy or load balancer that opens a connection per client, raise it.
     pub peer_connections_per_second: u32,
+    /// `TENANTMESH_OVERLOAD` (`auto`, the default; `on`; `off`) and
+    /// `TENANTMESH_OVERLOAD_DELAY_MS` (default 5, 1..=1000): whether the
+    /// process is short of CPU is measured (the scheduling delay past which
+    /// it is), assumed, or never; see `load`.
+    pub overload: crate::load::OverloadSettings,
 }
 
 /// Client credentials of a platform service (the secret never shows in
@@ -249,6 +254,22 @@ impl CommonConfig {
                 "TENANTMESH_PEER_CONNECTIONS_PER_SECOND",
                 crate::connection::SETUPS_PER_SECOND_PER_PEER,
             )?,
+            overload: crate::load::OverloadSettings {
+                mode: parse_var(env, "TENANTMESH_OVERLOAD", crate::load::Overload::Auto)?,
+                delay: match parse_var(
+                    env,
+                    "TENANTMESH_OVERLOAD_DELAY_MS",
+                    crate::load::DEFAULT_DELAY.as_millis() as u64,
+                )? {
+                    ms @ 1..=1000 => std::time::Duration::from_millis(ms),
+                    _ => {
+                        return Err(ConfigError {
+                            var: "TENANTMESH_OVERLOAD_DELAY_MS",
+                            message: "must be between 1 and 1000".into(),
+                        });
+                    }
+                },
+            },
             tiers: std::sync::Arc::new(tiers_var(env)?),
         })
     }

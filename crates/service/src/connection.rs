@@ -10,7 +10,8 @@
 //!
 //! - **A connection whose calls are overwhelmingly refused, all of one
 //!   identity,** (a call its client resets before its answer, as in rapid
-//!   reset, counts as refused) is not read from for a while: at least
+//!   reset, counts as refused) is not read from for a while, once the
+//!   process is short of CPU ([`crate::load`]): at least
 //!   [`SHED_REFUSED_PERCENT`] of a window of [`WINDOW`] calls refused, and
 //!   no other identity's call admitted in it. The pause starts at
 //!   [`FIRST_PAUSE`] and doubles while the connection goes on (until a
@@ -212,6 +213,13 @@ impl Connection {
             return;
         }
         if percent < u64::from(SHED_REFUSED_PERCENT) {
+            return;
+        }
+        // Shedding starts only while the process is short of CPU: until
+        // then refusing call by call costs nobody anything, and a pause
+        // only bunches what an open-loop client sends. Once started it
+        // goes on while the connection floods.
+        if self.level.load(Relaxed) == 0 && !crate::load::short_of_cpu() {
             return;
         }
         // One step up per pause: the windows read while one is being set
@@ -560,8 +568,32 @@ impl tokio_stream::Stream for Incoming {
 mod tests {
     use super::*;
 
+    /// A connection of a process short of CPU (pauses start only then).
     fn connection() -> Connection {
+        crate::load::configure(crate::load::OverloadSettings { mode: crate::load::Overload::On, ..Default::default() });
         Connection::default()
+    }
+
+    /// While the process has CPU to spare, a flooding connection is not
+    /// paused (its calls are refused one by one); once it is short, the
+    /// next window pauses it.
+    #[test]
+    fn pauses_start_only_when_the_process_is_short_of_cpu() {
+        let c = connection();
+        crate::load::configure(crate::load::OverloadSettings {
+            mode: crate::load::Overload::Off,
+            ..Default::default()
+        });
+        let flooder = Connection::identity("acme");
+        for _ in 0..WINDOW * 10 {
+            c.refused(flooder, MAX_PAUSE);
+        }
+        assert_eq!(c.pauses(), 0);
+        crate::load::configure(crate::load::OverloadSettings { mode: crate::load::Overload::On, ..Default::default() });
+        for _ in 0..WINDOW {
+            c.refused(flooder, MAX_PAUSE);
+        }
+        assert_eq!(c.pauses(), 1);
     }
 
     /// A window of one identity's refusals pauses the connection, for no

@@ -5,7 +5,8 @@
 //! - [`runtime`]: serving with health, reflection and a graceful shutdown,
 //!   the gRPC message limits ([`sized!`]); [`health`]: the health service;
 //!   [`connection`]: shedding by connection (pausing a flooding one, a
-//!   bound on each peer's connection setups).
+//!   bound on each peer's connection setups); [`load`]: whether the
+//!   process is short of CPU.
 //! - [`errors`]: field violations and the one mapping of storage failures
 //!   to status codes; [`paging`]: page sizes and page tokens.
 //! - [`backup`]: a consistent copy of a process's embedded stores.
@@ -27,6 +28,7 @@ pub mod errors;
 pub mod handled;
 pub mod health;
 pub mod ids;
+pub mod load;
 pub mod paging;
 pub mod runtime;
 pub mod tiers;

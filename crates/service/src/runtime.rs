@@ -111,6 +111,8 @@ where
         + 'static,
     <L::Service as tower::Service<http::Request<Body>>>::Future: Send + 'static,
 {
+    // Whether the process is short of CPU (one probe per process).
+    crate::load::start();
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in names {
         reporter.set_service_status(name, ServingStatus::Serving).await;

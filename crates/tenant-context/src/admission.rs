@@ -7,7 +7,9 @@
 //! charged what the call cost beyond its one token (RPCs declared
 //! `CHARGE_UNITS`, from the handler's [`Handled`] report).
 //!
-//! Calls without a tenant context (public RPCs) pass untouched.
+//! Calls without a tenant context (public RPCs) pass untouched, unless the
+//! process is short of CPU (`tenantmesh_service::load`): then they too wait
+//! for a seat, keyed by their caller's address, with the lightest weight.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -106,8 +108,12 @@ impl Admission {
     /// call's `grpc-timeout` at the latest.
     pub async fn seat(&self, ctx: &TenantContext, headers: &http::HeaderMap) -> Result<Seat<'_>, Status> {
         use std::hash::BuildHasher;
-        // Not saturated (the common case): no weight, deadline or hash needed.
-        if let Some(seat) = self.seats.try_acquire() {
+        // Not saturated (the common case): no weight, deadline or hash
+        // needed. Short of CPU, every call goes through the queue (its
+        // usage counted, its seat given by usage).
+        if !tenantmesh_service::load::short_of_cpu()
+            && let Some(seat) = self.seats.try_acquire()
+        {
             return Ok(seat);
         }
         let weight = match ctx.tenant.limits {
@@ -126,6 +132,32 @@ impl Admission {
                         limit = refusal.limit.name(),
                         reason = %refusal.description,
                         "request refused: the service is saturated (further refusals within a second are counted, not logged)"
+                    );
+                }
+                Err(refusal.status())
+            }
+        }
+    }
+
+    /// A seat for a call without a tenant (a public RPC: sign-in, token
+    /// refresh, keys, health) from `peer`, for when the process is short of
+    /// CPU: such calls wait their turn in the fair queue too, keyed by the
+    /// caller's address, with the lightest weight.
+    pub async fn anonymous_seat(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Seat<'_>, Status> {
+        use std::hash::BuildHasher;
+        match self.seats.acquire(self.hasher.hash_one(("anonymous", peer)), 1, deadline).await {
+            Ok(seat) => Ok(seat),
+            Err(refusal) => {
+                tenantmesh_telemetry::metrics::refused("anonymous", refusal.limit.name());
+                if self.refusal_logs.allow("anonymous") {
+                    tracing::warn!(
+                        peer = ?peer,
+                        reason = %refusal.description,
+                        "unauthenticated request refused: the service is short of CPU (further refusals within a second are counted, not logged)"
                     );
                 }
                 Err(refusal.status())
@@ -231,11 +263,28 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mut inner = crate::context::take_ready(&mut self.inner);
-        if req.extensions().get::<TenantContext>().is_none() {
-            return Box::pin(async move { inner.call(req).await.map(|r| r.map(tonic::body::Body::new)) });
-        }
         let rule = self.policies.rule(req.uri().path());
         let (streams, units) = (rule.is_some_and(|r| r.streams), rule.is_some_and(|r| r.charge == Charge::Units));
+        if req.extensions().get::<TenantContext>().is_none() {
+            if !tenantmesh_service::load::short_of_cpu() {
+                return Box::pin(async move { inner.call(req).await.map(|r| r.map(tonic::body::Body::new)) });
+            }
+            let admission = self.admission.clone();
+            let peer = req
+                .extensions()
+                .get::<tenantmesh_service::connection::ConnectionInfo>()
+                .and_then(|i| i.tcp.remote_addr())
+                .map(|a| a.ip());
+            let deadline =
+                tenantmesh_service::runtime::grpc_timeout(req.headers()).map(|t| std::time::Instant::now() + t);
+            return Box::pin(async move {
+                let _seat = match admission.anonymous_seat(peer, deadline).await {
+                    Ok(seat) => seat,
+                    Err(status) => return Ok(crate::context::refuse(status, req, streams).await),
+                };
+                inner.call(req).await.map(|r| r.map(tonic::body::Body::new))
+            });
+        }
         let admission = self.admission.clone();
         Box::pin(async move {
             // Read in place, not cloned: the guards borrow the admission,

@@ -97,6 +97,7 @@ impl Authenticator {
     /// `tenantmesh_service::connection`).
     pub fn with_admission(mut self, config: &tenantmesh_service::config::CommonConfig) -> Self {
         tenantmesh_service::connection::bound_peer_setups(config.peer_connections_per_second);
+        tenantmesh_service::load::configure(config.overload);
         self.external = Arc::new(ExternalVerifier::with_private_hosts(config.jwks_allow_private));
         self.admission = Admission::new(config.limits, config.fair_queue, config.tiers.clone());
         self

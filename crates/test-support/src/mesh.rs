@@ -97,7 +97,8 @@ pub fn test_tiers_file() -> PathBuf {
 /// hashing cost), a known admin password and test client, a short tenant
 /// cache so status changes show within a poll, usage flushed every
 /// second, tiers with high limits
-/// ([`test_tiers_file`]), and identity providers allowed on loopback.
+/// ([`test_tiers_file`]), identity providers allowed on loopback, and the
+/// overload actions off.
 pub fn test_env() -> HashMap<String, String> {
     let tiers = test_tiers_file().display().to_string();
     [
@@ -114,6 +115,10 @@ pub fn test_env() -> HashMap<String, String> {
         ("TENANTMESH_METERING_FLUSH_MS", "1000"),
         // The tests' identity providers serve on loopback.
         ("TENANTMESH_JWKS_ALLOW_PRIVATE", "true"),
+        // Whether the process is short of CPU is not measured: tests share
+        // a busy machine, where the verdict would be a coin toss. The
+        // tests of the overload actions set it `on`.
+        ("TENANTMESH_OVERLOAD", "off"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

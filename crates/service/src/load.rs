@@ -1,0 +1,263 @@
+//! Whether this process is short of CPU, measured as CockroachDB's
+//! admission control does (runnable work waiting for a processor), in
+//! tokio's terms: how late a probe task runs.
+//!
+//! Every [`PROBE_EVERY`] a probe task sleeps and measures how much later
+//! than asked it woke up. A runtime with a free worker runs it within its
+//! timer's millisecond; a runtime whose workers are all busy (or a machine
+//! whose cores are, the runtime's threads waiting for one) runs it only
+//! after the work queued ahead of it. The delay is smoothed (an
+//! exponentially weighted mean over about eight probes); the process is
+//! **short of CPU** from when it passes the threshold
+//! (`TENANTMESH_OVERLOAD_DELAY_MS`, default [`DEFAULT_DELAY`]) until it has
+//! stayed under half of it for [`CALM_AFTER`].
+//!
+//! What the layers do about it (the overload actions, as Envoy's overload
+//! manager takes them per resource):
+//! - a connection whose calls are nearly all refused starts being paused
+//!   (`connection`): while the CPU is plentiful, refusing a flood call by
+//!   call costs nobody anything, and pausing an open-loop client only
+//!   bunches what it sends;
+//! - the fair queue takes over admission for every call, anonymous ones
+//!   included, ordering tenants of the same weight by their recent usage
+//!   and shrinking the seats to what is running
+//!   (`tenantmesh_admission::fairq`).
+//!
+//! One probe per process (the services of `tenantmesh up` share their
+//! runtime, and so their CPU); listeners ([`LoadListener`]) hear each
+//! probe's verdict.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+/// How often the probe runs.
+pub const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// The smoothed scheduling delay past which the process is short of CPU.
+pub const DEFAULT_DELAY: Duration = Duration::from_millis(5);
+/// How long the delay must stay under half the threshold before the
+/// process counts as having CPU again (so that the actions do not flap
+/// with each pause they cause).
+pub const CALM_AFTER: Duration = Duration::from_secs(1);
+
+/// `TENANTMESH_OVERLOAD`: how the process decides it is short of CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overload {
+    /// Measured (the default).
+    #[default]
+    Auto,
+    /// Always: the overload actions apply to every call (for tests, or an
+    /// operator who wants them whatever the load).
+    On,
+    /// Never.
+    Off,
+}
+
+impl std::str::FromStr for Overload {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err("must be auto, on or off".into()),
+        }
+    }
+}
+
+/// The process's overload settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverloadSettings {
+    /// `TENANTMESH_OVERLOAD`.
+    pub mode: Overload,
+    /// `TENANTMESH_OVERLOAD_DELAY_MS`: the smoothed scheduling delay that
+    /// means short of CPU.
+    pub delay: Duration,
+}
+
+impl Default for OverloadSettings {
+    fn default() -> Self {
+        Self { mode: Overload::Auto, delay: DEFAULT_DELAY }
+    }
+}
+
+/// Told of each probe's verdict (on the probe's task: keep it short).
+pub trait LoadListener: Send + Sync {
+    fn tick(&self, short_of_cpu: bool);
+}
+
+struct Load {
+    short: AtomicBool,
+    /// The smoothed delay, in microseconds.
+    delay_us: AtomicU64,
+    settings: Mutex<OverloadSettings>,
+    listeners: Mutex<Vec<Weak<dyn LoadListener>>>,
+    probe: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn load() -> &'static Load {
+    static LOAD: OnceLock<Load> = OnceLock::new();
+    LOAD.get_or_init(|| Load {
+        short: AtomicBool::new(false),
+        delay_us: AtomicU64::new(0),
+        settings: Mutex::new(OverloadSettings::default()),
+        listeners: Mutex::new(Vec::new()),
+        probe: Mutex::new(None),
+    })
+}
+
+/// Whether the process is short of CPU now (one atomic load).
+pub fn short_of_cpu() -> bool {
+    load().short.load(Relaxed)
+}
+
+/// The smoothed scheduling delay the probe measures.
+pub fn delay() -> Duration {
+    Duration::from_micros(load().delay_us.load(Relaxed))
+}
+
+/// Sets the process's overload settings (a process-wide setting, as the
+/// services of one process share its CPU): `On` and `Off` take effect at
+/// once.
+pub fn configure(settings: OverloadSettings) {
+    let l = load();
+    *l.settings.lock().expect("load settings") = settings;
+    match settings.mode {
+        Overload::On => l.short.store(true, Relaxed),
+        Overload::Off => l.short.store(false, Relaxed),
+        Overload::Auto => {}
+    }
+}
+
+/// Tells `listener` of each probe's verdict while it lives.
+pub fn listen(listener: Weak<dyn LoadListener>) {
+    let mut listeners = load().listeners.lock().expect("load listeners");
+    listeners.retain(|l| l.strong_count() > 0);
+    listeners.push(listener);
+}
+
+/// Starts the probe on the current runtime, unless one runs already.
+/// Without a runtime, does nothing.
+pub fn start() {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let mut probe = load().probe.lock().expect("load probe");
+    if probe.as_ref().is_some_and(|p| !p.is_finished()) {
+        return;
+    }
+    *probe = Some(runtime.spawn(run()));
+}
+
+async fn run() {
+    let l = load();
+    let mut smoothed = 0.0f64;
+    let mut calm_since: Option<Instant> = None;
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let asked = Instant::now() + PROBE_EVERY;
+        tokio::time::sleep_until(asked.into()).await;
+        let late = Instant::now().saturating_duration_since(asked);
+        smoothed += (late.as_secs_f64() - smoothed) / 8.0;
+        l.delay_us.store((smoothed * 1e6) as u64, Relaxed);
+        let settings = *l.settings.lock().expect("load settings");
+        let short = match settings.mode {
+            Overload::On => true,
+            Overload::Off => false,
+            Overload::Auto => {
+                let threshold = settings.delay.as_secs_f64();
+                let was = l.short.load(Relaxed);
+                if smoothed >= threshold {
+                    calm_since = None;
+                    true
+                } else if was && smoothed < threshold / 2.0 {
+                    let since = *calm_since.get_or_insert_with(Instant::now);
+                    since.elapsed() < CALM_AFTER
+                } else {
+                    was
+                }
+            }
+        };
+        if l.short.swap(short, Relaxed) != short && last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            last_log = Some(Instant::now());
+            let delay_ms = smoothed * 1e3;
+            if short {
+                tracing::warn!(
+                    delay_ms,
+                    "short of CPU (tasks wait for a worker): pausing connections whose calls are refused, queueing calls fairly by recent usage"
+                );
+            } else {
+                tracing::info!(delay_ms, "CPU available again: overload actions off");
+            }
+        }
+        let listeners: Vec<Arc<dyn LoadListener>> =
+            l.listeners.lock().expect("load listeners").iter().filter_map(Weak::upgrade).collect();
+        for listener in listeners {
+            listener.tick(short);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Count(AtomicU64, AtomicU64);
+
+    impl LoadListener for Count {
+        fn tick(&self, short: bool) {
+            self.0.fetch_add(1, Relaxed);
+            if short {
+                self.1.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Workers kept busy (each runs a task that never yields for 300 ms,
+    /// back to back) delay the probe: the process is short of CPU, and its
+    /// listeners hear so; once they stop, it is not, after the calm period.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_workers_make_the_process_short_of_cpu() {
+        configure(OverloadSettings { mode: Overload::Auto, delay: Duration::from_millis(5) });
+        let count = Arc::new(Count(AtomicU64::new(0), AtomicU64::new(0)));
+        listen(Arc::downgrade(&count) as Weak<dyn LoadListener>);
+        start();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!short_of_cpu(), "an idle runtime is short of CPU: delay {:?}", delay());
+        let busy = Arc::new(AtomicBool::new(true));
+        let hogs: Vec<_> = (0..4)
+            .map(|_| {
+                let busy = busy.clone();
+                tokio::spawn(async move {
+                    while busy.load(Relaxed) {
+                        let until = Instant::now() + Duration::from_millis(300);
+                        while Instant::now() < until {
+                            std::hint::spin_loop();
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !short_of_cpu() {
+            assert!(Instant::now() < deadline, "busy workers never made the process short: {:?}", delay());
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        busy.store(false, Relaxed);
+        for h in hogs {
+            h.await.unwrap();
+        }
+        assert!(count.1.load(Relaxed) > 0, "the listener heard of it");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while short_of_cpu() {
+            assert!(Instant::now() < deadline, "still short after the work stopped: {:?}", delay());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Forced modes take effect at once.
+        configure(OverloadSettings { mode: Overload::On, delay: DEFAULT_DELAY });
+        assert!(short_of_cpu());
+        configure(OverloadSettings { mode: Overload::Off, delay: DEFAULT_DELAY });
+        assert!(!short_of_cpu());
+    }
+}
