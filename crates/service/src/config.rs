@@ -76,10 +76,11 @@ pub struct CommonConfig {
     /// of twice as many; faster ones wait (see `connection`). Behind a
     /// proxy or load balancer that opens a connection per client, raise it.
     pub peer_connections_per_second: u32,
-    /// `TENANTMESH_OVERLOAD` (`auto`, the default; `on`; `off`) and
+    /// `TENANTMESH_OVERLOAD` (`auto`, the default; `on`; `off`),
+    /// `TENANTMESH_OVERLOAD_BUSY_PERCENT` (default 90, 21..=100) and
     /// `TENANTMESH_OVERLOAD_DELAY_MS` (default 5, 1..=1000): whether the
-    /// process is short of CPU is measured (the scheduling delay past which
-    /// it is), assumed, or never; see `load`.
+    /// process is short of CPU is measured (the runtime busy ratio or the
+    /// scheduling delay past which it is), assumed, or never; see `load`.
     pub overload: crate::load::OverloadSettings,
 }
 
@@ -266,6 +267,19 @@ impl CommonConfig {
                         return Err(ConfigError {
                             var: "TENANTMESH_OVERLOAD_DELAY_MS",
                             message: "must be between 1 and 1000".into(),
+                        });
+                    }
+                },
+                busy_percent: match parse_var(
+                    env,
+                    "TENANTMESH_OVERLOAD_BUSY_PERCENT",
+                    crate::load::DEFAULT_BUSY_PERCENT,
+                )? {
+                    p @ 21..=100 => p,
+                    _ => {
+                        return Err(ConfigError {
+                            var: "TENANTMESH_OVERLOAD_BUSY_PERCENT",
+                            message: "must be between 21 and 100".into(),
                         });
                     }
                 },

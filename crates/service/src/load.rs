@@ -1,16 +1,22 @@
-//! Whether this process is short of CPU, measured as CockroachDB's
-//! admission control does (runnable work waiting for a processor), in
-//! tokio's terms: how late a probe task runs.
+//! Whether this process is short of CPU.
 //!
-//! Every [`PROBE_EVERY`] a probe task sleeps and measures how much later
-//! than asked it woke up. A runtime with a free worker runs it within its
-//! timer's millisecond; a runtime whose workers are all busy (or a machine
-//! whose cores are, the runtime's threads waiting for one) runs it only
-//! after the work queued ahead of it. The delay is smoothed (an
-//! exponentially weighted mean over about eight probes); the process is
-//! **short of CPU** from when it passes the threshold
-//! (`TENANTMESH_OVERLOAD_DELAY_MS`, default [`DEFAULT_DELAY`]) until it has
-//! stayed under half of it for [`CALM_AFTER`].
+//! Every [`PROBE_EVERY`] a probe task reads two measures of its runtime:
+//! - **how busy its workers were** since the last probe (tokio's busy time
+//!   per worker over the wall time: a worker that had tasks to run all
+//!   along, or was preempted by the kernel while it had, was busy), the
+//!   runtime busy ratio; and
+//! - **how late the probe itself woke up**, as CockroachDB's admission
+//!   control counts runnable work: a runtime with a free worker runs it
+//!   within its timer's millisecond; one whose workers are all taken (or a
+//!   machine whose cores are) runs it after the work queued ahead of it.
+//!
+//! The ratio is taken over the last quarter of a second, the delay smoothed
+//! (exponentially weighted over about eight probes). The
+//! process is **short of CPU** from when the busy ratio passes
+//! `TENANTMESH_OVERLOAD_BUSY_PERCENT` (default [`DEFAULT_BUSY_PERCENT`]) or
+//! the delay `TENANTMESH_OVERLOAD_DELAY_MS` (default [`DEFAULT_DELAY`]),
+//! until both have stayed under their calm levels (the ratio 20 points
+//! lower, the delay half) for [`CALM_AFTER`].
 //!
 //! What the layers do about it (the overload actions, as Envoy's overload
 //! manager takes them per resource):
@@ -35,8 +41,15 @@ use std::time::{Duration, Instant};
 pub const PROBE_EVERY: Duration = Duration::from_millis(10);
 /// The smoothed scheduling delay past which the process is short of CPU.
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(5);
-/// How long the delay must stay under half the threshold before the
-/// process counts as having CPU again (so that the actions do not flap
+/// The smoothed runtime busy ratio (percent) past which the process is
+/// short of CPU.
+pub const DEFAULT_BUSY_PERCENT: u32 = 90;
+/// Probes the busy ratio is measured over (a quarter of a second).
+const BUSY_WINDOW: usize = 25;
+/// How far under the busy threshold (percentage points) counts as calm.
+const CALM_BUSY_POINTS: f64 = 20.0;
+/// How long both measures must stay calm before the process counts as
+/// having CPU again (so that the actions do not flap
 /// with each pause they cause).
 pub const CALM_AFTER: Duration = Duration::from_secs(1);
 
@@ -74,11 +87,14 @@ pub struct OverloadSettings {
     /// `TENANTMESH_OVERLOAD_DELAY_MS`: the smoothed scheduling delay that
     /// means short of CPU.
     pub delay: Duration,
+    /// `TENANTMESH_OVERLOAD_BUSY_PERCENT`: the smoothed runtime busy ratio
+    /// that means short of CPU.
+    pub busy_percent: u32,
 }
 
 impl Default for OverloadSettings {
     fn default() -> Self {
-        Self { mode: Overload::Auto, delay: DEFAULT_DELAY }
+        Self { mode: Overload::Auto, delay: DEFAULT_DELAY, busy_percent: DEFAULT_BUSY_PERCENT }
     }
 }
 
@@ -91,6 +107,8 @@ struct Load {
     short: AtomicBool,
     /// The smoothed delay, in microseconds.
     delay_us: AtomicU64,
+    /// The smoothed busy ratio, in tenths of a percent.
+    busy_permille: AtomicU64,
     settings: Mutex<OverloadSettings>,
     listeners: Mutex<Vec<Weak<dyn LoadListener>>>,
     probe: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -101,6 +119,7 @@ fn load() -> &'static Load {
     LOAD.get_or_init(|| Load {
         short: AtomicBool::new(false),
         delay_us: AtomicU64::new(0),
+        busy_permille: AtomicU64::new(0),
         settings: Mutex::new(OverloadSettings::default()),
         listeners: Mutex::new(Vec::new()),
         probe: Mutex::new(None),
@@ -115,6 +134,11 @@ pub fn short_of_cpu() -> bool {
 /// The smoothed scheduling delay the probe measures.
 pub fn delay() -> Duration {
     Duration::from_micros(load().delay_us.load(Relaxed))
+}
+
+/// The smoothed runtime busy ratio the probe measures (0 to 1).
+pub fn busy() -> f64 {
+    load().busy_permille.load(Relaxed) as f64 / 1000.0
 }
 
 /// Sets the process's overload settings (a process-wide setting, as the
@@ -150,43 +174,65 @@ pub fn start() {
 
 async fn run() {
     let l = load();
-    let mut smoothed = 0.0f64;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let workers = metrics.num_workers().max(1);
+    let busy_time = || (0..workers).map(|w| metrics.worker_total_busy_duration(w)).sum::<Duration>();
+    // The busy ratio over the last BUSY_WINDOW probes: tokio publishes a
+    // worker's busy time in steps (at its maintenance, every 61 polls), so
+    // one probe's difference says little.
+    let mut samples = std::collections::VecDeque::from([(Instant::now(), busy_time())]);
+    let (mut delay, mut busy) = (0.0f64, 0.0f64);
     let mut calm_since: Option<Instant> = None;
     let mut last_log: Option<Instant> = None;
     loop {
         let asked = Instant::now() + PROBE_EVERY;
         tokio::time::sleep_until(asked.into()).await;
-        let late = Instant::now().saturating_duration_since(asked);
-        smoothed += (late.as_secs_f64() - smoothed) / 8.0;
-        l.delay_us.store((smoothed * 1e6) as u64, Relaxed);
+        let now = Instant::now();
+        let late = now.saturating_duration_since(asked);
+        delay += (late.as_secs_f64() - delay) / 8.0;
+        let busy_now = busy_time();
+        if samples.len() > BUSY_WINDOW {
+            samples.pop_front();
+        }
+        if let Some(&(then, busy_then)) = samples.front() {
+            busy = (busy_now.saturating_sub(busy_then).as_secs_f64()
+                / (now.saturating_duration_since(then).as_secs_f64() * workers as f64).max(1e-6))
+            .min(1.0);
+        }
+        samples.push_back((now, busy_now));
+        l.delay_us.store((delay * 1e6) as u64, Relaxed);
+        l.busy_permille.store((busy * 1000.0) as u64, Relaxed);
         let settings = *l.settings.lock().expect("load settings");
         let short = match settings.mode {
             Overload::On => true,
             Overload::Off => false,
             Overload::Auto => {
-                let threshold = settings.delay.as_secs_f64();
+                let (delay_limit, busy_limit) =
+                    (settings.delay.as_secs_f64(), f64::from(settings.busy_percent) / 100.0);
                 let was = l.short.load(Relaxed);
-                if smoothed >= threshold {
+                if delay >= delay_limit || busy >= busy_limit {
                     calm_since = None;
                     true
-                } else if was && smoothed < threshold / 2.0 {
-                    let since = *calm_since.get_or_insert_with(Instant::now);
+                } else if was && delay < delay_limit / 2.0 && busy < busy_limit - CALM_BUSY_POINTS / 100.0 {
+                    let since = *calm_since.get_or_insert(now);
                     since.elapsed() < CALM_AFTER
                 } else {
+                    calm_since = None;
                     was
                 }
             }
         };
         if l.short.swap(short, Relaxed) != short && last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             last_log = Some(Instant::now());
-            let delay_ms = smoothed * 1e3;
+            let (delay_ms, busy_percent) = (delay * 1e3, busy * 100.0);
             if short {
                 tracing::warn!(
                     delay_ms,
+                    busy_percent,
                     "short of CPU (tasks wait for a worker): pausing connections whose calls are refused, queueing calls fairly by recent usage"
                 );
             } else {
-                tracing::info!(delay_ms, "CPU available again: overload actions off");
+                tracing::info!(delay_ms, busy_percent, "CPU available again: overload actions off");
             }
         }
         let listeners: Vec<Arc<dyn LoadListener>> =
@@ -212,24 +258,27 @@ mod tests {
         }
     }
 
-    /// Workers kept busy (each runs a task that never yields for 300 ms,
-    /// back to back) delay the probe: the process is short of CPU, and its
-    /// listeners hear so; once they stop, it is not, after the calm period.
+    /// Workers kept busy (four tasks on two workers, each spinning 2 ms
+    /// between yields) make the runtime busy: the process
+    /// is short of CPU, and its listeners hear so; once they stop, it is
+    /// not, after the calm period.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn busy_workers_make_the_process_short_of_cpu() {
-        configure(OverloadSettings { mode: Overload::Auto, delay: Duration::from_millis(5) });
+        // The busy ratio only (the delay's threshold out of reach): this
+        // test shares a busy machine, where the probe may wake late anyway.
+        configure(OverloadSettings { delay: Duration::from_secs(1), ..Default::default() });
         let count = Arc::new(Count(AtomicU64::new(0), AtomicU64::new(0)));
         listen(Arc::downgrade(&count) as Weak<dyn LoadListener>);
         start();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!short_of_cpu(), "an idle runtime is short of CPU: delay {:?}", delay());
-        let busy = Arc::new(AtomicBool::new(true));
+        assert!(!short_of_cpu() && busy() < 0.5, "an idle runtime is short of CPU: busy {}", busy());
+        let hogging = Arc::new(AtomicBool::new(true));
         let hogs: Vec<_> = (0..4)
             .map(|_| {
-                let busy = busy.clone();
+                let hogging = hogging.clone();
                 tokio::spawn(async move {
-                    while busy.load(Relaxed) {
-                        let until = Instant::now() + Duration::from_millis(300);
+                    while hogging.load(Relaxed) {
+                        let until = Instant::now() + Duration::from_millis(2);
                         while Instant::now() < until {
                             std::hint::spin_loop();
                         }
@@ -240,11 +289,11 @@ mod tests {
             .collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !short_of_cpu() {
-            assert!(Instant::now() < deadline, "busy workers never made the process short: {:?}", delay());
+            assert!(Instant::now() < deadline, "busy workers never made the process short: {:?}, {}", delay(), busy());
             tokio::task::yield_now().await;
             std::thread::sleep(Duration::from_millis(20));
         }
-        busy.store(false, Relaxed);
+        hogging.store(false, Relaxed);
         for h in hogs {
             h.await.unwrap();
         }
@@ -255,9 +304,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Forced modes take effect at once.
-        configure(OverloadSettings { mode: Overload::On, delay: DEFAULT_DELAY });
+        configure(OverloadSettings { mode: Overload::On, ..Default::default() });
         assert!(short_of_cpu());
-        configure(OverloadSettings { mode: Overload::Off, delay: DEFAULT_DELAY });
+        configure(OverloadSettings { mode: Overload::Off, ..Default::default() });
         assert!(!short_of_cpu());
     }
 }
