@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
+use futures_util::future::Either;
 use http::{Request, Response};
 use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::access::{Access, Policies};
-use crate::context::TenantContext;
+use crate::context::{BoxFuture, TenantContext};
 
 /// Checks each call against `policies`.
 pub fn layer(policies: Arc<Policies>) -> AccessLayer {
@@ -85,11 +85,13 @@ fn refused(policies: &Policies, path: &str, ctx: &TenantContext) -> Option<Statu
 impl<S, B, ResBody> Service<Request<B>> for AccessService<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
-    ResBody: Default,
+    S::Error: Send + 'static,
+    B: http_body::Body + Unpin + Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Response<ResBody>, S::Error>>, S::Future>;
+    type Future = Either<BoxFuture<Result<Response<ResBody>, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -110,7 +112,13 @@ where
                 .then(|| Status::unauthenticated("no verified caller")),
         };
         match refusal {
-            Some(status) => Either::Left(ready(Ok(status.into_http()))),
+            // Answered once a unary request is read (see `refuse`): a
+            // refusal sent before it makes h2 reset the stream, and enough
+            // of those end the connection, with every other call on it.
+            Some(status) => {
+                let streams = self.policies.rule(req.uri().path()).is_some_and(|r| r.streams);
+                Either::Left(Box::pin(async move { Ok(crate::context::refuse(status, req, streams).await) }))
+            }
             None => Either::Right(self.inner.call(req)),
         }
     }
@@ -129,10 +137,11 @@ mod tests {
     }
 
     async fn code(path: &str, caller: Option<TenantContext>) -> Option<String> {
-        let handler =
-            tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+        let handler = tower::service_fn(|_req: Request<tonic::body::Body>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        });
         let svc = layer(Arc::new(Policies::mesh().unwrap().clone())).layer(handler);
-        let mut req = Request::builder().uri(path).body(()).unwrap();
+        let mut req = Request::builder().uri(path).body(tonic::body::Body::empty()).unwrap();
         if let Some(c) = caller {
             req.extensions_mut().insert(c);
         }
@@ -158,5 +167,29 @@ mod tests {
         assert_eq!(code("/grpc.health.v1.Health/Check", None).await, None);
         assert_eq!(code(put, None).await.as_deref(), Some("16"), "no caller, no data");
         assert_eq!(code(undeclared, None).await.as_deref(), Some("16"));
+    }
+
+    /// A refused unary call is answered once its request has been read (its
+    /// body ends 50 ms after its headers here), never before: an answer
+    /// before the client's END_STREAM makes h2 reset the stream, and 1,024
+    /// such resets end the connection with every call on it (a gateway's,
+    /// for one tenant's forbidden calls).
+    #[tokio::test]
+    async fn a_refusal_is_answered_after_its_request_is_read() {
+        let handler = tower::service_fn(|_req: Request<tonic::body::Body>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        });
+        let svc = layer(Arc::new(Policies::mesh().unwrap().clone())).layer(handler);
+        let late = futures_util::stream::once(async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Ok::<_, Status>(http_body::Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\0")))
+        });
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(late));
+        let mut req = Request::builder().uri("/tenantmesh.data.v1.DataAdmin/PurgeItems").body(body).unwrap();
+        req.extensions_mut().insert(ctx(&[Role::TenantUser], &[]));
+        let started = std::time::Instant::now();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.headers().get("grpc-status").unwrap(), "7");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(45), "answered before the request was read");
     }
 }

@@ -26,7 +26,7 @@ const BURST: u32 = 20;
 pub(crate) const STEADY: f64 = 50.0;
 pub(crate) const TENANTS: usize = 10;
 
-async fn set_limits(
+pub(crate) async fn set_limits(
     addrs: &MeshAddrs,
     admin: &str,
     tenant: &str,

@@ -184,6 +184,46 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
         details.push(json!({"layer": name, "server_cpu_us": cpu, "throughput": median(thr),
             "light_p50_ms": p50, "light_p99_ms": p99}));
     }
+    // A refused call next to a served one: the same standalone data
+    // service, a tenant whose limits refuse nearly every call (1 call/s),
+    // the same open loop. Refusing costs what the layers do before the
+    // limiter decides (HTTP/2, headers, the token and tenant caches) plus
+    // the refusal itself.
+    let standalone_cpu = details[details.len() - 2]["server_cpu_us"].as_f64().unwrap_or(0.0);
+    let refused_tenant = unique("refused");
+    let refused_token = onboard(&addrs, &admin, &refused_tenant, "standard").await?;
+    crate::scenarios::fairness::set_limits(&addrs, &admin, &refused_tenant, 1, 1, 1000).await?;
+    let (mut cpus, mut refused, mut all) = (Vec::new(), 0u64, 0u64);
+    let profile = Profile::start(&dir, "refused", standalone.pid());
+    for _ in 0..rounds {
+        let run = open_run(
+            ctx,
+            &client::url(standalone_addr),
+            &standalone,
+            CONNECTIONS,
+            RATE,
+            Op::GetItem.call(&refused_token),
+        )
+        .await?;
+        refused += run.summary.errors.get("ResourceExhausted").copied().unwrap_or(0);
+        all += run.summary.errors.values().sum::<u64>() + run.summary.ok;
+        cpus.push(run.server_cpu_us);
+    }
+    if refused * 10 < all * 9 {
+        return Err(format!("the refused tenant's calls were not refused: {refused} of {all}"));
+    }
+    if let Some(profile) = profile {
+        profile.report(&ctx.root.join("bench/results/refused_call_profile.txt"))?;
+    }
+    let refused_cpu = median(cpus);
+    progress(format!("  tenantmesh-data, refused: {refused_cpu:.1} us per call ({refused} of {all} refused)"));
+    r.figures.push(
+        Figure::new("refused GetItem, tenantmesh-data (shipped binary)", "us CPU/call", refused_cpu)
+            .vs(standalone_cpu)
+            .note("vs a served GetItem on the same binary"),
+    );
+    details.push(json!({"layer": "tenantmesh-data, refused", "server_cpu_us": refused_cpu, "refused": refused,
+        "calls": all}));
     standalone.stop(Duration::from_secs(10))?;
     r.figures.extend(light);
     let exported = sink.0.load(Ordering::Relaxed);
@@ -194,4 +234,60 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
     baseline.stop(Duration::from_secs(10))?;
     mesh.stop(Duration::from_secs(15))?;
     Ok(r)
+}
+
+/// A `perf` profile of a process while a run goes on, when
+/// `TENANTMESH_BENCH_PERF` is set (and `perf` runs here): where a refused
+/// call's CPU goes, by function.
+struct Profile {
+    perf: std::process::Child,
+    data: std::path::PathBuf,
+}
+
+impl Profile {
+    fn start(dir: &std::path::Path, name: &str, pid: u32) -> Option<Profile> {
+        std::env::var_os("TENANTMESH_BENCH_PERF")?;
+        let data = dir.join(format!("{name}.perf.data"));
+        let perf = std::process::Command::new("perf")
+            .args(["record", "-F", "1999", "-g", "-o"])
+            .arg(&data)
+            .args(["-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| progress(format!("  no profile: perf: {e}")))
+            .ok()?;
+        Some(Profile { perf, data })
+    }
+
+    /// Stops recording and writes the functions over 1% of the samples
+    /// (self time) to `out`.
+    fn report(mut self, out: &std::path::Path) -> Result<(), String> {
+        let stopped = std::process::Command::new("kill").args(["-INT", &self.perf.id().to_string()]).status();
+        if !stopped.is_ok_and(|s| s.success()) {
+            let _ = self.perf.kill();
+        }
+        let _ = self.perf.wait();
+        let report = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "symbol",
+                "--percent-limit",
+                "1",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&self.data)
+            .output()
+            .map_err(|e| format!("perf report: {e}"))?;
+        let text = String::from_utf8_lossy(&report.stdout);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
+        std::fs::write(out, lines.join("\n") + "\n").map_err(|e| format!("{}: {e}", out.display()))?;
+        progress(format!("  profile of the refused calls: {}", out.display()));
+        Ok(())
+    }
 }
