@@ -111,7 +111,7 @@ async fn noisy_run(
     flood: Flood,
     warmup: Duration,
     window: Duration,
-) -> Result<(Stats, Stats), String> {
+) -> Result<(Stats, Stats, Option<f64>), String> {
     let url = client::url(addr);
     let conns = load::connect(&url, 4).await?;
     let mut clients = steady_clients(&conns, tokens, STEADY);
@@ -143,13 +143,16 @@ async fn noisy_run(
     // Tenant 0's calls: its steady ones and its flood's.
     let mut flooder = vec![stats[0].clone()];
     flooder.extend(stats[tokens.len()..].iter().cloned());
+    let mut flooder_cores = None;
     if let Some(p) = process {
-        flooder.push(p.report().await?.stats(window));
+        let report = p.report().await?;
+        flooder_cores = Some(report.cpu_cores);
+        flooder.push(report.stats(window));
     }
     if let Some(t) = task {
         flooder.push(t.await.map_err(|e| e.to_string())?);
     }
-    Ok((others, load::merged(&flooder)))
+    Ok((others, load::merged(&flooder), flooder_cores))
 }
 
 /// Ten tenants at a quarter of their quota each (open loop); then one of
@@ -195,8 +198,9 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
             vec![("limits off, flood at 10x quota", Flood::Open(10.0 * f64::from(RATE)))]
         };
         for (label, flood) in runs {
-            let cpu0 = mesh.cpu_time();
-            let (others, flooder) = noisy_run(addrs.data, &tokens, flood, warmup, window).await?;
+            let (cpu0, started) = (mesh.cpu_time(), std::time::Instant::now());
+            let (others, flooder, flooder_cores) = noisy_run(addrs.data, &tokens, flood, warmup, window).await?;
+            let mesh_cores = (mesh.cpu_time() - cpu0).as_secs_f64() / started.elapsed().as_secs_f64();
             // Server CPU per call over the whole run (warm-up included).
             let calls = (others.all_calls + flooder.all_calls).max(1) as f64;
             let cpu_us = (mesh.cpu_time() - cpu0).as_secs_f64() * 1e6 / calls;
@@ -217,6 +221,12 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
                 baseline_p99 = p99;
                 r.figures.push(Figure::new("others' GetItem p99, no flood", "ms", p99));
             } else {
+                if let Some(cores) = flooder_cores {
+                    let of = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    r.figures.push(Figure::new(format!("mesh and flooder CPU, {label}"), "cores", mesh_cores + cores).note(
+                        format!("of {of}: the mesh {mesh_cores:.2}, the flooder process {cores:.2} (as an attacker's client on the same machine)"),
+                    ));
+                }
                 if limits_on && matches!(flood, Flood::Closed { connections: 4, .. }) {
                     r.figures.push(
                         Figure::new("server CPU per call, closed-loop flood (almost all refused)", "us", cpu_us).note(
@@ -249,7 +259,8 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
             }
             details.insert(
                 label.into(),
-                json!({"others": others.summary(), "flooder": flooder.summary(), "flooder_offered_per_s": offered}),
+                json!({"others": others.summary(), "flooder": flooder.summary(), "flooder_offered_per_s": offered,
+                    "mesh_cores": mesh_cores, "flooder_cores": flooder_cores}),
             );
         }
         mesh.stop(Duration::from_secs(15))?;

@@ -89,6 +89,10 @@ pub struct FloodReport {
     pub streams: u64,
     /// Connections the server ended (rapid reset).
     pub ended: u64,
+    /// The flooder process's CPU over the flood (warm-up included), in
+    /// cores: with the mesh's, whether the machine was saturated.
+    #[serde(default)]
+    pub cpu_cores: f64,
 }
 
 impl FloodReport {
@@ -135,7 +139,8 @@ fn millis(s: &str) -> Result<Duration, String> {
 /// [`FloodReport`].
 pub async fn flood(spec: &FloodSpec) -> Result<(), String> {
     let FloodSpec { kind, addr, ref token, connections, streams, warmup, window } = *spec;
-    let report = match kind {
+    let (cpu0, started) = (crate::procs::cpu_time(std::process::id()), std::time::Instant::now());
+    let mut report = match kind {
         FloodKind::GetItem | FloodKind::Login => {
             let conns = load::connect(&client::url(addr), connections).await?;
             let call = match kind {
@@ -162,6 +167,8 @@ pub async fn flood(spec: &FloodSpec) -> Result<(), String> {
             }
         }
     };
+    report.cpu_cores = crate::procs::cpu_time(std::process::id()).saturating_sub(cpu0).as_secs_f64()
+        / started.elapsed().as_secs_f64().max(1e-3);
     println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     Ok(())
 }

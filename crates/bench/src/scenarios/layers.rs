@@ -260,33 +260,45 @@ impl Profile {
         Some(Profile { perf, data })
     }
 
-    /// Stops recording and writes the functions over 1% of the samples
-    /// (self time) to `out`.
+    /// Stops recording and writes where the samples went to `out`: by
+    /// binary (the kernel, the service, libc), then the functions over 1%
+    /// (self time).
     fn report(mut self, out: &std::path::Path) -> Result<(), String> {
         let stopped = std::process::Command::new("kill").args(["-INT", &self.perf.id().to_string()]).status();
         if !stopped.is_ok_and(|s| s.success()) {
             let _ = self.perf.kill();
         }
         let _ = self.perf.wait();
-        let report = std::process::Command::new("perf")
-            .args([
-                "report",
-                "--stdio",
-                "--no-children",
-                "--sort",
-                "symbol",
-                "--percent-limit",
-                "1",
-                "-g",
-                "none",
-                "-i",
-            ])
-            .arg(&self.data)
-            .output()
-            .map_err(|e| format!("perf report: {e}"))?;
-        let text = String::from_utf8_lossy(&report.stdout);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
-        std::fs::write(out, lines.join("\n") + "\n").map_err(|e| format!("{}: {e}", out.display()))?;
+        let mut text = String::new();
+        for (title, sort) in [("by binary", "dso"), ("by function (over 1%)", "dso,symbol")] {
+            let report = std::process::Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "-g",
+                    "none",
+                    "--percent-limit",
+                    "1",
+                    "--sort",
+                    sort,
+                    "-i",
+                ])
+                .arg(&self.data)
+                .output()
+                .map_err(|e| format!("perf report: {e}"))?;
+            text.push_str(&format!("# {title}\n"));
+            for line in String::from_utf8_lossy(&report.stdout).lines() {
+                // Rows only, without perf's padding and empty columns.
+                if line.starts_with('#') || line.trim().is_empty() {
+                    continue;
+                }
+                let row = line.trim_end().trim_end_matches(['-', ' ']);
+                text.push_str(row);
+                text.push('\n');
+            }
+        }
+        std::fs::write(out, text).map_err(|e| format!("{}: {e}", out.display()))?;
         progress(format!("  profile of the refused calls: {}", out.display()));
         Ok(())
     }
