@@ -11,7 +11,8 @@
 //! - **A connection whose calls are overwhelmingly refused, all of one
 //!   identity,** (a call its client resets before its answer, as in rapid
 //!   reset, counts as refused) is not read from for a while, once the
-//!   process is short of CPU ([`crate::load`]): at least
+//!   process is short of CPU ([`crate::load`]) or its refusals come faster
+//!   than [`SHED_REFUSALS_PER_SECOND`]: at least
 //!   [`SHED_REFUSED_PERCENT`] of a window of [`WINDOW`] calls refused, and
 //!   no other identity's call admitted in it. The pause starts at
 //!   [`FIRST_PAUSE`] and doubles while the connection goes on (until a
@@ -58,6 +59,9 @@ pub const SHED_REFUSED_PERCENT: u32 = 75;
 /// A window with fewer refused than this share ends the pauses; one in
 /// between neither pauses the connection nor forgets its pauses.
 pub const WELL_BEHAVED_PERCENT: u32 = 50;
+/// Refusals a second on one connection past which it is shed whether or
+/// not the process is short of CPU (at about 20 us each, 2% of a core).
+pub const SHED_REFUSALS_PER_SECOND: u32 = 1000;
 /// The first pause of a connection judged to be flooding.
 pub const FIRST_PAUSE: Duration = Duration::from_millis(10);
 /// The longest pause.
@@ -114,6 +118,8 @@ pub struct Connection {
     mixed_at: AtomicU64,
     /// Pauses so far.
     pauses: AtomicU64,
+    /// When the current window began ([`now_nanos`]).
+    window_started: AtomicU64,
 }
 
 impl Connection {
@@ -208,18 +214,24 @@ impl Connection {
         let percent = u64::from(refused) * 100 / u64::from(calls);
         let now = now_nanos();
         if !one_identity || percent < u64::from(WELL_BEHAVED_PERCENT) || self.gateway(now) {
+            self.window_started.store(now, Relaxed);
             self.level.store(0, Relaxed);
             self.pause_len.store(0, Relaxed);
             return;
         }
         if percent < u64::from(SHED_REFUSED_PERCENT) {
+            self.window_started.store(now, Relaxed);
             return;
         }
-        // Shedding starts only while the process is short of CPU: until
-        // then refusing call by call costs nobody anything, and a pause
-        // only bunches what an open-loop client sends. Once started it
-        // goes on while the connection floods.
-        if self.level.load(Relaxed) == 0 && !crate::load::short_of_cpu() {
+        // Shedding starts once the process is short of CPU, or once the
+        // connection's refusals come faster than SHED_REFUSALS_PER_SECOND:
+        // until then refusing call by call costs little, and a pause only
+        // bunches what an open-loop client sends. Once started it goes on
+        // while the connection floods.
+        let started = self.window_started.swap(now, Relaxed);
+        let fast = u64::from(refused) * 1_000_000_000
+            >= u64::from(SHED_REFUSALS_PER_SECOND) * now.saturating_sub(started).max(1);
+        if self.level.load(Relaxed) == 0 && !fast && !crate::load::short_of_cpu() {
             return;
         }
         // One step up per pause: the windows read while one is being set
@@ -271,6 +283,7 @@ impl Default for Connection {
             last_admitted: AtomicU64::new(NONE),
             mixed_at: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
+            window_started: AtomicU64::new(now_nanos()),
         }
     }
 }
@@ -574,26 +587,42 @@ mod tests {
         Connection::default()
     }
 
-    /// While the process has CPU to spare, a flooding connection is not
-    /// paused (its calls are refused one by one); once it is short, the
-    /// next window pauses it.
+    fn overload(mode: crate::load::Overload) {
+        crate::load::configure(crate::load::OverloadSettings { mode, ..Default::default() });
+    }
+
+    /// While the process has CPU to spare, a connection whose calls are
+    /// refused slower than SHED_REFUSALS_PER_SECOND is not paused (its
+    /// calls are refused one by one); faster, or once the process is short
+    /// of CPU, the next window pauses it.
     #[test]
-    fn pauses_start_only_when_the_process_is_short_of_cpu() {
-        let c = connection();
-        crate::load::configure(crate::load::OverloadSettings {
-            mode: crate::load::Overload::Off,
-            ..Default::default()
-        });
+    fn pauses_start_when_refusals_are_fast_or_the_process_is_short_of_cpu() {
         let flooder = Connection::identity("acme");
-        for _ in 0..WINDOW * 10 {
+        let slow = Duration::from_secs(2) / SHED_REFUSALS_PER_SECOND;
+        let c = connection();
+        overload(crate::load::Overload::Off);
+        for _ in 0..WINDOW * 2 {
             c.refused(flooder, MAX_PAUSE);
+            std::thread::sleep(slow);
         }
-        assert_eq!(c.pauses(), 0);
-        crate::load::configure(crate::load::OverloadSettings { mode: crate::load::Overload::On, ..Default::default() });
+        assert_eq!(c.pauses(), 0, "refused at under 500 a second");
         for _ in 0..WINDOW {
             c.refused(flooder, MAX_PAUSE);
         }
-        assert_eq!(c.pauses(), 1);
+        assert_eq!(c.pauses(), 1, "a window refused at once");
+        let c = connection();
+        overload(crate::load::Overload::Off);
+        for _ in 0..WINDOW * 2 {
+            c.refused(flooder, MAX_PAUSE);
+            std::thread::sleep(slow);
+        }
+        assert_eq!(c.pauses(), 0);
+        overload(crate::load::Overload::On);
+        for _ in 0..WINDOW {
+            c.refused(flooder, MAX_PAUSE);
+            std::thread::sleep(slow);
+        }
+        assert_eq!(c.pauses(), 1, "slow refusals, short of CPU");
     }
 
     /// A window of one identity's refusals pauses the connection, for no
