@@ -18,10 +18,13 @@
 //! **When the process is short of CPU** (`tenantmesh_service::load`) the
 //! queue takes over admission for every request (the layers no longer take
 //! the lock-free seat), and:
-//! - the seats shrink to what is running, by an eighth per probe, down to a
-//!   floor of twice the machine's cores (at least 4): work past that waits
-//!   here, in turn, instead of slowing every running request; they grow
-//!   back by an eighth per probe once the CPU is available again;
+//! - while work queues for the CPU (the probe wakes late: a busy runtime
+//!   that runs what it is given at once is short, but running less of it
+//!   at a time would make nobody faster, and would throttle calls that wait
+//!   on I/O), the seats shrink to what is running, by an eighth per probe,
+//!   down to a floor of twice the machine's cores (at least 4): work past
+//!   that waits here, in turn, instead of slowing every running request;
+//!   they grow back by an eighth per probe once it no longer queues;
 //! - a freed seat goes to the waiting tenant with the least recent usage
 //!   for its weight (seconds of seats held, decayed over
 //!   [`USAGE_HALF_LIFE`], as Kueue's admission fair sharing orders by
@@ -34,7 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tenantmesh_service::load::{self, LoadListener};
+use tenantmesh_service::load::{self, LoadListener, Verdict};
 
 use tokio::sync::oneshot;
 
@@ -166,9 +169,9 @@ impl Drop for Seat<'_> {
 }
 
 impl LoadListener for FairQueue {
-    fn tick(&self, short_of_cpu: bool) {
+    fn tick(&self, verdict: Verdict) {
         let (limit, capacity) = (self.limit.load(Ordering::SeqCst), self.settings.capacity);
-        if short_of_cpu {
+        if verdict.queueing {
             let running = self.running.load(Ordering::SeqCst);
             if running > self.floor {
                 let base = running.min(limit);
@@ -525,23 +528,26 @@ mod tests {
         configure(OverloadSettings::default());
     }
 
-    /// Short of CPU, the seats shrink to what is running (by an eighth a
-    /// probe, not under the floor): new requests wait; with CPU again they
-    /// grow back to the capacity and the waiters are seated.
+    const QUEUEING: Verdict = Verdict { short: true, queueing: true };
+
+    /// While work queues for the CPU, the seats shrink to what is running
+    /// (by an eighth a probe, not under the floor): new requests wait; once
+    /// it no longer does they grow back to the capacity and the waiters
+    /// are seated.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn seats_shrink_while_short_of_cpu_and_grow_back() {
         let q = FairQueue::new(settings(64));
         let held: Vec<_> = (0..40).map(|t| q.try_acquire().unwrap_or_else(|| panic!("seat {t}"))).collect();
-        q.tick(true);
+        q.tick(QUEUEING);
         assert_eq!(q.limit(), 35, "an eighth under what runs");
-        q.tick(true);
+        q.tick(QUEUEING);
         assert_eq!(q.limit(), 31, "an eighth a probe");
         let q2 = q.clone();
         let waiter = tokio::spawn(async move { q2.acquire(7, 1, None).await.map(drop) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "seated past the limit");
         for _ in 0..100 {
-            q.tick(true);
+            q.tick(QUEUEING);
         }
         assert_eq!(q.limit(), q.floor, "down to the floor, not under it");
         drop(held);
@@ -550,23 +556,23 @@ mod tests {
             .expect("seated once seats are freed")
             .unwrap()
             .unwrap();
-        q.tick(true);
+        q.tick(QUEUEING);
         assert_eq!(q.limit(), q.floor, "nothing runs past the floor: no change");
         for _ in 0..100 {
-            q.tick(false);
+            q.tick(Verdict::default());
         }
         assert_eq!(q.limit(), 64, "back to the capacity");
         // Growing back seats the waiters at once.
         let held: Vec<_> = (0..40).map(|_| q.try_acquire().unwrap()).collect();
         for _ in 0..100 {
-            q.tick(true);
+            q.tick(QUEUEING);
         }
         let q2 = q.clone();
         let waiter = tokio::spawn(async move { q2.acquire(7, 1, None).await.map(drop) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         for _ in 0..100 {
-            q.tick(false);
+            q.tick(Verdict::default());
         }
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await

@@ -25,8 +25,9 @@
 //!   call costs nobody anything, and pausing an open-loop client only
 //!   bunches what it sends;
 //! - the fair queue takes over admission for every call, anonymous ones
-//!   included, ordering tenants of the same weight by their recent usage
-//!   and shrinking the seats to what is running
+//!   included, ordering tenants of the same weight by their recent usage,
+//!   and while work queues for the CPU (the delay past its threshold)
+//!   shrinking the seats to what is running
 //!   (`tenantmesh_admission::fairq`).
 //!
 //! One probe per process (the services of `tenantmesh up` share their
@@ -98,9 +99,21 @@ impl Default for OverloadSettings {
     }
 }
 
+/// A probe's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Verdict {
+    /// Short of CPU (busy past its threshold, or work queueing).
+    pub short: bool,
+    /// Work queueing for the CPU: the probe's delay past its threshold.
+    /// A busy runtime that runs what it is given at once is short, but
+    /// running less of it at a time would not make anyone faster (and
+    /// would throttle work that waits on I/O, as on DynamoDB).
+    pub queueing: bool,
+}
+
 /// Told of each probe's verdict (on the probe's task: keep it short).
 pub trait LoadListener: Send + Sync {
-    fn tick(&self, short_of_cpu: bool);
+    fn tick(&self, verdict: Verdict);
 }
 
 struct Load {
@@ -203,6 +216,11 @@ async fn run() {
         l.delay_us.store((delay * 1e6) as u64, Relaxed);
         l.busy_permille.store((busy * 1000.0) as u64, Relaxed);
         let settings = *l.settings.lock().expect("load settings");
+        let queueing = match settings.mode {
+            Overload::On => true,
+            Overload::Off => false,
+            Overload::Auto => delay >= settings.delay.as_secs_f64(),
+        };
         let short = match settings.mode {
             Overload::On => true,
             Overload::Off => false,
@@ -238,7 +256,7 @@ async fn run() {
         let listeners: Vec<Arc<dyn LoadListener>> =
             l.listeners.lock().expect("load listeners").iter().filter_map(Weak::upgrade).collect();
         for listener in listeners {
-            listener.tick(short);
+            listener.tick(Verdict { short, queueing });
         }
     }
 }
@@ -250,9 +268,9 @@ mod tests {
     struct Count(AtomicU64, AtomicU64);
 
     impl LoadListener for Count {
-        fn tick(&self, short: bool) {
+        fn tick(&self, verdict: Verdict) {
             self.0.fetch_add(1, Relaxed);
-            if short {
+            if verdict.short {
                 self.1.fetch_add(1, Relaxed);
             }
         }
