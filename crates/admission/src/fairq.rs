@@ -334,7 +334,8 @@ impl FairQueue {
         best.1
     }
 
-    /// Gives free seats to waiters, queue by queue in deficit round robin.
+    /// Gives free seats to waiters: queue by queue in deficit round robin,
+    /// or, while the process is short of CPU, by least recent usage.
     fn dispatch(&self, state: &mut State) {
         let queues = state.queues.len();
         while self.waiting.load(Ordering::SeqCst) > 0 && self.try_take() {
@@ -344,7 +345,7 @@ impl FairQueue {
             let mut empty_visits = 0;
             let by_usage = load::short_of_cpu();
             while self.waiting.load(Ordering::SeqCst) > 0 && empty_visits <= queues {
-                if by_usage {
+                let waiter = if by_usage {
                     // The head with the least recent usage for its weight;
                     // among equals, the first from the turn on.
                     let now = Instant::now();
@@ -356,35 +357,30 @@ impl FairQueue {
                         })
                         .min_by(|a, b| a.1.total_cmp(&b.1));
                     let Some((i, _)) = best else { break };
-                    let waiter = state.queues[i].waiters.pop_front().expect("a head");
                     state.queues[i].deficit = 0;
                     state.turn = (i + 1) % queues;
-                    self.waiting.fetch_sub(1, Ordering::SeqCst);
-                    state.left(waiter.tenant);
-                    if waiter.seat.send(()).is_ok() {
-                        granted = true;
-                        break;
+                    state.queues[i].waiters.pop_front().expect("a head")
+                } else {
+                    let turn = state.turn;
+                    let q = &mut state.queues[turn];
+                    let Some(head) = q.waiters.front() else {
+                        q.deficit = 0;
+                        state.turn = (turn + 1) % queues;
+                        empty_visits += 1;
+                        continue;
+                    };
+                    empty_visits = 0;
+                    if q.deficit == 0 {
+                        q.deficit = u64::from(head.weight);
                     }
-                    continue;
-                }
-                let turn = state.turn;
-                let q = &mut state.queues[turn];
-                let Some(head) = q.waiters.front() else {
-                    q.deficit = 0;
-                    state.turn = (turn + 1) % queues;
-                    empty_visits += 1;
-                    continue;
+                    let waiter = q.waiters.pop_front().expect("a head");
+                    q.deficit -= 1;
+                    if q.deficit == 0 || q.waiters.is_empty() {
+                        q.deficit = 0;
+                        state.turn = (turn + 1) % queues;
+                    }
+                    waiter
                 };
-                empty_visits = 0;
-                if q.deficit == 0 {
-                    q.deficit = u64::from(head.weight);
-                }
-                let waiter = q.waiters.pop_front().expect("a head");
-                q.deficit -= 1;
-                if q.deficit == 0 || q.waiters.is_empty() {
-                    q.deficit = 0;
-                    state.turn = (turn + 1) % queues;
-                }
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 state.left(waiter.tenant);
                 if waiter.seat.send(()).is_ok() {
