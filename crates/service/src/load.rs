@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 pub const PROBE_EVERY: Duration = Duration::from_millis(10);
 /// The smoothed scheduling delay past which the process is short of CPU.
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(5);
-/// The smoothed runtime busy ratio (percent) past which the process is
-/// short of CPU.
+/// The runtime busy ratio (percent, over the last quarter second) past
+/// which the process is short of CPU.
 pub const DEFAULT_BUSY_PERCENT: u32 = 90;
 /// Probes the busy ratio is measured over (a quarter of a second).
 const BUSY_WINDOW: usize = 25;
@@ -88,8 +88,8 @@ pub struct OverloadSettings {
     /// `TENANTMESH_OVERLOAD_DELAY_MS`: the smoothed scheduling delay that
     /// means short of CPU.
     pub delay: Duration,
-    /// `TENANTMESH_OVERLOAD_BUSY_PERCENT`: the smoothed runtime busy ratio
-    /// that means short of CPU.
+    /// `TENANTMESH_OVERLOAD_BUSY_PERCENT`: the runtime busy ratio (over the
+    /// last quarter second) that means short of CPU.
     pub busy_percent: u32,
 }
 
@@ -120,7 +120,7 @@ struct Load {
     short: AtomicBool,
     /// The smoothed delay, in microseconds.
     delay_us: AtomicU64,
-    /// The smoothed busy ratio, in tenths of a percent.
+    /// The busy ratio over the last quarter second, in tenths of a percent.
     busy_permille: AtomicU64,
     settings: Mutex<OverloadSettings>,
     listeners: Mutex<Vec<Weak<dyn LoadListener>>>,
@@ -149,7 +149,8 @@ pub fn delay() -> Duration {
     Duration::from_micros(load().delay_us.load(Relaxed))
 }
 
-/// The smoothed runtime busy ratio the probe measures (0 to 1).
+/// The runtime busy ratio the probe measured over the last quarter second
+/// (0 to 1).
 pub fn busy() -> f64 {
     load().busy_permille.load(Relaxed) as f64 / 1000.0
 }
