@@ -504,15 +504,8 @@ mod tests {
         let first = q.acquire(0, 1, None).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        for (tenant, n) in [(11u64, 20), (22, 20)] {
-            for _ in 0..n {
-                let (q, order) = (q.clone(), order.clone());
-                tasks.push(tokio::spawn(async move {
-                    let seat = q.acquire(tenant, 1, None).await.unwrap();
-                    order.lock().unwrap().push(tenant);
-                    drop(seat);
-                }));
-            }
+        for tenant in [11, 22] {
+            tasks.extend(waiters(&q, &order, tenant, 1, 20));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop(first);
@@ -522,6 +515,27 @@ mod tests {
         let order = order.lock().unwrap();
         assert_eq!(order[..20], [22; 20], "the quiet tenant first: {order:?}");
         configure(OverloadSettings::default());
+    }
+
+    /// `n` requests of `tenant` (with `weight`) waiting for a seat, each
+    /// writing its tenant to `order` once seated, then leaving.
+    fn waiters(
+        q: &Arc<FairQueue>,
+        order: &Arc<Mutex<Vec<u64>>>,
+        tenant: u64,
+        weight: u32,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                let (q, order) = (q.clone(), order.clone());
+                tokio::spawn(async move {
+                    let seat = q.acquire(tenant, weight, None).await.unwrap();
+                    order.lock().unwrap().push(tenant);
+                    drop(seat);
+                })
+            })
+            .collect()
     }
 
     const QUEUEING: Verdict = Verdict { short: true, queueing: true };
@@ -588,19 +602,9 @@ mod tests {
         let first = q.acquire(0, 1, None).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        let spawn = |tenant: u64, weight: u32, n: usize, tasks: &mut Vec<tokio::task::JoinHandle<()>>| {
-            for _ in 0..n {
-                let (q, order) = (q.clone(), order.clone());
-                tasks.push(tokio::spawn(async move {
-                    let seat = q.acquire(tenant, weight, None).await.unwrap();
-                    order.lock().unwrap().push(tenant);
-                    drop(seat);
-                }));
-            }
-        };
-        spawn(11, 1, 200, &mut tasks);
+        tasks.extend(waiters(&q, &order, 11, 1, 200));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        spawn(22, 3, 60, &mut tasks);
+        tasks.extend(waiters(&q, &order, 22, 3, 60));
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(first);
         for t in tasks {

@@ -213,14 +213,13 @@ impl Connection {
             refused_by != NONE && refused_by != MIXED && (admitted_by == NONE || admitted_by == refused_by);
         let percent = u64::from(refused) * 100 / u64::from(calls);
         let now = now_nanos();
+        let started = self.window_started.swap(now, Relaxed);
         if !one_identity || percent < u64::from(WELL_BEHAVED_PERCENT) || self.gateway(now) {
-            self.window_started.store(now, Relaxed);
             self.level.store(0, Relaxed);
             self.pause_len.store(0, Relaxed);
             return;
         }
         if percent < u64::from(SHED_REFUSED_PERCENT) {
-            self.window_started.store(now, Relaxed);
             return;
         }
         // Shedding starts once the process is short of CPU, or once the
@@ -228,7 +227,6 @@ impl Connection {
         // until then refusing call by call costs little, and a pause only
         // bunches what an open-loop client sends. Once started it goes on
         // while the connection floods.
-        let started = self.window_started.swap(now, Relaxed);
         let fast = u64::from(refused) * 1_000_000_000
             >= u64::from(SHED_REFUSALS_PER_SECOND) * now.saturating_sub(started).max(1);
         if self.level.load(Relaxed) == 0 && !fast && !crate::load::short_of_cpu() {
@@ -583,7 +581,7 @@ mod tests {
 
     /// A connection of a process short of CPU (pauses start only then).
     fn connection() -> Connection {
-        crate::load::configure(crate::load::OverloadSettings { mode: crate::load::Overload::On, ..Default::default() });
+        overload(crate::load::Overload::On);
         Connection::default()
     }
 

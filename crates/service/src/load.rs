@@ -217,19 +217,14 @@ async fn run() {
         l.delay_us.store((delay * 1e6) as u64, Relaxed);
         l.busy_permille.store((busy * 1000.0) as u64, Relaxed);
         let settings = *l.settings.lock().expect("load settings");
-        let queueing = match settings.mode {
-            Overload::On => true,
-            Overload::Off => false,
-            Overload::Auto => delay >= settings.delay.as_secs_f64(),
-        };
-        let short = match settings.mode {
-            Overload::On => true,
-            Overload::Off => false,
+        let Verdict { short, queueing } = match settings.mode {
+            Overload::On => Verdict { short: true, queueing: true },
+            Overload::Off => Verdict::default(),
             Overload::Auto => {
                 let (delay_limit, busy_limit) =
                     (settings.delay.as_secs_f64(), f64::from(settings.busy_percent) / 100.0);
                 let was = l.short.load(Relaxed);
-                if delay >= delay_limit || busy >= busy_limit {
+                let short = if delay >= delay_limit || busy >= busy_limit {
                     calm_since = None;
                     true
                 } else if was && delay < delay_limit / 2.0 && busy < busy_limit - CALM_BUSY_POINTS / 100.0 {
@@ -238,7 +233,8 @@ async fn run() {
                 } else {
                     calm_since = None;
                     was
-                }
+                };
+                Verdict { short, queueing: delay >= delay_limit }
             }
         };
         if l.short.swap(short, Relaxed) != short && last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {

@@ -263,12 +263,11 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mut inner = crate::context::take_ready(&mut self.inner);
-        let rule = self.policies.rule(req.uri().path());
-        let (streams, units) = (rule.is_some_and(|r| r.streams), rule.is_some_and(|r| r.charge == Charge::Units));
         if req.extensions().get::<TenantContext>().is_none() {
             if !tenantmesh_service::load::short_of_cpu() {
                 return Box::pin(async move { inner.call(req).await.map(|r| r.map(tonic::body::Body::new)) });
             }
+            let streams = self.policies.rule(req.uri().path()).is_some_and(|r| r.streams);
             let admission = self.admission.clone();
             let peer = req
                 .extensions()
@@ -285,6 +284,8 @@ where
                 inner.call(req).await.map(|r| r.map(tonic::body::Body::new))
             });
         }
+        let rule = self.policies.rule(req.uri().path());
+        let (streams, units) = (rule.is_some_and(|r| r.streams), rule.is_some_and(|r| r.charge == Charge::Units));
         let admission = self.admission.clone();
         Box::pin(async move {
             // Read in place, not cloned: the guards borrow the admission,
