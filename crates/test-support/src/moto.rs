@@ -1,5 +1,6 @@
 //! A moto server (DynamoDB + STS emulator) on a free loopback port, for
-//! this test process only; stopped on drop.
+//! this test process only; stopped on drop. It handles one request at a
+//! time, so that its conditional writes are atomic as DynamoDB's are.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -8,6 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::tools::free_port;
+
+/// moto_server, handling one request at a time: its conditional writes
+/// are not atomic otherwise (see the script).
+const ONE_AT_A_TIME: &str = include_str!("moto_one_at_a_time.py");
 
 pub struct Moto {
     child: Child,
@@ -27,11 +32,13 @@ fn answers(port: u16) -> bool {
 impl Moto {
     /// Starts the emulator and waits until it answers.
     pub fn start() -> Moto {
+        // moto_server's own interpreter (the symlink points into the venv).
         let bin = crate::tools::tool("moto_server");
+        let python = std::fs::canonicalize(&bin).expect("moto_server resolves").with_file_name("python3");
         for _ in 0..3 {
             let port = free_port();
-            let mut child = Command::new(&bin)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            let mut child = Command::new(&python)
+                .args(["-c", ONE_AT_A_TIME, "-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

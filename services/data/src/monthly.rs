@@ -19,8 +19,10 @@
 //!   so one replica claims it, once, whatever the restarts. The claim is
 //!   also the outbox of its deliveries: any replica that finds it pending
 //!   takes a short lease on it (a conditional write), records the
-//!   `USAGE_THRESHOLD_REACHED` event (onboarding records it once per key)
-//!   and posts the signed webhook, and writes down what landed. A replica
+//!   `USAGE_THRESHOLD_REACHED` event (onboarding records it once per key),
+//!   then posts the signed webhook (never before the event is recorded: a
+//!   receiver that reads WatchEvents on a delivery finds it), and writes
+//!   down what landed. A replica
 //!   killed mid-way leaves the claim pending for the next round of any
 //!   replica; the webhook then goes again with the same idempotency key.
 
@@ -408,7 +410,13 @@ impl Monitor {
                     }
                 }
             }
-            if webhook_due && let Some(webhook) = &self.webhook {
+            // The webhook announces an event its receiver can read: it
+            // goes once the event is recorded (a failed record is retried
+            // next round, the webhook with it).
+            if webhook_due
+                && claim.event
+                && let Some(webhook) = &self.webhook
+            {
                 claim.attempts += 1;
                 match webhook.post(&claim.id(), &claim.body()).await {
                     Ok(()) => {
