@@ -24,6 +24,17 @@
 //!   kernel's socket buffer and the client's, not in the server's memory or
 //!   CPU. Between pauses it is read 2 KiB at a time, yielding in between,
 //!   so that what it sent meanwhile is not one burst everyone waits behind.
+//! - **A tenant's refusals are paced**: past a burst of [`REFUSAL_BURST`],
+//!   answered one per [`REFUSAL_PACE`] over all its connections, gateways'
+//!   included (the wait is that tenant's, on its own refused call), each
+//!   waiting at most [`MAX_REFUSAL_WAIT`] ([`Paced`]); unauthenticated
+//!   callers' likewise on a connection being shed, per connection. A
+//!   client that waits for its answers (a closed loop: most floods, since
+//!   HTTP/2 bounds the streams in flight) can then send no faster than its
+//!   refusals come back, so its flood reaches the server as an even
+//!   trickle instead of a connection's worth of calls read at once after
+//!   every pause, or of a gateway's share of them. Admitted calls are
+//!   never delayed.
 //! - **A gateway** (a connection multiplexing several tenants' calls, as an
 //!   application service calling the data service) is never paused for one
 //!   tenant's flood on it: two identities' calls admitted one after the
@@ -66,6 +77,19 @@ pub const SHED_REFUSALS_PER_SECOND: u32 = 1000;
 pub const FIRST_PAUSE: Duration = Duration::from_millis(10);
 /// The longest pause.
 pub const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// A tenant's refusals past a burst are answered one per this interval
+/// (all its connections together; an anonymous caller's per shed
+/// connection): [`SHED_REFUSALS_PER_SECOND`].
+pub const REFUSAL_PACE: Duration = Duration::from_millis(1);
+/// Refusals of one tenant answered at once, however close together,
+/// before the pace applies.
+pub const REFUSAL_BURST: u32 = 64;
+/// The longest a refusal waits to be answered; one that would wait longer
+/// is answered at once (the pauses bound what such a client sends).
+pub const MAX_REFUSAL_WAIT: Duration = Duration::from_secs(1);
+/// Refusals waiting to be answered, the whole process: past it, they are
+/// answered at once (a waiting refusal holds its stream's state).
+pub const MAX_WAITING_REFUSALS: usize = 16_384;
 /// How long a connection that carried two identities' admitted calls one
 /// after the other counts as a gateway's (never paused).
 pub const GATEWAY_MEMORY: Duration = Duration::from_secs(2);
@@ -120,6 +144,38 @@ pub struct Connection {
     pauses: AtomicU64,
     /// When the current window began ([`now_nanos`]).
     window_started: AtomicU64,
+    /// The next free slot of an anonymous caller's paced refusals
+    /// ([`now_nanos`]).
+    refusal_slot: AtomicU64,
+}
+
+/// The next free slot of each identity's paced refusals ([`now_nanos`]).
+static PACERS: std::sync::LazyLock<std::sync::Mutex<HashMap<u64, u64>>> = std::sync::LazyLock::new(Default::default);
+/// Refusals waiting now (every [`Paced`] not yet dropped).
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A refusal's wait before it is answered, on a shed connection.
+#[derive(Debug)]
+pub struct Paced {
+    wait: Duration,
+}
+
+impl Paced {
+    /// How long it waits.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// Waits it out.
+    pub async fn done(self) {
+        tokio::time::sleep(self.wait).await;
+    }
+}
+
+impl Drop for Paced {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Connection {
@@ -160,9 +216,53 @@ impl Connection {
     /// A call of `identity` on this connection was refused; pausing the
     /// connection for up to `cap` costs the caller nothing it would have
     /// been admitted (half its limit's refill time).
-    pub fn refused(&self, identity: u64, cap: Duration) {
+    /// `Some` when the refusal is to wait that long before it is answered
+    /// (see [`Connection::pace`]).
+    pub fn refused(&self, identity: u64, cap: Duration) -> Option<Paced> {
         self.wasted(identity, cap);
         self.count();
+        self.pace(identity)
+    }
+
+    /// The wait of a refusal of `identity`: past a burst of
+    /// [`REFUSAL_BURST`], one per [`REFUSAL_PACE`] per tenant, over every
+    /// connection (gateways included: a wait is a refusal of that tenant's
+    /// call, nobody else's); an unauthenticated caller's only while this
+    /// connection is shed, and per connection (they are many callers to
+    /// the process).
+    fn pace(&self, identity: u64) -> Option<Paced> {
+        let now = now_nanos();
+        if identity == ANONYMOUS && (!self.shedding() || self.gateway(now)) {
+            return None;
+        }
+        if WAITING.load(Relaxed) >= MAX_WAITING_REFUSALS {
+            return None;
+        }
+        let (pace, max) = (REFUSAL_PACE.as_nanos() as u64, MAX_REFUSAL_WAIT.as_nanos() as u64);
+        let burst = pace * u64::from(REFUSAL_BURST);
+        // The generic cell rate algorithm: `due` is when the next refusal
+        // would be answered without a burst; it may be `burst` ahead.
+        let wait = |due: u64| due.max(now).saturating_sub(now + burst);
+        let due = if identity == ANONYMOUS {
+            self.refusal_slot
+                .fetch_update(Relaxed, Relaxed, |due| (wait(due) <= max).then(|| due.max(now) + pace))
+                .ok()?
+        } else {
+            let mut pacers = PACERS.lock().expect("pacers lock");
+            if pacers.len() >= 4096 {
+                pacers.retain(|_, due| *due > now);
+            }
+            let due = pacers.entry(identity).or_insert(0);
+            if wait(*due) > max {
+                return None;
+            }
+            std::mem::replace(due, (*due).max(now) + pace)
+        };
+        let wait = wait(due);
+        (wait > 0).then(|| {
+            WAITING.fetch_add(1, Relaxed);
+            Paced { wait: Duration::from_nanos(wait) }
+        })
     }
 
     /// A call of `identity` admitted on this connection (and counted by
@@ -282,6 +382,7 @@ impl Default for Connection {
             mixed_at: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
             window_started: AtomicU64::new(now_nanos()),
+            refusal_slot: AtomicU64::new(0),
         }
     }
 }
@@ -621,6 +722,45 @@ mod tests {
             std::thread::sleep(slow);
         }
         assert_eq!(c.pauses(), 1, "slow refusals, short of CPU");
+    }
+
+    /// The waits of `n` refusals of `identity` on `c` (zero: answered at once).
+    fn waits(c: &Connection, identity: u64, n: usize) -> Vec<Duration> {
+        (0..n).map(|_| c.refused(identity, MAX_PAUSE).map_or(Duration::ZERO, |p| p.wait())).collect()
+    }
+
+    /// A tenant's refusals past a burst are answered one per REFUSAL_PACE
+    /// over all of its connections, gateways' too, none more than
+    /// MAX_REFUSAL_WAIT later; an anonymous caller's per connection, and
+    /// only once that connection is shed.
+    #[test]
+    fn refusals_past_a_burst_are_paced() {
+        let flooder = Connection::identity("paced");
+        let c = connection();
+        assert!(waits(&c, flooder, REFUSAL_BURST as usize).iter().all(Duration::is_zero), "the burst");
+        let w = waits(&c, flooder, 11);
+        assert!(w[10] > Duration::from_millis(5) && w[10] <= REFUSAL_PACE * 11, "one a millisecond: {w:?}");
+        // The same tenant on a second connection waits behind the first's.
+        let d = connection();
+        let _ = waits(&d, flooder, WINDOW as usize);
+        assert!(d.refused(flooder, MAX_PAUSE).is_some_and(|p| p.wait() > w[10]));
+        // Never more than MAX_REFUSAL_WAIT: past it, answered at once.
+        let w = waits(&c, flooder, 1500);
+        assert!(w.iter().all(|w| *w <= MAX_REFUSAL_WAIT));
+        assert!(w[1400..].iter().all(Duration::is_zero), "a second's worth waits, the rest is answered");
+        // On a gateway too.
+        let (gateway, other) = (connection(), Connection::identity("paced-other"));
+        let tenant = Connection::identity("paced-on-a-gateway");
+        gateway.admitted(other);
+        gateway.admitted(tenant);
+        let w = waits(&gateway, tenant, REFUSAL_BURST as usize + 20);
+        assert!(!gateway.shedding() && w[REFUSAL_BURST as usize + 19] > Duration::from_millis(10), "{w:?}");
+        // Anonymous callers: each shed connection on its own, no other.
+        assert!(waits(&gateway, ANONYMOUS, 200).iter().all(Duration::is_zero), "not shed");
+        let (a, b) = (connection(), connection());
+        let _ = (waits(&a, ANONYMOUS, WINDOW as usize + 200), waits(&b, ANONYMOUS, WINDOW as usize));
+        let (on_a, on_b) = (waits(&a, ANONYMOUS, 1)[0], waits(&b, ANONYMOUS, 1)[0]);
+        assert!(on_a > Duration::from_millis(50) && on_b < on_a / 2, "{on_a:?} {on_b:?}");
     }
 
     /// A window of one identity's refusals pauses the connection, for no

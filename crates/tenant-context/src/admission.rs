@@ -279,7 +279,7 @@ where
             return Box::pin(async move {
                 let _seat = match admission.anonymous_seat(peer, deadline).await {
                     Ok(seat) => seat,
-                    Err(status) => return Ok(crate::context::refuse(status, req, streams).await),
+                    Err(status) => return Ok(crate::context::refuse(status, req, streams, None).await),
                 };
                 inner.call(req).await.map(|r| r.map(tonic::body::Body::new))
             });
@@ -311,15 +311,16 @@ where
                     // tenant's bucket takes to refill costs it nothing it
                     // would have been admitted (the bucket is not full
                     // before it is read again).
-                    if let (Some(c), Some(limits)) = (connection, ctx.tenant.limits) {
-                        c.refused(Connection::identity(&ctx.tenant_id), refill(limits) / 2);
-                    }
-                    return Ok(crate::context::refuse(status, req, streams).await);
+                    let paced = match (connection, ctx.tenant.limits) {
+                        (Some(c), Some(limits)) => c.refused(Connection::identity(&ctx.tenant_id), refill(limits) / 2),
+                        _ => None,
+                    };
+                    return Ok(crate::context::refuse(status, req, streams, paced).await);
                 }
             };
             let _seat = match admission.seat(ctx, req.headers()).await {
                 Ok(seat) => seat,
-                Err(status) => return Ok(crate::context::refuse(status, req, streams).await),
+                Err(status) => return Ok(crate::context::refuse(status, req, streams, None).await),
             };
             // A stream holds its slot for as long as it is open.
             if streams

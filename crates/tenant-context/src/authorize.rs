@@ -117,7 +117,7 @@ where
             // of those end the connection, with every other call on it.
             Some(status) => {
                 let streams = self.policies.rule(req.uri().path()).is_some_and(|r| r.streams);
-                Either::Left(Box::pin(async move { Ok(crate::context::refuse(status, req, streams).await) }))
+                Either::Left(Box::pin(async move { Ok(crate::context::refuse(status, req, streams, None).await) }))
             }
             None => Either::Right(self.inner.call(req)),
         }

@@ -158,14 +158,23 @@ where
 }
 
 /// The answer refusing a call with `status`: a unary call's request
-/// [`drain`]ed first (a streaming one's is not: its client may never end it).
-pub async fn refuse<B, R>(status: tonic::Status, request: http::Request<B>, streaming: bool) -> http::Response<R>
+/// [`drain`]ed first (a streaming one's is not: its client may never end it),
+/// then, on a shed connection, `paced`'s wait waited out.
+pub async fn refuse<B, R>(
+    status: tonic::Status,
+    request: http::Request<B>,
+    streaming: bool,
+    paced: Option<tenantmesh_service::connection::Paced>,
+) -> http::Response<R>
 where
     B: http_body::Body + Unpin,
     R: Default,
 {
     if !streaming {
         drain(request.into_body()).await;
+    }
+    if let Some(paced) = paced {
+        paced.done().await;
     }
     status.into_http()
 }

@@ -382,11 +382,14 @@ where
                 let response = inner.call(req).await;
                 // Public RPCs refuse anonymous callers by their own limits
                 // (logins per address): told to the connection too.
-                match response.as_ref().map(|r| r.headers().get("grpc-status").map(http::HeaderValue::as_bytes)) {
-                    Ok(Some(b"8")) => connection.refused(ANONYMOUS, MAX_PAUSE),
-                    _ => connection.admitted(ANONYMOUS),
+                let response = response?;
+                let exhausted = response.headers().get("grpc-status").is_some_and(|s| s.as_bytes() == b"8");
+                if !exhausted {
+                    connection.admitted(ANONYMOUS);
+                } else if let Some(paced) = connection.refused(ANONYMOUS, MAX_PAUSE) {
+                    paced.done().await;
                 }
-                response
+                Ok(response)
             });
         }
         let auth = self.auth.clone();
@@ -394,13 +397,15 @@ where
             let ctx = match auth.authenticate(req.uri().path(), req.headers()).await {
                 Ok(ctx) => ctx,
                 Err(status) => {
-                    if matches!(
+                    let paced = if matches!(
                         status.code(),
                         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument
                     ) && let Some(connection) = Connection::of(&req)
                     {
-                        connection.refused(ANONYMOUS, MAX_PAUSE);
-                    }
+                        connection.refused(ANONYMOUS, MAX_PAUSE)
+                    } else {
+                        None
+                    };
                     // Filed under the tenant the call names (unproven), if
                     // its token did not name one already.
                     if let Some(tenant) = req.headers().get(metadata::TENANT_ID).and_then(|v| v.to_str().ok())
@@ -410,7 +415,7 @@ where
                     }
                     tracing::info!(code = ?status.code(), reason = %status.message(), rpc = %req.uri().path(), "request refused");
                     let streaming = auth.policies.rule(req.uri().path()).is_some_and(|r| r.streams);
-                    return Ok(crate::context::refuse(status, req, streaming).await);
+                    return Ok(crate::context::refuse(status, req, streaming, paced).await);
                 }
             };
             tenantmesh_telemetry::record_tenant(&ctx.tenant_id, &ctx.tenant.tier);
