@@ -151,10 +151,15 @@ pub struct Connection {
 
 /// The next free slot of each identity's paced refusals ([`now_nanos`]).
 static PACERS: std::sync::LazyLock<std::sync::Mutex<HashMap<u64, u64>>> = std::sync::LazyLock::new(Default::default);
+/// Tenants paced at once (those whose pace has caught up are forgotten).
+const PACED_TENANTS: usize = 4096;
+/// When [`PACERS`] was last swept ([`now_nanos`]).
+static PACERS_SWEPT: AtomicU64 = AtomicU64::new(0);
 /// Refusals waiting now (every [`Paced`] not yet dropped).
 static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// A refusal's wait before it is answered, on a shed connection.
+/// A refusal's wait before it is answered ([`Connection::refused`]); it
+/// counts among the waiting ([`MAX_WAITING_REFUSALS`]) until dropped.
 #[derive(Debug)]
 pub struct Paced {
     wait: Duration,
@@ -215,9 +220,8 @@ impl Connection {
 
     /// A call of `identity` on this connection was refused; pausing the
     /// connection for up to `cap` costs the caller nothing it would have
-    /// been admitted (half its limit's refill time).
-    /// `Some` when the refusal is to wait that long before it is answered
-    /// (see [`Connection::pace`]).
+    /// been admitted (half its limit's refill time). `Some`: the refusal
+    /// is to wait that long before it is answered ([`Connection::pace`]).
     pub fn refused(&self, identity: u64, cap: Duration) -> Option<Paced> {
         self.wasted(identity, cap);
         self.count();
@@ -249,8 +253,18 @@ impl Connection {
                 .ok()?
         } else {
             let mut pacers = PACERS.lock().expect("pacers lock");
-            if pacers.len() >= 4096 {
-                pacers.retain(|_, due| *due > now);
+            if pacers.len() >= PACED_TENANTS && !pacers.contains_key(&identity) {
+                // Forget the tenants whose pace has caught up, at most
+                // every 100 ms (a scan of them all); a new one past that
+                // is not paced.
+                let swept = PACERS_SWEPT.load(Relaxed);
+                if now.saturating_sub(swept) >= 100_000_000 {
+                    PACERS_SWEPT.store(now, Relaxed);
+                    pacers.retain(|_, due| *due > now);
+                }
+                if pacers.len() >= PACED_TENANTS {
+                    return None;
+                }
             }
             let due = pacers.entry(identity).or_insert(0);
             if wait(*due) > max {

@@ -180,18 +180,24 @@ pub struct Flooder(std::process::Child);
 
 impl Flooder {
     pub fn start(spec: &FloodSpec) -> Result<Self, String> {
-        Self::start_niced(spec, 0)
+        Self::start_at(spec, false)
     }
 
-    /// [`Flooder::start`] at CPU priority `nice` (19: the lowest; 0: as
-    /// the benchmark): an attacker's client that does not compete with
-    /// this machine's others for the CPU, as on a machine of its own.
-    pub fn start_niced(spec: &FloodSpec, nice: u8) -> Result<Self, String> {
+    /// [`Flooder::start`], at the lowest CPU priority (`SCHED_IDLE`, by
+    /// util-linux's `chrt`) when `idle`: an attacker's client that does not
+    /// compete with this machine's other processes for the CPU, as on a
+    /// machine of its own.
+    pub fn start_at(spec: &FloodSpec, idle: bool) -> Result<Self, String> {
         use clap::ValueEnum as _;
         let kind = spec.kind.to_possible_value().expect("every kind has a name");
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut command = std::process::Command::new("nice");
-        command.args(["-n", &nice.to_string()]).arg(exe);
+        let mut command = if !idle {
+            std::process::Command::new(exe)
+        } else {
+            let mut c = std::process::Command::new("chrt");
+            c.args(["--idle", "0"]).arg(exe);
+            c
+        };
         let child = command
             .args(["flood", "--kind", kind.get_name(), "--addr", &spec.addr.to_string(), "--token", &spec.token])
             .args(["--connections", &spec.connections.to_string(), "--streams", &spec.streams.to_string()])
@@ -199,7 +205,9 @@ impl Flooder {
             .args(["--window-ms", &spec.window.as_millis().to_string()])
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start the flooder: {e}"))?;
+            .map_err(|e| {
+                format!("cannot start the flooder{}: {e}", if idle { " (by chrt, of util-linux)" } else { "" })
+            })?;
         Ok(Self(child))
     }
 
@@ -233,9 +241,10 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
              {RESETTERS} tasks of a flooder process (another tenant's valid token) open GetItem streams on the data \
              service and reset each at once (RST_STREAM CANCEL), as fast as they can, each on a new connection \
              whenever the server ends its own; then the same with the flooder process at the lowest CPU \
-             priority (nice 19), as a control: an attacker's client on this 2-core machine takes the CPU from \
-             everyone, the mesh's included, which one on a machine of its own would not. Resident memory of the \
-             mesh sampled every 100 ms.",
+             priority (SCHED_IDLE), as a control: an attacker's client on this 2-core machine takes the CPU from \
+             everyone, the mesh's included, which one on a machine of its own would not (nice 19 is not enough: \
+             the kernel still gives it its slice before a woken task). Resident memory of the mesh sampled every \
+             100 ms.",
             window.as_secs()
         ),
     );
@@ -250,14 +259,17 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
     // The flooder at the benchmark's priority, then at the lowest (a
     // control: the mesh's own cost to the others, with the attacker's
     // client off this machine's CPU as it would be on a machine of its own).
-    for (flood, nice) in [(false, 0), (true, 0), (true, 19)] {
+    for (flood, idle) in [(false, false), (true, false), (true, true)] {
         let sampler = RssSampler::start(&mesh);
         let (cpu0, started) = (mesh.cpu_time(), std::time::Instant::now());
+        // Where the machine's CPU goes while the flood runs at the
+        // benchmark's priority (TENANTMESH_BENCH_PERF).
+        let profile = (flood && !idle).then(|| super::layers::Profile::start(&dir, "rapid-reset", None)).flatten();
         let resetter = if flood {
             let kind = FloodKind::Reset;
             let (addr, token) = (addrs.data, attacker.clone());
             let spec = FloodSpec { kind, addr, token, connections: RESETTERS, streams: 0, warmup, window };
-            Some(Flooder::start_niced(&spec, nice)?)
+            Some(Flooder::start_at(&spec, idle)?)
         } else {
             None
         };
@@ -270,10 +282,13 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
         };
         let peak = sampler.stop();
         let mesh_cores = (mesh.cpu_time() - cpu0).as_secs_f64() / started.elapsed().as_secs_f64();
-        let label = match (flood, nice) {
+        if let Some(profile) = profile {
+            profile.report(&ctx.root.join("bench/results/rapid_reset_profile.txt"))?;
+        }
+        let label = match (flood, idle) {
             (false, _) => "no flood",
-            (true, 0) => "rapid reset",
-            (true, _) => "rapid reset, flooder at nice 19",
+            (true, false) => "rapid reset",
+            (true, true) => "rapid reset, flooder at the lowest CPU priority",
         };
         let (streams, ended) = (resets.streams, resets.ended);
         let span = (warmup + window).as_secs_f64();
@@ -292,7 +307,7 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
         if flood {
             p99 = p99.vs(p99s[0]);
             rss = rss.vs(peaks[0]).target(Target::RatioAtMost(1.1));
-            if nice == 0 {
+            if !idle {
                 p99 = p99.target(Target::RatioAtMost(1.5));
             }
         }

@@ -194,7 +194,7 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
     let refused_token = onboard(&addrs, &admin, &refused_tenant, "standard").await?;
     crate::scenarios::fairness::set_limits(&addrs, &admin, &refused_tenant, 1, 1, 1000).await?;
     let (mut cpus, mut refused, mut all) = (Vec::new(), 0u64, 0u64);
-    let profile = Profile::start(&dir, "refused", standalone.pid());
+    let profile = Profile::start(&dir, "refused", Some(standalone.pid()));
     for _ in 0..rounds {
         let run = open_run(
             ctx,
@@ -236,41 +236,57 @@ pub async fn layers(ctx: &Ctx) -> Result<ScenarioResult, String> {
     Ok(r)
 }
 
-/// A `perf` profile of a process while a run goes on, when
-/// `TENANTMESH_BENCH_PERF` is set (and `perf` runs here): where a refused
-/// call's CPU goes, by function.
-struct Profile {
+/// A `perf` profile while a run goes on, when `TENANTMESH_BENCH_PERF` is
+/// set (and `perf` runs here): of one process (where a refused call's CPU
+/// goes, by function), or of the whole machine, by process first (where
+/// an attack's CPU goes: the server's share, the attacker's client's).
+pub(crate) struct Profile {
     perf: std::process::Child,
     data: std::path::PathBuf,
+    machine: bool,
 }
 
 impl Profile {
-    fn start(dir: &std::path::Path, name: &str, pid: u32) -> Option<Profile> {
+    /// Of process `pid`, or of every process when `pid` is `None`.
+    pub(crate) fn start(dir: &std::path::Path, name: &str, pid: Option<u32>) -> Option<Profile> {
         std::env::var_os("TENANTMESH_BENCH_PERF")?;
         let data = dir.join(format!("{name}.perf.data"));
+        let target = match pid {
+            Some(pid) => vec!["-p".to_owned(), pid.to_string()],
+            None => vec!["-a".to_owned()],
+        };
         let perf = std::process::Command::new("perf")
             .args(["record", "-F", "1999", "-g", "-o"])
             .arg(&data)
-            .args(["-p", &pid.to_string()])
+            .args(target)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .map_err(|e| progress(format!("  no profile: perf: {e}")))
             .ok()?;
-        Some(Profile { perf, data })
+        Some(Profile { perf, data, machine: pid.is_none() })
     }
 
-    /// Stops recording and writes where the samples went to `out`: by
-    /// binary (the kernel, the service, libc), then the functions over 1%
-    /// (self time).
-    fn report(mut self, out: &std::path::Path) -> Result<(), String> {
+    /// Stops recording and writes where the samples went to `out`: (of the
+    /// machine: by process, then) by binary (the kernel, the service,
+    /// libc), then the functions over 1% (self time).
+    pub(crate) fn report(mut self, out: &std::path::Path) -> Result<(), String> {
         let stopped = std::process::Command::new("kill").args(["-INT", &self.perf.id().to_string()]).status();
         if !stopped.is_ok_and(|s| s.success()) {
             let _ = self.perf.kill();
         }
         let _ = self.perf.wait();
         let mut text = String::new();
-        for (title, sort) in [("by binary", "dso"), ("by function (over 1%)", "dso,symbol")] {
+        let sorts: &[(&str, &str)] = if self.machine {
+            &[
+                ("by process", "comm"),
+                ("by process and binary", "comm,dso"),
+                ("by function (over 1%)", "comm,dso,symbol"),
+            ]
+        } else {
+            &[("by binary", "dso"), ("by function (over 1%)", "dso,symbol")]
+        };
+        for (title, sort) in sorts {
             let report = std::process::Command::new("perf")
                 .args([
                     "report",
@@ -299,7 +315,7 @@ impl Profile {
             }
         }
         std::fs::write(out, text).map_err(|e| format!("{}: {e}", out.display()))?;
-        progress(format!("  profile of the refused calls: {}", out.display()));
+        progress(format!("  profile: {}", out.display()));
         Ok(())
     }
 }
