@@ -159,7 +159,8 @@ where
 
 /// The answer refusing a call with `status`: a unary call's request
 /// [`drain`]ed first (a streaming one's is not: its client may never end it),
-/// then, on a shed connection, `paced`'s wait waited out.
+/// then `paced`'s wait waited out (a paced refusal: see
+/// `tenantmesh_service::connection::Connection::refused`).
 pub async fn refuse<B, R>(
     status: tonic::Status,
     request: http::Request<B>,
