@@ -246,11 +246,12 @@ impl Connection {
         let burst = pace * u64::from(REFUSAL_BURST);
         // The generic cell rate algorithm: `due` is when the next refusal
         // would be answered without a burst; it may be `burst` ahead.
+        // `next`: the pace after this refusal, or `None` past the longest
+        // wait (answered at once, the pace unchanged).
         let wait = |due: u64| due.max(now).saturating_sub(now + burst);
+        let next = |due: u64| (wait(due) <= max).then(|| due.max(now) + pace);
         let due = if identity == ANONYMOUS {
-            self.refusal_slot
-                .fetch_update(Relaxed, Relaxed, |due| (wait(due) <= max).then(|| due.max(now) + pace))
-                .ok()?
+            self.refusal_slot.fetch_update(Relaxed, Relaxed, next).ok()?
         } else {
             let mut pacers = PACERS.lock().expect("pacers lock");
             if pacers.len() >= PACED_TENANTS && !pacers.contains_key(&identity) {
@@ -267,10 +268,7 @@ impl Connection {
                 }
             }
             let due = pacers.entry(identity).or_insert(0);
-            if wait(*due) > max {
-                return None;
-            }
-            std::mem::replace(due, (*due).max(now) + pace)
+            std::mem::replace(due, next(*due)?)
         };
         let wait = wait(due);
         (wait > 0).then(|| {
@@ -775,6 +773,25 @@ mod tests {
         let _ = (waits(&a, ANONYMOUS, WINDOW as usize + 200), waits(&b, ANONYMOUS, WINDOW as usize));
         let (on_a, on_b) = (waits(&a, ANONYMOUS, 1)[0], waits(&b, ANONYMOUS, 1)[0]);
         assert!(on_a > Duration::from_millis(50) && on_b < on_a / 2, "{on_a:?} {on_b:?}");
+    }
+
+    /// However many tenants flood at once, at most MAX_WAITING_REFUSALS
+    /// refusals wait in the process; past it they are answered at once,
+    /// and waiting resumes as the waiting ones are answered.
+    #[test]
+    fn waiting_refusals_are_bounded_in_the_process() {
+        let c = connection();
+        let mut waiting = Vec::new();
+        for t in 0..24 {
+            let tenant = Connection::identity(&format!("waiting-{t}"));
+            waiting.extend((0..1200).filter_map(|_| c.refused(tenant, MAX_PAUSE)));
+        }
+        assert_eq!(waiting.len(), MAX_WAITING_REFUSALS, "24 tenants x ~1,000 would wait");
+        let late = Connection::identity("waiting-late");
+        let past_burst = REFUSAL_BURST as usize + 5;
+        assert!(waits(&c, late, past_burst).iter().all(Duration::is_zero), "the process's bound");
+        waiting.truncate(MAX_WAITING_REFUSALS - 1);
+        assert!(waits(&c, late, past_burst).iter().any(|w| !w.is_zero()), "room again");
     }
 
     /// A window of one identity's refusals pauses the connection, for no

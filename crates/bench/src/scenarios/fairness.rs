@@ -222,10 +222,7 @@ pub async fn noisy_neighbour(ctx: &Ctx) -> Result<ScenarioResult, String> {
                 r.figures.push(Figure::new("others' GetItem p99, no flood", "ms", p99));
             } else {
                 if let Some(cores) = flooder_cores {
-                    let of = std::thread::available_parallelism().map_or(1, |n| n.get());
-                    r.figures.push(Figure::new(format!("mesh and flooder CPU, {label}"), "cores", mesh_cores + cores).note(
-                        format!("of {of}: the mesh {mesh_cores:.2}, the flooder process {cores:.2} (as an attacker's client on the same machine)"),
-                    ));
+                    r.figures.push(super::floods::cpu_figure(label, mesh_cores, cores));
                 }
                 if limits_on && matches!(flood, Flood::Closed { connections: 4, .. }) {
                     r.figures.push(

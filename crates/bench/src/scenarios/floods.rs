@@ -225,6 +225,16 @@ impl Flooder {
     }
 }
 
+/// The mesh's and the flooder process's CPU during a flood, in cores of
+/// this machine's: whether the machine, not the mesh, was saturated.
+pub(crate) fn cpu_figure(label: &str, mesh_cores: f64, flooder_cores: f64) -> Figure {
+    let of = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Figure::new(format!("mesh and flooder CPU, {label}"), "cores", mesh_cores + flooder_cores).note(format!(
+        "of {of}: the mesh {mesh_cores:.2}, the flooder process {flooder_cores:.2} (as an attacker's client on the \
+         same machine)"
+    ))
+}
+
 /// Ten tenants' GetItem latency (open loop) alone and while four tasks
 /// open and reset streams as fast as they can; the mesh's memory.
 pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
@@ -322,16 +332,7 @@ pub async fn rapid_reset(ctx: &Ctx) -> Result<ScenarioResult, String> {
         );
         r.figures.push(rss);
         if flood {
-            let of = std::thread::available_parallelism().map_or(1, |n| n.get());
-            r.figures.push(
-                Figure::new(format!("mesh and flooder CPU, {label}"), "cores", mesh_cores + resets.cpu_cores).note(
-                    format!(
-                        "of {of}: the mesh {mesh_cores:.2}, the flooder process {:.2} (as an attacker's client on the \
-                     same machine)",
-                        resets.cpu_cores
-                    ),
-                ),
-            );
+            r.figures.push(cpu_figure(label, mesh_cores, resets.cpu_cores));
             r.figures.push(
                 Figure::new(
                     format!("streams the flooder opened and reset, {label}"),
